@@ -1,0 +1,7 @@
+"""grade_trl: GRADE, REINFORCE and PPO beside TRL's GRPO/CISPO, on one reward interface."""
+
+from .rewards import SentimentReward, SentimentRewardModel
+from .trainers import GumbelGRADEConfig, GumbelGRADETrainer
+
+__version__ = "0.1.0"
+__all__ = ["GumbelGRADEConfig", "GumbelGRADETrainer", "SentimentReward", "SentimentRewardModel"]

@@ -1,0 +1,141 @@
+"""IMDB: loading (hub id, local file or folder, or the embedded sample), disjoint splits, prompts.
+
+Splits follow the GRADE experiment: from IMDB train, shuffled with the seed BEFORE splitting
+(the files are sorted by label), a reward-model split, a policy-prompt split and a validation
+split; the test split comes from IMDB test and is used once, at the end.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import re
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+from ..models import ASSETS_DIR
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_IMDB = "embedded"
+"""Name that resolves to the bundled 3,000 train / 1,000 test review sample."""
+_LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".gz": "json", ".parquet": "parquet"}
+
+
+def _local_files(path: Path, split: str) -> tuple[str, str]:
+    """(builder, file) for `split` in a folder (train.jsonl[.gz] / train.parquet / train-*.parquet) or a file."""
+    if path.is_file():
+        return _LOCAL_SUFFIXES.get(path.suffix, "json"), str(path)
+    for pattern in (f"{split}.jsonl.gz", f"{split}.jsonl", f"{split}.json", f"{split}.parquet", f"{split}-*.parquet"):
+        matches = sorted(path.glob(pattern)) or sorted(path.glob(f"*/{pattern}"))
+        if matches:
+            return _LOCAL_SUFFIXES[matches[0].suffix], str(matches[0]) if len(matches) == 1 else [str(m) for m in matches]
+    raise FileNotFoundError(f"no {split} file in {path} (expected {split}.jsonl, {split}.jsonl.gz or {split}.parquet)")
+
+
+def load_imdb(source: str = "stanfordnlp/imdb", split: str = "train") -> Dataset:
+    """Load one IMDB split with columns `text`, `label` from a hub id, a local path, or `embedded`."""
+    if source == EMBEDDED_IMDB:
+        source = str(ASSETS_DIR / "imdb_sample")
+    path = Path(os.path.expanduser(source))
+    if path.exists():
+        builder, files = _local_files(path, split)
+        dataset = load_dataset(builder, data_files={split: files}, split=split)
+    else:
+        dataset = load_dataset(source, split=split)
+    missing = {"text", "label"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"IMDB data at {source!r} lacks columns {sorted(missing)}; expected the hub schema `text`, `label`")
+    return dataset
+
+
+def split_sizes(available: int, requested: dict[str, int]) -> dict[str, int]:
+    """Cap the requested split sizes by what exists, shrinking every split in proportion."""
+    total = sum(requested.values())
+    if total <= available:
+        return dict(requested)
+    scale = available / total
+    sizes = {name: int(n * scale) for name, n in requested.items()}
+    logger.warning("IMDB train has %d rows, fewer than the %d requested; splits scaled to %s", available, total, sizes)
+    return sizes
+
+
+def make_imdb_splits(
+    source: str,
+    seed: int,
+    reward_size: int = 5000,
+    policy_size: int = 10000,
+    validation_size: int = 2000,
+    test_size: int | None = None,
+) -> dict[str, Dataset]:
+    """Disjoint `reward`, `policy`, `validation` splits of IMDB train and a `test` split of IMDB test.
+
+    Shuffled with `seed` before splitting; duplicate reviews (IMDB train has some) are dropped first,
+    so no text lands in two splits. Raises if two splits share a review or a split lacks a label.
+    """
+    train = deduplicate(load_imdb(source, "train")).shuffle(seed=seed)
+    sizes = split_sizes(len(train), {"reward": reward_size, "policy": policy_size, "validation": validation_size})
+    splits, start = {}, 0
+    for name, size in sizes.items():
+        splits[name] = train.select(range(start, start + size))
+        start += size
+    test = load_imdb(source, "test").shuffle(seed=seed)
+    splits["test"] = test.select(range(min(test_size or len(test), len(test))))
+    check_disjoint(splits)
+    return splits
+
+
+def deduplicate(dataset: Dataset) -> Dataset:
+    """Keep the first row of each distinct `text`."""
+    seen: set[str] = set()
+    keep = [i for i, text in enumerate(dataset["text"]) if not (text in seen or seen.add(text))]
+    return dataset if len(keep) == len(dataset) else dataset.select(keep)
+
+
+def check_disjoint(splits: dict[str, Dataset]) -> None:
+    seen: dict[str, str] = {}
+    for name in ("reward", "policy", "validation"):
+        for text in splits[name]["text"]:
+            if text in seen and seen[text] != name:
+                raise AssertionError(f"IMDB splits overlap: a review is in both {seen[text]!r} and {name!r}")
+            seen[text] = name
+    for name, split in splits.items():
+        if len(split) and len(set(split["label"])) < 2:
+            raise AssertionError(f"IMDB split {name!r} has only label {split['label'][0]}: shuffle before splitting")
+
+
+_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def clean_review(text: str) -> str:
+    """Remove `<br />` tags and HTML entities, fold whitespace (as the embedded model was trained)."""
+    return " ".join(html.unescape(_BREAK.sub(" ", text)).split())
+
+
+def review_prompt(text: str, max_chars: int = 200) -> str:
+    """The first one or two sentences of a review, at most `max_chars` characters (cut at a word)."""
+    sentences = _SENTENCE_END.split(clean_review(text))
+    prompt = sentences[0]
+    if len(sentences) > 1 and len(prompt) + 1 + len(sentences[1]) <= max_chars:
+        prompt = f"{prompt} {sentences[1]}"
+    if len(prompt) > max_chars:
+        prompt = prompt[:max_chars].rsplit(" ", 1)[0]
+    return prompt
+
+
+def truncate_to_tokens(text: str, tokenizer, max_tokens: int) -> str:
+    """Keep the first `max_tokens` tokens of `text` (the prompt must read as the start of a review)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
+def prompt_dataset(split: Dataset, tokenizer, max_chars: int = 200, max_tokens: int = 32) -> Dataset:
+    """A dataset with a `prompt` column (TRL's convention) plus the review's `label`."""
+
+    def to_prompt(row):
+        return {"prompt": truncate_to_tokens(review_prompt(row["text"], max_chars), tokenizer, max_tokens)}
+
+    return split.map(to_prompt, remove_columns=[c for c in split.column_names if c != "label"])

@@ -1,0 +1,106 @@
+"""The reward interface every method shares.
+
+A reward is a plain callable with TRL's signature,
+`reward(prompts, completions, completion_ids=None, **kwargs) -> list[float | None]`,
+so the same object can be passed unchanged to `trl.GRPOTrainer(reward_funcs=[...])`.
+A differentiable reward (usable by GRADE) also has `differentiable = True` and
+`score_soft(soft_tokens (B, T, V), attention_mask (B, T)) -> Tensor (B,)`, where the soft
+tokens are distributions over the policy's vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+RewardFunc = Callable[..., list]
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised or returned a value that is not a finite number."""
+
+
+def reward_name(reward_func) -> str:
+    return getattr(reward_func, "__name__", None) or type(reward_func).__name__
+
+
+def is_differentiable(reward_func) -> bool:
+    return bool(getattr(reward_func, "differentiable", False)) and callable(getattr(reward_func, "score_soft", None))
+
+
+def require_differentiable(reward_funcs: Sequence[RewardFunc]) -> None:
+    """GRADE backpropagates through the reward: refuse, at start-up, a reward it cannot differentiate."""
+    for func in reward_funcs:
+        if not is_differentiable(func):
+            raise ValueError(
+                f"reward function '{reward_name(func)}' is not differentiable: GRADE needs a reward with "
+                "`differentiable = True` and `score_soft(soft_tokens, attention_mask)`; use it with "
+                "reinforce, ppo or grpo instead"
+            )
+
+
+def _first_bad_value(values) -> int | None:
+    for index, value in enumerate(values):
+        if value is None or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            return index
+    return None
+
+
+def compute_rewards(
+    reward_funcs: Sequence[RewardFunc],
+    prompts: list[str],
+    completions: list[str],
+    completion_ids: list[list[int]] | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Call every reward function on the batch and return a (B, F) float tensor.
+
+    A function that raises or returns None, NaN or inf stops the run with a `RewardFunctionError`
+    naming the function and the first offending sample index (found by re-calling it per sample).
+    """
+    columns = []
+    for func in reward_funcs:
+        name = reward_name(func)
+        try:
+            values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any failure of user code is reported the same way
+            index = _first_raising_sample(func, prompts, completions, completion_ids, kwargs)
+            where = f"on sample {index}" if index is not None else "on the batch"
+            raise RewardFunctionError(f"reward function '{name}' raised {where}: {type(error).__name__}: {error}") from error
+        values = list(values)
+        if len(values) != len(completions):
+            raise RewardFunctionError(f"reward function '{name}' returned {len(values)} values for {len(completions)} completions")
+        bad = _first_bad_value(values)
+        if bad is not None:
+            raise RewardFunctionError(f"reward function '{name}' returned {values[bad]!r} for sample {bad}; rewards must be finite numbers")
+        columns.append(torch.tensor(values, dtype=torch.float32))
+    return torch.stack(columns, dim=1)
+
+
+def _first_raising_sample(func, prompts, completions, completion_ids, kwargs) -> int | None:
+    for i in range(len(completions)):
+        sample_kwargs = {k: v[i : i + 1] if isinstance(v, list) and len(v) == len(completions) else v for k, v in kwargs.items()}
+        try:
+            func(
+                prompts=prompts[i : i + 1],
+                completions=completions[i : i + 1],
+                completion_ids=None if completion_ids is None else completion_ids[i : i + 1],
+                **sample_kwargs,
+            )
+        except Exception:  # noqa: BLE001
+            return i
+    return None
+
+
+def check_finite_scores(reward_func, scores: torch.Tensor) -> torch.Tensor:
+    """Stop with the function's name and the first sample index if a soft score is not finite."""
+    bad = (~torch.isfinite(scores)).nonzero()
+    if len(bad):
+        index = int(bad[0, 0])
+        raise RewardFunctionError(
+            f"reward function '{reward_name(reward_func)}' returned {scores[index].item()} from score_soft "
+            f"for sample {index}; rewards must be finite numbers"
+        )
+    return scores

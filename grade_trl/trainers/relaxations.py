@@ -1,0 +1,70 @@
+"""Relaxations of token sampling (GRADE's gradient estimators) and temperature schedules.
+
+Each estimator maps next-token logits (B, V) and a temperature tau to relaxed tokens y (B, V):
+the value that is embedded (y @ E) and scored, and the path the gradient takes. The hard
+token a rollout stands for is argmax(y), which for Gumbel noise is an exact sample of
+softmax(logits) (the Gumbel-max trick). Add an estimator: subclass `Relaxation`, register
+it in `RELAXATIONS`, test it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_gumbel(shape: torch.Size, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard Gumbel noise: if E ~ Exp(1) then -log E ~ Gumbel(0, 1)."""
+    return -torch.empty(shape, device=device, dtype=dtype).exponential_().log()
+
+
+def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Forward value `hard`, gradient of `soft`: (hard - soft).detach() + soft (Bengio et al. 2013)."""
+    return (hard - soft).detach() + soft
+
+
+class Relaxation:
+    name: str = ""
+
+    def __call__(self, logits: torch.Tensor, tau: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GumbelSoftmax(Relaxation):
+    """y = softmax((logits + g) / tau), g ~ Gumbel(0, 1) (Jang et al. 2017, arXiv:1611.01144;
+    Maddison et al. 2017, arXiv:1611.00712). Biased for tau > 0, variance grows as tau -> 0."""
+
+    name = "soft"
+
+    def __call__(self, logits: torch.Tensor, tau: float) -> torch.Tensor:
+        noise = sample_gumbel(logits.shape, logits.device, logits.dtype)
+        return F.softmax((logits + noise) / tau, dim=-1)
+
+
+class StraightThroughGumbel(Relaxation):
+    """Forward: the one-hot Gumbel-max sample; backward: the Gumbel-softmax gradient
+    (Jang et al. 2017, section 2.2). The reward sees real tokens, the gradient is biased."""
+
+    name = "ste"
+
+    def __call__(self, logits: torch.Tensor, tau: float) -> torch.Tensor:
+        soft = GumbelSoftmax()(logits, tau)
+        hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+        return straight_through(hard, soft)
+
+
+RELAXATIONS: dict[str, type[Relaxation]] = {cls.name: cls for cls in (GumbelSoftmax, StraightThroughGumbel)}
+
+
+def tau_at(step: int, tau_start: float, tau_end: float, anneal_steps: int, schedule: str = "linear") -> float:
+    """Relaxation temperature at an optimizer step.
+
+    linear: tau_start -> tau_end over `anneal_steps`, then constant at tau_end (the GRADE
+    experiment's 2.0 -> 0.5 over 1,000 steps); constant: always tau_start.
+    """
+    if schedule == "constant" or anneal_steps <= 0:
+        return tau_start
+    if schedule != "linear":
+        raise ValueError(f"tau_schedule must be 'linear' or 'constant', got {schedule!r}")
+    frac = min(step / anneal_steps, 1.0)
+    return tau_start + frac * (tau_end - tau_start)
