@@ -17,6 +17,7 @@ def exact_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Ten
     Gradients flow into both arguments' graphs; the reference's parameters are frozen, but its
     inputs (the policy's soft tokens) are not, and that path is part of the relaxed objective.
     """
-    logp = F.log_softmax(policy_logits.float(), dim=-1)
-    logq = F.log_softmax(ref_logits.float(), dim=-1)
+    dtype = torch.promote_types(policy_logits.dtype, torch.float32)  # at least float32, float64 kept
+    logp = F.log_softmax(policy_logits.to(dtype), dim=-1)
+    logq = F.log_softmax(ref_logits.to(dtype), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0)

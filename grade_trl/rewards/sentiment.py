@@ -102,7 +102,8 @@ class SentimentReward:
     differentiable = True
 
     def __init__(self, model: SentimentRewardModel, tokenizer, include_prompt: bool = False, max_length: int = 128, batch_size: int = 32):
-        self.model, self.tokenizer = model, tokenizer
+        # A reward is a frozen judge: GRADE's gradient flows through it into the soft tokens, never into it.
+        self.model, self.tokenizer = model.requires_grad_(False).eval(), tokenizer
         self.include_prompt, self.max_length, self.batch_size = include_prompt, max_length, batch_size
         self.__name__ = "sentiment"
 
@@ -164,7 +165,7 @@ def train_sentiment_head(
     generator = torch.Generator().manual_seed(seed)
     x_train, x_eval = pooled_features(model, tokenizer, train_texts, max_length), pooled_features(model, tokenizer, eval_texts, max_length)
     y_train, y_eval = torch.tensor(train_labels), torch.tensor(eval_labels)
-    head = model.head.float().cpu()
+    head = model.head.float().cpu().requires_grad_(True)
     torch.manual_seed(seed)
     for layer in head:
         if isinstance(layer, nn.Linear):
@@ -181,6 +182,6 @@ def train_sentiment_head(
     with torch.no_grad():
         train_acc = (head(x_train).argmax(-1) == y_train).float().mean().item()
         eval_acc = (head(x_eval).argmax(-1) == y_eval).float().mean().item()
-    model.head.to(model.embedding_matrix.device)
+    model.head.requires_grad_(False).to(model.embedding_matrix.device)
     logger.info("sentiment head: train accuracy %.3f, held-out accuracy %.3f", train_acc, eval_acc)
     return {"train_accuracy": train_acc, "heldout_accuracy": eval_acc, "train_size": len(train_texts), "heldout_size": len(eval_texts), "max_length": max_length}

@@ -1,0 +1,254 @@
+"""Recipes: one flat YAML mapping (plus `--key value` overrides) -> run arguments + the method's config.
+
+Every key belongs either to `RunArguments` (what to optimise and how to judge it) or to the
+method's config dataclass (how to optimise), as with TRL's `TrlParser`. All validation happens
+here, before anything is loaded or written: a bad recipe fails in one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .trainers.grade_config import GumbelGRADEConfig
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot run; the message is one line that names the fix."""
+
+
+@dataclass
+class RunArguments:
+    """What a run optimises and how it is judged; the same for every method in a comparison."""
+
+    method: str = field(default="grade_ste", metadata={"help": "Training method: `grade` (Gumbel-softmax) or `grade_ste` (straight-through Gumbel)."})
+    task: str = field(default="imdb_sentiment", metadata={"help": "Task: `imdb_sentiment` (learned P(positive) reward on IMDB prompts)."})
+    model_name_or_path: str = field(default="embedded", metadata={"help": "Policy: hub id, local path, or `embedded` (the bundled tiny-imdb-gpt2)."})
+    dataset_name: str = field(default="stanfordnlp/imdb", metadata={"help": "IMDB: hub id, local folder/file (jsonl, jsonl.gz, parquet), or `embedded` (bundled 3k/1k sample)."})
+    reward_split_size: int = field(default=5000, metadata={"help": "IMDB train reviews for the reward model (GRADE experiment: 5,000)."})
+    policy_split_size: int = field(default=10000, metadata={"help": "IMDB train reviews whose openings are the training prompts (10,000)."})
+    validation_split_size: int = field(default=2000, metadata={"help": "IMDB train reviews held out for validation (2,000)."})
+    test_split_size: int | None = field(default=None, metadata={"help": "IMDB test reviews to draw test prompts from (default: all)."})
+    prompt_max_chars: int = field(default=200, metadata={"help": "Prompts are the first 1-2 sentences of a review, at most this many characters."})
+
+    reward_model_path: str | None = field(default=None, metadata={"help": "Folder of the trained sentiment head; trained there when missing (default: {output_dir}/reward_model)."})
+    reward_backbone: str | None = field(default=None, metadata={"help": "Frozen backbone of the reward model; must share the policy's vocabulary (default: the policy)."})
+    reward_input: str = field(default="completion", metadata={"help": "What the reward scores, for every method alike: `completion` or `prompt_completion`."})
+    reward_max_length: int = field(default=128, metadata={"help": "Tokens of each review the reward head is trained on."})
+    reward_epochs: int = field(default=10, metadata={"help": "Epochs of reward-head training on frozen features."})
+    reward_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the reward head."})
+
+    eval_num_prompts: int = field(default=100, metadata={"help": "Validation prompts scored at each evaluation (GRADE experiment: 100)."})
+    test_num_prompts: int = field(default=500, metadata={"help": "Test prompts scored once at the end (GRADE experiment: 500)."})
+    eval_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of evaluation generations (identical for every method)."})
+    eval_top_p: float = field(default=0.9, metadata={"help": "Top-p of evaluation generations (GRADE experiment: 0.9)."})
+    eval_seed: int = field(default=1234, metadata={"help": "Seed of every evaluation's sampling, so each evaluation sees the same noise."})
+    num_samples_to_show: int = field(default=3, metadata={"help": "Validation completions shown before/after training in the summary."})
+
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (GRADE experiment: 16)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (GRADE experiment: 32)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (GRADE experiment: 0.05)."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules to adapt (default: PEFT's choice for the architecture; GPT-2: c_attn, c_proj)."})
+
+    def __post_init__(self):
+        if self.reward_input not in ("completion", "prompt_completion"):
+            raise ValueError(f"reward_input must be 'completion' or 'prompt_completion', got {self.reward_input!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
+
+
+TASKS = ("imdb_sentiment",)
+METHODS: dict[str, tuple[type, dict[str, Any]]] = {
+    "grade": (GumbelGRADEConfig, {"estimator": "soft"}),
+    "grade_ste": (GumbelGRADEConfig, {"estimator": "ste"}),
+}
+PATH_KEYS = ("model_name_or_path", "dataset_name", "reward_backbone")
+
+
+@dataclass
+class Recipe:
+    run: RunArguments
+    config: Any  # the method's TrainingArguments subclass
+    raw: dict  # the mapping as written (file + overrides), for results.json
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(key: str, value: Any, tp) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise a one-line RecipeError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or (str not in args and isinstance(value, str) and value.lower() in ("null", "none"))):
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(key, value, option)
+            except RecipeError as error:
+                errors.append(_type_name(option))
+        raise RecipeError(f"{key}: expected {' or '.join(errors)}, got {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise RecipeError(f"{key}: expected one of {list(args)}, got {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [coerce(key, v, inner) for v in value]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise RecipeError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{key}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise RecipeError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)  # also takes YAML's "1e-4", which PyYAML reads as a string
+        except (TypeError, ValueError):
+            raise RecipeError(f"{key}: expected a number, got {value!r}") from None
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value).value
+        except ValueError:
+            raise RecipeError(f"{key}: expected one of {[m.value for m in tp]}, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise RecipeError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """`--key value`, `--key=value` and bare `--flag` (true) -> {key: value}; values read as YAML scalars."""
+    overrides, i = {}, 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or token == "--":
+            raise RecipeError(f"unexpected argument {token!r}: overrides are written --key value")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"
+        overrides[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return overrides
+
+
+def load_recipe_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise RecipeError(f"recipe file not found: {path} (give the path of a .yaml recipe, e.g. recipes/quickstart.yaml)")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"recipe {path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of key: value lines, got {type(data).__name__}")
+    return data
+
+
+def build_recipe(values: dict[str, Any]) -> Recipe:
+    """Validate `values` (file merged with overrides) and build the run arguments and the method's config."""
+    raw = dict(values)
+    method = str(values.get("method", RunArguments.method))
+    if method not in METHODS:
+        close = difflib.get_close_matches(method, METHODS, n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise RecipeError(f"unknown method {method!r}{hint}; known methods: {', '.join(METHODS)}")
+    config_cls, method_defaults = METHODS[method]
+    run_fields, config_fields = _fields(RunArguments), _fields(config_cls)
+    hints = {**typing.get_type_hints(config_cls), **typing.get_type_hints(RunArguments)}
+
+    unknown = [k for k in values if k not in run_fields and k not in config_fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, list(run_fields) + list(config_fields), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `python -m grade_trl.run --help` for the keys"
+        raise RecipeError(f"unknown recipe key {key!r} for method {method!r}{hint}")
+    for key, value in method_defaults.items():
+        if key in values and values[key] != value:
+            raise RecipeError(f"{key}: method {method!r} means {key}={value!r}, but the recipe sets {values[key]!r}")
+
+    run_kwargs = {k: coerce(k, v, hints[k]) for k, v in values.items() if k in run_fields}
+    config_kwargs = {**method_defaults, **{k: coerce(k, v, hints[k]) for k, v in values.items() if k in config_fields and k not in run_fields}}
+    check_paths(run_kwargs)
+    try:
+        run = RunArguments(**run_kwargs)
+        config = config_cls(**config_kwargs)
+    except (ValueError, TypeError) as error:
+        raise RecipeError(str(error).splitlines()[0]) from None
+    if run.reward_model_path is None:
+        run.reward_model_path = os.path.join(config.output_dir, "reward_model")
+    return Recipe(run=run, config=config, raw=raw)
+
+
+def check_paths(run_kwargs: dict) -> None:
+    """A value that is meant to be a local path must exist (hub ids and `embedded` pass)."""
+    from .models import looks_like_local_path
+
+    for key in PATH_KEYS:
+        value = run_kwargs.get(key)
+        if value and value != "embedded" and looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
+            raise RecipeError(f"{key}: no such file or folder {value!r} (give an existing local path, a hub id, or `embedded`)")
+
+
+def parse_recipe(argv: list[str]) -> Recipe:
+    """`RECIPE.yaml [--key value ...]` -> Recipe. Overrides win over the file."""
+    if not argv or argv[0].startswith("--"):
+        raise RecipeError("usage: python -m grade_trl.run RECIPE.yaml [--key value ...]")
+    values = load_recipe_file(argv[0])
+    values.update(parse_overrides(argv[1:]))
+    return build_recipe(values)
+
+
+def help_text(method: str = "grade_ste") -> str:
+    """Every recipe key with its help, grouped by where it goes."""
+    config_cls = METHODS[method][0]
+    lines = ["usage: python -m grade_trl.run RECIPE.yaml [--key value ...]", "", "Run arguments:"]
+    lines += [f"  {f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(RunArguments)]
+    own = [f for f in dataclasses.fields(config_cls) if f.name in config_cls.__dataclass_fields__ and f.name in config_cls.__annotations__]
+    lines += ["", f"{config_cls.__name__} (plus every transformers.TrainingArguments field):"]
+    lines += [f"  {f.name}: {f.metadata.get('help', '')}" for f in own]
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""Shared fixtures. Everything runs offline on the bundled tiny-imdb-gpt2 (4 layers, 256 wide, vocab 8,192)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from grade_trl.models import load_causal_lm, load_tokenizer
+from grade_trl.rewards.sentiment import SentimentReward, SentimentRewardModel
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_IMDB = SHARED / "data" / "imdb"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer("embedded")
+
+
+@pytest.fixture(scope="session")
+def _base_model():
+    return load_causal_lm("embedded").eval()
+
+
+@pytest.fixture
+def policy(_base_model):
+    torch.manual_seed(0)
+    return copy.deepcopy(_base_model)
+
+
+@pytest.fixture(scope="session")
+def reward_model():
+    """Untrained head on the frozen tiny backbone, seeded: enough to test plumbing and gradients."""
+    torch.manual_seed(0)
+    return SentimentRewardModel.from_backbone("embedded")
+
+
+@pytest.fixture(scope="session")
+def sentiment_reward(reward_model, tokenizer):
+    return SentimentReward(reward_model, tokenizer)
+
+
+@pytest.fixture
+def prompts():
+    return ["This movie was", "I watched it last night and honestly the acting", "Worst"]

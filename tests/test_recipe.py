@@ -1,0 +1,88 @@
+"""Recipes: parsing, overrides, and one-line errors with exit code 2 for bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grade_trl.recipe import RecipeError, build_recipe, parse_overrides, parse_recipe
+
+from .conftest import REPO
+
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_recipe_builds(path):
+    recipe = parse_recipe([str(path)])
+    assert recipe.config.output_dir and recipe.run.method in ("grade", "grade_ste")
+
+
+def test_overrides_win_over_the_file_and_are_typed():
+    recipe = parse_recipe([str(REPO / "recipes/quickstart.yaml"), "--max_steps", "7", "--learning_rate=3e-5", "--use_peft"])
+    assert recipe.config.max_steps == 7 and recipe.config.learning_rate == 3e-5 and recipe.run.use_peft is True
+    assert recipe.raw["max_steps"] == 7
+
+
+def test_yaml_scientific_notation_without_dot_is_a_float():
+    assert build_recipe({"learning_rate": "1e-4", "output_dir": "x"}).config.learning_rate == 1e-4
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"learnig_rate": 1e-4}, r"unknown recipe key 'learnig_rate' for method 'grade_ste'; did you mean learning_rate"),
+        ({"method": "ppo2"}, r"unknown method 'ppo2'"),
+        ({"max_steps": "many"}, r"max_steps: expected an integer, got 'many'"),
+        ({"max_steps": 1.5}, r"max_steps: expected an integer"),
+        ({"use_peft": "maybe"}, r"use_peft: expected true or false"),
+        ({"model_name_or_path": "./no/such/model"}, r"model_name_or_path: no such file or folder './no/such/model'"),
+        ({"method": "grade", "estimator": "ste"}, r"method 'grade' means estimator='soft'"),
+        ({"tau_start": 0}, r"tau_start and tau_end must be > 0"),
+        ({"reward_input": "everything"}, r"reward_input must be 'completion' or 'prompt_completion'"),
+    ],
+)
+def test_bad_values_raise_one_line_errors(values, message):
+    with pytest.raises(RecipeError, match=message) as info:
+        build_recipe({"output_dir": "x", **values})
+    assert "\n" not in str(info.value)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(RecipeError, match="overrides are written --key value"):
+        parse_overrides(["max_steps", "3"])
+
+
+def _run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "grade_trl.run", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "recipe_text,extra,message",
+    [
+        ("method: grade_ste\nlearnig_rate: 1.0e-4\n", [], "unknown recipe key 'learnig_rate'"),
+        ("method: grade_ste\nmax_steps: lots\n", [], "max_steps: expected an integer"),
+        ("method: sgd\n", [], "unknown method 'sgd'"),
+        ("method: grade_ste\ndataset_name: ./missing_data\n", [], "dataset_name: no such file or folder"),
+        ("method: [grade\n", [], "is not valid YAML"),
+        ("method: grade_ste\n", ["--max_steps", "x"], "max_steps: expected an integer"),
+    ],
+)
+def test_cli_errors_exit_2_with_one_line_and_write_nothing(tmp_path, recipe_text, extra, message):
+    (tmp_path / "r.yaml").write_text(recipe_text + f"output_dir: {tmp_path / 'out'}\n")
+    result = _run_cli("r.yaml", *extra, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_recipe_file(tmp_path):
+    result = _run_cli("nope.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "recipe file not found: nope.yaml" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_help_lists_keys(tmp_path):
+    result = _run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0 and "tau_anneal_steps" in result.stdout and "reward_input" in result.stdout

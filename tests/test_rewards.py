@@ -1,0 +1,86 @@
+"""The reward interface: hard/soft agreement, error reporting, save/load, GRADE's start-up check."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from grade_trl.rewards import RewardFunctionError, compute_rewards, require_differentiable
+from grade_trl.rewards.base import check_finite_scores
+from grade_trl.rewards.sentiment import SentimentRewardModel, has_trained_head, train_sentiment_head
+
+TEXTS = ["A wonderful film with brilliant acting.", "Terrible and boring, the worst I have seen.", "ok"]
+
+
+def test_hard_and_soft_paths_agree_on_one_hot_inputs(reward_model, tokenizer):
+    enc = tokenizer(TEXTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    hard = reward_model.score_ids(enc["input_ids"], enc["attention_mask"])
+    one_hot = F.one_hot(enc["input_ids"], reward_model.embedding_matrix.shape[0]).float()
+    soft = reward_model.score_soft(one_hot, enc["attention_mask"])
+    assert_close(soft, hard, rtol=1e-5, atol=1e-6)
+
+
+def test_callable_matches_score_ids_and_is_trl_shaped(sentiment_reward, reward_model, tokenizer):
+    values = sentiment_reward(prompts=["p"] * 3, completions=TEXTS, completion_ids=None, trainer_state=None)
+    assert isinstance(values, list) and len(values) == 3 and all(isinstance(v, float) for v in values)
+    enc = tokenizer(TEXTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert_close(torch.tensor(values), reward_model.score_ids(enc["input_ids"], enc["attention_mask"]))
+    assert sentiment_reward.__name__ == "sentiment" and sentiment_reward.differentiable
+
+
+def test_include_prompt_changes_what_is_scored(reward_model, tokenizer):
+    from grade_trl.rewards import SentimentReward
+
+    with_prompt = SentimentReward(reward_model, tokenizer, include_prompt=True)
+    without = SentimentReward(reward_model, tokenizer, include_prompt=False)
+    prompts = ["I hated every minute. "] * 3
+    assert with_prompt(prompts, TEXTS) != without(prompts, TEXTS)
+    assert_close(torch.tensor(with_prompt(prompts, TEXTS)), torch.tensor(without(["", "", ""], [p + t for p, t in zip(prompts, TEXTS)])))
+
+
+def raises_on_third(prompts, completions, **kwargs):
+    return [1 / (len(c) - 2) for c in completions]  # "ok" has length 2
+
+
+def returns_nan(prompts, completions, **kwargs):
+    return [0.5, float("nan"), 0.1][: len(completions)]
+
+
+def test_reward_that_raises_is_reported_with_name_and_sample_index():
+    with pytest.raises(RewardFunctionError, match=r"'raises_on_third' raised on sample 2: ZeroDivisionError"):
+        compute_rewards([raises_on_third], ["p"] * 3, TEXTS)
+
+
+def test_reward_that_returns_nan_is_reported_with_name_and_sample_index():
+    with pytest.raises(RewardFunctionError, match=r"'returns_nan' returned nan for sample 1"):
+        compute_rewards([returns_nan], ["p"] * 3, TEXTS)
+    with pytest.raises(RewardFunctionError, match=r"'returns_nan' returned nan from score_soft for sample 2"):
+        check_finite_scores(returns_nan, torch.tensor([0.1, 0.2, math.nan]))
+
+
+def test_compute_rewards_stacks_columns():
+    out = compute_rewards([lambda prompts, completions, **k: [1.0] * len(completions), lambda prompts, completions, **k: [len(c) for c in completions]], ["p"] * 3, TEXTS)
+    assert out.shape == (3, 2) and out[2, 1] == 2
+
+
+def test_grade_refuses_a_reward_without_score_soft(sentiment_reward):
+    require_differentiable([sentiment_reward])
+    with pytest.raises(ValueError, match=r"reward function 'raises_on_third' is not differentiable"):
+        require_differentiable([sentiment_reward, raises_on_third])
+
+
+def test_head_training_learns_and_save_load_round_trips(tmp_path, tokenizer):
+    model = SentimentRewardModel.from_backbone("embedded")
+    pos = ["A wonderful, brilliant, moving film. I loved it.", "Great acting and a beautiful story.", "One of the best movies ever made."]
+    neg = ["Awful. A boring waste of time.", "Terrible acting and a stupid plot.", "The worst movie I have ever seen."]
+    metrics = train_sentiment_head(model, tokenizer, pos + neg, [1, 1, 1, 0, 0, 0], pos, [1, 1, 1], epochs=60, batch_size=6)
+    assert metrics["train_accuracy"] == 1.0
+    assert not any(p.requires_grad for p in model.parameters())  # frozen after training
+    model.save(tmp_path / "rm", metrics)
+    assert has_trained_head(tmp_path / "rm")
+    loaded = SentimentRewardModel.load(tmp_path / "rm")
+    enc = tokenizer(TEXTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert_close(loaded.score_ids(enc["input_ids"], enc["attention_mask"]), model.score_ids(enc["input_ids"], enc["attention_mask"]))
+    assert loaded.metadata["train_accuracy"] == 1.0

@@ -1,0 +1,110 @@
+"""End-to-end runs of the recipe runner on the embedded model, shrunk to seconds.
+
+Shrunk settings (each is the quickstart's value cut down so a run takes seconds on 2 cores):
+4 optimizer steps, 8 new tokens, 60-200 reviews per split, 6 evaluation prompts, 2 head epochs.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grade_trl.models import resolve_model_path
+from grade_trl.rewards.sentiment import SentimentReward
+from grade_trl.run import main
+
+from .conftest import REPO
+
+QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
+
+
+def shrunk(tmp_path, name="run", **extra):
+    overrides = {
+        "output_dir": tmp_path / name,
+        "reward_model_path": tmp_path / "reward_model",  # shared by the runs of one test
+        "max_steps": 4,
+        "eval_steps": 2,
+        "logging_steps": 2,
+        "eval_num_prompts": 6,
+        "test_num_prompts": 6,
+        "reward_split_size": 200,
+        "policy_split_size": 100,
+        "validation_split_size": 60,
+        "reward_epochs": 2,
+        "max_new_tokens": 8,
+        "min_new_tokens": 2,
+        "disable_tqdm": "true",
+        **extra,
+    }
+    return [QUICKSTART] + [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+
+
+def load_results(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_quickstart_end_to_end_is_reproducible_and_changes_the_policy(tmp_path):
+    assert main(shrunk(tmp_path, "a")) == 0
+    results = load_results(tmp_path / "a" / "results.json")
+    assert results["status"] == "completed" and set(results) >= {"config", "history", "final"}
+    train_logs = [h for h in results["history"] if "kl" in h]
+    assert [h["step"] for h in train_logs] == [2, 4]
+    for h in train_logs:
+        assert h["kl"] >= 0 and {"reward", "reward_std", "loss", "tau", "grad_norm", "grad_norm_mean", "grad_norm_std", "completions/mean_length", "entropy"} <= set(h)
+    assert [h["step"] for h in results["history"] if "val_reward" in h] == [0, 2, 4]
+    final = results["final"]
+    assert final["steps"] == 4 and final["test_reward"]["n"] == 6 and len(final["samples"]) == 3
+    assert 0 <= final["val_reward_after"]["mean"] <= 1
+    assert results["config"]["run"]["method"] == "grade_ste" and results["config"]["trainer"]["estimator"] == "ste"
+
+    trained = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    base = load_file(os.path.join(resolve_model_path("embedded"), "model.safetensors"))
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.allclose(trained[key].float(), base[key].float())
+
+    # Same seed, reward head reused from the first run: the same numbers.
+    assert main(shrunk(tmp_path, "b")) == 0
+    again = load_results(tmp_path / "b" / "results.json")
+    assert [h.get("loss") for h in again["history"]] == [h.get("loss") for h in results["history"]]
+    assert again["final"]["test_reward"]["rewards"] == final["test_reward"]["rewards"]
+
+
+def test_gumbel_softmax_method_with_lora_runs(tmp_path):
+    assert main(shrunk(tmp_path, method="grade", use_peft="true", max_steps=2)) == 0
+    results = load_results(tmp_path / "run" / "results.json")
+    assert results["config"]["trainer"]["estimator"] == "soft"
+    assert all(h["kl"] >= 0 for h in results["history"] if "kl" in h)
+    assert (tmp_path / "run" / "model" / "adapter_model.safetensors").exists()
+
+
+def test_reward_returning_nan_stops_the_run_after_saving_history(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    original = SentimentReward.score_soft
+
+    def nan_on_third_step(self, soft_tokens, attention_mask):
+        calls["n"] += 1
+        scores = original(self, soft_tokens, attention_mask)
+        return scores if calls["n"] < 3 else scores.index_fill(0, torch.tensor([1]), float("nan"))
+
+    monkeypatch.setattr(SentimentReward, "score_soft", nan_on_third_step)
+    assert main(shrunk(tmp_path, logging_steps=1)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: reward function 'sentiment' returned nan from score_soft for sample 1; rewards must be finite numbers"]
+    results = load_results(tmp_path / "run" / "results.json")
+    assert results["status"] == "failed" and "sample 1" in results["error"]
+    assert [h["step"] for h in results["history"] if "kl" in h] == [1, 2]
+
+
+def test_two_cpu_processes(tmp_path):
+    """`accelerate launch --num_processes 2` with the CPU config: gloo DDP through the relaxed rollout."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"), "-m", "grade_trl.run"]
+    result = subprocess.run(cmd + shrunk(tmp_path, max_steps=2), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = load_results(tmp_path / "run" / "results.json")
+    assert results["final"]["num_processes"] == 2 and results["final"]["steps"] == 2
+    assert all(h["kl"] >= 0 for h in results["history"] if "kl" in h)
