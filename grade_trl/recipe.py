@@ -213,6 +213,10 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
 
     run_kwargs = {k: coerce(k, v, hints[k]) for k, v in values.items() if k in run_fields}
     config_kwargs = {**method_defaults, **{k: coerce(k, v, hints[k]) for k, v in values.items() if k in config_fields and k not in run_fields}}
+    if "use_cpu" not in config_kwargs and not has_accelerator():
+        # Accelerate only joins processes started by `accelerate launch`/torchrun into one CPU (gloo) group when
+        # told it is on the CPU; without this, each of N CPU processes would train alone on the whole data.
+        config_kwargs["use_cpu"] = True
     check_paths(run_kwargs)
     try:
         run = RunArguments(**run_kwargs)
@@ -222,6 +226,12 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
     if run.reward_model_path is None:
         run.reward_model_path = os.path.join(config.output_dir, "reward_model")
     return Recipe(run=run, config=config, raw=raw)
+
+
+def has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available()
 
 
 def check_paths(run_kwargs: dict) -> None:

@@ -49,6 +49,7 @@ def results_payload(recipe: Recipe, trainer, status: str, final: dict, error: st
 
 def run(recipe: Recipe) -> int:
     import torch
+    from accelerate import PartialState
     from transformers import set_seed
 
     from .evaluation import GenerationSettings, RewardEvaluationCallback, evaluate_reward
@@ -59,6 +60,7 @@ def run(recipe: Recipe) -> int:
     from .trainers import GumbelGRADETrainer
 
     run_args, config = recipe.run, recipe.config
+    PartialState(cpu=config.use_cpu)  # join the process group now: the task's set-up is shared between processes
     set_seed(config.seed)
     results_path = os.path.join(config.output_dir, "results.json")
     try:

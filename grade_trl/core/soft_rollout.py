@@ -63,7 +63,10 @@ def soft_rollout(
     The prompt goes in as token ids; every generated position goes in as y_t @ E, with
     y_t = relax(logits_t). No weight matrix is copied per step (y_t @ E reads E in place).
     """
-    embed_matrix = model.get_input_embeddings().weight  # (V, H)
+    # Forward calls go through `model` (a DDP wrapper syncs gradients); the embedding matrix is read from the
+    # wrapped module in place, never copied.
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    embed_matrix = inner.get_input_embeddings().weight  # (V, H)
     attention_mask = prompt_mask.long()
     positions = position_ids_from_mask(attention_mask)  # (B, P)
     out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)

@@ -1,0 +1,260 @@
+"""Pre-train a small GPT-2 base model from scratch, like the bundled `assets/tiny-imdb-gpt2`.
+
+Trains a byte-level BPE tokenizer (`<|endoftext|>` is id 0 and serves as bos/eos/pad/unk) on
+IMDB train reviews (`<br />` removed, whitespace folded) and, optionally, GSM8K train rendered as
+`Question: ...\\nAnswer: ...`; packs every document plus `<|endoftext|>` into one token stream cut
+into `--context`-token blocks, and trains a GPT-2 with AdamW, linear warm-up and cosine decay.
+A seeded share of the documents (`--eval_documents`) is held out for the validation loss.
+
+The bundled model (about 150 s on one H100, bf16 autocast):
+
+    python -m grade_trl.pretrain --imdb stanfordnlp/imdb --gsm8k openai/gsm8k --output_dir out/tiny-imdb-gpt2
+
+A quick CPU check on the embedded IMDB sample:
+
+    python -m grade_trl.pretrain --imdb embedded --output_dir /tmp/tiny --max_documents 2000 \\
+        --max_steps 30 --batch_size 16
+
+Writes to `--output_dir`: the model (safetensors), the tokenizer, `training_log.json` (a list of
+{step, train_loss, val_loss, tokens, t}, rewritten atomically at every log step) and MODEL_CARD.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from datasets import load_dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from .data.imdb import clean_review, load_imdb
+
+logger = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m grade_trl.pretrain", description=__doc__.split("\n")[0])
+    p.add_argument("--imdb", default="stanfordnlp/imdb", help="IMDB: hub id, file, folder (train.jsonl[.gz]) or `embedded`")
+    p.add_argument("--gsm8k", default=None, help="GSM8K: train.jsonl, its folder, or `openai/gsm8k`; skipped if unset")
+    p.add_argument("--output_dir", required=True, help="where the model, tokenizer, log and model card go")
+    p.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary size, `<|endoftext|>` included")
+    p.add_argument("--n_layer", type=int, default=4, help="transformer blocks")
+    p.add_argument("--n_embd", type=int, default=256, help="hidden width")
+    p.add_argument("--n_head", type=int, default=4, help="attention heads")
+    p.add_argument("--context", type=int, default=256, help="block length in tokens (= n_positions)")
+    p.add_argument("--batch_size", type=int, default=256, help="blocks per optimizer step")
+    p.add_argument("--max_steps", type=int, default=2882, help="optimizer steps")
+    p.add_argument("--learning_rate", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--warmup_steps", type=int, default=200, help="linear warm-up steps")
+    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="final learning rate as a fraction of the peak")
+    p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    p.add_argument("--seed", type=int, default=42, help="seed for the document shuffle, model init and batch order")
+    p.add_argument("--max_documents", type=int, default=None, help="use at most this many documents (quick runs)")
+    p.add_argument("--eval_documents", type=int, default=500, help="held-out documents for the validation loss")
+    p.add_argument("--log_every", type=int, default=100, help="log train/val loss every this many steps")
+    return p.parse_args(argv)
+
+
+def gsm8k_documents(source: str) -> list[str]:
+    """GSM8K train rows (a jsonl file, a folder with train.jsonl, or a hub id) as `Question: ...\\nAnswer: ...`."""
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        path = path / "train.jsonl"
+    if path.exists():
+        rows = load_dataset("json", data_files=str(path), split="train")
+    else:
+        rows = load_dataset(source, "main", split="train")
+    return [f"Question: {q}\nAnswer: {a}" for q, a in zip(rows["question"], rows["answer"])]
+
+
+def load_documents(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(train, eval) documents: IMDB train (+ GSM8K train), shuffled with the seed, capped, split."""
+    docs = [clean_review(text) for text in load_imdb(args.imdb, "train")["text"]]
+    if args.gsm8k:
+        docs += gsm8k_documents(args.gsm8k)
+    random.Random(args.seed).shuffle(docs)
+    docs = docs[: args.max_documents]
+    if args.eval_documents >= len(docs):
+        raise ValueError(f"--eval_documents {args.eval_documents} leaves none of the {len(docs)} documents to train on")
+    return docs[args.eval_documents :], docs[: args.eval_documents]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE with `<|endoftext|>` as id 0."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],  # first, so id 0
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def wrap_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)
+
+
+def pack(tokenizer: Tokenizer, texts: list[str], context: int) -> torch.Tensor:
+    """All documents, each followed by eos, as one stream cut into (n_blocks, context) blocks."""
+    eos_id = tokenizer.token_to_id(EOS)
+    stream = [i for enc in tokenizer.encode_batch(texts, add_special_tokens=False) for i in (*enc.ids, eos_id)]
+    n_blocks = len(stream) // context
+    if n_blocks == 0:
+        raise ValueError(f"{len(texts)} documents give {len(stream)} tokens, less than one {context}-token block")
+    return torch.tensor(stream[: n_blocks * context]).view(n_blocks, context)  # (n_tokens,) -> (n_blocks, context)
+
+
+def build_model(args: argparse.Namespace, vocab_size: int) -> GPT2LMHeadModel:
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=args.context, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(args.seed)
+    return GPT2LMHeadModel(config)
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases and layer norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), fused=torch.cuda.is_available())
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at 0-based `step`: linear warm-up, then cosine down to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_indices(n_blocks: int, batch_size: int, generator: torch.Generator):
+    """Endless batches of block indices: seeded epochs of random permutations, concatenated."""
+    pending = torch.empty(0, dtype=torch.long)
+    while True:
+        while len(pending) < batch_size:
+            pending = torch.cat([pending, torch.randperm(n_blocks, generator=generator)])
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, plain float32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: GPT2LMHeadModel, blocks: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token loss (nats/token) over all eval blocks."""
+    model.eval()
+    device, total = model.device, 0.0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size].to(device)  # (b, context)
+        with autocast(device):
+            total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
+    model.train()
+    return total / len(blocks)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def train(model, train_blocks: torch.Tensor, eval_blocks: torch.Tensor, args, output_dir: Path) -> list[dict]:
+    """The training loop; returns (and keeps writing) the log of {step, train_loss, val_loss, tokens, t}."""
+    device = model.device
+    optimizer = make_optimizer(model, args)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+    )
+    batches = batch_indices(len(train_blocks), args.batch_size, torch.Generator().manual_seed(args.seed))
+    log, window, start = [], [], time.perf_counter()
+    model.train()
+    for step in range(1, args.max_steps + 1):
+        batch = train_blocks[next(batches)].to(device)  # (batch_size, context)
+        with autocast(device):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append(loss.item())
+        if step == 1 or step % args.log_every == 0 or step == args.max_steps:
+            entry = {
+                "step": step,
+                "train_loss": round(sum(window) / len(window), 4),
+                "val_loss": round(evaluate(model, eval_blocks, args.batch_size), 4),
+                "tokens": step * args.batch_size * args.context,
+                "t": round(time.perf_counter() - start, 1),
+            }
+            log.append(entry)
+            window = []
+            write_json_atomic(output_dir / "training_log.json", log)
+            logger.info("step %(step)d  train %(train_loss).4f  val %(val_loss).4f  tokens %(tokens)d  %(t).1fs", entry)
+    return log
+
+
+def model_card(argv: list[str], model: GPT2LMHeadModel, n_train_tokens: int, log: list[dict]) -> str:
+    n_params = sum(p.numel() for p in model.parameters())
+    c = model.config
+    return (
+        f"# {c.n_layer}-layer GPT-2 pre-trained with grade_trl.pretrain\n\n"
+        f"- {n_params / 1e6:.2f}M parameters ({c.n_layer} layers, {c.n_embd} wide, {c.n_head} heads, "
+        f"context {c.n_positions}), vocabulary {c.vocab_size}; `<|endoftext|>` is id 0 (bos, eos, pad, unk).\n"
+        f"- {n_train_tokens:,} training tokens; {log[-1]['step']} steps, {log[-1]['tokens']:,} tokens seen.\n"
+        f"- Final validation loss (held-out documents): {log[-1]['val_loss']:.4f} nats/token; "
+        f"final train loss {log[-1]['train_loss']:.4f} (`training_log.json`).\n\n"
+        f"Command:\n\n```\npython -m grade_trl.pretrain {shlex.join(argv)}\n```\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    train_docs, eval_docs = load_documents(args)
+    tokenizer = train_tokenizer(train_docs, args.vocab_size)
+    train_blocks = pack(tokenizer, train_docs, args.context)
+    eval_blocks = pack(tokenizer, eval_docs, args.context)
+    logger.info(
+        "%d train / %d eval documents, vocab %d, %d train / %d eval blocks of %d tokens",
+        len(train_docs), len(eval_docs), tokenizer.get_vocab_size(), len(train_blocks), len(eval_blocks), args.context,
+    )  # fmt: skip
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(args, tokenizer.get_vocab_size()).to(device)
+    log = train(model, train_blocks, eval_blocks, args, output_dir)
+    model.save_pretrained(output_dir)
+    wrap_tokenizer(tokenizer).save_pretrained(output_dir)
+    (output_dir / "MODEL_CARD.md").write_text(model_card(argv, model, train_blocks.numel(), log))
+    logger.info("saved to %s; final val loss %.4f", output_dir, log[-1]["val_loss"])
+    return log
+
+
+if __name__ == "__main__":
+    main()
