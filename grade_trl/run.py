@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 from .recipe import Recipe, RecipeError, help_text, parse_recipe
 from .rewards.base import RewardFunctionError
@@ -47,6 +48,16 @@ def results_payload(recipe: Recipe, trainer, status: str, final: dict, error: st
     return payload
 
 
+@contextmanager
+def loading(key: str, value: str):
+    """Turn a failure to load `value` (unreachable hub id, unreadable file, wrong schema) into a one-line error."""
+    try:
+        yield
+    except (OSError, ValueError, ConnectionError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RecipeError(f"{key}: cannot load {value!r}: {first_line} (give a local path, `embedded`, or a hub id reachable from here)") from None
+
+
 def run(recipe: Recipe) -> int:
     import torch
     from accelerate import PartialState
@@ -63,11 +74,10 @@ def run(recipe: Recipe) -> int:
     PartialState(cpu=config.use_cpu)  # join the process group now: the task's set-up is shared between processes
     set_seed(config.seed)
     results_path = os.path.join(config.output_dir, "results.json")
-    try:
+    with loading("model_name_or_path", run_args.model_name_or_path):
         tokenizer = load_tokenizer(run_args.model_name_or_path)
+    with loading("dataset_name", run_args.dataset_name):
         task = TASK_BUILDERS[run_args.task](run_args, tokenizer, config.seed, config.max_prompt_length)
-    except (OSError, ValueError, ConnectionError) as error:  # unreachable hub id, unreadable data, wrong backbone
-        raise RecipeError(f"could not load the model or data: {str(error).splitlines()[0]}") from None
 
     settings = GenerationSettings(
         max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens, temperature=run_args.eval_temperature, top_p=run_args.eval_top_p
@@ -75,24 +85,26 @@ def run(recipe: Recipe) -> int:
     eval_callback = RewardEvaluationCallback(
         task.validation_prompts, task.reward_funcs, settings, eval_steps=int(config.eval_steps or 100), seed=run_args.eval_seed, weights=config.reward_weights
     )
-    trainer = GumbelGRADETrainer(
-        model=run_args.model_name_or_path,
-        reward_funcs=task.reward_funcs,
-        args=config,
-        train_dataset=task.train_dataset,
-        processing_class=tokenizer,
-        peft_config=build_peft_config(run_args),
-        callbacks=[eval_callback],
-    )
+    with loading("model_name_or_path", run_args.model_name_or_path):
+        trainer = GumbelGRADETrainer(
+            model=run_args.model_name_or_path,
+            reward_funcs=task.reward_funcs,
+            args=config,
+            train_dataset=task.train_dataset,
+            processing_class=tokenizer,
+            peft_config=build_peft_config(run_args),
+            callbacks=[eval_callback],
+        )
     eval_callback.trainer = trainer
     is_main = trainer.accelerator.is_main_process
 
     start = time.time()
     try:
         trainer.train()
-    except RewardFunctionError as error:
+    except BaseException as error:  # keep everything logged so far, whatever stopped the run
         if is_main:
-            write_json_atomic(results_path, results_payload(recipe, trainer, "failed", {"task": task.info}, str(error)))
+            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            write_json_atomic(results_path, results_payload(recipe, trainer, status, {"task": task.info}, f"{type(error).__name__}: {error}"))
         raise
     train_minutes = (time.time() - start) / 60
 

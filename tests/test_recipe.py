@@ -86,3 +86,19 @@ def test_cli_missing_recipe_file(tmp_path):
 def test_cli_help_lists_keys(tmp_path):
     result = _run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0 and "tau_anneal_steps" in result.stdout and "reward_input" in result.stdout
+
+
+def test_cli_unloadable_model_and_data_exit_2_with_one_line(tmp_path):
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"review": "no text column", "stars": 3}\n')
+    cases = [
+        (f"model_name_or_path: {tmp_path / 'not_a_model'}\n", "model_name_or_path: cannot load"),
+        (f"dataset_name: {tmp_path / 'data'}\n", "lacks columns ['label', 'text']"),
+    ]
+    for text, message in cases:
+        (tmp_path / "r.yaml").write_text(f"method: grade_ste\noutput_dir: {tmp_path / 'out'}\n" + text)
+        result = _run_cli("r.yaml", cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()
