@@ -108,3 +108,17 @@ def test_two_cpu_processes(tmp_path):
     results = load_results(tmp_path / "run" / "results.json")
     assert results["final"]["num_processes"] == 2 and results["final"]["steps"] == 2
     assert all(h["kl"] >= 0 for h in results["history"] if "kl" in h)
+
+
+def test_train_reward_command_trains_then_reuses(tmp_path, capsys):
+    from grade_trl.train_reward import main as train_reward
+
+    args = [QUICKSTART, "--reward_model_path", str(tmp_path / "rm"), "--reward_split_size", "200", "--policy_split_size", "50", "--validation_split_size", "60", "--reward_epochs", "2"]
+    assert train_reward(args) == 0
+    first = capsys.readouterr().out
+    assert (tmp_path / "rm" / "head.safetensors").exists() and "held-out accuracy" in first
+    mtime = (tmp_path / "rm" / "head.safetensors").stat().st_mtime_ns
+    assert train_reward(args) == 0 and capsys.readouterr().out == first  # reused, same accuracy
+    assert (tmp_path / "rm" / "head.safetensors").stat().st_mtime_ns == mtime
+    assert train_reward(args + ["--force"]) == 0
+    assert (tmp_path / "rm" / "head.safetensors").stat().st_mtime_ns != mtime
