@@ -124,8 +124,11 @@ class RewardEvaluationCallback(TrainerCallback):
             self._log(state, self.evaluate(state.global_step))
 
     def _log(self, state, metrics: dict) -> None:
-        # Trainer.log resets control.should_log; keep the flag so this step's training log still happens.
-        control = self.trainer.control
-        should_log = control.should_log
-        self.trainer.log(metrics)
-        control.should_log = should_log
+        # Straight to the history and the reporters (W&B, TensorBoard, progress bar), not through
+        # trainer.log: a trainer's log() may flush its own metric window (TRL's GRPOTrainer does).
+        trainer = self.trainer
+        logs = {**metrics, "epoch": state.epoch, "step": state.global_step}
+        state.log_history.append(logs)
+        should_log = trainer.control.should_log  # on_log resets it; this step's training log must still happen
+        trainer.control = trainer.callback_handler.on_log(trainer.args, state, trainer.control, dict(metrics))
+        trainer.control.should_log = should_log

@@ -24,7 +24,7 @@ from ..core import exact_kl, masked_mean, masked_sum, reference_logits, soft_rol
 from ..models import load_causal_lm, load_tokenizer, prepare_tokenizer
 from ..rewards.base import check_finite_scores, require_differentiable, reward_name
 from .grade_config import GumbelGRADEConfig
-from .metrics import MetricWindow
+from .metrics import GradNormWindowMixin, MetricWindow
 from .relaxations import RELAXATIONS, tau_at
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def soft_reward_inputs(reward_func, rollout, eos_token_id: int | None) -> tuple[
     return soft, mask
 
 
-class GumbelGRADETrainer(Trainer):
+class GumbelGRADETrainer(GradNormWindowMixin, Trainer):
     """Trainer for GRADE. Mirrors `trl.GRPOTrainer`'s constructor.
 
     Args:
@@ -132,14 +132,6 @@ class GumbelGRADETrainer(Trainer):
     def tau(self) -> float:
         a = self.args
         return tau_at(self.state.global_step, a.tau_start, a.tau_end, a.tau_anneal_steps, a.tau_schedule)
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        # Trainer computes the pre-clipping norm of every optimizer step but logs only the last one of a
-        # window; keep them all so grad_norm_mean/std/max describe the window.
-        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        if grad_norm is not None:
-            self._metrics["train"].add_grad_norm(float(grad_norm))
-        return grad_norm
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"

@@ -11,22 +11,40 @@ class MetricWindow:
 
     def __init__(self):
         self.values: dict[str, list[float]] = defaultdict(list)
-        self.grad_norms: list[float] = []
 
     def add(self, **metrics: float) -> None:
         for key, value in metrics.items():
             self.values[key].append(float(value))
 
-    def add_grad_norm(self, value: float) -> None:
-        self.grad_norms.append(float(value))
-
     def flush(self) -> dict[str, float]:
         logs = {key: sum(vals) / len(vals) for key, vals in self.values.items() if vals}
-        if self.grad_norms:
-            mean = sum(self.grad_norms) / len(self.grad_norms)
-            var = sum((g - mean) ** 2 for g in self.grad_norms) / len(self.grad_norms)
-            # Pre-clipping norms of the optimizer steps in this window; the spread over steps, not over parameters.
-            logs.update(grad_norm_mean=mean, grad_norm_std=math.sqrt(var), grad_norm_max=max(self.grad_norms))
         self.values.clear()
-        self.grad_norms.clear()
         return logs
+
+
+def grad_norm_stats(norms: list[float]) -> dict[str, float]:
+    """Mean, std and max of the pre-clipping norms of a window's optimizer steps (a spread over steps,
+    not over parameters, and not an estimator variance)."""
+    mean = sum(norms) / len(norms)
+    std = math.sqrt(sum((g - mean) ** 2 for g in norms) / len(norms))
+    return {"grad_norm_mean": mean, "grad_norm_std": std, "grad_norm_max": max(norms)}
+
+
+class GradNormWindowMixin:
+    """For any `transformers.Trainer` subclass (TRL's included): log grad_norm_mean/std/max per logging window.
+
+    Trainer computes the pre-clipping norm of every optimizer step but logs only the window's last one.
+    """
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None:
+            self.__dict__.setdefault("_grad_norm_window", []).append(float(grad_norm))
+        return grad_norm
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        window = self.__dict__.get("_grad_norm_window")
+        if "loss" in logs and window:
+            logs.update(grad_norm_stats(window))
+            window.clear()
+        super().log(logs, start_time)

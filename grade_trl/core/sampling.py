@@ -1,0 +1,250 @@
+"""Hard-token sampling and scoring from one processed distribution (REINFORCE and PPO).
+
+The tokens are drawn from the *processed* next-token distribution (temperature, EOS ban before
+`min_new_tokens`, top-k, top-p), so every log-probability that enters a loss, an old-policy ratio
+or a KL has to be taken under that same processed distribution. Scoring with the plain softmax of
+the raw logits while sampling with top-p/min_new_tokens is what made PPO's KL negative (the users'
+bug, BACKGROUND.md sections 2-3). Here one function, `process_logits`, is used by the sampler and
+by the scorer, so "the tokens were sampled from exactly this distribution" holds by construction.
+
+We sample with our own token-by-token loop, not `model.generate`: generate's logits processors
+(their order, their masking value, their top-p tie rules) could drift from ours.
+
+Legend: B batch, P prompt length (left-padded), T completion length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .masks import completion_mask, masked_mean
+from .soft_rollout import position_ids_from_mask
+
+
+@dataclass
+class SamplingSettings:
+    """How completions are sampled, and therefore how their log-probs must be scored."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0  # 1.0 = off
+    top_k: int = 0  # 0 = off
+    min_new_tokens: int = 0  # EOS is impossible at steps < min_new_tokens
+    max_new_tokens: int = 48
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(
+                f"temperature={self.temperature!r}: it must be > 0 (logits are divided by it); "
+                "use a small positive value such as 0.1 for near-greedy sampling"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r}: it must satisfy 0 < top_p <= 1; use 1.0 to turn nucleus sampling off")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r}: it must be >= 0; use 0 to turn top-k off")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: it must be >= 1; raise it")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens={self.min_new_tokens!r}, max_new_tokens={self.max_new_tokens!r}: need "
+                "0 <= min_new_tokens <= max_new_tokens; lower min_new_tokens or raise max_new_tokens"
+            )
+
+
+def _masked_value(dtype: torch.dtype) -> float:
+    """The value of an impossible token: large and finite (as in `forbid_eos`), never -inf, so p*log p stays finite."""
+    return torch.finfo(dtype).min / 2
+
+
+def _top_k_keep(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Bool mask (same shape as logits) of the tokens whose logit is >= the k-th largest (ties kept)."""
+    k = min(top_k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
+    return logits >= kth
+
+
+def _top_p_keep(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Bool mask of the nucleus: the smallest set of most likely tokens whose probability sums to >= top_p.
+
+    A token is kept when the probability of the tokens sorted before it is still < top_p; the top
+    token (nothing before it) is always kept.
+    """
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_probs = sorted_logits.softmax(-1)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs  # exclusive cumulative sum
+    keep_sorted = mass_before < top_p
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def process_logits(
+    logits: torch.Tensor,
+    settings: SamplingSettings,
+    steps: torch.Tensor | int,
+    eos_token_id: int | None = None,
+    truncate: bool = True,
+) -> torch.Tensor:
+    """The logits of the distribution tokens are sampled from, exactly as the sampler builds them.
+
+    logits: (B, T, V) with steps (T,) the completion step of each position, or (B, V) with an int step.
+    In order: divide by temperature; forbid EOS at steps < min_new_tokens; keep the top-k; keep the
+    top-p nucleus (computed after top-k, on the renormalised remainder). Removed tokens get the large
+    finite negative `finfo.min / 2` (never -inf). `truncate=False` skips top-k/top-p (used for the
+    reference, see `token_logprobs`). Computed in at least float32; differentiable w.r.t. the kept
+    logits (the selection itself is not).
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    logits = logits.to(dtype) / settings.temperature
+    neg = _masked_value(dtype)
+
+    if eos_token_id is not None and settings.min_new_tokens > 0:
+        vocab = logits.shape[-1]
+        is_eos = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+        is_eos[eos_token_id] = True
+        if isinstance(steps, int):
+            if steps < settings.min_new_tokens:
+                logits = logits.masked_fill(is_eos, neg)
+        else:
+            banned = (steps.to(logits.device) < settings.min_new_tokens).unsqueeze(-1) & is_eos  # (T, V)
+            logits = logits.masked_fill(banned, neg)
+
+    if truncate and settings.top_k > 0:
+        keep = _top_k_keep(logits.detach(), settings.top_k)
+        logits = logits.masked_fill(~keep, neg)
+    if truncate and settings.top_p < 1.0:
+        keep = _top_p_keep(logits.detach(), settings.top_p)
+        logits = logits.masked_fill(~keep, neg)
+    return logits
+
+
+@dataclass
+class SampledBatch:
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P) 1 for real prompt tokens
+    completion_ids: torch.Tensor  # (B, T) right-padded: pad_token_id after the first EOS
+    completion_mask: torch.Tensor  # (B, T) float, 1 up to and including the first EOS, 0 after
+    logprobs: torch.Tensor  # (B, T) log-prob of each sampled token under the processed distribution; 0 where masked
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def sequences(self) -> torch.Tensor:  # (B, P+T)
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # (B, P+T) long
+        return torch.cat([self.prompt_mask.long(), self.completion_mask.long()], dim=1)
+
+    @property
+    def lengths(self) -> torch.Tensor:  # (B,)
+        return self.completion_mask.sum(-1)
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    settings: SamplingSettings,
+    eos_token_id: int | None,
+    pad_token_id: int | None = None,
+) -> SampledBatch:
+    """Sample up to `settings.max_new_tokens` tokens per row from `process_logits` of the model's logits.
+
+    Token by token with a KV cache; stops early once every row has emitted EOS. Rows that have
+    finished get `pad_token_id` (EOS when None) and a 0 log-prob. Forward calls go through `model`,
+    so a DistributedDataParallel wrapper works. Uses the global torch RNG (`torch.multinomial`).
+    Dropout must be off (eval mode or dropout 0) for `token_logprobs` to reproduce `logprobs`.
+    """
+    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    batch = prompt_ids.shape[0]
+    attention_mask = prompt_mask.long()
+    positions = position_ids_from_mask(attention_mask)  # (B, P)
+    out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+    cache, next_logits = out.cache, out.logits[:, -1]  # (B, V)
+    next_position = positions[:, -1:] + 1  # (B, 1)
+
+    step_tokens, step_logprobs = [], []
+    finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
+    for step in range(settings.max_new_tokens):
+        logp = F.log_softmax(process_logits(next_logits, settings, step, eos_token_id), dim=-1)  # (B, V)
+        token = torch.multinomial(logp.exp(), 1).squeeze(-1)  # (B,)
+        token_logp = logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+        alive = ~finished
+        token = torch.where(alive, token, torch.full_like(token, pad))
+        step_tokens.append(token)
+        step_logprobs.append(torch.where(alive, token_logp, torch.zeros_like(token_logp)))
+        if eos_token_id is not None:
+            finished = finished | (token == eos_token_id)
+        if step == settings.max_new_tokens - 1 or bool(finished.all()):
+            break
+        # Same mask as SampledBatch.attention_mask: 1 up to and including the first EOS, 0 after.
+        attention_mask = torch.cat([attention_mask, alive.long().unsqueeze(1)], dim=1)
+        out = model(
+            input_ids=token.unsqueeze(1),
+            attention_mask=attention_mask,
+            position_ids=next_position,
+            cache=cache,
+            use_cache=True,
+        )
+        cache, next_logits = out.cache, out.logits[:, -1]
+        next_position = next_position + 1
+
+    tokens = torch.stack(step_tokens, dim=1)  # (B, T)
+    mask = completion_mask(tokens, eos_token_id)
+    return SampledBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=tokens,
+        completion_mask=mask,
+        logprobs=torch.stack(step_logprobs, dim=1),
+        eos_token_id=eos_token_id,
+        pad_token_id=pad,
+    )
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    batch: SampledBatch,
+    settings: SamplingSettings,
+    with_grad: bool,
+    truncate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the sampled tokens under the processed distribution, from ONE parallel forward.
+
+    Returns (logprobs (B, T), 0 where the completion mask is 0; processed logits (B, T, V)).
+    This is what the loss, the old policy (with_grad=False) and the reference use.
+
+    The policy is scored with `truncate=True`: exactly the distribution p the tokens came from.
+    The reference is scored with `truncate=False`: temperature and the EOS ban only, no top-k/top-p.
+    Then q covers every token p can sample (log q finite), and KL(p || q) = E_p[log p - log q] is a
+    proper KL, >= 0, estimated without bias by the k1 term on the sampled tokens. Truncating q at its
+    own nucleus would give a different support: a token the policy samples may lie outside the
+    reference's nucleus and get log q = -inf (here: ~finfo.min/2), exploding the penalty.
+    Note that with truncate=True a token outside the *current* nucleus (after a policy update, or
+    in rare float ties at the nucleus edge) gets a log-prob of about finfo.min/2: callers taking a
+    ratio exp(new - old) should clamp the log-ratio.
+    """
+    with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+        attention_mask = batch.attention_mask
+        out = model(input_ids=batch.sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+        num_prompt, num_completion = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+        logits = out.logits[:, num_prompt - 1 : num_prompt + num_completion - 1]  # (B, T, V): predict each completion token
+        steps = torch.arange(num_completion, device=logits.device)
+        processed = process_logits(logits, settings, steps, batch.eos_token_id, truncate=truncate)
+        logp = F.log_softmax(processed, dim=-1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        logp = logp.masked_fill(batch.completion_mask == 0, 0.0)
+    return logp, processed
+
+
+def entropy_from_logits(processed_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over positions of the per-token entropy -sum_v p_v log p_v of softmax(processed_logits).
+
+    processed_logits (B, T, V), mask (B, T). Removed tokens (finite finfo.min/2 logits) have p = 0 and
+    add exactly 0. Returns a scalar.
+    """
+    logp = F.log_softmax(processed_logits.to(torch.promote_types(processed_logits.dtype, torch.float32)), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)  # (B, T)
+    return masked_mean(entropy, mask)
