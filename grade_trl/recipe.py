@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import logging
 import os
 import types
 import typing
@@ -21,6 +22,8 @@ import yaml
 
 from .trainers.grade_config import GumbelGRADEConfig
 
+logger = logging.getLogger(__name__)
+
 
 class RecipeError(ValueError):
     """A recipe or override that cannot run; the message is one line that names the fix."""
@@ -30,8 +33,8 @@ class RecipeError(ValueError):
 class RunArguments:
     """What a run optimises and how it is judged; the same for every method in a comparison."""
 
-    method: str = field(default="grade_ste", metadata={"help": "Training method: `grade` (Gumbel-softmax) or `grade_ste` (straight-through Gumbel)."})
-    task: str = field(default="imdb_sentiment", metadata={"help": "Task: `imdb_sentiment` (learned P(positive) reward on IMDB prompts)."})
+    method: str = field(default="grade_ste", metadata={"help": "Training method: `grade` (Gumbel-softmax), `grade_ste` (straight-through Gumbel), `grpo` or `cispo` (TRL's GRPOTrainer)."})
+    task: str = field(default="imdb_sentiment", metadata={"help": "Task: `imdb_sentiment` (learned P(positive) reward) or `length` (`2 - words / 16`), both on IMDB prompts."})
     model_name_or_path: str = field(default="embedded", metadata={"help": "Policy: hub id, local path, or `embedded` (the bundled tiny-imdb-gpt2)."})
     dataset_name: str = field(default="stanfordnlp/imdb", metadata={"help": "IMDB: hub id, local folder/file (jsonl, jsonl.gz, parquet), or `embedded` (bundled 3k/1k sample)."})
     reward_split_size: int = field(default=5000, metadata={"help": "IMDB train reviews for the reward model (GRADE experiment: 5,000)."})
@@ -39,6 +42,7 @@ class RunArguments:
     validation_split_size: int = field(default=2000, metadata={"help": "IMDB train reviews held out for validation (2,000)."})
     test_split_size: int | None = field(default=None, metadata={"help": "IMDB test reviews to draw test prompts from (default: all)."})
     prompt_max_chars: int = field(default=200, metadata={"help": "Prompts are the first 1-2 sentences of a review, at most this many characters."})
+    max_prompt_length: int = field(default=32, metadata={"help": "Prompts are cut to this many tokens (GRADE experiment: 32); also given to the trainer when its config has this key."})
 
     reward_model_path: str | None = field(default=None, metadata={"help": "Folder of the trained sentiment head; trained there when missing (default: {output_dir}/reward_model)."})
     reward_backbone: str | None = field(default=None, metadata={"help": "Frozen backbone of the reward model; must share the policy's vocabulary (default: the policy)."})
@@ -67,11 +71,27 @@ class RunArguments:
             raise ValueError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
 
 
-TASKS = ("imdb_sentiment",)
-METHODS: dict[str, tuple[type, dict[str, Any]]] = {
+TASKS = ("imdb_sentiment", "length")
+
+
+def _grpo_config():
+    from trl import GRPOConfig
+
+    return GRPOConfig
+
+
+METHODS: dict[str, tuple[Any, dict[str, Any]]] = {
+    # method: (config class or a function returning it, the values the method name implies)
     "grade": (GumbelGRADEConfig, {"estimator": "soft"}),
     "grade_ste": (GumbelGRADEConfig, {"estimator": "ste"}),
+    "grpo": (_grpo_config, {}),
+    "cispo": (_grpo_config, {"loss_type": "cispo"}),
 }
+
+
+def method_config_class(method: str) -> type:
+    config_cls = METHODS[method][0]
+    return config_cls if isinstance(config_cls, type) else config_cls()
 PATH_KEYS = ("model_name_or_path", "dataset_name", "reward_backbone")
 
 
@@ -197,7 +217,7 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
         close = difflib.get_close_matches(method, METHODS, n=2)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise RecipeError(f"unknown method {method!r}{hint}; known methods: {', '.join(METHODS)}")
-    config_cls, method_defaults = METHODS[method]
+    config_cls, method_defaults = method_config_class(method), METHODS[method][1]
     run_fields, config_fields = _fields(RunArguments), _fields(config_cls)
     hints = {**typing.get_type_hints(config_cls), **typing.get_type_hints(RunArguments)}
 
@@ -212,12 +232,21 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
             raise RecipeError(f"{key}: method {method!r} means {key}={value!r}, but the recipe sets {values[key]!r}")
 
     run_kwargs = {k: coerce(k, v, hints[k]) for k, v in values.items() if k in run_fields}
-    config_kwargs = {**method_defaults, **{k: coerce(k, v, hints[k]) for k, v in values.items() if k in config_fields and k not in run_fields}}
+    # A key both sides know (max_prompt_length) feeds both, so the data and the trainer agree.
+    config_kwargs = {**method_defaults, **{k: coerce(k, v, hints[k]) for k, v in values.items() if k in config_fields}}
+    if (config_kwargs.get("loss_type") == "cispo") and "epsilon_high" not in values:
+        logger.warning(
+            "loss_type cispo without epsilon_high: TRL then clamps the importance ratio at epsilon (%s), which clips "
+            "every on-policy ratio; set epsilon_high explicitly (TRL's CISPO clamps the ratio at epsilon_high itself, "
+            "recommended 5.0)", config_kwargs.get("epsilon", 0.2)
+        )
     if "use_cpu" not in config_kwargs and not has_accelerator():
         # Accelerate only joins processes started by `accelerate launch`/torchrun into one CPU (gloo) group when
         # told it is on the CPU; without this, each of N CPU processes would train alone on the whole data.
         config_kwargs["use_cpu"] = True
     check_paths(run_kwargs)
+    if "max_prompt_length" in config_fields and "max_prompt_length" not in config_kwargs and "max_prompt_length" in run_kwargs:
+        config_kwargs["max_prompt_length"] = run_kwargs["max_prompt_length"]
     try:
         run = RunArguments(**run_kwargs)
         config = config_cls(**config_kwargs)
@@ -255,7 +284,7 @@ def parse_recipe(argv: list[str]) -> Recipe:
 
 def help_text(method: str = "grade_ste") -> str:
     """Every recipe key with its help, grouped by where it goes."""
-    config_cls = METHODS[method][0]
+    config_cls = method_config_class(method)
     lines = ["usage: python -m grade_trl.run RECIPE.yaml [--key value ...]", "", "Run arguments:"]
     lines += [f"  {f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(RunArguments)]
     own = [f for f in dataclasses.fields(config_cls) if f.name in config_cls.__dataclass_fields__ and f.name in config_cls.__annotations__]

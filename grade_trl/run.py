@@ -36,6 +36,29 @@ def build_peft_config(run):
     return LoraConfig(r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=run.lora_dropout, target_modules=run.lora_target_modules, task_type="CAUSAL_LM")
 
 
+def completion_lengths(config) -> tuple[int, int]:
+    """(max, min) new tokens of the method's own generations; evaluation uses the same limits."""
+    if hasattr(config, "max_new_tokens"):
+        return config.max_new_tokens, config.min_new_tokens
+    return config.max_completion_length, 0  # TRL's GRPOConfig has no minimum
+
+
+def build_trainer(run_args, config, task, tokenizer, callbacks):
+    """The method's trainer, built from the recipe; every trainer takes the same task, rewards and callbacks."""
+    from .models import resolve_model_path
+
+    common = dict(reward_funcs=task.reward_funcs, args=config, train_dataset=task.train_dataset, processing_class=tokenizer, peft_config=build_peft_config(run_args), callbacks=callbacks)
+    if run_args.method in ("grpo", "cispo"):
+        from .trainers.grpo import GRPOTrainer
+
+        # TRL loads the policy from a path itself and re-loads its reference from the policy's `_name_or_path`,
+        # so it is given the resolved local path (or hub id), never an in-memory model.
+        return GRPOTrainer(model=resolve_model_path(run_args.model_name_or_path), **common)
+    from .trainers import GumbelGRADETrainer
+
+    return GumbelGRADETrainer(model=run_args.model_name_or_path, **common)
+
+
 def results_payload(recipe: Recipe, trainer, status: str, final: dict, error: str | None = None) -> dict:
     payload = {
         "status": status,
@@ -68,7 +91,6 @@ def run(recipe: Recipe) -> int:
     from .report import summary_table
     from .results import write_json_atomic
     from .tasks import TASK_BUILDERS
-    from .trainers import GumbelGRADETrainer
 
     run_args, config = recipe.run, recipe.config
     PartialState(cpu=config.use_cpu)  # join the process group now: the task's set-up is shared between processes
@@ -77,24 +99,15 @@ def run(recipe: Recipe) -> int:
     with loading("model_name_or_path", run_args.model_name_or_path):
         tokenizer = load_tokenizer(run_args.model_name_or_path)
     with loading("dataset_name", run_args.dataset_name):
-        task = TASK_BUILDERS[run_args.task](run_args, tokenizer, config.seed, config.max_prompt_length)
+        task = TASK_BUILDERS[run_args.task](run_args, tokenizer, config.seed)
 
-    settings = GenerationSettings(
-        max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens, temperature=run_args.eval_temperature, top_p=run_args.eval_top_p
-    )
+    max_new_tokens, min_new_tokens = completion_lengths(config)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=run_args.eval_temperature, top_p=run_args.eval_top_p)
     eval_callback = RewardEvaluationCallback(
         task.validation_prompts, task.reward_funcs, settings, eval_steps=int(config.eval_steps or 100), seed=run_args.eval_seed, weights=config.reward_weights
     )
     with loading("model_name_or_path", run_args.model_name_or_path):
-        trainer = GumbelGRADETrainer(
-            model=run_args.model_name_or_path,
-            reward_funcs=task.reward_funcs,
-            args=config,
-            train_dataset=task.train_dataset,
-            processing_class=tokenizer,
-            peft_config=build_peft_config(run_args),
-            callbacks=[eval_callback],
-        )
+        trainer = build_trainer(run_args, config, task, tokenizer, [eval_callback])
     eval_callback.trainer = trainer
     is_main = trainer.accelerator.is_main_process
 

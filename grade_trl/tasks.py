@@ -14,6 +14,7 @@ from datasets import Dataset
 
 from .data.imdb import clean_review, make_imdb_splits, prompt_dataset
 from .models import resolve_model_path
+from .rewards.length import LengthReward
 from .rewards.sentiment import SentimentReward, SentimentRewardModel, has_trained_head, train_sentiment_head
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,8 @@ class Task:
     info: dict = field(default_factory=dict)  # e.g. the reward model's held-out accuracy
 
 
-def build_imdb_sentiment(run, tokenizer, seed: int, max_prompt_length: int) -> Task:
-    """IMDB prompts and the learned sentiment reward (trained on the reward split when no head exists)."""
+def imdb_prompt_splits(run, tokenizer, seed: int) -> tuple[dict, dict]:
+    """Disjoint IMDB splits and the `prompt` datasets of the policy, validation and test splits."""
     splits = make_imdb_splits(
         run.dataset_name,
         seed=seed,
@@ -39,17 +40,33 @@ def build_imdb_sentiment(run, tokenizer, seed: int, max_prompt_length: int) -> T
         validation_size=run.validation_split_size,
         test_size=run.test_split_size,
     )
-    prompts = {name: prompt_dataset(splits[name], tokenizer, run.prompt_max_chars, max_prompt_length) for name in ("policy", "validation", "test")}
-    reward_model, info = load_or_train_sentiment_model(run, tokenizer, splits, seed)
-    reward = SentimentReward(reward_model, tokenizer, include_prompt=run.reward_input == "prompt_completion")
+    prompts = {name: prompt_dataset(splits[name], tokenizer, run.prompt_max_chars, run.max_prompt_length) for name in ("policy", "validation", "test")}
+    return splits, prompts
+
+
+def _task(name: str, run, splits, prompts, reward_funcs, **info) -> Task:
     return Task(
-        name="imdb_sentiment",
+        name=name,
         train_dataset=prompts["policy"].select_columns(["prompt"]),
         validation_prompts=prompts["validation"]["prompt"][: run.eval_num_prompts],
         test_prompts=prompts["test"]["prompt"][: run.test_num_prompts],
-        reward_funcs=[reward],
-        info={"reward_model": info, "split_sizes": {name: len(split) for name, split in splits.items()}},
+        reward_funcs=reward_funcs,
+        info={**info, "split_sizes": {name: len(split) for name, split in splits.items()}},
     )
+
+
+def build_imdb_sentiment(run, tokenizer, seed: int) -> Task:
+    """IMDB prompts and the learned sentiment reward (trained on the reward split when no head exists)."""
+    splits, prompts = imdb_prompt_splits(run, tokenizer, seed)
+    reward_model, info = load_or_train_sentiment_model(run, tokenizer, splits, seed)
+    reward = SentimentReward(reward_model, tokenizer, include_prompt=run.reward_input == "prompt_completion")
+    return _task("imdb_sentiment", run, splits, prompts, [reward], reward_model=info)
+
+
+def build_length(run, tokenizer, seed: int) -> Task:
+    """IMDB prompts and the length reward `2 - words / 16` (shorter is better)."""
+    splits, prompts = imdb_prompt_splits(run, tokenizer, seed)
+    return _task("length", run, splits, prompts, [LengthReward(tokenizer.eos_token_id)])
 
 
 def load_or_train_sentiment_model(run, tokenizer, splits, seed: int) -> tuple[SentimentRewardModel, dict]:
@@ -88,4 +105,4 @@ def load_or_train_sentiment_model(run, tokenizer, splits, seed: int) -> tuple[Se
         return model, model.metadata
 
 
-TASK_BUILDERS = {"imdb_sentiment": build_imdb_sentiment}
+TASK_BUILDERS = {"imdb_sentiment": build_imdb_sentiment, "length": build_length}

@@ -1,0 +1,117 @@
+"""What every grade_trl trainer shares: construction like `trl.GRPOTrainer`, the frozen reference,
+prompt tokenization, metric windows and logging. Each method subclasses it and writes `compute_loss`."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+
+import torch
+from transformers import Trainer
+
+from ..models import load_causal_lm, load_tokenizer, prepare_tokenizer
+from .metrics import GradNormWindowMixin, MetricWindow
+
+
+def identity(features):
+    """No collation: the trainer tokenizes prompts itself (as TRL's GRPOTrainer does)."""
+    return features
+
+
+class RolloutTrainer(GradNormWindowMixin, Trainer):
+    """Base of the GRADE, REINFORCE and PPO trainers.
+
+    Args:
+        model: hub id, local path, `"embedded"`, or a `PreTrainedModel` (causal LM).
+        reward_funcs: a reward callable or a list of them (TRL's signature).
+        args: the method's config (a `RolloutConfig`).
+        train_dataset / eval_dataset: datasets with a `prompt` column.
+        processing_class: the tokenizer (loaded from the model when None).
+        peft_config: a `peft.LoraConfig` to train adapters; the reference is then the model with adapters disabled.
+    """
+
+    config_class: type = None  # set by each method
+
+    def __init__(self, model, reward_funcs, args=None, train_dataset=None, eval_dataset=None, processing_class=None, callbacks=None, optimizers=(None, None), peft_config=None):
+        args = args or self.config_class(output_dir=f"{type(self).__name__}_output")
+        if isinstance(model, str):
+            init_kwargs = dict(args.model_init_kwargs or {})
+            init_kwargs.setdefault("dtype", torch.float32)
+            model = load_causal_lm(model, **init_kwargs)
+        processing_class = prepare_tokenizer(processing_class or load_tokenizer(model.config._name_or_path))
+        self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions")
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        self.check_rewards(self.reward_funcs)
+
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+            ref_model = None  # reference = the same model with its adapters disabled
+        else:
+            ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+        model = self.wrap_model(model)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=identity,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.ref_model = None if ref_model is None else self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        for func in self.reward_funcs:
+            if hasattr(func, "to"):
+                func.to(self.accelerator.device)
+        self._metrics = {"train": MetricWindow(), "eval": MetricWindow()}
+
+    # Hooks for the methods ------------------------------------------------------------------------------------
+    def check_rewards(self, reward_funcs) -> None:
+        """Refuse, at start-up, rewards the method cannot use."""
+
+    def wrap_model(self, model):
+        """The module the Trainer optimizes (PPO adds a value head here)."""
+        return model
+
+    # Shared plumbing ------------------------------------------------------------------------------------------
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt"]
+
+    def tokenize_prompts(self, inputs) -> dict[str, torch.Tensor]:
+        prompts = [example["prompt"] for example in inputs]
+        return self.processing_class(
+            prompts, return_tensors="pt", padding=True, truncation=True, max_length=self.args.max_prompt_length, add_special_tokens=False
+        ).to(self.accelerator.device)
+
+    def reference_context(self, policy_model):
+        """(reference module, context): the frozen copy, or the policy with its LoRA adapters disabled."""
+        if self.ref_model is not None:
+            return self.ref_model, nullcontext()
+        unwrapped = self.accelerator.unwrap_model(policy_model)
+        return unwrapped, unwrapped.disable_adapter()
+
+    @property
+    def metrics(self) -> MetricWindow:
+        return self._metrics["train" if self.model.training else "eval"]
+
+    def gathered_mean(self, values: torch.Tensor) -> float:
+        return self.accelerator.gather(values.detach().float().reshape(-1)).mean().item()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        if "loss" in logs or "eval_loss" in logs:  # a training/eval log, not a callback's own metrics
+            metrics = self._metrics[mode].flush()
+            logs.update(metrics if mode == "train" else {f"eval_{k}": v for k, v in metrics.items()})
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
