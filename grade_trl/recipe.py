@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .trainers.grade_config import GumbelGRADEConfig
+from .trainers.reinforce_config import REINFORCEConfig
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class RecipeError(ValueError):
 class RunArguments:
     """What a run optimises and how it is judged; the same for every method in a comparison."""
 
-    method: str = field(default="grade_ste", metadata={"help": "Training method: `grade` (Gumbel-softmax), `grade_ste` (straight-through Gumbel), `grpo` or `cispo` (TRL's GRPOTrainer)."})
+    method: str = field(default="grade_ste", metadata={"help": "Training method: `grade` (Gumbel-softmax), `grade_ste` (straight-through Gumbel), `reinforce`, `ppo`, `grpo` or `cispo` (TRL's GRPOTrainer)."})
     task: str = field(default="imdb_sentiment", metadata={"help": "Task: `imdb_sentiment` (learned P(positive) reward) or `length` (`2 - words / 16`), both on IMDB prompts."})
     model_name_or_path: str = field(default="embedded", metadata={"help": "Policy: hub id, local path, or `embedded` (the bundled tiny-imdb-gpt2)."})
     dataset_name: str = field(default="stanfordnlp/imdb", metadata={"help": "IMDB: hub id, local folder/file (jsonl, jsonl.gz, parquet), or `embedded` (bundled 3k/1k sample)."})
@@ -84,6 +85,7 @@ METHODS: dict[str, tuple[Any, dict[str, Any]]] = {
     # method: (config class or a function returning it, the values the method name implies)
     "grade": (GumbelGRADEConfig, {"estimator": "soft"}),
     "grade_ste": (GumbelGRADEConfig, {"estimator": "ste"}),
+    "reinforce": (REINFORCEConfig, {}),
     "grpo": (_grpo_config, {}),
     "cispo": (_grpo_config, {"loss_type": "cispo"}),
 }

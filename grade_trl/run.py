@@ -54,9 +54,14 @@ def build_trainer(run_args, config, task, tokenizer, callbacks):
         # TRL loads the policy from a path itself and re-loads its reference from the policy's `_name_or_path`,
         # so it is given the resolved local path (or hub id), never an in-memory model.
         return GRPOTrainer(model=resolve_model_path(run_args.model_name_or_path), **common)
-    from .trainers import GumbelGRADETrainer
+    from .trainers import GumbelGRADETrainer, REINFORCETrainer
 
-    return GumbelGRADETrainer(model=run_args.model_name_or_path, **common)
+    trainer_class = {"grade": GumbelGRADETrainer, "grade_ste": GumbelGRADETrainer, "reinforce": REINFORCETrainer}
+    if run_args.method == "ppo":
+        from .trainers.ppo import PPOTrainer
+
+        trainer_class["ppo"] = PPOTrainer
+    return trainer_class[run_args.method](model=run_args.model_name_or_path, **common)
 
 
 def results_payload(recipe: Recipe, trainer, status: str, final: dict, error: str | None = None) -> dict:

@@ -16,7 +16,9 @@ RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_recipe_builds(path):
     recipe = parse_recipe([str(path)])
-    assert recipe.config.output_dir and recipe.run.method in ("grade", "grade_ste")
+    assert recipe.config.output_dir and recipe.run.method in ("grade", "grade_ste", "reinforce", "ppo", "grpo", "cispo")
+    if recipe.run.method == "cispo":
+        assert recipe.config.loss_type == "cispo" and recipe.config.epsilon_high == 5.0
 
 
 def test_overrides_win_over_the_file_and_are_typed():

@@ -1,15 +1,49 @@
-"""Math shared by every trainer: masks and masked statistics, KL, the soft rollout."""
+"""Math shared by every trainer: masks and masked statistics, KL, advantages, policy losses, the soft rollout."""
 
-from .kl import exact_kl
-from .masks import completion_mask, masked_mean, masked_sum
+from .advantages import (
+    AdaptiveKLController,
+    EMABaseline,
+    FixedKLController,
+    advantages_from_baseline,
+    batch_mean_baseline,
+    gae,
+    leave_one_out_baseline,
+)
+from .kl import exact_kl, kl_estimate, kl_k1, kl_k3
+from .masks import completion_mask, masked_mean, masked_sum, masked_var, masked_whiten
+from .policy_losses import explained_variance, ppo_clip_loss, reinforce_loss, sequence_logprob, value_loss
+from .sampling import SampledBatch, SamplingSettings, entropy_from_logits, process_logits, sample, token_logprobs
 from .soft_rollout import SoftRollout, reference_logits, soft_rollout
 
 __all__ = [
+    "AdaptiveKLController",
+    "EMABaseline",
+    "FixedKLController",
+    "SampledBatch",
+    "SamplingSettings",
     "SoftRollout",
+    "advantages_from_baseline",
+    "batch_mean_baseline",
     "completion_mask",
+    "entropy_from_logits",
     "exact_kl",
+    "explained_variance",
+    "gae",
+    "kl_estimate",
+    "kl_k1",
+    "kl_k3",
+    "leave_one_out_baseline",
     "masked_mean",
     "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "ppo_clip_loss",
+    "process_logits",
     "reference_logits",
+    "reinforce_loss",
+    "sample",
+    "sequence_logprob",
     "soft_rollout",
+    "token_logprobs",
+    "value_loss",
 ]

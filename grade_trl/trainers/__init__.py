@@ -1,5 +1,21 @@
+from .base import RolloutTrainer
+from .base_config import RolloutConfig
 from .grade import GumbelGRADETrainer, grade_loss
 from .grade_config import GumbelGRADEConfig
+from .reinforce import REINFORCETrainer
+from .reinforce_config import REINFORCEConfig
 from .relaxations import RELAXATIONS, GumbelSoftmax, StraightThroughGumbel, tau_at
 
-__all__ = ["RELAXATIONS", "GumbelGRADEConfig", "GumbelGRADETrainer", "GumbelSoftmax", "StraightThroughGumbel", "grade_loss", "tau_at"]
+__all__ = [
+    "RELAXATIONS",
+    "GumbelGRADEConfig",
+    "GumbelGRADETrainer",
+    "GumbelSoftmax",
+    "REINFORCEConfig",
+    "REINFORCETrainer",
+    "RolloutConfig",
+    "RolloutTrainer",
+    "StraightThroughGumbel",
+    "grade_loss",
+    "tau_at",
+]

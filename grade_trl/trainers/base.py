@@ -46,6 +46,9 @@ class RolloutTrainer(GradNormWindowMixin, Trainer):
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
         self.check_rewards(self.reward_funcs)
 
+        for module in model.modules():  # as TRL: dropout would make the scored log-probs differ from the sampled ones
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
         if peft_config is not None:
             from peft import get_peft_model
 

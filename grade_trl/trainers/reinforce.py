@@ -1,0 +1,119 @@
+"""REINFORCE with a KL penalty and a baseline, on the shared sampling core.
+
+One optimizer step, top to bottom (`compute_loss`):
+  1. tokenize the prompts; repeat each `num_samples_per_prompt` times;
+  2. sample completions under no_grad from the processed distribution (temperature, top-k, top-p, EOS ban);
+  3. score them with every reward callable (text path, TRL's signature);
+  4. log-probs of the sampled tokens from the SAME processed distribution (policy, with grad) and the
+     reference's (no grad); per-token KL estimate, summed, divided by the length;
+  5. shaped reward R - beta * KL / |y|, minus a baseline -> advantages (optionally scaled, never re-centred);
+  6. optional filtering (reward threshold, best of N); loss = -mean A * log pi(y|x)  (`reinforce_loss`).
+
+Legend: B samples (prompts x samples per prompt), T completion tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import (
+    EMABaseline,
+    advantages_from_baseline,
+    entropy_from_logits,
+    kl_estimate,
+    leave_one_out_baseline,
+    masked_sum,
+    reinforce_loss,
+    sample,
+    sequence_logprob,
+    token_logprobs,
+)
+from ..rewards.base import compute_rewards, reward_name
+from .base import RolloutTrainer
+from .reinforce_config import REINFORCEConfig
+
+
+def best_of_group_mask(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """1 for the highest-reward sample of each consecutive group of `group_size` (first one on ties). (B,)"""
+    grouped = rewards.view(-1, group_size)  # (N, G)
+    keep = torch.zeros_like(grouped, dtype=torch.bool)
+    keep[torch.arange(grouped.shape[0]), grouped.argmax(1)] = True
+    return keep.view(-1)
+
+
+class REINFORCETrainer(RolloutTrainer):
+    """REINFORCE trainer. The constructor mirrors `trl.GRPOTrainer`'s (see `RolloutTrainer`)."""
+
+    _tag_names = ["trl", "reinforce", "grade_trl"]
+    config_class = REINFORCEConfig
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ema_baseline = EMABaseline(self.args.ema_momentum)
+
+    def baseline(self, shaped: torch.Tensor) -> torch.Tensor | float:
+        """The baseline for this batch; EMA and batch mean use the mean over every process's samples."""
+        kind = self.args.baseline
+        if kind == "ema":
+            return self.ema_baseline.update(self.accelerator.gather(shaped.detach()))
+        if kind == "batch_mean":
+            return self.accelerator.gather(shaped.detach()).mean()
+        if kind == "leave_one_out":
+            return leave_one_out_baseline(shaped.detach(), self.args.num_samples_per_prompt)
+        return 0.0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args, device = self.args, self.accelerator.device
+        tok, group = self.processing_class, args.num_samples_per_prompt
+        settings = args.sampling
+
+        # 1-2. sample G completions per prompt from the processed distribution
+        enc = self.tokenize_prompts(inputs)
+        prompt_ids = enc["input_ids"].repeat_interleave(group, 0)  # (B, P)
+        prompt_mask = enc["attention_mask"].repeat_interleave(group, 0)
+        batch = sample(model, prompt_ids, prompt_mask, settings, tok.eos_token_id, tok.pad_token_id)
+        mask = batch.completion_mask  # (B, T)
+
+        # 3. rewards on the text, as every method sees them
+        prompts = [example["prompt"] for example in inputs for _ in range(group)]
+        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, mask)]
+        completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
+        scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids).to(device)  # (B, F)
+        rewards = scores @ self.reward_weights.to(device)  # (B,)
+
+        # 4. log-probs from the same processed distribution; KL to the reference under no_grad
+        logps, logits = token_logprobs(model, batch, settings, with_grad=True)  # (B, T), (B, T, V)
+        ref_model, ref_context = self.reference_context(model)
+        with ref_context:
+            ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False)
+        kl = masked_sum(kl_estimate(logps.detach(), ref_logps, args.kl_estimator), mask, dim=1)  # (B,)
+        kl_per_token = kl / batch.lengths.clamp(min=1)  # (B,) normalised by length
+
+        # 5. advantages: the baseline is subtracted; normalisation only scales
+        shaped = rewards - args.beta * kl_per_token  # (B,)
+        advantages = advantages_from_baseline(shaped, self.baseline(shaped), args.normalize_advantages)  # (B,)
+
+        # 6. which samples train, and the loss
+        keep = torch.ones_like(rewards, dtype=torch.bool)
+        if args.reward_threshold is not None:
+            keep &= rewards > args.reward_threshold
+        if args.best_of_n:
+            keep &= best_of_group_mask(rewards, group)
+        seq_logps = sequence_logprob(logps, mask, args.logprob_reduction)  # (B,)
+        # An empty selection still backpropagates a zero, so every process joins the gradient all-reduce.
+        loss = reinforce_loss(seq_logps[keep], advantages[keep]) if keep.any() else 0.0 * seq_logps.sum()
+
+        self.metrics.add(
+            reward=self.gathered_mean(rewards),
+            reward_std=self.accelerator.gather(rewards.detach()).std().item() if rewards.numel() * self.accelerator.num_processes > 1 else 0.0,
+            kl=self.gathered_mean(kl),
+            entropy=self.gathered_mean(entropy_from_logits(logits.detach(), mask)),
+            **{
+                "completions/mean_length": self.gathered_mean(batch.lengths),
+                "objective/kl_per_token": self.gathered_mean(kl_per_token),
+                "advantages/mean": self.gathered_mean(advantages),
+                "samples/kept_fraction": self.gathered_mean(keep.float()),
+            },
+            **{f"rewards/{reward_name(f)}/mean": self.gathered_mean(scores[:, i]) for i, f in enumerate(self.reward_funcs)},
+        )
+        return loss

@@ -1,0 +1,330 @@
+"""Policy-gradient math (GAE, baselines, KL estimators and controllers, PPO / REINFORCE losses)
+against hand-computed or independent references. Every number written out is derived in a comment."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from grade_trl.core import (
+    AdaptiveKLController,
+    EMABaseline,
+    FixedKLController,
+    advantages_from_baseline,
+    batch_mean_baseline,
+    explained_variance,
+    gae,
+    kl_estimate,
+    kl_k1,
+    kl_k3,
+    leave_one_out_baseline,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_clip_loss,
+    reinforce_loss,
+    sequence_logprob,
+    value_loss,
+)
+
+# ---------------------------------------------------------------- GAE
+
+# Row 0: three real tokens. Row 1: mask [1, 1, 0]; its padding holds junk (reward 5, value 9)
+# that must be ignored.
+GAE_REWARDS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 5.0]])
+GAE_VALUES = torch.tensor([[0.5, 0.4, 0.6], [1.0, 0.5, 9.0]])
+GAE_MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+def test_gae_by_hand_with_a_padded_row():
+    # gamma = 0.9, lam = 0.8, gamma * lam = 0.72; V after the last real token is 0.
+    # Row 0:  t=2: delta = 1 + 0.9*0   - 0.6 =  0.4    A2 = 0.4
+    #         t=1: delta = 0 + 0.9*0.6 - 0.4 =  0.14   A1 = 0.14 + 0.72*0.4   =  0.428
+    #         t=0: delta = 0 + 0.9*0.4 - 0.5 = -0.14   A0 = -0.14 + 0.72*0.428 =  0.16816
+    #         returns = A + V = [0.66816, 0.828, 1.0]
+    # Row 1:  t=2 is padding: A2 = 0, and V2 = 9 is not bootstrapped from.
+    #         t=1: delta = 2 + 0.9*0   - 0.5 =  1.5    A1 = 1.5
+    #         t=0: delta = 0 + 0.9*0.5 - 1.0 = -0.55   A0 = -0.55 + 0.72*1.5   =  0.53
+    #         returns = [0.53 + 1.0, 1.5 + 0.5, 0] = [1.53, 2.0, 0]
+    advantages, returns = gae(GAE_REWARDS, GAE_VALUES, GAE_MASK, gamma=0.9, lam=0.8)
+    assert_close(advantages, torch.tensor([[0.16816, 0.428, 0.4], [0.53, 1.5, 0.0]]))
+    assert_close(returns, torch.tensor([[0.66816, 0.828, 1.0], [1.53, 2.0, 0.0]]))
+
+
+def test_gae_with_gamma_lam_one_is_reward_to_go_minus_value():
+    # The deltas telescope: A_t = sum_{k >= t} r_k - V_t, and returns = reward-to-go.
+    # Row 0: reward-to-go [1, 1, 1] - V [0.5, 0.4, 0.6] = [0.5, 0.6, 0.4]
+    # Row 1: reward-to-go [2, 2, -] - V [1.0, 0.5, -]   = [1.0, 1.5, 0]
+    advantages, returns = gae(GAE_REWARDS, GAE_VALUES, GAE_MASK, gamma=1.0, lam=1.0)
+    assert_close(advantages, torch.tensor([[0.5, 0.6, 0.4], [1.0, 1.5, 0.0]]))
+    assert_close(returns, torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 0.0]]))
+
+
+def _gae_by_sums(rewards, values, lengths, gamma, lam):
+    """Independent O(T^2) reference: A_t = sum_{l=0}^{L-1-t} (gamma*lam)^l delta_{t+l}."""
+    B, T = rewards.shape
+    advantages = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        L = lengths[b]
+        v = [values[b, t].item() if t < L else 0.0 for t in range(T + 1)]  # 0 past the end
+        delta = [rewards[b, t].item() + gamma * v[t + 1] - v[t] for t in range(L)]
+        for t in range(L):
+            advantages[b, t] = sum((gamma * lam) ** l * delta[t + l] for l in range(L - t))
+    return advantages
+
+
+def test_gae_loop_matches_sum_of_discounted_deltas_on_random_tensors():
+    torch.manual_seed(0)
+    B, T, gamma, lam = 5, 7, 0.95, 0.9
+    rewards, values = torch.randn(B, T, dtype=torch.float64), torch.randn(B, T, dtype=torch.float64)
+    lengths = [7, 1, 4, 6, 2]
+    mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).double()  # (B, T) right-padded
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    reference = _gae_by_sums(rewards, values, lengths, gamma, lam)
+    assert_close(advantages, reference)
+    assert_close(returns, (reference + values) * mask)
+
+
+def test_gae_outputs_carry_no_gradient():
+    values = GAE_VALUES.clone().requires_grad_(True)
+    advantages, returns = gae(GAE_REWARDS, values, GAE_MASK, gamma=0.9, lam=0.8)
+    assert not advantages.requires_grad and not returns.requires_grad
+
+
+# ---------------------------------------------------------------- masked variance and whitening
+
+
+def test_masked_var_by_hand():
+    values = torch.tensor([[1.0, 2.0], [3.0, 99.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    # Over [1, 2, 3]: mean 2, squared deviations 1 + 0 + 1 = 2; biased 2/3, Bessel-corrected 2/2 = 1.
+    assert masked_var(values, mask).item() == pytest.approx(1.0)
+    assert masked_var(values, mask, unbiased=False).item() == pytest.approx(2.0 / 3.0)
+    one = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    assert masked_var(values, one).item() == 0.0  # a single entry: no Bessel correction, no NaN
+
+
+def test_masked_whiten_has_zero_mean_unit_std_and_zeros_where_masked():
+    torch.manual_seed(0)
+    values = torch.randn(4, 6, dtype=torch.float64) * 3 + 5
+    mask = torch.ones(4, 6, dtype=torch.float64)
+    mask[1, 3:] = 0
+    mask[3, 1:] = 0
+    whitened = masked_whiten(values, mask)
+    assert masked_mean(whitened, mask).item() == pytest.approx(0.0, abs=1e-10)
+    assert masked_var(whitened, mask).item() == pytest.approx(1.0, abs=1e-6)
+    assert (whitened[mask == 0] == 0).all()
+    # The statistics ignore the masked entries: changing them changes nothing.
+    assert_close(masked_whiten(values + 100 * (1 - mask), mask), whitened)
+
+
+def test_masked_whiten_without_shift_keeps_the_mean():
+    values = torch.tensor([[1.0, 2.0, 3.0, -50.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    # Over [1, 2, 3]: mean 2, unbiased std 1: (x - 2) / 1 + 2 = [1, 2, 3]; the padding becomes 0.
+    assert_close(masked_whiten(values, mask, shift_mean=False), torch.tensor([[1.0, 2.0, 3.0, 0.0]]))
+    # [10, 20, 30]: mean 20, std 10: (x - 20) / 10 + 20 = [19, 20, 21]; with the shift, [-1, 0, 1].
+    scaled = masked_whiten(values * 10, mask, shift_mean=False)
+    assert_close(scaled, torch.tensor([[19.0, 20.0, 21.0, 0.0]]))
+    assert masked_mean(scaled, mask).item() == pytest.approx(20.0)  # the mean is kept
+    assert_close(masked_whiten(values * 10, mask), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]))
+    # [-10, -20, -30]: mean -20, std 10: (x + 20) / 10 - 20 = [-19, -20, -21], negative like the mean.
+    negative = masked_whiten(values * -10, mask, shift_mean=False)
+    assert_close(negative, torch.tensor([[-19.0, -20.0, -21.0, 0.0]]))
+    assert (negative[mask == 1] < 0).all()
+
+
+# ---------------------------------------------------------------- PPO losses
+
+
+def test_ppo_clip_loss_by_hand():
+    # clip = 0.2, so the ratio is clipped to [0.8, 1.2]. Six real tokens and one masked junk token.
+    ratios = torch.tensor([[1.1, 1.1, 1.5, 1.5, 0.5, 0.5, 3.0]])
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])
+    old_logps = torch.full((1, 7), -2.0)
+    logps = (old_logps + ratios.log()).requires_grad_(True)
+    #  ratio  A   pg_loss1 = -A*r   pg_loss2 = -A*clip(r)   max    clipped term larger?
+    #  1.1   +1       -1.1               -1.1               -1.1   no (inside the range)
+    #  1.1   -1        1.1                1.1                1.1   no
+    #  1.5   +1       -1.5               -1.2               -1.2   yes
+    #  1.5   -1        1.5                1.2                1.5   no (pessimistic: unclipped)
+    #  0.5   +1       -0.5               -0.8               -0.5   no
+    #  0.5   -1        0.5                0.8                0.8   yes
+    # loss = (-1.1 + 1.1 - 1.2 + 1.5 - 0.5 + 0.8) / 6 = 0.6 / 6 = 0.1; clipfrac = 2 / 6.
+    loss, stats = ppo_clip_loss(logps, old_logps, advantages, mask, clip=0.2)
+    assert loss.item() == pytest.approx(0.1, abs=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(2.0 / 6.0)
+    assert stats["ratio_mean"].item() == pytest.approx((1.1 + 1.1 + 1.5 + 1.5 + 0.5 + 0.5) / 6, rel=1e-6)
+    expected_kl = 0.5 * 2 * (math.log(1.1) ** 2 + math.log(1.5) ** 2 + math.log(0.5) ** 2) / 6
+    assert stats["approxkl"].item() == pytest.approx(expected_kl, rel=1e-6)
+    # Gradient: d/dlogp of -A*r is -A*r / 6 on the tokens where the unclipped term won, 0 elsewhere.
+    loss.backward()
+    expected_grad = torch.tensor([[-1.1, 1.1, 0.0, 1.5, -0.5, 0.0, 0.0]]) / 6
+    assert_close(logps.grad, expected_grad)
+
+
+def test_value_loss_by_hand_clipped_and_plain():
+    # clip = 0.2. The last token is masked junk.
+    values = torch.tensor([[1.0, 1.5, 1.5, 0.0, 0.5, 100.0]])
+    old_values = torch.tensor([[0.9, 1.0, 1.0, 1.0, 1.0, 0.0]])
+    returns = torch.tensor([[2.0, 2.0, 1.0, 3.0, 0.0, -100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])
+    #  V    V_old  R    V_clip   (V-R)^2   (V_clip-R)^2   max    clipped larger?
+    #  1.0  0.9    2.0  1.0      1.0       1.0            1.0    no (inside the range)
+    #  1.5  1.0    2.0  1.2      0.25      0.64           0.64   yes
+    #  1.5  1.0    1.0  1.2      0.25      0.04           0.25   no
+    #  0.0  1.0    3.0  0.8      9.0       4.84           9.0    no
+    #  0.5  1.0    0.0  0.8      0.25      0.64           0.64   yes
+    # clipped: 0.5 * (1 + 0.64 + 0.25 + 9 + 0.64) / 5 = 0.5 * 11.53 / 5 = 1.153
+    # plain:   0.5 * (1 + 0.25 + 0.25 + 9 + 0.25) / 5 = 0.5 * 10.75 / 5 = 1.075; value_error = 2.15
+    loss, stats = value_loss(values, old_values, returns, mask, clip=0.2)
+    assert loss.item() == pytest.approx(1.153, rel=1e-6)
+    assert stats["vf_clipfrac"].item() == pytest.approx(2.0 / 5.0)
+    assert stats["value_error"].item() == pytest.approx(2.15, rel=1e-6)
+    loss, stats = value_loss(values, old_values, returns, mask, clip=None)
+    assert loss.item() == pytest.approx(1.075, rel=1e-6)
+    assert stats["vf_clipfrac"].item() == 0.0
+    assert stats["value_error"].item() == pytest.approx(2.15, rel=1e-6)
+
+
+def test_explained_variance():
+    torch.manual_seed(0)
+    returns = torch.randn(3, 5, dtype=torch.float64)
+    mask = torch.ones(3, 5, dtype=torch.float64)
+    mask[2, 2:] = 0
+    assert explained_variance(returns.clone(), returns, mask).item() == pytest.approx(1.0)
+    mean_values = torch.full_like(returns, masked_mean(returns, mask).item())
+    assert explained_variance(mean_values, returns, mask).item() == pytest.approx(0.0, abs=1e-12)
+    # By hand: R = [1, 2, 3], V = [1, 2, 2]: Var(R - V) = Var([0, 0, 1]) = 1/3, Var(R) = 1 -> 2/3.
+    ev = explained_variance(torch.tensor([[1.0, 2.0, 2.0]]), torch.tensor([[1.0, 2.0, 3.0]]), torch.ones(1, 3))
+    assert ev.item() == pytest.approx(2.0 / 3.0)
+
+
+# ---------------------------------------------------------------- REINFORCE
+
+
+def test_sequence_logprob_mean_and_sum():
+    token_logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # Row 0: sum -6, mean -2. Row 1: the padding's -9 is dropped: sum -1, mean -0.5.
+    assert_close(sequence_logprob(token_logps, mask), torch.tensor([-2.0, -0.5]))
+    assert_close(sequence_logprob(token_logps, mask, reduction="sum"), torch.tensor([-6.0, -1.0]))
+    with pytest.raises(ValueError, match="reduction"):
+        sequence_logprob(token_logps, mask, reduction="max")
+
+
+def test_reinforce_loss_by_hand():
+    seq_logps = torch.tensor([-2.0, -0.5], requires_grad=True)
+    advantages = torch.tensor([1.0, -2.0], requires_grad=True)
+    # loss = -(1 * -2 + -2 * -0.5) / 2 = -(-2 + 1) / 2 = 0.5; d loss / d logp_i = -A_i / 2 = [-0.5, 1].
+    loss = reinforce_loss(seq_logps, advantages)
+    assert loss.item() == pytest.approx(0.5)
+    loss.backward()
+    assert_close(seq_logps.grad, torch.tensor([-0.5, 1.0]))
+    assert advantages.grad is None  # advantages are constants of the update
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def test_ema_baseline_sequence_by_hand():
+    ema = EMABaseline(momentum=0.9)
+    assert ema.value is None
+    # Batch 1, mean 2: no history, so its own mean is the baseline; EMA = 0.9*2 + 0.1*2 = 2.
+    assert ema.update(torch.tensor([1.0, 3.0])) == pytest.approx(2.0)
+    assert ema.value == pytest.approx(2.0)
+    # Batch 2, mean 7: baseline is the previous EMA, 2; then EMA = 0.9*2 + 0.1*7 = 2.5.
+    assert ema.update(torch.tensor([6.0, 8.0])) == pytest.approx(2.0)
+    assert ema.value == pytest.approx(2.5)
+    # Batch 3, mean 0: baseline 2.5; then EMA = 0.9*2.5 + 0.1*0 = 2.25.
+    assert ema.update(torch.tensor([0.0, 0.0])) == pytest.approx(2.5)
+    assert ema.value == pytest.approx(2.25)
+
+
+def test_batch_mean_and_leave_one_out_baselines_by_hand():
+    assert_close(batch_mean_baseline(torch.tensor([1.0, 2.0, 6.0])), torch.tensor([3.0, 3.0, 3.0]))
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, 3.0, 3.0])  # two prompts, G = 3
+    # Group 1 sum 9: [(9-1)/2, (9-2)/2, (9-6)/2] = [4, 3.5, 1.5]
+    # Group 2 sum 6: [(6-0)/2, (6-3)/2, (6-3)/2] = [3, 1.5, 1.5]
+    expected = torch.tensor([4.0, 3.5, 1.5, 3.0, 1.5, 1.5])
+    assert_close(leave_one_out_baseline(rewards, group_size=3), expected)
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        leave_one_out_baseline(rewards, group_size=1)
+    with pytest.raises(ValueError, match="groups of 4"):
+        leave_one_out_baseline(rewards, group_size=4)
+
+
+def test_normalised_advantages_keep_the_baseline_effect():
+    rewards, baseline = torch.tensor([1.0, 2.0, 3.0]), 10.0
+    # r - b = [-9, -8, -7], std (unbiased) = 1, so normalising leaves [-9, -8, -7]: all negative.
+    assert_close(advantages_from_baseline(rewards, baseline, normalize=False), torch.tensor([-9.0, -8.0, -7.0]))
+    normalised = advantages_from_baseline(rewards, baseline, normalize=True)
+    assert_close(normalised, torch.tensor([-9.0, -8.0, -7.0]), atol=1e-6, rtol=1e-6)
+    assert (normalised < 0).all()
+    # The published code re-centred: (A - mean A) / std A = [-1, 0, 1], mean 0, the baseline cancelled.
+    raw = rewards - baseline
+    buggy = (raw - raw.mean()) / (raw.std() + 1e-8)
+    assert_close(buggy, torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6, rtol=1e-6)
+    assert buggy.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert not torch.allclose(normalised, buggy)
+
+
+# ---------------------------------------------------------------- KL estimators and controllers
+
+
+def test_kl_k1_k3_by_hand_for_one_token():
+    logp, ref_logp = torch.tensor([math.log(0.25)]), torch.tensor([math.log(0.5)])
+    # k1 = log 0.25 - log 0.5 = -log 2 (negative for this token).
+    # k3: log r = log 0.5 - log 0.25 = log 2, r = 2: (2 - 1) - log 2 = 1 - log 2.
+    assert kl_k1(logp, ref_logp).item() == pytest.approx(-math.log(2))
+    assert kl_k3(logp, ref_logp).item() == pytest.approx(1 - math.log(2))
+    assert_close(kl_estimate(logp, ref_logp, "k1"), kl_k1(logp, ref_logp))
+    assert_close(kl_estimate(logp, ref_logp, "k3"), kl_k3(logp, ref_logp))
+    with pytest.raises(ValueError, match="k2"):
+        kl_estimate(logp, ref_logp, "k2")
+
+
+def test_kl_k3_is_nonnegative_on_random_inputs():
+    torch.manual_seed(0)
+    logp, ref_logp = -torch.rand(8, 16) * 10, -torch.rand(8, 16) * 10
+    assert (kl_k3(logp, ref_logp) >= 0).all()
+    assert (kl_k1(logp, ref_logp) < 0).any()  # k1 is not: a single token can be negative
+
+
+def test_kl_k1_and_k3_are_unbiased_for_a_small_categorical():
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    q = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    exact = (p * (p / q).log()).sum().item()  # about 0.456
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.multinomial(p, 400_000, replacement=True, generator=generator)  # x ~ p
+    logp, ref_logp = p.log()[tokens], q.log()[tokens]
+    # Per-token standard deviations are below 1, so the standard error of each mean is < 0.002.
+    assert kl_k1(logp, ref_logp).mean().item() == pytest.approx(exact, abs=0.01)
+    assert kl_k3(logp, ref_logp).mean().item() == pytest.approx(exact, abs=0.01)
+
+
+def test_adaptive_kl_controller_by_hand():
+    # target 6, horizon 1000, n_steps 100, so the step factor is n_steps / horizon = 0.1.
+    cases = [
+        (6.6, 1.01),  # error 6.6/6 - 1 = 0.1:          1 + 0.1 * 0.1 = 1.01
+        (5.4, 0.99),  # error -0.1:                      1 - 0.1 * 0.1 = 0.99
+        (30.0, 1.02),  # error 4, clipped to 0.2:        1 + 0.2 * 0.1 = 1.02
+        (0.0, 0.98),  # error -1, clipped to -0.2:       1 - 0.2 * 0.1 = 0.98
+    ]
+    for kl, factor in cases:
+        controller = AdaptiveKLController(init_kl_coef=0.5, target=6.0, horizon=1000)
+        controller.update(kl, n_steps=100)
+        assert controller.value == pytest.approx(0.5 * factor)
+    controller = AdaptiveKLController(init_kl_coef=0.5, target=6.0, horizon=1000)
+    controller.update(6.6, n_steps=100)
+    controller.update(torch.tensor(30.0), n_steps=100)  # a tensor KL works too; updates compound
+    assert controller.value == pytest.approx(0.5 * 1.01 * 1.02)
+
+
+def test_fixed_kl_controller_never_changes():
+    controller = FixedKLController(kl_coef=0.05)
+    controller.update(100.0, n_steps=100)
+    controller.update(-5.0, n_steps=100)
+    assert controller.value == 0.05
