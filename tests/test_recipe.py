@@ -104,3 +104,14 @@ def test_cli_unloadable_model_and_data_exit_2_with_one_line(tmp_path):
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "out").exists()
+
+
+def test_cispo_without_epsilon_high_warns(caplog):
+    with caplog.at_level("WARNING", logger="grade_trl.recipe"):
+        recipe = build_recipe({"method": "cispo", "output_dir": "x", "bf16": False})
+    assert recipe.config.loss_type == "cispo"
+    assert "set epsilon_high explicitly" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="grade_trl.recipe"):
+        build_recipe({"method": "cispo", "output_dir": "x", "bf16": False, "epsilon_high": 5.0})
+    assert "epsilon_high" not in caplog.text

@@ -22,7 +22,9 @@ from .conftest import REPO
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
 
 
-def shrunk(tmp_path, name="run", **extra):
+def shrunk(tmp_path, name="run", recipe=QUICKSTART, **extra):
+    trl_method = "grpo" in recipe or "cispo" in recipe
+    lengths = {"max_completion_length": 8} if trl_method else {"max_new_tokens": 8, "min_new_tokens": 2}
     overrides = {
         "output_dir": tmp_path / name,
         "reward_model_path": tmp_path / "reward_model",  # shared by the runs of one test
@@ -35,12 +37,11 @@ def shrunk(tmp_path, name="run", **extra):
         "policy_split_size": 100,
         "validation_split_size": 60,
         "reward_epochs": 2,
-        "max_new_tokens": 8,
-        "min_new_tokens": 2,
         "disable_tqdm": "true",
+        **lengths,
         **extra,
     }
-    return [QUICKSTART] + [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+    return [recipe] + [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
 
 
 def load_results(path):
@@ -100,10 +101,11 @@ def test_reward_returning_nan_stops_the_run_after_saving_history(tmp_path, monke
     assert [h["step"] for h in results["history"] if "kl" in h] == [1, 2]
 
 
-def test_two_cpu_processes(tmp_path):
-    """`accelerate launch --num_processes 2` with the CPU config: gloo DDP through the relaxed rollout."""
+@pytest.mark.parametrize("recipe", ["quickstart.yaml", "tiny/imdb_reinforce.yaml", "tiny/imdb_grpo.yaml"])
+def test_two_cpu_processes(tmp_path, recipe):
+    """`accelerate launch --num_processes 2` with the CPU config: gloo DDP, every method."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"), "-m", "grade_trl.run"]
-    result = subprocess.run(cmd + shrunk(tmp_path, max_steps=2), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = subprocess.run(cmd + shrunk(tmp_path, recipe=str(REPO / "recipes" / recipe), max_steps=2), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     results = load_results(tmp_path / "run" / "results.json")
     assert results["final"]["num_processes"] == 2 and results["final"]["steps"] == 2
