@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .trainers.grade_config import GumbelGRADEConfig
+from .trainers.ppo_config import PPOConfig
 from .trainers.reinforce_config import REINFORCEConfig
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ METHODS: dict[str, tuple[Any, dict[str, Any]]] = {
     "grade": (GumbelGRADEConfig, {"estimator": "soft"}),
     "grade_ste": (GumbelGRADEConfig, {"estimator": "ste"}),
     "reinforce": (REINFORCEConfig, {}),
+    "ppo": (PPOConfig, {}),
     "grpo": (_grpo_config, {}),
     "cispo": (_grpo_config, {"loss_type": "cispo"}),
 }

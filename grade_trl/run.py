@@ -54,13 +54,9 @@ def build_trainer(run_args, config, task, tokenizer, callbacks):
         # TRL loads the policy from a path itself and re-loads its reference from the policy's `_name_or_path`,
         # so it is given the resolved local path (or hub id), never an in-memory model.
         return GRPOTrainer(model=resolve_model_path(run_args.model_name_or_path), **common)
-    from .trainers import GumbelGRADETrainer, REINFORCETrainer
+    from .trainers import GumbelGRADETrainer, PPOTrainer, REINFORCETrainer
 
-    trainer_class = {"grade": GumbelGRADETrainer, "grade_ste": GumbelGRADETrainer, "reinforce": REINFORCETrainer}
-    if run_args.method == "ppo":
-        from .trainers.ppo import PPOTrainer
-
-        trainer_class["ppo"] = PPOTrainer
+    trainer_class = {"grade": GumbelGRADETrainer, "grade_ste": GumbelGRADETrainer, "reinforce": REINFORCETrainer, "ppo": PPOTrainer}
     return trainer_class[run_args.method](model=run_args.model_name_or_path, **common)
 
 

@@ -2,6 +2,8 @@ from .base import RolloutTrainer
 from .base_config import RolloutConfig
 from .grade import GumbelGRADETrainer, grade_loss
 from .grade_config import GumbelGRADEConfig
+from .ppo import PPOTrainer, ppo_loss
+from .ppo_config import PPOConfig
 from .reinforce import REINFORCETrainer
 from .reinforce_config import REINFORCEConfig
 from .relaxations import RELAXATIONS, GumbelSoftmax, StraightThroughGumbel, tau_at
@@ -11,11 +13,14 @@ __all__ = [
     "GumbelGRADEConfig",
     "GumbelGRADETrainer",
     "GumbelSoftmax",
+    "PPOConfig",
+    "PPOTrainer",
     "REINFORCEConfig",
     "REINFORCETrainer",
     "RolloutConfig",
     "RolloutTrainer",
     "StraightThroughGumbel",
     "grade_loss",
+    "ppo_loss",
     "tau_at",
 ]

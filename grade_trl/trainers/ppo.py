@@ -1,0 +1,485 @@
+"""PPO for language models: a value head, GAE over KL-shaped per-token rewards, the clipped surrogate.
+
+One rollout, top to bottom (`_generate_rollout`, no gradients):
+  1. tokenize the prompts; sample completions from the causal LM with the processed distribution
+     (temperature, EOS ban before `min_new_tokens`, top-k, top-p: `core.sampling`);
+  2. score the decoded completions with every reward callable (TRL's signature), weighted;
+  3. old log-probs (policy, truncated exactly like the sampler) and values from ONE forward of the
+     wrapped model; reference log-probs (temperature and EOS ban only, `truncate=False`);
+  4. per-token reward r_t = -kl_coef * KL_t, plus the sequence score on the last real token
+     (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593);
+  5. GAE advantages and returns (`core.gae`); advantages whitened over the rollout's real tokens.
+Then each Trainer micro-step takes one shuffled mini-batch of the rollout (`compute_loss`):
+  6. new log-probs and values from one forward; loss = `ppo_loss` (clipped surrogate + value loss
+     - entropy bonus); after the rollout's last mini-batch the KL coefficient is adapted.
+
+How the rollout fits `transformers.Trainer` (as TRL's GRPOTrainer buffers its generations):
+  * `RepeatRolloutSampler` yields every *global* batch of prompt indices (`per_device_train_batch_size
+    * world size`) `ppo_epochs * num_mini_batches` times in a row. Accelerate shards each repeat the
+    same way, so every process receives the same prompts on each of those micro-steps.
+  * `_prepare_inputs` generates a rollout at the first micro-step of each block (and after a resume
+    that lands inside a block), buffers it, and otherwise ignores the prompts it is handed: it
+    returns the next mini-batch of the buffer (rows shuffled once per epoch by a seeded generator).
+  * Trainer does the rest: the optimizer steps every `gradient_accumulation_steps` micro-steps, so
+    `max_steps` counts mini-batch updates (as in CleanRL), not rollouts.
+
+Legend: B completions in a rollout (per process), M in a mini-batch, P prompt length (left-padded),
+T completion length, V vocabulary, H hidden size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Sampler
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from ..core import (
+    AdaptiveKLController,
+    FixedKLController,
+    explained_variance,
+    gae,
+    kl_estimate,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    ppo_clip_loss,
+    process_logits,
+    sample,
+    token_logprobs,
+    value_loss,
+)
+from ..core.sampling import SamplingSettings
+from ..core.soft_rollout import position_ids_from_mask
+from ..rewards.base import compute_rewards, reward_name
+from .base import RolloutTrainer
+from .ppo_config import PPOConfig
+
+logger = logging.getLogger(__name__)
+
+VALUE_HEAD_NAME = "value_head.safetensors"
+KL_CONTROLLER_NAME = "kl_controller.json"  # the adapted KL coefficient, restored on resume
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def ppo_loss(
+    logps: torch.Tensor,
+    values: torch.Tensor,
+    entropy: torch.Tensor,
+    old_logps: torch.Tensor,
+    old_values: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cliprange: float,
+    cliprange_value: float | None,
+    vf_coef: float,
+    ent_coef: float,
+    logratio_clamp: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO loss on one mini-batch (Schulman et al. 2017, https://arxiv.org/abs/1707.06347, eqs. 7 and 9),
+    with the advantages of KL-shaped per-token rewards (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593):
+
+        log rho_t = clamp(log pi(y_t) - log pi_old(y_t), -c, c)                      c = logratio_clamp
+        L_clip    = masked_mean(max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)))  eps = cliprange
+        L_V       = 0.5 masked_mean((V_t - R_t)^2)                                   cliprange_value None
+                  = 0.5 masked_mean(max((V_t - R_t)^2, (V_old + clip(V_t - V_old, -e_v, e_v) - R_t)^2))  otherwise
+        H         = masked_mean(entropy_t)
+        loss      = L_clip + vf_coef * L_V - ent_coef * H
+
+    The clamp keeps a token that has left the top-p nucleus (log-prob ~ finfo.min/2) from giving an
+    infinite ratio; outside [-c, c] the ratio carries no gradient. Token means are taken over all real
+    tokens of the mini-batch (masked means, BACKGROUND.md section 2).
+
+    logps, values, entropy: (M, T) from the current model (with grad; entropy of the processed
+    distribution at each position). old_logps, old_values, advantages, returns: (M, T) from the
+    rollout, treated as constants. mask: (M, T) completion mask. Returns (loss, detached scalar stats).
+    """
+    # ppo_clip_loss only sees the difference logps - old_logps: give it the clamped log-ratio against 0, which is
+    # exact even where old_logps ~ finfo.min/2 (old_logps + clamped difference would round back to old_logps).
+    log_ratio = torch.clamp(logps - old_logps.detach(), -logratio_clamp, logratio_clamp)  # (M, T)
+    pg_loss, pg_stats = ppo_clip_loss(log_ratio, torch.zeros_like(log_ratio), advantages, mask, clip=cliprange)
+    vf_loss, vf_stats = value_loss(values, old_values, returns, mask, clip=cliprange_value)
+    mean_entropy = masked_mean(entropy, mask)
+    loss = pg_loss + vf_coef * vf_loss - ent_coef * mean_entropy
+    stats = {
+        "loss/policy": pg_loss.detach(),
+        "loss/value": vf_loss.detach(),
+        "loss/total": loss.detach(),
+        "policy/approxkl": pg_stats["approxkl"],
+        "policy/clipfrac": pg_stats["clipfrac"],
+        "policy/ratio_mean": pg_stats["ratio_mean"],
+        "policy/entropy": mean_entropy.detach(),
+        "val/error": vf_stats["value_error"],
+        "val/clipfrac": vf_stats["vf_clipfrac"],
+        "val/mean": masked_mean(values.detach(), mask),
+    }
+    return loss, stats
+
+
+def completion_logprobs(
+    logits: torch.Tensor, completion_ids: torch.Tensor, mask: torch.Tensor, settings: SamplingSettings, eos_token_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the sampled tokens and per-position entropy under the policy's processed distribution.
+
+    The same processing as the sampler (`process_logits`, truncate=True), applied to logits the caller
+    already has, so the wrapped model runs once for log-probs and values together.
+    logits: (B, T, V) predicting each completion token; completion_ids, mask: (B, T).
+    Returns (logps (B, T), 0 where masked; entropy (B, T)).
+    """
+    steps = torch.arange(completion_ids.shape[1], device=logits.device)
+    processed = process_logits(logits, settings, steps, eos_token_id, truncate=True)  # (B, T, V)
+    logp_all = F.log_softmax(processed, dim=-1)  # (B, T, V)
+    logps = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1).masked_fill(mask == 0, 0.0)  # (B, T)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B, T); removed tokens have p = 0 and add exactly 0
+    return logps, entropy
+
+
+def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards r_t = -kl_coef * KL_t, plus the sequence score on the last real token (Ziegler et al. 2019).
+
+    scores: (B,); kl, mask: (B, T) with right padding. Returns (B, T), 0 where masked.
+    """
+    rewards = -kl_coef * kl * mask  # (B, T)
+    last = (mask.sum(1).long() - 1).clamp(min=0)  # (B,) index of the last real token
+    return rewards.scatter_add(1, last.unsqueeze(1), scores.unsqueeze(1).to(rewards.dtype))
+
+
+# ---------------------------------------------------------------- the model
+
+
+class PolicyWithValueHead(nn.Module):
+    """The causal LM (`.policy`) plus a scalar value head on its last hidden state.
+
+    `forward` returns (logits (B, L, V), values (B, L)) from ONE call, so a DistributedDataParallel
+    wrapper sees a single forward per micro-step. The value head is zero-initialised: every value
+    starts at 0, and since its weights are 0 the value loss sends no gradient into the shared body
+    before the head has learned something (the head's own gradient, hidden * error, is not 0).
+    The head is kept and computed in float32 whatever the policy's dtype.
+    """
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.config.hidden_size, 1, dtype=torch.float32)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(next(policy.parameters()).device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1]  # (B, L, H) after the final layer norm
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, L)
+        return out.logits, values
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.policy.get_input_embeddings()
+
+    def generate(self, *args, **kwargs):
+        """The causal LM's `generate` (the evaluation callback generates through whatever model the Trainer holds)."""
+        return self.policy.generate(*args, **kwargs)
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        return getattr(self.policy, "supports_gradient_checkpointing", False)
+
+    # Read by Trainer when it resumes from a checkpoint (see `PPOTrainer._load_from_checkpoint`).
+    @property
+    def _keys_to_ignore_on_save(self):
+        return getattr(self.policy, "_keys_to_ignore_on_save", None)
+
+    def tie_weights(self):
+        self.policy.tie_weights()
+
+    def activation_checkpointing_enable(self, **kwargs):
+        """`TrainingArguments.activation_checkpointing` (formerly `gradient_checkpointing`) acts on the causal LM."""
+        self.policy.activation_checkpointing_enable(**kwargs)
+
+
+def completion_forward(model: nn.Module, prompt_ids, prompt_mask, completion_ids, completion_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of a `PolicyWithValueHead` (or its DDP wrapper) on prompt + completion.
+
+    Returns (logits (B, T, V), values (B, T)) at the positions that predict each completion token,
+    i.e. the value of the state before the token is chosen.
+    """
+    attention_mask = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)  # (B, P+T)
+    logits, values = model(
+        input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    )
+    num_prompt, num_completion = prompt_ids.shape[1], completion_ids.shape[1]
+    window = slice(num_prompt - 1, num_prompt + num_completion - 1)
+    return logits[:, window], values[:, window]
+
+
+# ---------------------------------------------------------------- the sampler
+
+
+class RepeatRolloutSampler(Sampler[int]):
+    """Indices of the training prompts, each global batch repeated `repeat_count` times in a row.
+
+    A global batch is `global_batch_size` = `per_device_train_batch_size * world size` indices. The
+    Trainer's batch sampler cuts it into world-size per-process batches and Accelerate gives process i
+    the i-th, so on every repeat each process receives the same prompts: the repeats are the micro-steps
+    that consume one rollout. A last partial global batch is dropped. Shuffling uses its own seeded
+    generator (identical on every process), a new permutation per pass over the data.
+
+        global_batch_size=4, repeat_count=2, no shuffle:  0 1 2 3 0 1 2 3 4 5 6 7 4 5 6 7 ...
+    """
+
+    def __init__(self, num_samples: int, global_batch_size: int, repeat_count: int, shuffle: bool = True, seed: int = 0):
+        if num_samples < global_batch_size:
+            raise ValueError(
+                f"the training set has {num_samples} prompts, fewer than one rollout needs (per_device_train_batch_size x "
+                f"processes = {global_batch_size}); add prompts or lower per_device_train_batch_size"
+            )
+        self.num_samples, self.global_batch_size, self.repeat_count, self.shuffle = num_samples, global_batch_size, repeat_count, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        order = torch.randperm(self.num_samples, generator=self.generator).tolist() if self.shuffle else list(range(self.num_samples))
+        for start in range(0, len(self) // self.repeat_count, self.global_batch_size):
+            batch = order[start : start + self.global_batch_size]
+            for _ in range(self.repeat_count):
+                yield from batch
+
+    def __len__(self) -> int:
+        return (self.num_samples // self.global_batch_size) * self.global_batch_size * self.repeat_count
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class PPOTrainer(RolloutTrainer):
+    """PPO trainer. The constructor mirrors `trl.GRPOTrainer`'s (see `RolloutTrainer`); any TRL-style reward
+    callable works (non-differentiable ones included).
+
+    `self.model` is a `PolicyWithValueHead`; the reference is the frozen copy of the causal LM made before
+    the value head is added (or, with LoRA, the same LM with its adapters disabled). `save_model` writes the
+    causal LM (loadable with `AutoModelForCausalLM.from_pretrained`), the tokenizer and `value_head.safetensors`.
+
+    `target_kl` early stopping: once a mini-batch's approximate KL to the rollout policy (averaged over
+    processes, so all agree) exceeds `target_kl`, every later mini-batch of that rollout returns
+    `0 * loss`: the forward and backward still run (so DDP's gradient all-reduce stays in step on every
+    process) but the gradients are 0. The optimizer step of such a micro-step still happens: AdamW
+    moves the weights along its momentum for a few steps, and the LR schedule advances.
+    """
+
+    _tag_names = ["trl", "ppo", "grade_trl"]
+    config_class = PPOConfig
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        a = self.args
+        self.kl_ctl = AdaptiveKLController(a.init_kl_coef, a.kl_target, a.kl_horizon) if a.adaptive_kl else FixedKLController(a.init_kl_coef)
+        self._rollout: dict | None = None  # the buffer: the current rollout and its mini-batch schedule
+        self._micro_step: int | None = None  # training micro-steps served, counted from the (resumed) global step
+        self._shuffle_generator = torch.Generator().manual_seed(a.seed)
+
+    def wrap_model(self, model):
+        return PolicyWithValueHead(model)
+
+    def train(self, *args, **kwargs):
+        self._rollout, self._micro_step = None, None  # a new (or resumed) run re-aligns the buffer with the sampler
+        return super().train(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None) -> Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return RepeatRolloutSampler(
+            num_samples=len(dataset),
+            global_batch_size=self.args.per_device_train_batch_size * self.accelerator.num_processes,
+            repeat_count=self.args.micro_steps_per_rollout,
+            shuffle=True,
+            seed=self.args.seed,
+        )
+
+    # Rollout ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _generate_rollout(self, inputs) -> dict:
+        """Sample, score and compute advantages for one batch of prompts (steps 1-5 of the module docstring)."""
+        args, device, tok = self.args, self.accelerator.device, self.processing_class
+        settings, eos = args.sampling, tok.eos_token_id
+        module = self.accelerator.unwrap_model(self.model)
+        was_training = module.training
+        module.eval()  # dropout is already 0; eval also keeps gradient checkpointing from turning the KV cache off
+
+        # 1. sample from the causal LM itself (no DDP sync needed under no_grad)
+        enc = self.tokenize_prompts(inputs)
+        batch = sample(module.policy, enc["input_ids"], enc["attention_mask"], settings, eos, tok.pad_token_id)
+        mask = batch.completion_mask  # (B, T)
+
+        # 2. rewards on the decoded text
+        prompts = [example["prompt"] for example in inputs]
+        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, mask)]
+        completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
+        scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids).to(device)  # (B, F)
+        score = scores @ self.reward_weights.to(device)  # (B,)
+
+        # 3. old policy and values (one forward), reference
+        logits, values = completion_forward(module, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, mask)  # (B, T, V), (B, T)
+        old_logps, _ = completion_logprobs(logits, batch.completion_ids, mask, settings, eos)  # (B, T)
+        values = values * mask
+        del logits
+        ref_model, ref_context = self.reference_context(module.policy)
+        with ref_context:
+            ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False)  # (B, T)
+        module.train(was_training)
+
+        # 4. KL-shaped per-token rewards. The KL uses the sampler's own log-probs: exactly the distribution the tokens
+        # were drawn from, finite for every sampled token (a full forward can differ by float noise at the nucleus edge).
+        kl = kl_estimate(batch.logprobs, ref_logps, args.kl_estimator) * mask  # (B, T)
+        kl_coef = float(self.kl_ctl.value)
+        rewards = shaped_rewards(score, kl, mask, kl_coef)  # (B, T)
+
+        # 5. GAE; whitening over this process's real tokens
+        advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)  # (B, T), (B, T)
+        raw_advantages = advantages
+        if args.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+
+        b_kl = masked_sum(kl, mask, dim=1)  # (B,) per-sequence KL
+        gathered_scores = self.accelerator.gather(score)
+        metrics = self._gathered(
+            {
+                "reward": score,
+                "kl": b_kl,
+                "objective/kl": b_kl,
+                "objective/entropy": masked_sum(-batch.logprobs, mask, dim=1),  # sampled estimate of the sequence entropy
+                "objective/non_score_reward": -kl_coef * b_kl,
+                "objective/rlhf_reward": score - kl_coef * b_kl,
+                "returns/mean": masked_mean(returns, mask),
+                "advantages/mean": masked_mean(raw_advantages, mask),  # before whitening (after it, the mean is 0)
+                "val/explained_variance": explained_variance(values, returns, mask),
+                "completions/mean_length": batch.lengths,
+                **{f"rewards/{reward_name(f)}/mean": scores[:, i] for i, f in enumerate(self.reward_funcs)},
+            }
+        )
+        metrics["reward_std"] = gathered_scores.std().item() if gathered_scores.numel() > 1 else 0.0
+        metrics["kl_coef"] = kl_coef  # the coefficient that shaped this rollout's rewards
+        return {
+            "b_prompt_ids": batch.prompt_ids,
+            "b_prompt_mask": batch.prompt_mask,
+            "b_completion_ids": batch.completion_ids,
+            "b_mask": mask,
+            "b_logps": old_logps,
+            "b_values": values,
+            "b_advantages": advantages,
+            "b_returns": returns,
+            "metrics": metrics,
+            "mean_kl": metrics["objective/kl"],
+            "early_stopped": False,
+            "order": None,  # this epoch's row permutation
+        }
+
+    def _gathered(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean of each tensor over its elements and over every process, with one all-gather."""
+        local = torch.stack([v.detach().float().mean() for v in values.values()])  # (K,)
+        means = self.accelerator.gather(local.unsqueeze(0)).mean(0)  # (K,); each process holds the same number of rows
+        return dict(zip(values.keys(), means.tolist()))
+
+    # Buffer -------------------------------------------------------------------------------------------------
+    def _prepare_inputs(self, inputs):
+        """Training: generate at the start of each rollout block, otherwise serve the buffer's next mini-batch."""
+        if not self.model.training:
+            return inputs  # evaluation: `compute_loss` scores a fresh rollout as one batch
+        args = self.args
+        if self._micro_step is None:  # first call of this run (or after a resume): align with the sampler's blocks
+            self._micro_step = self.state.global_step * args.gradient_accumulation_steps
+        position = self._micro_step % args.micro_steps_per_rollout
+        if position == 0 or self._rollout is None:
+            self._rollout = self._generate_rollout(inputs)
+        index = position % args.num_mini_batches  # mini-batch within the current epoch over the rollout
+        rollout = self._rollout
+        if index == 0 or rollout["order"] is None:  # a new epoch: a new permutation of the rollout's rows
+            rollout["order"] = torch.randperm(rollout["b_mask"].shape[0], generator=self._shuffle_generator)
+        size = args.mini_batch_size
+        rows = rollout["order"][index * size : (index + 1) * size].to(rollout["b_mask"].device)
+        self._micro_step += 1
+        return {"rollout": rollout, "rows": rows, "last": position == args.micro_steps_per_rollout - 1}
+
+    # Loss ---------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        training = self.model.training
+        if isinstance(inputs, list):  # evaluation (prediction_step hands the prompts): one rollout, scored whole
+            rollout = self._generate_rollout(inputs)
+            inputs = {"rollout": rollout, "rows": torch.arange(rollout["b_mask"].shape[0], device=rollout["b_mask"].device), "last": False}
+        rollout, rows = inputs["rollout"], inputs["rows"]
+        mb = {key: value[rows] for key, value in rollout.items() if key.startswith("b_")}  # b_* -> this mini-batch's rows
+        mb_mask = mb["b_mask"]  # (M, T)
+
+        # 6. one forward for log-probs and values
+        logits, values = completion_forward(model, mb["b_prompt_ids"], mb["b_prompt_mask"], mb["b_completion_ids"], mb_mask)  # (M, T, V), (M, T)
+        mb_logps, mb_entropy = completion_logprobs(logits, mb["b_completion_ids"], mb_mask, args.sampling, self.processing_class.eos_token_id)
+        if args.ent_coef == 0:
+            mb_entropy = mb_entropy.detach()  # not in the loss: free its graph now
+        loss, stats = ppo_loss(
+            mb_logps, values, mb_entropy, mb["b_logps"], mb["b_values"], mb["b_advantages"], mb["b_returns"], mb_mask,
+            cliprange=args.cliprange, cliprange_value=args.cliprange_value, vf_coef=args.vf_coef, ent_coef=args.ent_coef,
+            logratio_clamp=args.logratio_clamp,
+        )
+        stats = self._gathered(stats)
+
+        skipped = training and rollout["early_stopped"]
+        if skipped:
+            loss = 0.0 * loss  # stays connected to the graph: every process still runs backward and the all-reduce
+        elif training and args.target_kl is not None and stats["policy/approxkl"] > args.target_kl:
+            rollout["early_stopped"] = True  # this update is kept; the rest of the rollout is skipped (CleanRL)
+
+        self.metrics.add(**rollout["metrics"], **stats, **{"policy/early_stopped": float(skipped)})
+        if training and inputs["last"]:  # after the rollout's epochs: adapt the KL coefficient for the next rollout
+            self.kl_ctl.update(rollout["mean_kl"], args.per_device_train_batch_size * self.accelerator.num_processes)
+        return loss
+
+    # Saving -------------------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The causal LM (save_pretrained) and the tokenizer, loadable with `AutoModelForCausalLM.from_pretrained`,
+        plus the value head as `value_head.safetensors` and the current KL coefficient as `kl_controller.json`."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        module = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        policy_state = head_state = None
+        if state_dict is not None:  # handed by DeepSpeed/FSDP: split the wrapper's keys
+            policy_state = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
+            head_state = {k.removeprefix("value_head."): v for k, v in state_dict.items() if k.startswith("value_head.")}
+        module.policy.save_pretrained(output_dir, state_dict=policy_state)
+        head_state = head_state or module.value_head.state_dict()
+        safetensors.torch.save_file(
+            {k: v.detach().contiguous().cpu() for k, v in head_state.items()}, os.path.join(output_dir, VALUE_HEAD_NAME), metadata={"format": "pt"}
+        )
+        with open(os.path.join(output_dir, KL_CONTROLLER_NAME), "w") as f:
+            json.dump({"kl_coef": float(self.kl_ctl.value)}, f)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume: the causal LM through Trainer's loader (full weights or adapters), the value head, the KL coefficient."""
+        module = self.accelerator.unwrap_model(model if model is not None else self.model)
+        super()._load_from_checkpoint(resume_from_checkpoint, model=module.policy)
+        head_file = os.path.join(resume_from_checkpoint, VALUE_HEAD_NAME)
+        if os.path.isfile(head_file):
+            module.value_head.load_state_dict(safetensors.torch.load_file(head_file, device="cpu"))
+        else:
+            logger.warning(f"{head_file} not found: the value head starts from zero")
+        controller_file = os.path.join(resume_from_checkpoint, KL_CONTROLLER_NAME)
+        if os.path.isfile(controller_file):
+            with open(controller_file) as f:
+                self.kl_ctl.value = json.load(f)["kl_coef"]
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
