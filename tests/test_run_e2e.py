@@ -101,7 +101,7 @@ def test_reward_returning_nan_stops_the_run_after_saving_history(tmp_path, monke
     assert [h["step"] for h in results["history"] if "kl" in h] == [1, 2]
 
 
-@pytest.mark.parametrize("recipe", ["quickstart.yaml", "tiny/imdb_reinforce.yaml", "tiny/imdb_grpo.yaml"])
+@pytest.mark.parametrize("recipe", ["quickstart.yaml", "tiny/imdb_reinforce.yaml", "tiny/imdb_ppo.yaml", "tiny/imdb_grpo.yaml"])
 def test_two_cpu_processes(tmp_path, recipe):
     """`accelerate launch --num_processes 2` with the CPU config: gloo DDP, every method."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"), "-m", "grade_trl.run"]

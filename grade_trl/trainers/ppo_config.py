@@ -83,10 +83,10 @@ class PPOConfig(RolloutConfig):
 
     # KL penalty in the reward: r_t = -kl_coef * KL_t, plus the score on the last token (Ziegler et al. 2019)
     kl_estimator: str = field(
-        default="k1",
-        metadata={"help": "Per-token KL estimator on the sampled tokens: `k1` (log p - log q, unbiased, a token's value "
-                  "may be negative; TRL's old PPO `kl_penalty='kl'`) or `k3` (>= 0 per token), "
-                  "http://joschu.net/blog/kl-approx.html."},
+        default="k3",
+        metadata={"help": "Per-token KL estimator on the sampled tokens: `k3` (unbiased and >= 0 per token, so the logged KL "
+                  "can never go negative) or `k1` (log p - log q, unbiased, a token's value may be negative; TRL's old "
+                  "PPO `kl_penalty='kl'`), http://joschu.net/blog/kl-approx.html."},
     )
     init_kl_coef: float = field(default=1.0, metadata={"help": "KL coefficient at the start (users' PPO run: adaptive KL with init 1)."})
     adaptive_kl: bool = field(
