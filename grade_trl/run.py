@@ -40,7 +40,8 @@ def completion_lengths(config) -> tuple[int, int]:
     """(max, min) new tokens of the method's own generations; evaluation uses the same limits."""
     if hasattr(config, "max_new_tokens"):
         return config.max_new_tokens, config.min_new_tokens
-    return config.max_completion_length, 0  # TRL's GRPOConfig has no minimum
+    # TRL's GRPOConfig has no minimum of its own; recipes pass one through `generation_kwargs`.
+    return config.max_completion_length, int((config.generation_kwargs or {}).get("min_new_tokens", 0))
 
 
 def build_trainer(run_args, config, task, tokenizer, callbacks):
