@@ -57,6 +57,7 @@ class RunArguments:
     test_num_prompts: int = field(default=500, metadata={"help": "Test prompts scored once at the end (GRADE experiment: 500)."})
     eval_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of evaluation generations (identical for every method)."})
     eval_top_p: float = field(default=0.9, metadata={"help": "Top-p of evaluation generations (GRADE experiment: 0.9)."})
+    eval_min_new_tokens: int | None = field(default=None, metadata={"help": "Minimum new tokens of evaluation generations (default: the method's own `min_new_tokens`; 0 for TRL's GRPO, which has none). Set it to compare GRPO with the others on equal lengths."})
     eval_seed: int = field(default=1234, metadata={"help": "Seed of every evaluation's sampling, so each evaluation sees the same noise."})
     num_samples_to_show: int = field(default=3, metadata={"help": "Validation completions shown before/after training in the summary."})
 
@@ -238,6 +239,12 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
     run_kwargs = {k: coerce(k, v, hints[k]) for k, v in values.items() if k in run_fields}
     # A key both sides know (max_prompt_length) feeds both, so the data and the trainer agree.
     config_kwargs = {**method_defaults, **{k: coerce(k, v, hints[k]) for k, v in values.items() if k in config_fields}}
+    if "min_new_tokens" in (config_kwargs.get("generation_kwargs") or {}):
+        logger.warning(
+            "generation_kwargs.min_new_tokens: TRL samples with the EOS ban but scores log-probs without it, so a policy "
+            "that wants to stop early gets huge KL and importance ratios (the users' negative/exploding KL); "
+            "use eval_min_new_tokens to equalise evaluation lengths instead"
+        )
     if (config_kwargs.get("loss_type") == "cispo") and "epsilon_high" not in values:
         logger.warning(
             "loss_type cispo without epsilon_high: TRL then clamps the importance ratio at epsilon (%s), which clips "

@@ -40,8 +40,7 @@ def completion_lengths(config) -> tuple[int, int]:
     """(max, min) new tokens of the method's own generations; evaluation uses the same limits."""
     if hasattr(config, "max_new_tokens"):
         return config.max_new_tokens, config.min_new_tokens
-    # TRL's GRPOConfig has no minimum of its own; recipes pass one through `generation_kwargs`.
-    return config.max_completion_length, int((config.generation_kwargs or {}).get("min_new_tokens", 0))
+    return config.max_completion_length, 0  # TRL's GRPOConfig has no minimum
 
 
 def build_trainer(run_args, config, task, tokenizer, callbacks):
@@ -104,6 +103,8 @@ def run(recipe: Recipe) -> int:
         task = TASK_BUILDERS[run_args.task](run_args, tokenizer, config.seed)
 
     max_new_tokens, min_new_tokens = completion_lengths(config)
+    if run_args.eval_min_new_tokens is not None:
+        min_new_tokens = min(run_args.eval_min_new_tokens, max_new_tokens)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=run_args.eval_temperature, top_p=run_args.eval_top_p)
     eval_callback = RewardEvaluationCallback(
         task.validation_prompts, task.reward_funcs, settings, eval_steps=int(config.eval_steps or 100), seed=run_args.eval_seed, weights=config.reward_weights

@@ -115,3 +115,11 @@ def test_cispo_without_epsilon_high_warns(caplog):
     with caplog.at_level("WARNING", logger="grade_trl.recipe"):
         build_recipe({"method": "cispo", "output_dir": "x", "bf16": False, "epsilon_high": 5.0})
     assert "epsilon_high" not in caplog.text
+
+
+def test_min_new_tokens_through_trl_generation_kwargs_warns(caplog):
+    with caplog.at_level("WARNING", logger="grade_trl.recipe"):
+        build_recipe({"method": "grpo", "output_dir": "x", "bf16": False, "generation_kwargs": {"min_new_tokens": 8}})
+    assert "scores log-probs without it" in caplog.text
+    recipe = build_recipe({"method": "grpo", "output_dir": "x", "bf16": False, "eval_min_new_tokens": 8})
+    assert recipe.run.eval_min_new_tokens == 8
