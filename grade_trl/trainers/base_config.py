@@ -7,6 +7,9 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from ..core.kl import KL_ESTIMATORS
+from ..core.sampling import SamplingSettings
+
 
 @dataclass
 class RolloutConfig(TrainingArguments):
@@ -52,3 +55,31 @@ class RolloutConfig(TrainingArguments):
             )
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
+
+
+@dataclass
+class SampledRolloutConfig(RolloutConfig):
+    """`RolloutConfig` plus the sampling of real tokens (REINFORCE, PPO). The log-probs of the loss, the
+    old policy and the KL are scored under the same processed distribution (`core.sampling`)."""
+
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; applied identically when scoring log-probs."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1.0 = off; GRADE experiment: 0.9); applied identically when scoring the policy's log-probs."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off); applied identically when scoring the policy's log-probs."})
+    kl_estimator: str = field(
+        default="k3",
+        metadata={"help": "Per-token KL estimator on the sampled tokens, computed under no_grad: `k3` (unbiased and >= 0 per "
+                  "token, so the logged KL can never go negative) or `k1` (log p - log q, unbiased, a token's value may be "
+                  "negative; TRL's old PPO `kl_penalty='kl'`), http://joschu.net/blog/kl-approx.html."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.sampling  # validates temperature / top-p / top-k / min and max new tokens
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator={self.kl_estimator!r}: it must be one of {sorted(KL_ESTIMATORS)}")
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_new_tokens=self.min_new_tokens, max_new_tokens=self.max_new_tokens
+        )

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..core.kl import KL_ESTIMATORS
-from ..core.sampling import SamplingSettings
-from .base_config import RolloutConfig
+from .base_config import SampledRolloutConfig
 
 
 @dataclass
-class PPOConfig(RolloutConfig):
+class PPOConfig(SampledRolloutConfig):
     """`RolloutConfig` plus PPO's rollout, loss and KL-controller settings.
 
     PPO: Schulman et al. 2017, https://arxiv.org/abs/1707.06347; for language models with a KL-shaped
@@ -45,7 +43,6 @@ class PPOConfig(RolloutConfig):
     # Sampling (the log-probs of the loss, the old policy and the KL are scored under the same processed distribution)
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (users' PPO run: 0.7); applied identically when scoring log-probs."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling (users' PPO run: 0.9; 1.0 = off); applied identically when scoring the policy's log-probs."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off); applied identically when scoring the policy's log-probs."})
 
     # Rollout schedule
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout (users' PPO run: 1; CleanRL and the GRADE experiment: 4)."})
@@ -82,12 +79,6 @@ class PPOConfig(RolloutConfig):
     )
 
     # KL penalty in the reward: r_t = -kl_coef * KL_t, plus the score on the last token (Ziegler et al. 2019)
-    kl_estimator: str = field(
-        default="k3",
-        metadata={"help": "Per-token KL estimator on the sampled tokens: `k3` (unbiased and >= 0 per token, so the logged KL "
-                  "can never go negative) or `k1` (log p - log q, unbiased, a token's value may be negative; TRL's old "
-                  "PPO `kl_penalty='kl'`), http://joschu.net/blog/kl-approx.html."},
-    )
     init_kl_coef: float = field(default=1.0, metadata={"help": "KL coefficient at the start (users' PPO run: adaptive KL with init 1)."})
     adaptive_kl: bool = field(
         default=True,
@@ -103,8 +94,7 @@ class PPOConfig(RolloutConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.sampling  # validates temperature / top-p / top-k / min and max new tokens
-        default_beta = RolloutConfig.__dataclass_fields__["beta"].default
+        default_beta = SampledRolloutConfig.__dataclass_fields__["beta"].default
         if self.beta != default_beta:
             raise ValueError(
                 f"beta={self.beta}: PPO does not use beta; its KL coefficient is init_kl_coef (adapted towards kl_target "
@@ -134,8 +124,6 @@ class PPOConfig(RolloutConfig):
             raise ValueError(f"logratio_clamp={self.logratio_clamp}: it must be > 0 (default 2.0)")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"target_kl={self.target_kl}: it must be > 0, or None to turn early stopping off")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator={self.kl_estimator!r}: it must be one of {sorted(KL_ESTIMATORS)}")
         if self.init_kl_coef < 0:
             raise ValueError(f"init_kl_coef={self.init_kl_coef}: it must be >= 0 (0 turns the KL penalty off)")
         if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon <= 0):
@@ -143,12 +131,6 @@ class PPOConfig(RolloutConfig):
                 f"kl_target={self.kl_target}, kl_horizon={self.kl_horizon}: the adaptive controller needs both > 0; "
                 "or set adaptive_kl: false"
             )
-
-    @property
-    def sampling(self) -> SamplingSettings:
-        return SamplingSettings(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_new_tokens=self.min_new_tokens, max_new_tokens=self.max_new_tokens
-        )
 
     @property
     def micro_steps_per_rollout(self) -> int:

@@ -4,31 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..core.kl import KL_ESTIMATORS
-from ..core.sampling import SamplingSettings
-from .base_config import RolloutConfig
+from .base_config import SampledRolloutConfig
 
 BASELINES = ("ema", "batch_mean", "leave_one_out", "none")
 
 
 @dataclass
-class REINFORCEConfig(RolloutConfig):
-    """`RolloutConfig` plus REINFORCE's sampling, baseline and KL-estimator settings.
+class REINFORCEConfig(SampledRolloutConfig):
+    """`SampledRolloutConfig` plus REINFORCE's sampling, baseline and KL-estimator settings.
 
     Loss = -mean_i A_i * log pi(y_i | x_i), with A_i = (R_i - beta * KL_i / |y_i|) - b_i
     (Williams 1992, https://doi.org/10.1007/BF00992696). `learning_rate` defaults to 1e-5 instead of 5e-5.
     """
 
     learning_rate: float = field(default=1e-5, metadata={"help": "Initial AdamW learning rate."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; the log-probs of the loss, the old policy and the KL use the same."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (GRADE experiment: 0.9); applied identically when scoring log-probs."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off); applied identically when scoring log-probs."})
-    kl_estimator: str = field(
-        default="k3",
-        metadata={"help": "Per-token KL estimator on the sampled tokens: `k1` (log p - log q, unbiased, can be negative) or `k3` "
-                  "(unbiased and >= 0 per token; http://joschu.net/blog/kl-approx.html). Computed under no_grad and divided by "
-                  "the completion length before it is subtracted from the reward."},
-    )
     baseline: str = field(
         default="ema",
         metadata={"help": "`ema` (moving average of past batch means, momentum `ema_momentum`), `batch_mean`, `leave_one_out` "
@@ -50,9 +39,6 @@ class REINFORCEConfig(RolloutConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.sampling  # validates temperature / top-p / top-k
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {list(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {list(BASELINES)}, got {self.baseline!r}")
         if self.logprob_reduction not in ("mean", "sum"):
@@ -61,7 +47,3 @@ class REINFORCEConfig(RolloutConfig):
             raise ValueError(
                 f"baseline leave_one_out and best_of_n need num_samples_per_prompt >= 2, got {self.num_samples_per_prompt}; set num_samples_per_prompt: 4"
             )
-
-    @property
-    def sampling(self) -> SamplingSettings:
-        return SamplingSettings(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_new_tokens=self.min_new_tokens, max_new_tokens=self.max_new_tokens)
