@@ -125,7 +125,7 @@ def coerce(key: str, value: Any, tp) -> Any:
         for option in (a for a in args if a is not type(None)):
             try:
                 return coerce(key, value, option)
-            except RecipeError as error:
+            except RecipeError:
                 errors.append(_type_name(option))
         raise RecipeError(f"{key}: expected {' or '.join(errors)}, got {value!r}")
     if origin is typing.Literal:
