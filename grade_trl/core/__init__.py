@@ -12,7 +12,16 @@ from .advantages import (
 from .kl import exact_kl, kl_estimate, kl_k1, kl_k3
 from .masks import completion_mask, masked_mean, masked_sum, masked_var, masked_whiten
 from .policy_losses import explained_variance, ppo_clip_loss, reinforce_loss, sequence_logprob, value_loss
-from .sampling import SampledBatch, SamplingSettings, entropy_from_logits, process_logits, sample, token_logprobs
+from .sampling import (
+    SampledBatch,
+    SamplingSettings,
+    entropy_from_logits,
+    logprobs_from_logits,
+    process_logits,
+    sample,
+    token_entropy,
+    token_logprobs,
+)
 from .soft_rollout import SoftRollout, reference_logits, soft_rollout
 
 __all__ = [
@@ -33,6 +42,7 @@ __all__ = [
     "kl_k1",
     "kl_k3",
     "leave_one_out_baseline",
+    "logprobs_from_logits",
     "masked_mean",
     "masked_sum",
     "masked_var",
@@ -44,6 +54,7 @@ __all__ = [
     "sample",
     "sequence_logprob",
     "soft_rollout",
+    "token_entropy",
     "token_logprobs",
     "value_loss",
 ]

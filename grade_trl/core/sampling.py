@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .masks import completion_mask, masked_mean
-from .soft_rollout import position_ids_from_mask
+from .soft_rollout import decode_step, position_ids_from_mask
 
 
 @dataclass
@@ -182,14 +182,7 @@ def sample(
             break
         # Same mask as SampledBatch.attention_mask: 1 up to and including the first EOS, 0 after.
         attention_mask = torch.cat([attention_mask, alive.long().unsqueeze(1)], dim=1)
-        out = model(
-            input_ids=token.unsqueeze(1),
-            attention_mask=attention_mask,
-            position_ids=next_position,
-            cache=cache,
-            use_cache=True,
-        )
-        cache, next_logits = out.cache, out.logits[:, -1]
+        cache, next_logits = decode_step(model, cache, attention_mask, next_position, input_ids=token.unsqueeze(1))
         next_position = next_position + 1
 
     tokens = torch.stack(step_tokens, dim=1)  # (B, T)
@@ -232,19 +225,37 @@ def token_logprobs(
         out = model(input_ids=batch.sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
         num_prompt, num_completion = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
         logits = out.logits[:, num_prompt - 1 : num_prompt + num_completion - 1]  # (B, T, V): predict each completion token
-        steps = torch.arange(num_completion, device=logits.device)
-        processed = process_logits(logits, settings, steps, batch.eos_token_id, truncate=truncate)
-        logp = F.log_softmax(processed, dim=-1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
-        logp = logp.masked_fill(batch.completion_mask == 0, 0.0)
-    return logp, processed
+        return logprobs_from_logits(logits, batch.completion_ids, batch.completion_mask, settings, batch.eos_token_id, truncate)
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    completion_ids: torch.Tensor,
+    mask: torch.Tensor,
+    settings: SamplingSettings,
+    eos_token_id: int | None,
+    truncate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scorer behind `token_logprobs`, for callers that already have the logits (PPO's one forward
+    gives logits and values together). logits: (B, T, V) predicting each completion token.
+
+    Returns (log-probs of `completion_ids` under `process_logits` (B, T), 0 where masked; processed logits (B, T, V)).
+    """
+    steps = torch.arange(completion_ids.shape[1], device=logits.device)
+    processed = process_logits(logits, settings, steps, eos_token_id, truncate=truncate)
+    logp = F.log_softmax(processed, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return logp.masked_fill(mask == 0, 0.0), processed
+
+
+def token_entropy(processed_logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy -sum_v p_v log p_v of softmax(processed_logits) (B, T, V) -> (B, T).
+
+    Removed tokens (finite finfo.min/2 logits) have p = 0 and add exactly 0.
+    """
+    logp = F.log_softmax(processed_logits.to(torch.promote_types(processed_logits.dtype, torch.float32)), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def entropy_from_logits(processed_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean over positions of the per-token entropy -sum_v p_v log p_v of softmax(processed_logits).
-
-    processed_logits (B, T, V), mask (B, T). Removed tokens (finite finfo.min/2 logits) have p = 0 and
-    add exactly 0. Returns a scalar.
-    """
-    logp = F.log_softmax(processed_logits.to(torch.promote_types(processed_logits.dtype, torch.float32)), dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)  # (B, T)
-    return masked_mean(entropy, mask)
+    """Masked mean over positions of `token_entropy`. processed_logits (B, T, V), mask (B, T). Returns a scalar."""
+    return masked_mean(token_entropy(processed_logits), mask)

@@ -49,6 +49,15 @@ def forbid_eos(logits: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
     return logits
 
 
+def decode_step(model, cache, attention_mask: torch.Tensor, position_ids: torch.Tensor, **inputs) -> tuple:
+    """One cached decoding step (one new position per row: `input_ids` or `inputs_embeds`).
+
+    Returns (the updated cache, next-token logits (B, V)).
+    """
+    out = model(**inputs, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
+    return out.cache, out.logits[:, -1]
+
+
 def soft_rollout(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
@@ -89,14 +98,7 @@ def soft_rollout(
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
         inputs_embeds = (y.to(embed_matrix.dtype) @ embed_matrix).unsqueeze(1)  # (B, 1, H)
-        out = model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=next_position,
-            cache=cache,
-            use_cache=True,
-        )
-        cache, next_logits = out.cache, out.logits[:, -1]
+        cache, next_logits = decode_step(model, cache, attention_mask, next_position, inputs_embeds=inputs_embeds)
         next_position = next_position + 1
 
     tokens = torch.stack(step_tokens, dim=1)  # (B, T)

@@ -107,6 +107,11 @@ class RolloutTrainer(GradNormWindowMixin, Trainer):
     def gathered_mean(self, values: torch.Tensor) -> float:
         return self.accelerator.gather(values.detach().float().reshape(-1)).mean().item()
 
+    def gathered_std(self, values: torch.Tensor) -> float:
+        """Std over every process's values (0 for a single value)."""
+        gathered = self.accelerator.gather(values.detach().float().reshape(-1))
+        return gathered.std().item() if gathered.numel() > 1 else 0.0
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         if "loss" in logs or "eval_loss" in logs:  # a training/eval log, not a callback's own metrics

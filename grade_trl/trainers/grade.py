@@ -17,7 +17,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..core import exact_kl, masked_mean, masked_sum, reference_logits, soft_rollout
+from ..core import entropy_from_logits, exact_kl, masked_sum, reference_logits, soft_rollout
 from ..rewards.base import check_finite_scores, require_differentiable, reward_name
 from .base import RolloutTrainer
 from .grade_config import GumbelGRADEConfig
@@ -112,17 +112,12 @@ class GumbelGRADETrainer(RolloutTrainer):
 
     @torch.no_grad()
     def _log_step_metrics(self, rollout, rewards, scores, kl, tau):
-        gather = self.accelerator.gather
-        logp = F.log_softmax(rollout.logits.float(), dim=-1)
-        entropy = masked_mean(-(logp.exp() * logp).sum(-1), rollout.mask)
-        window = self.metrics
-        all_rewards = gather(rewards.detach())
-        window.add(
-            reward=all_rewards.mean(),
-            reward_std=all_rewards.std() if all_rewards.numel() > 1 else 0.0,
-            kl=gather(kl.detach()).mean(),
+        self.metrics.add(
+            reward=self.gathered_mean(rewards),
+            reward_std=self.gathered_std(rewards),
+            kl=self.gathered_mean(kl),
             tau=tau,
-            entropy=gather(entropy.reshape(1)).mean(),
-            **{"completions/mean_length": gather(rollout.lengths).float().mean()},
-            **{f"rewards/{reward_name(f)}/mean": gather(scores[:, i].detach()).mean() for i, f in enumerate(self.reward_funcs)},
+            entropy=self.gathered_mean(entropy_from_logits(rollout.logits, rollout.mask)),
+            **{"completions/mean_length": self.gathered_mean(rollout.lengths)},
+            **{f"rewards/{reward_name(f)}/mean": self.gathered_mean(scores[:, i]) for i, f in enumerate(self.reward_funcs)},
         )

@@ -35,7 +35,6 @@ import os
 
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Sampler
 from transformers.trainer import TRAINING_ARGS_NAME
@@ -50,8 +49,9 @@ from ..core import (
     masked_sum,
     masked_whiten,
     ppo_clip_loss,
-    process_logits,
+    logprobs_from_logits,
     sample,
+    token_entropy,
     token_logprobs,
     value_loss,
 )
@@ -129,19 +129,12 @@ def ppo_loss(
 def completion_logprobs(
     logits: torch.Tensor, completion_ids: torch.Tensor, mask: torch.Tensor, settings: SamplingSettings, eos_token_id: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of the sampled tokens and per-position entropy under the policy's processed distribution.
-
-    The same processing as the sampler (`process_logits`, truncate=True), applied to logits the caller
-    already has, so the wrapped model runs once for log-probs and values together.
-    logits: (B, T, V) predicting each completion token; completion_ids, mask: (B, T).
-    Returns (logps (B, T), 0 where masked; entropy (B, T)).
+    """Log-probs of the sampled tokens and per-position entropy under the policy's processed distribution
+    (the sampler's processing, truncate=True), from logits the caller already has, so the wrapped model
+    runs once for log-probs and values together. Returns (logps (B, T), 0 where masked; entropy (B, T)).
     """
-    steps = torch.arange(completion_ids.shape[1], device=logits.device)
-    processed = process_logits(logits, settings, steps, eos_token_id, truncate=True)  # (B, T, V)
-    logp_all = F.log_softmax(processed, dim=-1)  # (B, T, V)
-    logps = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1).masked_fill(mask == 0, 0.0)  # (B, T)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B, T); removed tokens have p = 0 and add exactly 0
-    return logps, entropy
+    logps, processed = logprobs_from_logits(logits, completion_ids, mask, settings, eos_token_id, truncate=True)
+    return logps, token_entropy(processed)
 
 
 def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
@@ -350,7 +343,6 @@ class PPOTrainer(RolloutTrainer):
             advantages = masked_whiten(advantages, mask)
 
         b_kl = masked_sum(kl, mask, dim=1)  # (B,) per-sequence KL
-        gathered_scores = self.accelerator.gather(score)
         metrics = self._gathered(
             {
                 "reward": score,
@@ -366,7 +358,7 @@ class PPOTrainer(RolloutTrainer):
                 **{f"rewards/{reward_name(f)}/mean": scores[:, i] for i, f in enumerate(self.reward_funcs)},
             }
         )
-        metrics["reward_std"] = gathered_scores.std().item() if gathered_scores.numel() > 1 else 0.0
+        metrics["reward_std"] = self.gathered_std(score)
         metrics["kl_coef"] = kl_coef  # the coefficient that shaped this rollout's rewards
         return {
             "b_prompt_ids": batch.prompt_ids,

@@ -105,7 +105,7 @@ class REINFORCETrainer(RolloutTrainer):
 
         self.metrics.add(
             reward=self.gathered_mean(rewards),
-            reward_std=self.accelerator.gather(rewards.detach()).std().item() if rewards.numel() * self.accelerator.num_processes > 1 else 0.0,
+            reward_std=self.gathered_std(rewards),
             kl=self.gathered_mean(kl),
             entropy=self.gathered_mean(entropy_from_logits(logits.detach(), mask)),
             **{
