@@ -157,7 +157,16 @@ def run(recipe: Recipe) -> int:
         write_json_atomic(results_path, results_payload(recipe, trainer, "completed", final))
         print(summary_table(final))
         print(f"\nresults: {results_path}\nmodel:   {os.path.join(config.output_dir, 'model')}")
+    trainer.accelerator.wait_for_everyone()
     return 0
+
+
+def _close_process_group() -> None:
+    """Leave the process group before exit: a gloo group torn down by the interpreter aborts the process (SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, RewardFunctionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
 
 
 if __name__ == "__main__":
