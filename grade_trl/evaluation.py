@@ -1,19 +1,27 @@
-"""Reward evaluation with hard (real) samples, identical for every method.
+"""One evaluation protocol for every method: hard samples, fixed settings, fixed seeds.
 
-Every method is judged the same way: sample completions with fixed generation settings and
-a fixed seed per evaluation, score them with the task's reward callables (the text path, not
-the relaxed one), report mean and std. Prompts are sharded over processes and gathered.
+Every method is judged the same way: sample completions with fixed generation settings and a
+fixed seed per evaluation, score them with the task's reward callables (the text path, not the
+relaxed one). Prompts are sharded over processes and gathered. A task supplies an `Evaluator`
+(what is measured); `EvaluationCallback` decides when (step 0, every `eval_steps`, the end),
+keeps the best checkpoint and can stop early.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import statistics
+import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from transformers import TrainerCallback
 
 from .rewards.base import compute_rewards
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,16 +31,23 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 0.9
     batch_size: int = 32
+    do_sample: bool = True  # False: greedy (GSM8K accuracy)
+    max_prompt_length: int = 32  # prompts are truncated to this many tokens, as in training
 
 
 @torch.no_grad()
-def generate_completions(model, tokenizer, prompts: list[str], settings: GenerationSettings, seed: int, max_prompt_length: int = 32) -> list[str]:
-    """Sample one completion per prompt; reproducible from `seed` without touching the global RNG state."""
+def generate_completions(model, tokenizer, prompts: list[str], settings: GenerationSettings, seed: int) -> tuple[list[str], list[int]]:
+    """One completion per prompt and its length in tokens (up to and including the first EOS).
+
+    Reproducible from `seed` without touching the global RNG state.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     completions: list[str] = []
+    lengths: list[int] = []
     devices = [device] if device.type == "cuda" else []
+    sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0} if settings.do_sample else {"do_sample": False}
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), settings.batch_size):
@@ -41,89 +56,246 @@ def generate_completions(model, tokenizer, prompts: list[str], settings: Generat
                 return_tensors="pt",
                 padding=True,
                 truncation=True,
-                max_length=max_prompt_length,
+                max_length=settings.max_prompt_length,
                 add_special_tokens=False,
             ).to(device)
             out = model.generate(
                 **enc,
-                do_sample=True,
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                top_k=0,
+                **sampling,
                 max_new_tokens=settings.max_new_tokens,
                 min_new_tokens=settings.min_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            completions.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+            new_tokens = out[:, enc["input_ids"].shape[1] :]
+            completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            is_eos = new_tokens == tokenizer.eos_token_id
+            first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], new_tokens.shape[1], dtype=torch.long))
+            lengths.extend(first_eos.tolist())
     model.train(was_training)
-    return completions
+    return completions, lengths
 
 
-def evaluate_reward(model, tokenizer, prompts, reward_funcs, settings: GenerationSettings, seed: int, accelerator=None, weights=None) -> dict:
-    """Mean/std of the (weighted) reward of sampled completions, plus the per-sample values and texts.
-
-    With an `accelerator`, each process generates for its shard of the prompts and the results are
-    gathered, so every process returns the same dict.
-    """
+def shard_and_gather(accelerator, items: list, work) -> list:
+    """Run `work(shard) -> list of per-item rows` on this process's shard; every process gets all rows, in order."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    shard = list(range(rank, len(prompts), world))
-    shard_prompts = [prompts[i] for i in shard]
-    completions = generate_completions(model, tokenizer, shard_prompts, settings, seed + rank) if shard_prompts else []
-    scores = compute_rewards(reward_funcs, shard_prompts, completions) if shard_prompts else torch.zeros(0, len(reward_funcs))
-    w = torch.tensor(weights or [1.0] * len(reward_funcs))
-    rows = list(zip(shard, completions, (scores @ w).tolist()))
+    index = list(range(rank, len(items), world))
+    rows = list(zip(index, work([items[i] for i in index], rank))) if index else []
     if world > 1:
         from accelerate.utils import gather_object
 
         rows = gather_object(rows)
-    rows.sort(key=lambda r: r[0])
-    values = [r[2] for r in rows]
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.pstdev(values),
-        "rewards": values,
-        "completions": [r[1] for r in rows],
-        "prompts": [prompts[r[0]] for r in rows],
-    }
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
 
 
-class RewardEvaluationCallback(TrainerCallback):
-    """Logs `val_reward`, `val_reward_std`, `best_val_reward`, `best_val_step` every `eval_steps` and at step 0.
+# ---- diversity --------------------------------------------------------------------------------
 
-    Every evaluation uses the same prompts and the same seed, so methods and steps see the same
-    conditions. Attach the trainer (`callback.trainer = trainer`) so the values reach its loggers.
+
+def _words(text: str) -> list[str]:
+    return text.lower().split()
+
+
+def _ngram_counts(words: list[str], n: int) -> Counter:
+    return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct-n (Li et al., 2016): distinct word n-grams / all word n-grams, over the whole set of texts."""
+    counts = Counter()
+    for text in texts:
+        counts.update(_ngram_counts(_words(text), n))
+    total = sum(counts.values())
+    return len(counts) / total if total else 0.0
+
+
+def bleu(hypothesis: list[str], references: list[list[str]], max_n: int = 4) -> float:
+    """Sentence BLEU-4 (Papineni et al., 2002) with add-one smoothing of the n>1 precisions (Lin & Och, 2004).
+
+    BLEU = BP * exp(mean_n log p_n), p_n = clipped n-gram matches / hypothesis n-grams, the clip being
+    the most times the n-gram occurs in any one reference; BP = min(1, exp(1 - r / c)), r the
+    reference length closest to the hypothesis length c.
+    """
+    if not hypothesis or not references:
+        return 0.0
+    log_precision = 0.0
+    for n in range(1, max_n + 1):
+        hyp = _ngram_counts(hypothesis, n)
+        most = Counter()
+        for ref in references:
+            for gram, count in _ngram_counts(ref, n).items():
+                most[gram] = max(most[gram], count)
+        matches = sum(min(count, most[gram]) for gram, count in hyp.items())
+        total = sum(hyp.values())
+        smooth = 0 if n == 1 else 1
+        if matches + smooth == 0 or total + smooth == 0:
+            return 0.0
+        log_precision += math.log((matches + smooth) / (total + smooth)) / max_n
+    c = len(hypothesis)
+    r = min((abs(len(ref) - c), len(ref)) for ref in references)[1]
+    brevity = 1.0 if c > r else math.exp(1 - r / c)
+    return brevity * math.exp(log_precision)
+
+
+def self_bleu(texts: list[str], max_texts: int = 200) -> float:
+    """Self-BLEU (Zhu et al., 2018): mean BLEU-4 of each text against all the others; higher = less diverse.
+
+    Computed on the first `max_texts` texts (the cost is quadratic).
+    """
+    words = [_words(t) for t in texts[:max_texts]]
+    if len(words) < 2:
+        return 0.0
+    return statistics.fmean(bleu(w, words[:i] + words[i + 1 :]) for i, w in enumerate(words))
+
+
+# ---- evaluators -------------------------------------------------------------------------------
+
+
+class Evaluator:
+    """What a task measures on a split. `evaluate` returns `{"metrics": {name: float}, "samples": [dict]}`.
+
+    `prefix` names the validation metrics (`{prefix}_{name}`) and `primary` the metric whose best
+    value picks the best checkpoint and drives early stopping.
     """
 
-    def __init__(self, prompts, reward_funcs, settings: GenerationSettings, eval_steps: int, seed: int = 0, weights=None):
-        self.prompts, self.reward_funcs, self.settings = list(prompts), reward_funcs, settings
-        self.eval_steps, self.seed, self.weights = int(eval_steps), seed, weights
+    prefix = "val"
+    primary = "reward"
+
+    def evaluate(self, model, tokenizer, split: str, accelerator=None, seed: int = 0) -> dict:
+        raise NotImplementedError
+
+
+class RewardEvaluator(Evaluator):
+    """Sampled completions scored by the task's reward, an independent judge, best-of-N and diversity.
+
+    Metrics: `reward`, `reward_std` (one sample per prompt); `gold_reward`, `gold_reward_std` (the
+    judge on the same completions); `best_of_n_reward` (N samples per prompt, the best reward, mean
+    over prompts; the first of the N is the sample above); `distinct_1`, `distinct_2`, `self_bleu`;
+    `completion_length` (tokens up to and including EOS).
+    """
+
+    def __init__(self, prompts: dict[str, list[str]], reward_funcs, settings: GenerationSettings, weights=None, judge=None, best_of_n: int = 4):
+        self.prompts, self.reward_funcs, self.settings = prompts, reward_funcs, settings
+        self.weights, self.judge, self.best_of_n = weights, judge, int(best_of_n)
+
+    def _score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        scores = compute_rewards(self.reward_funcs, prompts, completions)
+        return (scores @ torch.tensor(self.weights or [1.0] * len(self.reward_funcs))).tolist()
+
+    def evaluate(self, model, tokenizer, split: str, accelerator=None, seed: int = 0) -> dict:
+        prompts = self.prompts[split]
+
+        def work(shard: list[str], rank: int) -> list[dict]:
+            samples = []
+            for k in range(max(1, self.best_of_n)):
+                # sample k of this shard uses seed + 1000 k + rank: a rerun on as many processes reproduces it
+                completions, lengths = generate_completions(model, tokenizer, shard, self.settings, seed + 1000 * k + rank)
+                samples.append((completions, lengths, self._score(shard, completions)))
+            completions, lengths, rewards = samples[0]
+            gold = self.judge(shard, completions) if self.judge is not None else [None] * len(shard)
+            best = [max(s[2][i] for s in samples) for i in range(len(shard))]
+            return [
+                {"prompt": p, "completion": c, "length": n, "reward": r, "gold_reward": g, "best_of_n_reward": b}
+                for p, c, n, r, g, b in zip(shard, completions, lengths, rewards, gold, best)
+            ]
+
+        rows = shard_and_gather(accelerator, prompts, work)
+        rewards = [r["reward"] for r in rows]
+        completions = [r["completion"] for r in rows]
+        metrics = {"reward": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards)}
+        if self.judge is not None:
+            gold = [r["gold_reward"] for r in rows]
+            metrics |= {"gold_reward": statistics.fmean(gold), "gold_reward_std": statistics.pstdev(gold)}
+        if self.best_of_n > 1:
+            metrics["best_of_n_reward"] = statistics.fmean(r["best_of_n_reward"] for r in rows)
+        metrics |= {
+            "distinct_1": distinct_n(completions, 1),
+            "distinct_2": distinct_n(completions, 2),
+            "self_bleu": self_bleu(completions),
+            "completion_length": statistics.fmean(r["length"] for r in rows),
+        }
+        return {"metrics": metrics, "samples": rows}
+
+
+# ---- when to evaluate -------------------------------------------------------------------------
+
+
+class EvaluationCallback(TrainerCallback):
+    """Evaluates at step 0, every `eval_steps` and at the end; keeps the best checkpoint; optional early stop.
+
+    Logs `{prefix}_{metric}` for every metric of the evaluator, `best_{prefix}_{primary}`,
+    `best_{prefix}_step`, `elapsed_seconds` (wall time since training began) and `train_seconds`
+    (the same without the time spent evaluating). Every evaluation uses the same prompts and the same
+    seed, so methods and steps see the same conditions. The best checkpoint (highest primary metric;
+    the first on ties) is saved to `best_model_dir` and kept in memory (trainable parameters only)
+    for the final test. Attach the trainer (`callback.trainer = trainer`) so the values reach its loggers.
+    """
+
+    def __init__(self, evaluator: Evaluator, eval_steps: int, seed: int = 0, best_model_dir: str | None = None, early_stopping_patience: int = 0):
+        self.evaluator, self.eval_steps, self.seed = evaluator, int(eval_steps), seed
+        self.best_model_dir, self.patience = best_model_dir, int(early_stopping_patience or 0)
         self.trainer = None
-        self.best_reward, self.best_step = float("-inf"), None
+        self.best_value, self.best_step = float("-inf"), None
+        self.best_parameters: dict[str, torch.Tensor] | None = None
+        self.evaluations_since_best = 0
+        self.stopped_early_at: int | None = None
         self.results: dict[int, dict] = {}
+        self._start, self._eval_seconds = None, 0.0
+
+    @property
+    def best_key(self) -> str:
+        return f"best_{self.evaluator.prefix}_{self.evaluator.primary}"
+
+    def policy(self):
+        return self.trainer.accelerator.unwrap_model(self.trainer.model)
 
     def evaluate(self, step: int) -> dict:
-        trainer = self.trainer
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        result = evaluate_reward(model, trainer.processing_class, self.prompts, self.reward_funcs, self.settings, self.seed, trainer.accelerator, self.weights)
+        trainer, started = self.trainer, time.time()
+        result = self.evaluator.evaluate(self.policy(), trainer.processing_class, "validation", trainer.accelerator, self.seed)
         self.results[step] = result
-        if result["mean"] > self.best_reward:
-            self.best_reward, self.best_step = result["mean"], step
-        return {"val_reward": result["mean"], "val_reward_std": result["std"], "best_val_reward": self.best_reward, "best_val_step": self.best_step}
+        value = result["metrics"][self.evaluator.primary]
+        if value > self.best_value:
+            self.best_value, self.best_step, self.evaluations_since_best = value, step, 0
+            self._keep_best()
+        else:
+            self.evaluations_since_best += 1
+        self._eval_seconds += time.time() - started
+        elapsed = time.time() - self._start if self._start else 0.0
+        prefix = self.evaluator.prefix
+        return {
+            **{f"{prefix}_{name}": v for name, v in result["metrics"].items()},
+            self.best_key: self.best_value,
+            f"best_{prefix}_step": self.best_step,
+            "elapsed_seconds": elapsed,
+            "train_seconds": max(elapsed - self._eval_seconds, 0.0),
+        }
+
+    def _keep_best(self) -> None:
+        self.best_parameters = {name: p.detach().to("cpu", copy=True) for name, p in self.policy().named_parameters() if p.requires_grad}
+        if self.best_model_dir:
+            self.trainer.save_model(self.best_model_dir)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.time()
         if self.trainer is not None and state.global_step == 0:
-            self._log(state, self.evaluate(0))
+            self.log(state, self.evaluate(0))
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer is not None and self.eval_steps > 0 and state.global_step % self.eval_steps == 0:
-            self._log(state, self.evaluate(state.global_step))
+            self.log(state, self.evaluate(state.global_step))
+            if self.patience and self.evaluations_since_best >= self.patience:
+                self.stopped_early_at = state.global_step
+                logger.warning(
+                    "early stopping at step %d: %s has not improved on %.4f (step %s) for %d evaluations",
+                    state.global_step, f"{self.evaluator.prefix}_{self.evaluator.primary}", self.best_value, self.best_step, self.patience,
+                )
+                control.should_training_stop = True
+        return control
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.trainer is not None and state.global_step not in self.results:
-            self._log(state, self.evaluate(state.global_step))
+            self.log(state, self.evaluate(state.global_step))
 
-    def _log(self, state, metrics: dict) -> None:
+    def log(self, state, metrics: dict) -> None:
         # Straight to the history and the reporters (W&B, TensorBoard, progress bar), not through
         # trainer.log: a trainer's log() may flush its own metric window (TRL's GRPOTrainer does).
         trainer = self.trainer
@@ -132,3 +304,19 @@ class RewardEvaluationCallback(TrainerCallback):
         should_log = trainer.control.should_log  # on_log resets it; this step's training log must still happen
         trainer.control = trainer.callback_handler.on_log(trainer.args, state, trainer.control, dict(metrics))
         trainer.control.should_log = should_log
+
+    def swap_in_best(self) -> dict[str, torch.Tensor]:
+        """Load the best checkpoint's trainable parameters into the policy; returns the current ones to restore."""
+        current = {}
+        parameters = dict(self.policy().named_parameters())
+        with torch.no_grad():
+            for name, value in (self.best_parameters or {}).items():
+                current[name] = parameters[name].detach().to("cpu", copy=True)
+                parameters[name].copy_(value)
+        return current
+
+    def restore(self, saved: dict[str, torch.Tensor]) -> None:
+        parameters = dict(self.policy().named_parameters())
+        with torch.no_grad():
+            for name, value in saved.items():
+                parameters[name].copy_(value)

@@ -36,9 +36,9 @@ class RunArguments:
     """What a run optimises and how it is judged; the same for every method in a comparison."""
 
     method: str = field(default="grade_ste", metadata={"help": "Training method: `grade` (Gumbel-softmax), `grade_ste` (straight-through Gumbel), `reinforce`, `ppo`, `grpo` or `cispo` (TRL's GRPOTrainer)."})
-    task: str = field(default="imdb_sentiment", metadata={"help": "Task: `imdb_sentiment` (learned P(positive) reward) or `length` (`2 - words / 16`), both on IMDB prompts."})
+    task: str = field(default="imdb_sentiment", metadata={"help": "Task: `imdb_sentiment` (learned P(positive) reward) or `length` (`2 - words / 16`), both on IMDB prompts; or `gsm8k` (final-answer correctness + format reward, greedy accuracy; not for GRADE)."})
     model_name_or_path: str = field(default="embedded", metadata={"help": "Policy: hub id, local path, or `embedded` (the bundled tiny-imdb-gpt2)."})
-    dataset_name: str = field(default="stanfordnlp/imdb", metadata={"help": "IMDB: hub id, local folder/file (jsonl, jsonl.gz, parquet), or `embedded` (bundled 3k/1k sample)."})
+    dataset_name: str = field(default="stanfordnlp/imdb", metadata={"help": "IMDB: hub id, local folder/file (jsonl, jsonl.gz, parquet), or `embedded` (bundled 3k/1k sample). GSM8K (default `openai/gsm8k`, config main): the same forms, `embedded` being a bundled 1k/200 sample."})
     reward_split_size: int = field(default=5000, metadata={"help": "IMDB train reviews for the reward model (GRADE experiment: 5,000)."})
     policy_split_size: int = field(default=10000, metadata={"help": "IMDB train reviews whose openings are the training prompts (10,000)."})
     validation_split_size: int = field(default=2000, metadata={"help": "IMDB train reviews held out for validation (2,000)."})
@@ -60,6 +60,25 @@ class RunArguments:
     eval_min_new_tokens: int | None = field(default=None, metadata={"help": "Minimum new tokens of evaluation generations (default: the method's own `min_new_tokens`; 0 for TRL's GRPO, which has none). Set it to compare GRPO with the others on equal lengths."})
     eval_seed: int = field(default=1234, metadata={"help": "Seed of every evaluation's sampling, so each evaluation sees the same noise."})
     num_samples_to_show: int = field(default=3, metadata={"help": "Validation completions shown before/after training in the summary."})
+    eval_best_of_n: int = field(default=4, metadata={"help": "Samples per prompt for `best_of_n_reward` (the best of N, mean over prompts); 1 turns it off. Costs N generations per prompt per evaluation."})
+    gold_judge: str = field(
+        default="tfidf",
+        metadata={
+            "help": "Independent judge scoring the same generations as `gold_reward` (IMDB): `tfidf` (TF-IDF + logistic regression fitted on IMDB train, offline), "
+            "a sequence classifier's hub id or path (e.g. siebert/sentiment-roberta-large-english, lvwerra/distilbert-imdb), or `none`."
+        },
+    )
+    save_best_model: bool = field(default=True, metadata={"help": "Save the best-validation checkpoint to {output_dir}/best_model and test it at the end beside the final one."})
+    early_stopping_patience: int = field(default=0, metadata={"help": "Stop when the validation metric has not improved for this many evaluations (0: off)."})
+    doctor: str = field(default="warn", metadata={"help": "Run doctor during training (grade_trl/doctor.py): `warn` logs each finding once with its evidence and likely cause, `stop` also stops the run on the findings named by doctor_stop_on, `off` disables it. After a run: `python -m grade_trl.doctor OUTPUT_DIR`."})
+    doctor_stop_on: list[str] = field(default_factory=lambda: ["error"], metadata={"help": "With doctor: stop, what stops the run: a severity (`error`: non-finite values, negative KL, gradient explosion; `warning`) or check ids such as reward_regression, kl_high."})
+    probe_steps: list[int] | None = field(default=None, metadata={"help": "Optimizer steps (0 = before training) at which K independent gradient estimates on a fixed prompt batch are drawn and their mean squared norm, total variance, SNR and cosines logged as probe_* (grade_trl/probe.py); None: off."})
+    probe_num_estimates: int = field(default=16, metadata={"help": "Independent gradient estimates per probe (>= 2); each costs one rollout and backward pass of the probe batch."})
+    probe_num_prompts: int = field(default=8, metadata={"help": "The probe's fixed batch: the first N training prompts, the same for every method of a task."})
+    doctor_settings: dict | None = field(default=None, metadata={"help": "Overrides of the doctor's thresholds, e.g. {kl_max: 20, regression_evals: 3}; every setting: `python -m grade_trl.doctor --help`."})
+    eval_num_problems: int = field(default=500, metadata={"help": "GSM8K: the first N test problems whose greedy accuracy is `eval_accuracy` at each evaluation (the users' runs: 500)."})
+    test_num_problems: int | None = field(default=None, metadata={"help": "GSM8K: the first N test problems of the final test (default: the whole test split, 1,319)."})
+    eval_pass_k: int = field(default=0, metadata={"help": "GSM8K: k > 1 also samples k completions per problem (eval_temperature, eval_top_p) for `pass_at_k` and `maj_at_k`; costs k more generations."})
 
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (GRADE experiment: 16)."})
@@ -72,9 +91,19 @@ class RunArguments:
             raise ValueError(f"reward_input must be 'completion' or 'prompt_completion', got {self.reward_input!r}")
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
+        if self.probe_num_estimates < 2:
+            raise ValueError(f"probe_num_estimates must be >= 2 (a variance needs two estimates), got {self.probe_num_estimates}")
+        if self.doctor not in ("warn", "stop", "off"):
+            raise ValueError(f"doctor must be warn, stop or off, got {self.doctor!r}")
+        from .doctor import DoctorCallback, build_settings  # unknown settings or stop_on names raise a one-line ValueError
+
+        build_settings(self.doctor_settings or {})
+        DoctorCallback(stop_on=self.doctor_stop_on)
 
 
-TASKS = ("imdb_sentiment", "length")
+TASKS = ("imdb_sentiment", "length", "gsm8k")
+TASK_DEFAULTS = {"gsm8k": {"dataset_name": "openai/gsm8k", "max_prompt_length": 512}}  # a chat-templated GSM8K question needs ~300 tokens
+NON_DIFFERENTIABLE_TASKS = {"gsm8k": "gsm8k's correctness reward is not (an exact match of the final answer has no gradient)"}
 
 
 def _grpo_config():
@@ -226,6 +255,10 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
     run_fields, config_fields = _fields(RunArguments), _fields(config_cls)
     hints = {**typing.get_type_hints(config_cls), **typing.get_type_hints(RunArguments)}
 
+    task = str(values.get("task", RunArguments.task))
+    if task in NON_DIFFERENTIABLE_TASKS and method in ("grade", "grade_ste"):
+        raise RecipeError(f"method {method!r} cannot train task {task!r}: GRADE needs a differentiable reward; {NON_DIFFERENTIABLE_TASKS[task]}; use reinforce, grpo or cispo")
+    values = {**TASK_DEFAULTS.get(task, {}), **values}  # the task's own data set and prompt length unless the recipe sets them
     unknown = [k for k in values if k not in run_fields and k not in config_fields]
     if unknown:
         key = unknown[0]

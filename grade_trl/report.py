@@ -10,22 +10,31 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def _score(value) -> str:
+    return "  - " if value is None else f"{value:.2f}"
+
+
 def summary_table(final: dict) -> str:
-    """Validation reward before/after, KL, test reward, and a few completions before/after."""
-    before, after = final["val_reward_before"], final["val_reward_after"]
-    lines = [
-        "",
-        f"{'':<28}{'before':>12}{'after':>12}",
-        f"{'validation reward (mean)':<28}{before['mean']:>12.3f}{after['mean']:>12.3f}",
-        f"{'validation reward (std)':<28}{before['std']:>12.3f}{after['std']:>12.3f}",
-        f"{'KL to reference (last log)':<28}{0.0:>12.3f}{final.get('kl') or float('nan'):>12.3f}",
-    ]
-    if "test_reward" in final:
-        lines.append(f"{'test reward (mean)':<28}{'':>12}{final['test_reward']['mean']:>12.3f}")
-    lines.append(f"{'optimizer steps / minutes':<28}{'':>12}{final['steps']:>6d} / {final['train_minutes']:.1f}")
+    """Validation metrics before/after, KL, test metrics of the final and best checkpoints, a few completions."""
+    before, after = final["validation_before"], final["validation_after"]
+    test = final.get("test", {})
+    prefix = final["validation_metric"].split("_", 1)[0]
+    lines = ["", f"{'':<34}{'before':>12}{'after':>12}"]
+    for name in ("reward", "reward_std", "gold_reward", "best_of_n_reward", "accuracy", "format_reward", "completion_length", "distinct_2"):
+        if name in before and name in after:
+            lines.append(f"{prefix + ' ' + name:<34}{before[name]:>12.3f}{after[name]:>12.3f}")
+    lines.append(f"{'KL to reference (last log)':<34}{0.0:>12.3f}{final.get('kl') or float('nan'):>12.3f}")
+    primary = final["validation_metric"].split("_", 1)[1]
+    for tag in ("final", "best"):
+        if tag in test:
+            for name in (primary, "gold_reward"):
+                if name in test[tag]["metrics"]:
+                    label = f"test {name} ({tag} ckpt)" if tag == "final" else f"test {name} (best, step {final.get('best_validation_step')})"
+                    lines.append(f"{label:<34}{'':>12}{test[tag]['metrics'][name]:>12.3f}")
+    lines.append(f"{'optimizer steps / minutes':<34}{'':>12}{final['steps']:>6d} / {final['train_minutes']:.1f}")
     for i, sample in enumerate(final.get("samples", []), 1):
         lines += ["", f"sample {i}  prompt: {_clip(sample['prompt'], 100)}"]
         for tag in ("before", "after"):
-            text = textwrap.fill(_clip(sample[tag], 220), width=96, initial_indent=f"  {tag:<6} [{sample[tag + '_reward']:.2f}] ", subsequent_indent=" " * 17)
+            text = textwrap.fill(_clip(sample[tag], 220), width=96, initial_indent=f"  {tag:<6} [{_score(sample[tag + '_reward'])}] ", subsequent_indent=" " * 17)
             lines.append(text)
     return "\n".join(lines)

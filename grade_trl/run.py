@@ -7,6 +7,7 @@ stops the run after results.json has been written with everything logged so far.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -60,6 +61,45 @@ def build_trainer(run_args, config, task, tokenizer, callbacks):
     return trainer_class[run_args.method](model=run_args.model_name_or_path, **common)
 
 
+def test_result(evaluator, policy, tokenizer, accelerator, seed: int) -> dict:
+    """The test split's metrics, with the per-prompt values (`rewards`, `gold_rewards`, ...) kept for paired tests."""
+    result = evaluator.evaluate(policy, tokenizer, "test", accelerator, seed)
+    samples = result["samples"]
+    out = {"metrics": result["metrics"], "prompts": [s["prompt"] for s in samples]}
+    for key in ("reward", "gold_reward", "best_of_n_reward", "correct"):
+        if samples and samples[0].get(key) is not None:
+            out[f"{key}s"] = [s[key] for s in samples]
+    return out
+
+
+def completions_per_step(run_args, config, num_processes: int) -> float:
+    """New completions generated per optimizer step, over all processes (the x axis of sample efficiency).
+
+    A micro-batch is `per_device_train_batch_size` completions (TRL's GRPO counts completions, not
+    prompts), REINFORCE's is that many prompts times `num_samples_per_prompt`. PPO reuses one rollout for `ppo_epochs * num_mini_batches` micro-steps
+    and GRPO/CISPO for `num_iterations`, so only that fraction of a step's micro-batches is new.
+    """
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * num_processes
+    if run_args.method == "ppo":
+        return per_step / (config.ppo_epochs * config.num_mini_batches)
+    if run_args.method in ("grpo", "cispo"):
+        return per_step / config.num_iterations
+    if run_args.method == "reinforce":  # its batch counts prompts, each sampled num_samples_per_prompt times
+        return per_step * config.num_samples_per_prompt
+    return per_step
+
+
+def peak_memory() -> float:
+    """Peak accelerator memory (MB) where there is one, else this process's peak resident set."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
 def results_payload(recipe: Recipe, trainer, status: str, final: dict, error: str | None = None) -> dict:
     payload = {
         "status": status,
@@ -82,37 +122,69 @@ def loading(key: str, value: str):
         raise RecipeError(f"{key}: cannot load {value!r}: {first_line} (give a local path, `embedded`, or a hub id reachable from here)") from None
 
 
+def build_task(recipe: Recipe):
+    """The tokenizer and the task (data, rewards, evaluator with the run's generation settings)."""
+    from .evaluation import GenerationSettings
+    from .models import load_tokenizer
+    from .tasks import TASK_BUILDERS
+
+    run_args, config = recipe.run, recipe.config
+    max_new_tokens, min_new_tokens = completion_lengths(config)
+    if run_args.eval_min_new_tokens is not None:
+        min_new_tokens = min(run_args.eval_min_new_tokens, max_new_tokens)
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        temperature=run_args.eval_temperature,
+        top_p=run_args.eval_top_p,
+        max_prompt_length=run_args.max_prompt_length,
+    )
+    with loading("model_name_or_path", run_args.model_name_or_path):
+        tokenizer = load_tokenizer(run_args.model_name_or_path)
+    with loading("dataset_name", run_args.dataset_name):
+        task = TASK_BUILDERS[run_args.task](run_args, tokenizer, config.seed, settings, config.reward_weights)
+    return tokenizer, task
+
+
 def run(recipe: Recipe) -> int:
     import torch
     from accelerate import PartialState
     from transformers import set_seed
 
-    from .evaluation import GenerationSettings, RewardEvaluationCallback, evaluate_reward
-    from .models import load_tokenizer
+    from .doctor import DoctorCallback, build_settings
+    from .evaluation import EvaluationCallback
     from .report import summary_table
     from .results import write_json_atomic
-    from .tasks import TASK_BUILDERS
 
     run_args, config = recipe.run, recipe.config
     PartialState(cpu=config.use_cpu)  # join the process group now: the task's set-up is shared between processes
     set_seed(config.seed)
     results_path = os.path.join(config.output_dir, "results.json")
-    with loading("model_name_or_path", run_args.model_name_or_path):
-        tokenizer = load_tokenizer(run_args.model_name_or_path)
-    with loading("dataset_name", run_args.dataset_name):
-        task = TASK_BUILDERS[run_args.task](run_args, tokenizer, config.seed)
+    tokenizer, task = build_task(recipe)
 
-    max_new_tokens, min_new_tokens = completion_lengths(config)
-    if run_args.eval_min_new_tokens is not None:
-        min_new_tokens = min(run_args.eval_min_new_tokens, max_new_tokens)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=run_args.eval_temperature, top_p=run_args.eval_top_p)
-    eval_callback = RewardEvaluationCallback(
-        task.validation_prompts, task.reward_funcs, settings, eval_steps=int(config.eval_steps or 100), seed=run_args.eval_seed, weights=config.reward_weights
+    eval_callback = EvaluationCallback(
+        task.evaluator,
+        eval_steps=int(config.eval_steps or 100),
+        seed=run_args.eval_seed,
+        best_model_dir=os.path.join(config.output_dir, "best_model") if run_args.save_best_model else None,
+        early_stopping_patience=run_args.early_stopping_patience,
     )
+    doctor = None
+    if run_args.doctor != "off":
+        stop_on = run_args.doctor_stop_on if run_args.doctor == "stop" else ()
+        doctor = DoctorCallback(build_settings(run_args.doctor_settings or {}), stop_on=stop_on)
+    callbacks = [eval_callback] + ([doctor] if doctor else [])
+    if run_args.probe_steps:
+        from .probe import GradientProbeCallback
+
+        callbacks.append(GradientProbeCallback(run_args.probe_steps, run_args.probe_num_estimates, run_args.probe_num_prompts, seed=config.seed))
     with loading("model_name_or_path", run_args.model_name_or_path):
-        trainer = build_trainer(run_args, config, task, tokenizer, [eval_callback])
-    eval_callback.trainer = trainer
+        trainer = build_trainer(run_args, config, task, tokenizer, callbacks)
+    for callback in callbacks:
+        callback.trainer = trainer
     is_main = trainer.accelerator.is_main_process
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
     start = time.time()
     try:
@@ -123,42 +195,74 @@ def run(recipe: Recipe) -> int:
             write_json_atomic(results_path, results_payload(recipe, trainer, status, {"task": task.info}, f"{type(error).__name__}: {error}"))
         raise
     train_minutes = (time.time() - start) / 60
+    peak_memory_mb = peak_memory()
 
     trainer.save_model(os.path.join(config.output_dir, "model"))
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    test = evaluate_reward(policy, tokenizer, task.test_prompts, task.reward_funcs, settings, run_args.eval_seed, trainer.accelerator, config.reward_weights)
+    test = {"final": test_result(task.evaluator, policy, tokenizer, trainer.accelerator, run_args.eval_seed)}
+    if eval_callback.best_parameters is not None and eval_callback.best_step != trainer.state.global_step:
+        saved = eval_callback.swap_in_best()
+        test["best"] = test_result(task.evaluator, policy, tokenizer, trainer.accelerator, run_args.eval_seed)
+        eval_callback.restore(saved)
+    else:  # the final checkpoint is the best one
+        test["best"] = test["final"]
+    test_metrics = {f"test_{name}": v for name, v in test["final"]["metrics"].items()}
+    test_metrics |= {f"test_best_{name}": v for name, v in test["best"]["metrics"].items()}
+    eval_callback.log(trainer.state, test_metrics)  # into the history and to W&B/TensorBoard, as `test/...`
+    prefix, primary = task.evaluator.prefix, task.evaluator.primary
     before, after = eval_callback.results[0], eval_callback.results[trainer.state.global_step]
     train_logs = [h for h in trainer.state.log_history if "kl" in h]
     final = {
         "task": task.info,
         "steps": trainer.state.global_step,
+        "stopped_early": eval_callback.stopped_early_at is not None,
         "train_minutes": train_minutes,
-        "val_reward_before": {"mean": before["mean"], "std": before["std"]},
-        "val_reward_after": {"mean": after["mean"], "std": after["std"]},
-        "best_val_reward": eval_callback.best_reward,
-        "best_val_step": eval_callback.best_step,
-        "test_reward": {"mean": test["mean"], "std": test["std"], "n": len(test["rewards"]), "rewards": test["rewards"]},
+        "samples_per_step": completions_per_step(run_args, config, trainer.accelerator.num_processes),
+        "peak_memory_mb": peak_memory_mb,
+        "validation_metric": f"{prefix}_{primary}",
+        "validation_before": before["metrics"],
+        "validation_after": after["metrics"],
+        "best_validation": eval_callback.best_value,
+        "best_validation_step": eval_callback.best_step,
+        "test": test,
         "kl": train_logs[-1]["kl"] if train_logs else None,
+        "doctor": [dataclasses.asdict(f) for f in doctor.findings] if doctor else None,
         "samples": [
             {
-                "prompt": before["prompts"][i],
-                "before": before["completions"][i],
-                "before_reward": before["rewards"][i],
-                "after": after["completions"][i],
-                "after_reward": after["rewards"][i],
+                "prompt": b["prompt"],
+                "before": b["completion"],
+                "before_reward": b.get("reward"),
+                "after": a["completion"],
+                "after_reward": a.get("reward"),
             }
-            for i in range(min(run_args.num_samples_to_show, len(before["prompts"])))
+            for b, a in list(zip(before["samples"], after["samples"]))[: run_args.num_samples_to_show]
         ],
         "device": str(trainer.accelerator.device),
         "num_processes": trainer.accelerator.num_processes,
         "torch": torch.__version__,
     }
+    if primary == "reward":  # the names the IMDB/length summaries and earlier results use
+        final["val_reward_before"] = {"mean": before["metrics"]["reward"], "std": before["metrics"]["reward_std"]}
+        final["val_reward_after"] = {"mean": after["metrics"]["reward"], "std": after["metrics"]["reward_std"]}
+        final["best_val_reward"], final["best_val_step"] = eval_callback.best_value, eval_callback.best_step
+        rewards = test["final"]["rewards"]
+        final["test_reward"] = {"mean": test["final"]["metrics"]["reward"], "std": test["final"]["metrics"]["reward_std"], "n": len(rewards), "rewards": rewards}
     if is_main:
         write_json_atomic(results_path, results_payload(recipe, trainer, "completed", final))
         print(summary_table(final))
         print(f"\nresults: {results_path}\nmodel:   {os.path.join(config.output_dir, 'model')}")
+    finish_reporters(config)
     trainer.accelerator.wait_for_everyone()
     return 0
+
+
+def finish_reporters(config) -> None:
+    """Close the W&B run so its files are complete when `run` returns (the Trainer leaves it open)."""
+    if "wandb" in (config.report_to or []):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 def _close_process_group() -> None:

@@ -12,8 +12,12 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from datasets import Dataset
 
-from .data.imdb import clean_review, make_imdb_splits, prompt_dataset
+from .data.gsm8k import make_gsm8k_splits
+from .data.imdb import clean_review, load_imdb, make_imdb_splits, prompt_dataset
+from .evaluation import Evaluator, GenerationSettings, RewardEvaluator
+from .evaluation_gsm8k import GSM8KEvaluator
 from .models import resolve_model_path
+from .rewards.gsm8k import GSM8KCorrectness, GSM8KFormat
 from .rewards.length import LengthReward
 from .rewards.sentiment import SentimentReward, SentimentRewardModel, has_trained_head, train_sentiment_head
 
@@ -23,10 +27,9 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Task:
     name: str
-    train_dataset: Dataset  # `prompt` column
-    validation_prompts: list[str]
-    test_prompts: list[str]
+    train_dataset: Dataset  # `prompt` column, plus any columns the reward functions take as kwargs
     reward_funcs: list
+    evaluator: Evaluator  # what validation and test measure
     info: dict = field(default_factory=dict)  # e.g. the reward model's held-out accuracy
 
 
@@ -44,29 +47,52 @@ def imdb_prompt_splits(run, tokenizer, seed: int) -> tuple[dict, dict]:
     return splits, prompts
 
 
-def _task(name: str, run, splits, prompts, reward_funcs, **info) -> Task:
+def _imdb_task(name: str, run, splits, prompts, reward_funcs, settings: GenerationSettings, weights, judge=None, **info) -> Task:
+    evaluation_prompts = {"validation": prompts["validation"]["prompt"][: run.eval_num_prompts], "test": prompts["test"]["prompt"][: run.test_num_prompts]}
     return Task(
         name=name,
         train_dataset=prompts["policy"].select_columns(["prompt"]),
-        validation_prompts=prompts["validation"]["prompt"][: run.eval_num_prompts],
-        test_prompts=prompts["test"]["prompt"][: run.test_num_prompts],
         reward_funcs=reward_funcs,
+        evaluator=RewardEvaluator(evaluation_prompts, reward_funcs, settings, weights, judge=judge, best_of_n=run.eval_best_of_n),
         info={**info, "split_sizes": {name: len(split) for name, split in splits.items()}},
     )
 
 
-def build_imdb_sentiment(run, tokenizer, seed: int) -> Task:
-    """IMDB prompts and the learned sentiment reward (trained on the reward split when no head exists)."""
+def build_imdb_sentiment(run, tokenizer, seed: int, settings: GenerationSettings, weights=None) -> Task:
+    """IMDB prompts, the learned sentiment reward (trained on the reward split when no head exists), a gold judge."""
     splits, prompts = imdb_prompt_splits(run, tokenizer, seed)
     reward_model, info = load_or_train_sentiment_model(run, tokenizer, splits, seed)
     reward = SentimentReward(reward_model, tokenizer, include_prompt=run.reward_input == "prompt_completion")
-    return _task("imdb_sentiment", run, splits, prompts, [reward], reward_model=info)
+    judge = build_gold_judge(run.gold_judge, run.dataset_name, seed)
+    judge_info = {"gold_judge": run.gold_judge, "gold_judge_test_accuracy": judge.test_accuracy} if judge else {}
+    return _imdb_task("imdb_sentiment", run, splits, prompts, [reward], settings, weights, judge, reward_model=info, **judge_info)
 
 
-def build_length(run, tokenizer, seed: int) -> Task:
-    """IMDB prompts and the length reward `2 - words / 16` (shorter is better)."""
+def build_length(run, tokenizer, seed: int, settings: GenerationSettings, weights=None) -> Task:
+    """IMDB prompts and the length reward `2 - words / 16` (shorter is better); the reward is exact, no judge."""
     splits, prompts = imdb_prompt_splits(run, tokenizer, seed)
-    return _task("length", run, splits, prompts, [LengthReward(tokenizer.eos_token_id)])
+    return _imdb_task("length", run, splits, prompts, [LengthReward(tokenizer.eos_token_id)], settings, weights)
+
+
+def build_gold_judge(spec: str, dataset_name: str, seed: int, max_test_reviews: int = 5000):
+    """`tfidf`: TF-IDF + logistic regression fitted on the IMDB train reviews; `none`; or a classifier's hub id/path.
+
+    Its accuracy on (at most `max_test_reviews` of) the IMDB test reviews is kept as `test_accuracy`.
+    """
+    from .rewards.judge import ClassifierJudge, TfidfJudge
+
+    if spec == "none":
+        return None
+    test = load_imdb(dataset_name, "test").shuffle(seed=seed)
+    test = test.select(range(min(max_test_reviews, len(test))))
+    if spec == "tfidf":
+        train = load_imdb(dataset_name, "train")
+        judge = TfidfJudge.fit([clean_review(t) for t in train["text"]], train["label"])
+    else:
+        judge = ClassifierJudge(spec)
+    judge.test_accuracy = judge.accuracy([clean_review(t) for t in test["text"]], test["label"])
+    logger.info("gold judge %s: accuracy %.3f on %d IMDB test reviews", spec, judge.test_accuracy, len(test))
+    return judge
 
 
 def load_or_train_sentiment_model(run, tokenizer, splits, seed: int) -> tuple[SentimentRewardModel, dict]:
@@ -105,4 +131,23 @@ def load_or_train_sentiment_model(run, tokenizer, splits, seed: int) -> tuple[Se
         return model, model.metadata
 
 
-TASK_BUILDERS = {"imdb_sentiment": build_imdb_sentiment, "length": build_length}
+def build_gsm8k(run, tokenizer, seed: int, settings: GenerationSettings, weights=None) -> Task:
+    """GSM8K problems, the binary correctness reward plus the format reward, greedy accuracy evaluation.
+
+    Validation: the first `eval_num_problems` test problems (as the users evaluated); test: the first
+    `test_num_problems` (or all). The train dataset keeps `answer` (the gold number), which reaches the
+    rewards as a keyword, as in TRL. Test problems are fixed by file order, so `seed` does not change them.
+    """
+    splits, info = make_gsm8k_splits(run.dataset_name, tokenizer, run.max_prompt_length, run.eval_num_problems, run.test_num_problems)
+    reward_funcs = [GSM8KCorrectness(), GSM8KFormat()]
+    problems = {"validation": splits["validation"], "test": splits["test"]}
+    return Task(
+        name="gsm8k",
+        train_dataset=splits["train"].select_columns(["prompt", "answer"]),
+        reward_funcs=reward_funcs,
+        evaluator=GSM8KEvaluator(problems, reward_funcs, settings, weights, pass_k=run.eval_pass_k),
+        info=info,
+    )
+
+
+TASK_BUILDERS = {"imdb_sentiment": build_imdb_sentiment, "length": build_length, "gsm8k": build_gsm8k}

@@ -87,6 +87,12 @@ class RolloutTrainer(GradNormWindowMixin, Trainer):
         if self._signature_columns is None:
             self._signature_columns = ["prompt"]
 
+    @staticmethod
+    def reward_kwargs(inputs, repeat: int = 1) -> dict[str, list]:
+        """Every dataset column except `prompt`, one entry per completion: TRL passes them to reward functions as keywords."""
+        keys = [key for key in inputs[0] if key not in ("prompt", "completion", "completion_ids")]
+        return {key: [example[key] for example in inputs for _ in range(repeat)] for key in keys}
+
     def tokenize_prompts(self, inputs) -> dict[str, torch.Tensor]:
         prompts = [example["prompt"] for example in inputs]
         return self.processing_class(

@@ -20,7 +20,8 @@ class RolloutConfig(TrainingArguments):
     Fields that differ from `TrainingArguments`: `per_device_train_batch_size` (4 instead of 8),
     `gradient_accumulation_steps` (4 instead of 1), `logging_steps` (10 instead of 500), `eval_steps`
     (100 instead of None: the reward-evaluation callback's period), `save_strategy` ("no": the runner
-    saves the final model itself), `report_to` ("none").
+    saves the final model itself), `report_to` ("none"), `remove_unused_columns` (False: extra columns such as
+    GSM8K's `answer` reach the reward functions, TRL's convention).
     """
 
     # Overridden TrainingArguments defaults
@@ -30,6 +31,9 @@ class RolloutConfig(TrainingArguments):
     eval_steps: float | None = field(default=100, metadata={"help": "Optimizer steps between two validation-reward evaluations (GRADE experiment: 100)."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint saving strategy; the runner writes the final model to {output_dir}/model."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers to report to (`wandb`, `tensorboard`, `trackio`, `all`, `none`)."})
+    remove_unused_columns: bool | None = field(
+        default=False, metadata={"help": "Keep every dataset column: besides `prompt`, each reaches the reward functions as a keyword (as TRL's GRPOConfig)."}
+    )
 
     # Model
     model_init_kwargs: dict[str, Any] | None = field(

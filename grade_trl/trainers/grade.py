@@ -97,11 +97,7 @@ class GumbelGRADETrainer(RolloutTrainer):
         kl = masked_sum(kl_per_token, rollout.mask, dim=1)  # (B,)
 
         # 4. differentiable rewards
-        scores = []
-        for func in self.reward_funcs:
-            soft, mask = soft_reward_inputs(func, rollout, eos)
-            scores.append(check_finite_scores(func, func.score_soft(soft, mask).float()))
-        scores = torch.stack(scores, dim=1)  # (B, F)
+        scores = self.soft_reward_scores(rollout)  # (B, F)
         rewards = scores @ self.reward_weights.to(device)  # (B,)
 
         # 5. the loss
@@ -111,6 +107,15 @@ class GumbelGRADETrainer(RolloutTrainer):
         return loss
 
     @torch.no_grad()
+    def soft_reward_scores(self, rollout) -> torch.Tensor:
+        """Each reward function's differentiable score of each relaxed completion. (B, F)"""
+        eos = self.processing_class.eos_token_id
+        scores = []
+        for func in self.reward_funcs:
+            soft, mask = soft_reward_inputs(func, rollout, eos)
+            scores.append(check_finite_scores(func, func.score_soft(soft, mask).float()))
+        return torch.stack(scores, dim=1)
+
     def _log_step_metrics(self, rollout, rewards, scores, kl, tau):
         self.metrics.add(
             reward=self.gathered_mean(rewards),

@@ -317,7 +317,7 @@ class PPOTrainer(RolloutTrainer):
         prompts = [example["prompt"] for example in inputs]
         completion_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, mask)]
         completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
-        scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids).to(device)  # (B, F)
+        scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs)).to(device)  # (B, F)
         score = scores @ self.reward_weights.to(device)  # (B,)
 
         # 3. old policy and values (one forward), reference

@@ -78,7 +78,7 @@ class REINFORCETrainer(RolloutTrainer):
         prompts = [example["prompt"] for example in inputs for _ in range(group)]
         completion_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, mask)]
         completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
-        scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids).to(device)  # (B, F)
+        scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs, group)).to(device)  # (B, F)
         rewards = scores @ self.reward_weights.to(device)  # (B,)
 
         # 4. log-probs from the same processed distribution; KL to the reference under no_grad

@@ -1,0 +1,97 @@
+"""GSM8K (Cobbe et al. 2021, arXiv:2110.14168): loading, gold answers, prompts.
+
+Sources: the hub id `openai/gsm8k` (config `main`), a local folder with `train`/`test` as `.jsonl`,
+`.jsonl.gz` or `.parquet` (or one such file), or `embedded` (the bundled 1,000 train / 200 test
+sample). Every row has `question` and `answer` (a worked solution ending `#### <number>`).
+
+Prompts: with a chat template (Qwen2.5-Instruct and the like) the question is the user turn after a
+system prompt asking for the final answer as `#### <answer>` or `\\boxed{}`, rendered to text with the
+generation prompt; without one, `Question: ...\\nAnswer:`, the form the embedded model was trained on.
+The `answer` column of a prompt dataset is the normalised gold number; the rewards receive it as a
+keyword, exactly as `trl.GRPOTrainer` passes extra dataset columns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+from ..models import ASSETS_DIR
+from ..rewards.gsm8k import gold_answer
+from .imdb import _local_files
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_GSM8K = "embedded"
+"""Name that resolves to the bundled sample (`grade_trl/assets/gsm8k_sample`)."""
+HUB_CONFIG = "main"
+SYSTEM_PROMPT = (
+    "You are a careful math tutor. Solve the problem step by step. "
+    "End with the final answer, a number only, on its own line as `#### <answer>` (or as \\boxed{<answer>})."
+)
+
+
+def load_gsm8k(source: str = "openai/gsm8k", split: str = "train") -> Dataset:
+    """Load one GSM8K split with columns `question`, `answer` from a hub id, a local path, or `embedded`."""
+    if source == EMBEDDED_GSM8K:
+        source = str(ASSETS_DIR / "gsm8k_sample")
+    path = Path(os.path.expanduser(source))
+    if path.exists():
+        builder, files = _local_files(path, split)
+        dataset = load_dataset(builder, data_files={split: files}, split=split)
+    else:
+        dataset = load_dataset(source, HUB_CONFIG, split=split)
+    missing = {"question", "answer"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"GSM8K data at {source!r} lacks columns {sorted(missing)}; expected the hub schema `question`, `answer`")
+    return dataset
+
+
+def format_prompt(question: str, tokenizer, system_prompt: str = SYSTEM_PROMPT) -> str:
+    """The prompt text: the chat template with a system prompt when the tokenizer has one, else `Question: ...\\nAnswer:`."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"Question: {question}\nAnswer:"
+
+
+def prompt_dataset(rows: Dataset, tokenizer, max_prompt_length: int | None = None, system_prompt: str = SYSTEM_PROMPT) -> tuple[Dataset, int]:
+    """(dataset with `prompt`, `answer` (normalised gold number) and `question`, number of rows dropped).
+
+    A problem whose prompt is longer than `max_prompt_length` tokens is dropped, not cut: a truncated
+    question has no answer, and trainers cut prompts at that length.
+    """
+
+    def to_prompt(row):
+        prompt = format_prompt(row["question"], tokenizer, system_prompt)
+        return {"prompt": prompt, "answer": gold_answer(row["answer"]), "num_prompt_tokens": len(tokenizer(prompt, add_special_tokens=False)["input_ids"])}
+
+    dataset = rows.map(to_prompt, remove_columns=[c for c in rows.column_names if c != "question"])
+    kept = dataset if max_prompt_length is None else dataset.filter(lambda n: n <= max_prompt_length, input_columns="num_prompt_tokens")
+    return kept.remove_columns("num_prompt_tokens"), len(dataset) - len(kept)
+
+
+def make_gsm8k_splits(source: str, tokenizer, max_prompt_length: int | None, eval_num_problems: int, test_num_problems: int | None, system_prompt: str = SYSTEM_PROMPT) -> tuple[dict[str, Dataset], dict]:
+    """Prompt datasets `train` (all of GSM8K train), `validation` (the first `eval_num_problems` test problems,
+    as the users evaluated) and `test` (the first `test_num_problems` test problems, or all), plus their sizes.
+
+    Test problems keep the file order, so every method and seed sees the same ones in the same order.
+    Raises ValueError when a split comes out empty (for instance a `max_prompt_length` that fits no question).
+    """
+    train, train_dropped = prompt_dataset(load_gsm8k(source, "train"), tokenizer, max_prompt_length, system_prompt)
+    test, test_dropped = prompt_dataset(load_gsm8k(source, "test"), tokenizer, max_prompt_length, system_prompt)
+    splits = {
+        "train": train,
+        "validation": test.select(range(min(eval_num_problems, len(test)))),
+        "test": test if test_num_problems is None else test.select(range(min(test_num_problems, len(test)))),
+    }
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise ValueError(f"GSM8K {name} split is empty: max_prompt_length {max_prompt_length} fits no prompt (GSM8K questions need about 256 tokens with a chat template)")
+    if train_dropped or test_dropped:
+        logger.warning("GSM8K: dropped %d train and %d test problems whose prompt exceeds max_prompt_length %s tokens", train_dropped, test_dropped, max_prompt_length)
+    info = {"split_sizes": {name: len(split) for name, split in splits.items()}, "dropped_long_prompts": {"train": train_dropped, "test": test_dropped}}
+    return splits, info

@@ -1,0 +1,191 @@
+"""GSM8K rewards: final-answer extraction, numeric correctness and a small format reward.
+
+Both rewards are plain TRL reward callables, `reward(prompts, completions, completion_ids=None, **kwargs)`;
+the gold answer arrives as the dataset column `answer` in `kwargs`, exactly as `trl.GRPOTrainer` (and
+grade_trl's REINFORCE/PPO) pass every dataset column except `prompt` to reward functions. The column
+may hold the bare number ("72") or the whole GSM8K solution ("... #### 72"), so the raw hub data set
+works once a `prompt` column is added.
+
+Extraction (`extract_answer`): the answer-like expressions are `#### X`, `\\boxed{X}` and
+"answer is X" / "answer: X" / "answer = X"; the LAST one in the text wins (a model that restates
+or corrects itself is judged by what it said last). X may carry `$`, thousands commas, a decimal
+part, a sign, a `%` or a unit word after it; `a/b` and `\\frac{a}{b}` are read as fractions. Values
+are exact `Fraction`s, so `18.00 == 18` and `0.5 == 1/2` without float tolerance. A completion
+without any answer-like expression has no answer and scores 0 (with `fallback_to_last_number`,
+the last number in the text is taken instead, like lm-eval's "flexible-extract").
+Not differentiable: GRADE cannot use these rewards (the runner refuses GRADE on task gsm8k).
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+# One number: optional sign and `$`, digits with optional thousands commas, optional decimals ("-$1,800.50").
+_NUMBER = r"(?:[-−]\s?)?(?:\\?\$\s?)?(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+)(?:\.\d+)?(?![\d])|(?:[-−]\s?)?(?:\\?\$\s?)?\.\d+"
+# One value: a number, or a fraction a/b of two numbers ("3/4", "-1/2").
+_VALUE = rf"(?:{_NUMBER})(?:\s?/\s?\d+(?:\.\d+)?)?"
+VALUE_RE = re.compile(_VALUE)
+_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{(?P<num>[^{}]+)\}\s*\{(?P<den>[^{}]+)\}")
+_UNITS_RE = re.compile(r"\\(?:text|mbox|mathrm)\s*\{[^{}]*\}|\\[,!;: ]|\\?%|\^\s*\{?\\circ\}?|\\left|\\right")
+_EXPRESSION_RE = re.compile(r"[+*×÷^]|\d\s*[-−]\s*[\d$]|\d[a-zA-Z]|[a-zA-Z]\s*\d")
+_HASH_RE = re.compile(r"####+[ \t]*(?P<line>[^\n]*)")
+_BOXED_RE = re.compile(r"\\boxed\s*\{")
+# "The answer is 18", "Final answer: $18", "answer = **18**": a number must follow the marker (only spaces, `:`, `=`,
+# `*`, `\(` between), and the rest of the sentence must hold one value ("the answer is 3 more than 4" has none).
+_ANSWER_IS_RE = re.compile(r"\banswer\s*(?:is|was|:|=)(?P<rest>(?:[\s:=*]|\\\(|\\\[)*[-−$\\.\d][^\n]*?)(?=[.!?](?:\s|$)|\n|$)", re.IGNORECASE)
+# What may follow the final answer in a well-formed completion: spaces, `.`, `$`, `**`, `\)`, `\]`.
+_TAIL = r"(?:\s|\.|\$|\*|\\\)|\\\])*"
+_FINAL_HASH_RE = re.compile(rf"####[ \t]*\**[ \t]*(?P<value>{_VALUE}){_TAIL}\Z")
+
+
+def to_number(text: str) -> Fraction | None:
+    """`"$1,800.00"` -> 1800, `"-3/4"` -> -3/4, `"25%"` -> 25, `"\\frac{1}{2}"` -> 1/2, `"18 apples"` -> 18; else None.
+
+    The text must hold exactly one value once `$`, `%`, `\\text{...}` units and thousands commas are read;
+    "3 + 4", "1 1/2" or "3 or 4" are ambiguous and give None.
+    """
+    text = _UNITS_RE.sub(" ", text.replace("**", " ")).strip().rsplit("=", 1)[-1]  # "3+4=7" -> "7": the right-hand side of the last `=`
+    if _EXPRESSION_RE.search(text):
+        return None  # "x+1", "2x", "3 - 4": an expression, not a value
+    frac = _FRAC_RE.fullmatch(text.strip("$ ").lstrip("-−").strip())
+    if frac:
+        num, den = to_number(frac["num"]), to_number(frac["den"])
+        sign = -1 if text.strip("$ ").startswith(("-", "−")) else 1
+        return None if num is None or not den else sign * num / den
+    values = VALUE_RE.findall(text)
+    if len(values) != 1:
+        return None
+    num, _, den = values[0].partition("/")
+    num = _plain_number(num)
+    if not den:
+        return num
+    den = _plain_number(den)
+    return None if den == 0 else num / den
+
+
+def _plain_number(text: str) -> Fraction:
+    return Fraction(re.sub(r"[\s$\\,]", "", text.replace("−", "-")))
+
+
+def normalize_number(text: str) -> str:
+    """Canonical string of a number: `" $1,080.00 "` -> `"1080"`, `"0.50"` -> `"0.5"`, `"-7"` -> `"-7"`.
+
+    Raises ValueError when `text` is not one number (GSM8K gold answers always are).
+    """
+    value = to_number(text)
+    if value is None:
+        raise ValueError(f"not a single number: {text!r}")
+    if value.denominator == 1:
+        return str(value.numerator)
+    decimal = f"{float(value):.10f}".rstrip("0").rstrip(".")
+    return decimal if Fraction(decimal) == value else f"{value.numerator}/{value.denominator}"
+
+
+def gold_answer(answer: str) -> str:
+    """The gold answer of a GSM8K row: the number after the last `####` of the solution (or the text itself), normalised."""
+    return normalize_number(answer.rsplit("####", 1)[-1])
+
+
+def _boxed(text: str):
+    """(start, content or None if the braces never close) of every `\\boxed{...}`, nested braces matched."""
+    for match in _BOXED_RE.finditer(text):
+        depth, i = 1, match.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        yield match.start(), (text[match.end() : i - 1] if depth == 0 else None)
+
+
+def answer_candidates(text: str) -> list[tuple[int, Fraction | None]]:
+    """Every answer-like expression as (position, value), in text order; value None when it cannot be read.
+
+    `#### X` reads the rest of its line ("#### 18 dollars" -> 18, "#### 1 1/2" -> None), `\\boxed{X}` its
+    contents, "answer is X" the value right after the marker.
+    """
+    found = [(m.start(), to_number(m["line"])) for m in _HASH_RE.finditer(text)]
+    found += [(start, None if content is None else to_number(content)) for start, content in _boxed(text)]
+    found += [(m.start(), to_number(m["rest"])) for m in _ANSWER_IS_RE.finditer(text)]
+    return sorted(found, key=lambda c: c[0])
+
+
+def extract_answer(text: str, fallback_to_last_number: bool = False) -> Fraction | None:
+    """The completion's final answer: the value of its LAST answer-like expression, or None.
+
+    A last expression that cannot be read (`\\boxed{x+1}`, a `####` cut off by the length limit) gives
+    None: an earlier, different answer is not credited. With `fallback_to_last_number`, a text without
+    any answer-like expression is judged by its last number.
+    """
+    candidates = answer_candidates(text)
+    if candidates:
+        return candidates[-1][1]
+    if fallback_to_last_number:
+        values = VALUE_RE.findall(text)
+        return to_number(values[-1]) if values else None
+    return None
+
+
+def has_final_answer_format(text: str) -> bool:
+    """True when the text ENDS with a readable final answer, `#### X` or `\\boxed{X}` (X one number), then only `.`, `$`, `**`, `\\)`, spaces."""
+    if _FINAL_HASH_RE.search(text):
+        return True
+    boxes = list(_boxed(text))
+    if not boxes or boxes[-1][1] is None or to_number(boxes[-1][1]) is None:
+        return False
+    start, content = boxes[-1]
+    after = text[text.index("{", start) + 1 + len(content) + 1 :]
+    return re.fullmatch(_TAIL, after) is not None
+
+
+def completion_text(completion) -> str:
+    """A completion as text: a string, or the last message's content of a conversational completion (TRL)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    return str(completion)
+
+
+def _gold_column(reward, kwargs: dict, n: int) -> list[str]:
+    if reward.answer_column not in kwargs:
+        raise KeyError(
+            f"{reward.__name__} needs the gold answers as the dataset column {reward.answer_column!r} (TRL passes every "
+            f"column except `prompt` to reward functions as a keyword); got columns {sorted(k for k in kwargs if k != 'completion_ids')}"
+        )
+    golds = kwargs[reward.answer_column]
+    if len(golds) != n:
+        raise ValueError(f"{reward.__name__}: {len(golds)} gold answers for {n} completions")
+    return golds
+
+
+class GSM8KCorrectness:
+    """1.0 when the completion's final answer equals the gold answer numerically, else 0.0 (binary, as the users' runs).
+
+    `reward(prompts, completions, answer=[...])`; `answer` holds the gold number or the full GSM8K solution.
+    """
+
+    def __init__(self, answer_column: str = "answer", fallback_to_last_number: bool = False):
+        self.answer_column, self.fallback_to_last_number = answer_column, fallback_to_last_number
+        self.__name__ = "gsm8k_correctness"
+
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+        golds = _gold_column(self, kwargs, len(completions))
+        scores = []
+        for completion, gold in zip(completions, golds):
+            predicted = extract_answer(completion_text(completion), self.fallback_to_last_number)
+            scores.append(float(predicted is not None and predicted == Fraction(gold_answer(str(gold)))))
+        return scores
+
+
+class GSM8KFormat:
+    """1.0 when the completion ends with a well-formed final answer (`#### X` or `\\boxed{X}`, X a number), else 0.0.
+
+    Meant as a small shaping term beside `GSM8KCorrectness` (its weight is set by `reward_weights`); its
+    mean is the fraction of well-formed completions. It ignores the gold answer.
+    """
+
+    def __init__(self):
+        self.__name__ = "gsm8k_format"
+
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+        return [float(has_final_answer_format(completion_text(c))) for c in completions]

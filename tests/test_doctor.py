@@ -1,0 +1,328 @@
+"""Run doctor: each check on a synthetic history that shows its failure (and only it), a healthy history
+that raises nothing, the CLI's exit codes, and the live callback in a real training run."""
+
+import json
+import logging
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+from datasets import Dataset
+from transformers import TrainerControl, TrainerState
+
+from grade_trl.doctor import CHECK_IDS, DoctorCallback, DoctorSettings, diagnose, main, run_checks
+from grade_trl.rewards.length import LengthReward
+from grade_trl.trainers import REINFORCEConfig, REINFORCETrainer
+
+from .conftest import REPO
+
+STEPS = list(range(10, 210, 10))  # training logs every 10 steps, 200 steps
+EVAL_STEPS = [0, 50, 100, 150, 200]
+
+
+def healthy(seed=0):
+    """A run that learns: reward 0.5 -> 0.85, KL 0 -> 3 nats, steady entropy, gradients, clip fraction and value loss."""
+    rng = random.Random(seed)
+    history = []
+    for step in STEPS:
+        t = step / 200
+        if step in EVAL_STEPS:
+            history.append(eval_row(step, 0.5 + 0.35 * t, 0.8 + 0.15 * t, 0.55 + 0.2 * t))
+        reward = 0.5 + 0.35 * t + rng.gauss(0, 0.02)
+        kl = 3 * t + rng.gauss(0, 0.1)
+        history.append({
+            "loss": -reward + 0.1 * kl + rng.gauss(0, 0.02), "grad_norm": 2 + rng.gauss(0, 0.3), "learning_rate": 1e-4,
+            "reward": reward, "reward_std": 0.3, "kl": kl, "entropy": 3.5 - 0.3 * t + rng.gauss(0, 0.05),
+            "completions/mean_length": 20.0, "grad_norm_mean": 2 + rng.gauss(0, 0.2), "grad_norm_max": 3 + rng.gauss(0, 0.3),
+            "policy/clipfrac": 0.2 + rng.gauss(0, 0.03), "loss/value": 0.05 + rng.gauss(0, 0.01),
+            "val/explained_variance": 0.1 + 0.4 * t + rng.gauss(0, 0.03), "epoch": t, "step": step,
+        })
+    history.insert(0, eval_row(0, 0.5, 0.8, 0.55))
+    history.append({"train_runtime": 60.0, "train_loss": -0.6, "epoch": 1.0, "step": 200})
+    return history
+
+
+def eval_row(step, reward, best_of_n, gold):
+    return {"val_reward": reward, "val_reward_std": 0.3, "val_best_of_n_reward": best_of_n, "val_gold_reward": gold, "best_val_reward": reward, "step": step}
+
+
+def with_values(history, key, values: dict):
+    """Set `key` to values[step] in the rows of those steps that already log `key`."""
+    for row in history:
+        if key in row and row["step"] in values:
+            row[key] = values[row["step"]]
+    return history
+
+
+def with_evaluations(history, key, values: list):
+    return with_values(history, key, dict(zip(EVAL_STEPS, values)))
+
+
+def only(findings, check):
+    """The one finding of `check`, after asserting that no other check fired."""
+    assert [f.check for f in findings] == [check], [f.format() for f in findings]
+    assert check in CHECK_IDS and findings[0].severity in ("warning", "error")  # a valid stop_on name
+    return findings[0]
+
+
+def test_healthy_history_raises_nothing_and_every_check_applies():
+    findings, not_applicable = run_checks(healthy())
+    assert findings == [] and not_applicable == []
+    for seed in range(1, 6):  # other noise draws of the same healthy run
+        assert diagnose(healthy(seed)) == []
+
+
+def test_nonfinite_values_and_json_nulls():
+    history = with_values(healthy(), "loss", {70: math.nan})
+    with_values(history, "grad_norm", {70: math.inf})
+    with_values(history, "kl", {80: None})  # how results.json stores NaN/inf
+    finding = only(diagnose(history), "nonfinite")
+    assert finding.severity == "error" and finding.steps == [70, 80]
+    assert "loss=nan (step 70)" in finding.evidence and "kl=null (step 80)" in finding.evidence
+
+
+def test_negative_kl():
+    history = with_values(healthy(), "kl", {40: -3.1, 50: -0.05, 60: -12.0})  # -0.05 is within the k1 noise tolerance
+    finding = only(diagnose(history), "negative_kl")
+    assert finding.severity == "error" and finding.steps == [40, 60]
+    assert "-12 (step 60)" in finding.evidence and "top-p" in finding.cause and "BACKGROUND.md section 3" in finding.cause
+
+
+def test_kl_far_above_adaptive_target():
+    history = with_values(healthy(), "kl", {100: 25.0, 110: 40.0})
+    finding = only(diagnose(history, DoctorSettings(kl_target=6.0)), "kl_high")  # 3 x 6 = 18 nats
+    assert finding.steps == [100, 110] and "target 6 = 18" in finding.evidence and "adaptive controller" in finding.cause
+
+
+def test_kl_above_absolute_ceiling_and_per_token_kl_of_trl_grpo():
+    assert only(diagnose(with_values(healthy(), "kl", {150: 12.0})), "kl_high").steps == [150]
+    assert diagnose(healthy(), DoctorSettings(kl_max=None)) == []
+    # TRL's GRPOTrainer logs the per-token mean: 0.6 nats/token x 20 tokens = 12 > 10, 0.4 x 20 = 8 is not.
+    grpo = [{k: v for k, v in row.items() if k not in ("policy/clipfrac", "loss/value", "val/explained_variance")} for row in healthy()]
+    for row in grpo:
+        if "kl" in row:
+            row.update({"kl": 0.4, "clip_ratio/region_mean": 0.0})
+    assert diagnose(grpo) == []
+    finding = only(diagnose(with_values(grpo, "kl", {120: 0.6})), "kl_high")
+    assert finding.steps == [120] and "12 (step 120)" in finding.evidence and "per-token" in finding.evidence
+
+
+def test_value_loss_spike():
+    finding = only(diagnose(with_values(healthy(), "loss/value", {120: 3000.0})), "value_loss_spike")
+    assert finding.steps == [120] and "3e+03 (step 120" in finding.evidence
+
+
+def test_negative_explained_variance_must_be_sustained():
+    history = with_values(healthy(), "val/explained_variance", {50: -0.5, 100: -0.5, 110: -0.3, 120: -0.8})
+    finding = only(diagnose(history), "negative_explained_variance")
+    assert finding.steps == [100, 110, 120]  # step 50 alone is one noisy window
+
+
+def test_entropy_collapse():
+    history = with_values(healthy(), "entropy", {s: 0.3 for s in range(150, 210, 10)})  # from ~3.5: an 91% drop
+    finding = only(diagnose(history), "entropy_collapse")
+    assert finding.steps == [150, 160, 170, 180, 190, 200]
+    # Near-deterministic from the floor even with a small relative drop setting off.
+    low = with_values(healthy(), "entropy", {190: 0.01, 200: 0.02})
+    assert only(diagnose(low, DoctorSettings(entropy_drop=1.0)), "entropy_collapse").steps == [190, 200]
+
+
+def test_clip_fraction_high():
+    history = with_values(healthy(), "policy/clipfrac", {100: 0.6, 110: 0.7, 120: 0.55, 170: 0.9})
+    finding = only(diagnose(history), "clip_fraction_high")
+    assert finding.steps == [100, 110, 120]  # step 170 alone is not sustained
+
+
+def flat_reward(history):
+    rng = random.Random(1)
+    return with_values(history, "reward", {s: 0.5 + rng.gauss(0, 0.02) for s in STEPS})
+
+
+def test_clip_fraction_low_only_when_the_reward_does_not_rise():
+    history = with_values(flat_reward(healthy()), "policy/clipfrac", {s: 0.01 for s in STEPS})
+    finding = only(diagnose(history), "clip_fraction_low")
+    assert finding.steps == STEPS and "lr 1e-6" in finding.cause
+    # The same clip fraction while the reward rises (the tiny PPO recipes: 0-0.06) is not a problem.
+    assert diagnose(with_values(healthy(), "policy/clipfrac", {s: 0.01 for s in STEPS})) == []
+    # All zeros: one on-policy update per batch (TRL GRPO, num_iterations 1), the ratio is 1 by construction.
+    assert diagnose(with_values(flat_reward(healthy()), "policy/clipfrac", {s: 0.0 for s in STEPS})) == []
+
+
+def test_reward_regression_two_evaluations_in_a_row():
+    history = with_evaluations(healthy(), "val_reward", [0.5, 0.7, 0.8, 0.79, 0.77])
+    finding = only(diagnose(history), "reward_regression")
+    assert finding.steps == [100, 150, 200] and "0.8 (step 100) -> 0.79 (step 150) -> 0.77 (step 200)" in finding.evidence
+    assert diagnose(history, DoctorSettings(regression_evals=3)) == []
+    assert diagnose(with_evaluations(healthy(), "val_reward", [0.5, 0.7, 0.8, 0.79, 0.81])) == []  # one fall
+
+
+def test_loss_rising_while_reward_flat():
+    history = with_values(flat_reward(healthy()), "loss", {s: 0.198 + 0.25 * (s / 200) ** 2 for s in STEPS})  # users' 0.198 -> 0.447
+    finding = only(diagnose(history), "loss_rising_reward_flat")
+    assert finding.steps == [10, 20, 30, 180, 190, 200]
+    # The same rise while the reward climbs is the KL term growing, not a stall.
+    assert diagnose(with_values(healthy(), "loss", {s: 0.198 + 0.25 * (s / 200) ** 2 for s in STEPS})) == []
+
+
+def test_gradient_norm_explosion():
+    history = with_values(healthy(), "grad_norm_mean", {180: 900.0, 190: 5000.0})
+    finding = only(diagnose(history), "grad_norm_explosion")
+    assert finding.severity == "error" and finding.steps == [180, 190]
+
+
+def test_gradient_norm_vanishing():
+    history = with_values(healthy(), "grad_norm_mean", {160: 0.0, 170: 0.0, 180: 1e-3, 200: 0.0})
+    finding = only(diagnose(history), "grad_norm_vanishing")
+    assert finding.steps == [160, 170, 180]  # step 200 alone is not sustained
+
+
+def test_best_of_n_rising_while_the_mean_falls():
+    history = with_evaluations(healthy(), "val_reward", [0.5, 0.7, 0.8, 0.7, 0.72])
+    with_evaluations(history, "val_best_of_n_reward", [0.8, 0.9, 0.93, 0.95, 0.97])
+    finding = only(diagnose(history), "best_of_n_divergence")
+    assert finding.steps == [100, 150, 200] and "0.8 -> 0.72" in finding.evidence and "0.93 -> 0.97" in finding.evidence
+
+
+def test_reward_hacking_learned_reward_up_gold_judge_down():
+    history = with_evaluations(healthy(), "val_reward", [0.5, 0.7, 0.8, 0.9, 0.95])
+    with_evaluations(history, "val_gold_reward", [0.55, 0.65, 0.7, 0.62, 0.6])
+    finding = only(diagnose(history), "reward_hacking")
+    assert finding.steps == [100, 150, 200] and "val_gold_reward fell 0.7 -> 0.6" in finding.evidence
+
+
+def test_gsm8k_evaluation_rows_use_the_eval_prefix():
+    history = [{k.replace("val_", "eval_").replace("_reward", "_accuracy") if k.startswith("val_") else k: v for k, v in row.items()} for row in healthy()]
+    assert diagnose(history) == []
+    finding = only(diagnose(with_evaluations(history, "eval_accuracy", [0.5, 0.7, 0.8, 0.78, 0.76])), "reward_regression")
+    assert finding.steps == [100, 150, 200] and "eval_accuracy" in finding.evidence
+
+
+def test_missing_keys_mean_the_check_does_not_apply():
+    findings, not_applicable = run_checks([{"loss": 1.0, "step": 1}])
+    assert findings == [] and "reward_hacking" in not_applicable and "negative_kl" in not_applicable and "nonfinite" not in not_applicable
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def write_run(tmp_path, history, config=None):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"status": "completed", "config": config or {}, "history": history, "final": {}}))
+    return run
+
+
+def test_cli_healthy_run_exits_0(tmp_path, capsys):
+    assert main([str(write_run(tmp_path, healthy()))]) == 0
+    out = capsys.readouterr().out
+    assert "no problems found" in out and "every check applied" in out
+
+
+def test_cli_findings_exit_1_with_one_block_each(tmp_path, capsys):
+    history = with_evaluations(healthy(), "val_reward", [0.5, 0.7, 0.8, 0.79, 0.77])
+    with_values(history, "kl", {40: -3.1})
+    run = write_run(tmp_path, history)
+    assert main([str(run / "results.json")]) == 1
+    out = capsys.readouterr().out
+    assert "[error] negative_kl at step 40" in out and "[warning] reward_regression at steps 100-200" in out
+    assert main([str(run), "--regression_evals", "3", "--negative_kl_tolerance", "5"]) == 0  # overrides change the verdict
+
+
+def test_cli_json_output(tmp_path, capsys):
+    run = write_run(tmp_path, with_values(healthy(), "kl", {40: -3.1}))
+    assert main([str(run), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert [(f["check"], f["severity"], f["steps"]) for f in data["findings"]] == [("negative_kl", "error", [40])]
+    assert set(data["findings"][0]) == {"check", "severity", "steps", "evidence", "cause", "advice"}
+
+
+def test_cli_reads_the_adaptive_kl_target_from_the_run_config(tmp_path, capsys):
+    history = with_values(healthy(), "kl", {100: 8.0})  # under kl_max 10, above 3 x target 2
+    config = {"run": {"method": "ppo"}, "trainer": {"adaptive_kl": True, "kl_target": 2.0}}
+    assert main([str(write_run(tmp_path, history, config))]) == 1
+    assert "[warning] kl_high at step 100" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{tmp}/nowhere"], "no such file"),
+        (["{tmp}/bad.json"], "cannot read"),
+        (["{tmp}/nohistory.json"], "has no history"),
+        (["{tmp}/run", "--kl_maxx", "5"], "unknown doctor setting 'kl_maxx'; did you mean kl_max"),
+        (["{tmp}/run", "--sustain_rows", "two"], "sustain_rows: expected an integer"),
+        (["--json"], "usage"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
+    write_run(tmp_path, healthy())
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "nohistory.json").write_text('{"status": "completed"}')
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_module_entry_point(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "grade_trl.doctor", str(tmp_path / "missing")], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+# ---- live --------------------------------------------------------------------------------------
+
+
+def test_callback_replays_a_run_warns_once_and_stops_on_a_named_check(caplog):
+    # Evaluation rows reach on_log as the EvaluationCallback passes them: appended to log_history first.
+    history = with_evaluations(healthy(), "val_reward", [0.5, 0.7, 0.8, 0.79, 0.77])
+    history = [row for row in history if "train_runtime" not in row] + [eval_row(250, 0.7, 0.85, 0.75)]
+    state, control = TrainerState(), TrainerControl()
+    callback = DoctorCallback(stop_on=["reward_regression"])
+    stopped_at = None
+    with caplog.at_level(logging.WARNING, logger="grade_trl.doctor"):
+        for row in history:
+            state.global_step = row["step"]
+            state.log_history.append(row)
+            callback.on_log(None, state, control, logs=row)
+            if control.should_training_stop and stopped_at is None:
+                stopped_at = row["step"]
+    assert stopped_at == 200  # the second fall in a row, evaluated at step 200
+    assert [f.check for f in callback.findings] == ["reward_regression"]
+    assert callback.findings[0].steps == [100, 150, 200, 250]  # the same finding (first step 100), updated
+    warnings = [r.getMessage() for r in caplog.records if "reward_regression at" in r.getMessage()]
+    assert len(warnings) == 1 and "steps 100-200" in warnings[0]
+
+
+def test_callback_refuses_an_unknown_stop_on_name():
+    with pytest.raises(ValueError, match="stop_on: unknown 'kl'; give a severity"):
+        DoctorCallback(stop_on=["error", "kl"])
+
+
+def reinforce_trainer(tmp_path, callback, max_steps):
+    # Shrunk: 4 prompts per step, 6 new tokens, one log per step. top_p 0.9: the truncated sampling distribution
+    # differs from the reference, so the KL is > 0 from the first step (README, REINFORCE and PPO).
+    dataset = Dataset.from_dict({"prompt": ["This movie was", "The acting in this film", "I expected", "Worst"] * 8})
+    args = REINFORCEConfig(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_new_tokens=6,
+        min_new_tokens=2, top_p=0.9, learning_rate=1e-4, logging_steps=1, use_cpu=True, disable_tqdm=True, report_to="none", save_strategy="no",
+    )
+    return REINFORCETrainer(model="embedded", reward_funcs=[LengthReward(eos_token_id=0)], args=args, train_dataset=dataset, callbacks=[callback])
+
+
+def test_callback_in_a_real_run_warns_once_then_stops_when_asked(tmp_path, caplog):
+    # A KL ceiling every real log exceeds: the finding appears at the first log and grows, warned once.
+    warn_only = DoctorCallback(DoctorSettings(kl_max=1e-6))
+    trainer = reinforce_trainer(tmp_path / "warn", warn_only, max_steps=3)
+    with caplog.at_level(logging.WARNING, logger="grade_trl.doctor"):
+        trainer.train()
+    kl = [(h["step"], h["kl"]) for h in trainer.state.log_history if "kl" in h]
+    assert trainer.state.global_step == 3 and [s for s, v in kl if v > 1e-6] == [1, 2, 3]
+    [finding] = [f for f in warn_only.findings if f.check == "kl_high"]
+    assert finding.steps == [1, 2, 3]
+    assert sum("kl_high at" in r.getMessage() for r in caplog.records) == 1
+
+    stopper = DoctorCallback(DoctorSettings(kl_max=1e-6), stop_on=["kl_high"])
+    trainer = reinforce_trainer(tmp_path / "stop", stopper, max_steps=5)
+    trainer.train()
+    assert trainer.state.global_step == 1 and [f.steps for f in stopper.findings if f.check == "kl_high"] == [[1]]

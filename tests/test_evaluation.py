@@ -1,0 +1,125 @@
+"""The evaluation protocol: diversity metrics, the gold judges, best checkpoint and early stopping."""
+
+import math
+
+import pytest
+import torch
+
+from grade_trl.evaluation import bleu, distinct_n, self_bleu
+from grade_trl.models import resolve_model_path
+from grade_trl.rewards.judge import ClassifierJudge, TfidfJudge
+from grade_trl.run import main
+from .test_run_e2e import load_results, shrunk
+
+
+def test_distinct_n_counts_over_the_whole_set():
+    # unigrams a b a b c: 3 distinct of 5; bigrams (a b) (b a) (b c): 3 of 3
+    assert distinct_n(["a b a", "B c"], 1) == pytest.approx(3 / 5)
+    assert distinct_n(["a b a", "B c"], 2) == pytest.approx(1.0)
+    assert distinct_n(["", ""], 1) == 0.0
+
+
+def test_bleu_against_a_hand_computed_value():
+    hypothesis, reference = "the cat sat on the mat".split(), "the cat is on the mat".split()
+    # clipped precisions 5/6, (3+1)/(5+1), (1+1)/(4+1), (0+1)/(3+1); equal lengths so no brevity penalty
+    expected = (5 / 6 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25
+    assert bleu(hypothesis, [reference]) == pytest.approx(expected)
+    assert bleu(reference, [reference]) == pytest.approx(1.0)
+    # brevity penalty exp(1 - r/c) for a hypothesis shorter than its reference
+    assert bleu("the cat".split(), [reference]) == pytest.approx(math.exp(1 - 6 / 2) * (1 * 1 * 1 * 1) ** 0.25)
+
+
+def test_self_bleu_is_one_for_copies_and_low_for_disjoint_texts():
+    assert self_bleu(["a b c d e"] * 3) == pytest.approx(1.0)
+    assert self_bleu(["a b c d e", "f g h i j", "k l m n o"]) == 0.0
+
+
+def test_tfidf_features_follow_the_formula():
+    judge = TfidfJudge.fit(["good good film", "bad film"], [1, 0], min_df=1, steps=5)
+    idf_rare, idf_film = math.log(3 / 2) + 1, 1.0
+    row = judge.features(["good good film"]).to_dense()[0]
+    raw = {"good": (1 + math.log(2)) * idf_rare, "film": idf_film, "good good": idf_rare, "good film": idf_rare}
+    norm = math.sqrt(sum(v * v for v in raw.values()))
+    for gram, value in raw.items():
+        assert row[judge.vocabulary[gram]].item() == pytest.approx(value / norm, rel=1e-5)
+    assert row[judge.vocabulary["bad"]] == 0
+
+
+def test_tfidf_judge_separates_imdb_sentiment():
+    from grade_trl.data.imdb import load_imdb
+
+    train, test = load_imdb("embedded", "train"), load_imdb("embedded", "test")
+    judge = TfidfJudge.fit(train["text"], train["label"])
+    assert judge.accuracy(test["text"][:500], test["label"][:500]) > 0.8
+    good, bad = judge([""] * 2, ["a wonderful, moving film with brilliant acting", "a boring, awful waste of time"])
+    assert good > 0.8 and bad < 0.2
+
+
+@pytest.mark.parametrize("labels,positive", [({0: "NEGATIVE", 1: "POSITIVE"}, 1), ({0: "pos", 1: "neg"}, 0), ({0: "LABEL_0", 1: "LABEL_1"}, 1)])
+def test_classifier_judge_reads_a_local_sequence_classifier(tmp_path, labels, positive):
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded"))
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, num_labels=2, id2label=labels, label2id={v: k for k, v in labels.items()})
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    judge = ClassifierJudge(str(tmp_path), device="cpu")
+    assert judge.positive == positive
+    texts = ["a fine film", "bad"]
+    enc = judge.tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = judge.model(**enc).logits.softmax(-1)[:, positive].tolist()
+    assert judge(["", ""], texts) == pytest.approx(expected, abs=1e-6)
+
+
+def test_classifier_judge_refuses_an_unreadable_label_set(tmp_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded"))
+    labels = {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, num_labels=3, id2label=labels)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="positive label"):
+        ClassifierJudge(str(tmp_path), device="cpu")
+
+
+def test_evaluation_metrics_best_checkpoint_and_test_of_both(tmp_path):
+    """Every evaluation logs the protocol's metrics; best_model/ holds the best step's weights; both are tested."""
+    assert main(shrunk(tmp_path, max_steps=4, eval_steps=1, learning_rate=3e-3)) == 0
+    results = load_results(tmp_path / "run" / "results.json")
+    evaluations = [h for h in results["history"] if "val_reward" in h]
+    assert [h["step"] for h in evaluations] == [0, 1, 2, 3, 4]
+    for key in ("val_reward_std", "val_gold_reward", "val_best_of_n_reward", "val_distinct_1", "val_distinct_2", "val_self_bleu", "val_completion_length", "elapsed_seconds", "train_seconds"):
+        assert all(math.isfinite(h[key]) for h in evaluations), key
+    assert all(h["val_best_of_n_reward"] >= h["val_reward"] for h in evaluations)  # the first of the N samples is the plain one
+    best = max(evaluations, key=lambda h: h["val_reward"])
+    final = results["final"]
+    assert final["best_val_step"] == best["step"] and final["best_val_reward"] == best["val_reward"]
+    assert evaluations[-1]["best_val_reward"] == best["val_reward"]
+    assert set(final["test"]) == {"final", "best"} and len(final["test"]["best"]["rewards"]) == 6
+    assert final["samples_per_step"] == 8 and final["peak_memory_mb"] > 0
+    assert 0 <= final["test"]["final"]["metrics"]["gold_reward"] <= 1 and 0.5 < final["task"]["gold_judge_test_accuracy"] <= 1
+
+    # best_model/ re-evaluated with the same protocol gives the best validation reward again
+    from grade_trl.evaluation import GenerationSettings, RewardEvaluator
+    from grade_trl.models import load_causal_lm, load_tokenizer
+    from grade_trl.tasks import build_imdb_sentiment
+    from grade_trl.recipe import parse_recipe
+
+    recipe = parse_recipe(shrunk(tmp_path, max_steps=4, eval_steps=1))
+    tokenizer = load_tokenizer("embedded")
+    settings = GenerationSettings(max_new_tokens=8, min_new_tokens=2)
+    task = build_imdb_sentiment(recipe.run, tokenizer, recipe.config.seed, settings)
+    evaluator = RewardEvaluator(task.evaluator.prompts, task.reward_funcs, settings, best_of_n=1)
+    model = load_causal_lm(str(tmp_path / "run" / "best_model"))
+    again = evaluator.evaluate(model, tokenizer, "validation", seed=recipe.run.eval_seed)
+    assert again["metrics"]["reward"] == pytest.approx(best["val_reward"], abs=1e-5)
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path):
+    # learning rate 0: the policy never changes, so no evaluation beats step 0's (same prompts, same seed)
+    assert main(shrunk(tmp_path, max_steps=8, eval_steps=2, learning_rate=0.0, early_stopping_patience=2)) == 0
+    final = load_results(tmp_path / "run" / "results.json")["final"]
+    assert final["stopped_early"] and final["steps"] == 4 and final["best_val_step"] == 0
+    assert final["test"]["best"]["rewards"] == final["test"]["final"]["rewards"]

@@ -1,0 +1,85 @@
+"""`report_to` sends the same metrics to W&B (offline mode) and TensorBoard as results.json holds.
+
+Both are read back from the files they write; nothing is mocked. W&B 0.19+ writes only its binary
+run file offline, so `wandb_history` decodes it: a LevelDB-style log of protobuf records.
+"""
+
+import glob
+import json
+import math
+import struct
+
+import pytest
+
+from grade_trl.run import main
+
+from .test_run_e2e import load_results, shrunk
+
+wandb = pytest.importorskip("wandb", reason="W&B is an optional extra: pip install -e '.[wandb]'")
+pytest.importorskip("tensorboard", reason="TensorBoard is an optional extra: pip install -e '.[dev]'")
+
+
+def wandb_history(run_file: str) -> list[dict]:
+    """The `history` records of an offline .wandb file: a 7-byte header, then 32 KiB blocks of chunks
+    (crc32 u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last) holding protobuf `Record`s."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(run_file, "rb").read()
+    assert data[:4] == b":W&B"
+    rows, pos, block, pending = [], 7, 32768, b""
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if room < 7 or (kind == 0 and length == 0):  # block trailer / padding
+            pos += room
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return rows
+
+
+def reporter_key(key: str) -> str:
+    """transformers' W&B/TensorBoard callbacks file `eval_*` under eval/, `test_*` under test/, the rest under train/."""
+    for prefix in ("eval_", "test_"):
+        if key.startswith(prefix):
+            return f"{prefix[:-1]}/{key[len(prefix):]}"
+    return f"train/{key}"
+
+
+def test_wandb_offline_and_tensorboard_receive_the_logged_metrics(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")  # no stream wrapping under pytest's capture
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    assert main(shrunk(tmp_path, report_to="[wandb, tensorboard]")) == 0
+    wandb.teardown()  # stop W&B's service process so the run file is flushed
+    history = load_results(tmp_path / "run" / "results.json")["history"]
+    expected = {(row["step"], reporter_key(k)): v for row in history for k, v in row.items() if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool) and "runtime" not in k and "per_second" not in k}
+    assert any(k == "train/val_reward" for _, k in expected) and any(k == "train/kl" for _, k in expected)
+
+    [run_file] = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    wandb_rows = wandb_history(run_file)
+    received = {(row["train/global_step"], k): v for row in wandb_rows for k, v in row.items() if "train/global_step" in row}
+    for (step, key), value in expected.items():
+        if key.startswith("train/train_") or key in ("train/total_flos",):
+            continue  # the end-of-training summary goes to the run summary, not the history
+        assert (step, key) in received, (step, key)
+        assert received[(step, key)] == pytest.approx(value, rel=1e-6), (step, key)
+
+    [event_dir] = {path.rsplit("/", 1)[0] for path in glob.glob(str(tmp_path / "tb" / "**" / "events.out.tfevents.*"), recursive=True)}
+    events = EventAccumulator(event_dir)
+    events.Reload()
+    scalars = {(e.step, tag): e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+    for (step, key), value in expected.items():
+        if key.startswith("train/train_") or key in ("train/total_flos",) or not math.isfinite(value):
+            continue
+        assert scalars[(step, key)] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
