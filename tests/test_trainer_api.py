@@ -32,6 +32,20 @@ def test_readme_example_trains(tmp_path):
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in trainer.ref_model.parameters())
 
 
+@pytest.mark.parametrize("estimator", ["soft", "ste"])
+def test_grade_loss_carries_the_reward_gradient(tmp_path, estimator):
+    """Before the first update the policy is its reference, so the KL's gradient is exactly 0: all of it is the reward's."""
+    tokenizer = load_tokenizer("embedded")
+    torch.manual_seed(0)
+    reward = SentimentReward(SentimentRewardModel.from_backbone("embedded"), tokenizer)
+    args = GumbelGRADEConfig(output_dir=str(tmp_path), max_new_tokens=6, min_new_tokens=6, estimator=estimator, use_cpu=True)
+    trainer = GumbelGRADETrainer(model="embedded", reward_funcs=reward, args=args, train_dataset=Dataset.from_dict({"prompt": ["x"]}), processing_class=tokenizer)
+    loss = trainer.compute_loss(trainer.model, [{"prompt": "This movie was"}, {"prompt": "The acting in this film"}])
+    loss.backward()
+    grad_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in trainer.model.parameters() if p.grad is not None))
+    assert grad_norm > 1e-3  # a reward scored without its gradient (e.g. under no_grad) leaves ~1e-6 here
+
+
 def test_grade_refuses_a_non_differentiable_reward_at_start_up():
     with pytest.raises(ValueError, match="reward function 'length_only' is not differentiable"):
         GumbelGRADETrainer(model="embedded", reward_funcs=[length_only], args=GumbelGRADEConfig(output_dir="unused", use_cpu=True))

@@ -106,7 +106,6 @@ class GumbelGRADETrainer(RolloutTrainer):
         self._log_step_metrics(rollout, rewards, scores, kl, tau)
         return loss
 
-    @torch.no_grad()
     def soft_reward_scores(self, rollout) -> torch.Tensor:
         """Each reward function's differentiable score of each relaxed completion. (B, F)"""
         eos = self.processing_class.eos_token_id
@@ -116,6 +115,7 @@ class GumbelGRADETrainer(RolloutTrainer):
             scores.append(check_finite_scores(func, func.score_soft(soft, mask).float()))
         return torch.stack(scores, dim=1)
 
+    @torch.no_grad()
     def _log_step_metrics(self, rollout, rewards, scores, kl, tau):
         self.metrics.add(
             reward=self.gathered_mean(rewards),

@@ -1,0 +1,245 @@
+"""grade_trl.compare and grade_trl.analysis: thresholds on a hand-made history, bad input, failures, and a real
+comparison of two tiny recipes x 2 seeds turned into the report.
+
+Shrunk settings (as tests/test_run_e2e.py::shrunk, so one run takes ~15 s on 2 cores): 4 optimizer steps,
+evaluation every 2, 8 new tokens, 6 validation and 6 test prompts, 60-200 reviews per split, 2 head epochs.
+"""
+
+import json
+import re
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import scipy.stats as ss
+
+from grade_trl import analysis, compare
+from grade_trl.results import write_json_atomic
+
+from .conftest import REPO
+
+RECIPES = [str(REPO / "recipes" / "tiny" / "imdb_reinforce.yaml"), str(REPO / "recipes" / "tiny" / "imdb_grade_ste.yaml")]
+
+
+def shrunk_overrides(reward_model_path):
+    overrides = {
+        "max_steps": 4, "eval_steps": 2, "logging_steps": 2, "eval_num_prompts": 6, "test_num_prompts": 6, "reward_split_size": 200,
+        "policy_split_size": 100, "validation_split_size": 60, "reward_epochs": 2, "max_new_tokens": 8, "min_new_tokens": 2,
+        "reward_model_path": reward_model_path, "disable_tqdm": "true",
+    }
+    return [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+
+
+# ---- thresholds and statistics on hand-made runs ------------------------------------------------
+
+
+def synthetic_run(val_rewards, method="grade_ste", tau_start=2.0, seed=1, test=0.7, kl=1.0):
+    """A completed results.json with evaluations every 10 steps, elapsed 1.5 s per step, 8 samples per step."""
+    history = []
+    for i, value in enumerate(val_rewards):
+        step = 10 * i
+        history.append({"val_reward": value, "val_gold_reward": value - 0.1, "elapsed_seconds": 1.5 * step, "step": step})
+        if step:
+            history.append({"reward": value, "kl": kl * i, "loss": -value, "grad_norm_mean": 1.0 + i, "step": step})
+            history.append({"probe_trace_cov": 0.1 * i, "probe_snr": 2.0, "probe_mean_sq_norm": 1.0, "probe_cosine_to_mean": 0.5, "step": step})
+    prompts = [f"prompt {k}" for k in range(5)]
+    rewards = [test + 0.01 * k * (1 if method == "grade_ste" else -1) for k in range(5)]
+    final = {
+        "steps": 10 * (len(val_rewards) - 1), "samples_per_step": 8, "peak_memory_mb": 100.0, "kl": kl, "validation_metric": "val_reward",
+        "best_validation": max(val_rewards), "best_validation_step": 10 * int(np.argmax(val_rewards)),
+        "test": {c: {"metrics": {"reward": float(np.mean(rewards)), "gold_reward": test - 0.1}, "prompts": prompts, "rewards": rewards} for c in ("final", "best")},
+    }
+    config = {"run": {"method": method}, "trainer": {"seed": seed, "tau_start": tau_start, "tau_end": 0.5, "tau_schedule": "linear", "tau_anneal_steps": 100}}
+    return {"status": "completed", "config": config, "history": history, "final": final}
+
+
+def test_thresholds_are_per_seed_and_count_the_first_evaluation_reaching_them(tmp_path):
+    # seed 1: r0 = 0.5, r* = 0.9 -> targets 0.74 / 0.78 / 0.82; a reaches 0.8 at step 20 and 0.9 at 30; b peaks at 0.75 (step 30).
+    # seed 2: r0 = 0.3, r* = 0.4 -> targets 0.36 / 0.37 / 0.38; a reaches 0.4 at step 20; b never.
+    histories = {("a", 1): [0.5, 0.6, 0.8, 0.9], ("b", 1): [0.5, 0.55, 0.7, 0.75], ("a", 2): [0.3, 0.3, 0.4], ("b", 2): [0.3, 0.35, 0.2]}
+    records = []
+    for (name, seed), values in histories.items():
+        run_dir = tmp_path / name / f"seed{seed}"
+        write_json_atomic(run_dir / "results.json", synthetic_run(values, seed=seed))
+        records.append({"name": name, "method": "grade_ste", "recipe": None, "seed": seed, "run_dir": str(run_dir), "status": "completed"})
+    records.append({"name": "b", "method": "grade_ste", "recipe": None, "seed": 3, "run_dir": str(tmp_path / "b" / "seed3"), "status": "failed"})
+    comparison = compare.build_comparison(records, [0.6, 0.7, 0.8], {})
+
+    seed1 = comparison["thresholds"]["per_seed"]["1"]
+    assert seed1["initial_val_reward"] == pytest.approx(0.5) and seed1["best_val_reward"] == pytest.approx(0.9)
+    assert [seed1["targets"][f] for f in ("0.6", "0.7", "0.8")] == pytest.approx([0.74, 0.78, 0.82])
+    assert comparison["thresholds"]["per_seed"]["2"]["targets"]["0.8"] == pytest.approx(0.38)
+    a, b = comparison["methods"]["a"]["sample_efficiency"], comparison["methods"]["b"]["sample_efficiency"]
+    assert a["0.6"]["steps"]["per_seed"] == [20, 20] and a["0.8"]["steps"]["per_seed"] == [30, 20] and a["0.8"]["steps"]["mean"] == 25
+    assert a["0.6"]["samples"]["per_seed"] == [160, 160] and a["0.8"]["seconds"]["per_seed"] == [45.0, 30.0]
+    assert b["0.6"]["steps"]["per_seed"] == [30, None] and b["0.6"]["reached"] == 1 and b["0.6"]["of"] == 2
+    assert b["0.7"]["steps"]["mean"] is None and b["0.7"]["reached"] == 0
+    assert comparison["methods"]["b"]["failed_seeds"] == [3] and comparison["methods"]["b"]["seeds"] == [1, 2]
+    # No improvement on r0 in a seed: no targets there (not "reached at step 0").
+    flat = compare.threshold_targets([{"initial_val_reward": 0.5, "best_val_reward": 0.5}], [0.6])
+    assert flat["targets"] == {"0.6": None}
+
+
+def test_analysis_without_comparison_json_draws_probe_and_tau_figures(tmp_path, capsys):
+    # Two GRADE-STE tau settings, 2 seeds each; no comparison.json: the runs are scanned.
+    for name, tau, offset in (("grade_ste", 2.0, 0.0), ("grade_ste_tau1", 1.0, 0.1)):
+        for seed in (1, 2):
+            values = [0.5, 0.6 + offset, 0.7 + offset + 0.01 * seed]
+            write_json_atomic(tmp_path / name / f"seed{seed}" / "results.json", synthetic_run(values, tau_start=tau, seed=seed, test=0.6 + offset + 0.01 * seed))
+    assert analysis.main([str(tmp_path)]) == 0
+    out = tmp_path / "analysis"
+    report = (out / "report.md").read_text()
+    for figure in ("learning_curves", "validation_curves", "grad_norm", "estimator_variance", "sample_efficiency", "test_comparison", "reward_kl_frontier", "tau_ablation"):
+        assert (out / f"{figure}.png").stat().st_size > 10_000 and f"![{figure}]({figure}.png)" in report
+    assert "Command: unknown" in report and "Skipped" not in report
+    stats = json.loads((out / "statistics.json").read_text())
+    pair = stats["across_seeds"][0]
+    # Welch on the per-seed test rewards, recomputed with scipy; d and g signs follow a - b.
+    xa = [0.61 + 0.02, 0.62 + 0.02]  # mean of test + 0.01 k, k = 0..4, is test + 0.02
+    xb = [0.71 + 0.02, 0.72 + 0.02]
+    ref = ss.ttest_ind(xa, xb, equal_var=False)
+    assert (pair["a"], pair["b"]) == ("grade_ste", "grade_ste_tau1")
+    assert pair["t"] == pytest.approx(ref.statistic) and pair["p"] == pytest.approx(ref.pvalue) and pair["p_holm"] == pytest.approx(ref.pvalue)
+    assert [row["seed"] for row in stats["within_seed"]] == [1, 2] and all(row["n_pairs"] == 5 for row in stats["within_seed"])
+
+
+def test_split_argv_forwards_unknown_keys_with_their_values():
+    own, forwarded = compare.split_argv(["a.yaml", "b.yaml", "--seeds", "2", "--max_steps", "50", "--use_peft", "--output_dir", "x", "--lr=3", "--force"])
+    assert own == ["a.yaml", "b.yaml", "--seeds", "2", "--output_dir", "x", "--force"]
+    assert forwarded == ["--max_steps", "50", "--use_peft", "--lr=3"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["missing.yaml", "--output_dir", "{tmp}"], "recipe file not found: missing.yaml"),
+        ([RECIPES[0], "--output_dir", "{tmp}", "--seed", "3"], "--seed is set by compare"),
+        ([RECIPES[0], "--output_dir", "{tmp}", "--learnig_rate", "3"], "unknown recipe key 'learnig_rate'"),
+        ([RECIPES[0], RECIPES[0], "--output_dir", "{tmp}"], "is given twice"),
+        ([RECIPES[0], str(REPO / "recipes" / "imdb_reinforce.yaml"), "--output_dir", "{tmp}"], "two recipes would write to the same folder"),
+    ],
+)
+def test_compare_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    never_runs = ["--launcher", f"{sys.executable} -c 'import sys; sys.exit(5)'"]  # should validation let one through, it fails fast
+    assert compare.main([a.replace("{tmp}", str(tmp_path)) for a in argv] + never_runs) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "comparison.json").exists()
+
+
+def test_analysis_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    assert analysis.main([str(tmp_path / "nope")]) == 2
+    assert analysis.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: no such folder") and err[1].startswith("error: no completed runs under")
+
+
+def test_failed_runs_are_recorded_and_the_exit_code_is_1(tmp_path):
+    # A launcher that exits 3 stands in for a run that crashes: the runner itself is what is tested here.
+    launcher = f"{sys.executable} -c 'import sys; sys.exit(3)'"
+    assert compare.main([RECIPES[0], "--output_dir", str(tmp_path), "--seeds", "2", "--launcher", launcher]) == 1
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert [(r["seed"], r["status"], r["returncode"]) for r in comparison["runs"]] == [(42, "failed", 3), (43, "failed", 3)]
+    assert comparison["methods"]["reinforce"]["failed_seeds"] == [42, 43] and comparison["methods"]["reinforce"]["test_reward"]["n"] == 0
+    assert comparison["runs"][0]["command"].startswith(launcher.split()[0]) and "--seed 42" in comparison["runs"][0]["command"]
+
+
+# ---- a real comparison ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_comparison(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cmp")
+    argv = [*RECIPES, "--seeds", "2", "--output_dir", str(tmp / "cmp"), *shrunk_overrides(tmp / "reward_model")]
+    assert compare.main(argv) == 0
+    return tmp / "cmp", argv
+
+
+def reached_step(history, target):
+    """Independent re-implementation: first evaluation step with val_reward >= target."""
+    for row in sorted((r for r in history if "val_reward" in r), key=lambda r: r["step"]):
+        if row["val_reward"] >= target:
+            return row["step"]
+    return None
+
+
+@pytest.mark.slow
+def test_compare_writes_what_the_results_files_say(real_comparison):
+    out, argv = real_comparison
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["command"] == "python -m grade_trl.compare " + " ".join(argv)
+    assert [(r["name"], r["seed"], r["status"]) for r in comparison["runs"]] == [("reinforce", 42, "completed"), ("grade_ste", 42, "completed"),
+                                                                                 ("reinforce", 43, "completed"), ("grade_ste", 43, "completed")]
+    results = {(name, seed): json.loads((out / name / f"seed{seed}" / "results.json").read_text()) for name in ("reinforce", "grade_ste") for seed in (42, 43)}
+    for (name, seed), r in results.items():
+        assert r["config"]["trainer"]["seed"] == seed and r["config"]["trainer"]["max_steps"] == 4  # the shared budget reached every run
+    for name in ("reinforce", "grade_ste"):
+        entry = comparison["methods"][name]
+        test = [results[(name, s)]["final"]["test"]["final"]["metrics"]["reward"] for s in (42, 43)]
+        low, high = ss.t.interval(0.95, 1, loc=np.mean(test), scale=ss.sem(test))
+        assert entry["test_reward"]["per_seed"] == test and entry["test_reward"]["mean"] == pytest.approx(np.mean(test))
+        assert (entry["test_reward"]["ci_low"], entry["test_reward"]["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+        assert entry["gold_reward"]["per_seed"] == [results[(name, s)]["final"]["test"]["final"]["metrics"]["gold_reward"] for s in (42, 43)]
+        assert entry["test_reward_best"]["per_seed"] == [results[(name, s)]["final"]["test"]["best"]["metrics"]["reward"] for s in (42, 43)]
+        assert entry["kl"]["per_seed"] == [results[(name, s)]["final"]["kl"] for s in (42, 43)]
+        assert entry["best_val_reward"]["per_seed"] == [max(h["val_reward"] for h in results[(name, s)]["history"] if "val_reward" in h) for s in (42, 43)]
+        assert entry["peak_memory_mb"]["per_seed"] == [results[(name, s)]["final"]["peak_memory_mb"] for s in (42, 43)]
+        assert all(w > 1 for w in entry["wall_seconds"]["per_seed"])
+    for seed in (42, 43):
+        runs = [results[(name, seed)]["history"] for name in ("reinforce", "grade_ste")]
+        r0 = np.mean([h[0]["val_reward"] for h in runs])
+        r_star = max(row["val_reward"] for h in runs for row in h if "val_reward" in row)
+        for f in ("0.6", "0.7", "0.8"):
+            target = comparison["thresholds"]["per_seed"][str(seed)]["targets"][f]
+            if r_star <= r0:
+                assert target is None
+                continue
+            assert target == pytest.approx(r0 + float(f) * (r_star - r0))
+            for k, name in enumerate(("reinforce", "grade_ste")):
+                step = reached_step(runs[k], target)
+                cell = comparison["methods"][name]["sample_efficiency"][f]
+                assert cell["steps"]["per_seed"][seed - 42] == step
+                assert cell["samples"]["per_seed"][seed - 42] == (None if step is None else step * results[(name, seed)]["final"]["samples_per_step"])
+
+    # Resume: completed runs are not run again.
+    mtimes = {key: (out / key[0] / f"seed{key[1]}" / "results.json").stat().st_mtime_ns for key in results}
+    assert compare.main(argv) == 0
+    again = json.loads((out / "comparison.json").read_text())
+    assert all(r["skipped"] for r in again["runs"]) and again["methods"] == comparison["methods"]
+    assert mtimes == {key: (out / key[0] / f"seed{key[1]}" / "results.json").stat().st_mtime_ns for key in results}
+
+
+@pytest.mark.slow
+def test_resume_reruns_a_completed_run_whose_settings_changed(real_comparison, tmp_path):
+    out, argv = real_comparison
+    shutil.copytree(out / "reinforce" / "seed42", tmp_path / "reinforce" / "seed42")
+    fails = ["--launcher", f"{sys.executable} -c 'import sys; sys.exit(3)'"]  # any run actually started fails at once
+    same = [RECIPES[0], "--seed_list", "42", "--output_dir", str(tmp_path), *argv[argv.index("--max_steps"):]]
+    assert compare.main(same + fails) == 0  # same settings: skipped
+    assert compare.main(same + fails + ["--learning_rate", "5e-5"]) == 1  # other settings: run again (and here it fails)
+    run = json.loads((tmp_path / "comparison.json").read_text())["runs"][0]
+    assert run["status"] == "failed" and run["returncode"] == 3 and "--learning_rate 5e-5" in run["command"]
+
+
+@pytest.mark.slow
+def test_analysis_of_the_real_comparison(real_comparison):
+    out, argv = real_comparison
+    assert analysis.main([str(out)]) == 0
+    report_dir = out / "analysis"
+    for name in ("report.md", "comparison.md", "comparison.tex", "statistics.json", "learning_curves.png", "validation_curves.png",
+                 "grad_norm.png", "test_comparison.png", "reward_kl_frontier.png"):
+        assert (report_dir / name).stat().st_size > 100, name
+    markdown = (report_dir / "comparison.md").read_text().splitlines()
+    assert markdown[0].startswith("| method | seeds | test reward |") and len(markdown) == 4
+    for line, name in zip(markdown[2:], ("reinforce", "grade_ste")):
+        assert re.match(rf"\| {name} \| 2 \| \d\.\d{{3}} ± \d\.\d{{3}} \|", line), line
+    latex = (report_dir / "comparison.tex").read_text()
+    assert latex.index("\\toprule") < latex.index("\\midrule") < latex.index("grade\\_ste & 2 &") < latex.index("\\bottomrule")
+    assert latex.count("\\begin{tabular}") == latex.count("\\end{tabular}") == 1
+    report = (report_dir / "report.md").read_text()
+    assert f"Command: `python -m grade_trl.compare {' '.join(argv)}`" in report
+    assert "reinforce: 2 (42, 43); grade_ste: 2 (42, 43)" in report and "Holm" in report
+    assert "estimator_variance: no `probe_*` keys" in report and "tau_ablation: 1 GRADE tau setting" in report
+    stats = json.loads((report_dir / "statistics.json").read_text())
+    assert [(r["seed"], r["n_pairs"]) for r in stats["within_seed"]] == [(42, 6), (43, 6)]  # same 6 test prompts per seed, paired by text
