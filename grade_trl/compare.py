@@ -38,6 +38,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from .recipe import RecipeError, parse_overrides, parse_recipe
@@ -46,7 +47,7 @@ from .stats import mean_ci
 
 logger = logging.getLogger("grade_trl.compare")
 
-OWN_OPTIONS = {"--seeds", "--seed_list", "--output_dir", "--thresholds", "--launcher", "--force", "-h", "--help"}
+OWN_OPTIONS = {"--seeds", "--seed_list", "--output_dir", "--thresholds", "--launcher", "--force", "-h", "--help", "--jobs"}
 RUN_INFO = "compare_run.json"
 
 
@@ -276,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.6, 0.7, 0.8], help="Fractions f of the reward gain r* - r0 for sample efficiency (default 0.6 0.7 0.8).")
     parser.add_argument("--launcher", default=None, help='Prefix of each run instead of `python`, e.g. "accelerate launch --config_file accelerate_configs/single_gpu.yaml".')
     parser.add_argument("--force", action="store_true", help="Rerun runs that already completed.")
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="Runs at a time (default 1). With N > 1 each run gets OMP_NUM_THREADS = CPU cores / N unless it is set; wall times then measure a share of the machine.",
+    )
     return parser
 
 
@@ -311,7 +316,7 @@ def run_command(launcher: str | None, recipe: str, seed: int, run_dir: str, forw
     return prefix + ["-m", "grade_trl.run", recipe, *forwarded, "--seed", str(seed), "--output_dir", run_dir]
 
 
-def execute(command: list[str], log_path: Path) -> dict:
+def execute(command: list[str], log_path: Path, env: dict | None = None) -> dict:
     """Run `command` with its output in `log_path`; return code, wall seconds and the peak RSS (MiB) from wait4.
 
     ru_maxrss of a waited-for child covers the child and the descendants it waited for (accelerate's workers):
@@ -319,7 +324,7 @@ def execute(command: list[str], log_path: Path) -> dict:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting again
     return {"returncode": process.returncode, "wall_seconds": time.time() - start, "peak_rss_mb": usage.ru_maxrss / 1024.0}
@@ -355,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": seeds,
         "overrides": forwarded,
         "launcher": args.launcher or "python",
+        "jobs": args.jobs,
     }
     runs = [
         {"name": names[path], "method": methods[path], "recipe": path, "seed": seed, "run_dir": str(out / names[path] / f"seed{seed}"), "status": "pending"}
@@ -362,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.recipes
     ]
     comparison_path = out / "comparison.json"
+    pending = []
     for index, record in enumerate(runs, 1):
         run_dir = Path(record["run_dir"])
         previous = load_json(run_dir / "results.json")
@@ -372,19 +379,30 @@ def main(argv: list[str] | None = None) -> int:
                 logger.info("[%d/%d] %s seed %d: completed earlier, skipped (--force reruns it)", index, len(runs), record["name"], record["seed"])
                 continue
             logger.warning("[%d/%d] %s seed %d: the completed run there had other settings; running it again", index, len(runs), record["name"], record["seed"])
-        command = run_command(args.launcher, record["recipe"], record["seed"], str(run_dir), forwarded)
+        pending.append((index, record))
+
+    env = dict(os.environ)
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+
+    def launch(index: int, record: dict) -> tuple[int, dict, dict]:
+        command = run_command(args.launcher, record["recipe"], record["seed"], record["run_dir"], forwarded)
         logger.info("[%d/%d] %s seed %d: %s", index, len(runs), record["name"], record["seed"], shlex.join(command))
-        result = execute(command, run_dir / "log.txt")
-        results = load_json(run_dir / "results.json")
-        completed = result["returncode"] == 0 and results is not None and results.get("status") == "completed"
-        info = {"command": shlex.join(command), **result}
-        write_json_atomic(run_dir / RUN_INFO, info)
-        record.update(status="completed" if completed else "failed", skipped=False, **info)
-        logger.info(
-            "[%d/%d] %s seed %d: %s in %.1f s (exit %d%s)", index, len(runs), record["name"], record["seed"], record["status"], result["wall_seconds"],
-            result["returncode"], "" if completed else f"; see {run_dir / 'log.txt'}",
-        )
-        write_json_atomic(comparison_path, build_comparison(runs, args.thresholds, meta))
+        return index, record, {"command": shlex.join(command), **execute(command, Path(record["run_dir"]) / "log.txt", env)}
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for future in as_completed([pool.submit(launch, index, record) for index, record in pending]):
+            index, record, info = future.result()
+            run_dir = Path(record["run_dir"])
+            results = load_json(run_dir / "results.json")
+            completed = info["returncode"] == 0 and results is not None and results.get("status") == "completed"
+            write_json_atomic(run_dir / RUN_INFO, info)
+            record.update(status="completed" if completed else "failed", skipped=False, **info)
+            logger.info(
+                "[%d/%d] %s seed %d: %s in %.1f s (exit %d%s)", index, len(runs), record["name"], record["seed"], record["status"], info["wall_seconds"],
+                info["returncode"], "" if completed else f"; see {run_dir / 'log.txt'}",
+            )
+            write_json_atomic(comparison_path, build_comparison(runs, args.thresholds, meta))
     comparison = build_comparison(runs, args.thresholds, meta)
     write_json_atomic(comparison_path, comparison)
     print(summary_lines(comparison))

@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     from .recipe import RecipeError, build_recipe, load_recipe_file
     from .results import write_json_atomic
     from .rewards.base import RewardFunctionError
-    from .run import _close_process_group, _quiet_libraries
+    from .run import close_process_group, quiet_libraries
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python -m grade_trl.probe", *argv])
@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths, options, overrides = parse_cli(list(argv))
         recipes = [build_recipe({**load_recipe_file(path), **overrides}) for path in paths]  # validate all before any work
-        _quiet_libraries()
+        quiet_libraries()
         rows = []
         for path, recipe in zip(paths, recipes):
             logger.info("probing %s (%s): %d estimates on %d prompts", path, recipe.run.method, options["num_estimates"], options["num_prompts"])
@@ -625,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        _close_process_group()
+        close_process_group()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from .rewards.base import RewardFunctionError
 logger = logging.getLogger("grade_trl")
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     import datasets
     import transformers
 
@@ -265,7 +265,7 @@ def finish_reporters(config) -> None:
             wandb.finish()
 
 
-def _close_process_group() -> None:
+def close_process_group() -> None:
     """Leave the process group before exit: a gloo group torn down by the interpreter aborts the process (SIGABRT)."""
     import torch.distributed as dist
 
@@ -281,13 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         recipe = parse_recipe(argv)
-        _quiet_libraries()
+        quiet_libraries()
         return run(recipe)
     except (RecipeError, RewardFunctionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        _close_process_group()
+        close_process_group()
 
 
 if __name__ == "__main__":

@@ -151,7 +151,8 @@ def test_failed_runs_are_recorded_and_the_exit_code_is_1(tmp_path):
 @pytest.fixture(scope="module")
 def real_comparison(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cmp")
-    argv = [*RECIPES, "--seeds", "2", "--output_dir", str(tmp / "cmp"), *shrunk_overrides(tmp / "reward_model")]
+    # --jobs 2: two runs at a time, the first two training the shared reward head side by side
+    argv = [*RECIPES, "--seeds", "2", "--jobs", "2", "--output_dir", str(tmp / "cmp"), *shrunk_overrides(tmp / "reward_model")]
     assert compare.main(argv) == 0
     return tmp / "cmp", argv
 

@@ -326,3 +326,16 @@ def test_callback_in_a_real_run_warns_once_then_stops_when_asked(tmp_path, caplo
     trainer = reinforce_trainer(tmp_path / "stop", stopper, max_steps=5)
     trainer.train()
     assert trainer.state.global_step == 1 and [f.steps for f in stopper.findings if f.check == "kl_high"] == [[1]]
+
+
+def test_runner_wires_the_live_doctor_and_keeps_its_findings(tmp_path):
+    """`doctor: stop` in a recipe: the run stops at the first log that breaks a named check; results.json keeps the finding."""
+    from grade_trl.run import main as run_main
+
+    from .test_run_e2e import load_results, shrunk
+
+    argv = shrunk(tmp_path, max_steps=6, logging_steps=1, eval_steps=3, doctor="stop", doctor_stop_on="[kl_high]", doctor_settings="{kl_max: 1.0e-6}")
+    assert run_main(argv) == 0
+    final = load_results(tmp_path / "run" / "results.json")["final"]
+    assert final["steps"] < 6  # stopped by the doctor, not by max_steps
+    assert [f["check"] for f in final["doctor"]] == ["kl_high"]

@@ -14,19 +14,15 @@ keyword, exactly as `trl.GRPOTrainer` passes extra dataset columns.
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 
 from ..models import ASSETS_DIR
 from ..rewards.gsm8k import gold_answer
-from .imdb import _local_files
+from .files import load_split
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_GSM8K = "embedded"
-"""Name that resolves to the bundled sample (`grade_trl/assets/gsm8k_sample`)."""
 HUB_CONFIG = "main"
 SYSTEM_PROMPT = (
     "You are a careful math tutor. Solve the problem step by step. "
@@ -36,18 +32,7 @@ SYSTEM_PROMPT = (
 
 def load_gsm8k(source: str = "openai/gsm8k", split: str = "train") -> Dataset:
     """Load one GSM8K split with columns `question`, `answer` from a hub id, a local path, or `embedded`."""
-    if source == EMBEDDED_GSM8K:
-        source = str(ASSETS_DIR / "gsm8k_sample")
-    path = Path(os.path.expanduser(source))
-    if path.exists():
-        builder, files = _local_files(path, split)
-        dataset = load_dataset(builder, data_files={split: files}, split=split)
-    else:
-        dataset = load_dataset(source, HUB_CONFIG, split=split)
-    missing = {"question", "answer"} - set(dataset.column_names)
-    if missing:
-        raise ValueError(f"GSM8K data at {source!r} lacks columns {sorted(missing)}; expected the hub schema `question`, `answer`")
-    return dataset
+    return load_split(source, split, ASSETS_DIR / "gsm8k_sample", ("question", "answer"), "GSM8K", hub_config=HUB_CONFIG)
 
 
 def format_prompt(question: str, tokenizer, system_prompt: str = SYSTEM_PROMPT) -> str:

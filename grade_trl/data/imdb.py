@@ -9,46 +9,18 @@ from __future__ import annotations
 
 import html
 import logging
-import os
 import re
-from pathlib import Path
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 
 from ..models import ASSETS_DIR
+from .files import load_split
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_IMDB = "embedded"
-"""Name that resolves to the bundled 3,000 train / 1,000 test review sample."""
-_LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".gz": "json", ".parquet": "parquet"}
-
-
-def _local_files(path: Path, split: str) -> tuple[str, str]:
-    """(builder, file) for `split` in a folder (train.jsonl[.gz] / train.parquet / train-*.parquet) or a file."""
-    if path.is_file():
-        return _LOCAL_SUFFIXES.get(path.suffix, "json"), str(path)
-    for pattern in (f"{split}.jsonl.gz", f"{split}.jsonl", f"{split}.json", f"{split}.parquet", f"{split}-*.parquet"):
-        matches = sorted(path.glob(pattern)) or sorted(path.glob(f"*/{pattern}"))
-        if matches:
-            return _LOCAL_SUFFIXES[matches[0].suffix], str(matches[0]) if len(matches) == 1 else [str(m) for m in matches]
-    raise FileNotFoundError(f"no {split} file in {path} (expected {split}.jsonl, {split}.jsonl.gz or {split}.parquet)")
-
-
 def load_imdb(source: str = "stanfordnlp/imdb", split: str = "train") -> Dataset:
     """Load one IMDB split with columns `text`, `label` from a hub id, a local path, or `embedded`."""
-    if source == EMBEDDED_IMDB:
-        source = str(ASSETS_DIR / "imdb_sample")
-    path = Path(os.path.expanduser(source))
-    if path.exists():
-        builder, files = _local_files(path, split)
-        dataset = load_dataset(builder, data_files={split: files}, split=split)
-    else:
-        dataset = load_dataset(source, split=split)
-    missing = {"text", "label"} - set(dataset.column_names)
-    if missing:
-        raise ValueError(f"IMDB data at {source!r} lacks columns {sorted(missing)}; expected the hub schema `text`, `label`")
-    return dataset
+    return load_split(source, split, ASSETS_DIR / "imdb_sample", ("text", "label"), "IMDB")
 
 
 def split_sizes(available: int, requested: dict[str, int]) -> dict[str, int]:

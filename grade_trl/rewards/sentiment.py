@@ -73,10 +73,16 @@ class SentimentRewardModel(nn.Module):
         return self.p_positive(self.pooled(attention_mask, inputs_embeds=embeds))
 
     def save(self, path: str | os.PathLike, metadata: dict) -> None:
+        from ..results import write_json_atomic
+
+        # Metadata first, the head last and atomically: runs started side by side (compare --jobs) that
+        # find the head file can load a complete one.
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(path / HEAD_FILE))
-        (path / META_FILE).write_text(json.dumps({"backbone": self.backbone_name, **metadata}, indent=2))
+        write_json_atomic(path / META_FILE, {"backbone": self.backbone_name, **metadata})
+        partial = path / f".{HEAD_FILE}.{os.getpid()}.tmp"
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(partial))
+        os.replace(partial, path / HEAD_FILE)
 
     @classmethod
     def load(cls, path: str | os.PathLike, backbone_name: str | None = None) -> "SentimentRewardModel":

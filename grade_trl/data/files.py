@@ -1,0 +1,44 @@
+"""Loading one split of a data set from a hub id, a local folder or file, or the bundled sample."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+EMBEDDED = "embedded"
+"""The name that resolves to a task's bundled sample under `grade_trl/assets/`."""
+
+_LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".gz": "json", ".parquet": "parquet"}
+
+
+def _local_files(path: Path, split: str) -> tuple[str, str]:
+    """(builder, file) for `split` in a folder (train.jsonl[.gz] / train.parquet / train-*.parquet) or a file."""
+    if path.is_file():
+        return _LOCAL_SUFFIXES.get(path.suffix, "json"), str(path)
+    for pattern in (f"{split}.jsonl.gz", f"{split}.jsonl", f"{split}.json", f"{split}.parquet", f"{split}-*.parquet"):
+        matches = sorted(path.glob(pattern)) or sorted(path.glob(f"*/{pattern}"))
+        if matches:
+            return _LOCAL_SUFFIXES[matches[0].suffix], str(matches[0]) if len(matches) == 1 else [str(m) for m in matches]
+    raise FileNotFoundError(f"no {split} file in {path} (expected {split}.jsonl, {split}.jsonl.gz or {split}.parquet)")
+
+
+def load_split(source: str, split: str, embedded_dir: Path, columns: tuple[str, ...], name: str, hub_config: str | None = None) -> Dataset:
+    """One split with (at least) `columns`: from `embedded` (`embedded_dir`), a local folder or file, else the hub.
+
+    A local folder holds `{split}.jsonl`, `.jsonl.gz` or `.parquet` (or `{split}-*.parquet` shards);
+    raises ValueError naming the missing columns when the data has another schema.
+    """
+    if source == EMBEDDED:
+        source = str(embedded_dir)
+    path = Path(os.path.expanduser(source))
+    if path.exists():
+        builder, files = _local_files(path, split)
+        dataset = load_dataset(builder, data_files={split: files}, split=split)
+    else:
+        dataset = load_dataset(source, hub_config, split=split) if hub_config else load_dataset(source, split=split)
+    missing = set(columns) - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"{name} data at {source!r} lacks columns {sorted(missing)}; expected the hub schema {', '.join(f'`{c}`' for c in columns)}")
+    return dataset
