@@ -122,3 +122,19 @@ def test_min_new_tokens_through_trl_generation_kwargs_warns(caplog):
     assert "scores log-probs without it" in caplog.text
     recipe = build_recipe({"method": "grpo", "output_dir": "x", "bf16": False, "eval_min_new_tokens": 8})
     assert recipe.run.eval_min_new_tokens == 8
+
+
+@pytest.mark.parametrize(
+    "recipe,processes,expected",
+    [
+        ("tiny/imdb_grade_ste.yaml", 1, 8),  # 8 prompts, one relaxed completion each
+        ("tiny/imdb_ppo.yaml", 2, 8),  # a rollout of 16 prompts per process feeds 4 mini-batch steps: 16 x 2 / 4
+        ("tiny/imdb_grpo.yaml", 1, 8),  # TRL counts completions: 2 prompts x 4 generations
+        ("tiny/gsm8k_reinforce.yaml", 1, 8),  # 2 problems x 4 samples per prompt
+    ],
+)
+def test_completions_per_step_counts_new_completions(recipe, processes, expected):
+    from grade_trl.run import completions_per_step
+
+    parsed = parse_recipe([str(REPO / "recipes" / recipe)])
+    assert completions_per_step(parsed.run, parsed.config, processes) == expected
