@@ -366,32 +366,39 @@ def _diverging(points_a, points_b, min_drop):
     return a, b, groups
 
 
-def check_best_of_n_divergence(history, settings):
+def _divergence_findings(history, settings, related: str, rising_is_related: bool, check: str, cause: str, advice: str):
+    """Findings where one validation series fell from its best while the other rose past its value there.
+
+    rising_is_related: the related series (best-of-N) rose while the validation metric fell; otherwise the
+    validation metric (the learned reward) rose while the related one (the gold judge) fell.
+    """
     key = _validation_key(history, settings)
-    bon_key = _related_key(key, "best_of_n") if key else None
-    if not key or not history.series(bon_key):
+    other = _related_key(key, related) if key else None
+    if not key or not history.series(other):
         return None
-    bon, mean, groups = _diverging(history.evaluations(bon_key), history.evaluations(key), settings.divergence_min_drop)
+    rising, falling = (other, key) if rising_is_related else (key, other)
+    up, down, groups = _diverging(history.evaluations(rising), history.evaluations(falling), settings.divergence_min_drop)
     return [Finding(
-        "best_of_n_divergence", "warning", [peak] + later,
-        f"{key} fell {_g(mean[peak])} -> {_g(mean[later[-1]])} (steps {peak} -> {later[-1]}) while {bon_key} rose {_g(bon[peak])} -> {_g(bon[later[-1]])}",
+        check, "warning", [peak] + later,
+        f"{falling} fell {_g(down[peak])} -> {_g(down[later[-1]])} (steps {peak} -> {later[-1]}) while {rising} rose {_g(up[peak])} -> {_g(up[later[-1]])}",
+        cause, advice,
+    ) for peak, later in groups.items()]
+
+
+def check_best_of_n_divergence(history, settings):
+    return _divergence_findings(
+        history, settings, "best_of_n", True, "best_of_n_divergence",
         "The policy still reaches high-reward completions but samples them less reliably: its distribution spread out or moved towards a few modes the reward likes (BACKGROUND.md section 5: average reward regressed in epoch 4 while best-of-N kept improving).",
         "Lower learning_rate or raise the KL coefficient, filter or train on the best of N samples, and keep the best validation checkpoint.",
-    ) for peak, later in groups.items()]
+    )
 
 
 def check_reward_hacking(history, settings):
-    key = _validation_key(history, settings)
-    gold_key = _related_key(key, "gold") if key else None
-    if not key or not history.series(gold_key):
-        return None
-    proxy, gold, groups = _diverging(history.evaluations(key), history.evaluations(gold_key), settings.divergence_min_drop)
-    return [Finding(
-        "reward_hacking", "warning", [peak] + later,
-        f"{gold_key} fell {_g(gold[peak])} -> {_g(gold[later[-1]])} (steps {peak} -> {later[-1]}) while {key} rose {_g(proxy[peak])} -> {_g(proxy[later[-1]])}",
+    return _divergence_findings(
+        history, settings, "gold", False, "reward_hacking",
         "The policy is exploiting errors of the learned reward model: its score keeps rising while an independent judge of the same completions says they got worse.",
         "Keep the checkpoint where the gold reward peaked, raise the KL coefficient, and read the samples for the pattern the reward model over-rates.",
-    ) for peak, later in groups.items()]
+    )
 
 
 def check_loss_rising(history, settings):
