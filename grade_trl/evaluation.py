@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
 
+from .core.masks import completion_mask
 from .rewards.base import compute_rewards
 
 logger = logging.getLogger(__name__)
@@ -69,15 +70,13 @@ def generate_completions(model, tokenizer, prompts: list[str], settings: Generat
             )
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-            is_eos = new_tokens == tokenizer.eos_token_id
-            first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], new_tokens.shape[1], dtype=torch.long))
-            lengths.extend(first_eos.tolist())
+            lengths.extend(completion_mask(new_tokens, tokenizer.eos_token_id).sum(1).int().tolist())
     model.train(was_training)
     return completions, lengths
 
 
 def shard_and_gather(accelerator, items: list, work) -> list:
-    """Run `work(shard) -> list of per-item rows` on this process's shard; every process gets all rows, in order."""
+    """Run `work(shard, rank) -> one row per item` on this process's shard; every process gets all rows, in order."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     index = list(range(rank, len(items), world))
     rows = list(zip(index, work([items[i] for i in index], rank))) if index else []
@@ -108,6 +107,11 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(counts) / total if total else 0.0
 
 
+def _ngram_table(words: list[str], max_n: int) -> list[Counter]:
+    """The 1..max_n-gram counts of one text."""
+    return [_ngram_counts(words, n) for n in range(1, max_n + 1)]
+
+
 def bleu(hypothesis: list[str], references: list[list[str]], max_n: int = 4) -> float:
     """Sentence BLEU-4 (Papineni et al., 2002) with add-one smoothing of the n>1 precisions (Lin & Och, 2004).
 
@@ -117,26 +121,29 @@ def bleu(hypothesis: list[str], references: list[list[str]], max_n: int = 4) -> 
     """
     if not hypothesis or not references:
         return 0.0
-    log_precision = 0.0
-    for n in range(1, max_n + 1):
-        hyp = _ngram_counts(hypothesis, n)
+    return _bleu(_ngram_table(hypothesis, max_n), len(hypothesis), [_ngram_table(r, max_n) for r in references], [len(r) for r in references])
+
+
+def _bleu(hypothesis: list[Counter], length: int, references: list[list[Counter]], reference_lengths: list[int]) -> float:
+    """`bleu` on n-gram tables counted once, so self-BLEU does not recount every reference for every hypothesis."""
+    log_precision, max_n = 0.0, len(hypothesis)
+    for n in range(max_n):
         most = Counter()
         for ref in references:
-            for gram, count in _ngram_counts(ref, n).items():
+            for gram, count in ref[n].items():
                 most[gram] = max(most[gram], count)
-        matches = sum(min(count, most[gram]) for gram, count in hyp.items())
-        total = sum(hyp.values())
-        smooth = 0 if n == 1 else 1
+        matches = sum(min(count, most[gram]) for gram, count in hypothesis[n].items())
+        total = sum(hypothesis[n].values())
+        smooth = 0 if n == 0 else 1
         if matches + smooth == 0 or total + smooth == 0:
             return 0.0
         log_precision += math.log((matches + smooth) / (total + smooth)) / max_n
-    c = len(hypothesis)
-    r = min((abs(len(ref) - c), len(ref)) for ref in references)[1]
-    brevity = 1.0 if c > r else math.exp(1 - r / c)
+    r = min((abs(r - length), r) for r in reference_lengths)[1]
+    brevity = 1.0 if length > r else math.exp(1 - r / length)
     return brevity * math.exp(log_precision)
 
 
-def self_bleu(texts: list[str], max_texts: int = 200) -> float:
+def self_bleu(texts: list[str], max_texts: int = 200, max_n: int = 4) -> float:
     """Self-BLEU (Zhu et al., 2018): mean BLEU-4 of each text against all the others; higher = less diverse.
 
     Computed on the first `max_texts` texts (the cost is quadratic).
@@ -144,7 +151,16 @@ def self_bleu(texts: list[str], max_texts: int = 200) -> float:
     words = [_words(t) for t in texts[:max_texts]]
     if len(words) < 2:
         return 0.0
-    return statistics.fmean(bleu(w, words[:i] + words[i + 1 :]) for i, w in enumerate(words))
+    tables, lengths = [_ngram_table(w, max_n) for w in words], [len(w) for w in words]
+    return statistics.fmean(
+        _bleu(tables[i], lengths[i], tables[:i] + tables[i + 1 :], lengths[:i] + lengths[i + 1 :]) if words[i] else 0.0 for i in range(len(words))
+    )
+
+
+def weighted_rewards(reward_funcs, weights, prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """sum_f weight_f * reward_f(prompt, completion) per sample (text path; dataset columns passed as keywords)."""
+    scores = compute_rewards(reward_funcs, prompts, completions, **columns)  # (B, F)
+    return (scores @ torch.tensor(weights or [1.0] * len(reward_funcs))).tolist()
 
 
 # ---- evaluators -------------------------------------------------------------------------------
@@ -177,10 +193,6 @@ class RewardEvaluator(Evaluator):
         self.prompts, self.reward_funcs, self.settings = prompts, reward_funcs, settings
         self.weights, self.judge, self.best_of_n = weights, judge, int(best_of_n)
 
-    def _score(self, prompts: list[str], completions: list[str]) -> list[float]:
-        scores = compute_rewards(self.reward_funcs, prompts, completions)
-        return (scores @ torch.tensor(self.weights or [1.0] * len(self.reward_funcs))).tolist()
-
     def evaluate(self, model, tokenizer, split: str, accelerator=None, seed: int = 0) -> dict:
         prompts = self.prompts[split]
 
@@ -189,7 +201,7 @@ class RewardEvaluator(Evaluator):
             for k in range(max(1, self.best_of_n)):
                 # sample k of this shard uses seed + 1000 k + rank: a rerun on as many processes reproduces it
                 completions, lengths = generate_completions(model, tokenizer, shard, self.settings, seed + 1000 * k + rank)
-                samples.append((completions, lengths, self._score(shard, completions)))
+                samples.append((completions, lengths, weighted_rewards(self.reward_funcs, self.weights, shard, completions)))
             completions, lengths, rewards = samples[0]
             gold = self.judge(shard, completions) if self.judge is not None else [None] * len(shard)
             best = [max(s[2][i] for s in samples) for i in range(len(shard))]

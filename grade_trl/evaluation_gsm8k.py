@@ -23,10 +23,7 @@ from collections import Counter
 from dataclasses import replace
 from fractions import Fraction
 
-import torch
-
-from .evaluation import Evaluator, GenerationSettings, generate_completions, shard_and_gather
-from .rewards.base import compute_rewards
+from .evaluation import Evaluator, GenerationSettings, generate_completions, shard_and_gather, weighted_rewards
 from .rewards.gsm8k import extract_answer, gold_answer, has_final_answer_format
 
 
@@ -62,8 +59,7 @@ class GSM8KEvaluator(Evaluator):
         def work(shard: list[tuple[str, str]], rank: int) -> list[dict]:
             prompts, golds = [p for p, _ in shard], [g for _, g in shard]
             completions, lengths = generate_completions(model, tokenizer, prompts, self.greedy, seed + rank)
-            scores = compute_rewards(self.reward_funcs, prompts, completions, answer=golds)  # (B, F)
-            rewards = (scores @ torch.tensor(self.weights or [1.0] * len(self.reward_funcs))).tolist()
+            rewards = weighted_rewards(self.reward_funcs, self.weights, prompts, completions, answer=golds)
             rows = []
             for prompt, gold, completion, length, reward in zip(prompts, golds, completions, lengths, rewards):
                 predicted, target = extract_answer(completion), Fraction(gold_answer(gold))

@@ -29,7 +29,23 @@ def _ngrams(text: str) -> list[str]:
     return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
 
 
-class TfidfJudge:
+class Judge:
+    """A TRL reward callable scoring completions by P(positive); subclasses define `probabilities(texts)`."""
+
+    test_accuracy: float | None = None  # accuracy on IMDB test reviews, set by whoever built the judge
+
+    def probabilities(self, texts: list[str]) -> list[float]:
+        raise NotImplementedError
+
+    def accuracy(self, texts: list[str], labels: list[int]) -> float:
+        predictions = [p > 0.5 for p in self.probabilities(texts)]
+        return sum(int(p) == int(y) for p, y in zip(predictions, labels)) / len(labels)
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        return self.probabilities(list(completions))
+
+
+class TfidfJudge(Judge):
     """P(positive | text) = sigmoid(w . tfidf(text) + b).
 
     tfidf(text)_j = (1 + log tf_j) * idf_j, rows L2-normalised; idf_j = log((1 + n) / (1 + df_j)) + 1.
@@ -41,7 +57,6 @@ class TfidfJudge:
 
     def __init__(self, vocabulary: dict[str, int], idf: torch.Tensor, weight: torch.Tensor, bias: float):
         self.vocabulary, self.idf, self.weight, self.bias = vocabulary, idf, weight, float(bias)
-        self.test_accuracy: float | None = None
 
     @classmethod
     def fit(cls, texts: list[str], labels: list[int], min_df: int = 2, max_features: int = 50_000, l2: float = 1e-4, steps: int = 100) -> TfidfJudge:
@@ -85,15 +100,8 @@ class TfidfJudge:
         logits = torch.sparse.mm(self.features(texts), self.weight[:, None]).squeeze(1) + self.bias
         return torch.sigmoid(logits).tolist()
 
-    def accuracy(self, texts: list[str], labels: list[int]) -> float:
-        predictions = [p > 0.5 for p in self.probabilities(texts)]
-        return sum(int(p) == int(y) for p, y in zip(predictions, labels)) / len(labels)
 
-    def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        return self.probabilities(list(completions))
-
-
-class ClassifierJudge:
+class ClassifierJudge(Judge):
     """P(positive) from a `transformers` sequence classifier (hub id or local folder).
 
     The positive class is the label whose name contains "pos" (POSITIVE, LABEL_1 when there are two
@@ -118,7 +126,6 @@ class ClassifierJudge:
             raise ValueError(f"gold_judge {name_or_path!r}: cannot tell the positive label among {sorted(labels.values())}")
         self.positive = named[0] if named else 1
         self.batch_size, self.max_length = batch_size, max_length
-        self.test_accuracy: float | None = None
 
     @torch.no_grad()
     def probabilities(self, texts: list[str]) -> list[float]:
@@ -127,10 +134,3 @@ class ClassifierJudge:
             enc = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True, truncation=True, max_length=self.max_length).to(self.device)
             out += self.model(**enc).logits.float().softmax(-1)[:, self.positive].tolist()
         return out
-
-    def accuracy(self, texts: list[str], labels: list[int]) -> float:
-        predictions = [p > 0.5 for p in self.probabilities(texts)]
-        return sum(int(p) == int(y) for p, y in zip(predictions, labels)) / len(labels)
-
-    def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        return self.probabilities(list(completions))
