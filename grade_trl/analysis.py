@@ -24,22 +24,17 @@ policies differ on these prompts; only the across-seed tests speak to the method
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import sys
 from pathlib import Path
 
-from .compare import (
-    build_comparison,
-    evaluation_rows,
-    load_json,
-    test_key,
-    test_metric,
-    test_per_prompt,
-    training_rows,
-)
-from .results import write_json_atomic
+from . import metrics
+from .cli import Command, Option
+from .comparison import build_comparison
+from .errors import UserError
+from .methods import relaxed_methods
+from .results import evaluation_rows, last_training_value, read_json, test_metric, test_name, test_per_prompt, training_rows, write_json_atomic
 from .stats import (
     bootstrap_ci,
     cohens_d,
@@ -53,14 +48,8 @@ from .stats import (
     wilcoxon_signed_rank,
 )
 
-GRADE_METHODS = ("grade", "grade_ste")
-TAU_FIELDS = ("tau_start", "tau_end", "tau_schedule", "tau_anneal_steps")  # GumbelGRADEConfig
-PER_PROMPT = {"reward": "rewards", "accuracy": "corrects"}  # test metric -> its per-prompt list in final["test"][checkpoint] (run.py)
-PROBE_KEYS = ("probe_trace_cov", "probe_snr", "probe_mean_sq_norm", "probe_cosine_to_mean")  # grade_trl.probe's history rows
-
-
-class AnalysisError(ValueError):
-    """Input that cannot be analysed; the message is one line that names the fix."""
+TAU_FIELDS = ("tau_start", "tau_end", "tau_schedule", "tau_anneal_steps")  # the relaxed methods' config (GumbelGRADEConfig)
+PROBE_KEYS = tuple(f"{metrics.PROBE_PREFIX}_{k}" for k in ("trace_cov", "snr", "mean_sq_norm", "cosine_to_mean"))  # the probe's history rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,18 +60,18 @@ class AnalysisError(ValueError):
 def load_runs(results_dir: Path) -> tuple[dict | None, dict[str, list[dict]]]:
     """(comparison.json or None, {name: [run, ...]}) with run = {seed, run_dir, results}; completed runs only, by seed."""
     if not results_dir.is_dir():
-        raise AnalysisError(f"no such folder: {results_dir} (give the --output_dir of `python -m grade_trl.compare`)")
-    comparison = load_json(results_dir / "comparison.json")
+        raise UserError(f"no such folder: {results_dir} (give the --output_dir of `python -m grade_trl.compare`)")
+    comparison = read_json(results_dir / "comparison.json")
     runs: dict[str, list[dict]] = {}
     for path in sorted(results_dir.glob("*/seed*/results.json")):
-        results = load_json(path)
+        results = read_json(path)
         if results is None or results.get("status") != "completed":
             continue
         seed_text = path.parent.name[len("seed") :]
         seed = int(seed_text) if seed_text.isdigit() else (results.get("config") or {}).get("trainer", {}).get("seed")
         runs.setdefault(path.parent.parent.name, []).append({"seed": seed, "run_dir": str(path.parent), "results": results})
     if not runs:
-        raise AnalysisError(f"no completed runs under {results_dir} (expected {results_dir}/<method>/seed<k>/results.json with status 'completed')")
+        raise UserError(f"no completed runs under {results_dir} (expected {results_dir}/<method>/seed<k>/results.json with status 'completed')")
     order = list((comparison or {}).get("methods", {})) + sorted(runs)
     return comparison, {name: sorted(runs[name], key=lambda r: r["seed"]) for name in dict.fromkeys(order) if name in runs}
 
@@ -134,10 +123,7 @@ def has_key(runs: dict[str, list[dict]], key: str) -> bool:
 
 def kl_at(history: list[dict], step: int) -> float | None:
     """The KL of the last training log at or before `step`; 0 at step 0 (the policy is the reference)."""
-    if step == 0:
-        return 0.0
-    logged = [row for row in training_rows(history) if row["step"] <= step and row.get("kl") is not None]
-    return logged[-1]["kl"] if logged else None
+    return 0.0 if step == 0 else last_training_value(history, metrics.KL, step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +143,7 @@ class Figures:
         self.plt, self.runs, self.comparison, self.out = plt, runs, comparison, out
         cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         self.color = {name: cycle[i % len(cycle)] for i, name in enumerate(runs)}
-        self.val_key = comparison["metric"]["validation"] or "val_reward"
+        self.val_key = comparison["metric"]["validation"] or metrics.eval_key("reward")
         self.written: dict[str, str] = {}
         self.skipped: dict[str, str] = {}
 
@@ -199,7 +185,7 @@ class Figures:
         self.curve(ax, lambda h: evaluation_rows(h, self.val_key), self.val_key)
         names, gaps_final, gaps_best = [], [], []
         for name, group in self.runs.items():
-            test = [test_metric(r["results"]["final"], test_key(r["results"])) for r in group]
+            test = [test_metric(r["results"]["final"], test_name(r["results"])) for r in group]
             last = [rows[-1]["step"] for r in group if (rows := evaluation_rows(r["results"]["history"], self.val_key))]
             est = mean_ci(test)
             if est.mean is not None and last:
@@ -221,7 +207,7 @@ class Figures:
         gaps = []
         for run in group:
             final, history = run["results"]["final"], run["results"]["history"]
-            test = test_metric(final, test_key(run["results"]), checkpoint)
+            test = test_metric(final, test_name(run["results"]), checkpoint)
             rows = evaluation_rows(history, self.val_key)
             if checkpoint == "final":
                 val = rows[-1][self.val_key] if rows else None
@@ -301,14 +287,14 @@ class Figures:
 
     def test_comparison(self) -> None:
         names = list(self.runs)
-        metrics = [("test_reward", "test_reward_best", "test")]
-        if any(self.comparison["methods"][n]["gold_reward"]["mean"] is not None for n in names):
-            metrics.append(("gold_reward", "gold_reward_best", "gold (independent judge)"))
-        if all(self.comparison["methods"][n]["test_reward"]["mean"] is None for n in names):
+        panels = [("test", "test_best_ckpt", "test")]
+        if any(self.comparison["methods"][n]["test_gold"]["mean"] is not None for n in names):
+            panels.append(("test_gold", "test_gold_best_ckpt", "gold (independent judge)"))
+        if all(self.comparison["methods"][n]["test"]["mean"] is None for n in names):
             self.skipped["test_comparison"] = "no test metrics in the results"
             return
-        fig, axes = self.plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
-        for ax, (final_key, best_key, title) in zip(axes[0], metrics):
+        fig, axes = self.plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+        for ax, (final_key, best_key, title) in zip(axes[0], panels):
             values = lambda key: [[v for v in self.comparison["methods"][n][key]["per_seed"] if v is not None] for n in names]  # noqa: E731
             self._paired_bars(ax, names, [("final checkpoint", values(final_key)), ("best-validation checkpoint", values(best_key))])
             ax.set_title(f"{title}: mean, 95% CI over seeds, seeds as dots")
@@ -318,12 +304,12 @@ class Figures:
         if not has_key(self.runs, "kl"):
             self.skipped["reward_kl_frontier"] = "no `kl` in the histories"
             return
-        gold_key = self.val_key.replace("val_", "val_gold_", 1)
-        panels = [(self.val_key, "test_reward", "learned reward (proxy)")]
+        gold_key = metrics.eval_key("gold_reward")
+        panels = [(self.val_key, "test", "learned reward (proxy)")]
         if gold_key != self.val_key and has_key(self.runs, gold_key):
-            panels.append((gold_key, "gold_reward", "gold judge"))
+            panels.append((gold_key, "test_gold", "gold judge"))
         fig, axes = self.plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-        for ax, (val_key, test_name, title) in zip(axes[0], panels):
+        for ax, (val_key, summary_key, title) in zip(axes[0], panels):
             for name, group in self.runs.items():
                 points: dict[int, list[tuple[float, float]]] = {}
                 for run in group:
@@ -337,9 +323,9 @@ class Figures:
                 ys = [sum(p[1] for p in points[s]) / len(points[s]) for s in steps]
                 ax.plot(xs, ys, "-", color=self.color[name], alpha=0.6, label=f"{name}: validation over training")
                 entry = self.comparison["methods"][name]
-                ax.scatter(entry["kl"]["per_seed"], entry[test_name]["per_seed"], color=self.color[name], marker="D", s=40, edgecolor="black", zorder=3)
+                ax.scatter(entry["kl"]["per_seed"], entry[summary_key]["per_seed"], color=self.color[name], marker="D", s=40, edgecolor="black", zorder=3)
             ax.set_xlabel("KL(policy || reference), nats per completion")
-            ax.set_ylabel(val_key.replace("val_", "", 1))
+            ax.set_ylabel(val_key.removeprefix(metrics.eval_key("")))
             ax.set_title(f"{title} vs KL (diamonds: test, one per run)")
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=8)
@@ -352,7 +338,7 @@ class Figures:
             for run in group:
                 config = run["results"].get("config") or {}
                 method, trainer = (config.get("run") or {}).get("method"), config.get("trainer") or {}
-                if method in GRADE_METHODS:
+                if method in relaxed_methods():
                     schedule = trainer.get("tau_schedule", "linear")
                     tau = f"{trainer.get('tau_start')}" if schedule == "constant" else f"{trainer.get('tau_start')}->{trainer.get('tau_end')} over {trainer.get('tau_anneal_steps')}"
                     groups.setdefault(f"{method} tau {tau}", []).append(run)
@@ -364,7 +350,7 @@ class Figures:
         cycle = self.plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, label in enumerate(labels):
             runs = groups[label]
-            est = mean_ci([test_metric(r["results"]["final"], test_key(r["results"])) for r in runs])
+            est = mean_ci([test_metric(r["results"]["final"], test_name(r["results"])) for r in runs])
             if est.mean is not None:
                 yerr = None if est.low is None else [[est.mean - est.low], [est.high - est.mean]]
                 bar_ax.bar(i, est.mean, 0.7, color=cycle[i % len(cycle)], yerr=yerr, capsize=4, edgecolor="black", lw=0.5)
@@ -397,13 +383,13 @@ def statistics(runs: dict[str, list[dict]], comparison: dict) -> dict:
     """Per method (t and bootstrap intervals), across seeds (Welch, d, g, Holm) and within seeds (paired t, Wilcoxon, d_z, Holm)."""
     methods = {}
     for name, entry in comparison["methods"].items():
-        values = [v for v in entry["test_reward"]["per_seed"] if v is not None]
+        values = [v for v in entry["test"]["per_seed"] if v is not None]
         t_est, boot = mean_ci(values), bootstrap_ci(values, seed=0)
         methods[name] = {"n": len(values), "mean": t_est.mean, "t_ci": [t_est.low, t_est.high], "bootstrap_ci": [boot.low, boot.high]}
     pairs = []
     for a, b in itertools.combinations(comparison["methods"], 2):
-        xa = [v for v in comparison["methods"][a]["test_reward"]["per_seed"] if v is not None]
-        xb = [v for v in comparison["methods"][b]["test_reward"]["per_seed"] if v is not None]
+        xa = [v for v in comparison["methods"][a]["test"]["per_seed"] if v is not None]
+        xb = [v for v in comparison["methods"][b]["test"]["per_seed"] if v is not None]
         welch = welch_t_test(xa, xb)
         pairs.append({
             "a": a, "b": b, "n_a": len(xa), "n_b": len(xb),
@@ -421,7 +407,7 @@ def statistics(runs: dict[str, list[dict]], comparison: dict) -> dict:
             run_b = by_seed_b.get(run_a["seed"])
             if run_b is None:
                 continue
-            (pa, ra), (pb, rb) = (test_per_prompt(r["results"]["final"], name=PER_PROMPT.get(test_key(r["results"]), f"{test_key(r['results'])}s")) for r in (run_a, run_b))
+            (pa, ra), (pb, rb) = (test_per_prompt(r["results"]["final"], test_name(r["results"])) for r in (run_a, run_b))
             if ra is None or rb is None:
                 continue
             if pa is not None and pb is not None:
@@ -470,8 +456,8 @@ def table_rows(comparison: dict, latex: bool = False) -> tuple[list[str], list[l
     for name, entry in comparison["methods"].items():
         wall = entry["wall_seconds"]
         wall_min = {k: (wall[k] / 60 if wall[k] is not None else None) for k in ("mean", "ci_low", "ci_high")}
-        row = [name, str(len(entry["seeds"])), _est(entry["test_reward"], latex=latex), _est(entry["test_reward_best"], latex=latex),
-               _est(entry["gold_reward"], latex=latex), _est(entry["kl"], 2, latex), _est(entry["best_val_reward"], latex=latex)]
+        row = [name, str(len(entry["seeds"])), _est(entry["test"], latex=latex), _est(entry["test_best_ckpt"], latex=latex),
+               _est(entry["test_gold"], latex=latex), _est(entry["kl"], 2, latex), _est(entry["best_validation"], latex=latex)]
         for f in fractions:
             cell = entry["sample_efficiency"][f]
             row.append(f"{_num(cell['steps']['mean'], 0)} ({cell['reached']}/{cell['of']})")
@@ -523,7 +509,7 @@ def report(comparison: dict, stats: dict, figures: Figures, table: str) -> str:
         "Steps to f: per seed s (the seed also draws the validation split), target_s(f) = r0_s + f (r*_s - r0_s) with r0_s the mean step-0 "
         "validation value and r*_s the best validation value of any run of that seed; mean steps to the first evaluation at or above it over "
         "the seeds that reached it (reached/seeds). Targets: "
-        + "; ".join(f"seed {s}: r0 {_num(t['initial_val_reward'])}, r* {_num(t['best_val_reward'])}, " + ", ".join(f"{float(f):.0%} = {_num(v)}" for f, v in t["targets"].items())
+        + "; ".join(f"seed {s}: r0 {_num(t['initial_validation'])}, r* {_num(t['best_validation'])}, " + ", ".join(f"{float(f):.0%} = {_num(v)}" for f, v in t["targets"].items())
                     for s, t in th["per_seed"].items()) + ".",
         "",
         "## Figures", "",
@@ -574,23 +560,24 @@ def analyse(results_dir: str | os.PathLike, output_dir: str | os.PathLike | None
     return out / "report.md"
 
 
+COMMAND = Command(
+    prog="grade_trl.analysis",
+    description="Figures, statistics, tables and report.md of a `grade_trl.compare` folder ({dir}/{name}/seed{k}/results.json).",
+    positional="RESULTS_DIR",
+    options=(Option("output_dir", str | None, None, "Where to write (default: RESULTS_DIR/analysis)."),),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m grade_trl.analysis", description="Figures, statistics, tables and report.md of a `grade_trl.compare` folder.")
-    parser.add_argument("results_dir", help="The --output_dir of `python -m grade_trl.compare` ({dir}/{method}/seed{k}/results.json).")
-    parser.add_argument("--output_dir", default=None, help="Where to write (default: RESULTS_DIR/analysis).")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("error: grade_trl.analysis needs matplotlib (pip install -e '.[analysis]')", file=sys.stderr)
-        return 2
-    try:
-        path = analyse(args.results_dir, args.output_dir)
-    except AnalysisError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"report: {path}")
-    return 0
+    def body(paths, options, _) -> int:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("grade_trl.analysis needs matplotlib (pip install -e '.[analysis]')") from None
+        print(f"report: {analyse(paths[0], options['output_dir'])}")
+        return 0
+
+    return COMMAND.main(argv, body)
 
 
 if __name__ == "__main__":

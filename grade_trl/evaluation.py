@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
 
+from . import metrics
 from .core.masks import completion_mask
 from .rewards.base import compute_rewards
 
@@ -169,11 +170,10 @@ def weighted_rewards(reward_funcs, weights, prompts: list[str], completions: lis
 class Evaluator:
     """What a task measures on a split. `evaluate` returns `{"metrics": {name: float}, "samples": [dict]}`.
 
-    `prefix` names the validation metrics (`{prefix}_{name}`) and `primary` the metric whose best
-    value picks the best checkpoint and drives early stopping.
+    Validation metrics are logged as `eval_{name}` for every task (`grade_trl.metrics`); `primary` names the
+    metric whose best value picks the best checkpoint and drives early stopping.
     """
 
-    prefix = "val"
     primary = "reward"
 
     def evaluate(self, model, tokenizer, split: str, accelerator=None, seed: int = 0) -> dict:
@@ -234,9 +234,9 @@ class RewardEvaluator(Evaluator):
 class EvaluationCallback(TrainerCallback):
     """Evaluates at step 0, every `eval_steps` and at the end; keeps the best checkpoint; optional early stop.
 
-    Logs `{prefix}_{metric}` for every metric of the evaluator, `best_{prefix}_{primary}`,
-    `best_{prefix}_step`, `elapsed_seconds` (wall time since training began) and `train_seconds`
-    (the same without the time spent evaluating). Every evaluation uses the same prompts and the same
+    Logs `eval_{metric}` for every metric of the evaluator, `eval_best_{primary}`, `eval_best_step`,
+    `eval_wall_seconds` (wall time since training began) and `eval_train_seconds` (the same without the
+    time spent evaluating). Every evaluation uses the same prompts and the same
     seed, so methods and steps see the same conditions. The best checkpoint (highest primary metric;
     the first on ties) is saved to `best_model_dir` and kept in memory (trainable parameters only)
     for the final test. Attach the trainer (`callback.trainer = trainer`) so the values reach its loggers.
@@ -255,7 +255,7 @@ class EvaluationCallback(TrainerCallback):
 
     @property
     def best_key(self) -> str:
-        return f"best_{self.evaluator.prefix}_{self.evaluator.primary}"
+        return metrics.best_eval_key(self.evaluator.primary)
 
     def policy(self):
         return self.trainer.accelerator.unwrap_model(self.trainer.model)
@@ -272,13 +272,12 @@ class EvaluationCallback(TrainerCallback):
             self.evaluations_since_best += 1
         self._eval_seconds += time.time() - started
         elapsed = time.time() - self._start if self._start else 0.0
-        prefix = self.evaluator.prefix
         return {
-            **{f"{prefix}_{name}": v for name, v in result["metrics"].items()},
+            **{metrics.eval_key(name): v for name, v in result["metrics"].items()},
             self.best_key: self.best_value,
-            f"best_{prefix}_step": self.best_step,
-            "elapsed_seconds": elapsed,
-            "train_seconds": max(elapsed - self._eval_seconds, 0.0),
+            metrics.eval_key("best_step"): self.best_step,
+            metrics.eval_key("wall_seconds"): elapsed,
+            metrics.eval_key("train_seconds"): max(elapsed - self._eval_seconds, 0.0),
         }
 
     def _keep_best(self) -> None:
@@ -298,7 +297,7 @@ class EvaluationCallback(TrainerCallback):
                 self.stopped_early_at = state.global_step
                 logger.warning(
                     "early stopping at step %d: %s has not improved on %.4f (step %s) for %d evaluations",
-                    state.global_step, f"{self.evaluator.prefix}_{self.evaluator.primary}", self.best_value, self.best_step, self.patience,
+                    state.global_step, metrics.eval_key(self.evaluator.primary), self.best_value, self.best_step, self.patience,
                 )
                 control.should_training_stop = True
         return control
@@ -332,3 +331,15 @@ class EvaluationCallback(TrainerCallback):
         with torch.no_grad():
             for name, value in saved.items():
                 parameters[name].copy_(value)
+
+
+def evaluate_test(evaluator: Evaluator, policy, tokenizer, accelerator, seed: int) -> dict:
+    """The test split's metrics, with the prompts and per-prompt values (`rewards`, `gold_rewards`, `corrects`, ...)
+    kept for paired tests: final["test"]["final" | "best"] of results.json."""
+    result = evaluator.evaluate(policy, tokenizer, "test", accelerator, seed)
+    samples = result["samples"]
+    out = {"metrics": result["metrics"], "prompts": [s["prompt"] for s in samples]}
+    for key in ("reward", "gold_reward", "best_of_n_reward", "correct"):
+        if samples and samples[0].get(key) is not None:
+            out[f"{key}s"] = [s[key] for s in samples]
+    return out

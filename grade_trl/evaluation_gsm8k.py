@@ -43,7 +43,6 @@ class GSM8KEvaluator(Evaluator):
         pass_k: samples per problem for pass@k and maj@k (<= 1: greedy only).
     """
 
-    prefix = "eval"
     primary = "accuracy"
 
     def __init__(self, problems: dict, reward_funcs, settings: GenerationSettings, weights=None, pass_k: int = 0):

@@ -21,7 +21,6 @@ Writes to `--output_dir`: the model (safetensors), the tokenizer, `training_log.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -31,40 +30,46 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from datasets import load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from .cli import Command, Option
 from .data.imdb import clean_review, load_imdb
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m grade_trl.pretrain", description=__doc__.split("\n")[0])
-    p.add_argument("--imdb", default="stanfordnlp/imdb", help="IMDB: hub id, file, folder (train.jsonl[.gz]) or `embedded`")
-    p.add_argument("--gsm8k", default=None, help="GSM8K: train.jsonl, its folder, or `openai/gsm8k`; skipped if unset")
-    p.add_argument("--output_dir", required=True, help="where the model, tokenizer, log and model card go")
-    p.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary size, `<|endoftext|>` included")
-    p.add_argument("--n_layer", type=int, default=4, help="transformer blocks")
-    p.add_argument("--n_embd", type=int, default=256, help="hidden width")
-    p.add_argument("--n_head", type=int, default=4, help="attention heads")
-    p.add_argument("--context", type=int, default=256, help="block length in tokens (= n_positions)")
-    p.add_argument("--batch_size", type=int, default=256, help="blocks per optimizer step")
-    p.add_argument("--max_steps", type=int, default=2882, help="optimizer steps")
-    p.add_argument("--learning_rate", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--warmup_steps", type=int, default=200, help="linear warm-up steps")
-    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="final learning rate as a fraction of the peak")
-    p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    p.add_argument("--seed", type=int, default=42, help="seed for the document shuffle, model init and batch order")
-    p.add_argument("--max_documents", type=int, default=None, help="use at most this many documents (quick runs)")
-    p.add_argument("--eval_documents", type=int, default=500, help="held-out documents for the validation loss")
-    p.add_argument("--log_every", type=int, default=100, help="log train/val loss every this many steps")
-    return p.parse_args(argv)
+COMMAND = Command(
+    prog="grade_trl.pretrain",
+    description=__doc__.split("\n")[0],
+    options=(
+        Option("imdb", str, "stanfordnlp/imdb", "IMDB: hub id, file, folder (train.jsonl[.gz]) or `embedded`"),
+        Option("gsm8k", str | None, None, "GSM8K: train.jsonl, its folder, or `openai/gsm8k`; skipped if unset"),
+        Option("output_dir", str | None, None, "where the model, tokenizer, log and model card go (required)"),
+        Option("vocab_size", int, 8192, "BPE vocabulary size, `<|endoftext|>` included"),
+        Option("n_layer", int, 4, "transformer blocks"),
+        Option("n_embd", int, 256, "hidden width"),
+        Option("n_head", int, 4, "attention heads"),
+        Option("context", int, 256, "block length in tokens (= n_positions)"),
+        Option("batch_size", int, 256, "blocks per optimizer step"),
+        Option("max_steps", int, 2882, "optimizer steps"),
+        Option("learning_rate", float, 2e-3, "peak learning rate"),
+        Option("warmup_steps", int, 200, "linear warm-up steps"),
+        Option("min_lr_ratio", float, 0.1, "final learning rate as a fraction of the peak"),
+        Option("weight_decay", float, 0.1, "AdamW weight decay (matrices only)"),
+        Option("seed", int, 42, "seed for the document shuffle, model init and batch order"),
+        Option("max_documents", int | None, None, "use at most this many documents (quick runs)"),
+        Option("eval_documents", int, 500, "held-out documents for the validation loss"),
+        Option("log_every", int, 100, "log train/val loss every this many steps"),
+    ),
+)
 
 
 def gsm8k_documents(source: str) -> list[str]:
@@ -79,7 +84,7 @@ def gsm8k_documents(source: str) -> list[str]:
     return [f"Question: {q}\nAnswer: {a}" for q, a in zip(rows["question"], rows["answer"])]
 
 
-def load_documents(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+def load_documents(args: SimpleNamespace) -> tuple[list[str], list[str]]:
     """(train, eval) documents: IMDB train (+ GSM8K train), shuffled with the seed, capped, split."""
     docs = [clean_review(text) for text in load_imdb(args.imdb, "train")["text"]]
     if args.gsm8k:
@@ -121,7 +126,7 @@ def pack(tokenizer: Tokenizer, texts: list[str], context: int) -> torch.Tensor:
     return torch.tensor(stream[: n_blocks * context]).view(n_blocks, context)  # (n_tokens,) -> (n_blocks, context)
 
 
-def build_model(args: argparse.Namespace, vocab_size: int) -> GPT2LMHeadModel:
+def build_model(args: SimpleNamespace, vocab_size: int) -> GPT2LMHeadModel:
     config = GPT2Config(
         vocab_size=vocab_size, n_positions=args.context, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
@@ -131,7 +136,7 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, args: SimpleNamespace) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on biases and layer norms)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -232,10 +237,10 @@ def model_card(argv: list[str], model: GPT2LMHeadModel, n_train_tokens: int, log
     )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+def pretrain(args: SimpleNamespace, argv: list[str]) -> list[dict]:
+    """Train and save the tokenizer and model; returns the training log."""
+    if not args.output_dir:
+        raise UserError("--output_dir is required: where the model, tokenizer, log and model card go")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     train_docs, eval_docs = load_documents(args)
@@ -256,5 +261,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return log
 
 
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def body(_, options, __) -> int:
+        pretrain(SimpleNamespace(**options), argv)
+        return 0
+
+    return COMMAND.main(argv, body)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,11 +8,8 @@ here, before anything is loaded or written: a bad recipe fails in one line with 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import enum
 import logging
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +17,15 @@ from typing import Any
 
 import yaml
 
-from .trainers.grade_config import GumbelGRADEConfig
-from .trainers.ppo_config import PPOConfig
-from .trainers.reinforce_config import REINFORCEConfig
+from .cli import coerce, parse_overrides, unknown_key_hint
+from .errors import UserError
+from .methods import METHODS, get_method
 
 logger = logging.getLogger(__name__)
 
 
-class RecipeError(ValueError):
-    """A recipe or override that cannot run; the message is one line that names the fix."""
+class RecipeError(UserError):
+    """A recipe or override that cannot run; the message is one line that names the key and the fix."""
 
 
 @dataclass
@@ -95,7 +92,7 @@ class RunArguments:
             raise ValueError(f"probe_num_estimates must be >= 2 (a variance needs two estimates), got {self.probe_num_estimates}")
         if self.doctor not in ("warn", "stop", "off"):
             raise ValueError(f"doctor must be warn, stop or off, got {self.doctor!r}")
-        from .doctor import DoctorCallback, build_settings  # unknown settings or stop_on names raise a one-line ValueError
+        from .diagnostics import DoctorCallback, build_settings  # unknown settings or stop_on names raise a one-line error
 
         build_settings(self.doctor_settings or {})
         DoctorCallback(stop_on=self.doctor_stop_on)
@@ -106,26 +103,6 @@ TASK_DEFAULTS = {"gsm8k": {"dataset_name": "openai/gsm8k", "max_prompt_length": 
 NON_DIFFERENTIABLE_TASKS = {"gsm8k": "gsm8k's correctness reward is not (an exact match of the final answer has no gradient)"}
 
 
-def _grpo_config():
-    from trl import GRPOConfig
-
-    return GRPOConfig
-
-
-METHODS: dict[str, tuple[Any, dict[str, Any]]] = {
-    # method: (config class or a function returning it, the values the method name implies)
-    "grade": (GumbelGRADEConfig, {"estimator": "soft"}),
-    "grade_ste": (GumbelGRADEConfig, {"estimator": "ste"}),
-    "reinforce": (REINFORCEConfig, {}),
-    "ppo": (PPOConfig, {}),
-    "grpo": (_grpo_config, {}),
-    "cispo": (_grpo_config, {"loss_type": "cispo"}),
-}
-
-
-def method_config_class(method: str) -> type:
-    config_cls = METHODS[method][0]
-    return config_cls if isinstance(config_cls, type) else config_cls()
 PATH_KEYS = ("model_name_or_path", "dataset_name", "reward_backbone")
 
 
@@ -138,95 +115,6 @@ class Recipe:
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.init}
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def coerce(key: str, value: Any, tp) -> Any:
-    """Convert a YAML or command-line value to the field's type, or raise a one-line RecipeError."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (value is None or (str not in args and isinstance(value, str) and value.lower() in ("null", "none"))):
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return coerce(key, value, option)
-            except RecipeError:
-                errors.append(_type_name(option))
-        raise RecipeError(f"{key}: expected {' or '.join(errors)}, got {value!r}")
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise RecipeError(f"{key}: expected one of {list(args)}, got {value!r}")
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{key}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        return [coerce(key, v, inner) for v in value]
-    if origin is dict or tp is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise RecipeError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise RecipeError(f"{key}: expected an integer, got {value!r}")
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise RecipeError(f"{key}: expected an integer, got {value!r}") from None
-        if not as_float.is_integer():
-            raise RecipeError(f"{key}: expected an integer, got {value!r}")
-        return int(as_float)
-    if tp is float:
-        if isinstance(value, bool):
-            raise RecipeError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)  # also takes YAML's "1e-4", which PyYAML reads as a string
-        except (TypeError, ValueError):
-            raise RecipeError(f"{key}: expected a number, got {value!r}") from None
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        try:
-            return tp(value).value
-        except ValueError:
-            raise RecipeError(f"{key}: expected one of {[m.value for m in tp]}, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise RecipeError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """`--key value`, `--key=value` and bare `--flag` (true) -> {key: value}; values read as YAML scalars."""
-    overrides, i = {}, 0
-    while i < len(argv):
-        token = argv[i]
-        if not token.startswith("--") or token == "--":
-            raise RecipeError(f"unexpected argument {token!r}: overrides are written --key value")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value, i = argv[i + 1], i + 1
-            else:
-                value = "true"
-        overrides[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
-        i += 1
-    return overrides
 
 
 def load_recipe_file(path: str) -> dict:
@@ -246,32 +134,34 @@ def load_recipe_file(path: str) -> dict:
 def build_recipe(values: dict[str, Any]) -> Recipe:
     """Validate `values` (file merged with overrides) and build the run arguments and the method's config."""
     raw = dict(values)
-    method = str(values.get("method", RunArguments.method))
-    if method not in METHODS:
-        close = difflib.get_close_matches(method, METHODS, n=2)
-        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        raise RecipeError(f"unknown method {method!r}{hint}; known methods: {', '.join(METHODS)}")
-    config_cls, method_defaults = method_config_class(method), METHODS[method][1]
+    method_name = str(values.get("method", RunArguments.method))
+    if method_name not in METHODS:
+        raise RecipeError(f"method: unknown method {method_name!r}{unknown_key_hint(method_name, list(METHODS), 'grade_trl.run')}; known methods: {', '.join(METHODS)}")
+    method = get_method(method_name)
+    config_cls = method.config_class
     run_fields, config_fields = _fields(RunArguments), _fields(config_cls)
     hints = {**typing.get_type_hints(config_cls), **typing.get_type_hints(RunArguments)}
 
     task = str(values.get("task", RunArguments.task))
-    if task in NON_DIFFERENTIABLE_TASKS and method in ("grade", "grade_ste"):
-        raise RecipeError(f"method {method!r} cannot train task {task!r}: GRADE needs a differentiable reward; {NON_DIFFERENTIABLE_TASKS[task]}; use reinforce, grpo or cispo")
+    if task in NON_DIFFERENTIABLE_TASKS and method.relaxed:
+        raise RecipeError(f"method {method_name!r} cannot train task {task!r}: GRADE needs a differentiable reward; {NON_DIFFERENTIABLE_TASKS[task]}; use reinforce, grpo or cispo")
     values = {**TASK_DEFAULTS.get(task, {}), **values}  # the task's own data set and prompt length unless the recipe sets them
-    unknown = [k for k in values if k not in run_fields and k not in config_fields]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(key, list(run_fields) + list(config_fields), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see `python -m grade_trl.run --help` for the keys"
-        raise RecipeError(f"unknown recipe key {key!r} for method {method!r}{hint}")
-    for key, value in method_defaults.items():
+    for key in values:
+        if key in run_fields or key in config_fields:
+            continue
+        if key in method.misplaced_keys:
+            raise RecipeError(f"{key}: {method.misplaced_keys[key]}")
+        raise RecipeError(f"unknown recipe key {key!r} for method {method_name!r}{unknown_key_hint(key, list(run_fields) + list(config_fields), 'grade_trl.run')}")
+    for key, value in method.implied.items():
         if key in values and values[key] != value:
-            raise RecipeError(f"{key}: method {method!r} means {key}={value!r}, but the recipe sets {values[key]!r}")
+            raise RecipeError(f"{key}: method {method_name!r} means {key}={value!r}, but the recipe sets {values[key]!r}")
 
-    run_kwargs = {k: coerce(k, v, hints[k]) for k, v in values.items() if k in run_fields}
-    # A key both sides know (max_prompt_length) feeds both, so the data and the trainer agree.
-    config_kwargs = {**method_defaults, **{k: coerce(k, v, hints[k]) for k, v in values.items() if k in config_fields}}
+    try:
+        run_kwargs = {k: coerce(k, v, hints[k]) for k, v in values.items() if k in run_fields}
+        # A key both sides know (max_prompt_length) feeds both, so the data and the trainer agree.
+        config_kwargs = {**method.implied, **{k: coerce(k, v, hints[k]) for k, v in values.items() if k in config_fields}}
+    except UserError as error:
+        raise RecipeError(str(error)) from None
     if "min_new_tokens" in (config_kwargs.get("generation_kwargs") or {}):
         logger.warning(
             "generation_kwargs.min_new_tokens: TRL samples with the EOS ban but scores log-probs without it, so a policy "
@@ -326,12 +216,70 @@ def parse_recipe(argv: list[str]) -> Recipe:
     return build_recipe(values)
 
 
-def help_text(method: str = "grade_ste") -> str:
-    """Every recipe key with its help, grouped by where it goes."""
-    config_cls = method_config_class(method)
-    lines = ["usage: python -m grade_trl.run RECIPE.yaml [--key value ...]", "", "Run arguments:"]
-    lines += [f"  {f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(RunArguments)]
-    own = [f for f in dataclasses.fields(config_cls) if f.name in config_cls.__dataclass_fields__ and f.name in config_cls.__annotations__]
-    lines += ["", f"{config_cls.__name__} (plus every transformers.TrainingArguments field):"]
-    lines += [f"  {f.name}: {f.metadata.get('help', '')}" for f in own]
+# ---------------------------------------------------------------- --help
+
+
+def _default(f: dataclasses.Field, implied: dict) -> Any:
+    if f.name in implied:
+        return implied[f.name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "(required)"
+
+
+def _key_lines(fields: list[dataclasses.Field], implied: dict) -> list[str]:
+    lines = []
+    for f in fields:
+        help_text = " ".join(str(f.metadata.get("help", "")).split())
+        lines.append(f"  {f.name} (default {_default(f, implied)!r}): {help_text}")
+    return lines
+
+
+def help_text(method_name: str) -> str:
+    """Every key a recipe of `method_name` accepts, with its help text and default, grouped run / method / Trainer."""
+    from transformers import TrainingArguments
+
+    method = get_method(method_name)
+    config_cls = method.config_class
+    trainer_names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    config_fields = [f for f in dataclasses.fields(config_cls) if f.init]
+    # A field the method's config declares itself (its own, or a TrainingArguments default it overrides) is a method key.
+    declared = set()
+    for cls in config_cls.__mro__:
+        if cls is TrainingArguments:
+            break
+        declared |= set(getattr(cls, "__annotations__", {}))
+    method_keys = [f for f in config_fields if f.name in declared or f.name not in trainer_names]
+    trainer_keys = [f for f in config_fields if f not in method_keys]
+    implied = dict(method.implied)
+    lines = [
+        "usage: python -m grade_trl.run RECIPE.yaml [--key value ...]",
+        "       python -m grade_trl.run RECIPE.yaml --help      (the keys of the recipe's method)",
+        "       python -m grade_trl.run --help --method NAME     (the keys of method NAME)",
+        "",
+        f"method {method_name}: {method.summary}",
+        f"methods: {', '.join(METHODS)}",
+        "",
+        "Run keys (RunArguments: task, data, reward, evaluation; the same for every method):",
+        *_key_lines([f for f in dataclasses.fields(RunArguments) if f.init], {}),
+        "",
+        f"Method keys ({config_cls.__module__}.{config_cls.__qualname__}):",
+        *_key_lines(method_keys, implied),
+        "",
+        "Trainer keys (transformers.TrainingArguments, with their defaults for this method):",
+        *_key_lines(trainer_keys, implied),
+    ]
     return "\n".join(lines)
+
+
+def help_for_argv(argv: list[str]) -> str:
+    """`--help` of the runner: the keys of the method named by `--method`, else the recipe's, else the default method's."""
+    args = [a for a in argv if a not in ("-h", "--help")]
+    recipe_path = args[0] if args and not args[0].startswith("--") else None
+    overrides = parse_overrides(args[1:] if recipe_path else args)
+    method = overrides.get("method") or (load_recipe_file(recipe_path).get("method") if recipe_path else None) or RunArguments.method
+    if str(method) not in METHODS:
+        raise RecipeError(f"method: unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    return help_text(str(method))

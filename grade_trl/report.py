@@ -18,13 +18,13 @@ def summary_table(final: dict) -> str:
     """Validation metrics before/after, KL, test metrics of the final and best checkpoints, a few completions."""
     before, after = final["validation_before"], final["validation_after"]
     test = final.get("test", {})
-    prefix = final["validation_metric"].split("_", 1)[0]
+    prefix = "val"  # a label: the validation metrics are logged as eval_{name}
     lines = ["", f"{'':<34}{'before':>12}{'after':>12}"]
     for name in ("reward", "reward_std", "gold_reward", "best_of_n_reward", "accuracy", "format_reward", "completion_length", "distinct_2"):
         if name in before and name in after:
             lines.append(f"{prefix + ' ' + name:<34}{before[name]:>12.3f}{after[name]:>12.3f}")
     lines.append(f"{'KL to reference (last log)':<34}{0.0:>12.3f}{final.get('kl') or float('nan'):>12.3f}")
-    primary = final["validation_metric"].split("_", 1)[1]
+    primary = final["validation_metric"].removeprefix("eval_")
     for tag in ("final", "best"):
         if tag in test:
             for name in (primary, "gold_reward"):

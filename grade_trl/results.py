@@ -1,4 +1,24 @@
-"""Results files: written atomically, so a crash never leaves half a results.json."""
+"""results.json: the schema of one run's results, its atomic writer and its one reader.
+
+    {
+      "status":  "completed" | "interrupted" | "failed",
+      "error":   "ExceptionType: message"                        (when not completed)
+      "config":  {"recipe": the mapping as written, "run": RunArguments, "trainer": the method's config},
+      "history": trainer.state.log_history: training rows, evaluation rows (eval_*), probe rows (probe_*),
+                 the final test row (test_*, test_best_ckpt_*); every row has "step"; keys: grade_trl.metrics
+      "final":   {
+        "task", "steps", "stopped_early", "train_minutes", "samples_per_step" (completions per optimizer step),
+        "peak_memory_mb", "validation_metric" (e.g. "eval_reward"), "validation_before", "validation_after"
+        (evaluator metrics at step 0 and at the end), "best_validation", "best_validation_step",
+        "test": {"final": T, "best": T} with T = {"metrics", "prompts", and per-prompt lists such as "rewards",
+        "gold_rewards", "corrects"}, "kl" (the last training window's, nats per completion), "doctor",
+        "samples", "device", "num_processes", "torch"
+      }
+    }
+
+Written atomically (a temporary file in the same folder, fsync, rename), so a reader never sees half a
+file. `compare`, `doctor` and `analysis` read runs only through the functions below.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +28,14 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from .errors import UserError
+from .metrics import EVAL_PREFIX, KL
+
+RESULTS_FILE = "results.json"
+STATUSES = ("completed", "interrupted", "failed")
+
+# ---------------------------------------------------------------- writing
 
 
 def _jsonable(value: Any) -> Any:
@@ -25,7 +53,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    """Write to a temporary file in the same folder, fsync, then rename over `path` (mode 0644, not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -33,9 +61,125 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(_jsonable(data), f, indent=2)
             f.flush()
+            os.fchmod(f.fileno(), 0o644)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def payload(status: str, config: dict, history: list[dict], final: dict, error: str | None = None) -> dict:
+    """One run's results.json content (module docstring)."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    data = {"status": status, "config": config, "history": list(history), "final": final}
+    if error:
+        data["error"] = error
+    return data
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_json(path: str | os.PathLike) -> Any | None:
+    """The parsed file, or None when it does not exist or is not valid JSON (a run still being written)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def results_path(run: str | os.PathLike) -> Path:
+    """A run's output_dir or its results.json -> the results.json path."""
+    run = Path(run)
+    return run / RESULTS_FILE if run.is_dir() else run
+
+
+def load_results(run: str | os.PathLike) -> dict:
+    """One run's results.json (from its output_dir or the file), or a one-line UserError."""
+    path = results_path(run)
+    if not path.is_file():
+        raise UserError(f"no such file: {path} (give a run's output_dir or its results.json)")
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("history"), list):
+        raise UserError(f"{path} is not a results.json written by grade_trl.run (expected a JSON object with a 'history' list)")
+    return data
+
+
+def load_history(source: str | os.PathLike) -> tuple[list[dict], dict, str]:
+    """(history, config with "final", the file read) from a run's output_dir, a results.json, a checkpoint folder or
+    its trainer_state.json (Trainer's `log_history`), or a bare JSON list of log rows."""
+    path = Path(source)
+    if path.is_dir():
+        path = next((path / name for name in (RESULTS_FILE, "trainer_state.json") if (path / name).is_file()), path / RESULTS_FILE)
+    if not path.is_file():
+        raise UserError(f"no such file: {path} (give a run's output_dir, its results.json, or a checkpoint folder)")
+    data = read_json(path)
+    if data is None:
+        raise UserError(f"cannot read {path} as JSON (give a results.json written by grade_trl.run or a trainer_state.json)")
+    if isinstance(data, dict):
+        history, config = data.get("history", data.get("log_history")), dict(data.get("config") or {})
+        config["final"] = data.get("final") or {}
+    else:
+        history, config = data, {}
+    if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+        raise UserError(f"{path} has no history (expected a results.json with a 'history' list of log rows, a trainer_state.json, or a JSON list of rows)")
+    return history, config, str(path)
+
+
+def validation_key(results: dict) -> str:
+    """The validation metric that picks the best checkpoint, e.g. `eval_reward` (IMDB, length) or `eval_accuracy` (GSM8K)."""
+    return (results.get("final") or {}).get("validation_metric") or f"{EVAL_PREFIX}_reward"
+
+
+def test_name(results: dict) -> str:
+    """The test metric matching the validation metric: `eval_reward` -> `reward`."""
+    return validation_key(results).removeprefix(f"{EVAL_PREFIX}_")
+
+
+def is_evaluation_row(row: dict) -> bool:
+    return any(key.startswith(f"{EVAL_PREFIX}_") for key in row)
+
+
+def evaluation_rows(history: list[dict], key: str) -> list[dict]:
+    """The validation evaluations (rows with a value for `key`), one per step (the last if logged twice), in step order."""
+    by_step = {row["step"]: row for row in history if row.get(key) is not None}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def training_rows(history: list[dict]) -> list[dict]:
+    """The training logs (rows with the training `reward` or `loss`, not evaluation, probe or test rows), in step order."""
+    rows = [row for row in history if ("reward" in row or "loss" in row) and not is_evaluation_row(row)]
+    return sorted(rows, key=lambda row: row["step"])
+
+
+def last_training_value(history: list[dict], key: str = KL, step: int | None = None) -> float | None:
+    """The value of `key` in the last training log (at or before `step`), or None."""
+    rows = [row for row in training_rows(history) if row.get(key) is not None and (step is None or row["step"] <= step)]
+    return rows[-1][key] if rows else None
+
+
+def test_block(final: dict, checkpoint: str = "final") -> dict | None:
+    """final["test"]["final" | "best"]: the test of the last or of the best-validation checkpoint."""
+    return ((final.get("test") or {}).get(checkpoint)) or None
+
+
+def test_metric(final: dict, name: str, checkpoint: str = "final") -> float | None:
+    """A test metric (`reward`, `gold_reward`, `accuracy`, ...) of the final or the best checkpoint, or None."""
+    block = test_block(final, checkpoint)
+    return (block.get("metrics") or {}).get(name) if block else None
+
+
+def per_prompt_name(metric: str) -> str:
+    """The per-prompt list of a test metric in final["test"][checkpoint]: reward -> rewards, accuracy -> corrects."""
+    return {"accuracy": "corrects"}.get(metric, f"{metric}s")
+
+
+def test_per_prompt(final: dict, metric: str, checkpoint: str = "final") -> tuple[list[str] | None, list[float] | None]:
+    """(prompts, per-prompt values of `metric`) of a checkpoint's test; (None, None) when the results lack them."""
+    block = test_block(final, checkpoint)
+    values = block.get(per_prompt_name(metric)) if block else None
+    return (block.get("prompts"), values) if values is not None else (None, None)

@@ -6,6 +6,7 @@ datasets and reward callables to whichever method the recipe names.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -74,10 +75,12 @@ def build_length(run, tokenizer, seed: int, settings: GenerationSettings, weight
     return _imdb_task("length", run, splits, prompts, [LengthReward(tokenizer.eos_token_id)], settings, weights)
 
 
+@functools.lru_cache(maxsize=4)
 def build_gold_judge(spec: str, dataset_name: str, seed: int, max_test_reviews: int = 5000):
     """`tfidf`: TF-IDF + logistic regression fitted on the IMDB train reviews; `none`; or a classifier's hub id/path.
 
-    Its accuracy on (at most `max_test_reviews` of) the IMDB test reviews is kept as `test_accuracy`.
+    Its accuracy on (at most `max_test_reviews` of) the IMDB test reviews is kept as `test_accuracy`. Cached per
+    process: the fit is deterministic and several runs in one process (tests, notebooks) share it.
     """
     from .rewards.judge import ClassifierJudge, TfidfJudge
 

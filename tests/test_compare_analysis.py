@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.stats as ss
 
-from grade_trl import analysis, compare
+from grade_trl import analysis, compare, comparison as comparisons
 from grade_trl.results import write_json_atomic
 
 from .conftest import REPO
@@ -39,14 +39,14 @@ def synthetic_run(val_rewards, method="grade_ste", tau_start=2.0, seed=1, test=0
     history = []
     for i, value in enumerate(val_rewards):
         step = 10 * i
-        history.append({"val_reward": value, "val_gold_reward": value - 0.1, "elapsed_seconds": 1.5 * step, "step": step})
+        history.append({"eval_reward": value, "eval_gold_reward": value - 0.1, "eval_wall_seconds": 1.5 * step, "step": step})
         if step:
             history.append({"reward": value, "kl": kl * i, "loss": -value, "grad_norm_mean": 1.0 + i, "step": step})
             history.append({"probe_trace_cov": 0.1 * i, "probe_snr": 2.0, "probe_mean_sq_norm": 1.0, "probe_cosine_to_mean": 0.5, "step": step})
     prompts = [f"prompt {k}" for k in range(5)]
     rewards = [test + 0.01 * k * (1 if method == "grade_ste" else -1) for k in range(5)]
     final = {
-        "steps": 10 * (len(val_rewards) - 1), "samples_per_step": 8, "peak_memory_mb": 100.0, "kl": kl, "validation_metric": "val_reward",
+        "steps": 10 * (len(val_rewards) - 1), "samples_per_step": 8, "peak_memory_mb": 100.0, "kl": kl, "validation_metric": "eval_reward",
         "best_validation": max(val_rewards), "best_validation_step": 10 * int(np.argmax(val_rewards)),
         "test": {c: {"metrics": {"reward": float(np.mean(rewards)), "gold_reward": test - 0.1}, "prompts": prompts, "rewards": rewards} for c in ("final", "best")},
     }
@@ -64,10 +64,10 @@ def test_thresholds_are_per_seed_and_count_the_first_evaluation_reaching_them(tm
         write_json_atomic(run_dir / "results.json", synthetic_run(values, seed=seed))
         records.append({"name": name, "method": "grade_ste", "recipe": None, "seed": seed, "run_dir": str(run_dir), "status": "completed"})
     records.append({"name": "b", "method": "grade_ste", "recipe": None, "seed": 3, "run_dir": str(tmp_path / "b" / "seed3"), "status": "failed"})
-    comparison = compare.build_comparison(records, [0.6, 0.7, 0.8], {})
+    comparison = comparisons.build_comparison(records, [0.6, 0.7, 0.8], {})
 
     seed1 = comparison["thresholds"]["per_seed"]["1"]
-    assert seed1["initial_val_reward"] == pytest.approx(0.5) and seed1["best_val_reward"] == pytest.approx(0.9)
+    assert seed1["initial_validation"] == pytest.approx(0.5) and seed1["best_validation"] == pytest.approx(0.9)
     assert [seed1["targets"][f] for f in ("0.6", "0.7", "0.8")] == pytest.approx([0.74, 0.78, 0.82])
     assert comparison["thresholds"]["per_seed"]["2"]["targets"]["0.8"] == pytest.approx(0.38)
     a, b = comparison["methods"]["a"]["sample_efficiency"], comparison["methods"]["b"]["sample_efficiency"]
@@ -77,7 +77,7 @@ def test_thresholds_are_per_seed_and_count_the_first_evaluation_reaching_them(tm
     assert b["0.7"]["steps"]["mean"] is None and b["0.7"]["reached"] == 0
     assert comparison["methods"]["b"]["failed_seeds"] == [3] and comparison["methods"]["b"]["seeds"] == [1, 2]
     # No improvement on r0 in a seed: no targets there (not "reached at step 0").
-    flat = compare.threshold_targets([{"initial_val_reward": 0.5, "best_val_reward": 0.5}], [0.6])
+    flat = comparisons.threshold_targets([{"initial_validation": 0.5, "best_validation": 0.5}], [0.6])
     assert flat["targets"] == {"0.6": None}
 
 
@@ -104,10 +104,16 @@ def test_analysis_without_comparison_json_draws_probe_and_tau_figures(tmp_path, 
     assert [row["seed"] for row in stats["within_seed"]] == [1, 2] and all(row["n_pairs"] == 5 for row in stats["within_seed"])
 
 
-def test_split_argv_forwards_unknown_keys_with_their_values():
-    own, forwarded = compare.split_argv(["a.yaml", "b.yaml", "--seeds", "2", "--max_steps", "50", "--use_peft", "--output_dir", "x", "--lr=3", "--force"])
-    assert own == ["a.yaml", "b.yaml", "--seeds", "2", "--output_dir", "x", "--force"]
-    assert forwarded == ["--max_steps", "50", "--use_peft", "--lr=3"]
+def test_options_are_parsed_and_unknown_keys_forwarded_with_their_values():
+    recipes, options, forwarded = compare.COMMAND.parse(
+        ["a.yaml", "b.yaml", "--seeds", "2", "--max_steps", "50", "--use_peft", "--output_dir", "x", "--lr=3e-4", "--force", "--thresholds", "0.5", "0.9",
+         "--probe_steps", "[0, 150]"]
+    )
+    assert recipes == ["a.yaml", "b.yaml"]
+    assert (options["seeds"], options["output_dir"], options["force"], options["thresholds"]) == (2, "x", True, [0.5, 0.9])
+    assert forwarded == {"max_steps": 50, "use_peft": True, "lr": "3e-4", "probe_steps": [0, 150]}
+    # each run gets them back as the same values
+    assert compare.overrides_argv(forwarded) == ["--max_steps", "50", "--use_peft", "true", "--lr", "3e-4", "--probe_steps", "[0, 150]"]
 
 
 @pytest.mark.parametrize(
@@ -141,7 +147,7 @@ def test_failed_runs_are_recorded_and_the_exit_code_is_1(tmp_path):
     assert compare.main([RECIPES[0], "--output_dir", str(tmp_path), "--seeds", "2", "--launcher", launcher]) == 1
     comparison = json.loads((tmp_path / "comparison.json").read_text())
     assert [(r["seed"], r["status"], r["returncode"]) for r in comparison["runs"]] == [(42, "failed", 3), (43, "failed", 3)]
-    assert comparison["methods"]["reinforce"]["failed_seeds"] == [42, 43] and comparison["methods"]["reinforce"]["test_reward"]["n"] == 0
+    assert comparison["methods"]["reinforce"]["failed_seeds"] == [42, 43] and comparison["methods"]["reinforce"]["test"]["n"] == 0
     assert comparison["runs"][0]["command"].startswith(launcher.split()[0]) and "--seed 42" in comparison["runs"][0]["command"]
 
 
@@ -158,9 +164,9 @@ def real_comparison(tmp_path_factory):
 
 
 def reached_step(history, target):
-    """Independent re-implementation: first evaluation step with val_reward >= target."""
-    for row in sorted((r for r in history if "val_reward" in r), key=lambda r: r["step"]):
-        if row["val_reward"] >= target:
+    """Independent re-implementation: first evaluation step with eval_reward >= target."""
+    for row in sorted((r for r in history if "eval_reward" in r), key=lambda r: r["step"]):
+        if row["eval_reward"] >= target:
             return row["step"]
     return None
 
@@ -179,18 +185,18 @@ def test_compare_writes_what_the_results_files_say(real_comparison):
         entry = comparison["methods"][name]
         test = [results[(name, s)]["final"]["test"]["final"]["metrics"]["reward"] for s in (42, 43)]
         low, high = ss.t.interval(0.95, 1, loc=np.mean(test), scale=ss.sem(test))
-        assert entry["test_reward"]["per_seed"] == test and entry["test_reward"]["mean"] == pytest.approx(np.mean(test))
-        assert (entry["test_reward"]["ci_low"], entry["test_reward"]["ci_high"]) == (pytest.approx(low), pytest.approx(high))
-        assert entry["gold_reward"]["per_seed"] == [results[(name, s)]["final"]["test"]["final"]["metrics"]["gold_reward"] for s in (42, 43)]
-        assert entry["test_reward_best"]["per_seed"] == [results[(name, s)]["final"]["test"]["best"]["metrics"]["reward"] for s in (42, 43)]
+        assert entry["test"]["per_seed"] == test and entry["test"]["mean"] == pytest.approx(np.mean(test))
+        assert (entry["test"]["ci_low"], entry["test"]["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+        assert entry["test_gold"]["per_seed"] == [results[(name, s)]["final"]["test"]["final"]["metrics"]["gold_reward"] for s in (42, 43)]
+        assert entry["test_best_ckpt"]["per_seed"] == [results[(name, s)]["final"]["test"]["best"]["metrics"]["reward"] for s in (42, 43)]
         assert entry["kl"]["per_seed"] == [results[(name, s)]["final"]["kl"] for s in (42, 43)]
-        assert entry["best_val_reward"]["per_seed"] == [max(h["val_reward"] for h in results[(name, s)]["history"] if "val_reward" in h) for s in (42, 43)]
+        assert entry["best_validation"]["per_seed"] == [max(h["eval_reward"] for h in results[(name, s)]["history"] if "eval_reward" in h) for s in (42, 43)]
         assert entry["peak_memory_mb"]["per_seed"] == [results[(name, s)]["final"]["peak_memory_mb"] for s in (42, 43)]
         assert all(w > 1 for w in entry["wall_seconds"]["per_seed"])
     for seed in (42, 43):
         runs = [results[(name, seed)]["history"] for name in ("reinforce", "grade_ste")]
-        r0 = np.mean([h[0]["val_reward"] for h in runs])
-        r_star = max(row["val_reward"] for h in runs for row in h if "val_reward" in row)
+        r0 = np.mean([h[0]["eval_reward"] for h in runs])
+        r_star = max(row["eval_reward"] for h in runs for row in h if "eval_reward" in row)
         for f in ("0.6", "0.7", "0.8"):
             target = comparison["thresholds"]["per_seed"][str(seed)]["targets"][f]
             if r_star <= r0:

@@ -12,7 +12,8 @@ import pytest
 from datasets import Dataset
 from transformers import TrainerControl, TrainerState
 
-from grade_trl.doctor import CHECK_IDS, DoctorCallback, DoctorSettings, diagnose, main, run_checks
+from grade_trl.diagnostics import CHECK_IDS, DoctorCallback, DoctorSettings, diagnose, run_checks
+from grade_trl.doctor import main
 from grade_trl.rewards.length import LengthReward
 from grade_trl.trainers import REINFORCEConfig, REINFORCETrainer
 
@@ -37,7 +38,7 @@ def healthy(seed=0):
             "reward": reward, "reward_std": 0.3, "kl": kl, "entropy": 3.5 - 0.3 * t + rng.gauss(0, 0.05),
             "completions/mean_length": 20.0, "grad_norm_mean": 2 + rng.gauss(0, 0.2), "grad_norm_max": 3 + rng.gauss(0, 0.3),
             "policy/clipfrac": 0.2 + rng.gauss(0, 0.03), "loss/value": 0.05 + rng.gauss(0, 0.01),
-            "val/explained_variance": 0.1 + 0.4 * t + rng.gauss(0, 0.03), "epoch": t, "step": step,
+            "value/explained_variance": 0.1 + 0.4 * t + rng.gauss(0, 0.03), "epoch": t, "step": step,
         })
     history.insert(0, eval_row(0, 0.5, 0.8, 0.55))
     history.append({"train_runtime": 60.0, "train_loss": -0.6, "epoch": 1.0, "step": 200})
@@ -45,7 +46,7 @@ def healthy(seed=0):
 
 
 def eval_row(step, reward, best_of_n, gold):
-    return {"val_reward": reward, "val_reward_std": 0.3, "val_best_of_n_reward": best_of_n, "val_gold_reward": gold, "best_val_reward": reward, "step": step}
+    return {"eval_reward": reward, "eval_reward_std": 0.3, "eval_best_of_n_reward": best_of_n, "eval_gold_reward": gold, "eval_best_reward": reward, "step": step}
 
 
 def with_values(history, key, values: dict):
@@ -87,7 +88,7 @@ def test_negative_kl():
     history = with_values(healthy(), "kl", {40: -3.1, 50: -0.05, 60: -12.0})  # -0.05 is within the k1 noise tolerance
     finding = only(diagnose(history), "negative_kl")
     assert finding.severity == "error" and finding.steps == [40, 60]
-    assert "-12 (step 60)" in finding.evidence and "top-p" in finding.cause and "BACKGROUND.md section 3" in finding.cause
+    assert "-12 (step 60)" in finding.evidence and "top-p" in finding.cause and "docs/background.md section 3" in finding.cause
 
 
 def test_kl_far_above_adaptive_target():
@@ -96,17 +97,17 @@ def test_kl_far_above_adaptive_target():
     assert finding.steps == [100, 110] and "target 6 = 18" in finding.evidence and "adaptive controller" in finding.cause
 
 
-def test_kl_above_absolute_ceiling_and_per_token_kl_of_trl_grpo():
+def test_kl_above_absolute_ceiling_for_every_method():
     assert only(diagnose(with_values(healthy(), "kl", {150: 12.0})), "kl_high").steps == [150]
     assert diagnose(healthy(), DoctorSettings(kl_max=None)) == []
-    # TRL's GRPOTrainer logs the per-token mean: 0.6 nats/token x 20 tokens = 12 > 10, 0.4 x 20 = 8 is not.
-    grpo = [{k: v for k, v in row.items() if k not in ("policy/clipfrac", "loss/value", "val/explained_variance")} for row in healthy()]
+    # A TRL GRPO history: `kl` is per completion there too (the metric contract); its per-token `kl_per_token` is not read.
+    grpo = [{k: v for k, v in row.items() if k not in ("policy/clipfrac", "loss/value", "value/explained_variance")} for row in healthy()]
     for row in grpo:
         if "kl" in row:
-            row.update({"kl": 0.4, "clip_ratio/region_mean": 0.0})
+            row.update({"kl": 8.0, "kl_per_token": 0.4, "clip_ratio/region_mean": 0.0})
     assert diagnose(grpo) == []
-    finding = only(diagnose(with_values(grpo, "kl", {120: 0.6})), "kl_high")
-    assert finding.steps == [120] and "12 (step 120)" in finding.evidence and "per-token" in finding.evidence
+    finding = only(diagnose(with_values(grpo, "kl", {120: 12.0})), "kl_high")
+    assert finding.steps == [120] and "12 (step 120)" in finding.evidence and "nats per completion" in finding.evidence
 
 
 def test_value_loss_spike():
@@ -115,7 +116,7 @@ def test_value_loss_spike():
 
 
 def test_negative_explained_variance_must_be_sustained():
-    history = with_values(healthy(), "val/explained_variance", {50: -0.5, 100: -0.5, 110: -0.3, 120: -0.8})
+    history = with_values(healthy(), "value/explained_variance", {50: -0.5, 100: -0.5, 110: -0.3, 120: -0.8})
     finding = only(diagnose(history), "negative_explained_variance")
     assert finding.steps == [100, 110, 120]  # step 50 alone is one noisy window
 
@@ -151,11 +152,11 @@ def test_clip_fraction_low_only_when_the_reward_does_not_rise():
 
 
 def test_reward_regression_two_evaluations_in_a_row():
-    history = with_evaluations(healthy(), "val_reward", [0.5, 0.7, 0.8, 0.79, 0.77])
+    history = with_evaluations(healthy(), "eval_reward", [0.5, 0.7, 0.8, 0.79, 0.77])
     finding = only(diagnose(history), "reward_regression")
     assert finding.steps == [100, 150, 200] and "0.8 (step 100) -> 0.79 (step 150) -> 0.77 (step 200)" in finding.evidence
     assert diagnose(history, DoctorSettings(regression_evals=3)) == []
-    assert diagnose(with_evaluations(healthy(), "val_reward", [0.5, 0.7, 0.8, 0.79, 0.81])) == []  # one fall
+    assert diagnose(with_evaluations(healthy(), "eval_reward", [0.5, 0.7, 0.8, 0.79, 0.81])) == []  # one fall
 
 
 def test_loss_rising_while_reward_flat():
@@ -179,21 +180,21 @@ def test_gradient_norm_vanishing():
 
 
 def test_best_of_n_rising_while_the_mean_falls():
-    history = with_evaluations(healthy(), "val_reward", [0.5, 0.7, 0.8, 0.7, 0.72])
-    with_evaluations(history, "val_best_of_n_reward", [0.8, 0.9, 0.93, 0.95, 0.97])
+    history = with_evaluations(healthy(), "eval_reward", [0.5, 0.7, 0.8, 0.7, 0.72])
+    with_evaluations(history, "eval_best_of_n_reward", [0.8, 0.9, 0.93, 0.95, 0.97])
     finding = only(diagnose(history), "best_of_n_divergence")
     assert finding.steps == [100, 150, 200] and "0.8 -> 0.72" in finding.evidence and "0.93 -> 0.97" in finding.evidence
 
 
 def test_reward_hacking_learned_reward_up_gold_judge_down():
-    history = with_evaluations(healthy(), "val_reward", [0.5, 0.7, 0.8, 0.9, 0.95])
-    with_evaluations(history, "val_gold_reward", [0.55, 0.65, 0.7, 0.62, 0.6])
+    history = with_evaluations(healthy(), "eval_reward", [0.5, 0.7, 0.8, 0.9, 0.95])
+    with_evaluations(history, "eval_gold_reward", [0.55, 0.65, 0.7, 0.62, 0.6])
     finding = only(diagnose(history), "reward_hacking")
-    assert finding.steps == [100, 150, 200] and "val_gold_reward fell 0.7 -> 0.6" in finding.evidence
+    assert finding.steps == [100, 150, 200] and "eval_gold_reward fell 0.7 -> 0.6" in finding.evidence
 
 
-def test_gsm8k_evaluation_rows_use_the_eval_prefix():
-    history = [{k.replace("val_", "eval_").replace("_reward", "_accuracy") if k.startswith("val_") else k: v for k, v in row.items()} for row in healthy()]
+def test_gsm8k_evaluation_rows_are_read_by_their_primary_metric():
+    history = [{k.replace("_reward", "_accuracy") if k.startswith("eval_") else k: v for k, v in row.items()} for row in healthy()]
     assert diagnose(history) == []
     finding = only(diagnose(with_evaluations(history, "eval_accuracy", [0.5, 0.7, 0.8, 0.78, 0.76])), "reward_regression")
     assert finding.steps == [100, 150, 200] and "eval_accuracy" in finding.evidence
@@ -221,7 +222,7 @@ def test_cli_healthy_run_exits_0(tmp_path, capsys):
 
 
 def test_cli_findings_exit_1_with_one_block_each(tmp_path, capsys):
-    history = with_evaluations(healthy(), "val_reward", [0.5, 0.7, 0.8, 0.79, 0.77])
+    history = with_evaluations(healthy(), "eval_reward", [0.5, 0.7, 0.8, 0.79, 0.77])
     with_values(history, "kl", {40: -3.1})
     run = write_run(tmp_path, history)
     assert main([str(run / "results.json")]) == 1
@@ -251,7 +252,7 @@ def test_cli_reads_the_adaptive_kl_target_from_the_run_config(tmp_path, capsys):
         (["{tmp}/nowhere"], "no such file"),
         (["{tmp}/bad.json"], "cannot read"),
         (["{tmp}/nohistory.json"], "has no history"),
-        (["{tmp}/run", "--kl_maxx", "5"], "unknown doctor setting 'kl_maxx'; did you mean kl_max"),
+        (["{tmp}/run", "--kl_maxx", "5"], "unknown option --kl_maxx; did you mean --kl_max"),
         (["{tmp}/run", "--sustain_rows", "two"], "sustain_rows: expected an integer"),
         (["--json"], "usage"),
     ],
@@ -275,12 +276,12 @@ def test_module_entry_point(tmp_path):
 
 def test_callback_replays_a_run_warns_once_and_stops_on_a_named_check(caplog):
     # Evaluation rows reach on_log as the EvaluationCallback passes them: appended to log_history first.
-    history = with_evaluations(healthy(), "val_reward", [0.5, 0.7, 0.8, 0.79, 0.77])
+    history = with_evaluations(healthy(), "eval_reward", [0.5, 0.7, 0.8, 0.79, 0.77])
     history = [row for row in history if "train_runtime" not in row] + [eval_row(250, 0.7, 0.85, 0.75)]
     state, control = TrainerState(), TrainerControl()
     callback = DoctorCallback(stop_on=["reward_regression"])
     stopped_at = None
-    with caplog.at_level(logging.WARNING, logger="grade_trl.doctor"):
+    with caplog.at_level(logging.WARNING, logger="grade_trl.diagnostics"):
         for row in history:
             state.global_step = row["step"]
             state.log_history.append(row)
@@ -314,7 +315,7 @@ def test_callback_in_a_real_run_warns_once_then_stops_when_asked(tmp_path, caplo
     # A KL ceiling every real log exceeds: the finding appears at the first log and grows, warned once.
     warn_only = DoctorCallback(DoctorSettings(kl_max=1e-6))
     trainer = reinforce_trainer(tmp_path / "warn", warn_only, max_steps=3)
-    with caplog.at_level(logging.WARNING, logger="grade_trl.doctor"):
+    with caplog.at_level(logging.WARNING, logger="grade_trl.diagnostics"):
         trainer.train()
     kl = [(h["step"], h["kl"]) for h in trainer.state.log_history if "kl" in h]
     assert trainer.state.global_step == 3 and [s for s, v in kl if v > 1e-6] == [1, 2, 3]

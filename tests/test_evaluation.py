@@ -88,15 +88,15 @@ def test_evaluation_metrics_best_checkpoint_and_test_of_both(tmp_path):
     """Every evaluation logs the protocol's metrics; best_model/ holds the best step's weights; both are tested."""
     assert main(shrunk(tmp_path, max_steps=4, eval_steps=1, learning_rate=3e-3)) == 0
     results = load_results(tmp_path / "run" / "results.json")
-    evaluations = [h for h in results["history"] if "val_reward" in h]
+    evaluations = [h for h in results["history"] if "eval_reward" in h]
     assert [h["step"] for h in evaluations] == [0, 1, 2, 3, 4]
-    for key in ("val_reward_std", "val_gold_reward", "val_best_of_n_reward", "val_distinct_1", "val_distinct_2", "val_self_bleu", "val_completion_length", "elapsed_seconds", "train_seconds"):
+    for key in ("eval_reward_std", "eval_gold_reward", "eval_best_of_n_reward", "eval_distinct_1", "eval_distinct_2", "eval_self_bleu", "eval_completion_length", "eval_wall_seconds", "eval_train_seconds"):
         assert all(math.isfinite(h[key]) for h in evaluations), key
-    assert all(h["val_best_of_n_reward"] >= h["val_reward"] for h in evaluations)  # the first of the N samples is the plain one
-    best = max(evaluations, key=lambda h: h["val_reward"])
+    assert all(h["eval_best_of_n_reward"] >= h["eval_reward"] for h in evaluations)  # the first of the N samples is the plain one
+    best = max(evaluations, key=lambda h: h["eval_reward"])
     final = results["final"]
-    assert final["best_val_step"] == best["step"] and final["best_val_reward"] == best["val_reward"]
-    assert evaluations[-1]["best_val_reward"] == best["val_reward"]
+    assert final["best_validation_step"] == best["step"] and final["best_validation"] == best["eval_reward"]
+    assert evaluations[-1]["eval_best_reward"] == best["eval_reward"]
     assert set(final["test"]) == {"final", "best"} and len(final["test"]["best"]["rewards"]) == 6
     assert final["samples_per_step"] == 8 and final["peak_memory_mb"] > 0
     assert 0 <= final["test"]["final"]["metrics"]["gold_reward"] <= 1 and 0.5 < final["task"]["gold_judge_test_accuracy"] <= 1
@@ -114,12 +114,12 @@ def test_evaluation_metrics_best_checkpoint_and_test_of_both(tmp_path):
     evaluator = RewardEvaluator(task.evaluator.prompts, task.reward_funcs, settings, best_of_n=1)
     model = load_causal_lm(str(tmp_path / "run" / "best_model"))
     again = evaluator.evaluate(model, tokenizer, "validation", seed=recipe.run.eval_seed)
-    assert again["metrics"]["reward"] == pytest.approx(best["val_reward"], abs=1e-5)
+    assert again["metrics"]["reward"] == pytest.approx(best["eval_reward"], abs=1e-5)
 
 
 def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path):
     # learning rate 0: the policy never changes, so no evaluation beats step 0's (same prompts, same seed)
     assert main(shrunk(tmp_path, max_steps=8, eval_steps=2, learning_rate=0.0, early_stopping_patience=2)) == 0
     final = load_results(tmp_path / "run" / "results.json")["final"]
-    assert final["stopped_early"] and final["steps"] == 4 and final["best_val_step"] == 0
+    assert final["stopped_early"] and final["steps"] == 4 and final["best_validation_step"] == 0
     assert final["test"]["best"]["rewards"] == final["test"]["final"]["rewards"]

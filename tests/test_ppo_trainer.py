@@ -46,7 +46,7 @@ def test_ppo_loss_matches_hand_computation():
     assert_close(stats["loss/policy"], torch.tensor(pg))
     assert_close(stats["loss/value"], torch.tensor(vf))
     assert_close(stats["policy/clipfrac"], torch.tensor(0.5))
-    assert_close(stats["val/clipfrac"], torch.tensor(0.5))
+    assert_close(stats["value/clipfrac"], torch.tensor(0.5))
     assert_close(stats["policy/approxkl"], torch.tensor(0.5 * (math.log(1.5) ** 2 + math.log(1.1) ** 2) / 2))
 
     loss.backward()
@@ -137,15 +137,15 @@ def test_ppo_smoke_run_on_the_length_reward(tmp_path):
     assert len(logs) == 4
     expected = {
         "reward", "reward_std", "kl", "completions/mean_length", "rewards/length/mean", "kl_coef",
-        "objective/kl", "objective/entropy", "policy/approxkl", "policy/clipfrac", "policy/entropy",
-        "loss/policy", "loss/value", "val/explained_variance", "val/error", "val/clipfrac", "returns/mean", "advantages/mean",
+        "kl_per_token", "objective/entropy", "policy/approxkl", "policy/clipfrac", "entropy",
+        "loss/policy", "loss/value", "value/explained_variance", "value/error", "value/clipfrac", "returns/mean", "advantages/mean",
     }
     for log in logs:
         assert expected <= log.keys(), expected - log.keys()
         # Sampled with top-p 0.9 and temperature 0.7 but scored without the truncation on the reference side:
         # KL(p || q) >= 0. Scoring the policy without top-p is what gave the users -3 to -30.
-        assert log["kl"] >= 0 and log["objective/kl"] >= 0
-        assert log["kl"] == log["objective/kl"]
+        assert log["kl"] >= 0 and log["kl_per_token"] >= 0 and "objective/kl" not in log  # one key per quantity
+        assert log["kl_per_token"] == pytest.approx(log["kl"] / log["completions/mean_length"], rel=1e-5)  # one rollout per window
         assert log["completions/mean_length"] <= 8
     assert logs[0]["policy/approxkl"] == 0  # the first mini-batch sees exactly the rollout policy
 
@@ -183,7 +183,7 @@ def test_target_kl_skips_the_rest_of_the_rollout(tmp_path):
     [
         (dict(per_device_train_batch_size=6, num_mini_batches=4), "not divisible by num_mini_batches=4"),
         (dict(gradient_accumulation_steps=3), "would mix two rollouts"),
-        (dict(beta=0.05), "PPO does not use beta"),
+
         (dict(kl_estimator="k2"), "kl_estimator='k2'"),
         (dict(top_p=0.0), "top_p=0.0"),
     ],

@@ -17,19 +17,18 @@ from torch.testing import assert_close
 from grade_trl.core import exact_kl
 from grade_trl.core.soft_rollout import forbid_eos
 from grade_trl.models import load_causal_lm
-from grade_trl.probe import (
+from grade_trl.build import build_probe_trainer
+from grade_trl.probe import main
+from grade_trl.probing import (
     CountSketch,
     GradientProbeCallback,
     compare_means,
-    build_recipe_trainer,
     estimator_statistics,
     flat_gradient,
     grade_bias,
     gradient_estimates,
     isolated,
-    main,
-    probed_parameters,
-    score_function_loss,
+    prompt_rows,
 )
 from grade_trl.recipe import parse_recipe
 
@@ -128,9 +127,7 @@ def make_trainer(method, reward, tokenizer, tmp_path, **overrides):
     common = dict(output_dir=str(tmp_path), max_steps=2, logging_steps=1, use_cpu=True, disable_tqdm=True, report_to="none", **overrides)
     lengths = dict(max_new_tokens=4, min_new_tokens=1)
     if method == "grpo":
-        from trl import GRPOConfig
-
-        from grade_trl.trainers.grpo import GRPOTrainer
+        from grade_trl.trainers.grpo import GRPOConfig, GRPOTrainer
 
         args = GRPOConfig(**common, per_device_train_batch_size=4, num_generations=2, max_completion_length=4, beta=0.04, bf16=False, gradient_checkpointing=False)
         return GRPOTrainer(model=load_causal_lm("embedded"), reward_funcs=[reward], args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -158,7 +155,7 @@ def test_probe_draws_independent_estimates_and_leaves_training_untouched(method,
     rng_before = torch.get_rng_state()
     G = gradient_estimates(trainer, PROMPTS, num_estimates=3, seed=0)
 
-    assert G.shape == (3, sum(p.numel() for p in probed_parameters(trainer))) and G.dtype == torch.float32
+    assert G.shape == (3, sum(p.numel() for p in trainer.probed_parameters())) and G.dtype == torch.float32
     assert all(not torch.equal(G[i], G[j]) for i, j in ((0, 1), (0, 2), (1, 2)))  # fresh samples / noise each time
     assert all(G[k].norm() > 0 for k in range(3))
     assert all(math.isfinite(v) for v in estimator_statistics(G).values())
@@ -227,13 +224,13 @@ def test_isolated_restores_the_trainer_state_it_touches(sentiment_reward, tokeni
 
 
 def test_score_function_reference_is_unbiased_for_the_exact_one_token_gradient(sentiment_reward, tokenizer, tmp_path):
-    # One new token with EOS banned: J = mean_x [ sum_v pi(v|x) R(v) - beta KL(pi(.|x) || pi_ref(.|x)) ] is an exact
+    # One new token with EOS banned: J = mean_x [ sum_v pi(v|x) R(v) - kl_coef KL(pi(.|x) || pi_ref(.|x)) ] is an exact
     # sum over the vocabulary. The policy is moved off the reference so the KL term has a gradient too.
-    trainer = make_trainer("grade_ste", sentiment_reward, tokenizer, tmp_path, beta=1.0)
+    trainer = make_trainer("grade_ste", sentiment_reward, tokenizer, tmp_path, kl_coef=1.0)
     trainer.args.max_new_tokens = trainer.args.min_new_tokens = 1
     with torch.no_grad():
         trainer.model.transformer.ln_f.weight.mul_(1.5)
-    params = probed_parameters(trainer)
+    params = trainer.probed_parameters()
     eos, V = tokenizer.eos_token_id, trainer.model.config.vocab_size
 
     with torch.no_grad():  # R(v) of every one-token completion, through the reward's soft path on one-hot tokens
@@ -253,7 +250,7 @@ def test_score_function_reference_is_unbiased_for_the_exact_one_token_gradient(s
         draws = []
         for _ in range(n):
             fresh_state()
-            draws.append(flat_gradient(score_function_loss(trainer, PROMPTS, samples_per_prompt=8), params))
+            draws.append(flat_gradient(trainer.score_function_loss(prompt_rows(PROMPTS), samples_per_prompt=8), params))
     draws = torch.stack(draws).double()
     error = (draws.mean(0) - exact.double()).norm().item()
     standard_error = math.sqrt(estimator_statistics(draws)["trace_cov"] / n)
@@ -284,7 +281,7 @@ def test_grade_bias_reports_the_gap_to_the_reference(sentiment_reward, tokenizer
     bias = grade_bias(trainer, PROMPTS, num_estimates=3, reference_batches=4, samples_per_prompt=2, seed=0)
     assert -1 <= bias["cosine"] <= 1 and bias["relative_error"] > 0 and bias["reference_relative_se"] > 0
     assert bias["noise_floor"] > 0 and bias["reference_samples"] == 4 * 2 * 2
-    with pytest.raises(ValueError, match="needs a GumbelGRADETrainer"):
+    with pytest.raises(ValueError, match="needs a relaxed method's trainer"):
         grade_bias(make_trainer("reinforce", sentiment_reward, tokenizer, tmp_path), PROMPTS)
 
 
@@ -311,11 +308,11 @@ def test_cli_probes_several_recipes_on_the_same_prompts(tmp_path, capsys):
 
 def test_checkpoint_weights_are_loaded_into_the_policy_not_the_reference(tmp_path):
     recipe = parse_recipe([TINY_LENGTH[0], "--output_dir", str(tmp_path / "run"), *SHRUNK])
-    trainer, _ = build_recipe_trainer(recipe)
+    trainer, _ = build_probe_trainer(recipe)
     with torch.no_grad():
         trainer.model.transformer.ln_f.bias.add_(0.5)
     trainer.save_model(str(tmp_path / "run" / "model"))
-    loaded, _ = build_recipe_trainer(recipe, checkpoint=str(tmp_path / "run"), step=40)
+    loaded, _ = build_probe_trainer(recipe, checkpoint=str(tmp_path / "run"), step=40)
     assert torch.equal(loaded.model.transformer.ln_f.bias, trainer.model.transformer.ln_f.bias)
     assert not torch.equal(loaded.ref_model.transformer.ln_f.bias, loaded.model.transformer.ln_f.bias)
     assert loaded.state.global_step == 40 and loaded.tau == pytest.approx(2.0 - 1.5 * 40 / 100)
@@ -326,7 +323,7 @@ def test_checkpoint_weights_are_loaded_into_the_policy_not_the_reference(tmp_pat
     [
         (["--num_estimates", "1"], "--num_estimates must be >= 2"),
         (["--checkpoint", "/no/such/dir"], "--checkpoint: no such folder"),
-        (["--num_estimates", "many"], "--num_estimates: expected int"),
+        (["--num_estimates", "many"], "--num_estimates: expected an integer"),
         (["--learnig_rate", "1"], "unknown recipe key 'learnig_rate'"),
     ],
 )

@@ -1,11 +1,15 @@
 """Recipes: parsing, overrides, and one-line errors with exit code 2 for bad input."""
 
+import dataclasses
+import re
 import subprocess
 import sys
 
 import pytest
 
-from grade_trl.recipe import RecipeError, build_recipe, parse_overrides, parse_recipe
+from grade_trl.errors import UserError
+from grade_trl.methods import METHODS
+from grade_trl.recipe import RecipeError, RunArguments, build_recipe, help_text, parse_overrides, parse_recipe
 
 from .conftest import REPO
 
@@ -51,8 +55,35 @@ def test_bad_values_raise_one_line_errors(values, message):
 
 
 def test_override_syntax_errors():
-    with pytest.raises(RecipeError, match="overrides are written --key value"):
+    with pytest.raises(UserError, match="options are written --key value"):
         parse_overrides(["max_steps", "3"])
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_help_lists_every_key_the_method_accepts_grouped_with_defaults(method):
+    text = help_text(method)
+    config_cls = METHODS[method].config_class
+    accepted = [f.name for f in dataclasses.fields(RunArguments) if f.init] + [f.name for f in dataclasses.fields(config_cls) if f.init]
+    listed = re.findall(r"^  (\w+) \(default ", text, flags=re.M)
+    assert sorted(set(listed)) == sorted(set(accepted))  # every accepted key (max_prompt_length feeds both run and method)
+    run_at, method_at, trainer_at = text.index("Run keys"), text.index("Method keys"), text.index("Trainer keys")
+    assert run_at < method_at < trainer_at
+    assert text.index("  learning_rate (default") > method_at if method in ("grade", "grade_ste", "reinforce", "ppo") else True  # overridden default
+    assert text.index("  output_dir (default") > trainer_at and text.index("  eval_num_prompts (default") < method_at
+    for key, value in METHODS[method].implied.items():
+        assert f"  {key} (default {value!r})" in text  # the value the method's name fixes
+
+
+def test_beta_has_one_meaning_and_grade_names_its_coefficient_kl_coef():
+    with pytest.raises(RecipeError, match="beta: grade weighs the KL summed over the completion, with `kl_coef`"):
+        build_recipe({"method": "grade", "output_dir": "x", "beta": 0.1})
+    with pytest.raises(RecipeError, match="beta: ppo weighs the KL summed over the completion, with `init_kl_coef"):
+        build_recipe({"method": "ppo", "output_dir": "x", "beta": 0.1})
+    assert build_recipe({"method": "grade", "output_dir": "x", "kl_coef": 0.3}).config.kl_coef == 0.3
+    for method in ("reinforce", "grpo"):
+        assert build_recipe({"method": method, "output_dir": "x", "beta": 0.3, "bf16": False}).config.beta == 0.3
+    for method in METHODS.values():  # each config declares the coefficient its registry entry names
+        assert method.kl_coefficient in {f.name for f in dataclasses.fields(method.config_class)}
 
 
 def _run_cli(*args, cwd):
@@ -87,6 +118,12 @@ def test_cli_missing_recipe_file(tmp_path):
 def test_cli_help_lists_keys(tmp_path):
     result = _run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0 and "tau_anneal_steps" in result.stdout and "reward_input" in result.stdout
+    ppo = _run_cli(str(REPO / "recipes" / "tiny" / "imdb_ppo.yaml"), "--help", cwd=tmp_path)  # the recipe's method
+    assert ppo.returncode == 0 and "  cliprange (default 0.2)" in ppo.stdout and "tau_anneal_steps" not in ppo.stdout
+    grpo = _run_cli("--help", "--method", "grpo", cwd=tmp_path)
+    assert grpo.returncode == 0 and "  num_generations (default" in grpo.stdout and "  beta (default" in grpo.stdout
+    bad = _run_cli("--help", "--method", "sgd", cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown method 'sgd'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_cli_unloadable_model_and_data_exit_2_with_one_line(tmp_path):
@@ -134,7 +171,5 @@ def test_min_new_tokens_through_trl_generation_kwargs_warns(caplog):
     ],
 )
 def test_completions_per_step_counts_new_completions(recipe, processes, expected):
-    from grade_trl.run import completions_per_step
-
     parsed = parse_recipe([str(REPO / "recipes" / recipe)])
-    assert completions_per_step(parsed.run, parsed.config, processes) == expected
+    assert parsed.config.completions_per_step(processes) == expected

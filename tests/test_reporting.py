@@ -64,7 +64,8 @@ def test_wandb_offline_and_tensorboard_receive_the_logged_metrics(tmp_path, monk
     wandb.teardown()  # stop W&B's service process so the run file is flushed
     history = load_results(tmp_path / "run" / "results.json")["history"]
     expected = {(row["step"], reporter_key(k)): v for row in history for k, v in row.items() if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool) and "runtime" not in k and "per_second" not in k}
-    assert any(k == "train/val_reward" for _, k in expected) and any(k == "train/kl" for _, k in expected)
+    # validation under eval/, the final test under test/, training under train/
+    assert any(k == "eval/reward" for _, k in expected) and any(k == "test/reward" for _, k in expected) and any(k == "train/kl" for _, k in expected)
 
     [run_file] = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     wandb_rows = wandb_history(run_file)

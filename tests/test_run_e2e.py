@@ -57,10 +57,11 @@ def test_quickstart_end_to_end_is_reproducible_and_changes_the_policy(tmp_path):
     assert [h["step"] for h in train_logs] == [2, 4]
     for h in train_logs:
         assert h["kl"] >= 0 and {"reward", "reward_std", "loss", "tau", "grad_norm", "grad_norm_mean", "grad_norm_std", "completions/mean_length", "entropy"} <= set(h)
-    assert [h["step"] for h in results["history"] if "val_reward" in h] == [0, 2, 4]
+    assert [h["step"] for h in results["history"] if "eval_reward" in h] == [0, 2, 4]
     final = results["final"]
-    assert final["steps"] == 4 and final["test_reward"]["n"] == 6 and len(final["samples"]) == 3
-    assert 0 <= final["val_reward_after"]["mean"] <= 1
+    assert final["steps"] == 4 and len(final["test"]["final"]["rewards"]) == 6 and len(final["samples"]) == 3
+    assert 0 <= final["validation_after"]["reward"] <= 1 and final["validation_metric"] == "eval_reward"
+    assert not {"val_reward_before", "val_reward_after", "best_val_reward", "test_reward"} & set(final)  # no legacy aliases
     assert results["config"]["run"]["method"] == "grade_ste" and results["config"]["trainer"]["estimator"] == "ste"
 
     trained = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
@@ -72,7 +73,7 @@ def test_quickstart_end_to_end_is_reproducible_and_changes_the_policy(tmp_path):
     assert main(shrunk(tmp_path, "b")) == 0
     again = load_results(tmp_path / "b" / "results.json")
     assert [h.get("loss") for h in again["history"]] == [h.get("loss") for h in results["history"]]
-    assert again["final"]["test_reward"]["rewards"] == final["test_reward"]["rewards"]
+    assert again["final"]["test"]["final"]["rewards"] == final["test"]["final"]["rewards"]
 
 
 def test_gumbel_softmax_method_with_lora_runs(tmp_path):

@@ -77,7 +77,7 @@ def test_grade_gradient_reaches_the_policy_only(policy, tokenizer, prompts, rewa
     rollout = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: est(l, 1.0), max_new_tokens=6, eos_token_id=0)
     kl = masked_sum(exact_kl(rollout.logits, reference_logits(ref, rollout)), rollout.mask, dim=1)
     soft, mask = soft_reward_inputs(sentiment_reward, rollout, eos_token_id=0)
-    loss = grade_loss(sentiment_reward.score_soft(soft, mask), kl, beta=0.1)
+    loss = grade_loss(sentiment_reward.score_soft(soft, mask), kl, kl_coef=0.1)
     loss.backward()
     policy_grads = [p.grad for p in policy.parameters()]
     assert all(g is not None for g in policy_grads)

@@ -70,7 +70,7 @@ def sequence_logprob(token_logps: torch.Tensor, mask: torch.Tensor, reduction: s
     """Log-prob of each completion from its tokens': mean (default) or sum over the real tokens.
 
     "sum" is the exact log pi(y|x), but its size grows with the length, so a REINFORCE update
-    built on it weights long completions more (length bias; see docs BACKGROUND.md section 2);
+    built on it weights long completions more (length bias; see docs/background.md section 2);
     "mean" divides by each completion's own length.
     token_logps, mask: (B, T). Returns (B,).
     """

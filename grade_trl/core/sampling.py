@@ -4,7 +4,7 @@ The tokens are drawn from the *processed* next-token distribution (temperature, 
 `min_new_tokens`, top-k, top-p), so every log-probability that enters a loss, an old-policy ratio
 or a KL has to be taken under that same processed distribution. Scoring with the plain softmax of
 the raw logits while sampling with top-p/min_new_tokens is what made PPO's KL negative (the users'
-bug, BACKGROUND.md sections 2-3). Here one function, `process_logits`, is used by the sampler and
+bug, docs/background.md sections 2-3). Here one function, `process_logits`, is used by the sampler and
 by the scorer, so "the tokens were sampled from exactly this distribution" holds by construction.
 
 We sample with our own token-by-token loop, not `model.generate`: generate's logits processors

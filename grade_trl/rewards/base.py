@@ -15,10 +15,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import UserError
+
 RewardFunc = Callable[..., list]
 
 
-class RewardFunctionError(RuntimeError):
+class RewardFunctionError(UserError):
     """A reward function raised or returned a value that is not a finite number."""
 
 

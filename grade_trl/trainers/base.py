@@ -82,6 +82,25 @@ class RolloutTrainer(GradNormWindowMixin, Trainer):
         """The module the Trainer optimizes (PPO adds a value head here)."""
         return model
 
+    # The method registry's public hooks (grade_trl.methods) ---------------------------------------------------
+    def estimate_loss(self, rows: list[dict], include_value_loss: bool = False) -> torch.Tensor:
+        """The scalar whose gradient is ONE draw of the method's gradient estimate on `rows` (dataset rows:
+        `prompt` plus the columns the rewards take), with fresh samples / noise: here the training loss itself."""
+        return self.compute_loss(self.model, rows)
+
+    def probed_parameters(self, include_value_loss: bool = False) -> list[torch.nn.Parameter]:
+        """The parameters the method's gradient estimate is taken with respect to: the policy's trainable ones."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def training_state(self) -> dict:
+        """Everything besides parameters and optimizer that a loss call may change (metric windows, baselines,
+        controllers), by attribute name. The probe restores it after drawing estimates."""
+        return {"_metrics": self._metrics, **super().training_state()}
+
+    def load_training_state(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
     # Shared plumbing ------------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -112,6 +131,9 @@ class RolloutTrainer(GradNormWindowMixin, Trainer):
 
     def gathered_mean(self, values: torch.Tensor) -> float:
         return self.accelerator.gather(values.detach().float().reshape(-1)).mean().item()
+
+    def gathered_sum(self, values: torch.Tensor) -> float:
+        return self.accelerator.gather(values.detach().float().reshape(-1)).sum().item()
 
     def gathered_std(self, values: torch.Tensor) -> float:
         """Std over every process's values (0 for a single value)."""

@@ -15,8 +15,8 @@ from ..core.sampling import SamplingSettings
 class RolloutConfig(TrainingArguments):
     """`TrainingArguments` plus what every method that generates from prompts needs.
 
-    Defaults follow the GRADE experiment (arXiv:2601.11574; ../shared/docs/BACKGROUND.md section 1):
-    batch 4 x accumulation 4, clip 1.0, 32-token prompts, 16-48 new tokens, KL coefficient 0.1.
+    Defaults follow the GRADE experiment (arXiv:2601.11574; docs/background.md section 1):
+    batch 4 x accumulation 4, clip 1.0, 32-token prompts, 16-48 new tokens.
     Fields that differ from `TrainingArguments`: `per_device_train_batch_size` (4 instead of 8),
     `gradient_accumulation_steps` (4 instead of 1), `logging_steps` (10 instead of 500), `eval_steps`
     (100 instead of None: the reward-evaluation callback's period), `save_strategy` ("no": the runner
@@ -48,7 +48,6 @@ class RolloutConfig(TrainingArguments):
     min_new_tokens: int = field(default=16, metadata={"help": "EOS is forbidden before this many new tokens, in sampling and in every log-prob and KL alike."})
 
     # Objective
-    beta: float = field(default=0.1, metadata={"help": "KL coefficient: the reward is penalised by beta * KL(pi || pi_ref) (GRADE experiment: 0.1)."})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weight of each reward function in the total reward (default: 1 for each)."})
 
     def __post_init__(self):
@@ -57,8 +56,26 @@ class RolloutConfig(TrainingArguments):
             raise ValueError(
                 f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got {self.min_new_tokens} and {self.max_new_tokens}"
             )
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+
+    # Sizes the runner, the probe and the benchmark read (the method registry's config contract)
+    @property
+    def new_token_limits(self) -> tuple[int, int]:
+        """(max, min) new tokens per completion; the evaluation generates with the same limits."""
+        return self.max_new_tokens, self.min_new_tokens
+
+    @property
+    def completions_per_prompt(self) -> int:
+        """Completions sampled from each training prompt."""
+        return 1
+
+    @classmethod
+    def exact_length_settings(cls, new_tokens: int) -> dict:
+        """Config values that make every completion exactly `new_tokens` long (EOS banned before the last): the benchmark's shape."""
+        return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+
+    def completions_per_step(self, num_processes: int) -> float:
+        """New completions generated per optimizer step over all processes (the x axis of sample efficiency)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes * self.completions_per_prompt
 
 
 @dataclass

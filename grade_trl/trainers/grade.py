@@ -5,7 +5,7 @@ One optimizer step, top to bottom (`compute_loss`):
   2. soft rollout: y_t = relax(logits_t, tau), next input y_t @ E, KV cache (core.soft_rollout);
   3. reference logits on the same soft inputs; exact KL per position, masked after the first hard EOS;
   4. differentiable reward R(y) from every reward's `score_soft`;
-  5. loss = -mean_b (R_b - beta * KL_b)  (`grade_loss`), backpropagated through 4, 3 and 2.
+  5. loss = -mean_b (R_b - kl_coef * KL_b)  (`grade_loss`), backpropagated through 4, 3 and 2.
 
 Legend: B batch, P prompt length, T generated positions, V vocabulary.
 """
@@ -17,24 +17,24 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..core import entropy_from_logits, exact_kl, masked_sum, reference_logits, soft_rollout
+from ..core import entropy_from_logits, exact_kl, leave_one_out_baseline, masked_sum, reference_logits, soft_rollout
 from ..rewards.base import check_finite_scores, require_differentiable, reward_name
 from .base import RolloutTrainer
 from .grade_config import GumbelGRADEConfig
-from .relaxations import RELAXATIONS, tau_at
+from .relaxations import RELAXATIONS, StraightThroughGumbel, tau_at
 
 logger = logging.getLogger(__name__)
 
 
-def grade_loss(rewards: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
-    """GRADE objective: maximise J = E[R(y) - beta * KL(pi_theta || pi_ref)(y)], so
+def grade_loss(rewards: torch.Tensor, kl: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """GRADE objective: maximise J = E[R(y) - kl_coef * KL(pi_theta || pi_ref)(y)], so
 
-        loss = -(1/B) sum_b (R_b - beta * KL_b)
+        loss = -(1/B) sum_b (R_b - kl_coef * KL_b)
 
     rewards: (B,) differentiable rewards of the relaxed samples; kl: (B,) exact per-token KL summed over
     each completion. Both carry gradients back through the relaxed rollout (arXiv:2601.11574).
     """
-    return -(rewards - beta * kl).mean()
+    return -(rewards - kl_coef * kl).mean()
 
 
 def soft_reward_inputs(reward_func, rollout, eos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +101,7 @@ class GumbelGRADETrainer(RolloutTrainer):
         rewards = scores @ self.reward_weights.to(device)  # (B,)
 
         # 5. the loss
-        loss = grade_loss(rewards, kl, args.beta)
+        loss = grade_loss(rewards, kl, args.kl_coef)
 
         self._log_step_metrics(rollout, rewards, scores, kl, tau)
         return loss
@@ -121,8 +121,42 @@ class GumbelGRADETrainer(RolloutTrainer):
             reward=self.gathered_mean(rewards),
             reward_std=self.gathered_std(rewards),
             kl=self.gathered_mean(kl),
+            kl_per_token=self.gathered_sum(kl) / max(self.gathered_sum(rollout.lengths), 1.0),
             tau=tau,
             entropy=self.gathered_mean(entropy_from_logits(rollout.logits, rollout.mask)),
             **{"completions/mean_length": self.gathered_mean(rollout.lengths)},
             **{f"rewards/{reward_name(f)}/mean": self.gathered_mean(scores[:, i]) for i, f in enumerate(self.reward_funcs)},
         )
+
+    # The registry's hook for the bias probe -------------------------------------------------------------------
+    def score_function_loss(self, rows: list[dict], samples_per_prompt: int = 4) -> torch.Tensor:
+        """A surrogate whose gradient is an UNBIASED estimate of the gradient of GRADE's hard objective
+
+            J(theta) = E_{y ~ pi_theta}[ f(y; theta) ],   f = R(y) - kl_coef * sum_t KL(pi_theta(.|y<t) || pi_ref(.|y<t))
+
+        (real tokens, the trainer's reward, kl_coef and reference, the same EOS ban), by the score function:
+
+            grad J = E[ (f(y) - b) grad log pi(y) + grad_theta f(y; theta) ],   loss = -mean_i [A_i log pi(y_i) + f_i]
+
+        with A_i = f_i - b_i (stop-gradient), b_i the leave-one-out mean over the r samples of the same prompt
+        (unbiased, Kool et al. 2019), and grad_theta f = -kl_coef grad KL at fixed tokens (the reward of fixed tokens
+        has no theta path). Built from GRADE's own rollout, reference, exact KL and reward, with the relaxation
+        replaced by an exact, non-differentiable Gumbel-max sample. The probe's `grade_bias` compares GRADE's mean
+        gradient with it.
+        """
+        args, eos, model = self.args, self.processing_class.eos_token_id, self.model
+        enc = self.tokenize_prompts([row for row in rows for _ in range(samples_per_prompt)])
+        gumbel_max = StraightThroughGumbel()
+        rollout = soft_rollout(
+            model, enc["input_ids"], enc["attention_mask"], relax=lambda logits, step: gumbel_max(logits.detach(), 1.0),  # one-hot, no gradient
+            max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, eos_token_id=eos,
+        )
+        ref_model, ref_context = self.reference_context(model)
+        with ref_context:
+            ref_logits = reference_logits(ref_model, rollout, args.min_new_tokens, eos)  # (B, T, V)
+        kl = masked_sum(exact_kl(rollout.logits, ref_logits), rollout.mask, dim=1)  # (B,) with its pathwise gradient
+        f = self.soft_reward_scores(rollout) @ self.reward_weights.to(kl.device) - args.kl_coef * kl  # (B,)
+        token_logps = F.log_softmax(rollout.logits, dim=-1).gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        logp = masked_sum(token_logps, rollout.mask, dim=1)  # (B,) log pi(y) up to and including the first EOS
+        advantages = f.detach() - leave_one_out_baseline(f.detach(), samples_per_prompt)  # (B,)
+        return -(advantages * logp + f).mean()

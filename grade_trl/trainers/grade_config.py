@@ -13,10 +13,15 @@ class GumbelGRADEConfig(RolloutConfig):
     """`RolloutConfig` plus GRADE's relaxation settings (arXiv:2601.11574).
 
     `learning_rate` defaults to 1e-4 (the GRADE experiment's) instead of 5e-5. The KL term
-    (`beta`) is exact over the vocabulary, summed over the completion and differentiated.
+    (`kl_coef`) is exact over the vocabulary, summed over the completion and differentiated.
     """
 
     learning_rate: float = field(default=1e-4, metadata={"help": "Initial AdamW learning rate (GRADE experiment: 1e-4)."})
+    kl_coef: float = field(
+        default=0.1,
+        metadata={"help": "KL coefficient per completion: the objective is R - kl_coef * KL, KL(pi || pi_ref) exact over the vocabulary "
+                  "and summed over the completion's tokens (GRADE experiment: 0.1). Not TRL's `beta`, which weighs the per-token KL."},
+    )
     estimator: str = field(
         default="ste",
         metadata={"help": "Relaxation of sampling: `soft` (Gumbel-softmax, Jang et al. 2017, arXiv:1611.01144) or `ste` "
@@ -33,5 +38,7 @@ class GumbelGRADEConfig(RolloutConfig):
             raise ValueError(f"estimator must be one of {sorted(RELAXATIONS)}, got {self.estimator!r}")
         if self.tau_schedule not in ("linear", "constant"):
             raise ValueError(f"tau_schedule must be 'linear' or 'constant', got {self.tau_schedule!r}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.tau_start <= 0 or self.tau_end <= 0:
             raise ValueError(f"tau_start and tau_end must be > 0, got {self.tau_start} and {self.tau_end}")

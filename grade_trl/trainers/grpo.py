@@ -1,11 +1,79 @@
-"""TRL's GRPOTrainer (GRPO, Dr. GRPO, CISPO, ...) used as it is, plus the metrics every grade_trl method logs."""
+"""TRL's GRPOTrainer (GRPO, Dr. GRPO, CISPO, ...) used as it is, plus what every grade_trl method provides:
+the grad-norm window, the metric contract's `kl` (per completion; TRL's own per-token `kl` is logged as
+`kl_per_token`) and the public hooks of the method registry (`grade_trl.methods`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+from trl import GRPOConfig as _TRLGRPOConfig
 from trl import GRPOTrainer as _TRLGRPOTrainer
 
+from ..metrics import KL, KL_PER_TOKEN
 from .metrics import GradNormWindowMixin
 
 
+@dataclass
+class GRPOConfig(_TRLGRPOConfig):
+    """`trl.GRPOConfig`, every field and default unchanged, plus the sizes the registry's config contract reads.
+
+    `beta` keeps TRL's meaning: the coefficient of the per-token KL in the per-token loss.
+    """
+
+    @property
+    def new_token_limits(self) -> tuple[int, int]:
+        return self.max_completion_length, 0  # TRL samples with no minimum length
+
+    @property
+    def completions_per_prompt(self) -> int:
+        return self.num_generations
+
+    @classmethod
+    def exact_length_settings(cls, new_tokens: int) -> dict:
+        """Every completion exactly `new_tokens` long. Only for cost measurements: TRL samples with generation_kwargs'
+        EOS ban but scores log-probs without it (see the warning in `grade_trl.recipe`)."""
+        return {"max_completion_length": new_tokens, "generation_kwargs": {"min_new_tokens": new_tokens}}
+
+    def completions_per_step(self, num_processes: int) -> float:
+        """TRL's batch counts completions; each generation batch is reused for `num_iterations` optimizer passes."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes / self.num_iterations
+
+
 class GRPOTrainer(GradNormWindowMixin, _TRLGRPOTrainer):
-    """`trl.GRPOTrainer`, unchanged, with grad_norm_mean/std/max over each logging window added to its logs."""
+    """`trl.GRPOTrainer`, unchanged in what it optimises, with grad_norm_mean/std/max over each logging window,
+    `kl` in nats per completion, and the registry's hooks (`estimate_loss`, `probed_parameters`, training state)."""
+
+    # -- the metric contract: kl per completion -----------------------------------------------------------------
+    def _compute_loss(self, model, inputs):
+        """TRL's loss; afterwards its per-token `kl` of this micro-batch (sum of KL / number of tokens over every
+        process) is turned into nats per completion exactly: times the micro-batch's tokens / completions."""
+        mode = "train" if self.model.training else "eval"
+        kl_logs = self._metrics[mode][KL]
+        before = len(kl_logs)
+        loss = super()._compute_loss(model, inputs)
+        if len(kl_logs) > before:  # TRL logs kl only when beta != 0
+            mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]  # TRL's mask
+            tokens, completions = self.accelerator.reduce(torch.stack([mask.sum().float(), torch.tensor(float(mask.shape[0]), device=mask.device)]), reduction="sum").tolist()
+            self._metrics[mode][KL_PER_TOKEN].append(kl_logs[-1])
+            kl_logs[-1] = kl_logs[-1] * tokens / max(completions, 1.0)
+        return loss
+
+    # -- the registry's hooks -----------------------------------------------------------------------------------
+    def estimate_loss(self, rows: list[dict], include_value_loss: bool = False) -> torch.Tensor:
+        """One draw of GRPO's gradient estimate on `rows`: `num_generations` fresh completions per prompt, scored
+        and turned into group advantages by TRL, then TRL's loss at the sampling parameters (ratio 1), as one
+        micro-batch holding the whole batch (the caller sets `current_gradient_accumulation_steps = 1`)."""
+        batch = self._generate_and_score_completions([dict(row) for row in rows for _ in range(self.num_generations)])
+        return self.compute_loss(self.model, batch)
+
+    def probed_parameters(self, include_value_loss: bool = False) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def training_state(self) -> dict:
+        """What a loss call may change besides the parameters: TRL's metric windows and completion logs, our grad-norm window."""
+        return {"_metrics": self._metrics, "_logs": self._logs, "_pending_extra_logs": self._pending_extra_logs, **GradNormWindowMixin.training_state(self)}
+
+    def load_training_state(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)

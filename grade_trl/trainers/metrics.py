@@ -42,6 +42,10 @@ class GradNormWindowMixin:
             self.__dict__.setdefault("_grad_norm_window", []).append(float(grad_norm))
         return grad_norm
 
+    def training_state(self) -> dict:
+        """The window's norms so far (see `methods`: the state a probe or a resume must restore)."""
+        return {"_grad_norm_window": self.__dict__.setdefault("_grad_norm_window", [])}
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         window = self.__dict__.get("_grad_norm_window")
         if "loss" in logs and window:

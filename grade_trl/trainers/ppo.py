@@ -98,7 +98,7 @@ def ppo_loss(
 
     The clamp keeps a token that has left the top-p nucleus (log-prob ~ finfo.min/2) from giving an
     infinite ratio; outside [-c, c] the ratio carries no gradient. Token means are taken over all real
-    tokens of the mini-batch (masked means, BACKGROUND.md section 2).
+    tokens of the mini-batch (masked means, docs/background.md section 2).
 
     logps, values, entropy: (M, T) from the current model (with grad; entropy of the processed
     distribution at each position). old_logps, old_values, advantages, returns: (M, T) from the
@@ -118,10 +118,10 @@ def ppo_loss(
         "policy/approxkl": pg_stats["approxkl"],
         "policy/clipfrac": pg_stats["clipfrac"],
         "policy/ratio_mean": pg_stats["ratio_mean"],
-        "policy/entropy": mean_entropy.detach(),
-        "val/error": vf_stats["value_error"],
-        "val/clipfrac": vf_stats["vf_clipfrac"],
-        "val/mean": masked_mean(values.detach(), mask),
+        "entropy": mean_entropy.detach(),
+        "value/error": vf_stats["value_error"],
+        "value/clipfrac": vf_stats["vf_clipfrac"],
+        "value/mean": masked_mean(values.detach(), mask),
     }
     return loss, stats
 
@@ -347,18 +347,18 @@ class PPOTrainer(RolloutTrainer):
             {
                 "reward": score,
                 "kl": b_kl,
-                "objective/kl": b_kl,
                 "objective/entropy": masked_sum(-batch.logprobs, mask, dim=1),  # sampled estimate of the sequence entropy
                 "objective/non_score_reward": -kl_coef * b_kl,
                 "objective/rlhf_reward": score - kl_coef * b_kl,
                 "returns/mean": masked_mean(returns, mask),
                 "advantages/mean": masked_mean(raw_advantages, mask),  # before whitening (after it, the mean is 0)
-                "val/explained_variance": explained_variance(values, returns, mask),
+                "value/explained_variance": explained_variance(values, returns, mask),
                 "completions/mean_length": batch.lengths,
                 **{f"rewards/{reward_name(f)}/mean": scores[:, i] for i, f in enumerate(self.reward_funcs)},
             }
         )
         metrics["reward_std"] = self.gathered_std(score)
+        metrics["kl_per_token"] = self.gathered_sum(b_kl) / max(self.gathered_sum(batch.lengths), 1.0)
         metrics["kl_coef"] = kl_coef  # the coefficient that shaped this rollout's rewards
         return {
             "b_prompt_ids": batch.prompt_ids,
@@ -370,7 +370,7 @@ class PPOTrainer(RolloutTrainer):
             "b_advantages": advantages,
             "b_returns": returns,
             "metrics": metrics,
-            "mean_kl": metrics["objective/kl"],
+            "mean_kl": metrics["kl"],
             "early_stopped": False,
             "order": None,  # this epoch's row permutation
         }
@@ -408,21 +408,8 @@ class PPOTrainer(RolloutTrainer):
         if isinstance(inputs, list):  # evaluation (prediction_step hands the prompts): one rollout, scored whole
             rollout = self._generate_rollout(inputs)
             inputs = {"rollout": rollout, "rows": torch.arange(rollout["b_mask"].shape[0], device=rollout["b_mask"].device), "last": False}
-        rollout, rows = inputs["rollout"], inputs["rows"]
-        mb = {key: value[rows] for key, value in rollout.items() if key.startswith("b_")}  # b_* -> this mini-batch's rows
-        mb_mask = mb["b_mask"]  # (M, T)
-
-        # 6. one forward for log-probs and values
-        logits, values = completion_forward(model, mb["b_prompt_ids"], mb["b_prompt_mask"], mb["b_completion_ids"], mb_mask)  # (M, T, V), (M, T)
-        mb_logps, mb_entropy = completion_logprobs(logits, mb["b_completion_ids"], mb_mask, args.sampling, self.processing_class.eos_token_id)
-        if args.ent_coef == 0:
-            mb_entropy = mb_entropy.detach()  # not in the loss: free its graph now
-        loss, stats = ppo_loss(
-            mb_logps, values, mb_entropy, mb["b_logps"], mb["b_values"], mb["b_advantages"], mb["b_returns"], mb_mask,
-            cliprange=args.cliprange, cliprange_value=args.cliprange_value, vf_coef=args.vf_coef, ent_coef=args.ent_coef,
-            logratio_clamp=args.logratio_clamp,
-        )
-        stats = self._gathered(stats)
+        rollout = inputs["rollout"]
+        loss, stats = self.minibatch_loss(model, rollout, inputs["rows"], args.vf_coef)
 
         skipped = training and rollout["early_stopped"]
         if skipped:
@@ -434,6 +421,41 @@ class PPOTrainer(RolloutTrainer):
         if training and inputs["last"]:  # after the rollout's epochs: adapt the KL coefficient for the next rollout
             self.kl_ctl.update(rollout["mean_kl"], args.per_device_train_batch_size * self.accelerator.num_processes)
         return loss
+
+    def minibatch_loss(self, model, rollout: dict, rows: torch.Tensor, vf_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """Step 6 on the rollout's `rows`: one forward for log-probs and values, then `ppo_loss`. Returns (loss, gathered stats)."""
+        args = self.args
+        mb = {key: value[rows] for key, value in rollout.items() if key.startswith("b_")}  # b_* -> this mini-batch's rows
+        mb_mask = mb["b_mask"]  # (M, T)
+        logits, values = completion_forward(model, mb["b_prompt_ids"], mb["b_prompt_mask"], mb["b_completion_ids"], mb_mask)  # (M, T, V), (M, T)
+        mb_logps, mb_entropy = completion_logprobs(logits, mb["b_completion_ids"], mb_mask, args.sampling, self.processing_class.eos_token_id)
+        if args.ent_coef == 0:
+            mb_entropy = mb_entropy.detach()  # not in the loss: free its graph now
+        loss, stats = ppo_loss(
+            mb_logps, values, mb_entropy, mb["b_logps"], mb["b_values"], mb["b_advantages"], mb["b_returns"], mb_mask,
+            cliprange=args.cliprange, cliprange_value=args.cliprange_value, vf_coef=vf_coef, ent_coef=args.ent_coef,
+            logratio_clamp=args.logratio_clamp,
+        )
+        return loss, self._gathered(stats)
+
+    # The registry's hooks -----------------------------------------------------------------------------------
+    def estimate_loss(self, rows: list[dict], include_value_loss: bool = False) -> torch.Tensor:
+        """One draw of PPO's policy-gradient estimate on `rows`: a fresh rollout, then the loss on all of its rows as one
+        mini-batch at the rollout's parameters (ratio 1, nothing clipped: the policy gradient with GAE advantages).
+        The value loss counts only with `include_value_loss`; the entropy bonus is in."""
+        rollout = self._generate_rollout(rows)
+        all_rows = torch.arange(rollout["b_mask"].shape[0], device=rollout["b_mask"].device)
+        loss, stats = self.minibatch_loss(self.model, rollout, all_rows, self.args.vf_coef if include_value_loss else 0.0)
+        self.metrics.add(**rollout["metrics"], **stats)
+        return loss
+
+    def probed_parameters(self, include_value_loss: bool = False) -> list[torch.nn.Parameter]:
+        """The causal LM's trainable parameters, plus the value head's with `include_value_loss`."""
+        module = self.model if include_value_loss else self.accelerator.unwrap_model(self.model).policy
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def training_state(self) -> dict:
+        return {**super().training_state(), "kl_ctl": self.kl_ctl}
 
     # Saving -------------------------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

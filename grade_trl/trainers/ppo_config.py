@@ -13,7 +13,7 @@ class PPOConfig(SampledRolloutConfig):
 
     PPO: Schulman et al. 2017, https://arxiv.org/abs/1707.06347; for language models with a KL-shaped
     per-token reward and an adaptive KL coefficient: Ziegler et al. 2019, https://arxiv.org/abs/1909.08593.
-    Defaults follow the users' PPO length run with TRL's old PPOTrainer (../shared/docs/BACKGROUND.md
+    Defaults follow the users' PPO length run with TRL's old PPOTrainer (docs/background.md
     section 3): lr 1e-5, batch 16, mini-batch 4, 1 PPO epoch, cliprange 0.2, cliprange_value 0.2,
     vf_coef 0.1, adaptive KL with init coefficient 1, temperature 0.7, top-p 0.9.
 
@@ -26,7 +26,8 @@ class PPOConfig(SampledRolloutConfig):
 
     Fields that differ from `RolloutConfig`: `learning_rate` (1e-5), `per_device_train_batch_size`
     (16, the users' batch), `gradient_accumulation_steps` (1: one optimizer step per mini-batch).
-    `beta` is not used: PPO's KL coefficient is `init_kl_coef`, adapted when `adaptive_kl` is set.
+    PPO's KL coefficient is `init_kl_coef` (per completion: the per-token rewards -kl_coef * KL_t sum to
+    -kl_coef * KL), adapted when `adaptive_kl` is set.
     """
 
     # Overridden defaults
@@ -62,14 +63,14 @@ class PPOConfig(SampledRolloutConfig):
     cliprange_value: float | None = field(
         default=0.2,
         metadata={"help": "Clip of the value prediction around the rollout's values (users' PPO run: 0.2); None = plain MSE, "
-                  "which the users switched to after value-loss spikes (BACKGROUND.md section 2)."},
+                  "which the users switched to after value-loss spikes (docs/background.md section 2)."},
     )
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss (users' PPO run: 0.1; CleanRL: 0.5)."})
     ent_coef: float = field(default=0.0, metadata={"help": "Weight of the entropy bonus (0 = off; the GRADE experiment used 0.01)."})
     logratio_clamp: float = field(
         default=2.0,
         metadata={"help": "The log-ratio log pi - log pi_old is clamped to +-this before exp (users tightened it from 20 to 2, "
-                  "BACKGROUND.md section 2): a token that leaves the top-p nucleus after an update cannot give an infinite ratio."},
+                  "docs/background.md section 2): a token that leaves the top-p nucleus after an update cannot give an infinite ratio."},
     )
     target_kl: float | None = field(
         default=None,
@@ -94,12 +95,6 @@ class PPOConfig(SampledRolloutConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        default_beta = SampledRolloutConfig.__dataclass_fields__["beta"].default
-        if self.beta != default_beta:
-            raise ValueError(
-                f"beta={self.beta}: PPO does not use beta; its KL coefficient is init_kl_coef (adapted towards kl_target "
-                "when adaptive_kl is set); set init_kl_coef instead, and adaptive_kl: false for a fixed coefficient"
-            )
         if self.ppo_epochs < 1 or self.num_mini_batches < 1:
             raise ValueError(f"ppo_epochs={self.ppo_epochs}, num_mini_batches={self.num_mini_batches}: both must be >= 1")
         if self.per_device_train_batch_size % self.num_mini_batches != 0:
@@ -131,6 +126,10 @@ class PPOConfig(SampledRolloutConfig):
                 f"kl_target={self.kl_target}, kl_horizon={self.kl_horizon}: the adaptive controller needs both > 0; "
                 "or set adaptive_kl: false"
             )
+
+    def completions_per_step(self, num_processes: int) -> float:
+        """A rollout is reused for `ppo_epochs * num_mini_batches` micro-steps: only that fraction of a step's micro-batches is new."""
+        return super().completions_per_step(num_processes) / self.micro_steps_per_rollout
 
     @property
     def micro_steps_per_rollout(self) -> int:

@@ -51,6 +51,9 @@ class REINFORCETrainer(RolloutTrainer):
         super().__init__(*args, **kwargs)
         self.ema_baseline = EMABaseline(self.args.ema_momentum)
 
+    def training_state(self) -> dict:
+        return {**super().training_state(), "ema_baseline": self.ema_baseline}
+
     def baseline(self, shaped: torch.Tensor) -> torch.Tensor | float:
         """The baseline for this batch; EMA and batch mean use the mean over every process's samples."""
         kind = self.args.baseline
@@ -87,10 +90,10 @@ class REINFORCETrainer(RolloutTrainer):
         with ref_context:
             ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False)
         kl = masked_sum(kl_estimate(logps.detach(), ref_logps, args.kl_estimator), mask, dim=1)  # (B,)
-        kl_per_token = kl / batch.lengths.clamp(min=1)  # (B,) normalised by length
+        kl_length_normalised = kl / batch.lengths.clamp(min=1)  # (B,) the per-token KL of each completion
 
         # 5. advantages: the baseline is subtracted; normalisation only scales
-        shaped = rewards - args.beta * kl_per_token  # (B,)
+        shaped = rewards - args.beta * kl_length_normalised  # (B,)
         advantages = advantages_from_baseline(shaped, self.baseline(shaped), args.normalize_advantages)  # (B,)
 
         # 6. which samples train, and the loss
@@ -107,10 +110,10 @@ class REINFORCETrainer(RolloutTrainer):
             reward=self.gathered_mean(rewards),
             reward_std=self.gathered_std(rewards),
             kl=self.gathered_mean(kl),
+            kl_per_token=self.gathered_sum(kl) / max(self.gathered_sum(batch.lengths), 1.0),
             entropy=self.gathered_mean(entropy_from_logits(logits.detach(), mask)),
             **{
                 "completions/mean_length": self.gathered_mean(batch.lengths),
-                "objective/kl_per_token": self.gathered_mean(kl_per_token),
                 "advantages/mean": self.gathered_mean(advantages),
                 "samples/kept_fraction": self.gathered_mean(keep.float()),
             },

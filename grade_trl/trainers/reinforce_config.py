@@ -18,6 +18,11 @@ class REINFORCEConfig(SampledRolloutConfig):
     """
 
     learning_rate: float = field(default=1e-5, metadata={"help": "Initial AdamW learning rate."})
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "KL coefficient per token, TRL's GRPO meaning: the shaped reward is R - beta * KL / |y|, the KL estimate "
+                  "summed over the completion and divided by its length (GRADE experiment: 0.1)."},
+    )
     baseline: str = field(
         default="ema",
         metadata={"help": "`ema` (moving average of past batch means, momentum `ema_momentum`), `batch_mean`, `leave_one_out` "
@@ -39,6 +44,8 @@ class REINFORCEConfig(SampledRolloutConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {list(BASELINES)}, got {self.baseline!r}")
         if self.logprob_reduction not in ("mean", "sum"):
@@ -47,3 +54,7 @@ class REINFORCEConfig(SampledRolloutConfig):
             raise ValueError(
                 f"baseline leave_one_out and best_of_n need num_samples_per_prompt >= 2, got {self.num_samples_per_prompt}; set num_samples_per_prompt: 4"
             )
+
+    @property
+    def completions_per_prompt(self) -> int:
+        return self.num_samples_per_prompt

@@ -1,0 +1,148 @@
+"""From a recipe to the objects a run needs: the task, the trainer (through the method registry) and the callbacks.
+
+The runner, the probe and the benchmark build through these functions, so a method or a task is
+constructed in one place only.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from .errors import UserError
+from .methods import get_method
+from .recipe import Recipe
+
+
+@contextmanager
+def loading(key: str, value: str):
+    """Turn a failure to load `value` (unreachable hub id, unreadable file, wrong schema) into a one-line error naming `key`."""
+    try:
+        yield
+    except (OSError, ValueError, ConnectionError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{key}: cannot load {value!r}: {first_line} (give a local path, `embedded`, or a hub id reachable from here)") from None
+
+
+def build_peft_config(run):
+    if not run.use_peft:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=run.lora_dropout, target_modules=run.lora_target_modules, task_type="CAUSAL_LM")
+
+
+def build_task(recipe: Recipe, gold_judge: bool = True):
+    """The tokenizer and the task (data, rewards, evaluator with the run's generation settings).
+
+    gold_judge: False skips fitting the independent judge (the probe and the benchmark do not evaluate).
+    """
+    import dataclasses
+
+    from .evaluation import GenerationSettings
+    from .models import load_tokenizer
+    from .tasks import TASK_BUILDERS
+
+    run_args, config = recipe.run, recipe.config
+    if not gold_judge:
+        run_args = dataclasses.replace(run_args, gold_judge="none")
+    max_new_tokens, min_new_tokens = config.new_token_limits
+    if run_args.eval_min_new_tokens is not None:
+        min_new_tokens = min(run_args.eval_min_new_tokens, max_new_tokens)
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        temperature=run_args.eval_temperature,
+        top_p=run_args.eval_top_p,
+        max_prompt_length=run_args.max_prompt_length,
+    )
+    with loading("model_name_or_path", run_args.model_name_or_path):
+        tokenizer = load_tokenizer(run_args.model_name_or_path)
+    with loading("dataset_name", run_args.dataset_name):
+        task = TASK_BUILDERS[run_args.task](run_args, tokenizer, config.seed, settings, config.reward_weights)
+    return tokenizer, task
+
+
+def build_trainer(recipe: Recipe, task, tokenizer, callbacks=()):
+    """The method's trainer (its registry entry's class), built from the recipe; every method takes the same task,
+    rewards and callbacks. Each callback with a `trainer` attribute is attached to it."""
+    from .models import resolve_model_path
+
+    run_args, config = recipe.run, recipe.config
+    method = get_method(run_args.method)
+    # TRL loads the policy from a path itself and re-loads its reference from the policy's `_name_or_path`, so it is
+    # given the resolved local path (or hub id), never an in-memory model; our trainers resolve `embedded` themselves.
+    model = resolve_model_path(run_args.model_name_or_path) if method.loads_model_from_path else run_args.model_name_or_path
+    with loading("model_name_or_path", run_args.model_name_or_path):
+        trainer = method.trainer_class(
+            model=model,
+            reward_funcs=task.reward_funcs,
+            args=config,
+            train_dataset=task.train_dataset,
+            processing_class=tokenizer,
+            peft_config=build_peft_config(run_args),
+            callbacks=list(callbacks),
+        )
+    for callback in callbacks:
+        if hasattr(callback, "trainer"):
+            callback.trainer = trainer
+    return trainer
+
+
+def build_callbacks(recipe: Recipe, task) -> dict:
+    """{"evaluation": EvaluationCallback, "doctor": DoctorCallback or None, "probe": GradientProbeCallback or None}."""
+    from .diagnostics import DoctorCallback, build_settings
+    from .evaluation import EvaluationCallback
+    from .probing import GradientProbeCallback
+
+    run_args, config = recipe.run, recipe.config
+    callbacks = {
+        "evaluation": EvaluationCallback(
+            task.evaluator,
+            eval_steps=int(config.eval_steps or 100),
+            seed=run_args.eval_seed,
+            best_model_dir=os.path.join(config.output_dir, "best_model") if run_args.save_best_model else None,
+            early_stopping_patience=run_args.early_stopping_patience,
+        ),
+        "doctor": None,
+        "probe": None,
+    }
+    if run_args.doctor != "off":
+        stop_on = run_args.doctor_stop_on if run_args.doctor == "stop" else ()
+        callbacks["doctor"] = DoctorCallback(build_settings(run_args.doctor_settings or {}), stop_on=stop_on)
+    if run_args.probe_steps:
+        callbacks["probe"] = GradientProbeCallback(run_args.probe_steps, run_args.probe_num_estimates, run_args.probe_num_prompts, seed=config.seed)
+    return callbacks
+
+
+def build_probe_trainer(recipe: Recipe, checkpoint: str | None = None, step: int | None = None):
+    """(trainer, task) of a recipe for drawing gradient estimates: no evaluation, no judge, no training.
+
+    checkpoint: a folder saved by a run (`{output_dir}/model`, a `checkpoint-N` folder, or an `output_dir` holding
+    `model/`): its policy weights (PPO: and value head) are loaded into the trainer; the reference stays the recipe's
+    model. step: the optimizer step the probe stands for (GRADE's tau depends on it); default the checkpoint's
+    `trainer_state.json` global_step, else 0.
+    """
+    import json
+
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    if checkpoint is not None:
+        if os.path.isdir(os.path.join(checkpoint, "model")):
+            checkpoint = os.path.join(checkpoint, "model")
+        if not os.path.isdir(checkpoint):
+            raise UserError(f"--checkpoint: no such folder {checkpoint!r} (give a run's output_dir, its model/ folder or a checkpoint-N folder)")
+    PartialState(cpu=recipe.config.use_cpu)
+    set_seed(recipe.config.seed)
+    tokenizer, task = build_task(recipe, gold_judge=False)
+    trainer = build_trainer(recipe, task, tokenizer)
+    if checkpoint is not None:
+        with loading("--checkpoint", checkpoint):
+            trainer._load_from_checkpoint(checkpoint)
+        state_file = os.path.join(checkpoint, "trainer_state.json")
+        if step is None and os.path.isfile(state_file):
+            with open(state_file) as f:
+                step = json.load(f).get("global_step")
+    trainer.state.global_step = int(step or 0)
+    return trainer, task

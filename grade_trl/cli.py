@@ -1,0 +1,273 @@
+"""Plumbing every command shares: one argument style, one error policy, one teardown.
+
+Every command is `python -m grade_trl.<command> POSITIONAL... [--key value ...]`:
+  * options are `--key value`, `--key=value` or a bare `--flag` (true); values are read as YAML scalars
+    (`--learning_rate 1e-4`, `--use_peft false`), a list option takes several values (`--thresholds 0.6 0.7`)
+    or one comma-separated value;
+  * `-h` / `--help` prints the command's options with their help text and defaults, exit code 0;
+  * bad input raises `UserError`: printed as one line `error: ...` on stderr, exit code 2, no traceback;
+  * the torch process group (if any) is left before the process exits, whatever happened.
+
+`Command` declares a command's options; `Command.main` runs its body under that policy.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import logging
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from .errors import UserError
+
+# ---------------------------------------------------------------- values
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(key: str, value: Any, tp) -> Any:
+    """Convert a YAML or command-line value to the type `tp`, or raise a one-line UserError naming `key`.
+
+    Numbers must be finite where a float is expected: NaN and inf are refused here, once, for every key.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or (str not in args and isinstance(value, str) and value.lower() in ("null", "none"))):
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(key, value, option)
+            except UserError:
+                errors.append(_type_name(option))
+        raise UserError(f"{key}: expected {' or '.join(errors)}, got {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise UserError(f"{key}: expected one of {list(args)}, got {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [coerce(key, v, inner) for v in value]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise UserError(f"{key}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"{key}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise UserError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = float(value)  # also takes YAML's "1e-4", which PyYAML reads as a string
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"{key}: expected a number, got {value!r}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise UserError(f"{key}: expected a finite number, got {value!r}")
+        return number
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value).value
+        except ValueError:
+            raise UserError(f"{key}: expected one of {[m.value for m in tp]}, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _is_list_type(tp) -> bool:
+    tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
+    return typing.get_origin(tp) in (list, tuple)
+
+
+def parse_overrides(argv: Sequence[str], list_keys: Sequence[str] = ()) -> dict[str, Any]:
+    """`--key value`, `--key=value` and bare `--flag` (true) -> {key: value}; values are read as YAML scalars.
+
+    A key in `list_keys` takes every value up to the next `--key` (`--thresholds 0.6 0.7 0.8`).
+    """
+    overrides, i = {}, 0
+    argv = list(argv)
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or token == "--":
+            raise UserError(f"unexpected argument {token!r}: options are written --key value")
+        key, eq, value = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if eq:
+            overrides[key] = _scalar(value)
+        else:
+            values = []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("--") and (not values or key in list_keys):
+                values.append(_scalar(argv[i + 1]))
+                i += 1
+            if not values:
+                overrides[key] = True
+            elif key in list_keys and not (len(values) == 1 and isinstance(values[0], (list, str))):
+                overrides[key] = values  # several values, or one number: a list either way
+            else:
+                overrides[key] = values[0]
+        i += 1
+    return overrides
+
+
+def _scalar(text: str) -> Any:
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # not YAML (an unbalanced bracket, a colon): the string as typed
+
+
+# ---------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `--name value` option of a command: its type (for coercion), default and help text."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+
+
+@dataclass
+class Command:
+    """A command's positional arguments and options, parsed in the one argument style (module docstring).
+
+    positionals: the name shown in the usage line (`RECIPE.yaml`), `nargs` "1", "+" (one or more) or "?".
+    forwards_overrides: unknown `--key value` pairs are returned as overrides (recipe keys) instead of refused.
+    """
+
+    prog: str
+    description: str
+    positional: str = ""
+    nargs: str = "1"
+    options: tuple[Option, ...] = ()
+    forwards_overrides: bool = False
+    epilog: str = ""
+
+    @property
+    def usage(self) -> str:
+        positional = {"1": self.positional, "+": f"{self.positional} [{self.positional} ...]", "?": f"[{self.positional}]"}[self.nargs] if self.positional else ""
+        extra = " [--key value ...]" if self.forwards_overrides else ""
+        options = " [options]" if self.options else ""
+        return f"usage: python -m {self.prog} {positional}{options}{extra}".replace("  ", " ")
+
+    def help(self) -> str:
+        lines = [self.usage, "", self.description]
+        if self.options:
+            lines += ["", "options:"]
+            for option in self.options:
+                lines.append(f"  --{option.name} ({_type_name(option.type)}, default {option.default!r}): {option.help}")
+        if self.epilog:
+            lines += ["", self.epilog]
+        return "\n".join(lines)
+
+    def parse(self, argv: Sequence[str]) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+        """(positionals, options with their defaults filled in, forwarded overrides)."""
+        argv = list(argv)
+        positionals = []
+        while argv and not argv[0].startswith("--"):
+            positionals.append(argv.pop(0))
+        wanted = {"1": (1, 1), "+": (1, None), "?": (0, 1)}[self.nargs] if self.positional else (0, 0)
+        if len(positionals) < wanted[0] or (wanted[1] is not None and len(positionals) > wanted[1]):
+            raise UserError(self.usage)
+        known = {option.name: option for option in self.options}
+        raw = parse_overrides(argv, [name for name, option in known.items() if _is_list_type(option.type)])
+        values, forwarded = {}, {}
+        for key, value in raw.items():
+            if key in known:
+                values[key] = coerce(f"--{key}", value, known[key].type)
+            elif self.forwards_overrides:
+                forwarded[key] = value
+            else:
+                close = difflib.get_close_matches(key, list(known), n=2)
+                hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else f"; see `python -m {self.prog} --help`"
+                raise UserError(f"unknown option --{key}{hint}")
+        return positionals, {name: values.get(name, option.default) for name, option in known.items()}, forwarded
+
+    def main(self, argv: Sequence[str] | None, body: Callable[[list[str], dict, dict], int], help_text: Callable[[list[str]], str] | None = None) -> int:
+        """Run `body(positionals, options, overrides)` under the error policy; `-h`/`--help` prints the help."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if any(a in ("-h", "--help") for a in argv):
+            try:
+                print(help_text(argv) if help_text else self.help())
+                return 0
+            except UserError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        return run_safely(lambda: body(*self.parse(argv)))
+
+
+def run_safely(body: Callable[[], int]) -> int:
+    """`body()`, with a UserError printed as one line and exit code 2, and the process group left in every case."""
+    try:
+        return body()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        close_process_group()
+
+
+# ---------------------------------------------------------------- process-wide plumbing
+
+
+def quiet_libraries() -> None:
+    """datasets' and transformers' progress bars and info logs off: the runner reports progress itself."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def close_process_group() -> None:
+    """Leave the process group before exit: a gloo group torn down by the interpreter aborts the process (SIGABRT)."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def unknown_key_hint(key: str, known: Sequence[str], command: str) -> str:
+    """'; did you mean a, b?' or where to find the keys."""
+    close = difflib.get_close_matches(key, list(known), n=3)
+    return f"; did you mean {', '.join(close)}?" if close else f"; see `python -m {command} --help` for the keys"

@@ -1,0 +1,149 @@
+"""comparison.json: what several runs (methods x seeds) sum up to; written by `compare`, recomputed by `analysis`.
+
+Per method, over its seeds: mean and 95% t-interval of
+
+    test, test_best_ckpt            the test metric matching the validation metric (IMDB/length: the reward;
+                                    GSM8K: accuracy) of the last and of the best-validation checkpoint
+    test_gold, test_gold_best_ckpt  the independent judge's score of the same test completions (IMDB)
+    kl                              the last training window's KL, nats per completion
+    best_validation, best_validation_step, wall_seconds, peak_memory_mb
+
+and sample efficiency, defined per seed because the seed also draws the validation split (the runs of
+one seed, one per method, see the same validation prompts; runs of different seeds do not). For seed s,
+with r0_s the initial validation value (the mean step-0 value of the comparison's runs with seed s: they
+start from the same policy) and r*_s the best validation value reached by any run of seed s, the target
+of fraction f is
+
+    target_s(f) = r0_s + f * (r*_s - r0_s),
+
+and a run of seed s reaches it at its first evaluation (step 0 included) at or above it. Reported per
+method: steps, samples (steps x final["samples_per_step"]) and seconds (the evaluation row's
+`eval_wall_seconds`; `eval_train_seconds` without evaluation time) at that evaluation, as the mean
+over the seeds that reached it, and how many did. A seed where no run improves on r0_s has no targets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import metrics
+from .results import evaluation_rows, read_json, test_metric, test_name, validation_key
+from .stats import mean_ci
+
+RUN_INFO = "compare_run.json"  # written by `compare` beside each run: command, exit code, wall seconds, peak RSS
+SUMMARY_KEYS = ("test", "test_best_ckpt", "test_gold", "test_gold_best_ckpt", "kl", "best_validation", "best_validation_step", "wall_seconds", "peak_memory_mb")
+THRESHOLD_DEFINITION = (
+    "per seed s (the seed draws the validation split): target_s(f) = r0_s + f * (r*_s - r0_s), r0_s = mean step-0 validation value of "
+    "the comparison's runs with seed s, r*_s = best validation value of any of them; a run reaches it at its first evaluation at or "
+    "above target_s(f) (step 0 included)"
+)
+
+
+def run_summary(results: dict, run_info: dict | None = None) -> dict:
+    """The numbers of one completed run that a comparison aggregates."""
+    final, history = results.get("final") or {}, results.get("history") or []
+    key, name = validation_key(results), test_name(results)
+    evaluations = evaluation_rows(history, key)
+    run_info = run_info or {}
+    return {
+        "test": test_metric(final, name),
+        "test_best_ckpt": test_metric(final, name, "best"),
+        "test_gold": test_metric(final, "gold_reward"),
+        "test_gold_best_ckpt": test_metric(final, "gold_reward", "best"),
+        "kl": final.get("kl"),
+        "best_validation": final.get("best_validation"),
+        "best_validation_step": final.get("best_validation_step"),
+        "initial_validation": evaluations[0][key] if evaluations and evaluations[0]["step"] == 0 else None,
+        "steps": final.get("steps"),
+        "samples_per_step": final.get("samples_per_step"),
+        "wall_seconds": run_info.get("wall_seconds"),
+        # The run's own measurement (device-aware) when it has one, else the child's peak RSS from wait4.
+        "peak_memory_mb": final["peak_memory_mb"] if final.get("peak_memory_mb") is not None else run_info.get("peak_rss_mb"),
+    }
+
+
+def estimate(values: list) -> dict:
+    """Mean and 95% t-interval over seeds, with the per-seed values (None where a run lacks the metric)."""
+    est = mean_ci(values)
+    return {"mean": est.mean, "ci_low": est.low, "ci_high": est.high, "n": est.n, "per_seed": list(values)}
+
+
+def threshold_targets(summaries: list[dict], thresholds: list[float]) -> dict:
+    """For one seed's runs: r0 (mean step-0 validation value), r* (best validation value of any run) and
+    target(f) = r0 + f (r* - r0) (None when r* <= r0)."""
+    initial = [s["initial_validation"] for s in summaries if s["initial_validation"] is not None]
+    best = [s["best_validation"] for s in summaries if s["best_validation"] is not None]
+    r0 = sum(initial) / len(initial) if initial else None
+    r_star = max(best) if best else None
+    usable = r0 is not None and r_star is not None and r_star > r0
+    return {
+        "initial_validation": r0,
+        "best_validation": r_star,
+        "targets": {str(f): (r0 + f * (r_star - r0) if usable else None) for f in thresholds},
+    }
+
+
+def first_reaching(evaluations: list[dict], target: float, key: str) -> dict | None:
+    """The first evaluation row with row[key] >= target, or None."""
+    return next((row for row in evaluations if row[key] >= target), None)
+
+
+def sample_efficiency(runs: list[tuple[int, dict, dict]], targets: dict[str, dict], thresholds: list[float]) -> dict:
+    """Per fraction: steps, samples and seconds to the run's seed's target (mean over the seeds that reached it, per-seed
+    values), for `runs` = [(seed, results, summary), ...] of one method and `targets` = {str(seed): threshold_targets(...)}."""
+    out = {}
+    wall, train = metrics.eval_key("wall_seconds"), metrics.eval_key("train_seconds")
+    for fraction in (str(f) for f in thresholds):
+        steps, samples, seconds, train_seconds = [], [], [], []
+        for seed, results, summary in runs:
+            target = targets[str(seed)]["targets"][fraction]
+            key = validation_key(results)
+            row = first_reaching(evaluation_rows(results.get("history") or [], key), target, key) if target is not None else None
+            steps.append(row["step"] if row else None)
+            per_step = summary["samples_per_step"]
+            samples.append(row["step"] * per_step if row and per_step is not None else None)
+            seconds.append(row.get(wall) if row else None)
+            train_seconds.append(row.get(train) if row else None)
+        out[fraction] = {
+            "reached": sum(s is not None for s in steps),
+            "of": len(runs),
+            **{key: {"mean": _mean(values), "per_seed": values} for key, values in (("steps", steps), ("samples", samples), ("seconds", seconds), ("train_seconds", train_seconds))},
+        }
+    return out
+
+
+def _mean(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def build_comparison(runs: list[dict], thresholds: list[float], meta: dict) -> dict:
+    """comparison.json from the run records (name, method, recipe, seed, run_dir, status, ...), reading each completed run's results.json."""
+    loaded = []
+    for record in runs:
+        results = read_json(Path(record["run_dir"]) / "results.json") if record["status"] == "completed" else None
+        if results is not None:
+            loaded.append((record, results, run_summary(results, read_json(Path(record["run_dir"]) / RUN_INFO))))
+    seeds = list(dict.fromkeys(record["seed"] for record, _, _ in loaded))
+    targets = {str(seed): threshold_targets([summary for record, _, summary in loaded if record["seed"] == seed], thresholds) for seed in seeds}
+    methods = {}
+    for name in dict.fromkeys(record["name"] for record in runs):
+        mine = [(record, results, summary) for record, results, summary in loaded if record["name"] == name]
+        entry = {
+            "recipe": next(r["recipe"] for r in runs if r["name"] == name),
+            "method": next(r["method"] for r in runs if r["name"] == name),
+            "seeds": [record["seed"] for record, _, _ in mine],
+            "run_dirs": [record["run_dir"] for record, _, _ in mine],
+            "failed_seeds": [r["seed"] for r in runs if r["name"] == name and r["status"] == "failed"],
+        }
+        entry.update({key: estimate([summary[key] for _, _, summary in mine]) for key in SUMMARY_KEYS})
+        entry["sample_efficiency"] = sample_efficiency([(record["seed"], results, summary) for record, results, summary in mine], targets, thresholds)
+        methods[name] = entry
+    return {
+        **meta,
+        "metric": {"validation": validation_key(loaded[0][1]) if loaded else None, "test": test_name(loaded[0][1]) if loaded else None},
+        "thresholds": {"definition": THRESHOLD_DEFINITION, "fractions": list(thresholds), "per_seed": targets},
+        "confidence_intervals": "95% Student t-interval over seeds: mean +- t_{0.975, n-1} s / sqrt(n); null with one seed",
+        "runs": runs,
+        "methods": methods,
+    }

@@ -1,0 +1,547 @@
+"""The run doctor's checks: read a run's history and say what is going wrong, with the evidence and the likely cause.
+
+The history is `trainer.state.log_history` as results.json keeps it (also read: a checkpoint's
+trainer_state.json, or a bare JSON list of log rows): training rows (`reward`, `kl`, `loss`,
+`grad_norm_mean`, `entropy`, PPO's `policy/clipfrac`, `loss/value`, `value/explained_variance`, TRL
+GRPO's `clip_ratio/region_mean`) and evaluation rows (`eval_reward`, `eval_best_of_n_reward`,
+`eval_gold_reward`, or GSM8K's `eval_accuracy`); the keys are the metric contract's (`grade_trl.metrics`).
+A check whose keys are missing does not apply. Each finding names the check, its severity ("error": the
+numbers cannot be trusted; "warning": the run works but is likely going wrong or is mistuned), the steps
+and values that show it, the likely cause in one sentence and what to try. Every threshold is a
+`DoctorSettings` field.
+
+Live: `DoctorCallback` runs the same checks on `state.log_history` at every log (evaluation rows
+included), warns once per finding and can stop the run. After a run: `python -m grade_trl.doctor RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+import math
+import statistics
+import typing
+from dataclasses import dataclass, field
+
+from transformers import TrainerCallback
+
+from . import metrics
+from .cli import coerce, unknown_key_hint
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+KL_KEYS = (metrics.KL,)  # nats per completion, every method
+ENTROPY_KEYS = (metrics.ENTROPY,)  # nats per token (PPO's "objective/entropy" is per sequence)
+CLIP_KEYS = metrics.CLIP_FRACTION_KEYS  # PPO; TRL GRPO (CISPO's "cispo_clip_ratio" is a different clamp)
+GRAD_KEYS = (metrics.GRAD_NORM_MEAN, "grad_norm")  # the window's mean pre-clipping norm; Trainer's last-step norm
+VALIDATION_KEYS = (metrics.eval_key("reward"), metrics.eval_key("accuracy"))  # the tasks' primary validation metrics
+
+
+@dataclass
+class DoctorSettings:
+    """Thresholds of every check. Defaults were set on the tiny recipes (see the README's run doctor section)."""
+
+    validation_key: str | None = field(default=None, metadata={"help": "Evaluation metric the validation checks read (default: the first of eval_reward, eval_accuracy in the history). Best-of-N and gold keys are derived from it: eval_reward -> eval_best_of_n_reward, eval_gold_reward."})
+    baseline_rows: int = field(default=3, metadata={"help": "Training logs at the start that set a run's own baseline for the relative checks (entropy, gradient norm)."})
+    sustain_rows: int = field(default=2, metadata={"help": "Consecutive logs a state-like condition must hold (negative explained variance, entropy collapse, high clip fraction, vanishing gradient) before it is flagged, so one noisy window is not."})
+    negative_kl_tolerance: float = field(default=0.1, metadata={"help": "KL below -tolerance (nats per completion) is flagged. KL(p||q) >= 0; an unbiased k1 estimate may dip slightly below 0 by noise, the users' mismatched sampling gave -3 to -30."})
+    kl_target: float | None = field(default=None, metadata={"help": "Target of an adaptive KL controller, per completion (PPO's kl_target; Ziegler et al. 2019: 6 nats). The CLI and the callback read it from the run's config when adaptive_kl is on."})
+    kl_target_factor: float = field(default=3.0, metadata={"help": "With a target: KL above factor x target is 'far above' it (the users' PPO: 20-300 against 0.1)."})
+    kl_max: float | None = field(default=10.0, metadata={"help": "Without a target: KL ceiling in nats per completion (None = off). 10 nats: the policy's completions are e^10 ~ 22,000x likelier under it than under the reference; TRL's old PPO targeted 6."})
+    value_loss_spike_factor: float = field(default=10.0, metadata={"help": "PPO value loss above factor x the median of all earlier logs is a spike (users: 0.5-3 normally, 3,000+ in spikes)."})
+    explained_variance_min: float = field(default=-0.1, metadata={"help": "PPO's val/explained_variance below this for sustain_rows logs is flagged (0 = no better than predicting the mean; a zero-initialised value head starts near 0)."})
+    entropy_drop: float = field(default=0.8, metadata={"help": "Entropy collapse: per-token entropy below (1 - entropy_drop) x its starting value (users' PPO: ~11 -> ~0). The tiny length recipes, which should get more certain, drop by ~55%."})
+    entropy_floor: float = field(default=0.05, metadata={"help": "Entropy collapse: per-token entropy below this many nats (nearly deterministic), when it started above."})
+    clip_fraction_low: float = field(default=0.1, metadata={"help": "Clip fraction below this (median over the run) while the training reward does not rise: updates too small to learn (docs/background.md section 4: healthy 10-40%; users' lr 1e-6 PPO: ~0.01, no learning). All zeros (one on-policy update per batch, ratio 1) is not flagged."})
+    clip_fraction_high: float = field(default=0.4, metadata={"help": "Clip fraction above this for sustain_rows logs: updates too large for the trust region (docs/background.md section 4)."})
+    regression_evals: int = field(default=2, metadata={"help": "Reward regression: the validation metric fell at this many consecutive evaluations (the users' early-stopping rule: two in a row)."})
+    regression_min_drop: float = field(default=0.0, metadata={"help": "Reward regression: each fall must exceed this (metric units; 0 = any fall)."})
+    divergence_min_drop: float = field(default=0.05, metadata={"help": "Best-of-N vs mean, learned vs gold reward: the mean (or gold) reward must have fallen this much below its best evaluation (metric units, 0.05 = 5 points of P(positive) or accuracy) while the other kept rising."})
+    trend_rows: int = field(default=3, metadata={"help": "Loss/reward trends compare the mean of the first and of the last trend_rows training logs."})
+    loss_rise_fraction: float = field(default=0.5, metadata={"help": "Loss rising: the last window's mean loss exceeds the first's by this fraction of its magnitude (users' RLAIF run: 0.198 -> 0.447), and by 2 standard errors."})
+    flat_reward_fraction: float = field(default=0.25, metadata={"help": "Training reward is flat when its mean moved less than this fraction of the batch reward std (reward_std) between the first and last window."})
+    grad_explosion_factor: float = field(default=100.0, metadata={"help": "Gradient norm above factor x its starting level (the smallest of the first baseline_rows logs) is an explosion. The quickstart's straight-through gradient grows ~20x as tau anneals (expected); the Gumbel-softmax IMDB run's grew ~7,000x."})
+    grad_vanishing_factor: float = field(default=100.0, metadata={"help": "Gradient norm below its starting level / factor (or exactly 0) for sustain_rows logs is vanishing."})
+
+
+@dataclass
+class Finding:
+    """One problem: which check, how bad, where (steps), the values, the likely cause (one sentence) and what to try."""
+
+    check: str
+    severity: str  # "warning" or "error"
+    steps: list[int]
+    evidence: str
+    cause: str
+    advice: str
+
+    def format(self) -> str:
+        where = f"step {self.steps[0]}" if len(self.steps) == 1 else f"steps {self.steps[0]}-{self.steps[-1]}"
+        return "\n".join([f"[{self.severity}] {self.check} at {where}", f"  evidence: {self.evidence}", f"  cause:    {self.cause}", f"  advice:   {self.advice}"])
+
+
+# ---- reading the history ----------------------------------------------------------------------
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class LogColumns:
+    """The log rows as columns, built in one pass: key -> [(step, value)] of its finite numbers, plus the non-finite values.
+
+    `extend` adds rows as they are logged, so the live callback never re-reads the whole history.
+    """
+
+    def __init__(self, rows: list[dict] = ()):
+        self.columns: dict[str, list[tuple[int, float]]] = {}
+        self.nonfinite: list[tuple[int, str, object]] = []  # (step, key, value): NaN/inf, or null as results.json writes them
+        self.rows = 0
+        self.extend(rows)
+
+    def extend(self, rows: list[dict]) -> None:
+        for row in rows:
+            step = int(row.get("step", self.rows))
+            self.rows += 1
+            for key, value in row.items():
+                if value is None or (_is_number(value) and not math.isfinite(value)):
+                    self.nonfinite.append((step, key, value))
+                elif _is_number(value):
+                    self.columns.setdefault(key, []).append((step, float(value)))
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every row that logged `key` as a finite number, in log order."""
+        return self.columns.get(key, [])
+
+    def first_key(self, keys) -> str | None:
+        return next((k for k in keys if k in self.columns), None)
+
+    def evaluations(self, key: str) -> list[tuple[int, float]]:
+        """One point per evaluation step (the last if an evaluation was logged twice at a step)."""
+        return sorted(dict(self.series(key)).items())
+
+
+def _g(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _points(points, limit: int = 6) -> str:
+    shown = ", ".join(f"{_g(v)} (step {s})" for s, v in points[:limit])
+    return shown + (f", ... {len(points) - limit} more" if len(points) > limit else "")
+
+
+def _sustained(points, condition, min_rows: int) -> list[tuple[int, float]]:
+    """The points meeting `condition` that belong to a run of at least `min_rows` consecutive ones."""
+    kept, run = [], []
+    for point in points + [None]:
+        if point is not None and condition(point[1]):
+            run.append(point)
+            continue
+        if len(run) >= min_rows:
+            kept += run
+        run = []
+    return kept
+
+
+def _reward_scale(history: LogColumns, rewards: list[float]) -> float:
+    """The batch reward std when logged (the noise a mean change is measured against), else the spread over logs."""
+    stds = [v for _, v in history.series("reward_std")]
+    return statistics.fmean(stds) if stds else (statistics.pstdev(rewards) if len(rewards) > 1 else 0.0)
+
+
+def _reward_not_rising(history: LogColumns, settings: DoctorSettings) -> tuple[bool, str] | None:
+    """Whether the training reward's last window is not above its first by flat_reward_fraction x batch std; None without data."""
+    rewards = [v for _, v in history.series("reward")]
+    k = settings.trend_rows
+    if len(rewards) < 2 * k:
+        return None
+    first, last = statistics.fmean(rewards[:k]), statistics.fmean(rewards[-k:])
+    tolerance = settings.flat_reward_fraction * _reward_scale(history, rewards)
+    return last - first < tolerance, f"training reward {_g(first)} -> {_g(last)} (first/last {k} logs; flat within {_g(tolerance)})"
+
+
+# ---- the checks: (LogColumns, settings) -> list of findings, or None when the history lacks their keys
+
+
+def check_nonfinite(history, settings):
+    bad = history.nonfinite
+    if not bad:
+        return []
+    shown = ", ".join(f"{k}={'null' if v is None else v} (step {s})" for s, k, v in bad[:6])
+    return [Finding(
+        "nonfinite", "error", sorted({s for s, _, _ in bad}),
+        f"{len(bad)} non-finite values: {shown}{', ...' if len(bad) > 6 else ''} (results.json writes NaN/inf as null)",
+        "A computation overflowed or divided by zero (an exploding gradient, the log of a zero probability, or a reward function returning NaN), so every update after it is unreliable.",
+        "Look at the first flagged step's gradient norm, KL and reward; resume from an earlier checkpoint with a lower learning_rate or max_grad_norm.",
+    )]
+
+
+def check_negative_kl(history, settings):
+    key = history.first_key(KL_KEYS)
+    if key is None:
+        return None
+    points = history.series(key)
+    negative = [(s, v) for s, v in points if v < -settings.negative_kl_tolerance]
+    if not negative:
+        return []
+    low = min(negative, key=lambda p: p[1])
+    return [Finding(
+        "negative_kl", "error", [s for s, _ in negative],
+        f"{key} < -{_g(settings.negative_kl_tolerance)} in {len(negative)} of {len(points)} logs: {_points(negative)}; lowest {_g(low[1])} (step {low[0]})",
+        "KL(p || q) is never negative, so the sampled tokens' log-probs were scored under a different distribution than the one that sampled them: sampling with top-p/top-k/min_new_tokens (EOS ban) but scoring without them (docs/background.md section 3), or a per-token k1 estimate over too few samples.",
+        "Score the policy with the same processed distribution that sampled (temperature, top-k, top-p, EOS ban) and the reference with temperature only, as grade_trl's samplers do; do not pass min_new_tokens through generation_kwargs to TRL; prefer the k3 estimator (>= 0 per token).",
+    )]
+
+
+def check_kl_high(history, settings):
+    key = history.first_key(KL_KEYS)
+    if key is None:
+        return None
+    if settings.kl_target is not None:
+        ceiling, what = settings.kl_target * settings.kl_target_factor, f"{_g(settings.kl_target_factor)} x the adaptive controller's target {_g(settings.kl_target)}"
+    elif settings.kl_max is not None:
+        ceiling, what = settings.kl_max, "kl_max"
+    else:
+        return None
+    points = history.series(key)
+    high = [(s, v) for s, v in points if v > ceiling]
+    if not high:
+        return []
+    peak = max(high, key=lambda p: p[1])
+    unit = "nats per completion"
+    if settings.kl_target is not None:
+        cause = "The policy moves away from the reference faster than the adaptive controller raises its coefficient (a change of at most 20% x batch / kl_horizon per rollout), so the learning rate is too high, or init_kl_coef too low, for this target."
+        advice = "Lower learning_rate, raise init_kl_coef or shorten kl_horizon, or set target_kl to stop a rollout's updates early."
+    else:
+        cause = "The KL penalty is too weak for this learning rate, so the policy drifts far from the reference, where the learned reward is least reliable and reward hacking grows (Gao et al. 2023)."
+        advice = "Raise the KL coefficient (beta / init_kl_coef) or lower learning_rate, compare the gold judge's reward and the samples, keep the best validation checkpoint; raise kl_max if this drift is intended."
+    return [Finding(
+        "kl_high", "warning", [s for s, _ in high],
+        f"{key} above {what} = {_g(ceiling)} {unit} in {len(high)} of {len(points)} logs: {_points(high)}; peak {_g(peak[1])} (step {peak[0]})",
+        cause, advice,
+    )]
+
+
+def check_value_loss_spike(history, settings):
+    points = history.series(metrics.VALUE_LOSS)
+    if not points:
+        return None
+    spikes, earlier = [], []  # earlier: the values before point i, kept sorted for the running median
+    for i, (step, value) in enumerate(points):
+        if i >= settings.baseline_rows:
+            n = len(earlier)
+            typical = earlier[n // 2] if n % 2 else (earlier[n // 2 - 1] + earlier[n // 2]) / 2
+            if value > settings.value_loss_spike_factor * typical:
+                spikes.append((step, value, typical))
+        bisect.insort(earlier, value)
+    if not spikes:
+        return []
+    shown = ", ".join(f"{_g(v)} (step {s}, {_g(v / m) if m > 0 else 'inf'}x the median {_g(m)} before it)" for s, v, m in spikes[:6])
+    return [Finding(
+        "value_loss_spike", "warning", [s for s, _, _ in spikes],
+        f"loss/value above {_g(settings.value_loss_spike_factor)} x the median of the earlier logs: {shown}",
+        "The value head's targets jumped faster than it can fit them, typically after a reward or KL-penalty outlier (users' PPO: value loss 3,000+ while the KL spiked to 20-300) or with a learning rate too high for the value head.",
+        "Lower learning_rate or vf_coef, set cliprange_value, scale or whiten the rewards, and check the KL at the same steps.",
+    )]
+
+
+def check_negative_explained_variance(history, settings):
+    points = history.series(metrics.EXPLAINED_VARIANCE)
+    if not points:
+        return None
+    low = _sustained(points, lambda v: v < settings.explained_variance_min, settings.sustain_rows)
+    if not low:
+        return []
+    return [Finding(
+        "negative_explained_variance", "warning", [s for s, _ in low],
+        f"{metrics.EXPLAINED_VARIANCE} below {_g(settings.explained_variance_min)} for {settings.sustain_rows}+ consecutive logs: {_points(low)}",
+        "The value head predicts the returns worse than their mean would, so the GAE advantages carry its errors as noise (a value head that does not learn, or returns that change faster than it fits).",
+        "Check loss/value for spikes, lower learning_rate, raise vf_coef if the value loss is flat, or scale the rewards to about unit size.",
+    )]
+
+
+def check_entropy_collapse(history, settings):
+    key = history.first_key(ENTROPY_KEYS)
+    points = history.series(key) if key else []
+    if len(points) <= settings.baseline_rows:
+        return None
+    start = statistics.median(v for _, v in points[: settings.baseline_rows])
+    threshold = (1 - settings.entropy_drop) * start
+    collapsed = _sustained(points, lambda v: v < threshold or (v < settings.entropy_floor < start), settings.sustain_rows)
+    if not collapsed:
+        return []
+    return [Finding(
+        "entropy_collapse", "warning", [s for s, _ in collapsed],
+        f"{key} fell from {_g(start)} (median of the first {settings.baseline_rows} logs) below {_g(threshold)} ({_g(100 * settings.entropy_drop)}% drop) "
+        f"or the floor {_g(settings.entropy_floor)} nats/token: {_points(collapsed)}",
+        "The policy became nearly deterministic and stopped exploring, which usually follows a learning rate too high for the reward's scale or a KL penalty too weak to hold it near the reference.",
+        "Lower learning_rate, raise the KL coefficient or add an entropy bonus (ent_coef), and look at the samples for one repeated completion.",
+    )]
+
+
+def check_clip_fraction(history, settings):
+    key = history.first_key(CLIP_KEYS)
+    points = history.series(key) if key else []
+    if not points:
+        return None
+    findings = []
+    high = _sustained(points, lambda v: v > settings.clip_fraction_high, settings.sustain_rows)
+    if high:
+        findings.append(Finding(
+            "clip_fraction_high", "warning", [s for s, _ in high],
+            f"{key} above {_g(settings.clip_fraction_high)} for {settings.sustain_rows}+ consecutive logs: {_points(high)}",
+            "Each update moves the policy so far from the one that sampled the batch that most tokens hit the clip, so the surrogate's gradient comes from few tokens (learning rate too high, or too many epochs or mini-batches per batch).",
+            "Lower learning_rate or ppo_epochs / num_iterations, or use more samples per update (healthy: 10-40%, docs/background.md section 4).",
+        ))
+    median = statistics.median(v for _, v in points)
+    flat = _reward_not_rising(history, settings)
+    if median < settings.clip_fraction_low and any(v > 0 for _, v in points) and flat is not None and flat[0]:
+        findings.append(Finding(
+            "clip_fraction_low", "warning", [s for s, _ in points],
+            f"median {key} {_g(median)} < {_g(settings.clip_fraction_low)} over {len(points)} logs while the {flat[1]}",
+            "The updates barely move the policy within a batch, so with a flat reward the learning rate is most likely too low to learn (users' PPO at lr 1e-6: clip fraction ~0.01 and no learning).",
+            "Raise learning_rate (users: 1e-5 learned where 1e-6 did not) and watch that the clip fraction settles within 10-40% (docs/background.md section 4).",
+        ))
+    return findings
+
+
+def validation_key_of(history, settings) -> str | None:
+    return settings.validation_key or history.first_key(VALIDATION_KEYS)
+
+
+def _related_key(key: str, kind: str) -> str:
+    """eval_reward -> eval_best_of_n_reward / eval_gold_reward (the evaluation's `{prefix}_{kind}_{primary}` names)."""
+    prefix, _, primary = key.partition("_")
+    return f"{prefix}_{kind}_{primary}"
+
+
+def check_reward_regression(history, settings):
+    key = validation_key_of(history, settings)
+    points = history.evaluations(key) if key else []
+    if len(points) < 2:
+        return None
+    findings, run = [], [points[0]]
+    for point in points[1:] + [None]:
+        if point is not None and point[1] < run[-1][1] - settings.regression_min_drop:
+            run.append(point)
+            continue
+        if len(run) - 1 >= settings.regression_evals:
+            findings.append(Finding(
+                "reward_regression", "warning", [s for s, _ in run],
+                f"{key} fell at {len(run) - 1} consecutive evaluations: " + " -> ".join(f"{_g(v)} (step {s})" for s, v in run),
+                "The policy is moving past its best point, most often by over-optimising the training reward (learning rate too high or KL penalty too weak) or by drifting away from the prompts it is validated on.",
+                "Keep the best validation checkpoint, lower learning_rate or raise the KL coefficient, or stop early on this rule (early_stopping_patience).",
+            ))
+        run = [point] if point is not None else []
+    return findings
+
+
+def _diverging(points_a, points_b, min_drop):
+    """Group, by b's best evaluation p so far, the later evaluations j where b(j) < b(p) - min_drop while a(j) > a(p)."""
+    a, b = dict(points_a), dict(points_b)
+    steps = [s for s, _ in points_b if s in a]
+    groups: dict[int, list[int]] = {}
+    best = None
+    for s in steps:
+        if best is None or b[s] > b[best]:
+            best = s
+        elif b[s] < b[best] - min_drop and a[s] > a[best]:
+            groups.setdefault(best, []).append(s)
+    return a, b, groups
+
+
+def _divergence_findings(history, settings, related: str, rising_is_related: bool, check: str, cause: str, advice: str):
+    """Findings where one validation series fell from its best while the other rose past its value there.
+
+    rising_is_related: the related series (best-of-N) rose while the validation metric fell; otherwise the
+    validation metric (the learned reward) rose while the related one (the gold judge) fell.
+    """
+    key = validation_key_of(history, settings)
+    other = _related_key(key, related) if key else None
+    if not key or not history.series(other):
+        return None
+    rising, falling = (other, key) if rising_is_related else (key, other)
+    up, down, groups = _diverging(history.evaluations(rising), history.evaluations(falling), settings.divergence_min_drop)
+    return [Finding(
+        check, "warning", [peak] + later,
+        f"{falling} fell {_g(down[peak])} -> {_g(down[later[-1]])} (steps {peak} -> {later[-1]}) while {rising} rose {_g(up[peak])} -> {_g(up[later[-1]])}",
+        cause, advice,
+    ) for peak, later in groups.items()]
+
+
+def check_best_of_n_divergence(history, settings):
+    return _divergence_findings(
+        history, settings, "best_of_n", True, "best_of_n_divergence",
+        "The policy still reaches high-reward completions but samples them less reliably: its distribution spread out or moved towards a few modes the reward likes (docs/background.md section 5: average reward regressed in epoch 4 while best-of-N kept improving).",
+        "Lower learning_rate or raise the KL coefficient, filter or train on the best of N samples, and keep the best validation checkpoint.",
+    )
+
+
+def check_reward_hacking(history, settings):
+    return _divergence_findings(
+        history, settings, "gold", False, "reward_hacking",
+        "The policy is exploiting errors of the learned reward model: its score keeps rising while an independent judge of the same completions says they got worse.",
+        "Keep the checkpoint where the gold reward peaked, raise the KL coefficient, and read the samples for the pattern the reward model over-rates.",
+    )
+
+
+def check_loss_rising(history, settings):
+    losses, k = history.series("loss"), settings.trend_rows
+    flat = _reward_not_rising(history, settings)
+    if len(losses) < 2 * k or flat is None:
+        return None
+    first, last = [v for _, v in losses[:k]], [v for _, v in losses[-k:]]
+    rise = statistics.fmean(last) - statistics.fmean(first)
+    standard_error = math.sqrt((statistics.variance(first) + statistics.variance(last)) / k) if k > 1 else 0.0
+    if not (flat[0] and rise > settings.loss_rise_fraction * abs(statistics.fmean(first)) and rise > 2 * standard_error):
+        return []
+    return [Finding(
+        "loss_rising_reward_flat", "warning", [s for s, _ in losses[:k] + losses[-k:]],
+        f"loss {_g(statistics.fmean(first))} -> {_g(statistics.fmean(last))} (first/last {k} logs, +{_g(rise)}, > {_g(100 * settings.loss_rise_fraction)}% and 2 standard errors) while the {flat[1]}",
+        "The optimiser is no longer improving the objective it is given, which usually means the learning rate is too high for this stage (or no longer decays) or the KL term is growing faster than the reward.",
+        "Lower learning_rate or use a decaying schedule with a longer warm-up, tighten max_grad_norm, and check the KL term (docs/background.md section 5).",
+    )]
+
+
+def check_grad_norm(history, settings):
+    key = history.first_key(GRAD_KEYS)
+    points = history.series(key) if key else []
+    if len(points) <= settings.baseline_rows:
+        return None
+    start = min(v for _, v in points[: settings.baseline_rows])
+    findings = []
+    exploded = [(s, v) for s, v in points if start > 0 and v > settings.grad_explosion_factor * start]
+    if exploded:
+        peak = max(exploded, key=lambda p: p[1])
+        findings.append(Finding(
+            "grad_norm_explosion", "error", [s for s, _ in exploded],
+            f"{key} above {_g(settings.grad_explosion_factor)} x its starting level {_g(start)}: {_points(exploded)}; peak {_g(peak[1])} (step {peak[0]}, {_g(peak[1] / start)}x)",
+            "The loss surface got much steeper than at the start (a relaxation temperature annealed too low, a learning rate too high, or near-deterministic token probabilities), so clipping now decides every update's size.",
+            "Lower learning_rate, stop annealing tau so low (GRADE), keep max_grad_norm at 1.0, and resume from a checkpoint before the first flagged step.",
+        ))
+    vanished = _sustained(points, lambda v: v == 0 or v < start / settings.grad_vanishing_factor, settings.sustain_rows)
+    if vanished:
+        findings.append(Finding(
+            "grad_norm_vanishing", "warning", [s for s, _ in vanished],
+            f"{key} below its starting level {_g(start)} / {_g(settings.grad_vanishing_factor)} (or 0) for {settings.sustain_rows}+ consecutive logs: {_points(vanished)}",
+            "The objective no longer gives a learning signal: every sample in a group gets the same reward (zero advantages), the policy has collapsed onto one completion, or the loss is cut off from the parameters.",
+            "Check frac_reward_zero_std / reward_std and the entropy, raise the sampling temperature or the number of generations, and check that the trained parameters require grad.",
+        ))
+    return findings
+
+
+CHECKS = (
+    check_nonfinite,
+    check_negative_kl,
+    check_kl_high,
+    check_value_loss_spike,
+    check_negative_explained_variance,
+    check_entropy_collapse,
+    check_clip_fraction,
+    check_reward_regression,
+    check_loss_rising,
+    check_grad_norm,
+    check_best_of_n_divergence,
+    check_reward_hacking,
+)
+
+
+CHECK_IDS = (
+    "nonfinite", "negative_kl", "kl_high", "value_loss_spike", "negative_explained_variance", "entropy_collapse", "clip_fraction_high",
+    "clip_fraction_low", "reward_regression", "loss_rising_reward_flat", "grad_norm_explosion", "grad_norm_vanishing", "best_of_n_divergence",
+    "reward_hacking",
+)  # what Finding.check can be, for stop_on
+
+
+def run_checks(history: list[dict] | LogColumns, settings: DoctorSettings | None = None) -> tuple[list[Finding], list[str]]:
+    """(findings, names of the checks the history had no data for)."""
+    settings = settings or DoctorSettings()
+    history = history if isinstance(history, LogColumns) else LogColumns(history)
+    findings, not_applicable = [], []
+    for check in CHECKS:
+        result = check(history, settings)
+        if result is None:
+            not_applicable.append(check.__name__.removeprefix("check_"))
+        else:
+            findings += result
+    return findings, not_applicable
+
+
+def diagnose(history: list[dict] | LogColumns, settings: DoctorSettings | None = None) -> list[Finding]:
+    """Every finding of every check on `history` (trainer log rows, each with "step"); [] for a healthy run."""
+    return run_checks(history, settings)[0]
+
+
+# ---- live: the same checks as a callback -------------------------------------------------------
+
+
+class DoctorCallback(TrainerCallback):
+    """Runs `diagnose` on `state.log_history` at every log (training and evaluation rows) and warns once per finding.
+
+    A finding is new when its (check, first step) was not seen before; `findings` holds the latest
+    version of each. With `stop_on` naming a severity ("error", "warning") or a check id, a new
+    matching finding sets `control.should_training_stop`. Every process computes the same findings
+    from the same (gathered) history, so they all stop together; only the main process warns.
+    """
+
+    def __init__(self, settings: DoctorSettings | None = None, stop_on: typing.Iterable[str] = ()):
+        self.settings = settings or DoctorSettings()
+        self.stop_on = set(stop_on)
+        unknown = sorted(self.stop_on - {"error", "warning", *CHECK_IDS})
+        if unknown:
+            raise ValueError(f"stop_on: unknown {unknown[0]!r}; give a severity (error, warning) or a check id ({', '.join(CHECK_IDS)})")
+        self._findings: dict[tuple[str, int], Finding] = {}
+        self._columns = LogColumns()  # state.log_history only grows: read each row once
+
+    @property
+    def findings(self) -> list[Finding]:
+        return list(self._findings.values())
+
+    def _settings_for(self, args) -> DoctorSettings:
+        if self.settings.kl_target is None and getattr(args, "adaptive_kl", False) and getattr(args, "kl_target", None):
+            return dataclasses.replace(self.settings, kl_target=args.kl_target)
+        return self.settings
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if len(state.log_history) < self._columns.rows:  # a new state (another train() call): start over
+            self._columns = LogColumns()
+        self._columns.extend(state.log_history[self._columns.rows :])
+        for finding in diagnose(self._columns, self._settings_for(args)):
+            key = (finding.check, finding.steps[0])
+            is_new = key not in self._findings
+            self._findings[key] = finding
+            if not is_new:
+                continue
+            if state.is_world_process_zero:
+                logger.warning("run doctor: %s", finding.format())
+            if finding.severity in self.stop_on or finding.check in self.stop_on:
+                control.should_training_stop = True
+                if state.is_world_process_zero:
+                    logger.warning("run doctor: stopping the run at step %d on %s (stop_on: %s)", state.global_step, finding.check, ", ".join(sorted(self.stop_on)))
+        return control
+
+
+# ---- settings from a run and from overrides ---------------------------------------------------------
+
+
+def settings_from_config(config: dict) -> dict:
+    """Settings a run's results.json config implies: the adaptive KL target and the validation metric."""
+    trainer = config.get("trainer") or {}
+    values = {}
+    if trainer.get("adaptive_kl") and trainer.get("kl_target"):
+        values["kl_target"] = float(trainer["kl_target"])
+    if isinstance((config.get("final") or {}).get("validation_metric"), str):
+        values["validation_key"] = config["final"]["validation_metric"]
+    return values
+
+
+def build_settings(overrides: dict, implied: dict | None = None) -> DoctorSettings:
+    """DoctorSettings from the run's implied values and `--key value` overrides (overrides win); unknown keys are errors."""
+    names = [f.name for f in dataclasses.fields(DoctorSettings)]
+    for key in overrides:
+        if key not in names:
+            raise UserError(f"unknown doctor setting {key!r}{unknown_key_hint(key, names, 'grade_trl.doctor')}")
+    hints = typing.get_type_hints(DoctorSettings)
+    return DoctorSettings(**{**(implied or {}), **{k: coerce(k, v, hints[k]) for k, v in overrides.items()}})

@@ -1,0 +1,127 @@
+"""The method registry: the one place where a training method declares itself.
+
+An entry names the method's config dataclass and trainer class (imported on first use, so
+listing the methods does not import TRL), the config values its name implies, and what the
+rest of the package needs to know about it. Everything that depends on the method (recipe
+validation, `--help`, building the trainer, the probe, the doctor, the analysis, the
+benchmark) reads this table and the trainer's public hooks:
+
+  config:  `new_token_limits` (max, min), `completions_per_prompt`, `completions_per_step(processes)`
+  trainer: `estimate_loss(rows)`, `probed_parameters()`, `training_state()` / `load_training_state()`
+
+Adding a method = its trainer (and config) file + one `Method` entry below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str  # one line: what the gradient is, with its paper
+    config_path: str  # "module:Class" of the config dataclass (a transformers.TrainingArguments subclass)
+    trainer_path: str  # "module:Class" of the trainer (a transformers.Trainer subclass)
+    implied: Mapping[str, Any] = field(default_factory=dict)  # config values the method's name fixes
+    relaxed: bool = False  # trains through a relaxation of sampling: needs a differentiable reward; has a tau schedule
+    loads_model_from_path: bool = False  # the trainer loads policy and reference from a path itself (TRL)
+    kl_coefficient: str = "beta"  # the config key that weighs the KL penalty
+    kl_coefficient_meaning: str = "per token"  # what it weighs: the KL "per token" or "per completion"
+    batch_counts: str = "prompts"  # what per_device_train_batch_size counts: "prompts" or "completions"
+    misplaced_keys: Mapping[str, str] = field(default_factory=dict)  # a key users bring from another method -> the fix
+
+    @property
+    def config_class(self) -> type:
+        return _load(self.config_path)
+
+    @property
+    def trainer_class(self) -> type:
+        return _load(self.trainer_path)
+
+
+def _load(path: str):
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+_PER_COMPLETION_KL = (
+    "{method} weighs the KL summed over the completion, with `{key}`; `beta` is the per-token coefficient of "
+    "grpo, cispo and reinforce (at 48 tokens the same value is ~48x weaker); set {key}"
+)
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "grade",
+            "GRADE: Gumbel-softmax relaxation y = softmax((logits + g) / tau), next input y @ E, reward gradient through the "
+            "whole generation (Jang et al. 2017, arXiv:1611.01144)",
+            "grade_trl.trainers.grade_config:GumbelGRADEConfig",
+            "grade_trl.trainers.grade:GumbelGRADETrainer",
+            implied={"estimator": "soft"},
+            relaxed=True,
+            kl_coefficient="kl_coef",
+            kl_coefficient_meaning="per completion",
+            misplaced_keys={"beta": _PER_COMPLETION_KL.format(method="grade", key="kl_coef")},
+        ),
+        Method(
+            "grade_ste",
+            "GRADE-STE: straight-through Gumbel, one-hot forward, Gumbel-softmax backward (Jang et al. 2017, section 2.2)",
+            "grade_trl.trainers.grade_config:GumbelGRADEConfig",
+            "grade_trl.trainers.grade:GumbelGRADETrainer",
+            implied={"estimator": "ste"},
+            relaxed=True,
+            kl_coefficient="kl_coef",
+            kl_coefficient_meaning="per completion",
+            misplaced_keys={"beta": _PER_COMPLETION_KL.format(method="grade_ste", key="kl_coef")},
+        ),
+        Method(
+            "reinforce",
+            "REINFORCE: score function with a baseline (EMA, batch mean, leave-one-out) and a per-token KL penalty "
+            "(Williams 1992; RLOO: arXiv:2402.14740)",
+            "grade_trl.trainers.reinforce_config:REINFORCEConfig",
+            "grade_trl.trainers.reinforce:REINFORCETrainer",
+        ),
+        Method(
+            "ppo",
+            "PPO: clipped surrogate, value head, GAE, adaptive KL-shaped rewards (Schulman et al. 2017; Ziegler et al. 2019)",
+            "grade_trl.trainers.ppo_config:PPOConfig",
+            "grade_trl.trainers.ppo:PPOTrainer",
+            kl_coefficient="init_kl_coef",
+            kl_coefficient_meaning="per completion",
+            misplaced_keys={"beta": _PER_COMPLETION_KL.format(method="ppo", key="init_kl_coef (and adaptive_kl: false for a fixed one)")},
+        ),
+        Method(
+            "grpo",
+            "GRPO: TRL's GRPOTrainer as it is, group-relative advantages (Shao et al. 2024, arXiv:2402.03300)",
+            "grade_trl.trainers.grpo:GRPOConfig",
+            "grade_trl.trainers.grpo:GRPOTrainer",
+            loads_model_from_path=True,
+            batch_counts="completions",
+        ),
+        Method(
+            "cispo",
+            "CISPO: TRL's GRPOTrainer with loss_type cispo, clipped importance-sampling weights (MiniMax-M1, arXiv:2506.13585)",
+            "grade_trl.trainers.grpo:GRPOConfig",
+            "grade_trl.trainers.grpo:GRPOTrainer",
+            implied={"loss_type": "cispo"},
+            loads_model_from_path=True,
+            batch_counts="completions",
+        ),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    """The registry entry; a KeyError names the known methods."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}") from None
+
+
+def relaxed_methods() -> tuple[str, ...]:
+    return tuple(name for name, m in METHODS.items() if m.relaxed)
