@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import json
 import logging
@@ -79,14 +80,14 @@ import trl
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, PrinterCallback, TrainerCallback
 
+from grade_trl.methods import METHODS, get_method
 from grade_trl.models import load_tokenizer, resolve_model_path
 from grade_trl.rewards.sentiment import SentimentReward, SentimentRewardModel
 
 RANDOM_GPT2 = "gpt2-shaped-random"
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2"
 BETA, LR, NUM_GENERATIONS = 0.1, 1e-5, 4  # values do not change the cost; GRPO's group size is the project's recipe's
-METHODS = ("GRADE (soft)", "GRADE-STE", "REINFORCE", "PPO", "TRL GRPO")
-BASELINE = "REINFORCE"
+BASELINE = "reinforce"
 
 # Words that are one token each (with their leading space) in GPT-2-style byte-level BPE vocabularies.
 WORDS = (
@@ -114,6 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype every trainer loads its models in")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (torch.set_num_threads; default: torch's). Use fewer than the "
                         "free cores on a shared machine: oversubscribed OpenMP threads can slow CPU steps down by 10x or more")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="registry methods to measure (default: every one)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts, the random model and every trainer")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
@@ -229,46 +231,29 @@ def common_args(args, output_dir: str, steps: int) -> dict:
     )
 
 
-def build(method: str, args, path: str, reward, tokenizer, dataset, output_dir: str, callback):
-    """The method's trainer, as `grade_trl.run.build_trainer` builds it, set to the benchmark's shape."""
-    steps, n = args.warmup + args.repeats, args.max_new_tokens
-    common = common_args(args, output_dir, steps)
-    lengths = dict(max_prompt_length=args.prompt_length, max_new_tokens=n, min_new_tokens=n, beta=BETA)
-    sampling = dict(temperature=1.0, top_p=args.top_p, top_k=0)
-    kwargs = dict(reward_funcs=[reward], train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
-    if method in ("GRADE (soft)", "GRADE-STE"):
-        from grade_trl.trainers import GumbelGRADEConfig, GumbelGRADETrainer
+# One optimizer step = one fresh batch, generated, scored and trained on once. Each method's config takes the keys it has.
+ONE_UPDATE_PER_BATCH = {"ppo_epochs": 1, "num_mini_batches": 1, "num_iterations": 1}
 
-        config = GumbelGRADEConfig(
-            per_device_train_batch_size=args.batch_size, estimator="soft" if method == "GRADE (soft)" else "ste", **lengths, **common
-        )
-        return GumbelGRADETrainer(model=path, args=config, **kwargs)
-    if method == "REINFORCE":
-        from grade_trl.trainers import REINFORCEConfig, REINFORCETrainer
 
-        config = REINFORCEConfig(per_device_train_batch_size=args.batch_size, **lengths, **sampling, **common)
-        return REINFORCETrainer(model=path, args=config, **kwargs)
-    if method == "PPO":
-        from grade_trl.trainers.ppo import PPOTrainer
-        from grade_trl.trainers.ppo_config import PPOConfig
-
-        # one rollout = one optimizer step; PPO's KL coefficient is init_kl_coef, `beta` stays at its default
-        config = PPOConfig(
-            per_device_train_batch_size=args.batch_size, ppo_epochs=1, num_mini_batches=1,
-            **{k: v for k, v in lengths.items() if k != "beta"}, **sampling, **common,
-        )
-        return PPOTrainer(model=path, args=config, **kwargs)
-    if method == "TRL GRPO":
-        from trl import GRPOConfig
-
-        from grade_trl.trainers.grpo import GRPOTrainer
-
-        config = GRPOConfig(
-            per_device_train_batch_size=args.batch_size, num_generations=NUM_GENERATIONS, max_completion_length=n,
-            generation_kwargs={"min_new_tokens": n}, beta=BETA, disable_dropout=True, **sampling, **common,
-        )
-        return GRPOTrainer(model=path, args=config, **kwargs)
-    raise ValueError(method)
+def build(method_name: str, args, path: str, reward, tokenizer, dataset, output_dir: str, callback):
+    """The method's trainer from its registry entry (as `grade_trl.build.build_trainer` builds it), set to the benchmark's shape."""
+    method = get_method(method_name)
+    config_cls = method.config_class
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    wanted = {
+        **common_args(args, output_dir, args.warmup + args.repeats),
+        **config_cls.exact_length_settings(args.max_new_tokens),
+        **ONE_UPDATE_PER_BATCH,
+        "per_device_train_batch_size": args.batch_size,  # completions: the methods that sample groups take NUM_GENERATIONS per prompt
+        "num_generations": NUM_GENERATIONS,
+        "max_prompt_length": args.prompt_length,
+        method.kl_coefficient: BETA,
+        "temperature": 1.0, "top_p": args.top_p, "top_k": 0,  # the sampled methods (GRADE relaxes the full softmax)
+        "disable_dropout": True,
+        **method.implied,
+    }
+    config = config_cls(**{key: value for key, value in wanted.items() if key in fields})
+    return method.trainer_class(model=path, reward_funcs=[reward], args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
 
 
 def benchmark(method: str, args, path, reward, tokenizer, dataset, device, workdir) -> dict:
@@ -354,9 +339,9 @@ def run(args) -> dict:
             f"{transformers.__version__}, trl {trl.__version__} | median of {args.repeats} steps after {args.warmup} warm-up"
         )
         print(header, flush=True)
-        results = [benchmark(m, args, path, reward, tokenizer, dataset, device, workdir) for m in METHODS]
+        results = [benchmark(m, args, path, reward, tokenizer, dataset, device, workdir) for m in args.methods]
 
-    base = next(r for r in results if r["method"] == BASELINE)
+    base = next((r for r in results if r["method"] == BASELINE), results[0])
     for r in results:
         r["time_vs_reinforce"] = ratio(r["seconds"], base["seconds"])
         r["memory_vs_reinforce"] = ratio(r["peak_mib"], base["peak_mib"])
