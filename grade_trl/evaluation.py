@@ -114,11 +114,16 @@ def _ngram_table(words: list[str], max_n: int) -> list[Counter]:
 
 
 def bleu(hypothesis: list[str], references: list[list[str]], max_n: int = 4) -> float:
-    """Sentence BLEU-4 (Papineni et al., 2002) with add-one smoothing of the n>1 precisions (Lin & Och, 2004).
+    """Sentence BLEU-4 (Papineni et al., 2002) with add-one smoothing of the n>1 precisions (Lin & Och, 2004):
+    NLTK's `sentence_bleu` with `SmoothingFunction().method2`, value for value (`tests/test_evaluation.py` pins it).
 
-    BLEU = BP * exp(mean_n log p_n), p_n = clipped n-gram matches / hypothesis n-grams, the clip being
-    the most times the n-gram occurs in any one reference; BP = min(1, exp(1 - r / c)), r the
-    reference length closest to the hypothesis length c.
+    BLEU = BP * exp(mean_n log p_n), p_n = (clipped n-gram matches + s) / (max(1, hypothesis n-grams) + s), s = 1
+    for n > 1 and 0 for unigrams, the clip being the most times the n-gram occurs in any one reference;
+    BP = min(1, exp(1 - r / c)), r the reference length closest to the hypothesis length c (the shorter on ties).
+    Short texts: a hypothesis of fewer than n words has no n-grams, so p_n = (0 + 1) / (1 + 1) = 1/2 (NLTK's
+    convention: the count is at least 1); a 1-word completion scores at most 0.5^(3/4) = 0.59 against itself.
+    No unigram match, or an empty hypothesis, gives 0. We keep our own implementation because self-BLEU
+    counts each text's n-grams once for all its comparisons (`_bleu`), which NLTK cannot.
     """
     if not hypothesis or not references:
         return 0.0
@@ -134,9 +139,9 @@ def _bleu(hypothesis: list[Counter], length: int, references: list[list[Counter]
             for gram, count in ref[n].items():
                 most[gram] = max(most[gram], count)
         matches = sum(min(count, most[gram]) for gram, count in hypothesis[n].items())
-        total = sum(hypothesis[n].values())
+        total = max(1, sum(hypothesis[n].values()))
         smooth = 0 if n == 0 else 1
-        if matches + smooth == 0 or total + smooth == 0:
+        if matches + smooth == 0:
             return 0.0
         log_precision += math.log((matches + smooth) / (total + smooth)) / max_n
     r = min((abs(r - length), r) for r in reference_lengths)[1]

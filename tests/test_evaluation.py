@@ -1,6 +1,8 @@
 """The evaluation protocol: diversity metrics, the gold judges, best checkpoint and early stopping."""
 
 import math
+import random
+import warnings
 
 import pytest
 import torch
@@ -25,8 +27,25 @@ def test_bleu_against_a_hand_computed_value():
     expected = (5 / 6 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25
     assert bleu(hypothesis, [reference]) == pytest.approx(expected)
     assert bleu(reference, [reference]) == pytest.approx(1.0)
-    # brevity penalty exp(1 - r/c) for a hypothesis shorter than its reference
-    assert bleu("the cat".split(), [reference]) == pytest.approx(math.exp(1 - 6 / 2) * (1 * 1 * 1 * 1) ** 0.25)
+    # brevity penalty exp(1 - r/c) for a hypothesis shorter than its reference; a 2-word text has no 3- or 4-grams:
+    # p_3 = p_4 = (0 + 1) / (max(1, 0) + 1) = 1/2
+    assert bleu("the cat".split(), [reference]) == pytest.approx(math.exp(1 - 6 / 2) * (1 * 1 * 0.5 * 0.5) ** 0.25)
+
+
+def test_bleu_and_self_bleu_equal_nltk_with_smoothing_method2():
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    rng, vocabulary = random.Random(0), "the a film movie was good bad great plot acting it is".split()
+    texts = [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(1, 12))) for _ in range(40)]  # short texts included
+    method2 = SmoothingFunction().method2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NLTK warns about zero n-gram counts; the values are what is compared
+        for i, text in enumerate(texts):
+            others = [t.split() for j, t in enumerate(texts[:8]) if j != i]
+            assert bleu(text.split(), others) == pytest.approx(sentence_bleu(others, text.split(), smoothing_function=method2), abs=1e-12), text
+        nltk_self = sum(sentence_bleu([t.split() for t in texts[:j] + texts[j + 1 :]], texts[j].split(), smoothing_function=method2) for j in range(len(texts))) / len(texts)
+    assert self_bleu(texts) == pytest.approx(nltk_self, abs=1e-12)
+    assert bleu(["great"], [["great"]]) == pytest.approx(0.5 ** 0.75)  # the short-text case of the docstring
 
 
 def test_self_bleu_is_one_for_copies_and_low_for_disjoint_texts():
@@ -35,14 +54,28 @@ def test_self_bleu_is_one_for_copies_and_low_for_disjoint_texts():
 
 
 def test_tfidf_features_follow_the_formula():
-    judge = TfidfJudge.fit(["good good film", "bad film"], [1, 0], min_df=1, steps=5)
-    idf_rare, idf_film = math.log(3 / 2) + 1, 1.0
-    row = judge.features(["good good film"]).to_dense()[0]
+    judge = TfidfJudge.fit(["good good film", "bad film"], [1, 0], min_df=1)
+    idf_rare, idf_film = math.log(3 / 2) + 1, 1.0  # log((1 + n) / (1 + df)) + 1 with n = 2
+    row = judge.features(["good good film"]).toarray()[0]
     raw = {"good": (1 + math.log(2)) * idf_rare, "film": idf_film, "good good": idf_rare, "good film": idf_rare}
     norm = math.sqrt(sum(v * v for v in raw.values()))
     for gram, value in raw.items():
-        assert row[judge.vocabulary[gram]].item() == pytest.approx(value / norm, rel=1e-5)
-    assert row[judge.vocabulary["bad"]] == 0
+        assert row[judge.vocabulary[gram]] == pytest.approx(value / norm, rel=1e-9)
+    assert row[judge.vocabulary["bad"]] == 0 and judge.converged
+
+
+def test_tfidf_judge_minimises_the_documented_objective():
+    # At the optimum of mean logistic loss + l2/2 ||w||^2 (intercept unpenalised) the gradient vanishes:
+    # X^T (p - y) / n + l2 w = 0 and sum(p - y) = 0. A judge fitted to a tolerance must satisfy both.
+    from grade_trl.data.imdb import load_imdb
+
+    train = load_imdb("embedded", "train").shuffle(seed=0).select(range(400))  # the file is sorted by label
+    judge = TfidfJudge.fit(train["text"], train["label"], l2=1e-2)
+    X, y = judge.features(train["text"]), torch.tensor(train["label"], dtype=torch.float64).numpy()
+    p = judge.classifier.predict_proba(X)[:, judge.positive]
+    w = judge.classifier.coef_[0]
+    gradient = X.T @ (p - y) / len(y) + 1e-2 * w
+    assert judge.converged and abs(gradient).max() < 1e-4 * abs(w).max() + 1e-6 and abs((p - y).sum()) / len(y) < 1e-4
 
 
 def test_tfidf_judge_separates_imdb_sentiment():

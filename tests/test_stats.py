@@ -1,4 +1,5 @@
-"""grade_trl.stats against scipy (an independent implementation) and against values worked out by hand."""
+"""grade_trl.stats: the scipy calls behind it checked against values worked out by hand, and our own effect sizes, Holm
+adjustment and prompt pairing against hand values and scipy relations."""
 
 import math
 
@@ -7,20 +8,6 @@ import pytest
 import scipy.stats as ss
 
 from grade_trl import stats
-
-
-@pytest.mark.parametrize("q, dof", [(0.975, 1), (0.975, 2), (0.975, 4.41), (0.995, 30), (0.01, 3), (0.6, 7.5)])
-def test_t_quantile_and_tail_match_scipy(q, dof):
-    t = stats.t_quantile(q, dof)
-    assert t == pytest.approx(ss.t.ppf(q, dof), rel=1e-9)
-    assert stats.t_two_sided_p(t, dof) == pytest.approx(2 * ss.t.sf(abs(t), dof), rel=1e-9)
-
-
-def test_t_values_by_hand():
-    # Cauchy (dof 1): P(|T| >= 1) = 1/2; textbook t_{0.975, 2} = 4.303, t_{0.975, inf} -> 1.96.
-    assert stats.t_two_sided_p(1.0, 1) == pytest.approx(0.5, abs=1e-12)
-    assert stats.t_quantile(0.975, 2) == pytest.approx(4.30265, abs=1e-5)
-    assert stats.t_quantile(0.975, 1e6) == pytest.approx(1.95996, abs=1e-4)
 
 
 def test_mean_ci_matches_scipy_and_hand():
@@ -37,8 +24,9 @@ def test_mean_ci_matches_scipy_and_hand():
 def test_bootstrap_ci_matches_scipy_and_an_enumerable_case():
     x = np.random.default_rng(1).normal(0.5, 0.1, size=12)
     ours = stats.bootstrap_ci(x, n_resamples=20_000, seed=3)
-    ref = ss.bootstrap((x,), np.mean, method="percentile", n_resamples=20_000, rng=7).confidence_interval
-    assert ours.low == pytest.approx(ref.low, abs=0.01) and ours.high == pytest.approx(ref.high, abs=0.01)
+    # The normal-theory interval of the mean, mean +- 1.96 s / sqrt(n), is what the percentile bootstrap approaches.
+    half = 1.96 * x.std(ddof=0) / math.sqrt(x.size)
+    assert ours.low == pytest.approx(x.mean() - half, abs=0.01) and ours.high == pytest.approx(x.mean() + half, abs=0.01)
     assert stats.bootstrap_ci(x, seed=3) == stats.bootstrap_ci(x, seed=3)  # seeded
     # [0, 1] resampled: the mean is 0, 0.5, 1 with probability 1/4, 1/2, 1/4, so the 95% interval is [0, 1]
     # and the 40% interval (30th-70th percentile) is [0.5, 0.5].

@@ -4,8 +4,8 @@ The learned reward (`SentimentReward`) is the proxy the policy optimises; a poli
 it scores highly without being positive (reward hacking). A judge of a different family scores
 the same generations as `gold_reward`, so a rising proxy with a falling gold exposes it.
 
-- `TfidfJudge` (offline default): TF-IDF over word unigrams and bigrams + logistic regression,
-  trained on IMDB train reviews; a bag of words, no shared weights or tokenizer with the policy.
+- `TfidfJudge` (offline default): scikit-learn's TF-IDF over word unigrams and bigrams + logistic
+  regression, trained on IMDB train reviews; a bag of words, no shared weights or tokenizer with the policy.
 - `ClassifierJudge`: any sequence classifier from the hub or a local folder, e.g. the literature's
   `siebert/sentiment-roberta-large-english` or `lvwerra/distilbert-imdb` (DPO paper, TRL's
   sentiment example), so numbers compare with theirs.
@@ -15,18 +15,12 @@ Both are TRL reward callables returning P(positive), the same scale as `Sentimen
 
 from __future__ import annotations
 
-import math
-import re
-from collections import Counter
+import logging
+import warnings
 
 import torch
 
-_WORD = re.compile(r"[a-z0-9']+")
-
-
-def _ngrams(text: str) -> list[str]:
-    words = _WORD.findall(text.lower().replace("<br />", " "))
-    return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+logger = logging.getLogger(__name__)
 
 
 class Judge:
@@ -46,59 +40,51 @@ class Judge:
 
 
 class TfidfJudge(Judge):
-    """P(positive | text) = sigmoid(w . tfidf(text) + b).
+    """P(positive | text) from scikit-learn: `TfidfVectorizer` + `LogisticRegression`.
 
-    tfidf(text)_j = (1 + log tf_j) * idf_j, rows L2-normalised; idf_j = log((1 + n) / (1 + df_j)) + 1.
-    Features: unigrams and bigrams seen in at least `min_df` training reviews, the `max_features`
-    most frequent. Weights: full-batch L-BFGS on the mean logistic loss + `l2 / 2 * ||w||^2`.
+    Features: word unigrams and bigrams (tokens `[a-z0-9']+` of the lower-cased text) seen in at least
+    `min_df` training reviews, the `max_features` most frequent; tf-idf = (1 + log tf) * idf with
+    idf = log((1 + n) / (1 + df)) + 1, rows L2-normalised (scikit-learn's `sublinear_tf`, `smooth_idf`).
+    Weights: L2-regularised logistic regression (lbfgs) minimising the mean logistic loss + l2/2 ||w||^2,
+    i.e. scikit-learn's C = 1 / (l2 n); the intercept is not penalised. Ours are only these settings and the
+    convergence check: `converged` is False (and a warning logged) when lbfgs stopped at `max_iter`.
     """
 
     __name__ = "tfidf_judge"
 
-    def __init__(self, vocabulary: dict[str, int], idf: torch.Tensor, weight: torch.Tensor, bias: float):
-        self.vocabulary, self.idf, self.weight, self.bias = vocabulary, idf, weight, float(bias)
+    def __init__(self, vectorizer, classifier, converged: bool = True):
+        self.vectorizer, self.classifier, self.converged = vectorizer, classifier, converged
+        self.positive = list(classifier.classes_).index(1)
 
     @classmethod
-    def fit(cls, texts: list[str], labels: list[int], min_df: int = 2, max_features: int = 50_000, l2: float = 1e-4, steps: int = 100) -> TfidfJudge:
-        docs = [set(_ngrams(t)) for t in texts]
-        df = Counter(g for d in docs for g in d)
-        kept = sorted((g for g, c in df.items() if c >= min_df), key=lambda g: (-df[g], g))[:max_features]
-        vocabulary = {g: j for j, g in enumerate(kept)}
-        idf = torch.tensor([math.log((1 + len(texts)) / (1 + df[g])) + 1 for g in kept])
-        judge = cls(vocabulary, idf, torch.zeros(len(kept)), 0.0)
-        features = judge.features(texts)
-        y = torch.tensor(labels, dtype=torch.float32)
-        params = torch.zeros(len(kept) + 1, requires_grad=True)
-        optimizer = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
+    def fit(cls, texts: list[str], labels: list[int], min_df: int = 2, max_features: int = 50_000, l2: float = 1e-4, max_iter: int = 1000) -> TfidfJudge:
+        import numpy as np
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
 
-        def closure():
-            optimizer.zero_grad()
-            logits = torch.sparse.mm(features, params[:-1, None]).squeeze(1) + params[-1]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y) + l2 / 2 * params[:-1].pow(2).sum()
-            loss.backward()
-            return loss
+        vectorizer = TfidfVectorizer(lowercase=True, token_pattern=r"[a-z0-9']+", ngram_range=(1, 2), min_df=min_df, max_features=max_features,
+                                     sublinear_tf=True, smooth_idf=True, norm="l2", dtype=np.float64)
+        features = vectorizer.fit_transform(texts)
+        classifier = LogisticRegression(C=1.0 / (l2 * len(texts)), solver="lbfgs", max_iter=max_iter, tol=1e-6)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            classifier.fit(features, list(labels))
+        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        if not converged:
+            logger.warning("gold judge: logistic regression did not converge in %d lbfgs iterations; raise max_iter", max_iter)
+        return cls(vectorizer, classifier, converged)
 
-        optimizer.step(closure)
-        judge.weight, judge.bias = params[:-1].detach().clone(), float(params[-1].detach())
-        return judge
+    def features(self, texts: list[str]):
+        """Sparse N x V tf-idf matrix (scipy CSR), rows L2-normalised."""
+        return self.vectorizer.transform(texts)
 
-    def features(self, texts: list[str]) -> torch.Tensor:
-        """Sparse N x V TF-IDF matrix, rows L2-normalised."""
-        rows, cols, values = [], [], []
-        for i, text in enumerate(texts):
-            counts = Counter(j for g in _ngrams(text) if (j := self.vocabulary.get(g)) is not None)
-            if not counts:
-                continue
-            idx = torch.tensor(list(counts))
-            val = (1 + torch.log(torch.tensor(list(counts.values()), dtype=torch.float32))) * self.idf[idx]
-            rows += [i] * len(idx)
-            cols += idx.tolist()
-            values += (val / val.norm()).tolist()
-        return torch.sparse_coo_tensor(torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1), torch.tensor(values), (len(texts), len(self.vocabulary)), check_invariants=False).coalesce()
+    @property
+    def vocabulary(self) -> dict[str, int]:
+        return self.vectorizer.vocabulary_
 
     def probabilities(self, texts: list[str]) -> list[float]:
-        logits = torch.sparse.mm(self.features(texts), self.weight[:, None]).squeeze(1) + self.bias
-        return torch.sigmoid(logits).tolist()
+        return self.classifier.predict_proba(self.features(texts))[:, self.positive].tolist()
 
 
 class ClassifierJudge(Judge):
