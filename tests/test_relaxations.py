@@ -12,11 +12,12 @@ def test_gumbel_softmax_is_a_distribution_that_sharpens_as_tau_falls():
     logits = torch.randn(64, 10)
     for tau in (2.0, 0.5):
         y = GumbelSoftmax()(logits, tau)
-        assert_close(y.sum(-1), torch.ones(64))
+        assert_close(y.values.sum(-1), torch.ones(64))
+        assert torch.equal(y.hard, y.values.argmax(-1)) and not y.straight_through
     torch.manual_seed(0)
-    hot = GumbelSoftmax()(logits, 2.0).max(-1).values.mean()
+    hot = GumbelSoftmax()(logits, 2.0).values.max(-1).values.mean()
     torch.manual_seed(0)
-    cold = GumbelSoftmax()(logits, 0.1).max(-1).values.mean()
+    cold = GumbelSoftmax()(logits, 0.1).values.max(-1).values.mean()
     assert cold > hot
 
 
@@ -25,7 +26,7 @@ def test_gumbel_max_samples_follow_the_softmax():
     torch.manual_seed(0)
     logits = torch.tensor([1.0, 0.0, -1.0, 2.0])
     y = GumbelSoftmax()(logits.expand(200_000, 4), 1.0)
-    freq = torch.bincount(y.argmax(-1), minlength=4).float() / 200_000
+    freq = torch.bincount(y.hard, minlength=4).float() / 200_000
     assert_close(freq, torch.softmax(logits, -1), atol=5e-3, rtol=0)
 
 
@@ -34,13 +35,13 @@ def test_straight_through_forward_is_one_hot_and_backward_is_the_soft_gradient()
     logits = torch.randn(5, 7, requires_grad=True)
     weights = torch.randn(7)
     torch.manual_seed(1)
-    y_ste = StraightThroughGumbel()(logits, 0.7)
+    y_ste = StraightThroughGumbel().dense(logits, 0.7)  # the forward value with its gradient path
     assert ((y_ste == 0) | (y_ste == 1)).all() and (y_ste.sum(-1) == 1).all()
     (y_ste @ weights).sum().backward()
     grad_ste = logits.grad.clone()
     logits.grad = None
     torch.manual_seed(1)  # same noise
-    y_soft = GumbelSoftmax()(logits, 0.7)
+    y_soft = GumbelSoftmax().dense(logits, 0.7)
     (y_soft @ weights).sum().backward()
     assert_close(grad_ste, logits.grad)
     assert_close(y_ste.argmax(-1), y_soft.argmax(-1))

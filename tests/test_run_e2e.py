@@ -94,7 +94,8 @@ def test_reward_returning_nan_stops_the_run_after_saving_history(tmp_path, monke
         return scores if calls["n"] < 3 else scores.index_fill(0, torch.tensor([1]), float("nan"))
 
     monkeypatch.setattr(SentimentReward, "score_soft", nan_on_third_step)
-    assert main(shrunk(tmp_path, logging_steps=1)) == 2
+    # recompute off: score_soft is then called once per step (recomputation would call it again in backward)
+    assert main(shrunk(tmp_path, logging_steps=1, recompute_reference_and_reward="false")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: reward function 'sentiment' returned nan from score_soft for sample 1; rewards must be finite numbers"]
     results = load_results(tmp_path / "run" / "results.json")

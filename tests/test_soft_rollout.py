@@ -1,26 +1,29 @@
-"""The relaxed rollout: agreement with a plain forward pass, masks, KL, and where the gradient goes."""
+"""The relaxed rollout: agreement with a plain forward pass, masks, KL, where the gradient goes, and the memory
+options: each exact one gives the same gradient as the plain path, and the saved memory follows its growth law."""
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from grade_trl.core import exact_kl, masked_sum, reference_logits, soft_rollout
+from grade_trl.core import Relaxed, SoftTokens, exact_kl, masked_sum, reference_logits, soft_rollout
+from grade_trl.core.soft_tokens import embed_step
+from grade_trl.memory import SavedTensorAccount
 from grade_trl.trainers.grade import grade_loss, soft_reward_inputs
-from grade_trl.trainers.relaxations import StraightThroughGumbel, straight_through
+from grade_trl.trainers.relaxations import GumbelSoftmax, StraightThroughGumbel
 
 
 def _encode(tokenizer, prompts):
     return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 
-def forced_relax(forced_tokens, vocab_size):
+def forced_relax(forced_tokens):
     """Straight-through relaxation whose forward tokens are fixed in advance (the test's ground truth)."""
 
     def relax(logits, step):
-        soft = F.softmax(logits, -1)
-        return straight_through(F.one_hot(forced_tokens[:, step], vocab_size).to(soft.dtype), soft)
+        return Relaxed(F.softmax(logits, -1), forced_tokens[:, step], straight_through=True)
 
     return relax
 
@@ -31,7 +34,7 @@ def test_straight_through_rollout_with_fixed_tokens_reproduces_a_plain_forward(p
     vocab = policy.config.vocab_size
     torch.manual_seed(0)
     forced = torch.randint(1, vocab, (len(prompts), 6))  # no EOS (id 0), so all 6 steps run
-    rollout = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], forced_relax(forced, vocab), max_new_tokens=6, eos_token_id=0)
+    rollout = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], forced_relax(forced), max_new_tokens=6, eos_token_id=0)
     assert torch.equal(rollout.tokens, forced)
 
     for row in range(len(prompts)):  # each row alone, unpadded: the ground truth
@@ -48,20 +51,19 @@ def test_reference_logits_equal_the_policy_logits_when_reference_is_the_policy(p
     est = StraightThroughGumbel()
     rollout = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: est(l, 1.0), max_new_tokens=8, min_new_tokens=3, eos_token_id=0)
     ref = copy.deepcopy(policy).requires_grad_(False)
-    ref_logits = reference_logits(ref, rollout, min_new_tokens=3, eos_token_id=0)
-    assert_close(ref_logits, rollout.logits.detach(), rtol=1e-4, atol=1e-4)
+    for recompute in (False, True):
+        ref_logits = reference_logits(ref, rollout, min_new_tokens=3, eos_token_id=0, recompute=recompute)
+        assert_close(ref_logits, rollout.logits.detach(), rtol=1e-4, atol=1e-4)
     kl = masked_sum(exact_kl(rollout.logits, ref_logits), rollout.mask, dim=1)
     assert (kl >= 0).all() and kl.max() < 1e-4
 
 
 def test_min_new_tokens_forbids_eos_and_mask_stops_after_first_eos(policy, tokenizer):
     enc = _encode(tokenizer, ["The end."])
-    vocab = policy.config.vocab_size
 
     def eos_whenever_allowed(logits, step):  # picks EOS as soon as it is not forbidden
         allowed = logits[0, 0] > -1e30
-        token = torch.tensor([0 if allowed else 5])
-        return straight_through(F.one_hot(token, vocab).float(), F.softmax(logits, -1))
+        return Relaxed(F.softmax(logits, -1), torch.tensor([0 if allowed else 5]), straight_through=True)
 
     rollout = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], eos_whenever_allowed, max_new_tokens=10, min_new_tokens=4, eos_token_id=0)
     assert rollout.tokens[0].tolist() == [5, 5, 5, 5, 0]  # stopped early: every row has emitted EOS
@@ -80,7 +82,7 @@ def test_grade_gradient_reaches_the_policy_only(policy, tokenizer, prompts, rewa
     loss = grade_loss(sentiment_reward.score_soft(soft, mask), kl, kl_coef=0.1)
     loss.backward()
     policy_grads = [p.grad for p in policy.parameters()]
-    assert all(g is not None for g in policy_grads)
+    assert all(g is not None and g.layout == torch.strided for g in policy_grads)  # the deferred/sparse parts end dense
     assert sum(g.abs().sum() for g in policy_grads) > 0
     assert all(p.grad is None for p in ref.parameters())
     assert all(p.grad is None for p in reward_model.parameters())
@@ -100,3 +102,114 @@ def test_kl_term_alone_has_a_gradient(policy, tokenizer, prompts):
     assert kl.min() > 0
     kl.sum().backward()
     assert policy.lm_head.weight.grad.abs().sum() > 0
+
+
+# ---- the KL's custom backward against autograd on the plain expression ------------------------------------
+
+
+def test_exact_kl_gradients_match_the_plain_expression_full_and_top_k():
+    torch.manual_seed(0)
+    zp, zq = torch.randn(3, 5, 11, dtype=torch.float64, requires_grad=True), torch.randn(3, 5, 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: exact_kl(a, b), (zp, zq))
+
+    def plain(a, b, indices=None):
+        logp, logq = F.log_softmax(a, -1), F.log_softmax(b, -1)
+        logq = logq if indices is None else logq.gather(-1, indices)
+        return (logp.exp() * (logp - logq)).sum(-1)
+
+    assert_close(exact_kl(zp, zq), plain(zp, zq))
+    values, indices = zp.detach().topk(4, -1)
+    values.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: exact_kl(a, b, indices), (values, zq))
+    weights = torch.randn(3, 5, dtype=torch.float64)
+    ours = torch.autograd.grad((exact_kl(values, zq, indices) * weights).sum(), (values, zq))
+    theirs = torch.autograd.grad((plain(values, zq, indices) * weights).sum(), (values, zq))
+    assert all(torch.allclose(a, b) for a, b in zip(ours, theirs))
+    assert (exact_kl(values, zq, indices) >= 0).all()  # the truncated policy against the full reference
+
+
+# ---- the memory options: same gradient, and their growth law ----------------------------------------------
+
+
+def rollout_gradient(policy, ref, enc, estimator, **options):
+    """The gradient of KL + a reward-like function of the embedded relaxed tokens, with fixed Gumbel noise."""
+    torch.manual_seed(1)
+    policy.zero_grad(set_to_none=True)
+    rollout = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: estimator(l, 0.7), max_new_tokens=6, min_new_tokens=2, eos_token_id=0, **options)
+    ref_logits = reference_logits(ref, rollout, 2, 0, recompute=options.get("checkpoint_steps", False))
+    kl = masked_sum(exact_kl(rollout.logits, ref_logits, rollout.logit_indices), rollout.mask, dim=1)
+    direction = torch.randn(policy.config.n_embd, generator=torch.Generator().manual_seed(3))
+    loss = kl.sum() + (rollout.soft_tokens.embed(ref.get_input_embeddings().weight) @ direction).tanh().sum()
+    loss.backward()
+    return rollout.tokens, loss.detach(), [p.grad.clone() for p in policy.parameters()]
+
+
+@pytest.mark.parametrize("estimator", [StraightThroughGumbel(), GumbelSoftmax()], ids=["ste", "soft"])
+def test_memory_options_give_the_plain_gradient(policy, tokenizer, prompts, estimator):
+    enc = _encode(tokenizer, prompts)  # left-padded
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # a reference that differs, so the KL's gradient is not 0
+    plain = rollout_gradient(policy, ref, enc, estimator, cache="dynamic", defer_weight_grads=False)
+    for options in ({"cache": "chunked", "defer_weight_grads": False}, {"cache": "chunked"}, {"cache": "chunked", "checkpoint_steps": True}):
+        tokens, loss, grads = rollout_gradient(policy, ref, enc, estimator, **options)
+        assert torch.equal(tokens, plain[0]) and loss == plain[1], options
+        for ours, theirs in zip(grads, plain[2]):
+            assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=str(options))
+
+
+def saved_rollout_bytes(policy, enc, new_tokens, **options) -> int:
+    account = SavedTensorAccount({"policy": policy})
+    torch.manual_seed(0)
+    est = StraightThroughGumbel()
+    with account:
+        soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: est(l, 1.0), max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=0, **options)
+    return account.total
+
+
+def test_saved_memory_is_linear_in_the_new_tokens_with_the_chunked_cache_and_quadratic_without(policy, tokenizer, prompts):
+    enc = _encode(tokenizer, prompts)
+    for cache, law in (("chunked", "linear"), ("dynamic", "quadratic")):
+        s8, s16, s24 = (saved_rollout_bytes(policy, enc, t, cache=cache) for t in (8, 16, 24))
+        first, second = s16 - s8, s24 - s16  # bytes per 8 more tokens, early and late
+        if law == "linear":
+            assert second == pytest.approx(first, rel=0.02), (cache, s8, s16, s24)
+        else:  # every step keeps a copy of the whole cache: the increments grow
+            assert second > 1.2 * first, (cache, s8, s16, s24)
+    chunked = saved_rollout_bytes(policy, enc, 24) - saved_rollout_bytes(policy, enc, 16)
+    checkpointed = saved_rollout_bytes(policy, enc, 24, checkpoint_steps=True) - saved_rollout_bytes(policy, enc, 16, checkpoint_steps=True)
+    assert checkpointed < 0.5 * chunked  # per generated token: only the steps' inputs and outputs stay
+
+
+def test_top_k_relaxation_samples_inside_the_top_k_and_keeps_k_columns(policy, tokenizer, prompts):
+    enc = _encode(tokenizer, prompts)
+    torch.manual_seed(0)
+    est = StraightThroughGumbel()
+    rollout = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: est(l, 1.0), max_new_tokens=5, eos_token_id=0, top_k=16)
+    assert rollout.logits.shape[-1] == 16 and rollout.logit_indices.shape == (3, rollout.tokens.shape[1], 16)
+    assert (rollout.logit_indices == rollout.tokens.unsqueeze(-1)).any(-1).all()  # every hard token is one of its step's top 16
+    assert all(step.values.shape == (3, 16) for step in rollout.soft_tokens.steps)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    kl = exact_kl(rollout.logits, reference_logits(ref, rollout), rollout.logit_indices)
+    assert (kl >= 0).all() and kl.max() > 0  # the truncated policy differs from the full reference
+    kl.sum().backward()
+    assert policy.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
+
+
+def test_soft_tokens_read_the_same_values_every_way(policy, tokenizer, prompts):
+    enc = _encode(tokenizer, prompts)
+    weight = policy.get_input_embeddings().weight.detach().double()
+    for est, top_k in ((StraightThroughGumbel(), 0), (GumbelSoftmax(), 0), (StraightThroughGumbel(), 16), (GumbelSoftmax(), 16)):
+        torch.manual_seed(2)
+        rollout = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: est(l, 0.7), max_new_tokens=5, eos_token_id=0, top_k=top_k)
+        soft = rollout.soft_tokens
+        dense = soft.dense()  # (B, T, V)
+        assert_close(soft.embed(weight.float()).double(), dense.double() @ weight, rtol=1e-5, atol=1e-5)
+        assert_close(soft.probability(7), dense[..., 7])
+        stepwise = torch.stack([embed_step(step, weight.float()) for step in soft.steps], 1)
+        assert_close(soft.embed(weight.float()), stepwise)
+        if est.name == "ste":
+            assert torch.equal(dense.argmax(-1), rollout.tokens) and ((dense == 0) | (dense == 1)).all()
+    one_hot = F.one_hot(torch.tensor([[3, 4]]), 10).float()
+    assert torch.equal(SoftTokens.from_dense(one_hot).dense(), one_hot)

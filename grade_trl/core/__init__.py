@@ -23,14 +23,17 @@ from .sampling import (
     token_logprobs,
 )
 from .soft_rollout import SoftRollout, reference_logits, soft_rollout
+from .soft_tokens import Relaxed, SoftTokens
 
 __all__ = [
     "AdaptiveKLController",
     "EMABaseline",
     "FixedKLController",
+    "Relaxed",
     "SampledBatch",
     "SamplingSettings",
     "SoftRollout",
+    "SoftTokens",
     "advantages_from_baseline",
     "batch_mean_baseline",
     "completion_mask",

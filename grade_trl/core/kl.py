@@ -9,18 +9,62 @@ import torch
 import torch.nn.functional as F
 
 
-def exact_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
-    """Exact per-position KL(p || q) = sum_v p_v (log p_v - log q_v), summed over the whole vocabulary.
+class _ExactKL(torch.autograd.Function):
+    """KL(p || q) per position from logits, saving only the two logits tensors (in their own dtype) and recomputing
+    the log-softmaxes in backward in float32, instead of keeping log p, log q, p and log p - log q (four B x T x V
+    float32 tensors) as the plain expression would. The gradients are the analytic ones:
+
+        dKL/dz_p = p * (log p - log q - KL),     dKL/dz_q = q - p           (full support)
+        dKL/dz_p = p * (log p - log q_I - KL),   dKL/dz_q = q - scatter(p)  (support I: the policy's top-k)
+
+    with z the logits, p = softmax(z_p) and q = softmax(z_q); where the clamp at 0 acted (float round-off around
+    0), the gradient is 0, as for clamp."""
+
+    @staticmethod
+    def forward(ctx, policy_logits, ref_logits, indices):
+        kl = _kl_terms(policy_logits, ref_logits, indices)[0]
+        ctx.save_for_backward(policy_logits, ref_logits, indices)
+        return kl.clamp(min=0.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        policy_logits, ref_logits, indices = ctx.saved_tensors
+        kl, logp, logq_support, logq = _kl_terms(policy_logits, ref_logits, indices)
+        scale = (grad * (kl >= 0)).unsqueeze(-1)  # (B, T, 1): no gradient where the clamp acted
+        p = logp.exp()
+        grad_policy = grad_ref = None
+        if ctx.needs_input_grad[0]:
+            grad_policy = (p * (logp - logq_support - kl.unsqueeze(-1)) * scale).to(policy_logits.dtype)
+        if ctx.needs_input_grad[1]:
+            support_p = p if indices is None else torch.zeros_like(logq).scatter_add(-1, indices, p)
+            grad_ref = ((logq.exp() - support_p) * scale).to(ref_logits.dtype)
+        return grad_policy, grad_ref, None
+
+
+def _kl_terms(policy_logits, ref_logits, indices):
+    """(KL (B, T), log p (B, T, K), log q on p's support (B, T, K), log q (B, T, V)), in at least float32."""
+    dtype = torch.promote_types(policy_logits.dtype, torch.float32)  # at least float32, float64 kept
+    logp = F.log_softmax(policy_logits.to(dtype), dim=-1)
+    logq = F.log_softmax(ref_logits.to(dtype), dim=-1)
+    logq_support = logq if indices is None else logq.gather(-1, indices)
+    return (logp.exp() * (logp - logq_support)).sum(-1), logp, logq_support, logq
+
+
+def exact_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact per-position KL(p || q) = sum_v p_v (log p_v - log q_v), over the whole vocabulary.
 
     policy_logits, ref_logits: (B, T, V). Returns (B, T), >= 0 (the clamp removes float round-off
     around 0 only; it does not hide a sign error, since the exact sum cannot be negative).
     Gradients flow into both arguments' graphs; the reference's parameters are frozen, but its
     inputs (the policy's soft tokens) are not, and that path is part of the relaxed objective.
+
+    indices (B, T, k): `policy_logits` (B, T, k) are the policy's logits at these vocabulary ids only (a top-k
+    relaxation), and p is the policy restricted to them and renormalised, the distribution the top-k rollout
+    samples from: KL(p || q) = sum_{v in I} p_v (log p_v - log q_v), with q still the reference's full softmax.
+    It is >= 0 too (p is a distribution; q restricted to I sums to <= 1). Computed in float32 (float64 kept)
+    whatever the logits' dtype; memory: only the two logits tensors are kept for backward (`_ExactKL`).
     """
-    dtype = torch.promote_types(policy_logits.dtype, torch.float32)  # at least float32, float64 kept
-    logp = F.log_softmax(policy_logits.to(dtype), dim=-1)
-    logq = F.log_softmax(ref_logits.to(dtype), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0)
+    return _ExactKL.apply(policy_logits, ref_logits, indices)
 
 
 # Sample-based per-token estimators of KL(p || q), p the policy, q the reference, from the

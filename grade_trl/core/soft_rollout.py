@@ -1,33 +1,50 @@
 """The differentiable (relaxed) rollout behind GRADE.
 
-At each step the policy's next-token logits are relaxed into a distribution y over the
-vocabulary (Gumbel-softmax, straight-through, ...), and the next input embedding is
-y @ E, so the reward's gradient flows back through every generated position into the
-policy. The KV cache keeps one step at O(1) new positions.
+At each step the policy's next-token logits are relaxed (Gumbel-softmax, straight-through, ...) into a
+`Relaxed` step, whose embedding is the next input, so the reward's gradient flows back through every
+generated position into the policy. A KV cache keeps each step at O(1) new positions.
 
-Legend: B batch, P prompt length (left-padded), T generated positions, V vocabulary, H hidden.
+Memory, for T generated tokens (what each part keeps for backward):
+  * the KV cache: `cache="chunked"` (default) keeps each step's keys and values once and lets attention
+    recompute over them in backward (core/chunked_cache.py): O(T). `cache="dynamic"` is transformers'
+    DynamicCache, whose per-step concatenations autograd keeps alive: O(T^2);
+  * each step's activations (MLP, norms, attention inputs): O(T); `checkpoint_steps=True` keeps only each
+    step's inputs and outputs and recomputes its forward in backward (exact; about one more rollout forward);
+  * the (B, V) tensors of each step: the logits (kept once, stacked, for the exact KL) and what the relaxation
+    needs for its backward; `top_k=k` relaxes over the k largest logits only, so both become (B, k).
+
+Legend: B batch, P prompt length (left-padded), T generated positions, V vocabulary, K logits kept per
+position (V, or k with top-k), H hidden.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
+from .chunked_cache import ChunkedCache, ChunkedLayer, chunked_attention, supports_chunked_attention
+from .deferred_grads import DeferredWeightGrads, deferred_weight_grads
 from .masks import completion_mask
+from .soft_tokens import Relaxed, SoftTokens, embed_step
 
-Relax = Callable[[torch.Tensor, int], torch.Tensor]
-"""relax(logits (B, V), step) -> relaxed tokens y (B, V): what is embedded and scored, with its gradient."""
+Relax = Callable[[torch.Tensor, int], Relaxed]
+"""relax(logits (B, K), step) -> Relaxed over those K columns (`hard` a column index): what is embedded and scored."""
+
+CACHES = ("chunked", "dynamic")
 
 
 @dataclass
 class SoftRollout:
     prompt_ids: torch.Tensor  # (B, P) left-padded
     prompt_mask: torch.Tensor  # (B, P) 1 for real prompt tokens
-    logits: torch.Tensor  # (B, T, V) processed policy logits each relaxed token was drawn from
-    soft_tokens: torch.Tensor  # (B, T, V) relaxed tokens y_t (carry the gradient)
-    tokens: torch.Tensor  # (B, T) hard tokens argmax(y_t): the text the rollout stands for
+    logits: torch.Tensor  # (B, T, K) processed policy logits each relaxed token was drawn from (K = V, or the top-k)
+    logit_indices: torch.Tensor | None  # (B, T, k) vocabulary ids of `logits`' columns with top-k; None: all V
+    soft_tokens: SoftTokens  # the relaxed tokens y_t (carry the gradient)
+    tokens: torch.Tensor  # (B, T) hard tokens: the text the rollout stands for
     mask: torch.Tensor  # (B, T) 1 up to and including the first hard EOS, 0 after
 
     @property
@@ -58,6 +75,37 @@ def decode_step(model, cache, attention_mask: torch.Tensor, position_ids: torch.
     return out.cache, out.logits[:, -1]
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _checkpointed_step(inner, cache: ChunkedCache, deferred: DeferredWeightGrads | None, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
+    """One decode step whose forward is recomputed in backward: it keeps only its inputs (the cache's chunks, which
+    exist anyway, and the new input embedding) and outputs (the logits, the new chunks)."""
+    counts = [len(layer.key_chunks) for layer in cache.layers]
+    flat = [chunk for layer in cache.layers for chunk in (*layer.key_chunks, *layer.value_chunks)]
+
+    def step(inputs_embeds, attention_mask, position_ids, *flat):
+        local, start = ChunkedCache(), 0
+        for n in counts:
+            layer = ChunkedLayer()
+            layer.key_chunks, layer.value_chunks = list(flat[start : start + n]), list(flat[start + n : start + 2 * n])
+            layer.is_initialized, start = True, start + 2 * n
+            local.layers.append(layer)
+        with ExitStack() as stack:
+            stack.enter_context(chunked_attention(inner, local))
+            if deferred is not None:
+                stack.enter_context(deferred_weight_grads(inner, deferred))
+            out = inner(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=local, use_cache=True)
+        return (out.logits[:, -1], *[chunk for layer in local.layers for chunk in (layer.key_chunks[-1], layer.value_chunks[-1])])
+
+    logits, *new = checkpoint(step, inputs_embeds, attention_mask, position_ids, *flat, use_reentrant=False)
+    for i, layer in enumerate(cache.layers):
+        layer.key_chunks.append(new[2 * i])
+        layer.value_chunks.append(new[2 * i + 1])
+    return logits
+
+
 def soft_rollout(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
@@ -66,47 +114,83 @@ def soft_rollout(
     max_new_tokens: int,
     min_new_tokens: int = 0,
     eos_token_id: int | None = None,
+    *,
+    top_k: int = 0,
+    cache: str = "chunked",
+    checkpoint_steps: bool = False,
+    defer_weight_grads: bool = True,
 ) -> SoftRollout:
     """Generate `max_new_tokens` relaxed tokens (fewer if every row has emitted a hard EOS).
 
-    The prompt goes in as token ids; every generated position goes in as y_t @ E, with
-    y_t = relax(logits_t). No weight matrix is copied per step (y_t @ E reads E in place).
+    The prompt goes in as token ids; every generated position goes in as the embedding of its relaxed step
+    (`embed_step`: y_t @ E, or E[token] for a straight-through step), E read in place, never copied.
+    top_k: relax over the k largest logits of each step (0: the whole vocabulary). cache, checkpoint_steps: the
+    memory options of the module docstring (`checkpoint_steps` needs the chunked cache). The relaxation sees the
+    logits in at least float32, whatever the model's (autocast) dtype. defer_weight_grads: compute the weight
+    gradients of every matrix (the LM head and the input embedding included) once at the end of backward instead
+    of once per step (core/deferred_grads.py; exact up to summation order).
     """
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
     # Forward calls go through `model` (a DDP wrapper syncs gradients); the embedding matrix is read from the
     # wrapped module in place, never copied.
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    inner = _unwrap(model)
     embed_matrix = inner.get_input_embeddings().weight  # (V, H)
+    vocab_size = embed_matrix.shape[0]
+    chunked = cache == "chunked" and supports_chunked_attention(inner)
+    if checkpoint_steps and not chunked:
+        raise ValueError("checkpointing the rollout's steps needs the chunked KV cache and a model with an sdpa/flash/flex attention implementation")
+    kv = ChunkedCache() if chunked else None
+    deferred = DeferredWeightGrads() if defer_weight_grads and torch.is_grad_enabled() else None
+
+    def context() -> ExitStack:  # a fresh context per forward call (a generator context manager is single-use)
+        stack = ExitStack()
+        if chunked:
+            stack.enter_context(chunked_attention(inner, kv))
+        if deferred is not None:
+            stack.enter_context(deferred_weight_grads(inner, deferred))
+        return stack
+
     attention_mask = prompt_mask.long()
     positions = position_ids_from_mask(attention_mask)  # (B, P)
-    out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
-    cache, next_logits = out.cache, out.logits[:, -1]  # (B, V)
+    with context():
+        out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, cache=kv, use_cache=True, logits_to_keep=1)
+    kv, next_logits = out.cache, out.logits[:, -1]  # (B, V)
     next_position = positions[:, -1:] + 1  # (B, 1)
 
-    step_logits, step_soft, step_tokens = [], [], []
+    step_logits, step_indices, steps = [], [], []
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
     for step in range(max_new_tokens):
-        if step < min_new_tokens:
-            next_logits = forbid_eos(next_logits, eos_token_id)
-        y = relax(next_logits, step)  # (B, V)
-        token = y.argmax(-1)  # (B,)
-        step_logits.append(next_logits)
-        step_soft.append(y)
-        step_tokens.append(token)
+        logits = forbid_eos(next_logits, eos_token_id) if step < min_new_tokens else next_logits  # (B, V), the model's dtype
+        if top_k:
+            logits, indices = logits.topk(min(top_k, vocab_size), dim=-1)  # (B, k), (B, k)
+            step_indices.append(indices)
+        # Kept for the KL in the model's dtype (the KL computes in float32); relaxed in at least float32.
+        relaxed = relax(logits.to(torch.promote_types(logits.dtype, torch.float32)), step)
+        if top_k:
+            relaxed = Relaxed(relaxed.values, indices.gather(1, relaxed.hard.unsqueeze(1)).squeeze(1), relaxed.straight_through, indices)
+        step_logits.append(logits)
+        steps.append(relaxed)
         if eos_token_id is not None:
-            finished = finished | (token == eos_token_id)
+            finished = finished | (relaxed.hard == eos_token_id)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-        inputs_embeds = (y.to(embed_matrix.dtype) @ embed_matrix).unsqueeze(1)  # (B, 1, H)
-        cache, next_logits = decode_step(model, cache, attention_mask, next_position, inputs_embeds=inputs_embeds)
+        inputs_embeds = embed_step(relaxed, embed_matrix, deferred).unsqueeze(1)  # (B, 1, H)
+        if checkpoint_steps:
+            next_logits = _checkpointed_step(inner, kv, deferred, inputs_embeds, attention_mask, next_position)
+        else:
+            with context():
+                kv, next_logits = decode_step(model, kv, attention_mask, next_position, inputs_embeds=inputs_embeds)
         next_position = next_position + 1
 
-    tokens = torch.stack(step_tokens, dim=1)  # (B, T)
+    tokens = torch.stack([s.hard for s in steps], dim=1)  # (B, T)
     return SoftRollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         logits=torch.stack(step_logits, dim=1),
-        soft_tokens=torch.stack(step_soft, dim=1),
+        logit_indices=torch.stack(step_indices, dim=1) if top_k else None,
+        soft_tokens=SoftTokens(steps, vocab_size),
         tokens=tokens,
         mask=completion_mask(tokens, eos_token_id),
     )
@@ -117,25 +201,32 @@ def reference_logits(
     rollout: SoftRollout,
     min_new_tokens: int = 0,
     eos_token_id: int | None = None,
+    recompute: bool = False,
+    context: Callable = nullcontext,
 ) -> torch.Tensor:
     """The reference's logits at every generated position, on the same soft inputs the policy saw.
 
-    One parallel forward over [prompt ids; y_1 .. y_{T-1}] @ E_ref. The reference's
-    parameters are frozen, but the gradient flows into the soft tokens (they are the
-    policy's), so the KL's dependence on the generated prefix is part of the objective.
-    The same EOS processing as the rollout is applied, so both distributions are comparable.
-    Returns (B, T, V).
+    One parallel forward over [prompt ids; y_1 .. y_{T-1}] embedded with the reference's E. The reference's
+    parameters are frozen, but the gradient flows into the soft tokens (they are the policy's), so the KL's
+    dependence on the generated prefix is part of the objective. The same EOS processing as the rollout is
+    applied, so both distributions are comparable. recompute: keep only the input embeddings and the logits
+    for backward and run the forward again there (exact; one more reference forward). context: a factory of the
+    context that makes `ref_model` the reference (a LoRA policy's `disable_adapter`), entered by the forward and
+    by its recomputation alike. Returns (B, T, V).
     """
     embed = ref_model.get_input_embeddings()
-    prompt_embeds = embed(rollout.prompt_ids)  # (B, P, H)
     num_generated = rollout.tokens.shape[1]
-    soft_embeds = rollout.soft_tokens[:, :-1].to(embed.weight.dtype) @ embed.weight  # (B, T-1, H)
-    inputs_embeds = torch.cat([prompt_embeds, soft_embeds], dim=1)  # (B, P+T-1, H)
+    inputs_embeds = rollout.soft_tokens.drop_last().with_prefix(rollout.prompt_ids).embed(embed.weight)  # (B, P+T-1, H)
     # Positions after a hard EOS are masked out of every statistic, but they stay visible here so the
     # reference conditions on exactly the prefix the policy conditioned on (the rollout did not mask them).
     attention_mask = torch.cat([rollout.prompt_mask.long(), rollout.prompt_mask.new_ones(rollout.prompt_mask.shape[0], num_generated - 1).long()], dim=1)
-    out = ref_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
-    logits = out.logits[:, rollout.prompt_ids.shape[1] - 1 :]  # (B, T, V)
+    position_ids = position_ids_from_mask(attention_mask)
+
+    def forward(inputs_embeds):
+        with context():
+            return ref_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=num_generated).logits  # (B, T, V)
+
+    logits = checkpoint(forward, inputs_embeds, use_reentrant=False) if recompute else forward(inputs_embeds)
     if min_new_tokens > 0:
         logits = torch.cat([forbid_eos(logits[:, :min_new_tokens], eos_token_id), logits[:, min_new_tokens:]], dim=1)
     return logits

@@ -4,8 +4,11 @@ A reward is a plain callable with TRL's signature,
 `reward(prompts, completions, completion_ids=None, **kwargs) -> list[float | None]`,
 so the same object can be passed unchanged to `trl.GRPOTrainer(reward_funcs=[...])`.
 A differentiable reward (usable by GRADE) also has `differentiable = True` and
-`score_soft(soft_tokens (B, T, V), attention_mask (B, T)) -> Tensor (B,)`, where the soft
-tokens are distributions over the policy's vocabulary.
+`score_soft(soft_tokens, attention_mask (B, T)) -> Tensor (B,)`, where `soft_tokens` is a
+`grade_trl.core.SoftTokens`: relaxed distributions over the policy's vocabulary, read through
+`soft_tokens.embed(E)` (B, T, H), `soft_tokens.probability(token_id)` (B, T) or `soft_tokens.dense()`
+(B, T, V, materialised), all differentiable; `grade_trl.core.soft_tokens.as_soft_tokens` also accepts a
+(B, T, V) tensor of distributions, so a reward can be called on one-hot tensors in tests.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..core.soft_tokens import SoftTokens, as_soft_tokens
+
 
 class LengthReward:
     """TRL-compatible reward `2 - len(completion.split()) / scale`, and a differentiable surrogate for GRADE.
@@ -29,11 +31,11 @@ class LengthReward:
     def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
         return [self.offset - len(completion.split()) / self.scale for completion in completions]
 
-    def expected_tokens(self, soft_tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        eos_mass = soft_tokens[..., self.eos_token_id].float()  # (B, T)
+    def expected_tokens(self, soft_tokens: SoftTokens, attention_mask: torch.Tensor) -> torch.Tensor:
+        eos_mass = as_soft_tokens(soft_tokens).probability(self.eos_token_id).float()  # (B, T)
         alive_after = torch.cumprod(1.0 - eos_mass, dim=1)  # (B, T): not ended at or before t
         alive = torch.cat([torch.ones_like(alive_after[:, :1]), alive_after[:, :-1]], dim=1)  # (B, T): not ended before t
         return (alive * attention_mask.float()).sum(1)  # (B,)
 
-    def score_soft(self, soft_tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score_soft(self, soft_tokens: SoftTokens, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.offset - self.words_per_token * self.expected_tokens(soft_tokens, attention_mask) / self.scale

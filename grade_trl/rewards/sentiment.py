@@ -1,7 +1,7 @@
 """A learned sentiment reward: frozen causal-LM backbone + 2-layer MLP head, value P(positive).
 
-The backbone shares the policy's vocabulary, so GRADE's soft tokens can be embedded
-(`soft_tokens @ E`) and the reward differentiated end to end. The head is trained on
+The backbone shares the policy's vocabulary, so GRADE's relaxed tokens can be embedded
+(`SoftTokens.embed(E)`) and the reward differentiated end to end. The head is trained on
 mean-pooled hidden states of the reward-model split and saved as safetensors.
 
 Legend: B batch, T tokens, V vocabulary, H hidden.
@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 from ..core.soft_rollout import position_ids_from_mask
+from ..core.soft_tokens import SoftTokens, as_soft_tokens
 from ..models import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -67,10 +68,10 @@ class SentimentRewardModel(nn.Module):
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.p_positive(self.pooled(attention_mask, input_ids=input_ids))
 
-    def score_soft(self, soft_tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """P(positive) of soft tokens (B, T, V): embedded as soft_tokens @ E, differentiable in soft_tokens."""
-        embeds = soft_tokens.to(self.embedding_matrix.dtype) @ self.embedding_matrix  # (B, T, H)
-        return self.p_positive(self.pooled(attention_mask, inputs_embeds=embeds))
+    def score_soft(self, soft_tokens: SoftTokens, attention_mask: torch.Tensor) -> torch.Tensor:
+        """P(positive) of relaxed tokens, embedded with the backbone's E (`SoftTokens.embed`: y @ E, or E[token] for
+        straight-through steps), differentiable in the relaxed values. On one-hot tokens it equals `score_ids`."""
+        return self.p_positive(self.pooled(attention_mask, inputs_embeds=as_soft_tokens(soft_tokens).embed(self.embedding_matrix)))
 
     def save(self, path: str | os.PathLike, metadata: dict) -> None:
         from ..results import write_json_atomic
@@ -137,7 +138,7 @@ class SentimentReward:
             scores.extend(self.model.score_ids(enc["input_ids"], enc["attention_mask"]).tolist())
         return scores
 
-    def score_soft(self, soft_tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score_soft(self, soft_tokens: SoftTokens, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model.score_soft(soft_tokens, attention_mask)
 
 

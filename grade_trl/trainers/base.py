@@ -119,11 +119,14 @@ class RolloutTrainer(GradNormWindowMixin, Trainer):
         ).to(self.accelerator.device)
 
     def reference_context(self, policy_model):
-        """(reference module, context): the frozen copy, or the policy with its LoRA adapters disabled."""
+        """(reference module, context factory): the frozen copy, or the policy with its LoRA adapters disabled.
+
+        `with context():` makes the module the reference; a factory, so that code recomputed in backward
+        (activation checkpointing) can enter the same context again."""
         if self.ref_model is not None:
-            return self.ref_model, nullcontext()
+            return self.ref_model, nullcontext
         unwrapped = self.accelerator.unwrap_model(policy_model)
-        return unwrapped, unwrapped.disable_adapter()
+        return unwrapped, unwrapped.disable_adapter
 
     @property
     def metrics(self) -> MetricWindow:

@@ -2,7 +2,8 @@
 
 One optimizer step, top to bottom (`compute_loss`):
   1. tokenize the prompts (left padding, at most `max_prompt_length` tokens);
-  2. soft rollout: y_t = relax(logits_t, tau), next input y_t @ E, KV cache (core.soft_rollout);
+  2. soft rollout: y_t = relax(logits_t, tau), next input y_t @ E (E[token] for straight-through), KV cache
+     (core.soft_rollout; its memory options: rollout_cache, rollout_checkpointing, relax_top_k);
   3. reference logits on the same soft inputs; exact KL per position, masked after the first hard EOS;
   4. differentiable reward R(y) from every reward's `score_soft`;
   5. loss = -mean_b (R_b - kl_coef * KL_b)  (`grade_loss`), backpropagated through 4, 3 and 2.
@@ -17,7 +18,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..core import entropy_from_logits, exact_kl, leave_one_out_baseline, masked_sum, reference_logits, soft_rollout
+from torch.utils.checkpoint import checkpoint
+
+from ..core import SoftTokens, entropy_from_logits, exact_kl, leave_one_out_baseline, masked_sum, reference_logits, soft_rollout
 from ..rewards.base import check_finite_scores, require_differentiable, reward_name
 from .base import RolloutTrainer
 from .grade_config import GumbelGRADEConfig
@@ -37,8 +40,8 @@ def grade_loss(rewards: torch.Tensor, kl: torch.Tensor, kl_coef: float) -> torch
     return -(rewards - kl_coef * kl).mean()
 
 
-def soft_reward_inputs(reward_func, rollout, eos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft tokens and mask a reward scores: the completion (without its EOS, like decoded text) or prompt + completion.
+def soft_reward_inputs(reward_func, rollout, eos_token_id: int | None) -> tuple[SoftTokens, torch.Tensor]:
+    """Relaxed tokens and mask a reward scores: the completion (without its EOS, like decoded text) or prompt + completion.
 
     A reward with `scores_eos = True` (the length reward, which reads the EOS mass) keeps the EOS position.
     """
@@ -47,8 +50,7 @@ def soft_reward_inputs(reward_func, rollout, eos_token_id: int | None) -> tuple[
         mask = mask * (rollout.tokens != eos_token_id)
     soft = rollout.soft_tokens
     if getattr(reward_func, "include_prompt", False):
-        prompt_one_hot = F.one_hot(rollout.prompt_ids, soft.shape[-1]).to(soft.dtype)  # (B, P, V)
-        soft = torch.cat([prompt_one_hot, soft], dim=1)
+        soft = soft.with_prefix(rollout.prompt_ids)
         mask = torch.cat([rollout.prompt_mask.to(mask.dtype), mask], dim=1)
     return soft, mask
 
@@ -78,26 +80,31 @@ class GumbelGRADETrainer(RolloutTrainer):
         enc = self.tokenize_prompts(inputs)
         tau = self.tau
 
-        # 2. relaxed rollout: every generated position is a differentiable function of the policy
-        rollout = soft_rollout(
-            model,
-            enc["input_ids"],
-            enc["attention_mask"],
-            relax=lambda logits, step: self.relaxation(logits, tau),
-            max_new_tokens=args.max_new_tokens,
-            min_new_tokens=args.min_new_tokens,
-            eos_token_id=eos,
-        )
+        # Under bf16/fp16 everything below runs in autocast (fp32 master weights); the relaxation, the exact KL and
+        # its log-softmaxes compute in float32 whatever the logits' dtype.
+        with self.accelerator.autocast():
+            # 2. relaxed rollout: every generated position is a differentiable function of the policy
+            rollout = soft_rollout(
+                model,
+                enc["input_ids"],
+                enc["attention_mask"],
+                relax=lambda logits, step: self.relaxation(logits, tau),
+                max_new_tokens=args.max_new_tokens,
+                min_new_tokens=args.min_new_tokens,
+                eos_token_id=eos,
+                top_k=args.relax_top_k,
+                cache=args.rollout_cache,
+                checkpoint_steps=args.rollout_checkpointing,
+            )
 
-        # 3. exact KL to the frozen reference, inside the objective
-        ref_model, ref_context = self.reference_context(model)
-        with ref_context:
-            ref_logits = reference_logits(ref_model, rollout, args.min_new_tokens, eos)  # (B, T, V)
-        kl_per_token = exact_kl(rollout.logits, ref_logits)  # (B, T)
-        kl = masked_sum(kl_per_token, rollout.mask, dim=1)  # (B,)
+            # 3. exact KL to the frozen reference, inside the objective
+            ref_model, ref_context = self.reference_context(model)
+            ref_logits = reference_logits(ref_model, rollout, args.min_new_tokens, eos, recompute=args.recompute_reference_and_reward, context=ref_context)  # (B, T, V)
+            kl_per_token = exact_kl(rollout.logits, ref_logits, rollout.logit_indices)  # (B, T)
+            kl = masked_sum(kl_per_token, rollout.mask, dim=1)  # (B,)
 
-        # 4. differentiable rewards
-        scores = self.soft_reward_scores(rollout)  # (B, F)
+            # 4. differentiable rewards
+            scores = self.soft_reward_scores(rollout)  # (B, F)
         rewards = scores @ self.reward_weights.to(device)  # (B,)
 
         # 5. the loss
@@ -112,7 +119,11 @@ class GumbelGRADETrainer(RolloutTrainer):
         scores = []
         for func in self.reward_funcs:
             soft, mask = soft_reward_inputs(func, rollout, eos)
-            scores.append(check_finite_scores(func, func.score_soft(soft, mask).float()))
+            if self.args.recompute_reference_and_reward:
+                score = checkpoint(func.score_soft, soft, mask, use_reentrant=False)
+            else:
+                score = func.score_soft(soft, mask)
+            scores.append(check_finite_scores(func, score.float()))
         return torch.stack(scores, dim=1)
 
     @torch.no_grad()
@@ -152,7 +163,7 @@ class GumbelGRADETrainer(RolloutTrainer):
             max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, eos_token_id=eos,
         )
         ref_model, ref_context = self.reference_context(model)
-        with ref_context:
+        with ref_context():
             ref_logits = reference_logits(ref_model, rollout, args.min_new_tokens, eos)  # (B, T, V)
         kl = masked_sum(exact_kl(rollout.logits, ref_logits), rollout.mask, dim=1)  # (B,) with its pathwise gradient
         f = self.soft_reward_scores(rollout) @ self.reward_weights.to(kl.device) - args.kl_coef * kl  # (B,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..core.soft_rollout import CACHES
 from .base_config import RolloutConfig
 from .relaxations import RELAXATIONS
 
@@ -32,7 +33,42 @@ class GumbelGRADEConfig(RolloutConfig):
     tau_anneal_steps: int = field(default=1000, metadata={"help": "Optimizer steps of the linear tau_start -> tau_end anneal (GRADE experiment: 1,000)."})
     tau_schedule: str = field(default="linear", metadata={"help": "`linear` (anneal tau_start -> tau_end) or `constant` (tau_start throughout)."})
 
+    # Memory and speed of the relaxed rollout (README: GRADE's cost). The exact ones change no number beyond
+    # float round-off; `relax_top_k` changes the estimator, as its help says.
+    rollout_cache: str = field(
+        default="chunked",
+        metadata={"help": "KV cache of the differentiable rollout: `chunked` (default: each step's keys/values kept once, attention "
+                  "recomputed over them in backward: memory linear in the new tokens, exact) or `dynamic` (transformers' DynamicCache: "
+                  "autograd keeps every step's concatenated copy, memory quadratic in the new tokens). `chunked` needs an sdpa, flash "
+                  "or flex attention implementation; other models fall back to `dynamic`."},
+    )
+    rollout_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Activation checkpointing of the rollout that keeps the KV cache: each decode step keeps only its inputs and "
+                  "outputs and is recomputed in backward (exact; about one more rollout forward of time). `gradient_checkpointing: "
+                  "true` means this for GRADE (transformers' own checkpointing would turn the KV cache off)."},
+    )
+    recompute_reference_and_reward: bool = field(
+        default=True,
+        metadata={"help": "Keep only the inputs and outputs of the reference's forward and of each reward's `score_soft` and run them "
+                  "again in backward (exact for deterministic rewards: no dropout, no sampling). Saves their activations (about as "
+                  "much as the policy's) for one more forward of each."},
+    )
+    relax_top_k: int = field(
+        default=0,
+        metadata={"help": "Relax over the k largest logits of each step only (0: the whole vocabulary; the published GRADE code used "
+                  "256). It changes the estimator: tokens are sampled from the policy truncated to its top k (top-k sampling), the "
+                  "relaxation and its gradient live on those k entries, the next input is a weighted gather of k embedding rows, and the "
+                  "KL is that of the truncated policy to the full reference (>= 0). Memory and time of the (B, V) work per step "
+                  "become (B, k)."},
+    )
+
     def __post_init__(self):
+        # transformers' gradient checkpointing turns the KV cache off, which would make the relaxed rollout re-run the
+        # whole prefix at every step; for GRADE the switch means checkpointing the rollout's steps, cache kept.
+        if self.gradient_checkpointing or self.activation_checkpointing:
+            self.rollout_checkpointing = True
+            self.gradient_checkpointing = self.activation_checkpointing = False
         super().__post_init__()
         if self.estimator not in RELAXATIONS:
             raise ValueError(f"estimator must be one of {sorted(RELAXATIONS)}, got {self.estimator!r}")
@@ -42,3 +78,10 @@ class GumbelGRADEConfig(RolloutConfig):
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.tau_start <= 0 or self.tau_end <= 0:
             raise ValueError(f"tau_start and tau_end must be > 0, got {self.tau_start} and {self.tau_end}")
+        if self.rollout_cache not in CACHES:
+            raise ValueError(f"rollout_cache must be one of {list(CACHES)}, got {self.rollout_cache!r}")
+        if self.relax_top_k < 0:
+            raise ValueError(f"relax_top_k must be >= 0 (0: the whole vocabulary), got {self.relax_top_k}")
+        if self.rollout_checkpointing and self.rollout_cache != "chunked":
+            raise ValueError("rollout_checkpointing needs rollout_cache: chunked (the checkpointed steps keep the cache's chunks)")
+

@@ -326,7 +326,7 @@ class PPOTrainer(RolloutTrainer):
         values = values * mask
         del logits
         ref_model, ref_context = self.reference_context(module.policy)
-        with ref_context:
+        with ref_context():
             ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False)  # (B, T)
         module.train(was_training)
 

@@ -87,7 +87,7 @@ class REINFORCETrainer(RolloutTrainer):
         # 4. log-probs from the same processed distribution; KL to the reference under no_grad
         logps, logits = token_logprobs(model, batch, settings, with_grad=True)  # (B, T), (B, T, V)
         ref_model, ref_context = self.reference_context(model)
-        with ref_context:
+        with ref_context():
             ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False)
         kl = masked_sum(kl_estimate(logps.detach(), ref_logps, args.kl_estimator), mask, dim=1)  # (B,)
         kl_length_normalised = kl / batch.lengths.clamp(min=1)  # (B,) the per-token KL of each completion

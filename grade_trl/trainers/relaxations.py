@@ -1,9 +1,9 @@
 """Relaxations of token sampling (GRADE's gradient estimators) and temperature schedules.
 
-Each estimator maps next-token logits (B, V) and a temperature tau to relaxed tokens y (B, V):
-the value that is embedded (y @ E) and scored, and the path the gradient takes. The hard
-token a rollout stands for is argmax(y), which for Gumbel noise is an exact sample of
-softmax(logits) (the Gumbel-max trick). Add an estimator: subclass `Relaxation`, register
+Each estimator maps next-token logits (B, K) and a temperature tau to a `Relaxed` step: the values that are
+embedded and scored (or only differentiated, for straight-through estimators, whose forward value is the
+one-hot token) and the hard token it stands for, argmax over the K columns, which for Gumbel noise is an
+exact sample of softmax(logits) (the Gumbel-max trick). Add an estimator: subclass `Relaxation`, register
 it in `RELAXATIONS`, test it.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..core.soft_tokens import Relaxed
 
 
 def sample_gumbel(shape: torch.Size, device, dtype=torch.float32) -> torch.Tensor:
@@ -26,8 +28,15 @@ def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
 class Relaxation:
     name: str = ""
 
-    def __call__(self, logits: torch.Tensor, tau: float) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, tau: float) -> Relaxed:
         raise NotImplementedError
+
+    def dense(self, logits: torch.Tensor, tau: float) -> torch.Tensor:
+        """The (B, K) forward value with its gradient path (one-hot + (soft - soft.detach()) for straight-through)."""
+        relaxed = self(logits, tau)
+        if not relaxed.straight_through:
+            return relaxed.values
+        return straight_through(F.one_hot(relaxed.hard, logits.shape[-1]).to(relaxed.values.dtype), relaxed.values)
 
 
 class GumbelSoftmax(Relaxation):
@@ -36,9 +45,10 @@ class GumbelSoftmax(Relaxation):
 
     name = "soft"
 
-    def __call__(self, logits: torch.Tensor, tau: float) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, tau: float) -> Relaxed:
         noise = sample_gumbel(logits.shape, logits.device, logits.dtype)
-        return F.softmax((logits + noise) / tau, dim=-1)
+        soft = F.softmax((logits + noise) / tau, dim=-1)
+        return Relaxed(soft, soft.argmax(-1))
 
 
 class StraightThroughGumbel(Relaxation):
@@ -47,10 +57,9 @@ class StraightThroughGumbel(Relaxation):
 
     name = "ste"
 
-    def __call__(self, logits: torch.Tensor, tau: float) -> torch.Tensor:
-        soft = GumbelSoftmax()(logits, tau)
-        hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
-        return straight_through(hard, soft)
+    def __call__(self, logits: torch.Tensor, tau: float) -> Relaxed:
+        relaxed = GumbelSoftmax()(logits, tau)
+        return Relaxed(relaxed.values, relaxed.hard, straight_through=True)
 
 
 RELAXATIONS: dict[str, type[Relaxation]] = {cls.name: cls for cls in (GumbelSoftmax, StraightThroughGumbel)}
