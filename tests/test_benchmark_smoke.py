@@ -19,12 +19,12 @@ def load_script():
 
 def test_step_cost_prints_a_row_per_registry_method_with_ratios_to_reinforce(capsys, tmp_path):
     step_cost = load_script()
-    argv = ["--model", "embedded", "--device", "cpu", "--threads", "1", "--batch_size", "4", "--max_new_tokens", "4",
+    argv = ["--model", "embedded", "--device", "cpu", "--threads", "1", "--batch_size", "4", "--new_tokens", "4",
             "--prompt_length", "8", "--warmup", "0", "--repeats", "1", "--json", str(tmp_path / "cost.json")]
     step_cost.main(argv)
     out = capsys.readouterr().out
 
-    header = "| method | step time (s) | peak memory (MiB) | time vs REINFORCE | memory vs REINFORCE |"
+    header = "| method | step time (s) | peak memory (MiB) | saved for backward (MiB) | time vs REINFORCE | memory vs REINFORCE | saved vs REINFORCE |"
     assert header in out
     lines = out.splitlines()
     start = lines.index(header) + 2  # skip the alignment row
@@ -34,8 +34,23 @@ def test_step_cost_prints_a_row_per_registry_method_with_ratios_to_reinforce(cap
         rows[cells[0]] = [float(c) for c in cells[1:]]
     assert tuple(rows) == ROWS
     for name, numbers in rows.items():
-        assert len(numbers) == 4 and all(math.isfinite(x) and x > 0 for x in numbers), (name, numbers)
-    assert rows["reinforce"][2:] == [1.0, 1.0]
+        assert len(numbers) == 6 and all(math.isfinite(x) and x > 0 for x in numbers), (name, numbers)
+    assert rows["reinforce"][3:] == [1.0, 1.0, 1.0]
     assert (tmp_path / "cost.json").is_file()
     # every method generated exactly the requested length
-    assert ", ".join(f"{name} 4.0" for name in ROWS) in out
+    assert ", ".join(f"{name} T=4 4.0" for name in ROWS) in out
+
+
+def test_step_cost_sweeps_new_tokens_with_grade_switches_and_fits_the_growth_law(capsys, tmp_path):
+    step_cost = load_script()
+    argv = ["--model", "embedded", "--device", "cpu", "--threads", "1", "--batch_size", "4", "--new_tokens", "2", "4", "6", "--prompt_length", "8",
+            "--warmup", "0", "--repeats", "1", "--methods", "grade_ste", "reinforce", "--rollout_checkpointing", "--relax_top_k", "16", "--bf16",
+            "--account", "--plot", str(tmp_path / "curves.png"), "--json", str(tmp_path / "cost.json")]
+    payload = step_cost.main(argv)
+    out = capsys.readouterr().out
+    assert "GRADE: rollout_cache chunked, recompute_reference_and_reward True, rollout_checkpointing, relax_top_k 16" in out and "bf16 autocast" in out
+    assert "| grade_ste | " in out.split("curves (saved for backward")[1]  # one curve row per method with its fit
+    assert set(payload["growth_laws"]) == {"grade_ste", "reinforce"} and all(law is not None for law in payload["growth_laws"].values())
+    saved = {r["new_tokens"]: r["saved_mib"] for r in payload["results"] if r["method"] == "grade_ste"}
+    assert saved[2] < saved[4] < saved[6]
+    assert (tmp_path / "curves.png").stat().st_size > 10_000

@@ -55,9 +55,14 @@ class ChunkedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.key_chunks.append(key_states)
         self.value_chunks.append(value_states)
-        # The full keys and values, for a caller that reads them (`_ChunkedAttention` uses the chunks instead):
-        # a temporary, freed after the layer's forward because nothing saves it.
+        if self.reads_chunks():  # `_chunked_attention` will read the chunks: the model only passes these on to it
+            return key_states, value_states
+        # The full keys and values, for any other reader (no grad: plain attention): a temporary nothing keeps.
         return torch.cat(self.key_chunks, dim=-2), torch.cat(self.value_chunks, dim=-2)
+
+    def reads_chunks(self) -> bool:
+        cache = _ACTIVE_CACHE.get()
+        return cache is not None and torch.is_grad_enabled() and any(layer is self for layer in cache.layers)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0

@@ -6,8 +6,8 @@ builds a dense weight gradient per position and adds it into the parameter's gra
 head and the embedding (V x H: 147 MB for GPT-2's 50,257 x 768) included. At small batches that streams the
 weights 2T extra times for a B-row worth of arithmetic: memory-bound, it dominated the rollout's backward.
 
-How: within `deferred_weight_grads(model, store)`, every F.linear / torch.addmm of the model with a trainable
-weight (a TorchFunctionMode), and the embedding lookups of the relaxed steps (`embed_step`), read their weight
+How: within `deferred_weight_grads(model, store)`, every F.linear / torch.addmm / F.embedding of the model with a
+trainable weight (a TorchFunctionMode), and the embedding lookups of the relaxed steps (`embed_step`), read their weight
 through an alias (`_Deferred`) whose backward runs after every use of it (autograd runs a node once all its
 consumers are done). Each use's backward returns the input's gradient as before but no weight gradient; it
 records (input, output gradient), or (rows, gradient) for a lookup, and the alias's backward computes the
@@ -99,8 +99,27 @@ class _DeferredLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, None, None, None
 
 
+class _DeferredEmbedding(torch.autograd.Function):
+    """weight[ids] whose backward records (ids, grad) rows for the alias's deferred gradient (no dense (V, H) per call)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight_alias, store, key, padding_idx):
+        ctx.store, ctx.key, ctx.padding_idx = store, key, padding_idx
+        ctx.save_for_backward(ids)
+        return F.embedding(ids, weight_alias, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        rows, grads = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        if ctx.padding_idx is not None:  # as F.embedding: the padding row gets no gradient
+            grads = grads * (rows != ctx.padding_idx).unsqueeze(1).to(grads.dtype)
+        ctx.store.rows[ctx.key].append((rows, grads))
+        return None, None, None, None, None
+
+
 class _DeferLinearWeights(TorchFunctionMode):
-    """Routes F.linear / torch.addmm calls whose weight is one of `parameters` through `_DeferredLinear`."""
+    """Routes F.linear / torch.addmm / F.embedding calls whose weight is one of `parameters` through the deferred Functions."""
 
     def __init__(self, store: DeferredWeightGrads, parameters: set[int]):
         super().__init__()
@@ -115,6 +134,12 @@ class _DeferLinearWeights(TorchFunctionMode):
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
                 if id(weight) in self.parameters:
                     return _DeferredLinear.apply(x, self.store.alias(weight), bias, self.store, id(weight), "linear")
+            elif func is F.embedding:
+                ids, weight = args[0], (args[1] if len(args) > 1 else kwargs["weight"])
+                padding_idx = args[2] if len(args) > 2 else kwargs.get("padding_idx")
+                plain = all(v in (None, False, 2.0) for v in list(args[3:]) + [kwargs.get(k) for k in ("max_norm", "scale_grad_by_freq", "sparse")])
+                if id(weight) in self.parameters and plain:
+                    return _DeferredEmbedding.apply(ids, self.store.alias(weight), self.store, id(weight), padding_idx)
             elif func is torch.addmm and len(args) == 3 and not kwargs:
                 bias, x, weight = args
                 if id(weight) in self.parameters and x.dim() == 2:

@@ -33,11 +33,13 @@ class _ExactKL(torch.autograd.Function):
         scale = (grad * (kl >= 0)).unsqueeze(-1)  # (B, T, 1): no gradient where the clamp acted
         p = logp.exp()
         grad_policy = grad_ref = None
+        # In place where a (B, T, V) temporary can be reused (these tensors are the step's largest): the policy's
+        # gradient first, which reads log q, then the reference's, which turns log q into q.
         if ctx.needs_input_grad[0]:
-            grad_policy = (p * (logp - logq_support - kl.unsqueeze(-1)) * scale).to(policy_logits.dtype)
+            grad_policy = (logp - logq_support).sub_(kl.unsqueeze(-1)).mul_(p).mul_(scale).to(policy_logits.dtype)  # p (log p - log q - KL)
         if ctx.needs_input_grad[1]:
             support_p = p if indices is None else torch.zeros_like(logq).scatter_add(-1, indices, p)
-            grad_ref = ((logq.exp() - support_p) * scale).to(ref_logits.dtype)
+            grad_ref = logq.exp_().sub_(support_p).mul_(scale).to(ref_logits.dtype)  # (q - p)
         return grad_policy, grad_ref, None
 
 

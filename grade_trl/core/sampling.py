@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .masks import completion_mask, masked_mean
-from .soft_rollout import decode_step, position_ids_from_mask
+from .soft_rollout import decode_step, last_positions, position_ids_from_mask
 
 
 @dataclass
@@ -128,6 +128,7 @@ class SampledBatch:
     logprobs: torch.Tensor  # (B, T) log-prob of each sampled token under the processed distribution; 0 where masked
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    hidden: torch.Tensor | None = None  # (B, T, H) with return_hidden: the last layer's state that predicts each token
 
     @property
     def sequences(self) -> torch.Tensor:  # (B, P+T)
@@ -150,23 +151,28 @@ def sample(
     settings: SamplingSettings,
     eos_token_id: int | None,
     pad_token_id: int | None = None,
+    return_hidden: bool = False,
 ) -> SampledBatch:
     """Sample up to `settings.max_new_tokens` tokens per row from `process_logits` of the model's logits.
 
     Token by token with a KV cache; stops early once every row has emitted EOS. Rows that have
     finished get `pad_token_id` (EOS when None) and a 0 log-prob. Forward calls go through `model`,
     so a DistributedDataParallel wrapper works. Uses the global torch RNG (`torch.multinomial`).
-    Dropout must be off (eval mode or dropout 0) for `token_logprobs` to reproduce `logprobs`.
+    Dropout must be off (eval mode or dropout 0) for `token_logprobs` to reproduce `logprobs`. The prompt's forward
+    computes the logits of its last position only. return_hidden: also keep the last layer's state that predicts
+    each token (`SampledBatch.hidden`; PPO's values).
     """
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
     batch = prompt_ids.shape[0]
     attention_mask = prompt_mask.long()
     positions = position_ids_from_mask(attention_mask)  # (B, P)
-    out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+    out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, logits_to_keep=1, output_hidden_states=return_hidden)
     cache, next_logits = out.cache, out.logits[:, -1]  # (B, V)
     next_position = positions[:, -1:] + 1  # (B, 1)
 
-    step_tokens, step_logprobs = [], []
+    step_tokens, step_logprobs, step_hidden = [], [], []
+    if return_hidden:
+        step_hidden.append(out.hidden_states[-1][:, -1])  # (B, H): the state that predicts the first token
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     for step in range(settings.max_new_tokens):
         logp = F.log_softmax(process_logits(next_logits, settings, step, eos_token_id), dim=-1)  # (B, V)
@@ -182,7 +188,12 @@ def sample(
             break
         # Same mask as SampledBatch.attention_mask: 1 up to and including the first EOS, 0 after.
         attention_mask = torch.cat([attention_mask, alive.long().unsqueeze(1)], dim=1)
-        cache, next_logits = decode_step(model, cache, attention_mask, next_position, input_ids=token.unsqueeze(1))
+        if return_hidden:
+            out = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position, cache=cache, use_cache=True, output_hidden_states=True)
+            cache, next_logits = out.cache, out.logits[:, -1]
+            step_hidden.append(out.hidden_states[-1][:, -1])
+        else:
+            cache, next_logits = decode_step(model, cache, attention_mask, next_position, input_ids=token.unsqueeze(1))
         next_position = next_position + 1
 
     tokens = torch.stack(step_tokens, dim=1)  # (B, T)
@@ -195,6 +206,7 @@ def sample(
         logprobs=torch.stack(step_logprobs, dim=1),
         eos_token_id=eos_token_id,
         pad_token_id=pad,
+        hidden=torch.stack(step_hidden[: tokens.shape[1]], dim=1) if return_hidden else None,
     )
 
 
@@ -222,9 +234,11 @@ def token_logprobs(
     """
     with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
         attention_mask = batch.attention_mask
-        out = model(input_ids=batch.sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
-        num_prompt, num_completion = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
-        logits = out.logits[:, num_prompt - 1 : num_prompt + num_completion - 1]  # (B, T, V): predict each completion token
+        num_completion = batch.completion_ids.shape[1]
+        # Logits of the positions that predict the completion only: the last T + 1 positions, less the last one.
+        keep = last_positions(num_completion + 1, attention_mask.shape[1], attention_mask.device)
+        out = model(input_ids=batch.sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), logits_to_keep=keep)
+        logits = out.logits[:, :-1]  # (B, T, V): predict each completion token
         return logprobs_from_logits(logits, batch.completion_ids, batch.completion_mask, settings, batch.eos_token_id, truncate)
 
 

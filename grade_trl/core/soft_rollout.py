@@ -57,6 +57,13 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def last_positions(count: int, length: int, device) -> torch.Tensor:
+    """`logits_to_keep` for the last `count` of `length` positions as an index tensor: the model gathers a contiguous
+    (B, count, H) copy before its LM head, which then runs as one 2-D product (an int gives a strided view, which a
+    3-D matmul turns into a batched product with the (V, H) weight expanded per row: several times slower)."""
+    return torch.arange(length - count, length, device=device)
+
+
 def forbid_eos(logits: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
     """Make EOS impossible (used before `min_new_tokens`). A large finite value, not -inf, keeps p*log p finite."""
     if eos_token_id is None:
@@ -224,7 +231,8 @@ def reference_logits(
 
     def forward(inputs_embeds):
         with context():
-            return ref_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=num_generated).logits  # (B, T, V)
+            keep = last_positions(num_generated, inputs_embeds.shape[1], inputs_embeds.device)
+            return ref_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep).logits  # (B, T, V)
 
     logits = checkpoint(forward, inputs_embeds, use_reentrant=False) if recompute else forward(inputs_embeds)
     if min_new_tokens > 0:

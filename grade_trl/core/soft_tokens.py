@@ -60,6 +60,7 @@ class _OneHotEmbedding(torch.autograd.Function):
         hard, weight, indices = ctx.saved_tensors
         grad_values = grad_weight = None
         if ctx.needs_input_grad[0]:
+            grad = grad.to(weight.dtype)  # backward runs outside autocast: the weight's dtype
             if ctx.sparse:
                 grad_values = torch.einsum("bh,bkh->bk", grad, weight[indices])  # (B, k)
             else:
@@ -92,7 +93,8 @@ class _EmbedSteps(torch.autograd.Function):
         weight, hard, indices, *values = ctx.saved_tensors
         grad_weight, grad_values = None, [None] * len(values)
         if any(ctx.needs_input_grad[4:]):
-            vocab_grad = grad @ weight.t()  # (B, T, V)
+            # Backward runs outside autocast: the product in the weight's dtype (float32 master weights under bf16).
+            vocab_grad = (grad.reshape(-1, grad.shape[-1]).to(weight.dtype) @ weight.t()).view(*grad.shape[:-1], -1)  # (B, T, V), one 2-D product
             if ctx.sparse:
                 vocab_grad = vocab_grad.gather(-1, indices)  # (B, T, k)
             grad_values = [vocab_grad[:, t].to(v.dtype) for t, v in enumerate(values)]

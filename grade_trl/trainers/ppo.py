@@ -4,8 +4,9 @@ One rollout, top to bottom (`_generate_rollout`, no gradients):
   1. tokenize the prompts; sample completions from the causal LM with the processed distribution
      (temperature, EOS ban before `min_new_tokens`, top-k, top-p: `core.sampling`);
   2. score the decoded completions with every reward callable (TRL's signature), weighted;
-  3. old log-probs (policy, truncated exactly like the sampler) and values from ONE forward of the
-     wrapped model; reference log-probs (temperature and EOS ban only, `truncate=False`);
+  3. old log-probs: the sampler's own (exactly the behaviour policy's processed distribution); values: the
+     value head on the last layer's states the sampler produced; reference log-probs (temperature and EOS ban
+     only, `truncate=False`). No second forward of the policy;
   4. per-token reward r_t = -kl_coef * KL_t, plus the sequence score on the last real token
      (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593);
   5. GAE advantages and returns (`core.gae`); advantages whitened over the rollout's real tokens.
@@ -56,7 +57,7 @@ from ..core import (
     value_loss,
 )
 from ..core.sampling import SamplingSettings
-from ..core.soft_rollout import position_ids_from_mask
+from ..core.soft_rollout import last_positions, position_ids_from_mask
 from ..rewards.base import compute_rewards, reward_name
 from .base import RolloutTrainer
 from .ppo_config import PPOConfig
@@ -168,8 +169,8 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
         self.value_head.to(next(policy.parameters()).device)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True, use_cache=False)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True, use_cache=False, logits_to_keep=logits_to_keep)
         hidden = out.hidden_states[-1]  # (B, L, H) after the final layer norm
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, L)
         return out.logits, values
@@ -206,15 +207,15 @@ def completion_forward(model: nn.Module, prompt_ids, prompt_mask, completion_ids
     """One forward of a `PolicyWithValueHead` (or its DDP wrapper) on prompt + completion.
 
     Returns (logits (B, T, V), values (B, T)) at the positions that predict each completion token,
-    i.e. the value of the state before the token is chosen.
+    i.e. the value of the state before the token is chosen. Logits are computed for those positions only.
     """
     attention_mask = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)  # (B, P+T)
+    num_completion = completion_ids.shape[1]
     logits, values = model(
-        input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+        input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=last_positions(num_completion + 1, attention_mask.shape[1], attention_mask.device),
     )
-    num_prompt, num_completion = prompt_ids.shape[1], completion_ids.shape[1]
-    window = slice(num_prompt - 1, num_prompt + num_completion - 1)
-    return logits[:, window], values[:, window]
+    return logits[:, :-1], values[:, -num_completion - 1 : -1]
 
 
 # ---------------------------------------------------------------- the sampler
@@ -308,9 +309,9 @@ class PPOTrainer(RolloutTrainer):
         was_training = module.training
         module.eval()  # dropout is already 0; eval also keeps gradient checkpointing from turning the KV cache off
 
-        # 1. sample from the causal LM itself (no DDP sync needed under no_grad)
+        # 1. sample from the causal LM itself (no DDP sync needed under no_grad), keeping the last layer's states
         enc = self.tokenize_prompts(inputs)
-        batch = sample(module.policy, enc["input_ids"], enc["attention_mask"], settings, eos, tok.pad_token_id)
+        batch = sample(module.policy, enc["input_ids"], enc["attention_mask"], settings, eos, tok.pad_token_id, return_hidden=True)
         mask = batch.completion_mask  # (B, T)
 
         # 2. rewards on the decoded text
@@ -320,11 +321,10 @@ class PPOTrainer(RolloutTrainer):
         scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs)).to(device)  # (B, F)
         score = scores @ self.reward_weights.to(device)  # (B,)
 
-        # 3. old policy and values (one forward), reference
-        logits, values = completion_forward(module, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, mask)  # (B, T, V), (B, T)
-        old_logps, _ = completion_logprobs(logits, batch.completion_ids, mask, settings, eos)  # (B, T)
-        values = values * mask
-        del logits
+        # 3. old policy and values: the sampler's own log-probs (exactly the behaviour policy's, processed as it sampled)
+        # and the value head on the states that predicted each token, so no second forward of the policy; reference
+        old_logps = batch.logprobs  # (B, T), 0 where masked
+        values = module.value_head(batch.hidden.to(module.value_head.weight.dtype)).squeeze(-1) * mask  # (B, T)
         ref_model, ref_context = self.reference_context(module.policy)
         with ref_context():
             ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False)  # (B, T)
