@@ -52,32 +52,34 @@ _PER_COMPLETION_KL = (
     "grpo, cispo and reinforce (at 48 tokens the same value is ~48x weaker); set {key}"
 )
 
+def _grade(name: str, estimator: str, description: str) -> Method:
+    """A GRADE method: the GRADE trainer with one estimator (trainers/relaxations.py)."""
+    return Method(
+        name,
+        description,
+        "grade_trl.trainers.grade_config:GumbelGRADEConfig",
+        "grade_trl.trainers.grade:GumbelGRADETrainer",
+        implied={"estimator": estimator},
+        relaxed=True,
+        kl_coefficient="kl_coef",
+        kl_coefficient_meaning="per completion",
+        misplaced_keys={"beta": _PER_COMPLETION_KL.format(method=name, key="kl_coef")},
+    )
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method(
-            "grade",
-            "GRADE: Gumbel-softmax relaxation y = softmax((logits + g) / tau), next input y @ E, reward gradient through the "
-            "whole generation (Jang et al. 2017, arXiv:1611.01144)",
-            "grade_trl.trainers.grade_config:GumbelGRADEConfig",
-            "grade_trl.trainers.grade:GumbelGRADETrainer",
-            implied={"estimator": "soft"},
-            relaxed=True,
-            kl_coefficient="kl_coef",
-            kl_coefficient_meaning="per completion",
-            misplaced_keys={"beta": _PER_COMPLETION_KL.format(method="grade", key="kl_coef")},
-        ),
-        Method(
-            "grade_ste",
-            "GRADE-STE: straight-through Gumbel, one-hot forward, Gumbel-softmax backward (Jang et al. 2017, section 2.2)",
-            "grade_trl.trainers.grade_config:GumbelGRADEConfig",
-            "grade_trl.trainers.grade:GumbelGRADETrainer",
-            implied={"estimator": "ste"},
-            relaxed=True,
-            kl_coefficient="kl_coef",
-            kl_coefficient_meaning="per completion",
-            misplaced_keys={"beta": _PER_COMPLETION_KL.format(method="grade_ste", key="kl_coef")},
-        ),
+        _grade("grade", "soft", "GRADE: Gumbel-softmax relaxation y = softmax((logits + g) / tau), next input y @ E, reward gradient "
+               "through the whole generation (Jang et al. 2017, arXiv:1611.01144)"),
+        _grade("grade_ste", "ste", "GRADE-STE: straight-through Gumbel, one-hot forward, Gumbel-softmax backward (Jang et al. 2017, "
+               "section 2.2)"),
+        _grade("grade_reinmax", "reinmax", "GRADE with ReinMax: one-hot forward, second-order accurate straight-through backward "
+               "(Liu et al. 2023, arXiv:2304.08612)"),
+        _grade("grade_rao", "rao", "GRADE with Gumbel-Rao: one-hot forward, ST-Gumbel backward averaged over `rao_samples` noise draws "
+               "conditioned on the token (Paulus et al. 2021, arXiv:2010.04838)"),
+        _grade("grade_gapped", "gapped", "GRADE with gapped straight-through: one-hot forward, backward through a deterministic "
+               "perturbation of the logits (Fan et al. 2022, arXiv:2206.07235)"),
         Method(
             "reinforce",
             "REINFORCE: score function with a baseline (EMA, batch mean, leave-one-out) and a per-token KL penalty "

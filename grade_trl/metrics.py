@@ -55,7 +55,7 @@ EXPLAINED_VARIANCE = "value/explained_variance"
 PROBE_PREFIX = "probe"
 
 ALL = "every method"
-OURS = "grade, grade_ste, reinforce, ppo"
+OURS = "grade*, reinforce, ppo"
 TRL_GRPO = "grpo, cispo (TRL)"
 
 METRICS: tuple[Metric, ...] = (
@@ -76,7 +76,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("learning_rate", "1", "the scheduler's learning rate (Trainer)", ALL),
     Metric("epoch", "epochs", "passes over the training prompts so far (Trainer)", ALL),
     # ---- GRADE
-    Metric("tau", "1", "relaxation temperature at this step (tau_start -> tau_end)", "grade, grade_ste"),
+    Metric("tau", "1", "relaxation temperature at this step (tau_start -> tau_end)", "grade*"),
     # ---- REINFORCE
     Metric("advantages/mean", "reward", "REINFORCE: mean_b A_b = shaped reward - baseline; PPO: mean GAE advantage over tokens, before whitening", "reinforce, ppo"),
     Metric("samples/kept_fraction", "fraction", "fraction of the samples trained on (reward_threshold / best_of_n filters)", "reinforce"),

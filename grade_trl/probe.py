@@ -37,7 +37,7 @@ COMMAND = Command(
         Option("probe_seed", int, 0, "Seed of the estimates' sampling / Gumbel noise."),
         Option("include_value_loss", bool, False, "PPO: also differentiate the value loss (and probe the value head)."),
         Option("project_dim", int | None, None, "Sketch each gradient to this many dimensions (large models); None keeps them whole."),
-        Option("bias", bool, False, "Relaxed methods (grade, grade_ste): also estimate the bias against an unbiased score-function reference."),
+        Option("bias", bool, False, "Relaxed methods (grade*): also estimate the bias against an unbiased score-function reference."),
         Option("bias_batches", int, 32, "Reference batches for --bias (its relative standard error falls as 1/sqrt)."),
         Option("bias_samples_per_prompt", int, 4, "Samples per prompt of each reference batch (>= 2: leave-one-out baseline)."),
         Option("output", str, "probe.json", "The JSON file the results go to (rewritten after each recipe)."),

@@ -269,7 +269,7 @@ def grade_bias(
     and raise `reference_batches` until reference_relative_se is small (a relative SE s costs about 1/s^2 batches).
     """
     if not hasattr(trainer, "score_function_loss"):
-        raise ValueError(f"grade_bias needs a relaxed method's trainer (grade, grade_ste: `score_function_loss`), got {type(trainer).__name__}")
+        raise ValueError(f"grade_bias needs a relaxed method's trainer (grade*: `score_function_loss`), got {type(trainer).__name__}")
     if estimates is None:
         estimates = gradient_estimates(trainer, prompts, num_estimates, seed, project_dim=project_dim)
     params = trainer.probed_parameters()

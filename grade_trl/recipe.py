@@ -32,7 +32,7 @@ class RecipeError(UserError):
 class RunArguments:
     """What a run optimises and how it is judged; the same for every method in a comparison."""
 
-    method: str = field(default="grade_ste", metadata={"help": "Training method: `grade` (Gumbel-softmax), `grade_ste` (straight-through Gumbel), `reinforce`, `ppo`, `grpo` or `cispo` (TRL's GRPOTrainer)."})
+    method: str = field(default="grade_ste", metadata={"help": "Training method, one of: " + ", ".join(f"`{name}`" for name in METHODS) + " (grade_trl.methods; `--help --method NAME` for its keys)."})
     task: str = field(default="imdb_sentiment", metadata={"help": "Task: `imdb_sentiment` (learned P(positive) reward) or `length` (`2 - words / 16`), both on IMDB prompts; or `gsm8k` (final-answer correctness + format reward, greedy accuracy; not for GRADE)."})
     model_name_or_path: str = field(default="embedded", metadata={"help": "Policy: hub id, local path, or `embedded` (the bundled tiny-imdb-gpt2)."})
     dataset_name: str = field(default="stanfordnlp/imdb", metadata={"help": "IMDB: hub id, local folder/file (jsonl, jsonl.gz, parquet), or `embedded` (bundled 3k/1k sample). GSM8K (default `openai/gsm8k`, config main): the same forms, `embedded` being a bundled 1k/200 sample."})

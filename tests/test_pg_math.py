@@ -232,8 +232,8 @@ def test_reinforce_loss_by_hand():
 def test_ema_baseline_sequence_by_hand():
     ema = EMABaseline(momentum=0.9)
     assert ema.value is None
-    # Batch 1, mean 2: no history, so its own mean is the baseline; EMA = 0.9*2 + 0.1*2 = 2.
-    assert ema.update(torch.tensor([1.0, 3.0])) == pytest.approx(2.0)
+    # Batch 1, mean 2: no history, so each sample's baseline is the mean of the others: [3, 1]; EMA = 2.
+    assert_close(ema.update(torch.tensor([1.0, 3.0])), torch.tensor([3.0, 1.0]))
     assert ema.value == pytest.approx(2.0)
     # Batch 2, mean 7: baseline is the previous EMA, 2; then EMA = 0.9*2 + 0.1*7 = 2.5.
     assert ema.update(torch.tensor([6.0, 8.0])) == pytest.approx(2.0)
@@ -241,6 +241,20 @@ def test_ema_baseline_sequence_by_hand():
     # Batch 3, mean 0: baseline 2.5; then EMA = 0.9*2.5 + 0.1*0 = 2.25.
     assert ema.update(torch.tensor([0.0, 0.0])) == pytest.approx(2.5)
     assert ema.value == pytest.approx(2.25)
+
+
+def test_ema_baseline_never_contains_the_samples_own_reward():
+    """Moving one sample's reward by +10 must not move that sample's baseline, on the first batch as on later ones."""
+    rewards = torch.tensor([0.2, 0.9, 0.4, 0.7])
+    shifted = rewards.clone()
+    shifted[2] += 10.0
+    first, first_shifted = EMABaseline(0.9).update(rewards), EMABaseline(0.9).update(shifted)
+    assert_close(first_shifted[2], first[2])  # its own baseline: unchanged (to round-off)
+    assert_close(first_shifted[[0, 1, 3]] - first[[0, 1, 3]], torch.full((3,), 10.0 / 3))  # the others' means moved
+    ema, ema_shifted = EMABaseline(0.9), EMABaseline(0.9)
+    ema.update(rewards), ema_shifted.update(rewards)
+    assert ema.update(rewards) == ema_shifted.update(shifted)  # later batches: the past only
+    assert_close(EMABaseline(0.9).update(torch.tensor([5.0])), torch.tensor([0.0]))  # one sample, no history: no baseline
 
 
 def test_batch_mean_and_leave_one_out_baselines_by_hand():

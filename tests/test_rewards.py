@@ -7,9 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from grade_trl.rewards import RewardFunctionError, compute_rewards, require_differentiable
+from grade_trl.rewards import (
+    RewardFunctionError,
+    compute_rewards,
+    require_differentiable,
+)
 from grade_trl.rewards.base import check_finite_scores
-from grade_trl.rewards.sentiment import SentimentRewardModel, has_trained_head, train_sentiment_head
+from grade_trl.rewards.sentiment import (
+    SentimentRewardModel,
+    has_trained_head,
+    train_sentiment_head,
+)
 
 TEXTS = ["A wonderful film with brilliant acting.", "Terrible and boring, the worst I have seen.", "ok"]
 
@@ -84,3 +92,42 @@ def test_head_training_learns_and_save_load_round_trips(tmp_path, tokenizer):
     enc = tokenizer(TEXTS, return_tensors="pt", padding=True, add_special_tokens=False)
     assert_close(loaded.score_ids(enc["input_ids"], enc["attention_mask"]), model.score_ids(enc["input_ids"], enc["attention_mask"]))
     assert loaded.metadata["train_accuracy"] == 1.0
+
+
+def test_sentiment_reward_scores_the_sampled_token_ids_not_a_re_tokenization(sentiment_reward, reward_model, tokenizer):
+    """The ids a policy sampled can decode to text that re-tokenizes differently; the reward scores the ids (what
+    GRADE differentiated, `score_soft` on their one-hot rows), up to the first EOS."""
+    merged = tokenizer("the movie", add_special_tokens=False)["input_ids"]
+    split = tokenizer("th", add_special_tokens=False)["input_ids"] + tokenizer("e movie", add_special_tokens=False)["input_ids"]
+    assert split != merged and tokenizer.decode(split) == tokenizer.decode(merged), "the test needs a token sequence that re-tokenizes differently"
+    eos = tokenizer.eos_token_id
+    text = tokenizer.decode(split)
+    by_ids = sentiment_reward(["p"], [text], completion_ids=[split + [eos, 5, 6]])[0]
+    one_hot = torch.nn.functional.one_hot(torch.tensor([split]), reward_model.embedding_matrix.shape[0]).float()
+    assert by_ids == pytest.approx(reward_model.score_soft(one_hot, torch.ones(1, len(split))).item(), abs=1e-6)
+    assert by_ids == pytest.approx(reward_model.score_ids(torch.tensor([split]), torch.ones(1, len(split), dtype=torch.long)).item(), abs=1e-6)
+    by_text = sentiment_reward(["p"], [text])[0]
+    assert by_text == pytest.approx(reward_model.score_ids(torch.tensor([merged]), torch.ones(1, len(merged), dtype=torch.long)).item(), abs=1e-6)
+    assert abs(by_ids - by_text) > 1e-6  # a different sequence, a different score
+
+
+def test_sentiment_reward_ids_with_the_prompt_and_empty_completions(reward_model, tokenizer):
+    from grade_trl.rewards import SentimentReward
+
+    with_prompt = SentimentReward(reward_model, tokenizer, include_prompt=True)
+    prompt = "I hated every minute. "
+    ids = tokenizer("Great film", add_special_tokens=False)["input_ids"]
+    row = tokenizer(prompt, add_special_tokens=False)["input_ids"] + ids
+    expected = reward_model.score_ids(torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))
+    assert with_prompt([prompt], ["Great film"], completion_ids=[ids])[0] == pytest.approx(expected.item(), abs=1e-6)
+    eos = tokenizer.eos_token_id
+    without = SentimentReward(reward_model, tokenizer)
+    assert without(["p"], [""], completion_ids=[[eos]]) == pytest.approx(without(["p"], [""]), abs=1e-6)  # ended at once
+
+
+def test_sentiment_reward_keeps_a_float64_model_in_float64(tokenizer):
+    model = SentimentRewardModel.from_backbone("embedded").double()
+    ids = torch.tensor([[5, 6, 7]])
+    one_hot = torch.nn.functional.one_hot(ids, model.embedding_matrix.shape[0]).double().requires_grad_(True)
+    score = model.score_soft(one_hot, torch.ones(1, 3))
+    assert score.dtype == torch.float64

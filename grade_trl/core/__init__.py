@@ -11,6 +11,7 @@ from .advantages import (
 )
 from .kl import exact_kl, kl_estimate, kl_k1, kl_k3
 from .masks import completion_mask, masked_mean, masked_sum, masked_var, masked_whiten
+from .precision import at_least_float32
 from .policy_losses import explained_variance, ppo_clip_loss, reinforce_loss, sequence_logprob, value_loss
 from .sampling import (
     SampledBatch,
@@ -35,6 +36,7 @@ __all__ = [
     "SoftRollout",
     "SoftTokens",
     "advantages_from_baseline",
+    "at_least_float32",
     "batch_mean_baseline",
     "completion_mask",
     "entropy_from_logits",

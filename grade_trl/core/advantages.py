@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .precision import at_least_float32
+
 
 # ---------------------------------------------------------------- token-level (PPO)
 
@@ -48,9 +50,11 @@ class EMABaseline:
     """Exponential moving average of the batch-mean reward, b <- momentum * b + (1 - momentum) * mean(r).
 
     Order within ``update``: the baseline returned for a batch is the EMA of the *previous*
-    batches (so a sample's own reward never enters its baseline); the first batch, having no
-    history, uses its own mean, which also initialises the EMA. Then the EMA is updated with this
-    batch's mean. ``value`` is None before the first update.
+    batches, so a sample's own reward never enters its baseline. The first batch has no history:
+    it gets the leave-one-out baseline b_i = mean of the batch's other rewards (none for a batch of
+    one), for the same reason, and its mean initialises the EMA. (Using the batch's own mean there
+    would put each r_i into its own baseline with weight 1/B: a biased first step.) Then the EMA
+    is updated with this batch's mean. ``value`` is None before the first update.
     Williams 1992 (REINFORCE with a baseline), https://doi.org/10.1007/BF00992696.
     """
 
@@ -60,11 +64,15 @@ class EMABaseline:
         self.momentum = momentum
         self.value: float | None = None
 
-    def update(self, rewards: torch.Tensor) -> float:
-        """rewards: (B,). Returns the baseline to use for this batch, then folds its mean into the EMA."""
-        batch_mean = rewards.detach().float().mean().item()
+    def update(self, rewards: torch.Tensor) -> float | torch.Tensor:
+        """rewards: (B,). Returns the baseline for this batch (a float; the first batch's (B,) leave-one-out
+        tensor), then folds the batch's mean into the EMA."""
+        rewards = rewards.detach()
+        batch_mean = at_least_float32(rewards).mean().item()
         if self.value is None:
             self.value = batch_mean
+            n = rewards.numel()
+            return (rewards.sum() - rewards) / (n - 1) if n > 1 else torch.zeros_like(rewards)
         baseline = self.value
         self.value = self.momentum * self.value + (1.0 - self.momentum) * batch_mean
         return baseline

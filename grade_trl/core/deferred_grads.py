@@ -25,6 +25,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from .precision import at_least_float32
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -62,9 +64,9 @@ class _Deferred(torch.autograd.Function):
         out = None if grad is None else grad.clone()
         if dense:
             layout = dense[0][0]
-            inputs = torch.cat([x for _, x, _ in dense]).float()  # (N, in)
-            grads = torch.cat([g for _, _, g in dense]).float()  # (N, out)
-            # One product over all N uses, in float32: (out, in) for a Linear's weight, (in, out) for an addmm weight.
+            inputs = at_least_float32(torch.cat([x for _, x, _ in dense]))  # (N, in)
+            grads = at_least_float32(torch.cat([g for _, _, g in dense]))  # (N, out)
+            # One product over all N uses, in float32 (float64 in a float64 run): (out, in) for a Linear's weight, (in, out) for an addmm weight.
             product = (grads.t() @ inputs if layout == "linear" else inputs.t() @ grads).to(ctx.weight_dtype)
             out = product if out is None else out + product
         if rows:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .precision import at_least_float32
+
 
 @dataclass
 class Relaxed:
@@ -171,7 +173,7 @@ class SoftTokens:
 
     def probability(self, token_id: int) -> torch.Tensor:
         """(B, len): the forward value of vocabulary entry `token_id` at every position, with its gradient."""
-        parts = [] if self.prefix_ids is None else [(self.prefix_ids == token_id).float()]
+        parts = []
         for step in self.steps:
             if step.indices is None:
                 column = step.values[:, token_id]
@@ -179,14 +181,20 @@ class SoftTokens:
                 column = (step.values * (step.indices == token_id)).sum(-1)
             if step.straight_through:
                 column = (step.hard == token_id).to(column.dtype) + (column - column.detach())
-            parts.append(column.unsqueeze(1))
+            parts.append(at_least_float32(column).unsqueeze(1))
+        if self.prefix_ids is not None:
+            dtype = parts[0].dtype if parts else torch.float32
+            parts.insert(0, (self.prefix_ids == token_id).to(dtype))
         return torch.cat(parts, dim=1)
 
     def dense(self) -> torch.Tensor:
         """(B, len, V): every position's forward value as a distribution over the vocabulary (materialised)."""
-        parts = [] if self.prefix_ids is None else [F.one_hot(self.prefix_ids, self.vocab_size).float()]
+        parts = []
         if self.steps:
-            parts.append(torch.stack([step.forward_value(self.vocab_size).float() for step in self.steps], dim=1))
+            parts.append(at_least_float32(torch.stack([step.forward_value(self.vocab_size) for step in self.steps], dim=1)))
+        if self.prefix_ids is not None:
+            dtype = parts[0].dtype if parts else torch.float32
+            parts.insert(0, F.one_hot(self.prefix_ids, self.vocab_size).to(dtype))
         return torch.cat(parts, dim=1)
 
 

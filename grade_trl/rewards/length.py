@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.precision import at_least_float32
 from ..core.soft_tokens import SoftTokens, as_soft_tokens
 
 
@@ -14,8 +15,10 @@ class LengthReward:
     """TRL-compatible reward `2 - len(completion.split()) / scale`, and a differentiable surrogate for GRADE.
 
     The soft path scores the EXPECTED number of completion tokens before EOS under the relaxed tokens:
-    with e_t = y_t[eos] (the relaxed token's EOS mass), position t is still "alive" with probability
-    prod_{s<t} (1 - e_s), so E[tokens] = sum_t mask_t * prod_{s<t} (1 - e_s). It is mapped to the word
+    with e_t = y_t[eos] (the relaxed token's EOS mass), position t holds a text token when no EOS came at or
+    before it, with probability prod_{s<=t} (1 - e_s), so E[tokens] = sum_t mask_t * prod_{s<=t} (1 - e_s). On
+    one-hot tokens that is the number of tokens before the first EOS, which is what the decoded text holds
+    (the EOS itself is not text). It is mapped to the word
     scale with a fixed `words_per_token` (0.75 for GPT-2-style BPE on English prose: an assumption,
     not a measurement of the policy), giving `2 - words_per_token * E[tokens] / scale`. Its gradient
     raises the EOS mass at early positions; it ignores everything else about the tokens.
@@ -32,10 +35,9 @@ class LengthReward:
         return [self.offset - len(completion.split()) / self.scale for completion in completions]
 
     def expected_tokens(self, soft_tokens: SoftTokens, attention_mask: torch.Tensor) -> torch.Tensor:
-        eos_mass = as_soft_tokens(soft_tokens).probability(self.eos_token_id).float()  # (B, T)
-        alive_after = torch.cumprod(1.0 - eos_mass, dim=1)  # (B, T): not ended at or before t
-        alive = torch.cat([torch.ones_like(alive_after[:, :1]), alive_after[:, :-1]], dim=1)  # (B, T): not ended before t
-        return (alive * attention_mask.float()).sum(1)  # (B,)
+        eos_mass = at_least_float32(as_soft_tokens(soft_tokens).probability(self.eos_token_id))  # (B, T)
+        is_text = torch.cumprod(1.0 - eos_mass, dim=1)  # (B, T): no EOS at or before t
+        return (is_text * attention_mask.to(is_text.dtype)).sum(1)  # (B,)
 
     def score_soft(self, soft_tokens: SoftTokens, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.offset - self.words_per_token * self.expected_tokens(soft_tokens, attention_mask) / self.scale

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
+from ..core.precision import at_least_float32
 from ..core.soft_rollout import position_ids_from_mask
 from ..core.soft_tokens import SoftTokens, as_soft_tokens
 from ..models import resolve_model_path
@@ -63,7 +64,8 @@ class SentimentRewardModel(nn.Module):
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
     def p_positive(self, pooled: torch.Tensor) -> torch.Tensor:
-        return F.softmax(self.head(pooled.float()), dim=-1)[:, 1]  # (B,)
+        logits = self.head(pooled.to(next(self.head.parameters()).dtype))  # (B, 2); a float64 model keeps float64
+        return F.softmax(at_least_float32(logits), dim=-1)[:, 1]  # (B,)
 
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.p_positive(self.pooled(attention_mask, input_ids=input_ids))
@@ -104,6 +106,12 @@ class SentimentReward:
 
     `include_prompt` decides what is scored; it must be the same for every method in a comparison,
     which is why it lives on the reward object rather than in any trainer.
+
+    Given `completion_ids` (every trainer here passes them, as TRL's do), it scores those tokens, up to the first
+    EOS, instead of re-tokenizing the decoded text: decoding and re-encoding can give another token sequence than
+    the one the policy sampled (and GRADE differentiated), with another score. That needs the policy's and the
+    reward's vocabularies to be the same (`tokenizer` is the policy's; GRADE needs it anyway); ids outside the
+    reward's vocabulary fall back to the text.
     """
 
     differentiable = True
@@ -124,18 +132,37 @@ class SentimentReward:
 
     @torch.no_grad()
     def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+        rows = self._token_rows(prompts, completion_ids) if completion_ids is not None else None
+        if rows is not None:
+            return self._score_rows(rows)
         texts = [p + c for p, c in zip(prompts, completions)] if self.include_prompt else list(completions)
+        return self._score_rows(self.tokenizer(texts, truncation=True, max_length=self.max_length, add_special_tokens=False)["input_ids"])
+
+    def _token_rows(self, prompts, completion_ids) -> list[list[int]] | None:
+        """The token ids to score: (prompt ids +) completion ids before the first EOS, at most `max_length`."""
+        eos, vocab = self.tokenizer.eos_token_id, self.model.embedding_matrix.shape[0]
+        rows = []
+        for prompt, ids in zip(prompts, completion_ids):
+            ids = [int(i) for i in ids]
+            if eos is not None and eos in ids:
+                ids = ids[: ids.index(eos)]
+            if self.include_prompt:
+                ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] + ids
+            if any(i < 0 or i >= vocab for i in ids):
+                return None
+            rows.append(ids[: self.max_length])
+        return rows
+
+    def _score_rows(self, rows: list[list[int]]) -> list[float]:
         scores = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[start : start + self.batch_size],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                add_special_tokens=False,
-            ).to(self.device)
-            scores.extend(self.model.score_ids(enc["input_ids"], enc["attention_mask"]).tolist())
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            width = max(1, max(len(r) for r in chunk))
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for i, row in enumerate(chunk):  # right padding: the score pools over the mask, positions follow it
+                ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row, dtype=torch.long), 1
+            scores.extend(self.model.score_ids(ids.to(self.device), mask.to(self.device)).tolist())
         return scores
 
     def score_soft(self, soft_tokens: SoftTokens, attention_mask: torch.Tensor) -> torch.Tensor:

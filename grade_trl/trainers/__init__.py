@@ -6,10 +6,14 @@ from .ppo import PPOTrainer, ppo_loss
 from .ppo_config import PPOConfig
 from .reinforce import REINFORCETrainer
 from .reinforce_config import REINFORCEConfig
-from .relaxations import RELAXATIONS, GumbelSoftmax, StraightThroughGumbel, tau_at
+from .relaxations import RELAXATIONS, GappedStraightThrough, GumbelRao, GumbelSoftmax, ReinMax, StraightThroughGumbel, build_relaxation, tau_at
 
 __all__ = [
     "RELAXATIONS",
+    "GappedStraightThrough",
+    "GumbelRao",
+    "ReinMax",
+    "build_relaxation",
     "GumbelGRADEConfig",
     "GumbelGRADETrainer",
     "GumbelSoftmax",

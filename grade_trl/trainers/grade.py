@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 from torch.utils.checkpoint import checkpoint
 
-from ..core import SoftTokens, entropy_from_logits, exact_kl, leave_one_out_baseline, masked_sum, reference_logits, soft_rollout
+from ..core import SoftTokens, at_least_float32, entropy_from_logits, exact_kl, leave_one_out_baseline, masked_sum, reference_logits, soft_rollout
 from ..rewards.base import check_finite_scores, require_differentiable, reward_name
 from .base import RolloutTrainer
 from .grade_config import GumbelGRADEConfig
-from .relaxations import RELAXATIONS, StraightThroughGumbel, tau_at
+from .relaxations import StraightThroughGumbel, build_relaxation, tau_at
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class GumbelGRADETrainer(RolloutTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.relaxation = RELAXATIONS[self.args.estimator]()
+        a = self.args
+        self.relaxation = build_relaxation(a.estimator, a.tau_backward, a.rao_samples, a.gapped_margin)
 
     def check_rewards(self, reward_funcs) -> None:
         require_differentiable(reward_funcs)
@@ -105,7 +106,7 @@ class GumbelGRADETrainer(RolloutTrainer):
 
             # 4. differentiable rewards
             scores = self.soft_reward_scores(rollout)  # (B, F)
-        rewards = scores @ self.reward_weights.to(device)  # (B,)
+        rewards = scores @ self.reward_weights.to(device, scores.dtype)  # (B,)
 
         # 5. the loss
         loss = grade_loss(rewards, kl, args.kl_coef)
@@ -123,7 +124,7 @@ class GumbelGRADETrainer(RolloutTrainer):
                 score = checkpoint(func.score_soft, soft, mask, use_reentrant=False)
             else:
                 score = func.score_soft(soft, mask)
-            scores.append(check_finite_scores(func, score.float()))
+            scores.append(check_finite_scores(func, at_least_float32(score)))
         return torch.stack(scores, dim=1)
 
     @torch.no_grad()
@@ -166,7 +167,8 @@ class GumbelGRADETrainer(RolloutTrainer):
         with ref_context():
             ref_logits = reference_logits(ref_model, rollout, args.min_new_tokens, eos)  # (B, T, V)
         kl = masked_sum(exact_kl(rollout.logits, ref_logits), rollout.mask, dim=1)  # (B,) with its pathwise gradient
-        f = self.soft_reward_scores(rollout) @ self.reward_weights.to(kl.device) - args.kl_coef * kl  # (B,)
+        scores = self.soft_reward_scores(rollout)
+        f = scores @ self.reward_weights.to(kl.device, scores.dtype) - args.kl_coef * kl  # (B,)
         token_logps = F.log_softmax(rollout.logits, dim=-1).gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
         logp = masked_sum(token_logps, rollout.mask, dim=1)  # (B,) log pi(y) up to and including the first EOS
         advantages = f.detach() - leave_one_out_baseline(f.detach(), samples_per_prompt)  # (B,)

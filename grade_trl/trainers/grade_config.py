@@ -25,8 +25,30 @@ class GumbelGRADEConfig(RolloutConfig):
     )
     estimator: str = field(
         default="ste",
-        metadata={"help": "Relaxation of sampling: `soft` (Gumbel-softmax, Jang et al. 2017, arXiv:1611.01144) or `ste` "
-                  "(straight-through Gumbel: one-hot forward, Gumbel-softmax backward)."},
+        metadata={"help": "Gradient estimator of sampling (every one samples the token exactly; README: GRADE's estimators): "
+                  "`soft` (Gumbel-softmax: the forward is the relaxed mixture; Jang et al. 2017, arXiv:1611.01144), `ste` "
+                  "(straight-through Gumbel: one-hot forward, Gumbel-softmax gradient), `reinmax` (one-hot forward, second-order "
+                  "accurate gradient 2 J(pi_1) - J(pi_0)/2, no backward noise; Liu et al. 2023, arXiv:2304.08612), `rao` "
+                  "(Gumbel-Rao: ST-Gumbel's gradient averaged over `rao_samples` noise draws conditioned on the token, same mean, "
+                  "lower variance; Paulus et al. 2021, arXiv:2010.04838) or `gapped` (gapped straight-through: the backward's noise "
+                  "replaced by a deterministic move of the logits that makes the token the argmax by `gapped_margin`; Fan et al. "
+                  "2022, arXiv:2206.07235)."},
+    )
+    tau_backward: float = field(
+        default=0.0,
+        metadata={"help": "Temperature of the gradient, decoupled from the forward's (Shah et al. 2024, arXiv:2410.13331); 0: the "
+                  "annealed tau. For `soft` the forward mixture stays at tau; the straight-through estimators' forward is one-hot "
+                  "at every temperature, so for them this is the temperature of the backward and the tau schedule has no effect."},
+    )
+    rao_samples: int = field(
+        default=8,
+        metadata={"help": "`rao` only: conditional Gumbel draws K averaged in the gradient (K = 1 is ST-Gumbel). Costs K softmaxes "
+                  "of each step's logits in time and saved memory; use relax_top_k with it at full vocabularies."},
+    )
+    gapped_margin: float = field(
+        default=1.0,
+        metadata={"help": "`gapped` only: the margin kappa by which the deterministic perturbation puts the sampled token's logit "
+                  "above every other (Fan et al. 2022 use 1.0)."},
     )
     tau_start: float = field(default=2.0, metadata={"help": "Relaxation temperature at step 0 (GRADE experiment: 2.0)."})
     tau_end: float = field(default=0.5, metadata={"help": "Relaxation temperature after annealing (GRADE experiment: 0.5)."})
@@ -76,6 +98,12 @@ class GumbelGRADEConfig(RolloutConfig):
             raise ValueError(f"tau_schedule must be 'linear' or 'constant', got {self.tau_schedule!r}")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.tau_backward < 0:
+            raise ValueError(f"tau_backward must be > 0 (or 0: the annealed tau), got {self.tau_backward}")
+        if self.rao_samples < 1:
+            raise ValueError(f"rao_samples must be >= 1, got {self.rao_samples}")
+        if self.gapped_margin <= 0:
+            raise ValueError(f"gapped_margin must be > 0, got {self.gapped_margin}")
         if self.tau_start <= 0 or self.tau_end <= 0:
             raise ValueError(f"tau_start and tau_end must be > 0, got {self.tau_start} and {self.tau_end}")
         if self.rollout_cache not in CACHES:

@@ -58,7 +58,11 @@ class REINFORCETrainer(RolloutTrainer):
         """The baseline for this batch; EMA and batch mean use the mean over every process's samples."""
         kind = self.args.baseline
         if kind == "ema":
-            return self.ema_baseline.update(self.accelerator.gather(shaped.detach()))
+            baseline = self.ema_baseline.update(self.accelerator.gather(shaped.detach()))
+            if isinstance(baseline, torch.Tensor):  # the first batch: leave-one-out over every process's samples
+                start = self.accelerator.process_index * shaped.shape[0]
+                baseline = baseline[start : start + shaped.shape[0]]
+            return baseline
         if kind == "batch_mean":
             return self.accelerator.gather(shaped.detach()).mean()
         if kind == "leave_one_out":
