@@ -8,16 +8,20 @@ unbiased score-function reference). What is measured and why: `grade_trl.probing
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import sys
 import time
 
+import torch
+
 from .build import build_probe_trainer
 from .cli import Command, Option, quiet_libraries
 from .errors import UserError
 from .methods import get_method
-from .probing import completions_per_estimate, estimator_statistics, first_rows, grade_bias, gradient_estimates, prompt_text
+from .probing import completions_per_estimate, estimator_statistics, first_rows, grade_bias, gradient_estimates, prompt_text, score_function_reference
 from .recipe import build_recipe, load_recipe_file
 from .results import write_json_atomic
 
@@ -40,6 +44,9 @@ COMMAND = Command(
         Option("bias", bool, False, "Relaxed methods (grade*): also estimate the bias against an unbiased score-function reference."),
         Option("bias_batches", int, 32, "Reference batches for --bias (its relative standard error falls as 1/sqrt)."),
         Option("bias_samples_per_prompt", int, 4, "Samples per prompt of each reference batch (>= 2: leave-one-out baseline)."),
+        Option("bias_reference", str | None, None, "A file to keep the score-function reference in and reuse from: it depends on the model, prompts, reward, "
+               "KL and lengths, not on the estimator, tau or relax_top_k, so a sweep over those computes it once (within one command the "
+               "recipes share it anyway). Reused only when the settings it records match."),
         Option("output", str, "probe.json", "The JSON file the results go to (rewritten after each recipe)."),
     ),
     epilog="Every other --key value is a recipe override applied to every recipe.",
@@ -55,7 +62,45 @@ def check_options(paths: list[str], options: dict) -> None:
         raise UserError(f"--bias_samples_per_prompt must be >= 2 (leave-one-out baseline), got {options['bias_samples_per_prompt']}")
 
 
-def probe_recipe(recipe, path: str, options: dict) -> dict:
+# Settings of a GRADE recipe that change its estimates but not the score-function reference (the gradient of the hard
+# objective at the same parameters), or nothing at all: excluded from the reference's key.
+_NOT_IN_REFERENCE = frozenset({
+    "method", "estimator", "tau_start", "tau_end", "tau_anneal_steps", "tau_schedule", "tau_backward", "rao_samples", "gapped_margin",
+    "relax_top_k", "rollout_cache", "rollout_checkpointing", "recompute_reference_and_reward", "output_dir", "logging_dir", "run_name",
+})
+
+
+def reference_key(recipe, options: dict) -> str:
+    """What the score-function reference depends on, as one string: the recipe's settings but the estimator's, and the probe's."""
+    settings = {f.name: getattr(recipe.run, f.name) for f in dataclasses.fields(recipe.run)}
+    settings.update({f.name: getattr(recipe.config, f.name) for f in dataclasses.fields(recipe.config) if f.init})
+    settings = {k: v for k, v in settings.items() if k not in _NOT_IN_REFERENCE}
+    settings.update({k: options[k] for k in ("checkpoint", "step", "num_prompts", "probe_seed", "project_dim", "bias_batches", "bias_samples_per_prompt")})
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def cached_reference(trainer, prompts, recipe, options: dict, cache: dict) -> tuple[dict, bool]:
+    """The score-function reference for this recipe: from `cache` (this command's), the --bias_reference file, or computed
+    (then kept in both). Returns (reference, reused)."""
+    key = reference_key(recipe, options)
+    if key in cache:
+        return cache[key], True
+    path = options["bias_reference"]
+    if path and os.path.isfile(path):
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if stored.get("key") == key:
+            cache[key] = stored["reference"]
+            return cache[key], True
+        logger.warning("%s holds a reference for other settings; computing a new one and replacing it", path)
+    reference = score_function_reference(trainer, prompts, options["bias_batches"], options["bias_samples_per_prompt"], options["probe_seed"], options["project_dim"])
+    cache[key] = reference
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.save({"key": key, "reference": reference}, path)
+    return reference, False
+
+
+def probe_recipe(recipe, path: str, options: dict, reference_cache: dict | None = None) -> dict:
     """Build one recipe's trainer, probe it on its first `num_prompts` training prompts, return one result row."""
     trainer, task = build_probe_trainer(recipe, options["checkpoint"], options["step"])
     prompts = first_rows(task.train_dataset, options["num_prompts"])
@@ -77,14 +122,12 @@ def probe_recipe(recipe, path: str, options: dict) -> dict:
     }
     method = get_method(recipe.run.method)
     if method.relaxed:
-        row["tau"] = trainer.tau
+        row.update(tau=trainer.tau, estimator=trainer.args.estimator, relax_top_k=trainer.args.relax_top_k)
     if options["bias"] and method.relaxed:
         start = time.time()
-        row["bias"] = grade_bias(
-            trainer, prompts, reference_batches=options["bias_batches"], samples_per_prompt=options["bias_samples_per_prompt"],
-            seed=options["probe_seed"], estimates=G, project_dim=options["project_dim"],
-        )
-        row["bias"]["seconds"] = time.time() - start
+        reference, reused = cached_reference(trainer, prompts, recipe, options, {} if reference_cache is None else reference_cache)
+        row["bias"] = grade_bias(trainer, prompts, seed=options["probe_seed"], estimates=G, project_dim=options["project_dim"], reference=reference)
+        row["bias"].update(seconds=time.time() - start, reference_reused=reused)
     return row
 
 
@@ -101,7 +144,7 @@ def format_table(rows: list[dict]) -> str:
         if "bias" in r:
             b = r["bias"]
             lines.append(
-                f"bias {r['method']}: vs the score-function reference ({b['reference_samples']} samples, relative SE {b['reference_relative_se']:.3f}): "
+                f"bias {r['method']} (tau {r['tau']:g}, top-k {r['relax_top_k'] or 'all'}): vs the score-function reference ({b['reference_samples']} samples, relative SE {b['reference_relative_se']:.3f}): "
                 f"cosine {b['cosine']:.3f} (noise-corrected {b['cosine_corrected']:.3f}), relative error {b['relative_error']:.3f} "
                 f"(noise floor {b['noise_floor']:.3f}; noise-corrected bias {b['relative_bias']:.3f})"
             )
@@ -113,10 +156,10 @@ def probe(paths: list[str], options: dict, overrides: dict, argv: list[str]) -> 
     recipes = [build_recipe({**load_recipe_file(path), **overrides}) for path in paths]  # validate all before any work
     quiet_libraries()
     command = " ".join(["python -m grade_trl.probe", *argv])
-    rows = []
+    rows, reference_cache = [], {}
     for path, recipe in zip(paths, recipes):
         logger.info("probing %s (%s): %d estimates on %d prompts", path, recipe.run.method, options["num_estimates"], options["num_prompts"])
-        rows.append(probe_recipe(recipe, path, options))
+        rows.append(probe_recipe(recipe, path, options, reference_cache))
         write_json_atomic(options["output"], {"command": command, "options": options, "overrides": overrides, "results": rows})
     print(format_table(rows))
     print(f"\nresults: {options['output']}")

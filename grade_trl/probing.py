@@ -249,11 +249,13 @@ def grade_bias(
     seed: int = 0,
     estimates: torch.Tensor | None = None,
     project_dim: int | None = None,
+    reference: dict | None = None,
 ) -> dict[str, float]:
     """GRADE's mean gradient against a high-sample score-function estimate of the gradient of the SAME hard objective.
 
     g_grade = mean of `num_estimates` GRADE estimates (or the given `estimates`, drawn with the same `project_dim`);
-    g_ref = mean of `reference_batches` estimates of the trainer's `score_function_loss` (each: the N prompts x r samples). Returns
+    g_ref = mean of `reference_batches` estimates of the trainer's `score_function_loss` (each: the N prompts x r samples;
+    or the given `reference`, from `score_function_reference` with the same settings). Returns
     `compare_means(g_grade, g_ref)` (plug-in and noise-corrected cosine, relative error, its noise floor, the
     noise-corrected relative bias, the reference's relative standard error) and `reference_samples`.
 
@@ -272,6 +274,20 @@ def grade_bias(
         raise ValueError(f"grade_bias needs a relaxed method's trainer (grade*: `score_function_loss`), got {type(trainer).__name__}")
     if estimates is None:
         estimates = gradient_estimates(trainer, prompts, num_estimates, seed, project_dim=project_dim)
+    if reference is None:
+        reference = score_function_reference(trainer, prompts, reference_batches, samples_per_prompt, seed, project_dim)
+    n = reference["batches"]
+    result = compare_means(estimates.double().mean(0), estimator_statistics(estimates)["trace_cov"], estimates.shape[0], reference["mean"], reference["trace_cov"], n)
+    return {**result, "reference_samples": n * len(prompts) * reference["samples_per_prompt"]}
+
+
+def score_function_reference(trainer, prompts: list, reference_batches: int = 32, samples_per_prompt: int = 4, seed: int = 0,
+                             project_dim: int | None = None) -> dict:
+    """The mean and total variance of `reference_batches` estimates of the trainer's `score_function_loss` gradient.
+
+    It depends on the parameters, prompts, reward, kl_coef and lengths, not on the estimator or tau: a sweep over
+    those computes it once (`python -m grade_trl.probe --bias_reference FILE`). Returns {mean (P,) float64,
+    trace_cov, batches, samples_per_prompt}."""
     params = trainer.probed_parameters()
     sketch = CountSketch(project_dim) if project_dim else None  # the same map as the estimates'
     rows = prompt_rows(prompts)
@@ -285,8 +301,7 @@ def grade_bias(
     n = reference_batches
     g_ref = total / n
     trace_ref = max(total_sq_norm - n * g_ref.dot(g_ref).item(), 0.0) / (n - 1)
-    result = compare_means(estimates.double().mean(0), estimator_statistics(estimates)["trace_cov"], estimates.shape[0], g_ref, trace_ref, n)
-    return {**result, "reference_samples": n * len(prompts) * samples_per_prompt}
+    return {"mean": g_ref, "trace_cov": trace_ref, "batches": n, "samples_per_prompt": samples_per_prompt}
 
 
 def compare_means(mean_a: torch.Tensor, trace_a: float, n_a: int, mean_b: torch.Tensor, trace_b: float, n_b: int) -> dict[str, float]:

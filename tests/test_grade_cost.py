@@ -88,12 +88,16 @@ def test_top_k_relaxation_keeps_k_columns_per_step(tmp_path, sentiment_reward, t
 
 @pytest.mark.slow
 def test_a_run_with_every_switch_on_learns(tmp_path):
-    """The quickstart recipe, shrunk, with checkpointed steps, a top-256 relaxation and bf16 autocast: the training
-    reward of the last logging window is above the first's."""
+    """The quickstart recipe, shrunk, with checkpointed steps, a top-256 relaxation and bf16 autocast: the held-out
+    validation reward (fixed prompts, fixed sampling seed) rises over 40 steps and every logged training reward is
+    finite. (The training reward of a 10-step window is too noisy to rank: bf16 rounds differently across CPUs, and
+    CI once saw 0.515 -> 0.497 on a run whose validation reward rose 0.447 -> 0.495.)"""
     argv = shrunk(tmp_path, max_steps=40, logging_steps=10, eval_steps=100, rollout_checkpointing="true", relax_top_k=256, bf16="true", learning_rate=3e-4)
     from grade_trl.run import main
 
     assert main(argv) == 0
-    history = load_results(tmp_path / "run" / "results.json")["history"]
-    rewards = [h["reward"] for h in history if "reward" in h and "loss" in h]
-    assert len(rewards) == 4 and rewards[-1] > rewards[0], rewards
+    results = load_results(tmp_path / "run" / "results.json")
+    rewards = [h["reward"] for h in results["history"] if "reward" in h and "loss" in h]
+    assert len(rewards) == 4 and all(math.isfinite(r) for r in rewards), rewards
+    before, after = results["final"]["validation_before"]["reward"], results["final"]["validation_after"]["reward"]
+    assert after > before + 0.02, (before, after)

@@ -306,6 +306,26 @@ def test_cli_probes_several_recipes_on_the_same_prompts(tmp_path, capsys):
     assert results[0]["bias"]["reference_samples"] == 2 * 2 * 2 and "bias" not in results[1] and "bias grade_ste" in table
 
 
+def test_the_bias_reference_is_computed_once_for_a_sweep_over_estimators_and_tau(tmp_path):
+    """The score-function reference depends on the model, prompts, reward and KL, not on the estimator or tau: within one
+    command the recipes share it, and --bias_reference keeps it for later commands unless those settings change."""
+    recipes = [TINY_LENGTH[0], str(REPO / "recipes" / "tiny" / "length_grade.yaml")]  # grade_ste and grade (soft)
+    reference = tmp_path / "reference.pt"
+    common = ["--num_estimates", "2", "--num_prompts", "2", "--output_dir", str(tmp_path / "run"), *SHRUNK, "--tau_start", "1.0", "--learning_rate", "1e-4",
+              "--kl_coef", "0.1", "--bias", "--bias_batches", "2", "--bias_samples_per_prompt", "2", "--bias_reference", str(reference)]
+    first = tmp_path / "first.json"
+    assert main([*recipes, *common, "--output", str(first)]) == 0
+    rows = json.loads(first.read_text())["results"]
+    assert [r["bias"]["reference_reused"] for r in rows] == [False, True] and reference.is_file()
+    again = tmp_path / "again.json"
+    assert main([TINY_LENGTH[0], *common, "--tau_start", "0.5", "--relax_top_k", "16", "--output", str(again)]) == 0
+    row = json.loads(again.read_text())["results"][0]
+    assert row["bias"]["reference_reused"] and row["tau"] == 0.5 and row["relax_top_k"] == 16
+    other = tmp_path / "other.json"
+    assert main([TINY_LENGTH[0], *common, "--kl_coef", "0.5", "--output", str(other)]) == 0  # another objective: recomputed
+    assert not json.loads(other.read_text())["results"][0]["bias"]["reference_reused"]
+
+
 def test_checkpoint_weights_are_loaded_into_the_policy_not_the_reference(tmp_path):
     recipe = parse_recipe([TINY_LENGTH[0], "--output_dir", str(tmp_path / "run"), *SHRUNK])
     trainer, _ = build_probe_trainer(recipe)
