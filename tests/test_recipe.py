@@ -173,3 +173,14 @@ def test_min_new_tokens_through_trl_generation_kwargs_warns(caplog):
 def test_completions_per_step_counts_new_completions(recipe, processes, expected):
     parsed = parse_recipe([str(REPO / "recipes" / recipe)])
     assert parsed.config.completions_per_step(processes) == expected
+
+
+@pytest.mark.parametrize("method", ["grade_ste", "reinforce", "ppo"])
+def test_min_new_tokens_defaults_to_at_most_max_new_tokens(method):
+    """`max_new_tokens: 12` alone is a complete setting (the default minimum of 16 follows it down); an explicit
+    minimum above the maximum is still refused in one line."""
+    short = build_recipe({"method": method, "output_dir": "x", "max_new_tokens": 12})
+    assert (short.config.max_new_tokens, short.config.min_new_tokens) == (12, 12)
+    assert build_recipe({"method": method, "output_dir": "x"}).config.min_new_tokens == 16
+    with pytest.raises(UserError, match="min_new_tokens"):
+        build_recipe({"method": method, "output_dir": "x", "max_new_tokens": 12, "min_new_tokens": 13})

@@ -45,13 +45,19 @@ class RolloutConfig(TrainingArguments):
     # Generation
     max_prompt_length: int = field(default=32, metadata={"help": "Prompts are cut to this many tokens (GRADE experiment: 32)."})
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per prompt at most (GRADE experiment: 16 to 48)."})
-    min_new_tokens: int = field(default=16, metadata={"help": "EOS is forbidden before this many new tokens, in sampling and in every log-prob and KL alike."})
+    min_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "EOS is forbidden before this many new tokens, in sampling and in every log-prob and KL alike "
+                  "(default: 16, or max_new_tokens where that is smaller)."},
+    )
 
     # Objective
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weight of each reward function in the total reward (default: 1 for each)."})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.min_new_tokens is None:  # a user who sets only max_new_tokens: 12 means "at most 12", not an error
+            self.min_new_tokens = min(16, self.max_new_tokens)
         if not 0 <= self.min_new_tokens <= self.max_new_tokens or self.max_new_tokens < 1:
             raise ValueError(
                 f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got {self.min_new_tokens} and {self.max_new_tokens}"
