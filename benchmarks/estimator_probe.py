@@ -18,9 +18,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from grade_trl.methods import METHODS  # noqa: E402
 from grade_trl.probe import main as probe_main  # noqa: E402
 
-GRADE_METHODS = ("grade_ste", "grade", "grade_reinmax", "grade_rao", "grade_gapped")
+GRADE_METHODS = tuple(name for name, method in METHODS.items() if method.relaxed)  # every relaxed method in the registry
 
 
 def run_probe(recipe: str, overrides: list[str], output: Path, common: list[str]) -> dict:

@@ -21,7 +21,7 @@ grid of small random GPT-2 shapes; the fit is checked against a shape it has not
 gpt2-small) before it predicts (`--predict`, default gpt2-medium). Allocator-level bytes
 (`torch.cuda.max_memory_allocated`'s sense); a CUDA process adds its context and allocator slack (0.5-1 GB).
 
-    python benchmarks/memory_model.py --tokenizer ../shared/tokenizers/gpt2 --threads 2 --json docs/results/memory_model.json
+    python benchmarks/memory_model.py --tokenizer gpt2 --threads 2 --json docs/results/memory_model.json
 """
 
 from __future__ import annotations

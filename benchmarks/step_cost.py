@@ -22,7 +22,7 @@ one mini-batch), AdamW, clip 1.0. GRADE's memory switches are flags (`--rollout_
 mixed precision (autocast, float32 master weights).
 
 How to run (CPU timings are noisy: compare the ratios of one run, with --threads set):
-    python benchmarks/step_cost.py --model gpt2-shaped-random --tokenizer ../shared/tokenizers/gpt2 \\
+    python benchmarks/step_cost.py --model gpt2-shaped-random --tokenizer gpt2 \\
         --n_layer 12 --n_embd 768 --n_head 12 --batch_size 8 --new_tokens 24 48 --threads 2
     python benchmarks/step_cost.py --model gpt2-shaped-random --n_layer 24 --n_embd 1024 --n_head 16 --device cuda   # gpt2-medium shape
 `--tokenizer` is the GPT-2 tokenizer for `gpt2-shaped-random` (a hub id or a folder with vocab.json and

@@ -34,7 +34,7 @@ from .cli import Command, Option
 from .comparison import build_comparison
 from .errors import UserError
 from .methods import relaxed_methods
-from .results import evaluation_rows, last_training_value, read_json, test_metric, test_name, test_per_prompt, training_rows, write_json_atomic
+from .results import evaluation_rows, last_training_value, read_json, read_results, test_metric, test_name, test_per_prompt, training_rows, write_json_atomic
 from .stats import (
     bootstrap_ci,
     cohens_d,
@@ -64,8 +64,8 @@ def load_runs(results_dir: Path) -> tuple[dict | None, dict[str, list[dict]]]:
     comparison = read_json(results_dir / "comparison.json")
     runs: dict[str, list[dict]] = {}
     for path in sorted(results_dir.glob("*/seed*/results.json")):
-        results = read_json(path)
-        if results is None or results.get("status") != "completed":
+        results = read_results(path)
+        if results is None or results["status"] != "completed":
             continue
         seed_text = path.parent.name[len("seed") :]
         seed = int(seed_text) if seed_text.isdigit() else (results.get("config") or {}).get("trainer", {}).get("seed")

@@ -29,7 +29,7 @@ from .cli import Command, Option
 from .comparison import RUN_INFO, build_comparison
 from .errors import UserError
 from .recipe import build_recipe, load_recipe_file
-from .results import read_json, write_json_atomic
+from .results import read_json, read_results, write_json_atomic
 
 logger = logging.getLogger("grade_trl.compare")
 
@@ -143,7 +143,7 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
     pending = []
     for index, record in enumerate(runs, 1):
         run_dir = Path(record["run_dir"])
-        previous = read_json(run_dir / "results.json")
+        previous = read_results(run_dir)
         if previous is not None and previous.get("status") == "completed" and not options["force"]:
             expected = run_recipe(record["recipe"], overrides, record["seed"], str(run_dir)).raw
             if same_settings((previous.get("config") or {}).get("recipe"), expected):
@@ -166,7 +166,7 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         for future in as_completed([pool.submit(launch, index, record) for index, record in pending]):
             index, record, info = future.result()
             run_dir = Path(record["run_dir"])
-            results = read_json(run_dir / "results.json")
+            results = read_results(run_dir)
             completed = info["returncode"] == 0 and results is not None and results.get("status") == "completed"
             write_json_atomic(run_dir / RUN_INFO, info)
             record.update(status="completed" if completed else "failed", skipped=False, **info)

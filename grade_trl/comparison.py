@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import metrics
-from .results import evaluation_rows, read_json, test_metric, test_name, validation_key
+from .results import evaluation_rows, read_json, read_results, test_metric, test_name, validation_key
 from .stats import mean_ci
 
 RUN_INFO = "compare_run.json"  # written by `compare` beside each run: command, exit code, wall seconds, peak RSS
@@ -121,7 +121,7 @@ def build_comparison(runs: list[dict], thresholds: list[float], meta: dict) -> d
     """comparison.json from the run records (name, method, recipe, seed, run_dir, status, ...), reading each completed run's results.json."""
     loaded = []
     for record in runs:
-        results = read_json(Path(record["run_dir"]) / "results.json") if record["status"] == "completed" else None
+        results = read_results(record["run_dir"]) if record["status"] == "completed" else None
         if results is not None:
             loaded.append((record, results, run_summary(results, read_json(Path(record["run_dir"]) / RUN_INFO))))
     seeds = list(dict.fromkeys(record["seed"] for record, _, _ in loaded))

@@ -260,6 +260,8 @@ def help_text(method_name: str) -> str:
         "       python -m grade_trl.run --help --method NAME     (the keys of method NAME)",
         "",
         f"method {method_name}: {method.summary}",
+        f"KL penalty: `{method.kl_coefficient}` weighs the KL to the reference {method.kl_coefficient_meaning} "
+        f"(the logged `kl` is always nats per completion); per_device_train_batch_size counts {method.batch_counts}.",
         f"methods: {', '.join(METHODS)}",
         "",
         "Run keys (RunArguments: task, data, reward, evaluation; the same for every method):",

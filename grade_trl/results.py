@@ -98,14 +98,26 @@ def results_path(run: str | os.PathLike) -> Path:
     return run / RESULTS_FILE if run.is_dir() else run
 
 
+def is_results(data: Any) -> bool:
+    """Whether parsed JSON has the results.json shape: an object with a known status and a 'history' list."""
+    return isinstance(data, dict) and data.get("status") in STATUSES and isinstance(data.get("history"), list)
+
+
+def read_results(run: str | os.PathLike) -> dict | None:
+    """One run's results.json (from its output_dir or the file), or None while there is none (a run not started, still
+    being written, or a file of another shape): the tolerant reader of compare, comparison and analysis."""
+    data = read_json(results_path(run))
+    return data if is_results(data) else None
+
+
 def load_results(run: str | os.PathLike) -> dict:
-    """One run's results.json (from its output_dir or the file), or a one-line UserError."""
+    """One run's results.json (from its output_dir or the file), or a one-line UserError: the strict reader."""
     path = results_path(run)
     if not path.is_file():
         raise UserError(f"no such file: {path} (give a run's output_dir or its results.json)")
-    data = read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("history"), list):
-        raise UserError(f"{path} is not a results.json written by grade_trl.run (expected a JSON object with a 'history' list)")
+    data = read_results(path)
+    if data is None:
+        raise UserError(f"{path} is not a results.json written by grade_trl.run (expected a JSON object with a 'status' and a 'history' list)")
     return data
 
 

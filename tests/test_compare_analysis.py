@@ -15,7 +15,8 @@ import pytest
 import scipy.stats as ss
 
 from grade_trl import analysis, compare, comparison as comparisons
-from grade_trl.results import write_json_atomic
+from grade_trl.errors import UserError
+from grade_trl.results import load_results, read_results, write_json_atomic
 
 from .conftest import REPO
 
@@ -250,3 +251,19 @@ def test_analysis_of_the_real_comparison(real_comparison):
     assert "estimator_variance: no `probe_*` keys" in report and "tau_ablation: 1 GRADE tau setting" in report
     stats = json.loads((report_dir / "statistics.json").read_text())
     assert [(r["seed"], r["n_pairs"]) for r in stats["within_seed"]] == [(42, 6), (43, 6)]  # same 6 test prompts per seed, paired by text
+
+
+def test_results_readers_accept_only_the_results_schema(tmp_path):
+    """compare, comparison and analysis read runs through `read_results` (None until a whole results.json is there);
+    `load_results` is the strict reader with a one-line error."""
+    run = tmp_path / "run"
+    assert read_results(run) is None
+    run.mkdir()
+    (run / "results.json").write_text('{"status": "completed", "hist')  # half-written
+    assert read_results(run) is None
+    write_json_atomic(run / "results.json", {"history": []})  # no status: not ours
+    assert read_results(run) is None
+    with pytest.raises(UserError, match="not a results.json written by grade_trl.run"):
+        load_results(run)
+    write_json_atomic(run / "results.json", {"status": "interrupted", "config": {}, "history": [{"step": 1}], "final": {}})
+    assert read_results(run)["status"] == "interrupted" and load_results(run / "results.json")["history"] == [{"step": 1}]

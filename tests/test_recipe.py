@@ -72,6 +72,8 @@ def test_help_lists_every_key_the_method_accepts_grouped_with_defaults(method):
     assert text.index("  output_dir (default") > trainer_at and text.index("  eval_num_prompts (default") < method_at
     for key, value in METHODS[method].implied.items():
         assert f"  {key} (default {value!r})" in text  # the value the method's name fixes
+    expected_unit = "per token" if method in ("grpo", "cispo", "reinforce") else "per completion"  # beta vs kl_coef / init_kl_coef
+    assert f"`{METHODS[method].kl_coefficient}` weighs the KL to the reference {expected_unit}" in text
 
 
 def test_beta_has_one_meaning_and_grade_names_its_coefficient_kl_coef():
