@@ -94,6 +94,7 @@ def build_callbacks(recipe: Recipe, task) -> dict:
     from .diagnostics import DoctorCallback, build_settings
     from .evaluation import EvaluationCallback
     from .probing import GradientProbeCallback
+    from .safety import NonFiniteGuard
 
     run_args, config = recipe.run, recipe.config
     callbacks = {
@@ -106,6 +107,7 @@ def build_callbacks(recipe: Recipe, task) -> dict:
         ),
         "doctor": None,
         "probe": None,
+        "nonfinite_guard": NonFiniteGuard(),  # before every optimizer step: a NaN/inf gradient stops the run, unapplied
     }
     if run_args.doctor != "off":
         stop_on = run_args.doctor_stop_on if run_args.doctor == "stop" else ()

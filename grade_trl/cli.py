@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 # ---------------------------------------------------------------- values
 
@@ -234,12 +234,19 @@ class Command:
 
 
 def run_safely(body: Callable[[], int]) -> int:
-    """`body()`, with a UserError printed as one line and exit code 2, and the process group left in every case."""
+    """`body()`, with a UserError printed as one line and exit code 2, a signal (`Interrupted`, Ctrl-C) as one line
+    and exit code 128 + its number (130 for Ctrl-C, 143 for SIGTERM), and the process group left in every case."""
     try:
         return body()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as error:
+        print(f"interrupted by {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted by SIGINT", file=sys.stderr)
+        return 130
     finally:
         close_process_group()
 

@@ -10,14 +10,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 
 from . import metrics
 from .build import build_callbacks, build_task, build_trainer
 from .cli import quiet_libraries, run_safely
+from .errors import UserError
 from .recipe import Recipe, help_for_argv, parse_recipe
 from .results import RESULTS_FILE, last_training_value, payload, write_json_atomic
+from .safety import Interrupted, output_dir_lock, signals_raise
+
+# results.json's "final" keys in the order the schema lists them (grade_trl/results.py)
+RESULTS_FINAL_ORDER = ("task", "steps", "stopped_early", "train_minutes", "samples_per_step", "peak_memory_mb", "validation_metric", "validation_before",
+                       "validation_after", "best_validation", "best_validation_step", "test", "kl", "doctor", "samples", "device", "num_processes", "torch")
 
 logger = logging.getLogger("grade_trl")
 
@@ -38,83 +45,98 @@ def config_record(recipe: Recipe) -> dict:
 
 
 def run(recipe: Recipe) -> int:
-    import torch
     from accelerate import PartialState
     from transformers import set_seed
+
+    config = recipe.config
+    is_main = PartialState(cpu=config.use_cpu).is_main_process  # join the process group now: the set-up is shared
+    set_seed(config.seed)
+    with output_dir_lock(config.output_dir, enabled=is_main), signals_raise():
+        return _run_locked(recipe, is_main)
+
+
+def _run_locked(recipe: Recipe, is_main: bool) -> int:
+    """The run itself, under the output_dir lock and with signals as exceptions: every way out of it after the set-up
+    has checked the input (an exception, a signal, a failure after training) writes results.json with its status,
+    the error and the history so far; bad input found during the set-up writes nothing."""
+    import torch
 
     from .evaluation import evaluate_test
     from .report import summary_table
 
     run_args, config = recipe.run, recipe.config
-    PartialState(cpu=config.use_cpu)  # join the process group now: the task's set-up is shared between processes
-    set_seed(config.seed)
     results_path = os.path.join(config.output_dir, RESULTS_FILE)
-    tokenizer, task = build_task(recipe)
-    callbacks = build_callbacks(recipe, task)
-    eval_callback, doctor = callbacks["evaluation"], callbacks["doctor"]
-    trainer = build_trainer(recipe, task, tokenizer, [c for c in callbacks.values() if c is not None])
-    is_main = trainer.accelerator.is_main_process
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-    start = time.time()
+    trainer, final = None, {}
     try:
-        trainer.train()
-    except BaseException as error:  # keep everything logged so far, whatever stopped the run
-        if is_main:
-            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-            write_json_atomic(results_path, payload(status, config_record(recipe), trainer.state.log_history, {"task": task.info}, f"{type(error).__name__}: {error}"))
-        raise
-    train_minutes = (time.time() - start) / 60
-    peak_memory_mb = peak_memory()
+        tokenizer, task = build_task(recipe)
+        final["task"] = task.info
+        callbacks = build_callbacks(recipe, task)
+        eval_callback, doctor = callbacks["evaluation"], callbacks["doctor"]
+        trainer = build_trainer(recipe, task, tokenizer, [c for c in callbacks.values() if c is not None])
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
 
-    trainer.save_model(os.path.join(config.output_dir, "model"))
-    policy = trainer.accelerator.unwrap_model(trainer.model)
-    test = {"final": evaluate_test(task.evaluator, policy, tokenizer, trainer.accelerator, run_args.eval_seed)}
-    if eval_callback.best_parameters is not None and eval_callback.best_step != trainer.state.global_step:
-        saved = eval_callback.swap_in_best()
-        test["best"] = evaluate_test(task.evaluator, policy, tokenizer, trainer.accelerator, run_args.eval_seed)
-        eval_callback.restore(saved)
-    else:  # the final checkpoint is the best one
-        test["best"] = test["final"]
-    test_metrics = {f"{metrics.TEST_PREFIX}_{name}": v for name, v in test["final"]["metrics"].items()}
-    test_metrics |= {f"{metrics.TEST_BEST_PREFIX}_{name}": v for name, v in test["best"]["metrics"].items()}
-    eval_callback.log(trainer.state, test_metrics)  # into the history and to W&B/TensorBoard, as `test/...`
-    primary = task.evaluator.primary
-    before, after = eval_callback.results[0], eval_callback.results[trainer.state.global_step]
-    final = {
-        "task": task.info,
-        "steps": trainer.state.global_step,
-        "stopped_early": eval_callback.stopped_early_at is not None,
-        "train_minutes": train_minutes,
-        "samples_per_step": config.completions_per_step(trainer.accelerator.num_processes),
-        "peak_memory_mb": peak_memory_mb,
-        "validation_metric": metrics.eval_key(primary),
-        "validation_before": before["metrics"],
-        "validation_after": after["metrics"],
-        "best_validation": eval_callback.best_value,
-        "best_validation_step": eval_callback.best_step,
-        "test": test,
-        "kl": last_training_value(trainer.state.log_history, metrics.KL),
-        "doctor": [dataclasses.asdict(f) for f in doctor.findings] if doctor else None,
-        "samples": [
-            {
-                "prompt": b["prompt"],
-                "before": b["completion"],
-                "before_reward": b.get("reward"),
-                "after": a["completion"],
-                "after_reward": a.get("reward"),
-            }
-            for b, a in list(zip(before["samples"], after["samples"]))[: run_args.num_samples_to_show]
-        ],
-        "device": str(trainer.accelerator.device),
-        "num_processes": trainer.accelerator.num_processes,
-        "torch": torch.__version__,
-    }
-    if is_main:
-        write_json_atomic(results_path, payload("completed", config_record(recipe), trainer.state.log_history, final))
-        print(summary_table(final))
-        print(f"\nresults: {results_path}\nmodel:   {os.path.join(config.output_dir, 'model')}")
+        start = time.time()
+        trainer.train()
+        final["steps"] = trainer.state.global_step
+        final["train_minutes"] = (time.time() - start) / 60
+        final["peak_memory_mb"] = peak_memory()
+
+        trainer.save_model(os.path.join(config.output_dir, "model"))
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        test = {"final": evaluate_test(task.evaluator, policy, tokenizer, trainer.accelerator, run_args.eval_seed)}
+        if eval_callback.best_parameters is not None and eval_callback.best_step != trainer.state.global_step:
+            saved = eval_callback.swap_in_best()
+            test["best"] = evaluate_test(task.evaluator, policy, tokenizer, trainer.accelerator, run_args.eval_seed)
+            eval_callback.restore(saved)
+        else:  # the final checkpoint is the best one
+            test["best"] = test["final"]
+        test_metrics = {f"{metrics.TEST_PREFIX}_{name}": v for name, v in test["final"]["metrics"].items()}
+        test_metrics |= {f"{metrics.TEST_BEST_PREFIX}_{name}": v for name, v in test["best"]["metrics"].items()}
+        eval_callback.log(trainer.state, test_metrics)  # into the history and to W&B/TensorBoard, as `test/...`
+        primary = task.evaluator.primary
+        before, after = eval_callback.results[0], eval_callback.results[trainer.state.global_step]
+        final |= {
+            "stopped_early": eval_callback.stopped_early_at is not None,
+            "samples_per_step": config.completions_per_step(trainer.accelerator.num_processes),
+            "validation_metric": metrics.eval_key(primary),
+            "validation_before": before["metrics"],
+            "validation_after": after["metrics"],
+            "best_validation": eval_callback.best_value,
+            "best_validation_step": eval_callback.best_step,
+            "test": test,
+            "kl": last_training_value(trainer.state.log_history, metrics.KL),
+            "doctor": [dataclasses.asdict(f) for f in doctor.findings] if doctor else None,
+            "samples": [
+                {
+                    "prompt": b["prompt"],
+                    "before": b["completion"],
+                    "before_reward": b.get("reward"),
+                    "after": a["completion"],
+                    "after_reward": a.get("reward"),
+                }
+                for b, a in list(zip(before["samples"], after["samples"]))[: run_args.num_samples_to_show]
+            ],
+            "device": str(trainer.accelerator.device),
+            "num_processes": trainer.accelerator.num_processes,
+            "torch": torch.__version__,
+        }
+        final = {key: final[key] for key in RESULTS_FINAL_ORDER if key in final} | final
+        if is_main:
+            write_json_atomic(results_path, payload("completed", config_record(recipe), trainer.state.log_history, final))
+            print(summary_table(final))
+            print(f"\nresults: {results_path}\nmodel:   {os.path.join(config.output_dir, 'model')}")
+    except BaseException as error:  # keep everything logged so far, whatever stopped the run
+        if trainer is None and isinstance(error, UserError):
+            raise  # bad input found by the set-up: nothing written (the lock removes the folder it made)
+        interrupted = isinstance(error, (KeyboardInterrupt, Interrupted))
+        if is_main:
+            history = trainer.state.log_history if trainer is not None else []
+            write_json_atomic(results_path, payload("interrupted" if interrupted else "failed", config_record(recipe), history, final, f"{type(error).__name__}: {error}"))
+        if interrupted:
+            step = trainer.state.global_step if trainer is not None else 0
+            raise Interrupted(getattr(error, "signum", signal.SIGINT), f"at step {step}; results.json (status interrupted, the history so far): {results_path}") from None
+        raise
     finish_reporters(config)
     trainer.accelerator.wait_for_everyone()
     return 0

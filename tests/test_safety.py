@@ -1,0 +1,119 @@
+"""Runs that keep their results: signals on a real subprocess, the output_dir lock, the non-finite gradient guard,
+and a failure after training. (Resume is not built yet: issue 11.)"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from datasets import Dataset
+
+from grade_trl.errors import UserError
+from grade_trl.rewards import LengthReward
+from grade_trl.safety import LOCK_FILE, NonFiniteGradientError, NonFiniteGuard, output_dir_lock
+from grade_trl.trainers import GumbelGRADEConfig, GumbelGRADETrainer
+
+from .conftest import REPO
+from .test_run_e2e import load_results, shrunk
+
+
+def test_a_second_run_into_a_locked_output_dir_is_refused_and_a_stale_lock_is_not_obeyed(tmp_path, capsys):
+    from grade_trl.run import main
+
+    out = tmp_path / "run"
+    with output_dir_lock(out):  # a live run holds the folder
+        argv = shrunk(tmp_path)
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "output_dir:" in err[0] and f"is in use by another run (pid {os.getpid()})" in err[0]
+    assert not (out / "results.json").exists()
+    # The holder is gone (its lock file stays, naming a dead pid): the kernel dropped the lock, so a new run may start.
+    (out / LOCK_FILE).write_text("999999999\n")
+    with output_dir_lock(out):
+        assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
+
+
+def test_bad_input_found_inside_the_lock_leaves_no_folder_behind(tmp_path):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(UserError, match="bad"):
+        with output_dir_lock(out):
+            raise UserError("bad data file")
+    assert not out.exists()
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("the user's")
+    with pytest.raises(UserError):
+        with output_dir_lock(out):
+            raise UserError("bad data file")
+    assert (out / "keep.txt").exists()  # a folder that was there is never removed
+
+
+def test_the_guard_stops_before_a_non_finite_gradient_is_applied():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    guard = NonFiniteGuard()
+    model(torch.ones(1, 3)).sum().backward()
+    guard.on_pre_optimizer_step(None, type("State", (), {"global_step": 4})(), None, model=model)  # finite: nothing happens
+    model[1].weight.grad[0, 1] = float("nan")
+    with pytest.raises(NonFiniteGradientError, match=r"step 5: the gradient is not finite \(nan in 1\.weight\)"):
+        guard.on_pre_optimizer_step(None, type("State", (), {"global_step": 4})(), None, model=model)
+    model[1].weight.grad[0, 1] = float("inf")
+    with pytest.raises(NonFiniteGradientError, match=r"inf in 1\.weight"):
+        guard.on_pre_optimizer_step(None, type("State", (), {"global_step": 4})(), None, model=model)
+
+
+class NaNGradientReward(LengthReward):
+    """A differentiable reward with a finite value and a NaN gradient (d sqrt(u)/du = inf at u = 0, times 0): past
+    the reward check that GRADE applies to values, only the guard can see it."""
+
+    def score_soft(self, soft_tokens, attention_mask):
+        score = super().score_soft(soft_tokens, attention_mask)
+        return score + torch.sqrt(score * 0.0)
+
+
+def test_a_nan_gradient_stops_grade_before_its_first_update(tmp_path, tokenizer):
+    args = GumbelGRADEConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1, max_new_tokens=4, min_new_tokens=4,
+        logging_steps=1, use_cpu=True, disable_tqdm=True, report_to="none", save_strategy="no",
+    )
+    trainer = GumbelGRADETrainer(model="embedded", reward_funcs=NaNGradientReward(tokenizer.eos_token_id), args=args, train_dataset=Dataset.from_dict({"prompt": ["This movie was"] * 4}),
+                                 processing_class=tokenizer, callbacks=[NonFiniteGuard()])
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(NonFiniteGradientError, match="step 1: the gradient is not finite"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())  # the update was not applied
+
+
+def test_a_failure_after_training_keeps_the_history(tmp_path, capsys):
+    """Saving model/ fails (a file is in the way): results.json still has status failed, the error and every row."""
+    from grade_trl.run import main
+
+    argv = shrunk(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model").write_text("a file where the model folder goes")
+    with pytest.raises(Exception):
+        main(argv)
+    results = load_results(tmp_path / "run" / "results.json")
+    assert results["status"] == "failed" and results["error"]
+    assert any("loss" in row for row in results["history"]) and results["final"]["steps"] == 4 and results["final"]["train_minutes"] > 0
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_training_writes_results_and_exits_with_one_line(tmp_path, signum, code):
+    argv = shrunk(tmp_path, max_steps=400, logging_steps=1, eval_steps=1000)
+    process = subprocess.Popen([sys.executable, "-m", "grade_trl.run", *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    for line in process.stdout:  # the Trainer prints each logging row: training has started once a loss shows
+        if "'loss'" in line or time.time() > deadline:
+            break
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted by {signal.Signals(signum).name} at step ") and "results.json (status interrupted" in last
+    results = load_results(tmp_path / "run" / "results.json")
+    assert results["status"] == "interrupted" and any("loss" in row for row in results["history"])
