@@ -117,3 +117,49 @@ def test_a_signal_mid_training_writes_results_and_exits_with_one_line(tmp_path, 
     assert last.startswith(f"interrupted by {signal.Signals(signum).name} at step ") and "results.json (status interrupted" in last
     results = load_results(tmp_path / "run" / "results.json")
     assert results["status"] == "interrupted" and any("loss" in row for row in results["history"])
+
+
+def nan_for_the_second(prompts, completions, **kwargs):
+    return [0.5 if i != 1 else float("nan") for i in range(len(completions))]
+
+
+def raises_on_the_third(prompts, completions, **kwargs):
+    if len(completions) > 2:
+        raise ZeroDivisionError("boom")
+    return [0.0] * len(completions)
+
+
+@pytest.mark.parametrize("func,message", [
+    (nan_for_the_second, r"reward function 'nan_for_the_second' returned nan for sample 1; rewards must be finite numbers"),
+    (raises_on_the_third, r"reward function 'raises_on_the_third' raised on the batch: ZeroDivisionError: boom"),
+])
+def test_grpo_checks_rewards_as_reinforce_does(tmp_path, tokenizer, func, message):
+    """Our GRPOTrainer wraps each plain reward callable: a NaN or an exception stops the run in one line (TRL alone
+    warns about NaN and lets an exception out as a traceback)."""
+    from grade_trl.rewards.base import RewardFunctionError
+    from grade_trl.trainers.grpo import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
+                      use_cpu=True, bf16=False, report_to="none", disable_tqdm=True, save_strategy="no")
+    from grade_trl.models import resolve_model_path
+
+    trainer = GRPOTrainer(model=resolve_model_path("embedded"), reward_funcs=[func], args=args, train_dataset=Dataset.from_dict({"prompt": ["This movie was"] * 8}),
+                          processing_class=tokenizer)
+    assert trainer.reward_func_names == [func.__name__]  # the wrapper keeps the name TRL logs under
+    with pytest.raises(RewardFunctionError, match=message):
+        trainer.train()
+
+
+class RaisingSoftReward(LengthReward):
+    def score_soft(self, soft_tokens, attention_mask):
+        raise RuntimeError("soft path broken")
+
+
+def test_a_score_soft_that_raises_is_a_one_line_reward_error(tmp_path, tokenizer):
+    from grade_trl.rewards.base import RewardFunctionError
+
+    args = GumbelGRADEConfig(output_dir=str(tmp_path), max_new_tokens=4, min_new_tokens=4, use_cpu=True)
+    trainer = GumbelGRADETrainer(model="embedded", reward_funcs=RaisingSoftReward(tokenizer.eos_token_id), args=args,
+                                 train_dataset=Dataset.from_dict({"prompt": ["x"]}), processing_class=tokenizer)
+    with pytest.raises(RewardFunctionError, match=r"^reward function 'length' raised in score_soft: RuntimeError: soft path broken$"):
+        trainer.compute_loss(trainer.model, [{"prompt": "This movie was"}])

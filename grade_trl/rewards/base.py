@@ -99,6 +99,28 @@ def _first_raising_sample(func, prompts, completions, completion_ids, kwargs) ->
     return None
 
 
+def soft_scores(reward_func, *args) -> torch.Tensor:
+    """`reward_func.score_soft(*args)`; an exception in it stops the run as a RewardFunctionError naming the function
+    (one line, exit code 2, results.json kept), as the text path's does."""
+    try:
+        return reward_func.score_soft(*args)
+    except Exception as error:  # noqa: BLE001 - any failure of user code is reported the same way
+        raise RewardFunctionError(f"reward function '{reward_name(reward_func)}' raised in score_soft: {type(error).__name__}: {error}") from error
+
+
+class CheckedReward:
+    """A reward function with `compute_rewards`' checks (an exception, None, NaN or inf -> a RewardFunctionError naming
+    the function and the sample), for TRL's GRPOTrainer, which would only warn about None/NaN and let an exception
+    through as a traceback. Same name, same values; the text path only (TRL never calls score_soft)."""
+
+    def __init__(self, func: RewardFunc):
+        self.func = func
+        self.__name__ = reward_name(func)
+
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+        return compute_rewards([self.func], prompts, completions, completion_ids, **kwargs)[:, 0].tolist()
+
+
 def check_finite_scores(reward_func, scores: torch.Tensor) -> torch.Tensor:
     """Stop with the function's name and the first sample index if a soft score is not finite."""
     bad = (~torch.isfinite(scores)).nonzero()

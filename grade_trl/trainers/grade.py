@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..core import SoftTokens, at_least_float32, entropy_from_logits, exact_kl, leave_one_out_baseline, masked_sum, reference_logits, soft_rollout
-from ..rewards.base import check_finite_scores, require_differentiable, reward_name
+from ..rewards.base import check_finite_scores, require_differentiable, reward_name, soft_scores
 from .base import RolloutTrainer
 from .grade_config import GumbelGRADEConfig
 from .relaxations import StraightThroughGumbel, build_relaxation, tau_at
@@ -121,9 +121,9 @@ class GumbelGRADETrainer(RolloutTrainer):
         for func in self.reward_funcs:
             soft, mask = soft_reward_inputs(func, rollout, eos)
             if self.args.recompute_reference_and_reward:
-                score = checkpoint(func.score_soft, soft, mask, use_reentrant=False)
+                score = checkpoint(soft_scores, func, soft, mask, use_reentrant=False)
             else:
-                score = func.score_soft(soft, mask)
+                score = soft_scores(func, soft, mask)
             scores.append(check_finite_scores(func, at_least_float32(score)))
         return torch.stack(scores, dim=1)
 

@@ -4,6 +4,7 @@ the grad-norm window, the metric contract's `kl` (per completion; TRL's own per-
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,7 @@ from trl import GRPOConfig as _TRLGRPOConfig
 from trl import GRPOTrainer as _TRLGRPOTrainer
 
 from ..metrics import KL, KL_PER_TOKEN
+from ..rewards.base import CheckedReward
 from .metrics import GradNormWindowMixin
 
 
@@ -40,9 +42,22 @@ class GRPOConfig(_TRLGRPOConfig):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes / self.num_iterations
 
 
+def _plain_sync_callable(func) -> bool:
+    """A reward we can wrap: a callable that is not a model, not a hub id, not a coroutine function, not wrapped yet."""
+    return callable(func) and not isinstance(func, (str, torch.nn.Module, CheckedReward)) and not inspect.iscoroutinefunction(func)
+
+
 class GRPOTrainer(GradNormWindowMixin, _TRLGRPOTrainer):
     """`trl.GRPOTrainer`, unchanged in what it optimises, with grad_norm_mean/std/max over each logging window,
     `kl` in nats per completion, and the registry's hooks (`estimate_loss`, `probed_parameters`, training state)."""
+
+    def __init__(self, model, reward_funcs, *args, **kwargs):
+        # Our reward checks (exceptions, None, NaN, inf -> one line naming the function and sample) on every plain
+        # callable; TRL's own model-id / model rewards are left to TRL.
+        if reward_funcs is not None:
+            funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+            reward_funcs = [CheckedReward(f) if _plain_sync_callable(f) else f for f in funcs]
+        super().__init__(model, reward_funcs, *args, **kwargs)
 
     # -- the metric contract: kl per completion -----------------------------------------------------------------
     def _compute_loss(self, model, inputs):
