@@ -13,7 +13,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -186,9 +186,68 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
         config = config_cls(**config_kwargs)
     except (ValueError, TypeError) as error:
         raise RecipeError(str(error).splitlines()[0]) from None
+    check_ranges(run, config)
     if run.reward_model_path is None:
         run.reward_model_path = os.path.join(config.output_dir, "reward_model")
     return Recipe(run=run, config=config, raw=raw)
+
+
+_MAX_SIZE = 10_000_000  # a ceiling no real run reaches, so a typo (1e12, 1e30) is refused instead of running until killed
+# key -> (is the value right?, what is right). Checked on the built run arguments and config (defaults included)
+# wherever the method has the key, before anything is loaded or written; None passes for optional keys.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "reward_learning_rate": (lambda v: v > 0, "a number > 0"),
+    "per_device_train_batch_size": (lambda v: 1 <= v <= 65_536, "an integer from 1 to 65,536"),
+    "gradient_accumulation_steps": (lambda v: 1 <= v <= 65_536, "an integer from 1 to 65,536"),
+    "max_steps": (lambda v: v == -1 or 1 <= v <= _MAX_SIZE, "-1 (num_train_epochs decides) or an integer from 1 to 10,000,000"),
+    "num_train_epochs": (lambda v: 0 < v <= _MAX_SIZE, "a number > 0"),
+    "max_grad_norm": (lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "eval_steps": (lambda v: float(v).is_integer() and 1 <= v <= _MAX_SIZE, "an integer >= 1: evaluate every N optimizer steps"),
+    "max_prompt_length": (lambda v: 1 <= v <= 32_768, "an integer from 1 to 32,768"),
+    "max_new_tokens": (lambda v: 1 <= v <= 32_768, "an integer from 1 to 32,768"),
+    "max_completion_length": (lambda v: 1 <= v <= 32_768, "an integer from 1 to 32,768"),
+    "eval_min_new_tokens": (lambda v: 0 <= v <= 32_768, "an integer from 0 to 32,768"),
+    "num_samples_per_prompt": (lambda v: 1 <= v <= 65_536, "an integer from 1 to 65,536"),
+    "eval_num_prompts": (lambda v: 1 <= v <= _MAX_SIZE, "an integer >= 1"),
+    "test_num_prompts": (lambda v: 1 <= v <= _MAX_SIZE, "an integer >= 1"),
+    "eval_num_problems": (lambda v: 1 <= v <= _MAX_SIZE, "an integer >= 1"),
+    "test_num_problems": (lambda v: 1 <= v <= _MAX_SIZE, "an integer >= 1 (or null: every test problem)"),
+    "eval_best_of_n": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1,024"),
+    "eval_pass_k": (lambda v: 0 <= v <= 1024, "an integer from 0 to 1,024 (0: off)"),
+    "eval_temperature": (lambda v: v > 0, "a number > 0 (logits are divided by it; 0.1 for near-greedy)"),
+    "eval_top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1: nucleus sampling off)"),
+    "reward_split_size": (lambda v: 2 <= v <= _MAX_SIZE, "an integer >= 2 (the reward head needs both labels)"),
+    "policy_split_size": (lambda v: 1 <= v <= _MAX_SIZE, "an integer >= 1"),
+    "validation_split_size": (lambda v: 1 <= v <= _MAX_SIZE, "an integer >= 1"),
+    "test_split_size": (lambda v: 1 <= v <= _MAX_SIZE, "an integer >= 1 (or null: the whole test split)"),
+    "prompt_max_chars": (lambda v: v >= 1, "an integer >= 1"),
+    "reward_max_length": (lambda v: 1 <= v <= 32_768, "an integer from 1 to 32,768"),
+    "reward_epochs": (lambda v: 1 <= v <= 10_000, "an integer from 1 to 10,000"),
+    "num_samples_to_show": (lambda v: v >= 0, "an integer >= 0"),
+    "early_stopping_patience": (lambda v: v >= 0, "an integer >= 0 (0: off)"),
+    "probe_num_prompts": (lambda v: v >= 1, "an integer >= 1"),
+    "seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32 - 1"),
+    "eval_seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32 - 1"),
+    "lora_r": (lambda v: v >= 1, "an integer >= 1"),
+    "lora_alpha": (lambda v: v > 0, "a number > 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+}
+
+
+def check_ranges(run: RunArguments, config) -> None:
+    """Every key of RANGES the method has, in range (one line naming the key otherwise); an unusual tau schedule warns."""
+    for key, (is_right, right) in RANGES.items():
+        for holder in (run, config):
+            value = getattr(holder, key, None)
+            if value is None or isinstance(value, bool):
+                continue
+            if not is_right(value):
+                raise RecipeError(f"{key}: expected {right}, got {value!r}")
+    tau_start, tau_end = getattr(config, "tau_start", None), getattr(config, "tau_end", None)
+    if tau_start is not None and tau_end is not None and tau_end > tau_start:
+        logger.warning("tau_end (%s) > tau_start (%s): the temperature rises during training; GRADE's schedules usually anneal it down", tau_end, tau_start)
 
 
 def has_accelerator() -> bool:

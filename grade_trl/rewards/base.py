@@ -99,11 +99,12 @@ def _first_raising_sample(func, prompts, completions, completion_ids, kwargs) ->
     return None
 
 
-def soft_scores(reward_func, *args) -> torch.Tensor:
-    """`reward_func.score_soft(*args)`; an exception in it stops the run as a RewardFunctionError naming the function
-    (one line, exit code 2, results.json kept), as the text path's does."""
+def soft_scores(reward_func, call, *args) -> torch.Tensor:
+    """`call(*args)`, the forward of `reward_func.score_soft` (directly or under a checkpoint); an exception in it stops
+    the run as a RewardFunctionError naming the function (one line, exit code 2, results.json kept), as the text
+    path's does."""
     try:
-        return reward_func.score_soft(*args)
+        return call(*args)
     except Exception as error:  # noqa: BLE001 - any failure of user code is reported the same way
         raise RewardFunctionError(f"reward function '{reward_name(reward_func)}' raised in score_soft: {type(error).__name__}: {error}") from error
 

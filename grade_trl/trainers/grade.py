@@ -120,10 +120,12 @@ class GumbelGRADETrainer(RolloutTrainer):
         scores = []
         for func in self.reward_funcs:
             soft, mask = soft_reward_inputs(func, rollout, eos)
+            # soft_scores wraps the call, not the function: a non-reentrant checkpoint stops its recomputation in
+            # backward with an internal exception that must pass through untouched.
             if self.args.recompute_reference_and_reward:
-                score = checkpoint(soft_scores, func, soft, mask, use_reentrant=False)
+                score = soft_scores(func, lambda *a: checkpoint(func.score_soft, *a, use_reentrant=False), soft, mask)
             else:
-                score = soft_scores(func, soft, mask)
+                score = soft_scores(func, func.score_soft, soft, mask)
             scores.append(check_finite_scores(func, at_least_float32(score)))
         return torch.stack(scores, dim=1)
 
