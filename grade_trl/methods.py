@@ -52,6 +52,12 @@ _PER_COMPLETION_KL = (
     "grpo, cispo and reinforce (at 48 tokens the same value is ~48x weaker); set {key}"
 )
 
+_PER_TOKEN_KL = (
+    "{method} weighs the per-token KL with `beta`; `kl_coef` is the per-completion coefficient of the grade methods "
+    "(ppo: init_kl_coef); set beta"
+)
+
+
 def _grade(name: str, estimator: str, description: str) -> Method:
     """A GRADE method: the GRADE trainer with one estimator (trainers/relaxations.py)."""
     return Method(
@@ -86,6 +92,7 @@ METHODS: dict[str, Method] = {
             "(Williams 1992; RLOO: arXiv:2402.14740)",
             "grade_trl.trainers.reinforce_config:REINFORCEConfig",
             "grade_trl.trainers.reinforce:REINFORCETrainer",
+            misplaced_keys={"kl_coef": _PER_TOKEN_KL.format(method="reinforce")},
         ),
         Method(
             "ppo",
@@ -103,6 +110,7 @@ METHODS: dict[str, Method] = {
             "grade_trl.trainers.grpo:GRPOTrainer",
             loads_model_from_path=True,
             batch_counts="completions",
+            misplaced_keys={"kl_coef": _PER_TOKEN_KL.format(method="TRL's GRPO")},
         ),
         Method(
             "cispo",
@@ -112,6 +120,7 @@ METHODS: dict[str, Method] = {
             implied={"loss_type": "cispo"},
             loads_model_from_path=True,
             batch_counts="completions",
+            misplaced_keys={"kl_coef": _PER_TOKEN_KL.format(method="TRL's GRPO")},
         ),
     )
 }

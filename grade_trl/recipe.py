@@ -121,11 +121,19 @@ def load_recipe_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise RecipeError(f"recipe file not found: {path} (give the path of a .yaml recipe, e.g. recipes/quickstart.yaml)")
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path} is not a text (UTF-8 YAML) file; give a .yaml recipe, e.g. recipes/quickstart.yaml") from None
+    if not text.strip():
+        raise RecipeError(f"recipe {path} is empty; a recipe is YAML `key: value` lines, at least `method:` (see recipes/)")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise RecipeError(f"recipe {path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if data is None:  # comments only
+        raise RecipeError(f"recipe {path} is empty; a recipe is YAML `key: value` lines, at least `method:` (see recipes/)")
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a mapping of key: value lines, got {type(data).__name__}")
     return data
@@ -218,7 +226,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_pass_k": (lambda v: 0 <= v <= 1024, "an integer from 0 to 1,024 (0: off)"),
     "eval_temperature": (lambda v: v > 0, "a number > 0 (logits are divided by it; 0.1 for near-greedy)"),
     "eval_top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1: nucleus sampling off)"),
-    "reward_split_size": (lambda v: 2 <= v <= _MAX_SIZE, "an integer >= 2 (the reward head needs both labels)"),
+    "reward_split_size": (lambda v: 0 <= v <= _MAX_SIZE, "an integer >= 0 (0: no reward-head split, as the length and gsm8k tasks)"),
     "policy_split_size": (lambda v: 1 <= v <= _MAX_SIZE, "an integer >= 1"),
     "validation_split_size": (lambda v: 1 <= v <= _MAX_SIZE, "an integer >= 1"),
     "test_split_size": (lambda v: 1 <= v <= _MAX_SIZE, "an integer >= 1 (or null: the whole test split)"),

@@ -24,6 +24,14 @@ def _local_files(path: Path, split: str) -> tuple[str, str]:
     raise FileNotFoundError(f"no {split} file in {path} (expected {split}.jsonl, {split}.jsonl.gz or {split}.parquet)")
 
 
+def _root_cause(error: BaseException) -> str:
+    """The innermost exception's first line (e.g. the JSON error under datasets' DatasetGenerationError)."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
 def load_split(source: str, split: str, embedded_dir: Path, columns: tuple[str, ...], name: str, hub_config: str | None = None) -> Dataset:
     """One split with (at least) `columns`: from `embedded` (`embedded_dir`), a local folder or file, else the hub.
 
@@ -35,7 +43,14 @@ def load_split(source: str, split: str, embedded_dir: Path, columns: tuple[str, 
     path = Path(os.path.expanduser(source))
     if path.exists():
         builder, files = _local_files(path, split)
-        dataset = load_dataset(builder, data_files={split: files}, split=split)
+        if isinstance(files, str) and os.path.getsize(files) == 0:
+            raise ValueError(f"{files} is empty")
+        try:
+            dataset = load_dataset(builder, data_files={split: files}, split=split)
+        except Exception as error:  # datasets wraps a parse error in DatasetGenerationError: name the file and the cause
+            raise ValueError(f"cannot read {files} as {builder}: {_root_cause(error)}") from None
+        if len(dataset) == 0:
+            raise ValueError(f"{files} has no rows")
     else:
         dataset = load_dataset(source, hub_config, split=split) if hub_config else load_dataset(source, split=split)
     missing = set(columns) - set(dataset.column_names)

@@ -47,16 +47,27 @@ def make_imdb_splits(
     Shuffled with `seed` before splitting; duplicate reviews (IMDB train has some) are dropped first,
     so no text lands in two splits. Raises if two splits share a review or a split lacks a label.
     """
-    train = deduplicate(load_imdb(source, "train")).shuffle(seed=seed)
+    train = deduplicate(check_labels(load_imdb(source, "train"), source, "train")).shuffle(seed=seed)
     sizes = split_sizes(len(train), {"reward": reward_size, "policy": policy_size, "validation": validation_size})
     splits, start = {}, 0
     for name, size in sizes.items():
         splits[name] = train.select(range(start, start + size))
         start += size
-    test = load_imdb(source, "test").shuffle(seed=seed)
+    test = check_labels(load_imdb(source, "test"), source, "test").shuffle(seed=seed)
     splits["test"] = test.select(range(min(test_size or len(test), len(test))))
     check_disjoint(splits)
     return splits
+
+
+def check_labels(dataset: Dataset, source: str, split: str) -> Dataset:
+    """IMDB's labels are 0 (negative) and 1 (positive), both present; anything else is one ValueError naming the data."""
+    labels = set(dataset["label"])
+    if not labels <= {0, 1} or any(isinstance(label, bool) for label in labels):
+        found = sorted(map(repr, labels))[:5]
+        raise ValueError(f"{split} data at {source!r}: `label` must be 0 (negative) or 1 (positive), found {', '.join(found)}")
+    if len(labels) < 2:
+        raise ValueError(f"{split} data at {source!r} has only label {labels.pop()}; the sentiment task needs reviews of both labels")
+    return dataset
 
 
 def deduplicate(dataset: Dataset) -> Dataset:
@@ -71,11 +82,11 @@ def check_disjoint(splits: dict[str, Dataset]) -> None:
     for name in ("reward", "policy", "validation"):
         for text in splits[name]["text"]:
             if text in seen and seen[text] != name:
-                raise AssertionError(f"IMDB splits overlap: a review is in both {seen[text]!r} and {name!r}")
+                raise ValueError(f"IMDB splits overlap: a review is in both {seen[text]!r} and {name!r}")
             seen[text] = name
     for name, split in splits.items():
         if len(split) and len(set(split["label"])) < 2:
-            raise AssertionError(f"IMDB split {name!r} has only label {split['label'][0]}: shuffle before splitting")
+            raise ValueError(f"IMDB split {name!r} has only label {split['label'][0]}: too few reviews of one label for its size")
 
 
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)

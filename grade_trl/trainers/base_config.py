@@ -58,10 +58,10 @@ class RolloutConfig(TrainingArguments):
         super().__post_init__()
         if self.min_new_tokens is None:  # a user who sets only max_new_tokens: 12 means "at most 12", not an error
             self.min_new_tokens = min(16, self.max_new_tokens)
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens or self.max_new_tokens < 1:
-            raise ValueError(
-                f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got {self.min_new_tokens} and {self.max_new_tokens}"
-            )
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an integer >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens: expected an integer from 0 to max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}")
 
     # Sizes the runner, the probe and the benchmark read (the method registry's config contract)
     @property

@@ -1,0 +1,161 @@
+"""Bad input, table-driven: every case is refused with one line naming the key that is wrong and what would be right,
+exit code 2 and nothing written. Recipe values are checked in-process by `build_recipe` (before anything loads);
+recipe files and data files go through the runner's `main`, which must leave neither output_dir nor the reward
+model's folder behind."""
+
+import io
+import json
+import contextlib
+
+import pytest
+
+from grade_trl.recipe import RecipeError, build_recipe
+
+from .conftest import REPO
+
+QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
+
+# (recipe values, the key the one-line error must start with)
+RECIPE_CASES = [
+    ({"learning_rate": -1e-4}, "learning_rate"),
+    ({"learning_rate": 0}, "learning_rate"),
+    ({"learning_rate": ".nan"}, "learning_rate"),
+    ({"learning_rate": "inf"}, "learning_rate"),
+    ({"learning_rate": "fast"}, "learning_rate"),
+    ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
+    ({"per_device_train_batch_size": -8}, "per_device_train_batch_size"),
+    ({"per_device_train_batch_size": 10**12}, "per_device_train_batch_size"),
+    ({"per_device_train_batch_size": 2.5}, "per_device_train_batch_size"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
+    ({"max_steps": 0}, "max_steps"),
+    ({"max_steps": "1e30"}, "max_steps"),
+    ({"max_steps": "many"}, "max_steps"),
+    ({"num_train_epochs": 0}, "num_train_epochs"),
+    ({"max_grad_norm": -1.0}, "max_grad_norm"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"eval_steps": 0}, "eval_steps"),
+    ({"eval_steps": 0.5}, "eval_steps"),
+    ({"max_prompt_length": 0}, "max_prompt_length"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 100000}, "max_new_tokens"),
+    ({"max_new_tokens": 8, "min_new_tokens": 9}, "min_new_tokens"),
+    ({"eval_num_prompts": 0}, "eval_num_prompts"),
+    ({"test_num_prompts": -1}, "test_num_prompts"),
+    ({"eval_best_of_n": 0}, "eval_best_of_n"),
+    ({"eval_temperature": 0}, "eval_temperature"),
+    ({"eval_temperature": -1}, "eval_temperature"),
+    ({"eval_top_p": 0}, "eval_top_p"),
+    ({"eval_top_p": 1.5}, "eval_top_p"),
+    ({"eval_min_new_tokens": -1}, "eval_min_new_tokens"),
+    ({"reward_split_size": -1}, "reward_split_size"),
+    ({"policy_split_size": 0}, "policy_split_size"),
+    ({"validation_split_size": -5}, "validation_split_size"),
+    ({"test_split_size": 0}, "test_split_size"),
+    ({"prompt_max_chars": 0}, "prompt_max_chars"),
+    ({"reward_max_length": 0}, "reward_max_length"),
+    ({"reward_epochs": 0}, "reward_epochs"),
+    ({"reward_learning_rate": 0}, "reward_learning_rate"),
+    ({"early_stopping_patience": -1}, "early_stopping_patience"),
+    ({"num_samples_to_show": -1}, "num_samples_to_show"),
+    ({"seed": -1}, "seed"),
+    ({"eval_seed": 2**40}, "eval_seed"),
+    ({"use_peft": True, "lora_r": 0}, "lora_r"),
+    ({"use_peft": True, "lora_dropout": 1.0}, "lora_dropout"),
+    ({"use_peft": "maybe"}, "use_peft"),
+    ({"probe_num_estimates": 1}, "probe_num_estimates"),
+    ({"probe_num_prompts": 0}, "probe_num_prompts"),
+    ({"kl_coef": -1}, "kl_coef"),
+    ({"kl_coef": ".nan"}, "kl_coef"),
+    ({"tau_start": 0}, "tau_start"),
+    ({"rao_samples": 0, "method": "grade_rao"}, "rao_samples"),
+    ({"relax_top_k": -1}, "relax_top_k"),
+    ({"estimator": "magic"}, "estimator"),
+    ({"method": "grade", "estimator": "ste"}, "estimator"),
+    ({"method": "ppo2"}, "method"),
+    ({"learnig_rate": 1e-4}, "unknown recipe key 'learnig_rate'"),
+    ({"method": "reinforce", "num_samples_per_prompt": 0}, "num_samples_per_prompt"),
+    ({"method": "reinforce", "top_p": 0}, "top_p"),
+    ({"method": "reinforce", "temperature": 0}, "temperature"),
+    ({"method": "reinforce", "beta": ".nan"}, "beta"),
+    ({"method": "grpo", "beta": "inf", "bf16": False}, "beta"),
+    ({"method": "grpo", "max_completion_length": 0, "bf16": False}, "max_completion_length"),
+    ({"method": "grpo", "kl_coef": 0.1, "bf16": False}, "kl_coef"),
+    ({"method": "reinforce", "kl_coef": 0.1}, "kl_coef"),
+    ({"method": "ppo", "beta": 0.1}, "beta"),
+    ({"reward_input": "everything"}, "reward_input"),
+    ({"model_name_or_path": "./no/such/model"}, "model_name_or_path"),
+]
+
+
+@pytest.mark.parametrize("values,key", RECIPE_CASES, ids=[f"{i}-{key}" for i, (_, key) in enumerate(RECIPE_CASES)])
+def test_a_bad_recipe_value_is_one_line_naming_its_key(values, key):
+    with pytest.raises(RecipeError) as info:
+        build_recipe({"output_dir": "x", **values})
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(key), message
+
+
+def _rows(n, labels=(0, 1)):
+    return [{"text": f"Review {i}: the film was {'great' if labels[i % len(labels)] else 'awful'}. More words.", "label": labels[i % len(labels)]} for i in range(n)]
+
+
+def _jsonl(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+GOOD = _jsonl(_rows(300))
+# (name, {file name: bytes} of the data folder, or None for a recipe-file case, extra argv / recipe text, expected start)
+DATA_CASES = [
+    ("empty train file", {"train.jsonl": b"", "test.jsonl": GOOD}, "dataset_name: cannot load"),
+    ("truncated train file", {"train.jsonl": GOOD[:-25], "test.jsonl": GOOD}, "dataset_name: cannot load"),
+    ("malformed train file", {"train.jsonl": b"{not json}\n", "test.jsonl": GOOD}, "dataset_name: cannot load"),
+    ("binary train file", {"train.jsonl": bytes(range(256)) * 8, "test.jsonl": GOOD}, "dataset_name: cannot load"),
+    ("single-label train", {"train.jsonl": _jsonl(_rows(300, labels=(1,))), "test.jsonl": GOOD}, "dataset_name: cannot load"),
+    ("string labels", {"train.jsonl": _jsonl([dict(r, label="pos") for r in _rows(300)]), "test.jsonl": GOOD}, "dataset_name: cannot load"),
+    ("labels 0 and 2", {"train.jsonl": _jsonl([dict(r, label=2 * r["label"]) for r in _rows(300)]), "test.jsonl": GOOD}, "dataset_name: cannot load"),
+    ("wrong columns", {"train.jsonl": _jsonl([{"review": r["text"], "y": r["label"]} for r in _rows(300)]), "test.jsonl": GOOD}, "dataset_name: cannot load"),
+    ("no test file", {"train.jsonl": GOOD}, "dataset_name: cannot load"),
+    ("single-label test", {"train.jsonl": GOOD, "test.jsonl": _jsonl(_rows(300, labels=(0,)))}, "dataset_name: cannot load"),
+]
+
+
+def _main_quietly(argv):
+    from grade_trl.run import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, [line for line in err.getvalue().splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("name,files,start", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_a_bad_data_file_is_one_line_exit_2_nothing_written(tmp_path, name, files, start):
+    data = tmp_path / "data"
+    data.mkdir()
+    for file_name, content in files.items():
+        (data / file_name).write_bytes(content)
+    out, reward_model = tmp_path / "run", tmp_path / "reward_model"
+    code, errors = _main_quietly([QUICKSTART, "--dataset_name", str(data), "--output_dir", str(out), "--reward_model_path", str(reward_model), "--max_steps", "1"])
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"error: {start}"), errors
+    assert not out.exists() and not reward_model.exists()
+
+
+RECIPE_FILE_CASES = [
+    ("binary recipe file", bytes(range(256)) * 4, "is not a text (UTF-8 YAML) file"),
+    ("empty recipe file", b"", "is empty"),
+    ("a comment only", b"# nothing here\n", "is empty"),
+    ("a list, not a mapping", b"- method: grade_ste\n", "must be a mapping"),
+    ("invalid YAML", b"method: [grade\n", "is not valid YAML"),
+    ("a misspelt key", b"method: grade_ste\nlearnig_rate: 1.0e-4\n", "unknown recipe key 'learnig_rate'"),
+]
+
+
+@pytest.mark.parametrize("name,content,fragment", RECIPE_FILE_CASES, ids=[c[0] for c in RECIPE_FILE_CASES])
+def test_a_bad_recipe_file_is_one_line_exit_2_nothing_written(tmp_path, name, content, fragment):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(content)
+    out = tmp_path / "run"
+    code, errors = _main_quietly([str(recipe), "--output_dir", str(out)])
+    assert code == 2 and len(errors) == 1, errors
+    assert fragment in errors[0], errors
+    assert not out.exists()
