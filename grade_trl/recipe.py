@@ -204,7 +204,7 @@ _MAX_SIZE = 10_000_000  # a ceiling no real run reaches, so a typo (1e12, 1e30) 
 # key -> (is the value right?, what is right). Checked on the built run arguments and config (defaults included)
 # wherever the method has the key, before anything is loaded or written; None passes for optional keys.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "learning_rate": (lambda v: v >= 0, "a number >= 0 (0 freezes the policy: an evaluation-only baseline)"),
     "reward_learning_rate": (lambda v: v > 0, "a number > 0"),
     "per_device_train_batch_size": (lambda v: 1 <= v <= 65_536, "an integer from 1 to 65,536"),
     "gradient_accumulation_steps": (lambda v: 1 <= v <= 65_536, "an integer from 1 to 65,536"),

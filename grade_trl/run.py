@@ -83,6 +83,9 @@ def _run_locked(recipe: Recipe, is_main: bool) -> int:
         final["peak_memory_mb"] = peak_memory()
 
         trainer.save_model(os.path.join(config.output_dir, "model"))
+        if is_main:
+            for folder in ("model", "best_model"):
+                portable_adapter_config(os.path.join(config.output_dir, folder), run_args.model_name_or_path)
         policy = trainer.accelerator.unwrap_model(trainer.model)
         test = {"final": evaluate_test(task.evaluator, policy, tokenizer, trainer.accelerator, run_args.eval_seed)}
         if eval_callback.best_parameters is not None and eval_callback.best_step != trainer.state.global_step:
@@ -140,6 +143,20 @@ def _run_locked(recipe: Recipe, is_main: bool) -> int:
     finish_reporters(config)
     trainer.accelerator.wait_for_everyone()
     return 0
+
+
+def portable_adapter_config(folder: str, model_name_or_path: str) -> None:
+    """A LoRA adapter's `adapter_config.json` names its base as the recipe did (`embedded`, a hub id, the user's path),
+    not the absolute path PEFT records from the loaded model, so the adapter travels to another machine."""
+    import json
+
+    path = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        adapter_config = json.load(f)
+    adapter_config["base_model_name_or_path"] = model_name_or_path
+    write_json_atomic(path, adapter_config)
 
 
 def finish_reporters(config) -> None:

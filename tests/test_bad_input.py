@@ -18,7 +18,7 @@ QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
 # (recipe values, the key the one-line error must start with)
 RECIPE_CASES = [
     ({"learning_rate": -1e-4}, "learning_rate"),
-    ({"learning_rate": 0}, "learning_rate"),
+    ({"learning_rate": -1}, "learning_rate"),
     ({"learning_rate": ".nan"}, "learning_rate"),
     ({"learning_rate": "inf"}, "learning_rate"),
     ({"learning_rate": "fast"}, "learning_rate"),

@@ -82,6 +82,8 @@ def test_gumbel_softmax_method_with_lora_runs(tmp_path):
     assert results["config"]["trainer"]["estimator"] == "soft"
     assert all(h["kl"] >= 0 for h in results["history"] if "kl" in h)
     assert (tmp_path / "run" / "model" / "adapter_model.safetensors").exists()
+    for folder in ("model", "best_model"):  # the base named portably, as the recipe names it (not this machine's path)
+        assert load_results(tmp_path / "run" / folder / "adapter_config.json")["base_model_name_or_path"] == "embedded"
 
 
 def test_reward_returning_nan_stops_the_run_after_saving_history(tmp_path, monkeypatch, capsys):

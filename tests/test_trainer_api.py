@@ -67,3 +67,19 @@ def test_sentiment_reward_runs_unchanged_in_trl_grpo(tmp_path, sentiment_reward)
     trainer.train()
     log = trainer.state.log_history[0]
     assert "rewards/sentiment/mean" in log and 0 <= log["rewards/sentiment/mean"] <= 1
+
+
+def test_the_readme_snippet_runs_as_written_from_any_directory(tmp_path):
+    """The README's "Using the trainer in your own TRL project" block, run in an empty folder: it trains and saves."""
+    import re
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Using the trainer in your own TRL project"):]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "grade-demo" / "model" / "model.safetensors").exists()
