@@ -18,9 +18,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grade_trl.metrics import KL  # noqa: E402
-from grade_trl.results import load_results, test_metric, training_rows  # noqa: E402
+from grade_trl.comparison import RUN_INFO  # noqa: E402
+from grade_trl.results import load_results, read_json, test_metric, training_rows  # noqa: E402
 
 LENGTH_KEY = "completions/mean_length"
+
+
+def recipe_stem(run: Path) -> str:
+    """The recipe file's stem from compare's record of the command (compare_run.json), else compare's run name."""
+    info = read_json(run / RUN_INFO) or {}
+    recipe = next((word for word in str(info.get("command", "")).split() if word.endswith(".yaml")), None)
+    return Path(recipe).stem if recipe else run.parent.name
 
 
 def row(run: Path) -> dict:
@@ -30,7 +38,7 @@ def row(run: Path) -> dict:
     kls = [r[KL] for r in windows if r.get(KL) is not None]
     lengths = [r[LENGTH_KEY] for r in windows if r.get(LENGTH_KEY) is not None]
     return {
-        "recipe": run.parent.name,  # compare's run name: the method, or the recipe's stem where methods repeat
+        "recipe": recipe_stem(run),
         "method": results["config"]["run"]["method"],
         "task": results["config"]["run"]["task"],
         "status": results["status"],
