@@ -1,6 +1,8 @@
-"""The one error type a user fixes: every command prints it as one line and exits with code 2."""
+"""The error types every command reports in one line: `UserError` (bad input, exit code 2) and `Interrupted` (a signal)."""
 
 from __future__ import annotations
+
+import signal
 
 
 class UserError(Exception):
@@ -13,8 +15,6 @@ class Interrupted(BaseException):
     swallows it. Commands print `interrupted by SIGTERM <detail>` as one line and exit 128 + the signal's number."""
 
     def __init__(self, signum: int, detail: str = ""):
-        import signal
-
         self.signum, self.detail = int(signum), detail
         super().__init__(f"{signal.Signals(signum).name} {detail}".strip())
 

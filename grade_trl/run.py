@@ -22,10 +22,6 @@ from .recipe import Recipe, help_for_argv, parse_recipe
 from .results import RESULTS_FILE, last_training_value, payload, write_json_atomic
 from .safety import Interrupted, output_dir_lock, signals_raise
 
-# results.json's "final" keys in the order the schema lists them (grade_trl/results.py)
-RESULTS_FINAL_ORDER = ("task", "steps", "stopped_early", "train_minutes", "samples_per_step", "peak_memory_mb", "validation_metric", "validation_before",
-                       "validation_after", "best_validation", "best_validation_step", "test", "kl", "doctor", "samples", "device", "num_processes", "torch")
-
 logger = logging.getLogger("grade_trl")
 
 
@@ -124,7 +120,6 @@ def _run_locked(recipe: Recipe, is_main: bool) -> int:
             "num_processes": trainer.accelerator.num_processes,
             "torch": torch.__version__,
         }
-        final = {key: final[key] for key in RESULTS_FINAL_ORDER if key in final} | final
         if is_main:
             write_json_atomic(results_path, payload("completed", config_record(recipe), trainer.state.log_history, final))
             print(summary_table(final))

@@ -14,6 +14,7 @@ Legend: B batch, P prompt length, T generated positions, V vocabulary.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -122,10 +123,8 @@ class GumbelGRADETrainer(RolloutTrainer):
             soft, mask = soft_reward_inputs(func, rollout, eos)
             # soft_scores wraps the call, not the function: a non-reentrant checkpoint stops its recomputation in
             # backward with an internal exception that must pass through untouched.
-            if self.args.recompute_reference_and_reward:
-                score = soft_scores(func, lambda *a: checkpoint(func.score_soft, *a, use_reentrant=False), soft, mask)
-            else:
-                score = soft_scores(func, func.score_soft, soft, mask)
+            score_soft = partial(checkpoint, func.score_soft, use_reentrant=False) if self.args.recompute_reference_and_reward else func.score_soft
+            score = soft_scores(func, score_soft, soft, mask)
             scores.append(check_finite_scores(func, at_least_float32(score)))
         return torch.stack(scores, dim=1)
 
