@@ -42,8 +42,27 @@ def test_files_are_sorted_by_label_so_unshuffled_splits_would_be_one_class():
 @pytest.mark.skipif(not SHARED_IMDB.exists(), reason="needs ../shared/data/imdb (full IMDB); the embedded sample is tested above")
 def test_full_imdb_default_splits():
     splits = make_imdb_splits(str(SHARED_IMDB), seed=42)
-    assert [len(splits[k]) for k in ("reward", "policy", "validation", "test")] == [5000, 10000, 2000, 25000]
+    # IMDB test repeats 201 of its reviews and shares 123 with IMDB train: all dropped (clean_test_split)
+    assert [len(splits[k]) for k in ("reward", "policy", "validation", "test")] == [5000, 10000, 2000, 24676]
     _check_splits(splits)
+    train = {" ".join(clean_review(t).lower().split()) for t in load_imdb(str(SHARED_IMDB), "train")["text"]}
+    test = [" ".join(clean_review(t).lower().split()) for t in splits["test"]["text"]]
+    assert len(set(test)) == len(test) and not set(test) & train
+
+
+def test_the_test_split_drops_repeats_and_reviews_the_training_data_has(tmp_path, caplog):
+    """A test file that repeats 50 training reviews (one with other case and spacing) and one of its own is cleaned,
+    with one warning line; reviews that only look alike (other words) stay."""
+    train = [{"text": f"Review number {i}. It was {'good' if i % 2 else 'bad'}.", "label": i % 2} for i in range(200)]
+    test = [{"text": f"Test review {i}. Quite {'fine' if i % 2 else 'poor'}.", "label": i % 2} for i in range(100)]
+    test += [dict(row) for row in train[:49]] + [{"text": "  REVIEW number 49.   It was good. ", "label": 1}] + [dict(test[0])]
+    for name, rows in (("train", train), ("test", test)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    with caplog.at_level("WARNING", logger="grade_trl.data.imdb"):
+        splits = make_imdb_splits(str(tmp_path), seed=0, reward_size=50, policy_size=100, validation_size=50)
+    assert sorted(splits["test"]["text"]) == sorted(r["text"] for r in test[:100])
+    assert [r.getMessage() for r in caplog.records] == ["IMDB test: dropped 1 repeated reviews and 50 that IMDB train also has (case and whitespace ignored); 100 test reviews remain"]
 
 
 def test_local_parquet_and_jsonl_files(tmp_path):

@@ -187,6 +187,20 @@ def test_embedded_sample_splits_and_long_prompts_are_dropped(tokenizer):
         make_gsm8k_splits("embedded", tokenizer, max_prompt_length=8, eval_num_problems=10, test_num_problems=None)
 
 
+def test_test_repeats_and_train_questions_the_test_has_are_dropped(tmp_path, tokenizer, caplog):
+    rows = {"train": [{"question": f"Tom has {i} apples. How many?", "answer": f"#### {i}"} for i in range(30)],
+            "test": [{"question": f"Ann has {i} pears. How many?", "answer": f"#### {i}"} for i in range(10)]}
+    rows["test"] += [rows["test"][3], {"question": "TOM has 7 apples.   How many?", "answer": "#### 7"}]  # a repeat; a train question
+    for name, items in rows.items():
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in items)
+    with caplog.at_level("WARNING", logger="grade_trl.data.gsm8k"):
+        splits, _ = make_gsm8k_splits(str(tmp_path), tokenizer, max_prompt_length=None, eval_num_problems=5, test_num_problems=None)
+    assert splits["test"]["question"] == [r["question"] for r in rows["test"][:10]] + ["TOM has 7 apples.   How many?"]  # the benchmark keeps its order
+    assert "Tom has 7 apples. How many?" not in splits["train"]["question"] and len(splits["train"]) == 29
+    assert [r.getMessage() for r in caplog.records] == ["GSM8K: dropped 1 repeated test problems and 1 train problems that the test has (case and whitespace ignored)"]
+
+
 @needs_shared
 def test_local_folder_loads_like_the_hub():
     train = load_gsm8k(str(SHARED_GSM8K), "train")

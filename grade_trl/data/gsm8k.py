@@ -59,15 +59,35 @@ def prompt_dataset(rows: Dataset, tokenizer, max_prompt_length: int | None = Non
     return kept.remove_columns("num_prompt_tokens"), len(dataset) - len(kept)
 
 
+def disjoint_splits(train: Dataset, test: Dataset) -> tuple[Dataset, Dataset]:
+    """(train, test) with every repeat of a test question dropped and every train question that the test has dropped
+    from train (the test is the benchmark: it keeps its problems), compared with case and whitespace folded; one
+    warning line when anything was dropped."""
+
+    def key(question: str) -> str:
+        return " ".join(question.lower().split())
+
+    seen: set[str] = set()
+    keep_test = [i for i, q in enumerate(test["question"]) if not (key(q) in seen or seen.add(key(q)))]
+    keep_train = [i for i, q in enumerate(train["question"]) if key(q) not in seen]
+    repeats, in_test = len(test) - len(keep_test), len(train) - len(keep_train)
+    if repeats or in_test:
+        logger.warning("GSM8K: dropped %d repeated test problems and %d train problems that the test has (case and whitespace ignored)", repeats, in_test)
+        train, test = train.select(keep_train), test.select(keep_test)
+    return train, test
+
+
 def make_gsm8k_splits(source: str, tokenizer, max_prompt_length: int | None, eval_num_problems: int, test_num_problems: int | None, system_prompt: str = SYSTEM_PROMPT) -> tuple[dict[str, Dataset], dict]:
     """Prompt datasets `train` (all of GSM8K train), `validation` (the first `eval_num_problems` test problems,
     as the users evaluated) and `test` (the first `test_num_problems` test problems, or all), plus their sizes.
 
-    Test problems keep the file order, so every method and seed sees the same ones in the same order.
+    Test problems keep the file order, so every method and seed sees the same ones in the same order. A repeated
+    test question and a train question the test also has are dropped (`disjoint_splits`; GSM8K itself has none).
     Raises ValueError when a split comes out empty (for instance a `max_prompt_length` that fits no question).
     """
     train, train_dropped = prompt_dataset(load_gsm8k(source, "train"), tokenizer, max_prompt_length, system_prompt)
     test, test_dropped = prompt_dataset(load_gsm8k(source, "test"), tokenizer, max_prompt_length, system_prompt)
+    train, test = disjoint_splits(train, test)
     splits = {
         "train": train,
         "validation": test.select(range(min(eval_num_problems, len(test)))),

@@ -45,7 +45,8 @@ def make_imdb_splits(
     """Disjoint `reward`, `policy`, `validation` splits of IMDB train and a `test` split of IMDB test.
 
     Shuffled with `seed` before splitting; duplicate reviews (IMDB train has some) are dropped first,
-    so no text lands in two splits. Raises if two splits share a review or a split lacks a label.
+    so no text lands in two splits. The test split drops its own duplicates and every review IMDB train also
+    has (`clean_test_split`). Raises if two splits share a review or a split lacks a label.
     """
     train = deduplicate(check_labels(load_imdb(source, "train"), source, "train")).shuffle(seed=seed)
     sizes = split_sizes(len(train), {"reward": reward_size, "policy": policy_size, "validation": validation_size})
@@ -53,7 +54,7 @@ def make_imdb_splits(
     for name, size in sizes.items():
         splits[name] = train.select(range(start, start + size))
         start += size
-    test = check_labels(load_imdb(source, "test"), source, "test").shuffle(seed=seed)
+    test = clean_test_split(check_labels(load_imdb(source, "test"), source, "test"), train).shuffle(seed=seed)
     splits["test"] = test.select(range(min(test_size or len(test), len(test))))
     check_disjoint(splits)
     return splits
@@ -75,6 +76,31 @@ def deduplicate(dataset: Dataset) -> Dataset:
     seen: set[str] = set()
     keep = [i for i, text in enumerate(dataset["text"]) if not (text in seen or seen.add(text))]
     return dataset if len(keep) == len(dataset) else dataset.select(keep)
+
+
+def normalised(text: str) -> str:
+    """The review as a duplicate check compares it: markup removed, case and whitespace folded."""
+    return " ".join(clean_review(text).lower().split())
+
+
+def clean_test_split(test: Dataset, train: Dataset) -> Dataset:
+    """The test reviews without repeats and without any review that IMDB train also holds (compared `normalised`),
+    so the test measures prompts no split trained on, nor the gold judge (fitted on IMDB train). One warning line
+    says what was dropped. The full IMDB test has 201 repeats and 123 reviews that are also in train."""
+    seen = {normalised(text) for text in train["text"]}
+    keep, repeats, in_train, test_seen = [], 0, 0, set()
+    for i, text in enumerate(test["text"]):
+        key = normalised(text)
+        if key in test_seen:
+            repeats += 1
+        elif key in seen:
+            in_train += 1
+        else:
+            keep.append(i)
+        test_seen.add(key)
+    if repeats or in_train:
+        logger.warning("IMDB test: dropped %d repeated reviews and %d that IMDB train also has (case and whitespace ignored); %d test reviews remain", repeats, in_train, len(keep))
+    return test if len(keep) == len(test) else test.select(keep)
 
 
 def check_disjoint(splits: dict[str, Dataset]) -> None:
