@@ -89,25 +89,36 @@ def build_trainer(recipe: Recipe, task, tokenizer, callbacks=()):
     return trainer
 
 
-def build_callbacks(recipe: Recipe, task) -> dict:
-    """{"evaluation": EvaluationCallback, "doctor": DoctorCallback or None, "probe": GradientProbeCallback or None}."""
+def build_callbacks(recipe: Recipe, task, resume_from: str | None = None, graceful_stop=None) -> dict:
+    """{"resume": ResumeCallback, "graceful_stop": GracefulStop, "evaluation": EvaluationCallback, "doctor":
+    DoctorCallback or None, "probe": GradientProbeCallback or None, "nonfinite_guard": NonFiniteGuard}, in the order
+    the Trainer must call them (the resume state is restored before anything evaluates).
+
+    resume_from: the checkpoint folder the run resumes from (resume.resolve_checkpoint), or None. graceful_stop: the
+    resume.GracefulStop whose handler the runner installed for SIGTERM/SIGINT (default: a new one)."""
     from .diagnostics import DoctorCallback, build_settings
     from .evaluation import EvaluationCallback
     from .probing import GradientProbeCallback
+    from .resume import GracefulStop, ResumeCallback
     from .safety import NonFiniteGuard
 
     run_args, config = recipe.run, recipe.config
+    graceful_stop = graceful_stop or GracefulStop()
+    evaluation = EvaluationCallback(
+        task.evaluator,
+        eval_steps=int(config.eval_steps or 100),
+        seed=run_args.eval_seed,
+        best_model_dir=os.path.join(config.output_dir, "best_model") if run_args.save_best_model else None,
+        early_stopping_patience=run_args.early_stopping_patience,
+        graceful_stop=graceful_stop,
+    )
     callbacks = {
-        "evaluation": EvaluationCallback(
-            task.evaluator,
-            eval_steps=int(config.eval_steps or 100),
-            seed=run_args.eval_seed,
-            best_model_dir=os.path.join(config.output_dir, "best_model") if run_args.save_best_model else None,
-            early_stopping_patience=run_args.early_stopping_patience,
-        ),
+        "resume": ResumeCallback(evaluation, resume_from),
+        "graceful_stop": graceful_stop,
+        "evaluation": evaluation,
         "doctor": None,
         "probe": None,
-        "nonfinite_guard": NonFiniteGuard(),  # before every optimizer step: a NaN/inf gradient stops the run, unapplied
+        "nonfinite_guard": NonFiniteGuard(run_args.nonfinite, run_args.nonfinite_max_skips),  # before every optimizer step
     }
     if run_args.doctor != "off":
         stop_on = run_args.doctor_stop_on if run_args.doctor == "stop" else ()

@@ -9,7 +9,9 @@ methods get the same budget (`--max_steps 50`). Each run is its own process,
 `python -m grade_trl.run RECIPE --seed S --output_dir {out}/{name}/seed{S} ...`, where `name` is the recipe's
 `method` (the recipe file's stem when two recipes share a method); its output goes to `{run_dir}/log.txt`,
 its wall time and peak RSS to `{run_dir}/compare_run.json`. A run whose results.json says "completed" with the
-same settings is not run again (resume) unless `--force`. A failed run is recorded and the others go on; the
+same settings is not run again unless `--force`; one that did not complete (a killed comparison) but left a complete
+checkpoint (`save_strategy: steps`, or a SIGTERM) resumes from it with `--resume_from_checkpoint` when its command
+is the same (its wall time then counts the resumed part only). A failed run is recorded and the others go on; the
 exit code is then 1. What comparison.json holds, sample efficiency included: `grade_trl.comparison`.
 """
 
@@ -92,6 +94,19 @@ def run_command(launcher: str | None, recipe: str, seed: int, run_dir: str, over
     return prefix + ["-m", "grade_trl.run", recipe, *overrides_argv(overrides), "--seed", str(seed), "--output_dir", run_dir]
 
 
+def resumable_checkpoint(run_dir: Path, command: str) -> str | None:
+    """The last complete checkpoint of a run that this comparison started with the same command and that did not
+    complete (killed, stopped by a signal, failed), or None: the run then starts over."""
+    from .resume import resolve_checkpoint
+
+    if (read_json(run_dir / RUN_INFO) or {}).get("command") != command:
+        return None
+    try:
+        return resolve_checkpoint(True, str(run_dir))
+    except UserError:
+        return None
+
+
 def execute(command: list[str], log_path: Path, env: dict | None = None) -> dict:
     """Run `command` with its output in `log_path`; return code, wall seconds and the peak RSS (MiB) from wait4.
 
@@ -159,8 +174,14 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
 
     def launch(index: int, record: dict) -> tuple[int, dict, dict]:
         command = run_command(options["launcher"], record["recipe"], record["seed"], record["run_dir"], overrides)
-        logger.info("[%d/%d] %s seed %d: %s", index, len(runs), record["name"], record["seed"], shlex.join(command))
-        return index, record, {"command": shlex.join(command), **execute(command, Path(record["run_dir"]) / "log.txt", env)}
+        run_dir = Path(record["run_dir"])
+        checkpoint = None if options["force"] else resumable_checkpoint(run_dir, shlex.join(command))
+        launched = command + ["--resume_from_checkpoint", checkpoint] if checkpoint else command
+        logger.info("[%d/%d] %s seed %d: %s", index, len(runs), record["name"], record["seed"], shlex.join(launched))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / RUN_INFO, {"command": shlex.join(command), "status": "running"})  # lets a later compare resume it
+        info = {"command": shlex.join(command), **execute(launched, run_dir / "log.txt", env)}
+        return index, record, info | ({"resumed_from": checkpoint} if checkpoint else {})
 
     with ThreadPoolExecutor(max_workers=options["jobs"]) as pool:
         for future in as_completed([pool.submit(launch, index, record) for index, record in pending]):

@@ -17,6 +17,7 @@ included), warns once per finding and can stop the run. After a run: `python -m 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import logging
 import math
@@ -110,6 +111,21 @@ class LogColumns:
                     self.nonfinite.append((step, key, value))
                 elif _is_number(value):
                     self.columns.setdefault(key, []).append((step, float(value)))
+
+    @contextlib.contextmanager
+    def provisional(self, row: dict):
+        """`row` added for the block only (the live doctor's look at a step before it is logged)."""
+        rows, lengths, nonfinite = self.rows, {key: len(points) for key, points in self.columns.items()}, len(self.nonfinite)
+        self.extend([row])
+        try:
+            yield self
+        finally:
+            self.rows, self.nonfinite[nonfinite:] = rows, []
+            for key in list(self.columns):
+                if key not in lengths:
+                    del self.columns[key]
+                else:
+                    del self.columns[key][lengths[key]:]
 
     def series(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of every row that logged `key` as a finite number, in log order."""
@@ -484,6 +500,12 @@ class DoctorCallback(TrainerCallback):
     version of each. With `stop_on` naming a severity ("error", "warning") or a check id, a new
     matching finding sets `control.should_training_stop`. Every process computes the same findings
     from the same (gathered) history, so they all stop together; only the main process warns.
+
+    With `stop_on` and the trainer attached (`callback.trainer = trainer`), the checks also run before every
+    optimizer step on the row the step would log (`trainer.pending_logs()`: the training window so far and this
+    step's gradient norm): a finding there to stop on skips that update (every gradient set to None, which the
+    optimizer passes over) and stops the run, so the weights saved are those before the update that triggered it.
+    Findings on evaluation rows (reward_regression) come after the step's update and stop the run after it.
     """
 
     def __init__(self, settings: DoctorSettings | None = None, stop_on: typing.Iterable[str] = ()):
@@ -494,6 +516,8 @@ class DoctorCallback(TrainerCallback):
             raise ValueError(f"stop_on: unknown {unknown[0]!r}; give a severity (error, warning) or a check id ({', '.join(CHECK_IDS)})")
         self._findings: dict[tuple[str, int], Finding] = {}
         self._columns = LogColumns()  # state.log_history only grows: read each row once
+        self.trainer = None
+        self.skipped_update_at: int | None = None  # the step whose update a pre-step finding skipped
 
     @property
     def findings(self) -> list[Finding]:
@@ -504,11 +528,15 @@ class DoctorCallback(TrainerCallback):
             return dataclasses.replace(self.settings, kl_target=args.kl_target)
         return self.settings
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def _catch_up(self, state) -> None:
         if len(state.log_history) < self._columns.rows:  # a new state (another train() call): start over
             self._columns = LogColumns()
         self._columns.extend(state.log_history[self._columns.rows :])
-        for finding in diagnose(self._columns, self._settings_for(args)):
+
+    def _report(self, findings, args, state, control, when: str) -> bool:
+        """Record and warn about the new findings; True when one of them is to stop on (and the run is told to)."""
+        stop = False
+        for finding in findings:
             key = (finding.check, finding.steps[0])
             is_new = key not in self._findings
             self._findings[key] = finding
@@ -517,9 +545,27 @@ class DoctorCallback(TrainerCallback):
             if state.is_world_process_zero:
                 logger.warning("run doctor: %s", finding.format())
             if finding.severity in self.stop_on or finding.check in self.stop_on:
-                control.should_training_stop = True
+                control.should_training_stop = stop = True
                 if state.is_world_process_zero:
-                    logger.warning("run doctor: stopping the run at step %d on %s (stop_on: %s)", state.global_step, finding.check, ", ".join(sorted(self.stop_on)))
+                    logger.warning("run doctor: stopping the run %s on %s (stop_on: %s)", when, finding.check, ", ".join(sorted(self.stop_on)))
+        return stop
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.stop_on or self.trainer is None:
+            return control
+        self._catch_up(state)
+        step = state.global_step + 1
+        with self._columns.provisional({**self.trainer.pending_logs(), "step": step}) as columns:
+            findings = diagnose(columns, self._settings_for(args))
+        if self._report(findings, args, state, control, f"before the update of step {step}"):
+            self.skipped_update_at = step
+            for parameter in (model if model is not None else self.trainer.model).parameters():
+                parameter.grad = None
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._catch_up(state)
+        self._report(diagnose(self._columns, self._settings_for(args)), args, state, control, f"at step {state.global_step}")
         return control
 
 

@@ -247,16 +247,53 @@ class EvaluationCallback(TrainerCallback):
     for the final test. Attach the trainer (`callback.trainer = trainer`) so the values reach its loggers.
     """
 
-    def __init__(self, evaluator: Evaluator, eval_steps: int, seed: int = 0, best_model_dir: str | None = None, early_stopping_patience: int = 0):
+    def __init__(self, evaluator: Evaluator, eval_steps: int, seed: int = 0, best_model_dir: str | None = None, early_stopping_patience: int = 0, graceful_stop=None):
         self.evaluator, self.eval_steps, self.seed = evaluator, int(eval_steps), seed
         self.best_model_dir, self.patience = best_model_dir, int(early_stopping_patience or 0)
+        self.graceful_stop = graceful_stop  # resume.GracefulStop: a run stopped by a signal skips the final evaluation
         self.trainer = None
         self.best_value, self.best_step = float("-inf"), None
         self.best_parameters: dict[str, torch.Tensor] | None = None
         self.evaluations_since_best = 0
         self.stopped_early_at: int | None = None
         self.results: dict[int, dict] = {}
-        self._start, self._eval_seconds = None, 0.0
+        self._start, self._eval_seconds, self._seconds_before = None, 0.0, 0.0  # _seconds_before: a resumed run's past
+
+    # -- resume (grade_trl.resume) ------------------------------------------------------------------------------
+    def state_dict(self, step: int) -> dict:
+        """What a resumed run needs to continue the protocol at `step`: every result, the best (its parameters only
+        when they are not the checkpoint's own weights), the patience counter and the time spent so far."""
+        best_is_current = self.best_step == step
+        return {
+            "results": self.results,
+            "best_value": self.best_value,
+            "best_step": self.best_step,
+            "best_parameters": None if best_is_current else self.best_parameters,
+            "best_is_current": best_is_current,
+            "evaluations_since_best": self.evaluations_since_best,
+            "stopped_early_at": self.stopped_early_at,
+            "seconds": self._elapsed(),
+            "eval_seconds": self._eval_seconds,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict`'s values (the policy holds the checkpoint's weights already); `best_model/` is written
+        again from the restored best, since the stopped run may have saved a later best there after the checkpoint."""
+        self.results = state["results"]
+        self.best_value, self.best_step = state["best_value"], state["best_step"]
+        self.evaluations_since_best, self.stopped_early_at = state["evaluations_since_best"], state["stopped_early_at"]
+        self._seconds_before, self._eval_seconds = state["seconds"], state["eval_seconds"]
+        if state["best_is_current"]:
+            self._keep_best()
+        elif state["best_parameters"] is not None:
+            self.best_parameters = {name: value.to("cpu") for name, value in state["best_parameters"].items()}
+            if self.best_model_dir:
+                saved = self.swap_in_best()
+                self.trainer.save_model(self.best_model_dir)
+                self.restore(saved)
+
+    def _elapsed(self) -> float:
+        return self._seconds_before + (time.time() - self._start if self._start else 0.0)
 
     @property
     def best_key(self) -> str:
@@ -276,7 +313,7 @@ class EvaluationCallback(TrainerCallback):
         else:
             self.evaluations_since_best += 1
         self._eval_seconds += time.time() - started
-        elapsed = time.time() - self._start if self._start else 0.0
+        elapsed = self._elapsed()
         return {
             **{metrics.eval_key(name): v for name, v in result["metrics"].items()},
             self.best_key: self.best_value,
@@ -308,6 +345,8 @@ class EvaluationCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.graceful_stop is not None and self.graceful_stop.signum is not None:
+            return  # stopped by a signal: the run ends now, with the checkpoint saved at this step
         if self.trainer is not None and state.global_step not in self.results:
             self.log(state, self.evaluate(state.global_step))
 

@@ -72,6 +72,8 @@ class RunArguments:
     probe_steps: list[int] | None = field(default=None, metadata={"help": "Optimizer steps (0 = before training) at which K independent gradient estimates on a fixed prompt batch are drawn and their mean squared norm, total variance, SNR and cosines logged as probe_* (grade_trl/probe.py); None: off."})
     probe_num_estimates: int = field(default=16, metadata={"help": "Independent gradient estimates per probe (>= 2); each costs one rollout and backward pass of the probe batch."})
     probe_num_prompts: int = field(default=8, metadata={"help": "The probe's fixed batch: the first N training prompts, the same for every method of a task."})
+    nonfinite: str = field(default="stop", metadata={"help": "A NaN or inf gradient before an optimizer step (for every method): `stop` the run there (exit 2, results.json kept), or `skip` that update (no weight or optimizer-state change) and go on, counting it in results.json `final.nonfinite_skipped_steps`."})
+    nonfinite_max_skips: int = field(default=10, metadata={"help": "With nonfinite: skip, the run stops as with `stop` at the skip after this many."})
     doctor_settings: dict | None = field(default=None, metadata={"help": "Overrides of the doctor's thresholds, e.g. {kl_max: 20, regression_evals: 3}; every setting: `python -m grade_trl.doctor --help`."})
     eval_num_problems: int = field(default=500, metadata={"help": "GSM8K: the first N test problems whose greedy accuracy is `eval_accuracy` at each evaluation (the users' runs: 500)."})
     test_num_problems: int | None = field(default=None, metadata={"help": "GSM8K: the first N test problems of the final test (default: the whole test split, 1,319)."})
@@ -90,6 +92,8 @@ class RunArguments:
             raise ValueError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
         if self.probe_num_estimates < 2:
             raise ValueError(f"probe_num_estimates must be >= 2 (a variance needs two estimates), got {self.probe_num_estimates}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be stop or skip, got {self.nonfinite!r}")
         if self.doctor not in ("warn", "stop", "off"):
             raise ValueError(f"doctor must be warn, stop or off, got {self.doctor!r}")
         from .diagnostics import DoctorCallback, build_settings  # unknown settings or stop_on names raise a one-line error
@@ -111,6 +115,7 @@ class Recipe:
     run: RunArguments
     config: Any  # the method's TrainingArguments subclass
     raw: dict  # the mapping as written (file + overrides), for results.json
+    resume_from: str | None = None  # the checkpoint folder `resume_from_checkpoint` names (resume.resolve_checkpoint)
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -197,7 +202,13 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
     check_ranges(run, config)
     if run.reward_model_path is None:
         run.reward_model_path = os.path.join(config.output_dir, "reward_model")
-    return Recipe(run=run, config=config, raw=raw)
+    from .resume import resolve_checkpoint
+
+    try:
+        resume_from = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    except UserError as error:
+        raise RecipeError(str(error)) from None
+    return Recipe(run=run, config=config, raw=raw, resume_from=resume_from)
 
 
 _MAX_SIZE = 10_000_000  # a ceiling no real run reaches, so a typo (1e12, 1e30) is refused instead of running until killed
@@ -235,6 +246,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reward_epochs": (lambda v: 1 <= v <= 10_000, "an integer from 1 to 10,000"),
     "num_samples_to_show": (lambda v: v >= 0, "an integer >= 0"),
     "early_stopping_patience": (lambda v: v >= 0, "an integer >= 0 (0: off)"),
+    "nonfinite_max_skips": (lambda v: 0 <= v <= _MAX_SIZE, "an integer >= 0"),
     "probe_num_prompts": (lambda v: v >= 1, "an integer >= 1"),
     "seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32 - 1"),
     "eval_seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32 - 1"),

@@ -12,7 +12,9 @@
         (evaluator metrics at step 0 and at the end), "best_validation", "best_validation_step",
         "test": {"final": T, "best": T} with T = {"metrics", "prompts", and per-prompt lists such as "rewards",
         "gold_rewards", "corrects"}, "kl" (the last training window's, nats per completion), "doctor",
-        "samples", "device", "num_processes", "torch"
+        "nonfinite_skipped_steps", "samples", "device", "num_processes", "torch";
+        "resumed_from" (a resumed run: its checkpoint folder), "checkpoint" (a run stopped by a signal: the
+        checkpoint it saved)
       }
     }
 

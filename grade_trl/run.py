@@ -20,6 +20,7 @@ from .cli import quiet_libraries, run_safely
 from .errors import UserError
 from .recipe import Recipe, help_for_argv, parse_recipe
 from .results import RESULTS_FILE, last_training_value, payload, write_json_atomic
+from .resume import GracefulStop
 from .safety import Interrupted, output_dir_lock, signals_raise
 
 logger = logging.getLogger("grade_trl")
@@ -47,33 +48,41 @@ def run(recipe: Recipe) -> int:
     config = recipe.config
     is_main = PartialState(cpu=config.use_cpu).is_main_process  # join the process group now: the set-up is shared
     set_seed(config.seed)
-    with output_dir_lock(config.output_dir, enabled=is_main), signals_raise():
-        return _run_locked(recipe, is_main)
+    graceful_stop = GracefulStop()
+    with output_dir_lock(config.output_dir, enabled=is_main), signals_raise(handler=graceful_stop.handler):
+        return _run_locked(recipe, is_main, graceful_stop)
 
 
-def _run_locked(recipe: Recipe, is_main: bool) -> int:
-    """The run itself, under the output_dir lock and with signals as exceptions: every way out of it after the set-up
+def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> int:
+    """The run itself, under the output_dir lock and with signals handled: every way out of it after the set-up
     has checked the input (an exception, a signal, a failure after training) writes results.json with its status,
-    the error and the history so far; bad input found during the set-up writes nothing."""
+    the error and the history so far; bad input found during the set-up writes nothing. The first SIGTERM/SIGINT
+    during training finishes the step and saves a checkpoint first (resume.GracefulStop)."""
     import torch
 
     from .evaluation import evaluate_test
     from .report import summary_table
 
-    run_args, config = recipe.run, recipe.config
+    run_args, config, resume_from = recipe.run, recipe.config, recipe.resume_from
     results_path = os.path.join(config.output_dir, RESULTS_FILE)
     trainer, final = None, {}
     try:
         tokenizer, task = build_task(recipe)
         final["task"] = task.info
-        callbacks = build_callbacks(recipe, task)
+        callbacks = build_callbacks(recipe, task, resume_from, graceful_stop)
         eval_callback, doctor = callbacks["evaluation"], callbacks["doctor"]
         trainer = build_trainer(recipe, task, tokenizer, [c for c in callbacks.values() if c is not None])
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
         start = time.time()
-        trainer.train()
+        if resume_from is not None:
+            final["resumed_from"] = resume_from
+        trainer.train(resume_from_checkpoint=resume_from)
+        if graceful_stop.signum is not None:
+            checkpoint = os.path.join(config.output_dir, f"checkpoint-{trainer.state.global_step}")
+            final["checkpoint"] = checkpoint
+            raise Interrupted(graceful_stop.signum, f"at step {trainer.state.global_step}; checkpoint: {checkpoint}")
         final["steps"] = trainer.state.global_step
         final["train_minutes"] = (time.time() - start) / 60
         final["peak_memory_mb"] = peak_memory()
@@ -106,6 +115,7 @@ def _run_locked(recipe: Recipe, is_main: bool) -> int:
             "test": test,
             "kl": last_training_value(trainer.state.log_history, metrics.KL),
             "doctor": [dataclasses.asdict(f) for f in doctor.findings] if doctor else None,
+            "nonfinite_skipped_steps": callbacks["nonfinite_guard"].skipped_steps,
             "samples": [
                 {
                     "prompt": b["prompt"],
@@ -133,7 +143,8 @@ def _run_locked(recipe: Recipe, is_main: bool) -> int:
             write_json_atomic(results_path, payload("interrupted" if interrupted else "failed", config_record(recipe), history, final, f"{type(error).__name__}: {error}"))
         if interrupted:
             step = trainer.state.global_step if trainer is not None else 0
-            raise Interrupted(getattr(error, "signum", signal.SIGINT), f"at step {step}; results.json (status interrupted, the history so far): {results_path}") from None
+            resume = f"; resume with the same command and --resume_from_checkpoint {final['checkpoint']}" if "checkpoint" in final else ""
+            raise Interrupted(getattr(error, "signum", signal.SIGINT), f"at step {step}; results.json (status interrupted, the history so far): {results_path}{resume}") from None
         raise
     finish_reporters(config)
     trainer.accelerator.wait_for_everyone()

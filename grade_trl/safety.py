@@ -9,7 +9,8 @@ that stops before a non-finite gradient reaches the weights.
   a second live run into the same folder is refused in one line naming the first one's pid.
 - `NonFiniteGuard`: a `transformers.TrainerCallback` that checks the gradient after backward and clipping, before
   `optimizer.step()` (Trainer's `on_pre_optimizer_step`), for every method (TRL's GRPO included: it is a
-  callback). A NaN or inf loss makes every gradient non-finite, so this one check covers the loss too.
+  callback). A NaN or inf loss makes every gradient non-finite, so this one check covers the loss too. It stops the
+  run (default) or, with `nonfinite: skip`, skips the update and counts it, up to `nonfinite_max_skips`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import signal
 from pathlib import Path
@@ -26,15 +28,20 @@ from transformers import TrainerCallback
 
 from .errors import Interrupted, UserError
 
+logger = logging.getLogger(__name__)
+
 LOCK_FILE = ".grade_trl.lock"
 
 
 @contextlib.contextmanager
-def signals_raise(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
-    """Within the block, each signal in `signums` raises `Interrupted` in the main thread; the old handlers after."""
+def signals_raise(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), handler=None) -> Iterator[None]:
+    """Within the block, each signal in `signums` raises `Interrupted` in the main thread (or calls `handler(signum,
+    frame)`, which may raise it later: resume.GracefulStop); the old handlers after."""
 
-    def handler(signum, frame):
+    def raise_interrupted(signum, frame):
         raise Interrupted(signum)
+
+    handler = handler or raise_interrupted
 
     previous = {}
     try:
@@ -93,7 +100,17 @@ class NonFiniteGradientError(UserError):
 
 
 class NonFiniteGuard(TrainerCallback):
-    """Stop before an optimizer step whose gradient is NaN or inf, naming the step and the first such parameter."""
+    """Before every optimizer step, check the gradient: a NaN or inf stops the run naming the step and the first such
+    parameter (`mode="stop"`), or (`mode="skip"`) the update is skipped: every gradient is set to None, which
+    torch's optimizers pass over (no parameter, moment or step-count change; the learning-rate schedule still
+    advances), the step is recorded in `skipped_steps` and logged as a warning, and more than `max_skips` skipped
+    updates stop the run as `stop` does. Gradients are all-reduced before this point, so every process agrees."""
+
+    def __init__(self, mode: str = "stop", max_skips: int = 10):
+        if mode not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be stop or skip, got {mode!r}")
+        self.mode, self.max_skips = mode, int(max_skips)
+        self.skipped_steps: list[int] = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         import torch
@@ -103,7 +120,15 @@ class NonFiniteGuard(TrainerCallback):
             return
         name, grad = next(((n, p.grad) for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())), ("?", None))
         kind = "nan" if grad is not None and bool(torch.isnan(grad).any()) else "inf"
+        step = state.global_step + 1
+        if self.mode == "skip" and len(self.skipped_steps) < self.max_skips:
+            self.skipped_steps.append(step)
+            for parameter in model.parameters():
+                parameter.grad = None
+            logger.warning("step %d: the gradient is not finite (%s in %s); update skipped (%d of at most %d, nonfinite_max_skips)", step, kind, name, len(self.skipped_steps), self.max_skips)
+            return
+        limit = f" after {self.max_skips} skipped updates (nonfinite_max_skips)" if self.mode == "skip" else ""
         raise NonFiniteGradientError(
-            f"step {state.global_step + 1}: the gradient is not finite ({kind} in {name}); the update was not applied. "
+            f"step {step}: the gradient is not finite ({kind} in {name}){limit}; the update was not applied. "
             "A NaN or inf loss (a reward returning NaN, a KL of a zero probability, a too large learning_rate) causes this"
         )

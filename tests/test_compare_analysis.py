@@ -267,3 +267,27 @@ def test_results_readers_accept_only_the_results_schema(tmp_path):
         load_results(run)
     write_json_atomic(run / "results.json", {"status": "interrupted", "config": {}, "history": [{"step": 1}], "final": {}})
     assert read_results(run)["status"] == "interrupted" and load_results(run / "results.json")["history"] == [{"step": 1}]
+
+
+def test_a_killed_comparison_resumes_its_unfinished_run_from_the_checkpoint(tmp_path):
+    """A run of the comparison stopped after its step-2 checkpoint (its later files removed, as a SIGKILL leaves them)
+    is resumed from that checkpoint by the next compare, and ends with the history of the run that was not stopped."""
+    recipe = str(REPO / "recipes" / "tiny" / "length_reinforce.yaml")
+    overrides = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--eval_num_prompts", "4",
+                 "--test_num_prompts", "4", "--eval_best_of_n", "1", "--policy_split_size", "16", "--validation_split_size", "8",
+                 "--max_new_tokens", "6", "--min_new_tokens", "2", "--per_device_train_batch_size", "4", "--disable_tqdm", "true"]
+    argv = [recipe, "--seed_list", "42", "--output_dir", str(tmp_path), *overrides]
+    assert compare.main(argv) == 0
+    run_dir = tmp_path / "reinforce" / "seed42"
+    straight = load_results(run_dir)
+    for leftover in ("results.json", "model", "best_model", "checkpoint-4"):
+        path = run_dir / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    assert compare.main(argv) == 0
+    record = json.loads((tmp_path / "comparison.json").read_text())["runs"][0]
+    assert record["status"] == "completed" and record["resumed_from"] == str(run_dir / "checkpoint-2") and not record["skipped"]
+    resumed = load_results(run_dir)
+    assert resumed["final"]["resumed_from"] == str(run_dir / "checkpoint-2")
+    clock = {"eval_wall_seconds", "eval_train_seconds", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss"}
+    assert [{k: v for k, v in row.items() if k not in clock} for row in resumed["history"]] == [{k: v for k, v in row.items() if k not in clock} for row in straight["history"]]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from datasets import Dataset
 from transformers import TrainerControl, TrainerState
 
@@ -323,10 +324,23 @@ def test_callback_in_a_real_run_warns_once_then_stops_when_asked(tmp_path, caplo
     assert finding.steps == [1, 2, 3]
     assert sum("kl_high at" in r.getMessage() for r in caplog.records) == 1
 
+    # Stopping: the finding is seen on step 1's row before its update, so the update is skipped and the run stops.
     stopper = DoctorCallback(DoctorSettings(kl_max=1e-6), stop_on=["kl_high"])
     trainer = reinforce_trainer(tmp_path / "stop", stopper, max_steps=5)
+    stopper.trainer = trainer
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     assert trainer.state.global_step == 1 and [f.steps for f in stopper.findings if f.check == "kl_high"] == [[1]]
+    assert stopper.skipped_update_at == 1 and all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    assert not any(state for state in trainer.optimizer.state.values())  # AdamW never stepped
+
+    # Without the trainer attached (a plain TrainerCallback use), it stops after the step's log, as before.
+    late = DoctorCallback(DoctorSettings(kl_max=1e-6), stop_on=["kl_high"])
+    trainer = reinforce_trainer(tmp_path / "late", late, max_steps=5)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.state.global_step == 1 and late.skipped_update_at is None
+    assert not all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 
 def test_runner_wires_the_live_doctor_and_keeps_its_findings(tmp_path):
@@ -340,3 +354,4 @@ def test_runner_wires_the_live_doctor_and_keeps_its_findings(tmp_path):
     final = load_results(tmp_path / "run" / "results.json")["final"]
     assert final["steps"] < 6  # stopped by the doctor, not by max_steps
     assert [f["check"] for f in final["doctor"]] == ["kl_high"]
+    assert final["test"]["final"]["metrics"]["reward"] is not None  # the final results are still written

@@ -1,5 +1,5 @@
 """Runs that keep their results: signals on a real subprocess, the output_dir lock, the non-finite gradient guard,
-and a failure after training. (Resume is not built yet: issue 11.)"""
+and a failure after training. Resume after a SIGKILL: tests/test_resume.py."""
 
 import os
 import signal
@@ -10,9 +10,12 @@ import time
 import pytest
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 
 from grade_trl.errors import UserError
+from grade_trl.resume import is_complete
 from grade_trl.rewards import LengthReward
+from grade_trl.run import main
 from grade_trl.safety import LOCK_FILE, NonFiniteGradientError, NonFiniteGuard, output_dir_lock
 from grade_trl.trainers import GumbelGRADEConfig, GumbelGRADETrainer
 
@@ -86,6 +89,47 @@ def test_a_nan_gradient_stops_grade_before_its_first_update(tmp_path, tokenizer)
     assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())  # the update was not applied
 
 
+class NaNGradientWhenAsked(NaNGradientReward):
+    """NaNGradientReward while `nan` is set, a finite gradient otherwise."""
+
+    nan = False
+
+    def score_soft(self, soft_tokens, attention_mask):
+        return super().score_soft(soft_tokens, attention_mask) if self.nan else LengthReward.score_soft(self, soft_tokens, attention_mask)
+
+
+def test_nonfinite_skip_skips_each_bad_update_exactly_and_stops_past_the_limit(tmp_path, tokenizer):
+    """`nonfinite: skip`: a step with a NaN gradient changes neither the weights nor AdamW's moments and step count;
+    the finite steps between are applied; past max_skips the run stops as `stop` does."""
+    args = GumbelGRADEConfig(
+        output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2, gradient_accumulation_steps=1, max_new_tokens=4, min_new_tokens=4,
+        logging_steps=1, use_cpu=True, disable_tqdm=True, report_to="none", save_strategy="no",
+    )
+    guard = NonFiniteGuard("skip", max_skips=2)
+    seen = []
+
+    class Snapshot(TrainerCallback):  # the weights and AdamW's step count after every optimizer step
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            steps = [int(s["step"]) for s in optimizer.state.values() if "step" in s]
+            seen.append((state.global_step, {n: p.detach().clone() for n, p in model.named_parameters()}, max(steps, default=0)))
+
+    reward = NaNGradientWhenAsked(tokenizer.eos_token_id)
+
+    class NaNOnEvenSteps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            reward.nan = (state.global_step + 1) % 2 == 0
+
+    trainer = GumbelGRADETrainer(model="embedded", reward_funcs=reward, args=args, train_dataset=Dataset.from_dict({"prompt": ["This movie was"] * 12}),
+                                 processing_class=tokenizer, callbacks=[NaNOnEvenSteps(), guard, Snapshot()])
+    with pytest.raises(NonFiniteGradientError, match=r"^step 6: the gradient is not finite \(nan in .*\) after 2 skipped updates \(nonfinite_max_skips\)"):
+        trainer.train()
+    assert guard.skipped_steps == [2, 4]
+    steps = {step: (weights, adam_steps) for step, weights, adam_steps in seen}
+    assert [steps[s][1] for s in (1, 2, 3, 4)] == [1, 1, 2, 2]  # AdamW counted only the applied updates
+    assert all(torch.equal(steps[1][0][n], steps[2][0][n]) for n in steps[1][0])  # step 2 was skipped: weights as after step 1
+    assert not all(torch.equal(steps[2][0][n], steps[3][0][n]) for n in steps[2][0])  # step 3 was applied
+
+
 def test_a_failure_after_training_keeps_the_history(tmp_path, capsys):
     """Saving model/ fails (a file is in the way): results.json still has status failed, the error and every row."""
     from grade_trl.run import main
@@ -117,6 +161,16 @@ def test_a_signal_mid_training_writes_results_and_exits_with_one_line(tmp_path, 
     assert last.startswith(f"interrupted by {signal.Signals(signum).name} at step ") and "results.json (status interrupted" in last
     results = load_results(tmp_path / "run" / "results.json")
     assert results["status"] == "interrupted" and any("loss" in row for row in results["history"])
+    # The step was finished and checkpointed (resume.GracefulStop), and the line says how to go on from there.
+    step = int(last.split(" at step ")[1].split(";")[0])
+    checkpoint = tmp_path / "run" / f"checkpoint-{step}"
+    assert results["final"]["checkpoint"] == str(checkpoint) and is_complete(str(checkpoint))
+    assert last.endswith(f"resume with the same command and --resume_from_checkpoint {checkpoint}")
+    if signum == signal.SIGTERM:  # resumed for two more steps, the history goes on where it stopped
+        assert main(argv + ["--resume_from_checkpoint", "true", "--max_steps", str(step + 2)]) == 0
+        resumed = load_results(tmp_path / "run" / "results.json")
+        steps = [row["step"] for row in resumed["history"] if "loss" in row]
+        assert resumed["status"] == "completed" and steps == list(range(1, step + 3))
 
 
 def nan_for_the_second(prompts, completions, **kwargs):

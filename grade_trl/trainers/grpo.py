@@ -86,8 +86,16 @@ class GRPOTrainer(GradNormWindowMixin, _TRLGRPOTrainer):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def training_state(self) -> dict:
-        """What a loss call may change besides the parameters: TRL's metric windows and completion logs, our grad-norm window."""
-        return {"_metrics": self._metrics, "_logs": self._logs, "_pending_extra_logs": self._pending_extra_logs, **GradNormWindowMixin.training_state(self)}
+        """What a loss call may change besides the parameters: TRL's metric windows and completion logs, our grad-norm
+        window, and TRL's buffered generations with the micro-step counter that indexes them (for a resume)."""
+        return {
+            "_metrics": self._metrics,
+            "_logs": self._logs,
+            "_pending_extra_logs": self._pending_extra_logs,
+            "_step": self._step,
+            "_buffered_inputs": self._buffered_inputs,
+            **GradNormWindowMixin.training_state(self),
+        }
 
     def load_training_state(self, state: dict) -> None:
         for name, value in state.items():

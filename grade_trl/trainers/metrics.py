@@ -46,6 +46,18 @@ class GradNormWindowMixin:
         """The window's norms so far (see `methods`: the state a probe or a resume must restore)."""
         return {"_grad_norm_window": self.__dict__.setdefault("_grad_norm_window", [])}
 
+    def pending_logs(self) -> dict[str, float]:
+        """What the next training log would report if it were written now (the window's means so far, not cleared),
+        with this step's `grad_norm`: the live doctor checks it before the optimizer step (diagnostics.DoctorCallback).
+        Reads `self._metrics["train"]`: our MetricWindow or TRL's dict of lists."""
+        window = self._metrics["train"]
+        values = window.values if isinstance(window, MetricWindow) else window
+        logs = {key: sum(v) / len(v) for key, v in values.items() if v and all(isinstance(x, (int, float)) for x in v)}
+        norms = self.__dict__.get("_grad_norm_window")
+        if norms:
+            logs |= {"grad_norm": norms[-1], **grad_norm_stats(norms)}
+        return logs
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         window = self.__dict__.get("_grad_norm_window")
         if "loss" in logs and window:

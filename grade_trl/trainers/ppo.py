@@ -228,7 +228,7 @@ class RepeatRolloutSampler(Sampler[int]):
     Trainer's batch sampler cuts it into world-size per-process batches and Accelerate gives process i
     the i-th, so on every repeat each process receives the same prompts: the repeats are the micro-steps
     that consume one rollout. A last partial global batch is dropped. Shuffling uses its own seeded
-    generator (identical on every process), a new permutation per pass over the data.
+    generator (identical on every process), a new permutation per pass over the data (seeded by seed + pass).
 
         global_batch_size=4, repeat_count=2, no shuffle:  0 1 2 3 0 1 2 3 4 5 6 7 4 5 6 7 ...
     """
@@ -240,10 +240,16 @@ class RepeatRolloutSampler(Sampler[int]):
                 f"processes = {global_batch_size}); add prompts or lower per_device_train_batch_size"
             )
         self.num_samples, self.global_batch_size, self.repeat_count, self.shuffle = num_samples, global_batch_size, repeat_count, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Trainer calls this before each pass: the permutation depends on (seed, epoch) only, so a resumed run that
+        skips the passes already trained sees the same order as a run that was never stopped."""
+        self.epoch = epoch
 
     def __iter__(self):
-        order = torch.randperm(self.num_samples, generator=self.generator).tolist() if self.shuffle else list(range(self.num_samples))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist() if self.shuffle else list(range(self.num_samples))
         for start in range(0, len(self) // self.repeat_count, self.global_batch_size):
             batch = order[start : start + self.global_batch_size]
             for _ in range(self.repeat_count):
@@ -455,7 +461,9 @@ class PPOTrainer(RolloutTrainer):
         return [p for p in module.parameters() if p.requires_grad]
 
     def training_state(self) -> dict:
-        return {**super().training_state(), "kl_ctl": self.kl_ctl}
+        """Besides the base's: the KL controller, the rollout buffer (a checkpoint may fall inside a rollout's block of
+        mini-batch steps) and the mini-batch shuffle generator."""
+        return {**super().training_state(), "kl_ctl": self.kl_ctl, "_rollout": self._rollout, "_shuffle_generator": self._shuffle_generator}
 
     # Saving -------------------------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -1,0 +1,212 @@
+"""Exact resume after a kill, and a clean stop on SIGTERM/SIGINT that leaves a checkpoint to resume from.
+
+`resume_from_checkpoint: true | PATH` resumes a run where its last complete checkpoint left it. Trainer's
+`checkpoint-N/` holds the weights, the optimizer, the scheduler, the RNG streams of every process and
+`trainer_state.json` (global step, log history); its data sampler is seeded per epoch and skips the batches
+already trained. What it does not hold, and `grade_trl_state_rank{R}.pt` adds (one file per process, written after
+everything else, so rank 0's file marks a complete checkpoint):
+
+- the trainer's state between steps, by the method registry's hook `training_state()`: the metric and grad-norm
+  windows, REINFORCE's EMA baseline, PPO's KL controller, rollout buffer and shuffle generator, TRL GRPO's buffered
+  generations and micro-step counter;
+- Trainer's loss accumulator since the last log, so the first `loss` logged after a resume averages the same steps;
+- the evaluation protocol's state (`EvaluationCallback.state_dict`): every evaluation's result, the best value,
+  step and parameters, the patience counter and the time spent so far.
+
+So a resumed run continues one history, and on the CPU with a fixed seed ends with the same weights and metrics
+as a run that was never stopped (tests/test_resume.py kills runs of GRADE, REINFORCE, PPO and GRPO with SIGKILL).
+Two things are not restored: wall-clock figures (`train_minutes`) count the resumed process only, and TRL GRPO's
+prompt sampler draws a new permutation per pass from a generator it does not save, so a GRPO run resumed in its
+second pass over the prompts or later sees them in another order (exact within the first).
+
+`GracefulStop` turns the first SIGTERM or SIGINT during training into "finish this optimizer step, save a
+checkpoint, stop"; a second signal, or one outside training, stops at once (safety.signals_raise).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+from collections import defaultdict
+
+import torch
+from transformers import TrainerCallback
+
+from .errors import Interrupted, UserError
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "grade_trl_state_rank{rank}.pt"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def state_path(checkpoint: str, rank: int) -> str:
+    return os.path.join(checkpoint, STATE_FILE.format(rank=rank))
+
+
+def is_complete(checkpoint: str) -> bool:
+    """Rank 0's state file is written after every other file of the checkpoint."""
+    return os.path.isfile(state_path(checkpoint, 0))
+
+
+def resolve_checkpoint(value: bool | str | None, output_dir: str) -> str | None:
+    """`resume_from_checkpoint` -> the checkpoint folder to resume from, or None (no resume).
+
+    True: the highest-numbered complete `checkpoint-N` in output_dir (a run killed while saving leaves an
+    incomplete one, which is skipped with a warning). A path: that checkpoint folder, which must be complete.
+    """
+    if value in (None, False, "", "false", "False"):
+        return None
+    if value is True or value in ("true", "True"):
+        found = []
+        if os.path.isdir(output_dir):
+            found = sorted(
+                ((int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT.match(name)) and os.path.isdir(os.path.join(output_dir, name))),
+                reverse=True,
+            )
+        for step, name in found:
+            folder = os.path.join(output_dir, name)
+            if is_complete(folder):
+                return folder
+            logger.warning("resume: skipping %s, which a stopped run left incomplete", folder)
+        raise UserError(
+            f"resume_from_checkpoint: no complete checkpoint-N folder in output_dir {output_dir!r} to resume from "
+            "(checkpoints are saved every save_steps with save_strategy: steps, and when a run is stopped by SIGTERM/SIGINT)"
+        )
+    folder = os.path.expanduser(str(value))
+    if not os.path.isdir(folder):
+        raise UserError(f"resume_from_checkpoint: no such folder {folder!r} (give a checkpoint-N folder of a run, or true for the last one in output_dir)")
+    if not is_complete(folder):
+        raise UserError(
+            f"resume_from_checkpoint: {folder!r} is not a complete grade_trl checkpoint (no {STATE_FILE.format(rank=0)}); "
+            "give another checkpoint-N folder, or true for the last complete one"
+        )
+    return folder
+
+
+class ResumeCallback(TrainerCallback):
+    """Saves the state Trainer's checkpoints lack at every save, and restores it when the run resumes.
+
+    Attach the trainer (`callback.trainer = trainer`); `evaluation` is the run's EvaluationCallback (or None).
+    Put it before the EvaluationCallback in the callback list, so that it restores before anything evaluates.
+    """
+
+    def __init__(self, evaluation=None, resume_from: str | None = None):
+        self.trainer, self.evaluation, self.resume_from = None, evaluation, resume_from
+
+    def on_save(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if trainer is None or not os.path.isdir(checkpoint):
+            return
+        data = {
+            "global_step": state.global_step,
+            "num_processes": trainer.accelerator.num_processes,
+            "trainer": {name: picklable(value) for name, value in trainer.training_state().items()},
+            "loss_accumulator": {
+                "_tr_loss": getattr(trainer, "_tr_loss", None),
+                "_total_loss_scalar": getattr(trainer, "_total_loss_scalar", 0.0),
+                "_globalstep_last_logged": getattr(trainer, "_globalstep_last_logged", state.global_step),
+            },
+            "evaluation": self.evaluation.state_dict(state.global_step) if self.evaluation is not None else None,
+        }
+        rank = trainer.accelerator.process_index
+        trainer.accelerator.wait_for_everyone()  # every process's own files are in place before rank 0 marks it complete
+        if rank != 0:
+            _save_atomic(data, state_path(checkpoint, rank))
+        trainer.accelerator.wait_for_everyone()
+        if rank == 0:
+            _save_atomic(data, state_path(checkpoint, 0))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Trainer has loaded weights, optimizer and trainer_state.json, and reset its own per-run state: restore ours."""
+        if self.resume_from is None or self.trainer is None:
+            return
+        trainer = self.trainer
+        path = state_path(self.resume_from, trainer.accelerator.process_index)
+        if not os.path.isfile(path):
+            raise UserError(
+                f"resume_from_checkpoint: {self.resume_from!r} was saved by fewer processes than this run's "
+                f"{trainer.accelerator.num_processes}; resume with as many processes as the run that saved it"
+            )
+        # Our own file, written by this package's previous process: it holds Python objects (metric windows, baselines).
+        data = torch.load(path, map_location=trainer.accelerator.device, weights_only=False)
+        if data["num_processes"] != trainer.accelerator.num_processes:
+            raise UserError(
+                f"resume_from_checkpoint: {self.resume_from!r} was saved by {data['num_processes']} processes, this run has "
+                f"{trainer.accelerator.num_processes}; resume with as many processes as the run that saved it"
+            )
+        current = trainer.training_state()
+        trainer.load_training_state({name: merge_into(current.get(name), value) for name, value in data["trainer"].items()})
+        for name, value in data["loss_accumulator"].items():
+            if value is not None and hasattr(trainer, name):
+                setattr(trainer, name, value)
+        if self.evaluation is not None and data["evaluation"] is not None:
+            self.evaluation.load_state_dict(data["evaluation"])
+        logger.info("resumed from %s at step %d", self.resume_from, state.global_step)
+
+
+def picklable(value):
+    """`value` with every defaultdict as a plain dict: TRL keeps some logs in defaultdicts whose factory is a lambda,
+    which pickle cannot save. `merge_into` puts them back into the trainer's own defaultdicts."""
+    if isinstance(value, dict):
+        return {key: picklable(item) for key, item in value.items()}
+    return value
+
+
+def merge_into(current, saved):
+    """The saved value, re-using `current`'s defaultdicts (and so their factories) wherever `picklable` flattened one."""
+    if isinstance(current, defaultdict) and isinstance(saved, dict):
+        current.clear()
+        current.update({key: merge_into(None, item) for key, item in saved.items()})
+        return current
+    if isinstance(current, dict) and isinstance(saved, dict):
+        return {key: merge_into(current.get(key), item) for key, item in saved.items()}
+    return saved
+
+
+def _save_atomic(data: dict, path: str) -> None:
+    temporary = f"{path}.tmp"
+    torch.save(data, temporary)
+    os.replace(temporary, path)
+
+
+class GracefulStop(TrainerCallback):
+    """The first SIGTERM/SIGINT during training: finish the current optimizer step, save a checkpoint, stop training
+    (the runner then writes results.json with status `interrupted` and exits 128 + the signal's number). A second
+    signal, or a signal outside training (set-up, final test), raises `Interrupted` at once.
+
+    Use `handler` as the signal handler (`safety.signals_raise(handler=...)`). Under several processes every process
+    stops at the same step: the flag is all-reduced at each step end (one scalar)."""
+
+    def __init__(self):
+        self.trainer = None
+        self.signum: int | None = None
+        self.training = False
+
+    def handler(self, signum, frame):
+        if self.training and self.signum is None:
+            self.signum = signum
+            logger.warning("%s: finishing this step, then saving a checkpoint and stopping (send it again to stop at once)", signal.Signals(signum).name)
+            return
+        raise Interrupted(signum)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.signum is not None
+        trainer = self.trainer
+        if trainer is not None and trainer.accelerator.num_processes > 1:
+            flag = torch.tensor([float(self.signum or 0)], device=trainer.accelerator.device)
+            signum = int(trainer.accelerator.reduce(flag, reduction="max").item())
+            stop, self.signum = signum > 0, self.signum or (signum or None)
+        if stop:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False

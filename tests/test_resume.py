@@ -1,0 +1,117 @@
+"""Exact resume: a run killed with SIGKILL after a checkpoint and resumed ends where a run never stopped ends.
+
+For each method the same shrunk length recipe runs three times: uninterrupted (in this process); as a subprocess
+killed with SIGKILL as soon as its checkpoint is complete; then resumed from that checkpoint (in this process).
+The resumed run's weights must equal the uninterrupted run's bitwise, and its history (every logged loss, reward,
+KL, grad norm and evaluation; not the wall-clock columns) and final test must be the same numbers.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grade_trl.resume import is_complete, resolve_checkpoint
+from grade_trl.errors import UserError
+from grade_trl.run import main
+
+from .conftest import REPO
+
+RECIPES = REPO / "recipes" / "tiny"
+CLOCK_KEYS = {"eval_wall_seconds", "eval_train_seconds", "step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+              "total_flos", "train_loss"}  # train_loss: Trainer's mean over this process's steps only
+
+
+def argv(recipe: str, output_dir, **extra) -> list[str]:
+    trl_method = "grpo" in recipe
+    overrides = {
+        "output_dir": output_dir,
+        "max_steps": 8,
+        "save_strategy": "steps",
+        "save_steps": 5,
+        "eval_steps": 2,
+        "logging_steps": 2,
+        "eval_num_prompts": 4,
+        "test_num_prompts": 4,
+        "eval_best_of_n": 1,
+        "policy_split_size": 16,
+        "validation_split_size": 8,
+        "disable_tqdm": "true",
+        **({"max_completion_length": 6, "per_device_train_batch_size": 4, "num_generations": 2} if trl_method else {"max_new_tokens": 6, "min_new_tokens": 2, "per_device_train_batch_size": 4}),
+        **extra,
+    }
+    return [str(RECIPES / recipe)] + [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+
+
+def comparable(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in CLOCK_KEYS} for row in history]
+
+
+def kill_after_checkpoint(args: list[str], checkpoint) -> None:
+    """Start the run as a subprocess and SIGKILL it the moment `checkpoint` is complete."""
+    process = subprocess.Popen([sys.executable, "-m", "grade_trl.run", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not is_complete(str(checkpoint)) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("recipe,extra", [
+    ("length_grade_ste.yaml", {}),
+    ("length_reinforce.yaml", {"baseline": "ema"}),  # the EMA baseline is state a resume must restore
+    ("length_ppo.yaml", {"num_mini_batches": 4}),  # step 5 is inside a rollout's block of 4 mini-batch steps, in the 2nd pass over the prompts
+    ("length_grpo.yaml", {}),
+])
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights_and_history(tmp_path, recipe, extra):
+    if recipe == "length_ppo.yaml":
+        extra = {**extra, "policy_split_size": 4}  # one rollout (4 steps) per pass: step 5 is in the second pass
+    assert main(argv(recipe, tmp_path / "straight", **extra)) == 0
+    killed = tmp_path / "killed"
+    kill_after_checkpoint(argv(recipe, killed, **extra), killed / "checkpoint-5")
+    assert not (killed / "results.json").exists() and not (killed / "checkpoint-8").exists()
+
+    assert main(argv(recipe, killed, resume_from_checkpoint="true", **extra)) == 0
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+    resumed = json.loads((killed / "results.json").read_text())
+    assert resumed["status"] == "completed" and resumed["final"]["resumed_from"] == str(killed / "checkpoint-5")
+    assert comparable(resumed["history"]) == comparable(straight["history"])
+    for key in ("validation_before", "validation_after", "best_validation", "best_validation_step", "kl", "steps"):
+        assert resumed["final"][key] == straight["final"][key], key
+    assert resumed["final"]["test"] == straight["final"]["test"]
+    a, b = load_file(str(tmp_path / "straight" / "model" / "model.safetensors")), load_file(str(killed / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_checkpoint_errors_name_the_key(tmp_path):
+    with pytest.raises(UserError, match=r"^resume_from_checkpoint: no complete checkpoint-N folder in output_dir"):
+        resolve_checkpoint(True, str(tmp_path))
+    (tmp_path / "checkpoint-3").mkdir()  # a run killed while saving leaves its checkpoint incomplete
+    with pytest.raises(UserError, match=r"not a complete grade_trl checkpoint"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-3"), str(tmp_path))
+    with pytest.raises(UserError, match=r"^resume_from_checkpoint: no such folder"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-9"), str(tmp_path))
+    assert resolve_checkpoint(None, str(tmp_path)) is None and resolve_checkpoint(False, str(tmp_path)) is None
+
+
+def test_resume_with_nothing_to_resume_from_exits_2_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(argv("length_reinforce.yaml", out, resume_from_checkpoint="true")) == 2
+    assert capsys.readouterr().err.strip().startswith("error: resume_from_checkpoint: no complete checkpoint-N folder")
+    assert not out.exists()
+
+
+def test_the_latest_complete_checkpoint_is_chosen(tmp_path):
+    for step, complete in ((3, True), (5, True), (7, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "grade_trl_state_rank0.pt").write_bytes(b"")
+    assert resolve_checkpoint("true", str(tmp_path)) == os.path.join(str(tmp_path), "checkpoint-5")
