@@ -7,7 +7,8 @@ validation, `--help`, building the trainer, the probe, the doctor, the analysis,
 benchmark) reads this table and the trainer's public hooks:
 
   config:  `new_token_limits` (max, min), `completions_per_prompt`, `completions_per_step(processes)`
-  trainer: `estimate_loss(rows)`, `probed_parameters()`, `training_state()` / `load_training_state()`
+  trainer: `estimate_loss(rows)`, `probed_parameters()`, `training_state()` / `load_training_state()` (the probe
+           and resume), `pending_logs()` (the live doctor's look at a step before its update)
 
 Adding a method = its trainer (and config) file + one `Method` entry below.
 """
