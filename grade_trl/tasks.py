@@ -17,10 +17,10 @@ from .data.custom import make_custom_splits
 from .data.custom import prompt_dataset as custom_prompt_dataset
 from .data.gsm8k import make_gsm8k_splits
 from .data.imdb import clean_review, load_imdb, make_imdb_splits, prompt_dataset
+from .errors import UserError
 from .evaluation import Evaluator, GenerationSettings, RewardEvaluator
 from .evaluation_gsm8k import GSM8KEvaluator
 from .models import resolve_model_path
-from .errors import UserError
 from .rewards.base import MeanReward
 from .rewards.gsm8k import GSM8KCorrectness, GSM8KFormat
 from .rewards.imports import reward_specs
@@ -168,16 +168,8 @@ def build_custom(run, tokenizer, seed: int, settings: GenerationSettings, weight
     specs = reward_specs("reward_funcs", run.reward_funcs, "reward_kwargs", run.reward_kwargs)
     eval_specs = reward_specs("eval_reward_funcs", run.eval_reward_funcs, "eval_reward_kwargs", run.eval_reward_kwargs)
     splits, dropped = make_custom_splits(run), {}
-    for name, rows in splits.items():  # the columns the data must have, checked before any reward or trainer is built
-        if run.prompt_column not in rows.column_names:
-            raise UserError(f"prompt_column: the {name} rows of {run.dataset_name!r} have no column {run.prompt_column!r}; their columns: {', '.join(rows.column_names)}")
-        for key, spec in [("reward_funcs", s) for s in specs] + [("eval_reward_funcs", s) for s in eval_specs]:
-            missing = [c for c in spec.columns if c not in rows.column_names]
-            if missing:
-                raise UserError(
-                    f"{key}: {spec.path} takes the column(s) {', '.join(missing)}, which the {name} rows of {run.dataset_name!r} lack "
-                    f"(columns: {', '.join(rows.column_names)}); add them to the data or give the parameters defaults"
-                )
+    for name, rows in splits.items():
+        check_custom_columns(run, name, rows.column_names, {"reward_funcs": specs, "eval_reward_funcs": eval_specs})
         splits[name], dropped[name] = custom_prompt_dataset(rows, run.prompt_column, tokenizer, run.model_name_or_path, run.max_prompt_length)
         if len(splits[name]) == 0:
             raise UserError(f"max_prompt_length: no {name} prompt of {run.dataset_name!r} fits in {run.max_prompt_length} tokens; raise max_prompt_length")
@@ -198,6 +190,21 @@ def build_custom(run, tokenizer, seed: int, settings: GenerationSettings, weight
         "dropped_long_prompts": dropped,
     }
     return Task(name="custom", train_dataset=splits["train"], reward_funcs=reward_funcs, evaluator=evaluator, info=info)
+
+
+def check_custom_columns(run, split: str, columns: list[str], specs: dict) -> None:
+    """The prompt column and every column a reward function takes (by key: its specs) are in the data: a one-line
+    UserError otherwise, before any reward or trainer is built, so the runner writes nothing."""
+    if run.prompt_column not in columns:
+        raise UserError(f"prompt_column: the {split} rows of {run.dataset_name!r} have no column {run.prompt_column!r}; their columns: {', '.join(columns)}")
+    for key, group in specs.items():
+        for spec in group:
+            missing = [c for c in spec.columns if c not in columns]
+            if missing:
+                raise UserError(
+                    f"{key}: {spec.path} takes the column(s) {', '.join(missing)}, which the {split} rows of {run.dataset_name!r} lack "
+                    f"(columns: {', '.join(columns)}); add them to the data or give the parameters defaults"
+                )
 
 
 TASK_BUILDERS = {"imdb_sentiment": build_imdb_sentiment, "length": build_length, "gsm8k": build_gsm8k, "custom": build_custom}

@@ -149,8 +149,12 @@ def reward_specs(key: str, paths: list[str] | None, kwargs_key: str, kwargs: dic
     arguments: `{my_rewards.PositiveWords: {words: [great, fun]}}`."""
     paths, kwargs = list(paths or []), dict(kwargs or {})
     for path, arguments in kwargs.items():
-        if path not in paths:
-            raise UserError(f"{kwargs_key}: {path!r} is not one of {key} {paths}; key {kwargs_key} by a reward's path, e.g. {{{paths[0] if paths else 'my_rewards.MyReward'}: {{name: value}}}}")
         if not isinstance(arguments, dict):
             raise UserError(f"{kwargs_key}: the arguments of {path!r} must be a mapping {{name: value}}, got {arguments!r}")
-    return [reward_spec(key, path, kwargs_key, kwargs.get(path)) for path in paths]
+    specs = [reward_spec(key, path, kwargs_key, kwargs.get(path)) for path in paths]
+    classes = [spec.path for spec in specs if spec.is_class]
+    for path in kwargs:
+        if path not in paths:
+            example = f"{{{classes[0]}: {{name: value}}}}" if classes else "{my_rewards.MyReward: {name: value}}"
+            raise UserError(f"{kwargs_key}: {path!r} is not one of {key} {paths}; key {kwargs_key} by the path of a reward class, e.g. {example}")
+    return specs
