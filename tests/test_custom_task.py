@@ -43,6 +43,7 @@ RECIPE_CASES = [
     ({"reward_funcs": ["my_rewards.re"]}, "reward_funcs", "is a module, not a function or class"),
     ({"reward_funcs": ["grade_trl.evaluation.distinct_n"]}, "reward_funcs", "has the wrong signature"),
     ({"reward_funcs": ["grade_trl.rewards.base.CheckedReward"]}, "reward_kwargs", "missing a required argument: 'func'"),
+    ({"reward_funcs": ["grade_trl.rewards.sentiment.SentimentRewardModel"]}, "reward_funcs", "is a torch.nn.Module, which TRL's GRPOTrainer would run"),
     ({"reward_funcs": []}, "reward_funcs", "needs at least one reward function"),
     ({"reward_funcs": None}, "reward_funcs", "needs at least one reward function"),
     ({"eval_reward_funcs": ["my_rewards.nothing"]}, "eval_reward_funcs", "has no 'nothing'"),

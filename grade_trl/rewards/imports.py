@@ -7,7 +7,8 @@ task is. What a name may point to:
   (TRL passes `completion_ids`, `trainer_state`, ... and every extra dataset column as keywords, so `**kwargs` is
   required); a named parameter without a default is a dataset column the reward needs (`keyword` in
   `def keyword_reward(prompts, completions, keyword, **kwargs)`), checked when the data loads;
-- a class whose instances are such callables, built with its keyword arguments from the recipe
+- a class (a plain one: TRL's GRPOTrainer runs a torch.nn.Module reward as a sequence classifier, so a reward
+  holds its modules as attributes) whose instances are such callables, built with its keyword arguments from the recipe
   (`reward_kwargs: {my_rewards.MyReward: {name: value}}`), plus `tokenizer=` (the policy's) and `eos_token_id=` when
   its `__init__` takes them.
 
@@ -23,6 +24,8 @@ import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from ..errors import UserError
 
@@ -133,6 +136,11 @@ def reward_spec(key: str, path: str, kwargs_key: str, kwargs: dict | None) -> Re
             "def reward(prompts, completions, **kwargs) -> list[float]"
         )
     columns = tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty and p.name not in NOT_COLUMNS)
+    if isinstance(target, type) and issubclass(target, torch.nn.Module) or isinstance(target, torch.nn.Module):
+        raise UserError(
+            f"{key}: {path!r} is a torch.nn.Module, which TRL's GRPOTrainer would run as a sequence classifier; make the reward a plain "
+            "class that holds the module as an attribute (as grade_trl.rewards.sentiment.SentimentReward holds SentimentRewardModel)"
+        )
     if not isinstance(target, type):
         if kwargs is not None:
             raise UserError(f"{kwargs_key}: {path!r} is a {type(target).__name__}, not a class; only a reward class is built with keyword arguments")
