@@ -53,7 +53,7 @@ class RewardSpec:
     def lacks_for_grade(self) -> list[str]:
         """What GRADE needs that this reward lacks (empty: it is differentiable)."""
         lacks = []
-        if getattr(self.target, "differentiable", False) is not True:
+        if not getattr(self.target, "differentiable", False):
             lacks.append("`differentiable = True`")
         if not callable(getattr(self.target, "score_soft", None)):
             lacks.append("a `score_soft(soft_tokens, attention_mask)` method")
