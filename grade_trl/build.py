@@ -45,7 +45,7 @@ def build_task(recipe: Recipe, gold_judge: bool = True):
 
     run_args, config = recipe.run, recipe.config
     if not gold_judge:
-        run_args = dataclasses.replace(run_args, gold_judge="none")
+        run_args = dataclasses.replace(run_args, gold_judge="none", eval_reward_funcs=None, eval_reward_kwargs=None)
     max_new_tokens, min_new_tokens = config.new_token_limits
     if run_args.eval_min_new_tokens is not None:
         min_new_tokens = min(run_args.eval_min_new_tokens, max_new_tokens)

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from . import metrics
 from .core.masks import completion_mask
-from .rewards.base import compute_rewards
+from .rewards.base import compute_rewards, reward_name
 
 logger = logging.getLogger(__name__)
 
@@ -188,37 +188,48 @@ class Evaluator:
 class RewardEvaluator(Evaluator):
     """Sampled completions scored by the task's reward, an independent judge, best-of-N and diversity.
 
-    Metrics: `reward`, `reward_std` (one sample per prompt); `gold_reward`, `gold_reward_std` (the
-    judge on the same completions); `best_of_n_reward` (N samples per prompt, the best reward, mean
-    over prompts; the first of the N is the sample above); `distinct_1`, `distinct_2`, `self_bleu`;
-    `completion_length` (tokens up to and including EOS).
+    Metrics: `reward`, `reward_std` (one sample per prompt); `rewards/{name}/mean` (each reward function's mean, when
+    there are several); `gold_reward`, `gold_reward_std` (the judge on the same completions); `best_of_n_reward`
+    (N samples per prompt, the best reward, mean over prompts; the first of the N is the sample above); `distinct_1`,
+    `distinct_2`, `self_bleu`; `completion_length` (tokens up to and including EOS).
+
+    columns: {split: {column: one value per prompt}}, passed to the rewards and the judge as keywords (TRL's
+    convention for extra dataset columns).
     """
 
-    def __init__(self, prompts: dict[str, list[str]], reward_funcs, settings: GenerationSettings, weights=None, judge=None, best_of_n: int = 4):
+    def __init__(self, prompts: dict[str, list[str]], reward_funcs, settings: GenerationSettings, weights=None, judge=None, best_of_n: int = 4, columns: dict[str, dict[str, list]] | None = None):
         self.prompts, self.reward_funcs, self.settings = prompts, reward_funcs, settings
         self.weights, self.judge, self.best_of_n = weights, judge, int(best_of_n)
+        self.columns = columns or {}
 
     def evaluate(self, model, tokenizer, split: str, accelerator=None, seed: int = 0) -> dict:
-        prompts = self.prompts[split]
+        prompts, columns = self.prompts[split], self.columns.get(split, {})
+        weights = torch.tensor(self.weights or [1.0] * len(self.reward_funcs))
+        names = [reward_name(f) for f in self.reward_funcs]
 
-        def work(shard: list[str], rank: int) -> list[dict]:
+        def work(indices: list[int], rank: int) -> list[dict]:
+            shard = [prompts[i] for i in indices]
+            shard_columns = {key: [values[i] for i in indices] for key, values in columns.items()}
             samples = []
             for k in range(max(1, self.best_of_n)):
                 # sample k of this shard uses seed + 1000 k + rank: a rerun on as many processes reproduces it
                 completions, lengths = generate_completions(model, tokenizer, shard, self.settings, seed + 1000 * k + rank)
-                samples.append((completions, lengths, weighted_rewards(self.reward_funcs, self.weights, shard, completions)))
-            completions, lengths, rewards = samples[0]
-            gold = self.judge(shard, completions) if self.judge is not None else [None] * len(shard)
+                scores = compute_rewards(self.reward_funcs, shard, completions, **shard_columns)  # (B, F)
+                samples.append((completions, lengths, (scores @ weights).tolist(), scores.tolist()))
+            completions, lengths, rewards, scores = samples[0]
+            gold = self.judge(shard, completions, **shard_columns) if self.judge is not None else [None] * len(shard)
             best = [max(s[2][i] for s in samples) for i in range(len(shard))]
             return [
-                {"prompt": p, "completion": c, "length": n, "reward": r, "gold_reward": g, "best_of_n_reward": b}
-                for p, c, n, r, g, b in zip(shard, completions, lengths, rewards, gold, best)
+                {"prompt": p, "completion": c, "length": n, "reward": r, "gold_reward": g, "best_of_n_reward": b, "scores": dict(zip(names, f))}
+                for p, c, n, r, g, b, f in zip(shard, completions, lengths, rewards, gold, best, scores)
             ]
 
-        rows = shard_and_gather(accelerator, prompts, work)
+        rows = shard_and_gather(accelerator, list(range(len(prompts))), work)
         rewards = [r["reward"] for r in rows]
         completions = [r["completion"] for r in rows]
         metrics = {"reward": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards)}
+        if len(self.reward_funcs) > 1:
+            metrics |= {f"rewards/{name}/mean": statistics.fmean(r["scores"][name] for r in rows) for name in names}
         if self.judge is not None:
             gold = [r["gold_reward"] for r in rows]
             metrics |= {"gold_reward": statistics.fmean(gold), "gold_reward_std": statistics.pstdev(gold)}

@@ -123,7 +123,8 @@ METRICS: tuple[Metric, ...] = (
     # ---- the evaluation protocol: validation rows (step 0, every eval_steps, the end)
     Metric("eval_reward", "reward", "the task's weighted reward of one sampled completion per validation prompt, mean over prompts", "evaluation"),
     Metric("eval_reward_std", "reward", "its std over prompts", "evaluation"),
-    Metric("eval_gold_reward", "reward", "the independent judge's P(positive) of the same completions (IMDB), mean", "evaluation"),
+    Metric("eval_rewards/{name}/mean", "reward", "one reward function's score of the same completions, mean over prompts (tasks with several reward functions)", "evaluation"),
+    Metric("eval_gold_reward", "reward", "the independent judge's score of the same completions (IMDB: P(positive); custom: the mean of eval_reward_funcs), mean", "evaluation"),
     Metric("eval_gold_reward_std", "reward", "its std over prompts", "evaluation"),
     Metric("eval_best_of_n_reward", "reward", "the best reward of eval_best_of_n samples per prompt, mean over prompts", "evaluation"),
     Metric("eval_distinct_1", "fraction", "distinct word unigrams / all unigrams of the completions (Li et al. 2016)", "evaluation"),

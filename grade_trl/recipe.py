@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +34,16 @@ class RunArguments:
     """What a run optimises and how it is judged; the same for every method in a comparison."""
 
     method: str = field(default="grade_ste", metadata={"help": "Training method, one of: " + ", ".join(f"`{name}`" for name in METHODS) + " (grade_trl.methods; `--help --method NAME` for its keys)."})
-    task: str = field(default="imdb_sentiment", metadata={"help": "Task: `imdb_sentiment` (learned P(positive) reward) or `length` (`2 - words / 16`), both on IMDB prompts; or `gsm8k` (final-answer correctness + format reward, greedy accuracy; not for GRADE)."})
+    task: str = field(
+        default="imdb_sentiment",
+        metadata={
+            "help": "Task: `imdb_sentiment` (learned P(positive) reward) or `length` (`2 - words / 16`), both on IMDB prompts; `gsm8k` (final-answer "
+            "correctness + format reward, greedy accuracy; not for GRADE); or `custom`: your data set (dataset_name, prompt_column, train/validation/test_split) "
+            "and reward functions (reward_funcs, import paths), as `trl grpo --dataset_name ... --reward_funcs ...` (README: Your own task in 3 steps)."
+        },
+    )
     model_name_or_path: str = field(default="embedded", metadata={"help": "Policy: hub id, local path, or `embedded` (the bundled tiny-imdb-gpt2)."})
-    dataset_name: str = field(default="stanfordnlp/imdb", metadata={"help": "IMDB: hub id, local folder/file (jsonl, jsonl.gz, parquet), or `embedded` (bundled 3k/1k sample). GSM8K (default `openai/gsm8k`, config main): the same forms, `embedded` being a bundled 1k/200 sample."})
+    dataset_name: str = field(default="stanfordnlp/imdb", metadata={"help": "IMDB: hub id, local folder/file (jsonl, jsonl.gz, parquet), or `embedded` (bundled 3k/1k sample). GSM8K (default `openai/gsm8k`, config main): the same forms, `embedded` being a bundled 1k/200 sample. custom (required): a hub id, a local folder, or a .jsonl/.json/.csv/.parquet file, as datasets.load_dataset reads them."})
     reward_split_size: int = field(default=5000, metadata={"help": "IMDB train reviews for the reward model (GRADE experiment: 5,000)."})
     policy_split_size: int = field(default=10000, metadata={"help": "IMDB train reviews whose openings are the training prompts (10,000)."})
     validation_split_size: int = field(default=2000, metadata={"help": "IMDB train reviews held out for validation (2,000)."})
@@ -79,6 +87,24 @@ class RunArguments:
     test_num_problems: int | None = field(default=None, metadata={"help": "GSM8K: the first N test problems of the final test (default: the whole test split, 1,319)."})
     eval_pass_k: int = field(default=0, metadata={"help": "GSM8K: k > 1 also samples k completions per problem (eval_temperature, eval_top_p) for `pass_at_k` and `maj_at_k`; costs k more generations."})
 
+    # task: custom (the recipe's own data and reward functions)
+    dataset_config: str | None = field(default=None, metadata={"help": "custom: the data set's configuration name (datasets.load_dataset's `name`), for a hub data set with several."})
+    train_split: str = field(default="train", metadata={"help": "custom: the split of the training prompts; datasets' slicing works (`train[:90%]`). A single local file has one split, `train`."})
+    validation_split: str | None = field(default=None, metadata={"help": "custom: the split whose first eval_num_prompts rows are the validation prompts; null: eval_num_prompts rows held out of train_split (shuffled once with a fixed seed, so the same rows for every method and seed)."})
+    test_split: str | None = field(default=None, metadata={"help": "custom: the split whose first test_num_prompts rows are the test prompts; null: test_num_prompts rows held out of train_split, after the validation rows."})
+    prompt_column: str = field(default="prompt", metadata={"help": "custom: the column of the prompts: text, or chat messages ([{role, content}, ...]) rendered with the tokenizer's chat template and the generation prompt, as TRL does. Every other column reaches the reward functions as a keyword list, one value per completion. Prompts longer than max_prompt_length tokens are dropped."})
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "custom (required): the reward functions, summed with reward_weights: import paths `package.module.function` (TRL's signature "
+            "`reward(prompts, completions, **kwargs) -> list[float]`; a class is built with reward_kwargs) or built-in names (`length`). Modules next to "
+            "the recipe file import too. GRADE methods need every one differentiable (`differentiable = True`, `score_soft`)."
+        },
+    )
+    reward_kwargs: dict | None = field(default=None, metadata={"help": "custom: the keyword arguments of each reward class in reward_funcs, by its path: {my_rewards.PositiveWords: {words: [great, fun]}}; a class whose __init__ takes `tokenizer` or `eos_token_id` also gets the policy's."})
+    eval_reward_funcs: list[str] | None = field(default=None, metadata={"help": "custom: held-out reward functions (import paths, same signature), never trained on; their mean on the evaluation completions is `gold_reward`, as the IMDB judge's is."})
+    eval_reward_kwargs: dict | None = field(default=None, metadata={"help": "custom: the keyword arguments of each class in eval_reward_funcs, by its path (as reward_kwargs)."})
+
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (GRADE experiment: 16)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (GRADE experiment: 32)."})
@@ -102,8 +128,10 @@ class RunArguments:
         DoctorCallback(stop_on=self.doctor_stop_on)
 
 
-TASKS = ("imdb_sentiment", "length", "gsm8k")
-TASK_DEFAULTS = {"gsm8k": {"dataset_name": "openai/gsm8k", "max_prompt_length": 512}}  # a chat-templated GSM8K question needs ~300 tokens
+TASKS = ("imdb_sentiment", "length", "gsm8k", "custom")
+# a chat-templated GSM8K question needs ~300 tokens; a custom prompt is dropped, not cut, when longer than max_prompt_length
+TASK_DEFAULTS = {"gsm8k": {"dataset_name": "openai/gsm8k", "max_prompt_length": 512}, "custom": {"max_prompt_length": 128}}
+CUSTOM_KEYS = ("dataset_config", "train_split", "validation_split", "test_split", "prompt_column", "reward_funcs", "reward_kwargs", "eval_reward_funcs", "eval_reward_kwargs")
 NON_DIFFERENTIABLE_TASKS = {"gsm8k": "gsm8k's correctness reward is not (an exact match of the final answer has no gradient)"}
 
 
@@ -141,6 +169,9 @@ def load_recipe_file(path: str) -> dict:
         raise RecipeError(f"recipe {path} is empty; a recipe is YAML `key: value` lines, at least `method:` (see recipes/)")
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a mapping of key: value lines, got {type(data).__name__}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:  # reward modules next to the recipe import (`reward_funcs: [my_rewards.f]`), searched last
+        sys.path.append(folder)
     return data
 
 
@@ -200,6 +231,7 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
     except (ValueError, TypeError) as error:
         raise RecipeError(str(error).splitlines()[0]) from None
     check_ranges(run, config)
+    check_custom_task(values, method_name, run, config)
     if run.reward_model_path is None:
         run.reward_model_path = os.path.join(config.output_dir, "reward_model")
     from .resume import resolve_checkpoint
@@ -268,6 +300,38 @@ def check_ranges(run: RunArguments, config) -> None:
     tau_start, tau_end = getattr(config, "tau_start", None), getattr(config, "tau_end", None)
     if tau_start is not None and tau_end is not None and tau_end > tau_start:
         logger.warning("tau_end (%s) > tau_start (%s): the temperature rises during training; GRADE's schedules usually anneal it down", tau_end, tau_start)
+
+
+def check_custom_task(values: dict, method_name: str, run: RunArguments, config) -> None:
+    """Task `custom`: its data set is named and every reward function imports, is callable, has TRL's signature and
+    (GRADE) is differentiable; another task refuses the custom keys. Runs before anything is loaded."""
+    from .rewards.imports import reward_specs
+
+    if run.task != "custom":
+        for key in CUSTOM_KEYS:
+            if key in values:
+                raise RecipeError(f"{key}: only task custom reads it (task {run.task!r} brings its own data and rewards); set task: custom to use your own")
+        return
+    if "dataset_name" not in values:
+        raise RecipeError("dataset_name: task custom needs your data set: a hub id, a local folder, or a .jsonl/.json/.csv/.parquet file")
+    if not run.reward_funcs:
+        raise RecipeError("reward_funcs: task custom needs at least one reward function: an import path (my_rewards.keyword_reward) or a built-in (length)")
+    try:
+        specs = reward_specs("reward_funcs", run.reward_funcs, "reward_kwargs", run.reward_kwargs)
+        reward_specs("eval_reward_funcs", run.eval_reward_funcs, "eval_reward_kwargs", run.eval_reward_kwargs)
+    except UserError as error:
+        raise RecipeError(str(error)) from None
+    weights = getattr(config, "reward_weights", None)
+    if weights is not None and len(weights) != len(specs):
+        raise RecipeError(f"reward_weights: {len(weights)} weights for {len(specs)} reward_funcs; give one weight per reward function")
+    if get_method(method_name).relaxed:
+        for spec in specs:
+            lacks = spec.lacks_for_grade()
+            if lacks:
+                raise RecipeError(
+                    f"method {method_name!r} cannot train reward {spec.path!r}: GRADE backpropagates through the reward, and it lacks "
+                    f"{' and '.join(lacks)} (grade_trl/rewards/base.py); use reinforce, ppo, grpo or cispo, or give it both"
+                )
 
 
 def has_accelerator() -> bool:

@@ -13,12 +13,17 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from datasets import Dataset
 
+from .data.custom import make_custom_splits
+from .data.custom import prompt_dataset as custom_prompt_dataset
 from .data.gsm8k import make_gsm8k_splits
 from .data.imdb import clean_review, load_imdb, make_imdb_splits, prompt_dataset
+from .errors import UserError
 from .evaluation import Evaluator, GenerationSettings, RewardEvaluator
 from .evaluation_gsm8k import GSM8KEvaluator
 from .models import resolve_model_path
+from .rewards.base import MeanReward
 from .rewards.gsm8k import GSM8KCorrectness, GSM8KFormat
+from .rewards.imports import reward_specs
 from .rewards.length import LengthReward
 from .rewards.sentiment import SentimentReward, SentimentRewardModel, has_trained_head, train_sentiment_head
 
@@ -153,4 +158,53 @@ def build_gsm8k(run, tokenizer, seed: int, settings: GenerationSettings, weights
     )
 
 
-TASK_BUILDERS = {"imdb_sentiment": build_imdb_sentiment, "length": build_length, "gsm8k": build_gsm8k}
+def build_custom(run, tokenizer, seed: int, settings: GenerationSettings, weights=None) -> Task:
+    """The recipe's own data set and reward functions (import paths), evaluated as IMDB is: the weighted reward,
+    each function's mean, best-of-N, diversity, and `eval_reward_funcs` (if any) as the gold score.
+
+    Every column besides the prompt reaches the reward functions (and the judge) as a keyword list, in training as in
+    evaluation. Validation/test rows are fixed by the data and HOLD_OUT_SEED, so `seed` does not change them.
+    """
+    specs = reward_specs("reward_funcs", run.reward_funcs, "reward_kwargs", run.reward_kwargs)
+    eval_specs = reward_specs("eval_reward_funcs", run.eval_reward_funcs, "eval_reward_kwargs", run.eval_reward_kwargs)
+    splits, dropped = make_custom_splits(run), {}
+    for name, rows in splits.items():
+        check_custom_columns(run, name, rows.column_names, {"reward_funcs": specs, "eval_reward_funcs": eval_specs})
+        splits[name], dropped[name] = custom_prompt_dataset(rows, run.prompt_column, tokenizer, run.model_name_or_path, run.max_prompt_length)
+        if len(splits[name]) == 0:
+            raise UserError(f"max_prompt_length: no {name} prompt of {run.dataset_name!r} fits in {run.max_prompt_length} tokens; raise max_prompt_length")
+    if any(dropped.values()):
+        logger.warning("custom task: dropped %s prompts longer than max_prompt_length %d tokens", dropped, run.max_prompt_length)
+    reward_funcs = [spec.build(tokenizer) for spec in specs]
+    judge = MeanReward([spec.build(tokenizer, "eval_reward_funcs") for spec in eval_specs]) if eval_specs else None
+    limits = {"validation": run.eval_num_prompts, "test": run.test_num_prompts}
+    evaluation = {name: splits[name].select(range(min(limit, len(splits[name])))) for name, limit in limits.items()}
+    columns = {name: {c: list(rows[c]) for c in rows.column_names if c != "prompt"} for name, rows in evaluation.items()}
+    prompts = {name: list(rows["prompt"]) for name, rows in evaluation.items()}
+    evaluator = RewardEvaluator(prompts, reward_funcs, settings, weights, judge=judge, best_of_n=run.eval_best_of_n, columns=columns)
+    info = {
+        "dataset": run.dataset_name,
+        "reward_funcs": list(run.reward_funcs),
+        "eval_reward_funcs": list(run.eval_reward_funcs or []),
+        "split_sizes": {name: len(rows) for name, rows in splits.items()},
+        "dropped_long_prompts": dropped,
+    }
+    return Task(name="custom", train_dataset=splits["train"], reward_funcs=reward_funcs, evaluator=evaluator, info=info)
+
+
+def check_custom_columns(run, split: str, columns: list[str], specs: dict) -> None:
+    """The prompt column and every column a reward function takes (by key: its specs) are in the data: a one-line
+    UserError otherwise, before any reward or trainer is built, so the runner writes nothing."""
+    if run.prompt_column not in columns:
+        raise UserError(f"prompt_column: the {split} rows of {run.dataset_name!r} have no column {run.prompt_column!r}; their columns: {', '.join(columns)}")
+    for key, group in specs.items():
+        for spec in group:
+            missing = [c for c in spec.columns if c not in columns]
+            if missing:
+                raise UserError(
+                    f"{key}: {spec.path} takes the column(s) {', '.join(missing)}, which the {split} rows of {run.dataset_name!r} lack "
+                    f"(columns: {', '.join(columns)}); add them to the data or give the parameters defaults"
+                )
+
+
+TASK_BUILDERS = {"imdb_sentiment": build_imdb_sentiment, "length": build_length, "gsm8k": build_gsm8k, "custom": build_custom}

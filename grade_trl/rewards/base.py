@@ -132,3 +132,16 @@ def check_finite_scores(reward_func, scores: torch.Tensor) -> torch.Tensor:
             f"for sample {index}; rewards must be finite numbers"
         )
     return scores
+
+
+class MeanReward:
+    """The unweighted mean of several reward functions, with `compute_rewards`' checks: a held-out judge built from a
+    recipe's `eval_reward_funcs`, scored as `gold_reward` beside the training reward."""
+
+    __name__ = "eval_reward_funcs"
+
+    def __init__(self, reward_funcs: Sequence[RewardFunc]):
+        self.reward_funcs = list(reward_funcs)
+
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+        return compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **kwargs).mean(1).tolist()

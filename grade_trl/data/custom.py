@@ -1,0 +1,100 @@
+"""A user's prompt data set (task `custom`): load its splits, hold out validation/test rows, render the prompts.
+
+Sources, as `datasets.load_dataset` reads them: a hub id (with a configuration name), a local folder (its
+`train.jsonl`, `validation.csv`, ... or a data set saved in hub layout), or one `.jsonl`/`.json`/`.csv`/`.parquet`
+file, whose one split is `train`. Split names take datasets' slicing (`train[:90%]`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+from ..errors import UserError
+from .files import _root_cause
+
+logger = logging.getLogger(__name__)
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".gz": "json", ".csv": "csv", ".parquet": "parquet"}
+HOLD_OUT_SEED = 0  # held-out rows are drawn once with this seed: the same validation/test prompts for every method and seed
+
+
+def load_custom_split(source: str, config: str | None, split: str, split_key: str) -> Dataset:
+    """One split of `source`; an unknown split is a one-line UserError naming `split_key`, any other failure a ValueError."""
+    path = Path(os.path.expanduser(source))
+    try:
+        if path.is_file():
+            if path.suffix not in FILE_BUILDERS:
+                raise ValueError(f"{path} is not a {', '.join(FILE_BUILDERS)} file")
+            dataset = load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split=split)
+        else:
+            dataset = load_dataset(str(path) if path.is_dir() else source, config, split=split)
+    except Exception as error:  # datasets wraps a parse error in DatasetGenerationError: name the cause
+        cause = _root_cause(error)
+        if "Unknown split" in cause or "Bad split" in cause:
+            raise UserError(f"{split_key}: {source!r} has no split {split!r} ({cause.split(': ', 1)[-1]})") from None
+        raise ValueError(f"cannot read split {split!r}: {cause}") from None
+    if len(dataset) == 0:
+        raise ValueError(f"split {split!r} has no rows")
+    return dataset
+
+
+def make_custom_splits(run) -> dict[str, Dataset]:
+    """`train`, `validation` and `test` rows. A split the recipe does not name is held out of `train_split`: first
+    `eval_num_prompts` validation rows, then `test_num_prompts` test rows, of the rows shuffled with HOLD_OUT_SEED."""
+    train = load_custom_split(run.dataset_name, run.dataset_config, run.train_split, "train_split")
+    sizes = {"validation": run.eval_num_prompts if run.validation_split is None else 0, "test": run.test_num_prompts if run.test_split is None else 0}
+    splits = {}
+    if sum(sizes.values()):
+        if sum(sizes.values()) >= len(train):
+            raise UserError(
+                f"eval_num_prompts: {sizes['validation']} validation + {sizes['test']} test prompts held out of the {len(train)} rows of "
+                f"{run.dataset_name!r} split {run.train_split!r} leave none to train on; lower eval_num_prompts/test_num_prompts "
+                "or name validation_split/test_split"
+            )
+        shuffled, start = train.shuffle(seed=HOLD_OUT_SEED), 0
+        for name, size in sizes.items():
+            if size:
+                splits[name], start = shuffled.select(range(start, start + size)), start + size
+        train = shuffled.select(range(start, len(shuffled)))
+    splits["train"] = train
+    for name in ("validation", "test"):
+        if name not in splits:
+            splits[name] = load_custom_split(run.dataset_name, run.dataset_config, getattr(run, f"{name}_split"), f"{name}_split")
+    return {name: splits[name] for name in ("train", "validation", "test")}
+
+
+def is_conversational(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_prompt_length: int) -> tuple[Dataset, int]:
+    """(rows with `prompt`, the text the policy continues, in place of `column`; rows dropped for a prompt longer than
+    `max_prompt_length` tokens). Chat messages are rendered with the tokenizer's chat template and the generation
+    prompt, as TRL does; a prompt is dropped rather than cut, since a cut chat prompt loses its generation prompt."""
+    first = rows[0][column]
+    if is_conversational(first):
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                f"prompt_column: {column!r} holds chat messages, but the tokenizer of {model_name!r} has no chat template to render "
+                "them; give text prompts or a model with a chat template"
+            )
+
+        def render(value):
+            return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+    elif isinstance(first, str):
+        def render(value):
+            return value
+    else:
+        raise UserError(f"prompt_column: {column!r} holds {type(first).__name__} values, not text or chat messages ([{{role, content}}, ...])")
+
+    def to_prompt(row):
+        prompt = render(row[column])
+        return {"prompt": prompt, "num_prompt_tokens": len(tokenizer(prompt, add_special_tokens=False)["input_ids"])}
+
+    dataset = rows.map(to_prompt, remove_columns=[column])
+    kept = dataset.filter(lambda n: 0 < n <= max_prompt_length, input_columns="num_prompt_tokens")
+    return kept.remove_columns("num_prompt_tokens"), len(dataset) - len(kept)

@@ -1,0 +1,255 @@
+"""Task `custom`: the recipe's own data set and reward functions (import paths), as `trl grpo --reward_funcs` takes them.
+
+Bad input is table-driven, as in test_bad_input.py: recipe values are refused by `build_recipe` (before anything
+loads); data that does not fit the rewards is refused by the runner after the data loads, before the trainer is
+built: one line naming the key, exit code 2, nothing written. The runs use recipes/examples/custom_task.yaml shrunk
+to seconds: 2 optimizer steps, 6 new tokens, 2 validation and 2 test prompts, best-of-N off, evaluation at the ends.
+"""
+
+import contextlib
+import io
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grade_trl import metrics
+from grade_trl.models import resolve_model_path
+from grade_trl.recipe import RecipeError, build_recipe
+from grade_trl.run import main
+
+from .conftest import REPO
+
+EXAMPLES = REPO / "recipes" / "examples"
+EXAMPLE_RECIPE = str(EXAMPLES / "custom_task.yaml")
+EXAMPLE_DATA = str(EXAMPLES / "prompts.jsonl")
+
+
+@pytest.fixture
+def example_rewards_importable(monkeypatch):
+    """What the runner does for a recipe file: its folder is importable (build_recipe alone is given no file)."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+
+
+BASE = {"output_dir": "x", "task": "custom", "method": "reinforce", "dataset_name": EXAMPLE_DATA, "reward_funcs": ["my_rewards.keyword_reward"]}
+# (recipe values over BASE, the key the one-line error must start with, a fragment it must hold)
+RECIPE_CASES = [
+    ({"reward_funcs": ["no_such_module.reward"]}, "reward_funcs", "cannot import module 'no_such_module'"),
+    ({"reward_funcs": ["my_rewards.keywrd_reward"]}, "reward_funcs", "did you mean my_rewards.keyword_reward?"),
+    ({"reward_funcs": ["keyword_reward"]}, "reward_funcs", "is not an import path"),
+    ({"reward_funcs": ["my_rewards.re"]}, "reward_funcs", "is a module, not a function or class"),
+    ({"reward_funcs": ["grade_trl.evaluation.distinct_n"]}, "reward_funcs", "has the wrong signature"),
+    ({"reward_funcs": ["grade_trl.rewards.base.CheckedReward"]}, "reward_kwargs", "missing a required argument: 'func'"),
+    ({"reward_funcs": ["grade_trl.rewards.sentiment.SentimentRewardModel"]}, "reward_funcs", "is a torch.nn.Module, which TRL's GRPOTrainer would run"),
+    ({"reward_funcs": []}, "reward_funcs", "needs at least one reward function"),
+    ({"reward_funcs": None}, "reward_funcs", "needs at least one reward function"),
+    ({"eval_reward_funcs": ["my_rewards.nothing"]}, "eval_reward_funcs", "has no 'nothing'"),
+    ({"method": "grade_ste"}, "method 'grade_ste' cannot train reward 'my_rewards.keyword_reward'", "lacks `differentiable = True` and a `score_soft"),
+    ({"method": "grade", "reward_funcs": ["my_rewards.PositiveWords", "my_rewards.keyword_reward"]}, "method 'grade' cannot train reward 'my_rewards.keyword_reward'", "use reinforce"),
+    ({"reward_weights": [1.0, 2.0]}, "reward_weights", "2 weights for 1 reward_funcs"),
+    ({"reward_kwargs": {"my_rewards.keyword_reward": {"x": 1}}}, "reward_kwargs", "not a class"),
+    ({"reward_kwargs": {"my_rewards.PositiveWords": {"words": ["fun"]}}}, "reward_kwargs", "is not one of reward_funcs"),
+    ({"reward_funcs": ["my_rewards.PositiveWords"], "reward_kwargs": {"my_rewards.PositiveWords": {"colour": "red"}}}, "reward_kwargs", "unexpected keyword argument 'colour'"),
+    ({"reward_funcs": ["my_rewards.PositiveWords"], "reward_kwargs": {"my_rewards.PositiveWords": ["fun"]}}, "reward_kwargs", "must be a mapping"),
+    ({"dataset_name": None}, "dataset_name", "needs your data set"),
+    ({"dataset_name": "./no/such/file.jsonl"}, "dataset_name", "no such file"),
+    ({"task": "imdb_sentiment"}, "reward_funcs", "only task custom reads it"),
+    ({"task": "length", "reward_funcs": None, "prompt_column": "text"}, "prompt_column", "only task custom reads it"),
+]
+
+
+@pytest.mark.parametrize("values,key,fragment", RECIPE_CASES, ids=[f"{i}-{c[1][:30]}" for i, c in enumerate(RECIPE_CASES)])
+def test_a_bad_custom_recipe_is_one_line_naming_its_key(example_rewards_importable, values, key, fragment):
+    merged = {k: v for k, v in {**BASE, **values}.items() if v is not None}
+    with pytest.raises(RecipeError) as info:
+        build_recipe(merged)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(key) and fragment in message, message
+
+
+def test_good_custom_recipes_build(example_rewards_importable):
+    recipe = build_recipe({**BASE, "reward_funcs": ["my_rewards.keyword_reward", "length"], "reward_weights": [1.0, 0.5]})
+    assert recipe.run.task == "custom" and recipe.config.reward_weights == [1.0, 0.5]
+    grade = build_recipe({**BASE, "method": "grade_ste", "reward_funcs": ["my_rewards.PositiveWords", "length"]})  # both differentiable
+    assert grade.run.reward_funcs == ["my_rewards.PositiveWords", "length"]
+
+
+USER_REWARDS = '''
+def keyword_reward(prompts, completions, keyword, **kwargs):
+    return [float(k in c) for c, k in zip(completions, keyword)]
+
+def nan_reward(prompts, completions, **kwargs):
+    return [float("nan")] * len(completions)
+'''
+
+
+def _rows(n, **extra):
+    return [{"prompt": f"The film number {i} was", "keyword": "good", **extra} for i in range(n)]
+
+
+# (name, data rows, recipe lines, the expected start of the one error line)
+DATA_CASES = [
+    ("no prompt column", [{"text": r["prompt"], "keyword": "good"} for r in _rows(20)], {}, "prompt_column: the train rows of"),
+    ("prompt column named wrong", _rows(20), {"prompt_column": "question"}, "prompt_column: the train rows of"),
+    ("a column the reward takes is missing", [{"prompt": r["prompt"]} for r in _rows(20)], {}, "reward_funcs: user_rewards.keyword_reward takes the column(s) keyword"),
+    ("chat messages without a chat template", [{"prompt": [{"role": "user", "content": "Hi"}], "keyword": "a"}] * 20, {}, "prompt_column: 'prompt' holds chat messages, but the tokenizer"),
+    ("prompts that are numbers", [{"prompt": i, "keyword": "a"} for i in range(20)], {}, "prompt_column: 'prompt' holds int values"),
+    ("a split the file lacks", _rows(20), {"validation_split": "validation"}, "validation_split: "),
+    ("too few rows to hold out", _rows(20), {"eval_num_prompts": 12, "test_num_prompts": 8}, "eval_num_prompts: 12 validation + 8 test prompts"),
+    ("prompts longer than max_prompt_length", _rows(20), {"max_prompt_length": 2}, "max_prompt_length: no train prompt"),
+]
+
+
+def _main_quietly(argv):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, [line for line in err.getvalue().splitlines() if line.startswith("error:")]
+
+
+def _user_recipe(tmp_path, rows, **lines):
+    """A recipe, its data and its reward module in one folder (the module imports because it sits beside the recipe)."""
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "user_rewards.py").write_text(USER_REWARDS)
+    values = {
+        "task": "custom", "method": "reinforce", "dataset_name": str(tmp_path / "data.jsonl"), "reward_funcs": "[user_rewards.keyword_reward]",
+        "output_dir": str(tmp_path / "run"), "eval_num_prompts": 2, "test_num_prompts": 2, "eval_best_of_n": 1, "max_steps": 1, "max_new_tokens": 4,
+        "min_new_tokens": 1, "save_best_model": "false", "disable_tqdm": "true", **lines,
+    }
+    (tmp_path / "recipe.yaml").write_text("".join(f"{key}: {value}\n" for key, value in values.items()))
+    return str(tmp_path / "recipe.yaml")
+
+
+@pytest.mark.parametrize("name,rows,lines,start", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_data_that_does_not_fit_is_one_line_exit_2_nothing_written(tmp_path, name, rows, lines, start):
+    code, errors = _main_quietly([_user_recipe(tmp_path, rows, **lines)])
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"error: {start}"), errors
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_reward_module_beside_the_recipe_that_returns_nan_stops_in_one_line(tmp_path):
+    """Imported rewards get the built-in ones' checks: here the first evaluation's call stops the run."""
+    code, errors = _main_quietly([_user_recipe(tmp_path, _rows(20), reward_funcs="[user_rewards.nan_reward]")])
+    assert code == 2 and errors == ["error: reward function 'nan_reward' returned nan for sample 0; rewards must be finite numbers"]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed"
+
+
+def shrunk(tmp_path, name, recipe=EXAMPLE_RECIPE, lengths=(("max_new_tokens", 6), ("min_new_tokens", 2)), **extra):
+    """The example recipe cut to seconds (each override: the example's value made smaller)."""
+    overrides = {
+        **dict(lengths),
+        "dataset_name": EXAMPLE_DATA,  # the recipe's path is relative to the repository root
+        "output_dir": tmp_path / name,
+        "max_steps": 2,
+        "eval_steps": 100,  # evaluate at steps 0 and 2 only
+        "logging_steps": 1,
+        "eval_num_prompts": 2,
+        "test_num_prompts": 2,
+        "eval_best_of_n": 1,
+        "save_best_model": "false",
+        "disable_tqdm": "true",
+        **extra,
+    }
+    return [str(recipe)] + [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+
+
+def policy_changed(folder) -> bool:
+    trained = load_file(str(folder / "model" / "model.safetensors"))
+    base = load_file(os.path.join(resolve_model_path("embedded"), "model.safetensors"))
+    key = "transformer.h.0.attn.c_attn.weight"
+    return not torch.allclose(trained[key].float(), base[key].float())
+
+
+def test_the_example_runs_with_reinforce_and_evaluates_like_imdb(tmp_path):
+    assert main(shrunk(tmp_path, "reinforce")) == 0
+    results = json.loads((tmp_path / "reinforce" / "results.json").read_text())
+    final, history = results["final"], results["history"]
+    assert results["status"] == "completed" and final["steps"] == 2
+    assert final["task"]["split_sizes"] == {"train": 36, "validation": 2, "test": 2}  # 40 rows, 2 + 2 held out
+    train_logs = [h for h in history if "kl" in h]
+    names = ("keyword_reward", "positive_words", "length")
+    assert [h["step"] for h in train_logs] == [1, 2] and all(f"rewards/{n}/mean" in h for h in train_logs for n in names)
+    evals = [h for h in history if "eval_reward" in h]
+    assert [h["step"] for h in evals] == [0, 2]
+    for h in evals:  # the weighted reward is the recipe's weights [1, 2, 0.1] on the per-function means
+        means = [h[f"eval_rewards/{n}/mean"] for n in names]
+        assert math.isclose(h["eval_reward"], means[0] + 2.0 * means[1] + 0.1 * means[2], rel_tol=1e-6)
+        assert 0 <= h["eval_gold_reward"] <= 1 and {"eval_distinct_1", "eval_self_bleu"} <= set(h)
+    assert len(final["test"]["final"]["gold_rewards"]) == 2 and "test_rewards/keyword_reward/mean" in history[-1]
+    assert results["config"]["run"]["reward_kwargs"] == {"my_rewards.PositiveWords": {"words": ["great", "good", "fun", "love", "best", "wonderful"]}}
+    assert metrics.unknown_keys(key for h in history for key in h) == []  # every key it logged is in the metric table
+    assert policy_changed(tmp_path / "reinforce")
+
+
+def test_the_example_trains_grade_on_its_differentiable_reward(tmp_path):
+    argv = shrunk(tmp_path, "grade", method="grade_ste", reward_funcs="[my_rewards.PositiveWords, length]", reward_weights="[2.0, 0.1]")
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "grade" / "results.json").read_text())
+    train_logs = [h for h in results["history"] if "kl" in h]
+    assert [h["step"] for h in train_logs] == [1, 2] and all("rewards/positive_words/mean" in h and "tau" in h for h in train_logs)
+    assert policy_changed(tmp_path / "grade")
+
+
+def test_the_example_runs_with_trl_grpo(tmp_path, example_rewards_importable):
+    import yaml
+
+    values = yaml.safe_load(open(EXAMPLE_RECIPE))
+    del values["max_new_tokens"], values["min_new_tokens"]  # GRPO's length key is max_completion_length
+    recipe = tmp_path / "custom_grpo.yaml"
+    recipe.write_text(yaml.safe_dump({**values, "method": "grpo", "num_generations": 2, "per_device_train_batch_size": 4, "bf16": False}))
+    assert main(shrunk(tmp_path, "grpo", recipe=recipe, lengths={"max_completion_length": 6})) == 0
+    results = json.loads((tmp_path / "grpo" / "results.json").read_text())
+    train_logs = [h for h in results["history"] if "rewards/keyword_reward/mean" in h]
+    assert [h["step"] for h in train_logs] == [1, 2]
+    assert results["final"]["test"]["final"]["metrics"]["completion_length"] > 0
+
+
+def test_the_example_differentiable_reward_matches_its_text_path_on_one_hot_tokens(tokenizer, example_rewards_importable):
+    from my_rewards import PositiveWords
+
+    reward = PositiveWords(tokenizer, words=["great", "fun"])
+    text = " a great film, great fun and more"
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    one_hot = torch.nn.functional.one_hot(ids, len(tokenizer)).float()  # (1, T, V)
+    soft = reward.score_soft(one_hot, torch.ones_like(ids))
+    assert reward([""], [text])[0] == pytest.approx(soft.item()) and soft.item() > 0
+
+
+def test_splits_from_a_folder_named_and_held_out_and_from_a_csv_file(tmp_path):
+    from types import SimpleNamespace
+
+    from grade_trl.data.custom import make_custom_splits
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"prompt": f"train {i}", "keyword": "a"}) + "\n" for i in range(10)))
+    (folder / "test.jsonl").write_text("".join(json.dumps({"prompt": f"test {i}", "keyword": "b"}) + "\n" for i in range(3)))
+    run = SimpleNamespace(dataset_name=str(folder), dataset_config=None, train_split="train", validation_split=None, test_split="test", eval_num_prompts=2, test_num_prompts=5)
+    splits = make_custom_splits(run)
+    assert {name: len(rows) for name, rows in splits.items()} == {"train": 8, "validation": 2, "test": 3}
+    assert set(splits["train"]["prompt"]).isdisjoint(splits["validation"]["prompt"]) and all(p.startswith("test") for p in splits["test"]["prompt"])
+    assert make_custom_splits(run)["validation"]["prompt"] == splits["validation"]["prompt"]  # held out the same way every time
+
+    (tmp_path / "data.csv").write_text("question,answer\n" + "".join(f"q{i},{i}\n" for i in range(6)))
+    run = SimpleNamespace(dataset_name=str(tmp_path / "data.csv"), dataset_config=None, train_split="train[:4]", validation_split="train[4:5]", test_split="train[5:]", eval_num_prompts=9, test_num_prompts=9)
+    splits = make_custom_splits(run)
+    assert [list(splits[name]["question"]) for name in ("train", "validation", "test")] == [["q0", "q1", "q2", "q3"], ["q4"], ["q5"]]
+
+
+def test_chat_messages_are_rendered_with_the_chat_template_and_other_columns_kept(tokenizer):
+    import copy
+
+    from datasets import Dataset
+
+    from grade_trl.data.custom import prompt_dataset
+
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    rows = Dataset.from_list([{"messages": [{"role": "user", "content": "Name a film"}], "keyword": "film"}, {"messages": [{"role": "user", "content": "word " * 50}], "keyword": "x"}])
+    prompts, dropped = prompt_dataset(rows, "messages", chat, "embedded", max_prompt_length=20)
+    assert prompts.column_names == ["keyword", "prompt"] and prompts["prompt"] == ["user: Name a film\nassistant:"] and prompts["keyword"] == ["film"]
+    assert dropped == 1  # the long prompt is dropped, not cut (a cut chat prompt would lose its generation prompt)
