@@ -20,6 +20,7 @@ import yaml
 from .cli import coerce, parse_overrides, unknown_key_hint
 from .errors import UserError
 from .methods import METHODS, get_method
+from .reporting import missing_reporter
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,8 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
     except (ValueError, TypeError) as error:
         raise RecipeError(str(error).splitlines()[0]) from None
     check_ranges(run, config)
+    if problem := missing_reporter(config.report_to):
+        raise RecipeError(problem)
     if run.reward_model_path is None:
         run.reward_model_path = os.path.join(config.output_dir, "reward_model")
     return Recipe(run=run, config=config, raw=raw)

@@ -7,6 +7,7 @@ stops the run after results.json has been written with everything logged so far.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -19,6 +20,7 @@ from .build import build_callbacks, build_task, build_trainer
 from .cli import quiet_libraries, run_safely
 from .errors import UserError
 from .recipe import Recipe, help_for_argv, parse_recipe
+from .reporting import TrainEndHeld
 from .results import RESULTS_FILE, last_training_value, payload, write_json_atomic
 from .safety import Interrupted, output_dir_lock, signals_raise
 
@@ -62,13 +64,14 @@ def _run_locked(recipe: Recipe, is_main: bool) -> int:
 
     run_args, config = recipe.run, recipe.config
     results_path = os.path.join(config.output_dir, RESULTS_FILE)
-    trainer, final = None, {}
+    trainer, final, train_end = None, {}, None
     try:
         tokenizer, task = build_task(recipe)
         final["task"] = task.info
         callbacks = build_callbacks(recipe, task)
         eval_callback, doctor = callbacks["evaluation"], callbacks["doctor"]
         trainer = build_trainer(recipe, task, tokenizer, [c for c in callbacks.values() if c is not None])
+        train_end = TrainEndHeld(trainer)  # the trackers' run stays open for the final test: one run, one tracker run
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
@@ -92,7 +95,8 @@ def _run_locked(recipe: Recipe, is_main: bool) -> int:
             test["best"] = test["final"]
         test_metrics = {f"{metrics.TEST_PREFIX}_{name}": v for name, v in test["final"]["metrics"].items()}
         test_metrics |= {f"{metrics.TEST_BEST_PREFIX}_{name}": v for name, v in test["best"]["metrics"].items()}
-        eval_callback.log(trainer.state, test_metrics)  # into the history and to W&B/TensorBoard, as `test/...`
+        eval_callback.log(trainer.state, test_metrics)  # into the history and to W&B/TensorBoard/trackio, as `test/...`
+        train_end.release()
         primary = task.evaluator.primary
         before, after = eval_callback.results[0], eval_callback.results[trainer.state.global_step]
         final |= {
@@ -128,6 +132,9 @@ def _run_locked(recipe: Recipe, is_main: bool) -> int:
         if trainer is None and isinstance(error, UserError):
             raise  # bad input found by the set-up: nothing written (the lock removes the folder it made)
         interrupted = isinstance(error, (KeyboardInterrupt, Interrupted))
+        if train_end is not None:
+            with contextlib.suppress(Exception):  # close the tracker runs that training ended; the run's own error wins
+                train_end.release()
         if is_main:
             history = trainer.state.log_history if trainer is not None else []
             write_json_atomic(results_path, payload("interrupted" if interrupted else "failed", config_record(recipe), history, final, f"{type(error).__name__}: {error}"))
