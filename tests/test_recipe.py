@@ -40,6 +40,18 @@ def test_push_to_hub_and_hub_model_id_reach_the_trainer_config():
     assert parse_recipe([str(REPO / "recipes/quickstart.yaml")]).config.push_to_hub is False
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+def test_ddp_and_dataloader_defaults_fit_the_machine(method):
+    """No DDP search for unused parameters (every method's loss reaches every trainable parameter; a recipe may still
+    ask for it); no pinned memory on the CPU (torch warns that it has no accelerator to pin for)."""
+    values = {"method": method, "output_dir": "x", **({"bf16": False} if method in ("grpo", "cispo") else {})}
+    config = build_recipe(values).config
+    assert config.ddp_find_unused_parameters is False
+    assert build_recipe({**values, "ddp_find_unused_parameters": True}).config.ddp_find_unused_parameters is True
+    if config.use_cpu:
+        assert config.dataloader_pin_memory is False
+
+
 def test_overrides_win_over_the_file_and_are_typed():
     recipe = parse_recipe([str(REPO / "recipes/quickstart.yaml"), "--max_steps", "7", "--learning_rate=3e-5", "--use_peft"])
     assert recipe.config.max_steps == 7 and recipe.config.learning_rate == 3e-5 and recipe.run.use_peft is True
