@@ -89,7 +89,7 @@ def _run_locked(recipe: Recipe, is_main: bool) -> int:
         test = {"final": evaluate_test(task.evaluator, policy, tokenizer, trainer.accelerator, run_args.eval_seed)}
         if eval_callback.best_parameters is not None and eval_callback.best_step != trainer.state.global_step:
             saved = eval_callback.swap_in_best()
-            test["best"] = evaluate_test(task.evaluator, policy, tokenizer, trainer.accelerator, run_args.eval_seed)
+            test["best"] = evaluate_test(task.evaluator, policy, tokenizer, trainer.accelerator, run_args.eval_seed, f"best (step {eval_callback.best_step})")
             eval_callback.restore(saved)
         else:  # the final checkpoint is the best one
             test["best"] = test["final"]
@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         return run_safely(lambda: print(help_for_argv(argv)) or 0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch / torchrun: progress lines once, from rank 0
+        logging.getLogger("grade_trl").setLevel(logging.WARNING)
 
     def body() -> int:
         recipe = parse_recipe(argv)
