@@ -12,8 +12,8 @@ from ..core.sampling import SamplingSettings
 
 
 DDP_FIND_UNUSED_HELP = (
-    "DistributedDataParallel's search for parameters without a gradient after each backward. False (Trainer's default "
-    "is True): every method's loss reaches every trainable parameter of a dense causal LM (PPO's value head through "
+    "DistributedDataParallel's search for parameters without a gradient after each backward. False (Trainer's None "
+    "means True unless gradient checkpointing is on): every method's loss reaches every trainable parameter of a dense causal LM (PPO's value head through "
     "vf_coef * value loss, a skipped mini-batch through 0 * loss), so the search only costs a graph traversal and "
     "warns on every multi-process run. Set true for a model some of whose parameters a step may not use (mixture-of-experts)."
 )
