@@ -184,6 +184,11 @@ class Evaluator:
     def evaluate(self, model, tokenizer, split: str, accelerator=None, seed: int = 0) -> dict:
         raise NotImplementedError
 
+    def describe(self, split: str) -> str:
+        """What evaluating `split` costs, for the log line that announces it (e.g. `100 prompts x 4 samples`)."""
+        prompts = getattr(self, "prompts", {}).get(split)
+        return f"{len(prompts)} prompts" if prompts is not None else split
+
 
 class RewardEvaluator(Evaluator):
     """Sampled completions scored by the task's reward, an independent judge, best-of-N and diversity.
@@ -201,6 +206,11 @@ class RewardEvaluator(Evaluator):
         self.prompts, self.reward_funcs, self.settings = prompts, reward_funcs, settings
         self.weights, self.judge, self.best_of_n = weights, judge, int(best_of_n)
         self.columns = columns or {}
+
+    def describe(self, split: str) -> str:
+        samples = f"x {self.best_of_n} samples (best-of-{self.best_of_n})" if self.best_of_n > 1 else "x 1 sample"
+        judge = " and the gold judge" if self.judge is not None else ""
+        return f"{len(self.prompts[split])} prompts {samples}, scored by the reward{judge}"
 
     def evaluate(self, model, tokenizer, split: str, accelerator=None, seed: int = 0) -> dict:
         prompts, columns = self.prompts[split], self.columns.get(split, {})
@@ -315,6 +325,7 @@ class EvaluationCallback(TrainerCallback):
 
     def evaluate(self, step: int) -> dict:
         trainer, started = self.trainer, time.time()
+        announce(trainer.accelerator, "validation at step %d: %s ...", step, self.evaluator.describe("validation"))
         result = self.evaluator.evaluate(self.policy(), trainer.processing_class, "validation", trainer.accelerator, self.seed)
         self.results[step] = result
         value = result["metrics"][self.evaluator.primary]
@@ -388,9 +399,16 @@ class EvaluationCallback(TrainerCallback):
                 parameters[name].copy_(value)
 
 
-def evaluate_test(evaluator: Evaluator, policy, tokenizer, accelerator, seed: int) -> dict:
+def announce(accelerator, message: str, *args) -> None:
+    """An info line, from the main process only, before a phase that runs long without other output."""
+    if accelerator is None or accelerator.is_main_process:
+        logger.info(message, *args)
+
+
+def evaluate_test(evaluator: Evaluator, policy, tokenizer, accelerator, seed: int, checkpoint: str = "final") -> dict:
     """The test split's metrics, with the prompts and per-prompt values (`rewards`, `gold_rewards`, `corrects`, ...)
     kept for paired tests: final["test"]["final" | "best"] of results.json."""
+    announce(accelerator, "test of the %s checkpoint: %s ...", checkpoint, evaluator.describe("test"))
     result = evaluator.evaluate(policy, tokenizer, "test", accelerator, seed)
     samples = result["samples"]
     out = {"metrics": result["metrics"], "prompts": [s["prompt"] for s in samples]}

@@ -51,6 +51,10 @@ class GSM8KEvaluator(Evaluator):
         self.sampled = replace(settings, do_sample=True)
         self.pass_k = int(pass_k or 0)
 
+    def describe(self, split: str) -> str:
+        sampled = f" and {self.pass_k} samples each (pass@k)" if self.pass_k > 1 else ""
+        return f"{len(self.problems[split])} problems, greedy{sampled}"
+
     def evaluate(self, model, tokenizer, split: str, accelerator=None, seed: int = 0) -> dict:
         problems = self.problems[split]
         items = list(zip(problems["prompt"], problems["answer"]))

@@ -21,6 +21,7 @@ import yaml
 from .cli import coerce, parse_overrides, unknown_key_hint
 from .errors import UserError
 from .methods import METHODS, get_method
+from .reporting import missing_reporter
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +233,8 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
         raise RecipeError(str(error).splitlines()[0]) from None
     check_ranges(run, config)
     check_custom_task(values, method_name, run, config)
+    if problem := missing_reporter(config.report_to):
+        raise RecipeError(problem)
     if run.reward_model_path is None:
         run.reward_model_path = os.path.join(config.output_dir, "reward_model")
     from .resume import resolve_checkpoint

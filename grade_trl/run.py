@@ -7,6 +7,7 @@ stops the run after results.json has been written with everything logged so far.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -19,6 +20,7 @@ from .build import build_callbacks, build_task, build_trainer
 from .cli import quiet_libraries, run_safely
 from .errors import UserError
 from .recipe import Recipe, help_for_argv, parse_recipe
+from .reporting import TrainEndHeld
 from .results import RESULTS_FILE, last_training_value, payload, write_json_atomic
 from .resume import GracefulStop
 from .safety import Interrupted, output_dir_lock, signals_raise
@@ -65,13 +67,14 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
 
     run_args, config, resume_from = recipe.run, recipe.config, recipe.resume_from
     results_path = os.path.join(config.output_dir, RESULTS_FILE)
-    trainer, final = None, {}
+    trainer, final, train_end = None, {}, None
     try:
         tokenizer, task = build_task(recipe)
         final["task"] = task.info
         callbacks = build_callbacks(recipe, task, resume_from, graceful_stop)
         eval_callback, doctor = callbacks["evaluation"], callbacks["doctor"]
         trainer = build_trainer(recipe, task, tokenizer, [c for c in callbacks.values() if c is not None])
+        train_end = TrainEndHeld(trainer)  # the trackers' run stays open for the final test: one run, one tracker run
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
@@ -95,13 +98,14 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
         test = {"final": evaluate_test(task.evaluator, policy, tokenizer, trainer.accelerator, run_args.eval_seed)}
         if eval_callback.best_parameters is not None and eval_callback.best_step != trainer.state.global_step:
             saved = eval_callback.swap_in_best()
-            test["best"] = evaluate_test(task.evaluator, policy, tokenizer, trainer.accelerator, run_args.eval_seed)
+            test["best"] = evaluate_test(task.evaluator, policy, tokenizer, trainer.accelerator, run_args.eval_seed, f"best (step {eval_callback.best_step})")
             eval_callback.restore(saved)
         else:  # the final checkpoint is the best one
             test["best"] = test["final"]
         test_metrics = {f"{metrics.TEST_PREFIX}_{name}": v for name, v in test["final"]["metrics"].items()}
         test_metrics |= {f"{metrics.TEST_BEST_PREFIX}_{name}": v for name, v in test["best"]["metrics"].items()}
-        eval_callback.log(trainer.state, test_metrics)  # into the history and to W&B/TensorBoard, as `test/...`
+        eval_callback.log(trainer.state, test_metrics)  # into the history and to W&B/TensorBoard/trackio, as `test/...`
+        train_end.release()
         primary = task.evaluator.primary
         before, after = eval_callback.results[0], eval_callback.results[trainer.state.global_step]
         final |= {
@@ -138,6 +142,9 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
         if trainer is None and isinstance(error, UserError):
             raise  # bad input found by the set-up: nothing written (the lock removes the folder it made)
         interrupted = isinstance(error, (KeyboardInterrupt, Interrupted))
+        if train_end is not None:
+            with contextlib.suppress(Exception):  # close the tracker runs that training ended; the run's own error wins
+                train_end.release()
         if is_main:
             history = trainer.state.log_history if trainer is not None else []
             write_json_atomic(results_path, payload("interrupted" if interrupted else "failed", config_record(recipe), history, final, f"{type(error).__name__}: {error}"))
@@ -179,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         return run_safely(lambda: print(help_for_argv(argv)) or 0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch / torchrun: progress lines once, from rank 0
+        logging.getLogger("grade_trl").setLevel(logging.WARNING)
 
     def body() -> int:
         recipe = parse_recipe(argv)

@@ -88,6 +88,11 @@ RECIPE_CASES = [
     ({"method": "ppo", "beta": 0.1}, "beta"),
     ({"reward_input": "everything"}, "reward_input"),
     ({"model_name_or_path": "./no/such/model"}, "model_name_or_path"),
+    ({"report_to": ["comet_ml"]}, "report_to: comet_ml is not installed; run `pip install comet-ml`"),  # not in the test environment
+    ({"report_to": "mlflow"}, "report_to: mlflow is not installed; run `pip install mlflow`"),
+    ({"report_to": ["tensorboard", "neptune"]}, "report_to: neptune is not installed"),
+    ({"report_to": ["wandbb"]}, "report_to: unknown reporter 'wandbb'"),
+    ({"method": "grpo", "bf16": False, "report_to": "comet_ml"}, "report_to"),
 ]
 
 
@@ -97,6 +102,17 @@ def test_a_bad_recipe_value_is_one_line_naming_its_key(values, key):
         build_recipe({"output_dir": "x", **values})
     message = str(info.value)
     assert "\n" not in message and message.startswith(key), message
+
+
+@pytest.mark.parametrize("reporter,install", [("trackio", "pip install -e '.[trackio]'"), ("wandb", "pip install -e '.[wandb]'"), ("tensorboard", "pip install -e '.[tensorboard]'")])
+def test_a_reporter_that_is_not_installed_is_refused_with_its_pip_command(monkeypatch, reporter, install):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.split(".")[0] in (reporter, "tensorboardX") else find_spec(name, *a))
+    with pytest.raises(RecipeError) as info:
+        build_recipe({"output_dir": "x", "report_to": [reporter]})
+    assert str(info.value) == f"report_to: {reporter} is not installed; run `{install}` or remove {reporter} from report_to"
 
 
 def _rows(n, labels=(0, 1)):

@@ -355,3 +355,20 @@ def test_runner_wires_the_live_doctor_and_keeps_its_findings(tmp_path):
     assert final["steps"] < 6  # stopped by the doctor, not by max_steps
     assert [f["check"] for f in final["doctor"]] == ["kl_high"]
     assert final["test"]["final"]["metrics"]["reward"] is not None  # the final results are still written
+
+
+@pytest.mark.parametrize("recipe", ["quickstart.yaml", "tiny/imdb_ppo.yaml"])
+def test_cli_reads_a_checkpoint_folder_of_a_real_run(tmp_path, capsys, recipe):
+    """`save_strategy: steps` writes checkpoint-N/ (save_total_limit 1 keeps the last); the doctor reads its trainer_state.json."""
+    from grade_trl.run import main as run
+
+    from .test_run_e2e import shrunk
+
+    argv = shrunk(tmp_path, recipe=str(REPO / "recipes" / recipe), save_strategy="steps", save_steps=2, save_total_limit=1)
+    assert run(argv) == 0
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    assert (checkpoint / "trainer_state.json").is_file() and not (tmp_path / "run" / "checkpoint-2").exists()
+    capsys.readouterr()
+    assert main([str(checkpoint)]) in (0, 1)  # a verdict, not an input error
+    out = capsys.readouterr().out
+    assert f"run doctor: {checkpoint / 'trainer_state.json'} (2 training logs, 3 evaluations)" in out, out

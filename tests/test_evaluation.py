@@ -1,5 +1,6 @@
 """The evaluation protocol: diversity metrics, the gold judges, best checkpoint and early stopping."""
 
+import logging
 import math
 import random
 import warnings
@@ -51,6 +52,14 @@ def test_bleu_and_self_bleu_equal_nltk_with_smoothing_method2():
 def test_self_bleu_is_one_for_copies_and_low_for_disjoint_texts():
     assert self_bleu(["a b c d e"] * 3) == pytest.approx(1.0)
     assert self_bleu(["a b c d e", "f g h i j", "k l m n o"]) == 0.0
+
+
+def test_the_gold_judge_says_what_it_fits_and_scores(caplog):
+    caplog.set_level(logging.INFO, logger="grade_trl")
+    judge = TfidfJudge.fit(["good good film", "bad film", "good", "bad"], [1, 0, 1, 0], min_df=1)
+    judge.accuracy(["good", "bad", "film"], [1, 0, 1])
+    assert "gold judge: fitting TF-IDF + logistic regression on 4 reviews ..." in caplog.text
+    assert "gold judge: scoring 3 labelled reviews for its accuracy ..." in caplog.text
 
 
 def test_tfidf_features_follow_the_formula():

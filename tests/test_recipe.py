@@ -24,6 +24,34 @@ def test_every_shipped_recipe_builds(path):
         assert recipe.config.loss_type == "cispo" and recipe.config.epsilon_high == 5.0
 
 
+FULL_SIZE = [p for p in sorted((REPO / "recipes").glob("*.yaml")) if p.name != "quickstart.yaml"]
+
+
+@pytest.mark.parametrize("path", FULL_SIZE, ids=lambda p: p.name)
+def test_full_size_recipes_checkpoint_at_each_evaluation_and_keep_two(path):
+    config = parse_recipe([str(path)]).config
+    assert config.save_strategy == "steps" and config.save_steps == config.eval_steps and config.save_total_limit == 2
+
+
+def test_push_to_hub_and_hub_model_id_reach_the_trainer_config():
+    """Only the argument path (offline): Trainer pushes `model/` and the checkpoints when push_to_hub is true."""
+    config = parse_recipe([str(REPO / "recipes/quickstart.yaml"), "--push_to_hub", "true", "--hub_model_id", "me/grade-ste-imdb"]).config
+    assert config.push_to_hub is True and config.hub_model_id == "me/grade-ste-imdb"
+    assert parse_recipe([str(REPO / "recipes/quickstart.yaml")]).config.push_to_hub is False
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_ddp_and_dataloader_defaults_fit_the_machine(method):
+    """No DDP search for unused parameters (every method's loss reaches every trainable parameter; a recipe may still
+    ask for it); no pinned memory on the CPU (torch warns that it has no accelerator to pin for)."""
+    values = {"method": method, "output_dir": "x", **({"bf16": False} if method in ("grpo", "cispo") else {})}
+    config = build_recipe(values).config
+    assert config.ddp_find_unused_parameters is False
+    assert build_recipe({**values, "ddp_find_unused_parameters": True}).config.ddp_find_unused_parameters is True
+    if config.use_cpu:
+        assert config.dataloader_pin_memory is False
+
+
 def test_overrides_win_over_the_file_and_are_typed():
     recipe = parse_recipe([str(REPO / "recipes/quickstart.yaml"), "--max_steps", "7", "--learning_rate=3e-5", "--use_peft"])
     assert recipe.config.max_steps == 7 and recipe.config.learning_rate == 3e-5 and recipe.run.use_peft is True

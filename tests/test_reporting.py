@@ -1,22 +1,25 @@
-"""`report_to` sends the same metrics to W&B (offline mode) and TensorBoard as results.json holds.
+"""`report_to` sends the same metrics to W&B (offline mode), TensorBoard and trackio (local) as results.json holds,
+validation under `eval/`, the final test under `test/`, training under `train/`, all in ONE tracker run.
 
-Both are read back from the files they write; nothing is mocked. W&B 0.19+ writes only its binary
-run file offline, so `wandb_history` decodes it: a LevelDB-style log of protobuf records.
+Each is read back from the files it writes; nothing is mocked. W&B 0.19+ writes only its binary
+run file offline, so `wandb_history` decodes it: a LevelDB-style log of protobuf records. trackio
+writes a SQLite database in TRACKIO_DIR (read at its import, so its run is a subprocess).
 """
 
 import glob
 import json
 import math
+import os
+import sqlite3
 import struct
+import subprocess
+import sys
 
 import pytest
 
 from grade_trl.run import main
 
 from .test_run_e2e import load_results, shrunk
-
-wandb = pytest.importorskip("wandb", reason="W&B is an optional extra: pip install -e '.[wandb]'")
-pytest.importorskip("tensorboard", reason="TensorBoard is an optional extra: pip install -e '.[dev]'")
 
 
 def wandb_history(run_file: str) -> list[dict]:
@@ -53,6 +56,8 @@ def reporter_key(key: str) -> str:
 
 
 def test_wandb_offline_and_tensorboard_receive_the_logged_metrics(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="W&B is an optional extra: pip install -e '.[wandb]'")
+    pytest.importorskip("tensorboard", reason="TensorBoard is an optional extra: pip install -e '.[tensorboard]'")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -76,11 +81,32 @@ def test_wandb_offline_and_tensorboard_receive_the_logged_metrics(tmp_path, monk
         assert (step, key) in received, (step, key)
         assert received[(step, key)] == pytest.approx(value, rel=1e-6), (step, key)
 
-    [event_dir] = {path.rsplit("/", 1)[0] for path in glob.glob(str(tmp_path / "tb" / "**" / "events.out.tfevents.*"), recursive=True)}
-    events = EventAccumulator(event_dir)
+    # one event file: the writer that training opened also received the final test (not closed at the end of training)
+    [event_file] = glob.glob(str(tmp_path / "tb" / "**" / "events.out.tfevents.*"), recursive=True)
+    events = EventAccumulator(event_file)
     events.Reload()
-    scalars = {(e.step, tag): e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+    tags = events.Tags()["scalars"]
+    assert {tag.split("/")[0] for tag in tags} == {"train", "eval", "test"}, tags
+    assert {"eval/reward", "eval/best_reward", "test/reward", "test/best_ckpt_reward", "train/kl"} <= set(tags)
+    assert not [tag for tag in tags if tag.startswith(("train/eval", "train/test", "train/val"))], tags
+    scalars = {(e.step, tag): e.value for tag in tags for e in events.Scalars(tag)}
     for (step, key), value in expected.items():
         if key.startswith("train/train_") or key in ("train/total_flos",) or not math.isfinite(value):
             continue
         assert scalars[(step, key)] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_trackio_receives_training_validation_and_test_in_one_run(tmp_path):
+    pytest.importorskip("trackio", reason="trackio is an optional extra: pip install -e '.[trackio]'")
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = shrunk(tmp_path, report_to="trackio", max_steps=2)
+    result = subprocess.run([sys.executable, "-m", "grade_trl.run", *argv], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [database] = glob.glob(str(tmp_path / "trackio" / "*.db"))
+    with sqlite3.connect(database) as db:
+        rows = [(run, json.loads(values)) for run, values in db.execute("SELECT run_name, metrics FROM metrics ORDER BY id")]
+    assert len({run for run, _ in rows}) == 1, sorted({run for run, _ in rows})  # the final test did not open a second run
+    logged = {key: values[key] for _, values in rows for key in values}
+    assert {"train/kl", "eval/reward", "test/reward", "test/best_ckpt_reward"} <= set(logged)
+    history = load_results(tmp_path / "run" / "results.json")["history"]
+    assert logged["test/reward"] == pytest.approx(history[-1]["test_reward"]) and logged["train/global_step"] == 2

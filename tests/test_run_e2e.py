@@ -5,6 +5,7 @@ Shrunk settings (each is the quickstart's value cut down so a run takes seconds 
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -49,8 +50,14 @@ def load_results(path):
         return json.load(f)
 
 
-def test_quickstart_end_to_end_is_reproducible_and_changes_the_policy(tmp_path):
+def test_quickstart_end_to_end_is_reproducible_and_changes_the_policy(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="grade_trl")
     assert main(shrunk(tmp_path, "a")) == 0
+    # the long silent phases say what they do, and how much of it
+    for line in ("sentiment reward head: backbone features of 200 + 60 held-out reviews (up to 128 tokens), then 2 epochs ...",
+                 "validation at step 0: 6 prompts x 4 samples (best-of-4), scored by the reward and the gold judge ...",
+                 "validation at step 4: 6 prompts", "test of the final checkpoint: 6 prompts x 4 samples"):
+        assert line in caplog.text, line
     results = load_results(tmp_path / "a" / "results.json")
     assert results["status"] == "completed" and set(results) >= {"config", "history", "final"}
     train_logs = [h for h in results["history"] if "kl" in h]
@@ -111,6 +118,9 @@ def test_two_cpu_processes(tmp_path, recipe):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"), "-m", "grade_trl.run"]
     result = subprocess.run(cmd + shrunk(tmp_path, recipe=str(REPO / "recipes" / recipe), max_steps=2), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    # defaults that fit the machine: no DDP search for unused parameters (each method uses them all), no pinned memory on the CPU
+    assert "find_unused_parameters" not in result.stderr and "pin_memory" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count("validation at step 0: ") == 1 and result.stderr.count("test of the final checkpoint: ") == 1  # rank 0 only
     results = load_results(tmp_path / "run" / "results.json")
     assert results["final"]["num_processes"] == 2 and results["final"]["steps"] == 2
     assert all(h["kl"] >= 0 for h in results["history"] if "kl" in h)

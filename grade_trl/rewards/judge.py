@@ -32,6 +32,7 @@ class Judge:
         raise NotImplementedError
 
     def accuracy(self, texts: list[str], labels: list[int]) -> float:
+        logger.info("gold judge: scoring %d labelled reviews for its accuracy ...", len(texts))
         predictions = [p > 0.5 for p in self.probabilities(texts)]
         return sum(int(p) == int(y) for p, y in zip(predictions, labels)) / len(labels)
 
@@ -63,6 +64,7 @@ class TfidfJudge(Judge):
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
 
+        logger.info("gold judge: fitting TF-IDF + logistic regression on %d reviews ...", len(texts))
         vectorizer = TfidfVectorizer(lowercase=True, token_pattern=r"[a-z0-9']+", ngram_range=(1, 2), min_df=min_df, max_features=max_features,
                                      sublinear_tf=True, smooth_idf=True, norm="l2", dtype=np.float64)
         features = vectorizer.fit_transform(texts)

@@ -196,6 +196,8 @@ def train_sentiment_head(
     The backbone is frozen, so its features are computed once; training the head on them is the
     same optimisation as training through the backbone, at a fraction of the cost.
     """
+    logger.info("sentiment reward head: backbone features of %d + %d held-out reviews (up to %d tokens), then %d epochs ...",
+                len(train_texts), len(eval_texts), max_length, epochs)
     generator = torch.Generator().manual_seed(seed)
     x_train, x_eval = pooled_features(model, tokenizer, train_texts, max_length), pooled_features(model, tokenizer, eval_texts, max_length)
     y_train, y_eval = torch.tensor(train_labels), torch.tensor(eval_labels)

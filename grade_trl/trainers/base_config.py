@@ -11,6 +11,14 @@ from ..core.kl import KL_ESTIMATORS
 from ..core.sampling import SamplingSettings
 
 
+DDP_FIND_UNUSED_HELP = (
+    "DistributedDataParallel's search for parameters without a gradient after each backward. False (Trainer's None "
+    "means True unless gradient checkpointing is on): every method's loss reaches every trainable parameter of a dense causal LM (PPO's value head through "
+    "vf_coef * value loss, a skipped mini-batch through 0 * loss), so the search only costs a graph traversal and "
+    "warns on every multi-process run. Set true for a model some of whose parameters a step may not use (mixture-of-experts)."
+)
+
+
 @dataclass
 class RolloutConfig(TrainingArguments):
     """`TrainingArguments` plus what every method that generates from prompts needs.
@@ -20,7 +28,7 @@ class RolloutConfig(TrainingArguments):
     Fields that differ from `TrainingArguments`: `per_device_train_batch_size` (4 instead of 8),
     `gradient_accumulation_steps` (4 instead of 1), `logging_steps` (10 instead of 500), `eval_steps`
     (100 instead of None: the reward-evaluation callback's period), `save_strategy` ("no": the runner
-    saves the final model itself), `report_to` ("none"), `remove_unused_columns` (False: extra columns such as
+    saves the final model itself), `report_to` ("none"), `ddp_find_unused_parameters` (False: see its help), `remove_unused_columns` (False: extra columns such as
     GSM8K's `answer` reach the reward functions, TRL's convention).
     """
 
@@ -31,6 +39,7 @@ class RolloutConfig(TrainingArguments):
     eval_steps: float | None = field(default=100, metadata={"help": "Optimizer steps between two validation-reward evaluations (GRADE experiment: 100)."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint saving strategy; the runner writes the final model to {output_dir}/model."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers to report to (`wandb`, `tensorboard`, `trackio`, `all`, `none`)."})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": DDP_FIND_UNUSED_HELP})
     remove_unused_columns: bool | None = field(
         default=False, metadata={"help": "Keep every dataset column: besides `prompt`, each reaches the reward functions as a keyword (as TRL's GRPOConfig)."}
     )

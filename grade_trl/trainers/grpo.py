@@ -5,7 +5,7 @@ the grad-norm window, the metric contract's `kl` (per completion; TRL's own per-
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from trl import GRPOConfig as _TRLGRPOConfig
@@ -13,6 +13,7 @@ from trl import GRPOTrainer as _TRLGRPOTrainer
 
 from ..metrics import KL, KL_PER_TOKEN
 from ..rewards.base import CheckedReward
+from .base_config import DDP_FIND_UNUSED_HELP
 from .metrics import GradNormWindowMixin
 
 
@@ -20,8 +21,11 @@ from .metrics import GradNormWindowMixin
 class GRPOConfig(_TRLGRPOConfig):
     """`trl.GRPOConfig`, every field and default unchanged, plus the sizes the registry's config contract reads.
 
-    `beta` keeps TRL's meaning: the coefficient of the per-token KL in the per-token loss.
+    `beta` keeps TRL's meaning: the coefficient of the per-token KL in the per-token loss. One default differs:
+    `ddp_find_unused_parameters` is False (Trainer's: True), as for every grade_trl method (see its help).
     """
+
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": DDP_FIND_UNUSED_HELP})
 
     @property
     def new_token_limits(self) -> tuple[int, int]:
