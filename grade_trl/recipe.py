@@ -305,6 +305,17 @@ def check_ranges(run: RunArguments, config) -> None:
         logger.warning("tau_end (%s) > tau_start (%s): the temperature rises during training; GRADE's schedules usually anneal it down", tau_end, tau_start)
 
 
+# The reward functions each built-in task sums (tasks.py builds them in this order), so that a wrong number of
+# reward_weights is refused before the model loads instead of in the trainer's constructor.
+BUILT_IN_REWARDS = {"imdb_sentiment": ("sentiment",), "length": ("length",), "gsm8k": ("gsm8k_correctness", "gsm8k_format")}
+
+
+def check_reward_weights(weights, rewards, what: str) -> None:
+    """One weight per reward function, or none (all 1), as TRL's `reward_weights`."""
+    if weights is not None and len(weights) != len(rewards):
+        raise RecipeError(f"reward_weights: {len(weights)} weights for {len(rewards)} {what}; give one weight per reward function")
+
+
 def check_custom_task(values: dict, method_name: str, run: RunArguments, config) -> None:
     """Task `custom`: its data set is named and every reward function imports, is callable, has TRL's signature and
     (GRADE) is differentiable; another task refuses the custom keys. Runs before anything is loaded."""
@@ -314,6 +325,7 @@ def check_custom_task(values: dict, method_name: str, run: RunArguments, config)
         for key in CUSTOM_KEYS:
             if key in values:
                 raise RecipeError(f"{key}: only task custom reads it (task {run.task!r} brings its own data and rewards); set task: custom to use your own")
+        check_reward_weights(getattr(config, "reward_weights", None), BUILT_IN_REWARDS[run.task], f"task {run.task}'s rewards ({', '.join(BUILT_IN_REWARDS[run.task])})")
         return
     if "dataset_name" not in values:
         raise RecipeError("dataset_name: task custom needs your data set: a hub id, a local folder, or a .jsonl/.json/.csv/.parquet file")
@@ -324,9 +336,7 @@ def check_custom_task(values: dict, method_name: str, run: RunArguments, config)
         reward_specs("eval_reward_funcs", run.eval_reward_funcs, "eval_reward_kwargs", run.eval_reward_kwargs)
     except UserError as error:
         raise RecipeError(str(error)) from None
-    weights = getattr(config, "reward_weights", None)
-    if weights is not None and len(weights) != len(specs):
-        raise RecipeError(f"reward_weights: {len(weights)} weights for {len(specs)} reward_funcs; give one weight per reward function")
+    check_reward_weights(getattr(config, "reward_weights", None), specs, "reward_funcs")
     if get_method(method_name).relaxed:
         for spec in specs:
             lacks = spec.lacks_for_grade()

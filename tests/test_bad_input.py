@@ -93,6 +93,9 @@ RECIPE_CASES = [
     ({"report_to": ["tensorboard", "neptune"]}, "report_to: neptune is not installed"),
     ({"report_to": ["wandbb"]}, "report_to: unknown reporter 'wandbb'"),
     ({"method": "grpo", "bf16": False, "report_to": "comet_ml"}, "report_to"),
+    ({"reward_weights": [1.0, 2.0]}, "reward_weights: 2 weights for 1 task imdb_sentiment's rewards (sentiment)"),
+    ({"task": "gsm8k", "method": "reinforce", "reward_weights": [1.0]}, "reward_weights: 1 weights for 2 task gsm8k's rewards (gsm8k_correctness, gsm8k_format)"),
+    ({"method": "grpo", "bf16": False, "task": "length", "reward_weights": [1.0, 0.5]}, "reward_weights"),
 ]
 
 
@@ -179,3 +182,12 @@ def test_a_bad_recipe_file_is_one_line_exit_2_nothing_written(tmp_path, name, co
     assert code == 2 and len(errors) == 1, errors
     assert fragment in errors[0], errors
     assert not out.exists()
+
+
+def test_every_built_in_task_declares_how_many_rewards_it_sums():
+    """The up-front reward_weights check knows each built-in task's rewards; the gsm8k recipes' [1.0, 0.5] pass it."""
+    from grade_trl.recipe import BUILT_IN_REWARDS
+    from grade_trl.tasks import TASK_BUILDERS
+
+    assert set(BUILT_IN_REWARDS) == set(TASK_BUILDERS) - {"custom"}
+    build_recipe({"output_dir": "x", "task": "gsm8k", "method": "reinforce", "reward_weights": [1.0, 0.5]})
