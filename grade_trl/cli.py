@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import enum
 import logging
+import re
 import sys
 import types
 import typing
@@ -31,6 +32,26 @@ from .errors import Interrupted, UserError
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+class _Yaml12BoolLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false (any case) are booleans.
+
+    YAML 1.1 (PyYAML's default) also reads yes/no/on/off as booleans, which turns `save_strategy: no`, Trainer's
+    "no" strategy, into False and then into the string "False". Boolean keys still take yes/no/on/off (`coerce`).
+    """
+
+
+_Yaml12BoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12BoolLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` with YAML 1.2 booleans (see `_Yaml12BoolLoader`): every recipe and override goes through it."""
+    return yaml.load(text, Loader=_Yaml12BoolLoader)
 
 
 def coerce(key: str, value: Any, tp) -> Any:
@@ -62,7 +83,7 @@ def coerce(key: str, value: Any, tp) -> Any:
         return [coerce(key, v, inner) for v in value]
     if origin is dict or tp is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = load_yaml(value)
         if not isinstance(value, dict):
             raise UserError(f"{key}: expected a mapping, got {value!r}")
         return value
@@ -71,8 +92,8 @@ def coerce(key: str, value: Any, tp) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
         raise UserError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool):
@@ -145,7 +166,7 @@ def _scalar(text: str) -> Any:
     if text == "":
         return ""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text  # not YAML (an unbalanced bracket, a colon): the string as typed
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .cli import coerce, parse_overrides, unknown_key_hint
+from .cli import coerce, load_yaml, parse_overrides, unknown_key_hint
 from .errors import UserError
 from .methods import METHODS, get_method
 from .reporting import missing_reporter
@@ -161,7 +161,7 @@ def load_recipe_file(path: str) -> dict:
     if not text.strip():
         raise RecipeError(f"recipe {path} is empty; a recipe is YAML `key: value` lines, at least `method:` (see recipes/)")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -226,6 +226,7 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
     check_paths(run_kwargs)
     if "max_prompt_length" in config_fields and "max_prompt_length" not in config_kwargs and "max_prompt_length" in run_kwargs:
         config_kwargs["max_prompt_length"] = run_kwargs["max_prompt_length"]
+    check_enum_values(config_kwargs)
     try:
         run = RunArguments(**run_kwargs)
         config = config_cls(**config_kwargs)
@@ -314,6 +315,21 @@ def check_reward_weights(weights, rewards, what: str) -> None:
     """One weight per reward function, or none (all 1), as TRL's `reward_weights`."""
     if weights is not None and len(weights) != len(rewards):
         raise RecipeError(f"reward_weights: {len(weights)} weights for {len(rewards)} {what}; give one weight per reward function")
+
+
+def check_enum_values(config_kwargs: dict) -> None:
+    """Trainer's enumerated keys (save_strategy, eval_strategy, lr_scheduler_type, ...), whose own error does not
+    name the key: a value outside the enumeration is refused here, naming it. Some method configs redeclare
+    these as plain `str`, so the enumeration is read from TrainingArguments."""
+    import enum
+
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    for key, value in config_kwargs.items():
+        enums = [t for t in typing.get_args(hints.get(key)) if isinstance(t, type) and issubclass(t, enum.Enum)]
+        if enums and isinstance(value, str) and value not in {m.value for m in enums[0]}:
+            raise RecipeError(f"{key}: expected one of {[m.value for m in enums[0]]}, got {value!r}")
 
 
 def check_custom_task(values: dict, method_name: str, run: RunArguments, config) -> None:

@@ -58,6 +58,18 @@ def test_overrides_win_over_the_file_and_are_typed():
     assert recipe.raw["max_steps"] == 7
 
 
+@pytest.mark.parametrize("method", ["grade_ste", "grpo"])
+def test_yaml_no_is_the_strategy_no_not_false(tmp_path, method):
+    """YAML 1.1 reads `no` as false; `save_strategy: no` (file or --save_strategy no) is Trainer's "no" strategy."""
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"method: {method}\nsave_strategy: no\neval_strategy: no\nbf16: false\n")
+    config = parse_recipe([str(recipe_file), "--logging_strategy", "no"]).config
+    assert (config.save_strategy, config.eval_strategy, config.logging_strategy) == ("no", "no", "no")
+    for key, value in (("save_strategy", "sometimes"), ("eval_strategy", "off"), ("lr_scheduler_type", "cosine_wrong")):
+        with pytest.raises(RecipeError, match=f"^{key}: expected one of .*got '{value}'$"):
+            parse_recipe([str(recipe_file), f"--{key}", value])
+
+
 def test_yaml_scientific_notation_without_dot_is_a_float():
     assert build_recipe({"learning_rate": "1e-4", "output_dir": "x"}).config.learning_rate == 1e-4
 
