@@ -54,3 +54,21 @@ def test_step_cost_sweeps_new_tokens_with_grade_switches_and_fits_the_growth_law
     saved = {r["new_tokens"]: r["saved_mib"] for r in payload["results"] if r["method"] == "grade_ste"}
     assert saved[2] < saved[4] < saved[6]
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_gpu_check_smoke_runs_every_stage_and_writes_one_table(tmp_path, capsys):
+    """benchmarks/gpu_check.py (the one command for a GPU machine) on CPU with tiny shapes: each stage gives its rows,
+    each recipe run completes through the real runner, and the table and JSON are written. Measures nothing."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT.parent / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    payload = gpu_check.main(["--smoke", "--device", "cpu", "--tokenizer", "embedded", "--threads", "1", "--output_dir", str(tmp_path),
+                              "--recipes", "imdb_grade_ste", "imdb_ppo", "--gsm8k_recipes", "gsm8k_grpo"])
+    rows = {(r["stage"], r["what"].split()[0]): r for r in payload["rows"]}
+    assert sum(r["stage"] == "step_cost" for r in payload["rows"]) == 2 * len(gpu_check.COST_METHODS)  # float32 and bf16
+    assert all(r["status"] == "ok" and r["seconds_per_step"] > 0 for r in payload["rows"] if r["stage"] == "step_cost")
+    for key in (("recipes", "imdb_grade_ste"), ("recipes", "imdb_ppo"), ("gsm8k", "gsm8k_grpo")):
+        assert rows[key]["status"] == "completed" and rows[key]["exit_code"] == 0 and rows[key]["steps"] == 1, rows[key]
+        assert (tmp_path / f"{key[1]}_results.json").is_file()
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| recipes | imdb_ppo | completed |" in table and (tmp_path / "gpu_check.json").is_file()
