@@ -128,6 +128,45 @@ def test_exact_kl_gradients_match_the_plain_expression_full_and_top_k():
     assert (exact_kl(values, zq, indices) >= 0).all()  # the truncated policy against the full reference
 
 
+def one_forward_reference_logits(ref, rollout, min_new_tokens, eos):
+    """The plain expression: one forward of the reference over [prompt; y_1 .. y_{T-1}], every position with gradient."""
+    from grade_trl.core.soft_rollout import forbid_eos, position_ids_from_mask
+
+    t = rollout.tokens.shape[1]
+    embeds = rollout.soft_tokens.drop_last().with_prefix(rollout.prompt_ids).embed(ref.get_input_embeddings().weight)
+    mask = torch.cat([rollout.prompt_mask.long(), torch.ones(len(rollout.tokens), t - 1, dtype=torch.long)], dim=1)  # (B, P+T-1)
+    logits = ref(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -t:]
+    return torch.cat([forbid_eos(logits[:, :min_new_tokens], eos), logits[:, min_new_tokens:]], dim=1)
+
+
+@pytest.mark.parametrize("estimator", [StraightThroughGumbel(), GumbelSoftmax()], ids=["ste", "soft"])
+def test_reference_over_the_cached_prompt_equals_one_forward_over_the_whole_sequence(policy, tokenizer, prompts, estimator):
+    """reference_logits runs the prompt once without gradient and the completion over its cache: the same logits and
+    the same gradient (through the soft tokens into the policy) as one forward over the whole left-padded sequence."""
+    enc = _encode(tokenizer, prompts)
+    policy = copy.deepcopy(policy).double()  # float64: the two ways agree to rounding, so any real difference would show
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+
+    def kl_gradient(reference):
+        torch.manual_seed(2)
+        policy.zero_grad(set_to_none=True)
+        rollout = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: estimator(l, 0.7), max_new_tokens=7, min_new_tokens=2, eos_token_id=0)
+        ref_logits = reference(rollout)
+        masked_sum(exact_kl(rollout.logits, ref_logits), rollout.mask, dim=1).sum().backward()
+        return ref_logits.detach(), [p.grad.clone() for p in policy.parameters()]
+
+    plain_logits, plain_grads = kl_gradient(lambda r: one_forward_reference_logits(ref, r, 2, 0))
+    assert any(g.abs().sum() > 0 for g in plain_grads)
+    for recompute in (False, True):
+        logits, grads = kl_gradient(lambda r: reference_logits(ref, r, 2, 0, recompute=recompute))
+        assert_close(logits, plain_logits, rtol=1e-10, atol=1e-10)
+        for ours, theirs in zip(grads, plain_grads):
+            assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
+
+
 # ---- the memory options: same gradient, and their growth law ----------------------------------------------
 
 

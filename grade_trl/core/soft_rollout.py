@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
 
 from .chunked_cache import ChunkedCache, ChunkedLayer, chunked_attention, supports_chunked_attention
 from .deferred_grads import DeferredWeightGrads, deferred_weight_grads
@@ -213,28 +214,46 @@ def reference_logits(
 ) -> torch.Tensor:
     """The reference's logits at every generated position, on the same soft inputs the policy saw.
 
-    One parallel forward over [prompt ids; y_1 .. y_{T-1}] embedded with the reference's E. The reference's
-    parameters are frozen, but the gradient flows into the soft tokens (they are the policy's), so the KL's
-    dependence on the generated prefix is part of the objective. The same EOS processing as the rollout is
-    applied, so both distributions are comparable. recompute: keep only the input embeddings and the logits
-    for backward and run the forward again there (exact; one more reference forward). context: a factory of the
-    context that makes `ref_model` the reference (a LoRA policy's `disable_adapter`), entered by the forward and
-    by its recomputation alike. Returns (B, T, V).
+    The reference reads [prompt ids; y_1 .. y_{T-1}] embedded with its own E, in two forwards: the prompt once
+    without gradient (its keys and values cached, and the logits at its last position, which predict y_1), then
+    y_1 .. y_{T-1} in one parallel forward over that cache. The reference's parameters are frozen, but the gradient
+    flows into the soft tokens (they are the policy's), so the KL's dependence on the generated prefix is part of
+    the objective. Nothing at a prompt position depends on a soft token, so the split changes no value (up to float
+    summation order) and no gradient, and saves what one forward over the whole sequence would cost in backward:
+    the activations of the P prompt positions and their gradients (P / (P + T) of the reference's backward).
+    The same EOS processing as the rollout is applied, so both distributions are comparable. recompute: keep only
+    the input embeddings and the logits for backward and run the completion's forward again there (exact; one more
+    forward over the T - 1 completion positions). context: a factory of the context that makes `ref_model` the
+    reference (a LoRA policy's `disable_adapter`), entered by every forward and by the recomputation alike.
+    Returns (B, T, V).
     """
     embed = ref_model.get_input_embeddings()
-    num_generated = rollout.tokens.shape[1]
-    inputs_embeds = rollout.soft_tokens.drop_last().with_prefix(rollout.prompt_ids).embed(embed.weight)  # (B, P+T-1, H)
+    num_generated, prompt_length = rollout.tokens.shape[1], rollout.prompt_ids.shape[1]
     # Positions after a hard EOS are masked out of every statistic, but they stay visible here so the
     # reference conditions on exactly the prefix the policy conditioned on (the rollout did not mask them).
     attention_mask = torch.cat([rollout.prompt_mask.long(), rollout.prompt_mask.new_ones(rollout.prompt_mask.shape[0], num_generated - 1).long()], dim=1)
     position_ids = position_ids_from_mask(attention_mask)
+    prompt_cache = DynamicCache()
+    with torch.no_grad(), context():
+        out = ref_model(input_ids=rollout.prompt_ids, attention_mask=attention_mask[:, :prompt_length], position_ids=position_ids[:, :prompt_length],
+                        cache=prompt_cache, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1:]  # (B, 1, V): predicts y_1 from the prompt alone
+    prompt_kv = [(layer.keys, layer.values) for layer in prompt_cache.layers]  # no grad: constants of the objective
 
     def forward(inputs_embeds):
+        cache = DynamicCache()  # a fresh cache over the prompt's keys and values, for the forward and its recomputation alike
+        for index, (keys, values) in enumerate(prompt_kv):
+            cache.update(keys, values, index)
         with context():
-            keep = last_positions(num_generated, inputs_embeds.shape[1], inputs_embeds.device)
-            return ref_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep).logits  # (B, T, V)
+            return ref_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids[:, prompt_length:],
+                             cache=cache, use_cache=True).logits  # (B, T-1, V)
 
-    logits = checkpoint(forward, inputs_embeds, use_reentrant=False) if recompute else forward(inputs_embeds)
+    if num_generated > 1:
+        inputs_embeds = rollout.soft_tokens.drop_last().embed(embed.weight)  # (B, T-1, H)
+        rest = checkpoint(forward, inputs_embeds, use_reentrant=False) if recompute else forward(inputs_embeds)
+        logits = torch.cat([first.to(rest.dtype), rest], dim=1)
+    else:
+        logits = first
     if min_new_tokens > 0:
         logits = torch.cat([forbid_eos(logits[:, :min_new_tokens], eos_token_id), logits[:, min_new_tokens:]], dim=1)
     return logits
