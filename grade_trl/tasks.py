@@ -110,10 +110,12 @@ def load_or_train_sentiment_model(run, tokenizer, splits, seed: int) -> tuple[Se
     with PartialState().main_process_first():  # the main process trains and saves; the others then load
         if has_trained_head(path):
             model = SentimentRewardModel.load(path, backbone)
-            trained_on = model.metadata.get("backbone_path")
-            if trained_on and trained_on != resolve_model_path(backbone):
-                raise ValueError(
-                    f"reward_model_path {path!r} holds a head trained on {trained_on!r}, not on {backbone!r}; "
+            # The backbone as the recipe names it (`embedded`, a hub id) identifies it on every machine; the resolved
+            # path only on the one that trained it (heads saved before the name was recorded have the path only).
+            trained_on, trained_on_path = model.metadata.get("backbone"), model.metadata.get("backbone_path")
+            if trained_on != backbone and trained_on_path and trained_on_path != resolve_model_path(backbone):
+                raise UserError(
+                    f"reward_model_path: {path!r} holds a head trained on {trained_on or trained_on_path!r}, not on {backbone!r}; "
                     "point reward_model_path at a new folder to train one for this backbone"
                 )
             logger.info("reusing sentiment reward head from %s (held-out accuracy %.3f)", path, model.metadata.get("heldout_accuracy", float("nan")))

@@ -191,3 +191,19 @@ def test_every_built_in_task_declares_how_many_rewards_it_sums():
 
     assert set(BUILT_IN_REWARDS) == set(TASK_BUILDERS) - {"custom"}
     build_recipe({"output_dir": "x", "task": "gsm8k", "method": "reinforce", "reward_weights": [1.0, 0.5]})
+
+
+def test_a_reward_head_is_reused_across_clones_and_refused_for_another_backbone(tmp_path, reward_model, tokenizer):
+    """A head records its backbone as the recipe names it (`embedded`), so a clone elsewhere reuses it; a head trained
+    on another backbone is refused in one line naming reward_model_path (it used to blame dataset_name)."""
+    from grade_trl.errors import UserError
+    from grade_trl.tasks import load_or_train_sentiment_model
+
+    run = build_recipe({"output_dir": str(tmp_path / "run"), "reward_model_path": str(tmp_path / "head")}).run
+    reward_model.save(tmp_path / "head", {"backbone_path": "/another/clone/grade_trl/assets/tiny-imdb-gpt2"})
+    model, metadata = load_or_train_sentiment_model(run, tokenizer, splits=None, seed=0)
+    assert metadata["backbone"] == "embedded"
+    reward_model.save(tmp_path / "head", {"backbone": "openai-community/gpt2", "backbone_path": "/models/gpt2"})
+    with pytest.raises(UserError) as info:
+        load_or_train_sentiment_model(run, tokenizer, splits=None, seed=0)
+    assert str(info.value).startswith("reward_model_path: ") and "openai-community/gpt2" in str(info.value) and "\n" not in str(info.value)
