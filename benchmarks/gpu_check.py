@@ -16,7 +16,7 @@ Random weights: nothing comes from the hub, and the cost of a step does not depe
 never stops early, so every completion has its maximum length: the worst case). A stage or run that fails is a row
 with its error, not the end of the check.
 
-    python benchmarks/gpu_check.py --tokenizer ../shared/tokenizers/gpt2 --output_dir docs/results/gpu_check
+    python benchmarks/gpu_check.py --tokenizer PATH/TO/gpt2 --output_dir docs/results/gpu_check
     python benchmarks/gpu_check.py --smoke --device cpu --tokenizer embedded --output_dir /tmp/gpu_check   # CPU, tiny shapes
 
 `--smoke` runs the same sequence on 2-layer, 64-wide models with 8 new tokens and one step: what the test suite
