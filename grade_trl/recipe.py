@@ -223,6 +223,7 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
         # Accelerate only joins processes started by `accelerate launch`/torchrun into one CPU (gloo) group when
         # told it is on the CPU; without this, each of N CPU processes would train alone on the whole data.
         config_kwargs["use_cpu"] = True
+    check_launch(config_kwargs.get("use_cpu", False), method.relaxed)
     check_paths(run_kwargs)
     if "max_prompt_length" in config_fields and "max_prompt_length" not in config_kwargs and "max_prompt_length" in run_kwargs:
         config_kwargs["max_prompt_length"] = run_kwargs["max_prompt_length"]
@@ -361,6 +362,19 @@ def check_custom_task(values: dict, method_name: str, run: RunArguments, config)
                     f"method {method_name!r} cannot train reward {spec.path!r}: GRADE backpropagates through the reward, and it lacks "
                     f"{' and '.join(lacks)} (grade_trl/rewards/base.py); use reinforce, ppo, grpo or cispo, or give it both"
                 )
+
+
+def check_launch(use_cpu: bool, relaxed: bool) -> None:
+    """Refuse a sharding launch that would not shard. Accelerate turns FSDP and DeepSpeed on only for GPU-type
+    processes: FSDP's branch in `AcceleratorState.__init__` sits under `distributed_type in [MULTI_GPU, ...]`, which a
+    CPU launch (MULTI_CPU) is not, and DeepSpeed's under `ACCELERATE_USE_DEEPSPEED ... and not cpu`; either would
+    train as plain data parallel with a full copy per process, without a word."""
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if (fsdp or deepspeed) and use_cpu:
+        raise RecipeError(f"{'FSDP' if fsdp else 'DeepSpeed'} needs GPUs: Accelerate ignores it for CPU processes (use_cpu) and would run plain data parallel; launch with accelerate_configs/cpu.yaml on the CPU")
+    if deepspeed and relaxed and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise RecipeError("GRADE methods cannot run under DeepSpeed ZeRO-3: the soft rollout reads the input-embedding matrix outside the forward, where ZeRO-3 leaves it partitioned; use accelerate_configs/fsdp2.yaml or zero2.yaml")
 
 
 def has_accelerator() -> bool:

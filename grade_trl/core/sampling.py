@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .masks import completion_mask, masked_mean
+from .sharding import all_finished, is_sharded
 from .soft_rollout import decode_step, last_positions, position_ids_from_mask
 
 
@@ -163,6 +164,7 @@ def sample(
     each token (`SampledBatch.hidden`; PPO's values).
     """
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    sharded = is_sharded(model)  # then every process decodes until every process's rows have finished (core/sharding.py)
     batch = prompt_ids.shape[0]
     attention_mask = prompt_mask.long()
     positions = position_ids_from_mask(attention_mask)  # (B, P)
@@ -184,7 +186,7 @@ def sample(
         step_logprobs.append(torch.where(alive, token_logp, torch.zeros_like(token_logp)))
         if eos_token_id is not None:
             finished = finished | (token == eos_token_id)
-        if step == settings.max_new_tokens - 1 or bool(finished.all()):
+        if step == settings.max_new_tokens - 1 or all_finished(finished, sharded):
             break
         # Same mask as SampledBatch.attention_mask: 1 up to and including the first EOS, 0 after.
         attention_mask = torch.cat([attention_mask, alive.long().unsqueeze(1)], dim=1)

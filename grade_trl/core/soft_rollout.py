@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from .chunked_cache import ChunkedCache, ChunkedLayer, chunked_attention, supports_chunked_attention
 from .deferred_grads import DeferredWeightGrads, deferred_weight_grads
 from .masks import completion_mask
+from .sharding import all_finished, input_embedding_matrix, is_sharded
 from .soft_tokens import Relaxed, SoftTokens, embed_step
 
 Relax = Callable[[torch.Tensor, int], Relaxed]
@@ -140,22 +141,30 @@ def soft_rollout(
     """
     if cache not in CACHES:
         raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
-    # Forward calls go through `model` (a DDP wrapper syncs gradients); the embedding matrix is read from the
-    # wrapped module in place, never copied.
+    # Forward calls go through `model` (a DDP wrapper syncs gradients, FSDP gathers each unit's parameters); the
+    # embedding matrix is read from the wrapped module in place, never copied (gathered whole when it is sharded:
+    # core/sharding.py).
     inner = _unwrap(model)
-    embed_matrix = inner.get_input_embeddings().weight  # (V, H)
+    sharded = is_sharded(inner)
+    if sharded and checkpoint_steps:
+        raise ValueError("rollout_checkpointing is not supported with a sharded (FSDP) policy; use the FSDP config's fsdp_activation_checkpointing instead")
+    embed_matrix = input_embedding_matrix(inner)  # (V, H)
     vocab_size = embed_matrix.shape[0]
     chunked = cache == "chunked" and supports_chunked_attention(inner)
     if checkpoint_steps and not chunked:
         raise ValueError("checkpointing the rollout's steps needs the chunked KV cache and a model with an sdpa/flash/flex attention implementation")
     kv = ChunkedCache() if chunked else None
-    deferred = DeferredWeightGrads() if defer_weight_grads and torch.is_grad_enabled() else None
+    # Sharded: the gathered E always goes through a deferred alias, whose backward hands the gather's backward (a
+    # reduce-scatter) one dense gradient instead of per-step sparse rows; the model's own weights are not deferred,
+    # since a deferred gradient would reach a parameter after FSDP's reduce-scatter of the forward that used it.
+    deferred = DeferredWeightGrads() if (defer_weight_grads or sharded) and torch.is_grad_enabled() else None
+    defer_model_weights = deferred is not None and not sharded
 
     def context() -> ExitStack:  # a fresh context per forward call (a generator context manager is single-use)
         stack = ExitStack()
         if chunked:
             stack.enter_context(chunked_attention(inner, kv))
-        if deferred is not None:
+        if defer_model_weights:
             stack.enter_context(deferred_weight_grads(inner, deferred))
         return stack
 
@@ -181,7 +190,7 @@ def soft_rollout(
         steps.append(relaxed)
         if eos_token_id is not None:
             finished = finished | (relaxed.hard == eos_token_id)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if step == max_new_tokens - 1 or all_finished(finished, sharded):
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
         inputs_embeds = embed_step(relaxed, embed_matrix, deferred).unsqueeze(1)  # (B, 1, H)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 from ..core.precision import at_least_float32
+from ..core.sharding import input_embedding_matrix
 from ..core.soft_rollout import position_ids_from_mask
 from ..core.soft_tokens import SoftTokens, as_soft_tokens
 from ..models import resolve_model_path
@@ -52,7 +53,9 @@ class SentimentRewardModel(nn.Module):
 
     @property
     def embedding_matrix(self) -> torch.Tensor:  # (V, H)
-        return self.backbone.get_input_embeddings().weight
+        # The reward model is replicated on every process (never prepared for sharding: it has no optimizer), so
+        # this is the parameter itself; `input_embedding_matrix` gathers it should a caller shard the backbone.
+        return input_embedding_matrix(self.backbone)
 
     def pooled(self, attention_mask: torch.Tensor, input_ids=None, inputs_embeds=None) -> torch.Tensor:
         """Mean of the last hidden states over positions where attention_mask is 1. Returns (B, H)."""

@@ -68,7 +68,10 @@ class RolloutTrainer(GradNormWindowMixin, Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        self.ref_model = None if ref_model is None else self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        # The frozen reference is replicated, not sharded, under FSDP2 too: Accelerate's FSDP2 path shards only the model
+        # it prepares with its optimizer, and a frozen copy has no gradients or optimizer state, the 3/4 of a trained
+        # model's Adam-in-float32 memory that sharding saves. prepare_model skips device placement under FSDP, hence `.to`.
+        self.ref_model = None if ref_model is None else self.accelerator.prepare_model(ref_model.to(self.accelerator.device), evaluation_mode=True)
         for func in self.reward_funcs:
             if hasattr(func, "to"):
                 func.to(self.accelerator.device)

@@ -57,6 +57,7 @@ from ..core import (
     value_loss,
 )
 from ..core.sampling import SamplingSettings
+from ..core.sharding import gathered
 from ..core.soft_rollout import last_positions, position_ids_from_mask
 from ..rewards.base import compute_rewards, reward_name
 from .base import RolloutTrainer
@@ -183,8 +184,10 @@ class PolicyWithValueHead(nn.Module):
         return self.policy.get_input_embeddings()
 
     def generate(self, *args, **kwargs):
-        """The causal LM's `generate` (the evaluation callback generates through whatever model the Trainer holds)."""
-        return self.policy.generate(*args, **kwargs)
+        """The causal LM's `generate` (the evaluation callback generates through whatever model the Trainer holds);
+        under FSDP2 with this wrapper's own parameters gathered (core/sharding.py: `gathered`)."""
+        with gathered(self):
+            return self.policy.generate(*args, **kwargs)
 
     @property
     def supports_gradient_checkpointing(self) -> bool:
@@ -317,7 +320,8 @@ class PPOTrainer(RolloutTrainer):
 
         # 1. sample from the causal LM itself (no DDP sync needed under no_grad), keeping the last layer's states
         enc = self.tokenize_prompts(inputs)
-        batch = sample(module.policy, enc["input_ids"], enc["attention_mask"], settings, eos, tok.pad_token_id, return_hidden=True)
+        with gathered(module):  # FSDP2: the wrapper's own parameters, which sampling from .policy reads outside its forward
+            batch = sample(module.policy, enc["input_ids"], enc["attention_mask"], settings, eos, tok.pad_token_id, return_hidden=True)
         mask = batch.completion_mask  # (B, T)
 
         # 2. rewards on the decoded text
@@ -330,7 +334,8 @@ class PPOTrainer(RolloutTrainer):
         # 3. old policy and values: the sampler's own log-probs (exactly the behaviour policy's, processed as it sampled)
         # and the value head on the states that predicted each token, so no second forward of the policy; reference
         old_logps = batch.logprobs  # (B, T), 0 where masked
-        values = module.value_head(batch.hidden.to(module.value_head.weight.dtype)).squeeze(-1) * mask  # (B, T)
+        with gathered(module):
+            values = module.value_head(batch.hidden.to(module.value_head.weight.dtype)).squeeze(-1) * mask  # (B, T)
         ref_model, ref_context = self.reference_context(module.policy)
         with ref_context():
             ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False)  # (B, T)

@@ -1,0 +1,77 @@
+"""What the rollouts need to stay correct when the policy's parameters are sharded (FSDP2 `fully_shard`).
+
+Under FSDP2 every managed parameter is, outside its module's forward, this process's shard: a DTensor with a
+`Shard(0)` placement. Two things of a rollout then need care, and both are no-ops for an unsharded model (one
+process, DDP), so those runs are unchanged bit for bit:
+  * GRADE reads the input-embedding matrix E outside the model's forward (a relaxed step enters the next forward
+    as y @ E, or E[token] for a straight-through step): `input_embedding_matrix` gathers the full E.
+  * every process must call the sharded model the same number of times (each call of a sharded block is a
+    collective: an all-gather in forward, a reduce-scatter in backward), so a decode loop may stop early only
+    when every process's rows have finished: `all_finished`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Partial
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether any parameter of `module` is a DTensor (FSDP2, or tensor parallelism)."""
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def input_embedding_matrix(module: torch.nn.Module) -> torch.Tensor:
+    """E (V, H), the input-embedding matrix of `module`, whole and differentiable, for use outside its forward.
+
+    Unsharded: the parameter itself, in place (no copy). Sharded (a DTensor): `full_tensor()`, an all-gather once
+    per rollout that keeps autograd. Why this and not a call through a module that FSDP unshards: the embedding
+    is not an FSDP unit of its own (the auto-wrap units are the transformer blocks; with tied weights E is also
+    the LM head, so it must stay in the root unit), and the root unit's parameters are gathered only inside the
+    root's forward. A soft step's embedding would have to be computed inside that forward, which a Hugging Face
+    model's forward does not offer; reading the root's unsharded parameter between forwards instead relies on
+    when FSDP reshards and reduces (its gradient would arrive after the reduce-scatter of the call that produced
+    it). The explicit gather is correct by construction; it costs one all-gather of E per rollout and one
+    reduce-scatter of its gradient, and one extra full copy of E per process while the rollout lives.
+
+    The gradient: each process's gradient of E is a partial term of the global one, so it is declared
+    `Partial("avg")`; the backward of the gather then reduce-scatters the average over processes into this
+    process's shard, the same average FSDP applies to every other gradient (and to the gradient of E's other uses,
+    the prompt's token embeddings and the tied LM head, which FSDP adds to the same shard).
+    """
+    weight = module.get_input_embeddings().weight
+    if isinstance(weight, DTensor):
+        return weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
+    return weight
+
+
+def all_finished(finished: torch.Tensor, sharded: bool) -> bool:
+    """Whether every row has finished: this process's rows, or, when the model is sharded, every process's rows
+    (one all-reduce per decode step, so that every process runs the same number of sharded forwards)."""
+    done = bool(finished.all())
+    if not sharded or not dist.is_initialized() or dist.get_world_size() == 1:
+        return done
+    flag = torch.tensor([int(done)], device=finished.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+@contextmanager
+def gathered(module: torch.nn.Module):
+    """Within the block, an FSDP2 unit's own parameters are whole (unsharded), for calls that bypass its forward:
+    PPO samples from `.policy` and applies `.value_head` outside the wrapper's forward, where FSDP would otherwise
+    leave the wrapper's own parameters (the embeddings, the final norm, the value head) as shards. The blocks inside
+    are units of their own and gather themselves when called. Meant for no-grad code (sampling, evaluation): a
+    gradient taken in here would bypass FSDP's reduce-scatter. A no-op for an unsharded module."""
+    if not isinstance(module, FSDPModule):
+        yield module
+        return
+    module.unshard()
+    try:
+        yield module
+    finally:
+        module.reshard()

@@ -1,0 +1,123 @@
+"""Worker of tests/test_sharded.py, run by torchrun with 2 CPU processes (gloo): GRADE's soft rollout on the tiny
+model sharded with FSDP2 (`fully_shard`: each GPT2Block a unit, the root holding the tied E), against the same
+rollout of an unsharded copy on the whole global batch (rank 0). Writes {case: {...}} as JSON to argv[1].
+
+Each rank takes half of the global batch's rows, with the Gumbel noise of its own rows (drawn for the whole batch
+from one seed), so the sharded and unsharded rollouts make the same draws. The loss is the mean over the rank's
+rows of a differentiable function of the rollout (the soft tokens embedded with E, so the gradient flows through
+every relaxed step into E and the blocks); FSDP averages the ranks' gradients, so the sharded gradient should be
+the unsharded gradient of the mean over the global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from grade_trl.core.sharding import input_embedding_matrix
+from grade_trl.core.soft_rollout import soft_rollout
+from grade_trl.core.soft_tokens import Relaxed
+from grade_trl.models import load_causal_lm, load_tokenizer, prepare_tokenizer
+
+GLOBAL_BATCH, NEW_TOKENS = 4, 6  # 2 rows per rank; 6 relaxed steps: enough to cross several FSDP forwards
+PROMPTS = ["This movie was", "I did not expect the", "Worst film I have", "The acting"]
+
+
+def relax_fn(noise, straight_through, eos, force_eos_rows):
+    """Gumbel-softmax at tau 1 with the rows' own noise (B, T, V); rows in `force_eos_rows` (local indices) emit EOS
+    from step 1 on, so that one rank's rows all finish early and the other's do not."""
+
+    def relax(logits, step):
+        z = logits + noise[:, step, : logits.shape[-1]]
+        if force_eos_rows:
+            bias = torch.zeros_like(z)
+            if step >= 1:
+                bias[force_eos_rows, eos] = 1e4
+            z = z + bias
+        values = torch.softmax(z, dim=-1)
+        return Relaxed(values, z.argmax(-1), straight_through)
+
+    return relax
+
+
+def objective(model, enc, relax):
+    rollout = soft_rollout(model, enc["input_ids"], enc["attention_mask"], relax, NEW_TOKENS, 0, relax.eos, cache="chunked")
+    embeds = rollout.soft_tokens.embed(input_embedding_matrix(model))  # (B, T, H): as a reward's score_soft would read them
+    # mean over rows of a smooth function of what was generated: the logits (through every forward) and the embedded soft tokens
+    per_row = rollout.logits.float().logsumexp(-1).mean(-1) + embeds.float().pow(2).mean((1, 2))
+    return per_row.mean(), int(rollout.tokens.shape[1])
+
+
+def main(out_path: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    tokenizer = prepare_tokenizer(load_tokenizer("embedded"))
+    base = load_causal_lm("embedded").eval()
+    enc_all = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    enc = {k: v[rows] for k, v in enc_all.items()}
+    generator = torch.Generator().manual_seed(0)
+    vocab = base.config.vocab_size
+    noise_all = -torch.log(-torch.log(torch.rand(GLOBAL_BATCH, NEW_TOKENS, vocab, generator=generator).clamp_min(1e-10)))
+    eos = tokenizer.eos_token_id
+    results = {}
+    soft_rollout_module = sys.modules["grade_trl.core.soft_rollout"]  # the package rebinds the name `soft_rollout` to the function
+
+    cases = [("straight_through", True, []), ("gumbel_softmax", False, []), ("one_rank_finishes_early", True, [0, 1]), ("control_replicated_grad", True, [])]
+    for case, straight_through, force in cases:
+        # the control gathers E with full_tensor()'s default gradient layout (Replicate): each rank keeps its own
+        # slice of its own gradient, not the average; the test checks that this differs, i.e. that it can fail
+        soft_rollout_module.input_embedding_matrix = (lambda m: m.get_input_embeddings().weight.full_tensor() if isinstance(m.get_input_embeddings().weight, DTensor) else m.get_input_embeddings().weight) if case.startswith("control") else input_embedding_matrix
+        # reference: the unsharded model on the whole global batch (every rank computes it; rank 0 reports it)
+        full = copy.deepcopy(base)
+        relax = relax_fn(noise_all, straight_through, eos, force)
+        relax.eos = eos
+        loss_full, steps_full = objective(full, enc_all, relax)
+        loss_full.backward()
+        grads_full = {n: p.grad.clone() for n, p in full.named_parameters() if p.grad is not None}
+
+        sharded = copy.deepcopy(base)
+        mesh = init_device_mesh("cpu", (world,))
+        for block in sharded.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        # force EOS in every row of rank 0 only (global rows 0 and 1): its rows finish at step 1, rank 1's do not
+        local_force = [i for i in range(rows.stop - rows.start) if rows.start + i in force]
+        relax_local = relax_fn(noise_all[rows], straight_through, eos, local_force)
+        relax_local.eos = eos
+        loss_local, steps_local = objective(sharded, enc, relax_local)
+        loss_local.backward()
+        loss_mean = loss_local.detach().clone()
+        dist.all_reduce(loss_mean)
+        loss_mean /= world
+        grads_sharded = {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.grad is not None}
+        diffs = {n: (grads_sharded[n] - g).abs().max().item() for n, g in grads_full.items() if n in grads_sharded}
+        scale = max(g.abs().max().item() for g in grads_full.values())
+        results[case] = {
+            "loss_single": loss_full.item(),
+            "loss_sharded": loss_mean.item(),
+            "steps_single": steps_full,
+            "steps_local": steps_local,
+            "same_parameters_have_gradients": sorted(grads_full) == sorted(grads_sharded),
+            "max_grad_diff": max(diffs.values()),
+            "worst_param": max(diffs, key=diffs.get),
+            "grad_scale": scale,
+            "embedding_is_dtensor": isinstance(sharded.get_input_embeddings().weight, DTensor),
+        }
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
