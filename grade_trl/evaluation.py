@@ -17,10 +17,12 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from . import metrics
 from .core.masks import completion_mask
+from .core.sharding import is_sharded
 from .rewards.base import compute_rewards, reward_name
 
 logger = logging.getLogger(__name__)
@@ -50,9 +52,20 @@ def generate_completions(model, tokenizer, prompts: list[str], settings: Generat
     lengths: list[int] = []
     devices = [device] if device.type == "cuda" else []
     sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0} if settings.do_sample else {"do_sample": False}
+    # A sharded model (FSDP2) runs a collective in every forward: every process must call `generate` as often as the
+    # others, and each call must decode as many steps (synced_gpus; transformers infers it only for models it sharded
+    # itself). The processes' prompt shares differ by one, so a share that crosses a batch boundary the others do not
+    # gets its extra call matched by a throwaway batch on the others.
+    sharded = is_sharded(model) and dist.is_initialized() and dist.get_world_size() > 1
+    starts = list(range(0, len(prompts), settings.batch_size))
+    throwaway = 0
+    if sharded:
+        most = torch.tensor([len(starts)], device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        throwaway = int(most.item()) - len(starts)
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for start in range(0, len(prompts), settings.batch_size):
+        for start in starts:
             enc = tokenizer(
                 prompts[start : start + settings.batch_size],
                 return_tensors="pt",
@@ -68,10 +81,15 @@ def generate_completions(model, tokenizer, prompts: list[str], settings: Generat
                 min_new_tokens=settings.min_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=sharded,
             )
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
             lengths.extend(completion_mask(new_tokens, tokenizer.eos_token_id).sum(1).int().tolist())
+        for _ in range(throwaway):  # after the real batches, so their samples do not depend on the other processes
+            enc = tokenizer(prompts[:1] or [tokenizer.eos_token], return_tensors="pt", add_special_tokens=False).to(device)
+            model.generate(**enc, **sampling, max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, synced_gpus=True)
     model.train(was_training)
     return completions, lengths
 

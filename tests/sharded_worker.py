@@ -55,6 +55,27 @@ def objective(model, enc, relax):
     return per_row.mean(), int(rollout.tokens.shape[1])
 
 
+def evaluation_case(base, tokenizer, rank: int, world: int) -> dict:
+    """Evaluation's generation on the sharded model with shares that cross a batch boundary on rank 0 only (3 prompts
+    in batches of 2 against 1 prompt): without matching calls and synced decoding the processes' collectives would
+    no longer pair up and the run would hang. Greedy, so each rank's completions can be compared with the unsharded
+    model's on the same prompts."""
+    from grade_trl.evaluation import GenerationSettings, generate_completions
+
+    settings = GenerationSettings(max_new_tokens=5, min_new_tokens=0, batch_size=2, do_sample=False)
+    mine = ["This movie was", "I did not expect the", "Worst film I have"] if rank == 0 else ["The acting"]
+    sharded = copy.deepcopy(base)
+    mesh = init_device_mesh("cpu", (world,))
+    for block in sharded.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    completions, lengths = generate_completions(sharded, tokenizer, mine, settings, seed=0)
+    expected, expected_lengths = generate_completions(copy.deepcopy(base), tokenizer, mine, settings, seed=0)
+    same = torch.tensor([int(completions == expected and lengths == expected_lengths)])
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return {"returned": True, "all_ranks_match_unsharded": bool(same.item()), "rank0_completions": len(completions) if rank == 0 else None}
+
+
 def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -112,6 +133,7 @@ def main(out_path: str) -> None:
             "grad_scale": scale,
             "embedding_is_dtensor": isinstance(sharded.get_input_embeddings().weight, DTensor),
         }
+    results["evaluation_unequal_shares"] = evaluation_case(base, tokenizer, rank, world)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

@@ -57,6 +57,15 @@ def test_sharded_soft_rollout_matches_one_process(sharded_rollout, case):
     assert r["steps_local"] == r["steps_single"] == 6
 
 
+def test_evaluation_generates_in_step_across_sharded_processes(sharded_rollout):
+    """Evaluation shards its prompts over the processes; under FSDP each `generate` is a collective, so rank 0's
+    extra batch (3 prompts in batches of 2, against rank 1's 1) is matched by a throwaway batch on rank 1 and every
+    call decodes in step (synced_gpus). Before, this hung. The greedy completions equal the unsharded model's."""
+    r = sharded_rollout["evaluation_unequal_shares"]
+    assert r["returned"] and r["rank0_completions"] == 3
+    assert r["all_ranks_match_unsharded"]
+
+
 def test_sharded_check_can_fail(sharded_rollout):
     """Control: gathering E with `full_tensor()`'s default (replicated) gradient layout keeps each rank's own slice of
     its own gradient instead of the average; the gradient comparison above must then fail, at E."""
