@@ -63,33 +63,22 @@ def generate_completions(model, tokenizer, prompts: list[str], settings: Generat
         most = torch.tensor([len(starts)], device=device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         throwaway = int(most.item()) - len(starts)
+    generation = dict(**sampling, max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      synced_gpus=True if sharded else None)  # None: transformers' own inference (DeepSpeed ZeRO-3)
+
+    def encode(texts: list[str]):
+        return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=settings.max_prompt_length, add_special_tokens=False).to(device)
+
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for start in starts:
-            enc = tokenizer(
-                prompts[start : start + settings.batch_size],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=settings.max_prompt_length,
-                add_special_tokens=False,
-            ).to(device)
-            out = model.generate(
-                **enc,
-                **sampling,
-                max_new_tokens=settings.max_new_tokens,
-                min_new_tokens=settings.min_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                synced_gpus=sharded,
-            )
-            new_tokens = out[:, enc["input_ids"].shape[1] :]
+            enc = encode(prompts[start : start + settings.batch_size])
+            new_tokens = model.generate(**enc, **generation)[:, enc["input_ids"].shape[1] :]
             completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
             lengths.extend(completion_mask(new_tokens, tokenizer.eos_token_id).sum(1).int().tolist())
         for _ in range(throwaway):  # after the real batches, so their samples do not depend on the other processes
-            enc = tokenizer(prompts[:1] or [tokenizer.eos_token], return_tensors="pt", add_special_tokens=False).to(device)
-            model.generate(**enc, **sampling, max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, synced_gpus=True)
+            model.generate(**encode(prompts[:1] or [tokenizer.eos_token]), **generation)
     model.train(was_training)
     return completions, lengths
 
