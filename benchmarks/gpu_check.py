@@ -140,18 +140,19 @@ def stage_step_cost(args, workdir: str, out: Path) -> list[dict]:
         argv += ["--bf16"] if precision == "bf16" else []
         argv += ["--threads", str(args.threads)] if args.threads else []
         what = f"gpt2-{'smoke' if args.smoke else 'medium'} B{batch} T{new_tokens} {precision}"
-        try:
-            payload = step_cost.main(argv)
-        except Exception as error:  # a stage that fails is a row, the check goes on
-            rows.append({"stage": "step_cost", "what": what, "status": "error", "error": one_line(error)})
-            continue
-        finally:
-            release(args.device)
-        for r in payload["results"]:
-            predicted = predicted_step_peak_mib(r["method"], precision, batch, new_tokens)
-            rows.append({"stage": "step_cost", "what": f"{r['method']} {what}", "status": "ok", "seconds_per_step": r["seconds"],
-                         "time_vs_reinforce": r["time_vs_reinforce"], "peak_mib": r["peak_mib"], "predicted_peak_mib": predicted,
-                         "note": f"{r['time_vs_reinforce']:.2f}x REINFORCE's time" + (f"; memory model {predicted:.0f} MiB ({predicted / r['peak_mib'] - 1:+.0%})" if predicted else "")})
+        rows += guarded(what, "step_cost", lambda: cost_rows(step_cost.main(argv), what, precision, batch, new_tokens))
+        release(args.device)
+    return rows
+
+
+def cost_rows(payload: dict, what: str, precision: str, batch: int, new_tokens: int) -> list[dict]:
+    """One row per method of a step_cost run, with the memory model's prediction beside the measured peak."""
+    rows = []
+    for r in payload["results"]:
+        predicted = predicted_step_peak_mib(r["method"], precision, batch, new_tokens)
+        rows.append({"stage": "step_cost", "what": f"{r['method']} {what}", "status": "ok", "seconds_per_step": r["seconds"],
+                     "time_vs_reinforce": r["time_vs_reinforce"], "peak_mib": r["peak_mib"], "predicted_peak_mib": predicted,
+                     "note": f"{r['time_vs_reinforce']:.2f}x REINFORCE's time" + (f"; memory model {predicted:.0f} MiB ({predicted / r['peak_mib'] - 1:+.0%})" if predicted else "")})
     return rows
 
 
@@ -206,7 +207,7 @@ def stage_recipes(args, workdir: str, out: Path) -> list[dict]:
         if args.smoke:
             lengths = {"max_completion_length": 8} if ("grpo" in name or "cispo" in name) else {"max_new_tokens": 8, "min_new_tokens": 2}
             lengths.update(bf16="false", per_device_train_batch_size=4, gradient_accumulation_steps=1)
-        rows.append(guarded(name, "recipes", lambda: run_recipe(name, {**overrides, **lengths}, out, workdir)))
+        rows += guarded(name, "recipes", lambda: [run_recipe(name, {**overrides, **lengths}, out, workdir)])
         release(args.device)
     return rows
 
@@ -222,17 +223,18 @@ def stage_gsm8k(args, workdir: str, out: Path) -> list[dict]:
         lengths = {}
         if args.smoke:
             lengths = {"max_new_tokens": 8, "min_new_tokens": 1} if "reinforce" in name else {"max_completion_length": 8, "num_generations": 4}
-        rows.append(guarded(name, "gsm8k", lambda: run_recipe(name, {**overrides, **lengths}, out, workdir)))
+        rows += guarded(name, "gsm8k", lambda: [run_recipe(name, {**overrides, **lengths}, out, workdir)])
         release(args.device)
     return rows
 
 
-def guarded(what: str, stage: str, body) -> dict:
+def guarded(what: str, stage: str, body) -> list[dict]:
+    """`body()`'s rows, or, when it raises, one error row naming `what`: a part that fails is a row, the check goes on."""
     try:
         return body()
     except Exception as error:
         traceback.print_exc(file=sys.stderr)
-        return {"stage": stage, "what": what, "status": "error", "error": one_line(error)}
+        return [{"stage": stage, "what": what, "status": "error", "error": one_line(error)}]
 
 
 def one_line(error: BaseException) -> str:
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
         for stage in args.stages:
             stage_start = time.time()
-            rows += _stage_rows(stages[stage], stage, args, workdir, out)
+            rows += guarded("(set-up)", stage, lambda: stages[stage](args, workdir, out))  # a model that cannot be built
             print(f"[gpu_check] {stage}: {time.time() - stage_start:.0f} s", flush=True)
     text = table(rows, header) + f"\n\nin all {time.time() - start:.0f} s; command: python benchmarks/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     print("\n" + text, flush=True)
@@ -283,15 +285,6 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"header": header, "rows": rows, "seconds": time.time() - start}
     (out / "gpu_check.json").write_text(json.dumps(payload, indent=2, default=str))
     return payload
-
-
-def _stage_rows(stage_fn, stage: str, args, workdir: str, out: Path) -> list[dict]:
-    """A stage's rows; a stage that fails before its first row (a model that cannot be built) is one error row."""
-    try:
-        return stage_fn(args, workdir, out)
-    except Exception as error:
-        traceback.print_exc(file=sys.stderr)
-        return [{"stage": stage, "what": "(set-up)", "status": "error", "error": one_line(error)}]
 
 
 if __name__ == "__main__":
