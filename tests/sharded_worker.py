@@ -55,6 +55,16 @@ def objective(model, enc, relax):
     return per_row.mean(), int(rollout.tokens.shape[1])
 
 
+def sharded_copy(base, world: int):
+    """A copy of `base` sharded as the FSDP2 config does it: every GPT2Block a unit, the root (with the tied E) the last."""
+    sharded = copy.deepcopy(base)
+    mesh = init_device_mesh("cpu", (world,))
+    for block in sharded.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    return sharded
+
+
 def evaluation_case(base, tokenizer, rank: int, world: int) -> dict:
     """Evaluation's generation on the sharded model with shares that cross a batch boundary on rank 0 only (3 prompts
     in batches of 2 against 1 prompt): without matching calls and synced decoding the processes' collectives would
@@ -64,11 +74,7 @@ def evaluation_case(base, tokenizer, rank: int, world: int) -> dict:
 
     settings = GenerationSettings(max_new_tokens=5, min_new_tokens=0, batch_size=2, do_sample=False)
     mine = ["This movie was", "I did not expect the", "Worst film I have"] if rank == 0 else ["The acting"]
-    sharded = copy.deepcopy(base)
-    mesh = init_device_mesh("cpu", (world,))
-    for block in sharded.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(sharded, mesh=mesh)
+    sharded = sharded_copy(base, world)
     completions, lengths = generate_completions(sharded, tokenizer, mine, settings, seed=0)
     expected, expected_lengths = generate_completions(copy.deepcopy(base), tokenizer, mine, settings, seed=0)
     same = torch.tensor([int(completions == expected and lengths == expected_lengths)])
@@ -105,11 +111,7 @@ def main(out_path: str) -> None:
         loss_full.backward()
         grads_full = {n: p.grad.clone() for n, p in full.named_parameters() if p.grad is not None}
 
-        sharded = copy.deepcopy(base)
-        mesh = init_device_mesh("cpu", (world,))
-        for block in sharded.transformer.h:
-            fully_shard(block, mesh=mesh)
-        fully_shard(sharded, mesh=mesh)
+        sharded = sharded_copy(base, world)
         # force EOS in every row of rank 0 only (global rows 0 and 1): its rows finish at step 1, rank 1's do not
         local_force = [i for i in range(rows.stop - rows.start) if rows.start + i in force]
         relax_local = relax_fn(noise_all[rows], straight_through, eos, local_force)
