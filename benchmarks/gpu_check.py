@@ -1,20 +1,28 @@
 """One command for a GPU machine: what every method costs at the users' size, and whether every full-size recipe runs there.
 
-Three stages, one after the other in this process, then one table (printed, and written as gpu_check.md/.json):
+Five stages, one after the other in this process; the table (printed at the end, and gpu_check.md/.json rewritten
+after every row, so a run stopped at its time limit leaves the rows it has):
   1. step cost: `step_cost.py` on the gpt2-medium shape (24 layers, 1024 wide, the GPT-2 vocabulary), batch 16,
      32-token prompts, 48 new tokens, float32 and bf16 autocast, GRADE-STE, GRADE, REINFORCE, PPO and TRL GRPO; beside
      each measured step peak (`torch.cuda.max_memory_allocated` above the step's start) the memory model's prediction
      (`docs/results/memory_model.json`, fitted on CPU) and its error;
-  2. recipes: every full-size IMDB recipe (`recipes/imdb_*.yaml`, their batch, lengths and switches) for
+  2. fit: batch 64 at the same shape and length, GRADE-STE and REINFORCE, float32 and bf16: the measured step
+     peak against the memory model's prediction (does GRADE at batch 64 fit an 80 GB card?);
+  3. recipes: every full-size IMDB recipe (`recipes/imdb_*.yaml`, their batch, lengths and switches) for
      `--max_steps` steps on a gpt2-medium-shaped random model, with the embedded IMDB sample, small evaluations and no
      checkpoints: status, seconds per step, the run's peak memory (results.json's `peak_memory_mb`);
-  3. GSM8K: every GSM8K recipe (`recipes/gsm8k_*.yaml`: 64 completions of up to 512 tokens per step) for one step on a
+  4. GSM8K: every GSM8K recipe (`recipes/gsm8k_*.yaml`: 64 completions of up to 512 tokens per step) for one step on a
      Qwen2.5-0.5B-shaped random Qwen2 model (the GPT-2 vocabulary with ChatML tokens and a chat template), with the
-     embedded GSM8K sample.
+     embedded GSM8K sample;
+  5. fsdp: the tiny GRADE-STE, REINFORCE and PPO recipes launched with `accelerate_configs/fsdp2.yaml` on every GPU
+     of the machine against `single_gpu.yaml` with the same global batch: the first logged loss of each and whether
+     the saved model/ loads back (the end-to-end test of tests/test_sharded.py, as a row instead of an assertion;
+     with one GPU it runs the FSDP2 code path on one shard).
 
 Random weights: nothing comes from the hub, and the cost of a step does not depend on the weights (a random model
 never stops early, so every completion has its maximum length: the worst case). A stage or run that fails is a row
-with its error, not the end of the check.
+with its error, not the end of the check. `--budget_s` skips (as rows) the parts that would start after that many
+seconds, so one call ends inside a lease.
 
     python benchmarks/gpu_check.py --tokenizer PATH/TO/gpt2 --output_dir docs/results/gpu_check
     python benchmarks/gpu_check.py --smoke --device cpu --tokenizer embedded --output_dir /tmp/gpu_check   # CPU, tiny shapes
@@ -34,6 +42,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +57,7 @@ _spec = importlib.util.spec_from_file_location("step_cost", HERE / "step_cost.py
 step_cost = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(step_cost)
 
-STAGES = ("step_cost", "recipes", "gsm8k")
+STAGES = ("step_cost", "fit", "recipes", "gsm8k", "fsdp")
 COST_METHODS = ("grade_ste", "grade", "reinforce", "ppo", "grpo")  # the methods memory_model.json predicts
 GPT2_MEDIUM = {"n_layer": 24, "n_embd": 1024, "n_head": 16}
 QWEN25_05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2}
@@ -71,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_steps", type=int, default=2, help="optimizer steps of each IMDB recipe run")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 8 new tokens, one step: checks the script, measures nothing")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
+    parser.add_argument("--budget_s", type=float, default=None, help="start no part after this many seconds (it becomes a `skipped` row)")
     return parser.parse_args(argv)
 
 
@@ -83,9 +93,9 @@ def tokenizer_folder(name: str) -> str:
 
 def random_gpt2(tokenizer_path: str, shape: dict, folder: str) -> str:
     """A gpt2-shaped random model with the GPT-2 tokenizer, saved as a hub model would be."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = GPT2TokenizerFast.from_pretrained(tokenizer_path)  # a bare vocab.json + merges.txt folder has no tokenizer_config for AutoTokenizer
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **shape)
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(folder)
@@ -95,9 +105,9 @@ def random_gpt2(tokenizer_path: str, shape: dict, folder: str) -> str:
 
 def random_qwen2(tokenizer_path: str, shape: dict, folder: str) -> str:
     """A Qwen2-shaped random instruct model: the GPT-2 vocabulary plus ChatML tokens and a Qwen2.5-style chat template."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GPT2TokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = GPT2TokenizerFast.from_pretrained(tokenizer_path)  # a bare vocab.json + merges.txt folder has no tokenizer_config for AutoTokenizer
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", tokenizer.convert_ids_to_tokens(0)
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -128,31 +138,46 @@ def predicted_step_peak_mib(method: str, precision: str, batch: int, new_tokens:
     return point["step_peak_gib"] * 1024 if point else None
 
 
-def stage_step_cost(args, workdir: str, out: Path) -> list[dict]:
+def stage_step_cost(args, workdir: str, out: Path, report: "Report") -> None:
     shape = SMOKE_GPT2 if args.smoke else GPT2_MEDIUM
     batch, new_tokens = (4, 8) if args.smoke else (16, 48)
-    rows = []
     for precision in ("float32", "bf16"):
-        argv = ["--model", step_cost.RANDOM_GPT2, "--tokenizer", tokenizer_folder(args.tokenizer), "--device", args.device,
-                "--n_layer", str(shape["n_layer"]), "--n_embd", str(shape["n_embd"]), "--n_head", str(shape["n_head"]),
-                "--batch_size", str(batch), "--new_tokens", str(new_tokens), "--methods", *COST_METHODS,
-                "--warmup", "0" if args.smoke else "1", "--repeats", "1" if args.smoke else "2", "--json", str(out / f"step_cost_{precision}.json")]
-        argv += ["--bf16"] if precision == "bf16" else []
-        argv += ["--threads", str(args.threads)] if args.threads else []
-        what = f"gpt2-{'smoke' if args.smoke else 'medium'} B{batch} T{new_tokens} {precision}"
-        rows += guarded(what, "step_cost", lambda: cost_rows(step_cost.main(argv), what, precision, batch, new_tokens))
-        release(args.device)
-    return rows
+        step_cost_part(args, report, shape, batch, new_tokens, precision, COST_METHODS, "step_cost", repeats=1 if args.smoke else 2,
+                       json_path=out / f"step_cost_{precision}.json", profile=True)
 
 
-def cost_rows(payload: dict, what: str, precision: str, batch: int, new_tokens: int) -> list[dict]:
+def stage_fit(args, workdir: str, out: Path, report: "Report") -> None:
+    """Batch 64 (smoke: 8): the step peak of GRADE-STE and REINFORCE against the memory model's prediction."""
+    shape = SMOKE_GPT2 if args.smoke else GPT2_MEDIUM
+    batch, new_tokens = (8, 8) if args.smoke else (64, 48)
+    for precision in ("float32", "bf16"):
+        step_cost_part(args, report, shape, batch, new_tokens, precision, ("grade_ste", "reinforce"), "fit", repeats=1,
+                       json_path=out / f"fit_{precision}.json")
+
+
+def step_cost_part(args, report: "Report", shape: dict, batch: int, new_tokens: int, precision: str, methods, stage: str,
+                   repeats: int, json_path: Path, profile: bool = False) -> None:
+    argv = ["--model", step_cost.RANDOM_GPT2, "--tokenizer", tokenizer_folder(args.tokenizer), "--device", args.device,
+            "--n_layer", str(shape["n_layer"]), "--n_embd", str(shape["n_embd"]), "--n_head", str(shape["n_head"]),
+            "--batch_size", str(batch), "--new_tokens", str(new_tokens), "--methods", *methods,
+            "--warmup", "0" if args.smoke else "1", "--repeats", str(repeats), "--json", str(json_path)]
+    argv += ["--bf16"] if precision == "bf16" else []
+    argv += ["--profile"] if profile else []  # how busy the device is: the share of the step spent waiting on launches
+    argv += ["--threads", str(args.threads)] if args.threads else []
+    what = f"gpt2-{'smoke' if args.smoke else 'medium'} B{batch} T{new_tokens} {precision}"
+    report.part(what, stage, lambda: cost_rows(step_cost.main(argv), what, precision, batch, new_tokens, stage))
+    release(args.device)
+
+
+def cost_rows(payload: dict, what: str, precision: str, batch: int, new_tokens: int, stage: str = "step_cost") -> list[dict]:
     """One row per method of a step_cost run, with the memory model's prediction beside the measured peak."""
     rows = []
     for r in payload["results"]:
         predicted = predicted_step_peak_mib(r["method"], precision, batch, new_tokens)
-        rows.append({"stage": "step_cost", "what": f"{r['method']} {what}", "status": "ok", "seconds_per_step": r["seconds"],
-                     "time_vs_reinforce": r["time_vs_reinforce"], "peak_mib": r["peak_mib"], "predicted_peak_mib": predicted,
-                     "note": f"{r['time_vs_reinforce']:.2f}x REINFORCE's time" + (f"; memory model {predicted:.0f} MiB ({predicted / r['peak_mib'] - 1:+.0%})" if predicted else "")})
+        rows.append({"stage": stage, "what": f"{r['method']} {what}", "status": "ok", "seconds_per_step": r["seconds"],
+                     "time_vs_reinforce": r["time_vs_reinforce"], "peak_mib": r["peak_mib"], "predicted_peak_mib": predicted, "profile": r.get("profile"),
+                     "note": f"{r['time_vs_reinforce']:.2f}x REINFORCE's time" + (f"; memory model {predicted:.0f} MiB ({predicted / r['peak_mib'] - 1:+.0%})" if predicted else "")
+                     + (f"; device busy {r['profile']['device_busy_fraction']:.0%} of forward + backward" if (r.get("profile") or {}).get("device_busy_fraction") is not None else "")})
     return rows
 
 
@@ -195,46 +220,114 @@ def run_recipe(name: str, overrides: dict, out: Path, workdir: str) -> dict:
     return row
 
 
-def stage_recipes(args, workdir: str, out: Path) -> list[dict]:
+def stage_recipes(args, workdir: str, out: Path, report: "Report") -> None:
     model = random_gpt2(tokenizer_folder(args.tokenizer), SMOKE_GPT2 if args.smoke else GPT2_MEDIUM, os.path.join(workdir, "gpt2-medium-random"))
     overrides = {"model_name_or_path": model, "dataset_name": "embedded", "reward_model_path": os.path.join(workdir, "reward_head"),
                  "max_steps": 1 if args.smoke else args.max_steps, "eval_steps": 1 if args.smoke else args.max_steps, "logging_steps": 1,
                  "reward_split_size": 256, "policy_split_size": 256, "validation_split_size": 64, "reward_epochs": 1,
                  "eval_num_prompts": 16, "test_num_prompts": 16, "eval_best_of_n": 2, "save_best_model": "false"}
-    rows = []
     for name in recipe_names("imdb_*.yaml", args.recipes):
         lengths = {}
         if args.smoke:
             lengths = {"max_completion_length": 8} if ("grpo" in name or "cispo" in name) else {"max_new_tokens": 8, "min_new_tokens": 2}
             lengths.update(bf16="false", per_device_train_batch_size=4, gradient_accumulation_steps=1)
-        rows += guarded(name, "recipes", lambda: [run_recipe(name, {**overrides, **lengths}, out, workdir)])
+        report.part(name, "recipes", lambda: [run_recipe(name, {**overrides, **lengths}, out, workdir)])
         release(args.device)
-    return rows
 
 
-def stage_gsm8k(args, workdir: str, out: Path) -> list[dict]:
+def stage_gsm8k(args, workdir: str, out: Path, report: "Report") -> None:
     model = random_qwen2(tokenizer_folder(args.tokenizer), SMOKE_QWEN2 if args.smoke else QWEN25_05B, os.path.join(workdir, "qwen2-0.5b-random"))
     overrides = {"model_name_or_path": model, "dataset_name": "embedded", "max_steps": 1, "eval_steps": 1, "logging_steps": 1,
                  "eval_num_problems": 8, "test_num_problems": 8, "save_best_model": "false"}
     if args.smoke:
         overrides.update(bf16="false", max_prompt_length=256, per_device_train_batch_size=4, gradient_accumulation_steps=1)
-    rows = []
     for name in recipe_names("gsm8k_*.yaml", args.gsm8k_recipes):
         lengths = {}
         if args.smoke:
             lengths = {"max_new_tokens": 8, "min_new_tokens": 1} if "reinforce" in name else {"max_completion_length": 8, "num_generations": 4}
-        rows += guarded(name, "gsm8k", lambda: [run_recipe(name, {**overrides, **lengths}, out, workdir)])
+        report.part(name, "gsm8k", lambda: [run_recipe(name, {**overrides, **lengths}, out, workdir)])
         release(args.device)
-    return rows
 
 
-def guarded(what: str, stage: str, body) -> list[dict]:
-    """`body()`'s rows, or, when it raises, one error row naming `what`: a part that fails is a row, the check goes on."""
-    try:
-        return body()
-    except Exception as error:
-        traceback.print_exc(file=sys.stderr)
-        return [{"stage": stage, "what": what, "status": "error", "error": one_line(error)}]
+FSDP_RECIPES = ("tiny/imdb_grade_ste", "tiny/imdb_reinforce", "tiny/imdb_ppo")
+
+
+def stage_fsdp(args, workdir: str, out: Path, report: "Report") -> None:
+    """Each tiny recipe under fsdp2.yaml on every GPU against single_gpu.yaml with the same global batch."""
+    gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+    if not gpus:
+        report.add([{"stage": "fsdp", "what": "(all)", "status": "skipped", "error": "FSDP needs CUDA GPUs: Accelerate runs a CPU launch as MULTI_CPU"}])
+        return
+    for name in FSDP_RECIPES:
+        report.part(name, "fsdp", lambda: [fsdp_against_one_gpu(name, gpus, workdir, out)])
+
+
+def fsdp_against_one_gpu(name: str, gpus: int, workdir: str, out: Path, sharded_config: str = "fsdp2.yaml") -> dict:
+    from transformers import AutoModelForCausalLM
+
+    common = {"max_steps": 2, "logging_steps": 1, "save_strategy": "no", "eval_steps": 100, "eval_num_prompts": max(2, gpus),
+              "max_new_tokens": 8, "min_new_tokens": 2, "policy_split_size": 100, "validation_split_size": 60,
+              "test_num_prompts": max(2, gpus), "eval_best_of_n": 1, "save_best_model": "false", "disable_tqdm": "true",
+              "reward_model_path": os.path.join(workdir, "reward_head_tiny"), "reward_split_size": 256, "reward_epochs": 1}
+    runs, seconds = {}, {}
+    for label, config, processes, batch in (("fsdp", sharded_config, gpus, 4), ("single", "single_gpu.yaml", 1, 4 * gpus)):
+        output_dir = os.path.join(workdir, "fsdp_runs", name.replace("/", "_"), label)
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config),
+                   "--num_processes", str(processes), "--main_process_port", "0", "-m", "grade_trl.run", str(REPO / "recipes" / f"{name}.yaml"),
+                   "--output_dir", output_dir, "--per_device_train_batch_size", str(batch)]
+        command += [item for key, value in common.items() for item in (f"--{key}", str(value))]
+        start = time.time()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=workdir, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])})
+        seconds[label] = time.time() - start
+        if done.returncode != 0:
+            (out / f"fsdp_{name.replace('/', '_')}_{label}.stderr.txt").write_text(done.stderr)  # the whole story of the failure
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            cause = next((line for line in lines if line.startswith("Error:")), None) or next((line for line in reversed(lines) if "Error" in line), f"exit {done.returncode}")
+            return {"stage": "fsdp", "what": name, "status": "error", "error": f"{label} ({config}): {cause[:300]}"}
+        runs[label] = json.loads((Path(output_dir) / "results.json").read_text())
+    first = {label: next(h["loss"] for h in run["history"] if "loss" in h) for label, run in runs.items()}
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(workdir, "fsdp_runs", name.replace("/", "_"), "fsdp", "model"))
+    loaded = sum(p.numel() for p in model.parameters())
+    gap = abs(first["fsdp"] - first["single"]) / max(abs(first["single"]), 1e-12)
+    return {"stage": "fsdp", "what": f"{name} ({gpus} GPU{'s' if gpus > 1 else ''})", "status": runs["fsdp"]["status"],
+            "steps": runs["fsdp"]["final"].get("steps"), "peak_mib": runs["fsdp"]["final"].get("peak_memory_mb"),
+            "first_loss_fsdp": first["fsdp"], "first_loss_single": first["single"], "loaded_parameters": loaded,
+            "note": f"first loss {first['fsdp']:.5g} vs one GPU {first['single']:.5g} ({gap:.1%}); model/ loads ({loaded:,} parameters); "
+                    f"{seconds['fsdp']:.0f} s vs {seconds['single']:.0f} s with launch"}
+
+
+class Report:
+    """The rows so far, rewritten to gpu_check.md/.json after each part: a run cut off by its time limit leaves its rows."""
+
+    def __init__(self, out: Path, header: str, budget_s: float | None):
+        self.out, self.header, self.rows, self.start, self.budget_s = out, header, [], time.time(), budget_s
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows += rows
+        self.write()
+
+    def part(self, what: str, stage: str, body) -> None:
+        """`body()`'s rows, or one error row naming `what` when it raises (the check goes on), or a `skipped` row
+        when the budget is spent."""
+        if self.budget_s is not None and time.time() - self.start > self.budget_s:
+            self.add([{"stage": stage, "what": what, "status": "skipped", "error": f"time budget of {self.budget_s:.0f} s spent"}])
+            return
+        try:
+            rows = body()
+        except Exception as error:
+            traceback.print_exc(file=sys.stderr)
+            rows = [{"stage": stage, "what": what, "status": "error", "error": one_line(error)}]
+        self.add(rows)
+
+    def text(self, command: str) -> str:
+        return table(self.rows, self.header) + f"\n\nin all {time.time() - self.start:.0f} s; command: python benchmarks/gpu_check.py {command}"
+
+    def write(self, command: str = "") -> str:
+        text = self.text(command)
+        (self.out / "gpu_check.md").write_text(text + "\n")
+        payload = {"header": self.header, "rows": self.rows, "seconds": time.time() - self.start}
+        (self.out / "gpu_check.json").write_text(json.dumps(payload, indent=2, default=str))
+        return text
 
 
 def one_line(error: BaseException) -> str:
@@ -249,9 +342,10 @@ def table(rows: list[dict], header: str) -> str:
         peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "–"
         note = r.get("note", "") if r.get("status") in ("ok", "completed") else (r.get("error") or r.get("note", ""))
         lines.append(f"| {r['stage']} | {r['what']} | {r.get('status')} | {seconds} | {peak} | {note} |")
-    lines += ["", "step_cost: median optimizer step after the warm-up, peak = allocator peak above the step's start (forward + backward); "
+    lines += ["", "step_cost, fit: median optimizer step after the warm-up, peak = allocator peak above the step's start (forward + backward); "
               "recipes, gsm8k: training wall-clock / steps (the validations during training included), peak = the run's "
-              "`peak_memory_mb` (CUDA: max_memory_allocated over training; CPU: the process's peak RSS)"]
+              "`peak_memory_mb` (CUDA: max_memory_allocated over training; CPU: the process's peak RSS); fsdp: the FSDP run's "
+              "`peak_memory_mb` (rank 0)"]
     return "\n".join(lines)
 
 
@@ -272,19 +366,16 @@ def main(argv: list[str] | None = None) -> dict:
     header = (f"gpu_check{' --smoke' if args.smoke else ''} on {machine(args.device)} | torch {torch.__version__}, transformers "
               f"{transformers.__version__}, trl {trl.__version__} | {time.strftime('%Y-%m-%d %H:%M')}")
     print(header, flush=True)
-    rows, start = [], time.time()
-    stages = {"step_cost": stage_step_cost, "recipes": stage_recipes, "gsm8k": stage_gsm8k}
+    report = Report(out, header, args.budget_s)
+    stages = {"step_cost": stage_step_cost, "fit": stage_fit, "recipes": stage_recipes, "gsm8k": stage_gsm8k, "fsdp": stage_fsdp}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
         for stage in args.stages:
             stage_start = time.time()
-            rows += guarded("(set-up)", stage, lambda: stages[stage](args, workdir, out))  # a model that cannot be built
+            report.part("(set-up)", stage, lambda: stages[stage](args, workdir, out, report) or [])  # a model that cannot be built
             print(f"[gpu_check] {stage}: {time.time() - stage_start:.0f} s", flush=True)
-    text = table(rows, header) + f"\n\nin all {time.time() - start:.0f} s; command: python benchmarks/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+    text = report.write(" ".join(argv if argv is not None else sys.argv[1:]))
     print("\n" + text, flush=True)
-    (out / "gpu_check.md").write_text(text + "\n")
-    payload = {"header": header, "rows": rows, "seconds": time.time() - start}
-    (out / "gpu_check.json").write_text(json.dumps(payload, indent=2, default=str))
-    return payload
+    return {"header": header, "rows": report.rows, "seconds": time.time() - report.start}
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--relax_top_k", type=int, default=0, help="GRADE: relax over the k largest logits (0: the whole vocabulary)")
     parser.add_argument("--no_recompute", action="store_true", help="GRADE: keep the reference's and the reward's activations instead of recomputing them")
     parser.add_argument("--account", action="store_true", help="also print the saved bytes by model and component")
+    parser.add_argument("--profile", action="store_true", help="also profile one more forward + backward (torch.profiler): how busy the device "
+                        "is (its kernels' time over the wall time: low means the step waits on Python and kernel launches) and the top operators")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (torch.set_num_threads); fewer than the free cores on a shared machine")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts, the random model and every trainer")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file")
@@ -236,6 +238,34 @@ def memory_step(trainer, reward, device: torch.device) -> dict:
             "saved_mib": account.total / MIB, "saved_by_component_mib": {k: v / MIB for k, v in sorted(account.bytes.items(), key=lambda kv: -kv[1])}}
 
 
+def profile_step(trainer, device: torch.device, top: int = 8) -> dict:
+    """One more forward + backward under torch.profiler: wall seconds, the summed self time of the device's kernels
+    (CUDA) or of every operator (CPU), and the operators that take most of it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        inputs = trainer._prepare_inputs(batch)
+        with trainer.compute_loss_context_manager():
+            loss = trainer.compute_loss(trainer.model, inputs)
+        trainer.accelerator.backward(loss)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    trainer.model.zero_grad(set_to_none=True)
+    events = prof.key_averages()
+    on_device = device.type == "cuda"
+    busy_us = sum(e.self_device_time_total for e in events) if on_device else sum(e.self_cpu_time_total for e in events)
+    by = (lambda e: e.self_device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
+    ops = sorted(events, key=by, reverse=True)[:top]
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+    return {"wall_seconds": wall, "device_busy_seconds": busy_us / 1e6, "device_busy_fraction": busy_us / 1e6 / wall if on_device else None,
+            "kernel_launches": launches, "top_ops": [{"op": e.key, "seconds": by(e) / 1e6, "calls": e.count} for e in ops]}
+
+
 def benchmark(method: str, args, new_tokens: int, path, reward, tokenizer, dataset, device, workdir) -> dict:
     callback = StepTime(device)
     release_memory(device)
@@ -244,12 +274,18 @@ def benchmark(method: str, args, new_tokens: int, path, reward, tokenizer, datas
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     memory = memory_step(trainer, reward, device)
+    profiled = profile_step(trainer, device) if args.profile else None
     del trainer
     release_memory(device)
     timed = callback.seconds[args.warmup :]
     result = {"method": method, "new_tokens": new_tokens, "seconds": statistics.median(timed), "step_seconds": timed,
               "mean_completion_length": statistics.mean(lengths) if lengths else float("nan"), **memory}
     print(f"  {method:<10} T={new_tokens:<3} {result['seconds']:.3f} s, peak {result['peak_mib']:.0f} MiB, saved {result['saved_mib']:.0f} MiB", flush=True)
+    if profiled:
+        result["profile"] = profiled
+        busy = f"device busy {profiled['device_busy_seconds']:.3f} s ({profiled['device_busy_fraction']:.0%})" if profiled["device_busy_fraction"] is not None else f"operators {profiled['device_busy_seconds']:.3f} s"
+        print(f"    profile: forward + backward {profiled['wall_seconds']:.3f} s, {busy}, {profiled['kernel_launches']} kernel launches; top: "
+              + "; ".join(f"{o['op']} {o['seconds']:.3f} s x{o['calls']}" for o in profiled["top_ops"][:5]), flush=True)
     return result
 
 
