@@ -98,7 +98,8 @@ def main(out_path: str) -> None:
     results = {}
     soft_rollout_module = sys.modules["grade_trl.core.soft_rollout"]  # the package rebinds the name `soft_rollout` to the function
 
-    cases = [("straight_through", True, []), ("gumbel_softmax", False, []), ("one_rank_finishes_early", True, [0, 1]), ("control_replicated_grad", True, [])]
+    cases = [("straight_through", True, []), ("gumbel_softmax", False, []), ("one_rank_finishes_early", True, [0, 1]),
+             ("after_no_grad_forward", True, []), ("control_replicated_grad", True, [])]
     for case, straight_through, force in cases:
         # the control gathers E with full_tensor()'s default gradient layout (Replicate): each rank keeps its own
         # slice of its own gradient, not the average; the test checks that this differs, i.e. that it can fail
@@ -112,6 +113,11 @@ def main(out_path: str) -> None:
         grads_full = {n: p.grad.clone() for n, p in full.named_parameters() if p.grad is not None}
 
         sharded = sharded_copy(base, world)
+        if case == "after_no_grad_forward":
+            # as a validation before a training step does: FSDP2 keeps the root unit (E) unsharded after a forward
+            # (it expects the backward next), so E is then a plain tensor whose storage the next backward frees
+            with torch.no_grad():
+                sharded(**enc)
         # force EOS in every row of rank 0 only (global rows 0 and 1): its rows finish at step 1, rank 1's do not
         local_force = [i for i in range(rows.stop - rows.start) if rows.start + i in force]
         relax_local = relax_fn(noise_all[rows], straight_through, eos, local_force)
@@ -133,7 +139,7 @@ def main(out_path: str) -> None:
             "max_grad_diff": max(diffs.values()),
             "worst_param": max(diffs, key=diffs.get),
             "grad_scale": scale,
-            "embedding_is_dtensor": isinstance(sharded.get_input_embeddings().weight, DTensor),
+            "embedding_is_dtensor": isinstance(sharded.get_input_embeddings().weight, DTensor),  # after the step: resharded
         }
     results["evaluation_unequal_shares"] = evaluation_case(base, tokenizer, rank, world)
     if rank == 0:

@@ -49,6 +49,18 @@ def input_embedding_matrix(module: torch.nn.Module) -> torch.Tensor:
     return weight
 
 
+def reshard_root(module: torch.nn.Module) -> None:
+    """Put an FSDP2 root unit back to its shards before a rollout reads E with `input_embedding_matrix`.
+
+    After a forward without backward (a validation before a training step), FSDP2 leaves the root unit unsharded:
+    it expects the backward next. E is then a plain tensor, and the root's reshard during the next backward frees
+    its storage while the rollout's decode steps still need it in their own backward ("out of bounds for storage of
+    size 0", seen under fsdp2.yaml on an H200). Resharded, E is a DTensor and is gathered, with its own storage.
+    The next forward unshards the root again. A no-op for anything else, and for a root already sharded."""
+    if isinstance(module, FSDPModule) and not isinstance(module.get_input_embeddings().weight, DTensor):
+        module.reshard()
+
+
 def all_finished(finished: torch.Tensor, sharded: bool) -> bool:
     """Whether every row has finished: this process's rows, or, when the model is sharded, every process's rows
     (one all-reduce per decode step, so that every process runs the same number of sharded forwards)."""

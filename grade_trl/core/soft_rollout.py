@@ -30,7 +30,7 @@ from transformers import DynamicCache
 from .chunked_cache import ChunkedCache, ChunkedLayer, chunked_attention, supports_chunked_attention
 from .deferred_grads import DeferredWeightGrads, deferred_weight_grads
 from .masks import completion_mask
-from .sharding import all_finished, input_embedding_matrix, is_sharded
+from .sharding import all_finished, input_embedding_matrix, is_sharded, reshard_root
 from .soft_tokens import Relaxed, SoftTokens, embed_step
 
 Relax = Callable[[torch.Tensor, int], Relaxed]
@@ -148,6 +148,8 @@ def soft_rollout(
     sharded = is_sharded(inner)
     if sharded and checkpoint_steps:
         raise ValueError("rollout_checkpointing is not supported with a sharded (FSDP) policy; use the FSDP config's fsdp_activation_checkpointing instead")
+    if sharded:
+        reshard_root(inner)  # a validation's forward may have left E unsharded, a tensor the next backward frees
     embed_matrix = input_embedding_matrix(inner)  # (V, H)
     vocab_size = embed_matrix.shape[0]
     chunked = cache == "chunked" and supports_chunked_attention(inner)
