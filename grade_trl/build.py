@@ -66,10 +66,11 @@ def build_task(recipe: Recipe, gold_judge: bool = True):
 def build_trainer(recipe: Recipe, task, tokenizer, callbacks=()):
     """The method's trainer (its registry entry's class), built from the recipe; every method takes the same task,
     rewards and callbacks. Each callback with a `trainer` attribute is attached to it."""
-    from .models import resolve_model_path
+    from .models import NO_HUB_KERNELS, resolve_model_path
 
     run_args, config = recipe.run, recipe.config
     method = get_method(run_args.method)
+    config.model_init_kwargs = {**NO_HUB_KERNELS, **(config.model_init_kwargs or {})}  # TRL loads its policy and reference with these
     # TRL loads the policy from a path itself and re-loads its reference from the policy's `_name_or_path`, so it is
     # given the resolved local path (or hub id), never an in-memory model; our trainers resolve `embedded` themselves.
     model = resolve_model_path(run_args.model_name_or_path) if method.loads_model_from_path else run_args.model_name_or_path

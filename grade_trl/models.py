@@ -25,11 +25,18 @@ def looks_like_local_path(name_or_path: str) -> bool:
     return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.path.exists(name_or_path)
 
 
+NO_HUB_KERNELS = {"use_kernels": False}
+"""transformers (5.x, with `kernels`, one of its own requirements) swaps layers for kernels fetched from the hub at
+the model's first `.train()`/`.eval()` on a GPU. Off by default here: an offline GPU node then fails at that call
+(seen on an H200 with HF_HUB_OFFLINE=1: "kernels-community/activation is not available in the local cache"), and a
+run's numbers would depend on what the hub served that day. `model_init_kwargs: {use_kernels: true}` turns them on."""
+
+
 def load_causal_lm(name_or_path: str, dtype: torch.dtype | str = torch.float32, **kwargs):
     path = resolve_model_path(name_or_path)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **{**NO_HUB_KERNELS, **kwargs})
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

@@ -83,3 +83,29 @@ def test_the_readme_snippet_runs_as_written_from_any_directory(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "grade-demo" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["grpo", "reinforce"])
+def test_models_load_without_hub_kernels_unless_asked(tmp_path, method):
+    """transformers turns hub kernels on by default when `kernels` is installed (it is one of its requirements) and
+    fetches them at the model's first .train()/.eval() on a GPU: offline, that call failed on an H200. Every model
+    grade_trl loads has them off (the policy, TRL's reference through model_init_kwargs); a recipe's
+    model_init_kwargs can turn them back on."""
+    from types import SimpleNamespace
+
+    from grade_trl.build import build_trainer
+    from grade_trl.models import load_causal_lm
+    from grade_trl.recipe import build_recipe
+    from grade_trl.rewards.length import LengthReward
+
+    assert load_causal_lm("embedded").use_kernels is False
+    dataset = Dataset.from_dict({"prompt": ["This movie was", "The acting in this film"] * 4})
+    tokenizer = load_tokenizer("embedded")
+    task = SimpleNamespace(reward_funcs=[LengthReward(tokenizer.eos_token_id)], train_dataset=dataset)
+    common = {"method": method, "model_name_or_path": "embedded", "output_dir": str(tmp_path), "report_to": "none", "use_cpu": True}
+    trainer = build_trainer(build_recipe(common), task, tokenizer)
+    assert trainer.args.model_init_kwargs["use_kernels"] is False
+    assert trainer.accelerator.unwrap_model(trainer.model).use_kernels is False
+    asked = build_trainer(build_recipe({**common, "model_init_kwargs": {"use_kernels": True}}), task, tokenizer)
+    assert asked.args.model_init_kwargs["use_kernels"] is True
+    assert asked.accelerator.unwrap_model(asked.model).use_kernels is True  # on CPU no kernel is fetched
