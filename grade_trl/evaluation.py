@@ -84,10 +84,13 @@ def generate_completions(model, tokenizer, prompts: list[str], settings: Generat
 
 
 def shard_and_gather(accelerator, items: list, work) -> list:
-    """Run `work(shard, rank) -> one row per item` on this process's shard; every process gets all rows, in order."""
+    """Run `work(shard, rank) -> one row per item` on this process's shard; every process gets all rows, in order.
+
+    `work` runs on an empty shard too (fewer items than processes): under FSDP its `generate` calls are collectives
+    that the other processes wait for, so it must generate (throwaway batches) and return no row."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     index = list(range(rank, len(items), world))
-    rows = list(zip(index, work([items[i] for i in index], rank))) if index else []
+    rows = list(zip(index, work([items[i] for i in index], rank)))
     if world > 1:
         from accelerate.utils import gather_object
 
@@ -231,8 +234,12 @@ class RewardEvaluator(Evaluator):
             for k in range(max(1, self.best_of_n)):
                 # sample k of this shard uses seed + 1000 k + rank: a rerun on as many processes reproduces it
                 completions, lengths = generate_completions(model, tokenizer, shard, self.settings, seed + 1000 * k + rank)
+                if not shard:  # generated only to keep a sharded model's collectives in step (shard_and_gather)
+                    continue
                 scores = compute_rewards(self.reward_funcs, shard, completions, **shard_columns)  # (B, F)
                 samples.append((completions, lengths, (scores @ weights).tolist(), scores.tolist()))
+            if not shard:
+                return []
             completions, lengths, rewards, scores = samples[0]
             gold = self.judge(shard, completions, **shard_columns) if self.judge is not None else [None] * len(shard)
             best = [max(s[2][i] for s in samples) for i in range(len(shard))]

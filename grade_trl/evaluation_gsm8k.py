@@ -62,6 +62,10 @@ class GSM8KEvaluator(Evaluator):
         def work(shard: list[tuple[str, str]], rank: int) -> list[dict]:
             prompts, golds = [p for p, _ in shard], [g for _, g in shard]
             completions, lengths = generate_completions(model, tokenizer, prompts, self.greedy, seed + rank)
+            if not shard:  # generated only to keep a sharded model's collectives in step (shard_and_gather)
+                for j in range(self.pass_k if self.pass_k > 1 else 0):
+                    generate_completions(model, tokenizer, prompts, self.sampled, seed + 1000 * (j + 1) + rank)
+                return []
             rewards = weighted_rewards(self.reward_funcs, self.weights, prompts, completions, answer=golds)
             rows = []
             for prompt, gold, completion, length, reward in zip(prompts, golds, completions, lengths, rewards):

@@ -17,6 +17,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -82,8 +83,24 @@ def evaluation_case(base, tokenizer, rank: int, world: int) -> dict:
     return {"returned": True, "all_ranks_match_unsharded": bool(same.item()), "rank0_completions": len(completions) if rank == 0 else None}
 
 
+def evaluation_fewer_prompts_than_processes(base, tokenizer, rank: int, world: int) -> dict:
+    """The whole validation protocol (RewardEvaluator, best-of-2) with 1 prompt for 2 processes: rank 1's shard is
+    empty, yet its `generate` calls are collectives rank 0 waits for. Before, rank 1 skipped its work and the run hung."""
+    from types import SimpleNamespace
+
+    from grade_trl.evaluation import GenerationSettings, RewardEvaluator
+    from grade_trl.rewards.length import LengthReward
+
+    settings = GenerationSettings(max_new_tokens=5, min_new_tokens=0, batch_size=2, do_sample=False)
+    evaluator = RewardEvaluator({"validation": ["This movie was"]}, [LengthReward(tokenizer.eos_token_id)], settings, best_of_n=2)
+    accelerator = SimpleNamespace(process_index=rank, num_processes=world)
+    sharded = evaluator.evaluate(sharded_copy(base, world), tokenizer, "validation", accelerator=accelerator)
+    single = evaluator.evaluate(copy.deepcopy(base), tokenizer, "validation")
+    return {"returned": True, "rank": rank, "reward_sharded": sharded["metrics"]["reward"], "reward_single": single["metrics"]["reward"]}
+
+
 def main(out_path: str) -> None:
-    dist.init_process_group("gloo")
+    PartialState(cpu=True)  # starts the gloo group, as Accelerate's MULTI_CPU: evaluation gathers its rows with gather_object
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     tokenizer = prepare_tokenizer(load_tokenizer("embedded"))
@@ -142,6 +159,8 @@ def main(out_path: str) -> None:
             "embedding_is_dtensor": isinstance(sharded.get_input_embeddings().weight, DTensor),  # after the step: resharded
         }
     results["evaluation_unequal_shares"] = evaluation_case(base, tokenizer, rank, world)
+    results["evaluation_fewer_prompts_than_processes"] = [None] * world
+    dist.all_gather_object(results["evaluation_fewer_prompts_than_processes"], evaluation_fewer_prompts_than_processes(base, tokenizer, rank, world))
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

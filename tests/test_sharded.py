@@ -69,6 +69,15 @@ def test_evaluation_generates_in_step_across_sharded_processes(sharded_rollout):
     assert r["all_ranks_match_unsharded"]
 
 
+def test_evaluation_with_fewer_prompts_than_processes_returns_everywhere(sharded_rollout):
+    """1 validation prompt for 2 sharded processes: rank 1 has none, but still generates (throwaway batches) as often
+    as rank 0, so the collectives pair up (before, it skipped its work and the run hung); both processes get the
+    unsharded model's metrics."""
+    ranks = sharded_rollout["evaluation_fewer_prompts_than_processes"]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["returned"] for r in ranks)
+    assert all(r["reward_sharded"] == pytest.approx(r["reward_single"]) for r in ranks), ranks
+
+
 def test_sharded_check_can_fail(sharded_rollout):
     """Control: gathering E with `full_tensor()`'s default (replicated) gradient layout keeps each rank's own slice of
     its own gradient instead of the average; the gradient comparison above must then fail, at E."""
