@@ -198,6 +198,38 @@ def test_memory_options_give_the_plain_gradient(policy, tokenizer, prompts, esti
             assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=str(options))
 
 
+def test_chunked_attention_gradient_buffer_survives_repeated_and_partial_backward_passes(policy, tokenizer, prompts):
+    """The chunked cache hands each step's earlier positions their gradient through a per-layer buffer
+    (core/chunked_cache.py), and the deferred weight gradients collect records until the weight's alias runs
+    (core/deferred_grads.py). A second backward over the same graph (retain_graph), and a full one after a partial
+    pass (autograd.grad to an inner tensor, which stops short of the first steps and of the aliases), must each
+    give the gradient that the DynamicCache path without deferral gives."""
+    enc = _encode(tokenizer, prompts)
+    est = StraightThroughGumbel()
+
+    def rollout(cache):
+        torch.manual_seed(1)
+        return soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: est(l, 0.7), max_new_tokens=6, min_new_tokens=6, eos_token_id=0, cache=cache)
+
+    def objective(r):
+        return r.logits.float().logsumexp(-1).sum() + r.soft_tokens.embed(policy.get_input_embeddings().weight).pow(2).mean()
+
+    policy.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    objective(soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: est(l, 0.7), max_new_tokens=6, min_new_tokens=6,
+                           eos_token_id=0, cache="dynamic", defer_weight_grads=False)).backward()
+    plain = [p.grad.clone() for p in policy.parameters()]
+    r = rollout("chunked")
+    loss = objective(r)
+    # a partial pass: from step 3's logits to step 1's relaxed values runs the attention of forwards 3 and 2 only
+    torch.autograd.grad(r.logits[:, 3].sum(), r.soft_tokens.steps[1].values, retain_graph=True)
+    for _ in range(2):
+        policy.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=True)
+        for ours, theirs in zip((p.grad for p in policy.parameters()), plain):
+            assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 def saved_rollout_bytes(policy, enc, new_tokens, **options) -> int:
     account = SavedTensorAccount({"policy": policy})
     torch.manual_seed(0)

@@ -13,6 +13,14 @@ Same values and gradients, O(T) memory; the price is one more attention forward 
 single query row at decode time (cheap next to the MLP and the LM head). The concatenation that the model's
 own code sees (the full keys returned by `update`) is a temporary that nothing keeps.
 
+Few operations per step: if each step's attention handed autograd one gradient per cached chunk, the backward
+would run sum_t t = O(T^2) gradient edges per layer (a slice and an add each: on a GPU, where GRADE's decode
+loop is bound by the count of operations, not by arithmetic, that is most of the step). Instead each step's
+backward adds its gradient for all the keys and values it read into one per-layer buffer (one add), and hands
+autograd only the gradient of its own new chunk, read from that buffer: complete, because every later step,
+which read this chunk too, is downstream of this step in the rollout's graph and so has run its backward
+first. The order is checked, not assumed: a backward that reaches a step before a later one raises.
+
 Which models: any whose attention layers call `cache.update(...)` and then an attention function of
 transformers' `AttentionInterface` (GPT-2, Llama, Qwen2, Mistral, ... in transformers 5) and that run with a
 registered implementation (sdpa, flash, flex). `supports_chunked_attention` tells; `soft_rollout` falls back
@@ -46,6 +54,14 @@ class ChunkedLayer(CacheLayerMixin):
         super().__init__(**kwargs)
         self.key_chunks: list[torch.Tensor] = []
         self.value_chunks: list[torch.Tensor] = []
+        # _AccumulatedAttention's backward state: the gradient of every cached position so far (None between
+        # backward passes), the chunk whose backward is due next, and which backward pass this is. Off for a checkpointed step's throwaway
+        # layer (soft_rollout._checkpointed_step), which exists for one step only: explicit edges there.
+        self.accumulate_grads = True
+        self.grad_keys: torch.Tensor | None = None
+        self.grad_values: torch.Tensor | None = None
+        self.next_backward: int | None = None
+        self.backward_pass: int | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.is_initialized = key_states.device, True
@@ -75,6 +91,7 @@ class ChunkedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.key_chunks, self.value_chunks = [], []
+        self.grad_keys = self.grad_values = self.next_backward = self.backward_pass = None
 
 
 class ChunkedCache(Cache):
@@ -116,18 +133,72 @@ class _ChunkedAttention(torch.autograd.Function):
         return (None, *[next(grads) if t.requires_grad else None for t in inputs])
 
 
+class _AccumulatedAttention(torch.autograd.Function):
+    """attention(query, cat(key chunks), cat(value chunks)) with autograd edges to the query and this step's own new
+    chunk only; the gradient of the earlier chunks goes through the layer's buffer (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, call, layer, query, key, value):
+        index = len(layer.key_chunks) - 1  # `update` has appended this step's chunk (`key`, `value`) already
+        keys, values = torch.cat(layer.key_chunks, dim=-2), torch.cat(layer.value_chunks, dim=-2)
+        output, _ = call(query, keys, values)
+        ctx.call, ctx.layer, ctx.index, ctx.n = call, layer, index, index + 1
+        ctx.device_type = query.device.type
+        ctx.autocast = torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type)
+        # Saved: the query and this step's own chunk. The earlier chunks were saved by their own steps (so the
+        # saved-bytes account counts each once) and are read back from the layer in backward: O(1) per step, not O(t).
+        ctx.save_for_backward(query, key, value)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, _, _ = ctx.saved_tensors  # unpacked, so a freed graph (backward twice) raises as autograd does
+        layer, index = ctx.layer, ctx.index
+        key_chunks, value_chunks = layer.key_chunks[: ctx.n], layer.value_chunks[: ctx.n]
+        backward_pass = torch._C._current_graph_task_id()  # autograd's id of this backward call (as torch's checkpoint uses)
+        if backward_pass != layer.backward_pass:  # a new pass: a fresh buffer (one that stopped early, say autograd.grad
+            layer.grad_keys = layer.grad_values = None  # to an inner tensor, leaves a stale one), starting at this step
+            layer.backward_pass, layer.next_backward = backward_pass, index
+        if index != layer.next_backward:
+            raise RuntimeError(f"chunked attention: backward reached step {index} while step {layer.next_backward} had not run "
+                               "(the later steps must be downstream of the earlier ones); use rollout_cache: dynamic")
+        enabled, dtype = ctx.autocast
+        q = query.detach().requires_grad_(ctx.needs_input_grad[2])
+        keys = torch.cat(key_chunks, dim=-2).detach().requires_grad_(True)
+        values = torch.cat(value_chunks, dim=-2).detach().requires_grad_(True)
+        with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+            output, _ = ctx.call(q, keys, values)
+        wanted = [keys, values] + ([q] if q.requires_grad else [])
+        grads = torch.autograd.grad(output, wanted, grad_output, allow_unused=True)
+        length, width = keys.shape[-2], key_chunks[index].shape[-2]
+        if layer.grad_keys is None:  # the last step reads every position: the buffers' size
+            layer.grad_keys, layer.grad_values = torch.zeros_like(keys), torch.zeros_like(values)
+        for buffer, grad in zip((layer.grad_keys, layer.grad_values), grads[:2]):
+            if grad is not None:
+                buffer[..., :length, :].add_(grad.to(buffer.dtype))
+        # this chunk's rows are final now (only earlier steps remain, and they read positions before it)
+        grad_key = layer.grad_keys[..., length - width : length, :].to(key_chunks[index].dtype)
+        grad_value = layer.grad_values[..., length - width : length, :].to(value_chunks[index].dtype)
+        layer.next_backward = index - 1
+        if index == 0:  # the pass is over: free the buffers
+            layer.grad_keys = layer.grad_values = layer.next_backward = layer.backward_pass = None
+        return None, None, (grads[2] if q.requires_grad else None), grad_key, grad_value
+
+
 def _chunked_attention(module, query, key, value, attention_mask, **kwargs):
     """The AttentionInterface function registered as PREFIX + base: the model's own attention over the chunks."""
     base = ALL_ATTENTION_FUNCTIONS[module.config._attn_implementation.removeprefix(PREFIX)]
     cache = _ACTIVE_CACHE.get()
     if cache is None or not torch.is_grad_enabled():  # nothing to save: plain attention over the full keys
         return base(module, query, key, value, attention_mask, **kwargs)
-    key_chunks, value_chunks = cache.chunks(module.layer_idx)
+    layer = cache.layers[module.layer_idx]
 
     def call(q, k, v):
         return base(module, q, k, v, attention_mask, **kwargs)
 
-    return _ChunkedAttention.apply(call, query, *key_chunks, *value_chunks), None
+    if layer.accumulate_grads:
+        return _AccumulatedAttention.apply(call, layer, query, key, value), None
+    return _ChunkedAttention.apply(call, query, *layer.key_chunks, *layer.value_chunks), None
 
 
 def _register(base: str) -> str:

@@ -98,6 +98,7 @@ def _checkpointed_step(inner, cache: ChunkedCache, deferred: DeferredWeightGrads
         local, start = ChunkedCache(), 0
         for n in counts:
             layer = ChunkedLayer()
+            layer.accumulate_grads = False  # lives for this step only: explicit gradient edges to every chunk
             layer.key_chunks, layer.value_chunks = list(flat[start : start + n]), list(flat[start + n : start + 2 * n])
             layer.is_initialized, start = True, start + 2 * n
             local.layers.append(layer)
