@@ -36,8 +36,28 @@ class DeferredWeightGrads:
 
     def __init__(self):
         self._aliases: dict[int, torch.Tensor] = {}
-        self.dense: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-        self.rows: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        self._dense: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        self._rows: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        self._backward_pass: int | None = None
+
+    def _this_pass(self) -> None:
+        """Records belong to one backward pass: a pass that never reached the aliases (autograd.grad to an inner
+        tensor) leaves its records behind, and the next pass must not add them into its weight gradients."""
+        backward_pass = torch._C._current_graph_task_id()  # autograd's id of the running backward call
+        if backward_pass != self._backward_pass:
+            self._dense.clear()
+            self._rows.clear()
+            self._backward_pass = backward_pass
+
+    @property
+    def dense(self) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        self._this_pass()
+        return self._dense
+
+    @property
+    def rows(self) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        self._this_pass()
+        return self._rows
 
     def alias(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight as the rollout's ops should read it: an alias whose backward computes its deferred gradient."""
