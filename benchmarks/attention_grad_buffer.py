@@ -16,17 +16,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 
 from grade_trl.core import chunked_cache
 from grade_trl.memory import peak_allocated
-from grade_trl.models import load_tokenizer
-from grade_trl.rewards.sentiment import SentimentReward, SentimentRewardModel
 
 _spec = importlib.util.spec_from_file_location("step_cost", Path(__file__).resolve().parent / "step_cost.py")
 step_cost = importlib.util.module_from_spec(_spec)
@@ -46,10 +42,7 @@ def explicit_edges(on: bool) -> None:
 
 
 def forward_backward(trainer, batch) -> None:
-    inputs = trainer._prepare_inputs(batch)
-    with trainer.compute_loss_context_manager():
-        loss = trainer.compute_loss(trainer.model, inputs)
-    loss.backward()
+    step_cost.training_loss(trainer, batch).backward()
     trainer.model.zero_grad(set_to_none=True)
 
 
@@ -83,13 +76,7 @@ def main() -> None:
     for new_tokens in args.new_tokens:
         shape = ["--model", step_cost.RANDOM_GPT2, "--tokenizer", args.tokenizer, "--n_layer", str(args.n_layer), "--n_embd", str(args.n_embd),
                  "--n_head", str(args.n_head), "--batch_size", str(args.batch_size), "--new_tokens", str(new_tokens), "--warmup", "0", "--repeats", "1"]
-        bench = step_cost.parse_args(shape)
-        workdir = tempfile.mkdtemp()
-        path = step_cost.prepare_model(bench, workdir)
-        tokenizer = load_tokenizer(path)
-        dataset = Dataset.from_dict({"prompt": step_cost.make_prompts(tokenizer, 64, 32, 0)})
-        reward = SentimentReward(SentimentRewardModel.from_backbone(path, dtype=torch.float32), tokenizer)
-        trainer = step_cost.build("grade_ste", bench, new_tokens, path, reward, tokenizer, dataset, f"{workdir}/run", step_cost.StepTime(torch.device("cpu")))
+        trainer, _ = step_cost.one_trainer("grade_ste", shape, new_tokens)
         batch = next(iter(trainer.get_train_dataloader()))
         trainer.model.train()
         paths = (("buffer", False), ("explicit edges", True))

@@ -13,18 +13,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from torch.utils.checkpoint import checkpoint
 
 from grade_trl.core.kl import exact_kl
 from grade_trl.core.soft_rollout import forbid_eos, last_positions, position_ids_from_mask, reference_logits, soft_rollout
-from grade_trl.models import load_tokenizer
-from grade_trl.rewards.sentiment import SentimentReward, SentimentRewardModel
 
 _spec = importlib.util.spec_from_file_location("step_cost", Path(__file__).resolve().parent / "step_cost.py")
 step_cost = importlib.util.module_from_spec(_spec)
@@ -56,13 +52,7 @@ def main() -> None:
     torch.set_num_threads(2)
     shape = ["--model", step_cost.RANDOM_GPT2, "--tokenizer", args.tokenizer, "--n_layer", "12", "--n_embd", "768", "--n_head", "12",
              "--batch_size", "8", "--new_tokens", str(args.new_tokens), "--warmup", "0", "--repeats", "1"]
-    bench = step_cost.parse_args(shape)
-    workdir = tempfile.mkdtemp()
-    path = step_cost.prepare_model(bench, workdir)
-    tokenizer = load_tokenizer(path)
-    dataset = Dataset.from_dict({"prompt": step_cost.make_prompts(tokenizer, 64, 32, 0)})
-    reward = SentimentReward(SentimentRewardModel.from_backbone(path, dtype=torch.float32), tokenizer)
-    trainer = step_cost.build("grade_ste", bench, args.new_tokens, path, reward, tokenizer, dataset, f"{workdir}/run", step_cost.StepTime(torch.device("cpu")))
+    trainer, tokenizer = step_cost.one_trainer("grade_ste", shape, args.new_tokens)
     batch = next(iter(trainer.get_train_dataloader()))
     model, config, eos = trainer.model, trainer.args, tokenizer.eos_token_id
     model.train()

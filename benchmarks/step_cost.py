@@ -207,6 +207,26 @@ def measured_models(trainer, reward) -> dict[str, torch.nn.Module]:
     return models
 
 
+def training_loss(trainer, batch) -> torch.Tensor:
+    """A training step's forward as Trainer's `training_step` runs it: inputs prepared (PPO and GRPO sample here,
+    GRADE runs its relaxed rollout in the loss), then the loss."""
+    inputs = trainer._prepare_inputs(batch)
+    with trainer.compute_loss_context_manager():
+        return trainer.compute_loss(trainer.model, inputs)
+
+
+def one_trainer(method: str, argv: list[str], new_tokens: int):
+    """(trainer, tokenizer) of `method` on the shape `argv` describes (this script's arguments), on CPU, for the
+    side-by-side benchmarks that time one part of a step (`reference_prompt_cache.py`, `attention_grad_buffer.py`)."""
+    bench = parse_args(argv)
+    workdir = tempfile.mkdtemp()
+    path = prepare_model(bench, workdir)
+    tokenizer = load_tokenizer(path)
+    dataset = Dataset.from_dict({"prompt": make_prompts(tokenizer, 64, bench.prompt_length, 0)})
+    reward = SentimentReward(SentimentRewardModel.from_backbone(path, dtype=torch.float32), tokenizer)
+    return build(method, bench, new_tokens, path, reward, tokenizer, dataset, f"{workdir}/run", StepTime(torch.device("cpu"))), tokenizer
+
+
 def memory_step(trainer, reward, device: torch.device) -> dict:
     """One more step's forward + backward (no optimizer step), as Trainer's `training_step` does it, under the memory
     probes: the peak over both, the saved bytes over the forward (generation included: PPO and GRPO sample there)."""
@@ -217,9 +237,7 @@ def memory_step(trainer, reward, device: torch.device) -> dict:
 
     def forward_backward():
         with account:
-            inputs = trainer._prepare_inputs(batch)
-            with trainer.compute_loss_context_manager():
-                loss = trainer.compute_loss(trainer.model, inputs)
+            loss = training_loss(trainer, batch)
         trainer.accelerator.backward(loss)
 
     if device.type == "cuda":
@@ -248,10 +266,7 @@ def profile_step(trainer, device: torch.device, top: int = 8) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
-        inputs = trainer._prepare_inputs(batch)
-        with trainer.compute_loss_context_manager():
-            loss = trainer.compute_loss(trainer.model, inputs)
-        trainer.accelerator.backward(loss)
+        trainer.accelerator.backward(training_loss(trainer, batch))
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
