@@ -126,6 +126,30 @@ def test_two_cpu_processes(tmp_path, recipe):
     assert all(h["kl"] >= 0 for h in results["history"] if "kl" in h)
 
 
+def test_two_machines_of_one_cpu_process_each_with_a_static_rendezvous(tmp_path):
+    """The README's multi-node launch (`--num_machines 2 --machine_rank R --main_process_ip --main_process_port
+    --rdzv_backend static`), played on one machine as 2 "machines" of 1 CPU process each on localhost: one run of 2
+    processes (not 2 runs of 1), rank 0 writing results.json."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = shrunk(tmp_path, recipe=str(REPO / "recipes" / "tiny" / "imdb_reinforce.yaml"), max_steps=2, save_strategy="no")
+
+    def machine(rank):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"), "--num_machines", "2",
+               "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               "--rdzv_backend", "static", "-m", "grade_trl.run"]
+        return subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+
+    machines = [machine(1), machine(0)]
+    outputs = [m.communicate(timeout=600) for m in machines]
+    assert all(m.returncode == 0 for m in machines), [err[-2000:] for _, err in outputs]
+    results = load_results(tmp_path / "run" / "results.json")
+    assert results["status"] == "completed" and results["final"]["num_processes"] == 2 and results["final"]["steps"] == 2
+
+
 def test_train_reward_command_trains_then_reuses(tmp_path, capsys):
     from grade_trl.train_reward import main as train_reward
 
