@@ -179,7 +179,7 @@ def cost_rows(payload: dict, what: str, precision: str, batch: int, new_tokens: 
         rows.append({"stage": stage, "what": f"{r['method']} {what}", "status": "ok", "seconds_per_step": r["seconds"],
                      "time_vs_reinforce": r["time_vs_reinforce"], "peak_mib": r["peak_mib"], "predicted_peak_mib": predicted, "profile": r.get("profile"),
                      "note": f"{r['time_vs_reinforce']:.2f}x REINFORCE's time" + (f"; memory model {predicted:.0f} MiB ({predicted / r['peak_mib'] - 1:+.0%})" if predicted else "")
-                     + (f"; device busy {r['profile']['device_busy_fraction']:.0%} of forward + backward" if (r.get("profile") or {}).get("device_busy_fraction") is not None else "")})
+                     + (f"; device busy {r['profile']['backward']['device_busy_fraction']:.0%} of the backward" if ((r.get("profile") or {}).get("backward") or {}).get("device_busy_fraction") is not None else "")})
     return rows
 
 

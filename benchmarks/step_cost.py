@@ -257,28 +257,35 @@ def memory_step(trainer, reward, device: torch.device) -> dict:
 
 
 def profile_step(trainer, device: torch.device, top: int = 8) -> dict:
-    """One more forward + backward under torch.profiler: wall seconds, the summed self time of the device's kernels
-    (CUDA) or of every operator (CPU), and the operators that take most of it."""
+    """One more forward + backward, each under its own torch.profiler: wall seconds, the summed self time of the
+    device's kernels (CUDA) or of every operator (CPU), the aten calls (what a GPU dispatches), and the operators
+    that take most of the time."""
     from torch.profiler import ProfilerActivity, profile
 
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        trainer.accelerator.backward(training_loss(trainer, batch))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-    trainer.model.zero_grad(set_to_none=True)
-    events = prof.key_averages()
     on_device = device.type == "cuda"
-    busy_us = sum(e.self_device_time_total for e in events) if on_device else sum(e.self_cpu_time_total for e in events)
     by = (lambda e: e.self_device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
-    ops = sorted(events, key=by, reverse=True)[:top]
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"))
-    return {"wall_seconds": wall, "device_busy_seconds": busy_us / 1e6, "device_busy_fraction": busy_us / 1e6 / wall if on_device else None,
-            "kernel_launches": launches, "top_ops": [{"op": e.key, "seconds": by(e) / 1e6, "calls": e.count} for e in ops]}
+    result, loss = {}, None
+    for phase in ("forward", "backward"):
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            if phase == "forward":
+                loss = training_loss(trainer, batch)
+            else:
+                trainer.accelerator.backward(loss)
+            if on_device:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        busy = sum(by(e) for e in events) / 1e6
+        result[phase] = {"wall_seconds": wall, "busy_seconds": busy, "device_busy_fraction": busy / wall if on_device else None,
+                         "aten_calls": sum(e.count for e in events if e.key.startswith("aten::")),
+                         "kernel_launches": sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")),
+                         "top_ops": [{"op": e.key, "seconds": by(e) / 1e6, "calls": e.count} for e in sorted(events, key=by, reverse=True)[:top]]}
+    trainer.model.zero_grad(set_to_none=True)
+    return result
 
 
 def benchmark(method: str, args, new_tokens: int, path, reward, tokenizer, dataset, device, workdir) -> dict:
@@ -298,9 +305,10 @@ def benchmark(method: str, args, new_tokens: int, path, reward, tokenizer, datas
     print(f"  {method:<10} T={new_tokens:<3} {result['seconds']:.3f} s, peak {result['peak_mib']:.0f} MiB, saved {result['saved_mib']:.0f} MiB", flush=True)
     if profiled:
         result["profile"] = profiled
-        busy = f"device busy {profiled['device_busy_seconds']:.3f} s ({profiled['device_busy_fraction']:.0%})" if profiled["device_busy_fraction"] is not None else f"operators {profiled['device_busy_seconds']:.3f} s"
-        print(f"    profile: forward + backward {profiled['wall_seconds']:.3f} s, {busy}, {profiled['kernel_launches']} kernel launches; top: "
-              + "; ".join(f"{o['op']} {o['seconds']:.3f} s x{o['calls']}" for o in profiled["top_ops"][:5]), flush=True)
+        for phase, p in profiled.items():
+            busy = f"device busy {p['busy_seconds']:.3f} s ({p['device_busy_fraction']:.0%}), {p['kernel_launches']} kernel launches" if p["device_busy_fraction"] is not None else f"operators' self time {p['busy_seconds']:.3f} s"
+            print(f"    {phase}: {p['wall_seconds']:.3f} s, {busy}, {p['aten_calls']:,} aten calls; top: "
+                  + "; ".join(f"{o['op']} {o['seconds']:.3f} s x{o['calls']}" for o in p["top_ops"][:5]), flush=True)
     return result
 
 
