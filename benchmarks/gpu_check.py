@@ -51,6 +51,8 @@ from pathlib import Path
 
 import torch
 
+from grade_trl.compare import overrides_argv
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 _spec = importlib.util.spec_from_file_location("step_cost", HERE / "step_cost.py")
@@ -195,7 +197,7 @@ def run_recipe(name: str, overrides: dict, out: Path, workdir: str) -> dict:
 
     output_dir = os.path.join(workdir, "runs", name)
     argv = [str(REPO / "recipes" / f"{name}.yaml"), "--output_dir", output_dir, "--save_strategy", "no", "--disable_tqdm", "true"]
-    argv += [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+    argv += overrides_argv(overrides)
     start, log = time.time(), io.StringIO()
     try:
         with contextlib.redirect_stderr(log):
@@ -277,7 +279,7 @@ def fsdp_against_one_gpu(name: str, gpus: int, workdir: str, out: Path, sharded_
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config),
                    "--num_processes", str(processes), "--main_process_port", "0", "-m", "grade_trl.run", str(REPO / "recipes" / f"{name}.yaml"),
                    "--output_dir", output_dir, "--per_device_train_batch_size", str(batch)]
-        command += [item for key, value in common.items() for item in (f"--{key}", str(value))]
+        command += overrides_argv(common)
         start = time.time()
         done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=workdir, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])})
         seconds[label] = time.time() - start

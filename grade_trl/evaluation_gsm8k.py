@@ -62,9 +62,9 @@ class GSM8KEvaluator(Evaluator):
         def work(shard: list[tuple[str, str]], rank: int) -> list[dict]:
             prompts, golds = [p for p, _ in shard], [g for _, g in shard]
             completions, lengths = generate_completions(model, tokenizer, prompts, self.greedy, seed + rank)
+            # pass@k's samples (each call seeds its own generator, so generating them here changes none of them)
+            sampled = [generate_completions(model, tokenizer, prompts, self.sampled, seed + 1000 * (j + 1) + rank)[0] for j in range(self.pass_k)] if self.pass_k > 1 else []
             if not shard:  # generated only to keep a sharded model's collectives in step (shard_and_gather)
-                for j in range(self.pass_k if self.pass_k > 1 else 0):
-                    generate_completions(model, tokenizer, prompts, self.sampled, seed + 1000 * (j + 1) + rank)
                 return []
             rewards = weighted_rewards(self.reward_funcs, self.weights, prompts, completions, answer=golds)
             rows = []
@@ -76,8 +76,7 @@ class GSM8KEvaluator(Evaluator):
                     "correct_flexible": float(extract_answer(completion, fallback_to_last_number=True) == target),
                     "format": float(has_final_answer_format(completion)), "reward": reward,
                 })
-            if self.pass_k > 1:
-                sampled = [generate_completions(model, tokenizer, prompts, self.sampled, seed + 1000 * (j + 1) + rank)[0] for j in range(self.pass_k)]
+            if sampled:
                 for i, row in enumerate(rows):
                     answers = [extract_answer(s[i]) for s in sampled]
                     target = Fraction(gold_answer(row["answer"]))

@@ -55,8 +55,9 @@ class ChunkedLayer(CacheLayerMixin):
         self.key_chunks: list[torch.Tensor] = []
         self.value_chunks: list[torch.Tensor] = []
         # _AccumulatedAttention's backward state: the gradient of every cached position so far (None between
-        # backward passes), the chunk whose backward is due next, and which backward pass this is. Off for a checkpointed step's throwaway
-        # layer (soft_rollout._checkpointed_step), which exists for one step only: explicit edges there.
+        # backward passes), the chunk whose backward is due next, and which backward pass this is. Off for a
+        # checkpointed step's throwaway layer (soft_rollout._checkpointed_step), which exists for one step only:
+        # explicit edges there.
         self.accumulate_grads = True
         self.grad_keys: torch.Tensor | None = None
         self.grad_values: torch.Tensor | None = None
@@ -100,9 +101,21 @@ class ChunkedCache(Cache):
     def __init__(self):
         super().__init__(layer_class_to_replicate=ChunkedLayer)
 
-    def chunks(self, layer_idx: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        layer = self.layers[layer_idx]
-        return layer.key_chunks, layer.value_chunks
+
+def _attend(ctx, call, query, keys, values) -> torch.Tensor:
+    """The forward's attention, remembering for backward what `_attend_again` needs (the call, the autocast state)."""
+    output, _ = call(query, keys, values)
+    ctx.call, ctx.device_type = call, query.device.type
+    ctx.autocast = torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type)
+    return output
+
+
+def _attend_again(ctx, query, keys, values) -> torch.Tensor:
+    """The attention of `_attend` recomputed in backward, with gradient and under the forward's autocast state."""
+    enabled, dtype = ctx.autocast
+    with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+        output, _ = ctx.call(query, keys, values)
+    return output
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -110,12 +123,8 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call, query, *chunks):
-        n = len(chunks) // 2
-        keys, values = torch.cat(chunks[:n], dim=-2), torch.cat(chunks[n:], dim=-2)
-        output, _ = call(query, keys, values)
-        ctx.call, ctx.n = call, n
-        ctx.device_type = query.device.type
-        ctx.autocast = torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type)
+        ctx.n = len(chunks) // 2
+        output = _attend(ctx, call, query, torch.cat(chunks[: ctx.n], dim=-2), torch.cat(chunks[ctx.n :], dim=-2))
         ctx.save_for_backward(query, *chunks)
         return output
 
@@ -123,11 +132,10 @@ class _ChunkedAttention(torch.autograd.Function):
     def backward(ctx, grad_output):
         query, *chunks = ctx.saved_tensors
         inputs = [t.detach().requires_grad_(needs) for t, needs in zip([query, *chunks], ctx.needs_input_grad[1:])]
-        enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
-            q, rest = inputs[0], inputs[1:]
+        q, rest = inputs[0], inputs[1:]
+        with torch.enable_grad():  # the concatenation is differentiated too: one gradient per chunk
             keys, values = torch.cat(rest[: ctx.n], dim=-2), torch.cat(rest[ctx.n :], dim=-2)
-            output, _ = ctx.call(q, keys, values)
+        output = _attend_again(ctx, q, keys, values)
         wanted = [t for t in inputs if t.requires_grad]
         grads = iter(torch.autograd.grad(output, wanted, grad_output, allow_unused=True)) if wanted else iter(())
         return (None, *[next(grads) if t.requires_grad else None for t in inputs])
@@ -139,12 +147,8 @@ class _AccumulatedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call, layer, query, key, value):
-        index = len(layer.key_chunks) - 1  # `update` has appended this step's chunk (`key`, `value`) already
-        keys, values = torch.cat(layer.key_chunks, dim=-2), torch.cat(layer.value_chunks, dim=-2)
-        output, _ = call(query, keys, values)
-        ctx.call, ctx.layer, ctx.index, ctx.n = call, layer, index, index + 1
-        ctx.device_type = query.device.type
-        ctx.autocast = torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type)
+        ctx.layer, ctx.index = layer, len(layer.key_chunks) - 1  # `update` has appended this step's chunk (`key`, `value`) already
+        output = _attend(ctx, call, query, torch.cat(layer.key_chunks, dim=-2), torch.cat(layer.value_chunks, dim=-2))
         # Saved: the query and this step's own chunk. The earlier chunks were saved by their own steps (so the
         # saved-bytes account counts each once) and are read back from the layer in backward: O(1) per step, not O(t).
         ctx.save_for_backward(query, key, value)
@@ -154,7 +158,7 @@ class _AccumulatedAttention(torch.autograd.Function):
     def backward(ctx, grad_output):
         query, _, _ = ctx.saved_tensors  # unpacked, so a freed graph (backward twice) raises as autograd does
         layer, index = ctx.layer, ctx.index
-        key_chunks, value_chunks = layer.key_chunks[: ctx.n], layer.value_chunks[: ctx.n]
+        key_chunks, value_chunks = layer.key_chunks[: index + 1], layer.value_chunks[: index + 1]
         backward_pass = torch._C._current_graph_task_id()  # autograd's id of this backward call (as torch's checkpoint uses)
         if backward_pass != layer.backward_pass:  # a new pass: a fresh buffer (one that stopped early, say autograd.grad
             layer.grad_keys = layer.grad_values = None  # to an inner tensor, leaves a stale one), starting at this step
@@ -162,12 +166,10 @@ class _AccumulatedAttention(torch.autograd.Function):
         if index != layer.next_backward:
             raise RuntimeError(f"chunked attention: backward reached step {index} while step {layer.next_backward} had not run "
                                "(the later steps must be downstream of the earlier ones); use rollout_cache: dynamic")
-        enabled, dtype = ctx.autocast
         q = query.detach().requires_grad_(ctx.needs_input_grad[2])
         keys = torch.cat(key_chunks, dim=-2).detach().requires_grad_(True)
         values = torch.cat(value_chunks, dim=-2).detach().requires_grad_(True)
-        with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
-            output, _ = ctx.call(q, keys, values)
+        output = _attend_again(ctx, q, keys, values)
         wanted = [keys, values] + ([q] if q.requires_grad else [])
         grads = torch.autograd.grad(output, wanted, grad_output, allow_unused=True)
         length, width = keys.shape[-2], key_chunks[index].shape[-2]

@@ -149,8 +149,7 @@ def soft_rollout(
     sharded = is_sharded(inner)
     if sharded and checkpoint_steps:
         raise ValueError("rollout_checkpointing is not supported with a sharded (FSDP) policy; use the FSDP config's fsdp_activation_checkpointing instead")
-    if sharded:
-        reshard_root(inner)  # a validation's forward may have left E unsharded, a tensor the next backward frees
+    reshard_root(inner)  # FSDP2: a validation's forward may have left E unsharded, a tensor the next backward frees
     embed_matrix = input_embedding_matrix(inner)  # (V, H)
     vocab_size = embed_matrix.shape[0]
     chunked = cache == "chunked" and supports_chunked_attention(inner)
