@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from . import metrics
 from .core.masks import completion_mask
-from .core.sharding import is_sharded
+from .core.sharding import is_sharded, local_data
 from .rewards.base import compute_rewards, reward_name
 
 logger = logging.getLogger(__name__)
@@ -359,7 +359,8 @@ class EvaluationCallback(TrainerCallback):
         }
 
     def _keep_best(self) -> None:
-        self.best_parameters = {name: p.detach().to("cpu", copy=True) for name, p in self.policy().named_parameters() if p.requires_grad}
+        # this process's part of each (core/sharding.py: local_data), which is what swap_in_best writes back
+        self.best_parameters = {name: local_data(p).detach().to("cpu", copy=True) for name, p in self.policy().named_parameters() if p.requires_grad}
         if self.best_model_dir:
             self.trainer.save_model(self.best_model_dir)
 
@@ -402,15 +403,15 @@ class EvaluationCallback(TrainerCallback):
         parameters = dict(self.policy().named_parameters())
         with torch.no_grad():
             for name, value in (self.best_parameters or {}).items():
-                current[name] = parameters[name].detach().to("cpu", copy=True)
-                parameters[name].copy_(value)
+                current[name] = local_data(parameters[name]).detach().to("cpu", copy=True)
+                local_data(parameters[name]).copy_(value)
         return current
 
     def restore(self, saved: dict[str, torch.Tensor]) -> None:
         parameters = dict(self.policy().named_parameters())
         with torch.no_grad():
             for name, value in saved.items():
-                parameters[name].copy_(value)
+                local_data(parameters[name]).copy_(value)
 
 
 def announce(accelerator, message: str, *args) -> None:

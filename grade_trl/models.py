@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,11 +33,40 @@ the model's first `.train()`/`.eval()` on a GPU. Off by default here: an offline
 run's numbers would depend on what the hub served that day. `model_init_kwargs: {use_kernels: true}` turns them on."""
 
 
+@contextmanager
+def whole_weights():
+    """Within the block, `from_pretrained` loads every weight whole on this process, also under DeepSpeed ZeRO-3.
+
+    Under a ZeRO-3 launch, TrainingArguments registers its DeepSpeed config with transformers, and from then on
+    every `from_pretrained` partitions the model as it loads (`deepspeed.zero.Init`). That suits the policy DeepSpeed
+    trains, but a frozen model (the reference, the reward model's backbone, the judge) is never wrapped in a
+    DeepSpeed engine: its partitioned weights would have no hooks to gather them, and a copy of a partitioned model
+    (the reference is a copy of the policy) is not a model. So these load whole, replicated on every process as
+    under FSDP2 (README, "Past one GPU"), and the policy is partitioned when its engine is built. A no-op otherwise."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover - transformers without its DeepSpeed integration
+        yield
+        return
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref  # private, but transformers offers no getter
+    config = registered() if registered is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
+
+
 def load_causal_lm(name_or_path: str, dtype: torch.dtype | str = torch.float32, **kwargs):
+    """A causal LM, whole on this process (`whole_weights`), in float32 unless `dtype` says otherwise."""
     path = resolve_model_path(name_or_path)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **{**NO_HUB_KERNELS, **kwargs})
+    with whole_weights():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **{**NO_HUB_KERNELS, **kwargs})
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

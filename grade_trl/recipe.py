@@ -223,7 +223,7 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
         # Accelerate only joins processes started by `accelerate launch`/torchrun into one CPU (gloo) group when
         # told it is on the CPU; without this, each of N CPU processes would train alone on the whole data.
         config_kwargs["use_cpu"] = True
-    check_launch(config_kwargs.get("use_cpu", False), method.relaxed)
+    check_launch(config_kwargs.get("use_cpu", False))
     check_paths(run_kwargs)
     if "max_prompt_length" in config_fields and "max_prompt_length" not in config_kwargs and "max_prompt_length" in run_kwargs:
         config_kwargs["max_prompt_length"] = run_kwargs["max_prompt_length"]
@@ -364,7 +364,7 @@ def check_custom_task(values: dict, method_name: str, run: RunArguments, config)
                 )
 
 
-def check_launch(use_cpu: bool, relaxed: bool) -> None:
+def check_launch(use_cpu: bool) -> None:
     """Refuse a sharding launch that would not shard. Accelerate turns FSDP and DeepSpeed on only for GPU-type
     processes: FSDP's branch in `AcceleratorState.__init__` sits under `distributed_type in [MULTI_GPU, ...]`, which a
     CPU launch (MULTI_CPU) is not, and DeepSpeed's under `ACCELERATE_USE_DEEPSPEED ... and not cpu`; either would
@@ -373,8 +373,6 @@ def check_launch(use_cpu: bool, relaxed: bool) -> None:
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if (fsdp or deepspeed) and use_cpu:
         raise RecipeError(f"{'FSDP' if fsdp else 'DeepSpeed'} needs GPUs: Accelerate ignores it for CPU processes (use_cpu) and would run plain data parallel; launch with accelerate_configs/cpu.yaml on the CPU")
-    if deepspeed and relaxed and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        raise RecipeError("GRADE methods cannot run under DeepSpeed ZeRO-3: the soft rollout reads the input-embedding matrix outside the forward, where ZeRO-3 leaves it partitioned; use accelerate_configs/fsdp2.yaml or zero2.yaml")
 
 
 def has_accelerator() -> bool:

@@ -1,8 +1,10 @@
-"""What the rollouts need to stay correct when the policy's parameters are sharded (FSDP2 `fully_shard`).
+"""What the rollouts need to stay correct when the policy's parameters are sharded: FSDP2 (`fully_shard`) or
+DeepSpeed ZeRO-3.
 
 Under FSDP2 every managed parameter is, outside its module's forward, this process's shard: a DTensor with a
-`Shard(0)` placement. Two things of a rollout then need care, and both are no-ops for an unsharded model (one
-process, DDP), so those runs are unchanged bit for bit:
+`Shard(0)` placement. Under ZeRO-3 it is an empty tensor (`ds_id` set, the shard kept in `ds_tensor`), gathered by
+hooks around each module's forward and again before its backward. Two things of a rollout then need care, and
+both are no-ops for an unsharded model (one process, DDP, ZeRO-1/2), so those runs are unchanged bit for bit:
   * GRADE reads the input-embedding matrix E outside the model's forward (a relaxed step enters the next forward
     as y @ E, or E[token] for a straight-through step): `input_embedding_matrix` gathers the full E.
   * every process must call the sharded model the same number of times (each call of a sharded block is a
@@ -21,8 +23,19 @@ from torch.distributed.tensor import DTensor, Partial
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
-    """Whether any parameter of `module` is a DTensor (FSDP2, or tensor parallelism)."""
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    """Whether any parameter of `module` is a DTensor (FSDP2, or tensor parallelism) or a ZeRO-3 partitioned one."""
+    return any(isinstance(p, DTensor) or _is_zero3(p) for p in module.parameters())
+
+
+def _is_zero3(parameter: torch.Tensor) -> bool:
+    return hasattr(parameter, "ds_id")  # set by deepspeed.zero.Init on the parameters it partitions (ZeRO-3 only)
+
+
+def local_data(parameter: torch.Tensor) -> torch.Tensor:
+    """The values of `parameter` this process holds, to snapshot and write back in place (the evaluation's best
+    checkpoint): ZeRO-3's partition (`ds_tensor`; the parameter itself is empty outside its module's forward), else the
+    parameter (FSDP2's DTensor copies shard to shard)."""
+    return parameter.ds_tensor if _is_zero3(parameter) else parameter
 
 
 def input_embedding_matrix(module: torch.nn.Module) -> torch.Tensor:
@@ -42,10 +55,23 @@ def input_embedding_matrix(module: torch.nn.Module) -> torch.Tensor:
     `Partial("avg")`; the backward of the gather then reduce-scatters the average over processes into this
     process's shard, the same average FSDP applies to every other gradient (and to the gradient of E's other uses,
     the prompt's token embeddings and the tied LM head, which FSDP adds to the same shard).
+
+    ZeRO-3: a partitioned parameter has no gather that keeps autograd (`GatheredParameters` frees the full tensor
+    on exit, before the backward that needs it), but every module is gathered by DeepSpeed's hooks around its
+    forward, and its outputs carry a hook that gathers it again before their backward and hands its gradient to
+    ZeRO's reduce-scatter. So the embedding module is called once, with a forward that returns a copy of its
+    weight: E arrives whole, and its gradient reaches the shards the way every module's does.
     """
-    weight = module.get_input_embeddings().weight
+    embedding = module.get_input_embeddings()
+    weight = embedding.weight
     if isinstance(weight, DTensor):
         return weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
+    if _is_zero3(weight):
+        embedding.forward = lambda *_: embedding.weight.clone()  # the hooks live in Module.__call__, not forward
+        try:
+            return embedding(None)
+        finally:
+            del embedding.forward
     return weight
 
 

@@ -19,6 +19,7 @@ position (V, or k with top-k), H hidden.
 
 from __future__ import annotations
 
+import sys
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -85,7 +86,10 @@ def decode_step(model, cache, attention_mask: torch.Tensor, position_ids: torch.
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    """The model inside a DDP wrapper or a DeepSpeed engine (the Trainer hands the engine to the loss under DeepSpeed)."""
+    engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)  # never imports DeepSpeed itself
+    wrappers = (torch.nn.parallel.DistributedDataParallel,) + ((engine,) if engine is not None else ())
+    return model.module if isinstance(model, wrappers) else model
 
 
 def _checkpointed_step(inner, cache: ChunkedCache, deferred: DeferredWeightGrads | None, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
@@ -148,7 +152,7 @@ def soft_rollout(
     inner = _unwrap(model)
     sharded = is_sharded(inner)
     if sharded and checkpoint_steps:
-        raise ValueError("rollout_checkpointing is not supported with a sharded (FSDP) policy; use the FSDP config's fsdp_activation_checkpointing instead")
+        raise ValueError("rollout_checkpointing is not supported with a sharded (FSDP2 or ZeRO-3) policy; under FSDP2 use the config's fsdp_activation_checkpointing instead")
     reshard_root(inner)  # FSDP2: a validation's forward may have left E unsharded, a tensor the next backward frees
     embed_matrix = input_embedding_matrix(inner)  # (V, H)
     vocab_size = embed_matrix.shape[0]

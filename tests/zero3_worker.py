@@ -1,0 +1,154 @@
+"""Worker of tests/test_sharded.py, run by torchrun with 2 CPU processes (gloo, DeepSpeed's CPU accelerator):
+GRADE's soft rollout on the tiny model partitioned by DeepSpeed ZeRO-3, against the same rollout of an unsharded
+copy on the whole global batch. Writes {case: {...}} as JSON to argv[1].
+
+The same set-up as tests/sharded_worker.py (FSDP2): each rank takes half of the global batch's rows with the
+Gumbel noise of its own rows, the loss is the mean over the rank's rows, and ZeRO averages the ranks' gradients, so
+the partitioned gradient should be the unsharded gradient of the mean over the global batch. The policy is
+partitioned by `deepspeed.initialize` (as the Trainer does under zero3.yaml: grade_trl loads it whole, see
+`whole_weights`), every parameter included (`stage3_param_persistence_threshold: 0`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_grad
+
+from grade_trl.core.sharding import input_embedding_matrix, is_sharded
+from grade_trl.models import load_causal_lm, load_tokenizer, prepare_tokenizer, resolve_model_path
+from sharded_worker import GLOBAL_BATCH, NEW_TOKENS, PROMPTS, objective, relax_fn
+
+CONFIG = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "fp16": {"enabled": False}, "bf16": {"enabled": False}}
+
+
+def partitioned_copy(base, lr: float = 0.0):
+    model = copy.deepcopy(base).train()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), config=CONFIG)
+    return engine
+
+
+def best_checkpoint_case(base, enc) -> dict:
+    """The evaluation protocol's best checkpoint under ZeRO-3: kept before an optimizer step, swapped in for the test
+    of the best checkpoint, then restored. The policy's logits must be those of the kept step, then the latest again
+    (the partitioned parameters are empty tensors: copying into them failed on an H200 under zero3.yaml)."""
+    from types import SimpleNamespace
+
+    from grade_trl.evaluation import EvaluationCallback
+
+    engine = partitioned_copy(base, lr=0.5)
+    model = engine.module
+    callback = EvaluationCallback(evaluator=None, eval_steps=0)
+    callback.trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m), model=model)
+
+    def logits():
+        with torch.no_grad():
+            return model(**enc).logits.clone()
+
+    kept = logits()
+    callback._keep_best()
+    engine.backward(model(**enc).logits.float().pow(2).mean())
+    engine.step()
+    latest = logits()
+    saved = callback.swap_in_best()
+    swapped = logits()
+    callback.restore(saved)
+    restored = logits()
+    engine.destroy()
+    return {"step_changed_logits": (latest - kept).abs().max().item(), "swapped_vs_kept": (swapped - kept).abs().max().item(),
+            "restored_vs_latest": (restored - latest).abs().max().item()}
+
+
+def loading_case() -> dict:
+    """Under a registered ZeRO-3 config (what TrainingArguments does under zero3.yaml), transformers partitions a
+    model as it loads; `load_causal_lm` (the policy, whose copy is the reference) loads it whole."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    registered = HfDeepSpeedConfig({**CONFIG, "train_batch_size": GLOBAL_BATCH})  # noqa: F841 - the weak reference needs it alive
+    plain = AutoModelForCausalLM.from_pretrained(resolve_model_path("embedded"), use_kernels=False)
+    whole = load_causal_lm("embedded")
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    still_registered = is_deepspeed_zero3_enabled()
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    return {"plain_partitioned": is_sharded(plain), "whole_partitioned": is_sharded(whole),
+            "whole_matches_file": whole.get_input_embeddings().weight.shape[0] == whole.config.vocab_size, "config_restored": still_registered}
+
+
+def main(out_path: str) -> None:
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    tokenizer = prepare_tokenizer(load_tokenizer("embedded"))
+    base = load_causal_lm("embedded").eval()
+    enc_all = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    enc = {k: v[rows] for k, v in enc_all.items()}
+    generator = torch.Generator().manual_seed(0)
+    noise_all = -torch.log(-torch.log(torch.rand(GLOBAL_BATCH, NEW_TOKENS, base.config.vocab_size, generator=generator).clamp_min(1e-10)))
+    eos = tokenizer.eos_token_id
+    soft_rollout_module = sys.modules["grade_trl.core.soft_rollout"]
+    results = {"loading": loading_case(), "best_checkpoint": best_checkpoint_case(base, enc)}
+
+    def detached_gather(module):  # the control: E gathered whole but without autograd, as GatheredParameters gives it
+        weight = module.get_input_embeddings().weight
+        if not is_sharded(module):  # the unsharded reference reads its parameter as always
+            return weight
+        with deepspeed.zero.GatheredParameters([weight]):
+            return weight.detach().clone()
+
+    cases = [("straight_through", True, []), ("gumbel_softmax", False, []), ("one_rank_finishes_early", True, [0, 1]), ("control_detached_gather", True, [])]
+    for case, straight_through, force in cases:
+        soft_rollout_module.input_embedding_matrix = detached_gather if case.startswith("control") else input_embedding_matrix
+        full = copy.deepcopy(base)
+        relax = relax_fn(noise_all, straight_through, eos, force)
+        relax.eos = eos
+        loss_full, steps_full = objective(full, enc_all, relax)
+        loss_full.backward()
+        grads_full = {n: p.grad.clone() for n, p in full.named_parameters() if p.grad is not None}
+
+        engine = partitioned_copy(base)
+        model = engine.module  # as the trainers do: the rollout calls the unwrapped model, whose modules carry ZeRO's hooks
+        partitioned = model.get_input_embeddings().weight.numel() == 0
+        local_force = [i for i in range(rows.stop - rows.start) if rows.start + i in force]
+        relax_local = relax_fn(noise_all[rows], straight_through, eos, local_force)
+        relax_local.eos = eos
+        loss_local, steps_local = objective(model, enc, relax_local)
+        engine.backward(loss_local)
+        loss_mean = loss_local.detach().clone()
+        dist.all_reduce(loss_mean)
+        loss_mean /= world
+        grads_sharded = {n: safe_get_full_grad(p) for n, p in model.named_parameters()}
+        grads_sharded = {n: g for n, g in grads_sharded.items() if g is not None and g.abs().max() > 0}
+        diffs = {n: (grads_sharded[n] - g).abs().max().item() if n in grads_sharded else g.abs().max().item() for n, g in grads_full.items()}
+        results[case] = {
+            "loss_single": loss_full.item(),
+            "loss_sharded": loss_mean.item(),
+            "steps_single": steps_full,
+            "steps_local": steps_local,
+            "same_parameters_have_gradients": sorted(grads_full) == sorted(grads_sharded),
+            "max_grad_diff": max(diffs.values()),
+            "worst_param": max(diffs, key=diffs.get),
+            "grad_scale": max(g.abs().max().item() for g in grads_full.values()),
+            "embedding_partitioned": partitioned,
+        }
+        engine.destroy()
+    soft_rollout_module.input_embedding_matrix = input_embedding_matrix
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
