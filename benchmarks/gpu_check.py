@@ -17,7 +17,9 @@ after every row, so a run stopped at its time limit leaves the rows it has):
   5. fsdp: the tiny GRADE-STE, REINFORCE and PPO recipes launched with `accelerate_configs/fsdp2.yaml` on every GPU
      of the machine against `single_gpu.yaml` with the same global batch: the first logged loss of each and whether
      the saved model/ loads back (the end-to-end test of tests/test_sharded.py, as a row instead of an assertion;
-     with one GPU it runs the FSDP2 code path on one shard).
+     with one GPU it runs the FSDP2 code path on one shard);
+  6. zero: the same comparison with `accelerate_configs/zero2.yaml` and `zero3.yaml` (DeepSpeed must be installed),
+     the tiny GRPO recipe included.
 
 Random weights: nothing comes from the hub, and the cost of a step does not depend on the weights (a random model
 never stops early, so every completion has its maximum length: the worst case). A stage or run that fails is a row
@@ -59,7 +61,7 @@ _spec = importlib.util.spec_from_file_location("step_cost", HERE / "step_cost.py
 step_cost = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(step_cost)
 
-STAGES = ("step_cost", "fit", "recipes", "gsm8k", "fsdp")
+STAGES = ("step_cost", "fit", "recipes", "gsm8k", "fsdp", "zero")
 COST_METHODS = ("grade_ste", "grade", "reinforce", "ppo", "grpo")  # the methods memory_model.json predicts
 GPT2_MEDIUM = {"n_layer": 24, "n_embd": 1024, "n_head": 16}
 QWEN25_05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2}
@@ -79,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="which stages to run")
     parser.add_argument("--recipes", nargs="+", default=None, help="IMDB recipe names (default: every recipes/imdb_*.yaml)")
     parser.add_argument("--gsm8k_recipes", nargs="+", default=None, help="GSM8K recipe names (default: every recipes/gsm8k_*.yaml)")
+    parser.add_argument("--precisions", nargs="+", default=["float32", "bf16"], choices=["float32", "bf16"], help="step_cost and fit stages: which precisions")
+    parser.add_argument("--cost_methods", nargs="+", default=list(COST_METHODS), choices=COST_METHODS, help="step_cost stage: which methods")
+    parser.add_argument("--sharded_recipes", nargs="+", default=None, help="tiny recipes of the fsdp and zero stages (default: GRADE-STE, REINFORCE, PPO, GRPO)")
+    parser.add_argument("--zero_configs", nargs="+", default=["zero3.yaml", "zero2.yaml"], help="DeepSpeed configs of the zero stage")
     parser.add_argument("--max_steps", type=int, default=2, help="optimizer steps of each IMDB recipe run")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 8 new tokens, one step: checks the script, measures nothing")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
@@ -145,8 +151,8 @@ def predicted_step_peak_mib(method: str, precision: str, batch: int, new_tokens:
 def stage_step_cost(args, workdir: str, out: Path, report: "Report") -> None:
     shape = SMOKE_GPT2 if args.smoke else GPT2_MEDIUM
     batch, new_tokens = (4, 8) if args.smoke else (16, 48)
-    for precision in ("float32", "bf16"):
-        step_cost_part(args, report, shape, batch, new_tokens, precision, COST_METHODS, "step_cost", repeats=1 if args.smoke else 2,
+    for precision in args.precisions:
+        step_cost_part(args, report, shape, batch, new_tokens, precision, args.cost_methods, "step_cost", repeats=1 if args.smoke else 2,
                        json_path=out / f"step_cost_{precision}.json", profile=args.profile)
 
 
@@ -154,7 +160,7 @@ def stage_fit(args, workdir: str, out: Path, report: "Report") -> None:
     """Batch 64 (smoke: 8): the step peak of GRADE-STE and REINFORCE against the memory model's prediction."""
     shape = SMOKE_GPT2 if args.smoke else GPT2_MEDIUM
     batch, new_tokens = (8, 8) if args.smoke else (64, 48)
-    for precision in ("float32", "bf16"):
+    for precision in args.precisions:
         step_cost_part(args, report, shape, batch, new_tokens, precision, ("grade_ste", "reinforce"), "fit", repeats=1,
                        json_path=out / f"fit_{precision}.json")
 
@@ -253,29 +259,45 @@ def stage_gsm8k(args, workdir: str, out: Path, report: "Report") -> None:
         release(args.device)
 
 
-FSDP_RECIPES = ("tiny/imdb_grade_ste", "tiny/imdb_reinforce", "tiny/imdb_ppo")
+SHARDED_RECIPES = ("tiny/imdb_grade_ste", "tiny/imdb_reinforce", "tiny/imdb_ppo", "tiny/imdb_grpo")
 
 
 def stage_fsdp(args, workdir: str, out: Path, report: "Report") -> None:
     """Each tiny recipe under fsdp2.yaml on every GPU against single_gpu.yaml with the same global batch."""
+    sharded_stage(args, workdir, out, report, "fsdp", ["fsdp2.yaml"])
+
+
+def stage_zero(args, workdir: str, out: Path, report: "Report") -> None:
+    """Each tiny recipe under DeepSpeed ZeRO-3 and ZeRO-2 on every GPU against single_gpu.yaml, as the fsdp stage."""
+    if importlib.util.find_spec("deepspeed") is None:
+        report.add([{"stage": "zero", "what": "(all)", "status": "skipped", "error": "DeepSpeed is not installed (pip install deepspeed)"}])
+        return
+    sharded_stage(args, workdir, out, report, "zero", args.zero_configs)
+
+
+def sharded_stage(args, workdir: str, out: Path, report: "Report", stage: str, configs: list[str]) -> None:
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     if not gpus:
-        report.add([{"stage": "fsdp", "what": "(all)", "status": "skipped", "error": "FSDP needs CUDA GPUs: Accelerate runs a CPU launch as MULTI_CPU"}])
+        report.add([{"stage": stage, "what": "(all)", "status": "skipped", "error": "FSDP and DeepSpeed need CUDA GPUs: Accelerate runs a CPU launch as MULTI_CPU"}])
         return
-    for name in FSDP_RECIPES:
-        report.part(name, "fsdp", lambda: [fsdp_against_one_gpu(name, gpus, workdir, out)])
+    for config in configs:
+        for name in args.sharded_recipes or SHARDED_RECIPES:
+            report.part(f"{name} {config}", stage, lambda: [sharded_against_one_gpu(name, gpus, workdir, out, config, stage)])
 
 
-def fsdp_against_one_gpu(name: str, gpus: int, workdir: str, out: Path, sharded_config: str = "fsdp2.yaml") -> dict:
+def sharded_against_one_gpu(name: str, gpus: int, workdir: str, out: Path, sharded_config: str = "fsdp2.yaml", stage: str = "fsdp") -> dict:
     from transformers import AutoModelForCausalLM
 
     common = {"max_steps": 2, "logging_steps": 1, "save_strategy": "no", "eval_steps": 100, "eval_num_prompts": max(2, gpus),
               "max_new_tokens": 8, "min_new_tokens": 2, "policy_split_size": 100, "validation_split_size": 60,
               "test_num_prompts": max(2, gpus), "eval_best_of_n": 1, "save_best_model": "false", "disable_tqdm": "true",
               "reward_model_path": os.path.join(workdir, "reward_head_tiny"), "reward_split_size": 256, "reward_epochs": 1}
+    if "grpo" in name or "cispo" in name:  # TRL's trainers: their own length key, a group per prompt
+        common = {k: v for k, v in common.items() if k not in ("max_new_tokens", "min_new_tokens")} | {"max_completion_length": 8}
+    tag = f"{name.replace('/', '_')}_{Path(sharded_config).stem}"
     runs, seconds = {}, {}
-    for label, config, processes, batch in (("fsdp", sharded_config, gpus, 4), ("single", "single_gpu.yaml", 1, 4 * gpus)):
-        output_dir = os.path.join(workdir, "fsdp_runs", name.replace("/", "_"), label)
+    for label, config, processes, batch in (("sharded", sharded_config, gpus, 4), ("single", "single_gpu.yaml", 1, 4 * gpus)):
+        output_dir = os.path.join(workdir, "sharded_runs", tag, label)
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config),
                    "--num_processes", str(processes), "--main_process_port", "0", "-m", "grade_trl.run", str(REPO / "recipes" / f"{name}.yaml"),
                    "--output_dir", output_dir, "--per_device_train_batch_size", str(batch)]
@@ -284,20 +306,20 @@ def fsdp_against_one_gpu(name: str, gpus: int, workdir: str, out: Path, sharded_
         done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=workdir, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])})
         seconds[label] = time.time() - start
         if done.returncode != 0:
-            (out / f"fsdp_{name.replace('/', '_')}_{label}.stderr.txt").write_text(done.stderr)  # the whole story of the failure
-            lines = [line for line in done.stderr.splitlines() if line.strip()]
-            cause = next((line for line in lines if line.startswith("Error:")), None) or next((line for line in reversed(lines) if "Error" in line), f"exit {done.returncode}")
-            return {"stage": "fsdp", "what": name, "status": "error", "error": f"{label} ({config}): {cause[:300]}"}
+            (out / f"{stage}_{tag}_{label}.stderr.txt").write_text(done.stderr)  # the whole story of the failure
+            lines = [line for line in done.stderr.splitlines() if line.strip() and "ChildFailedError" not in line]
+            cause = next((line for line in lines if line.lower().startswith("error:")), None) or next((line for line in reversed(lines) if "Error" in line), f"exit {done.returncode}")
+            return {"stage": stage, "what": f"{name} {sharded_config}", "status": "error", "error": f"{label} ({config}): {cause[:300]}"}
         runs[label] = json.loads((Path(output_dir) / "results.json").read_text())
     first = {label: next(h["loss"] for h in run["history"] if "loss" in h) for label, run in runs.items()}
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(workdir, "fsdp_runs", name.replace("/", "_"), "fsdp", "model"))
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(workdir, "sharded_runs", tag, "sharded", "model"))
     loaded = sum(p.numel() for p in model.parameters())
-    gap = abs(first["fsdp"] - first["single"]) / max(abs(first["single"]), 1e-12)
-    return {"stage": "fsdp", "what": f"{name} ({gpus} GPU{'s' if gpus > 1 else ''})", "status": runs["fsdp"]["status"],
-            "steps": runs["fsdp"]["final"].get("steps"), "peak_mib": runs["fsdp"]["final"].get("peak_memory_mb"),
-            "first_loss_fsdp": first["fsdp"], "first_loss_single": first["single"], "loaded_parameters": loaded,
-            "note": f"first loss {first['fsdp']:.5g} vs one GPU {first['single']:.5g} ({gap:.1%}); model/ loads ({loaded:,} parameters); "
-                    f"{seconds['fsdp']:.0f} s vs {seconds['single']:.0f} s with launch"}
+    gap = abs(first["sharded"] - first["single"]) / max(abs(first["single"]), 1e-12)
+    return {"stage": stage, "what": f"{name} {sharded_config} ({gpus} GPU{'s' if gpus > 1 else ''})", "status": runs["sharded"]["status"],
+            "steps": runs["sharded"]["final"].get("steps"), "peak_mib": runs["sharded"]["final"].get("peak_memory_mb"),
+            "first_loss_sharded": first["sharded"], "first_loss_single": first["single"], "loaded_parameters": loaded,
+            "note": f"first loss {first['sharded']:.5g} vs one GPU {first['single']:.5g} ({gap:.1%}); model/ loads ({loaded:,} parameters); "
+                    f"{seconds['sharded']:.0f} s vs {seconds['single']:.0f} s with launch"}
 
 
 class Report:
@@ -371,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{transformers.__version__}, trl {trl.__version__} | {time.strftime('%Y-%m-%d %H:%M')}")
     print(header, flush=True)
     report = Report(out, header, args.budget_s)
-    stages = {"step_cost": stage_step_cost, "fit": stage_fit, "recipes": stage_recipes, "gsm8k": stage_gsm8k, "fsdp": stage_fsdp}
+    stages = {"step_cost": stage_step_cost, "fit": stage_fit, "recipes": stage_recipes, "gsm8k": stage_gsm8k, "fsdp": stage_fsdp, "zero": stage_zero}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
         for stage in args.stages:
             stage_start = time.time()
