@@ -1,8 +1,11 @@
 """benchmarks/step_cost.py runs every registry method end to end on a tiny setting and prints its table (no timing is checked)."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
+
+import pytest
 
 from grade_trl.methods import METHODS
 
@@ -72,3 +75,21 @@ def test_gpu_check_smoke_runs_every_stage_and_writes_one_table(tmp_path, capsys)
         assert (tmp_path / f"{key[1]}_results.json").is_file()
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| recipes | imdb_ppo | completed |" in table and (tmp_path / "gpu_check.json").is_file()
+
+
+def test_sharding_table_agrees_with_the_memory_model_and_orders_the_configs():
+    """benchmarks/sharding_table.py (the README's config-by-size table): on one GPU its peak is memory_model.py's own
+    prediction for gpt2-medium at batch 16 (computed there by a separate function), and per GPU a sharded config never
+    needs more than ZeRO-2, nor ZeRO-2 more than one GPU."""
+    spec = importlib.util.spec_from_file_location("sharding_table", SCRIPT.parent / "sharding_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    model = json.loads((SCRIPT.parent.parent / "docs" / "results" / "memory_model.json").read_text())
+    layers, hidden = table.SHAPES["gpt2-medium"]
+    one_gpu = table.per_gpu_gib(model, "grade_ste", "one GPU", layers, hidden, 16, 48, 8)
+    assert one_gpu == pytest.approx(model["methods"]["grade_ste/float32"]["prediction"]["by_batch"]["16"]["peak_gib"], rel=1e-6)
+    for name, (layers, hidden) in table.SHAPES.items():
+        for method in table.METHODS:
+            values = [table.per_gpu_gib(model, method, config, layers, hidden, 16, 48, 8) for config in table.CONFIGS]
+            assert values[0] > values[1] > values[2], (name, method, values)
+    assert "| gpt2-xl | 1558M | grade_ste |" in table.main(["--batch_size", "64"])
