@@ -56,6 +56,66 @@ def objective(model, enc, relax):
     return per_row.mean(), int(rollout.tokens.shape[1])
 
 
+def unsharded_run(base, enc_all, noise_all, straight_through: bool, eos: int, force: list[int]):
+    """The reference: an unsharded copy on the whole global batch (every rank computes it). (loss, steps, gradients)."""
+    full = copy.deepcopy(base)
+    relax = relax_fn(noise_all, straight_through, eos, force)
+    relax.eos = eos
+    loss, steps = objective(full, enc_all, relax)
+    loss.backward()
+    return loss, steps, {n: p.grad.clone() for n, p in full.named_parameters() if p.grad is not None}
+
+
+def local_relax(noise_all, rows: slice, straight_through: bool, eos: int, force: list[int]):
+    """This rank's relaxation: its rows' noise, EOS forced in its rows among the global rows `force`."""
+    local_force = [i for i in range(rows.stop - rows.start) if rows.start + i in force]
+    relax = relax_fn(noise_all[rows], straight_through, eos, local_force)
+    relax.eos = eos
+    return relax
+
+
+def comparison(reference, loss_local, steps_local, grads_sharded: dict, world: int) -> dict:
+    """The sharded run against the reference: the ranks' mean loss, the largest gradient difference and where."""
+    loss_full, steps_full, grads_full = reference
+    loss_mean = loss_local.detach().clone()
+    dist.all_reduce(loss_mean)
+    loss_mean /= world
+    diffs = {n: (grads_sharded[n] - g).abs().max().item() if n in grads_sharded else g.abs().max().item() for n, g in grads_full.items()}
+    return {
+        "loss_single": loss_full.item(),
+        "loss_sharded": loss_mean.item(),
+        "steps_single": steps_full,
+        "steps_local": steps_local,
+        "same_parameters_have_gradients": sorted(grads_full) == sorted(grads_sharded),
+        "max_grad_diff": max(diffs.values()),
+        "worst_param": max(diffs, key=diffs.get),
+        "grad_scale": max(g.abs().max().item() for g in grads_full.values()),
+    }
+
+
+def setup():
+    """What every case of a worker shares: (rank, world, tokenizer, the tiny model, the global batch, this rank's
+    rows and their encoding, the Gumbel noise of the global batch (B, T, V), EOS)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    tokenizer = prepare_tokenizer(load_tokenizer("embedded"))
+    base = load_causal_lm("embedded").eval()
+    enc_all = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    enc = {k: v[rows] for k, v in enc_all.items()}
+    generator = torch.Generator().manual_seed(0)
+    noise_all = -torch.log(-torch.log(torch.rand(GLOBAL_BATCH, NEW_TOKENS, base.config.vocab_size, generator=generator).clamp_min(1e-10)))
+    return rank, world, tokenizer, base, enc_all, rows, enc, noise_all, tokenizer.eos_token_id
+
+
+def write_results(results: dict, out_path: str, rank: int) -> None:
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def sharded_copy(base, world: int):
     """A copy of `base` sharded as the FSDP2 config does it: every GPT2Block a unit, the root (with the tied E) the last."""
     sharded = copy.deepcopy(base)
@@ -101,17 +161,7 @@ def evaluation_fewer_prompts_than_processes(base, tokenizer, rank: int, world: i
 
 def main(out_path: str) -> None:
     PartialState(cpu=True)  # starts the gloo group, as Accelerate's MULTI_CPU: evaluation gathers its rows with gather_object
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
-    tokenizer = prepare_tokenizer(load_tokenizer("embedded"))
-    base = load_causal_lm("embedded").eval()
-    enc_all = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-    enc = {k: v[rows] for k, v in enc_all.items()}
-    generator = torch.Generator().manual_seed(0)
-    vocab = base.config.vocab_size
-    noise_all = -torch.log(-torch.log(torch.rand(GLOBAL_BATCH, NEW_TOKENS, vocab, generator=generator).clamp_min(1e-10)))
-    eos = tokenizer.eos_token_id
+    rank, world, tokenizer, base, enc_all, rows, enc, noise_all, eos = setup()
     results = {}
     soft_rollout_module = sys.modules["grade_trl.core.soft_rollout"]  # the package rebinds the name `soft_rollout` to the function
 
@@ -121,14 +171,7 @@ def main(out_path: str) -> None:
         # the control gathers E with full_tensor()'s default gradient layout (Replicate): each rank keeps its own
         # slice of its own gradient, not the average; the test checks that this differs, i.e. that it can fail
         soft_rollout_module.input_embedding_matrix = (lambda m: m.get_input_embeddings().weight.full_tensor() if isinstance(m.get_input_embeddings().weight, DTensor) else m.get_input_embeddings().weight) if case.startswith("control") else input_embedding_matrix
-        # reference: the unsharded model on the whole global batch (every rank computes it; rank 0 reports it)
-        full = copy.deepcopy(base)
-        relax = relax_fn(noise_all, straight_through, eos, force)
-        relax.eos = eos
-        loss_full, steps_full = objective(full, enc_all, relax)
-        loss_full.backward()
-        grads_full = {n: p.grad.clone() for n, p in full.named_parameters() if p.grad is not None}
-
+        reference = unsharded_run(base, enc_all, noise_all, straight_through, eos, force)
         sharded = sharded_copy(base, world)
         if case == "after_no_grad_forward":
             # as a validation before a training step does: FSDP2 keeps the root unit (E) unsharded after a forward
@@ -136,36 +179,15 @@ def main(out_path: str) -> None:
             with torch.no_grad():
                 sharded(**enc)
         # force EOS in every row of rank 0 only (global rows 0 and 1): its rows finish at step 1, rank 1's do not
-        local_force = [i for i in range(rows.stop - rows.start) if rows.start + i in force]
-        relax_local = relax_fn(noise_all[rows], straight_through, eos, local_force)
-        relax_local.eos = eos
-        loss_local, steps_local = objective(sharded, enc, relax_local)
+        loss_local, steps_local = objective(sharded, enc, local_relax(noise_all, rows, straight_through, eos, force))
         loss_local.backward()
-        loss_mean = loss_local.detach().clone()
-        dist.all_reduce(loss_mean)
-        loss_mean /= world
         grads_sharded = {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.grad is not None}
-        diffs = {n: (grads_sharded[n] - g).abs().max().item() for n, g in grads_full.items() if n in grads_sharded}
-        scale = max(g.abs().max().item() for g in grads_full.values())
-        results[case] = {
-            "loss_single": loss_full.item(),
-            "loss_sharded": loss_mean.item(),
-            "steps_single": steps_full,
-            "steps_local": steps_local,
-            "same_parameters_have_gradients": sorted(grads_full) == sorted(grads_sharded),
-            "max_grad_diff": max(diffs.values()),
-            "worst_param": max(diffs, key=diffs.get),
-            "grad_scale": scale,
-            "embedding_is_dtensor": isinstance(sharded.get_input_embeddings().weight, DTensor),  # after the step: resharded
-        }
+        results[case] = comparison(reference, loss_local, steps_local, grads_sharded, world)
+        results[case]["embedding_is_dtensor"] = isinstance(sharded.get_input_embeddings().weight, DTensor)  # after the step: resharded
     results["evaluation_unequal_shares"] = evaluation_case(base, tokenizer, rank, world)
     results["evaluation_fewer_prompts_than_processes"] = [None] * world
     dist.all_gather_object(results["evaluation_fewer_prompts_than_processes"], evaluation_fewer_prompts_than_processes(base, tokenizer, rank, world))
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    write_results(results, out_path, rank)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,15 @@ partitioned by `deepspeed.initialize` (as the Trainer does under zero3.yaml: gra
 from __future__ import annotations
 
 import copy
-import json
 import sys
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
 from grade_trl.core.sharding import input_embedding_matrix, is_sharded
-from grade_trl.models import load_causal_lm, load_tokenizer, prepare_tokenizer, resolve_model_path
-from sharded_worker import GLOBAL_BATCH, NEW_TOKENS, PROMPTS, objective, relax_fn
+from grade_trl.models import load_causal_lm, resolve_model_path
+from sharded_worker import GLOBAL_BATCH, comparison, local_relax, objective, setup, unsharded_run, write_results
 
 CONFIG = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "fp16": {"enabled": False}, "bf16": {"enabled": False}}
@@ -86,16 +84,7 @@ def loading_case() -> dict:
 
 def main(out_path: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
-    tokenizer = prepare_tokenizer(load_tokenizer("embedded"))
-    base = load_causal_lm("embedded").eval()
-    enc_all = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-    enc = {k: v[rows] for k, v in enc_all.items()}
-    generator = torch.Generator().manual_seed(0)
-    noise_all = -torch.log(-torch.log(torch.rand(GLOBAL_BATCH, NEW_TOKENS, base.config.vocab_size, generator=generator).clamp_min(1e-10)))
-    eos = tokenizer.eos_token_id
+    rank, world, tokenizer, base, enc_all, rows, enc, noise_all, eos = setup()
     soft_rollout_module = sys.modules["grade_trl.core.soft_rollout"]
     results = {"loading": loading_case(), "best_checkpoint": best_checkpoint_case(base, enc)}
 
@@ -109,45 +98,18 @@ def main(out_path: str) -> None:
     cases = [("straight_through", True, []), ("gumbel_softmax", False, []), ("one_rank_finishes_early", True, [0, 1]), ("control_detached_gather", True, [])]
     for case, straight_through, force in cases:
         soft_rollout_module.input_embedding_matrix = detached_gather if case.startswith("control") else input_embedding_matrix
-        full = copy.deepcopy(base)
-        relax = relax_fn(noise_all, straight_through, eos, force)
-        relax.eos = eos
-        loss_full, steps_full = objective(full, enc_all, relax)
-        loss_full.backward()
-        grads_full = {n: p.grad.clone() for n, p in full.named_parameters() if p.grad is not None}
-
+        reference = unsharded_run(base, enc_all, noise_all, straight_through, eos, force)
         engine = partitioned_copy(base)
         model = engine.module  # as the trainers do: the rollout calls the unwrapped model, whose modules carry ZeRO's hooks
         partitioned = model.get_input_embeddings().weight.numel() == 0
-        local_force = [i for i in range(rows.stop - rows.start) if rows.start + i in force]
-        relax_local = relax_fn(noise_all[rows], straight_through, eos, local_force)
-        relax_local.eos = eos
-        loss_local, steps_local = objective(model, enc, relax_local)
+        loss_local, steps_local = objective(model, enc, local_relax(noise_all, rows, straight_through, eos, force))
         engine.backward(loss_local)
-        loss_mean = loss_local.detach().clone()
-        dist.all_reduce(loss_mean)
-        loss_mean /= world
         grads_sharded = {n: safe_get_full_grad(p) for n, p in model.named_parameters()}
         grads_sharded = {n: g for n, g in grads_sharded.items() if g is not None and g.abs().max() > 0}
-        diffs = {n: (grads_sharded[n] - g).abs().max().item() if n in grads_sharded else g.abs().max().item() for n, g in grads_full.items()}
-        results[case] = {
-            "loss_single": loss_full.item(),
-            "loss_sharded": loss_mean.item(),
-            "steps_single": steps_full,
-            "steps_local": steps_local,
-            "same_parameters_have_gradients": sorted(grads_full) == sorted(grads_sharded),
-            "max_grad_diff": max(diffs.values()),
-            "worst_param": max(diffs, key=diffs.get),
-            "grad_scale": max(g.abs().max().item() for g in grads_full.values()),
-            "embedding_partitioned": partitioned,
-        }
+        results[case] = comparison(reference, loss_local, steps_local, grads_sharded, world) | {"embedding_partitioned": partitioned}
         engine.destroy()
     soft_rollout_module.input_embedding_matrix = input_embedding_matrix
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    write_results(results, out_path, rank)
 
 
 if __name__ == "__main__":
