@@ -126,6 +126,23 @@ def sharded_copy(base, world: int):
     return sharded
 
 
+def accelerate_sharded_copy(base, world: int):
+    """A copy of `base` sharded by Accelerate's own `fsdp2_prepare_model`, as `accelerate_configs/fsdp2.yaml` does it:
+    every GPT2Block a unit, and (tied weights) E in a unit of its own with the final norm and the LM head, sharded
+    with `reshard_after_forward=False`, so that E stays unsharded between forwards; then the root."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+                                            cpu_ram_efficient_loading=False, state_dict_type="FULL_STATE_DICT")
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp_shard",))
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=mesh, parallelism_config=SimpleNamespace(fsdp_dim_names=("dp_shard",)),
+                                  mixed_precision="no", device=torch.device("cpu"), is_main_process=dist.get_rank() == 0)
+    return fsdp2_prepare_model(accelerator, copy.deepcopy(base))
+
+
 def evaluation_case(base, tokenizer, rank: int, world: int) -> dict:
     """Evaluation's generation on the sharded model with shares that cross a batch boundary on rank 0 only (3 prompts
     in batches of 2 against 1 prompt): without matching calls and synced decoding the processes' collectives would
@@ -166,14 +183,15 @@ def main(out_path: str) -> None:
     soft_rollout_module = sys.modules["grade_trl.core.soft_rollout"]  # the package rebinds the name `soft_rollout` to the function
 
     cases = [("straight_through", True, []), ("gumbel_softmax", False, []), ("one_rank_finishes_early", True, [0, 1]),
-             ("after_no_grad_forward", True, []), ("control_replicated_grad", True, [])]
+             ("after_no_grad_forward", True, []), ("accelerate_layout", True, []), ("accelerate_layout_after_no_grad_forward", True, []),
+             ("control_replicated_grad", True, [])]
     for case, straight_through, force in cases:
         # the control gathers E with full_tensor()'s default gradient layout (Replicate): each rank keeps its own
         # slice of its own gradient, not the average; the test checks that this differs, i.e. that it can fail
         soft_rollout_module.input_embedding_matrix = (lambda m: m.get_input_embeddings().weight.full_tensor() if isinstance(m.get_input_embeddings().weight, DTensor) else m.get_input_embeddings().weight) if case.startswith("control") else input_embedding_matrix
         reference = unsharded_run(base, enc_all, noise_all, straight_through, eos, force)
-        sharded = sharded_copy(base, world)
-        if case == "after_no_grad_forward":
+        sharded = accelerate_sharded_copy(base, world) if case.startswith("accelerate_layout") else sharded_copy(base, world)
+        if case.endswith("after_no_grad_forward"):
             # as a validation before a training step does: FSDP2 keeps the root unit (E) unsharded after a forward
             # (it expects the backward next), so E is then a plain tensor whose storage the next backward frees
             with torch.no_grad():

@@ -43,7 +43,8 @@ def sharded_rollout(tmp_path_factory):
 LOSS_RTOL, GRAD_RTOL = 1e-5, 2e-4
 
 
-@pytest.mark.parametrize("case", ["straight_through", "gumbel_softmax", "one_rank_finishes_early", "after_no_grad_forward"])
+@pytest.mark.parametrize("case", ["straight_through", "gumbel_softmax", "one_rank_finishes_early", "after_no_grad_forward",
+                                  "accelerate_layout", "accelerate_layout_after_no_grad_forward"])
 def test_sharded_soft_rollout_matches_one_process(sharded_rollout, case):
     """FSDP2 (every GPT2Block a unit, E a shard outside the forward) gives the unsharded loss and gradient of the
     global batch: E is gathered with an averaged gradient (core/sharding.py). In `one_rank_finishes_early` every row
@@ -51,7 +52,10 @@ def test_sharded_soft_rollout_matches_one_process(sharded_rollout, case):
     (without the shared stop, rank 0 would leave the loop and the processes' collectives would no longer match).
     In `after_no_grad_forward` a no-grad forward (a validation) comes first and leaves the root unit unsharded, E a
     plain tensor; read as it is, its storage was freed by the root's reshard in backward before the rollout's steps
-    had used it ("out of bounds for storage of size 0", seen under fsdp2.yaml on an H200)."""
+    had used it ("out of bounds for storage of size 0", seen under fsdp2.yaml on an H200). `accelerate_layout*`: the
+    model sharded by Accelerate's own `fsdp2_prepare_model`, as fsdp2.yaml does, where E sits in a unit of its own
+    that stays unsharded between forwards (`reshard_after_forward=False`); resharding only the root left E a plain
+    tensor there, freed in backward: the H200 failure of both leases, reproduced on CPU with this layout."""
     r = sharded_rollout[case]
     assert r["embedding_is_dtensor"]  # the case the gather is for
     assert r["same_parameters_have_gradients"]

@@ -63,9 +63,10 @@ def input_embedding_matrix(module: torch.nn.Module) -> torch.Tensor:
     weight: E arrives whole, and its gradient reaches the shards the way every module's does.
     """
     embedding = module.get_input_embeddings()
+    reshard_embedding(module)
     weight = embedding.weight
     if isinstance(weight, DTensor):
-        return weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
+        return _DenseGradient.apply(weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim))
     if _is_zero3(weight):
         embedding.forward = lambda *_: embedding.weight.clone()  # the hooks live in Module.__call__, not forward
         try:
@@ -75,15 +76,38 @@ def input_embedding_matrix(module: torch.nn.Module) -> torch.Tensor:
     return weight
 
 
-def reshard_root(module: torch.nn.Module) -> None:
-    """Put an FSDP2 root unit back to its shards before a rollout reads E with `input_embedding_matrix`.
+class _DenseGradient(torch.autograd.Function):
+    """Identity whose backward makes the gradient dense: the straight-through embeddings give E a sparse gradient
+    (the rows of the sampled tokens, core/soft_tokens.py), which the gather's backward (a reduce-scatter of a DTensor)
+    cannot take."""
 
-    After a forward without backward (a validation before a training step), FSDP2 leaves the root unit unsharded:
-    it expects the backward next. E is then a plain tensor, and the root's reshard during the next backward frees
-    its storage while the rollout's decode steps still need it in their own backward ("out of bounds for storage of
-    size 0", seen under fsdp2.yaml on an H200). Resharded, E is a DTensor and is gathered, with its own storage.
-    The next forward unshards the root again. A no-op for anything else, and for a root already sharded."""
-    if isinstance(module, FSDPModule) and not isinstance(module.get_input_embeddings().weight, DTensor):
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to_dense() if grad.is_sparse else grad
+
+
+def reshard_embedding(module: torch.nn.Module) -> None:
+    """Put the FSDP2 unit that holds E back to its shards, so that `input_embedding_matrix` gathers a copy of its own.
+
+    Between forwards, E can be the unit's unsharded parameter, a view of the unit's all-gather buffer: after a
+    forward without backward (a validation before a training step) and, always, under Accelerate's FSDP2 layout,
+    where with tied weights E sits in a unit of its own with the final norm and the LM head, sharded with
+    `reshard_after_forward=False` (accelerate/utils/fsdp_utils.py, `fsdp2_prepare_model`), so it stays unsharded after
+    every forward. Read as it is, E's storage is freed by that unit's reshard in the backward of the rollout's last
+    decode step, before the earlier steps' embeddings read E ("out of bounds for storage of size 0", seen under
+    fsdp2.yaml on an H200). `FSDPModule.reshard` is not recursive, so this reshards the unit that owns E: the
+    embedding's own unit if it has one, else the root. Safe mid-step: FSDP gathers a unit again before its backward,
+    into the same buffer its saved views read. A no-op when E is already a shard, and for an unsharded model."""
+    embedding = module.get_input_embeddings()
+    if isinstance(embedding.weight, DTensor):
+        return
+    if isinstance(embedding, FSDPModule):
+        embedding.reshard()
+    elif isinstance(module, FSDPModule):
         module.reshard()
 
 

@@ -31,7 +31,7 @@ from transformers import DynamicCache
 from .chunked_cache import ChunkedCache, ChunkedLayer, chunked_attention, supports_chunked_attention
 from .deferred_grads import DeferredWeightGrads, deferred_weight_grads
 from .masks import completion_mask
-from .sharding import all_finished, input_embedding_matrix, is_sharded, reshard_root
+from .sharding import all_finished, input_embedding_matrix, is_sharded
 from .soft_tokens import Relaxed, SoftTokens, embed_step
 
 Relax = Callable[[torch.Tensor, int], Relaxed]
@@ -153,7 +153,6 @@ def soft_rollout(
     sharded = is_sharded(inner)
     if sharded and checkpoint_steps:
         raise ValueError("rollout_checkpointing is not supported with a sharded (FSDP2 or ZeRO-3) policy; under FSDP2 use the config's fsdp_activation_checkpointing instead")
-    reshard_root(inner)  # FSDP2: a validation's forward may have left E unsharded, a tensor the next backward frees
     embed_matrix = input_embedding_matrix(inner)  # (V, H)
     vocab_size = embed_matrix.shape[0]
     chunked = cache == "chunked" and supports_chunked_attention(inner)
@@ -242,7 +241,6 @@ def reference_logits(
     reference (a LoRA policy's `disable_adapter`), entered by every forward and by the recomputation alike.
     Returns (B, T, V).
     """
-    embed = ref_model.get_input_embeddings()
     num_generated, prompt_length = rollout.tokens.shape[1], rollout.prompt_ids.shape[1]
     # Positions after a hard EOS are masked out of every statistic, but they stay visible here so the
     # reference conditions on exactly the prefix the policy conditioned on (the rollout did not mask them).
@@ -264,7 +262,8 @@ def reference_logits(
                              cache=cache, use_cache=True).logits  # (B, T-1, V)
 
     if num_generated > 1:
-        inputs_embeds = rollout.soft_tokens.drop_last().embed(embed.weight)  # (B, T-1, H)
+        # E whole (a copy when the reference is a sharded LoRA policy: core/sharding.py), the parameter otherwise
+        inputs_embeds = rollout.soft_tokens.drop_last().embed(input_embedding_matrix(ref_model))  # (B, T-1, H)
         rest = checkpoint(forward, inputs_embeds, use_reentrant=False) if recompute else forward(inputs_embeds)
         logits = torch.cat([first.to(rest.dtype), rest], dim=1)
     else:
