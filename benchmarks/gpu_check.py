@@ -29,6 +29,12 @@ seconds, so one call ends inside a lease.
     python benchmarks/gpu_check.py --tokenizer PATH/TO/gpt2 --output_dir docs/results/gpu_check
     python benchmarks/gpu_check.py --smoke --device cpu --tokenizer embedded --output_dir /tmp/gpu_check   # CPU, tiny shapes
 
+`--lanes N` runs the recipe, GSM8K and sharded runs N at a time, each as its own process, after the step cost and
+fit have run alone (a full-size recipe takes 160-230 s with its evaluations on an H200, so one after the other the
+check takes over half an hour; the second lease ran six such lanes from its call script):
+
+    python benchmarks/gpu_check.py --tokenizer PATH/TO/gpt2 --lanes 6 --budget_s 480
+
 `--smoke` runs the same sequence on 2-layer, 64-wide models with 8 new tokens and one step: what the test suite
 checks on CPU. `--stages`, `--recipes` and `--gsm8k_recipes` pick parts (e.g. to split the check across two calls).
 """
@@ -91,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="step_cost stage: also profile one step of each method (step_cost.py --profile). "
                         "Slow on a GPU: on an H200 the profiled GRADE-STE step had not finished within 2 minutes")
     parser.add_argument("--budget_s", type=float, default=None, help="start no part after this many seconds (it becomes a `skipped` row)")
+    parser.add_argument("--lanes", type=int, default=1, help="run the recipe, GSM8K and sharded runs as this many processes at once (each run one "
+                        "process, in its own folder under OUTPUT_DIR/lanes/), after the step cost and fit stages have run alone; "
+                        "1: every part in this process, one after the other")
     return parser.parse_args(argv)
 
 
@@ -382,6 +391,67 @@ def machine(device: str) -> str:
     return f"CPU, {torch.get_num_threads()} threads"
 
 
+TIMED_STAGES = ("step_cost", "fit")
+
+
+def lane_jobs(args, stages: list[str]) -> list[tuple[str, list[str]]]:
+    """(name, gpu_check arguments) of one run each: a recipe, a GSM8K recipe, a sharded recipe under one config."""
+    jobs = []
+    for stage in stages:
+        if stage == "recipes":
+            jobs += [(f"recipes_{name}", ["--stages", "recipes", "--recipes", name]) for name in recipe_names("imdb_*.yaml", args.recipes)]
+        elif stage == "gsm8k":
+            jobs += [(f"gsm8k_{name}", ["--stages", "gsm8k", "--gsm8k_recipes", name]) for name in recipe_names("gsm8k_*.yaml", args.gsm8k_recipes)]
+        elif stage in ("fsdp", "zero"):
+            configs = ["fsdp2.yaml"] if stage == "fsdp" else args.zero_configs
+            for config in configs:
+                jobs += [(f"{stage}_{Path(config).stem}_{name.replace('/', '_')}", ["--stages", stage, "--sharded_recipes", name, "--zero_configs", config])
+                         for name in args.sharded_recipes or SHARDED_RECIPES]
+    return jobs
+
+
+def run_lanes(args, stages: list[str], out: Path, report: "Report") -> None:
+    """Each run of `stages` as its own `gpu_check.py` process, `--lanes` at a time, sharing the device; their rows join
+    this report in the order of the jobs (each child writes OUTPUT_DIR/lanes/NAME/gpu_check.json as it goes). A
+    child that leaves no row becomes an error row; the budget skips jobs that would start after it and stops the
+    children still running at it plus 60 s."""
+    common = ["--tokenizer", args.tokenizer, "--device", args.device, "--max_steps", str(args.max_steps)]
+    common += (["--smoke"] if args.smoke else []) + (["--threads", str(args.threads)] if args.threads else [])
+    pending, running, finished, before = list(enumerate(lane_jobs(args, stages))), {}, {}, list(report.rows)
+
+    def record(index: int, rows: list[dict]) -> None:  # rewritten as each job ends: a parent cut off keeps what ended
+        finished[index] = rows
+        report.rows = before + [row for i in sorted(finished) for row in finished[i]]
+        report.write()
+
+    while pending or running:
+        while pending and len(running) < args.lanes:
+            index, (name, job_args) = pending.pop(0)
+            left = None if args.budget_s is None else args.budget_s - (time.time() - report.start)
+            if left is not None and left <= 0:
+                record(index, [{"stage": job_args[1], "what": name, "status": "skipped", "error": f"time budget of {args.budget_s:.0f} s spent"}])
+                continue
+            folder = out / "lanes" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            log = open(folder / "log.txt", "w")
+            command = [sys.executable, str(Path(__file__).resolve()), *common, *job_args, "--output_dir", str(folder)]
+            running[index] = (name, job_args[1], folder, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd()), log)
+            print(f"[gpu_check] lane started: {name}", flush=True)
+        time.sleep(1.0)
+        overdue = args.budget_s is not None and time.time() - report.start > args.budget_s + 60
+        for index, (name, stage, folder, process, log) in list(running.items()):
+            if process.poll() is None and not overdue:
+                continue
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            log.close()
+            rows = json.loads((folder / "gpu_check.json").read_text())["rows"] if (folder / "gpu_check.json").is_file() else []
+            record(index, rows or [{"stage": stage, "what": name, "status": "error", "error": f"exit {process.returncode}, no row (see {folder / 'log.txt'})"}])
+            del running[index]
+            print(f"[gpu_check] lane done: {name}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import transformers
@@ -394,11 +464,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(header, flush=True)
     report = Report(out, header, args.budget_s)
     stages = {"step_cost": stage_step_cost, "fit": stage_fit, "recipes": stage_recipes, "gsm8k": stage_gsm8k, "fsdp": stage_fsdp, "zero": stage_zero}
+    alone = [stage for stage in args.stages if args.lanes == 1 or stage in TIMED_STAGES]  # timings need the machine to themselves
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
-        for stage in args.stages:
+        for stage in alone:
             stage_start = time.time()
             report.part("(set-up)", stage, lambda: stages[stage](args, workdir, out, report) or [])  # a model that cannot be built
             print(f"[gpu_check] {stage}: {time.time() - stage_start:.0f} s", flush=True)
+    if args.lanes > 1:
+        run_lanes(args, [stage for stage in args.stages if stage not in alone], out, report)
     text = report.write(" ".join(argv if argv is not None else sys.argv[1:]))
     print("\n" + text, flush=True)
     return {"header": header, "rows": report.rows, "seconds": time.time() - report.start}

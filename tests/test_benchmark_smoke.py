@@ -93,3 +93,18 @@ def test_sharding_table_agrees_with_the_memory_model_and_orders_the_configs():
             values = [table.per_gpu_gib(model, method, config, layers, hidden, 16, 48, 8) for config in table.CONFIGS]
             assert values[0] > values[1] > values[2], (name, method, values)
     assert "| gpt2-xl | 1558M | grade_ste |" in table.main(["--batch_size", "64"])
+
+
+def test_gpu_check_lanes_run_each_recipe_as_its_own_process_and_merge_one_table(tmp_path):
+    """`--lanes 2`: the step cost first, alone, in this process; then each run as its own gpu_check process, two at a
+    time, each in OUTPUT_DIR/lanes/NAME, their rows merged into the one table in the order of the jobs."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT.parent / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    payload = gpu_check.main(["--smoke", "--device", "cpu", "--tokenizer", "embedded", "--threads", "1", "--output_dir", str(tmp_path), "--lanes", "2",
+                              "--stages", "step_cost", "recipes", "gsm8k", "--precisions", "float32", "--cost_methods", "reinforce",
+                              "--recipes", "imdb_reinforce", "--gsm8k_recipes", "gsm8k_grpo"])
+    assert [(r["stage"], r["what"].split()[0], r["status"]) for r in payload["rows"]] == [
+        ("step_cost", "reinforce", "ok"), ("recipes", "imdb_reinforce", "completed"), ("gsm8k", "gsm8k_grpo", "completed")]
+    assert (tmp_path / "lanes" / "recipes_imdb_reinforce" / "imdb_reinforce_results.json").is_file()
+    assert "| gsm8k | gsm8k_grpo | completed |" in (tmp_path / "gpu_check.md").read_text()
