@@ -56,7 +56,34 @@ def objective(model, enc, relax):
     return per_row.mean(), int(rollout.tokens.shape[1])
 
 
-def unsharded_run(base, enc_all, noise_all, straight_through: bool, eos: int, force: list[int]):
+def lora_objective(model, enc, relax):
+    """GRADE's LoRA case: the rollout of the policy (adapters on), the reference as the same model with its adapters
+    disabled (grade_trl's reference under `use_peft`), the exact KL between them, and the embedded soft tokens."""
+    from grade_trl.core.kl import exact_kl
+    from grade_trl.core.soft_rollout import reference_logits
+
+    rollout = soft_rollout(model, enc["input_ids"], enc["attention_mask"], relax, NEW_TOKENS, 0, relax.eos, cache="chunked")
+    ref = reference_logits(model, rollout, 0, relax.eos, context=model.disable_adapter)
+    kl = exact_kl(rollout.logits, ref).sum(-1)  # (B,)
+    embeds = rollout.soft_tokens.embed(input_embedding_matrix(model))
+    per_row = rollout.logits.float().logsumexp(-1).mean(-1) + kl + embeds.float().pow(2).mean((1, 2))
+    return per_row.mean(), int(rollout.tokens.shape[1])
+
+
+def lora_copy(base):
+    """`base` with LoRA adapters on its attention and MLP (r 4), B initialised non-zero so every adapter weight has a
+    gradient, the same on every rank (seeded)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    return model
+
+
+def unsharded_run(base, enc_all, noise_all, straight_through: bool, eos: int, force: list[int], objective=objective):
     """The reference: an unsharded copy on the whole global batch (every rank computes it). (loss, steps, gradients)."""
     full = copy.deepcopy(base)
     relax = relax_fn(noise_all, straight_through, eos, force)
@@ -184,20 +211,22 @@ def main(out_path: str) -> None:
 
     cases = [("straight_through", True, []), ("gumbel_softmax", False, []), ("one_rank_finishes_early", True, [0, 1]),
              ("after_no_grad_forward", True, []), ("accelerate_layout", True, []), ("accelerate_layout_after_no_grad_forward", True, []),
-             ("control_replicated_grad", True, [])]
+             ("lora_accelerate_layout", True, []), ("control_replicated_grad", True, [])]
     for case, straight_through, force in cases:
         # the control gathers E with full_tensor()'s default gradient layout (Replicate): each rank keeps its own
         # slice of its own gradient, not the average; the test checks that this differs, i.e. that it can fail
         soft_rollout_module.input_embedding_matrix = (lambda m: m.get_input_embeddings().weight.full_tensor() if isinstance(m.get_input_embeddings().weight, DTensor) else m.get_input_embeddings().weight) if case.startswith("control") else input_embedding_matrix
-        reference = unsharded_run(base, enc_all, noise_all, straight_through, eos, force)
-        sharded = accelerate_sharded_copy(base, world) if case.startswith("accelerate_layout") else sharded_copy(base, world)
+        lora = case.startswith("lora")
+        model_of_case, objective_of_case = (lora_copy(base), lora_objective) if lora else (base, objective)
+        reference = unsharded_run(model_of_case, enc_all, noise_all, straight_through, eos, force, objective_of_case)
+        sharded = accelerate_sharded_copy(model_of_case, world) if "accelerate_layout" in case else sharded_copy(base, world)
         if case.endswith("after_no_grad_forward"):
             # as a validation before a training step does: FSDP2 keeps the root unit (E) unsharded after a forward
             # (it expects the backward next), so E is then a plain tensor whose storage the next backward frees
             with torch.no_grad():
                 sharded(**enc)
         # force EOS in every row of rank 0 only (global rows 0 and 1): its rows finish at step 1, rank 1's do not
-        loss_local, steps_local = objective(sharded, enc, local_relax(noise_all, rows, straight_through, eos, force))
+        loss_local, steps_local = objective_of_case(sharded, enc, local_relax(noise_all, rows, straight_through, eos, force))
         loss_local.backward()
         grads_sharded = {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.grad is not None}
         results[case] = comparison(reference, loss_local, steps_local, grads_sharded, world)

@@ -44,7 +44,7 @@ LOSS_RTOL, GRAD_RTOL = 1e-5, 2e-4
 
 
 @pytest.mark.parametrize("case", ["straight_through", "gumbel_softmax", "one_rank_finishes_early", "after_no_grad_forward",
-                                  "accelerate_layout", "accelerate_layout_after_no_grad_forward"])
+                                  "accelerate_layout", "accelerate_layout_after_no_grad_forward", "lora_accelerate_layout"])
 def test_sharded_soft_rollout_matches_one_process(sharded_rollout, case):
     """FSDP2 (every GPT2Block a unit, E a shard outside the forward) gives the unsharded loss and gradient of the
     global batch: E is gathered with an averaged gradient (core/sharding.py). In `one_rank_finishes_early` every row
@@ -55,7 +55,10 @@ def test_sharded_soft_rollout_matches_one_process(sharded_rollout, case):
     had used it ("out of bounds for storage of size 0", seen under fsdp2.yaml on an H200). `accelerate_layout*`: the
     model sharded by Accelerate's own `fsdp2_prepare_model`, as fsdp2.yaml does, where E sits in a unit of its own
     that stays unsharded between forwards (`reshard_after_forward=False`); resharding only the root left E a plain
-    tensor there, freed in backward: the H200 failure of both leases, reproduced on CPU with this layout."""
+    tensor there, freed in backward: the H200 failure of both leases, reproduced on CPU with this layout.
+    `lora_accelerate_layout`: a LoRA policy in that layout, its reference the same model with the adapters disabled
+    (grade_trl's reference under `use_peft`), the loss adding the exact KL between them: the adapters' gradients
+    equal one process's."""
     r = sharded_rollout[case]
     assert r["embedding_is_dtensor"]  # the case the gather is for
     assert r["same_parameters_have_gradients"]
