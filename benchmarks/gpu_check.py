@@ -464,7 +464,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(header, flush=True)
     report = Report(out, header, args.budget_s)
     stages = {"step_cost": stage_step_cost, "fit": stage_fit, "recipes": stage_recipes, "gsm8k": stage_gsm8k, "fsdp": stage_fsdp, "zero": stage_zero}
-    alone = [stage for stage in args.stages if args.lanes == 1 or stage in TIMED_STAGES]  # timings need the machine to themselves
+    # timings need the machine to themselves; without GPUs the sharded stages only give their skip row, in-process
+    in_process = TIMED_STAGES + (("fsdp", "zero") if not (args.device == "cuda" and torch.cuda.device_count()) else ())
+    alone = [stage for stage in args.stages if args.lanes == 1 or stage in in_process]
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
         for stage in alone:
             stage_start = time.time()

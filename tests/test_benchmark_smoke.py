@@ -60,19 +60,23 @@ def test_step_cost_sweeps_new_tokens_with_grade_switches_and_fits_the_growth_law
 
 
 def test_gpu_check_smoke_runs_every_stage_and_writes_one_table(tmp_path, capsys):
-    """benchmarks/gpu_check.py (the one command for a GPU machine) on CPU with tiny shapes: each stage gives its rows,
-    each recipe run completes through the real runner, and the table and JSON are written. Measures nothing."""
+    """benchmarks/gpu_check.py (the one command for a GPU machine) on CPU with tiny shapes and `--lanes 2`: the step
+    cost and fit first, in this process; then each recipe run as its own gpu_check process (which runs it in-process,
+    the path of `--lanes 1`), two at a time, each in OUTPUT_DIR/lanes/NAME, completing through the real runner; the
+    sharded stages give their CPU skip rows in this process; one table and JSON, the lanes' rows in the order of the jobs."""
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT.parent / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    payload = gpu_check.main(["--smoke", "--device", "cpu", "--tokenizer", "embedded", "--threads", "1", "--output_dir", str(tmp_path),
-                              "--recipes", "imdb_grade_ste", "imdb_ppo", "--gsm8k_recipes", "gsm8k_grpo"])
+    payload = gpu_check.main(["--smoke", "--device", "cpu", "--tokenizer", "embedded", "--threads", "1", "--output_dir", str(tmp_path), "--lanes", "2",
+                              "--recipes", "imdb_grade_ste", "imdb_ppo", "--gsm8k_recipes", "gsm8k_grpo", "--sharded_recipes", "tiny/imdb_ppo"])
     rows = {(r["stage"], r["what"].split()[0]): r for r in payload["rows"]}
     assert sum(r["stage"] == "step_cost" for r in payload["rows"]) == 2 * len(gpu_check.COST_METHODS)  # float32 and bf16
-    assert all(r["status"] == "ok" and r["seconds_per_step"] > 0 for r in payload["rows"] if r["stage"] == "step_cost")
-    for key in (("recipes", "imdb_grade_ste"), ("recipes", "imdb_ppo"), ("gsm8k", "gsm8k_grpo")):
+    assert all(r["status"] == "ok" and r["seconds_per_step"] > 0 for r in payload["rows"] if r["stage"] in ("step_cost", "fit"))
+    assert [r["stage"] for r in payload["rows"]][-5:] == ["fsdp", "zero", "recipes", "recipes", "gsm8k"]  # CPU: skip rows in-process, then the jobs in order
+    for key, job in ((("recipes", "imdb_grade_ste"), "recipes_imdb_grade_ste"), (("recipes", "imdb_ppo"), "recipes_imdb_ppo"), (("gsm8k", "gsm8k_grpo"), "gsm8k_gsm8k_grpo")):
         assert rows[key]["status"] == "completed" and rows[key]["exit_code"] == 0 and rows[key]["steps"] == 1, rows[key]
-        assert (tmp_path / f"{key[1]}_results.json").is_file()
+        assert (tmp_path / "lanes" / job / f"{key[1]}_results.json").is_file()
+    assert rows[("fsdp", "(all)")]["status"] == "skipped"  # FSDP and DeepSpeed need GPUs
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| recipes | imdb_ppo | completed |" in table and (tmp_path / "gpu_check.json").is_file()
 
@@ -93,18 +97,3 @@ def test_sharding_table_agrees_with_the_memory_model_and_orders_the_configs():
             values = [table.per_gpu_gib(model, method, config, layers, hidden, 16, 48, 8) for config in table.CONFIGS]
             assert values[0] > values[1] > values[2], (name, method, values)
     assert "| gpt2-xl | 1558M | grade_ste |" in table.main(["--batch_size", "64"])
-
-
-def test_gpu_check_lanes_run_each_recipe_as_its_own_process_and_merge_one_table(tmp_path):
-    """`--lanes 2`: the step cost first, alone, in this process; then each run as its own gpu_check process, two at a
-    time, each in OUTPUT_DIR/lanes/NAME, their rows merged into the one table in the order of the jobs."""
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT.parent / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    payload = gpu_check.main(["--smoke", "--device", "cpu", "--tokenizer", "embedded", "--threads", "1", "--output_dir", str(tmp_path), "--lanes", "2",
-                              "--stages", "step_cost", "recipes", "gsm8k", "--precisions", "float32", "--cost_methods", "reinforce",
-                              "--recipes", "imdb_reinforce", "--gsm8k_recipes", "gsm8k_grpo"])
-    assert [(r["stage"], r["what"].split()[0], r["status"]) for r in payload["rows"]] == [
-        ("step_cost", "reinforce", "ok"), ("recipes", "imdb_reinforce", "completed"), ("gsm8k", "gsm8k_grpo", "completed")]
-    assert (tmp_path / "lanes" / "recipes_imdb_reinforce" / "imdb_reinforce_results.json").is_file()
-    assert "| gsm8k | gsm8k_grpo | completed |" in (tmp_path / "gpu_check.md").read_text()
