@@ -157,15 +157,21 @@ def test_cli_missing_recipe_file(tmp_path):
     assert result.returncode == 2 and "recipe file not found: nope.yaml" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_cli_help_lists_keys(tmp_path):
+def test_cli_help_lists_keys(tmp_path, capsys):
+    """The command itself once (a process), then the method-specific help in-process (the same `main`)."""
+    from grade_trl.run import main
+
     result = _run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0 and "tau_anneal_steps" in result.stdout and "reward_input" in result.stdout
-    ppo = _run_cli(str(REPO / "recipes" / "tiny" / "imdb_ppo.yaml"), "--help", cwd=tmp_path)  # the recipe's method
-    assert ppo.returncode == 0 and "  cliprange (default 0.2)" in ppo.stdout and "tau_anneal_steps" not in ppo.stdout
-    grpo = _run_cli("--help", "--method", "grpo", cwd=tmp_path)
-    assert grpo.returncode == 0 and "  num_generations (default" in grpo.stdout and "  beta (default" in grpo.stdout
-    bad = _run_cli("--help", "--method", "sgd", cwd=tmp_path)
-    assert bad.returncode == 2 and "unknown method 'sgd'" in bad.stderr and "Traceback" not in bad.stderr
+    assert main([str(REPO / "recipes" / "tiny" / "imdb_ppo.yaml"), "--help"]) == 0  # the recipe's method
+    ppo = capsys.readouterr().out
+    assert "  cliprange (default 0.2)" in ppo and "tau_anneal_steps" not in ppo
+    assert main(["--help", "--method", "grpo"]) == 0
+    grpo = capsys.readouterr().out
+    assert "  num_generations (default" in grpo and "  beta (default" in grpo
+    assert main(["--help", "--method", "sgd"]) == 2
+    bad = capsys.readouterr().err
+    assert "unknown method 'sgd'" in bad and "Traceback" not in bad
 
 
 def test_cli_unloadable_model_and_data_exit_2_with_one_line(tmp_path):
