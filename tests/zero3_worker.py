@@ -83,6 +83,9 @@ def loading_case() -> dict:
 
 
 def main(out_path: str) -> None:
+    # DeepSpeed's CPU accelerator would JIT-compile its shared-memory all-reduce (a C++ build of about 40 s on a fresh
+    # install, and a compiler needed); gloo alone does what the test needs
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world, tokenizer, base, enc_all, rows, enc, noise_all, eos = setup()
     soft_rollout_module = sys.modules["grade_trl.core.soft_rollout"]
