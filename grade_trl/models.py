@@ -60,13 +60,19 @@ def whole_weights():
         hf_deepspeed.set_hf_deepspeed_config(config)
 
 
+def load_pretrained(model_class, path: str, **kwargs):
+    """`model_class.from_pretrained(path, **kwargs)` as grade_trl loads every model it builds itself (the policy, the
+    reward model's backbone, the judge): without hub kernels unless `kwargs` say otherwise (`NO_HUB_KERNELS`), and
+    whole on this process (`whole_weights`)."""
+    with whole_weights():
+        return model_class.from_pretrained(path, **{**NO_HUB_KERNELS, **kwargs})
+
+
 def load_causal_lm(name_or_path: str, dtype: torch.dtype | str = torch.float32, **kwargs):
-    """A causal LM, whole on this process (`whole_weights`), in float32 unless `dtype` says otherwise."""
-    path = resolve_model_path(name_or_path)
+    """A causal LM, whole on this process (`load_pretrained`), in float32 unless `dtype` says otherwise."""
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    with whole_weights():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **{**NO_HUB_KERNELS, **kwargs})
+    return load_pretrained(AutoModelForCausalLM, resolve_model_path(name_or_path), dtype=dtype, **kwargs)
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

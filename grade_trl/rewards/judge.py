@@ -101,13 +101,12 @@ class ClassifierJudge(Judge):
     def __init__(self, name_or_path: str, batch_size: int = 32, max_length: int = 512, device: str | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from ..models import NO_HUB_KERNELS, whole_weights
+        from ..models import load_pretrained
 
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        with whole_weights():  # replicated, never partitioned by a ZeRO-3 launch (models.py)
-            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **NO_HUB_KERNELS).eval()
+        self.model = load_pretrained(AutoModelForSequenceClassification, name_or_path).eval()  # whole: replicated under ZeRO-3 too
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)

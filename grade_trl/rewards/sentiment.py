@@ -24,7 +24,7 @@ from ..core.precision import at_least_float32
 from ..core.sharding import input_embedding_matrix
 from ..core.soft_rollout import position_ids_from_mask
 from ..core.soft_tokens import SoftTokens, as_soft_tokens
-from ..models import NO_HUB_KERNELS, resolve_model_path, whole_weights
+from ..models import load_pretrained, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,7 @@ class SentimentRewardModel(nn.Module):
 
     @classmethod
     def from_backbone(cls, name_or_path: str, dtype=torch.float32) -> "SentimentRewardModel":
-        with whole_weights():  # replicated, never partitioned by a ZeRO-3 launch (models.py)
-            backbone = AutoModel.from_pretrained(resolve_model_path(name_or_path), dtype=dtype, **NO_HUB_KERNELS)
+        backbone = load_pretrained(AutoModel, resolve_model_path(name_or_path), dtype=dtype)  # whole: replicated under ZeRO-3 too
         return cls(backbone, name_or_path)
 
     def train(self, mode: bool = True):  # the backbone stays in eval mode (no dropout) whatever the head does
