@@ -403,8 +403,9 @@ class EvaluationCallback(TrainerCallback):
         parameters = dict(self.policy().named_parameters())
         with torch.no_grad():
             for name, value in (self.best_parameters or {}).items():
-                current[name] = local_data(parameters[name]).detach().to("cpu", copy=True)
-                local_data(parameters[name]).copy_(value)
+                held = local_data(parameters[name])
+                current[name] = held.detach().to("cpu", copy=True)
+                held.copy_(value)
         return current
 
     def restore(self, saved: dict[str, torch.Tensor]) -> None:
