@@ -203,12 +203,14 @@ def zero3_rollout(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("case", ["straight_through", "gumbel_softmax", "one_rank_finishes_early"])
+@pytest.mark.parametrize("case", ["straight_through", "gumbel_softmax", "one_rank_finishes_early", "lora"])
 def test_zero3_soft_rollout_matches_one_process(zero3_rollout, case):
     """ZeRO-3 (every parameter partitioned, E an empty tensor outside its module's forward) gives the unsharded loss
     and gradient of the global batch: E is gathered by calling the embedding module, whose hooks gather it again in
     backward and reduce-scatter its gradient (core/sharding.py). `one_rank_finishes_early`: rank 0's rows all end at
-    step 1, and its decode loop still runs the 6 steps every rank runs (each forward gathers: a collective)."""
+    step 1, and its decode loop still runs the 6 steps every rank runs (each forward gathers: a collective). `lora`:
+    a LoRA policy partitioned whole, the reference its adapters disabled, the exact KL in the loss; only the adapters
+    have gradients, and they equal one process's."""
     r = zero3_rollout[case]
     assert r["embedding_partitioned"]
     assert r["same_parameters_have_gradients"]

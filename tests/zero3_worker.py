@@ -20,7 +20,7 @@ from deepspeed.utils import safe_get_full_grad
 
 from grade_trl.core.sharding import input_embedding_matrix, is_sharded
 from grade_trl.models import load_causal_lm, resolve_model_path
-from sharded_worker import GLOBAL_BATCH, comparison, local_relax, objective, setup, unsharded_run, write_results
+from sharded_worker import GLOBAL_BATCH, comparison, local_relax, lora_copy, lora_objective, objective, setup, unsharded_run, write_results
 
 CONFIG = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "fp16": {"enabled": False}, "bf16": {"enabled": False}}
@@ -98,14 +98,18 @@ def main(out_path: str) -> None:
         with deepspeed.zero.GatheredParameters([weight]):
             return weight.detach().clone()
 
-    cases = [("straight_through", True, []), ("gumbel_softmax", False, []), ("one_rank_finishes_early", True, [0, 1]), ("control_detached_gather", True, [])]
+    cases = [("straight_through", True, []), ("gumbel_softmax", False, []), ("one_rank_finishes_early", True, [0, 1]), ("lora", True, []),
+             ("control_detached_gather", True, [])]
     for case, straight_through, force in cases:
         soft_rollout_module.input_embedding_matrix = detached_gather if case.startswith("control") else input_embedding_matrix
-        reference = unsharded_run(base, enc_all, noise_all, straight_through, eos, force)
-        engine = partitioned_copy(base)
+        # lora: a LoRA policy partitioned whole (adapters and frozen base), its reference the same model with the
+        # adapters disabled (grade_trl's reference under use_peft), the exact KL between them in the loss
+        model_of_case, objective_of_case = (lora_copy(base), lora_objective) if case == "lora" else (base, objective)
+        reference = unsharded_run(model_of_case, enc_all, noise_all, straight_through, eos, force, objective_of_case)
+        engine = partitioned_copy(model_of_case)
         model = engine.module  # as the trainers do: the rollout calls the unwrapped model, whose modules carry ZeRO's hooks
         partitioned = model.get_input_embeddings().weight.numel() == 0
-        loss_local, steps_local = objective(model, enc, local_relax(noise_all, rows, straight_through, eos, force))
+        loss_local, steps_local = objective_of_case(model, enc, local_relax(noise_all, rows, straight_through, eos, force))
         engine.backward(loss_local)
         grads_sharded = {n: safe_get_full_grad(p) for n, p in model.named_parameters()}
         grads_sharded = {n: g for n, g in grads_sharded.items() if g is not None and g.abs().max() > 0}
