@@ -10,7 +10,11 @@ that stops before a non-finite gradient reaches the weights.
 - `NonFiniteGuard`: a `transformers.TrainerCallback` that checks the gradient after backward and clipping, before
   `optimizer.step()` (Trainer's `on_pre_optimizer_step`), for every method (TRL's GRPO included: it is a
   callback). A NaN or inf loss makes every gradient non-finite, so this one check covers the loss too. It stops the
-  run (default) or, with `nonfinite: skip`, skips the update and counts it, up to `nonfinite_max_skips`.
+  run (default) or, with `nonfinite: skip`, skips the update and counts it, up to `nonfinite_max_skips`. Under
+  DeepSpeed the engine has already stepped by then (inside `accelerator.backward`), so the guard reads what ZeRO
+  did: its global gradient norm and whether it discarded the step. Under fp16 loss scaling an overflow is the
+  scaler's signal to lower its scale, and the scaler skips that step itself; the guard steps in only once the scale
+  is below 1, where no overflow of a finite loss explains a non-finite gradient.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import contextlib
 import errno
 import fcntl
 import logging
+import math
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -104,7 +110,13 @@ class NonFiniteGuard(TrainerCallback):
     parameter (`mode="stop"`), or (`mode="skip"`) the update is skipped: every gradient is set to None, which
     torch's optimizers pass over (no parameter, moment or step-count change; the learning-rate schedule still
     advances), the step is recorded in `skipped_steps` and logged as a warning, and more than `max_skips` skipped
-    updates stop the run as `stop` does. Gradients are all-reduced before this point, so every process agrees."""
+    updates stop the run as `stop` does. Gradients are all-reduced before this point, so every process agrees.
+
+    DeepSpeed: the engine steps inside `accelerator.backward`, before this callback, and ZeRO keeps the gradients in
+    its own partitions (every `.grad` is None). ZeRO discards a step whose global gradient norm is not finite (its
+    `overflow` flag; ZeRO-3 always, ZeRO-1/2 in float32, and in bf16 with `check_grad_overflow`, DeepSpeed's default),
+    so the guard reads that: `stop` raises with the update not applied, `skip` counts it. A non-finite norm on a step
+    ZeRO applied (bf16 with `check_grad_overflow: false`) cannot be undone and stops the run in both modes."""
 
     def __init__(self, mode: str = "stop", max_skips: int = 10):
         if mode not in ("stop", "skip"):
@@ -112,23 +124,60 @@ class NonFiniteGuard(TrainerCallback):
         self.mode, self.max_skips = mode, int(max_skips)
         self.skipped_steps: list[int] = []
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         import torch
 
+        step = state.global_step + 1
+        zero = _deepspeed_optimizer(optimizer)
+        if zero is not None:
+            self._check_deepspeed_step(zero, step)
+            return
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=2.0))):
             return
+        scaler = getattr(optimizer, "scaler", None)  # Accelerate's GradScaler under fp16
+        if scaler is not None and scaler.is_enabled() and scaler.get_scale() >= 1:
+            return  # an overflow at this loss scale: the scaler skips the step and lowers the scale itself
         name, grad = next(((n, p.grad) for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())), ("?", None))
         kind = "nan" if grad is not None and bool(torch.isnan(grad).any()) else "inf"
-        step = state.global_step + 1
-        if self.mode == "skip" and len(self.skipped_steps) < self.max_skips:
-            self.skipped_steps.append(step)
+        if self._skip(step, f"{kind} in {name}"):
             for parameter in model.parameters():
                 parameter.grad = None
-            logger.warning("step %d: the gradient is not finite (%s in %s); update skipped (%d of at most %d, nonfinite_max_skips)", step, kind, name, len(self.skipped_steps), self.max_skips)
+
+    def _check_deepspeed_step(self, zero, step: int) -> None:
+        """After DeepSpeed's step: `zero` is its ZeRO optimizer, whose `overflow` says it discarded the step and whose
+        `_global_grad_norm` (None when ZeRO-1/2 computes no norm) is set to inf when it did."""
+        import torch
+
+        norm = getattr(zero, "_global_grad_norm", None)
+        norm = None if norm is None else float(norm)
+        discarded = bool(getattr(zero, "overflow", False))
+        if not discarded and (norm is None or math.isfinite(norm)):
             return
+        if discarded and getattr(zero, "dtype", None) == torch.float16 and float(getattr(zero, "loss_scale", 0.0)) >= 1:
+            return  # DeepSpeed's fp16 loss scaler: an overflow, skipped and the scale lowered (as Accelerate's scaler)
+        where = f"global gradient norm {norm}" if norm is not None else "DeepSpeed's overflow check"
+        if not discarded:
+            raise NonFiniteGradientError(
+                f"step {step}: the gradient is not finite ({where}) and DeepSpeed applied the update; enable its check "
+                "(deepspeed config bf16.check_grad_overflow: true) so such a step is discarded"
+            )
+        self._skip(step, where)  # ZeRO discarded the update already: nothing to undo
+
+    def _skip(self, step: int, where: str) -> bool:
+        """A non-finite gradient at `step`: True if the update is to be skipped (`skip`, under the limit), else raise."""
+        if self.mode == "skip" and len(self.skipped_steps) < self.max_skips:
+            self.skipped_steps.append(step)
+            logger.warning("step %d: the gradient is not finite (%s); update skipped (%d of at most %d, nonfinite_max_skips)", step, where, len(self.skipped_steps), self.max_skips)
+            return True
         limit = f" after {self.max_skips} skipped updates (nonfinite_max_skips)" if self.mode == "skip" else ""
         raise NonFiniteGradientError(
-            f"step {step}: the gradient is not finite ({kind} in {name}){limit}; the update was not applied. "
+            f"step {step}: the gradient is not finite ({where}){limit}; the update was not applied. "
             "A NaN or inf loss (a reward returning NaN, a KL of a zero probability, a too large learning_rate) causes this"
         )
+
+
+def _deepspeed_optimizer(optimizer):
+    """The ZeRO optimizer inside Accelerate's DeepSpeed optimizer wrapper, or None (no DeepSpeed; never imports it)."""
+    wrapper = getattr(sys.modules.get("accelerate.utils.deepspeed"), "DeepSpeedOptimizerWrapper", None)
+    return optimizer.optimizer if wrapper is not None and isinstance(optimizer, wrapper) else None

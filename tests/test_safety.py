@@ -66,6 +66,20 @@ def test_the_guard_stops_before_a_non_finite_gradient_is_applied():
         guard.on_pre_optimizer_step(None, type("State", (), {"global_step": 4})(), None, model=model)
 
 
+def test_under_fp16_loss_scaling_an_overflow_is_left_to_the_scaler():
+    """fp16: an inf gradient is how the loss scaler finds its scale too high; it skips that step and halves the scale,
+    so the guard lets it be, until the scale is below 1 (then no overflow of a finite loss explains it)."""
+    model = torch.nn.Linear(3, 1)
+    model(torch.ones(1, 3)).sum().backward()
+    model.weight.grad[0, 0] = float("inf")
+    state = type("State", (), {"global_step": 0})()
+    scaled = type("Optimizer", (), {"scaler": torch.amp.GradScaler("cpu", init_scale=2.0**16)})()
+    NonFiniteGuard().on_pre_optimizer_step(None, state, None, model=model, optimizer=scaled)  # the scaler's business
+    exhausted = type("Optimizer", (), {"scaler": torch.amp.GradScaler("cpu", init_scale=0.5)})()
+    with pytest.raises(NonFiniteGradientError, match=r"inf in weight"):
+        NonFiniteGuard().on_pre_optimizer_step(None, state, None, model=model, optimizer=exhausted)
+
+
 class NaNGradientReward(LengthReward):
     """A differentiable reward with a finite value and a NaN gradient (d sqrt(u)/du = inf at u = 0, times 0): past
     the reward check that GRADE applies to values, only the guard can see it."""

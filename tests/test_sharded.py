@@ -236,6 +236,20 @@ def test_best_checkpoint_swaps_in_and_back_under_zero3(zero3_rollout):
     assert r["swapped_vs_kept"] < 1e-6 and r["restored_vs_latest"] < 1e-6, r
 
 
+@pytest.mark.parametrize("stage", [3, 2])
+def test_the_nonfinite_guard_reads_what_deepspeed_did(zero3_rollout, stage):
+    """Under DeepSpeed the engine steps inside `accelerator.backward` and keeps the gradients in ZeRO's partitions, so
+    the guard reads ZeRO's own check: a finite step passes (and moved the weights), a NaN loss's step is discarded by
+    ZeRO and stops the run (`stop`) or is counted (`skip`, then stops past `nonfinite_max_skips`). Before, the guard
+    saw no `.grad` there and every error string below was empty."""
+    r = zero3_rollout[f"nonfinite_guard_zero{stage}"]
+    assert r["finite_error"] == "" and r["finite_step_changed_logits"] > 1e-3, r
+    assert r["nan_stop_error"].startswith("step 2: the gradient is not finite (global gradient norm inf); the update was not applied"), r
+    assert r["nan_step_changed_logits"] == 0.0, r
+    assert r["nan_skip_error"] == "" and r["skipped_steps"] == [3], r
+    assert "after 1 skipped updates (nonfinite_max_skips)" in r["nan_past_limit_error"], r
+
+
 def test_frozen_models_load_whole_under_zero3(zero3_rollout):
     """With a ZeRO-3 config registered (TrainingArguments does it under zero3.yaml), transformers partitions every
     model it loads; the policy (whose copy is the replicated reference), the reward backbone and the judge load whole

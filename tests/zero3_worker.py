@@ -26,10 +26,52 @@ CONFIG = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // 2, "gradient_accumul
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "fp16": {"enabled": False}, "bf16": {"enabled": False}}
 
 
-def partitioned_copy(base, lr: float = 0.0):
+def partitioned_copy(base, lr: float = 0.0, stage: int = 3):
     model = copy.deepcopy(base).train()
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), config=CONFIG)
+    config = {**CONFIG, "zero_optimization": {**CONFIG["zero_optimization"], "stage": stage}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), config=config)
     return engine
+
+
+def nonfinite_guard_case(base, enc, stage: int) -> dict:
+    """The non-finite guard under DeepSpeed, as the Trainer calls it: after `accelerator.backward`, where Accelerate's
+    wrapper has run the engine's backward and step, with Accelerate's optimizer wrapper. A finite step passes and is
+    applied; a NaN loss's step is discarded by ZeRO, and the guard stops the run (`stop`) or counts it (`skip`)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper, DeepSpeedOptimizerWrapper
+
+    from grade_trl.safety import NonFiniteGradientError, NonFiniteGuard
+
+    Accelerator(cpu=True)  # the optimizer wrapper reads its state; on the process group DeepSpeed started
+    engine = partitioned_copy(base, lr=0.5, stage=stage)
+    wrapped, optimizer = DeepSpeedEngineWrapper(engine), DeepSpeedOptimizerWrapper(engine.optimizer)
+    stop, skip = NonFiniteGuard("stop"), NonFiniteGuard("skip", max_skips=1)
+
+    def logits():
+        with torch.no_grad():
+            return engine.module(**enc).logits.clone()
+
+    def guarded_step(loss, guard, step) -> str:
+        wrapped.backward(loss)
+        try:
+            guard.on_pre_optimizer_step(None, SimpleNamespace(global_step=step), None, model=engine.module, optimizer=optimizer)
+        except NonFiniteGradientError as error:
+            return str(error)
+        return ""
+
+    before = logits()
+    finite = guarded_step(engine.module(**enc).logits.float().pow(2).mean(), stop, 0)
+    after_finite = logits()
+    nan_stop = guarded_step(engine.module(**enc).logits.float().pow(2).mean() * float("nan"), stop, 1)
+    after_nan = logits()
+    nan_skip = guarded_step(engine.module(**enc).logits.float().pow(2).mean() * float("nan"), skip, 2)
+    nan_past_limit = guarded_step(engine.module(**enc).logits.float().pow(2).mean() * float("nan"), skip, 3)
+    engine.destroy()
+    return {"finite_error": finite, "finite_step_changed_logits": (after_finite - before).abs().max().item(),
+            "nan_stop_error": nan_stop, "nan_step_changed_logits": (after_nan - after_finite).abs().max().item(),
+            "nan_skip_error": nan_skip, "skipped_steps": skip.skipped_steps, "nan_past_limit_error": nan_past_limit}
 
 
 def best_checkpoint_case(base, enc) -> dict:
@@ -116,6 +158,7 @@ def main(out_path: str) -> None:
         results[case] = comparison(reference, loss_local, steps_local, grads_sharded, world) | {"embedding_partitioned": partitioned}
         engine.destroy()
     soft_rollout_module.input_embedding_matrix = input_embedding_matrix
+    results |= {"nonfinite_guard_zero3": nonfinite_guard_case(base, enc, 3), "nonfinite_guard_zero2": nonfinite_guard_case(base, enc, 2)}
     write_results(results, out_path, rank)
 
 
