@@ -162,7 +162,7 @@ def stage_step_cost(args, workdir: str, out: Path, report: "Report") -> None:
     batch, new_tokens = (4, 8) if args.smoke else (16, 48)
     for precision in args.precisions:
         step_cost_part(args, report, shape, batch, new_tokens, precision, args.cost_methods, "step_cost", repeats=1 if args.smoke else 2,
-                       json_path=out / f"step_cost_{precision}.json", profile=args.profile)
+                       json_path=out / f"step_cost_{precision}.json", profile=args.profile, phases=True)
 
 
 def stage_fit(args, workdir: str, out: Path, report: "Report") -> None:
@@ -175,13 +175,14 @@ def stage_fit(args, workdir: str, out: Path, report: "Report") -> None:
 
 
 def step_cost_part(args, report: "Report", shape: dict, batch: int, new_tokens: int, precision: str, methods, stage: str,
-                   repeats: int, json_path: Path, profile: bool = False) -> None:
+                   repeats: int, json_path: Path, profile: bool = False, phases: bool = False) -> None:
     argv = ["--model", step_cost.RANDOM_GPT2, "--tokenizer", tokenizer_folder(args.tokenizer), "--device", args.device,
             "--n_layer", str(shape["n_layer"]), "--n_embd", str(shape["n_embd"]), "--n_head", str(shape["n_head"]),
             "--batch_size", str(batch), "--new_tokens", str(new_tokens), "--methods", *methods,
             "--warmup", "0" if args.smoke else "1", "--repeats", str(repeats), "--json", str(json_path)]
     argv += ["--bf16"] if precision == "bf16" else []
     argv += ["--profile"] if profile else []  # how busy the device is: the share of the step spent waiting on launches
+    argv += ["--phases"] if phases else []  # one more step timed by phase (sampling, scoring, reward, backward, ...): a few seconds
     argv += ["--threads", str(args.threads)] if args.threads else []
     what = f"gpt2-{'smoke' if args.smoke else 'medium'} B{batch} T{new_tokens} {precision}"
     report.part(what, stage, lambda: cost_rows(step_cost.main(argv), what, precision, batch, new_tokens, stage))
@@ -196,8 +197,18 @@ def cost_rows(payload: dict, what: str, precision: str, batch: int, new_tokens: 
         rows.append({"stage": stage, "what": f"{r['method']} {what}", "status": "ok", "seconds_per_step": r["seconds"],
                      "time_vs_reinforce": r["time_vs_reinforce"], "peak_mib": r["peak_mib"], "predicted_peak_mib": predicted, "profile": r.get("profile"),
                      "note": f"{r['time_vs_reinforce']:.2f}x REINFORCE's time" + (f"; memory model {predicted:.0f} MiB ({predicted / r['peak_mib'] - 1:+.0%})" if predicted else "")
-                     + (f"; device busy {r['profile']['backward']['device_busy_fraction']:.0%} of the backward" if ((r.get("profile") or {}).get("backward") or {}).get("device_busy_fraction") is not None else "")})
+                     + (f"; device busy {r['profile']['backward']['device_busy_fraction']:.0%} of the backward" if ((r.get("profile") or {}).get("backward") or {}).get("device_busy_fraction") is not None else "")
+                     + phase_note(r.get("phases"))})
     return rows
+
+
+def phase_note(phases: dict | None) -> str:
+    """The phases of a step (step_cost.py --phases) that took at least 5% of it, largest first."""
+    if not phases:
+        return ""
+    total = phases["total"]
+    shown = sorted(((k, v) for k, v in phases.items() if k != "total" and v >= 0.05 * total), key=lambda kv: -kv[1])
+    return f"; phases of a {total:.2f} s step: " + ", ".join(f"{k} {v:.2f}" for k, v in shown)
 
 
 # Stages 2 and 3: recipe runs --------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -40,6 +41,7 @@ import os
 import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -98,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--account", action="store_true", help="also print the saved bytes by model and component")
     parser.add_argument("--profile", action="store_true", help="also profile one more forward + backward (torch.profiler): how busy the device "
                         "is (its kernels' time over the wall time: low means the step waits on Python and kernel launches) and the top operators")
+    parser.add_argument("--phases", action="store_true", help="also time one more step by phase (sampling or rollout, scoring, reward, "
+                        "reference, backward, optimizer), the device synchronised around each: where a method's step goes, cheaply enough for a GPU")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (torch.set_num_threads); fewer than the free cores on a shared machine")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts, the random model and every trainer")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file")
@@ -288,6 +292,85 @@ def profile_step(trainer, device: torch.device, top: int = 8) -> dict:
     return result
 
 
+# The call sites that make a step, by phase: (module, attribute) of the name a trainer calls, or ("trainer", method)
+# for TRL's GRPOTrainer. Timed inclusively (a phase that calls another counts it too).
+PHASES = {
+    "sample": [("grade_trl.trainers.reinforce", "sample"), ("grade_trl.trainers.ppo", "sample")],
+    "score (policy and reference)": [("grade_trl.trainers.reinforce", "token_logprobs"), ("grade_trl.trainers.ppo", "token_logprobs"),
+                                     ("grade_trl.trainers.ppo", "logprobs_from_logits")],
+    "reward": [("grade_trl.trainers.reinforce", "compute_rewards"), ("grade_trl.trainers.ppo", "compute_rewards"), ("trainer", "_calculate_rewards")],
+    "soft rollout": [("grade_trl.trainers.grade", "soft_rollout")],
+    "reference": [("grade_trl.trainers.grade", "reference_logits")],
+    "soft reward": [("grade_trl.trainers.grade", "soft_scores")],
+    "generate (TRL)": [("trainer", "_generate")],
+    "score (TRL: policy, old, reference)": [("trainer", "_get_per_token_logps_and_entropies")],
+}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def phase_timers(trainer, device: torch.device):
+    """Within the block, every call site of PHASES that `trainer` uses is timed (the device synchronised before and
+    after, so its work is counted where it was queued); yields {phase: seconds}, filled as the calls return."""
+    totals: dict[str, float] = {}
+    patched = []
+
+    def timed(name, function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            synchronize(device)
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                synchronize(device)
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    for name, sites in PHASES.items():
+        for owner, attribute in sites:
+            target = trainer if owner == "trainer" else sys.modules.get(owner)
+            if target is not None and callable(getattr(target, attribute, None)):
+                original = getattr(target, attribute)
+                setattr(target, attribute, timed(name, original))
+                patched.append((target, attribute, original, owner == "trainer"))
+    try:
+        yield totals
+    finally:
+        for target, attribute, original, on_instance in reversed(patched):
+            if on_instance:
+                delattr(target, attribute)  # the class's method again
+            else:
+                setattr(target, attribute, original)
+
+
+def phases_step(trainer, device: torch.device) -> dict:
+    """One more optimizer step, as the Trainer runs it (inputs prepared, loss, backward, clipping, optimizer step), by
+    phase (PHASES, plus forward, backward and optimizer): seconds each, and the step's total. The synchronisations
+    remove the overlap of host and device between phases, so the phases add up to a little more than a plain step."""
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    with phase_timers(trainer, device) as inner:
+        synchronize(device)
+        start = time.perf_counter()
+        loss = training_loss(trainer, batch)
+        synchronize(device)
+        forward = time.perf_counter()
+        trainer.accelerator.backward(loss)
+        synchronize(device)
+        backward = time.perf_counter()
+        trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), trainer.args.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        end = time.perf_counter()
+    return {"total": end - start, "forward": forward - start, "backward": backward - forward, "clip and optimizer": end - backward, **inner}
+
+
 def benchmark(method: str, args, new_tokens: int, path, reward, tokenizer, dataset, device, workdir) -> dict:
     callback = StepTime(device)
     release_memory(device)
@@ -297,12 +380,16 @@ def benchmark(method: str, args, new_tokens: int, path, reward, tokenizer, datas
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     memory = memory_step(trainer, reward, device)
     profiled = profile_step(trainer, device) if args.profile else None
+    phases = phases_step(trainer, device) if args.phases else None
     del trainer
     release_memory(device)
     timed = callback.seconds[args.warmup :]
     result = {"method": method, "new_tokens": new_tokens, "seconds": statistics.median(timed), "step_seconds": timed,
               "mean_completion_length": statistics.mean(lengths) if lengths else float("nan"), **memory}
     print(f"  {method:<10} T={new_tokens:<3} {result['seconds']:.3f} s, peak {result['peak_mib']:.0f} MiB, saved {result['saved_mib']:.0f} MiB", flush=True)
+    if phases:
+        result["phases"] = phases
+        print("    phases (s): " + ", ".join(f"{name} {seconds:.3f}" for name, seconds in phases.items()), flush=True)
     if profiled:
         result["profile"] = profiled
         for phase, p in profiled.items():

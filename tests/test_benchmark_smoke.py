@@ -23,8 +23,8 @@ def load_script():
 def test_step_cost_prints_a_row_per_registry_method_with_ratios_to_reinforce(capsys, tmp_path):
     step_cost = load_script()
     argv = ["--model", "embedded", "--device", "cpu", "--threads", "1", "--batch_size", "4", "--new_tokens", "4",
-            "--prompt_length", "8", "--warmup", "0", "--repeats", "1", "--json", str(tmp_path / "cost.json")]
-    step_cost.main(argv)
+            "--prompt_length", "8", "--warmup", "0", "--repeats", "1", "--json", str(tmp_path / "cost.json"), "--phases"]
+    payload = step_cost.main(argv)
     out = capsys.readouterr().out
 
     header = "| method | step time (s) | peak memory (MiB) | saved for backward (MiB) | time vs REINFORCE | memory vs REINFORCE | saved vs REINFORCE |"
@@ -42,6 +42,16 @@ def test_step_cost_prints_a_row_per_registry_method_with_ratios_to_reinforce(cap
     assert (tmp_path / "cost.json").is_file()
     # every method generated exactly the requested length
     assert ", ".join(f"{name} T=4 4.0" for name in ROWS) in out
+    # --phases: one more step by phase, each method through its own call sites, and the call sites restored after
+    for r in payload["results"]:
+        phases = r["phases"]
+        own = "soft rollout" if r["method"].startswith("grade") else "sample" if r["method"] in ("reinforce", "ppo") else "generate (TRL)"
+        assert 0 < phases[own] < phases["forward"] and phases["backward"] > 0, (r["method"], phases)
+        assert phases["forward"] + phases["backward"] + phases["clip and optimizer"] <= phases["total"] * 1.001, (r["method"], phases)
+    import grade_trl.core.sampling
+    import grade_trl.trainers.reinforce
+
+    assert grade_trl.trainers.reinforce.sample is grade_trl.core.sampling.sample
 
 
 def test_step_cost_sweeps_new_tokens_with_grade_switches_and_fits_the_growth_law(capsys, tmp_path):
@@ -72,6 +82,7 @@ def test_gpu_check_smoke_runs_every_stage_and_writes_one_table(tmp_path, capsys)
     rows = {(r["stage"], r["what"].split()[0]): r for r in payload["rows"]}
     assert sum(r["stage"] == "step_cost" for r in payload["rows"]) == 2 * len(gpu_check.COST_METHODS)  # float32 and bf16
     assert all(r["status"] == "ok" and r["seconds_per_step"] > 0 for r in payload["rows"] if r["stage"] in ("step_cost", "fit"))
+    assert all("phases of a" in r["note"] for r in payload["rows"] if r["stage"] == "step_cost")  # where each step went
     assert [r["stage"] for r in payload["rows"]][-5:] == ["fsdp", "zero", "recipes", "recipes", "gsm8k"]  # CPU: skip rows in-process, then the jobs in order
     for key, job in ((("recipes", "imdb_grade_ste"), "recipes_imdb_grade_ste"), (("recipes", "imdb_ppo"), "recipes_imdb_ppo"), (("gsm8k", "gsm8k_grpo"), "gsm8k_gsm8k_grpo")):
         assert rows[key]["status"] == "completed" and rows[key]["exit_code"] == 0 and rows[key]["steps"] == 1, rows[key]
