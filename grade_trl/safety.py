@@ -13,8 +13,7 @@ that stops before a non-finite gradient reaches the weights.
   run (default) or, with `nonfinite: skip`, skips the update and counts it, up to `nonfinite_max_skips`. Under
   DeepSpeed the engine has already stepped by then (inside `accelerator.backward`), so the guard reads what ZeRO
   did: its global gradient norm and whether it discarded the step. Under fp16 loss scaling an overflow is the
-  scaler's signal to lower its scale, and the scaler skips that step itself; the guard steps in only once the scale
-  is below 1, where no overflow of a finite loss explains a non-finite gradient.
+  scaler's signal to lower its scale, and the scaler skips that step itself; the guard steps in after 16 in a row.
 """
 
 from __future__ import annotations
@@ -105,6 +104,11 @@ class NonFiniteGradientError(UserError):
     """A non-finite gradient before the optimizer step (a UserError: one line, exit code 2, results.json kept)."""
 
 
+# Dynamic loss scaling (fp16) halves its scale at each overflow and skips that step; from the default initial scale of
+# 2^16, 16 overflows in a row bring it to 1, past which an overflow is not the scale's doing (a NaN loss, say).
+LOSS_SCALE_OVERFLOWS_IN_A_ROW = 16
+
+
 class NonFiniteGuard(TrainerCallback):
     """Before every optimizer step, check the gradient: a NaN or inf stops the run naming the step and the first such
     parameter (`mode="stop"`), or (`mode="skip"`) the update is skipped: every gradient is set to None, which
@@ -112,17 +116,24 @@ class NonFiniteGuard(TrainerCallback):
     advances), the step is recorded in `skipped_steps` and logged as a warning, and more than `max_skips` skipped
     updates stop the run as `stop` does. Gradients are all-reduced before this point, so every process agrees.
 
+    fp16 loss scaling (Accelerate's GradScaler, DeepSpeed's fp16): an overflow is how the scaler finds its scale too
+    high; it skips that step and lowers the scale itself, so the guard lets up to LOSS_SCALE_OVERFLOWS_IN_A_ROW of
+    them pass in a row, and treats the next as above.
+
     DeepSpeed: the engine steps inside `accelerator.backward`, before this callback, and ZeRO keeps the gradients in
     its own partitions (every `.grad` is None). ZeRO discards a step whose global gradient norm is not finite (its
-    `overflow` flag; ZeRO-3 always, ZeRO-1/2 in float32, and in bf16 with `check_grad_overflow`, DeepSpeed's default),
-    so the guard reads that: `stop` raises with the update not applied, `skip` counts it. A non-finite norm on a step
-    ZeRO applied (bf16 with `check_grad_overflow: false`) cannot be undone and stops the run in both modes."""
+    `overflow` flag; ZeRO-3 always, ZeRO-1/2 in float32, and in bf16 with `check_grad_overflow`, DeepSpeed's default;
+    the learning-rate schedule then holds too), so the guard reads that: `stop` raises with the update not applied,
+    `skip` counts it. A non-finite norm on a step ZeRO applied (bf16 with `check_grad_overflow: false`), or non-finite
+    weights after a step of DeepSpeed without ZeRO in float32 (a plain optimizer, no check of its own), cannot be
+    undone and stop the run in both modes."""
 
     def __init__(self, mode: str = "stop", max_skips: int = 10):
         if mode not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be stop or skip, got {mode!r}")
         self.mode, self.max_skips = mode, int(max_skips)
         self.skipped_steps: list[int] = []
+        self.overflows_in_a_row = 0  # fp16 loss-scale overflows since the last finite step
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         import torch
@@ -130,39 +141,55 @@ class NonFiniteGuard(TrainerCallback):
         step = state.global_step + 1
         zero = _deepspeed_optimizer(optimizer)
         if zero is not None:
-            self._check_deepspeed_step(zero, step)
+            self._check_deepspeed_step(zero, model, step)
             return
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=2.0))):
+            self.overflows_in_a_row = 0
             return
         scaler = getattr(optimizer, "scaler", None)  # Accelerate's GradScaler under fp16
-        if scaler is not None and scaler.is_enabled() and scaler.get_scale() >= 1:
-            return  # an overflow at this loss scale: the scaler skips the step and lowers the scale itself
+        if scaler is not None and scaler.is_enabled() and self._loss_scale_overflow():
+            return
         name, grad = next(((n, p.grad) for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())), ("?", None))
         kind = "nan" if grad is not None and bool(torch.isnan(grad).any()) else "inf"
         if self._skip(step, f"{kind} in {name}"):
             for parameter in model.parameters():
                 parameter.grad = None
 
-    def _check_deepspeed_step(self, zero, step: int) -> None:
-        """After DeepSpeed's step: `zero` is its ZeRO optimizer, whose `overflow` says it discarded the step and whose
-        `_global_grad_norm` (None when ZeRO-1/2 computes no norm) is set to inf when it did."""
+    def _loss_scale_overflow(self) -> bool:
+        """One more fp16 overflow in a row: True while it is the loss scaler's to handle (it skips the step)."""
+        self.overflows_in_a_row += 1
+        return self.overflows_in_a_row <= LOSS_SCALE_OVERFLOWS_IN_A_ROW
+
+    def _check_deepspeed_step(self, zero, model, step: int) -> None:
+        """After DeepSpeed's step: `zero` is its optimizer. A ZeRO (or fp16/bf16) optimizer's `overflow` says it discarded
+        the step and its `_global_grad_norm` (None when ZeRO-1/2 computes no norm) is set to inf when it did; DeepSpeed
+        without ZeRO in float32 hands the step to the plain optimizer, which has neither, so the weights are read."""
         import torch
 
+        if not hasattr(zero, "overflow"):
+            if bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in model.parameters()], norm_type=2.0))):
+                return
+            raise NonFiniteGradientError(
+                f"step {step}: the weights are not finite after DeepSpeed applied the update (DeepSpeed without ZeRO in float32 "
+                "does not check the gradient); use accelerate_configs/zero2.yaml, whose optimizer discards such a step"
+            )
         norm = getattr(zero, "_global_grad_norm", None)
         norm = None if norm is None else float(norm)
-        discarded = bool(getattr(zero, "overflow", False))
+        discarded = bool(zero.overflow)
         if not discarded and (norm is None or math.isfinite(norm)):
+            self.overflows_in_a_row = 0
             return
-        if discarded and getattr(zero, "dtype", None) == torch.float16 and float(getattr(zero, "loss_scale", 0.0)) >= 1:
-            return  # DeepSpeed's fp16 loss scaler: an overflow, skipped and the scale lowered (as Accelerate's scaler)
+        dtype = getattr(zero, "dtype", None) or getattr(zero, "low_precision_dtype", None)  # ZeRO's / DeepSpeed fp16 optimizer's
+        if discarded and dtype == torch.float16 and self._loss_scale_overflow():
+            return  # DeepSpeed's fp16 loss scaler skipped the step and lowered its scale
         where = f"global gradient norm {norm}" if norm is not None else "DeepSpeed's overflow check"
         if not discarded:
             raise NonFiniteGradientError(
                 f"step {step}: the gradient is not finite ({where}) and DeepSpeed applied the update; enable its check "
                 "(deepspeed config bf16.check_grad_overflow: true) so such a step is discarded"
             )
-        self._skip(step, where)  # ZeRO discarded the update already: nothing to undo
+        self._skip(step, where)  # the optimizer discarded the update already: nothing to undo
 
     def _skip(self, step: int, where: str) -> bool:
         """A non-finite gradient at `step`: True if the update is to be skipped (`skip`, under the limit), else raise."""

@@ -16,7 +16,7 @@ from grade_trl.errors import UserError
 from grade_trl.resume import is_complete
 from grade_trl.rewards import LengthReward
 from grade_trl.run import main
-from grade_trl.safety import LOCK_FILE, NonFiniteGradientError, NonFiniteGuard, output_dir_lock
+from grade_trl.safety import LOCK_FILE, LOSS_SCALE_OVERFLOWS_IN_A_ROW, NonFiniteGradientError, NonFiniteGuard, output_dir_lock
 from grade_trl.trainers import GumbelGRADEConfig, GumbelGRADETrainer
 
 from .conftest import REPO
@@ -68,16 +68,28 @@ def test_the_guard_stops_before_a_non_finite_gradient_is_applied():
 
 def test_under_fp16_loss_scaling_an_overflow_is_left_to_the_scaler():
     """fp16: an inf gradient is how the loss scaler finds its scale too high; it skips that step and halves the scale,
-    so the guard lets it be, until the scale is below 1 (then no overflow of a finite loss explains it)."""
+    so the guard lets 16 such steps in a row be (2^16, the default initial scale, down to 1), a finite step starts the
+    count again, and the 17th in a row is treated as any non-finite gradient."""
     model = torch.nn.Linear(3, 1)
-    model(torch.ones(1, 3)).sum().backward()
-    model.weight.grad[0, 0] = float("inf")
-    state = type("State", (), {"global_step": 0})()
-    scaled = type("Optimizer", (), {"scaler": torch.amp.GradScaler("cpu", init_scale=2.0**16)})()
-    NonFiniteGuard().on_pre_optimizer_step(None, state, None, model=model, optimizer=scaled)  # the scaler's business
-    exhausted = type("Optimizer", (), {"scaler": torch.amp.GradScaler("cpu", init_scale=0.5)})()
+    optimizer = type("Optimizer", (), {"scaler": torch.amp.GradScaler("cpu")})()
+    guard, state = NonFiniteGuard(), type("State", (), {"global_step": 0})()
+
+    def step(finite: bool):
+        model.zero_grad()
+        model(torch.ones(1, 3)).sum().backward()
+        if not finite:
+            model.weight.grad[0, 0] = float("inf")
+        guard.on_pre_optimizer_step(None, state, None, model=model, optimizer=optimizer)
+
+    for _ in range(LOSS_SCALE_OVERFLOWS_IN_A_ROW):
+        step(finite=False)  # the scaler's business
+    step(finite=True)
+    for _ in range(LOSS_SCALE_OVERFLOWS_IN_A_ROW):
+        step(finite=False)
     with pytest.raises(NonFiniteGradientError, match=r"inf in weight"):
-        NonFiniteGuard().on_pre_optimizer_step(None, state, None, model=model, optimizer=exhausted)
+        step(finite=False)
+    with pytest.raises(NonFiniteGradientError, match=r"inf in weight"):  # no scaler: the first one stops
+        NonFiniteGuard().on_pre_optimizer_step(None, state, None, model=model, optimizer=None)
 
 
 class NaNGradientReward(LengthReward):

@@ -36,7 +36,8 @@ def partitioned_copy(base, lr: float = 0.0, stage: int = 3):
 def nonfinite_guard_case(base, enc, stage: int) -> dict:
     """The non-finite guard under DeepSpeed, as the Trainer calls it: after `accelerator.backward`, where Accelerate's
     wrapper has run the engine's backward and step, with Accelerate's optimizer wrapper. A finite step passes and is
-    applied; a NaN loss's step is discarded by ZeRO, and the guard stops the run (`stop`) or counts it (`skip`)."""
+    applied; a NaN loss's step is discarded by ZeRO, and the guard stops the run (`stop`) or counts it (`skip`). Stage 0
+    (DeepSpeed without ZeRO) steps the plain optimizer, which applies it: the guard must then stop on the weights."""
     from types import SimpleNamespace
 
     from accelerate import Accelerator
@@ -158,7 +159,7 @@ def main(out_path: str) -> None:
         results[case] = comparison(reference, loss_local, steps_local, grads_sharded, world) | {"embedding_partitioned": partitioned}
         engine.destroy()
     soft_rollout_module.input_embedding_matrix = input_embedding_matrix
-    results |= {"nonfinite_guard_zero3": nonfinite_guard_case(base, enc, 3), "nonfinite_guard_zero2": nonfinite_guard_case(base, enc, 2)}
+    results |= {f"nonfinite_guard_zero{stage}": nonfinite_guard_case(base, enc, stage) for stage in (3, 2, 0)}
     write_results(results, out_path, rank)
 
 
