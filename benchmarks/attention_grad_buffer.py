@@ -1,14 +1,19 @@
-"""GRADE's chunked attention with the per-layer gradient buffer against explicit edges to every chunk, side by side.
+"""Two paths of GRADE's step, side by side in one process: aten calls (what a GPU launches or dispatches) and CPU time.
 
-`core/chunked_cache.py` hands autograd, per decode step and layer, only the gradient of the step's own new chunk
-(the gradient of the earlier positions goes through one buffer per layer); before, each step handed back one
-gradient per cached chunk, O(T^2) gradient edges per layer. On a GPU, GRADE's step is bound by the count of
-operations (the H200 check: the same 4-5 s at batch 16 and 64), so this counts them, device-independently:
-aten calls in one GRADE-STE forward + backward (rollout, reference, exact KL, reward, backward) under
-torch.profiler, and times the same on CPU, alternating the two paths in one process, with the step's peak memory.
+On a GPU, GRADE's step is bound by the count of operations (the H200 check: the same 4-5 s at batch 16 and 64), so
+this counts them, device-independently: aten calls in one GRADE-STE forward + backward (rollout, reference, exact KL,
+reward, backward) under torch.profiler, and times the same on CPU, alternating the two paths in one process, with
+the step's peak memory. `--compare` picks the pair:
+
+  * `attention_buffer` (default): `core/chunked_cache.py` hands autograd, per decode step and layer, only the gradient
+    of the step's own new chunk (the earlier positions' gradient goes through one buffer per layer), against the
+    path before it, one gradient edge per cached chunk: O(T^2) edges per layer;
+  * `deferred_biases`: `core/deferred_grads.py` defers the biases' gradients with their weights', one sum at the end
+    of backward, against deferring the weight matrices only (before): a reduction and an accumulation into `.grad`
+    per decode step for each bias.
 
     python benchmarks/attention_grad_buffer.py --new_tokens 24 48 --tokenizer PATH/TO/gpt2            # gpt2-small shape
-    python benchmarks/attention_grad_buffer.py --new_tokens 24 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 1024 --n_head 16 --batch_size 2
+    python benchmarks/attention_grad_buffer.py --compare deferred_biases --new_tokens 24 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from grade_trl.core import chunked_cache
+from grade_trl.core import chunked_cache, deferred_grads
 from grade_trl.memory import peak_allocated
 
 _spec = importlib.util.spec_from_file_location("step_cost", Path(__file__).resolve().parent / "step_cost.py")
@@ -39,6 +44,20 @@ def explicit_edges(on: bool) -> None:
         self.accumulate_grads = not on
 
     chunked_cache.ChunkedLayer.__init__ = init
+
+
+_bias = deferred_grads._bias
+
+
+def weights_only(on: bool) -> None:
+    """Every deferral from now on leaves the biases out: their gradient per step, as before they were deferred."""
+    deferred_grads._bias = (lambda store, bias: (bias, None)) if on else _bias
+
+
+COMPARISONS = {  # name -> (the new path, the old path): (label, switch of the old path, its argument)
+    "attention_buffer": (("buffer", explicit_edges, False), ("explicit edges", explicit_edges, True)),
+    "deferred_biases": (("biases deferred", weights_only, False), ("weights only", weights_only, True)),
+}
 
 
 def forward_backward(trainer, batch) -> None:
@@ -63,13 +82,14 @@ def aten_calls(trainer, batch) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", default="attention_buffer", choices=list(COMPARISONS), help="which two paths (module docstring)")
     parser.add_argument("--new_tokens", type=int, nargs="+", default=[24, 48])
     parser.add_argument("--tokenizer", default="gpt2", help="the GPT-2 tokenizer: a folder with vocab.json and merges.txt, or a hub id")
     parser.add_argument("--n_layer", type=int, default=12)
     parser.add_argument("--n_embd", type=int, default=768)
     parser.add_argument("--n_head", type=int, default=12)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=4, help="timed rounds of (buffer, explicit edges); the median leaves out the first")
+    parser.add_argument("--rounds", type=int, default=4, help="timed rounds of (new path, old path); the median leaves out the first")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,26 +99,27 @@ def main() -> None:
         trainer, _ = step_cost.one_trainer("grade_ste", shape, new_tokens)
         batch = next(iter(trainer.get_train_dataloader()))
         trainer.model.train()
-        paths = (("buffer", False), ("explicit edges", True))
-        calls, peaks, seconds = {}, {}, {name: [] for name, _ in paths}
-        for name, explicit in paths:
-            explicit_edges(explicit)
+        paths = COMPARISONS[args.compare]
+        calls, peaks, seconds = {}, {}, {name: [] for name, _, _ in paths}
+        for name, switch, old in paths:
+            switch(old)
             calls[name] = aten_calls(trainer, batch)
             with peak_allocated("cpu") as peak:
                 forward_backward(trainer, batch)
             peaks[name] = peak["peak_bytes"] / 2**20
         for _ in range(args.rounds):
-            for name, explicit in paths:
-                explicit_edges(explicit)
+            for name, switch, old in paths:
+                switch(old)
                 start = time.perf_counter()
                 forward_backward(trainer, batch)
                 seconds[name].append(time.perf_counter() - start)
-        explicit_edges(False)
+        paths[0][1](False)  # the new path again
         medians = {name: statistics.median(values[1:]) for name, values in seconds.items()}
+        new, old = paths[0][0], paths[1][0]
         print(f"T={new_tokens} ({args.n_layer} layers x {args.n_embd}, batch {args.batch_size}, {args.threads} threads): "
               + "; ".join(f"{name}: {calls[name][0]:,} aten calls ({calls[name][1]:,} not views), {medians[name]:.2f} s (rounds {[round(x, 2) for x in seconds[name]]}), peak {peaks[name]:.0f} MiB"
-                          for name, _ in paths)
-              + f"; calls {calls['buffer'][0] / calls['explicit edges'][0]:.2f}x ({calls['buffer'][1] / calls['explicit edges'][1]:.2f}x not views), time {medians['buffer'] / medians['explicit edges']:.2f}x", flush=True)
+                          for name, _, _ in paths)
+              + f"; calls {calls[new][0] / calls[old][0]:.2f}x ({calls[new][1] / calls[old][1]:.2f}x not views), time {medians[new] / medians[old]:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,20 @@ builds a dense weight gradient per position and adds it into the parameter's gra
 head and the embedding (V x H: 147 MB for GPT-2's 50,257 x 768) included. At small batches that streams the
 weights 2T extra times for a B-row worth of arithmetic: memory-bound, it dominated the rollout's backward.
 
-How: within `deferred_weight_grads(model, store)`, every F.linear / torch.addmm / F.embedding of the model with a
-trainable weight (a TorchFunctionMode), and the embedding lookups of the relaxed steps (`embed_step`), read their weight
-through an alias (`_Deferred`) whose backward runs after every use of it (autograd runs a node once all its
-consumers are done). Each use's backward returns the input's gradient as before but no weight gradient; it
-records (input, output gradient), or (rows, gradient) for a lookup, and the alias's backward computes the
-weight's gradient in one (N, in)^T @ (N, out) product (float32) and one index_add over all N = B x T uses.
-Exact up to float summation order (tests/test_soft_rollout.py compares it with the per-step gradients).
+How: within `deferred_weight_grads(model, store)`, every Linear / Conv1D / Embedding module of the model with a
+trainable weight (its forward replaced for the block), and the embedding lookups of the relaxed steps (`embed_step`),
+read their weight (and bias) through an alias (`_Deferred`) whose backward runs after every use of it (autograd runs
+a node once all its consumers are done). Each use's backward returns the input's gradient as before but no weight
+gradient; it records (input, output gradient), or (rows, gradient) for a lookup, and the alias's backward computes
+the weight's gradient in one (N, in)^T @ (N, out) product (float32) and one index_add over all N = B x T uses, and a
+bias's in one sum over the N output gradients. Exact up to float summation order (tests/test_soft_rollout.py
+compares it with the per-step gradients).
+
+Why the biases too: on a GPU the decode loop is bound by per-operation costs, not by arithmetic, and each per-step
+bias gradient is a reduction plus an accumulation into `.grad`: 8 of the 38 launching operations of a GPT-2 block's
+backward at each step, for the 4 biases, which the deferral removes at no Python cost (the bias rides with its
+weight's Function). The LayerNorms were tried too: an autograd Function of their own cost more in Python than the
+launches it saved, on the per-operation-bound proxy.
 
 Memory: the recorded output gradients (B x T x out per matrix, the LM head's B x T x V the largest) live until
 the end of the rollout's backward; the inputs are the ones autograd keeps anyway.
@@ -28,7 +35,7 @@ import torch.nn.functional as F
 
 from .precision import at_least_float32
 from torch import nn
-from torch.overrides import TorchFunctionMode
+from transformers.pytorch_utils import Conv1D
 
 
 class DeferredWeightGrads:
@@ -39,6 +46,14 @@ class DeferredWeightGrads:
         self._dense: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         self._rows: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         self._backward_pass: int | None = None
+        self._patches: dict[int, list[tuple[nn.Module, object]]] = {}
+
+    def patches(self, model: nn.Module) -> list[tuple[nn.Module, object]]:
+        """(module, deferred forward) of every module of `model` that `deferred_weight_grads` routes, found once per model."""
+        if id(model) not in self._patches:
+            found = ((module, _deferred_forward(module, self)) for module in model.modules())
+            self._patches[id(model)] = [(module, forward) for module, forward in found if forward is not None]
+        return self._patches[id(model)]
 
     def _this_pass(self) -> None:
         """Records belong to one backward pass: a pass that never reached the aliases (autograd.grad to an inner
@@ -84,10 +99,14 @@ class _Deferred(torch.autograd.Function):
         out = None if grad is None else grad.clone()
         if dense:
             layout = dense[0][0]
-            inputs = at_least_float32(torch.cat([x for _, x, _ in dense]))  # (N, in)
             grads = at_least_float32(torch.cat([g for _, _, g in dense]))  # (N, out)
-            # One product over all N uses, in float32 (float64 in a float64 run): (out, in) for a Linear's weight, (in, out) for an addmm weight.
-            product = (grads.t() @ inputs if layout == "linear" else inputs.t() @ grads).to(ctx.weight_dtype)
+            if layout == "bias":  # a Linear's bias: the sum of its output gradients
+                product = grads.sum(0)
+            else:
+                inputs = at_least_float32(torch.cat([x for _, x, _ in dense]))  # (N, in)
+                # One product over all N uses, in float32 (float64 in a float64 run): (out, in) for a Linear's weight, (in, out) for an addmm weight.
+                product = grads.t() @ inputs if layout == "linear" else inputs.t() @ grads
+            product = product.to(ctx.weight_dtype)
             out = product if out is None else out + product
         if rows:
             index, values = torch.cat([r for r, _ in rows]), torch.cat([g for _, g in rows])
@@ -99,11 +118,12 @@ class _Deferred(torch.autograd.Function):
 
 class _DeferredLinear(torch.autograd.Function):
     """y = x @ W^T + b (`layout="linear"`, W (out, in)) or y = b + x @ W (`layout="addmm"`, W (in, out), GPT-2's Conv1D),
-    whose backward returns x's (and b's) gradient and records (x, grad) for the alias's deferred W gradient."""
+    whose backward returns x's gradient and records (x, grad) for the alias's deferred W gradient, and grad for the
+    deferred b gradient when `bias_key` is set (b is then its alias); otherwise b's gradient, if it needs one."""
 
     @staticmethod
-    def forward(ctx, x, weight_alias, bias, store, key, layout):
-        ctx.store, ctx.key, ctx.layout, ctx.has_bias = store, key, layout, bias is not None
+    def forward(ctx, x, weight_alias, bias, store, key, layout, bias_key=None):
+        ctx.store, ctx.key, ctx.layout, ctx.has_bias, ctx.bias_key = store, key, layout, bias is not None, bias_key
         ctx.save_for_backward(x, weight_alias)
         if layout == "linear":
             return F.linear(x, weight_alias, bias)
@@ -114,11 +134,16 @@ class _DeferredLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = weight.to(grad.dtype)
+            weight = weight if weight.dtype == grad.dtype else weight.to(grad.dtype)
             grad_x = grad @ weight if ctx.layout == "linear" else grad @ weight.t()
-        ctx.store.dense[ctx.key].append((ctx.layout, x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])))
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias, None, None, None
+        flat_grad = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        ctx.store.dense[ctx.key].append((ctx.layout, x.reshape(-1, x.shape[-1]), flat_grad))
+        grad_bias = None
+        if ctx.bias_key is not None:
+            ctx.store.dense[ctx.bias_key].append(("bias", None, flat_grad))  # the same tensor: no memory of its own
+        elif ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = flat_grad.sum(0)
+        return grad_x, None, grad_bias, None, None, None, None
 
 
 class _DeferredEmbedding(torch.autograd.Function):
@@ -140,40 +165,63 @@ class _DeferredEmbedding(torch.autograd.Function):
         return None, None, None, None, None
 
 
-class _DeferLinearWeights(TorchFunctionMode):
-    """Routes F.linear / torch.addmm / F.embedding calls whose weight is one of `parameters` through the deferred Functions."""
+def _trainable(parameter) -> bool:
+    return parameter is not None and parameter.requires_grad
 
-    def __init__(self, store: DeferredWeightGrads, parameters: set[int]):
-        super().__init__()
-        self.store, self.parameters = store, parameters
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if torch.is_grad_enabled():
-            if func is F.linear:
-                x = args[0] if args else kwargs["input"]
-                weight = args[1] if len(args) > 1 else kwargs["weight"]
-                bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                if id(weight) in self.parameters:
-                    return _DeferredLinear.apply(x, self.store.alias(weight), bias, self.store, id(weight), "linear")
-            elif func is F.embedding:
-                ids, weight = args[0], (args[1] if len(args) > 1 else kwargs["weight"])
-                padding_idx = args[2] if len(args) > 2 else kwargs.get("padding_idx")
-                plain = all(v in (None, False, 2.0) for v in list(args[3:]) + [kwargs.get(k) for k in ("max_norm", "scale_grad_by_freq", "sparse")])
-                if id(weight) in self.parameters and plain:
-                    return _DeferredEmbedding.apply(ids, self.store.alias(weight), self.store, id(weight), padding_idx)
-            elif func is torch.addmm and len(args) == 3 and not kwargs:
-                bias, x, weight = args
-                if id(weight) in self.parameters and x.dim() == 2:
-                    return _DeferredLinear.apply(x, self.store.alias(weight), bias, self.store, id(weight), "addmm")
-        return func(*args, **kwargs)
+def _bias(store: DeferredWeightGrads, bias) -> tuple:
+    """(what the op reads as its bias, the key its deferred gradient is recorded under, or None: not deferred)."""
+    return (store.alias(bias), id(bias)) if _trainable(bias) else (bias, None)
+
+
+def _deferred_forward(module: nn.Module, store: DeferredWeightGrads):
+    """The forward that routes `module`'s op through the deferred Functions, or None: a Linear, GPT-2's Conv1D or a
+    plain Embedding, with a trainable weight and the class's own forward (a subclass that overrides it, a quantised
+    Linear say, is left alone). Outside grad mode the module's own forward runs."""
+    own = type(module).forward
+    if not _trainable(getattr(module, "weight", None)):
+        return None
+    if isinstance(module, nn.Linear) and own is nn.Linear.forward:
+        def forward(x):
+            if not torch.is_grad_enabled():
+                return own(module, x)
+            bias, bias_key = _bias(store, module.bias)
+            return _DeferredLinear.apply(x, store.alias(module.weight), bias, store, id(module.weight), "linear", bias_key)
+    elif isinstance(module, Conv1D) and own is Conv1D.forward:
+        def forward(x):
+            if not torch.is_grad_enabled():
+                return own(module, x)
+            bias, bias_key = _bias(store, module.bias)
+            out = _DeferredLinear.apply(x.reshape(-1, x.shape[-1]), store.alias(module.weight), bias, store, id(module.weight), "addmm", bias_key)
+            return out.view(*x.shape[:-1], module.nf)
+    elif (isinstance(module, nn.Embedding) and own is nn.Embedding.forward and module.max_norm is None
+          and not module.scale_grad_by_freq and not module.sparse):
+        def forward(ids):
+            if not torch.is_grad_enabled():
+                return own(module, ids)
+            return _DeferredEmbedding.apply(ids, store.alias(module.weight), store, id(module.weight), module.padding_idx)
+    else:
+        return None
+    return forward
 
 
 @contextmanager
 def deferred_weight_grads(model: nn.Module, store: DeferredWeightGrads):
-    """Within the block, every F.linear / torch.addmm of `model` with a trainable weight (the LM head, attention and MLP
-    projections, LoRA matrices) records into `store` instead of building its weight's gradient per call. The embedding
-    lookups of relaxed steps use `store.alias(E)` themselves (`embed_step`)."""
-    parameters = {id(p) for p in model.parameters() if p.requires_grad and p.dim() == 2}
-    with _DeferLinearWeights(store, parameters):
+    """Within the block, every Linear / Conv1D (GPT-2's) of `model` with a trainable weight (the LM head, attention and
+    MLP projections, LoRA matrices), with its trainable bias, and every Embedding with a trainable weight records into
+    `store` instead of building those gradients per call. The embedding lookups of relaxed steps
+    use `store.alias(E)` themselves (`embed_step`).
+
+    How: each such module's `forward` is replaced, for the block, by one that calls the deferred Function (an
+    instance attribute over the class's method; hooks, which live in `Module.__call__`, are untouched). Only those
+    modules' calls pay a Python detour: a TorchFunctionMode, which this replaced, sent every torch call of the model
+    through Python: on a model bound by per-operation costs (a GPU's decode loop, or benchmarks/step_cost.py's narrow
+    proxy on CPU) that made deferral nearly double the relaxed rollout's forward (README, GRADE's cost)."""
+    patched = store.patches(model)
+    for module, forward in patched:
+        module.forward = forward
+    try:
         yield store
+    finally:
+        for module, _ in patched:
+            del module.forward
