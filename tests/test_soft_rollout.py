@@ -284,3 +284,30 @@ def test_soft_tokens_read_the_same_values_every_way(policy, tokenizer, prompts):
             assert torch.equal(dense.argmax(-1), rollout.tokens) and ((dense == 0) | (dense == 1)).all()
     one_hot = F.one_hot(torch.tensor([[3, 4]]), 10).float()
     assert torch.equal(SoftTokens.from_dense(one_hot).dense(), one_hot)
+
+
+def test_deferral_replaces_forwards_only_within_its_block_and_leaves_replaced_ones_alone(policy):
+    """`deferred_weight_grads` routes the modules with trainable weights through the deferred Functions by replacing
+    their `forward` on the instance, for the block only (also when it raises); a module whose forward something else
+    replaced already (Accelerate's hooks do) is left alone and keeps that forward."""
+    from grade_trl.core.deferred_grads import DeferredWeightGrads, deferred_weight_grads
+
+    hooked = policy.transformer.h[0].mlp.c_fc
+
+    def hook_forward(x):
+        return type(hooked).forward(hooked, x)
+
+    hooked.forward = hook_forward
+    store = DeferredWeightGrads()
+    try:
+        with deferred_weight_grads(policy, store):
+            patched = [module for module, _ in store.patches(policy)]
+            assert policy.lm_head in patched and policy.transformer.h[0].attn.c_attn in patched and hooked not in patched
+            assert all("forward" in vars(module) for module in patched) and hooked.forward is hook_forward
+        assert not any("forward" in vars(module) for module in patched) and hooked.forward is hook_forward
+        with pytest.raises(RuntimeError, match="inside"):
+            with deferred_weight_grads(policy, store):
+                raise RuntimeError("inside")
+        assert not any("forward" in vars(module) for module in patched)
+    finally:
+        del hooked.forward

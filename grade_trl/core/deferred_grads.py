@@ -177,10 +177,11 @@ def _bias(store: DeferredWeightGrads, bias) -> tuple:
 def _deferred_forward(module: nn.Module, store: DeferredWeightGrads):
     """The forward that routes `module`'s op through the deferred Functions, or None: a Linear, GPT-2's Conv1D or a
     plain Embedding, with a trainable weight and the class's own forward (a subclass that overrides it, a quantised
-    Linear say, is left alone). Outside grad mode the module's own forward runs."""
+    Linear say, or an instance whose forward something else replaced, is left alone). Outside grad mode the module's
+    own forward runs."""
     own = type(module).forward
-    if not _trainable(getattr(module, "weight", None)):
-        return None
+    if not _trainable(getattr(module, "weight", None)) or "forward" in vars(module):
+        return None  # frozen, or its forward already replaced on the instance (Accelerate's hooks do that): left alone
     if isinstance(module, nn.Linear) and own is nn.Linear.forward:
         def forward(x):
             if not torch.is_grad_enabled():
