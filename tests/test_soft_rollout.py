@@ -288,8 +288,8 @@ def test_soft_tokens_read_the_same_values_every_way(policy, tokenizer, prompts):
 
 def test_deferral_replaces_forwards_only_within_its_block_and_leaves_replaced_ones_alone(policy):
     """`deferred_weight_grads` routes the modules with trainable weights through the deferred Functions by replacing
-    their `forward` on the instance, for the block only (also when it raises); a module whose forward something else
-    replaced already (Accelerate's hooks do) is left alone and keeps that forward."""
+    their `forward` on the instance, for the block only (also when it raises, and a nested block leaves the outer
+    one's in place); a module whose forward something else replaced already (Accelerate's hooks do) is left alone."""
     from grade_trl.core.deferred_grads import DeferredWeightGrads, deferred_weight_grads
 
     hooked = policy.transformer.h[0].mlp.c_fc
@@ -308,6 +308,11 @@ def test_deferral_replaces_forwards_only_within_its_block_and_leaves_replaced_on
         with pytest.raises(RuntimeError, match="inside"):
             with deferred_weight_grads(policy, store):
                 raise RuntimeError("inside")
+        assert not any("forward" in vars(module) for module in patched)
+        with deferred_weight_grads(policy, store):
+            with deferred_weight_grads(policy, store):  # nested: the inner block leaves the outer one's forwards in place
+                pass
+            assert all("forward" in vars(module) for module in patched)
         assert not any("forward" in vars(module) for module in patched)
     finally:
         del hooked.forward

@@ -182,13 +182,13 @@ def _deferred_forward(module: nn.Module, store: DeferredWeightGrads):
     own = type(module).forward
     if not _trainable(getattr(module, "weight", None)) or "forward" in vars(module):
         return None  # frozen, or its forward already replaced on the instance (Accelerate's hooks do that): left alone
-    if isinstance(module, nn.Linear) and own is nn.Linear.forward:
-        def forward(x):
+    if isinstance(module, nn.Linear) and own is nn.Linear.forward and module.weight.dim() == 2:
+        def forward(input):  # noqa: A002 - nn.Linear.forward's own argument name
             if not torch.is_grad_enabled():
-                return own(module, x)
+                return own(module, input)
             bias, bias_key = _bias(store, module.bias)
-            return _DeferredLinear.apply(x, store.alias(module.weight), bias, store, id(module.weight), "linear", bias_key)
-    elif isinstance(module, Conv1D) and own is Conv1D.forward:
+            return _DeferredLinear.apply(input, store.alias(module.weight), bias, store, id(module.weight), "linear", bias_key)
+    elif isinstance(module, Conv1D) and own is Conv1D.forward and module.weight.dim() == 2:
         def forward(x):
             if not torch.is_grad_enabled():
                 return own(module, x)
@@ -197,10 +197,10 @@ def _deferred_forward(module: nn.Module, store: DeferredWeightGrads):
             return out.view(*x.shape[:-1], module.nf)
     elif (isinstance(module, nn.Embedding) and own is nn.Embedding.forward and module.max_norm is None
           and not module.scale_grad_by_freq and not module.sparse):
-        def forward(ids):
+        def forward(input):  # noqa: A002 - nn.Embedding.forward's own argument name
             if not torch.is_grad_enabled():
-                return own(module, ids)
-            return _DeferredEmbedding.apply(ids, store.alias(module.weight), store, id(module.weight), module.padding_idx)
+                return own(module, input)
+            return _DeferredEmbedding.apply(input, store.alias(module.weight), store, id(module.weight), module.padding_idx)
     else:
         return None
     return forward
@@ -218,7 +218,7 @@ def deferred_weight_grads(model: nn.Module, store: DeferredWeightGrads):
     modules' calls pay a Python detour: a TorchFunctionMode, which this replaced, sent every torch call of the model
     through Python: on a model bound by per-operation costs (a GPU's decode loop, or benchmarks/step_cost.py's narrow
     proxy on CPU) that made deferral nearly double the relaxed rollout's forward (README, GRADE's cost)."""
-    patched = store.patches(model)
+    patched = [(module, forward) for module, forward in store.patches(model) if vars(module).get("forward") is not forward]  # nested: the outer block's
     for module, forward in patched:
         module.forward = forward
     try:
