@@ -153,22 +153,24 @@ def release_memory(device: torch.device):
         torch.cuda.empty_cache()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so a wall-clock time counts it; nothing on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 class StepTime(TrainerCallback):
     """Seconds of every optimizer step, from on_step_begin to on_step_end."""
 
     def __init__(self, device: torch.device):
         self.device, self.seconds = device, []
 
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
     def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
+        synchronize(self.device)
         self.t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
+        synchronize(self.device)
         self.seconds.append(time.perf_counter() - self.t0)
 
 
@@ -279,8 +281,7 @@ def profile_step(trainer, device: torch.device, top: int = 8) -> dict:
                 loss = training_loss(trainer, batch)
             else:
                 trainer.accelerator.backward(loss)
-            if on_device:
-                torch.cuda.synchronize()
+            synchronize(device)
             wall = time.perf_counter() - start
         events = prof.key_averages()
         busy = sum(by(e) for e in events) / 1e6
@@ -305,11 +306,6 @@ PHASES = {
     "generate (TRL)": [("trainer", "_generate")],
     "score (TRL: policy, old, reference)": [("trainer", "_get_per_token_logps_and_entropies")],
 }
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @contextmanager
