@@ -54,8 +54,8 @@ def nonfinite_guard_case(base, enc, stage: int) -> dict:
         with torch.no_grad():
             return engine.module(**enc).logits.clone()
 
-    def guarded_step(loss, guard, step) -> str:
-        wrapped.backward(loss)
+    def guarded_step(scale: float, guard, step) -> str:  # scale nan: a NaN loss
+        wrapped.backward(engine.module(**enc).logits.float().pow(2).mean() * scale)
         try:
             guard.on_pre_optimizer_step(None, SimpleNamespace(global_step=step), None, model=engine.module, optimizer=optimizer)
         except NonFiniteGradientError as error:
@@ -63,12 +63,12 @@ def nonfinite_guard_case(base, enc, stage: int) -> dict:
         return ""
 
     before = logits()
-    finite = guarded_step(engine.module(**enc).logits.float().pow(2).mean(), stop, 0)
+    finite = guarded_step(1.0, stop, 0)
     after_finite = logits()
-    nan_stop = guarded_step(engine.module(**enc).logits.float().pow(2).mean() * float("nan"), stop, 1)
+    nan_stop = guarded_step(float("nan"), stop, 1)
     after_nan = logits()
-    nan_skip = guarded_step(engine.module(**enc).logits.float().pow(2).mean() * float("nan"), skip, 2)
-    nan_past_limit = guarded_step(engine.module(**enc).logits.float().pow(2).mean() * float("nan"), skip, 3)
+    nan_skip = guarded_step(float("nan"), skip, 2)
+    nan_past_limit = guarded_step(float("nan"), skip, 3)
     engine.destroy()
     return {"finite_error": finite, "finite_step_changed_logits": (after_finite - before).abs().max().item(),
             "nan_stop_error": nan_stop, "nan_step_changed_logits": (after_nan - after_finite).abs().max().item(),
