@@ -10,10 +10,14 @@ the step's peak memory. `--compare` picks the pair:
     path before it, one gradient edge per cached chunk: O(T^2) edges per layer;
   * `deferred_biases`: `core/deferred_grads.py` defers the biases' gradients with their weights', one sum at the end
     of backward, against deferring the weight matrices only (before): a reduction and an accumulation into `.grad`
-    per decode step for each bias.
+    per decode step for each bias;
+  * `decode_backward`: `core/chunked_cache.py` differentiates each decode step's sdpa attention by its written-out
+    gradient, against recomputing sdpa under autograd and differentiating that (before): a nested `autograd.grad`
+    per step and layer.
 
     python benchmarks/attention_grad_buffer.py --new_tokens 24 48 --tokenizer PATH/TO/gpt2            # gpt2-small shape
     python benchmarks/attention_grad_buffer.py --compare deferred_biases --new_tokens 24 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4
+    python benchmarks/attention_grad_buffer.py --compare decode_backward --new_tokens 24 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4
 """
 
 from __future__ import annotations
@@ -54,9 +58,18 @@ def weights_only(on: bool) -> None:
     deferred_grads._bias = (lambda store, bias: (bias, None)) if on else _bias
 
 
+_sdpa_decode = chunked_cache.sdpa_decode
+
+
+def recompute_attention(on: bool) -> None:
+    """Every decode step's attention from now on is recomputed in backward and differentiated by autograd (before)."""
+    chunked_cache.sdpa_decode = (lambda *args: None) if on else _sdpa_decode
+
+
 COMPARISONS = {  # name -> (the new path, the old path): (label, switch of the old path, its argument)
     "attention_buffer": (("buffer", explicit_edges, False), ("explicit edges", explicit_edges, True)),
     "deferred_biases": (("biases deferred", weights_only, False), ("weights only", weights_only, True)),
+    "decode_backward": (("written out", recompute_attention, False), ("recomputed", recompute_attention, True)),
 }
 
 

@@ -21,6 +21,13 @@ autograd only the gradient of its own new chunk, read from that buffer: complete
 which read this chunk too, is downstream of this step in the rollout's graph and so has run its backward
 first. The order is checked, not assumed: a backward that reaches a step before a later one raises.
 
+Few operations per step, again: a decode step's attention (one query position) under transformers' `sdpa` is
+differentiated by its written-out gradient (`_sdpa_decode_grads`: the scores and softmax recomputed, then four
+products and a softmax backward), not by running sdpa again under autograd and differentiating that (a nested
+`autograd.grad` per step and layer: about 130 aten calls, against about 30). The forward is sdpa itself, unchanged;
+other implementations (flash, flex), the prompt's forward (several query positions, causal), dropout and position
+biases keep the recomputation.
+
 Which models: any whose attention layers call `cache.update(...)` and then an attention function of
 transformers' `AttentionInterface` (GPT-2, Llama, Qwen2, Mistral, ... in transformers 5) and that run with a
 registered implementation (sdpa, flash, flex). `supports_chunked_attention` tells; `soft_rollout` falls back
@@ -34,9 +41,11 @@ from __future__ import annotations
 
 import contextvars
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -118,6 +127,59 @@ def _attend_again(ctx, query, keys, values) -> torch.Tensor:
     return output
 
 
+class SdpaDecode(NamedTuple):
+    """What `_sdpa_decode_grads` needs of one sdpa call with a single query position: its mask (bool: True attends;
+    float: added to the scores; None) and its scale (None: 1 / sqrt(head size), sdpa's default)."""
+
+    attention_mask: torch.Tensor | None
+    scaling: float | None
+
+
+def sdpa_decode(base, query: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> SdpaDecode | None:
+    """The written-out gradient applies: transformers' `sdpa_attention_forward` with one query position (never causal
+    then), no dropout and no position bias, whose other keyword arguments it ignores. None otherwise."""
+    if base is not sdpa_attention_forward or query.shape[2] != 1:
+        return None
+    if kwargs.get("dropout") or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+        return None
+    return SdpaDecode(attention_mask, kwargs.get("scaling"))
+
+
+def _sdpa_decode_grads(decode: SdpaDecode, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, grad_output: torch.Tensor):
+    """The gradients of `sdpa_attention_forward(query, keys, values)` for one query position, written out.
+
+    query (B, h, 1, d); keys, values (B, h_kv, t, d) with h = g * h_kv (grouped-query attention: query head i reads
+    key head i // g); grad_output (B, 1, h, d), the gradient of sdpa's output in transformers' layout. With
+    s = scale * q k^T (+ mask), p = softmax(s), o = p v:
+        dv = p^T do,   dp = do v^T,   ds = p * (dp - sum(p * dp)),   dq = scale * ds k,   dk = scale * ds^T q.
+    Computed in at least float32 (sdpa's kernels accumulate in float32 too). Returns (dq, dk, dv) in the inputs' dtypes.
+    Why: differentiating a recomputed sdpa under autograd costs a nested `autograd.grad` per step and layer.
+    """
+    batch, heads, _, size = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    groups, rows = heads // kv_heads, batch * keys.shape[1]
+    work = torch.promote_types(query.dtype, torch.float32)
+    scale = decode.scaling if decode.scaling is not None else size**-0.5
+    unused = query.new_empty((), dtype=work)  # baddbmm's input with beta=0: ignored; alpha=scale folds the scale into the product
+    # B * h_kv batched products; the g query heads that read one key head are its rows (views, no copies)
+    q = query.to(work).reshape(rows, groups, size)
+    k, v = keys.to(work).reshape(rows, length, size), values.to(work).reshape(rows, length, size)
+    grad_out = grad_output.to(work).transpose(1, 2).reshape(rows, groups, size)
+    scores = torch.baddbmm(unused, q, k.transpose(1, 2), beta=0, alpha=scale).view(batch, kv_heads, groups, length)
+    mask = decode.attention_mask
+    if mask is not None:
+        if mask.shape[1] != 1:  # a mask per query head: grouped as the query
+            mask = mask.reshape(mask.shape[0], kv_heads, groups, length)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(work)
+    probs = scores.softmax(-1).view(rows, groups, length)
+    grad_values = torch.bmm(probs.transpose(1, 2), grad_out)  # (B h_kv, t, d)
+    grad_scores = torch._softmax_backward_data(torch.bmm(grad_out, v.transpose(1, 2)), probs, -1, work)  # p * (dp - sum(p * dp)), one kernel
+    grad_query = torch.baddbmm(unused, grad_scores, k, beta=0, alpha=scale).view(batch, heads, 1, size)
+    grad_keys = torch.baddbmm(unused, grad_scores.transpose(1, 2), q, beta=0, alpha=scale).view(batch, kv_heads, length, size)
+    grad_values = grad_values.view(batch, kv_heads, length, size)
+    return grad_query.to(query.dtype), grad_keys.to(keys.dtype), grad_values.to(values.dtype)
+
+
 class _ChunkedAttention(torch.autograd.Function):
     """attention(query, cat(key chunks), cat(value chunks)) that saves the chunks, not their concatenation."""
 
@@ -146,8 +208,9 @@ class _AccumulatedAttention(torch.autograd.Function):
     chunk only; the gradient of the earlier chunks goes through the layer's buffer (module docstring)."""
 
     @staticmethod
-    def forward(ctx, call, layer, query, key, value):
+    def forward(ctx, call, decode, layer, query, key, value):
         ctx.layer, ctx.index = layer, len(layer.key_chunks) - 1  # `update` has appended this step's chunk (`key`, `value`) already
+        ctx.decode = decode  # an SdpaDecode: the backward writes the gradient out instead of recomputing the attention
         output = _attend(ctx, call, query, torch.cat(layer.key_chunks, dim=-2), torch.cat(layer.value_chunks, dim=-2))
         # Saved: the query and this step's own chunk. The earlier chunks were saved by their own steps (so the
         # saved-bytes account counts each once) and are read back from the layer in backward: O(1) per step, not O(t).
@@ -166,12 +229,16 @@ class _AccumulatedAttention(torch.autograd.Function):
         if index != layer.next_backward:
             raise RuntimeError(f"chunked attention: backward reached step {index} while step {layer.next_backward} had not run "
                                "(the later steps must be downstream of the earlier ones); use rollout_cache: dynamic")
-        q = query.detach().requires_grad_(ctx.needs_input_grad[2])
-        keys = torch.cat(key_chunks, dim=-2).detach().requires_grad_(True)
-        values = torch.cat(value_chunks, dim=-2).detach().requires_grad_(True)
-        output = _attend_again(ctx, q, keys, values)
-        wanted = [keys, values] + ([q] if q.requires_grad else [])
-        grads = torch.autograd.grad(output, wanted, grad_output, allow_unused=True)
+        keys, values = torch.cat(key_chunks, dim=-2), torch.cat(value_chunks, dim=-2)
+        if ctx.decode is not None:
+            grad_query, grad_keys, grad_values = _sdpa_decode_grads(ctx.decode, query, keys, values, grad_output)
+            grads = (grad_keys, grad_values, grad_query if ctx.needs_input_grad[3] else None)
+        else:
+            q = query.detach().requires_grad_(ctx.needs_input_grad[3])
+            keys, values = keys.detach().requires_grad_(True), values.detach().requires_grad_(True)
+            output = _attend_again(ctx, q, keys, values)
+            wanted = [keys, values] + ([q] if q.requires_grad else [])
+            grads = torch.autograd.grad(output, wanted, grad_output, allow_unused=True)
         length, width = keys.shape[-2], key_chunks[index].shape[-2]
         if layer.grad_keys is None:  # the last step reads every position: the buffers' size
             layer.grad_keys, layer.grad_values = torch.zeros_like(keys), torch.zeros_like(values)
@@ -184,7 +251,7 @@ class _AccumulatedAttention(torch.autograd.Function):
         layer.next_backward = index - 1
         if index == 0:  # the pass is over: free the buffers
             layer.grad_keys = layer.grad_values = layer.next_backward = layer.backward_pass = None
-        return None, None, (grads[2] if q.requires_grad else None), grad_key, grad_value
+        return None, None, None, (grads[2] if ctx.needs_input_grad[3] else None), grad_key, grad_value
 
 
 def _chunked_attention(module, query, key, value, attention_mask, **kwargs):
@@ -199,7 +266,7 @@ def _chunked_attention(module, query, key, value, attention_mask, **kwargs):
         return base(module, q, k, v, attention_mask, **kwargs)
 
     if layer.accumulate_grads:
-        return _AccumulatedAttention.apply(call, layer, query, key, value), None
+        return _AccumulatedAttention.apply(call, sdpa_decode(base, query, attention_mask, kwargs), layer, query, key, value), None
     return _ChunkedAttention.apply(call, query, *layer.key_chunks, *layer.value_chunks), None
 
 
