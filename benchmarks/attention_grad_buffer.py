@@ -13,16 +13,20 @@ the step's peak memory. `--compare` picks the pair:
     per decode step for each bias;
   * `decode_backward`: `core/chunked_cache.py` differentiates each decode step's sdpa attention by its written-out
     gradient, against recomputing sdpa under autograd and differentiating that (before): a nested `autograd.grad`
-    per step and layer.
+    per step and layer;
+  * `one_kernel_gelu`: `core/soft_rollout.py` runs GPT-2's `gelu_new` as torch's one-kernel tanh GELU in the rollout,
+    against the model's own eight-operation `gelu_new` (before).
 
     python benchmarks/attention_grad_buffer.py --new_tokens 24 48 --tokenizer PATH/TO/gpt2            # gpt2-small shape
     python benchmarks/attention_grad_buffer.py --compare deferred_biases --new_tokens 24 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4
     python benchmarks/attention_grad_buffer.py --compare decode_backward --new_tokens 24 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4
+    python benchmarks/attention_grad_buffer.py --compare one_kernel_gelu --new_tokens 24 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import statistics
 import time
@@ -66,10 +70,20 @@ def recompute_attention(on: bool) -> None:
     chunked_cache.sdpa_decode = (lambda *args: None) if on else _sdpa_decode
 
 
+rollout_module = importlib.import_module("grade_trl.core.soft_rollout")  # the module (grade_trl.core.soft_rollout is also its function's name)
+_tanh_gelu_modules = rollout_module.tanh_gelu_modules
+
+
+def models_own_gelu(on: bool) -> None:
+    """Every rollout from now on runs the model's own activation modules (before)."""
+    rollout_module.tanh_gelu_modules = (lambda model: []) if on else _tanh_gelu_modules
+
+
 COMPARISONS = {  # name -> (the new path, the old path): (label, switch of the old path, its argument)
     "attention_buffer": (("buffer", explicit_edges, False), ("explicit edges", explicit_edges, True)),
     "deferred_biases": (("biases deferred", weights_only, False), ("weights only", weights_only, True)),
     "decode_backward": (("written out", recompute_attention, False), ("recomputed", recompute_attention, True)),
+    "one_kernel_gelu": (("one-kernel gelu", models_own_gelu, False), ("gelu_new", models_own_gelu, True)),
 }
 
 

@@ -396,3 +396,45 @@ def test_deferral_replaces_forwards_only_within_its_block_and_leaves_replaced_on
     finally:
         del hooked.forward
 
+
+def test_rollout_runs_gpt2s_gelu_as_one_kernel_with_the_gradient_of_the_models_own(policy, tokenizer, prompts):
+    """`soft_rollout` replaces GPT-2's `gelu_new` (8 tensor operations) by torch's one-kernel tanh GELU, for its own
+    forwards only. The same function: in float64 the rollout's tokens and gradient equal those of a rollout that runs
+    the model's own activation (its modules' forward pinned, which the replacement leaves alone)."""
+    from transformers.activations import NewGELUActivation
+
+    from grade_trl.core.soft_rollout import tanh_gelu_in_one_kernel, tanh_gelu_modules
+
+    policy = copy.deepcopy(policy).double()
+    x = torch.linspace(-8, 8, 1001, dtype=torch.float64)
+    activations = tanh_gelu_modules(policy)
+    assert len(activations) == policy.config.n_layer and all(type(m) is NewGELUActivation for m in activations)
+    with tanh_gelu_in_one_kernel(activations):
+        assert activations[0].forward.__name__ == "_tanh_gelu"
+        fused = activations[0](x)
+    assert not any("forward" in vars(m) for m in activations)
+    assert_close(fused, activations[0](x), rtol=1e-14, atol=1e-15)
+
+    enc = _encode(tokenizer, prompts)
+    est = StraightThroughGumbel()
+    direction = torch.randn(policy.config.n_embd, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def gradient():
+        torch.manual_seed(1)
+        policy.zero_grad(set_to_none=True)
+        r = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: est(l, 0.7), max_new_tokens=6, min_new_tokens=2, eos_token_id=0)
+        (r.logits.logsumexp(-1).sum() + (r.soft_tokens.embed(policy.get_input_embeddings().weight) @ direction).tanh().sum()).backward()
+        return r.tokens, [p.grad.clone() for p in policy.parameters()]
+
+    tokens, grads = gradient()
+    assert not any("forward" in vars(m) for m in activations)
+    for m in activations:
+        m.forward = NewGELUActivation.forward.__get__(m)  # the model's own gelu_new, left alone by the rollout
+    try:
+        own_tokens, own = gradient()
+    finally:
+        for m in activations:
+            del m.forward
+    assert torch.equal(tokens, own_tokens)
+    for ours, theirs in zip(grads, own):
+        assert_close(ours, theirs, rtol=1e-10, atol=1e-12 * theirs.abs().max().item())

@@ -13,6 +13,12 @@ Memory, for T generated tokens (what each part keeps for backward):
   * the (B, V) tensors of each step: the logits (kept once, stacked, for the exact KL) and what the relaxation
     needs for its backward; `top_k=k` relaxes over the k largest logits only, so both become (B, k).
 
+Operations per step (a GPU's decode loop is bound by their count, not by arithmetic): GPT-2's activation, `gelu_new`,
+is the tanh approximation of GELU written as eight tensor operations, whose backward is about twenty more; the
+rollout runs it as torch's one-kernel `F.gelu(approximate="tanh")` instead, the same function (transformers calls it
+"equivalent to NewGELU and FastGELU but much faster", equal up to rounding) with a one-kernel backward
+(`tanh_gelu_in_one_kernel`).
+
 Legend: B batch, P prompt length (left-padded), T generated positions, V vocabulary, K logits kept per
 position (V, or k with top-k), H hidden.
 """
@@ -20,13 +26,15 @@ position (V, or k with top-k), H hidden.
 from __future__ import annotations
 
 import sys
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
+from transformers.activations import FastGELUActivation, NewGELUActivation
 
 from .chunked_cache import ChunkedCache, ChunkedLayer, chunked_attention, supports_chunked_attention
 from .deferred_grads import DeferredWeightGrads, deferred_weight_grads
@@ -92,7 +100,37 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, wrappers) else model
 
 
-def _checkpointed_step(inner, cache: ChunkedCache, deferred: DeferredWeightGrads | None, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
+TANH_GELU_MODULES = (NewGELUActivation, FastGELUActivation)
+"""transformers' activations that compute the tanh approximation of GELU in several tensor operations (gelu_new, gelu_fast)."""
+
+
+def tanh_gelu_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of `model` that `tanh_gelu_in_one_kernel` replaces (found once per rollout)."""
+    return [module for module in model.modules() if type(module) in TANH_GELU_MODULES]
+
+
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+@contextmanager
+def tanh_gelu_in_one_kernel(modules: list[torch.nn.Module]):
+    """Within the block, `modules` (from `tanh_gelu_modules`) compute 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    as torch's fused `F.gelu(x, approximate="tanh")`: one operation forward and one backward instead of about 8 and 20
+    (GPT-2's MLP, per layer and decode step). An instance `forward` over the class's method, as `deferred_weight_grads`
+    does; a module whose forward is already replaced (an outer block, Accelerate's hooks) is left alone."""
+    patched = [module for module in modules if "forward" not in vars(module)]
+    for module in patched:
+        module.forward = _tanh_gelu
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _checkpointed_step(inner, cache: ChunkedCache, deferred: DeferredWeightGrads | None, activations: list, inputs_embeds, attention_mask,
+                       position_ids) -> torch.Tensor:
     """One decode step whose forward is recomputed in backward: it keeps only its inputs (the cache's chunks, which
     exist anyway, and the new input embedding) and outputs (the logits, the new chunks)."""
     counts = [len(layer.key_chunks) for layer in cache.layers]
@@ -108,6 +146,7 @@ def _checkpointed_step(inner, cache: ChunkedCache, deferred: DeferredWeightGrads
             local.layers.append(layer)
         with ExitStack() as stack:
             stack.enter_context(chunked_attention(inner, local))
+            stack.enter_context(tanh_gelu_in_one_kernel(activations))  # as the forward it recomputes
             if deferred is not None:
                 stack.enter_context(deferred_weight_grads(inner, deferred))
             out = inner(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=local, use_cache=True)
@@ -164,9 +203,11 @@ def soft_rollout(
     # since a deferred gradient would reach a parameter after FSDP's reduce-scatter of the forward that used it.
     deferred = DeferredWeightGrads() if (defer_weight_grads or sharded) and torch.is_grad_enabled() else None
     defer_model_weights = deferred is not None and not sharded
+    activations = tanh_gelu_modules(inner)
 
     def context() -> ExitStack:  # a fresh context per forward call (a generator context manager is single-use)
         stack = ExitStack()
+        stack.enter_context(tanh_gelu_in_one_kernel(activations))
         if chunked:
             stack.enter_context(chunked_attention(inner, kv))
         if defer_model_weights:
@@ -200,7 +241,7 @@ def soft_rollout(
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
         inputs_embeds = embed_step(relaxed, embed_matrix, deferred).unsqueeze(1)  # (B, 1, H)
         if checkpoint_steps:
-            next_logits = _checkpointed_step(inner, kv, deferred, inputs_embeds, attention_mask, next_position)
+            next_logits = _checkpointed_step(inner, kv, deferred, activations, inputs_embeds, attention_mask, next_position)
         else:
             with context():
                 kv, next_logits = decode_step(model, kv, attention_mask, next_position, inputs_embeds=inputs_embeds)
