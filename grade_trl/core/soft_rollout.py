@@ -14,7 +14,7 @@ Memory, for T generated tokens (what each part keeps for backward):
     needs for its backward; `top_k=k` relaxes over the k largest logits only, so both become (B, k).
 
 Operations per step (a GPU's decode loop is bound by their count, not by arithmetic): GPT-2's activation, `gelu_new`,
-is the tanh approximation of GELU written as eight tensor operations, whose backward is about twenty more; the
+is the tanh approximation of GELU written as eight tensor operations, whose backward is about thirty more; the
 rollout runs it as torch's one-kernel `F.gelu(approximate="tanh")` instead, the same function (transformers calls it
 "equivalent to NewGELU and FastGELU but much faster", equal up to rounding) with a one-kernel backward
 (`tanh_gelu_in_one_kernel`).
@@ -116,7 +116,7 @@ def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def tanh_gelu_in_one_kernel(modules: list[torch.nn.Module]):
     """Within the block, `modules` (from `tanh_gelu_modules`) compute 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-    as torch's fused `F.gelu(x, approximate="tanh")`: one operation forward and one backward instead of about 8 and 20
+    as torch's fused `F.gelu(x, approximate="tanh")`: one operation forward and one backward instead of about 8 and 30
     (GPT-2's MLP, per layer and decode step). An instance `forward` over the class's method, as `deferred_weight_grads`
     does; a module whose forward is already replaced (an outer block, Accelerate's hooks) is left alone."""
     patched = [module for module in modules if "forward" not in vars(module)]
