@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,16 @@ def test_sharding_table_agrees_with_the_memory_model_and_orders_the_configs():
             values = [table.per_gpu_gib(model, method, config, layers, hidden, 16, 48, 8) for config in table.CONFIGS]
             assert values[0] > values[1] > values[2], (name, method, values)
     assert "| gpt2-xl | 1558M | grade_ste |" in table.main(["--batch_size", "64"])
+
+
+def test_one_kernel_gelu_benchmark_counts_fewer_calls_for_the_fused_sampler(monkeypatch, capsys):
+    """benchmarks/one_kernel_gelu.py: our sampler with GPT-2's activation as one kernel makes fewer aten calls than with
+    the model's own gelu_new (tiny shape), and leaves the model's modules as they were."""
+    spec = importlib.util.spec_from_file_location("one_kernel_gelu", SCRIPT.parent / "one_kernel_gelu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr("sys.argv", ["one_kernel_gelu.py", "--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--new_tokens", "4", "--rounds", "2"])
+    bench.main()
+    out = capsys.readouterr().out
+    one, own = (int(count.replace(",", "")) for count in re.findall(r"([\d,]+) aten calls", out))
+    assert one < own, out

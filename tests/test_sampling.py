@@ -227,3 +227,34 @@ def test_kl_is_non_negative_only_when_scored_under_the_sampling_distribution(pol
     k1_wrong = masked_sum(logp_raw - logq, mask, dim=1)
     print(f"mean per-sequence k1 KL vs itself: right {k1_right.mean():.4f} (exact {exact.mean():.4f}), wrong {k1_wrong.mean():.4f}")
     assert k1_wrong.mean() < 0
+
+
+def test_sampler_runs_gpt2s_gelu_as_one_kernel_and_samples_what_the_models_own_would(policy, tokenizer, prompts):
+    """`sample` runs GPT-2's `gelu_new` as torch's one-kernel tanh GELU (as GRADE's rollout does), for its own forwards
+    only. In float64, with the same seed, it draws the same tokens with the same log-probs as with the model's own
+    activation (its modules' forward pinned, which the replacement leaves alone)."""
+    from transformers.activations import NewGELUActivation
+
+    from grade_trl.core.soft_rollout import tanh_gelu_modules
+
+    policy = copy.deepcopy(policy).double()
+    activations = tanh_gelu_modules(policy)
+    seen = []
+    hook = activations[0].register_forward_hook(lambda module, args, out: seen.append(vars(module).get("forward")))
+    ids, mask = _encode(tokenizer, prompts)
+    settings = SamplingSettings(max_new_tokens=8, min_new_tokens=2, top_p=0.9)
+    torch.manual_seed(0)
+    fused = sample(policy, ids, mask, settings, eos_token_id=0)
+    assert seen and all(f is not None and f.__name__ == "_tanh_gelu" for f in seen)
+    assert not any("forward" in vars(m) for m in activations)
+    hook.remove()
+    for m in activations:
+        m.forward = NewGELUActivation.forward.__get__(m)
+    try:
+        torch.manual_seed(0)
+        own = sample(policy, ids, mask, settings, eos_token_id=0)
+    finally:
+        for m in activations:
+            del m.forward
+    assert torch.equal(fused.completion_ids, own.completion_ids)
+    assert_close(fused.logprobs, own.logprobs, rtol=0, atol=1e-12)

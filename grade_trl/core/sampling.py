@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .masks import completion_mask, masked_mean
 from .sharding import all_finished, is_sharded
-from .soft_rollout import decode_step, last_positions, position_ids_from_mask
+from .soft_rollout import decode_step, last_positions, position_ids_from_mask, tanh_gelu_in_one_kernel, tanh_gelu_modules
 
 
 @dataclass
@@ -161,8 +161,15 @@ def sample(
     so a DistributedDataParallel wrapper works. Uses the global torch RNG (`torch.multinomial`).
     Dropout must be off (eval mode or dropout 0) for `token_logprobs` to reproduce `logprobs`. The prompt's forward
     computes the logits of its last position only. return_hidden: also keep the last layer's state that predicts
-    each token (`SampledBatch.hidden`; PPO's values).
+    each token (`SampledBatch.hidden`; PPO's values). GPT-2's `gelu_new` runs as one kernel here, as in GRADE's relaxed
+    rollout (`soft_rollout.tanh_gelu_in_one_kernel`: the same function, equal up to rounding), so that both decode
+    loops pay the same per-operation costs.
     """
+    with tanh_gelu_in_one_kernel(tanh_gelu_modules(model)):
+        return _sample(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id, return_hidden)
+
+
+def _sample(model, prompt_ids, prompt_mask, settings: SamplingSettings, eos_token_id, pad_token_id, return_hidden) -> SampledBatch:
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
     sharded = is_sharded(model)  # then every process decodes until every process's rows have finished (core/sharding.py)
     batch = prompt_ids.shape[0]
