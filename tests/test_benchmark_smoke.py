@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from grade_trl.methods import METHODS
 
@@ -117,8 +118,12 @@ def test_one_kernel_gelu_benchmark_counts_fewer_calls_for_the_fused_sampler(monk
     spec = importlib.util.spec_from_file_location("one_kernel_gelu", SCRIPT.parent / "one_kernel_gelu.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    monkeypatch.setattr("sys.argv", ["one_kernel_gelu.py", "--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--new_tokens", "4", "--rounds", "2"])
-    bench.main()
+    threads = torch.get_num_threads()  # the script sets the process's threads (and seed): later in-process runs must not inherit them
+    monkeypatch.setattr("sys.argv", ["one_kernel_gelu.py", "--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--new_tokens", "4", "--rounds", "2",
+                                     "--threads", str(threads)])
+    with torch.random.fork_rng():
+        bench.main()
+    assert torch.get_num_threads() == threads
     out = capsys.readouterr().out
     one, own = (int(count.replace(",", "")) for count in re.findall(r"([\d,]+) aten calls", out))
     assert one < own, out
