@@ -393,6 +393,12 @@ def test_deferral_replaces_forwards_only_within_its_block_and_leaves_replaced_on
                 pass
             assert all("forward" in vars(module) for module in patched)
         assert not any("forward" in vars(module) for module in patched)
+        late = policy.lm_head  # its forward replaced by something else after the store found its modules: left alone too
+        late.forward = hook_forward
+        with deferred_weight_grads(policy, store):
+            assert late.forward is hook_forward and "forward" in vars(policy.transformer.h[0].attn.c_attn)
+        assert late.forward is hook_forward
+        del late.forward
     finally:
         del hooked.forward
 

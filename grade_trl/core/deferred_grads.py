@@ -218,11 +218,20 @@ def deferred_weight_grads(model: nn.Module, store: DeferredWeightGrads):
     modules' calls pay a Python detour: a TorchFunctionMode, which this replaced, sent every torch call of the model
     through Python: on a model bound by per-operation costs (a GPU's decode loop, or benchmarks/step_cost.py's narrow
     proxy on CPU) that made deferral nearly double the relaxed rollout's forward (README, GRADE's cost)."""
-    patched = [(module, forward) for module, forward in store.patches(model) if vars(module).get("forward") is not forward]  # nested: the outer block's
+    with replaced_forwards(store.patches(model)):
+        yield store
+
+
+@contextmanager
+def replaced_forwards(replacements):
+    """Within the block, each (module, forward) of `replacements` runs `forward` as the module's `forward` (an instance
+    attribute over the class's method; hooks, in `Module.__call__`, are untouched), removed again on exit. A module
+    whose forward is already replaced on the instance (an outer block's, Accelerate's hooks) is left alone."""
+    patched = [(module, forward) for module, forward in replacements if "forward" not in vars(module)]
     for module, forward in patched:
         module.forward = forward
     try:
-        yield store
+        yield
     finally:
         for module, _ in patched:
             del module.forward

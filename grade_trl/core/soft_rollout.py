@@ -26,7 +26,7 @@ position (V, or k with top-k), H hidden.
 from __future__ import annotations
 
 import sys
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,7 +37,7 @@ from transformers import DynamicCache
 from transformers.activations import FastGELUActivation, NewGELUActivation
 
 from .chunked_cache import ChunkedCache, ChunkedLayer, chunked_attention, supports_chunked_attention
-from .deferred_grads import DeferredWeightGrads, deferred_weight_grads
+from .deferred_grads import DeferredWeightGrads, deferred_weight_grads, replaced_forwards
 from .masks import completion_mask
 from .sharding import all_finished, input_embedding_matrix, is_sharded
 from .soft_tokens import Relaxed, SoftTokens, embed_step
@@ -113,20 +113,12 @@ def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-@contextmanager
 def tanh_gelu_in_one_kernel(modules: list[torch.nn.Module]):
     """Within the block, `modules` (from `tanh_gelu_modules`) compute 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
     as torch's fused `F.gelu(x, approximate="tanh")`: one operation forward and one backward instead of about 8 and 30
-    (GPT-2's MLP, per layer and decode step). An instance `forward` over the class's method, as `deferred_weight_grads`
-    does; a module whose forward is already replaced (an outer block, Accelerate's hooks) is left alone."""
-    patched = [module for module in modules if "forward" not in vars(module)]
-    for module in patched:
-        module.forward = _tanh_gelu
-    try:
-        yield
-    finally:
-        for module in patched:
-            del module.forward
+    (GPT-2's MLP, per layer and decode step). The same replacement of the instances' `forward` as
+    `deferred_weight_grads` (`replaced_forwards`): a module whose forward is already replaced is left alone."""
+    return replaced_forwards((module, _tanh_gelu) for module in modules)
 
 
 def _checkpointed_step(inner, cache: ChunkedCache, deferred: DeferredWeightGrads | None, activations: list, inputs_embeds, attention_mask,
