@@ -15,12 +15,15 @@ the step's peak memory. `--compare` picks the pair:
     gradient, against recomputing sdpa under autograd and differentiating that (before): a nested `autograd.grad`
     per step and layer;
   * `one_kernel_gelu`: `core/soft_rollout.py` runs GPT-2's `gelu_new` as torch's one-kernel tanh GELU in the rollout,
-    against the model's own eight-operation `gelu_new` (before).
+    against the model's own eight-operation `gelu_new` (before);
+  * `kv_buffer`: `core/chunked_cache.py`'s layers write each chunk's keys and values once into a buffer that attention
+    reads as a view, against concatenating every chunk at every step and layer, forward and backward (before).
 
     python benchmarks/attention_grad_buffer.py --new_tokens 24 48 --tokenizer PATH/TO/gpt2            # gpt2-small shape
     python benchmarks/attention_grad_buffer.py --compare deferred_biases --new_tokens 24 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4
     python benchmarks/attention_grad_buffer.py --compare decode_backward --new_tokens 24 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4
     python benchmarks/attention_grad_buffer.py --compare one_kernel_gelu --new_tokens 24 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4
+    python benchmarks/attention_grad_buffer.py --compare kv_buffer --new_tokens 24 48 --tokenizer PATH/TO/gpt2
 """
 
 from __future__ import annotations
@@ -79,11 +82,26 @@ def models_own_gelu(on: bool) -> None:
     rollout_module.tanh_gelu_modules = (lambda model: []) if on else _tanh_gelu_modules
 
 
+_append = chunked_cache.ChunkedLayer.append
+
+
+def concatenated_chunks(on: bool) -> None:
+    """Every ChunkedLayer from now on keeps no buffer of its keys and values: attention concatenates the chunks at every
+    step, forward and backward (before)."""
+
+    def append(self, key_states, value_states):
+        self.key_chunks.append(key_states)
+        self.value_chunks.append(value_states)
+
+    chunked_cache.ChunkedLayer.append = append if on else _append
+
+
 COMPARISONS = {  # name -> (the new path, the old path): (label, switch of the old path, its argument)
     "attention_buffer": (("buffer", explicit_edges, False), ("explicit edges", explicit_edges, True)),
     "deferred_biases": (("biases deferred", weights_only, False), ("weights only", weights_only, True)),
     "decode_backward": (("written out", recompute_attention, False), ("recomputed", recompute_attention, True)),
     "one_kernel_gelu": (("one-kernel gelu", models_own_gelu, False), ("gelu_new", models_own_gelu, True)),
+    "kv_buffer": (("buffered keys and values", concatenated_chunks, False), ("concatenated chunks", concatenated_chunks, True)),
 }
 
 

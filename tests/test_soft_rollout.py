@@ -444,3 +444,55 @@ def test_rollout_runs_gpt2s_gelu_as_one_kernel_with_the_gradient_of_the_models_o
     assert torch.equal(tokens, own_tokens)
     for ours, theirs in zip(grads, own):
         assert_close(ours, theirs, rtol=1e-10, atol=1e-12 * theirs.abs().max().item())
+
+
+def test_chunked_cache_layer_reads_its_chunks_from_one_buffer_as_their_concatenation():
+    """Each layer writes every chunk's rows once into a buffer grown by doubling, and attention reads views of its
+    first rows instead of concatenating the chunks at every step (core/chunked_cache.py): those views must equal the
+    concatenation of the first n chunks for every n, across regrowths, and a chunk the buffer cannot hold (another
+    dtype) must fall back to the concatenation."""
+    from grade_trl.core.chunked_cache import ChunkedLayer
+
+    torch.manual_seed(0)
+    layer = ChunkedLayer()
+    widths = [5, 1, 1, 3, 1, 1, 1, 7, 1, 1]  # a prompt, then decode steps and a few wider chunks: three regrowths
+    for width in widths:
+        layer.append(torch.randn(2, 3, width, 4), torch.randn(2, 3, width, 4))
+        for n in range(1, len(layer.key_chunks) + 1):
+            keys, values = layer.keys_and_values(n)
+            assert torch.equal(keys, torch.cat(layer.key_chunks[:n], dim=-2)) and torch.equal(values, torch.cat(layer.value_chunks[:n], dim=-2))
+            assert keys.data_ptr() == layer.key_buffer.data_ptr() and values.data_ptr() == layer.value_buffer.data_ptr()  # views, no copy
+    assert layer.buffered == sum(widths) and layer.key_buffer.shape[-2] == 40  # 5 -> 10 -> 20 -> 40
+    layer.append(torch.randn(2, 3, 1, 4, dtype=torch.float64), torch.randn(2, 3, 1, 4, dtype=torch.float64))
+    assert layer.key_buffer is None
+    keys, values = layer.keys_and_values(len(layer.key_chunks))
+    assert torch.equal(keys, torch.cat(layer.key_chunks, dim=-2)) and torch.equal(values, torch.cat(layer.value_chunks, dim=-2))
+    # a reader outside the chunked attention that is differentiated gets the concatenation, with its gradient edges
+    layer.reset()
+    first = torch.randn(2, 3, 2, 4, requires_grad=True)
+    keys, _ = layer.update(first, torch.randn(2, 3, 2, 4))
+    keys, _ = layer.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4))
+    keys.sum().backward()
+    assert torch.equal(first.grad, torch.ones_like(first))
+
+
+def test_rollout_attention_reads_the_buffered_keys_and_values(policy, tokenizer, prompts):
+    """A chunked rollout's attention reads each layer's buffer: the concatenation of the prompt's and the steps' chunks
+    is never formed (test_memory_options_give_the_plain_gradient checks the values and gradients)."""
+    enc = _encode(tokenizer, prompts)
+    est = StraightThroughGumbel()
+    cats = []
+    original_cat = torch.cat
+
+    def counting_cat(tensors, *args, **kwargs):
+        cats.append(len(tensors))
+        return original_cat(tensors, *args, **kwargs)
+
+    torch.manual_seed(0)
+    torch.cat = counting_cat
+    try:
+        rollout = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: est(l, 0.7), max_new_tokens=5, min_new_tokens=5, eos_token_id=0)
+    finally:
+        torch.cat = original_cat
+    assert rollout.logits.shape[1] == 5
+    assert cats and max(cats) == 2  # the attention mask's growth and the like; no concatenation of the prompt's and t steps' chunks

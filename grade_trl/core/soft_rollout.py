@@ -146,8 +146,7 @@ def _checkpointed_step(inner, cache: ChunkedCache, deferred: DeferredWeightGrads
 
     logits, *new = checkpoint(step, inputs_embeds, attention_mask, position_ids, *flat, use_reentrant=False)
     for i, layer in enumerate(cache.layers):
-        layer.key_chunks.append(new[2 * i])
-        layer.value_chunks.append(new[2 * i + 1])
+        layer.append(new[2 * i], new[2 * i + 1])
     return logits
 
 
@@ -189,7 +188,7 @@ def soft_rollout(
     chunked = cache == "chunked" and supports_chunked_attention(inner)
     if checkpoint_steps and not chunked:
         raise ValueError("checkpointing the rollout's steps needs the chunked KV cache and a model with an sdpa/flash/flex attention implementation")
-    kv = ChunkedCache() if chunked else None
+    kv = ChunkedCache(capacity=prompt_ids.shape[1] + max_new_tokens - 1) if chunked else None  # the last step is never fed back
     # Sharded: the gathered E always goes through a deferred alias, whose backward hands the gather's backward (a
     # reduce-scatter) one dense gradient instead of per-step sparse rows; the model's own weights are not deferred,
     # since a deferred gradient would reach a parameter after FSDP's reduce-scatter of the forward that used it.
