@@ -128,6 +128,32 @@ def test_exact_kl_gradients_match_the_plain_expression_full_and_top_k():
     assert (exact_kl(values, zq, indices) >= 0).all()  # the truncated policy against the full reference
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_kl_keeps_the_log_softmaxes_or_the_low_precision_logits_with_the_same_gradient(dtype):
+    """float32 logits: _ExactKL keeps the log-softmaxes for backward; bfloat16 logits: it keeps the logits (half the
+    bytes) and recomputes in float32. Either way the gradient is the plain float32 expression's, twice over a retained
+    graph (backward must not write into what it saved), and what is saved is two logits-sized tensors."""
+    torch.manual_seed(0)
+    zp = torch.randn(2, 3, 50, dtype=dtype, requires_grad=True)
+    zq = torch.randn(2, 3, 50, dtype=dtype, requires_grad=True)
+    weights = torch.randn(2, 3)
+
+    def plain(a, b):
+        logp, logq = F.log_softmax(a.float(), -1), F.log_softmax(b.float(), -1)
+        return (logp.exp() * (logp - logq)).sum(-1)
+
+    theirs = torch.autograd.grad((plain(zp, zq) * weights).sum(), (zp, zq))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = (exact_kl(zp, zq) * weights).sum()
+    assert sum(t.numel() * t.element_size() for t in saved if t.dim() == 3) == 2 * zp.numel() * zp.element_size()
+    for _ in range(2):
+        ours = torch.autograd.grad(loss, (zp, zq), retain_graph=True)
+        for a, b in zip(ours, theirs):
+            assert a.dtype == dtype
+            assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+
+
 def one_forward_reference_logits(ref, rollout, min_new_tokens, eos):
     """The plain expression: one forward of the reference over [prompt; y_1 .. y_{T-1}], every position with gradient."""
     from grade_trl.core.soft_rollout import forbid_eos, position_ids_from_mask

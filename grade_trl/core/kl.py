@@ -10,9 +10,11 @@ import torch.nn.functional as F
 
 
 class _ExactKL(torch.autograd.Function):
-    """KL(p || q) per position from logits, saving only the two logits tensors (in their own dtype) and recomputing
-    the log-softmaxes in backward in float32, instead of keeping log p, log q, p and log p - log q (four B x T x V
-    float32 tensors) as the plain expression would. The gradients are the analytic ones:
+    """KL(p || q) per position from logits, saving two B x T x V tensors, not the four (log p, log q, p and
+    log p - log q, in float32) that the plain expression would keep: the log-softmaxes when the logits are float32 or
+    float64 (the same bytes as the logits, and nothing to recompute in backward), the logits themselves when they are
+    in a lower precision (half the bytes; the log-softmaxes are then recomputed in float32 in backward). The gradients
+    are the analytic ones:
 
         dKL/dz_p = p * (log p - log q - KL),     dKL/dz_q = q - p           (full support)
         dKL/dz_p = p * (log p - log q_I - KL),   dKL/dz_q = q - scatter(p)  (support I: the policy's top-k)
@@ -22,24 +24,34 @@ class _ExactKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, policy_logits, ref_logits, indices):
-        kl = _kl_terms(policy_logits, ref_logits, indices)[0]
-        ctx.save_for_backward(policy_logits, ref_logits, indices)
+        kl, logp, _, logq = _kl_terms(policy_logits, ref_logits, indices)
+        ctx.kept_log_softmax = logp.dtype == policy_logits.dtype and logq.dtype == ref_logits.dtype
+        if ctx.kept_log_softmax:
+            ctx.save_for_backward(logp, logq, indices, kl)
+        else:
+            ctx.save_for_backward(policy_logits, ref_logits, indices)
+        ctx.dtypes = policy_logits.dtype, ref_logits.dtype
         return kl.clamp(min=0.0)
 
     @staticmethod
     def backward(ctx, grad):
-        policy_logits, ref_logits, indices = ctx.saved_tensors
-        kl, logp, logq_support, logq = _kl_terms(policy_logits, ref_logits, indices)
+        if ctx.kept_log_softmax:
+            logp, logq, indices, kl = ctx.saved_tensors
+            logq_support = logq if indices is None else logq.gather(-1, indices)
+        else:
+            policy_logits, ref_logits, indices = ctx.saved_tensors
+            kl, logp, logq_support, logq = _kl_terms(policy_logits, ref_logits, indices)
         scale = (grad * (kl >= 0)).unsqueeze(-1)  # (B, T, 1): no gradient where the clamp acted
         p = logp.exp()
         grad_policy = grad_ref = None
-        # In place where a (B, T, V) temporary can be reused (these tensors are the step's largest): the policy's
-        # gradient first, which reads log q, then the reference's, which turns log q into q.
+        # In place where a (B, T, V) temporary can be reused (these tensors are the step's largest); never in the
+        # saved tensors (a second backward over a retained graph reads them again).
         if ctx.needs_input_grad[0]:
-            grad_policy = (logp - logq_support).sub_(kl.unsqueeze(-1)).mul_(p).mul_(scale).to(policy_logits.dtype)  # p (log p - log q - KL)
+            grad_policy = (logp - logq_support).sub_(kl.unsqueeze(-1)).mul_(p).mul_(scale).to(ctx.dtypes[0])  # p (log p - log q - KL)
         if ctx.needs_input_grad[1]:
             support_p = p if indices is None else torch.zeros_like(logq).scatter_add(-1, indices, p)
-            grad_ref = logq.exp_().sub_(support_p).mul_(scale).to(ref_logits.dtype)  # (q - p)
+            q = logq.exp() if ctx.kept_log_softmax else logq.exp_()  # log q is a saved tensor, or this backward's own
+            grad_ref = q.sub_(support_p).mul_(scale).to(ctx.dtypes[1])  # (q - p)
         return grad_policy, grad_ref, None
 
 
