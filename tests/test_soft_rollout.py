@@ -165,11 +165,15 @@ def one_forward_reference_logits(ref, rollout, min_new_tokens, eos):
     return torch.cat([forbid_eos(logits[:, :min_new_tokens], eos), logits[:, min_new_tokens:]], dim=1)
 
 
+@pytest.mark.parametrize("one_token_prompts", [False, True], ids=["prompts", "one_token_prompts"])
 @pytest.mark.parametrize("estimator", [StraightThroughGumbel(), GumbelSoftmax()], ids=["ste", "soft"])
-def test_reference_over_the_cached_prompt_equals_one_forward_over_the_whole_sequence(policy, tokenizer, prompts, estimator):
-    """reference_logits runs the prompt once without gradient and the completion over its cache: the same logits and
-    the same gradient (through the soft tokens into the policy) as one forward over the whole left-padded sequence."""
+def test_reference_over_the_cached_prompt_equals_one_forward_over_the_whole_sequence(policy, tokenizer, prompts, estimator, one_token_prompts):
+    """reference_logits runs the prompt once without gradient and the completion over its cache, EOS banned by an
+    index_put: the same logits and the same gradient (through the soft tokens into the policy) as one forward over the
+    whole left-padded sequence with `forbid_eos`, for prompts of several tokens and of one."""
     enc = _encode(tokenizer, prompts)
+    if one_token_prompts:  # each prompt's last token alone
+        enc = {"input_ids": enc["input_ids"][:, -1:], "attention_mask": torch.ones_like(enc["input_ids"][:, -1:])}
     policy = copy.deepcopy(policy).double()  # float64: the two ways agree to rounding, so any real difference would show
     ref = copy.deepcopy(policy).requires_grad_(False)
     with torch.no_grad():
