@@ -24,6 +24,7 @@ the step's peak memory. `--compare` picks the pair:
     python benchmarks/attention_grad_buffer.py --compare decode_backward --new_tokens 24 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4
     python benchmarks/attention_grad_buffer.py --compare one_kernel_gelu --new_tokens 24 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4
     python benchmarks/attention_grad_buffer.py --compare kv_buffer --new_tokens 24 48 --tokenizer PATH/TO/gpt2
+    python benchmarks/attention_grad_buffer.py --compare kv_buffer --new_tokens 128 256 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4 --skip_calls
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4, help="timed rounds of (new path, old path); the median leaves out the first")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip_calls", action="store_true", help="time and peak only: no profiled run to count aten calls (slow at long T)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for new_tokens in args.new_tokens:
@@ -148,7 +150,7 @@ def main() -> None:
         calls, peaks, seconds = {}, {}, {name: [] for name, _, _ in paths}
         for name, switch, old in paths:
             switch(old)
-            calls[name] = aten_calls(trainer, batch)
+            calls[name] = (0, 0) if args.skip_calls else aten_calls(trainer, batch)
             with peak_allocated("cpu") as peak:
                 forward_backward(trainer, batch)
             peaks[name] = peak["peak_bytes"] / 2**20
@@ -161,10 +163,15 @@ def main() -> None:
         paths[0][1](False)  # the new path again
         medians = {name: statistics.median(values[1:]) for name, values in seconds.items()}
         new, old = paths[0][0], paths[1][0]
+
+        def describe(name: str) -> str:
+            counted = "" if args.skip_calls else f"{calls[name][0]:,} aten calls ({calls[name][1]:,} not views), "
+            return f"{name}: {counted}{medians[name]:.2f} s (rounds {[round(x, 2) for x in seconds[name]]}), peak {peaks[name]:.0f} MiB"
+
         print(f"T={new_tokens} ({args.n_layer} layers x {args.n_embd}, batch {args.batch_size}, {args.threads} threads): "
-              + "; ".join(f"{name}: {calls[name][0]:,} aten calls ({calls[name][1]:,} not views), {medians[name]:.2f} s (rounds {[round(x, 2) for x in seconds[name]]}), peak {peaks[name]:.0f} MiB"
-                          for name, _, _ in paths)
-              + f"; calls {calls[new][0] / calls[old][0]:.2f}x ({calls[new][1] / calls[old][1]:.2f}x not views), time {medians[new] / medians[old]:.2f}x", flush=True)
+              + "; ".join(describe(name) for name, _, _ in paths)
+              + ("" if args.skip_calls else f"; calls {calls[new][0] / calls[old][0]:.2f}x ({calls[new][1] / calls[old][1]:.2f}x not views)")
+              + f", time {medians[new] / medians[old]:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
