@@ -504,6 +504,14 @@ def test_chunked_cache_layer_reads_its_chunks_from_one_buffer_as_their_concatena
     keys, _ = layer.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4))
     keys.sum().backward()
     assert torch.equal(first.grad, torch.ones_like(first))
+    # ... and so does one whose query alone needs a gradient: what it saved is not written by the next step
+    layer.reset()
+    query = torch.randn(2, 3, 2, 4, requires_grad=True)
+    keys, values = layer.update(torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4))
+    output = F.scaled_dot_product_attention(query, keys, values)
+    layer.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4))
+    output.sum().backward()
+    assert query.grad is not None
 
 
 def test_rollout_attention_reads_the_buffered_keys_and_values(policy, tokenizer, prompts):
@@ -526,3 +534,30 @@ def test_rollout_attention_reads_the_buffered_keys_and_values(policy, tokenizer,
         torch.cat = original_cat
     assert rollout.logits.shape[1] == 5
     assert cats and max(cats) == 2  # the attention mask's growth and the like; no concatenation of the prompt's and t steps' chunks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_eos_ban_writes_the_value_and_passes_the_gradient_through(dtype):
+    """forbid_eos_before writes finfo.min / 2 at EOS for the first positions, whatever was there (-inf, NaN), like
+    forbid_eos, and hands the gradient through unchanged: the exact KL's gradient equals the one through forbid_eos."""
+    from grade_trl.core.soft_rollout import forbid_eos, forbid_eos_before
+
+    torch.manual_seed(0)
+    policy_logits = torch.randn(2, 4, 9).to(dtype)
+    ref_logits = torch.randn(2, 4, 9).to(dtype)
+    ref_logits[0, 0, 3], ref_logits[1, 1, 3] = float("-inf"), float("nan")  # what a bad reference could hand over
+    policy_logits = torch.cat([forbid_eos(policy_logits[:, :3], 3), policy_logits[:, 3:]], dim=1).requires_grad_(True)
+    ours_ref = ref_logits.clone().requires_grad_(True)
+    theirs_ref = ref_logits.clone().requires_grad_(True)
+    ours = forbid_eos_before(ours_ref, 3, 3)
+    theirs = torch.cat([forbid_eos(theirs_ref[:, :3], 3), theirs_ref[:, 3:]], dim=1)
+    assert torch.equal(ours[:, :3], theirs[:, :3]) and (ours[:, :3, 3] == torch.finfo(dtype).min / 2).all()
+    assert torch.equal(ours[:, 3:], ref_logits[:, 3:])
+    weights = torch.randn(2, 4)
+    grads_ours = torch.autograd.grad((exact_kl(policy_logits, ours)[:, :3] * weights[:, :3]).sum(), (policy_logits, ours_ref))
+    grads_theirs = torch.autograd.grad((exact_kl(policy_logits, theirs)[:, :3] * weights[:, :3]).sum(), (policy_logits, theirs_ref))
+    assert all(torch.isfinite(g).all() for g in grads_ours)
+    for a, b in zip(grads_ours, grads_theirs):
+        assert torch.equal(a, b)
+    assert forbid_eos_before(ref_logits, 0, 3) is ref_logits and forbid_eos_before(ref_logits, 3, None) is ref_logits
+    assert torch.equal(forbid_eos_before(ours_ref.detach(), 99, 3)[:, :, 3], torch.full((2, 4), torch.finfo(dtype).min / 2, dtype=dtype))

@@ -99,19 +99,25 @@ class ChunkedLayer(CacheLayerMixin):
         self.append(key_states, value_states)
         if self.reads_chunks():  # `_chunked_attention` will read the chunks: the model only passes these on to it
             return key_states, value_states
-        # The full keys and values for any other reader: plain attention, which needs gradient edges to the chunks only
-        # when it is differentiated (a concatenation then, a temporary nothing keeps).
-        if torch.is_grad_enabled() and any(chunk.requires_grad for chunk in (*self.key_chunks, *self.value_chunks)):
+        # The full keys and values for any other reader: plain attention. With gradient on, a concatenation (a
+        # temporary nothing keeps): it has the chunks' gradient edges, and autograd may save it, which a view of the
+        # buffers, written in place by the next step, would not allow. Without gradient, views of the buffers.
+        if torch.is_grad_enabled():
             return torch.cat(self.key_chunks, dim=-2), torch.cat(self.value_chunks, dim=-2)
         return self.keys_and_values(len(self.key_chunks))
 
-    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, buffered: bool = True) -> None:
         """Add one chunk (B, h, q, d) of keys and values, and copy its rows into the buffers, grown by doubling
-        (amortised O(1) copies per row). Chunks set otherwise (a checkpointed step's throwaway layer) get no buffers."""
+        (amortised O(1) copies per row). buffered=False (checkpointed steps, which read the chunks themselves) gives
+        the buffers up: concatenation from then on. Chunks set otherwise (a checkpointed step's throwaway layer) get
+        no buffers either."""
         self.key_chunks.append(key_states)
         self.value_chunks.append(value_states)
+        if not buffered:
+            self.key_buffer = self.value_buffer = None
+            self.buffered = 0
         if self.key_buffer is None and len(self.key_chunks) > 1:
-            return  # no buffers (given up below, or chunks set directly): concatenation
+            return  # no buffers (given up, or chunks set directly): concatenation
         length = self.buffered + key_states.shape[-2]
         if self.key_buffer is not None and not all(
             chunk.dtype == buffer.dtype and chunk.device == buffer.device and chunk.shape[:-2] == buffer.shape[:-2] and chunk.shape[-1] == buffer.shape[-1]

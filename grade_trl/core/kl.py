@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 class _ExactKL(torch.autograd.Function):
@@ -34,6 +35,7 @@ class _ExactKL(torch.autograd.Function):
         return kl.clamp(min=0.0)
 
     @staticmethod
+    @once_differentiable  # its backward is not itself differentiable (saved log-softmaxes carry no graph): say so
     def backward(ctx, grad):
         if ctx.kept_log_softmax:
             logp, logq, indices, kl = ctx.saved_tensors

@@ -146,7 +146,7 @@ def _checkpointed_step(inner, cache: ChunkedCache, deferred: DeferredWeightGrads
 
     logits, *new = checkpoint(step, inputs_embeds, attention_mask, position_ids, *flat, use_reentrant=False)
     for i, layer in enumerate(cache.layers):
-        layer.append(new[2 * i], new[2 * i + 1])
+        layer.append(new[2 * i], new[2 * i + 1], buffered=False)  # the steps read their chunks themselves (`_ChunkedAttention`)
     return logits
 
 
@@ -188,7 +188,9 @@ def soft_rollout(
     chunked = cache == "chunked" and supports_chunked_attention(inner)
     if checkpoint_steps and not chunked:
         raise ValueError("checkpointing the rollout's steps needs the chunked KV cache and a model with an sdpa/flash/flex attention implementation")
-    kv = ChunkedCache(capacity=prompt_ids.shape[1] + max_new_tokens - 1) if chunked else None  # the last step is never fed back
+    # Buffers sized for prompt + fed-back steps (the last step is never fed back); checkpointed steps read their chunks
+    # themselves, so the buffers hold the prompt only.
+    kv = ChunkedCache(capacity=0 if checkpoint_steps else prompt_ids.shape[1] + max_new_tokens - 1) if chunked else None
     # Sharded: the gathered E always goes through a deferred alias, whose backward hands the gather's backward (a
     # reduce-scatter) one dense gradient instead of per-step sparse rows; the model's own weights are not deferred,
     # since a deferred gradient would reach a parameter after FSDP's reduce-scatter of the forward that used it.
@@ -304,17 +306,28 @@ def reference_logits(
 
 
 def forbid_eos_before(logits: torch.Tensor, count: int, eos_token_id: int | None) -> torch.Tensor:
-    """`forbid_eos` at the first `count` positions of logits (B, T, V), as one out-of-place `index_put` that adds
-    finfo.min / 2 to those entries (which leaves exactly finfo.min / 2: a logit is below the sum's rounding step).
-    Its backward hands the gradient through unchanged, where writing the value would zero it: the same gradient, since
-    a banned entry's probability is exactly 0 in both distributions of the exact KL, whose gradient there, q - p, is
-    then 0. One (B, T, V) copy forward and none backward, against a clone, a write and a concatenation forward and two
-    copies backward (gpt2-small's vocabulary, batch 8, T = 24, 2 CPU threads: 18 against 72 ms forward + backward)."""
+    """`forbid_eos` at the first `count` positions of logits (B, T, V): the same values (finfo.min / 2 written at
+    EOS), as one out-of-place `index_put` whose backward hands the gradient through unchanged (`_WrittenThrough`),
+    where autograd's would zero it at the written entries: the same gradient for the exact KL, since a banned entry's
+    probability is exactly 0 in both distributions and its gradient there, q - p, is then 0. One (B, T, V) copy forward
+    and none backward, against a clone, a write and a concatenation forward and two copies backward (gpt2-small's
+    vocabulary, batch 8, T = 24, 23 banned positions, 2 CPU threads: 18 against 72 ms forward + backward)."""
     count = min(count, logits.shape[1])
     if eos_token_id is None or count <= 0:
         return logits
     rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(1)  # (B, 1)
     positions = torch.arange(count, device=logits.device).unsqueeze(0)  # (1, count)
     eos = torch.full((1, 1), eos_token_id, dtype=torch.long, device=logits.device)
-    ban = torch.tensor(torch.finfo(logits.dtype).min / 2, dtype=logits.dtype, device=logits.device)
-    return logits.index_put((rows, positions, eos), ban, accumulate=True)
+    return _WrittenThrough.apply(logits, (rows, positions, eos), torch.finfo(logits.dtype).min / 2)
+
+
+class _WrittenThrough(torch.autograd.Function):
+    """tensor.index_put(indices, value) whose backward passes the gradient through whole (see `forbid_eos_before`)."""
+
+    @staticmethod
+    def forward(ctx, tensor, indices, value):
+        return tensor.index_put(indices, torch.tensor(value, dtype=tensor.dtype, device=tensor.device))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
