@@ -223,7 +223,7 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
         # Accelerate only joins processes started by `accelerate launch`/torchrun into one CPU (gloo) group when
         # told it is on the CPU; without this, each of N CPU processes would train alone on the whole data.
         config_kwargs["use_cpu"] = True
-    check_launch(config_kwargs.get("use_cpu", False))
+    check_launch(config_kwargs.get("use_cpu", False), relaxed=method.relaxed)
     check_paths(run_kwargs)
     if "max_prompt_length" in config_fields and "max_prompt_length" not in config_kwargs and "max_prompt_length" in run_kwargs:
         config_kwargs["max_prompt_length"] = run_kwargs["max_prompt_length"]
@@ -364,15 +364,27 @@ def check_custom_task(values: dict, method_name: str, run: RunArguments, config)
                 )
 
 
-def check_launch(use_cpu: bool) -> None:
-    """Refuse a sharding launch that would not shard. Accelerate turns FSDP and DeepSpeed on only for GPU-type
-    processes: FSDP's branch in `AcceleratorState.__init__` sits under `distributed_type in [MULTI_GPU, ...]`, which a
-    CPU launch (MULTI_CPU) is not, and DeepSpeed's under `ACCELERATE_USE_DEEPSPEED ... and not cpu`; either would
-    train as plain data parallel with a full copy per process, without a word."""
+def check_launch(use_cpu: bool, relaxed: bool = False) -> None:
+    """Refuse a sharding launch that would not shard, or that GRADE cannot run. Accelerate turns FSDP and DeepSpeed on
+    only for GPU-type processes: FSDP's branch in `AcceleratorState.__init__` sits under `distributed_type in
+    [MULTI_GPU, ...]`, which a CPU launch (MULTI_CPU) is not, and DeepSpeed's under `ACCELERATE_USE_DEEPSPEED ... and
+    not cpu`; either would train as plain data parallel with a full copy per process, without a word. relaxed (GRADE):
+    FSDP's activation checkpointing wraps each decoder block in a checkpoint whose recomputation in backward calls the
+    block's `cache.update` again, outside the rollout, and the recomputed keys and values no longer match (a
+    CheckpointError in the first backward, with the chunked and the dynamic cache alike), so it is refused up front."""
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if (fsdp or deepspeed) and use_cpu:
         raise RecipeError(f"{'FSDP' if fsdp else 'DeepSpeed'} needs GPUs: Accelerate ignores it for CPU processes (use_cpu) and would run plain data parallel; launch with accelerate_configs/cpu.yaml on the CPU")
+    if relaxed and fsdp and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
+        raise RecipeError(BLOCK_CHECKPOINTING_REFUSED)
+
+
+BLOCK_CHECKPOINTING_REFUSED = (
+    "fsdp_activation_checkpointing: GRADE's relaxed rollout cannot run under checkpointed decoder blocks (their "
+    "recomputation re-enters its KV cache); set fsdp_activation_checkpointing: false in the accelerate config "
+    "(accelerate_configs/fsdp2.yaml has it off), and lower memory with relax_top_k or bf16"
+)
 
 
 def has_accelerator() -> bool:

@@ -179,6 +179,34 @@ def test_grade_under_zero3_is_accepted(monkeypatch):
         check_launch(use_cpu=True)
 
 
+def test_grade_under_fsdp_activation_checkpointing_is_refused_up_front(monkeypatch, policy, tokenizer):
+    """FSDP's activation checkpointing wraps each decoder block in a checkpoint whose recomputation calls the block's
+    cache update again, outside the rollout: a CheckpointError in GRADE's first backward. The runner refuses the launch
+    for GRADE in one line (the policy-gradient methods keep it), and the rollout itself refuses wrapped blocks."""
+    import copy
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from grade_trl.core import soft_rollout
+    from grade_trl.recipe import BLOCK_CHECKPOINTING_REFUSED, RecipeError, check_launch
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    with pytest.raises(RecipeError) as refused:
+        check_launch(use_cpu=False, relaxed=True)
+    assert str(refused.value) == BLOCK_CHECKPOINTING_REFUSED and "\n" not in BLOCK_CHECKPOINTING_REFUSED
+    check_launch(use_cpu=False, relaxed=False)
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
+    check_launch(use_cpu=False, relaxed=True)
+
+    model = copy.deepcopy(policy)
+    for index, block in enumerate(model.transformer.h):  # as Accelerate's fsdp2_apply_ac wraps them
+        model.transformer.h[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+    enc = tokenizer(["This movie was"], return_tensors="pt", add_special_tokens=False)
+    with pytest.raises(ValueError, match="checkpointed decoder blocks"):
+        soft_rollout(model, enc["input_ids"], enc["attention_mask"], lambda logits, step: None, max_new_tokens=2)
+
+
 # ---------------------------------------------------------------- DeepSpeed ZeRO-3 on the CPU (2 gloo processes)
 
 def _has_deepspeed() -> bool:

@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 from transformers.activations import FastGELUActivation, NewGELUActivation
@@ -182,7 +183,12 @@ def soft_rollout(
     inner = _unwrap(model)
     sharded = is_sharded(inner)
     if sharded and checkpoint_steps:
-        raise ValueError("rollout_checkpointing is not supported with a sharded (FSDP2 or ZeRO-3) policy; under FSDP2 use the config's fsdp_activation_checkpointing instead")
+        raise ValueError("rollout_checkpointing is not supported with a sharded (FSDP2 or ZeRO-3) policy; lower memory with relax_top_k or bf16 there")
+    if any(isinstance(module, CheckpointWrapper) for module in inner.modules()):
+        # FSDP's activation checkpointing (Accelerate's fsdp2_apply_ac) wraps each block: its recomputation in backward
+        # calls the block's cache.update again, outside this rollout, and the keys and values no longer match.
+        raise ValueError("the relaxed rollout cannot run under checkpointed decoder blocks (fsdp_activation_checkpointing: its "
+                         "recomputation re-enters the KV cache); turn it off, and use rollout_checkpointing on an unsharded policy")
     embed_matrix = input_embedding_matrix(inner)  # (V, H)
     vocab_size = embed_matrix.shape[0]
     chunked = cache == "chunked" and supports_chunked_attention(inner)
