@@ -17,7 +17,9 @@ the step's peak memory. `--compare` picks the pair:
   * `one_kernel_gelu`: `core/soft_rollout.py` runs GPT-2's `gelu_new` as torch's one-kernel tanh GELU in the rollout,
     against the model's own eight-operation `gelu_new` (before);
   * `kv_buffer`: `core/chunked_cache.py`'s layers write each chunk's keys and values once into a buffer that attention
-    reads as a view, against concatenating every chunk at every step and layer, forward and backward (before).
+    reads as a view, against concatenating every chunk at every step and layer, forward and backward (before);
+  * `decode_block`: `core/gpt2_decode_block.py` runs each GPT-2 block's decode step as one autograd node with its
+    backward written out, against the block's modules one by one (before): about 28 nodes per layer and step.
 
     python benchmarks/attention_grad_buffer.py --new_tokens 24 48 --tokenizer PATH/TO/gpt2            # gpt2-small shape
     python benchmarks/attention_grad_buffer.py --compare deferred_biases --new_tokens 24 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4
@@ -25,6 +27,8 @@ the step's peak memory. `--compare` picks the pair:
     python benchmarks/attention_grad_buffer.py --compare one_kernel_gelu --new_tokens 24 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4
     python benchmarks/attention_grad_buffer.py --compare kv_buffer --new_tokens 24 48 --tokenizer PATH/TO/gpt2
     python benchmarks/attention_grad_buffer.py --compare kv_buffer --new_tokens 128 256 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4 --skip_calls
+    python benchmarks/attention_grad_buffer.py --compare decode_block --new_tokens 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4 --threads 1
+    python benchmarks/attention_grad_buffer.py --compare decode_block --new_tokens 24 48 --tokenizer PATH/TO/gpt2
 """
 
 from __future__ import annotations
@@ -97,12 +101,21 @@ def concatenated_chunks(on: bool) -> None:
     chunked_cache.ChunkedLayer.append = append if on else _append
 
 
+_gpt2_decode_blocks = rollout_module.gpt2_decode_blocks
+
+
+def per_module_blocks(on: bool) -> None:
+    """Every rollout from now on runs GPT-2's decode steps module by module (before)."""
+    rollout_module.gpt2_decode_blocks = (lambda model, store: []) if on else _gpt2_decode_blocks
+
+
 COMPARISONS = {  # name -> (the new path, the old path): (label, switch of the old path, its argument)
     "attention_buffer": (("buffer", explicit_edges, False), ("explicit edges", explicit_edges, True)),
     "deferred_biases": (("biases deferred", weights_only, False), ("weights only", weights_only, True)),
     "decode_backward": (("written out", recompute_attention, False), ("recomputed", recompute_attention, True)),
     "one_kernel_gelu": (("one-kernel gelu", models_own_gelu, False), ("gelu_new", models_own_gelu, True)),
     "kv_buffer": (("buffered keys and values", concatenated_chunks, False), ("concatenated chunks", concatenated_chunks, True)),
+    "decode_block": (("one node per block and step", per_module_blocks, False), ("per module", per_module_blocks, True)),
 }
 
 

@@ -2,6 +2,7 @@
 options: each exact one gives the same gradient as the plain path, and the saved memory follows its growth law."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -561,3 +562,125 @@ def test_eos_ban_writes_the_value_and_passes_the_gradient_through(dtype):
         assert torch.equal(a, b)
     assert forbid_eos_before(ref_logits, 0, 3) is ref_logits and forbid_eos_before(ref_logits, 3, None) is ref_logits
     assert torch.equal(forbid_eos_before(ours_ref.detach(), 99, 3)[:, :, 3], torch.full((2, 4), torch.finfo(dtype).min / 2, dtype=dtype))
+
+
+# ---- GPT-2's decode step as one node (core/gpt2_decode_block.py) ---------------------------------------------
+
+
+def graph_node_names(tensor) -> list[str]:
+    """The names of every autograd node `tensor` depends on."""
+    seen, stack, names = set(), [tensor.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def fused_and_per_module_gradients(policy, enc, estimator, monkeypatch, **options):
+    """(tokens, loss, parameter gradients, the graph's node names) of one relaxed rollout with the KL to a perturbed
+    reference and a reward-like term, with GPT-2's decode steps as one node each, then per module (the path before)."""
+    rollout_module = importlib.import_module("grade_trl.core.soft_rollout")  # the module (the package exports its function by that name)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5), dtype=p.dtype))
+    direction = torch.randn(policy.config.n_embd, dtype=policy.dtype, generator=torch.Generator().manual_seed(3))
+
+    def run():
+        torch.manual_seed(1)
+        policy.zero_grad(set_to_none=True)
+        r = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: estimator(l, 0.7), max_new_tokens=6, min_new_tokens=2,
+                         eos_token_id=0, **options)
+        kl = masked_sum(exact_kl(r.logits, reference_logits(ref, r, 2, 0), r.logit_indices), r.mask, dim=1)
+        loss = kl.sum() + (r.soft_tokens.embed(ref.get_input_embeddings().weight) @ direction).tanh().sum()
+        names = graph_node_names(loss)
+        loss.backward()
+        return r.tokens, loss.detach(), [None if p.grad is None else p.grad.clone() for p in policy.parameters()], names
+
+    fused = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(rollout_module, "gpt2_decode_blocks", lambda model, store: [])
+        per_module = run()
+    return fused, per_module
+
+
+@pytest.mark.parametrize("estimator", [StraightThroughGumbel(), GumbelSoftmax()], ids=["ste", "soft"])
+@pytest.mark.parametrize("top_k", [0, 5], ids=["full", "top5"])
+def test_gpt2_decode_step_as_one_node_gives_the_per_module_gradient(policy, tokenizer, prompts, estimator, top_k, monkeypatch):
+    """In float64, left-padded prompts (a bool attention mask), an EOS ban and the KL through the reference: the same
+    tokens, loss and gradient of every parameter (weights and biases deferred, layer norms per step) to 1e-10 as the
+    per-module path, and the rollout's graph has one `_GPT2DecodeStepBackward` per layer and fed-back step."""
+    policy = copy.deepcopy(policy).double()
+    enc = _encode(tokenizer, prompts)
+    assert (enc["attention_mask"] == 0).any(), "the test needs left padding"
+    fused, per_module = fused_and_per_module_gradients(policy, enc, estimator, monkeypatch, top_k=top_k)
+    steps = fused[0].shape[1]
+    assert fused[3].count("_GPT2DecodeStepBackward") == policy.config.n_layer * (steps - 1)
+    assert "_GPT2DecodeStepBackward" not in per_module[3]
+    assert fused[3].count("NativeLayerNormBackward0") < per_module[3].count("NativeLayerNormBackward0")
+    assert torch.equal(fused[0], per_module[0])
+    assert_close(fused[1], per_module[1], rtol=1e-12, atol=0)
+    for ours, theirs in zip(fused[2], per_module[2]):
+        assert_close(ours, theirs, rtol=1e-10, atol=1e-12 * theirs.abs().max().item())
+
+
+def test_gpt2_decode_step_is_taken_only_where_it_computes_what_the_block_would(policy, tokenizer, prompts, monkeypatch):
+    """A block with a frozen part, or whose forward something else replaced, runs per module (the others stay one node,
+    with the per-module gradient); so does every block under autocast and with the checkpointed or dynamic-cache
+    rollout, and the prompt's forward."""
+    from grade_trl.core.gpt2_decode_block import gpt2_decode_blocks
+    from grade_trl.core.deferred_grads import DeferredWeightGrads
+
+    policy = copy.deepcopy(policy).double()
+    store = DeferredWeightGrads()
+    assert len(gpt2_decode_blocks(policy, store)) == policy.config.n_layer
+    blocks = policy.transformer.h
+    blocks[0].ln_2.weight.requires_grad_(False)
+    blocks[1].attn.c_proj.forward = blocks[1].attn.c_proj.forward  # replaced on the instance (as Accelerate's hooks do)
+    try:
+        assert [b for b, _ in gpt2_decode_blocks(policy, store)] == list(blocks[2:])
+        enc = _encode(tokenizer, prompts)
+        fused, per_module = fused_and_per_module_gradients(policy, enc, StraightThroughGumbel(), monkeypatch)
+        assert fused[3].count("_GPT2DecodeStepBackward") == (policy.config.n_layer - 2) * (fused[0].shape[1] - 1)
+        for ours, theirs in zip(fused[2], per_module[2]):
+            if theirs is not None:
+                assert_close(ours, theirs, rtol=1e-10, atol=1e-12 * theirs.abs().max().item())
+    finally:
+        blocks[0].ln_2.weight.requires_grad_(True)
+        del blocks[1].attn.c_proj.forward
+    for options in ({"checkpoint_steps": True}, {"cache": "dynamic"}, {"defer_weight_grads": False}):
+        fused, _ = fused_and_per_module_gradients(policy, enc, StraightThroughGumbel(), monkeypatch, **options)
+        assert "_GPT2DecodeStepBackward" not in fused[3], options
+    policy = policy.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: StraightThroughGumbel()(l, 0.7), max_new_tokens=3)
+    assert "_GPT2DecodeStepBackward" not in graph_node_names(r.logits)
+
+
+def test_gpt2_decode_step_as_one_node_saves_no_more_than_per_module_and_respects_module_hooks(policy, tokenizer, prompts, monkeypatch):
+    """The one-node step keeps what the modules kept for backward (no more bytes: a `SavedTensorAccount` with no
+    models, so no module hooks); a hook on a module inside a block (here the account's own, by model) would be
+    skipped by it, so those blocks run per module."""
+    enc = _encode(tokenizer, prompts)
+    est = StraightThroughGumbel()
+    rollout_module = importlib.import_module("grade_trl.core.soft_rollout")
+
+    def saved(models):
+        account = SavedTensorAccount(models)
+        torch.manual_seed(0)
+        with account:
+            r = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: est(l, 1.0), max_new_tokens=12, min_new_tokens=12, eos_token_id=0)
+        return account.total, graph_node_names(r.logits)
+
+    fused, names = saved({})
+    assert names.count("_GPT2DecodeStepBackward") == policy.config.n_layer * 11
+    with monkeypatch.context() as patch:
+        patch.setattr(rollout_module, "gpt2_decode_blocks", lambda model, store: [])
+        per_module, _ = saved({})
+    assert fused <= per_module
+    _, hooked_names = saved({"policy": policy})
+    assert "_GPT2DecodeStepBackward" not in hooked_names

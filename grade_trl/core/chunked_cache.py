@@ -229,9 +229,9 @@ def _sdpa_decode_grads(decode: SdpaDecode, query: torch.Tensor, keys: torch.Tens
     scale = decode.scaling if decode.scaling is not None else size**-0.5
     unused = query.new_empty((), dtype=work)  # baddbmm's input with beta=0: ignored; alpha=scale folds the scale into the product
     # B * h_kv batched products; the g query heads that read one key head are its rows (views, no copies)
-    q = query.to(work).reshape(rows, groups, size)
-    k, v = keys.to(work).reshape(rows, length, size), values.to(work).reshape(rows, length, size)
-    grad_out = grad_output.to(work).transpose(1, 2).reshape(rows, groups, size)
+    q = _as(query, work).reshape(rows, groups, size)
+    k, v = _as(keys, work).reshape(rows, length, size), _as(values, work).reshape(rows, length, size)
+    grad_out = _as(grad_output, work).transpose(1, 2).reshape(rows, groups, size)
     scores = torch.baddbmm(unused, q, k.transpose(1, 2), beta=0, alpha=scale).view(batch, kv_heads, groups, length)
     mask = decode.attention_mask
     if mask is not None:
@@ -244,7 +244,13 @@ def _sdpa_decode_grads(decode: SdpaDecode, query: torch.Tensor, keys: torch.Tens
     grad_query = torch.baddbmm(unused, grad_scores, k, beta=0, alpha=scale).view(batch, heads, 1, size)
     grad_keys = torch.baddbmm(unused, grad_scores.transpose(1, 2), q, beta=0, alpha=scale).view(batch, kv_heads, length, size)
     grad_values = grad_values.view(batch, kv_heads, length, size)
-    return grad_query.to(query.dtype), grad_keys.to(keys.dtype), grad_values.to(values.dtype)
+    return _as(grad_query, query.dtype), _as(grad_keys, keys.dtype), _as(grad_values, values.dtype)
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)` without the call when it is already that dtype (a no-op `to` still costs its dispatch, per
+    layer and decode step)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -288,14 +294,7 @@ class _AccumulatedAttention(torch.autograd.Function):
     def backward(ctx, grad_output):
         query, _, _ = ctx.saved_tensors  # unpacked, so a freed graph (backward twice) raises as autograd does
         layer, index = ctx.layer, ctx.index
-        key_chunks, value_chunks = layer.key_chunks[: index + 1], layer.value_chunks[: index + 1]
-        backward_pass = torch._C._current_graph_task_id()  # autograd's id of this backward call (as torch's checkpoint uses)
-        if backward_pass != layer.backward_pass:  # a new pass: a fresh buffer (one that stopped early, say autograd.grad
-            layer.grad_keys = layer.grad_values = None  # to an inner tensor, leaves a stale one), starting at this step
-            layer.backward_pass, layer.next_backward = backward_pass, index
-        if index != layer.next_backward:
-            raise RuntimeError(f"chunked attention: backward reached step {index} while step {layer.next_backward} had not run "
-                               "(the later steps must be downstream of the earlier ones); use rollout_cache: dynamic")
+        begin_step_backward(layer, index)
         keys, values = layer.keys_and_values(index + 1)
         if ctx.decode is not None:
             grad_query, grad_keys, grad_values = _sdpa_decode_grads(ctx.decode, query, keys, values, grad_output)
@@ -306,19 +305,42 @@ class _AccumulatedAttention(torch.autograd.Function):
             output = _attend_again(ctx, q, keys, values)
             wanted = [keys, values] + ([q] if q.requires_grad else [])
             grads = torch.autograd.grad(output, wanted, grad_output, allow_unused=True)
-        length, width = keys.shape[-2], key_chunks[index].shape[-2]
-        if layer.grad_keys is None:  # the last step reads every position: the buffers' size
-            layer.grad_keys, layer.grad_values = torch.zeros_like(keys), torch.zeros_like(values)
-        for buffer, grad in zip((layer.grad_keys, layer.grad_values), grads[:2]):
-            if grad is not None:
-                buffer[..., :length, :].add_(grad.to(buffer.dtype))
-        # this chunk's rows are final now (only earlier steps remain, and they read positions before it)
-        grad_key = layer.grad_keys[..., length - width : length, :].to(key_chunks[index].dtype)
-        grad_value = layer.grad_values[..., length - width : length, :].to(value_chunks[index].dtype)
-        layer.next_backward = index - 1
-        if index == 0:  # the pass is over: free the buffers
-            layer.grad_keys = layer.grad_values = layer.next_backward = layer.backward_pass = None
+        grad_key, grad_value = finish_step_backward(layer, index, grads[0], grads[1])
         return None, None, None, (grads[2] if ctx.needs_input_grad[3] else None), grad_key, grad_value
+
+
+def begin_step_backward(layer: ChunkedLayer, index: int) -> None:
+    """Before chunk `index`'s step differentiates its attention: a new backward pass starts a fresh gradient buffer,
+    and the steps must come last to first (module docstring)."""
+    backward_pass = torch._C._current_graph_task_id()  # autograd's id of this backward call (as torch's checkpoint uses)
+    if backward_pass != layer.backward_pass:  # a new pass: a fresh buffer (one that stopped early, say autograd.grad
+        layer.grad_keys = layer.grad_values = None  # to an inner tensor, leaves a stale one), starting at this step
+        layer.backward_pass, layer.next_backward = backward_pass, index
+    if index != layer.next_backward:
+        raise RuntimeError(f"chunked attention: backward reached step {index} while step {layer.next_backward} had not run "
+                           "(the later steps must be downstream of the earlier ones); use rollout_cache: dynamic")
+
+
+def finish_step_backward(layer: ChunkedLayer, index: int, grad_keys: torch.Tensor | None, grad_values: torch.Tensor | None):
+    """Add the gradient of step `index`'s attention for all the keys and values it read (B, h, t, d) into the layer's
+    buffer, and return the gradient of the step's own chunk, which is complete now (only earlier steps remain, and
+    they read positions before it), in the chunk's dtype."""
+    key_chunk, value_chunk = layer.key_chunks[index], layer.value_chunks[index]
+    length = sum(chunk.shape[-2] for chunk in layer.key_chunks[: index + 1])
+    width = key_chunk.shape[-2]
+    if layer.grad_keys is None:  # the last step reads every position: the buffers' size
+        like = grad_keys if grad_keys is not None else grad_values
+        layer.grad_keys = like.new_zeros(*like.shape[:-2], length, key_chunk.shape[-1])
+        layer.grad_values = like.new_zeros(*like.shape[:-2], length, value_chunk.shape[-1])
+    for buffer, grad in zip((layer.grad_keys, layer.grad_values), (grad_keys, grad_values)):
+        if grad is not None:
+            buffer[..., :length, :].add_(_as(grad, buffer.dtype))
+    grad_key = _as(layer.grad_keys[..., length - width : length, :], key_chunk.dtype)
+    grad_value = _as(layer.grad_values[..., length - width : length, :], value_chunk.dtype)
+    layer.next_backward = index - 1
+    if index == 0:  # the pass is over: free the buffers
+        layer.grad_keys = layer.grad_values = layer.next_backward = layer.backward_pass = None
+    return grad_key, grad_value
 
 
 def _chunked_attention(module, query, key, value, attention_mask, **kwargs):

@@ -19,7 +19,9 @@ Why the biases too: on a GPU the decode loop is bound by per-operation costs, no
 bias gradient is a reduction plus an accumulation into `.grad`: 8 of the 38 launching operations of a GPT-2 block's
 backward at each step, for the 4 biases, which the deferral removes at no Python cost (the bias rides with its
 weight's Function). The LayerNorms were tried too: an autograd Function of their own cost more in Python than the
-launches it saved, on the per-operation-bound proxy.
+launches it saved, on the per-operation-bound proxy; GPT-2's decode step as one node (`core/gpt2_decode_block.py`)
+records them at no Python cost of their own (the "norm" layout: the weight's gradient is the sum of the output
+gradients times the normalised inputs, recomputed at the end from the recorded inputs, means and reciprocal deviations).
 
 Memory: the recorded output gradients (B x T x out per matrix, the LM head's B x T x V the largest) live until
 the end of the rollout's backward; the inputs are the ones autograd keeps anyway.
@@ -102,6 +104,9 @@ class _Deferred(torch.autograd.Function):
             grads = at_least_float32(torch.cat([g for _, _, g in dense]))  # (N, out)
             if layout == "bias":  # a Linear's bias: the sum of its output gradients
                 product = grads.sum(0)
+            elif layout == "norm":  # a LayerNorm's weight: the sum of its output gradients times the normalised inputs
+                x, mean, rstd = (at_least_float32(torch.cat([inputs[i] for _, inputs, _ in dense])) for i in range(3))  # (N, H), (N, 1), (N, 1)
+                product = (grads * ((x - mean) * rstd)).sum(0)
             else:
                 inputs = at_least_float32(torch.cat([x for _, x, _ in dense]))  # (N, in)
                 # One product over all N uses, in float32 (float64 in a float64 run): (out, in) for a Linear's weight, (in, out) for an addmm weight.
@@ -118,6 +123,7 @@ class _Deferred(torch.autograd.Function):
 
 class _DeferredLinear(torch.autograd.Function):
     """y = x @ W^T + b (`layout="linear"`, W (out, in)) or y = b + x @ W (`layout="addmm"`, W (in, out), GPT-2's Conv1D),
+    x (..., in) -> y (..., out),
     whose backward returns x's gradient and records (x, grad) for the alias's deferred W gradient, and grad for the
     deferred b gradient when `bias_key` is set (b is then its alias); otherwise b's gradient, if it needs one."""
 
@@ -127,16 +133,21 @@ class _DeferredLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight_alias)
         if layout == "linear":
             return F.linear(x, weight_alias, bias)
-        return torch.addmm(bias, x, weight_alias) if bias is not None else x @ weight_alias
+        # Conv1D's (..., in) -> (..., out) through a 2-D addmm, flattened here where autograd does not record: the
+        # module's own reshape and view would be two more autograd nodes per call (views launch nothing on a GPU, but
+        # each costs its dispatch and its node's backward, per matrix, layer and decode step).
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.addmm(bias, flat, weight_alias) if bias is not None else flat @ weight_alias
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad_x = None
+        flat_grad = grad.reshape(-1, grad.shape[-1])  # (N, out)
         if ctx.needs_input_grad[0]:
             weight = weight if weight.dtype == grad.dtype else weight.to(grad.dtype)
-            grad_x = grad @ weight if ctx.layout == "linear" else grad @ weight.t()
-        flat_grad = grad.reshape(-1, grad.shape[-1])  # (N, out)
+            grad_x = grad @ weight if ctx.layout == "linear" else (flat_grad @ weight.t()).view(x.shape)
         ctx.store.dense[ctx.key].append((ctx.layout, x.reshape(-1, x.shape[-1]), flat_grad))
         grad_bias = None
         if ctx.bias_key is not None:
@@ -193,8 +204,7 @@ def _deferred_forward(module: nn.Module, store: DeferredWeightGrads):
             if not torch.is_grad_enabled():
                 return own(module, x)
             bias, bias_key = _bias(store, module.bias)
-            out = _DeferredLinear.apply(x.reshape(-1, x.shape[-1]), store.alias(module.weight), bias, store, id(module.weight), "addmm", bias_key)
-            return out.view(*x.shape[:-1], module.nf)
+            return _DeferredLinear.apply(x, store.alias(module.weight), bias, store, id(module.weight), "addmm", bias_key)
     elif (isinstance(module, nn.Embedding) and own is nn.Embedding.forward and module.max_norm is None
           and not module.scale_grad_by_freq and not module.sparse):
         def forward(input):  # noqa: A002 - nn.Embedding.forward's own argument name

@@ -17,7 +17,8 @@ Operations per step (a GPU's decode loop is bound by their count, not by arithme
 is the tanh approximation of GELU written as eight tensor operations, whose backward is about thirty more; the
 rollout runs it as torch's one-kernel `F.gelu(approximate="tanh")` instead, the same function (transformers calls it
 "equivalent to NewGELU and FastGELU but much faster", equal up to rounding) with a one-kernel backward
-(`tanh_gelu_in_one_kernel`).
+(`tanh_gelu_in_one_kernel`). A plain GPT-2 block's decode step runs as one autograd node with its backward written out
+and its layer norms' gradients deferred too (core/gpt2_decode_block.py): one node per layer and step instead of about 28.
 
 Legend: B batch, P prompt length (left-padded), T generated positions, V vocabulary, K logits kept per
 position (V, or k with top-k), H hidden.
@@ -39,6 +40,7 @@ from transformers.activations import FastGELUActivation, NewGELUActivation
 
 from .chunked_cache import ChunkedCache, ChunkedLayer, chunked_attention, supports_chunked_attention
 from .deferred_grads import DeferredWeightGrads, deferred_weight_grads, replaced_forwards
+from .gpt2_decode_block import gpt2_decode_blocks
 from .masks import completion_mask
 from .sharding import all_finished, input_embedding_matrix, is_sharded
 from .soft_tokens import Relaxed, SoftTokens, embed_step
@@ -203,6 +205,9 @@ def soft_rollout(
     deferred = DeferredWeightGrads() if (defer_weight_grads or sharded) and torch.is_grad_enabled() else None
     defer_model_weights = deferred is not None and not sharded
     activations = tanh_gelu_modules(inner)
+    # GPT-2 blocks whose decode steps run as one autograd node with a written-out backward (core/gpt2_decode_block.py):
+    # found before any forward is replaced, and only where every step records into the deferred weight gradients
+    blocks = gpt2_decode_blocks(inner, deferred) if chunked and defer_model_weights and not checkpoint_steps else []
 
     def context() -> ExitStack:  # a fresh context per forward call (a generator context manager is single-use)
         stack = ExitStack()
@@ -211,6 +216,7 @@ def soft_rollout(
             stack.enter_context(chunked_attention(inner, kv))
         if defer_model_weights:
             stack.enter_context(deferred_weight_grads(inner, deferred))
+        stack.enter_context(replaced_forwards(blocks))
         return stack
 
     attention_mask = prompt_mask.long()

@@ -1,0 +1,199 @@
+"""A GPT-2 block's decode step as one autograd node, with its backward written out.
+
+Why: on a GPU, GRADE's relaxed rollout is bound by the count of operations, not by arithmetic (README, GRADE's
+cost: the same step time at batch 16 and 64 on an H200), and most of its operations are in the backward through
+the T decode steps. Under autograd a GPT-2 block's decode step is about 28 autograd nodes (two layer norms, four
+projections, the activation, the attention, two residual additions, and the views and transposes that split the
+heads), whose backward makes about 240 aten calls (40 of them launch a kernel; the rest is shape bookkeeping), each
+with its dispatch (and Python, for the rollout's own Functions), at every layer and step: 24 x 48 times a step for
+gpt2-medium.
+
+What: `gpt2_decode_blocks(model, store)` gives, for every `GPT2Block` of a plain GPT-2 (its four projections
+GPT-2's `Conv1D` with trainable weights and biases, trainable layer norms, no cross-attention, no dropout, a GELU
+activation), a forward that runs a decode step (one new position per row, under the rollout's chunked cache and
+deferred weight gradients, the sdpa attention implementation, no autocast) as `_GPT2DecodeStep`: the block's own
+operations in the same order (forward values bit for bit the same as the module's), and one backward that writes
+the chain rule out:
+
+    h = LN1(x);  [q k v] = h W_attn + b_attn;  o = sdpa(q, K, V);  x1 = x + o W_proj + b_proj
+    c = LN2(x1); f = c W_fc + b_fc;  g = gelu(f);  x2 = x1 + g W_out + b_out
+
+    dg = dx2 W_out^T;  df = gelu'(f) dg;  dc = df W_fc^T;  dx1 = dx2 + LN2'(dc)
+    do = dx1 W_proj^T;  (dq, dK, dV) = sdpa'(do);  dh = [dq dk dv] W_attn^T;  dx = dx1 + LN1'(dh)
+
+Every parameter's gradient is recorded for `core/deferred_grads.py` and computed once at the end of backward: the
+projections' weights and biases as the per-module path records them, and the layer norms' weights and biases too
+(the sum over all B x T uses of the output gradient times the normalised input, and of the output gradient), which
+per module would be two reductions per norm and four accumulations into `.grad` per layer and step (an autograd
+Function of their own for the norms cost more Python than that saved: `deferred_grads`' docstring). The attention's
+keys and values are the cache's (`chunked_cache`: this step's own rows get their gradient from the later steps through
+the layer's gradient buffer). In all, one node and about 25 launching aten calls per layer and step in backward,
+against about 28 nodes and 40 calls per module. Exact up to float summation order: `tests/test_soft_rollout.py`
+compares the rollout's tokens, loss and every parameter's gradient with the per-module path's in float64.
+
+Measured (`benchmarks/attention_grad_buffer.py --compare decode_block`, README): on the per-operation-bound proxy (24
+layers, 64 wide, batch 4, T = 48) one GRADE-STE forward + backward took 0.81x the per-module path's time; on the
+gpt2-small shape on CPU, bound by arithmetic, 1.00x. Memory: the norms' records keep each step's two norm inputs and
+their output gradients until the end of backward (4 B H numbers per layer and step, next to the projections' 16 B H);
+the step's peak did not move (630 / 1062 MiB at T = 24 / 48 on gpt2-small, batch 8).
+
+Every other call (the prompt's forward, several positions, autocast, a LoRA or quantised projection, another
+attention implementation, a block whose forward something else replaced) runs the block's own forward.
+
+Legend: B batch, H hidden, n heads, d head size (H = n d), t cached positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as module_hooks
+from transformers.activations import FastGELUActivation, GELUActivation, NewGELUActivation
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+from transformers.pytorch_utils import Conv1D
+
+from .chunked_cache import PREFIX, _ACTIVE_CACHE, SdpaDecode, _sdpa_decode_grads, begin_step_backward, finish_step_backward
+from .deferred_grads import DeferredWeightGrads
+
+GELU_APPROXIMATION = {NewGELUActivation: "tanh", FastGELUActivation: "tanh", GELUActivation: "none"}
+"""transformers' GPT-2 activations the step computes, by the approximation of torch's `F.gelu` that computes them (the
+tanh ones as the rollout runs them anyway: `soft_rollout.tanh_gelu_in_one_kernel`)."""
+
+
+def _plain(block: nn.Module) -> bool:
+    """A GPT-2 block whose every part the written-out step computes exactly as the module would."""
+    attn, mlp = block.attn, block.mlp
+    projections = (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+    norms = (block.ln_1, block.ln_2)
+    return (
+        type(block) is GPT2Block and not hasattr(block, "crossattention") and not attn.is_cross_attention
+        and all(type(p) is Conv1D and p.weight.requires_grad and p.bias is not None and p.bias.requires_grad for p in projections)
+        and all(type(n) is nn.LayerNorm and n.elementwise_affine and n.bias is not None and n.weight.requires_grad and n.bias.requires_grad
+                for n in norms)
+        and (type(mlp.act) in (NewGELUActivation, FastGELUActivation) or (type(mlp.act) is GELUActivation and mlp.act.act is F.gelu))
+        and attn.attn_dropout.p == 0 and attn.resid_dropout.p == 0 and mlp.dropout.p == 0
+        and not any("forward" in vars(m) for m in (block, attn, mlp, mlp.act, *projections, *norms))
+        and not any(_hooked(m) for m in (attn, mlp, mlp.act, *projections, *norms))
+        and not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks or module_hooks._global_backward_hooks
+                 or module_hooks._global_backward_pre_hooks)
+    )
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether `module` has hooks of its own, which a step that never calls it would skip (the block's own are kept:
+    its `__call__` runs them)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+@dataclass
+class _Step:
+    """What one block's decode step needs besides its tensors."""
+
+    block: nn.Module
+    layer: object  # the chunked cache's ChunkedLayer of this block
+    store: DeferredWeightGrads
+    keys: tuple  # id of the weight and bias of c_attn, attn.c_proj, c_fc, mlp.c_proj, ln_1, ln_2: where their records go
+    attention_mask: torch.Tensor | None
+    kwargs: dict  # the attention call's other keyword arguments, as the model passes them
+    approximate: str
+
+
+class _GPT2DecodeStep(torch.autograd.Function):
+    """x (B, 1, H) -> the block's output (B, 1, H) for one decode step (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, ln1_w, ln1_b, ln2_w, ln2_b, w_attn, b_attn, w_proj, b_proj, w_fc, b_fc, w_out, b_out, step: _Step):
+        block, attn = step.block, step.block.attn
+        batch, hidden = x.shape[0], x.shape[-1]
+        heads, size = attn.num_heads, attn.head_dim
+        x = x.reshape(batch, hidden)  # one position per row: (B, H) throughout, the same values as the module's (B, 1, H)
+        h, mean1, rstd1 = torch.native_layer_norm(x, (hidden,), ln1_w, ln1_b, block.ln_1.eps)
+        query, key, value = torch.addmm(b_attn, h, w_attn).split(hidden, dim=1)  # GPT2Attention's split, heads as its views
+        query = query.view(batch, heads, 1, size)  # (B, n, 1, d): the module's view(B, 1, n, d).transpose(1, 2), one position
+        # the cache's update, under no grad here: the keys and values so far, this step's rows included (views of the buffers)
+        keys, values = step.layer.update(key.view(batch, heads, 1, size), value.view(batch, heads, 1, size))
+        ctx.index = len(step.layer.key_chunks) - 1
+        out, _ = sdpa_attention_forward(attn, query, keys, values, step.attention_mask, dropout=0.0, scaling=attn.scaling, **step.kwargs)
+        o = out.reshape(batch, hidden)  # (B, 1, n, d) -> (B, H), as the module's reshape
+        x1 = torch.addmm(b_proj, o, w_proj) + x
+        c, mean2, rstd2 = torch.native_layer_norm(x1, (hidden,), ln2_w, ln2_b, block.ln_2.eps)
+        f = torch.addmm(b_fc, c, w_fc)
+        g = F.gelu(f, approximate=step.approximate)
+        x2 = x1 + torch.addmm(b_out, g, w_out)
+        ctx.step = step
+        ctx.save_for_backward(x, h, mean1, rstd1, query, o, x1, c, mean2, rstd2, f, g, ln1_w, ln1_b, ln2_w, ln2_b, w_attn, w_proj, w_fc, w_out)
+        return x2.view(batch, 1, hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x, h, mean1, rstd1, query, o, x1, c, mean2, rstd2, f, g, ln1_w, ln1_b, ln2_w, ln2_b, w_attn, w_proj, w_fc, w_out) = ctx.saved_tensors
+        step, layer, index = ctx.step, ctx.step.layer, ctx.index
+        batch, hidden = x.shape
+        dense, (k_attn, kb_attn, k_proj, kb_proj, k_fc, kb_fc, k_out, kb_out, k_ln1, kb_ln1, k_ln2, kb_ln2) = step.store.dense, step.keys
+        begin_step_backward(layer, index)
+        grad_x2 = grad.reshape(batch, hidden)
+        # MLP: x2 = x1 + gelu(c W_fc + b_fc) W_out + b_out. An input's gradient, grad W^T, is F.linear(grad, W) for
+        # Conv1D's (in, out) weight: one call.
+        dense[k_out].append(("addmm", g, grad_x2))
+        dense[kb_out].append(("bias", None, grad_x2))
+        grad_f = torch.ops.aten.gelu_backward(F.linear(grad_x2, w_out), f, approximate=step.approximate)
+        dense[k_fc].append(("addmm", c, grad_f))
+        dense[kb_fc].append(("bias", None, grad_f))
+        grad_c = F.linear(grad_f, w_fc)
+        grad_x1 = grad_x2 + torch.ops.aten.native_layer_norm_backward(grad_c, x1, (hidden,), mean2, rstd2, ln2_w, ln2_b, (True, False, False))[0]
+        dense[k_ln2].append(("norm", (x1, mean2, rstd2), grad_c))
+        dense[kb_ln2].append(("bias", None, grad_c))
+        # attention: x1 = x + sdpa(q, K, V) W_proj + b_proj
+        dense[k_proj].append(("addmm", o, grad_x1))
+        dense[kb_proj].append(("bias", None, grad_x1))
+        attn = step.block.attn
+        grad_out = F.linear(grad_x1, w_proj).view(batch, 1, attn.num_heads, attn.head_dim)  # sdpa's output layout
+        keys, values = layer.keys_and_values(index + 1)
+        grad_query, grad_keys, grad_values = _sdpa_decode_grads(SdpaDecode(step.attention_mask, attn.scaling), query, keys, values, grad_out)
+        grad_key, grad_value = finish_step_backward(layer, index, grad_keys, grad_values)  # (B, n, 1, d) each: this step's rows
+        grad_qkv = torch.cat([grad_query.view(batch, hidden), grad_key.reshape(batch, hidden), grad_value.reshape(batch, hidden)], dim=1)
+        dense[k_attn].append(("addmm", h, grad_qkv))
+        dense[kb_attn].append(("bias", None, grad_qkv))
+        grad_h = F.linear(grad_qkv, w_attn)
+        grad_x = grad_x1 + torch.ops.aten.native_layer_norm_backward(grad_h, x, (hidden,), mean1, rstd1, ln1_w, ln1_b, (True, False, False))[0]
+        dense[k_ln1].append(("norm", (x, mean1, rstd1), grad_h))
+        dense[kb_ln1].append(("bias", None, grad_h))
+        return (grad_x.view(batch, 1, hidden),) + (None,) * 13
+
+
+def gpt2_decode_blocks(model: nn.Module, store: DeferredWeightGrads) -> list[tuple[nn.Module, object]]:
+    """(block, forward) for every plain GPT-2 block of `model` (`_plain`), for `replaced_forwards` within the rollout:
+    the forward runs a decode step as `_GPT2DecodeStep` where it applies and the block's own forward otherwise."""
+    return [(block, _decode_forward(block, store)) for block in model.modules() if isinstance(block, GPT2Block) and _plain(block)]
+
+
+def _decode_forward(block: nn.Module, store: DeferredWeightGrads):
+    own = GPT2Block.forward
+    attn, mlp = block.attn, block.mlp
+    projections = (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+    keys = tuple(key for p in (*projections, block.ln_1, block.ln_2) for key in (id(p.weight), id(p.bias)))
+    approximate = GELU_APPROXIMATION.get(type(mlp.act), "tanh")
+
+    def forward(hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None, use_cache=False, **kwargs):
+        active = _ACTIVE_CACHE.get()
+        layer = active.layers[attn.layer_idx] if active is not None and cache is active and attn.layer_idx < len(active.layers) else None
+        if (layer is None or not layer.accumulate_grads or not layer.is_initialized or encoder_hidden_states is not None
+                or not torch.is_grad_enabled() or hidden_states.dim() != 3 or hidden_states.shape[1] != 1
+                or block.attn.config._attn_implementation != PREFIX + "sdpa" or ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward
+                or torch.is_autocast_enabled(hidden_states.device.type)
+                or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or kwargs.get("output_attentions")
+                or any(t.dtype != hidden_states.dtype for p in projections for t in (p.weight, p.bias))
+                or block.ln_1.weight.dtype != hidden_states.dtype):
+            return own(block, hidden_states, cache, attention_mask, encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                       use_cache=use_cache, **kwargs)
+        norms = [store.alias(t) for n in (block.ln_1, block.ln_2) for t in (n.weight, n.bias)]
+        aliases = [store.alias(t) for p in projections for t in (p.weight, p.bias)]
+        step = _Step(block, layer, store, keys, attention_mask, kwargs, approximate)
+        return _GPT2DecodeStep.apply(hidden_states, *norms, *aliases, step)
+
+    return forward
