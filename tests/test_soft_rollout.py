@@ -684,3 +684,86 @@ def test_gpt2_decode_step_as_one_node_saves_no_more_than_per_module_and_respects
     assert fused <= per_module
     _, hooked_names = saved({"policy": policy})
     assert "_GPT2DecodeStepBackward" not in hooked_names
+
+
+def test_gpt2_decode_step_records_under_the_tensors_a_call_swaps_in(policy, tokenizer, prompts, monkeypatch):
+    """`torch.func.functional_call` hands the blocks other tensors than their parameters for the call: the one-node step
+    records their gradients under those tensors (they reach them), as per module."""
+    from torch.func import functional_call
+
+    policy = copy.deepcopy(policy).double()
+    enc = _encode(tokenizer, prompts)
+    rollout_module = importlib.import_module("grade_trl.core.soft_rollout")
+
+    class Swapped(torch.nn.Module):  # the rollout calls the model several times: each call with `params`
+        def __init__(self, model, params):
+            super().__init__()
+            self.model, self.params, self.config = model, params, model.config
+
+        def get_input_embeddings(self):
+            return self.model.get_input_embeddings()
+
+        def forward(self, **kwargs):
+            return functional_call(self.model, self.params, args=(), kwargs=kwargs)
+
+    def gradients():
+        params = {name: p.detach().clone().requires_grad_(True) for name, p in policy.named_parameters()}
+        torch.manual_seed(1)
+        r = soft_rollout(Swapped(policy, params), enc["input_ids"], enc["attention_mask"], lambda l, s: StraightThroughGumbel()(l, 0.7), max_new_tokens=5)
+        names = graph_node_names(r.logits)
+        return names, torch.autograd.grad(r.logits.logsumexp(-1).pow(2).sum(), list(params.values()), allow_unused=True)
+
+    names, fused = gradients()
+    assert names.count("_GPT2DecodeStepBackward") == policy.config.n_layer * 4
+    with monkeypatch.context() as patch:
+        patch.setattr(rollout_module, "gpt2_decode_blocks", lambda model, store: [])
+        _, per_module = gradients()
+    for ours, theirs in zip(fused, per_module):
+        assert_close(ours, theirs, rtol=1e-10, atol=1e-12 * theirs.abs().max().item())
+
+
+def test_gpt2_decode_step_leaves_alone_what_it_would_skip_and_keeps_transformers_idle_recorders(policy):
+    """Not plain, so per module: dropout replaced by something else than Identity or p = 0, a subclass or a patched class
+    inside the block, a hook on any module inside it (a dropout's too). transformers' output recorders, installed for
+    good by one `output_hidden_states=True` or `output_attentions=True` call, do not count (idle unless a call asks)."""
+    from grade_trl.core.deferred_grads import DeferredWeightGrads
+    from grade_trl.core.gpt2_decode_block import gpt2_decode_blocks
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+    def plain_blocks(model):
+        return [block for block, _ in gpt2_decode_blocks(model, DeferredWeightGrads())]
+
+    model = copy.deepcopy(policy)
+    blocks = list(model.transformer.h)
+    assert plain_blocks(model) == blocks
+    blocks[0].attn.resid_dropout = torch.nn.Identity()  # plain: dropout off another way
+    blocks[1].mlp.dropout = torch.nn.Dropout(0.1)
+    handle = blocks[2].attn.attn_dropout.register_forward_hook(lambda module, args, output: output * 0.5)
+
+    class ScaledMLP(GPT2MLP):
+        def forward(self, hidden_states):
+            return 2 * super().forward(hidden_states)
+
+    scaled = ScaledMLP(4 * model.config.n_embd, model.config)
+    scaled.load_state_dict(blocks[3].mlp.state_dict())
+    blocks[3].mlp = scaled
+    assert plain_blocks(model) == [blocks[0]]
+    handle.remove()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]), output_hidden_states=True, output_attentions=True)
+    assert plain_blocks(model) == [blocks[0], blocks[2]]
+    original = GPT2MLP.forward
+    try:
+        GPT2MLP.forward = lambda self, hidden_states: original(self, hidden_states)
+        assert plain_blocks(model) == []
+    finally:
+        GPT2MLP.forward = original
+
+
+def test_rollout_refuses_the_models_activation_checkpointing_in_train_mode(policy, tokenizer, prompts):
+    enc = _encode(tokenizer, prompts)
+    model = copy.deepcopy(policy)
+    model.activation_checkpointing_enable()  # formerly gradient_checkpointing_enable
+    model.train()
+    with pytest.raises(ValueError, match="activation_checkpointing_disable.*checkpoint_steps"):
+        soft_rollout(model, enc["input_ids"], enc["attention_mask"], lambda l, s: StraightThroughGumbel()(l, 0.7), max_new_tokens=2)

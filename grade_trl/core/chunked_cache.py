@@ -329,9 +329,8 @@ def finish_step_backward(layer: ChunkedLayer, index: int, grad_keys: torch.Tenso
     length = sum(chunk.shape[-2] for chunk in layer.key_chunks[: index + 1])
     width = key_chunk.shape[-2]
     if layer.grad_keys is None:  # the last step reads every position: the buffers' size
-        like = grad_keys if grad_keys is not None else grad_values
-        layer.grad_keys = like.new_zeros(*like.shape[:-2], length, key_chunk.shape[-1])
-        layer.grad_values = like.new_zeros(*like.shape[:-2], length, value_chunk.shape[-1])
+        layer.grad_keys = key_chunk.new_zeros(*key_chunk.shape[:-2], length, key_chunk.shape[-1])
+        layer.grad_values = value_chunk.new_zeros(*value_chunk.shape[:-2], length, value_chunk.shape[-1])
     for buffer, grad in zip((layer.grad_keys, layer.grad_values), (grad_keys, grad_values)):
         if grad is not None:
             buffer[..., :length, :].add_(_as(grad, buffer.dtype))

@@ -49,13 +49,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch import nn
 from torch.nn.modules import module as module_hooks
 from transformers.activations import FastGELUActivation, GELUActivation, NewGELUActivation
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention, GPT2Block
 from transformers.pytorch_utils import Conv1D
+
+try:  # transformers' output recorders (`output_attentions=True`, ...): forward hooks that stay on the modules once installed
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # another transformers: such hooks count as hooks
+    _active_collector = None
+_CAPTURING_HOOK = "install_output_capuring_hook.<locals>.output_capturing_hook"  # (sic) transformers' spelling
 
 from .chunked_cache import PREFIX, _ACTIVE_CACHE, SdpaDecode, _sdpa_decode_grads, begin_step_backward, finish_step_backward
 from .deferred_grads import DeferredWeightGrads
@@ -65,29 +72,52 @@ GELU_APPROXIMATION = {NewGELUActivation: "tanh", FastGELUActivation: "tanh", GEL
 tanh ones as the rollout runs them anyway: `soft_rollout.tanh_gelu_in_one_kernel`)."""
 
 
+_OWN_FORWARDS = {cls: cls.forward for cls in (GPT2Block, GPT2Attention, GPT2MLP, Conv1D, nn.LayerNorm, nn.Dropout, nn.Identity,
+                                               NewGELUActivation, FastGELUActivation, GELUActivation)}
+"""The classes a plain block is made of, with the `forward` each had when this module was imported (a class patched
+since is not plain)."""
+
+
 def _plain(block: nn.Module) -> bool:
-    """A GPT-2 block whose every part the written-out step computes exactly as the module would."""
+    """A GPT-2 block whose every part the written-out step computes exactly as the module would: the classes and their
+    forwards transformers and torch define (no subclass, no patched class, no forward replaced on an instance), trainable
+    projections and norms, a GELU, no dropout, no cross-attention, and no hook on any module inside (the block's own
+    hooks are kept: its `__call__` runs them)."""
+    if type(block) is not GPT2Block or type(getattr(block, "attn", None)) is not GPT2Attention or type(getattr(block, "mlp", None)) is not GPT2MLP:
+        return False
     attn, mlp = block.attn, block.mlp
+    inner = [m for m in block.modules() if m is not block]
+    if not all(type(m) in _OWN_FORWARDS and type(m).forward is _OWN_FORWARDS[type(m)] and "forward" not in vars(m) for m in inner):
+        return False
     projections = (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
-    norms = (block.ln_1, block.ln_2)
     return (
-        type(block) is GPT2Block and not hasattr(block, "crossattention") and not attn.is_cross_attention
+        GPT2Block.forward is _OWN_FORWARDS[GPT2Block] and "forward" not in vars(block)
+        and not hasattr(block, "crossattention") and not attn.is_cross_attention
         and all(type(p) is Conv1D and p.weight.requires_grad and p.bias is not None and p.bias.requires_grad for p in projections)
         and all(type(n) is nn.LayerNorm and n.elementwise_affine and n.bias is not None and n.weight.requires_grad and n.bias.requires_grad
-                for n in norms)
+                for n in (block.ln_1, block.ln_2))
         and (type(mlp.act) in (NewGELUActivation, FastGELUActivation) or (type(mlp.act) is GELUActivation and mlp.act.act is F.gelu))
-        and attn.attn_dropout.p == 0 and attn.resid_dropout.p == 0 and mlp.dropout.p == 0
-        and not any("forward" in vars(m) for m in (block, attn, mlp, mlp.act, *projections, *norms))
-        and not any(_hooked(m) for m in (attn, mlp, mlp.act, *projections, *norms))
+        and all(type(d) is nn.Identity or d.p == 0 for d in (attn.attn_dropout, attn.resid_dropout, mlp.dropout))
+        and not any(_hooked(m) for m in inner)
         and not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks or module_hooks._global_backward_hooks
                  or module_hooks._global_backward_pre_hooks)
     )
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether `module` has hooks of its own, which a step that never calls it would skip (the block's own are kept:
-    its `__call__` runs them)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+    """Whether `module` has hooks of its own, which a step that never calls it would skip. transformers' output
+    recorders are not counted: installed for good by the first `output_attentions=True` call, they do nothing unless a
+    call asks for what they record, and such a call runs per module (`_recording_inside`)."""
+    forward_hooks = [hook for hook in module._forward_hooks.values()
+                     if _active_collector is None or getattr(hook, "__qualname__", None) != _CAPTURING_HOOK]
+    return bool(forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _recording_inside() -> bool:
+    """Whether the running model call asks transformers' recorders for an output from inside a block (the attention
+    weights, say; the hidden states are the blocks' own outputs, which their `__call__` hooks record)."""
+    collected = _active_collector.get() if _active_collector is not None else None
+    return bool(collected) and any(key != "hidden_states" and not key.startswith("_") for key in collected)
 
 
 @dataclass
@@ -97,7 +127,7 @@ class _Step:
     block: nn.Module
     layer: object  # the chunked cache's ChunkedLayer of this block
     store: DeferredWeightGrads
-    keys: tuple  # id of the weight and bias of c_attn, attn.c_proj, c_fc, mlp.c_proj, ln_1, ln_2: where their records go
+    keys: tuple  # id of the weight and bias of ln_1, ln_2, c_attn, attn.c_proj, c_fc, mlp.c_proj, as called: where their records go
     attention_mask: torch.Tensor | None
     kwargs: dict  # the attention call's other keyword arguments, as the model passes them
     approximate: str
@@ -130,11 +160,12 @@ class _GPT2DecodeStep(torch.autograd.Function):
         return x2.view(batch, 1, hidden)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         (x, h, mean1, rstd1, query, o, x1, c, mean2, rstd2, f, g, ln1_w, ln1_b, ln2_w, ln2_b, w_attn, w_proj, w_fc, w_out) = ctx.saved_tensors
         step, layer, index = ctx.step, ctx.step.layer, ctx.index
         batch, hidden = x.shape
-        dense, (k_attn, kb_attn, k_proj, kb_proj, k_fc, kb_fc, k_out, kb_out, k_ln1, kb_ln1, k_ln2, kb_ln2) = step.store.dense, step.keys
+        dense, (k_ln1, kb_ln1, k_ln2, kb_ln2, k_attn, kb_attn, k_proj, kb_proj, k_fc, kb_fc, k_out, kb_out) = step.store.dense, step.keys
         begin_step_backward(layer, index)
         grad_x2 = grad.reshape(batch, hidden)
         # MLP: x2 = x1 + gelu(c W_fc + b_fc) W_out + b_out. An input's gradient, grad W^T, is F.linear(grad, W) for
@@ -175,9 +206,8 @@ def gpt2_decode_blocks(model: nn.Module, store: DeferredWeightGrads) -> list[tup
 def _decode_forward(block: nn.Module, store: DeferredWeightGrads):
     own = GPT2Block.forward
     attn, mlp = block.attn, block.mlp
-    projections = (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
-    keys = tuple(key for p in (*projections, block.ln_1, block.ln_2) for key in (id(p.weight), id(p.bias)))
-    approximate = GELU_APPROXIMATION.get(type(mlp.act), "tanh")
+    parts = (block.ln_1, block.ln_2, attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+    approximate = GELU_APPROXIMATION[type(mlp.act)]
 
     def forward(hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None, use_cache=False, **kwargs):
         active = _ACTIVE_CACHE.get()
@@ -187,13 +217,13 @@ def _decode_forward(block: nn.Module, store: DeferredWeightGrads):
                 or block.attn.config._attn_implementation != PREFIX + "sdpa" or ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward
                 or torch.is_autocast_enabled(hidden_states.device.type)
                 or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or kwargs.get("output_attentions")
-                or any(t.dtype != hidden_states.dtype for p in projections for t in (p.weight, p.bias))
-                or block.ln_1.weight.dtype != hidden_states.dtype):
+                or _recording_inside() or any(t.dtype != hidden_states.dtype for p in parts for t in (p.weight, p.bias))):
             return own(block, hidden_states, cache, attention_mask, encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
                        use_cache=use_cache, **kwargs)
-        norms = [store.alias(t) for n in (block.ln_1, block.ln_2) for t in (n.weight, n.bias)]
-        aliases = [store.alias(t) for p in projections for t in (p.weight, p.bias)]
-        step = _Step(block, layer, store, keys, attention_mask, kwargs, approximate)
-        return _GPT2DecodeStep.apply(hidden_states, *norms, *aliases, step)
+        # the tensors the modules hold now (torch.func.functional_call swaps them in for the call): their records go under
+        # their own ids, which their aliases' backward collects
+        tensors = [t for p in parts for t in (p.weight, p.bias)]
+        step = _Step(block, layer, store, tuple(map(id, tensors)), attention_mask, kwargs, approximate)
+        return _GPT2DecodeStep.apply(hidden_states, *[store.alias(t) for t in tensors], step)
 
     return forward

@@ -191,6 +191,12 @@ def soft_rollout(
         # calls the block's cache.update again, outside this rollout, and the keys and values no longer match.
         raise ValueError("the relaxed rollout cannot run under checkpointed decoder blocks (fsdp_activation_checkpointing: its "
                          "recomputation re-enters the KV cache); turn it off, and use rollout_checkpointing on an unsharded policy")
+    checkpointing = "is_activation_checkpointing" if hasattr(type(inner), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    if getattr(inner, checkpointing, False) and inner.training:
+        # transformers' activation (gradient) checkpointing hands the blocks no cache in train mode
+        raise ValueError("the relaxed rollout cannot run with the model's activation checkpointing on in train mode (transformers then "
+                         "drops the KV cache): call model.activation_checkpointing_disable() and use checkpoint_steps=True "
+                         "(rollout_checkpointing: true), which checkpoints each decode step with its cache")
     embed_matrix = input_embedding_matrix(inner)  # (V, H)
     vocab_size = embed_matrix.shape[0]
     chunked = cache == "chunked" and supports_chunked_attention(inner)
