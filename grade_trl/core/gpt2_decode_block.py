@@ -167,33 +167,32 @@ class _GPT2DecodeStep(torch.autograd.Function):
         batch, hidden = x.shape
         dense, (k_ln1, kb_ln1, k_ln2, kb_ln2, k_attn, kb_attn, k_proj, kb_proj, k_fc, kb_fc, k_out, kb_out) = step.store.dense, step.keys
         begin_step_backward(layer, index)
+
+        def record(weight_key, bias_key, layout, inputs, grad_output):  # a weight's and its bias's deferred records
+            dense[weight_key].append((layout, inputs, grad_output))
+            dense[bias_key].append(("bias", None, grad_output))
+
         grad_x2 = grad.reshape(batch, hidden)
         # MLP: x2 = x1 + gelu(c W_fc + b_fc) W_out + b_out. An input's gradient, grad W^T, is F.linear(grad, W) for
         # Conv1D's (in, out) weight: one call.
-        dense[k_out].append(("addmm", g, grad_x2))
-        dense[kb_out].append(("bias", None, grad_x2))
+        record(k_out, kb_out, "addmm", g, grad_x2)
         grad_f = torch.ops.aten.gelu_backward(F.linear(grad_x2, w_out), f, approximate=step.approximate)
-        dense[k_fc].append(("addmm", c, grad_f))
-        dense[kb_fc].append(("bias", None, grad_f))
+        record(k_fc, kb_fc, "addmm", c, grad_f)
         grad_c = F.linear(grad_f, w_fc)
         grad_x1 = grad_x2 + torch.ops.aten.native_layer_norm_backward(grad_c, x1, (hidden,), mean2, rstd2, ln2_w, ln2_b, (True, False, False))[0]
-        dense[k_ln2].append(("norm", (x1, mean2, rstd2), grad_c))
-        dense[kb_ln2].append(("bias", None, grad_c))
+        record(k_ln2, kb_ln2, "norm", (x1, mean2, rstd2), grad_c)
         # attention: x1 = x + sdpa(q, K, V) W_proj + b_proj
-        dense[k_proj].append(("addmm", o, grad_x1))
-        dense[kb_proj].append(("bias", None, grad_x1))
+        record(k_proj, kb_proj, "addmm", o, grad_x1)
         attn = step.block.attn
         grad_out = F.linear(grad_x1, w_proj).view(batch, 1, attn.num_heads, attn.head_dim)  # sdpa's output layout
         keys, values = layer.keys_and_values(index + 1)
         grad_query, grad_keys, grad_values = _sdpa_decode_grads(SdpaDecode(step.attention_mask, attn.scaling), query, keys, values, grad_out)
         grad_key, grad_value = finish_step_backward(layer, index, grad_keys, grad_values)  # (B, n, 1, d) each: this step's rows
         grad_qkv = torch.cat([grad_query.view(batch, hidden), grad_key.reshape(batch, hidden), grad_value.reshape(batch, hidden)], dim=1)
-        dense[k_attn].append(("addmm", h, grad_qkv))
-        dense[kb_attn].append(("bias", None, grad_qkv))
+        record(k_attn, kb_attn, "addmm", h, grad_qkv)
         grad_h = F.linear(grad_qkv, w_attn)
         grad_x = grad_x1 + torch.ops.aten.native_layer_norm_backward(grad_h, x, (hidden,), mean1, rstd1, ln1_w, ln1_b, (True, False, False))[0]
-        dense[k_ln1].append(("norm", (x, mean1, rstd1), grad_h))
-        dense[kb_ln1].append(("bias", None, grad_h))
+        record(k_ln1, kb_ln1, "norm", (x, mean1, rstd1), grad_h)
         return (grad_x.view(batch, 1, hidden),) + (None,) * 13
 
 
