@@ -29,6 +29,7 @@ the step's peak memory. `--compare` picks the pair:
     python benchmarks/attention_grad_buffer.py --compare kv_buffer --new_tokens 128 256 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4 --skip_calls
     python benchmarks/attention_grad_buffer.py --compare decode_block --new_tokens 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 64 --n_head 4 --batch_size 4 --threads 1
     python benchmarks/attention_grad_buffer.py --compare decode_block --new_tokens 24 48 --tokenizer PATH/TO/gpt2
+    python benchmarks/attention_grad_buffer.py --compare decode_block --device cuda --new_tokens 48 --tokenizer PATH/TO/gpt2 --n_layer 24 --n_embd 1024 --n_head 16 --batch_size 16 --skip_calls
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ COMPARISONS = {  # name -> (the new path, the old path): (label, switch of the o
 def forward_backward(trainer, batch) -> None:
     step_cost.training_loss(trainer, batch).backward()
     trainer.model.zero_grad(set_to_none=True)
+    step_cost.synchronize(trainer.args.device)  # CUDA: the queued kernels count in the time
 
 
 VIEWS = {"aten::as_strided", "aten::slice", "aten::narrow", "aten::view", "aten::transpose", "aten::reshape", "aten::detach",
@@ -151,11 +153,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="timed rounds of (new path, old path); the median leaves out the first")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip_calls", action="store_true", help="time and peak only: no profiled run to count aten calls (slow at long T)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (a lent GPU: the same comparison where per-operation costs bind)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for new_tokens in args.new_tokens:
         shape = ["--model", step_cost.RANDOM_GPT2, "--tokenizer", args.tokenizer, "--n_layer", str(args.n_layer), "--n_embd", str(args.n_embd),
-                 "--n_head", str(args.n_head), "--batch_size", str(args.batch_size), "--new_tokens", str(new_tokens), "--warmup", "0", "--repeats", "1"]
+                 "--n_head", str(args.n_head), "--batch_size", str(args.batch_size), "--new_tokens", str(new_tokens), "--warmup", "0", "--repeats", "1",
+                 "--device", args.device]
         trainer, _ = step_cost.one_trainer("grade_ste", shape, new_tokens)
         batch = next(iter(trainer.get_train_dataloader()))
         trainer.model.train()
@@ -164,7 +168,7 @@ def main() -> None:
         for name, switch, old in paths:
             switch(old)
             calls[name] = (0, 0) if args.skip_calls else aten_calls(trainer, batch)
-            with peak_allocated("cpu") as peak:
+            with peak_allocated(args.device) as peak:
                 forward_backward(trainer, batch)
             peaks[name] = peak["peak_bytes"] / 2**20
         for _ in range(args.rounds):
@@ -181,7 +185,7 @@ def main() -> None:
             counted = "" if args.skip_calls else f"{calls[name][0]:,} aten calls ({calls[name][1]:,} not views), "
             return f"{name}: {counted}{medians[name]:.2f} s (rounds {[round(x, 2) for x in seconds[name]]}), peak {peaks[name]:.0f} MiB"
 
-        print(f"T={new_tokens} ({args.n_layer} layers x {args.n_embd}, batch {args.batch_size}, {args.threads} threads): "
+        print(f"T={new_tokens} ({args.n_layer} layers x {args.n_embd}, batch {args.batch_size}, {args.device}, {args.threads} threads): "
               + "; ".join(describe(name) for name, _, _ in paths)
               + ("" if args.skip_calls else f"; calls {calls[new][0] / calls[old][0]:.2f}x ({calls[new][1] / calls[old][1]:.2f}x not views)")
               + f", time {medians[new] / medians[old]:.2f}x", flush=True)
