@@ -33,8 +33,8 @@ compares the rollout's tokens, loss and every parameter's gradient with the per-
 
 Measured (`benchmarks/attention_grad_buffer.py --compare decode_block`, README): on the per-operation-bound proxy (24
 layers, 64 wide, batch 4, T = 48) one GRADE-STE forward + backward took 0.81x the per-module path's time; on the
-gpt2-small shape on CPU, bound by arithmetic, 1.00x in one process (the whole step in separate processes with the step
-on and off: 0.84x, for reasons not found; README). Memory: the norms' records keep each step's two norm inputs and
+gpt2-small shape on CPU, bound by arithmetic, 1.00x in one process (GRADE-STE's whole step in separate processes with
+the one-node step on and off: 0.84-0.88x, for reasons not found; README). Memory: the norms' records keep each step's two norm inputs and
 their output gradients until the end of backward (4 B H numbers per layer and step, next to the projections' 16 B H);
 the step's peak did not move (630 / 1062 MiB at T = 24 / 48 on gpt2-small, batch 8).
 
