@@ -95,7 +95,7 @@ def concatenated_chunks(on: bool) -> None:
     """Every ChunkedLayer from now on keeps no buffer of its keys and values: attention concatenates the chunks at every
     step, forward and backward (before)."""
 
-    def append(self, key_states, value_states):
+    def append(self, key_states, value_states, buffered=True):  # ChunkedLayer.append's signature; never buffers
         self.key_chunks.append(key_states)
         self.value_chunks.append(value_states)
 

@@ -305,7 +305,7 @@ class _AccumulatedAttention(torch.autograd.Function):
             output = _attend_again(ctx, q, keys, values)
             wanted = [keys, values] + ([q] if q.requires_grad else [])
             grads = torch.autograd.grad(output, wanted, grad_output, allow_unused=True)
-        grad_key, grad_value = finish_step_backward(layer, index, grads[0], grads[1])
+        grad_key, grad_value = finish_step_backward(layer, index, keys.shape[-2], grads[0], grads[1])
         return None, None, None, (grads[2] if ctx.needs_input_grad[3] else None), grad_key, grad_value
 
 
@@ -321,12 +321,11 @@ def begin_step_backward(layer: ChunkedLayer, index: int) -> None:
                            "(the later steps must be downstream of the earlier ones); use rollout_cache: dynamic")
 
 
-def finish_step_backward(layer: ChunkedLayer, index: int, grad_keys: torch.Tensor | None, grad_values: torch.Tensor | None):
-    """Add the gradient of step `index`'s attention for all the keys and values it read (B, h, t, d) into the layer's
-    buffer, and return the gradient of the step's own chunk, which is complete now (only earlier steps remain, and
-    they read positions before it), in the chunk's dtype."""
+def finish_step_backward(layer: ChunkedLayer, index: int, length: int, grad_keys: torch.Tensor | None, grad_values: torch.Tensor | None):
+    """Add the gradient of step `index`'s attention for all the `length` keys and values it read (B, h, length, d) into
+    the layer's buffer, and return the gradient of the step's own chunk, which is complete now (only earlier steps
+    remain, and they read positions before it), in the chunk's dtype."""
     key_chunk, value_chunk = layer.key_chunks[index], layer.value_chunks[index]
-    length = sum(chunk.shape[-2] for chunk in layer.key_chunks[: index + 1])
     width = key_chunk.shape[-2]
     if layer.grad_keys is None:  # the last step reads every position: the buffers' size
         layer.grad_keys = key_chunk.new_zeros(*key_chunk.shape[:-2], length, key_chunk.shape[-1])

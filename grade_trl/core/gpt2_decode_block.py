@@ -188,7 +188,7 @@ class _GPT2DecodeStep(torch.autograd.Function):
         grad_out = F.linear(grad_x1, w_proj).view(batch, 1, attn.num_heads, attn.head_dim)  # sdpa's output layout
         keys, values = layer.keys_and_values(index + 1)
         grad_query, grad_keys, grad_values = _sdpa_decode_grads(SdpaDecode(step.attention_mask, attn.scaling), query, keys, values, grad_out)
-        grad_key, grad_value = finish_step_backward(layer, index, grad_keys, grad_values)  # (B, n, 1, d) each: this step's rows
+        grad_key, grad_value = finish_step_backward(layer, index, keys.shape[-2], grad_keys, grad_values)  # (B, n, 1, d) each: this step's rows
         grad_qkv = torch.cat([grad_query.view(batch, hidden), grad_key.reshape(batch, hidden), grad_value.reshape(batch, hidden)], dim=1)
         record(k_attn, kb_attn, "addmm", h, grad_qkv)
         grad_h = F.linear(grad_qkv, w_attn)
@@ -210,6 +210,9 @@ def _decode_forward(block: nn.Module, store: DeferredWeightGrads):
     approximate = GELU_APPROXIMATION[type(mlp.act)]
 
     def forward(hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None, use_cache=False, **kwargs):
+        # the tensors the modules hold now (torch.func.functional_call swaps them in for the call): their records go under
+        # their own ids, which their aliases' backward collects
+        tensors = [t for p in parts for t in (p.weight, p.bias)]
         active = _ACTIVE_CACHE.get()
         layer = active.layers[attn.layer_idx] if active is not None and cache is active and attn.layer_idx < len(active.layers) else None
         if (layer is None or not layer.accumulate_grads or not layer.is_initialized or encoder_hidden_states is not None
@@ -217,12 +220,9 @@ def _decode_forward(block: nn.Module, store: DeferredWeightGrads):
                 or block.attn.config._attn_implementation != PREFIX + "sdpa" or ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward
                 or torch.is_autocast_enabled(hidden_states.device.type)
                 or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or kwargs.get("output_attentions")
-                or _recording_inside() or any(t.dtype != hidden_states.dtype for p in parts for t in (p.weight, p.bias))):
+                or _recording_inside() or any(t.dtype != hidden_states.dtype for t in tensors)):
             return own(block, hidden_states, cache, attention_mask, encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
                        use_cache=use_cache, **kwargs)
-        # the tensors the modules hold now (torch.func.functional_call swaps them in for the call): their records go under
-        # their own ids, which their aliases' backward collects
-        tensors = [t for p in parts for t in (p.weight, p.bias)]
         step = _Step(block, layer, store, tuple(map(id, tensors)), attention_mask, kwargs, approximate)
         return _GPT2DecodeStep.apply(hidden_states, *[store.alias(t) for t in tensors], step)
 
