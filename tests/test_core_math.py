@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from grade_trl.core import completion_mask, exact_kl, masked_mean, masked_sum
+from grade_trl.core import completion_mask, exact_kl, exact_kl_and_entropy, masked_mean, masked_sum, token_entropy
 
 
 def test_completion_mask_keeps_first_eos_and_drops_the_rest():
@@ -48,3 +48,39 @@ def test_exact_kl_gradient_matches_finite_differences():
     logits_p = torch.randn(1, 1, 4, dtype=torch.float64, requires_grad=True)
     logits_q = torch.randn(1, 1, 4, dtype=torch.float64)
     torch.autograd.gradcheck(lambda x: exact_kl(x, logits_q).double(), (logits_p,))
+
+
+def test_entropy_from_the_kl_pass_matches_torch_distributions_full_and_top_k():
+    """`exact_kl_and_entropy` (GRADE's step metric) against torch.distributions: the policy's entropy per position,
+    over the whole vocabulary and over a top-k support (the truncated, renormalised policy); the same values bit for
+    bit as the separate pass it replaces (`token_entropy`), the KL the same as `exact_kl`'s and as the plain expression's;
+    the entropy carries no gradient and asking for it leaves the KL's gradient unchanged."""
+    torch.manual_seed(2)
+    logits_p, logits_q = torch.randn(3, 5, 11) * 3, torch.randn(3, 5, 11) * 3
+    kl, entropy = exact_kl_and_entropy(logits_p, logits_q)
+    assert_close(entropy, torch.distributions.Categorical(logits=logits_p).entropy(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(entropy, token_entropy(logits_p))
+    assert torch.equal(kl, exact_kl(logits_p, logits_q))
+    logp, logq = torch.log_softmax(logits_p, -1), torch.log_softmax(logits_q, -1)
+    assert torch.equal(kl, (logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0))
+    values, indices = logits_p.topk(4, -1)
+    _, top_k_entropy = exact_kl_and_entropy(values, logits_q, indices)
+    assert_close(top_k_entropy, torch.distributions.Categorical(logits=values).entropy(), rtol=1e-5, atol=1e-6)
+
+    policy = logits_p.clone().requires_grad_(True)
+    kl, entropy = exact_kl_and_entropy(policy, logits_q)
+    assert not entropy.requires_grad
+    (grad,) = torch.autograd.grad(kl.sum(), policy)
+    assert torch.equal(grad, torch.autograd.grad(exact_kl(policy, logits_q).sum(), policy)[0])
+
+
+def test_kl_and_entropy_stay_in_float32_under_autocast():
+    """Under bf16 autocast (GRADE's `bf16: true`) the KL and the entropy compute from float32 logits in float32: the
+    same values as without autocast."""
+    torch.manual_seed(3)
+    logits_p, logits_q = torch.randn(4, 6, 500), torch.randn(4, 6, 500)
+    kl, entropy = exact_kl_and_entropy(logits_p, logits_q)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kl_autocast, entropy_autocast = exact_kl_and_entropy(logits_p, logits_q)
+    assert kl_autocast.dtype == entropy_autocast.dtype == torch.float32
+    assert torch.equal(kl_autocast, kl) and torch.equal(entropy_autocast, entropy)

@@ -9,7 +9,7 @@ from .advantages import (
     gae,
     leave_one_out_baseline,
 )
-from .kl import exact_kl, kl_estimate, kl_k1, kl_k3
+from .kl import exact_kl, exact_kl_and_entropy, kl_estimate, kl_k1, kl_k3
 from .masks import completion_mask, masked_mean, masked_sum, masked_var, masked_whiten
 from .precision import at_least_float32
 from .policy_losses import explained_variance, ppo_clip_loss, reinforce_loss, sequence_logprob, value_loss
@@ -41,6 +41,7 @@ __all__ = [
     "completion_mask",
     "entropy_from_logits",
     "exact_kl",
+    "exact_kl_and_entropy",
     "explained_variance",
     "gae",
     "kl_estimate",

@@ -11,7 +11,8 @@ from torch.autograd.function import once_differentiable
 
 
 class _ExactKL(torch.autograd.Function):
-    """KL(p || q) per position from logits, saving two B x T x V tensors, not the four (log p, log q, p and
+    """KL(p || q) per position from logits, and the policy's entropy H(p) from the same pass (no gradient: a metric,
+    `exact_kl_and_entropy`), saving two B x T x V tensors, not the four (log p, log q, p and
     log p - log q, in float32) that the plain expression would keep: the log-softmaxes when the logits are float32 or
     float64 (the same bytes as the logits, and nothing to recompute in backward), the logits themselves when they are
     in a lower precision (half the bytes; the log-softmaxes are then recomputed in float32 in backward). The gradients
@@ -25,26 +26,31 @@ class _ExactKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, policy_logits, ref_logits, indices):
-        kl, logp, _, logq = _kl_terms(policy_logits, ref_logits, indices)
+        kl, logp, _, logq, p = _kl_terms(policy_logits, ref_logits, indices)
+        entropy = -p.mul_(logp).sum(-1)  # H(p) = -sum_v p_v log p_v, from the KL's own p (a temporary) and log p
+        ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)
         ctx.kept_log_softmax = logp.dtype == policy_logits.dtype and logq.dtype == ref_logits.dtype
         if ctx.kept_log_softmax:
             ctx.save_for_backward(logp, logq, indices, kl)
         else:
             ctx.save_for_backward(policy_logits, ref_logits, indices)
         ctx.dtypes = policy_logits.dtype, ref_logits.dtype
-        return kl.clamp(min=0.0)
+        return kl.clamp(min=0.0), entropy
 
     @staticmethod
     @once_differentiable  # its backward is not itself differentiable (saved log-softmaxes carry no graph): say so
-    def backward(ctx, grad):
+    def backward(ctx, grad, _entropy_grad):
+        if grad is None:  # only the entropy was used
+            return None, None, None
         if ctx.kept_log_softmax:
             logp, logq, indices, kl = ctx.saved_tensors
             logq_support = logq if indices is None else logq.gather(-1, indices)
+            p = logp.exp()
         else:
             policy_logits, ref_logits, indices = ctx.saved_tensors
-            kl, logp, logq_support, logq = _kl_terms(policy_logits, ref_logits, indices)
+            kl, logp, logq_support, logq, p = _kl_terms(policy_logits, ref_logits, indices)
         scale = (grad * (kl >= 0)).unsqueeze(-1)  # (B, T, 1): no gradient where the clamp acted
-        p = logp.exp()
         grad_policy = grad_ref = None
         # In place where a (B, T, V) temporary can be reused (these tensors are the step's largest); never in the
         # saved tensors (a second backward over a retained graph reads them again).
@@ -58,12 +64,15 @@ class _ExactKL(torch.autograd.Function):
 
 
 def _kl_terms(policy_logits, ref_logits, indices):
-    """(KL (B, T), log p (B, T, K), log q on p's support (B, T, K), log q (B, T, V)), in at least float32."""
+    """(KL (B, T), log p (B, T, K), log q on p's support (B, T, K), log q (B, T, V), p (B, T, K)), in at least float32."""
     dtype = torch.promote_types(policy_logits.dtype, torch.float32)  # at least float32, float64 kept
     logp = F.log_softmax(policy_logits.to(dtype), dim=-1)
     logq = F.log_softmax(ref_logits.to(dtype), dim=-1)
     logq_support = logq if indices is None else logq.gather(-1, indices)
-    return (logp.exp() * (logp - logq_support)).sum(-1), logp, logq_support, logq
+    p = logp.exp()
+    # p (log p - log q) written over log p - log q, a temporary of this function: one (B, T, K) tensor fewer than
+    # `(p * (log p - log q)).sum(-1)`, the same values bit for bit
+    return (logp - logq_support).mul_(p).sum(-1), logp, logq_support, logq, p
 
 
 def exact_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,6 +89,14 @@ def exact_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, indices: tor
     It is >= 0 too (p is a distribution; q restricted to I sums to <= 1). Computed in float32 (float64 kept)
     whatever the logits' dtype; memory: only the two logits tensors are kept for backward (`_ExactKL`).
     """
+    return _ExactKL.apply(policy_logits, ref_logits, indices)[0]
+
+
+def exact_kl_and_entropy(policy_logits: torch.Tensor, ref_logits: torch.Tensor, indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`exact_kl`, the policy's entropy H(p) = -sum_v p_v log p_v per position (B, T), without gradient), from one
+    pass: the entropy reuses the KL's p and log p instead of a log-softmax of its own over (B, T, V) (GRADE logs it
+    every step; `sampling.token_entropy` computes the same values from the logits alone). With top-k `indices`, p is
+    the truncated, renormalised policy, as in the KL."""
     return _ExactKL.apply(policy_logits, ref_logits, indices)
 
 

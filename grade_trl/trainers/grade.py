@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from torch.utils.checkpoint import checkpoint
 
-from ..core import SoftTokens, at_least_float32, entropy_from_logits, exact_kl, leave_one_out_baseline, masked_sum, reference_logits, soft_rollout
+from ..core import SoftTokens, at_least_float32, exact_kl, exact_kl_and_entropy, leave_one_out_baseline, masked_mean, masked_sum, reference_logits, soft_rollout
 from ..rewards.base import check_finite_scores, require_differentiable, reward_name, soft_scores
 from .base import RolloutTrainer
 from .grade_config import GumbelGRADEConfig
@@ -102,7 +102,8 @@ class GumbelGRADETrainer(RolloutTrainer):
             # 3. exact KL to the frozen reference, inside the objective
             ref_model, ref_context = self.reference_context(model)
             ref_logits = reference_logits(ref_model, rollout, args.min_new_tokens, eos, recompute=args.recompute_reference_and_reward, context=ref_context)  # (B, T, V)
-            kl_per_token = exact_kl(rollout.logits, ref_logits, rollout.logit_indices)  # (B, T)
+            # (B, T) each; the policy's entropy (a metric) comes from the KL's own log-softmax, not a pass of its own
+            kl_per_token, entropy_per_token = exact_kl_and_entropy(rollout.logits, ref_logits, rollout.logit_indices)
             kl = masked_sum(kl_per_token, rollout.mask, dim=1)  # (B,)
 
             # 4. differentiable rewards
@@ -112,7 +113,7 @@ class GumbelGRADETrainer(RolloutTrainer):
         # 5. the loss
         loss = grade_loss(rewards, kl, args.kl_coef)
 
-        self._log_step_metrics(rollout, rewards, scores, kl, tau)
+        self._log_step_metrics(rollout, rewards, scores, kl, entropy_per_token, tau)
         return loss
 
     def soft_reward_scores(self, rollout) -> torch.Tensor:
@@ -129,14 +130,14 @@ class GumbelGRADETrainer(RolloutTrainer):
         return torch.stack(scores, dim=1)
 
     @torch.no_grad()
-    def _log_step_metrics(self, rollout, rewards, scores, kl, tau):
+    def _log_step_metrics(self, rollout, rewards, scores, kl, entropy_per_token, tau):
         self.metrics.add(
             reward=self.gathered_mean(rewards),
             reward_std=self.gathered_std(rewards),
             kl=self.gathered_mean(kl),
             kl_per_token=self.gathered_sum(kl) / max(self.gathered_sum(rollout.lengths), 1.0),
             tau=tau,
-            entropy=self.gathered_mean(entropy_from_logits(rollout.logits, rollout.mask)),
+            entropy=self.gathered_mean(masked_mean(entropy_per_token, rollout.mask)),
             **{"completions/mean_length": self.gathered_mean(rollout.lengths)},
             **{f"rewards/{reward_name(f)}/mean": self.gathered_mean(scores[:, i]) for i, f in enumerate(self.reward_funcs)},
         )
