@@ -40,6 +40,7 @@ import logging
 import os
 import platform
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -159,19 +160,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def minor_faults() -> int:
+    """The process's minor page faults so far: fresh memory the kernel mapped on first touch. On the 2-core development
+    VM each cost 2-16 microseconds (README, GRADE's cost), so a step that allocates and frees large tensors pays for it
+    in time there, which the `MALLOC_*` settings of the README's commands avoid by keeping freed memory."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class StepTime(TrainerCallback):
-    """Seconds of every optimizer step, from on_step_begin to on_step_end."""
+    """Seconds and minor page faults of every optimizer step, from on_step_begin to on_step_end."""
 
     def __init__(self, device: torch.device):
-        self.device, self.seconds = device, []
+        self.device, self.seconds, self.faults = device, [], []
 
     def on_step_begin(self, args, state, control, **kwargs):
         synchronize(self.device)
-        self.t0 = time.perf_counter()
+        self.t0, self.faults0 = time.perf_counter(), minor_faults()
 
     def on_step_end(self, args, state, control, **kwargs):
         synchronize(self.device)
         self.seconds.append(time.perf_counter() - self.t0)
+        self.faults.append(minor_faults() - self.faults0)
 
 
 def common_args(args, output_dir: str, steps: int) -> dict:
@@ -380,9 +389,12 @@ def benchmark(method: str, args, new_tokens: int, path, reward, tokenizer, datas
     del trainer
     release_memory(device)
     timed = callback.seconds[args.warmup :]
+    faults = callback.faults[args.warmup :]
     result = {"method": method, "new_tokens": new_tokens, "seconds": statistics.median(timed), "step_seconds": timed,
+              "minor_faults": statistics.median(faults), "step_minor_faults": faults,
               "mean_completion_length": statistics.mean(lengths) if lengths else float("nan"), **memory}
-    print(f"  {method:<10} T={new_tokens:<3} {result['seconds']:.3f} s, peak {result['peak_mib']:.0f} MiB, saved {result['saved_mib']:.0f} MiB", flush=True)
+    print(f"  {method:<10} T={new_tokens:<3} {result['seconds']:.3f} s, peak {result['peak_mib']:.0f} MiB, saved {result['saved_mib']:.0f} MiB, "
+          f"{result['minor_faults']:,.0f} minor page faults", flush=True)
     if phases:
         result["phases"] = phases
         print("    phases (s): " + ", ".join(f"{name} {seconds:.3f}" for name, seconds in phases.items()), flush=True)
@@ -514,7 +526,9 @@ def run(args) -> dict:
     memory_note = ("peak memory: torch.cuda.max_memory_allocated above the step's start, forward + backward" if device.type == "cuda"
                    else "peak memory: allocator peak above the step's start over forward + backward (profiler memory events)")
     lines += ["", memory_note + "; parameter gradients included, optimizer step excluded",
-              "generated tokens per completion (mean over logged steps): " + ", ".join(f"{r['method']} T={r['new_tokens']} {r['mean_completion_length']:.1f}" for r in results)]
+              "generated tokens per completion (mean over logged steps): " + ", ".join(f"{r['method']} T={r['new_tokens']} {r['mean_completion_length']:.1f}" for r in results),
+              "minor page faults per step (median; host memory mapped on first touch, `minor_faults`): "
+              + ", ".join(f"{r['method']} T={r['new_tokens']} {r['minor_faults']:,.0f}" for r in results)]
     print("\n".join(lines), flush=True)
     if args.plot and len(args.new_tokens) > 1:
         plot(results, args, args.plot, header)

@@ -44,6 +44,9 @@ def test_step_cost_prints_a_row_per_registry_method_with_ratios_to_reinforce(cap
     assert (tmp_path / "cost.json").is_file()
     # every method generated exactly the requested length
     assert ", ".join(f"{name} T=4 4.0" for name in ROWS) in out
+    # the minor page faults of each timed step, counted and printed
+    assert all(len(r["step_minor_faults"]) == 1 and r["minor_faults"] == r["step_minor_faults"][0] >= 0 for r in payload["results"])
+    assert "minor page faults per step (median" in out and f"grade_ste T=4 {next(r for r in payload['results'] if r['method'] == 'grade_ste')['minor_faults']:,.0f}" in out
     # --phases: one more step by phase, each method through its own call sites, and the call sites restored after
     for r in payload["results"]:
         phases = r["phases"]

@@ -27,7 +27,7 @@ projections' weights and biases as the per-module path records them, and the lay
 per module would be two reductions per norm and four accumulations into `.grad` per layer and step (an autograd
 Function of their own for the norms cost more Python than that saved: `deferred_grads`' docstring). The attention's
 keys and values are the cache's (`chunked_cache`: this step's own rows get their gradient from the later steps through
-the layer's gradient buffer). In all, one node and about 25 launching aten calls per layer and step in backward,
+the layer's gradient buffer). In all, one node and 20 launching aten calls per layer and step in backward,
 against about 28 nodes and 40 calls per module. Exact up to float summation order: `tests/test_soft_rollout.py`
 compares the rollout's tokens, loss and every parameter's gradient with the per-module path's in float64.
 
@@ -189,7 +189,9 @@ class _GPT2DecodeStep(torch.autograd.Function):
         keys, values = layer.keys_and_values(index + 1)
         grad_query, grad_keys, grad_values = _sdpa_decode_grads(SdpaDecode(step.attention_mask, attn.scaling), query, keys, values, grad_out)
         grad_key, grad_value = finish_step_backward(layer, index, keys.shape[-2], grad_keys, grad_values)  # (B, n, 1, d) each: this step's rows
-        grad_qkv = torch.cat([grad_query.view(batch, hidden), grad_key.reshape(batch, hidden), grad_value.reshape(batch, hidden)], dim=1)
+        # (B, 3n, 1, d), laid out as GPT-2's fused [q k v] projection's output (B, 3H): one cat straight from the strided
+        # views of the buffers' rows (reshaping them to (B, H) first would copy each)
+        grad_qkv = torch.cat([grad_query, grad_key, grad_value], dim=1).view(batch, 3 * hidden)
         record(k_attn, kb_attn, "addmm", h, grad_qkv)
         grad_h = F.linear(grad_qkv, w_attn)
         grad_x = grad_x1 + torch.ops.aten.native_layer_norm_backward(grad_h, x, (hidden,), mean1, rstd1, ln1_w, ln1_b, (True, False, False))[0]
