@@ -29,7 +29,6 @@ class _ExactKL(torch.autograd.Function):
         kl, logp, _, logq, p = _kl_terms(policy_logits, ref_logits, indices)
         entropy = -p.mul_(logp).sum(-1)  # H(p) = -sum_v p_v log p_v, from the KL's own p (a temporary) and log p
         ctx.mark_non_differentiable(entropy)
-        ctx.set_materialize_grads(False)
         ctx.kept_log_softmax = logp.dtype == policy_logits.dtype and logq.dtype == ref_logits.dtype
         if ctx.kept_log_softmax:
             ctx.save_for_backward(logp, logq, indices, kl)
@@ -40,9 +39,7 @@ class _ExactKL(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # its backward is not itself differentiable (saved log-softmaxes carry no graph): say so
-    def backward(ctx, grad, _entropy_grad):
-        if grad is None:  # only the entropy was used
-            return None, None, None
+    def backward(ctx, grad, _entropy_grad):  # the entropy is not differentiable: its gradient is never used
         if ctx.kept_log_softmax:
             logp, logq, indices, kl = ctx.saved_tensors
             logq_support = logq if indices is None else logq.gather(-1, indices)
