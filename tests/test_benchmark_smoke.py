@@ -130,3 +130,16 @@ def test_one_kernel_gelu_benchmark_counts_fewer_calls_for_the_fused_sampler(monk
     out = capsys.readouterr().out
     one, own = (int(count.replace(",", "")) for count in re.findall(r"([\d,]+) aten calls", out))
     assert one < own, out
+
+
+def test_decode_graph_probe_runs_eagerly_on_cpu_and_its_backward_is_autograds():
+    """benchmarks/gpu_lease/decode_graph_probe.py (for a GPU lease: eager against captured decode steps): on CPU it runs
+    the eager loop, and its written-out backward gives autograd's input gradients through the same forward."""
+    spec = importlib.util.spec_from_file_location("decode_graph_probe", SCRIPT.parent / "gpu_lease" / "decode_graph_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    result = probe.main(["--device", "cpu", "--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--batch_sizes", "3", "1",
+                         "--prompt_length", "4", "--new_tokens", "5", "--rounds", "1", "--check"])
+    assert result["check_error"] < 1e-5
+    assert [row["batch"] for row in result["rows"]] == [3, 1]
+    assert all(row["eager_forward"] > 0 and row["eager_backward"] > 0 and "captured_forward" not in row for row in result["rows"])

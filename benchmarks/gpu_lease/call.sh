@@ -4,7 +4,8 @@
 # What it answers (issues 8 and 13; what is still open there, by the issues' closing notes of 2026-12-04):
 #   A. alone on the GPU: where each method's step goes on the gpt2-medium shape (B16, T48, fp32: step_cost --phases
 #      through gpu_check), GRADE-STE with the dynamic cache (cheaper backward on the CPU proxy, O(T^2) memory), and
-#      GPT-2's decode step as one autograd node against per module (attention_grad_buffer.py --compare decode_block);
+#      GPT-2's decode step as one autograd node against per module (attention_grad_buffer.py --compare decode_block), and
+#      the same step's arithmetic eager against captured as CUDA graphs (decode_graph_probe.py);
 #   B. then, as one gpu_check command with lanes (the "one command under 10 minutes" of issue 13): the full-size IMDB
 #      recipes never run on a GPU (cispo, gapped, rao, reinmax), gsm8k_reinforce, GRADE-STE / PPO / CISPO under
 #      fsdp2.yaml and PPO / CISPO under zero3.yaml.
@@ -29,6 +30,10 @@ echo "A2 rc $? at $(( $(date +%s) - T0 )) s" >> $OUT/versions.txt
 timeout 90 python3 benchmarks/attention_grad_buffer.py --compare decode_block --device cuda --new_tokens 48 --tokenizer $T --n_layer 24 \
   --n_embd 1024 --n_head 16 --batch_size 16 --rounds 4 --skip_calls > $OUT/decode_block.log 2>&1
 echo "A3 rc $? at $(( $(date +%s) - T0 )) s" >> $OUT/versions.txt
+# A4: what CUDA graphs would take off the decode loop: the one-node step's arithmetic for all 24 layers, 48 steps forward
+# then backward, eager against captured (one graph per step and direction), batch 16 and 64 (decode_graph_probe.py)
+timeout 90 python3 benchmarks/gpu_lease/decode_graph_probe.py --device cuda > $OUT/decode_graph_probe.log 2>&1
+echo "A4 rc $? at $(( $(date +%s) - T0 )) s" >> $OUT/versions.txt
 # B (one command, six lanes)
 LEFT=$(( 560 - ($(date +%s) - T0) ))
 timeout $LEFT python3 benchmarks/gpu_check.py --tokenizer $T --output_dir $G/runs --stages recipes gsm8k fsdp zero --lanes 6 --budget_s $(( LEFT - 80 )) \

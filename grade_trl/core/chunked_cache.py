@@ -74,6 +74,7 @@ class ChunkedLayer(CacheLayerMixin):
         self.capacity = capacity  # the positions expected in all (0: unknown): the buffers' first size, so no regrowth
         self.key_chunks: list[torch.Tensor] = []
         self.value_chunks: list[torch.Tensor] = []
+        self.chunk_ends: list[int] = []  # positions up to and including each chunk, kept by `append` (`positions`)
         # Every chunk's rows once more, contiguous along the positions (B, h, capacity, d), written once as each chunk
         # arrives (no gradient: autograd's edges go to the chunks): what attention reads, as a view of the first rows,
         # instead of concatenating t chunks at every step (O(t) copies and allocations per layer and step).
@@ -113,6 +114,8 @@ class ChunkedLayer(CacheLayerMixin):
         no buffers either."""
         self.key_chunks.append(key_states)
         self.value_chunks.append(value_states)
+        if len(self.chunk_ends) == len(self.key_chunks) - 1:
+            self.chunk_ends.append((self.chunk_ends[-1] if self.chunk_ends else 0) + key_states.shape[-2])
         if not buffered:
             self.key_buffer = self.value_buffer = None
             self.buffered = 0
@@ -145,7 +148,7 @@ class ChunkedLayer(CacheLayerMixin):
         to the chunks (`_AccumulatedAttention`, whose edges are its own): views of the buffers' first rows (rows once
         written never change), or the chunks' concatenation where there are no buffers."""
         if self.key_buffer is not None:
-            length = sum(chunk.shape[-2] for chunk in self.key_chunks[:chunks])
+            length = self.positions(chunks)
             if length <= self.buffered:
                 return self.key_buffer[..., :length, :], self.value_buffer[..., :length, :]
         return torch.cat(self.key_chunks[:chunks], dim=-2), torch.cat(self.value_chunks[:chunks], dim=-2)
@@ -157,14 +160,22 @@ class ChunkedLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
+    def positions(self, chunks: int) -> int:
+        """The positions in the first `chunks` chunks: the running sum `append` keeps (O(1); summing the chunks' lengths
+        was O(t) per layer and decode step, read forward and backward), or the sum where the chunks were set directly (a
+        checkpointed step's throwaway layer)."""
+        if len(self.chunk_ends) == len(self.key_chunks):
+            return self.chunk_ends[chunks - 1] if chunks > 0 else 0
+        return sum(chunk.shape[-2] for chunk in self.key_chunks[:chunks])
+
     def get_seq_length(self) -> int:
-        return sum(chunk.shape[-2] for chunk in self.key_chunks)
+        return self.positions(len(self.key_chunks))
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
-        self.key_chunks, self.value_chunks = [], []
+        self.key_chunks, self.value_chunks, self.chunk_ends = [], [], []
         self.key_buffer = self.value_buffer = None
         self.buffered = 0
         self.grad_keys = self.grad_values = self.next_backward = self.backward_pass = None
