@@ -32,7 +32,7 @@ timeout 90 python3 benchmarks/attention_grad_buffer.py --compare decode_block --
 echo "A3 rc $? at $(( $(date +%s) - T0 )) s" >> $OUT/versions.txt
 # A4: what CUDA graphs would take off the decode loop: the one-node step's arithmetic for all 24 layers, 48 steps forward
 # then backward, eager against captured (one graph per step and direction), batch 16 and 64 (decode_graph_probe.py)
-timeout 90 python3 benchmarks/gpu_lease/decode_graph_probe.py --device cuda > $OUT/decode_graph_probe.log 2>&1
+timeout 60 python3 benchmarks/gpu_lease/decode_graph_probe.py --device cuda > $OUT/decode_graph_probe.log 2>&1
 echo "A4 rc $? at $(( $(date +%s) - T0 )) s" >> $OUT/versions.txt
 # B (one command, six lanes)
 LEFT=$(( 560 - ($(date +%s) - T0) ))
