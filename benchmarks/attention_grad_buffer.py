@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--skip_calls", action="store_true", help="time and peak only: no profiled run to count aten calls (slow at long T)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (a lent GPU: the same comparison where per-operation costs bind)")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error(f"--rounds must be >= 2 (the median leaves out the first round), got {args.rounds}")
     torch.set_num_threads(args.threads)
     for new_tokens in args.new_tokens:
         shape = ["--model", step_cost.RANDOM_GPT2, "--tokenizer", args.tokenizer, "--n_layer", str(args.n_layer), "--n_embd", str(args.n_embd),

@@ -208,6 +208,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--check", action="store_true", help="also compare the written-out backward with autograd (small shapes)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     device = torch.device(args.device)
     weights = make_weights(args.n_layer, args.n_embd, device, torch.Generator().manual_seed(args.seed))
     print(f"GPT-2 decode steps: {args.n_layer} layers x {args.n_embd} wide, {args.n_head} heads, prompt {args.prompt_length}, "
