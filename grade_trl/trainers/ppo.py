@@ -183,6 +183,12 @@ class PolicyWithValueHead(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.policy.get_input_embeddings()
 
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The LM head. Accelerate's FSDP2 layout needs both ends to see a tie: with the input embedding alone it made
+        E a unit of its own while the tied LM head stayed in the root, one parameter in two FSDP groups, which torch
+        >= 2.13 refuses at the first forward (found under fsdp2.yaml on 2 CPU processes, tests/test_sharded.py)."""
+        return self.policy.get_output_embeddings()
+
     def generate(self, *args, **kwargs):
         """The causal LM's `generate` (the evaluation callback generates through whatever model the Trainer holds);
         under FSDP2 with this wrapper's own parameters gathered (core/sharding.py: `gathered`)."""
@@ -334,11 +340,12 @@ class PPOTrainer(RolloutTrainer):
         # 3. old policy and values: the sampler's own log-probs (exactly the behaviour policy's, processed as it sampled)
         # and the value head on the states that predicted each token, so no second forward of the policy; reference
         old_logps = batch.logprobs  # (B, T), 0 where masked
+        ref_model, ref_context = self.reference_context(module.policy)
+        # FSDP2: the value head, and with LoRA the reference (then `.policy` itself), read the wrapper's own parameters
         with gathered(module):
             values = module.value_head(batch.hidden.to(module.value_head.weight.dtype)).squeeze(-1) * mask  # (B, T)
-        ref_model, ref_context = self.reference_context(module.policy)
-        with ref_context():
-            ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False)  # (B, T)
+            with ref_context():
+                ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False)  # (B, T)
         module.train(was_training)
 
         # 4. KL-shaped per-token rewards. The KL uses the sampler's own log-probs: exactly the distribution the tokens
