@@ -80,3 +80,42 @@ def test_lora_under_two_ddp_processes_saves_an_adapter_that_loads_onto_the_base(
     loaded = PeftModel.from_pretrained(load_causal_lm("embedded"), str(model_dir)).eval()
     with torch.no_grad():
         assert not torch.allclose(loaded(**batch).logits, load_causal_lm("embedded")(**batch).logits, atol=1e-4)
+
+
+def test_adapters_disabled_computes_the_base_model_and_leaves_requires_grad_alone():
+    """Our trainers' LoRA reference (`trainers.base.adapters_disabled`): within the block the model computes the base
+    model's logits (as PEFT's `disable_adapter` does), and no parameter's `requires_grad` changes, inside or after;
+    afterwards the adapters act again, and a block inside another leaves them off until the outer one ends. PEFT's own
+    context flips `requires_grad` on whatever parameter objects the modules hold at entry and exit, which under FSDP2,
+    re-entered in GRADE's recomputation inside backward, left the sharded adapters frozen after the first step (the
+    FSDP2 test in tests/test_sharded.py). A model with merged adapters takes PEFT's own context."""
+    from peft import LoraConfig, get_peft_model
+
+    from grade_trl.models import load_tokenizer
+    from grade_trl.trainers.base import adapters_disabled
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm("embedded"), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)  # B = 0 at initialisation would make the adapters a no-op
+    model.eval()
+    tokenizer = load_tokenizer("embedded")
+    batch = tokenizer(["This movie was", "I expected"], return_tensors="pt", padding=True)
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    with torch.no_grad():
+        adapted = model(**batch).logits
+        base = load_causal_lm("embedded")(**batch).logits
+        assert not torch.allclose(adapted, base, atol=1e-4)
+        with adapters_disabled(model):
+            assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
+            torch.testing.assert_close(model(**batch).logits, base, rtol=1e-5, atol=1e-5)
+            with adapters_disabled(model):
+                pass
+            torch.testing.assert_close(model(**batch).logits, base, rtol=1e-5, atol=1e-5)  # still off after the inner block
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
+        torch.testing.assert_close(model(**batch).logits, adapted)
+
+        model.merge_adapter()  # the base weights hold the adapters: only PEFT's context (which unmerges) gives the base
+        with adapters_disabled(model):
+            torch.testing.assert_close(model(**batch).logits, base, rtol=1e-5, atol=1e-5)

@@ -4,7 +4,7 @@ prompt tokenization, metric windows and logging. Each method subclasses it and w
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from transformers import Trainer
@@ -16,6 +16,34 @@ from .metrics import GradNormWindowMixin, MetricWindow
 def identity(features):
     """No collation: the trainer tokenizes prompts itself (as TRL's GRPOTrainer does)."""
     return features
+
+
+@contextmanager
+def adapters_disabled(peft_model):
+    """Within the block, a PEFT (LoRA) model computes its base model: the reference of a policy trained with `use_peft`.
+
+    PEFT's own `peft_model.disable_adapter()` does that and also sets `requires_grad` False on every adapter parameter,
+    and True again on exit, on whatever parameter objects the modules hold at that moment. Under FSDP2 a unit holds its
+    sharded parameters between forwards and the gathered ones while it runs, backward included, and GRADE recomputes
+    the reference inside backward (`recompute_reference_and_reward`): the flag set back on exit went to the gathered
+    copies, the shards stayed frozen, and the next step's loss had no gradient at all (found with fsdp2.yaml on 2
+    CPU processes, `tests/test_sharded.py`). Here only the switch that every adapter layer's forward reads (PEFT's
+    `BaseTunerLayer` and `AuxiliaryTrainingWrapper`: `disable_adapters`, the `_disable_adapters` it returns) is flipped
+    and put back; `requires_grad` is never touched. A model with merged adapters (whose base weights hold them) takes
+    PEFT's own context, which unmerges."""
+    layers = [module for module in peft_model.modules() if hasattr(module, "_disable_adapters") and callable(getattr(module, "enable_adapters", None))]
+    if any(getattr(layer, "merged", False) for layer in layers):
+        with peft_model.disable_adapter():
+            yield
+        return
+    before = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer, disabled in zip(layers, before):
+            layer._disable_adapters = disabled
 
 
 class RolloutTrainer(GradNormWindowMixin, Trainer):
@@ -122,14 +150,14 @@ class RolloutTrainer(GradNormWindowMixin, Trainer):
         ).to(self.accelerator.device)
 
     def reference_context(self, policy_model):
-        """(reference module, context factory): the frozen copy, or the policy with its LoRA adapters disabled.
+        """(reference module, context factory): the frozen copy, or the policy with its LoRA adapters disabled (`adapters_disabled`).
 
         `with context():` makes the module the reference; a factory, so that code recomputed in backward
         (activation checkpointing) can enter the same context again."""
         if self.ref_model is not None:
             return self.ref_model, nullcontext
         unwrapped = self.accelerator.unwrap_model(policy_model)
-        return unwrapped, unwrapped.disable_adapter
+        return unwrapped, lambda: adapters_disabled(unwrapped)
 
     @property
     def metrics(self) -> MetricWindow:
