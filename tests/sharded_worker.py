@@ -58,12 +58,14 @@ def objective(model, enc, relax):
 
 def lora_objective(model, enc, relax):
     """GRADE's LoRA case: the rollout of the policy (adapters on), the reference as the same model with its adapters
-    disabled (grade_trl's reference under `use_peft`), the exact KL between them, and the embedded soft tokens."""
+    disabled (grade_trl's reference under `use_peft`, recomputed in backward as the trainer does by default), the exact
+    KL between them, and the embedded soft tokens."""
     from grade_trl.core.kl import exact_kl
     from grade_trl.core.soft_rollout import reference_logits
+    from grade_trl.trainers.base import adapters_disabled
 
     rollout = soft_rollout(model, enc["input_ids"], enc["attention_mask"], relax, NEW_TOKENS, 0, relax.eos, cache="chunked")
-    ref = reference_logits(model, rollout, 0, relax.eos, context=model.disable_adapter)
+    ref = reference_logits(model, rollout, 0, relax.eos, recompute=True, context=lambda: adapters_disabled(model))
     kl = exact_kl(rollout.logits, ref).sum(-1)  # (B,)
     embeds = rollout.soft_tokens.embed(input_embedding_matrix(model))
     per_row = rollout.logits.float().logsumexp(-1).mean(-1) + kl + embeds.float().pow(2).mean((1, 2))

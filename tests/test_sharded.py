@@ -1,12 +1,14 @@
 """Sharded training (FSDP2, DeepSpeed ZeRO): what can be checked on 2 CPU cores, and the runs that need 2 GPUs.
 
 On the CPU: GRADE's soft rollout on a policy sharded with torch's `fully_shard` over 2 gloo processes
-(tests/sharded_worker.py) against the unsharded rollout on the same global batch; the accelerate configs parse and
-build Accelerate's plugins; a CPU launch with a sharding config is refused instead of silently running DDP.
-`grade_trl.run` itself cannot run FSDP on the CPU: Accelerate enables FSDP only for GPU-type processes
-(accelerate/state.py, `AcceleratorState.__init__`: the `DistributedType.FSDP` assignment sits inside
-`elif self.distributed_type in [DistributedType.MULTI_GPU, ...]`, and a CPU launch is `MULTI_CPU`), so the
-end-to-end runs are skipped without 2 GPUs.
+(tests/sharded_worker.py) against the unsharded rollout on the same global batch; `grade_trl.run` itself under
+Accelerate's FSDP2 path with 2 shards, every method and LoRA (tests/fsdp_cpu_run.py), against the same 2 processes
+under DDP; the accelerate configs parse and build Accelerate's plugins; a CPU launch with a sharding config is refused
+instead of silently running DDP. A user's `accelerate launch` with fsdp2.yaml cannot shard on the CPU: Accelerate
+enables FSDP only for GPU-type processes (accelerate/state.py, `AcceleratorState.__init__`: the
+`DistributedType.FSDP` assignment sits inside `elif self.distributed_type in [DistributedType.MULTI_GPU, ...]`, and
+a CPU launch is `MULTI_CPU`); tests/fsdp_cpu_run.py takes that branch for the test. The runs against one GPU with
+the global batch are skipped without 2 GPUs.
 """
 
 from __future__ import annotations
@@ -287,6 +289,106 @@ def test_frozen_models_load_whole_under_zero3(zero3_rollout):
     (`models.whole_weights`), and the registration is back afterwards for the Trainer."""
     r = zero3_rollout["loading"]
     assert r["plain_partitioned"] and not r["whole_partitioned"] and r["whole_matches_file"] and r["config_restored"]
+
+
+# ---------------------------------------------------------------- grade_trl.run under FSDP2 on 2 CPU processes
+
+# (recipe, use_peft): every method; LoRA where its reference differs under FSDP2: GRADE's (re-entered in backward) and
+# PPO's (`.policy` inside the value-head wrapper). REINFORCE's LoRA reference is GRADE's context outside backward, and
+# GRPO's is TRL's: both matched DDP as these do when run by hand (README, "Past one GPU"), left out for CI's time
+# (about 20 s a case on 2 cores).
+FSDP_CPU_CASES = [
+    ("tiny/imdb_grade_ste.yaml", False), ("tiny/imdb_reinforce.yaml", False), ("tiny/imdb_ppo.yaml", False),
+    ("tiny/imdb_grpo.yaml", False), ("tiny/imdb_cispo.yaml", False), ("tiny/imdb_grade_ste.yaml", True), ("tiny/imdb_ppo.yaml", True),
+]
+
+
+@pytest.fixture(scope="module")
+def shared_reward_model(tmp_path_factory):
+    """One reward head for every run of this section: the first run trains it, the others reuse it."""
+    return tmp_path_factory.mktemp("fsdp_cpu") / "reward_model"
+
+
+def _two_process_run(tmp_path, name: str, recipe: str, use_peft: bool, reward_model, fsdp: bool) -> subprocess.CompletedProcess:
+    """2 steps of `recipe` on 2 CPU processes, per-process batch 4: under fsdp2.yaml through tests/fsdp_cpu_run.py
+    (Accelerate's FSDP2 path on CPU, torchrun with the config's launch environment), or as plain DDP
+    (`accelerate launch` with cpu.yaml). Small evaluations before, at step 2 and at the end (FSDP's lock-step `generate`
+    and the best checkpoint's save included)."""
+    args = shrunk(tmp_path, name, recipe=str(REPO / "recipes" / recipe), reward_model_path=reward_model, max_steps=2, eval_steps=2,
+                  logging_steps=1, per_device_train_batch_size=4, save_strategy="no", use_peft=str(use_peft).lower(), gold_judge="none",
+                  eval_best_of_n=2, eval_num_prompts=4, test_num_prompts=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if fsdp:
+        env.update(launch_env("fsdp2.yaml"), FSDP_CPU_RECORD=str(tmp_path / f"{name}.prepared"))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "tests" / "fsdp_cpu_run.py")]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu.yaml"), "--num_processes", "2",
+               "--main_process_port", "0", "-m", "grade_trl.run"]
+    return subprocess.run(cmd + args, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+
+
+def _saved_tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{path.name}:{key}": tensor for path in sorted(folder.glob("*.safetensors")) for key, tensor in load_file(path).items()}
+
+
+@pytest.mark.parametrize("recipe,use_peft", FSDP_CPU_CASES, ids=[f"{r.split('_', 1)[1][:-5]}{'-lora' if p else ''}" for r, p in FSDP_CPU_CASES])
+def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_reward_model, recipe, use_peft):
+    """`grade_trl.run` under Accelerate's FSDP2 with 2 shards (2 CPU processes, gloo; tests/fsdp_cpu_run.py takes the
+    branch Accelerate takes on GPUs) against the same 2 processes under DDP: the same rows on each rank, the same seeds,
+    so the same samples. Each rank holds half of the policy's elements; the two logged losses (before and after the
+    first sharded AdamW step) agree with DDP's to float rounding; the saved model/ (gathered from the shards: the
+    weights, or the adapter for LoRA; PPO's value head) equals DDP's to float rounding and loads back. Against one
+    process with the global batch only a statistical agreement is possible (other rows per rank, other draws), which
+    the 2-GPU test below keeps; DDP on 2 processes is itself the one-process gradient of the global batch.
+    Found by these runs and fixed: PPO under FSDP2 failed at its first forward (torch >= 2.13 refused E in two FSDP
+    groups: `PolicyWithValueHead.get_output_embeddings`); with LoRA, PPO's reference forward read the wrapper's shards
+    (`gathered`), and GRADE's adapters were frozen after the first step (`trainers.base.adapters_disabled`)."""
+    runs = {}
+    for name, fsdp in (("fsdp", True), ("ddp", False)):
+        result = _two_process_run(tmp_path, name, recipe, use_peft, shared_reward_model, fsdp)
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+        # defaults that fit the machine: no DDP search for unused parameters (each method uses them all), no pinned
+        # memory on the CPU; progress is reported by rank 0 only
+        assert "find_unused_parameters" not in result.stderr and "pin_memory" not in result.stderr, result.stderr[-3000:]
+        assert result.stderr.count("validation at step 0: ") == 1 and result.stderr.count("test of the final checkpoint: ") == 1
+        runs[name] = load_results(tmp_path / name / "results.json")
+        assert runs[name]["status"] == "completed" and runs[name]["final"]["num_processes"] == 2 and runs[name]["final"]["steps"] == 2
+        assert all(h["kl"] >= 0 for h in runs[name]["history"] if "kl" in h)
+
+    for rank in (0, 1):  # what Accelerate's fsdp2_prepare_model made of the policy on each rank
+        prepared = [json.loads(line) for line in (tmp_path / f"fsdp.prepared.rank{rank}").read_text().splitlines()]
+        policy = prepared[-1]
+        assert policy["fsdp_module"] and policy["distributed_type"] == "DistributedType.FSDP", prepared
+        assert policy["dtensor_parameters"] == policy["parameters"] and policy["local_elements"] <= policy["elements"] // 2 + 256, prepared
+
+    losses = {name: [h["loss"] for h in run["history"] if "loss" in h] for name, run in runs.items()}
+    assert len(losses["fsdp"]) == 2 and losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5, abs=1e-7), losses
+
+    saved = {name: _saved_tensors(tmp_path / name / "model") for name in runs}
+    assert saved["fsdp"], "model/ holds no safetensors"
+    common = saved["fsdp"].keys() & saved["ddp"].keys()
+    # Under FSDP the gathered state dict also holds the tied LM head (a copy of E, loaded tied again): the only extra key
+    assert common == saved["ddp"].keys() and saved["fsdp"].keys() - common <= {"model.safetensors:lm_head.weight"}, (saved["fsdp"].keys() ^ saved["ddp"].keys())
+    for key in common:
+        torch.testing.assert_close(saved["fsdp"][key], saved["ddp"][key], rtol=1e-4, atol=1e-5, msg=key)
+    if use_peft:
+        from peft import PeftModel
+
+        from grade_trl.models import load_causal_lm
+
+        assert json.loads((tmp_path / "fsdp" / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded"
+        model = PeftModel.from_pretrained(load_causal_lm("embedded"), str(tmp_path / "fsdp" / "model"))  # the adapter onto its base
+        assert any("lora_" in name for name, _ in model.named_parameters())
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model")
+        assert model.lm_head.weight is model.transformer.wte.weight
+    if "ppo" in recipe:
+        head = _saved_tensors(tmp_path / "fsdp" / "model")
+        assert any(k.startswith("value_head.safetensors:") and t.abs().sum() > 0 for k, t in head.items())  # trained: it starts at zero
 
 
 # ---------------------------------------------------------------- end to end (2 GPUs)
