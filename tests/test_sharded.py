@@ -293,14 +293,17 @@ def test_frozen_models_load_whole_under_zero3(zero3_rollout):
 
 # ---------------------------------------------------------------- grade_trl.run under FSDP2 on 2 CPU processes
 
-# (recipe, use_peft): every method; LoRA where its reference differs under FSDP2: GRADE's (re-entered in backward) and
-# PPO's (`.policy` inside the value-head wrapper). REINFORCE's LoRA reference is GRADE's context outside backward, and
-# GRPO's is TRL's: both matched DDP as these do when run by hand (README, "Past one GPU"), left out for CI's time
-# (about 20 s a case on 2 cores).
-FSDP_CPU_CASES = [
-    ("tiny/imdb_grade_ste.yaml", False), ("tiny/imdb_reinforce.yaml", False), ("tiny/imdb_ppo.yaml", False),
-    ("tiny/imdb_grpo.yaml", False), ("tiny/imdb_cispo.yaml", False), ("tiny/imdb_grade_ste.yaml", True), ("tiny/imdb_ppo.yaml", True),
-]
+# id: (recipe, overrides). Every method; LoRA where its reference differs under FSDP2: GRADE's (re-entered in backward)
+# and PPO's (`.policy` inside the value-head wrapper). REINFORCE's LoRA reference is GRADE's context outside backward,
+# and GRPO's is TRL's: both matched DDP as these do when run by hand (README, "Past one GPU"), left out for CI's time
+# (about 20 s a case on 2 cores). GRADE-STE and REINFORCE accumulate 2 micro-batches of 2 per optimizer step (the
+# same 4 completions per process as the others' one batch of 4).
+ACCUMULATE = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}
+FSDP_CPU_CASES = {
+    "grade_ste-accumulated": ("tiny/imdb_grade_ste.yaml", ACCUMULATE), "reinforce-accumulated": ("tiny/imdb_reinforce.yaml", ACCUMULATE),
+    "ppo": ("tiny/imdb_ppo.yaml", {}), "grpo": ("tiny/imdb_grpo.yaml", {}), "cispo": ("tiny/imdb_cispo.yaml", {}),
+    "grade_ste-lora": ("tiny/imdb_grade_ste.yaml", {"use_peft": "true"}), "ppo-lora": ("tiny/imdb_ppo.yaml", {"use_peft": "true"}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -309,14 +312,14 @@ def shared_reward_model(tmp_path_factory):
     return tmp_path_factory.mktemp("fsdp_cpu") / "reward_model"
 
 
-def _two_process_run(tmp_path, name: str, recipe: str, use_peft: bool, reward_model, fsdp: bool) -> subprocess.CompletedProcess:
-    """2 steps of `recipe` on 2 CPU processes, per-process batch 4: under fsdp2.yaml through tests/fsdp_cpu_run.py
+def _two_process_run(tmp_path, name: str, recipe: str, overrides: dict, reward_model, fsdp: bool) -> subprocess.CompletedProcess:
+    """2 steps of `recipe` with `overrides` on 2 CPU processes, per-process batch 4 unless overridden: under fsdp2.yaml through tests/fsdp_cpu_run.py
     (Accelerate's FSDP2 path on CPU, torchrun with the config's launch environment), or as plain DDP
     (`accelerate launch` with cpu.yaml). Small evaluations before, at step 2 and at the end (FSDP's lock-step `generate`
     and the best checkpoint's save included)."""
-    args = shrunk(tmp_path, name, recipe=str(REPO / "recipes" / recipe), reward_model_path=reward_model, max_steps=2, eval_steps=2,
-                  logging_steps=1, per_device_train_batch_size=4, save_strategy="no", use_peft=str(use_peft).lower(), gold_judge="none",
-                  eval_best_of_n=2, eval_num_prompts=4, test_num_prompts=4)
+    settings = dict(reward_model_path=reward_model, max_steps=2, eval_steps=2, logging_steps=1, per_device_train_batch_size=4, save_strategy="no",
+                    gold_judge="none", eval_best_of_n=2, eval_num_prompts=4, test_num_prompts=4)
+    args = shrunk(tmp_path, name, recipe=str(REPO / "recipes" / recipe), **{**settings, **overrides})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if fsdp:
         env.update(launch_env("fsdp2.yaml"), FSDP_CPU_RECORD=str(tmp_path / f"{name}.prepared"))
@@ -333,8 +336,8 @@ def _saved_tensors(folder) -> dict[str, torch.Tensor]:
     return {f"{path.name}:{key}": tensor for path in sorted(folder.glob("*.safetensors")) for key, tensor in load_file(path).items()}
 
 
-@pytest.mark.parametrize("recipe,use_peft", FSDP_CPU_CASES, ids=[f"{r.split('_', 1)[1][:-5]}{'-lora' if p else ''}" for r, p in FSDP_CPU_CASES])
-def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_reward_model, recipe, use_peft):
+@pytest.mark.parametrize("case", list(FSDP_CPU_CASES))
+def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_reward_model, case):
     """`grade_trl.run` under Accelerate's FSDP2 with 2 shards (2 CPU processes, gloo; tests/fsdp_cpu_run.py takes the
     branch Accelerate takes on GPUs) against the same 2 processes under DDP: the same rows on each rank, the same seeds,
     so the same samples. Each rank holds half of the policy's elements; the two logged losses (before and after the
@@ -345,9 +348,11 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_rew
     Found by these runs and fixed: PPO under FSDP2 failed at its first forward (torch >= 2.13 refused E in two FSDP
     groups: `PolicyWithValueHead.get_output_embeddings`); with LoRA, PPO's reference forward read the wrapper's shards
     (`gathered`), and GRADE's adapters were frozen after the first step (`trainers.base.adapters_disabled`)."""
+    recipe, overrides = FSDP_CPU_CASES[case]
+    use_peft = overrides.get("use_peft") == "true"
     runs = {}
     for name, fsdp in (("fsdp", True), ("ddp", False)):
-        result = _two_process_run(tmp_path, name, recipe, use_peft, shared_reward_model, fsdp)
+        result = _two_process_run(tmp_path, name, recipe, overrides, shared_reward_model, fsdp)
         assert result.returncode == 0, (name, result.stderr[-3000:])
         # defaults that fit the machine: no DDP search for unused parameters (each method uses them all), no pinned
         # memory on the CPU; progress is reported by rank 0 only
@@ -363,6 +368,9 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_rew
         assert policy["fsdp_module"] and policy["distributed_type"] == "DistributedType.FSDP", prepared
         assert policy["dtensor_parameters"] == policy["parameters"] and policy["local_elements"] <= policy["elements"] // 2 + 256, prepared
 
+    assert runs["fsdp"]["final"]["samples_per_step"] == runs["ddp"]["final"]["samples_per_step"]
+    if overrides is ACCUMULATE:
+        assert runs["fsdp"]["final"]["samples_per_step"] == 2 * 2 * 2  # processes x micro-batches x completions each
     losses = {name: [h["loss"] for h in run["history"] if "loss" in h] for name, run in runs.items()}
     assert len(losses["fsdp"]) == 2 and losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5, abs=1e-7), losses
 
