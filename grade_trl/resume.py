@@ -132,7 +132,10 @@ class ResumeCallback(TrainerCallback):
                 f"{trainer.accelerator.num_processes}; resume with as many processes as the run that saved it"
             )
         # Our own file, written by this package's previous process: it holds Python objects (metric windows, baselines).
-        data = torch.load(path, map_location=trainer.accelerator.device, weights_only=False)
+        # torch.load knows "cpu" and "cuda:N" but not "cpu:N", which a process's device can be (Accelerate numbers CPU
+        # processes' devices under FSDP)
+        device = trainer.accelerator.device
+        data = torch.load(path, map_location="cpu" if device.type == "cpu" else device, weights_only=False)
         if data["num_processes"] != trainer.accelerator.num_processes:
             raise UserError(
                 f"resume_from_checkpoint: {self.resume_from!r} was saved by {data['num_processes']} processes, this run has "
