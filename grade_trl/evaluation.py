@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from . import metrics
 from .core.masks import completion_mask
-from .core.sharding import is_sharded, local_data
+from .core.sharding import is_sharded, local_data, resharded
 from .rewards.base import compute_rewards, reward_name
 
 logger = logging.getLogger(__name__)
@@ -359,8 +359,9 @@ class EvaluationCallback(TrainerCallback):
         }
 
     def _keep_best(self) -> None:
-        # this process's part of each (core/sharding.py: local_data), which is what swap_in_best writes back
-        self.best_parameters = {name: local_data(p).detach().to("cpu", copy=True) for name, p in self.policy().named_parameters() if p.requires_grad}
+        # this process's part of each (core/sharding.py: local_data, from the shards under FSDP2), which is what
+        # swap_in_best writes back
+        self.best_parameters = {name: local_data(p).detach().to("cpu", copy=True) for name, p in resharded(self.policy()).named_parameters() if p.requires_grad}
         if self.best_model_dir:
             self.trainer.save_model(self.best_model_dir)
 
@@ -400,7 +401,7 @@ class EvaluationCallback(TrainerCallback):
     def swap_in_best(self) -> dict[str, torch.Tensor]:
         """Load the best checkpoint's trainable parameters into the policy; returns the current ones to restore."""
         current = {}
-        parameters = dict(self.policy().named_parameters())
+        parameters = dict(resharded(self.policy()).named_parameters())
         with torch.no_grad():
             for name, value in (self.best_parameters or {}).items():
                 held = local_data(parameters[name])
@@ -409,7 +410,7 @@ class EvaluationCallback(TrainerCallback):
         return current
 
     def restore(self, saved: dict[str, torch.Tensor]) -> None:
-        parameters = dict(self.policy().named_parameters())
+        parameters = dict(resharded(self.policy()).named_parameters())
         with torch.no_grad():
             for name, value in saved.items():
                 local_data(parameters[name]).copy_(value)

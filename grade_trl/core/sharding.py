@@ -90,6 +90,20 @@ class _DenseGradient(torch.autograd.Function):
         return grad.to_dense() if grad.is_sparse else grad
 
 
+def resharded(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` with every FSDP2 unit inside put back to its shards, for code that reads or writes its parameters in
+    place between forwards (the evaluation's best checkpoint: `local_data`). A unit sharded with
+    `reshard_after_forward=False` (Accelerate's unit of the tied E, final norm and LM head: `reshard_embedding`) holds
+    its gathered parameters after a forward, plain tensors registered in place of the shards: a snapshot taken there
+    does not match one taken from the shards, and a copy written there is lost at the unit's next reshard, which frees
+    them. Found under fsdp2.yaml on 2 CPU processes, a resumed run's swap to its best checkpoint ("mixed torch.Tensor
+    and DTensor"). `FSDPModule.reshard` is not recursive, hence every unit. A no-op for an unsharded model."""
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+    return module
+
+
 def reshard_embedding(module: torch.nn.Module) -> None:
     """Put the FSDP2 unit that holds E back to its shards, so that `input_embedding_matrix` gathers a copy of its own.
 
