@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from unittest import mock
@@ -397,6 +398,34 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_rew
     if "ppo" in recipe:
         head = _saved_tensors(tmp_path / "fsdp" / "model")
         assert any(k.startswith("value_head.safetensors:") and t.abs().sum() > 0 for k, t in head.items())  # trained: it starts at zero
+
+
+def test_fsdp2_on_two_cpu_processes_resumes_as_if_never_stopped(tmp_path, shared_reward_model):
+    """PPO under fsdp2.yaml's path on 2 CPU processes, 4 steps with a checkpoint every 2 (run A), and the same run
+    resumed from A's step-2 checkpoint (run B: `resume_from_checkpoint: true`): B's history, test numbers (the final
+    and the best checkpoint's, the best at step 2, so the test swaps the best weights in and back) and saved model and
+    value head equal A's. Found by this run and fixed: the resumed run could not read its own state file (torch.load
+    knows no "cpu:N" device), PPO loaded Trainer's FSDP checkpoint into `.policy` instead of the wrapper whose keys it
+    holds (a KeyError), and the best checkpoint's swap read E from a unit that keeps its gathered parameters between
+    forwards (`core.sharding.resharded`: "mixed torch.Tensor and DTensor")."""
+    recipe = "tiny/imdb_ppo.yaml"
+    every_two = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}
+    result = _two_process_run(tmp_path, "A", recipe, every_two, shared_reward_model, fsdp=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shutil.copytree(tmp_path / "A" / "checkpoint-2", tmp_path / "B" / "checkpoint-2")
+    result = _two_process_run(tmp_path, "B", recipe, {**every_two, "resume_from_checkpoint": "true"}, shared_reward_model, fsdp=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (load_results(tmp_path / name / "results.json") for name in "AB")
+    assert a["status"] == b["status"] == "completed" and b["final"]["resumed_from"].endswith("checkpoint-2"), b["final"].get("resumed_from")
+    assert a["final"]["best_validation_step"] == b["final"]["best_validation_step"] < 4, a["final"]["best_validation_step"]
+    losses = [[h["loss"] for h in run["history"] if "loss" in h] for run in (a, b)]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-6), losses
+    for checkpoint in ("final", "best"):
+        assert b["final"]["test"][checkpoint]["metrics"] == pytest.approx(a["final"]["test"][checkpoint]["metrics"], rel=1e-6), checkpoint
+    saved = [_saved_tensors(tmp_path / name / "model") for name in "AB"]
+    assert saved[0].keys() == saved[1].keys() and any(k.startswith("value_head.safetensors:") for k in saved[0])
+    for key in saved[0]:
+        torch.testing.assert_close(saved[1][key], saved[0][key], rtol=1e-6, atol=1e-7, msg=key)
 
 
 # ---------------------------------------------------------------- end to end (2 GPUs)
