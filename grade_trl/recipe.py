@@ -109,7 +109,7 @@ class RunArguments:
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (GRADE experiment: 16)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (GRADE experiment: 32)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (GRADE experiment: 0.05)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout, written to the adapter's config (GRADE experiment: 0.05). Training turns every dropout of the policy off, LoRA's included, for every method (ours, and TRL's `disable_dropout` for GRPO/CISPO): the log-probs a loss scores must be the ones the tokens were sampled with."})
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules to adapt (default: PEFT's choice for the architecture; GPT-2: c_attn, c_proj)."})
 
     def __post_init__(self):

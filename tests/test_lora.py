@@ -33,6 +33,8 @@ def test_lora_trains_only_adapters_and_the_saved_adapter_reproduces_the_policy(t
     module = trainer.accelerator.unwrap_model(trainer.model)
     policy = getattr(module, "policy", module)  # PPO: the causal LM inside the value-head wrapper
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    # no dropout left in the policy, LoRA's own (lora_dropout 0.05 in the recipe) included: scored = sampled log-probs
+    assert [m.p for m in policy.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0] == []
     trainer.train()
 
     changed = {n for n, p in policy.named_parameters() if not torch.equal(before[n], p)}
@@ -119,3 +121,14 @@ def test_adapters_disabled_computes_the_base_model_and_leaves_requires_grad_alon
         model.merge_adapter()  # the base weights hold the adapters: only PEFT's context (which unmerges) gives the base
         with adapters_disabled(model):
             torch.testing.assert_close(model(**batch).logits, base, rtol=1e-5, atol=1e-5)
+
+    from peft import PrefixTuningConfig  # no adapter layer to switch off (PEFT swaps the forward): PEFT's context
+
+    prefix = get_peft_model(load_causal_lm("embedded"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        for parameter in prefix.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(std=1.0)
+        assert not torch.allclose(prefix(**batch).logits, base, atol=1e-4)
+        with adapters_disabled(prefix):
+            torch.testing.assert_close(prefix(**batch).logits, base, rtol=1e-5, atol=1e-5)

@@ -30,9 +30,10 @@ def adapters_disabled(peft_model):
     CPU processes, `tests/test_sharded.py`). Here only the switch that every adapter layer's forward reads (PEFT's
     `BaseTunerLayer` and `AuxiliaryTrainingWrapper`: `disable_adapters`, the `_disable_adapters` it returns) is flipped
     and put back; `requires_grad` is never touched. A model with merged adapters (whose base weights hold them) takes
-    PEFT's own context, which unmerges."""
+    PEFT's own context, which unmerges, and so does one with no such layer (prompt learning, adaption prompts: PEFT
+    swaps their forward instead)."""
     layers = [module for module in peft_model.modules() if hasattr(module, "_disable_adapters") and callable(getattr(module, "enable_adapters", None))]
-    if any(getattr(layer, "merged", False) for layer in layers):
+    if not layers or any(getattr(layer, "merged", False) for layer in layers):
         with peft_model.disable_adapter():
             yield
         return
@@ -74,15 +75,18 @@ class RolloutTrainer(GradNormWindowMixin, Trainer):
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
         self.check_rewards(self.reward_funcs)
 
-        for module in model.modules():  # as TRL: dropout would make the scored log-probs differ from the sampled ones
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
         if peft_config is not None:
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
             ref_model = None  # reference = the same model with its adapters disabled
-        else:
+        # As TRL (`disable_dropout`, after its own `get_peft_model`): dropout would make the scored log-probs differ from
+        # the sampled ones (PPO's first ratio, REINFORCE's and GRADE's KL), LoRA's `lora_dropout` included, which the
+        # adapters bring in after the base model's dropout is off
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if peft_config is None:
             ref_model = copy.deepcopy(model).requires_grad_(False).eval()
         model = self.wrap_model(model)
 
