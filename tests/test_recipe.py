@@ -22,6 +22,8 @@ def test_every_shipped_recipe_builds(path):
     assert recipe.config.output_dir and recipe.run.method in METHODS
     if recipe.run.method == "cispo":
         assert recipe.config.loss_type == "cispo" and recipe.config.epsilon_high == 5.0
+    if recipe.run.method in ("grpo", "cispo"):  # TRL keeps dropout by default; every grade_trl method turns it off
+        assert recipe.config.disable_dropout is True
 
 
 FULL_SIZE = [p for p in sorted((REPO / "recipes").glob("*.yaml")) if p.name != "quickstart.yaml"]
