@@ -79,15 +79,14 @@ class RolloutTrainer(GradNormWindowMixin, Trainer):
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
-            ref_model = None  # reference = the same model with its adapters disabled
         # As TRL (`disable_dropout`, after its own `get_peft_model`): dropout would make the scored log-probs differ from
         # the sampled ones (PPO's first ratio, REINFORCE's and GRADE's KL), LoRA's `lora_dropout` included, which the
         # adapters bring in after the base model's dropout is off
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-        if peft_config is None:
-            ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+        # the reference: under LoRA the same model with its adapters disabled (`reference_context`), else a frozen copy
+        ref_model = None if peft_config is not None else copy.deepcopy(model).requires_grad_(False).eval()
         model = self.wrap_model(model)
 
         super().__init__(

@@ -506,18 +506,17 @@ class PPOTrainer(RolloutTrainer):
         Under FSDP, Trainer's checkpoint (`pytorch_model_fsdp*`) holds the whole wrapper, value head included, under
         the wrapper's keys, and its loader sets them into the wrapper's shards: the wrapper is loaded, not `.policy`
         (whose keys lack the `policy.` prefix: a KeyError, found resuming under fsdp2.yaml on 2 CPU processes)."""
-        module = self.accelerator.unwrap_model(model if model is not None else self.model)
+        model = model if model is not None else self.model
         if self.is_fsdp_enabled:
-            super()._load_from_checkpoint(resume_from_checkpoint, model=model if model is not None else self.model)
+            super()._load_from_checkpoint(resume_from_checkpoint, model=model)  # the wrapper, value head included
         else:
+            module = self.accelerator.unwrap_model(model)
             super()._load_from_checkpoint(resume_from_checkpoint, model=module.policy)
-        head_file = os.path.join(resume_from_checkpoint, VALUE_HEAD_NAME)
-        if self.is_fsdp_enabled:
-            pass  # loaded with the wrapper above
-        elif os.path.isfile(head_file):
-            module.value_head.load_state_dict(safetensors.torch.load_file(head_file, device="cpu"))
-        else:
-            logger.warning(f"{head_file} not found: the value head starts from zero")
+            head_file = os.path.join(resume_from_checkpoint, VALUE_HEAD_NAME)
+            if os.path.isfile(head_file):
+                module.value_head.load_state_dict(safetensors.torch.load_file(head_file, device="cpu"))
+            else:
+                logger.warning(f"{head_file} not found: the value head starts from zero")
         controller_file = os.path.join(resume_from_checkpoint, KL_CONTROLLER_NAME)
         if os.path.isfile(controller_file):
             with open(controller_file) as f:
