@@ -162,7 +162,7 @@ def synchronize(device: torch.device) -> None:
 
 def minor_faults() -> int:
     """The process's minor page faults so far: fresh memory the kernel mapped on first touch. On the 2-core development
-    VM each cost 2-4 microseconds in a plain mmap test and about 17 within a training step (README, GRADE's cost), so a step that allocates and frees large tensors pays for it
+    VM each cost 2-4 microseconds in a plain mmap test and about 17 within a training step (docs/grade_cost_log.md), so a step that allocates and frees large tensors pays for it
     in time there, which the `MALLOC_*` settings of the README's commands avoid by keeping freed memory."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 

@@ -227,7 +227,7 @@ def deferred_weight_grads(model: nn.Module, store: DeferredWeightGrads):
     instance attribute over the class's method; hooks, which live in `Module.__call__`, are untouched). Only those
     modules' calls pay a Python detour: a TorchFunctionMode, which this replaced, sent every torch call of the model
     through Python: on a model bound by per-operation costs (a GPU's decode loop, or benchmarks/step_cost.py's narrow
-    proxy on CPU) that made deferral nearly double the relaxed rollout's forward (README, GRADE's cost)."""
+    proxy on CPU) that made deferral nearly double the relaxed rollout's forward (docs/grade_cost_log.md)."""
     with replaced_forwards(store.patches(model)):
         yield store
 

@@ -31,10 +31,10 @@ the layer's gradient buffer). In all, one node and 20 launching aten calls per l
 against about 28 nodes and 40 calls per module. Exact up to float summation order: `tests/test_soft_rollout.py`
 compares the rollout's tokens, loss and every parameter's gradient with the per-module path's in float64.
 
-Measured (`benchmarks/attention_grad_buffer.py --compare decode_block`, README): on the per-operation-bound proxy (24
+Measured (`benchmarks/attention_grad_buffer.py --compare decode_block`, docs/grade_cost_log.md): on the per-operation-bound proxy (24
 layers, 64 wide, batch 4, T = 48) one GRADE-STE forward + backward took 0.81x the per-module path's time; on the
 gpt2-small shape on CPU, bound by arithmetic, 1.00x in one process (GRADE-STE's whole step in separate processes with
-the one-node step on and off: 0.84-0.88x, for reasons not found; README). Memory: the norms' records keep each step's two norm inputs and
+the one-node step on and off: 0.84-0.88x, for reasons not found; the same log). Memory: the norms' records keep each step's two norm inputs and
 their output gradients until the end of backward (4 B H numbers per layer and step, next to the projections' 16 B H);
 the step's peak did not move (630 / 1062 MiB at T = 24 / 48 on gpt2-small, batch 8).
 
