@@ -153,6 +153,15 @@ class ChunkedLayer(CacheLayerMixin):
                 return self.key_buffer[..., :length, :], self.value_buffer[..., :length, :]
         return torch.cat(self.key_chunks[:chunks], dim=-2), torch.cat(self.value_chunks[:chunks], dim=-2)
 
+    def drop_gradient_edges(self) -> None:
+        """Once the rollout's forward is done: the chunks as plain values (the same storage, no grad_fn). Their edges
+        were taken at each step (by the attention's Functions, a checkpointed step's inputs, a concatenation); kept
+        here, a chunk's grad_fn leads through the step's graph to the attention nodes whose context holds this layer,
+        a cycle through autograd's graph that Python's collector did not free: every step's cache, deferred-gradient
+        store and graph stayed alive (`tests/test_soft_rollout.py`). Backward reads only the chunks' values and shapes."""
+        self.key_chunks = [chunk.detach() for chunk in self.key_chunks]
+        self.value_chunks = [chunk.detach() for chunk in self.value_chunks]
+
     def reads_chunks(self) -> bool:
         cache = _ACTIVE_CACHE.get()
         return cache is not None and torch.is_grad_enabled() and any(layer is self for layer in cache.layers)

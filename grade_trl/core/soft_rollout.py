@@ -258,6 +258,9 @@ def soft_rollout(
                 kv, next_logits = decode_step(model, kv, attention_mask, next_position, inputs_embeds=inputs_embeds)
         next_position = next_position + 1
 
+    if isinstance(kv, ChunkedCache):  # the forward is done: the cache keeps values, not the steps' graph (no cycle)
+        for layer in kv.layers:
+            layer.drop_gradient_edges()
     tokens = torch.stack([s.hard for s in steps], dim=1)  # (B, T)
     return SoftRollout(
         prompt_ids=prompt_ids,
