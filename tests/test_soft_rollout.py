@@ -784,9 +784,10 @@ def test_a_rollout_leaves_nothing_alive_after_its_backward(policy, tokenizer, pr
     from grade_trl.core.deferred_grads import DeferredWeightGrads
 
     block = policy.transformer.h[0]
-    handles = {"none": [], "attention": [block.attn.register_forward_hook(lambda module, args, output: None)],
-               "layer_norm": [block.ln_1.register_forward_hook(lambda module, args, output: None)],
-               "mlp_pre_hook": [block.mlp.register_forward_pre_hook(lambda module, args: None)]}[hooked]
+    register = {"none": lambda: [], "attention": lambda: [block.attn.register_forward_hook(lambda module, args, output: None)],
+                "layer_norm": lambda: [block.ln_1.register_forward_hook(lambda module, args, output: None)],
+                "mlp_pre_hook": lambda: [block.mlp.register_forward_pre_hook(lambda module, args: None)]}
+    handles = register[hooked]()  # only this case's hook
     enc = _encode(tokenizer, prompts)
     est = StraightThroughGumbel()
 
