@@ -297,5 +297,5 @@ def close_process_group() -> None:
 
 def unknown_key_hint(key: str, known: Sequence[str], command: str) -> str:
     """'; did you mean a, b?' or where to find the keys."""
-    close = difflib.get_close_matches(key, list(known), n=3)
+    close = difflib.get_close_matches(key, list(dict.fromkeys(known)), n=3)  # each name once (a config lists a key its parent has too)
     return f"; did you mean {', '.join(close)}?" if close else f"; see `python -m {command} --help` for the keys"

@@ -58,6 +58,27 @@ _PER_TOKEN_KL = (
     "(ppo: init_kl_coef); set beta"
 )
 
+# The same setting under TRL GRPO's name and under our trainers' (TRL's own generation keys are kept for grpo and cispo):
+# a recipe moved from one to the other gets the key to use, not a spelling guess.
+_OWN_TRAINER_NAMES = {
+    "max_completion_length": "{method} limits the completion with `max_new_tokens` (and `min_new_tokens`); "
+                             "`max_completion_length` is TRL GRPO's name for it; set max_new_tokens",
+    "num_generations": "{method} samples one completion per prompt; `num_generations` is TRL GRPO's group size "
+                       "(reinforce's is num_samples_per_prompt); remove it",
+}
+_TRL_GRPO_NAMES = {
+    "max_new_tokens": "TRL's GRPO limits the completion with `max_completion_length`; `max_new_tokens` is the name in "
+                      "grade_trl's own trainers (grade*, reinforce, ppo); set max_completion_length",
+    "min_new_tokens": "TRL's GRPO has no minimum-length key; `min_new_tokens` belongs to grade_trl's own trainers; set "
+                      "generation_kwargs: {min_new_tokens: N} (passed to its generate)",
+    "num_samples_per_prompt": "TRL's GRPO samples `num_generations` completions per prompt; `num_samples_per_prompt` is "
+                              "reinforce's name for it; set num_generations",
+}
+
+
+def _own_trainer_names(method: str, **overrides: str) -> dict[str, str]:
+    return {**{key: fix.format(method=method) for key, fix in _OWN_TRAINER_NAMES.items()}, **overrides}
+
 
 def _grade(name: str, estimator: str, description: str) -> Method:
     """A GRADE method: the GRADE trainer with one estimator (trainers/relaxations.py)."""
@@ -70,7 +91,7 @@ def _grade(name: str, estimator: str, description: str) -> Method:
         relaxed=True,
         kl_coefficient="kl_coef",
         kl_coefficient_meaning="per completion",
-        misplaced_keys={"beta": _PER_COMPLETION_KL.format(method=name, key="kl_coef")},
+        misplaced_keys=_own_trainer_names(name, beta=_PER_COMPLETION_KL.format(method=name, key="kl_coef")),
     )
 
 
@@ -93,7 +114,10 @@ METHODS: dict[str, Method] = {
             "(Williams 1992; RLOO: arXiv:2402.14740)",
             "grade_trl.trainers.reinforce_config:REINFORCEConfig",
             "grade_trl.trainers.reinforce:REINFORCETrainer",
-            misplaced_keys={"kl_coef": _PER_TOKEN_KL.format(method="reinforce")},
+            misplaced_keys=_own_trainer_names(
+                "reinforce", kl_coef=_PER_TOKEN_KL.format(method="reinforce"),
+                num_generations="reinforce samples `num_samples_per_prompt` completions per prompt (RLOO: with baseline "
+                                "leave_one_out); `num_generations` is TRL GRPO's name for it; set num_samples_per_prompt"),
         ),
         Method(
             "ppo",
@@ -102,7 +126,7 @@ METHODS: dict[str, Method] = {
             "grade_trl.trainers.ppo:PPOTrainer",
             kl_coefficient="init_kl_coef",
             kl_coefficient_meaning="per completion",
-            misplaced_keys={"beta": _PER_COMPLETION_KL.format(method="ppo", key="init_kl_coef (and adaptive_kl: false for a fixed one)")},
+            misplaced_keys=_own_trainer_names("ppo", beta=_PER_COMPLETION_KL.format(method="ppo", key="init_kl_coef (and adaptive_kl: false for a fixed one)")),
         ),
         Method(
             "grpo",
@@ -111,7 +135,7 @@ METHODS: dict[str, Method] = {
             "grade_trl.trainers.grpo:GRPOTrainer",
             loads_model_from_path=True,
             batch_counts="completions",
-            misplaced_keys={"kl_coef": _PER_TOKEN_KL.format(method="TRL's GRPO")},
+            misplaced_keys={"kl_coef": _PER_TOKEN_KL.format(method="TRL's GRPO"), **_TRL_GRPO_NAMES},
         ),
         Method(
             "cispo",
@@ -121,7 +145,7 @@ METHODS: dict[str, Method] = {
             implied={"loss_type": "cispo"},
             loads_model_from_path=True,
             batch_counts="completions",
-            misplaced_keys={"kl_coef": _PER_TOKEN_KL.format(method="TRL's GRPO")},
+            misplaced_keys={"kl_coef": _PER_TOKEN_KL.format(method="TRL's GRPO"), **_TRL_GRPO_NAMES},
         ),
     )
 }

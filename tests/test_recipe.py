@@ -130,6 +130,30 @@ def test_beta_has_one_meaning_and_grade_names_its_coefficient_kl_coef():
         assert method.kl_coefficient in {f.name for f in dataclasses.fields(method.config_class)}
 
 
+@pytest.mark.parametrize("method,key,fix", [
+    ("grpo", "max_new_tokens", "set max_completion_length"),
+    ("cispo", "min_new_tokens", "set generation_kwargs: {min_new_tokens: N}"),
+    ("grpo", "num_samples_per_prompt", "set num_generations"),
+    ("reinforce", "max_completion_length", "set max_new_tokens"),
+    ("grade_ste", "max_completion_length", "set max_new_tokens"),
+    ("reinforce", "num_generations", "set num_samples_per_prompt"),
+    ("ppo", "num_generations", "remove it"),
+])
+def test_a_key_under_the_other_trainers_name_gets_the_name_to_use(method, key, fix):
+    """A recipe moved between TRL's GRPO and our trainers brings the other's generation keys; the error names the key
+    this method uses (it used to guess a spelling: 'max_new_tokens' -> 'did you mean eval_min_new_tokens?')."""
+    with pytest.raises(RecipeError) as info:
+        build_recipe({"method": method, "output_dir": "x", key: 8, "bf16": False})
+    message = str(info.value)
+    assert message.startswith(f"{key}: ") and fix in message and "\n" not in message, message
+    assert "generation_kwargs" in {f.name for f in dataclasses.fields(METHODS["grpo"].config_class)}  # the fix exists
+
+
+def test_a_spelling_hint_names_each_key_once():
+    with pytest.raises(RecipeError, match=r"did you mean max_prompt_length, reward_max_length\?$"):
+        build_recipe({"method": "reinforce", "output_dir": "x", "max_promt_length": 8})
+
+
 def _run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "grade_trl.run", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
