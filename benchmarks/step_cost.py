@@ -27,6 +27,11 @@ How to run (CPU timings are noisy: compare the ratios of one run, with --threads
     python benchmarks/step_cost.py --model gpt2-shaped-random --n_layer 24 --n_embd 1024 --n_head 16 --device cuda   # gpt2-medium shape
 `--tokenizer` is the GPT-2 tokenizer for `gpt2-shaped-random` (a hub id or a folder with vocab.json and
 merges.txt); any hub id or local path of a causal LM works as `--model`. `--json PATH` writes every number.
+On CPU the host allocator's page faults can tilt the comparison (a fresh 4 KiB page cost ~16 us inside a step on the
+development VM, and methods free and allocate different amounts): the table prints each step's faults, and a run
+under jemalloc with purging off (`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`, Debian's libjemalloc2, with `--warmup 2`) faulted least
+(docs/results/allocator_2026-12-05/).
 """
 
 from __future__ import annotations
