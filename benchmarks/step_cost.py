@@ -168,7 +168,8 @@ def synchronize(device: torch.device) -> None:
 def minor_faults() -> int:
     """The process's minor page faults so far: fresh memory the kernel mapped on first touch. On the 2-core development
     VM each cost 2-4 microseconds in a plain mmap test and about 17 within a training step (docs/grade_cost_log.md), so a step that allocates and frees large tensors pays for it
-    in time there, which the `MALLOC_*` settings of the README's commands avoid by keeping freed memory."""
+    in time there. The `MALLOC_*` settings of the README's commands reduce that but do not avoid it reliably (glibc reused a
+    freed 77 MB block in 3 of 15 rounds under them; jemalloc with purging off in 15 of 15: docs/results/allocator_2026-12-05/)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
