@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 from pathlib import Path
 
 from . import metrics
-from .cli import Command, Option
+from .cli import Command, Option, exit_process
 from .comparison import build_comparison
 from .errors import UserError
 from .methods import relaxed_methods
@@ -581,4 +580,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main)

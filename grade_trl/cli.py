@@ -6,22 +6,25 @@ Every command is `python -m grade_trl.<command> POSITIONAL... [--key value ...]`
     or one comma-separated value;
   * `-h` / `--help` prints the command's options with their help text and defaults, exit code 0;
   * bad input raises `UserError`: printed as one line `error: ...` on stderr, exit code 2, no traceback;
-  * the torch process group (if any) is left before the process exits, whatever happened.
+  * the torch process group (if any) is left before the process exits, whatever happened;
+  * a process that was one rank of several ends without the interpreter's teardown (`exit_process`).
 
 `Command` declares a command's options; `Command.main` runs its body under that policy.
 """
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import enum
 import logging
+import os
 import re
 import sys
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import yaml
 
@@ -285,14 +288,56 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+_left_a_process_group = False  # set by close_process_group: this process was a rank of a torch process group
+
+
 def close_process_group() -> None:
     """Leave the process group before exit: a gloo group torn down by the interpreter aborts the process (SIGABRT)."""
+    global _left_a_process_group
     if "torch" not in sys.modules:
         return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _left_a_process_group = True
+
+
+def _was_one_rank_of_several() -> bool:
+    return _left_a_process_group or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_process(main: Callable[[], int]) -> NoReturn:
+    """`sys.exit(main())` for `python -m grade_trl.<command>`; in a process that was one rank of several (torchrun,
+    `accelerate launch`), the end is `os._exit` after the atexit handlers and a flush of stdout/stderr, without the
+    interpreter's finalisation.
+
+    Why: `destroy_process_group` drops torch's references to the group, but the group lives on while anything else
+    holds it, and so do gloo's worker threads. A worker frees a finished collective (and, through a barrier, the
+    collectives before it) a moment after the caller has seen it finish; freeing a tensor whose Python object torch
+    keeps alive needs the GIL. If that moment falls in the interpreter's finalisation, CPython ends the thread
+    (`pthread_exit`), the unwinding meets a C++ frame that may not throw, and the process aborts: "terminate called
+    without an active exception", SIGABRT, exit code -6 after a run that completed. A core dump of one such abort
+    (1 in 48 two-process CPU quickstart runs; CI once) showed ProcessGroupGloo::runLoop -> ~AsyncBarrierWork ->
+    ~AsyncAllgatherWork -> decref_pyobject -> take_gil -> PyThread_exit_thread. Without finalisation no thread is
+    ended that way; the workers die with the process. pytorch/pytorch#179291 (closed unmerged) would destroy the
+    groups at exit instead, which does not help when the group outlives `destroy_process_group`.
+    tests/test_cli.py::test_exit_process_survives_collectives_freed_during_exit reproduces the abort.
+    """
+    try:
+        code = main()
+    except BaseException as error:
+        if not _was_one_rank_of_several():
+            raise  # Python's own ending: the traceback (or SystemExit's code), then finalisation
+        code = error.code if isinstance(error, SystemExit) and isinstance(error.code, int) else 1
+        if not isinstance(error, SystemExit):
+            sys.excepthook(type(error), error, error.__traceback__)
+    if not _was_one_rank_of_several():
+        sys.exit(code)
+    atexit._run_exitfuncs()  # logging's shutdown (flushes its handlers), the trackers' handlers, ...
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def unknown_key_hint(key: str, known: Sequence[str], command: str) -> str:

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from .cli import Command, Option
+from .cli import Command, Option, exit_process
 from .comparison import RUN_INFO, build_comparison
 from .errors import UserError
 from .recipe import build_recipe, load_recipe_file
@@ -224,4 +224,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import typing
 
-from .cli import Command, Option
+from .cli import Command, Option, exit_process
 from .diagnostics import DoctorSettings, Finding, LogColumns, VALIDATION_KEYS, build_settings, run_checks, settings_from_config, validation_key_of
 from .results import evaluation_rows, load_history, training_rows
 
@@ -56,4 +55,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main)

@@ -37,7 +37,7 @@ from datasets import load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from .cli import Command, Option
+from .cli import Command, Option, exit_process
 from .data.imdb import clean_review, load_imdb
 from .errors import UserError
 
@@ -272,4 +272,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main)

@@ -18,7 +18,7 @@ import time
 import torch
 
 from .build import build_probe_trainer
-from .cli import Command, Option, quiet_libraries
+from .cli import Command, Option, exit_process, quiet_libraries
 from .errors import UserError
 from .methods import get_method
 from .probing import completions_per_estimate, estimator_statistics, first_rows, grade_bias, gradient_estimates, prompt_text, score_function_reference
@@ -172,4 +172,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main)

@@ -17,7 +17,7 @@ import time
 
 from . import metrics
 from .build import build_callbacks, build_task, build_trainer
-from .cli import quiet_libraries, run_safely
+from .cli import exit_process, quiet_libraries, run_safely
 from .errors import UserError
 from .recipe import Recipe, help_for_argv, parse_recipe
 from .reporting import TrainEndHeld
@@ -198,4 +198,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main)

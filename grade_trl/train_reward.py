@@ -10,11 +10,10 @@ training it once up front, or again after changing its settings.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from .build import loading
-from .cli import Command, Option
+from .cli import Command, Option, exit_process
 from .recipe import build_recipe, load_recipe_file
 from .rewards.sentiment import HEAD_FILE
 
@@ -51,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main)

@@ -25,6 +25,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
 from grade_trl import recipe as recipe_module
+from grade_trl.cli import exit_process
 from grade_trl.run import main
 
 _init = AcceleratorState.__init__
@@ -72,4 +73,4 @@ if __name__ == "__main__":
     accelerate.accelerator.fsdp2_prepare_model = _fsdp2_prepare_model_and_record
     AcceleratorState.__init__ = _init_with_fsdp_on_cpu
     recipe_module.check_launch = _check_launch_as_on_gpus
-    sys.exit(main(sys.argv[1:]))
+    exit_process(lambda: main(sys.argv[1:]))

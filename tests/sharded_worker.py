@@ -22,6 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from grade_trl.cli import exit_process
 from grade_trl.core.sharding import input_embedding_matrix
 from grade_trl.core.soft_rollout import soft_rollout
 from grade_trl.core.soft_tokens import Relaxed
@@ -240,4 +241,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    exit_process(lambda: main(sys.argv[1]) or 0)  # without the interpreter's teardown (cli.exit_process)

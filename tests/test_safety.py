@@ -243,3 +243,46 @@ def test_a_score_soft_that_raises_is_a_one_line_reward_error(tmp_path, tokenizer
                                  train_dataset=Dataset.from_dict({"prompt": ["x"]}), processing_class=tokenizer)
     with pytest.raises(RewardFunctionError, match=r"^reward function 'length' raised in score_soft: RuntimeError: soft path broken$"):
         trainer.compute_loss(trainer.model, [{"prompt": "This movie was"}])
+
+
+# A rank's ending. `cli.exit_process`'s docstring says why a run that completed could abort at exit (SIGABRT,
+# "terminate called without an active exception") and what a core dump showed. This script makes that race likely:
+# gloo collectives on tensors Python lets go of at once, so gloo's worker thread frees them while the interpreter is
+# already finalising, with the group held past destroy_process_group as a run's modules hold theirs.
+GLOO_EXIT_RACE = """
+import atexit, sys, torch, torch.distributed as dist
+from grade_trl.cli import close_process_group, exit_process
+
+def main():
+    global group
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+    group = dist.group.WORLD  # alive until the interpreter's finalisation, as in a run
+    for _ in range(50):
+        dist.all_gather([torch.empty(1000)], torch.ones(1000), async_op=True)
+    close_process_group()
+    atexit.register(lambda: print("atexit handler ran"))
+    print("body done", end="")  # unflushed: the ending must flush it
+    return 3
+
+exit_process(main) if sys.argv[2] == "exit_process" else sys.exit(main())
+"""
+
+
+def _gloo_exit_race(tmp_path, ending: str, runs: int) -> list[subprocess.CompletedProcess]:
+    """`runs` processes of GLOO_EXIT_RACE at once, each ending with `ending` (exit_process or sys.exit)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", GLOO_EXIT_RACE, str(tmp_path / f"{ending}{k}.store"), ending], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for k in range(runs)]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=120), *p.communicate()) for p in procs]
+
+
+def test_exit_process_survives_collectives_freed_during_exit(tmp_path):
+    """With `exit_process`, every run ends with the body's exit code, its output flushed and the atexit handlers
+    run; with `sys.exit`, the same script aborts (exit -6) in most runs (9 of 10 measured on 2 cores), which shows
+    that the script does reproduce the abort that exit_process prevents."""
+    for result in _gloo_exit_race(tmp_path, "exit_process", runs=4):
+        assert result.returncode == 3, result.stderr[-2000:]
+        assert result.stdout.splitlines() == ["body doneatexit handler ran"] and "terminate called" not in result.stderr
+    plain = _gloo_exit_race(tmp_path, "sys.exit", runs=4)
+    aborted = [r for r in plain if r.returncode == -signal.SIGABRT and "terminate called without an active exception" in r.stderr]
+    assert aborted, [(r.returncode, r.stderr[-300:]) for r in plain]

@@ -18,6 +18,7 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_grad
 
+from grade_trl.cli import exit_process
 from grade_trl.core.sharding import input_embedding_matrix, is_sharded
 from grade_trl.models import load_causal_lm, resolve_model_path
 from sharded_worker import GLOBAL_BATCH, comparison, local_relax, lora_copy, lora_objective, objective, setup, unsharded_run, write_results
@@ -164,4 +165,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    exit_process(lambda: main(sys.argv[1]) or 0)  # without the interpreter's teardown (cli.exit_process)
