@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import types
 import typing
 from dataclasses import dataclass
@@ -334,7 +335,12 @@ def exit_process(main: Callable[[], int]) -> NoReturn:
             sys.excepthook(type(error), error, error.__traceback__)
     if not _was_one_rank_of_several():
         sys.exit(code)
-    atexit._run_exitfuncs()  # logging's shutdown (flushes its handlers), the trackers' handlers, ...
+    # what finalisation would do first, in its order: wait for the non-daemon threads, run the atexit handlers
+    # (logging's shutdown flushes its handlers; the trackers' own), then flush the standard streams
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)

@@ -250,7 +250,7 @@ def test_a_score_soft_that_raises_is_a_one_line_reward_error(tmp_path, tokenizer
 # gloo collectives on tensors Python lets go of at once, so gloo's worker thread frees them while the interpreter is
 # already finalising, with the group held past destroy_process_group as a run's modules hold theirs.
 GLOO_EXIT_RACE = """
-import atexit, sys, torch, torch.distributed as dist
+import atexit, sys, threading, time, torch, torch.distributed as dist
 from grade_trl.cli import close_process_group, exit_process
 
 def main():
@@ -261,28 +261,32 @@ def main():
         dist.all_gather([torch.empty(1000)], torch.ones(1000), async_op=True)
     close_process_group()
     atexit.register(lambda: print("atexit handler ran"))
-    print("body done", end="")  # unflushed: the ending must flush it
+    if len(sys.argv) > 3:  # a thread that is not a daemon: waited for, as finalisation would (it also ends the race)
+        threading.Thread(target=lambda: time.sleep(0.5) or print("thread done", end=" ")).start()
+    print("body done", end=" ")  # unflushed: the ending must flush it
     return 3
 
 exit_process(main) if sys.argv[2] == "exit_process" else sys.exit(main())
 """
 
 
-def _gloo_exit_race(tmp_path, ending: str, runs: int) -> list[subprocess.CompletedProcess]:
+def _gloo_exit_race(tmp_path, ending: str, runs: int, thread: bool = False) -> list[subprocess.CompletedProcess]:
     """`runs` processes of GLOO_EXIT_RACE at once, each ending with `ending` (exit_process or sys.exit)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", GLOO_EXIT_RACE, str(tmp_path / f"{ending}{k}.store"), ending], stdout=subprocess.PIPE,
+    args = [ending] + (["thread"] if thread else [])
+    procs = [subprocess.Popen([sys.executable, "-c", GLOO_EXIT_RACE, str(tmp_path / f"{ending}{thread}{k}.store"), *args], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for k in range(runs)]
     return [subprocess.CompletedProcess(p.args, p.wait(timeout=120), *p.communicate()) for p in procs]
 
 
 def test_exit_process_survives_collectives_freed_during_exit(tmp_path):
-    """With `exit_process`, every run ends with the body's exit code, its output flushed and the atexit handlers
-    run; with `sys.exit`, the same script aborts (exit -6) in most runs (9 of 10 measured on 2 cores), which shows
+    """With `exit_process`, every run ends with the body's exit code, its output flushed, its non-daemon thread
+    finished and then the atexit handlers run; with `sys.exit`, the same script aborts (exit -6) in most runs (9 of 10 measured on 2 cores), which shows
     that the script does reproduce the abort that exit_process prevents."""
-    for result in _gloo_exit_race(tmp_path, "exit_process", runs=4):
+    for result in _gloo_exit_race(tmp_path, "exit_process", runs=3) + _gloo_exit_race(tmp_path, "exit_process", runs=1, thread=True):
         assert result.returncode == 3, result.stderr[-2000:]
-        assert result.stdout.splitlines() == ["body doneatexit handler ran"] and "terminate called" not in result.stderr
+        expected = "body done thread done atexit handler ran" if "thread" in result.args else "body done atexit handler ran"
+        assert result.stdout.splitlines() == [expected] and "terminate called" not in result.stderr
     plain = _gloo_exit_race(tmp_path, "sys.exit", runs=4)
     aborted = [r for r in plain if r.returncode == -signal.SIGABRT and "terminate called without an active exception" in r.stderr]
     assert aborted, [(r.returncode, r.stderr[-300:]) for r in plain]
