@@ -289,7 +289,7 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-_left_a_process_group = False  # set by close_process_group: this process was a rank of a torch process group
+_left_a_process_group = False  # set by close_process_group: this process belonged to a torch process group
 
 
 def close_process_group() -> None:
@@ -304,14 +304,28 @@ def close_process_group() -> None:
         _left_a_process_group = True
 
 
-def _was_one_rank_of_several() -> bool:
+def _in_a_process_group() -> bool:
+    """This process was a rank (torchrun and `accelerate launch` set WORLD_SIZE) or left a group, of any size."""
     return _left_a_process_group or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def exit_process(main: Callable[[], int]) -> NoReturn:
-    """`sys.exit(main())` for `python -m grade_trl.<command>`; in a process that was one rank of several (torchrun,
-    `accelerate launch`), the end is `os._exit` after the atexit handlers and a flush of stdout/stderr, without the
-    interpreter's finalisation.
+def _exit_code(error: BaseException) -> int:
+    """The exit code Python gives an exception that ends the program (printing what it would print)."""
+    if isinstance(error, SystemExit):
+        if error.code is None or isinstance(error.code, int):
+            return error.code or 0
+        print(error.code, file=sys.stderr)
+        return 1
+    sys.excepthook(type(error), error, error.__traceback__)
+    return 130 if isinstance(error, KeyboardInterrupt) else 1
+
+
+def exit_process(main: Callable[[], int | None]) -> NoReturn:
+    """`sys.exit(main())` for `python -m grade_trl.<command>`; in a process that belonged to a torch process group
+    (a rank of torchrun or `accelerate launch`), the end is `os._exit` without the interpreter's finalisation, after
+    what finalisation does first: `threading._shutdown` (stops idle executor workers, waits for the threads that are
+    not daemons), the atexit handlers (logging's shutdown flushes its handlers; W&B's, trackio's), a flush of
+    stdout/stderr. Files that user code leaves open without closing them are not flushed then: close them.
 
     Why: `destroy_process_group` drops torch's references to the group, but the group lives on while anything else
     holds it, and so do gloo's worker threads. A worker frees a finished collective (and, through a barrier, the
@@ -323,27 +337,21 @@ def exit_process(main: Callable[[], int]) -> NoReturn:
     ~AsyncAllgatherWork -> decref_pyobject -> take_gil -> PyThread_exit_thread. Without finalisation no thread is
     ended that way; the workers die with the process. pytorch/pytorch#179291 (closed unmerged) would destroy the
     groups at exit instead, which does not help when the group outlives `destroy_process_group`.
-    tests/test_cli.py::test_exit_process_survives_collectives_freed_during_exit reproduces the abort.
+    tests/test_safety.py::test_exit_process_survives_collectives_freed_during_exit reproduces the abort.
     """
     try:
         code = main()
     except BaseException as error:
-        if not _was_one_rank_of_several():
+        if not _in_a_process_group():
             raise  # Python's own ending: the traceback (or SystemExit's code), then finalisation
-        code = error.code if isinstance(error, SystemExit) and isinstance(error.code, int) else 1
-        if not isinstance(error, SystemExit):
-            sys.excepthook(type(error), error, error.__traceback__)
-    if not _was_one_rank_of_several():
+        code = _exit_code(error)
+    if not _in_a_process_group():
         sys.exit(code)
-    # what finalisation would do first, in its order: wait for the non-daemon threads, run the atexit handlers
-    # (logging's shutdown flushes its handlers; the trackers' own), then flush the standard streams
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # CPython's first step of finalisation, as Py_FinalizeEx calls it
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    os._exit(code)
+    os._exit(code or 0)
 
 
 def unknown_key_hint(key: str, known: Sequence[str], command: str) -> str:
