@@ -18,7 +18,7 @@ from grade_trl.models import resolve_model_path
 from grade_trl.rewards.sentiment import SentimentReward
 from grade_trl.run import main
 
-from .conftest import REPO
+from .conftest import REPO, launch_failure
 
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
 
@@ -118,7 +118,7 @@ def test_two_cpu_processes(tmp_path, recipe):
     checks, are the DDP halves of tests/test_sharded.py's FSDP2 comparison (`_two_process_run`)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"), "-m", "grade_trl.run"]
     result = subprocess.run(cmd + shrunk(tmp_path, recipe=str(REPO / "recipes" / recipe), max_steps=2), capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, launch_failure(recipe, result)
     # defaults that fit the machine: no DDP search for unused parameters (each method uses them all), no pinned memory on the CPU
     assert "find_unused_parameters" not in result.stderr and "pin_memory" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.count("validation at step 0: ") == 1 and result.stderr.count("test of the final checkpoint: ") == 1  # rank 0 only

@@ -23,7 +23,7 @@ from unittest import mock
 import pytest
 import torch
 
-from .conftest import REPO
+from .conftest import REPO, launch_failure
 from .test_run_e2e import load_results, shrunk
 
 CONFIGS = REPO / "accelerate_configs"
@@ -341,12 +341,6 @@ def _two_process_run(tmp_path, name: str, recipe: str, overrides: dict, reward_m
     return result
 
 
-def _failure(name: str, result: subprocess.CompletedProcess) -> str:
-    """What a failed launch said: the lines that name an error or a signal, then the end of stderr."""
-    lines = [line for line in result.stderr.splitlines() if any(w in line for w in ("Error", "error:", "terminate", "Signal", "Traceback", "Abort"))]
-    return f"{name}: exit {result.returncode}\n" + "\n".join(lines[:20]) + "\n...\n" + result.stderr[-2000:]
-
-
 def _saved_tensors(folder) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -370,7 +364,7 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_rew
     runs = {}
     for name, fsdp in (("fsdp", True), ("ddp", False)):
         result = _two_process_run(tmp_path, name, recipe, overrides, shared_reward_model, fsdp)
-        assert result.returncode == 0, _failure(name, result)
+        assert result.returncode == 0, launch_failure(name, result)
         # defaults that fit the machine: no DDP search for unused parameters (each method uses them all), no pinned
         # memory on the CPU; progress is reported by rank 0 only
         assert "find_unused_parameters" not in result.stderr and "pin_memory" not in result.stderr, result.stderr[-3000:]
@@ -426,10 +420,10 @@ def test_fsdp2_on_two_cpu_processes_resumes_as_if_never_stopped(tmp_path, shared
     recipe = "tiny/imdb_ppo.yaml"
     every_two = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}
     result = _two_process_run(tmp_path, "A", recipe, every_two, shared_reward_model, fsdp=True)
-    assert result.returncode == 0, _failure("A", result)
+    assert result.returncode == 0, launch_failure("A", result)
     shutil.copytree(tmp_path / "A" / "checkpoint-2", tmp_path / "B" / "checkpoint-2")
     result = _two_process_run(tmp_path, "B", recipe, {**every_two, "resume_from_checkpoint": "true"}, shared_reward_model, fsdp=True)
-    assert result.returncode == 0, _failure("B", result)
+    assert result.returncode == 0, launch_failure("B", result)
     a, b = (load_results(tmp_path / name / "results.json") for name in "AB")
     assert a["status"] == b["status"] == "completed" and b["final"]["resumed_from"].endswith("checkpoint-2"), b["final"].get("resumed_from")
     assert a["final"]["best_validation_step"] == b["final"]["best_validation_step"] < 4, a["final"]["best_validation_step"]
