@@ -13,16 +13,14 @@ from grade_trl.models import load_causal_lm, load_tokenizer
 from grade_trl.rewards.sentiment import SentimentReward, SentimentRewardModel
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_IMDB = SHARED / "data" / "imdb"
 
 
 def launch_failure(name: str, result: subprocess.CompletedProcess) -> str:
     """What a failed multi-process launch said: the lines that name an error or a signal, then the end of stderr."""
     lines = [line for line in result.stderr.splitlines() if any(w in line for w in ("Error", "error:", "terminate", "Signal", "Traceback", "Abort"))]
     return f"{name}: exit {result.returncode}\n" + "\n".join(lines[:20]) + "\n...\n" + result.stderr[-2000:]
-
-
-SHARED = REPO.parent / "shared"
-SHARED_IMDB = SHARED / "data" / "imdb"
 
 
 @pytest.fixture(scope="session")

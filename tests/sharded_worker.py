@@ -241,4 +241,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    exit_process(lambda: main(sys.argv[1]) or 0)  # without the interpreter's teardown (cli.exit_process)
+    exit_process(lambda: main(sys.argv[1]))  # without the interpreter's teardown (cli.exit_process)
