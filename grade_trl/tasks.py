@@ -172,7 +172,7 @@ def build_custom(run, tokenizer, seed: int, settings: GenerationSettings, weight
     splits, dropped = make_custom_splits(run), {}
     for name, rows in splits.items():
         check_custom_columns(run, name, rows.column_names, {"reward_funcs": specs, "eval_reward_funcs": eval_specs})
-        splits[name], dropped[name] = custom_prompt_dataset(rows, run.prompt_column, tokenizer, run.model_name_or_path, run.max_prompt_length)
+        splits[name], dropped[name] = custom_prompt_dataset(rows, run.prompt_column, tokenizer, run.model_name_or_path, run.max_prompt_length, name)
         if len(splits[name]) == 0:
             raise UserError(f"max_prompt_length: no {name} prompt of {run.dataset_name!r} fits in {run.max_prompt_length} tokens; raise max_prompt_length")
     if any(dropped.values()):

@@ -97,6 +97,10 @@ DATA_CASES = [
     ("a column the reward takes is missing", [{"prompt": r["prompt"]} for r in _rows(20)], {}, "reward_funcs: user_rewards.keyword_reward takes the column(s) keyword"),
     ("chat messages without a chat template", [{"prompt": [{"role": "user", "content": "Hi"}], "keyword": "a"}] * 20, {}, "prompt_column: 'prompt' holds chat messages, but the tokenizer"),
     ("prompts that are numbers", [{"prompt": i, "keyword": "a"} for i in range(20)], {}, "prompt_column: 'prompt' holds int values"),
+    ("a null prompt (an empty csv cell)", _rows(19) + [{"prompt": None, "keyword": "a"}], {"validation_split": "train", "test_split": "train"},
+     "prompt_column: 'prompt' has 1 null in the 20 rows of the train split"),
+    ("an empty prompt", _rows(18) + [{"prompt": "", "keyword": "a"}] * 2, {"validation_split": "train", "test_split": "train"},
+     "prompt_column: 'prompt' has 2 empty in the 20 rows of the train split"),
     ("a split the file lacks", _rows(20), {"validation_split": "validation"}, "validation_split: "),
     ("too few rows to hold out", _rows(20), {"eval_num_prompts": 12, "test_num_prompts": 8}, "eval_num_prompts: 12 validation + 8 test prompts"),
     ("prompts longer than max_prompt_length", _rows(20), {"max_prompt_length": 2}, "max_prompt_length: no train prompt"),
@@ -206,6 +210,10 @@ def test_the_example_runs_with_trl_grpo(tmp_path, example_rewards_importable):
     train_logs = [h for h in results["history"] if "rewards/keyword_reward/mean" in h]
     assert [h["step"] for h in train_logs] == [1, 2]
     assert results["final"]["test"]["final"]["metrics"]["completion_length"] > 0
+    # TRL's default beta is 0: no KL term, so no kl logged at all (it was logged as null, which the run doctor read as
+    # a non-finite metric: an error at every step, and a stop with `doctor: stop`)
+    assert all("kl" not in h for h in train_logs) and results["final"].get("kl") is None
+    assert not [f for f in results["final"]["doctor"] if f["severity"] == "error"], results["final"]["doctor"]
 
 
 def test_the_example_differentiable_reward_matches_its_text_path_on_one_hot_tokens(tokenizer, example_rewards_importable):

@@ -1,6 +1,7 @@
 """The reward interface: hard/soft agreement, error reporting, save/load, GRADE's start-up check."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -66,6 +67,49 @@ def test_reward_that_returns_nan_is_reported_with_name_and_sample_index():
         compute_rewards([returns_nan], ["p"] * 3, TEXTS)
     with pytest.raises(RewardFunctionError, match=r"'returns_nan' returned nan from score_soft for sample 2"):
         check_finite_scores(returns_nan, torch.tensor([0.1, 0.2, math.nan]))
+
+
+def forgot_return(prompts, completions, **kwargs):
+    [float(len(c)) for c in completions]  # noqa: B018 - the bug this test is about: no `return`
+
+
+@pytest.mark.parametrize("returned,what", [
+    (None, "None (a missing return?)"),
+    (1.0, "float 1.0"),
+    ("0.5", "str '0.5'"),
+    (torch.tensor(0.5), "Tensor tensor(0.5000)"),
+    (torch.ones(3, 1), "Tensor tensor([[1.],"),
+])
+def test_a_reward_that_returns_no_list_is_one_line_naming_it(returned, what):
+    def odd(prompts, completions, **kwargs):
+        return returned
+
+    with pytest.raises(RewardFunctionError, match=r"^reward function 'odd' returned " + re.escape(what)) as error:
+        compute_rewards([odd], ["p"] * 3, TEXTS)
+    assert "it must return a list of 3 numbers, one per completion" in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(RewardFunctionError, match=r"'forgot_return' returned None \(a missing return\?\)"):
+        compute_rewards([forgot_return], ["p"] * 3, TEXTS)
+
+
+def test_a_reward_may_return_a_tuple_a_numpy_array_or_a_1d_tensor():
+    import numpy as np
+
+    for returned in ((0.5, 1, True), np.array([0.5, 1.0, 1.0], dtype=np.float32), torch.tensor([0.5, 1.0, 1.0])):
+        out = compute_rewards([lambda prompts, completions, **k: returned], ["p"] * 3, TEXTS)
+        assert_close(out[:, 0], torch.tensor([0.5, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("scores,what", [
+    (torch.tensor(0.5), "a torch.float32 tensor of shape ()"),
+    (torch.zeros(3, 4), "a torch.float32 tensor of shape (3, 4)"),
+    (torch.zeros(2), "a torch.float32 tensor of shape (2,)"),
+    (torch.zeros(3, dtype=torch.long), "a torch.int64 tensor of shape (3,)"),
+    ([0.1, 0.2, 0.3], "list [0.1, 0.2, 0.3]"),
+])
+def test_a_score_soft_of_the_wrong_shape_is_one_line_naming_the_reward(scores, what):
+    with pytest.raises(RewardFunctionError, match=r"^reward function 'returns_nan' returned " + re.escape(what) + r" from score_soft; it must return a floating tensor of shape \(3,\)"):
+        check_finite_scores(returns_nan, scores, 3)
+    assert check_finite_scores(returns_nan, torch.zeros(3, dtype=torch.bfloat16), 3).dtype == torch.float32
 
 
 def test_compute_rewards_stacks_columns():

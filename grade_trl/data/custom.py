@@ -71,11 +71,22 @@ def is_conversational(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
-def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_prompt_length: int) -> tuple[Dataset, int]:
+def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_prompt_length: int, split: str = "") -> tuple[Dataset, int]:
     """(rows with `prompt`, the text the policy continues, in place of `column`; rows dropped for a prompt longer than
     `max_prompt_length` tokens). Chat messages are rendered with the tokenizer's chat template and the generation
-    prompt, as TRL does; a prompt is dropped rather than cut, since a cut chat prompt loses its generation prompt."""
+    prompt, as TRL does; a prompt is dropped rather than cut, since a cut chat prompt loses its generation prompt.
+    A missing (null) or empty prompt, or one of another kind than the first row's, is refused in one line that counts
+    them: there is nothing for the policy to continue, and dropping them would hide a broken data file."""
     first = rows[0][column]
+    kind = list if is_conversational(first) else type(first)
+    values = rows[column]
+    null = sum(value is None for value in values)
+    empty = sum(isinstance(value, (str, list)) and len(value) == 0 for value in values)
+    other = sum(value is not None and not isinstance(value, kind) and not (isinstance(value, (str, list)) and len(value) == 0) for value in values)
+    if null or empty or (other and kind in (str, list)):
+        what = ", ".join(f"{count} {name}" for count, name in ((null, "null"), (empty, "empty"), (other, f"not {'chat messages' if kind is list else 'text'}")) if count)
+        raise UserError(f"prompt_column: {column!r} has {what} in the {len(values)} rows of the {split or 'given'} split; every prompt must be "
+                        "non-empty text or chat messages (drop or fill those rows)")
     if is_conversational(first):
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(

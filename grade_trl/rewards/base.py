@@ -14,10 +14,12 @@ A differentiable reward (usable by GRADE) also has `differentiable = True` and
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Sequence
 
 import torch
 
+from ..core.precision import at_least_float32
 from ..errors import UserError
 
 RewardFunc = Callable[..., list]
@@ -48,9 +50,27 @@ def require_differentiable(reward_funcs: Sequence[RewardFunc]) -> None:
 
 def _first_bad_value(values) -> int | None:
     for index, value in enumerate(values):
-        if value is None or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        # numbers.Real: Python's int, float and bool, and numpy's scalars (a reward returning an array of float32)
+        if value is None or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
             return index
     return None
+
+
+def _as_values(values, name: str, count: int) -> list:
+    """A reward function's return value as a list, or a RewardFunctionError saying what it returned instead of one
+    number per completion (None: a function that forgot its `return`; a single number; a string; a 2-D array)."""
+    if isinstance(values, torch.Tensor) or hasattr(values, "ndim"):  # a tensor or a numpy array: one dimension
+        if getattr(values, "ndim", None) == 1:
+            return values.tolist()
+    elif values is not None and not isinstance(values, (str, bytes, dict)) and hasattr(values, "__len__") and hasattr(values, "__iter__"):
+        return list(values)
+    what = "None (a missing return?)" if values is None else f"{type(values).__name__} {_short(values)}"
+    raise RewardFunctionError(f"reward function '{name}' returned {what}; it must return a list of {count} numbers, one per completion")
+
+
+def _short(value) -> str:
+    text = " ".join(repr(value).split())  # one line, whatever the value's repr
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def compute_rewards(
@@ -74,7 +94,7 @@ def compute_rewards(
             index = _first_raising_sample(func, prompts, completions, completion_ids, kwargs)
             where = f"on sample {index}" if index is not None else "on the batch"
             raise RewardFunctionError(f"reward function '{name}' raised {where}: {type(error).__name__}: {error}") from error
-        values = list(values)
+        values = _as_values(values, name, len(completions))
         if len(values) != len(completions):
             raise RewardFunctionError(f"reward function '{name}' returned {len(values)} values for {len(completions)} completions")
         bad = _first_bad_value(values)
@@ -122,8 +142,14 @@ class CheckedReward:
         return compute_rewards([self.func], prompts, completions, completion_ids, **kwargs)[:, 0].tolist()
 
 
-def check_finite_scores(reward_func, scores: torch.Tensor) -> torch.Tensor:
-    """Stop with the function's name and the first sample index if a soft score is not finite."""
+def check_finite_scores(reward_func, scores: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """`score_soft`'s output in at least float32, or a RewardFunctionError naming the function: if it is not a
+    floating tensor of shape (batch_size,) (one score per completion), or the first sample whose score is not finite."""
+    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or (batch_size is not None and tuple(scores.shape) != (batch_size,)):
+        what = f"a {scores.dtype} tensor of shape {tuple(scores.shape)}" if isinstance(scores, torch.Tensor) else f"{type(scores).__name__} {_short(scores)}"
+        raise RewardFunctionError(f"reward function '{reward_name(reward_func)}' returned {what} from score_soft; it must return a "
+                                  f"floating tensor of shape ({batch_size if batch_size is not None else 'B'},), one differentiable score per completion")
+    scores = at_least_float32(scores)
     bad = (~torch.isfinite(scores)).nonzero()
     if len(bad):
         index = int(bad[0, 0])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from torch.utils.checkpoint import checkpoint
 
-from ..core import SoftTokens, at_least_float32, exact_kl, exact_kl_and_entropy, leave_one_out_baseline, masked_mean, masked_sum, reference_logits, soft_rollout
+from ..core import SoftTokens, exact_kl, exact_kl_and_entropy, leave_one_out_baseline, masked_mean, masked_sum, reference_logits, soft_rollout
 from ..rewards.base import check_finite_scores, require_differentiable, reward_name, soft_scores
 from .base import RolloutTrainer
 from .grade_config import GumbelGRADEConfig
@@ -126,7 +126,7 @@ class GumbelGRADETrainer(RolloutTrainer):
             # backward with an internal exception that must pass through untouched.
             score_soft = partial(checkpoint, func.score_soft, use_reentrant=False) if self.args.recompute_reference_and_reward else func.score_soft
             score = soft_scores(func, score_soft, soft, mask)
-            scores.append(check_finite_scores(func, at_least_float32(score)))
+            scores.append(check_finite_scores(func, score, rollout.tokens.shape[0]))
         return torch.stack(scores, dim=1)
 
     @torch.no_grad()

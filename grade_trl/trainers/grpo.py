@@ -68,10 +68,11 @@ class GRPOTrainer(GradNormWindowMixin, _TRLGRPOTrainer):
         """TRL's loss; afterwards its per-token `kl` of this micro-batch (sum of KL / number of tokens over every
         process) is turned into nats per completion exactly: times the micro-batch's tokens / completions."""
         mode = "train" if self.model.training else "eval"
-        kl_logs = self._metrics[mode][KL]
-        before = len(kl_logs)
+        metrics = self._metrics[mode]  # a defaultdict(list): reading a key that TRL never fills would log it as None
+        before = len(metrics[KL]) if KL in metrics else 0
         loss = super()._compute_loss(model, inputs)
-        if len(kl_logs) > before:  # TRL logs kl only when beta != 0
+        if KL in metrics and len(metrics[KL]) > before:  # TRL logs kl only when beta != 0
+            kl_logs = metrics[KL]
             mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]  # TRL's mask
             tokens, completions = self.accelerator.reduce(torch.stack([mask.sum().float(), torch.tensor(float(mask.shape[0]), device=mask.device)]), reduction="sum").tolist()
             self._metrics[mode][KL_PER_TOKEN].append(kl_logs[-1])
