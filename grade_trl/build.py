@@ -17,11 +17,15 @@ from .recipe import Recipe
 @contextmanager
 def loading(key: str, value: str):
     """Turn a failure to load `value` (unreachable hub id, unreadable file, wrong schema) into a one-line error naming `key`."""
+    from safetensors import SafetensorError  # a truncated or corrupt .safetensors file
+
     try:
         yield
-    except (OSError, ValueError, ConnectionError) as error:
+    except (OSError, ValueError, ConnectionError, SafetensorError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{key}: cannot load {value!r}: {first_line} (give a local path, `embedded`, or a hub id reachable from here)") from None
+        advice = ("a damaged or truncated weights file: copy or download it again" if isinstance(error, SafetensorError)
+                  else "give a local path, `embedded`, or a hub id reachable from here")
+        raise UserError(f"{key}: cannot load {value!r}: {first_line} ({advice})") from None
 
 
 def build_peft_config(run):

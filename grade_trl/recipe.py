@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -227,13 +228,24 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
     check_paths(run_kwargs)
     if "max_prompt_length" in config_fields and "max_prompt_length" not in config_kwargs and "max_prompt_length" in run_kwargs:
         config_kwargs["max_prompt_length"] = run_kwargs["max_prompt_length"]
+    if "activation_checkpointing" in config_fields and config_kwargs.get("activation_checkpointing") is None:
+        # transformers 5 renamed gradient_checkpointing and warns (FutureWarning, two lines on stderr) whenever the old
+        # name is set, which TRL's GRPOConfig does by default (True): the recipe's value, or that default, under the new name
+        fields = {f.name: f for f in dataclasses.fields(config_cls)}
+        old = config_kwargs.pop("gradient_checkpointing", fields["gradient_checkpointing"].default if "gradient_checkpointing" in fields else None)
+        if old is not None:
+            config_kwargs["activation_checkpointing"] = old
     check_enum_values(config_kwargs)
+    for key, value in (*run_kwargs.items(), *config_kwargs.items()):  # before the configs' own checks, which may not name the key
+        check_range(key, value)
     try:
         run = RunArguments(**run_kwargs)
         config = config_cls(**config_kwargs)
-    except (ValueError, TypeError) as error:
-        raise RecipeError(str(error).splitlines()[0]) from None
+    except (ValueError, TypeError, ZeroDivisionError) as error:
+        raise RecipeError(key_first(str(error).splitlines()[0])) from None
     check_ranges(run, config)
+    if not str(config.output_dir or "").strip():
+        raise RecipeError(f"output_dir: expected a folder path for the run's results, got {config.output_dir!r}")
     check_custom_task(values, method_name, run, config)
     if problem := missing_reporter(config.report_to):
         raise RecipeError(problem)
@@ -246,6 +258,24 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
     except UserError as error:
         raise RecipeError(str(error)) from None
     return Recipe(run=run, config=config, raw=raw, resume_from=resume_from)
+
+
+def key_first(message: str) -> str:
+    """A config's own error in the `<key>: ...` form of every other recipe error: "nonfinite must be stop or skip, got
+    'x'" -> "nonfinite: must be ...", "top_k=-1: it must be >= 0" -> "top_k: must be >= 0, got -1", TRL's
+    "generation_batch_size (8) must be divisible by ..." -> "generation_batch_size: must be ..., got 8", and
+    transformers' "... requires non-zero --logging_steps" -> "logging_steps: ..."."""
+    if match := re.match(r"^([a-z_]+)=([^:,]+): (?:it )?(.*)$", message):
+        return f"{match[1]}: {match[3]}, got {match[2]}"
+    if match := re.match(r"^([a-z_]+) \(([^)]*)\) (must .*?)\.?$", message):
+        return f"{match[1]}: {match[3]}, got {match[2]}"
+    if match := re.match(r"^([a-z_]+) (must .*)$", message):
+        return f"{match[1]}: {match[2]}"
+    if match := re.match(r"^([a-z_]+) and [a-z_]+ must ", message):  # "tau_start and tau_end must be > 0"
+        return f"{match[1]}: {message}"
+    if not re.match(r"^[a-z_]+: ", message) and (match := re.search(r"--([a-z_]+)", message)):
+        return f"{match[1]}: {message}"
+    return message
 
 
 _MAX_SIZE = 10_000_000  # a ceiling no real run reaches, so a typo (1e12, 1e30) is refused instead of running until killed
@@ -290,18 +320,34 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lora_r": (lambda v: v >= 1, "an integer >= 1"),
     "lora_alpha": (lambda v: v > 0, "a number > 0"),
     "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    # sampling and TRL GRPO/CISPO's own keys, which TRL does not check itself (a transformers traceback at the first
+    # step, a ZeroDivisionError, or a run that completes with a meaningless setting); our configs check theirs too
+    "temperature": (lambda v: v > 0, "a number > 0 (logits are divided by it; 0.1 for near-greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1: nucleus sampling off)"),
+    "top_k": (lambda v: v >= 0, "an integer >= 0 (0: top-k off)"),
+    "min_p": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "repetition_penalty": (lambda v: v > 0, "a number > 0 (1: off)"),
+    "num_generations": (lambda v: 2 <= v <= 65_536, "an integer from 2 to 65,536 (GRPO's group advantage compares the completions of one prompt)"),
+    "num_iterations": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1,024"),
+    "epsilon": (lambda v: v > 0, "a number > 0 (the clip range is [1 - epsilon, 1 + epsilon_high])"),
+    "epsilon_high": (lambda v: v > 0, "a number > 0 (unset: epsilon)"),
+    "beta": (lambda v: v >= 0, "a number >= 0 (0: no KL term)"),
 }
+
+
+def check_range(key: str, value) -> None:
+    """One key of RANGES in range (one line naming the key otherwise); other keys, None and booleans pass."""
+    if key in RANGES and value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
+        is_right, right = RANGES[key]
+        if not is_right(value):
+            raise RecipeError(f"{key}: expected {right}, got {value!r}")
 
 
 def check_ranges(run: RunArguments, config) -> None:
     """Every key of RANGES the method has, in range (one line naming the key otherwise); an unusual tau schedule warns."""
-    for key, (is_right, right) in RANGES.items():
+    for key in RANGES:
         for holder in (run, config):
-            value = getattr(holder, key, None)
-            if value is None or isinstance(value, bool):
-                continue
-            if not is_right(value):
-                raise RecipeError(f"{key}: expected {right}, got {value!r}")
+            check_range(key, getattr(holder, key, None))
     tau_start, tau_end = getattr(config, "tau_start", None), getattr(config, "tau_end", None)
     if tau_start is not None and tau_end is not None and tau_end > tau_start:
         logger.warning("tau_end (%s) > tau_start (%s): the temperature rises during training; GRADE's schedules usually anneal it down", tau_end, tau_start)

@@ -46,9 +46,32 @@ def state_path(checkpoint: str, rank: int) -> str:
     return os.path.join(checkpoint, STATE_FILE.format(rank=rank))
 
 
+def missing_parts(checkpoint: str) -> list[str]:
+    """What `checkpoint` lacks of a checkpoint to resume exactly from ([] when nothing). Rank 0's state file is
+    written after every other file, so a save that was killed lacks it; the other parts are looked for too, since
+    Trainer silently starts afresh without an optimizer or a scheduler file (a checkpoint copied in part, say).
+    Their names in each layout: Trainer's (`model.safetensors`, `optimizer.pt`, ...), a LoRA adapter's, FSDP's
+    (`pytorch_model_fsdp_0/`, `optimizer_0/`) and DeepSpeed's (`global_stepN/`, which holds weights, optimizer and
+    scheduler)."""
+    if not os.path.isdir(checkpoint):
+        return ["the folder itself"]
+    names = set(os.listdir(checkpoint))
+    deepspeed = any(name.startswith("global_step") for name in names)
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+               "adapter_model.safetensors", "adapter_model.bin")
+    parts = {
+        STATE_FILE.format(rank=0): STATE_FILE.format(rank=0) in names,
+        "trainer_state.json": "trainer_state.json" in names,
+        "the weights (model.safetensors)": deepspeed or any(name in weights or name.startswith("pytorch_model_fsdp") for name in names),
+        "the optimizer state (optimizer.pt)": deepspeed or any(name.startswith("optimizer") for name in names),
+        "scheduler.pt": deepspeed or "scheduler.pt" in names,
+        "the random generators' state (rng_state.pth)": any(name.startswith("rng_state") for name in names),
+    }
+    return [part for part, present in parts.items() if not present]
+
+
 def is_complete(checkpoint: str) -> bool:
-    """Rank 0's state file is written after every other file of the checkpoint."""
-    return os.path.isfile(state_path(checkpoint, 0))
+    return not missing_parts(checkpoint)
 
 
 def resolve_checkpoint(value: bool | str | None, output_dir: str) -> str | None:
@@ -68,9 +91,9 @@ def resolve_checkpoint(value: bool | str | None, output_dir: str) -> str | None:
             )
         for step, name in found:
             folder = os.path.join(output_dir, name)
-            if is_complete(folder):
+            if not (missing := missing_parts(folder)):
                 return folder
-            logger.warning("resume: skipping %s, which a stopped run left incomplete", folder)
+            logger.warning("resume: skipping %s, which is incomplete (missing: %s): a run stopped while saving it, or it was copied in part", folder, ", ".join(missing))
         raise UserError(
             f"resume_from_checkpoint: no complete checkpoint-N folder in output_dir {output_dir!r} to resume from "
             "(checkpoints are saved every save_steps with save_strategy: steps, and when a run is stopped by SIGTERM/SIGINT)"
@@ -78,9 +101,9 @@ def resolve_checkpoint(value: bool | str | None, output_dir: str) -> str | None:
     folder = os.path.expanduser(str(value))
     if not os.path.isdir(folder):
         raise UserError(f"resume_from_checkpoint: no such folder {folder!r} (give a checkpoint-N folder of a run, or true for the last one in output_dir)")
-    if not is_complete(folder):
+    if missing := missing_parts(folder):
         raise UserError(
-            f"resume_from_checkpoint: {folder!r} is not a complete grade_trl checkpoint (no {STATE_FILE.format(rank=0)}); "
+            f"resume_from_checkpoint: {folder!r} is not a complete grade_trl checkpoint (missing: {', '.join(missing)}); "
             "give another checkpoint-N folder, or true for the last complete one"
         )
     return folder

@@ -67,7 +67,7 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
 
     run_args, config, resume_from = recipe.run, recipe.config, recipe.resume_from
     results_path = os.path.join(config.output_dir, RESULTS_FILE)
-    trainer, final, train_end = None, {}, None
+    trainer, final, train_end, callbacks, start = None, {}, None, {}, None
     try:
         tokenizer, task = build_task(recipe)
         final["task"] = task.info
@@ -145,6 +145,14 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
         if train_end is not None:
             with contextlib.suppress(Exception):  # close the tracker runs that training ended; the run's own error wins
                 train_end.release()
+        if trainer is not None:  # what is known of the run so far, where the completed run's block did not get to it
+            final.setdefault("steps", trainer.state.global_step)
+            if start is not None:
+                final.setdefault("train_minutes", (time.time() - start) / 60)
+            if callbacks.get("nonfinite_guard") is not None:
+                final.setdefault("nonfinite_skipped_steps", callbacks["nonfinite_guard"].skipped_steps)
+            if callbacks.get("doctor") is not None:
+                final.setdefault("doctor", [dataclasses.asdict(f) for f in callbacks["doctor"].findings])
         if is_main:
             history = trainer.state.log_history if trainer is not None else []
             write_json_atomic(results_path, payload("interrupted" if interrupted else "failed", config_record(recipe), history, final, f"{type(error).__name__}: {error}"))

@@ -70,7 +70,7 @@ def output_dir_lock(output_dir: str | os.PathLike, enabled: bool = True) -> Iter
         yield
         return
     folder = Path(output_dir)
-    created = not folder.exists()
+    created = [parent for parent in (folder, *folder.parents) if not parent.exists()]  # innermost first: removed in this order
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle = open(folder / LOCK_FILE, "a+")
@@ -94,7 +94,11 @@ def output_dir_lock(output_dir: str | os.PathLike, enabled: bool = True) -> Iter
         except UserError:
             if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
                 (folder / LOCK_FILE).unlink(missing_ok=True)
-                folder.rmdir()
+                for made in created:  # the folder, then each parent the lock made for it, while empty
+                    try:
+                        made.rmdir()
+                    except OSError:
+                        break
             raise
     finally:
         handle.close()  # releases the lock

@@ -53,8 +53,18 @@ def imdb_prompt_splits(run, tokenizer, seed: int) -> tuple[dict, dict]:
     return splits, prompts
 
 
+def evaluation_size(key: str, count: int, available: int, split: str) -> int:
+    """`count` prompts of a split that has `available`: all of them, with a warning, when it asks for more."""
+    if count > available:
+        logger.warning("%s %d is more than the %d %s prompts there are: evaluating on all %d", key, count, available, split, available)
+    return min(count, available)
+
+
 def _imdb_task(name: str, run, splits, prompts, reward_funcs, settings: GenerationSettings, weights, judge=None, **info) -> Task:
-    evaluation_prompts = {"validation": prompts["validation"]["prompt"][: run.eval_num_prompts], "test": prompts["test"]["prompt"][: run.test_num_prompts]}
+    evaluation_prompts = {
+        split: prompts[split]["prompt"][: evaluation_size(key, getattr(run, key), len(prompts[split]), split)]
+        for split, key in (("validation", "eval_num_prompts"), ("test", "test_num_prompts"))
+    }
     return Task(
         name=name,
         train_dataset=prompts["policy"].select_columns(["prompt"]),
@@ -179,8 +189,8 @@ def build_custom(run, tokenizer, seed: int, settings: GenerationSettings, weight
         logger.warning("custom task: dropped %s prompts longer than max_prompt_length %d tokens", dropped, run.max_prompt_length)
     reward_funcs = [spec.build(tokenizer) for spec in specs]
     judge = MeanReward([spec.build(tokenizer, "eval_reward_funcs") for spec in eval_specs]) if eval_specs else None
-    limits = {"validation": run.eval_num_prompts, "test": run.test_num_prompts}
-    evaluation = {name: splits[name].select(range(min(limit, len(splits[name])))) for name, limit in limits.items()}
+    limits = {"validation": "eval_num_prompts", "test": "test_num_prompts"}
+    evaluation = {name: splits[name].select(range(evaluation_size(key, getattr(run, key), len(splits[name]), name))) for name, key in limits.items()}
     columns = {name: {c: list(rows[c]) for c in rows.column_names if c != "prompt"} for name, rows in evaluation.items()}
     prompts = {name: list(rows["prompt"]) for name, rows in evaluation.items()}
     evaluator = RewardEvaluator(prompts, reward_funcs, settings, weights, judge=judge, best_of_n=run.eval_best_of_n, columns=columns)

@@ -6,6 +6,8 @@ model's folder behind."""
 import io
 import json
 import contextlib
+import shutil
+import warnings
 
 import pytest
 
@@ -96,12 +98,31 @@ RECIPE_CASES = [
     ({"reward_weights": [1.0, 2.0]}, "reward_weights: 2 weights for 1 task imdb_sentiment's rewards (sentiment)"),
     ({"task": "gsm8k", "method": "reinforce", "reward_weights": [1.0]}, "reward_weights: 1 weights for 2 task gsm8k's rewards (gsm8k_correctness, gsm8k_format)"),
     ({"method": "grpo", "bf16": False, "task": "length", "reward_weights": [1.0, 0.5]}, "reward_weights"),
+    # TRL GRPO/CISPO's own keys, which TRL does not check (a traceback at the first step, or a run that completes)
+    ({"method": "grpo", "bf16": False, "temperature": 0}, "temperature: expected a number > 0"),
+    ({"method": "cispo", "bf16": False, "temperature": -1}, "temperature: expected a number > 0"),
+    ({"method": "grpo", "bf16": False, "top_k": -5}, "top_k: expected an integer >= 0"),
+    ({"method": "grpo", "bf16": False, "top_p": 2}, "top_p: expected a number in (0, 1]"),
+    ({"method": "grpo", "bf16": False, "num_generations": 0}, "num_generations: expected an integer from 2"),  # was a ZeroDivisionError
+    ({"method": "grpo", "bf16": False, "num_generations": 1}, "num_generations: expected an integer from 2"),
+    ({"method": "grpo", "bf16": False, "epsilon": -1}, "epsilon: expected a number > 0"),
+    ({"method": "grpo", "bf16": False, "beta": -1}, "beta: expected a number >= 0"),
+    ({"method": "grpo", "bf16": False, "num_generations": 3}, "generation_batch_size: must be divisible by num_generations (3), got"),
+    # a config's own errors in the `<key>: ...` form
+    ({"nonfinite": "ignore"}, "nonfinite: must be stop or skip, got 'ignore'"),
+    ({"doctor": "loud"}, "doctor: must be warn, stop or off"),
+    ({"logging_steps": 0}, "logging_steps: "),
+    ({"kl_coef": -1}, "kl_coef: must be >= 0, got -1"),
+    ({"method": "reinforce", "top_k": -1}, "top_k: expected an integer >= 0"),
+    ({"output_dir": ""}, "output_dir: expected a folder path"),
+    ({"output_dir": "  "}, "output_dir: expected a folder path"),
 ]
 
 
 @pytest.mark.parametrize("values,key", RECIPE_CASES, ids=[f"{i}-{key}" for i, (_, key) in enumerate(RECIPE_CASES)])
 def test_a_bad_recipe_value_is_one_line_naming_its_key(values, key):
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(RecipeError) as info, warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # nothing but the one line on stderr (transformers' renamed gradient_checkpointing)
         build_recipe({"output_dir": "x", **values})
     message = str(info.value)
     assert "\n" not in message and message.startswith(key), message
@@ -161,6 +182,21 @@ def test_a_bad_data_file_is_one_line_exit_2_nothing_written(tmp_path, name, file
     code, errors = _main_quietly([QUICKSTART, "--dataset_name", str(data), "--output_dir", str(out), "--reward_model_path", str(reward_model), "--max_steps", "1"])
     assert code == 2 and len(errors) == 1 and errors[0].startswith(f"error: {start}"), errors
     assert not out.exists() and not reward_model.exists()
+
+
+def test_a_damaged_weights_file_is_one_line_exit_2_nothing_written(tmp_path):
+    from grade_trl.models import resolve_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model_path("embedded"), model)
+    with open(model / "model.safetensors", "r+b") as weights:
+        weights.truncate(100_000)  # a copy cut short
+    for recipe in ("length_grade_ste.yaml", "length_grpo.yaml"):
+        out = tmp_path / "runs" / "length" / recipe  # folders the run would have made, parents included, are removed again
+        code, errors = _main_quietly([str(REPO / "recipes" / "tiny" / recipe), "--model_name_or_path", str(model), "--output_dir", str(out)])
+        assert code == 2 and errors == [f"error: model_name_or_path: cannot load {str(model)!r}: Error while deserializing header: incomplete "
+                                        "metadata, file not fully covered (a damaged or truncated weights file: copy or download it again)"], errors
+        assert not (tmp_path / "runs").exists()
 
 
 RECIPE_FILE_CASES = [

@@ -86,8 +86,8 @@ def test_yaml_scientific_notation_without_dot_is_a_float():
         ({"use_peft": "maybe"}, r"use_peft: expected true or false"),
         ({"model_name_or_path": "./no/such/model"}, r"model_name_or_path: no such file or folder './no/such/model'"),
         ({"method": "grade", "estimator": "ste"}, r"method 'grade' means estimator='soft'"),
-        ({"tau_start": 0}, r"tau_start and tau_end must be > 0"),
-        ({"reward_input": "everything"}, r"reward_input must be 'completion' or 'prompt_completion'"),
+        ({"tau_start": 0}, r"^tau_start: tau_start and tau_end must be > 0"),
+        ({"reward_input": "everything"}, r"^reward_input: must be 'completion' or 'prompt_completion'"),
     ],
 )
 def test_bad_values_raise_one_line_errors(values, message):

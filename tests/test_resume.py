@@ -108,10 +108,21 @@ def test_resume_with_nothing_to_resume_from_exits_2_and_writes_nothing(tmp_path,
     assert not out.exists()
 
 
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin",
+                    "grade_trl_state_rank0.pt")  # what a one-process checkpoint of ours holds
+
+
 def test_the_latest_complete_checkpoint_is_chosen(tmp_path):
-    for step, complete in ((3, True), (5, True), (7, False)):
+    # 7: killed while saving (no state file, written last); 9: copied in part (its optimizer state and weights missing:
+    # Trainer would start AdamW afresh without a word, and fail with a traceback without the weights)
+    for step, missing in ((3, ()), (5, ()), (7, ("grade_trl_state_rank0.pt",)), (9, ("optimizer.pt", "model.safetensors"))):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
-        if complete:
-            (folder / "grade_trl_state_rank0.pt").write_bytes(b"")
+        for name in CHECKPOINT_FILES:
+            if name not in missing:
+                (folder / name).write_bytes(b"")
     assert resolve_checkpoint("true", str(tmp_path)) == os.path.join(str(tmp_path), "checkpoint-5")
+    with pytest.raises(UserError, match=r"^resume_from_checkpoint: .*checkpoint-9' is not a complete grade_trl checkpoint \(missing: the weights "
+                                        r"\(model.safetensors\), the optimizer state \(optimizer.pt\)\)"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-9"), str(tmp_path))
+    assert resolve_checkpoint(str(tmp_path / "checkpoint-3"), str(tmp_path)) == str(tmp_path / "checkpoint-3")

@@ -110,6 +110,9 @@ def test_reward_returning_nan_stops_the_run_after_saving_history(tmp_path, monke
     results = load_results(tmp_path / "run" / "results.json")
     assert results["status"] == "failed" and "sample 1" in results["error"]
     assert [h["step"] for h in results["history"] if "kl" in h] == [1, 2]
+    # what is known of `final` when a run fails: the steps it made, its minutes, the guard's skips and the doctor's findings
+    assert results["final"]["steps"] == 2 and results["final"]["train_minutes"] > 0
+    assert results["final"]["nonfinite_skipped_steps"] == [] and isinstance(results["final"]["doctor"], list)
 
 
 @pytest.mark.parametrize("recipe", ["quickstart.yaml"])

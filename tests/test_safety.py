@@ -116,6 +116,20 @@ def test_a_nan_gradient_stops_grade_before_its_first_update(tmp_path, tokenizer)
     assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())  # the update was not applied
 
 
+def test_weights_diverged_by_a_finite_update_are_named_as_such_not_blamed_on_the_reward(tmp_path, tokenizer):
+    """A learning rate of 1e30: step 1's gradient is finite, so its update goes through, and the policy's logits at
+    step 2 are not finite; the soft reward then returns NaN, which is the policy's doing, not the reward's."""
+    args = GumbelGRADEConfig(
+        output_dir=str(tmp_path), max_steps=3, learning_rate=1e30, per_device_train_batch_size=2, gradient_accumulation_steps=1, max_new_tokens=4,
+        min_new_tokens=4, logging_steps=1, use_cpu=True, disable_tqdm=True, report_to="none", save_strategy="no",
+    )
+    trainer = GumbelGRADETrainer(model="embedded", reward_funcs=LengthReward(tokenizer.eos_token_id), args=args, train_dataset=Dataset.from_dict({"prompt": ["This movie was"] * 4}),
+                                 processing_class=tokenizer, callbacks=[NonFiniteGuard()])
+    with pytest.raises(NonFiniteGradientError, match=r"^step 2: the policy's logits are not finite \(its weights diverged in an earlier update, whose gradient was finite\); lower learning_rate$"):
+        trainer.train()
+    assert trainer.state.global_step == 1
+
+
 class NaNGradientWhenAsked(NaNGradientReward):
     """NaNGradientReward while `nan` is set, a finite gradient otherwise."""
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..core import SoftTokens, exact_kl, exact_kl_and_entropy, leave_one_out_baseline, masked_mean, masked_sum, reference_logits, soft_rollout
-from ..rewards.base import check_finite_scores, require_differentiable, reward_name, soft_scores
+from ..rewards.base import RewardFunctionError, check_finite_scores, require_differentiable, reward_name, soft_scores
+from ..safety import NonFiniteGradientError
 from .base import RolloutTrainer
 from .grade_config import GumbelGRADEConfig
 from .relaxations import StraightThroughGumbel, build_relaxation, tau_at
@@ -126,7 +127,17 @@ class GumbelGRADETrainer(RolloutTrainer):
             # backward with an internal exception that must pass through untouched.
             score_soft = partial(checkpoint, func.score_soft, use_reentrant=False) if self.args.recompute_reference_and_reward else func.score_soft
             score = soft_scores(func, score_soft, soft, mask)
-            scores.append(check_finite_scores(func, score, rollout.tokens.shape[0]))
+            try:
+                scores.append(check_finite_scores(func, score, rollout.tokens.shape[0]))
+            except RewardFunctionError:
+                if not bool(torch.isfinite(rollout.logits).all()):  # read on this path only: no host sync per step
+                    # the reward only passed on what the policy's diverged weights gave it (the gradient of the step
+                    # before was finite, so the guard let the update through: a too large learning rate, say)
+                    raise NonFiniteGradientError(
+                        f"step {self.state.global_step + 1}: the policy's logits are not finite (its weights diverged in an earlier "
+                        "update, whose gradient was finite); lower learning_rate"
+                    ) from None
+                raise
         return torch.stack(scores, dim=1)
 
     @torch.no_grad()
