@@ -71,9 +71,13 @@ def coerce(key: str, value: Any, tp) -> Any:
         for option in (a for a in args if a is not type(None)):
             try:
                 return coerce(key, value, option)
-            except UserError:
-                errors.append(_type_name(option))
-        raise UserError(f"{key}: expected {' or '.join(errors)}, got {value!r}")
+            except UserError as error:
+                errors.append((option, error))
+        for option, error in errors:  # the value is of this option's kind: its own error says what is wrong inside
+            kind = typing.get_origin(option) or option
+            if (kind in (list, tuple) and isinstance(value, (list, tuple))) or (kind is dict and isinstance(value, dict)):
+                raise error
+        raise UserError(f"{key}: expected {' or '.join(_type_name(option) for option, _ in errors)}, got {value!r}")
     if origin is typing.Literal:
         if value in args:
             return value

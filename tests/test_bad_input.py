@@ -115,6 +115,8 @@ RECIPE_CASES = [
     ({"kl_coef": -1}, "kl_coef: must be >= 0, got -1"),
     ({"method": "reinforce", "top_k": -1}, "top_k: expected an integer >= 0"),
     ({"output_dir": ""}, "output_dir: expected a folder path"),
+    ({"reward_weights": [1.0, float("nan")]}, "reward_weights: expected a finite number, got nan"),  # the reason inside the list, not "expected list"
+    ({"reward_weights": [1.0, "heavy"]}, "reward_weights: expected a number, got 'heavy'"),
     ({"output_dir": "  "}, "output_dir: expected a folder path"),
 ]
 
