@@ -190,7 +190,7 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
 
     task = str(values.get("task", RunArguments.task))
     if task in NON_DIFFERENTIABLE_TASKS and method.relaxed:
-        raise RecipeError(f"method {method_name!r} cannot train task {task!r}: GRADE needs a differentiable reward; {NON_DIFFERENTIABLE_TASKS[task]}; use reinforce, grpo or cispo")
+        raise RecipeError(f"method {method_name!r} cannot train task {task!r}: GRADE needs a differentiable reward; {NON_DIFFERENTIABLE_TASKS[task]}; use reinforce, ppo, grpo or cispo")
     values = {**TASK_DEFAULTS.get(task, {}), **values}  # the task's own data set and prompt length unless the recipe sets them
     for key in values:
         if key in run_fields or key in config_fields:

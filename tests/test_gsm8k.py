@@ -280,7 +280,7 @@ def test_our_trainers_pass_extra_columns_aligned_with_their_completions(tmp_path
 
 def test_grade_is_refused_on_gsm8k_in_one_line(capsys):
     for method in [name for name, m in METHODS.items() if m.relaxed]:
-        with pytest.raises(RecipeError, match=f"method '{method}' cannot train task 'gsm8k': GRADE needs a differentiable reward.*use reinforce, grpo or cispo"):
+        with pytest.raises(RecipeError, match=f"method '{method}' cannot train task 'gsm8k': GRADE needs a differentiable reward.*use reinforce, ppo, grpo or cispo"):
             build_recipe({"method": method, "task": "gsm8k"})
     # Even from a GRPO recipe, whose keys GRADE does not know: the task is the reason, so it is named first.
     assert main([str(REPO / "recipes" / "tiny" / "gsm8k_grpo.yaml"), "--method", "grade_ste"]) == 2

@@ -110,3 +110,15 @@ def test_trackio_receives_training_validation_and_test_in_one_run(tmp_path):
     assert {"train/kl", "eval/reward", "test/reward", "test/best_ckpt_reward"} <= set(logged)
     history = load_results(tmp_path / "run" / "results.json")["history"]
     assert logged["test/reward"] == pytest.approx(history[-1]["test_reward"]) and logged["train/global_step"] == 2
+
+
+@pytest.mark.parametrize("kl,shown", [(0.0, "0.000"), (1.575, "1.575"), (None, "-")])
+def test_the_summary_table_shows_a_kl_of_zero_as_zero_and_no_kl_as_a_dash(kl, shown):
+    """A KL of exactly 0.0 was printed as nan (`or`), and so was a run with no training window logged."""
+    from grade_trl.report import summary_table
+
+    metrics = {"reward": 0.5, "completion_length": 8.0}
+    final = {"validation_before": metrics, "validation_after": metrics, "validation_metric": "eval_reward", "kl": kl, "steps": 3, "train_minutes": 0.1,
+             "test": {"final": {"metrics": metrics}, "best": {"metrics": metrics}}, "best_validation_step": 3}
+    line = next(line for line in summary_table(final).splitlines() if line.startswith("KL to reference"))
+    assert line.split() == ["KL", "to", "reference", "(last", "log)", "0.000", shown]
