@@ -17,12 +17,16 @@ exit code is then 1. What comparison.json holds, sample efficiency included: `gr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -32,6 +36,7 @@ from .comparison import RUN_INFO, build_comparison
 from .errors import UserError
 from .recipe import build_recipe, load_recipe_file
 from .results import read_json, read_results, write_json_atomic
+from .safety import signals_raise
 
 logger = logging.getLogger("grade_trl.compare")
 
@@ -70,10 +75,33 @@ def run_recipe(path: str, overrides: dict, seed: int, run_dir: str | None = None
         raise UserError(f"{path}: {error}") from None
 
 
-def run_names(recipes: dict[str, str]) -> dict[str, str]:
-    """{recipe path: name}: the method, or the file stem where two recipes share a method."""
+def runs_in(out: Path) -> dict[str, tuple[str, str | None]]:
+    """{folder name: (recipe path, method)} of the runs an earlier comparison left in `out` (from each run's
+    compare_run.json command and results.json), so that a later comparison into the same folder names its runs apart."""
+    found = {}
+    for info_path in sorted(out.glob(f"*/seed*/{RUN_INFO}")):
+        command = (read_json(info_path) or {}).get("command")
+        words = shlex.split(command) if isinstance(command, str) else []
+        if "grade_trl.run" in words[:-1]:
+            results = read_results(info_path.parent) or {}
+            method = (((results.get("config") or {}).get("recipe")) or {}).get("method")
+            found.setdefault(info_path.parent.parent.name, (words[words.index("grade_trl.run") + 1], method))
+    return found
+
+
+def run_names(recipes: dict[str, str], existing: dict[str, tuple[str, str | None]] | None = None) -> dict[str, str]:
+    """{recipe path: name}: the method, or the file stem where another recipe of that method is in this comparison or
+    has runs in its output folder (`existing`, from `runs_in`): two commands into one folder never share a run folder."""
+    existing = existing or {}
     methods = list(recipes.values())
-    names = {path: (method if methods.count(method) == 1 else Path(path).stem) for path, method in recipes.items()}
+    same = os.path.normpath
+
+    def by_method(path: str, method: str) -> bool:
+        others = [recipe for recipe, other in existing.values() if other == method and same(recipe) != same(path)]
+        taken = method in existing and same(existing[method][0]) != same(path)
+        return methods.count(method) == 1 and not others and not taken
+
+    names = {path: (method if by_method(path, method) else Path(path).stem) for path, method in recipes.items()}
     if len(set(names.values())) < len(names):
         raise UserError(f"two recipes would write to the same folder ({sorted(names.values())}); give recipes with distinct methods or file names")
     return names
@@ -107,18 +135,50 @@ def resumable_checkpoint(run_dir: Path, command: str) -> str | None:
         return None
 
 
-def execute(command: list[str], log_path: Path, env: dict | None = None) -> dict:
-    """Run `command` with its output in `log_path`; return code, wall seconds and the peak RSS (MiB) from wait4.
+_RUNNING: set[subprocess.Popen] = set()  # the runs `execute` is waiting for, which a signal to compare is passed on to
+_STOPPING = threading.Event()  # set by `stop_runs`: no run is started after it
+_LAUNCH = threading.Lock()  # a run is started and registered, or refused, as one step against `stop_runs`
+
+
+def execute(command: list[str], log_path: Path, env: dict | None = None, append: bool = False) -> dict:
+    """Run `command` with its output in `log_path` (appended to when `append`: a resumed run keeps its first part's
+    log); return code, wall seconds and the peak RSS (MiB) from wait4.
 
     ru_maxrss of a waited-for child covers the child and the descendants it waited for (accelerate's workers):
     it is the largest single process's resident set, not their sum."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
+    with open(log_path, "a" if append else "w") as log:
+        with _LAUNCH:
+            if _STOPPING.is_set():
+                raise RuntimeError("the comparison is stopping: run not started")
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            _RUNNING.add(process)
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        finally:
+            _RUNNING.discard(process)
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting again
     return {"returncode": process.returncode, "wall_seconds": time.time() - start, "peak_rss_mb": usage.ru_maxrss / 1024.0}
+
+
+def stop_runs(error: BaseException) -> None:
+    """compare is stopping (a signal, Ctrl-C, an error): pass SIGTERM or SIGINT on to every run it started, so each
+    finishes its optimizer step, saves a checkpoint and exits (grade_trl.run's graceful stop) before compare does;
+    a rerun of the comparison resumes them. Without this, a run would go on alone, holding its output_dir's lock.
+    A second signal while waiting is passed on too (the runs then stop at once)."""
+    signum = getattr(error, "signum", None) or (signal.SIGINT if isinstance(error, KeyboardInterrupt) else signal.SIGTERM)
+    with _LAUNCH:
+        _STOPPING.set()
+    while _RUNNING:
+        for process in list(_RUNNING):
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
+        try:
+            while _RUNNING:  # the workers' wait4 reaps them
+                time.sleep(0.2)
+        except BaseException as again:  # noqa: BLE001 - a second signal: pass it on and keep waiting
+            signum = getattr(again, "signum", None) or signal.SIGINT
 
 
 def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str]) -> int:
@@ -132,14 +192,15 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         raise UserError(f"--seeds / --seed_list: seeds must be distinct and at least one, got {seeds}")
     if options["jobs"] < 1:
         raise UserError(f"--jobs must be >= 1, got {options['jobs']}")
+    if options["launcher"] and shutil.which((shlex.split(options["launcher"]) or [""])[0]) is None:
+        raise UserError(f"--launcher: {options['launcher']!r} does not start with a program found on PATH (e.g. 'accelerate launch --num_processes 2')")
     repeated = [path for path in recipes if recipes.count(path) > 1]
     if repeated:
         raise UserError(f"recipe {repeated[0]} is given twice; give each recipe once (--seeds sets the repeats)")
     # Validate every recipe with the shared overrides before anything runs; a typo fails here in one line.
     methods = {path: run_recipe(path, overrides, seeds[0]).run.method for path in recipes}
-    names = run_names(methods)
-
     out = Path(options["output_dir"])
+    names = run_names(methods, runs_in(out))
     thresholds = options["thresholds"]
     meta = {
         "command": shlex.join(["python", "-m", "grade_trl.compare", *argv]),
@@ -162,7 +223,7 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         if previous is not None and previous.get("status") == "completed" and not options["force"]:
             expected = run_recipe(record["recipe"], overrides, record["seed"], str(run_dir)).raw
             if same_settings((previous.get("config") or {}).get("recipe"), expected):
-                record.update(status="completed", skipped=True, **(read_json(run_dir / RUN_INFO) or {}))
+                record.update({**(read_json(run_dir / RUN_INFO) or {}), "status": "completed", "skipped": True})  # its info's own status yields
                 logger.info("[%d/%d] %s seed %d: completed earlier, skipped (--force reruns it)", index, len(runs), record["name"], record["seed"])
                 continue
             logger.warning("[%d/%d] %s seed %d: the completed run there had other settings; running it again", index, len(runs), record["name"], record["seed"])
@@ -180,22 +241,29 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         logger.info("[%d/%d] %s seed %d: %s", index, len(runs), record["name"], record["seed"], shlex.join(launched))
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / RUN_INFO, {"command": shlex.join(command), "status": "running"})  # lets a later compare resume it
-        info = {"command": shlex.join(command), **execute(launched, run_dir / "log.txt", env)}
+        info = {"command": shlex.join(command), **execute(launched, run_dir / "log.txt", env, append=checkpoint is not None)}
         return index, record, info | ({"resumed_from": checkpoint} if checkpoint else {})
 
-    with ThreadPoolExecutor(max_workers=options["jobs"]) as pool:
-        for future in as_completed([pool.submit(launch, index, record) for index, record in pending]):
-            index, record, info = future.result()
-            run_dir = Path(record["run_dir"])
-            results = read_results(run_dir)
-            completed = info["returncode"] == 0 and results is not None and results.get("status") == "completed"
-            write_json_atomic(run_dir / RUN_INFO, info)
-            record.update(status="completed" if completed else "failed", skipped=False, **info)
-            logger.info(
-                "[%d/%d] %s seed %d: %s in %.1f s (exit %d%s)", index, len(runs), record["name"], record["seed"], record["status"], info["wall_seconds"],
-                info["returncode"], "" if completed else f"; see {run_dir / 'log.txt'}",
-            )
-            write_json_atomic(comparison_path, build_comparison(runs, thresholds, meta))
+    pool = ThreadPoolExecutor(max_workers=options["jobs"])
+    with signals_raise():  # SIGTERM raises here too (by default it would end compare at once, its runs going on alone)
+        try:
+            for future in as_completed([pool.submit(launch, index, record) for index, record in pending]):
+                index, record, info = future.result()
+                run_dir = Path(record["run_dir"])
+                results = read_results(run_dir)
+                completed = info["returncode"] == 0 and results is not None and results.get("status") == "completed"
+                write_json_atomic(run_dir / RUN_INFO, info)
+                record.update(status="completed" if completed else "failed", skipped=False, **info)
+                logger.info(
+                    "[%d/%d] %s seed %d: %s in %.1f s (exit %d%s)", index, len(runs), record["name"], record["seed"], record["status"], info["wall_seconds"],
+                    info["returncode"], "" if completed else f"; see {run_dir / 'log.txt'}",
+                )
+                write_json_atomic(comparison_path, build_comparison(runs, thresholds, meta))
+        except BaseException as error:
+            stop_runs(error)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     comparison = build_comparison(runs, thresholds, meta)
     write_json_atomic(comparison_path, comparison)
     print(summary_lines(comparison))

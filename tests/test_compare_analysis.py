@@ -135,6 +135,13 @@ def test_compare_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, messag
     assert not (tmp_path / "comparison.json").exists()
 
 
+def test_a_launcher_that_is_no_program_is_one_line_and_exit_2(tmp_path, capsys):
+    assert compare.main([RECIPES[0], "--output_dir", str(tmp_path), "--launcher", "no_such_launcher_xyz --flag"]) == 2  # was a FileNotFoundError traceback
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --launcher: 'no_such_launcher_xyz --flag' does not start with a program found on PATH "
+                                                            "(e.g. 'accelerate launch --num_processes 2')"]
+    assert not list(tmp_path.iterdir())
+
+
 def test_analysis_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert analysis.main([str(tmp_path / "nope")]) == 2
     assert analysis.main([str(tmp_path)]) == 2
@@ -219,9 +226,29 @@ def test_compare_writes_what_the_results_files_say(real_comparison):
 
 
 @pytest.mark.slow
+def test_run_names_never_reuse_a_folder_another_recipe_of_the_method_wrote(tmp_path):
+    """Two comparisons into one folder (the README's matched-KL commands): a method's name is taken only where no other
+    recipe of that method is in the command or has runs in the folder; otherwise the recipe's file stem."""
+    big = {"imdb_grpo.yaml": "grpo", "imdb_grade_ste.yaml": "grade_ste", "floor1.yaml": "grade_ste", "rao_kl003.yaml": "grade_rao"}
+    assert compare.run_names(big) == {"imdb_grpo.yaml": "grpo", "imdb_grade_ste.yaml": "imdb_grade_ste", "floor1.yaml": "floor1", "rao_kl003.yaml": "grade_rao"}
+    existing = {"grpo": ("imdb_grpo.yaml", "grpo"), "imdb_grade_ste": ("imdb_grade_ste.yaml", "grade_ste"), "floor1": ("floor1.yaml", "grade_ste"),
+                "grade_rao": ("rao_kl003.yaml", "grade_rao")}
+    later = {"ste_kl1.yaml": "grade_ste", "rao_kl1.yaml": "grade_rao", "gapped_kl1.yaml": "grade_gapped", "imdb_grpo.yaml": "grpo"}
+    assert compare.run_names(later, existing) == {"ste_kl1.yaml": "ste_kl1", "rao_kl1.yaml": "rao_kl1", "gapped_kl1.yaml": "grade_gapped", "imdb_grpo.yaml": "grpo"}
+    # what runs_in reads: each run's compare_run.json command and results.json's recipe
+    run = tmp_path / "grade_rao" / "seed42"
+    run.mkdir(parents=True)
+    (run / "compare_run.json").write_text(json.dumps({"command": "python -m grade_trl.run recipes/rao_kl003.yaml --seed 42 --output_dir x"}))
+    (run / "results.json").write_text(json.dumps({"status": "completed", "history": [], "config": {"recipe": {"method": "grade_rao"}}, "final": {}}))
+    assert compare.runs_in(tmp_path) == {"grade_rao": ("recipes/rao_kl003.yaml", "grade_rao")}
+
+
 def test_resume_reruns_a_completed_run_whose_settings_changed(real_comparison, tmp_path):
     out, argv = real_comparison
     shutil.copytree(out / "reinforce" / "seed42", tmp_path / "reinforce" / "seed42")
+    # a compare stopped while its run completed leaves the run's info saying "running": the rerun still skips the run
+    info = json.loads((tmp_path / "reinforce" / "seed42" / "compare_run.json").read_text())
+    (tmp_path / "reinforce" / "seed42" / "compare_run.json").write_text(json.dumps({"command": info["command"], "status": "running"}))
     fails = ["--launcher", f"{sys.executable} -c 'import sys; sys.exit(3)'"]  # any run actually started fails at once
     same = [RECIPES[0], "--seed_list", "42", "--output_dir", str(tmp_path), *argv[argv.index("--max_steps"):]]
     assert compare.main(same + fails) == 0  # same settings: skipped
@@ -291,3 +318,35 @@ def test_a_killed_comparison_resumes_its_unfinished_run_from_the_checkpoint(tmp_
     assert resumed["final"]["resumed_from"] == str(run_dir / "checkpoint-2")
     clock = {"eval_wall_seconds", "eval_train_seconds", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss"}
     assert [{k: v for k, v in row.items() if k not in clock} for row in resumed["history"]] == [{k: v for k, v in row.items() if k not in clock} for row in straight["history"]]
+
+
+def test_a_signal_to_compare_stops_its_run_with_a_checkpoint_and_the_rerun_resumes_it(tmp_path):
+    """SIGTERM to compare alone (a scheduler's, or `kill`): compare passes it on, its run finishes the step, saves a
+    checkpoint and exits; compare then exits 143. Before, compare died at once and the run went on alone, holding the
+    output_dir's lock, so a rerun was refused. The rerun resumes the run from that checkpoint to completion."""
+    import signal
+    import subprocess
+    import time
+
+    recipe = str(REPO / "recipes" / "tiny" / "length_reinforce.yaml")
+    overrides = ["--max_steps", "40", "--save_strategy", "steps", "--save_steps", "2", "--eval_steps", "40", "--logging_steps", "1", "--eval_num_prompts", "4",
+                 "--test_num_prompts", "4", "--eval_best_of_n", "1", "--policy_split_size", "16", "--validation_split_size", "8",
+                 "--max_new_tokens", "6", "--min_new_tokens", "2", "--per_device_train_batch_size", "4", "--disable_tqdm", "true"]
+    argv = [recipe, "--seed_list", "42", "--output_dir", str(tmp_path / "cmp"), *overrides]
+    run_dir = tmp_path / "cmp" / "reinforce" / "seed42"
+    process = subprocess.Popen([sys.executable, "-m", "grade_trl.compare", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoint-2" / "grade_trl_state_rank0.pt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert process.poll() is None, process.communicate()[1][-2000:]
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 143 and err.strip().splitlines()[-1] == "interrupted by SIGTERM", err[-2000:]
+    stopped = load_results(run_dir)  # the run stopped itself (graceful stop), not orphaned: its results.json says so
+    assert stopped["status"] == "interrupted" and 2 <= int(stopped["final"]["checkpoint"].rsplit("checkpoint-", 1)[1]) < 40
+
+    assert compare.main(argv) == 0
+    record = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["runs"][0]
+    assert record["status"] == "completed" and record["resumed_from"] == stopped["final"]["checkpoint"]
+    assert load_results(run_dir)["final"]["steps"] == 40
+    assert "interrupted by SIGTERM" in (run_dir / "log.txt").read_text()  # the resumed run's log was appended to, not truncated
