@@ -583,11 +583,30 @@ def settings_from_config(config: dict) -> dict:
     return values
 
 
+_AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
+_POSITIVE = (lambda v: v > 0, "a number > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+SETTING_RANGES = {  # setting -> (is the value right?, what is right); a value out of range would crash a check or make it meaningless
+    "baseline_rows": _AT_LEAST_1, "sustain_rows": _AT_LEAST_1, "trend_rows": _AT_LEAST_1, "regression_evals": _AT_LEAST_1,
+    "negative_kl_tolerance": _NON_NEGATIVE, "kl_target": _POSITIVE, "kl_target_factor": (lambda v: v >= 1, "a number >= 1"), "kl_max": _POSITIVE,
+    "value_loss_spike_factor": (lambda v: v > 1, "a number > 1"), "entropy_drop": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    "entropy_floor": _NON_NEGATIVE, "clip_fraction_low": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "clip_fraction_high": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"), "regression_min_drop": _NON_NEGATIVE, "divergence_min_drop": _NON_NEGATIVE,
+    "loss_rise_fraction": _POSITIVE, "flat_reward_fraction": _POSITIVE, "grad_explosion_factor": (lambda v: v > 1, "a number > 1"),
+    "grad_vanishing_factor": (lambda v: v > 1, "a number > 1"),
+}
+
+
 def build_settings(overrides: dict, implied: dict | None = None) -> DoctorSettings:
-    """DoctorSettings from the run's implied values and `--key value` overrides (overrides win); unknown keys are errors."""
+    """DoctorSettings from the run's implied values and `--key value` overrides (overrides win); unknown keys and values
+    out of SETTING_RANGES are one-line errors naming the setting."""
     names = [f.name for f in dataclasses.fields(DoctorSettings)]
     for key in overrides:
         if key not in names:
             raise UserError(f"unknown doctor setting {key!r}{unknown_key_hint(key, names, 'grade_trl.doctor')}")
     hints = typing.get_type_hints(DoctorSettings)
-    return DoctorSettings(**{**(implied or {}), **{k: coerce(k, v, hints[k]) for k, v in overrides.items()}})
+    values = {k: coerce(k, v, hints[k]) for k, v in overrides.items()}
+    for key, value in values.items():
+        if key in SETTING_RANGES and value is not None and not SETTING_RANGES[key][0](value):
+            raise UserError(f"{key}: expected {SETTING_RANGES[key][1]}, got {value!r}")
+    return DoctorSettings(**{**(implied or {}), **values})

@@ -13,6 +13,7 @@ import json
 import typing
 
 from .cli import Command, Option, exit_process
+from .errors import UserError
 from .diagnostics import DoctorSettings, Finding, LogColumns, VALIDATION_KEYS, build_settings, run_checks, settings_from_config, validation_key_of
 from .results import evaluation_rows, load_history, training_rows
 
@@ -37,11 +38,32 @@ def report(findings: list[Finding], not_applicable: list[str], source: str, hist
     return "\n\n".join([f"{head}: {counts}"] + [f.format() for f in findings] + [skipped])
 
 
+def run_ending(config: dict, history: list[dict]) -> list[Finding]:
+    """A results.json whose run did not complete: `failed` (an error, with its message) or `interrupted` (a warning),
+    whatever the history's checks say about the steps before."""
+    status, error = config.get("status"), config.get("error")
+    steps = [row["step"] for row in history if isinstance(row.get("step"), int)] or [0]
+    if status == "failed":
+        return [Finding("run_failed", "error", [max(steps)], f"status failed: {error or 'no error recorded'}",
+                        "the run stopped with an error before it completed (its history ends there)",
+                        "fix what the error names and run again; a run with checkpoints resumes with --resume_from_checkpoint true")]
+    if status == "interrupted":
+        checkpoint = (config.get("final") or {}).get("checkpoint")
+        return [Finding("run_interrupted", "warning", [max(steps)], f"status interrupted: {error or 'a signal'}",
+                        "a signal (SIGTERM, Ctrl-C) stopped the run before it completed",
+                        f"resume it with the same command and --resume_from_checkpoint {checkpoint or 'true'}")]
+    return []
+
+
 def doctor(runs: list[str], options: dict, overrides: dict) -> int:
     history, config, source = load_history(runs[0])
     given = {f.name: options[f.name] for f in dataclasses.fields(DoctorSettings) if options[f.name] != f.default}
     settings = build_settings(given, settings_from_config(config))
+    if settings.validation_key is not None and given.get("validation_key") and not evaluation_rows(history, settings.validation_key):
+        logged = sorted({key for row in history for key in row if key.startswith("eval_") and isinstance(row[key], (int, float))})
+        raise UserError(f"validation_key: no evaluation row of {source} has {settings.validation_key!r}; its evaluation keys: {', '.join(logged) or 'none'}")
     findings, not_applicable = run_checks(history, settings)
+    findings = run_ending(config, history) + findings
     if options["json"]:
         print(json.dumps({"source": source, "findings": [dataclasses.asdict(f) for f in findings], "not_applicable": not_applicable}, indent=2))
     else:

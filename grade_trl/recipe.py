@@ -126,7 +126,10 @@ class RunArguments:
             raise ValueError(f"doctor must be warn, stop or off, got {self.doctor!r}")
         from .diagnostics import DoctorCallback, build_settings  # unknown settings or stop_on names raise a one-line error
 
-        build_settings(self.doctor_settings or {})
+        try:
+            build_settings(self.doctor_settings or {})
+        except UserError as error:
+            raise ValueError(f"doctor_settings: {error}") from None
         DoctorCallback(stop_on=self.doctor_stop_on)
 
 

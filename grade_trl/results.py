@@ -137,6 +137,7 @@ def load_history(source: str | os.PathLike) -> tuple[list[dict], dict, str]:
     if isinstance(data, dict):
         history, config = data.get("history", data.get("log_history")), dict(data.get("config") or {})
         config["final"] = data.get("final") or {}
+        config["status"], config["error"] = data.get("status"), data.get("error")  # a results.json's (None elsewhere)
     else:
         history, config = data, {}
     if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):

@@ -240,6 +240,22 @@ def test_cli_json_output(tmp_path, capsys):
     assert set(data["findings"][0]) == {"check", "severity", "steps", "evidence", "cause", "advice"}
 
 
+@pytest.mark.parametrize("status,error,expected", [
+    ("failed", "NonFiniteGradientError: step 2: the gradient is not finite", "[error] run_failed at step 200"),
+    ("interrupted", "SIGTERM", "[warning] run_interrupted at step 200"),
+])
+def test_cli_a_run_that_did_not_complete_is_a_finding_not_healthy(tmp_path, capsys, status, error, expected):
+    """A healthy history up to the step where the run failed (or was stopped) was reported as 'no problems found', exit 0."""
+    run = write_run(tmp_path, healthy())
+    data = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**data, "status": status, "error": error, "final": {"checkpoint": str(run / "checkpoint-200")}}))
+    assert main([str(run)]) == 1
+    out = capsys.readouterr().out
+    assert expected in out and error in out
+    if status == "interrupted":
+        assert f"--resume_from_checkpoint {run / 'checkpoint-200'}" in out
+
+
 def test_cli_reads_the_adaptive_kl_target_from_the_run_config(tmp_path, capsys):
     history = with_values(healthy(), "kl", {100: 8.0})  # under kl_max 10, above 3 x target 2
     config = {"run": {"method": "ppo"}, "trainer": {"adaptive_kl": True, "kl_target": 2.0}}
@@ -255,6 +271,10 @@ def test_cli_reads_the_adaptive_kl_target_from_the_run_config(tmp_path, capsys):
         (["{tmp}/nohistory.json"], "has no history"),
         (["{tmp}/run", "--kl_maxx", "5"], "unknown option --kl_maxx; did you mean --kl_max"),
         (["{tmp}/run", "--sustain_rows", "two"], "sustain_rows: expected an integer"),
+        (["{tmp}/run", "--baseline_rows", "0"], "baseline_rows: expected an integer >= 1, got 0"),  # was a StatisticsError traceback
+        (["{tmp}/run", "--trend_rows", "0"], "trend_rows: expected an integer >= 1, got 0"),
+        (["{tmp}/run", "--kl_max", "-5"], "kl_max: expected a number > 0"),  # was accepted: every log flagged
+        (["{tmp}/run", "--validation_key", "eval_nope"], "validation_key: no evaluation row of"),  # was accepted: validation checks silently off
         (["--json"], "usage"),
     ],
 )
