@@ -25,6 +25,7 @@ policies differ on these prompts; only the across-seed tests speak to the method
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from pathlib import Path
 
@@ -47,6 +48,8 @@ from .stats import (
     wilcoxon_signed_rank,
 )
 
+logger = logging.getLogger(__name__)
+
 TAU_FIELDS = ("tau_start", "tau_end", "tau_schedule", "tau_anneal_steps")  # the relaxed methods' config (GumbelGRADEConfig)
 PROBE_KEYS = tuple(f"{metrics.PROBE_PREFIX}_{k}" for k in ("trace_cov", "snr", "mean_sq_norm", "cosine_to_mean"))  # the probe's history rows
 
@@ -61,10 +64,16 @@ def load_runs(results_dir: Path) -> tuple[dict | None, dict[str, list[dict]]]:
     if not results_dir.is_dir():
         raise UserError(f"no such folder: {results_dir} (give the --output_dir of `python -m grade_trl.compare`)")
     comparison = read_json(results_dir / "comparison.json")
+    if (results_dir / "comparison.json").is_file() and not isinstance(comparison, dict):
+        logger.warning("%s is not readable JSON (a copy cut short?): the report names no command", results_dir / "comparison.json")
+        comparison = None
     runs: dict[str, list[dict]] = {}
     for path in sorted(results_dir.glob("*/seed*/results.json")):
         results = read_results(path)
-        if results is None or results["status"] != "completed":
+        if results is None:  # said, not skipped silently: a seed missing from every table would change its means
+            logger.warning("skipping %s: not a readable results.json (cut short, or edited by hand)", path)
+            continue
+        if results["status"] != "completed":
             continue
         seed_text = path.parent.name[len("seed") :]
         seed = int(seed_text) if seed_text.isdigit() else (results.get("config") or {}).get("trainer", {}).get("seed")
@@ -547,7 +556,10 @@ def analyse(results_dir: str | os.PathLike, output_dir: str | os.PathLike | None
     out = Path(output_dir) if output_dir else results_dir / "analysis"
     comparison_file, runs = load_runs(results_dir)
     comparison = recompute_comparison(comparison_file, runs)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--output_dir: cannot make the folder {str(out)!r} ({error.strerror or error}); give a folder you can write to") from None
     figures = Figures(runs, comparison, out)
     figures.draw_all()
     stats = statistics(runs, comparison)

@@ -294,6 +294,28 @@ def test_results_readers_accept_only_the_results_schema(tmp_path):
         load_results(run)
     write_json_atomic(run / "results.json", {"status": "interrupted", "config": {}, "history": [{"step": 1}], "final": {}})
     assert read_results(run)["status"] == "interrupted" and load_results(run / "results.json")["history"] == [{"step": 1}]
+    # hand-edited files the readers' users would crash on (KeyError 'final', AttributeError on a row)
+    write_json_atomic(run / "results.json", {"status": "completed", "config": {}, "history": [{"step": 1}]})
+    assert read_results(run) is None
+    write_json_atomic(run / "results.json", {"status": "completed", "config": {}, "history": [1, 2], "final": {}})
+    assert read_results(run) is None
+
+
+def test_analysis_says_which_results_it_cannot_read_and_where_it_cannot_write(tmp_path, caplog, capsys):
+    """A seed whose results.json is cut short is skipped with a warning naming it (it was dropped silently, changing
+    every mean), and an --output_dir that cannot be a folder is one line (it was a FileExistsError traceback)."""
+    good, cut = tmp_path / "cmp" / "reinforce" / "seed42", tmp_path / "cmp" / "reinforce" / "seed43"
+    good.mkdir(parents=True)
+    cut.mkdir(parents=True)
+    write_json_atomic(good / "results.json", {"status": "completed", "config": {}, "history": [{"step": 1}], "final": {}})
+    (cut / "results.json").write_text('{"status": "completed", "config": {}, "hist')
+    with caplog.at_level("WARNING", logger="grade_trl.analysis"):
+        _, runs = analysis.load_runs(tmp_path / "cmp")
+    assert [run["seed"] for run in runs["reinforce"]] == [42]
+    assert any(str(cut / "results.json") in record.getMessage() and "not a readable results.json" in record.getMessage() for record in caplog.records)
+    (tmp_path / "a_file").write_text("")
+    assert analysis.main([str(tmp_path / "cmp"), "--output_dir", str(tmp_path / "a_file")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: --output_dir: cannot make the folder {str(tmp_path / 'a_file')!r}")
 
 
 def test_a_killed_comparison_resumes_its_unfinished_run_from_the_checkpoint(tmp_path):
