@@ -276,6 +276,9 @@ def run_safely(body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted by SIGINT", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout left (`... | head`): no traceback, and none at exit's flush either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe ended
     finally:
         close_process_group()
 

@@ -192,6 +192,8 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         raise UserError(f"--seeds / --seed_list: seeds must be distinct and at least one, got {seeds}")
     if options["jobs"] < 1:
         raise UserError(f"--jobs must be >= 1, got {options['jobs']}")
+    if not options["thresholds"] or not all(0 < f <= 1 for f in options["thresholds"]):
+        raise UserError(f"--thresholds: expected fractions in (0, 1] of the validation gain, at least one, got {options['thresholds']}")
     if options["launcher"] and shutil.which((shlex.split(options["launcher"]) or [""])[0]) is None:
         raise UserError(f"--launcher: {options['launcher']!r} does not start with a program found on PATH (e.g. 'accelerate launch --num_processes 2')")
     repeated = [path for path in recipes if recipes.count(path) > 1]

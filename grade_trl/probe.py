@@ -60,6 +60,12 @@ def check_options(paths: list[str], options: dict) -> None:
         raise UserError(f"--checkpoint holds one run's weights: give one recipe with it, not {len(paths)}")
     if options["bias"] and options["bias_samples_per_prompt"] < 2:
         raise UserError(f"--bias_samples_per_prompt must be >= 2 (leave-one-out baseline), got {options['bias_samples_per_prompt']}")
+    if options["bias"] and options["bias_batches"] < 2:  # its relative standard error divides by (n - 1)
+        raise UserError(f"--bias_batches must be >= 2 (the reference's standard error needs two batches), got {options['bias_batches']}")
+    if options["project_dim"] is not None and options["project_dim"] < 1:
+        raise UserError(f"--project_dim must be >= 1 (or left out: gradients whole), got {options['project_dim']}")
+    if options["step"] is not None and options["step"] < 0:
+        raise UserError(f"--step must be >= 0 (the optimizer step the probe stands for), got {options['step']}")
 
 
 # Settings of a GRADE recipe that change its estimates but not the score-function reference (the gradient of the hard

@@ -247,6 +247,9 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
     except (ValueError, TypeError, ZeroDivisionError) as error:
         raise RecipeError(key_first(str(error).splitlines()[0])) from None
     check_ranges(run, config)
+    max_steps = getattr(config, "max_steps", -1)
+    if run.probe_steps and any(step < 0 or (max_steps > 0 and step > max_steps) for step in run.probe_steps):
+        raise RecipeError(f"probe_steps: every step must be in [0, max_steps {max_steps}] (0: before training), got {run.probe_steps}; a step outside the run is never probed")
     if not str(config.output_dir or "").strip():
         raise RecipeError(f"output_dir: expected a folder path for the run's results, got {config.output_dir!r}")
     check_custom_task(values, method_name, run, config)

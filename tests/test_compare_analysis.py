@@ -124,6 +124,9 @@ def test_options_are_parsed_and_unknown_keys_forwarded_with_their_values():
         ([RECIPES[0], "--output_dir", "{tmp}", "--seed", "3"], "--seed is set by compare"),
         ([RECIPES[0], "--output_dir", "{tmp}", "--learnig_rate", "3"], "unknown recipe key 'learnig_rate'"),
         ([RECIPES[0], RECIPES[0], "--output_dir", "{tmp}"], "is given twice"),
+        ([RECIPES[0], "--output_dir", "{tmp}", "--thresholds", "[1.5]"], "--thresholds: expected fractions in (0, 1]"),
+        ([RECIPES[0], "--output_dir", "{tmp}", "--thresholds", "[-1]"], "--thresholds: expected fractions in (0, 1]"),
+        ([RECIPES[0], "--output_dir", "{tmp}", "--thresholds", "[]"], "--thresholds: expected fractions in (0, 1]"),
         ([RECIPES[0], str(REPO / "recipes" / "imdb_reinforce.yaml"), "--output_dir", "{tmp}"], "two recipes would write to the same folder"),
     ],
 )

@@ -345,6 +345,11 @@ def test_checkpoint_weights_are_loaded_into_the_policy_not_the_reference(tmp_pat
         (["--checkpoint", "/no/such/dir"], "--checkpoint: no such folder"),
         (["--num_estimates", "many"], "--num_estimates: expected an integer"),
         (["--learnig_rate", "1"], "unknown recipe key 'learnig_rate'"),
+        (["--bias", "--bias_batches", "1"], "--bias_batches must be >= 2"),  # were a ZeroDivisionError and a TypeError
+        (["--bias", "--bias_batches", "0"], "--bias_batches must be >= 2"),
+        (["--project_dim", "-3"], "--project_dim must be >= 1"),  # was a RuntimeError
+        (["--project_dim", "0"], "--project_dim must be >= 1"),  # was taken as None
+        (["--step", "-5"], "--step must be >= 0"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_code_2(extra, message, tmp_path, capsys):

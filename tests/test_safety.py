@@ -354,3 +354,14 @@ def test_exit_process_ends_with_the_code_sys_exit_would_give():
     for key, (code, stderr) in outcomes.items():
         _, expected_code, expected_stderr = EXIT_CASES[key.split(" ", 1)[1]]
         assert code == expected_code and expected_stderr in stderr, (key, code, stderr[-1000:])
+
+
+def test_a_reader_that_leaves_the_pipe_ends_a_command_without_a_traceback():
+    """`python -m grade_trl.doctor RUN | head -2`: the reader closes the pipe; the command ends with 141 (128 + SIGPIPE)
+    and no BrokenPipeError traceback, from the body or from the interpreter's last flush."""
+    script = "from grade_trl.cli import run_safely\nimport sys\nsys.exit(run_safely(lambda: [print('line', i) for i in range(200_000)] and 0))\n"
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    assert process.stdout.readline() == b"line 0\n"
+    process.stdout.close()
+    code, err = process.wait(timeout=60), process.stderr.read().decode()
+    assert code == 141 and "Traceback" not in err and "BrokenPipeError" not in err, err
