@@ -242,9 +242,14 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         launched = command + ["--resume_from_checkpoint", checkpoint] if checkpoint else command
         logger.info("[%d/%d] %s seed %d: %s", index, len(runs), record["name"], record["seed"], shlex.join(launched))
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / RUN_INFO, {"command": shlex.join(command), "status": "running"})  # lets a later compare resume it
+        # a resumed run's wall time goes on from its earlier launches' (written below, or by the launch a kill cut short)
+        earlier = (read_json(run_dir / RUN_INFO) or {}).get("wall_seconds", 0.0) if checkpoint else 0.0
+        write_json_atomic(run_dir / RUN_INFO, {"command": shlex.join(command), "status": "running", "wall_seconds": earlier})  # lets a later compare resume it
         info = {"command": shlex.join(command), **execute(launched, run_dir / "log.txt", env, append=checkpoint is not None)}
-        return index, record, info | ({"resumed_from": checkpoint} if checkpoint else {})
+        info["wall_seconds"] += earlier
+        info |= {"resumed_from": checkpoint} if checkpoint else {}
+        write_json_atomic(run_dir / RUN_INFO, info)  # here too: a compare stopping by a signal records no more runs itself
+        return index, record, info
 
     pool = ThreadPoolExecutor(max_workers=options["jobs"])
     with signals_raise():  # SIGTERM raises here too (by default it would end compare at once, its runs going on alone)

@@ -370,8 +370,10 @@ def test_a_signal_to_compare_stops_its_run_with_a_checkpoint_and_the_rerun_resum
     stopped = load_results(run_dir)  # the run stopped itself (graceful stop), not orphaned: its results.json says so
     assert stopped["status"] == "interrupted" and 2 <= int(stopped["final"]["checkpoint"].rsplit("checkpoint-", 1)[1]) < 40
 
+    first_launch = json.loads((run_dir / "compare_run.json").read_text())["wall_seconds"]
     assert compare.main(argv) == 0
     record = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["runs"][0]
     assert record["status"] == "completed" and record["resumed_from"] == stopped["final"]["checkpoint"]
+    assert record["wall_seconds"] > first_launch > 0  # both launches' time, not the last one's only
     assert load_results(run_dir)["final"]["steps"] == 40
     assert "interrupted by SIGTERM" in (run_dir / "log.txt").read_text()  # the resumed run's log was appended to, not truncated
