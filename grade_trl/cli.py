@@ -276,11 +276,26 @@ def run_safely(body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted by SIGINT", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader of stdout left (`... | head`): no traceback, and none at exit's flush either
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe (a worker's, a socket's): an error like any other
+        # the reader of stdout left (`... | head`): no traceback, and none at the interpreter's last flush either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe ended
     finally:
         close_process_group()
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on its writing end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll here, or stdout is no file
+        return False
 
 
 # ---------------------------------------------------------------- process-wide plumbing

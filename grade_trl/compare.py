@@ -80,11 +80,12 @@ def runs_in(out: Path) -> dict[str, tuple[str, str | None]]:
     compare_run.json command and results.json), so that a later comparison into the same folder names its runs apart."""
     found = {}
     for info_path in sorted(out.glob(f"*/seed*/{RUN_INFO}")):
-        command = (read_json(info_path) or {}).get("command")
+        info = read_json(info_path)
+        command = info.get("command") if isinstance(info, dict) else None
         words = shlex.split(command) if isinstance(command, str) else []
         if "grade_trl.run" in words[:-1]:
-            results = read_results(info_path.parent) or {}
-            method = (((results.get("config") or {}).get("recipe")) or {}).get("method")
+            recipe = ((read_results(info_path.parent) or {}).get("config") or {}).get("recipe")
+            method = recipe.get("method") if isinstance(recipe, dict) else None
             found.setdefault(info_path.parent.parent.name, (words[words.index("grade_trl.run") + 1], method))
     return found
 
@@ -94,14 +95,16 @@ def run_names(recipes: dict[str, str], existing: dict[str, tuple[str, str | None
     has runs in its output folder (`existing`, from `runs_in`): two commands into one folder never share a run folder."""
     existing = existing or {}
     methods = list(recipes.values())
-    same = os.path.normpath
+    same = os.path.realpath
+    # a recipe that already has runs in the folder keeps their folder (a rerun resumes or skips them, never starts over)
+    kept = {path: name for path in recipes for name, (recipe, _) in existing.items() if same(recipe) == same(path)}
 
     def by_method(path: str, method: str) -> bool:
         others = [recipe for recipe, other in existing.values() if other == method and same(recipe) != same(path)]
         taken = method in existing and same(existing[method][0]) != same(path)
         return methods.count(method) == 1 and not others and not taken
 
-    names = {path: (method if by_method(path, method) else Path(path).stem) for path, method in recipes.items()}
+    names = {path: kept.get(path) or (method if by_method(path, method) else Path(path).stem) for path, method in recipes.items()}
     if len(set(names.values())) < len(names):
         raise UserError(f"two recipes would write to the same folder ({sorted(names.values())}); give recipes with distinct methods or file names")
     return names
@@ -152,7 +155,9 @@ def execute(command: list[str], log_path: Path, env: dict | None = None, append:
         with _LAUNCH:
             if _STOPPING.is_set():
                 raise RuntimeError("the comparison is stopping: run not started")
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            # its own session: a Ctrl-C at the terminal (or a signal to compare's process group) reaches compare alone, which
+            # passes it on once (`stop_runs`); a run that got it twice would stop at once, without its checkpoint
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             _RUNNING.add(process)
         try:
             _, status, usage = os.wait4(process.pid, 0)
@@ -182,6 +187,7 @@ def stop_runs(error: BaseException) -> None:
 
 
 def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str]) -> int:
+    _STOPPING.clear()  # a comparison stopped earlier in this process (a notebook) does not stop this one
     if not options["output_dir"]:
         raise UserError("--output_dir is required: the folder that receives every run and comparison.json")
     for key in ("seed", "output_dir"):

@@ -59,7 +59,8 @@ def doctor(runs: list[str], options: dict, overrides: dict) -> int:
     history, config, source = load_history(runs[0])
     given = {f.name: options[f.name] for f in dataclasses.fields(DoctorSettings) if options[f.name] != f.default}
     settings = build_settings(given, settings_from_config(config))
-    if settings.validation_key is not None and given.get("validation_key") and not evaluation_rows(history, settings.validation_key):
+    completed = config.get("status") not in ("failed", "interrupted")  # a run stopped before its first evaluation logged none
+    if completed and settings.validation_key is not None and given.get("validation_key") and not evaluation_rows(history, settings.validation_key):
         logged = sorted({key for row in history for key in row if key.startswith("eval_") and isinstance(row[key], (int, float))})
         raise UserError(f"validation_key: no evaluation row of {source} has {settings.validation_key!r}; its evaluation keys: {', '.join(logged) or 'none'}")
     findings, not_applicable = run_checks(history, settings)

@@ -249,7 +249,11 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
     check_ranges(run, config)
     max_steps = getattr(config, "max_steps", -1)
     if run.probe_steps and any(step < 0 or (max_steps > 0 and step > max_steps) for step in run.probe_steps):
-        raise RecipeError(f"probe_steps: every step must be in [0, max_steps {max_steps}] (0: before training), got {run.probe_steps}; a step outside the run is never probed")
+        where = f"in [0, max_steps {max_steps}]" if max_steps > 0 else ">= 0"
+        raise RecipeError(f"probe_steps: every step must be {where} (0: before training), got {run.probe_steps}; a step outside the run is never probed")
+    if getattr(config, "save_only_model", False) and str(getattr(config, "save_strategy", "no")) not in ("no", "SaveStrategy.NO"):
+        logger.warning("save_only_model: true: its checkpoints hold no optimizer, scheduler or random state, so a stopped run cannot "
+                       "resume from them (resume_from_checkpoint refuses them); leave it false to keep runs resumable")
     if not str(config.output_dir or "").strip():
         raise RecipeError(f"output_dir: expected a folder path for the run's results, got {config.output_dir!r}")
     check_custom_task(values, method_name, run, config)
@@ -271,15 +275,15 @@ def key_first(message: str) -> str:
     'x'" -> "nonfinite: must be ...", "top_k=-1: it must be >= 0" -> "top_k: must be >= 0, got -1", TRL's
     "generation_batch_size (8) must be divisible by ..." -> "generation_batch_size: must be ..., got 8", and
     transformers' "... requires non-zero --logging_steps" -> "logging_steps: ..."."""
-    if match := re.match(r"^([a-z_]+)=([^:,]+): (?:it )?(.*)$", message):
+    if match := re.match(r"^([a-z][a-z0-9_]*)=([^:,]+): (?:it )?(.*)$", message):
         return f"{match[1]}: {match[3]}, got {match[2]}"
-    if match := re.match(r"^([a-z_]+) \(([^)]*)\) (must .*?)\.?$", message):
+    if match := re.match(r"^([a-z][a-z0-9_]*) \(([^)]*)\) (must .*?)\.?$", message):
         return f"{match[1]}: {match[3]}, got {match[2]}"
-    if match := re.match(r"^([a-z_]+) (must .*)$", message):
+    if match := re.match(r"^([a-z][a-z0-9_]*) (must .*)$", message):
         return f"{match[1]}: {match[2]}"
-    if match := re.match(r"^([a-z_]+) and [a-z_]+ must ", message):  # "tau_start and tau_end must be > 0"
+    if match := re.match(r"^([a-z][a-z0-9_]*) and [a-z][a-z0-9_]* must ", message):  # "tau_start and tau_end must be > 0"
         return f"{match[1]}: {message}"
-    if not re.match(r"^[a-z_]+: ", message) and (match := re.search(r"--([a-z_]+)", message)):
+    if not re.match(r"^[a-z][a-z0-9_]*: ", message) and (match := re.search(r"--([a-z][a-z0-9_]*)", message)):
         return f"{match[1]}: {message}"
     return message
 

@@ -67,7 +67,10 @@ def missing_parts(checkpoint: str) -> list[str]:
         "scheduler.pt": deepspeed or "scheduler.pt" in names,
         "the random generators' state (rng_state.pth)": any(name.startswith("rng_state") for name in names),
     }
-    return [part for part, present in parts.items() if not present]
+    missing = [part for part, present in parts.items() if not present]
+    if missing and parts["the weights (model.safetensors)"] and not parts["the optimizer state (optimizer.pt)"] and not parts["scheduler.pt"]:
+        missing.append("as a run with save_only_model: true saves it")  # weights only: say why
+    return missing
 
 
 def is_complete(checkpoint: str) -> bool:

@@ -115,7 +115,8 @@ RECIPE_CASES = [
     ({"kl_coef": -1}, "kl_coef: must be >= 0, got -1"),
     ({"method": "reinforce", "top_k": -1}, "top_k: expected an integer >= 0"),
     ({"output_dir": ""}, "output_dir: expected a folder path"),
-    ({"probe_steps": [-1]}, "probe_steps: every step must be in [0, max_steps"),  # was accepted, and never probed
+    ({"probe_steps": [-1]}, "probe_steps: every step must be >= 0"),  # was accepted, and never probed
+    ({"probe_steps": [-1], "max_steps": -1, "num_train_epochs": 1}, "probe_steps: every step must be >= 0"),
     ({"probe_steps": [0, 1000], "max_steps": 2}, "probe_steps: every step must be in [0, max_steps 2]"),
     ({"doctor_settings": {"baseline_rows": 0}}, "doctor_settings: baseline_rows: expected an integer >= 1, got 0"),  # was a crash at step 1
     ({"doctor_settings": {"kl_max": -5}}, "doctor_settings: kl_max: expected a number > 0"),

@@ -6,6 +6,7 @@ evaluation every 2, 8 new tokens, 6 validation and 6 test prompts, 60-200 review
 """
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -238,6 +239,9 @@ def test_run_names_never_reuse_a_folder_another_recipe_of_the_method_wrote(tmp_p
                 "grade_rao": ("rao_kl003.yaml", "grade_rao")}
     later = {"ste_kl1.yaml": "grade_ste", "rao_kl1.yaml": "grade_rao", "gapped_kl1.yaml": "grade_gapped", "imdb_grpo.yaml": "grpo"}
     assert compare.run_names(later, existing) == {"ste_kl1.yaml": "ste_kl1", "rao_kl1.yaml": "rao_kl1", "gapped_kl1.yaml": "grade_gapped", "imdb_grpo.yaml": "grpo"}
+    # a rerun of the first command keeps its folders, whatever the second command added (it resumes or skips its runs)
+    both = {**existing, "rao_kl1": ("rao_kl1.yaml", "grade_rao"), "grade_gapped": ("gapped_kl1.yaml", "grade_gapped")}
+    assert compare.run_names(big, both) == compare.run_names(big)
     # what runs_in reads: each run's compare_run.json command and results.json's recipe
     run = tmp_path / "grade_rao" / "seed42"
     run.mkdir(parents=True)
@@ -346,7 +350,7 @@ def test_a_killed_comparison_resumes_its_unfinished_run_from_the_checkpoint(tmp_
 
 
 def test_a_signal_to_compare_stops_its_run_with_a_checkpoint_and_the_rerun_resumes_it(tmp_path):
-    """SIGTERM to compare alone (a scheduler's, or `kill`): compare passes it on, its run finishes the step, saves a
+    """Ctrl-C to compare's process group (the runs have their own sessions, so compare alone gets it): compare passes it on, its run finishes the step, saves a
     checkpoint and exits; compare then exits 143. Before, compare died at once and the run went on alone, holding the
     output_dir's lock, so a rerun was refused. The rerun resumes the run from that checkpoint to completion."""
     import signal
@@ -359,14 +363,15 @@ def test_a_signal_to_compare_stops_its_run_with_a_checkpoint_and_the_rerun_resum
                  "--max_new_tokens", "6", "--min_new_tokens", "2", "--per_device_train_batch_size", "4", "--disable_tqdm", "true"]
     argv = [recipe, "--seed_list", "42", "--output_dir", str(tmp_path / "cmp"), *overrides]
     run_dir = tmp_path / "cmp" / "reinforce" / "seed42"
-    process = subprocess.Popen([sys.executable, "-m", "grade_trl.compare", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # its own process group, as a terminal's foreground job: Ctrl-C there signals the whole group
+    process = subprocess.Popen([sys.executable, "-m", "grade_trl.compare", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
     while not (run_dir / "checkpoint-2" / "grade_trl_state_rank0.pt").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     assert process.poll() is None, process.communicate()[1][-2000:]
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the runs, in their own sessions, get it once, from compare (twice, they stop without a checkpoint)
     out, err = process.communicate(timeout=300)
-    assert process.returncode == 143 and err.strip().splitlines()[-1] == "interrupted by SIGTERM", err[-2000:]
+    assert process.returncode == 130 and err.strip().splitlines()[-1] == "interrupted by SIGINT", err[-2000:]
     stopped = load_results(run_dir)  # the run stopped itself (graceful stop), not orphaned: its results.json says so
     assert stopped["status"] == "interrupted" and 2 <= int(stopped["final"]["checkpoint"].rsplit("checkpoint-", 1)[1]) < 40
 
@@ -376,4 +381,4 @@ def test_a_signal_to_compare_stops_its_run_with_a_checkpoint_and_the_rerun_resum
     assert record["status"] == "completed" and record["resumed_from"] == stopped["final"]["checkpoint"]
     assert record["wall_seconds"] > first_launch > 0  # both launches' time, not the last one's only
     assert load_results(run_dir)["final"]["steps"] == 40
-    assert "interrupted by SIGTERM" in (run_dir / "log.txt").read_text()  # the resumed run's log was appended to, not truncated
+    assert "interrupted by SIGINT" in (run_dir / "log.txt").read_text()  # the resumed run's log was appended to, not truncated

@@ -126,3 +126,9 @@ def test_the_latest_complete_checkpoint_is_chosen(tmp_path):
                                         r"\(model.safetensors\), the optimizer state \(optimizer.pt\)\)"):
         resolve_checkpoint(str(tmp_path / "checkpoint-9"), str(tmp_path))
     assert resolve_checkpoint(str(tmp_path / "checkpoint-3"), str(tmp_path)) == str(tmp_path / "checkpoint-3")
+    only_model = tmp_path / "checkpoint-11"  # what save_only_model: true writes
+    only_model.mkdir()
+    for name in ("config.json", "model.safetensors", "trainer_state.json", "grade_trl_state_rank0.pt"):
+        (only_model / name).write_bytes(b"")
+    with pytest.raises(UserError, match=r"\(missing: the optimizer state \(optimizer.pt\), scheduler.pt, the random generators' state \(rng_state.pth\), as a run with save_only_model: true saves it\)"):
+        resolve_checkpoint(str(only_model), str(tmp_path))

@@ -97,6 +97,9 @@ def test_a_reward_may_return_a_tuple_a_numpy_array_or_a_1d_tensor():
     for returned in ((0.5, 1, True), np.array([0.5, 1.0, 1.0], dtype=np.float32), torch.tensor([0.5, 1.0, 1.0])):
         out = compute_rewards([lambda prompts, completions, **k: returned], ["p"] * 3, TEXTS)
         assert_close(out[:, 0], torch.tensor([0.5, 1.0, 1.0]))
+    for make in (lambda c: (0.5 for _ in c), lambda c: map(float, [0.5] * len(c))):  # iterables TRL iterates over too
+        out = compute_rewards([lambda prompts, completions, **k: make(completions)], ["p"] * 3, TEXTS)
+        assert_close(out[:, 0], torch.full((3,), 0.5))
 
 
 @pytest.mark.parametrize("scores,what", [

@@ -365,3 +365,13 @@ def test_a_reader_that_leaves_the_pipe_ends_a_command_without_a_traceback():
     process.stdout.close()
     code, err = process.wait(timeout=60), process.stderr.read().decode()
     assert code == 141 and "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_an_error_like_any_other():
+    from grade_trl.cli import run_safely
+
+    def body():
+        raise BrokenPipeError(32, "Broken pipe")  # a worker's or a socket's pipe, while stdout is fine
+
+    with pytest.raises(BrokenPipeError):
+        run_safely(body)

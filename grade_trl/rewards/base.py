@@ -62,8 +62,8 @@ def _as_values(values, name: str, count: int) -> list:
     if isinstance(values, torch.Tensor) or hasattr(values, "ndim"):  # a tensor or a numpy array: one dimension
         if getattr(values, "ndim", None) == 1:
             return values.tolist()
-    elif values is not None and not isinstance(values, (str, bytes, dict)) and hasattr(values, "__len__") and hasattr(values, "__iter__"):
-        return list(values)
+    elif values is not None and not isinstance(values, (str, bytes, dict)) and hasattr(values, "__iter__"):
+        return list(values)  # a list, a tuple, a generator or a map, as TRL iterates over it
     what = "None (a missing return?)" if values is None else f"{type(values).__name__} {_short(values)}"
     raise RewardFunctionError(f"reward function '{name}' returned {what}; it must return a list of {count} numbers, one per completion")
 
