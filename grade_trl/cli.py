@@ -376,6 +376,16 @@ def exit_process(main: Callable[[], int | None]) -> NoReturn:
     os._exit(code or 0)
 
 
+def range_error(key: str, value: Any, ranges: dict[str, tuple[Callable[[Any], bool], str]]) -> str | None:
+    """`"<key>: expected <what is right>, got <value>"` when `ranges[key]` (is the value right?, what is right) refuses
+    `value`, else None; keys not in `ranges`, None and booleans pass (the recipe's RANGES, the doctor's settings)."""
+    if key in ranges and isinstance(value, (int, float)) and not isinstance(value, bool):
+        is_right, right = ranges[key]
+        if not is_right(value):
+            return f"{key}: expected {right}, got {value!r}"
+    return None
+
+
 def unknown_key_hint(key: str, known: Sequence[str], command: str) -> str:
     """'; did you mean a, b?' or where to find the keys."""
     close = difflib.get_close_matches(key, list(dict.fromkeys(known)), n=3)  # each name once (a config lists a key its parent has too)

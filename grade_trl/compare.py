@@ -254,7 +254,7 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         info = {"command": shlex.join(command), **execute(launched, run_dir / "log.txt", env, append=checkpoint is not None)}
         info["wall_seconds"] += earlier
         info |= {"resumed_from": checkpoint} if checkpoint else {}
-        write_json_atomic(run_dir / RUN_INFO, info)  # here too: a compare stopping by a signal records no more runs itself
+        write_json_atomic(run_dir / RUN_INFO, info)  # by the worker: a compare stopping by a signal records no more runs itself
         return index, record, info
 
     pool = ThreadPoolExecutor(max_workers=options["jobs"])
@@ -265,7 +265,6 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
                 run_dir = Path(record["run_dir"])
                 results = read_results(run_dir)
                 completed = info["returncode"] == 0 and results is not None and results.get("status") == "completed"
-                write_json_atomic(run_dir / RUN_INFO, info)
                 record.update(status="completed" if completed else "failed", skipped=False, **info)
                 logger.info(
                     "[%d/%d] %s seed %d: %s in %.1f s (exit %d%s)", index, len(runs), record["name"], record["seed"], record["status"], info["wall_seconds"],

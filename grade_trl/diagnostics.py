@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from transformers import TrainerCallback
 
 from . import metrics
-from .cli import coerce, unknown_key_hint
+from .cli import coerce, range_error, unknown_key_hint
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -607,6 +607,6 @@ def build_settings(overrides: dict, implied: dict | None = None) -> DoctorSettin
     hints = typing.get_type_hints(DoctorSettings)
     values = {k: coerce(k, v, hints[k]) for k, v in overrides.items()}
     for key, value in values.items():
-        if key in SETTING_RANGES and value is not None and not SETTING_RANGES[key][0](value):
-            raise UserError(f"{key}: expected {SETTING_RANGES[key][1]}, got {value!r}")
+        if problem := range_error(key, value, SETTING_RANGES):
+            raise UserError(problem)
     return DoctorSettings(**{**(implied or {}), **values})

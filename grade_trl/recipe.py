@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .cli import coerce, load_yaml, parse_overrides, unknown_key_hint
+from .cli import coerce, load_yaml, parse_overrides, range_error, unknown_key_hint
 from .errors import UserError
 from .methods import METHODS, get_method
 from .reporting import missing_reporter
@@ -251,7 +251,7 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
     if run.probe_steps and any(step < 0 or (max_steps > 0 and step > max_steps) for step in run.probe_steps):
         where = f"in [0, max_steps {max_steps}]" if max_steps > 0 else ">= 0"
         raise RecipeError(f"probe_steps: every step must be {where} (0: before training), got {run.probe_steps}; a step outside the run is never probed")
-    if getattr(config, "save_only_model", False) and str(getattr(config, "save_strategy", "no")) not in ("no", "SaveStrategy.NO"):
+    if getattr(config, "save_only_model", False) and config.save_strategy != "no":  # SaveStrategy is a str enum
         logger.warning("save_only_model: true: its checkpoints hold no optimizer, scheduler or random state, so a stopped run cannot "
                        "resume from them (resume_from_checkpoint refuses them); leave it false to keep runs resumable")
     if not str(config.output_dir or "").strip():
@@ -347,10 +347,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def check_range(key: str, value) -> None:
     """One key of RANGES in range (one line naming the key otherwise); other keys, None and booleans pass."""
-    if key in RANGES and value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
-        is_right, right = RANGES[key]
-        if not is_right(value):
-            raise RecipeError(f"{key}: expected {right}, got {value!r}")
+    if problem := range_error(key, value, RANGES):
+        raise RecipeError(problem)
 
 
 def check_ranges(run: RunArguments, config) -> None:

@@ -103,9 +103,10 @@ def results_path(run: str | os.PathLike) -> Path:
 def is_results(data: Any) -> bool:
     """Whether parsed JSON has the results.json shape: an object with a known status, a 'history' list of row objects
     and a 'final' object (which a completed run always has; a run that failed early may lack it)."""
-    return (isinstance(data, dict) and data.get("status") in STATUSES and isinstance(data.get("history"), list)
-            and all(isinstance(row, dict) for row in data["history"])
-            and (isinstance(data.get("final"), dict) if data.get("status") == "completed" else data.get("final") is None or isinstance(data.get("final"), dict)))
+    if not (isinstance(data, dict) and data.get("status") in STATUSES and isinstance(data.get("history"), list)):
+        return False
+    final = data.get("final")
+    return all(isinstance(row, dict) for row in data["history"]) and (isinstance(final, dict) or (final is None and data["status"] != "completed"))
 
 
 def read_results(run: str | os.PathLike) -> dict | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
@@ -79,12 +80,19 @@ def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_p
     them: there is nothing for the policy to continue, and dropping them would hide a broken data file."""
     first = rows[0][column]
     kind = list if is_conversational(first) else type(first)
+    other = f"not {'chat messages' if kind is list else 'text'}"
+
+    def problem(value) -> str | None:
+        if value is None:
+            return "null"
+        if isinstance(value, (str, list)) and len(value) == 0:
+            return "empty"
+        return None if isinstance(value, kind) else other
+
     values = rows[column]
-    null = sum(value is None for value in values)
-    empty = sum(isinstance(value, (str, list)) and len(value) == 0 for value in values)
-    other = sum(value is not None and not isinstance(value, kind) and not (isinstance(value, (str, list)) and len(value) == 0) for value in values)
-    if null or empty or (other and kind in (str, list)):
-        what = ", ".join(f"{count} {name}" for count, name in ((null, "null"), (empty, "empty"), (other, f"not {'chat messages' if kind is list else 'text'}")) if count)
+    counts = Counter(problem(value) for value in values)
+    if counts["null"] or counts["empty"] or (counts[other] and kind in (str, list)):
+        what = ", ".join(f"{counts[name]} {name}" for name in ("null", "empty", other) if counts[name])
         raise UserError(f"prompt_column: {column!r} has {what} in the {len(values)} rows of the {split or 'given'} split; every prompt must be "
                         "non-empty text or chat messages (drop or fill those rows)")
     if is_conversational(first):
