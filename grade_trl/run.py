@@ -167,8 +167,9 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
 
 
 def portable_adapter_config(folder: str, model_name_or_path: str) -> None:
-    """A LoRA adapter's `adapter_config.json` names its base as the recipe did (`embedded`, a hub id, the user's path),
-    not the absolute path PEFT records from the loaded model, so the adapter travels to another machine."""
+    """A LoRA adapter's `adapter_config.json` and PEFT's model card (`README.md`: `base_model:` and a tag) name the
+    base as the recipe did (`embedded`, a hub id, the user's path), not the absolute path PEFT records from the loaded
+    model, so the adapter travels to another machine and its card does not show this machine's folders."""
     import json
 
     path = os.path.join(folder, "adapter_config.json")
@@ -176,8 +177,15 @@ def portable_adapter_config(folder: str, model_name_or_path: str) -> None:
         return
     with open(path) as f:
         adapter_config = json.load(f)
+    recorded = adapter_config.get("base_model_name_or_path")
     adapter_config["base_model_name_or_path"] = model_name_or_path
     write_json_atomic(path, adapter_config)
+    card = os.path.join(folder, "README.md")
+    if isinstance(recorded, str) and recorded and recorded != model_name_or_path and os.path.isfile(card):
+        with open(card, encoding="utf-8") as f:
+            text = f.read()
+        with open(card, "w", encoding="utf-8") as f:
+            f.write(text.replace(recorded, model_name_or_path))
 
 
 def finish_reporters(config) -> None:

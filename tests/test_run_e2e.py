@@ -91,6 +91,8 @@ def test_gumbel_softmax_method_with_lora_runs(tmp_path):
     assert (tmp_path / "run" / "model" / "adapter_model.safetensors").exists()
     for folder in ("model", "best_model"):  # the base named portably, as the recipe names it (not this machine's path)
         assert load_results(tmp_path / "run" / folder / "adapter_config.json")["base_model_name_or_path"] == "embedded"
+        card = (tmp_path / "run" / folder / "README.md").read_text()  # PEFT's model card: no absolute path of this machine
+        assert "base_model: embedded" in card and "assets" not in card, card[:300]
 
 
 def test_reward_returning_nan_stops_the_run_after_saving_history(tmp_path, monkeypatch, capsys):
