@@ -29,7 +29,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 import yaml
 
-from .errors import Interrupted, UserError
+from .errors import Interrupted, UserError, signals_raise
 
 # ---------------------------------------------------------------- values
 
@@ -264,9 +264,12 @@ class Command:
 
 def run_safely(body: Callable[[], int]) -> int:
     """`body()`, with a UserError printed as one line and exit code 2, a signal (`Interrupted`, Ctrl-C) as one line
-    and exit code 128 + its number (130 for Ctrl-C, 143 for SIGTERM), and the process group left in every case."""
+    and exit code 128 + its number (130 for Ctrl-C, 143 for SIGTERM), and the process group left in every case.
+    SIGTERM raises from the first line of `body` on (by default it would end the process without a word, during the
+    seconds of imports and set-up before a command installs its own handling)."""
     try:
-        return body()
+        with signals_raise():
+            return body()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

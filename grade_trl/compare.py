@@ -36,7 +36,7 @@ from .comparison import RUN_INFO, build_comparison
 from .errors import UserError
 from .recipe import build_recipe, load_recipe_file
 from .results import read_json, read_results, write_json_atomic
-from .safety import signals_raise
+from .errors import signals_raise
 
 logger = logging.getLogger("grade_trl.compare")
 

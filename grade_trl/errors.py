@@ -1,8 +1,11 @@
-"""The error types every command reports in one line: `UserError` (bad input, exit code 2) and `Interrupted` (a signal)."""
+"""The error types every command reports in one line: `UserError` (bad input, exit code 2) and `Interrupted` (a signal),
+and `signals_raise`, which turns SIGTERM/SIGINT into `Interrupted`."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from typing import Iterator
 
 
 class UserError(Exception):
@@ -21,3 +24,26 @@ class Interrupted(BaseException):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+@contextlib.contextmanager
+def signals_raise(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), handler=None) -> Iterator[None]:
+    """Within the block, each signal in `signums` raises `Interrupted` in the main thread (or calls `handler(signum,
+    frame)`, which may raise it later: resume.GracefulStop); the old handlers after."""
+
+    def raise_interrupted(signum, frame):
+        raise Interrupted(signum)
+
+    handler = handler or raise_interrupted
+
+    previous = {}
+    try:
+        for signum in signums:
+            previous[signum] = signal.signal(signum, handler)
+    except ValueError:  # not the main thread (e.g. a notebook's worker): keep the default behaviour
+        pass
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)

@@ -20,7 +20,7 @@ prompt sampler draws a new permutation per pass from a generator it does not sav
 second pass over the prompts or later sees them in another order (exact within the first).
 
 `GracefulStop` turns the first SIGTERM or SIGINT during training into "finish this optimizer step, save a
-checkpoint, stop"; a second signal, or one outside training, stops at once (safety.signals_raise).
+checkpoint, stop"; a second signal, or one outside training, stops at once (errors.signals_raise).
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ class GracefulStop(TrainerCallback):
     (the runner then writes results.json with status `interrupted` and exits 128 + the signal's number). A second
     signal, or a signal outside training (set-up, final test), raises `Interrupted` at once.
 
-    Use `handler` as the signal handler (`safety.signals_raise(handler=...)`). Under several processes every process
+    Use `handler` as the signal handler (`errors.signals_raise(handler=...)`). Under several processes every process
     stops at the same step: the flag is all-reduced at each step end (one scalar)."""
 
     def __init__(self):

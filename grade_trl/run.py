@@ -18,12 +18,12 @@ import time
 from . import metrics
 from .build import build_callbacks, build_task, build_trainer
 from .cli import exit_process, quiet_libraries, run_safely
-from .errors import UserError
+from .errors import Interrupted, UserError, signals_raise
 from .recipe import Recipe, help_for_argv, parse_recipe
 from .reporting import TrainEndHeld
 from .results import RESULTS_FILE, last_training_value, payload, write_json_atomic
 from .resume import GracefulStop
-from .safety import Interrupted, output_dir_lock, signals_raise
+from .safety import output_dir_lock
 
 logger = logging.getLogger("grade_trl")
 

@@ -1,7 +1,7 @@
 """What keeps a run's results when something goes wrong: signals as exceptions, one run per output_dir, and a guard
 that stops before a non-finite gradient reaches the weights.
 
-- `Interrupted`: SIGTERM (what a scheduler sends) and SIGINT (Ctrl-C) raise it in the main thread, so the runner's
+- `Interrupted` (`errors.signals_raise`): SIGTERM (what a scheduler sends) and SIGINT (Ctrl-C) raise it in the main thread, so the runner's
   one `except` writes results.json with status `interrupted` and the history so far, and the command prints one
   line and exits 128 + the signal's number (143, 130), as a shell reports a process killed by it.
 - `output_dir_lock`: an exclusive `fcntl.flock` on `{output_dir}/.grade_trl.lock` for the whole run. The kernel
@@ -24,41 +24,17 @@ import fcntl
 import logging
 import math
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Iterator
 
 from transformers import TrainerCallback
 
-from .errors import Interrupted, UserError
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".grade_trl.lock"
-
-
-@contextlib.contextmanager
-def signals_raise(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), handler=None) -> Iterator[None]:
-    """Within the block, each signal in `signums` raises `Interrupted` in the main thread (or calls `handler(signum,
-    frame)`, which may raise it later: resume.GracefulStop); the old handlers after."""
-
-    def raise_interrupted(signum, frame):
-        raise Interrupted(signum)
-
-    handler = handler or raise_interrupted
-
-    previous = {}
-    try:
-        for signum in signums:
-            previous[signum] = signal.signal(signum, handler)
-    except ValueError:  # not the main thread (e.g. a notebook's worker): keep the default behaviour
-        pass
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
 
 
 @contextlib.contextmanager

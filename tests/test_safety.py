@@ -214,6 +214,36 @@ def test_a_signal_mid_training_writes_results_and_exits_with_one_line(tmp_path, 
         assert resumed["status"] == "completed" and steps == list(range(1, step + 3))
 
 
+def test_a_sigterm_before_the_run_starts_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """A SIGTERM during the seconds of imports and recipe parsing, before the run's own handling (the lock, the
+    graceful stop): one line and exit 143, as later, not the default's silent death; nothing is written yet."""
+    import grade_trl.run as run_module
+
+    parse_recipe = run_module.parse_recipe
+
+    def parse_then_terminated(argv):
+        recipe = parse_recipe(argv)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in this (the main) thread at its next bytecode
+        time.sleep(5)
+        return recipe
+
+    class NotHandledByTheCommand(Exception):
+        pass
+
+    def outer(signum, frame):  # stands in for the default action, which would end pytest itself
+        raise NotHandledByTheCommand()
+
+    monkeypatch.setattr(run_module, "parse_recipe", parse_then_terminated)
+    previous = signal.signal(signal.SIGTERM, outer)
+    try:
+        assert main(shrunk(tmp_path)) == 143
+        assert signal.getsignal(signal.SIGTERM) is outer  # the caller's handler again afterwards
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted by SIGTERM"
+    assert not (tmp_path / "run").exists()
+
+
 def nan_for_the_second(prompts, completions, **kwargs):
     return [0.5 if i != 1 else float("nan") for i in range(len(completions))]
 
