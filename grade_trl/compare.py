@@ -286,15 +286,16 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
 def summary_lines(comparison: dict) -> str:
     """A short plain-text table of the comparison (the full one is `python -m grade_trl.analysis`)."""
 
-    def cell(est: dict) -> str:
+    def cell(est: dict, seeds: int) -> str:
         if est["mean"] is None:
             return "-"
-        return f"{est['mean']:.3f}" + (f" ± {est['ci_high'] - est['mean']:.3f}" if est["ci_high"] is not None else "")
+        fewer = f" (n={est['n']})" if est.get("n") is not None and est["n"] < seeds else ""  # a run without this value
+        return f"{est['mean']:.3f}" + (f" ± {est['ci_high'] - est['mean']:.3f}" if est["ci_high"] is not None else "") + fewer
 
     columns = ("test", "best_validation", "kl", "wall_seconds")
     lines = [f"{'method':<16}{'seeds':>6}" + "".join(f"{c:>20}" for c in columns) + "    (mean ± 95% CI half-width over seeds)"]
     for name, entry in comparison["methods"].items():
-        lines.append(f"{name:<16}{len(entry['seeds']):>6}" + "".join(f"{cell(entry[c]):>20}" for c in columns))
+        lines.append(f"{name:<16}{len(entry['seeds']):>6}" + "".join(f"{cell(entry[c], len(entry['seeds'])):>20}" for c in columns))
     return "\n".join(lines)
 
 

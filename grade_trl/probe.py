@@ -137,6 +137,11 @@ def probe_recipe(recipe, path: str, options: dict, reference_cache: dict | None 
     return row
 
 
+def _resolved(value) -> str:
+    """A noise-corrected statistic, or why there is none (`probing.compare_means` gives NaN where the noise swamps it)."""
+    return "n/a: lost in the noise" if value is None or value != value else f"{value:.3f}"
+
+
 def format_table(rows: list[dict]) -> str:
     """One line per recipe: the scale-dependent statistics, then the scale-free ones."""
     header = f"{'recipe':<28} {'method':<10} {'compl.':>6} {'mean_sq_norm':>12} {'trace_cov':>11} {'mean_norm':>9} {'snr':>8} {'snr/compl':>9} {'snr_plugin':>10} {'cos_mean':>8} {'cos_loo':>8} {'sec':>6}"
@@ -151,8 +156,8 @@ def format_table(rows: list[dict]) -> str:
             b = r["bias"]
             lines.append(
                 f"bias {r['method']} (tau {r['tau']:g}, top-k {r['relax_top_k'] or 'all'}): vs the score-function reference ({b['reference_samples']} samples, relative SE {b['reference_relative_se']:.3f}): "
-                f"cosine {b['cosine']:.3f} (noise-corrected {b['cosine_corrected']:.3f}), relative error {b['relative_error']:.3f} "
-                f"(noise floor {b['noise_floor']:.3f}; noise-corrected bias {b['relative_bias']:.3f})"
+                f"cosine {b['cosine']:.3f} (noise-corrected {_resolved(b['cosine_corrected'])}), relative error {b['relative_error']:.3f} "
+                f"(noise floor {b['noise_floor']:.3f}; noise-corrected bias {_resolved(b['relative_bias'])})"
             )
     return "\n".join(lines)
 

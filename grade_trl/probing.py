@@ -177,7 +177,8 @@ def isolated(trainer, seed: int):
 class CountSketch:
     """A fixed random linear map R^D -> R^d (Charikar et al. 2002): coordinate i is added, with a random sign, to
     a random bucket. E[<Sx, Sy>] = <x, y>, so the sketched norms, trace_cov and signal are unbiased estimates of
-    the full-dimensional ones (relative error about sqrt(2 / d) for a norm), and the map costs O(D) per estimate
+    the full-dimensional ones (relative error about sqrt(2 / d) for a squared norm, sqrt(1 / (2 d)) for a norm, where
+    the vector's mass is spread over many coordinates), and the map costs O(D) per estimate
     with no D x d matrix. The hash is re-drawn from `seed` on every call (its own generator, not the global RNG), so
     every estimate gets the same map.
     For models too large to hold K x D floats (gpt2-medium: 355M parameters, 1.4 GB per estimate)."""
@@ -314,20 +315,23 @@ def compare_means(mean_a: torch.Tensor, trace_a: float, n_a: int, mean_b: torch.
         cosine_corrected            <mean_a, mean_b> / sqrt((||mean_a||^2 - trace_a/n_a)(||mean_b||^2 - trace_b/n_b))
         relative_bias               sqrt(||mean_a - mean_b||^2 - trace_a/n_a - trace_b/n_b) / sqrt(||mean_b||^2 - trace_b/n_b)
         reference_relative_se       sqrt(trace_b / n_b) / ||mean_b||
-    The corrected ones estimate cos(mu_a, mu_b) and ||mu_a - mu_b|| / ||mu_b|| (consistent; NaN when a signal
-    estimate comes out <= 0, i.e. the noise swamps it).
+    The corrected ones estimate cos(mu_a, mu_b) and ||mu_a - mu_b|| / ||mu_b|| (consistent). They are NaN where the
+    noise swamps what they measure: a signal estimate (||mean_x||^2 - trace_x / n_x, or the gap's) comes out <= 0, or
+    the corrected cosine falls outside [-1, 1]. A bias of 0 is not reported for a gap lost in the noise: it would read
+    as "unbiased" where the probe cannot tell.
     """
     mean_a, mean_b = mean_a.double(), mean_b.double()
     noise_a, noise_b = trace_a / n_a, trace_b / n_b
     sq_a, sq_b, cross = mean_a.dot(mean_a).item(), mean_b.dot(mean_b).item(), mean_a.dot(mean_b).item()
     gap_sq = sq_a - 2 * cross + sq_b
-    signal_a, signal_b = sq_a - noise_a, sq_b - noise_b
+    signal_a, signal_b, signal_gap = sq_a - noise_a, sq_b - noise_b, gap_sq - noise_a - noise_b
+    cosine_corrected = cross / math.sqrt(signal_a * signal_b) if signal_a > 0 and signal_b > 0 else math.nan
     return {
         "cosine": cross / math.sqrt(sq_a * sq_b),
         "relative_error": math.sqrt(gap_sq / sq_b),
         "noise_floor": math.sqrt((noise_a + noise_b) / sq_b),
-        "cosine_corrected": cross / math.sqrt(signal_a * signal_b) if signal_a > 0 and signal_b > 0 else math.nan,
-        "relative_bias": math.sqrt(max(0.0, gap_sq - noise_a - noise_b) / signal_b) if signal_b > 0 else math.nan,
+        "cosine_corrected": cosine_corrected if abs(cosine_corrected) <= 1 else math.nan,
+        "relative_bias": math.sqrt(signal_gap / signal_b) if signal_b > 0 and signal_gap > 0 else math.nan,
         "reference_relative_se": math.sqrt(noise_b / sq_b),
     }
 

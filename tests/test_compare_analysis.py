@@ -83,6 +83,23 @@ def test_thresholds_are_per_seed_and_count_the_first_evaluation_reaching_them(tm
     assert flat["targets"] == {"0.6": None}
 
 
+def test_a_cell_from_fewer_runs_than_the_method_has_says_how_many(tmp_path):
+    # GRPO with beta 0 logs no kl: a run without it is left out of that cell's mean and interval, and the cell says so
+    records = []
+    for seed in (1, 2, 3):
+        run = synthetic_run([0.5, 0.6, 0.7], seed=seed, test=0.6 + 0.01 * seed)
+        if seed == 3:
+            run["final"]["kl"] = None
+        write_json_atomic(tmp_path / "a" / f"seed{seed}" / "results.json", run)
+        records.append({"name": "a", "method": "grade_ste", "recipe": None, "seed": seed, "run_dir": str(tmp_path / "a" / f"seed{seed}"), "status": "completed"})
+    comparison = comparisons.build_comparison(records, [0.5], {})
+    assert comparison["methods"]["a"]["kl"]["n"] == 2 and comparison["methods"]["a"]["test"]["n"] == 3
+    row = analysis.markdown_table(comparison).splitlines()[2].split(" | ")
+    assert row[1] == "3" and row[5].endswith(" (n=2)") and "(n=" not in row[2]
+    line = compare.summary_lines(comparison).splitlines()[1]
+    assert line.count("(n=2)") == 1
+
+
 def test_analysis_without_comparison_json_draws_probe_and_tau_figures(tmp_path, capsys):
     # Two GRADE-STE tau settings, 2 seeds each; no comparison.json: the runs are scanned.
     for name, tau, offset in (("grade_ste", 2.0, 0.0), ("grade_ste_tau1", 1.0, 0.1)):
@@ -104,6 +121,30 @@ def test_analysis_without_comparison_json_draws_probe_and_tau_figures(tmp_path, 
     assert (pair["a"], pair["b"]) == ("grade_ste", "grade_ste_tau1")
     assert pair["t"] == pytest.approx(ref.statistic) and pair["p"] == pytest.approx(ref.pvalue) and pair["p_holm"] == pytest.approx(ref.pvalue)
     assert [row["seed"] for row in stats["within_seed"]] == [1, 2] and all(row["n_pairs"] == 5 for row in stats["within_seed"])
+
+
+def test_analysis_leaves_out_a_prompt_whose_reward_is_missing_and_names_each_holm_family(tmp_path):
+    # results.json stores a NaN reward as null: that prompt drops out of the paired tests (a TypeError traceback before)
+    for name, test in (("grade_ste", 0.6), ("reinforce", 0.7), ("ppo", 0.65)):
+        seeds = (1, 2) if name != "ppo" else (1,)  # one seed of ppo: its pairs have no Welch test
+        for seed in seeds:
+            run = synthetic_run([0.5, 0.6, 0.7], method=name if name != "ppo" else "reinforce", seed=seed, test=test + 0.01 * seed)
+            if name == "grade_ste" and seed == 1:
+                for checkpoint in ("final", "best"):
+                    run["final"]["test"][checkpoint]["rewards"][2] = None
+            write_json_atomic(tmp_path / name / f"seed{seed}" / "results.json", run)
+    assert analysis.main([str(tmp_path)]) == 0
+    stats = json.loads((tmp_path / "analysis" / "statistics.json").read_text())
+    rows = {(r["a"], r["b"], r["seed"]): r for r in stats["within_seed"]}
+    row = rows[("grade_ste", "reinforce", 1)]
+    assert row["n_pairs"] == 4 and rows[("grade_ste", "reinforce", 2)]["n_pairs"] == 5
+    kept = [k for k in range(5) if k != 2]
+    xa, xb = [0.61 + 0.01 * k for k in kept], [0.71 - 0.01 * k for k in kept]
+    assert row["p_t"] == pytest.approx(ss.ttest_rel(xa, xb).pvalue) and row["mean_difference"] == pytest.approx(np.mean(np.subtract(xa, xb)))
+    report = (tmp_path / "analysis" / "report.md").read_text()
+    assert sum(p["p"] is not None for p in stats["across_seeds"]) == 1  # only grade_ste-reinforce has 2 seeds on each side
+    assert "Holm-adjusted over the family of the 1 of 3 method pairs that have a test" in report
+    assert "bootstrap CI (nominal 95%)" in report
 
 
 def test_options_are_parsed_and_unknown_keys_forwarded_with_their_values():

@@ -274,6 +274,11 @@ def test_compare_means_removes_the_noise_of_both_means():
     assert c["relative_bias"] == pytest.approx(1.0, abs=0.12)
     assert c["reference_relative_se"] == pytest.approx(math.sqrt(D / n_b / (100 + D / n_b)), rel=0.05)
     assert c["noise_floor"] ** 2 == pytest.approx((D / n_a + D / n_b) / (100 + D / n_b), rel=0.05)
+    # Where the noise swamps what they measure there is no corrected value (not a bias of 0, not a cosine of 1.6):
+    # ||mean_a - mean_b||^2 = 4.25 < trace_a / n_a + trace_b / n_b = 6.25; <a, b> / sqrt(2.75 * 1.25) = 1.62.
+    lost = compare_means(torch.tensor([3.0, 0.0]), 100.0, 16, torch.tensor([1.0, 0.5]), 0.01, 100)
+    assert math.isnan(lost["relative_bias"]) and math.isnan(lost["cosine_corrected"])
+    assert lost["relative_error"] == pytest.approx(math.sqrt(4.25 / 1.25)) and lost["cosine"] == pytest.approx(3 / math.sqrt(9 * 1.25))
 
 
 def test_grade_bias_reports_the_gap_to_the_reference(sentiment_reward, tokenizer, tmp_path):

@@ -111,3 +111,65 @@ def test_holm_by_hand():
 def test_pair_by_prompt_matches_text_not_position():
     a, b = stats.pair_by_prompt(["p1", "p2", "p3", "p2"], [1.0, 2.0, 3.0, 4.0], ["p3", "p2", "p9", "p2"], [30.0, 20.0, 90.0, 40.0])
     assert a == [2.0, 3.0, 4.0] and b == [20.0, 30.0, 40.0]  # p2 (1st), p3, p2 (2nd); p1 and p9 unmatched
+
+
+def test_bootstrap_coverage_is_below_nominal_with_few_seeds_and_the_t_interval_holds():
+    """What bootstrap_ci's docstring and the analysis report say, simulated: normal data, true mean 0.8; the
+    percentile bootstrap's nominal 95% covers it far less often with 3 values, the t-interval about 95% of the time."""
+    rng = np.random.default_rng(0)
+    rounds, covered_boot, covered_t = 400, 0, 0
+    for r in range(rounds):
+        x = rng.normal(0.8, 0.05, 3)
+        boot, t = stats.bootstrap_ci(x, n_resamples=1000, seed=r), stats.mean_ci(x)
+        covered_boot += boot.low <= 0.8 <= boot.high
+        covered_t += t.low <= 0.8 <= t.high
+    # binomial standard error at 400 rounds: about 0.011 at 0.95, 0.022 at 0.75
+    assert 0.65 <= covered_boot / rounds <= 0.85 and 0.92 <= covered_t / rounds <= 0.98
+
+
+def test_no_spread_beyond_rounding_gives_nan_not_a_huge_statistic():
+    # 0.7 - 0.6, 0.8 - 0.7 and 0.9 - 0.8 differ in their last bits only: exact `std == 0` took them for a spread (t = 2.7e15).
+    assert math.isnan(stats.paired_t_test([0.7, 0.8, 0.9], [0.6, 0.7, 0.8]).p_value)
+    assert math.isnan(stats.paired_effect_size([0.7, 0.8, 0.9], [0.6, 0.7, 0.8]))
+    assert math.isnan(stats.welch_t_test([0.1 + 0.2, 0.3, 0.3], [0.5, 0.5, 0.5]).p_value)
+    assert math.isnan(stats.cohens_d([0.1 + 0.2, 0.3, 0.3], [0.5, 0.5, 0.5]))
+    # one side constant, the other varying: Welch is defined (its variance comes from the varying side)
+    # by hand: t = (0.3 - 0.6) / sqrt(0 / 3 + 0.01 / 3) = -3 sqrt(3), dof = n_b - 1 = 2 (all the variance is b's)
+    one_sided = stats.welch_t_test([0.3, 0.3, 0.3], [0.5, 0.6, 0.7])
+    assert one_sided.statistic == pytest.approx(-3 * math.sqrt(3)) and one_sided.dof == pytest.approx(2.0)
+    assert one_sided.p_value == pytest.approx(2 * ss.t.sf(3 * math.sqrt(3), 2))
+    # a small real spread is kept
+    assert stats.paired_t_test([1e-9, 3e-9, 2e-9], [0.0, 0.0, 0.0]).p_value == pytest.approx(ss.ttest_rel([1e-9, 3e-9, 2e-9], [0, 0, 0]).pvalue)
+
+
+def test_paired_tests_drop_pairs_with_a_missing_value():
+    # results.json stores a NaN reward as null: that prompt's pair is left out of every paired statistic
+    a, b = [1.0, 2.0, None, 4.0, 5.0, float("nan")], [0.0, 1.0, 1.0, 2.0, 6.0, 1.0]
+    kept_a, kept_b = [1.0, 2.0, 4.0, 5.0], [0.0, 1.0, 2.0, 6.0]
+    assert stats.paired_t_test(a, b) == stats.paired_t_test(kept_a, kept_b)
+    assert stats.paired_t_test(a, b).dof == 3
+    assert stats.wilcoxon_signed_rank(a, b) == stats.wilcoxon_signed_rank(kept_a, kept_b)
+    assert stats.paired_effect_size(a, b) == stats.paired_effect_size(kept_a, kept_b)
+    with pytest.raises(ValueError, match="same length"):
+        stats.paired_t_test([1.0, 2.0], [1.0])
+
+
+def test_wilcoxon_with_ties_is_the_exact_sign_flip_distribution_by_enumeration():
+    """Ties and n <= 13 non-zero differences: the p-value of all 2^n sign flips (enumerated here), whatever the number
+    of zero differences dropped before (the choice depends on the non-zero count)."""
+    import itertools
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        n = int(rng.integers(3, 12))
+        d = rng.integers(-3, 4, size=n).astype(float)
+        d[d == 0] = 1.0  # non-zero, with ties
+        magnitudes = ss.rankdata(np.abs(d))
+        observed = min(magnitudes[d > 0].sum(), magnitudes[d < 0].sum())
+        flips = [sum(m for m, s in zip(magnitudes, signs) if s) for signs in itertools.product([0, 1], repeat=n)]
+        total = magnitudes.sum()
+        p = np.mean([min(w, total - w) <= observed + 1e-9 for w in flips])
+        padded = np.concatenate([d, np.zeros(60)])  # 60 zero differences: still the non-zero count that decides
+        for diffs in (d, padded):
+            result = stats.wilcoxon_signed_rank(diffs, np.zeros_like(diffs))
+            assert result.statistic == observed and result.p_value == pytest.approx(min(1.0, p), rel=1e-9)
