@@ -135,8 +135,10 @@ def coerce(key: str, value: Any, tp) -> Any:
     return value
 
 
-def _is_list_type(tp) -> bool:
-    tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
+def is_list_type(tp) -> bool:
+    """Whether `tp` is a list, or a union that admits one (`None | str | list[str]`: `report_to`)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(is_list_type(a) for a in typing.get_args(tp))
     return typing.get_origin(tp) in (list, tuple)
 
 
@@ -162,8 +164,8 @@ def parse_overrides(argv: Sequence[str], list_keys: Sequence[str] = ()) -> dict[
                 i += 1
             if not values:
                 overrides[key] = True
-            elif key in list_keys and not (len(values) == 1 and isinstance(values[0], (list, str))):
-                overrides[key] = values  # several values, or one number: a list either way
+            elif key in list_keys and not (len(values) == 1 and (values[0] is None or isinstance(values[0], (list, str)))):
+                overrides[key] = values  # several values, or one number: a list either way (null stays null)
             else:
                 overrides[key] = values[0]
         i += 1
@@ -235,7 +237,7 @@ class Command:
         if len(positionals) < wanted[0] or (wanted[1] is not None and len(positionals) > wanted[1]):
             raise UserError(self.usage)
         known = {option.name: option for option in self.options}
-        raw = parse_overrides(argv, [name for name, option in known.items() if _is_list_type(option.type)])
+        raw = parse_overrides(argv, [name for name, option in known.items() if is_list_type(option.type)])
         values, forwarded = {}, {}
         for key, value in raw.items():
             if key in known:

@@ -238,6 +238,9 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         pending.append((index, record))
 
     env = dict(os.environ)
+    # a run under `accelerate launch` with several processes: its launcher kills the workers this long after passing on
+    # compare's SIGTERM (torch's default 30 s), which a step and its checkpoint may outlast; the user's own value wins
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
     if options["jobs"] > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // options["jobs"]))
 

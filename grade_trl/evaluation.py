@@ -293,6 +293,7 @@ class EvaluationCallback(TrainerCallback):
         self.stopped_early_at: int | None = None
         self.results: dict[int, dict] = {}
         self._start, self._eval_seconds, self._seconds_before = None, 0.0, 0.0  # _seconds_before: a resumed run's past
+        self.deferred_step: int | None = None  # the evaluation a signal's stop left to the resumed run (on_step_end)
 
     # -- resume (grade_trl.resume) ------------------------------------------------------------------------------
     def state_dict(self, step: int) -> dict:
@@ -309,6 +310,7 @@ class EvaluationCallback(TrainerCallback):
             "stopped_early_at": self.stopped_early_at,
             "seconds": self._elapsed(),
             "eval_seconds": self._eval_seconds,
+            "deferred_step": self.deferred_step,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -318,6 +320,7 @@ class EvaluationCallback(TrainerCallback):
         self.best_value, self.best_step = state["best_value"], state["best_step"]
         self.evaluations_since_best, self.stopped_early_at = state["evaluations_since_best"], state["stopped_early_at"]
         self._seconds_before, self._eval_seconds = state["seconds"], state["eval_seconds"]
+        self.deferred_step = state.get("deferred_step")  # absent from checkpoints saved before it existed
         if state["best_is_current"]:
             self._keep_best()
         elif state["best_parameters"] is not None:
@@ -367,19 +370,38 @@ class EvaluationCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = time.time()
-        if self.trainer is not None and state.global_step == 0:
+        if self.trainer is None:
+            return
+        if state.global_step == 0:
             self.log(state, self.evaluate(0))
+        elif self.deferred_step == state.global_step:
+            # The stopped run left this step's evaluation to us, on the same weights: in the history it goes where that
+            # run would have logged it, before the step's training row (its on_step_end precedes Trainer's log).
+            self.deferred_step = None
+            self.log(state, self.evaluate(state.global_step), before_step=state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer is not None and self.eval_steps > 0 and state.global_step % self.eval_steps == 0:
-            self.log(state, self.evaluate(state.global_step))
-            if self.patience and self.evaluations_since_best >= self.patience:
-                self.stopped_early_at = state.global_step
-                logger.warning(
-                    "early stopping at step %d: %s has not improved on %.4f (step %s) for %d evaluations",
-                    state.global_step, metrics.eval_key(self.evaluator.primary), self.best_value, self.best_step, self.patience,
-                )
-                control.should_training_stop = True
+        if self.trainer is None or self.eval_steps <= 0 or state.global_step % self.eval_steps:
+            return control
+        stopping = self.graceful_stop is not None and self.graceful_stop.stopping  # agreed by every process (GracefulStop.agree)
+        if stopping and not self.patience:
+            # A launcher kills a process some seconds after its signal (GracefulStop): save the checkpoint first and leave
+            # this evaluation to the resumed run, which runs it on the same weights. With early stopping on, this
+            # evaluation may end the run here, so it runs now.
+            self.deferred_step = state.global_step
+            logger.warning("evaluation at step %d left to the resumed run: stopping for a signal", state.global_step)
+            return control
+        self.log(state, self.evaluate(state.global_step))
+        if self.patience and self.evaluations_since_best >= self.patience:
+            self.stopped_early_at = state.global_step
+            logger.warning(
+                "early stopping at step %d: %s has not improved on %.4f (step %s) for %d evaluations",
+                state.global_step, metrics.eval_key(self.evaluator.primary), self.best_value, self.best_step, self.patience,
+            )
+            control.should_training_stop = True
+        if not stopping and self.graceful_stop is not None and self.graceful_stop.agree():  # a signal during this evaluation: stop at this step
+            control.should_save = True
+            control.should_training_stop = True
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -388,12 +410,17 @@ class EvaluationCallback(TrainerCallback):
         if self.trainer is not None and state.global_step not in self.results:
             self.log(state, self.evaluate(state.global_step))
 
-    def log(self, state, metrics: dict) -> None:
+    def log(self, state, metrics: dict, before_step: int | None = None) -> None:
         # Straight to the history and the reporters (W&B, TensorBoard, progress bar), not through
         # trainer.log: a trainer's log() may flush its own metric window (TRL's GRPOTrainer does).
+        # before_step: placed before the history's first row of that step instead of at its end.
         trainer = self.trainer
         logs = {**metrics, "epoch": state.epoch, "step": state.global_step}
-        state.log_history.append(logs)
+        if before_step is None:
+            state.log_history.append(logs)
+        else:
+            rows = state.log_history
+            state.log_history.insert(next((i for i, row in enumerate(rows) if row.get("step", -1) >= before_step), len(rows)), logs)
         should_log = trainer.control.should_log  # on_log resets it; this step's training log must still happen
         trainer.control = trainer.callback_handler.on_log(trainer.args, state, trainer.control, dict(metrics))
         trainer.control.should_log = should_log

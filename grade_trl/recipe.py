@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .cli import coerce, load_yaml, parse_overrides, range_error, unknown_key_hint
+from .cli import is_list_type, coerce, load_yaml, parse_overrides, range_error, unknown_key_hint
 from .errors import UserError
 from .methods import METHODS, get_method
 from .reporting import missing_reporter
@@ -195,6 +195,8 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
     if task in NON_DIFFERENTIABLE_TASKS and method.relaxed:
         raise RecipeError(f"method {method_name!r} cannot train task {task!r}: GRADE needs a differentiable reward; {NON_DIFFERENTIABLE_TASKS[task]}; use reinforce, ppo, grpo or cispo")
     values = {**TASK_DEFAULTS.get(task, {}), **values}  # the task's own data set and prompt length unless the recipe sets them
+    if isinstance(values.get("report_to"), str) and "," in values["report_to"]:  # `wandb,tensorboard`, as a list key takes it
+        values["report_to"] = [name.strip() for name in values["report_to"].split(",") if name.strip()]
     for key in values:
         if key in run_fields or key in config_fields:
             continue
@@ -211,6 +213,8 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
         config_kwargs = {**method.implied, **{k: coerce(k, v, hints[k]) for k, v in values.items() if k in config_fields}}
     except UserError as error:
         raise RecipeError(str(error)) from None
+    if "report_to" in config_kwargs and config_kwargs["report_to"] is None:  # null: no tracker (transformers would look one up named None)
+        config_kwargs["report_to"] = "none"
     if "min_new_tokens" in (config_kwargs.get("generation_kwargs") or {}):
         logger.warning(
             "generation_kwargs.min_new_tokens: TRL samples with the EOS ban but scores log-probs without it, so a policy "
@@ -462,8 +466,21 @@ def parse_recipe(argv: list[str]) -> Recipe:
     if not argv or argv[0].startswith("--"):
         raise RecipeError("usage: python -m grade_trl.run RECIPE.yaml [--key value ...]")
     values = load_recipe_file(argv[0])
-    values.update(parse_overrides(argv[1:]))
+    values.update(parse_overrides(argv[1:], list_keys=_list_keys(values, argv[1:])))
     return build_recipe(values)
+
+
+def _list_keys(values: dict, overrides: list[str]) -> list[str]:
+    """The keys that take several values on the command line (`--report_to wandb tensorboard`, as TRL's CLI):
+    the list-typed fields of the run arguments and of the method's config (the method named last wins)."""
+    method_name = str(values.get("method", RunArguments.method))
+    for i, token in enumerate(overrides):
+        if token == "--method" and i + 1 < len(overrides):
+            method_name = overrides[i + 1]
+        elif token.startswith("--method="):
+            method_name = token.partition("=")[2]
+    classes = [RunArguments] + ([get_method(method_name).config_class] if method_name in METHODS else [])
+    return [name for cls in classes for name, tp in typing.get_type_hints(cls).items() if is_list_type(tp)]
 
 
 # ---------------------------------------------------------------- --help

@@ -5,11 +5,21 @@ every other key under `train/` (`transformers.integrations.integration_utils.rew
 final test after `trainer.train()` has returned, that is after the reporters' `on_train_end`, where TensorBoard
 closes its writer and trackio finishes its run: logging then would open a second event file or a second trackio run.
 `TrainEndHeld` holds their `on_train_end` back until the test is logged.
+
+A run stopped and resumed (`resume_from_checkpoint`) is one run too: each checkpoint records what names the run in
+its trackers (`tracker_ids`: the run name, W&B's run id, TensorBoard's folder) and the resumed run continues them
+(`continued_trackers`): W&B resumes the same run id, TensorBoard writes into the same folder (one run in its UI),
+trackio continues the run of that name. A run without a `run_name` gets one that is unique to it (`default_run_name`),
+so that trackio, which continues any run of the same name, never merges two runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import time
+from typing import Iterator
 
 # reporter -> (modules of which one must be importable, the command that installs it)
 REPORTERS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -75,3 +85,54 @@ class TrainEndHeld:
         held, self.held = self.held, []
         for on_train_end, args, kwargs in held:
             on_train_end(*args, **kwargs)
+
+
+def default_run_name(output_dir: str) -> str:
+    """`<parent>-<folder>-<date>-<time>` of the run's output_dir (`grade_ste-seed42-20261205-221502`): what the
+    trackers show instead of a random name, and unique to this run (the date and time of its first start)."""
+    parts = [p for p in os.path.abspath(output_dir).split(os.sep) if p][-2:]
+    return "-".join(parts + [time.strftime("%Y%m%d-%H%M%S")])
+
+
+def _reporter_callbacks(trainer, name: str) -> list:
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    kind = INTEGRATION_TO_CALLBACK.get(name)
+    return [c for c in trainer.callback_handler.callbacks if kind is not None and isinstance(c, kind)]
+
+
+def tracker_ids(trainer) -> dict:
+    """What names this run in its trackers, saved with every checkpoint (resume.ResumeCallback)."""
+    ids = {"run_name": trainer.args.run_name}
+    report_to = trainer.args.report_to or []
+    if "wandb" in report_to:
+        import wandb
+
+        if wandb.run is not None:
+            ids["wandb_run_id"] = wandb.run.id
+    if "tensorboard" in report_to:
+        folders = [c.logging_dir for c in _reporter_callbacks(trainer, "tensorboard") if getattr(c, "logging_dir", None)]
+        if folders:
+            ids["tensorboard_dir"] = os.path.abspath(folders[0])
+    return ids
+
+
+@contextlib.contextmanager
+def continued_trackers(trainer, saved: dict | None) -> Iterator[None]:
+    """Within the block (`trainer.train()` of a resumed run), the trackers continue the run `saved` (the checkpoint's
+    `tracker_ids`) instead of starting another, unless the user chose otherwise (WANDB_RUN_ID, TENSORBOARD_LOGGING_DIR;
+    a run_name of their own is passed as it is). W&B's run is started here with the saved id and `resume="allow"`,
+    as transformers' callback would start it (project WANDB_PROJECT, default "huggingface"; the run name), which then
+    uses it: W&B reads WANDB_RUN_ID once per process, so the environment would not reach a second run in one process."""
+    saved = saved or {}
+    report_to = trainer.args.report_to or []
+    if saved.get("wandb_run_id") and "wandb" in report_to and "WANDB_RUN_ID" not in os.environ and trainer.is_world_process_zero():
+        import wandb
+
+        if wandb.run is None:
+            wandb.init(project=os.getenv("WANDB_PROJECT", "huggingface"), id=saved["wandb_run_id"], resume="allow", name=trainer.args.run_name)
+    if saved.get("tensorboard_dir") and "TENSORBOARD_LOGGING_DIR" not in os.environ:
+        for callback in _reporter_callbacks(trainer, "tensorboard"):
+            if callback.logging_dir is None:  # TensorBoard's own default: a new dated folder per start
+                callback.logging_dir = saved["tensorboard_dir"]
+    yield

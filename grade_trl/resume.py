@@ -35,10 +35,13 @@ import torch
 from transformers import TrainerCallback
 
 from .errors import Interrupted, UserError
+from .reporting import tracker_ids
+from .results import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "grade_trl_state_rank{rank}.pt"
+TRACKERS_FILE = "grade_trl_trackers.json"  # rank 0: what names the run in its trackers (reporting.tracker_ids)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -144,6 +147,8 @@ class ResumeCallback(TrainerCallback):
             _save_atomic(data, state_path(checkpoint, rank))
         trainer.accelerator.wait_for_everyone()
         if rank == 0:
+            # what names the run in its trackers (the main process reports): the resumed run continues those tracker runs
+            write_json_atomic(os.path.join(checkpoint, TRACKERS_FILE), tracker_ids(trainer))
             _save_atomic(data, state_path(checkpoint, 0))
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -177,6 +182,18 @@ class ResumeCallback(TrainerCallback):
         logger.info("resumed from %s at step %d", self.resume_from, state.global_step)
 
 
+def saved_tracker_ids(checkpoint: str) -> dict:
+    """The tracker ids (`reporting.tracker_ids`) the run saved with `checkpoint` ({} for a checkpoint saved before
+    they were recorded, or by a run without trackers)."""
+    import json
+
+    path = os.path.join(checkpoint, TRACKERS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def picklable(value):
     """`value` with every defaultdict as a plain dict: TRL keeps some logs in defaultdicts whose factory is a lambda,
     which pickle cannot save. `merge_into` puts them back into the trainer's own defaultdicts."""
@@ -208,31 +225,48 @@ class GracefulStop(TrainerCallback):
     signal, or a signal outside training (set-up, final test), raises `Interrupted` at once.
 
     Use `handler` as the signal handler (`errors.signals_raise(handler=...)`). Under several processes every process
-    stops at the same step: the flag is all-reduced at each step end (one scalar)."""
+    stops at the same step: the flag is all-reduced at each step end (one scalar), and again after an evaluation
+    (`agree`), so a signal that arrives while the validation set is generated stops the run at that step.
+
+    Launchers and schedulers kill what has not stopped soon after their signal (torchrun and `accelerate launch`
+    with several processes: TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default; Slurm: KillWait, 30 s by default), so
+    the stop is kept short: the evaluation that falls on the stopping step is left to the resumed run
+    (`EvaluationCallback`), and the warning names the launcher's limit where there is one."""
 
     def __init__(self):
         self.trainer = None
         self.signum: int | None = None
         self.training = False
+        self.stopping = False  # every process agreed to stop at this step
 
     def handler(self, signum, frame):
         if self.training and self.signum is None:
             self.signum = signum
-            logger.warning("%s: finishing this step, then saving a checkpoint and stopping (send it again to stop at once)", signal.Signals(signum).name)
+            limit = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30") if "TORCHELASTIC_RUN_ID" in os.environ else None
+            logger.warning(
+                "%s: finishing this step, then saving a checkpoint and stopping (send it again to stop at once)%s", signal.Signals(signum).name,
+                f"; the launcher kills this process {limit} s after its signal (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)" if limit else "",
+            )
             return
         raise Interrupted(signum)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.training = True
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def agree(self) -> bool:
+        """Whether the run stops at this step: a signal reached any process (all-reduced: one scalar; every process
+        calls this at the same points)."""
         stop = self.signum is not None
         trainer = self.trainer
         if trainer is not None and trainer.accelerator.num_processes > 1:
             flag = torch.tensor([float(self.signum or 0)], device=trainer.accelerator.device)
             signum = int(trainer.accelerator.reduce(flag, reduction="max").item())
             stop, self.signum = signum > 0, self.signum or (signum or None)
-        if stop:
+        self.stopping = self.stopping or stop
+        return self.stopping
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.agree():
             control.should_save = True
             control.should_training_stop = True
         return control

@@ -20,9 +20,9 @@ from .build import build_callbacks, build_task, build_trainer
 from .cli import exit_process, quiet_libraries, run_safely
 from .errors import Interrupted, UserError, signals_raise
 from .recipe import Recipe, help_for_argv, parse_recipe
-from .reporting import TrainEndHeld
+from .reporting import TrainEndHeld, continued_trackers, default_run_name
 from .results import RESULTS_FILE, last_training_value, payload, write_json_atomic
-from .resume import GracefulStop
+from .resume import GracefulStop, saved_tracker_ids
 from .safety import output_dir_lock
 
 logger = logging.getLogger("grade_trl")
@@ -68,6 +68,9 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
     run_args, config, resume_from = recipe.run, recipe.config, recipe.resume_from
     results_path = os.path.join(config.output_dir, RESULTS_FILE)
     trainer, final, train_end, callbacks, start = None, {}, None, {}, None
+    saved_trackers = saved_tracker_ids(resume_from) if resume_from is not None else {}
+    if config.report_to and config.run_name is None:  # the trackers' name for the run: the stopped run's when resuming
+        config.run_name = saved_trackers.get("run_name") or default_run_name(config.output_dir)
     try:
         tokenizer, task = build_task(recipe)
         final["task"] = task.info
@@ -81,7 +84,8 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
         start = time.time()
         if resume_from is not None:
             final["resumed_from"] = resume_from
-        trainer.train(resume_from_checkpoint=resume_from)
+        with continued_trackers(trainer, saved_trackers):  # a resumed run continues its tracker runs (reporting)
+            trainer.train(resume_from_checkpoint=resume_from)
         if graceful_stop.signum is not None:
             checkpoint = os.path.join(config.output_dir, f"checkpoint-{trainer.state.global_step}")
             final["checkpoint"] = checkpoint
@@ -156,6 +160,8 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
         if is_main:
             history = trainer.state.log_history if trainer is not None else []
             write_json_atomic(results_path, payload("interrupted" if interrupted else "failed", config_record(recipe), history, final, f"{type(error).__name__}: {error}"))
+        with contextlib.suppress(Exception):  # W&B records the run's own exit code (under a launcher it would see 0)
+            finish_reporters(config, exit_code=getattr(error, "exit_code", 130 if isinstance(error, KeyboardInterrupt) else 2 if isinstance(error, UserError) else 1))
         if interrupted:
             step = trainer.state.global_step if trainer is not None else 0
             resume = f"; resume with the same command and --resume_from_checkpoint {final['checkpoint']}" if "checkpoint" in final else ""
@@ -188,13 +194,15 @@ def portable_adapter_config(folder: str, model_name_or_path: str) -> None:
             f.write(text.replace(recorded, model_name_or_path))
 
 
-def finish_reporters(config) -> None:
-    """Close the W&B run so its files are complete when `run` returns (the Trainer leaves it open)."""
+def finish_reporters(config, exit_code: int = 0) -> None:
+    """Close the W&B run so its files are complete when `run` returns (the Trainer leaves it open), with the exit code
+    the command will end with: a rank of `accelerate launch` ends by `os._exit` (`cli.exit_process`), which W&B's own
+    exit hook never sees, so without it an interrupted or failed run would be recorded as finished with 0."""
     if "wandb" in (config.report_to or []):
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,29 @@ def test_overrides_win_over_the_file_and_are_typed():
 
 
 @pytest.mark.parametrize("method", ["grade_ste", "grpo"])
+def test_report_to_takes_several_values_a_comma_list_or_null_as_trl_cli_does(tmp_path, method):
+    recipe = REPO / "recipes" / "tiny" / ("length_grade_ste.yaml" if method == "grade_ste" else "length_grpo.yaml")
+    base = [str(recipe), "--output_dir", str(tmp_path / "run")]
+    for extra, expected in (
+        (["--report_to", "tensorboard", "wandb"], ["tensorboard", "wandb"]),  # TRL's CLI (nargs)
+        (["--report_to", "tensorboard,wandb"], ["tensorboard", "wandb"]),
+        (["--report_to=tensorboard, wandb"], ["tensorboard", "wandb"]),
+        (["--report_to", "[tensorboard, wandb]"], ["tensorboard", "wandb"]),
+        (["--report_to", "tensorboard"], ["tensorboard"]),
+        (["--report_to", "null"], []),  # no tracker (transformers would look up one named None)
+        (["--report_to", "none"], []),
+    ):
+        assert parse_recipe(base + extra).config.report_to == expected, extra
+    file = tmp_path / "recipe.yaml"
+    file.write_text(recipe.read_text() + "\nreport_to: tensorboard, wandb\n")
+    assert parse_recipe([str(file), "--output_dir", str(tmp_path / "run")]).config.report_to == ["tensorboard", "wandb"]
+    with pytest.raises(UserError, match="report_to: unknown reporter 'foo'"):
+        parse_recipe(base + ["--report_to", "tensorboard,foo"])
+    with pytest.raises(UserError, match="unexpected argument 'x'"):  # a key that takes one value still takes one
+        parse_recipe(base + ["--learning_rate", "1e-4", "x"])
+
+
+@pytest.mark.parametrize("method", ["grade_ste", "grpo"])
 def test_yaml_no_is_the_strategy_no_not_false(tmp_path, method):
     """YAML 1.1 reads `no` as false; `save_strategy: no` (file or --save_strategy no) is Trainer's "no" strategy."""
     recipe_file = tmp_path / "r.yaml"

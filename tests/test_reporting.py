@@ -25,6 +25,11 @@ from .test_run_e2e import load_results, shrunk
 def wandb_history(run_file: str) -> list[dict]:
     """The `history` records of an offline .wandb file: a 7-byte header, then 32 KiB blocks of chunks
     (crc32 u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last) holding protobuf `Record`s."""
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item} for record in wandb_records(run_file, "history")]
+
+
+def wandb_records(run_file: str, kind_name: str) -> list:
+    """The protobuf `Record`s of one type (`history`, `exit`, ...) of an offline .wandb file (layout: wandb_history)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = open(run_file, "rb").read()
@@ -42,8 +47,8 @@ def wandb_history(run_file: str) -> list[dict]:
         if kind in (1, 4):
             record = pb.Record()
             record.ParseFromString(pending)
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+            if record.WhichOneof("record_type") == kind_name:
+                rows.append(record)
     return rows
 
 
@@ -96,6 +101,74 @@ def test_wandb_offline_and_tensorboard_receive_the_logged_metrics(tmp_path, monk
         assert scalars[(step, key)] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
 
 
+def test_wandb_records_a_failed_run_with_the_exit_code_of_the_command(tmp_path, monkeypatch):
+    """A rank of `accelerate launch` ends by os._exit, which W&B's exit hook never sees: the runner finishes the W&B run
+    itself with the command's exit code (here a diverged run: the one-line error's 2), not as a success."""
+    wandb = pytest.importorskip("wandb", reason="W&B is an optional extra: pip install -e '.[wandb]'")
+    for key, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(tmp_path)), ("WANDB_SILENT", "true"), ("WANDB_CONSOLE", "off")):
+        monkeypatch.setenv(key, value)
+    code = main(shrunk(tmp_path, report_to="wandb", learning_rate=1e30, max_steps=4))
+    wandb.teardown()
+    assert code == 2 and load_results(tmp_path / "run" / "results.json")["status"] == "failed"
+    [run_file] = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert [record.exit.exit_code for record in wandb_records(run_file, "exit")] == [2]
+
+
+def stop_at_step(monkeypatch, step: int) -> None:
+    """A SIGTERM to this process during optimizer step `step` (the run finishes it, saves checkpoint-`step`, stops)."""
+    import signal
+
+    from grade_trl.safety import NonFiniteGuard
+
+    original = NonFiniteGuard.on_pre_optimizer_step
+
+    def signal_then_step(self, args, state, control, **kwargs):
+        if state.global_step == step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(NonFiniteGuard, "on_pre_optimizer_step", signal_then_step)
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_tensorboard_folder(tmp_path, monkeypatch):
+    """Stopped at step 2 by SIGTERM and resumed (in one process, as a notebook would): W&B continues the same run id and TensorBoard
+    writes into the same folder (one run in its UI); between them every value of the history is there once."""
+    wandb = pytest.importorskip("wandb", reason="W&B is an optional extra: pip install -e '.[wandb]'")
+    pytest.importorskip("tensorboard", reason="TensorBoard is an optional extra: pip install -e '.[tensorboard]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for key, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(tmp_path)), ("WANDB_SILENT", "true"), ("WANDB_CONSOLE", "off")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    argv = shrunk(tmp_path, report_to="[wandb, tensorboard]", max_steps=4, eval_steps=2, logging_steps=1)
+    with monkeypatch.context() as patched:
+        stop_at_step(patched, 2)
+        assert main(argv) == 143
+    assert main(argv + ["--resume_from_checkpoint", "true"]) == 0
+    wandb.teardown()
+
+    results = load_results(tmp_path / "run" / "results.json")
+    run_name = results["config"]["trainer"]["run_name"]
+    assert run_name.startswith(f"{tmp_path.name}-run-")  # <parent>-<folder>-<date>-<time>, the stopped run's
+    run_files = sorted(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb")))
+    assert len(run_files) == 2 and len({os.path.basename(f) for f in run_files}) == 1  # run-<id>.wandb twice: one id
+    [run_record] = wandb_records(run_files[0], "run")
+    assert run_record.run.display_name == run_name
+    expected = {(row["step"], reporter_key(k)) for row in results["history"] for k, v in row.items()
+                if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and "runtime" not in k and "per_second" not in k and not k.startswith("train_") and k != "total_flos"}
+    received = [(row["train/global_step"], k) for f in run_files for row in wandb_history(f) for k in row if "train/global_step" in row and k != "train/global_step"]
+    assert expected <= set(received)
+    assert [key for key in received if key in expected and received.count(key) > 1] == []
+
+    folders = {os.path.dirname(f) for f in glob.glob(str(tmp_path / "run" / "runs" / "**" / "events.out.tfevents.*"), recursive=True)}
+    assert len(folders) == 1  # both event files in the stopped run's folder
+    events = EventAccumulator(folders.pop())
+    events.Reload()
+    steps = sorted(e.step for e in events.Scalars("train/loss"))
+    assert steps == [1, 2, 3, 4]
+
+
 def test_trackio_receives_training_validation_and_test_in_one_run(tmp_path):
     pytest.importorskip("trackio", reason="trackio is an optional extra: pip install -e '.[trackio]'")
     env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -110,6 +183,36 @@ def test_trackio_receives_training_validation_and_test_in_one_run(tmp_path):
     assert {"train/kl", "eval/reward", "test/reward", "test/best_ckpt_reward"} <= set(logged)
     history = load_results(tmp_path / "run" / "results.json")["history"]
     assert logged["test/reward"] == pytest.approx(history[-1]["test_reward"]) and logged["train/global_step"] == 2
+
+
+def test_a_resumed_run_continues_its_trackio_run(tmp_path):
+    """trackio continues the run of the same name (transformers' callback: resume="allow"); the run gets a name of its
+    own (reporting.default_run_name) and keeps it when resumed, so a stop and resume is one trackio run, and another
+    run of the same folder name is not merged into it."""
+    import signal
+    import time
+
+    pytest.importorskip("trackio", reason="trackio is an optional extra: pip install -e '.[trackio]'")
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    argv = shrunk(tmp_path, report_to="trackio", max_steps=40, logging_steps=1, eval_steps=1000)
+    process = subprocess.Popen([sys.executable, "-m", "grade_trl.run", *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    for line in process.stdout:  # training has started once a loss shows
+        if "'loss'" in line or time.time() > deadline:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    stopped = load_results(tmp_path / "run" / "results.json")
+    resumed = subprocess.run([sys.executable, "-m", "grade_trl.run", *argv, "--resume_from_checkpoint", "true", "--max_steps", str(stopped["final"]["steps"] + 2)],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    [database] = glob.glob(str(tmp_path / "trackio" / "*.db"))
+    with sqlite3.connect(database) as db:
+        rows = [(run, json.loads(values)) for run, values in db.execute("SELECT run_name, metrics FROM metrics ORDER BY id")]
+    assert {run for run, _ in rows} == {load_results(tmp_path / "run" / "results.json")["config"]["trainer"]["run_name"]}
+    steps = [values["train/global_step"] for _, values in rows if "train/loss" in values]
+    assert steps == list(range(1, stopped["final"]["steps"] + 3))  # every step once, across the stop
 
 
 @pytest.mark.parametrize("kl,shown", [(0.0, "0.000"), (1.575, "1.575"), (None, "-")])

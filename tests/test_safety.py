@@ -244,6 +244,53 @@ def test_a_sigterm_before_the_run_starts_is_one_line_and_writes_nothing(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("when", ["training", "evaluation"])
+def test_a_signal_at_an_evaluation_step_stops_there_and_the_resumed_run_equals_one_never_stopped(tmp_path, monkeypatch, when):
+    """A SIGTERM during step 4's training (an evaluation step): the run saves checkpoint-4 without evaluating (a
+    launcher kills 30 s after its signal), and the resumed run evaluates step 4 first, on the same weights. A SIGTERM
+    during step 4's evaluation: the run stops at step 4, not after step 5. Either way the resumed run's history and
+    weights equal a run never stopped."""
+    from safetensors.torch import load_file
+
+    from grade_trl.evaluation import EvaluationCallback
+
+    from .test_resume import argv, comparable
+
+    assert main(argv("length_grade_ste.yaml", tmp_path / "straight", eval_steps=2, save_steps=100)) == 0
+    if when == "training":
+        original = NonFiniteGuard.on_pre_optimizer_step
+
+        def signal_in_step_4(self, args, state, control, **kwargs):
+            if state.global_step == 3:  # step 4's update, before its end
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(self, args, state, control, **kwargs)
+
+        monkeypatch.setattr(NonFiniteGuard, "on_pre_optimizer_step", signal_in_step_4)
+    else:
+        original = EvaluationCallback.evaluate
+
+        def signal_in_evaluation_4(self, step):
+            if step == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(self, step)
+
+        monkeypatch.setattr(EvaluationCallback, "evaluate", signal_in_evaluation_4)
+    stopped = tmp_path / "stopped"
+    assert main(argv("length_grade_ste.yaml", stopped, eval_steps=2, save_steps=100)) == 143
+    monkeypatch.undo()
+    results = load_results(stopped / "results.json")
+    assert results["status"] == "interrupted" and results["final"]["checkpoint"] == str(stopped / "checkpoint-4")
+    evaluated = [row["step"] for row in results["history"] if "eval_reward" in row]
+    assert evaluated == ([0, 2] if when == "training" else [0, 2, 4])
+
+    assert main(argv("length_grade_ste.yaml", stopped, eval_steps=2, save_steps=100, resume_from_checkpoint="true")) == 0
+    straight, resumed = load_results(tmp_path / "straight" / "results.json"), load_results(stopped / "results.json")
+    assert comparable(resumed["history"]) == comparable(straight["history"])
+    assert resumed["final"]["test"] == straight["final"]["test"] and resumed["final"]["best_validation_step"] == straight["final"]["best_validation_step"]
+    a, b = load_file(str(tmp_path / "straight" / "model" / "model.safetensors")), load_file(str(stopped / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def nan_for_the_second(prompts, completions, **kwargs):
     return [0.5 if i != 1 else float("nan") for i in range(len(completions))]
 
