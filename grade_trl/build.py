@@ -7,25 +7,10 @@ constructed in one place only.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 
-from .errors import UserError
+from .errors import UserError, loading
 from .methods import get_method
 from .recipe import Recipe
-
-
-@contextmanager
-def loading(key: str, value: str):
-    """Turn a failure to load `value` (unreachable hub id, unreadable file, wrong schema) into a one-line error naming `key`."""
-    from safetensors import SafetensorError  # a truncated or corrupt .safetensors file
-
-    try:
-        yield
-    except (OSError, ValueError, ConnectionError, SafetensorError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        advice = ("a damaged or truncated weights file: copy or download it again" if isinstance(error, SafetensorError)
-                  else "give a local path, `embedded`, or a hub id reachable from here")
-        raise UserError(f"{key}: cannot load {value!r}: {first_line} ({advice})") from None
 
 
 def build_peft_config(run):
@@ -60,11 +45,31 @@ def build_task(recipe: Recipe, gold_judge: bool = True):
         top_p=run_args.eval_top_p,
         max_prompt_length=run_args.max_prompt_length,
     )
+    check_model_fits(run_args, config)
     with loading("model_name_or_path", run_args.model_name_or_path):
         tokenizer = load_tokenizer(run_args.model_name_or_path)
     with loading("dataset_name", run_args.dataset_name):
         task = TASK_BUILDERS[run_args.task](run_args, tokenizer, config.seed, settings, config.reward_weights)
     return tokenizer, task
+
+
+def check_model_fits(run_args, config) -> None:
+    """The policy's folder has a tokenizer, and its positions hold a prompt and a completion: each a one-line error
+    naming the key (transformers 5 builds an empty tokenizer from a folder without one, and a sequence past the
+    model's positions fails with an index error at the first generation or scoring)."""
+    from .models import has_tokenizer_files, position_limit
+
+    name = run_args.model_name_or_path
+    with loading("model_name_or_path", name):  # no model there at all: that, before what it lacks
+        limit = position_limit(name)
+    if not has_tokenizer_files(name):
+        raise UserError(f"model_name_or_path: {name!r} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt, ...); "
+                        "copy the tokenizer of the model it was trained with into it")
+    max_new_tokens, _ = config.new_token_limits
+    if limit is not None and run_args.max_prompt_length + max_new_tokens > limit:
+        key = "max_completion_length" if hasattr(config, "max_completion_length") else "max_new_tokens"
+        raise UserError(f"{key}: max_prompt_length {run_args.max_prompt_length} + {key} {max_new_tokens} = {run_args.max_prompt_length + max_new_tokens} "
+                        f"tokens, but {name!r} has {limit} positions; lower one of them")
 
 
 def build_trainer(recipe: Recipe, task, tokenizer, callbacks=()):

@@ -1,5 +1,6 @@
 """The error types every command reports in one line: `UserError` (bad input, exit code 2) and `Interrupted` (a signal),
-and `signals_raise`, which turns SIGTERM/SIGINT into `Interrupted`."""
+`signals_raise`, which turns SIGTERM/SIGINT into `Interrupted`, and `loading`, which turns a failure to load an input
+into a UserError naming its key."""
 
 from __future__ import annotations
 
@@ -47,3 +48,26 @@ def signals_raise(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), ha
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+@contextlib.contextmanager
+def loading(key: str, value: str):
+    """Turn a failure to load `value` (unreachable hub id, unreadable file, wrong schema) into a one-line error naming `key`."""
+    import logging
+
+    from safetensors import SafetensorError  # a truncated or corrupt .safetensors file
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # an unreachable hub: its retries' warnings (dozens of lines) before our one line
+    try:
+        yield
+    except (OSError, ValueError, ConnectionError, SafetensorError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if isinstance(error, SafetensorError):
+            first_line += " (a damaged or truncated weights file: copy or download it again)"
+        elif isinstance(error, (OSError, ConnectionError)):  # not found, not reachable (a ValueError says what is wrong inside)
+            first_line += " (give a local path, `embedded`, or a hub id reachable from here)"
+        raise UserError(f"{key}: cannot load {value!r}: {first_line}") from None
+    finally:
+        hub_logger.setLevel(level)

@@ -75,6 +75,48 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | str = torch.float32, 
     return load_pretrained(AutoModelForCausalLM, resolve_model_path(name_or_path), dtype=dtype, **kwargs)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json", "vocab.txt")
+"""A local model folder has a tokenizer when it holds one of these (transformers 5 otherwise builds an empty one from
+`config.json` without a word, and the run fails much later)."""
+
+
+def has_tokenizer_files(name_or_path: str) -> bool:
+    """False only for a local folder without any tokenizer file; hub ids and `embedded` pass."""
+    path = resolve_model_path(name_or_path)
+    return not os.path.isdir(path) or any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES)
+
+
+def position_limit(name_or_path: str) -> int | None:
+    """How many positions the model's config allows (GPT-2's `n_positions`, others' `max_position_embeddings`), or
+    None where the config names none."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    for name in ("n_positions", "max_position_embeddings"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
+def fingerprint(name_or_path: str) -> str | None:
+    """What tells a local model folder's contents apart (its config, its weights file's size and first MiB, which
+    holds the header and the first tensor's values): a model retrained or rebuilt into the same folder changes it.
+    None for a hub id (a cached revision does not change under its name)."""
+    import hashlib
+
+    path = Path(resolve_model_path(name_or_path))
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        file = path / name
+        if file.is_file():
+            digest.update(f"{name}:{file.stat().st_size}:".encode())
+            with open(file, "rb") as f:
+                digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Tokenizer with left padding (generation continues at the right edge) and a pad token."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))

@@ -17,15 +17,15 @@ from .data.custom import make_custom_splits
 from .data.custom import prompt_dataset as custom_prompt_dataset
 from .data.gsm8k import make_gsm8k_splits
 from .data.imdb import clean_review, load_imdb, make_imdb_splits, prompt_dataset
-from .errors import UserError
+from .errors import UserError, loading
 from .evaluation import Evaluator, GenerationSettings, RewardEvaluator
 from .evaluation_gsm8k import GSM8KEvaluator
-from .models import resolve_model_path
+from .models import fingerprint, resolve_model_path
 from .rewards.base import MeanReward
 from .rewards.gsm8k import GSM8KCorrectness, GSM8KFormat
 from .rewards.imports import reward_specs
 from .rewards.length import LengthReward
-from .rewards.sentiment import SentimentReward, SentimentRewardModel, has_trained_head, train_sentiment_head
+from .rewards.sentiment import SentimentReward, SentimentRewardModel, has_trained_head, read_head_metadata, train_sentiment_head
 
 logger = logging.getLogger(__name__)
 
@@ -113,24 +113,42 @@ def build_gold_judge(spec: str, dataset_name: str, seed: int, max_test_reviews: 
     return judge
 
 
-def load_or_train_sentiment_model(run, tokenizer, splits, seed: int) -> tuple[SentimentRewardModel, dict]:
-    """Reuse the head at `reward_model_path` if it was trained on this backbone, else train and save it there."""
+def load_or_train_sentiment_model(run, tokenizer, splits, seed: int, force: bool = False) -> tuple[SentimentRewardModel, dict]:
+    """Reuse the head at `reward_model_path` if it was trained on this backbone, else train and save it there
+    (`force`: train it again even where one exists; the new head replaces the old one only once it is trained)."""
     backbone = run.reward_backbone or run.model_name_or_path
+    key = "reward_backbone" if run.reward_backbone else "model_name_or_path"
     path = run.reward_model_path
     with PartialState().main_process_first():  # the main process trains and saves; the others then load
-        if has_trained_head(path):
-            model = SentimentRewardModel.load(path, backbone)
+        if has_trained_head(path) and not force:
+            metadata = read_head_metadata(path)
             # The backbone as the recipe names it (`embedded`, a hub id) identifies it on every machine; the resolved
             # path only on the one that trained it (heads saved before the name was recorded have the path only).
-            trained_on, trained_on_path = model.metadata.get("backbone"), model.metadata.get("backbone_path")
+            trained_on, trained_on_path = metadata.get("backbone"), metadata.get("backbone_path")
             if trained_on != backbone and trained_on_path and trained_on_path != resolve_model_path(backbone):
                 raise UserError(
                     f"reward_model_path: {path!r} holds a head trained on {trained_on or trained_on_path!r}, not on {backbone!r}; "
                     "point reward_model_path at a new folder to train one for this backbone"
                 )
+            if metadata.get("backbone_fingerprint") not in (None, fingerprint(backbone)):
+                raise UserError(
+                    f"reward_model_path: {path!r} holds a head trained on an earlier {backbone!r} (its config or weights have changed "
+                    "since); train it again with `python -m grade_trl.train_reward RECIPE.yaml --force`, or point reward_model_path at a new folder"
+                )
+            with loading(key, backbone):
+                try:
+                    model = SentimentRewardModel.load(path, backbone)
+                except RuntimeError as error:  # the head's shape does not fit this backbone's width
+                    raise UserError(f"reward_model_path: {path!r} holds a head that does not fit {backbone!r} ({str(error).splitlines()[-1].strip()}); "
+                                    "point reward_model_path at a new folder to train one for this backbone") from None
+            check_reward_max_length(run, model, backbone, key)
             logger.info("reusing sentiment reward head from %s (held-out accuracy %.3f)", path, model.metadata.get("heldout_accuracy", float("nan")))
             return model, model.metadata
-        model = SentimentRewardModel.from_backbone(backbone)
+        if len(splits["reward"]) == 0:
+            raise UserError("reward_split_size: 0 reviews to train the sentiment reward head on; give at least 1 (a few hundred for a useful head)")
+        with loading(key, backbone):
+            model = SentimentRewardModel.from_backbone(backbone)
+        check_reward_max_length(run, model, backbone, key)
         metrics = train_sentiment_head(
             model,
             tokenizer,
@@ -143,12 +161,21 @@ def load_or_train_sentiment_model(run, tokenizer, splits, seed: int) -> tuple[Se
             learning_rate=run.reward_learning_rate,
             seed=seed,
         )
-        metadata = {**metrics, "backbone_path": resolve_model_path(backbone), "dataset": run.dataset_name, "seed": seed}
+        metadata = {**metrics, "backbone_path": resolve_model_path(backbone), "backbone_fingerprint": fingerprint(backbone), "dataset": run.dataset_name, "seed": seed}
         if PartialState().is_main_process:
             model.save(path, metadata)
         model.metadata = {"backbone": backbone, **metadata}
         logger.info("trained sentiment reward head: held-out accuracy %.3f on %d validation reviews", metrics["heldout_accuracy"], metrics["heldout_size"])
         return model, model.metadata
+
+
+def check_reward_max_length(run, model: SentimentRewardModel, backbone: str, key: str) -> None:
+    """The reward scores at most `reward_max_length` tokens, which the backbone must have positions for (an index
+    error deep in the first scoring otherwise)."""
+    config = model.backbone.config
+    limit = next((getattr(config, n) for n in ("n_positions", "max_position_embeddings") if isinstance(getattr(config, n, None), int)), None)
+    if limit is not None and run.reward_max_length > limit:
+        raise UserError(f"reward_max_length: {run.reward_max_length} tokens, but the reward backbone {backbone!r} ({key}) has {limit} positions; set it to at most {limit}")
 
 
 def build_gsm8k(run, tokenizer, seed: int, settings: GenerationSettings, weights=None) -> Task:

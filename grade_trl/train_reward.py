@@ -10,12 +10,9 @@ training it once up front, or again after changing its settings.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from .build import loading
+from .errors import UserError, loading
 from .cli import Command, Option, exit_process
 from .recipe import build_recipe, load_recipe_file
-from .rewards.sentiment import HEAD_FILE
 
 COMMAND = Command(
     prog="grade_trl.train_reward",
@@ -29,18 +26,22 @@ COMMAND = Command(
 
 def train_reward(paths: list[str], options: dict, overrides: dict) -> int:
     from .data.imdb import make_imdb_splits
-    from .models import load_tokenizer
+    from .models import has_tokenizer_files, load_tokenizer
     from .tasks import load_or_train_sentiment_model
 
     recipe = build_recipe({**load_recipe_file(paths[0]), **overrides})
     run = recipe.run
-    if options["force"] and (Path(run.reward_model_path) / HEAD_FILE).exists():
-        (Path(run.reward_model_path) / HEAD_FILE).unlink()
-    with loading("model_name_or_path", run.model_name_or_path):
-        tokenizer = load_tokenizer(run.reward_backbone or run.model_name_or_path)
+    if run.task != "imdb_sentiment":
+        raise UserError(f"task: {run.task!r} has no sentiment reward head to train; train_reward trains the head of task imdb_sentiment (the IMDB recipes)")
+    key, backbone = ("reward_backbone", run.reward_backbone) if run.reward_backbone else ("model_name_or_path", run.model_name_or_path)
+    if not has_tokenizer_files(backbone):
+        raise UserError(f"{key}: {backbone!r} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt, ...); copy the tokenizer of the model it was trained with into it")
+    with loading(key, backbone):
+        tokenizer = load_tokenizer(backbone)
     with loading("dataset_name", run.dataset_name):
         splits = make_imdb_splits(run.dataset_name, recipe.config.seed, run.reward_split_size, run.policy_split_size, run.validation_split_size)
-        _, info = load_or_train_sentiment_model(run, tokenizer, splits, recipe.config.seed)
+        # --force trains again; the new head replaces the old one only once trained (a failure leaves the old one)
+        _, info = load_or_train_sentiment_model(run, tokenizer, splits, recipe.config.seed, force=options["force"])
     print(f"reward head at {run.reward_model_path}: held-out accuracy {info['heldout_accuracy']:.3f} on {info['heldout_size']} validation reviews")
     return 0
 

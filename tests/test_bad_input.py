@@ -6,6 +6,7 @@ model's folder behind."""
 import io
 import json
 import contextlib
+import os
 import shutil
 import warnings
 
@@ -204,6 +205,26 @@ def test_a_damaged_weights_file_is_one_line_exit_2_nothing_written(tmp_path):
         code, errors = _main_quietly([str(REPO / "recipes" / "tiny" / recipe), "--model_name_or_path", str(model), "--output_dir", str(out)])
         assert code == 2 and errors == [f"error: model_name_or_path: cannot load {str(model)!r}: Error while deserializing header: incomplete "
                                         "metadata, file not fully covered (a damaged or truncated weights file: copy or download it again)"], errors
+        assert not (tmp_path / "runs").exists()
+
+
+def test_a_model_without_a_tokenizer_or_positions_for_prompt_and_completion_is_one_line(tmp_path):
+    """transformers 5 builds an empty tokenizer from a folder without one, and a prompt plus completion past the model's
+    positions is an index error at the first generation: both one line naming the key, exit 2, nothing written."""
+    from grade_trl.models import resolve_model_path
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(resolve_model_path("embedded"), name), model / name)
+    cases = [
+        ("length_grpo.yaml", ["--model_name_or_path", str(model)], f"error: model_name_or_path: {str(model)!r} has no tokenizer files"),
+        ("imdb_reinforce.yaml", ["--max_new_tokens", "240"], "error: max_new_tokens: max_prompt_length 32 + max_new_tokens 240 = 272 tokens, but 'embedded' has 256 positions"),
+        ("length_grpo.yaml", ["--max_completion_length", "240"], "error: max_completion_length: max_prompt_length 32 + max_completion_length 240 = 272 tokens"),
+    ]
+    for recipe, extra, message in cases:
+        code, errors = _main_quietly([str(REPO / "recipes" / "tiny" / recipe), "--output_dir", str(tmp_path / "runs" / "x"), *extra])
+        assert code == 2 and len(errors) == 1 and errors[0].startswith(message), errors
         assert not (tmp_path / "runs").exists()
 
 

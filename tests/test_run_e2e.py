@@ -168,3 +168,53 @@ def test_train_reward_command_trains_then_reuses(tmp_path, capsys):
     assert (tmp_path / "rm" / "head.safetensors").stat().st_mtime_ns == mtime
     assert train_reward(args + ["--force"]) == 0
     assert (tmp_path / "rm" / "head.safetensors").stat().st_mtime_ns != mtime
+    # --force with data that cannot train a head: one line, and the head there is kept (it was deleted first before)
+    mtime = (tmp_path / "rm" / "head.safetensors").stat().st_mtime_ns
+    one_label = tmp_path / "one_label"
+    one_label.mkdir()
+    (one_label / "train.jsonl").write_text("".join(json.dumps({"text": f"review {i}", "label": 1}) + "\n" for i in range(400)))
+    (one_label / "test.jsonl").write_text("".join(json.dumps({"text": f"other {i}", "label": 1}) + "\n" for i in range(100)))
+    assert train_reward(args + ["--force", "--dataset_name", str(one_label)]) == 2
+    assert "has only label 1" in capsys.readouterr().err
+    assert (tmp_path / "rm" / "head.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_train_reward_refuses_what_would_train_a_wrong_or_broken_head(tmp_path, capsys):
+    """A task without a sentiment head, a backbone rebuilt in its folder since its head was trained (its contents, not
+    its name, changed), a backbone folder without tokenizer files, a reward_max_length past its positions, and no
+    review to train on: each one line naming the key, exit 2."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from grade_trl.train_reward import main as train_reward
+
+    def narrow_model(folder, seed):
+        torch.manual_seed(seed)
+        GPT2LMHeadModel(GPT2Config(vocab_size=8192, n_positions=256, n_embd=32, n_layer=1, n_head=2)).save_pretrained(folder)
+
+    backbone = tmp_path / "backbone"
+    narrow_model(backbone, 0)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(resolve_model_path("embedded"), name), backbone / name)
+    sizes = ["--reward_split_size", "100", "--policy_split_size", "50", "--validation_split_size", "40", "--reward_epochs", "1"]
+    args = [QUICKSTART, "--model_name_or_path", str(backbone), "--reward_model_path", str(tmp_path / "rm"), *sizes]
+    assert train_reward(args) == 0
+    capsys.readouterr()
+    narrow_model(backbone, 1)  # the same folder, other weights
+    cases = [
+        (args, "reward_model_path: "),  # the head at rm was trained on the backbone before it was rebuilt
+        ([str(REPO / "recipes" / "tiny" / "gsm8k_grpo.yaml")], "task: 'gsm8k' has no sentiment reward head to train"),
+        (args + ["--reward_model_path", str(tmp_path / "rm2"), "--reward_max_length", "300"], "reward_max_length: 300 tokens, but the reward backbone"),
+        (args + ["--reward_model_path", str(tmp_path / "rm3"), "--reward_split_size", "0"], "reward_split_size: 0 reviews"),
+    ]
+    no_tokenizer = tmp_path / "no_tokenizer"
+    narrow_model(no_tokenizer, 0)
+    cases.append((args + ["--model_name_or_path", str(no_tokenizer), "--reward_model_path", str(tmp_path / "rm4")], "model_name_or_path: "))
+    for argv, message in cases:
+        assert train_reward(argv) == 2, message
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: {message}") and "Traceback" not in "\n".join(err), err[-1]
+        if argv is args:
+            assert "holds a head trained on an earlier" in err[-1]
+    assert not any((tmp_path / name).exists() for name in ("rm2", "rm3", "rm4"))  # nothing written

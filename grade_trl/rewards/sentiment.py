@@ -93,11 +93,16 @@ class SentimentRewardModel(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, backbone_name: str | None = None) -> "SentimentRewardModel":
         path = Path(path)
-        metadata = json.loads((path / META_FILE).read_text())
+        metadata = read_head_metadata(path)
         model = cls.from_backbone(backbone_name or metadata["backbone"])
         model.head.load_state_dict(load_file(str(path / HEAD_FILE)))
         model.metadata = metadata
         return model
+
+
+def read_head_metadata(path: str | os.PathLike) -> dict:
+    """A saved head's `reward_model.json` (its backbone, accuracy, data), without loading the backbone."""
+    return json.loads((Path(path) / META_FILE).read_text())
 
 
 def has_trained_head(path: str | os.PathLike | None) -> bool:
