@@ -15,8 +15,11 @@ A quick CPU check on the embedded IMDB sample:
     python -m grade_trl.pretrain --imdb embedded --output_dir /tmp/tiny --max_documents 2000 \\
         --max_steps 30 --batch_size 16
 
-Writes to `--output_dir`: the model (safetensors), the tokenizer, `training_log.json` (a list of
-{step, train_loss, val_loss, tokens, t}, rewritten atomically at every log step) and MODEL_CARD.md.
+Writes to `--output_dir` (a new or empty folder; `--overwrite` replaces what a folder holds): the model
+(safetensors), the tokenizer, `training_log.json` (a list of {step, train_loss, val_loss, tokens, t}, rewritten
+atomically at every log step) and MODEL_CARD.md. Bad options and unreadable data are refused in one line before
+anything is written. A SIGTERM or Ctrl-C during training saves the model as it is after the last finished step, with
+a card that says so, and exits 143 or 130.
 """
 
 from __future__ import annotations
@@ -33,13 +36,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from datasets import load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from .cli import Command, Option, exit_process
+from .cli import Command, Option, exit_process, range_error
+from .data.gsm8k import load_gsm8k
 from .data.imdb import clean_review, load_imdb
-from .errors import UserError
+from .errors import Interrupted, UserError, loading, signals_raise
 
 logger = logging.getLogger(__name__)
 
@@ -68,31 +71,62 @@ COMMAND = Command(
         Option("max_documents", int | None, None, "use at most this many documents (quick runs)"),
         Option("eval_documents", int, 500, "held-out documents for the validation loss"),
         Option("log_every", int, 100, "log train/val loss every this many steps"),
+        Option("overwrite", bool, False, "write into an --output_dir that already holds files (replacing the model there)"),
     ),
 )
 
+RANGES = {  # option -> (is the value right?, what is right): checked before anything loads
+    "vocab_size": (lambda v: v >= 257, "an integer >= 257 (the 256 bytes and <|endoftext|>)"),
+    "n_layer": (lambda v: v >= 1, "an integer >= 1"),
+    "n_embd": (lambda v: v >= 1, "an integer >= 1"),
+    "n_head": (lambda v: v >= 1, "an integer >= 1"),
+    "context": (lambda v: v >= 2, "an integer >= 2 (tokens per block)"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "max_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1] (the final learning rate as a fraction of the peak)"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "max_documents": (lambda v: v >= 2, "an integer >= 2 (or unset for all)"),
+    "eval_documents": (lambda v: v >= 1, "an integer >= 1 (held-out documents for the validation loss)"),
+    "log_every": (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def check_options(args: SimpleNamespace) -> None:
+    """Every option in range, the head count dividing the width, and the output folder writable and new or empty
+    (unless --overwrite): one line naming the option, before anything loads or is written."""
+    for key, value in vars(args).items():
+        if problem := range_error(key, value, RANGES):
+            raise UserError(f"--{problem}")
+    if args.n_embd % args.n_head:
+        raise UserError(f"--n_head: {args.n_head} heads do not divide --n_embd {args.n_embd}; give a divisor of it")
+    if not args.output_dir:
+        raise UserError("--output_dir is required: where the model, tokenizer, log and model card go")
+    output_dir = Path(os.path.expanduser(args.output_dir))
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir: {str(output_dir)!r} is a file; give a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite:
+        raise UserError(f"--output_dir: {str(output_dir)!r} already holds files; give a new folder, or --overwrite to replace what it holds")
+
 
 def gsm8k_documents(source: str) -> list[str]:
-    """GSM8K train rows (a jsonl file, a folder with train.jsonl, or a hub id) as `Question: ...\\nAnswer: ...`."""
-    path = Path(os.path.expanduser(source))
-    if path.is_dir():
-        path = path / "train.jsonl"
-    if path.exists():
-        rows = load_dataset("json", data_files=str(path), split="train")
-    else:
-        rows = load_dataset(source, "main", split="train")
+    """GSM8K train rows (a hub id, a file, a folder with train.jsonl[.gz], or `embedded`) as `Question: ...\\nAnswer: ...`."""
+    rows = load_gsm8k(source, "train")
     return [f"Question: {q}\nAnswer: {a}" for q, a in zip(rows["question"], rows["answer"])]
 
 
 def load_documents(args: SimpleNamespace) -> tuple[list[str], list[str]]:
     """(train, eval) documents: IMDB train (+ GSM8K train), shuffled with the seed, capped, split."""
-    docs = [clean_review(text) for text in load_imdb(args.imdb, "train")["text"]]
+    with loading("--imdb", args.imdb):
+        docs = [clean_review(text) for text in load_imdb(args.imdb, "train")["text"]]
     if args.gsm8k:
-        docs += gsm8k_documents(args.gsm8k)
+        with loading("--gsm8k", args.gsm8k):
+            docs += gsm8k_documents(args.gsm8k)
     random.Random(args.seed).shuffle(docs)
     docs = docs[: args.max_documents]
     if args.eval_documents >= len(docs):
-        raise ValueError(f"--eval_documents {args.eval_documents} leaves none of the {len(docs)} documents to train on")
+        raise UserError(f"--eval_documents: {args.eval_documents} leaves none of the {len(docs)} documents to train on; give fewer than {len(docs)}")
     return docs[args.eval_documents :], docs[: args.eval_documents]
 
 
@@ -112,17 +146,19 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def wrap_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)
+def wrap_tokenizer(tokenizer: Tokenizer, context: int) -> PreTrainedTokenizerFast:
+    """The transformers tokenizer, its `model_max_length` the model's positions (not transformers' 1e30 default)."""
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS, model_max_length=context)
 
 
-def pack(tokenizer: Tokenizer, texts: list[str], context: int) -> torch.Tensor:
+def pack(tokenizer: Tokenizer, texts: list[str], context: int, which: str = "training") -> torch.Tensor:
     """All documents, each followed by eos, as one stream cut into (n_blocks, context) blocks."""
     eos_id = tokenizer.token_to_id(EOS)
     stream = [i for enc in tokenizer.encode_batch(texts, add_special_tokens=False) for i in (*enc.ids, eos_id)]
     n_blocks = len(stream) // context
     if n_blocks == 0:
-        raise ValueError(f"{len(texts)} documents give {len(stream)} tokens, less than one {context}-token block")
+        key = "--eval_documents" if which == "held-out" else "--max_documents"
+        raise UserError(f"{key}: the {len(texts)} {which} documents give {len(stream)} tokens, less than one --context {context} block; give more documents or a shorter --context")
     return torch.tensor(stream[: n_blocks * context]).view(n_blocks, context)  # (n_tokens,) -> (n_blocks, context)
 
 
@@ -188,77 +224,103 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def train(model, train_blocks: torch.Tensor, eval_blocks: torch.Tensor, args, output_dir: Path) -> list[dict]:
-    """The training loop; returns (and keeps writing) the log of {step, train_loss, val_loss, tokens, t}."""
+def train(model, train_blocks: torch.Tensor, eval_blocks: torch.Tensor, args, output_dir: Path) -> tuple[list[dict], int, int | None]:
+    """The training loop: (the log of {step, train_loss, val_loss, tokens, t}, kept written to output_dir; the steps
+    finished; the signal that stopped it, or None). The first SIGTERM/SIGINT finishes the current step (and its log
+    entry) and ends the loop; a second one stops at once (`Interrupted`)."""
     device = model.device
     optimizer = make_optimizer(model, args)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, args.warmup_steps, args.max_steps, args.min_lr_ratio)
     )
     batches = batch_indices(len(train_blocks), args.batch_size, torch.Generator().manual_seed(args.seed))
-    log, window, start = [], [], time.perf_counter()
+    log, window, start, finished, stop = [], [], time.perf_counter(), 0, []
+
+    def finish_the_step(signum, frame):
+        if stop:
+            raise Interrupted(signum)
+        stop.append(signum)
+        logger.warning("%s: finishing this step, then saving the model and stopping (send it again to stop at once)", signal_name(signum))
+
     model.train()
-    for step in range(1, args.max_steps + 1):
-        batch = train_blocks[next(batches)].to(device)  # (batch_size, context)
-        with autocast(device):
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append(loss.item())
-        if step == 1 or step % args.log_every == 0 or step == args.max_steps:
-            entry = {
-                "step": step,
-                "train_loss": round(sum(window) / len(window), 4),
-                "val_loss": round(evaluate(model, eval_blocks, args.batch_size), 4),
-                "tokens": step * args.batch_size * args.context,
-                "t": round(time.perf_counter() - start, 1),
-            }
-            log.append(entry)
-            window = []
-            write_json_atomic(output_dir / "training_log.json", log)
-            logger.info("step %(step)d  train %(train_loss).4f  val %(val_loss).4f  tokens %(tokens)d  %(t).1fs", entry)
-    return log
+    with signals_raise(handler=finish_the_step):
+        for step in range(1, args.max_steps + 1):
+            batch = train_blocks[next(batches)].to(device)  # (batch_size, context)
+            with autocast(device):
+                loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            finished = step
+            window.append(loss.item())
+            if step == 1 or step % args.log_every == 0 or step == args.max_steps or stop:
+                entry = {
+                    "step": step,
+                    "train_loss": round(sum(window) / len(window), 4),
+                    "val_loss": round(evaluate(model, eval_blocks, args.batch_size), 4),
+                    "tokens": step * args.batch_size * args.context,
+                    "t": round(time.perf_counter() - start, 1),
+                }
+                log.append(entry)
+                window = []
+                write_json_atomic(output_dir / "training_log.json", log)
+                logger.info("step %(step)d  train %(train_loss).4f  val %(val_loss).4f  tokens %(tokens)d  %(t).1fs", entry)
+            if stop:
+                break
+    return log, finished, stop[0] if stop else None
 
 
-def model_card(argv: list[str], model: GPT2LMHeadModel, n_train_tokens: int, log: list[dict]) -> str:
+def model_card(argv: list[str], model: GPT2LMHeadModel, n_train_tokens: int, log: list[dict], steps: int, tokens_seen: int, max_steps: int, stopped_by: str | None = None) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     c = model.config
+    stopped = (f"- **Stopped by {stopped_by} after step {steps} of {max_steps}**: the weights after step {steps}; the log's last "
+               f"entry is step {log[-1]['step'] if log else 0}.\n") if stopped_by else ""
+    losses = (f"- Last logged validation loss (held-out documents): {log[-1]['val_loss']:.4f} nats/token; "
+              f"train loss {log[-1]['train_loss']:.4f} (`training_log.json`).\n") if log else ""
     return (
         f"# {c.n_layer}-layer GPT-2 pre-trained with grade_trl.pretrain\n\n"
         f"- {n_params / 1e6:.2f}M parameters ({c.n_layer} layers, {c.n_embd} wide, {c.n_head} heads, "
         f"context {c.n_positions}), vocabulary {c.vocab_size}; `<|endoftext|>` is id 0 (bos, eos, pad, unk).\n"
-        f"- {n_train_tokens:,} training tokens; {log[-1]['step']} steps, {log[-1]['tokens']:,} tokens seen.\n"
-        f"- Final validation loss (held-out documents): {log[-1]['val_loss']:.4f} nats/token; "
-        f"final train loss {log[-1]['train_loss']:.4f} (`training_log.json`).\n\n"
+        f"- {n_train_tokens:,} training tokens; {steps} steps, {tokens_seen:,} tokens seen.\n"
+        f"{stopped}{losses}\n"
         f"Command:\n\n```\npython -m grade_trl.pretrain {shlex.join(argv)}\n```\n"
     )
 
 
 def pretrain(args: SimpleNamespace, argv: list[str]) -> list[dict]:
-    """Train and save the tokenizer and model; returns the training log."""
-    if not args.output_dir:
-        raise UserError("--output_dir is required: where the model, tokenizer, log and model card go")
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """Train and save the tokenizer and model; returns the training log. Everything is checked and loaded before the
+    output folder is made; a signal during training saves the model after its last finished step, then raises."""
+    check_options(args)
     train_docs, eval_docs = load_documents(args)
     tokenizer = train_tokenizer(train_docs, args.vocab_size)
     train_blocks = pack(tokenizer, train_docs, args.context)
-    eval_blocks = pack(tokenizer, eval_docs, args.context)
+    eval_blocks = pack(tokenizer, eval_docs, args.context, which="held-out")
     logger.info(
         "%d train / %d eval documents, vocab %d, %d train / %d eval blocks of %d tokens",
         len(train_docs), len(eval_docs), tokenizer.get_vocab_size(), len(train_blocks), len(eval_blocks), args.context,
     )  # fmt: skip
+    output_dir = Path(os.path.expanduser(args.output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args, tokenizer.get_vocab_size()).to(device)
-    log = train(model, train_blocks, eval_blocks, args, output_dir)
+    log, steps, stopped = train(model, train_blocks, eval_blocks, args, output_dir)
     model.save_pretrained(output_dir)
-    wrap_tokenizer(tokenizer).save_pretrained(output_dir)
-    (output_dir / "MODEL_CARD.md").write_text(model_card(argv, model, train_blocks.numel(), log))
+    wrap_tokenizer(tokenizer, args.context).save_pretrained(output_dir)
+    card = model_card(argv, model, train_blocks.numel(), log, steps, steps * args.batch_size * args.context, args.max_steps,
+                      stopped_by=signal_name(stopped) if stopped is not None else None)
+    (output_dir / "MODEL_CARD.md").write_text(card)
+    if stopped is not None:
+        raise Interrupted(stopped, f"at step {steps} of {args.max_steps}; the model after step {steps}, its tokenizer, log and card are saved in {output_dir}")
     logger.info("saved to %s; final val loss %.4f", output_dir, log[-1]["val_loss"])
     return log
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 def main(argv: list[str] | None = None) -> int:
