@@ -555,7 +555,8 @@ def report(comparison: dict, stats: dict, figures: Figures, table: str) -> str:
     if stats["within_seed"]:
         lines += ["", "Paired tests on per-prompt test rewards within each seed (the methods of one seed score the same test prompts, paired by prompt "
                   "text; a prompt whose reward is missing on either side is left out): paired t-test and Wilcoxon signed-rank test (two-sided), each "
-                  f"Holm-adjusted over the {sum(r['p_t'] is not None for r in stats['within_seed'])} (pair, seed) tests that have a p-value; d_z = mean "
+                  f"Holm-adjusted over the (pair, seed) tests that have a p-value ({sum(r['p_t'] is not None for r in stats['within_seed'])} t-tests, "
+                  f"{sum(r['p_wilcoxon'] is not None for r in stats['within_seed'])} Wilcoxon tests); d_z = mean "
                   "difference / its std. These compare two trained policies on these prompts, not the methods' seed-to-seed variation.", "",
                   "| a | b | seed | prompts | mean a - b | t | p (Holm) | W | p Wilcoxon (Holm) | d_z |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in stats["within_seed"]:

@@ -57,12 +57,12 @@ def check_model_fits(run_args, config) -> None:
     """The policy's folder has a tokenizer, and its positions hold a prompt and a completion: each a one-line error
     naming the key (transformers 5 builds an empty tokenizer from a folder without one, and a sequence past the
     model's positions fails with an index error at the first generation or scoring)."""
-    from .models import has_tokenizer_files, position_limit
+    from .models import has_tokenizer_files, position_limit, resolve_model_path
 
     name = run_args.model_name_or_path
-    with loading("model_name_or_path", name):  # no model there at all: that, before what it lacks
-        limit = position_limit(name)
-    if not has_tokenizer_files(name):
+    init = config.model_init_kwargs or {}
+    limit = position_limit(name, **{k: init[k] for k in ("trust_remote_code", "revision") if k in init})
+    if os.path.isfile(os.path.join(resolve_model_path(name), "config.json")) and not has_tokenizer_files(name):  # a model folder without a tokenizer
         raise UserError(f"model_name_or_path: {name!r} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt, ...); "
                         "copy the tokenizer of the model it was trained with into it")
     max_new_tokens, _ = config.new_token_limits

@@ -405,8 +405,8 @@ class EvaluationCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.graceful_stop is not None and self.graceful_stop.signum is not None:
-            return  # stopped by a signal: the run ends now, with the checkpoint saved at this step
+        if self.graceful_stop is not None and self.graceful_stop.stopping:
+            return  # stopped by a signal (every process agreed): the run ends now, with the checkpoint saved at this step
         if self.trainer is not None and state.global_step not in self.results:
             self.log(state, self.evaluate(state.global_step))
 

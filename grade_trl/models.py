@@ -75,7 +75,7 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | str = torch.float32, 
     return load_pretrained(AutoModelForCausalLM, resolve_model_path(name_or_path), dtype=dtype, **kwargs)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json", "vocab.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 """A local model folder has a tokenizer when it holds one of these (transformers 5 otherwise builds an empty one from
 `config.json` without a word, and the run fails much later)."""
 
@@ -86,34 +86,62 @@ def has_tokenizer_files(name_or_path: str) -> bool:
     return not os.path.isdir(path) or any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES)
 
 
-def position_limit(name_or_path: str) -> int | None:
-    """How many positions the model's config allows (GPT-2's `n_positions`, others' `max_position_embeddings`), or
-    None where the config names none."""
+def learned_positions(config) -> int | None:
+    """How many positions a model config's learned absolute position embeddings hold (GPT-2's `n_positions`; a
+    `max_position_embeddings` without rotary embeddings), or None where positions are rotary or not named: a RoPE
+    model runs past its `max_position_embeddings`, a learned table does not."""
+    if isinstance(getattr(config, "n_positions", None), int):
+        return config.n_positions
+    rotary = any(name.startswith("rope") or name == "rotary_dim" for name in vars(config)) or getattr(config, "position_embedding_type", "absolute") != "absolute"
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and not rotary else None
+
+
+def position_limit(name_or_path: str, **kwargs) -> int | None:
+    """`learned_positions` of a local model folder's config (`kwargs`: `trust_remote_code`, `revision`, as the model is
+    loaded with); None for a hub id (no second round of hub requests before the model's own) and where the config
+    cannot be read here (the model's own load then says why)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
-    for name in ("n_positions", "max_position_embeddings"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    return None
+    path = resolve_model_path(name_or_path)
+    if not os.path.isdir(path):
+        return None
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError):
+        return None
+    return learned_positions(config)
+
+
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "architectures", "use_cache"}
 
 
 def fingerprint(name_or_path: str) -> str | None:
-    """What tells a local model folder's contents apart (its config, its weights file's size and first MiB, which
-    holds the header and the first tensor's values): a model retrained or rebuilt into the same folder changes it.
-    None for a hub id (a cached revision does not change under its name)."""
+    """What tells a local model folder's weights apart, for a reward head trained on them: every weights file's name,
+    size and three samples of 256 KiB (start, middle, end: the header and tensor values), and the config without the
+    keys a re-save rewrites (`transformers_version`, `dtype`, ...). A model retrained or rebuilt into the folder
+    changes it (unless it changes only values outside the samples: not a proof); a byte-identical copy elsewhere, or a
+    re-save by another transformers version, does not. None for a hub id (a revision does not change under its name)
+    and for a folder that is not there."""
     import hashlib
+    import json
 
     path = Path(resolve_model_path(name_or_path))
     if not path.is_dir():
         return None
     digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
-        file = path / name
-        if file.is_file():
-            digest.update(f"{name}:{file.stat().st_size}:".encode())
-            with open(file, "rb") as f:
-                digest.update(f.read(1 << 20))
+    config = path / "config.json"
+    if config.is_file():
+        values = json.loads(config.read_text())
+        digest.update(json.dumps({k: v for k, v in values.items() if k not in _VOLATILE_CONFIG_KEYS}, sort_keys=True).encode())
+    sample = 1 << 18
+    for file in sorted(f for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin") and not f.name.startswith("training_args")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}:".encode())
+        with open(file, "rb") as f:
+            for offset in sorted({0, max(0, size // 2 - sample // 2), max(0, size - sample)}):
+                f.seek(offset)
+                digest.update(f.read(sample))
     return digest.hexdigest()[:16]
 
 

@@ -15,7 +15,7 @@ A quick CPU check on the embedded IMDB sample:
     python -m grade_trl.pretrain --imdb embedded --output_dir /tmp/tiny --max_documents 2000 \\
         --max_steps 30 --batch_size 16
 
-Writes to `--output_dir` (a new or empty folder; `--overwrite` replaces what a folder holds): the model
+Writes to `--output_dir` (a new or empty folder; `--overwrite` writes over what a folder holds): the model
 (safetensors), the tokenizer, `training_log.json` (a list of {step, train_loss, val_loss, tokens, t}, rewritten
 atomically at every log step) and MODEL_CARD.md. Bad options and unreadable data are refused in one line before
 anything is written. A SIGTERM or Ctrl-C during training saves the model as it is after the last finished step, with
@@ -71,7 +71,7 @@ COMMAND = Command(
         Option("max_documents", int | None, None, "use at most this many documents (quick runs)"),
         Option("eval_documents", int, 500, "held-out documents for the validation loss"),
         Option("log_every", int, 100, "log train/val loss every this many steps"),
-        Option("overwrite", bool, False, "write into an --output_dir that already holds files (replacing the model there)"),
+        Option("overwrite", bool, False, "write into an --output_dir that already holds files (over the files of the same names)"),
     ),
 )
 
@@ -107,7 +107,10 @@ def check_options(args: SimpleNamespace) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir: {str(output_dir)!r} is a file; give a folder")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite:
-        raise UserError(f"--output_dir: {str(output_dir)!r} already holds files; give a new folder, or --overwrite to replace what it holds")
+        raise UserError(f"--output_dir: {str(output_dir)!r} already holds files; give a new folder, or --overwrite to write over them")
+    existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"--output_dir: cannot write into {str(existing)!r}; give a folder you can write to")
 
 
 def gsm8k_documents(source: str) -> list[str]:
@@ -224,17 +227,48 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def train(model, train_blocks: torch.Tensor, eval_blocks: torch.Tensor, args, output_dir: Path) -> tuple[list[dict], int, int | None]:
+def train(model, train_blocks: torch.Tensor, eval_blocks: torch.Tensor, args, output_dir: Path, stop: list[int]) -> tuple[list[dict], int]:
     """The training loop: (the log of {step, train_loss, val_loss, tokens, t}, kept written to output_dir; the steps
-    finished; the signal that stopped it, or None). The first SIGTERM/SIGINT finishes the current step (and its log
-    entry) and ends the loop; a second one stops at once (`Interrupted`)."""
+    finished). It ends after the step in which `stop` (the signals received, `stop_handler`) became non-empty."""
     device = model.device
     optimizer = make_optimizer(model, args)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, args.warmup_steps, args.max_steps, args.min_lr_ratio)
     )
     batches = batch_indices(len(train_blocks), args.batch_size, torch.Generator().manual_seed(args.seed))
-    log, window, start, finished, stop = [], [], time.perf_counter(), 0, []
+    log, window, start, finished = [], [], time.perf_counter(), 0
+    model.train()
+    for step in range(1, args.max_steps + 1):
+        batch = train_blocks[next(batches)].to(device)  # (batch_size, context)
+        with autocast(device):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        finished = step
+        window.append(loss.item())
+        if step == 1 or step % args.log_every == 0 or step == args.max_steps or stop:
+            entry = {
+                "step": step,
+                "train_loss": round(sum(window) / len(window), 4),
+                "val_loss": round(evaluate(model, eval_blocks, args.batch_size), 4),
+                "tokens": step * args.batch_size * args.context,
+                "t": round(time.perf_counter() - start, 1),
+            }
+            log.append(entry)
+            window = []
+            write_json_atomic(output_dir / "training_log.json", log)
+            logger.info("step %(step)d  train %(train_loss).4f  val %(val_loss).4f  tokens %(tokens)d  %(t).1fs", entry)
+        if stop:
+            break
+    return log, finished
+
+
+def stop_handler(stop: list[int]):
+    """A signal handler: the first SIGTERM/SIGINT is recorded in `stop` (the step finishes, the model is saved); a
+    second one stops at once (`Interrupted`)."""
 
     def finish_the_step(signum, frame):
         if stop:
@@ -242,34 +276,7 @@ def train(model, train_blocks: torch.Tensor, eval_blocks: torch.Tensor, args, ou
         stop.append(signum)
         logger.warning("%s: finishing this step, then saving the model and stopping (send it again to stop at once)", signal_name(signum))
 
-    model.train()
-    with signals_raise(handler=finish_the_step):
-        for step in range(1, args.max_steps + 1):
-            batch = train_blocks[next(batches)].to(device)  # (batch_size, context)
-            with autocast(device):
-                loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            finished = step
-            window.append(loss.item())
-            if step == 1 or step % args.log_every == 0 or step == args.max_steps or stop:
-                entry = {
-                    "step": step,
-                    "train_loss": round(sum(window) / len(window), 4),
-                    "val_loss": round(evaluate(model, eval_blocks, args.batch_size), 4),
-                    "tokens": step * args.batch_size * args.context,
-                    "t": round(time.perf_counter() - start, 1),
-                }
-                log.append(entry)
-                window = []
-                write_json_atomic(output_dir / "training_log.json", log)
-                logger.info("step %(step)d  train %(train_loss).4f  val %(val_loss).4f  tokens %(tokens)d  %(t).1fs", entry)
-            if stop:
-                break
-    return log, finished, stop[0] if stop else None
+    return finish_the_step
 
 
 def model_card(argv: list[str], model: GPT2LMHeadModel, n_train_tokens: int, log: list[dict], steps: int, tokens_seen: int, max_steps: int, stopped_by: str | None = None) -> str:
@@ -305,12 +312,15 @@ def pretrain(args: SimpleNamespace, argv: list[str]) -> list[dict]:
     output_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args, tokenizer.get_vocab_size()).to(device)
-    log, steps, stopped = train(model, train_blocks, eval_blocks, args, output_dir)
-    model.save_pretrained(output_dir)
-    wrap_tokenizer(tokenizer, args.context).save_pretrained(output_dir)
-    card = model_card(argv, model, train_blocks.numel(), log, steps, steps * args.batch_size * args.context, args.max_steps,
-                      stopped_by=signal_name(stopped) if stopped is not None else None)
-    (output_dir / "MODEL_CARD.md").write_text(card)
+    stop: list[int] = []
+    with signals_raise(handler=stop_handler(stop)):  # a first signal during training or the save: finish, save, then stop
+        log, steps = train(model, train_blocks, eval_blocks, args, output_dir, stop)
+        stopped = stop[0] if stop and steps < args.max_steps else None  # a signal in the last step: the run is complete
+        model.save_pretrained(output_dir)
+        wrap_tokenizer(tokenizer, args.context).save_pretrained(output_dir)
+        card = model_card(argv, model, train_blocks.numel(), log, steps, steps * args.batch_size * args.context, args.max_steps,
+                          stopped_by=signal_name(stopped) if stopped is not None else None)
+        (output_dir / "MODEL_CARD.md").write_text(card)
     if stopped is not None:
         raise Interrupted(stopped, f"at step {steps} of {args.max_steps}; the model after step {steps}, its tokenizer, log and card are saved in {output_dir}")
     logger.info("saved to %s; final val loss %.4f", output_dir, log[-1]["val_loss"])

@@ -102,37 +102,47 @@ def _reporter_callbacks(trainer, name: str) -> list:
 
 
 def tracker_ids(trainer) -> dict:
-    """What names this run in its trackers, saved with every checkpoint (resume.ResumeCallback)."""
+    """What names this run in its trackers, saved with every checkpoint (resume.ResumeCallback): the run name, W&B's
+    run id, project and entity, and TensorBoard's folder relative to output_dir (the run may be moved)."""
     ids = {"run_name": trainer.args.run_name}
     report_to = trainer.args.report_to or []
     if "wandb" in report_to:
         import wandb
 
         if wandb.run is not None:
-            ids["wandb_run_id"] = wandb.run.id
+            ids |= {"wandb_run_id": wandb.run.id, "wandb_project": wandb.run.project, "wandb_entity": wandb.run.entity}
     if "tensorboard" in report_to:
         folders = [c.logging_dir for c in _reporter_callbacks(trainer, "tensorboard") if getattr(c, "logging_dir", None)]
         if folders:
-            ids["tensorboard_dir"] = os.path.abspath(folders[0])
+            ids["tensorboard_dir"] = os.path.relpath(os.path.abspath(folders[0]), os.path.abspath(trainer.args.output_dir))
     return ids
+
+
+def continues_the_run(checkpoint: str, output_dir: str) -> bool:
+    """Whether resuming from `checkpoint` continues the run of `output_dir` (the checkpoint is one of its own), as
+    opposed to starting a new run from another run's checkpoint (a fork: its own tracker runs)."""
+    return os.path.realpath(os.path.dirname(os.path.normpath(checkpoint))) == os.path.realpath(output_dir)
 
 
 @contextlib.contextmanager
 def continued_trackers(trainer, saved: dict | None) -> Iterator[None]:
     """Within the block (`trainer.train()` of a resumed run), the trackers continue the run `saved` (the checkpoint's
-    `tracker_ids`) instead of starting another, unless the user chose otherwise (WANDB_RUN_ID, TENSORBOARD_LOGGING_DIR;
-    a run_name of their own is passed as it is). W&B's run is started here with the saved id and `resume="allow"`,
-    as transformers' callback would start it (project WANDB_PROJECT, default "huggingface"; the run name), which then
-    uses it: W&B reads WANDB_RUN_ID once per process, so the environment would not reach a second run in one process."""
+    `tracker_ids`; pass {} for a fork, `continues_the_run`) instead of starting another, unless the user chose
+    otherwise (WANDB_RUN_ID, TENSORBOARD_LOGGING_DIR; a run_name of their own is passed as it is). W&B's run is started
+    here with the saved id, project and entity and `resume="allow"`, as transformers' callback would start it (with the
+    run name), which then uses it: W&B reads WANDB_RUN_ID once per process, so the environment would not reach a
+    second run in one process."""
     saved = saved or {}
     report_to = trainer.args.report_to or []
     if saved.get("wandb_run_id") and "wandb" in report_to and "WANDB_RUN_ID" not in os.environ and trainer.is_world_process_zero():
         import wandb
 
         if wandb.run is None:
-            wandb.init(project=os.getenv("WANDB_PROJECT", "huggingface"), id=saved["wandb_run_id"], resume="allow", name=trainer.args.run_name)
+            wandb.init(project=os.getenv("WANDB_PROJECT") or saved.get("wandb_project") or "huggingface", entity=os.getenv("WANDB_ENTITY") or saved.get("wandb_entity"),
+                       id=saved["wandb_run_id"], resume="allow", name=trainer.args.run_name)
     if saved.get("tensorboard_dir") and "TENSORBOARD_LOGGING_DIR" not in os.environ:
+        folder = os.path.join(trainer.args.output_dir, saved["tensorboard_dir"])
         for callback in _reporter_callbacks(trainer, "tensorboard"):
             if callback.logging_dir is None:  # TensorBoard's own default: a new dated folder per start
-                callback.logging_dir = saved["tensorboard_dir"]
+                callback.logging_dir = folder
     yield

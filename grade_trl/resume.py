@@ -272,4 +272,7 @@ class GracefulStop(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        # every process gets here: agree once more, so that a signal that reached some processes after the last step's
+        # agreement stops all of them (the final evaluation and test are collectives)
+        self.agree()
         self.training = False

@@ -20,9 +20,9 @@ from .build import build_callbacks, build_task, build_trainer
 from .cli import exit_process, quiet_libraries, run_safely
 from .errors import Interrupted, UserError, signals_raise
 from .recipe import Recipe, help_for_argv, parse_recipe
-from .reporting import TrainEndHeld, continued_trackers, default_run_name
+from .reporting import TrainEndHeld, continued_trackers, continues_the_run, default_run_name
 from .results import RESULTS_FILE, last_training_value, payload, write_json_atomic
-from .resume import GracefulStop, saved_tracker_ids
+from .resume import GracefulStop, is_complete, saved_tracker_ids
 from .safety import output_dir_lock
 
 logger = logging.getLogger("grade_trl")
@@ -68,7 +68,8 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
     run_args, config, resume_from = recipe.run, recipe.config, recipe.resume_from
     results_path = os.path.join(config.output_dir, RESULTS_FILE)
     trainer, final, train_end, callbacks, start = None, {}, None, {}, None
-    saved_trackers = saved_tracker_ids(resume_from) if resume_from is not None else {}
+    # a resumed run continues its tracker runs; a run started from another run's checkpoint (a fork) gets its own
+    saved_trackers = saved_tracker_ids(resume_from) if resume_from is not None and continues_the_run(resume_from, config.output_dir) else {}
     if config.report_to and config.run_name is None:  # the trackers' name for the run: the stopped run's when resuming
         config.run_name = saved_trackers.get("run_name") or default_run_name(config.output_dir)
     try:
@@ -86,10 +87,11 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
             final["resumed_from"] = resume_from
         with continued_trackers(trainer, saved_trackers):  # a resumed run continues its tracker runs (reporting)
             trainer.train(resume_from_checkpoint=resume_from)
-        if graceful_stop.signum is not None:
+        if graceful_stop.stopping:  # agreed by every process (GracefulStop.agree)
             checkpoint = os.path.join(config.output_dir, f"checkpoint-{trainer.state.global_step}")
-            final["checkpoint"] = checkpoint
-            raise Interrupted(graceful_stop.signum, f"at step {trainer.state.global_step}; checkpoint: {checkpoint}")
+            if is_complete(checkpoint):  # none where the signal came after the last step's agreement
+                final["checkpoint"] = checkpoint
+            raise Interrupted(graceful_stop.signum, f"at step {trainer.state.global_step}")
         final["steps"] = trainer.state.global_step
         final["train_minutes"] = (time.time() - start) / 60
         final["peak_memory_mb"] = peak_memory()

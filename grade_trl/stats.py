@@ -48,10 +48,20 @@ def _array(values: Sequence[float]) -> np.ndarray:
     return np.asarray([v for v in values if v is not None], dtype=float)
 
 
-def _constant(x: np.ndarray) -> bool:
-    """Whether `x` has no spread beyond float rounding: 0.1 + 0.2 and 0.3 differ by 5.6e-17, which an exact `var == 0`
-    takes for a real spread, and a t statistic of 1e15 would follow."""
-    return x.size == 0 or float(np.ptp(x)) <= 1e-12 * max(1.0, float(np.abs(x).max()))
+ROUNDING = 1e-12  # relative: spreads and differences this small against the values compared are float rounding
+
+
+def _constant(x: np.ndarray, scale: float | None = None) -> bool:
+    """Whether `x` has no spread beyond float rounding of values of size `scale` (default: x's own): 0.1 + 0.2 and
+    0.3 differ by 5.6e-17, which an exact `var == 0` takes for a real spread, and a t statistic of 1e15 would follow.
+    Differences of two samples are judged against the samples' size (100000.3 - 100000.2 is 0.1 give or take 1e-11)."""
+    if x.size == 0:
+        return True
+    return float(np.ptp(x)) <= ROUNDING * max(1.0, float(np.abs(x).max()) if scale is None else scale)
+
+
+def _scale(x: np.ndarray, y: np.ndarray) -> float:
+    return float(max(np.abs(x).max(initial=0.0), np.abs(y).max(initial=0.0)))
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Estimate:
@@ -69,7 +79,8 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Estimate:
 def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0) -> Estimate:
     """Percentile bootstrap of the mean (`scipy.stats.bootstrap`, seeded). Its `confidence` is nominal: with few values
     it cannot reach beyond the observed range, and it covers the true mean far less often than that (for normal data
-    about 52% of the time at n = 2, 75% at 3, 83% at 5, 89% at 10 for a nominal 95%: tests/test_stats.py). The
+    about 52% of the time at n = 2, 75% at 3, 83% at 5, 89% at 10 for a nominal 95%, by simulation; tests/test_stats.py
+    repeats it at n = 3). The
     t-interval (`mean_ci`) is the one to report for a handful of seeds."""
     x = _array(values)
     if x.size == 0:
@@ -112,7 +123,7 @@ def paired_t_test(a: Sequence[float], b: Sequence[float]) -> TestResult:
     """Paired t-test of mean(a - b) = 0 (`scipy.stats.ttest_rel`), dof = n - 1 over the pairs with both values. NaN
     for < 2 pairs or differences that do not vary (beyond float rounding)."""
     x, y = _pairs(a, b)
-    if x.size < 2 or _constant(x - y):
+    if x.size < 2 or _constant(x - y, _scale(x, y)):
         return TestResult(float("nan"), None, float("nan"))
     result = scipy.stats.ttest_rel(x, y)
     return TestResult(float(result.statistic), float(result.df), float(result.pvalue))
@@ -120,13 +131,13 @@ def paired_t_test(a: Sequence[float], b: Sequence[float]) -> TestResult:
 
 def wilcoxon_signed_rank(a: Sequence[float], b: Sequence[float]) -> TestResult:
     """Wilcoxon signed-rank test of a - b symmetric about 0, two-sided, over the pairs with both values: zero
-    differences dropped first (Wilcoxon's treatment), statistic min(W+, W-), no continuity correction. The p-value
+    differences (up to float rounding) dropped first (Wilcoxon's treatment), statistic min(W+, W-), no continuity correction. The p-value
     (`scipy.stats.wilcoxon`, method "auto", on the n non-zero differences): the exact null distribution for n <= 50
     without ties; with ties, for n <= 13 the exact sign-flip distribution (all 2^n flips); otherwise the normal
     approximation with tie correction. NaN when no difference is non-zero."""
     x, y = _pairs(a, b)
     d = x - y
-    d = d[d != 0]
+    d = d[np.abs(d) > ROUNDING * np.maximum(1.0, np.maximum(np.abs(x), np.abs(y)))]  # zero up to float rounding
     if d.size == 0:
         return TestResult(float("nan"), None, float("nan"))
     result = scipy.stats.wilcoxon(d, zero_method="wilcox", correction=False)
@@ -157,7 +168,7 @@ def paired_effect_size(a: Sequence[float], b: Sequence[float]) -> float:
     """Cohen's d_z = mean(a - b) / s_d for paired samples (= t / sqrt(n)), over the pairs with both values."""
     x, y = _pairs(a, b)
     d = x - y
-    if d.size < 2 or _constant(d):
+    if d.size < 2 or _constant(d, _scale(x, y)):
         return float("nan")
     return float(d.mean() / d.std(ddof=1))
 

@@ -20,7 +20,7 @@ from .data.imdb import clean_review, load_imdb, make_imdb_splits, prompt_dataset
 from .errors import UserError, loading
 from .evaluation import Evaluator, GenerationSettings, RewardEvaluator
 from .evaluation_gsm8k import GSM8KEvaluator
-from .models import fingerprint, resolve_model_path
+from .models import fingerprint, learned_positions, resolve_model_path
 from .rewards.base import MeanReward
 from .rewards.gsm8k import GSM8KCorrectness, GSM8KFormat
 from .rewards.imports import reward_specs
@@ -130,7 +130,8 @@ def load_or_train_sentiment_model(run, tokenizer, splits, seed: int, force: bool
                     f"reward_model_path: {path!r} holds a head trained on {trained_on or trained_on_path!r}, not on {backbone!r}; "
                     "point reward_model_path at a new folder to train one for this backbone"
                 )
-            if metadata.get("backbone_fingerprint") not in (None, fingerprint(backbone)):
+            current = fingerprint(backbone)
+            if metadata.get("backbone_fingerprint") is not None and current is not None and metadata["backbone_fingerprint"] != current:
                 raise UserError(
                     f"reward_model_path: {path!r} holds a head trained on an earlier {backbone!r} (its config or weights have changed "
                     "since); train it again with `python -m grade_trl.train_reward RECIPE.yaml --force`, or point reward_model_path at a new folder"
@@ -172,8 +173,7 @@ def load_or_train_sentiment_model(run, tokenizer, splits, seed: int, force: bool
 def check_reward_max_length(run, model: SentimentRewardModel, backbone: str, key: str) -> None:
     """The reward scores at most `reward_max_length` tokens, which the backbone must have positions for (an index
     error deep in the first scoring otherwise)."""
-    config = model.backbone.config
-    limit = next((getattr(config, n) for n in ("n_positions", "max_position_embeddings") if isinstance(getattr(config, n, None), int)), None)
+    limit = learned_positions(model.backbone.config)
     if limit is not None and run.reward_max_length > limit:
         raise UserError(f"reward_max_length: {run.reward_max_length} tokens, but the reward backbone {backbone!r} ({key}) has {limit} positions; set it to at most {limit}")
 

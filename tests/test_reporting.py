@@ -190,19 +190,19 @@ def test_a_resumed_run_continues_its_trackio_run(tmp_path):
     own (reporting.default_run_name) and keeps it when resumed, so a stop and resume is one trackio run, and another
     run of the same folder name is not merged into it."""
     import signal
-    import time
 
     pytest.importorskip("trackio", reason="trackio is an optional extra: pip install -e '.[trackio]'")
-    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    argv = shrunk(tmp_path, report_to="trackio", max_steps=40, logging_steps=1, eval_steps=1000)
-    process = subprocess.Popen([sys.executable, "-m", "grade_trl.run", *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    for line in process.stdout:  # training has started once a loss shows
-        if "'loss'" in line or time.time() > deadline:
-            break
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 143, stderr[-3000:]
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}  # each logging row as it is printed
+    argv = shrunk(tmp_path, report_to="trackio", max_steps=400, logging_steps=1, eval_steps=1000)
+    with open(tmp_path / "stderr.txt", "w") as stderr_file:  # not a pipe: nobody reads it while stdout is read
+        process = subprocess.Popen([sys.executable, "-m", "grade_trl.run", *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+        for line in process.stdout:  # training has started once a loss shows
+            if "'loss'" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=300)
+    assert process.returncode == 143, (tmp_path / "stderr.txt").read_text()[-3000:]
     stopped = load_results(tmp_path / "run" / "results.json")
     resumed = subprocess.run([sys.executable, "-m", "grade_trl.run", *argv, "--resume_from_checkpoint", "true", "--max_steps", str(stopped["final"]["steps"] + 2)],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -225,3 +225,11 @@ def test_the_summary_table_shows_a_kl_of_zero_as_zero_and_no_kl_as_a_dash(kl, sh
              "test": {"final": {"metrics": metrics}, "best": {"metrics": metrics}}, "best_validation_step": 3}
     line = next(line for line in summary_table(final).splitlines() if line.startswith("KL to reference"))
     assert line.split() == ["KL", "to", "reference", "(last", "log)", "0.000", shown]
+
+
+def test_only_a_runs_own_checkpoint_continues_its_tracker_runs(tmp_path):
+    from grade_trl.reporting import continues_the_run
+
+    assert continues_the_run(str(tmp_path / "run" / "checkpoint-4"), str(tmp_path / "run"))
+    assert continues_the_run(str(tmp_path / "run" / "checkpoint-4") + "/", str(tmp_path / "run") + "/")
+    assert not continues_the_run(str(tmp_path / "old" / "checkpoint-4"), str(tmp_path / "new"))  # a fork: tracker runs of its own

@@ -218,3 +218,25 @@ def test_train_reward_refuses_what_would_train_a_wrong_or_broken_head(tmp_path, 
         if argv is args:
             assert "holds a head trained on an earlier" in err[-1]
     assert not any((tmp_path / name).exists() for name in ("rm2", "rm3", "rm4"))  # nothing written
+
+
+def test_a_backbone_fingerprint_follows_the_weights_not_the_folder_or_the_saving_version(tmp_path):
+    """What the reward head's reuse check compares (grade_trl.models.fingerprint): a byte-identical copy elsewhere and a
+    config re-saved by another transformers version keep it; other weights in the same folder change it."""
+    import shutil
+
+    from grade_trl.models import fingerprint
+
+    original = fingerprint("embedded")
+    copy = tmp_path / "copy"
+    shutil.copytree(resolve_model_path("embedded"), copy)
+    assert fingerprint(str(copy)) == original
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "transformers_version": "9.9.9", "dtype": "float32"}))
+    assert fingerprint(str(copy)) == original
+    weights = load_file(str(copy / "model.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({k: v + 1e-3 if k.endswith("ln_f.weight") else v for k, v in weights.items()}, str(copy / "model.safetensors"))
+    assert fingerprint(str(copy)) != original
+    assert fingerprint(str(tmp_path / "not_there")) is None and fingerprint("openai-community/gpt2") is None

@@ -138,6 +138,9 @@ def test_no_spread_beyond_rounding_gives_nan_not_a_huge_statistic():
     one_sided = stats.welch_t_test([0.3, 0.3, 0.3], [0.5, 0.6, 0.7])
     assert one_sided.statistic == pytest.approx(-3 * math.sqrt(3)) and one_sided.dof == pytest.approx(2.0)
     assert one_sided.p_value == pytest.approx(2 * ss.t.sf(3 * math.sqrt(3), 2))
+    # differences of large values: judged against the values' size (t = 2e10 before), also Wilcoxon's zeros
+    assert math.isnan(stats.paired_t_test([100000.3, 100000.7, 100000.9], [100000.2, 100000.6, 100000.8]).p_value)
+    assert math.isnan(stats.wilcoxon_signed_rank([0.1 + 0.2, 0.1 + 0.2], [0.3, 0.3]).p_value)
     # a small real spread is kept
     assert stats.paired_t_test([1e-9, 3e-9, 2e-9], [0.0, 0.0, 0.0]).p_value == pytest.approx(ss.ttest_rel([1e-9, 3e-9, 2e-9], [0, 0, 0]).pvalue)
 
