@@ -132,3 +132,31 @@ def test_the_latest_complete_checkpoint_is_chosen(tmp_path):
         (only_model / name).write_bytes(b"")
     with pytest.raises(UserError, match=r"\(missing: the optimizer state \(optimizer.pt\), scheduler.pt, the random generators' state \(rng_state.pth\), as a run with save_only_model: true saves it\)"):
         resolve_checkpoint(str(only_model), str(tmp_path))
+
+
+def test_a_resume_does_not_warn_of_a_missing_head_tied_to_the_embedding():
+    """Trainer warns "There were missing keys in the checkpoint model loaded: ['lm_head.weight']" at every resume of a
+    GPT-2 (its head is the embedding, saved once); our trainers drop that key only where it is tied to a loaded one."""
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    from grade_trl.models import load_causal_lm
+    from grade_trl.trainers.base import TiedWeightsLoadMixin, tied_to_loaded
+
+    class Recorded:
+        def _issue_warnings_after_load(self, load_result):
+            self.warned = list(load_result.missing_keys)
+
+    class Trainer(TiedWeightsLoadMixin, Recorded):
+        def __init__(self, model):
+            self.model = model
+
+    tied = load_causal_lm("embedded")
+    assert tied_to_loaded(tied, ["lm_head.weight"]) and not tied_to_loaded(tied, ["lm_head.weight", "transformer.wte.weight"])
+    assert not tied_to_loaded(tied, ["transformer.h.0.ln_1.weight"])  # missing and tied to nothing
+    trainer = Trainer(tied)
+    trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight"], []))
+    assert trainer.warned == []
+    trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight", "transformer.h.0.ln_1.weight"], []))
+    assert trainer.warned == ["lm_head.weight", "transformer.h.0.ln_1.weight"]  # a real loss still warns, in full
+    untied = load_causal_lm("embedded", tie_word_embeddings=False)
+    assert untied.lm_head.weight is not untied.transformer.wte.weight and not tied_to_loaded(untied, ["lm_head.weight"])

@@ -47,7 +47,29 @@ def adapters_disabled(peft_model):
             layer._disable_adapters = disabled
 
 
-class RolloutTrainer(GradNormWindowMixin, Trainer):
+def tied_to_loaded(model: torch.nn.Module, missing: list[str]) -> bool:
+    """Whether every key a checkpoint load missed names a parameter tied to one it loaded (GPT-2's `lm_head.weight`
+    is `transformer.wte.weight`, saved once under that name)."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    return bool(missing) and all(
+        name in parameters and any(other is parameters[name] for key, other in parameters.items() if key != name and key not in missing) for name in missing
+    )
+
+
+class TiedWeightsLoadMixin:
+    """For any `transformers.Trainer` subclass: resuming from a checkpoint does not warn "There were missing keys in
+    the checkpoint model loaded: ['lm_head.weight']" for a head tied to the input embedding, which the checkpoint
+    holds once under the embedding's name (Trainer only knows `_keys_to_ignore_on_save`, which transformers 5's GPT-2
+    leaves empty). A key that is missing and tied to nothing still warns."""
+
+    def _issue_warnings_after_load(self, load_result):
+        missing = list(getattr(load_result, "missing_keys", []) or [])
+        if missing and hasattr(load_result, "_replace") and tied_to_loaded(self.model, missing):
+            load_result = load_result._replace(missing_keys=[])
+        return super()._issue_warnings_after_load(load_result)
+
+
+class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
     """Base of the GRADE, REINFORCE and PPO trainers.
 
     Args:
