@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import metrics
 from .cli import Command, Option, exit_process
-from .comparison import build_comparison
+from .comparison import build_comparison, from_fewer_runs
 from .errors import UserError
 from .methods import relaxed_methods
 from .results import evaluation_rows, last_training_value, read_json, read_results, test_metric, test_name, test_per_prompt, training_rows, write_json_atomic
@@ -457,7 +457,7 @@ def _est(est: dict, digits: int = 3, latex: bool = False, seeds: int | None = No
     """mean ± CI half-width; with `(n=k)` where only k of the method's `seeds` runs have the value."""
     if est["mean"] is None:
         return "–"
-    fewer = f" (n={est['n']})" if seeds is not None and est.get("n") is not None and est["n"] < seeds else ""
+    fewer = from_fewer_runs(est, seeds) if seeds is not None else ""
     if est["ci_high"] is None:
         return _num(est["mean"], digits) + fewer
     pm = " $\\pm$ " if latex else " ± "

@@ -32,11 +32,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from .cli import Command, Option, exit_process
-from .comparison import RUN_INFO, build_comparison
-from .errors import UserError
+from .comparison import RUN_INFO, build_comparison, from_fewer_runs
+from .errors import UserError, signals_raise
 from .recipe import build_recipe, load_recipe_file
 from .results import read_json, read_results, write_json_atomic
-from .errors import signals_raise
 
 logger = logging.getLogger("grade_trl.compare")
 
@@ -292,8 +291,7 @@ def summary_lines(comparison: dict) -> str:
     def cell(est: dict, seeds: int) -> str:
         if est["mean"] is None:
             return "-"
-        fewer = f" (n={est['n']})" if est.get("n") is not None and est["n"] < seeds else ""  # a run without this value
-        return f"{est['mean']:.3f}" + (f" ± {est['ci_high'] - est['mean']:.3f}" if est["ci_high"] is not None else "") + fewer
+        return f"{est['mean']:.3f}" + (f" ± {est['ci_high'] - est['mean']:.3f}" if est["ci_high"] is not None else "") + from_fewer_runs(est, seeds)
 
     columns = ("test", "best_validation", "kl", "wall_seconds")
     lines = [f"{'method':<16}{'seeds':>6}" + "".join(f"{c:>20}" for c in columns) + "    (mean ± 95% CI half-width over seeds)"]

@@ -68,6 +68,11 @@ def estimate(values: list) -> dict:
     return {"mean": est.mean, "ci_low": est.low, "ci_high": est.high, "n": est.n, "per_seed": list(values)}
 
 
+def from_fewer_runs(est: dict, runs: int) -> str:
+    """`" (n=k)"` where only k of a method's `runs` completed runs have the value of `est` (an `estimate`), else ""."""
+    return f" (n={est['n']})" if est.get("n") is not None and est["n"] < runs else ""
+
+
 def threshold_targets(summaries: list[dict], thresholds: list[float]) -> dict:
     """For one seed's runs: r0 (mean step-0 validation value), r* (best validation value of any run) and
     target(f) = r0 + f (r* - r0) (None when r* <= r0)."""

@@ -279,15 +279,16 @@ def key_first(message: str) -> str:
     'x'" -> "nonfinite: must be ...", "top_k=-1: it must be >= 0" -> "top_k: must be >= 0, got -1", TRL's
     "generation_batch_size (8) must be divisible by ..." -> "generation_batch_size: must be ..., got 8", and
     transformers' "... requires non-zero --logging_steps" -> "logging_steps: ..."."""
-    if match := re.match(r"^([a-z][a-z0-9_]*)=([^:,]+): (?:it )?(.*)$", message):
+    key = r"[a-z][a-z0-9_]*"  # a key name: lower case, digits after the first letter (`tf32`)
+    if match := re.match(rf"^({key})=([^:,]+): (?:it )?(.*)$", message):
         return f"{match[1]}: {match[3]}, got {match[2]}"
-    if match := re.match(r"^([a-z][a-z0-9_]*) \(([^)]*)\) (must .*?)\.?$", message):
+    if match := re.match(rf"^({key}) \(([^)]*)\) (must .*?)\.?$", message):
         return f"{match[1]}: {match[3]}, got {match[2]}"
-    if match := re.match(r"^([a-z][a-z0-9_]*) (must .*)$", message):
+    if match := re.match(rf"^({key}) (must .*)$", message):
         return f"{match[1]}: {match[2]}"
-    if match := re.match(r"^([a-z][a-z0-9_]*) and [a-z][a-z0-9_]* must ", message):  # "tau_start and tau_end must be > 0"
+    if match := re.match(rf"^({key}) and {key} must ", message):  # "tau_start and tau_end must be > 0"
         return f"{match[1]}: {message}"
-    if not re.match(r"^[a-z][a-z0-9_]*: ", message) and (match := re.search(r"--([a-z][a-z0-9_]*)", message)):
+    if not re.match(rf"^{key}: ", message) and (match := re.search(rf"--({key})", message)):
         return f"{match[1]}: {message}"
     return message
 

@@ -8,18 +8,16 @@ closes its writer and trackio finishes its run: logging then would open a second
 
 A run stopped and resumed (`resume_from_checkpoint`) is one run too: each checkpoint records what names the run in
 its trackers (`tracker_ids`: the run name, W&B's run id, TensorBoard's folder) and the resumed run continues them
-(`continued_trackers`): W&B resumes the same run id, TensorBoard writes into the same folder (one run in its UI),
+(`continue_trackers`): W&B resumes the same run id, TensorBoard writes into the same folder (one run in its UI),
 trackio continues the run of that name. A run without a `run_name` gets one that is unique to it (`default_run_name`),
 so that trackio, which continues any run of the same name, never merges two runs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import time
-from typing import Iterator
 
 # reporter -> (modules of which one must be importable, the command that installs it)
 REPORTERS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -124,9 +122,8 @@ def continues_the_run(checkpoint: str, output_dir: str) -> bool:
     return os.path.realpath(os.path.dirname(os.path.normpath(checkpoint))) == os.path.realpath(output_dir)
 
 
-@contextlib.contextmanager
-def continued_trackers(trainer, saved: dict | None) -> Iterator[None]:
-    """Within the block (`trainer.train()` of a resumed run), the trackers continue the run `saved` (the checkpoint's
+def continue_trackers(trainer, saved: dict | None) -> None:
+    """Before `trainer.train()` of a resumed run: the trackers continue the run `saved` (the checkpoint's
     `tracker_ids`; pass {} for a fork, `continues_the_run`) instead of starting another, unless the user chose
     otherwise (WANDB_RUN_ID, TENSORBOARD_LOGGING_DIR; a run_name of their own is passed as it is). W&B's run is started
     here with the saved id, project and entity and `resume="allow"`, as transformers' callback would start it (with the
@@ -145,4 +142,3 @@ def continued_trackers(trainer, saved: dict | None) -> Iterator[None]:
         for callback in _reporter_callbacks(trainer, "tensorboard"):
             if callback.logging_dir is None:  # TensorBoard's own default: a new dated folder per start
                 callback.logging_dir = folder
-    yield

@@ -20,7 +20,7 @@ from .build import build_callbacks, build_task, build_trainer
 from .cli import exit_process, quiet_libraries, run_safely
 from .errors import Interrupted, UserError, signals_raise
 from .recipe import Recipe, help_for_argv, parse_recipe
-from .reporting import TrainEndHeld, continued_trackers, continues_the_run, default_run_name
+from .reporting import TrainEndHeld, continue_trackers, continues_the_run, default_run_name
 from .results import RESULTS_FILE, last_training_value, payload, write_json_atomic
 from .resume import GracefulStop, is_complete, saved_tracker_ids
 from .safety import output_dir_lock
@@ -85,8 +85,8 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
         start = time.time()
         if resume_from is not None:
             final["resumed_from"] = resume_from
-        with continued_trackers(trainer, saved_trackers):  # a resumed run continues its tracker runs (reporting)
-            trainer.train(resume_from_checkpoint=resume_from)
+        continue_trackers(trainer, saved_trackers)  # a resumed run continues its tracker runs (reporting)
+        trainer.train(resume_from_checkpoint=resume_from)
         if graceful_stop.stopping:  # agreed by every process (GracefulStop.agree)
             checkpoint = os.path.join(config.output_dir, f"checkpoint-{trainer.state.global_step}")
             if is_complete(checkpoint):  # none where the signal came after the last step's agreement
