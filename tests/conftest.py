@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,15 @@ from grade_trl.rewards.sentiment import SentimentReward, SentimentRewardModel
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_IMDB = SHARED / "data" / "imdb"
+
+
+@contextmanager
+def module_folder(tmp_path_factory, name: str):
+    """A folder for a module-scoped fixture's runs, deleted once the module's tests are done: pytest deletes such folders
+    only at the session's end, and the runs' checkpoints of every module together filled a CI machine's disk."""
+    folder = tmp_path_factory.mktemp(name)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def launch_failure(name: str, result: subprocess.CompletedProcess) -> str:

@@ -19,7 +19,7 @@ from grade_trl import analysis, compare, comparison as comparisons
 from grade_trl.errors import UserError
 from grade_trl.results import load_results, read_results, write_json_atomic
 
-from .conftest import REPO
+from .conftest import REPO, module_folder
 
 RECIPES = [str(REPO / "recipes" / "tiny" / "imdb_reinforce.yaml"), str(REPO / "recipes" / "tiny" / "imdb_grade_ste.yaml")]
 
@@ -209,11 +209,11 @@ def test_failed_runs_are_recorded_and_the_exit_code_is_1(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_comparison(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cmp")
-    # --jobs 2: two runs at a time, the first two training the shared reward head side by side
-    argv = [*RECIPES, "--seeds", "2", "--jobs", "2", "--output_dir", str(tmp / "cmp"), *shrunk_overrides(tmp / "reward_model")]
-    assert compare.main(argv) == 0
-    return tmp / "cmp", argv
+    with module_folder(tmp_path_factory, "cmp") as tmp:
+        # --jobs 2: two runs at a time, the first two training the shared reward head side by side
+        argv = [*RECIPES, "--seeds", "2", "--jobs", "2", "--output_dir", str(tmp / "cmp"), *shrunk_overrides(tmp / "reward_model")]
+        assert compare.main(argv) == 0
+        yield tmp / "cmp", argv
 
 
 def reached_step(history, target):
@@ -399,7 +399,7 @@ def test_a_signal_to_compare_stops_its_run_with_a_checkpoint_and_the_rerun_resum
     import time
 
     recipe = str(REPO / "recipes" / "tiny" / "length_reinforce.yaml")
-    overrides = ["--max_steps", "40", "--save_strategy", "steps", "--save_steps", "2", "--eval_steps", "40", "--logging_steps", "1", "--eval_num_prompts", "4",
+    overrides = ["--max_steps", "40", "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "2", "--eval_steps", "40", "--logging_steps", "1", "--eval_num_prompts", "4",
                  "--test_num_prompts", "4", "--eval_best_of_n", "1", "--policy_split_size", "16", "--validation_split_size", "8",
                  "--max_new_tokens", "6", "--min_new_tokens", "2", "--per_device_train_batch_size", "4", "--disable_tqdm", "true"]
     argv = [recipe, "--seed_list", "42", "--output_dir", str(tmp_path / "cmp"), *overrides]

@@ -12,7 +12,7 @@ import pytest
 from grade_trl import analysis, doctor, metrics
 from grade_trl.methods import METHODS
 
-from .conftest import REPO
+from .conftest import REPO, module_folder
 from .test_run_e2e import load_results, shrunk
 
 
@@ -21,14 +21,14 @@ def runs(tmp_path_factory):
     """{method: results} of one shrunk run of each registry method's tiny IMDB recipe, laid out as a comparison folder."""
     from grade_trl.run import main
 
-    root = tmp_path_factory.mktemp("registry")
-    out = {}
-    for name in METHODS:
-        argv = shrunk(root, name=f"{name}/seed42", recipe=str(REPO / "recipes" / "tiny" / f"imdb_{name}.yaml"), max_steps=2, logging_steps=1,
-                      probe_steps="[2]", probe_num_estimates=2, probe_num_prompts=2)
-        assert main(argv) == 0, name
-        out[name] = load_results(root / name / "seed42" / "results.json")
-    return root, out
+    with module_folder(tmp_path_factory, "registry") as root:
+        out = {}
+        for name in METHODS:
+            argv = shrunk(root, name=f"{name}/seed42", recipe=str(REPO / "recipes" / "tiny" / f"imdb_{name}.yaml"), max_steps=2, logging_steps=1,
+                          probe_steps="[2]", probe_num_estimates=2, probe_num_prompts=2)
+            assert main(argv) == 0, name
+            out[name] = load_results(root / name / "seed42" / "results.json")
+        yield root, out
 
 
 @pytest.mark.slow

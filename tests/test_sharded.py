@@ -23,7 +23,7 @@ from unittest import mock
 import pytest
 import torch
 
-from .conftest import REPO, launch_failure
+from .conftest import REPO, launch_failure, module_folder
 from .test_run_e2e import load_results, shrunk
 
 CONFIGS = REPO / "accelerate_configs"
@@ -316,9 +316,9 @@ def shared_reward_model(tmp_path_factory):
     fixed since by `grade_trl.cli.exit_process`; whether these two were the same is not known."""
     from grade_trl.train_reward import main as train_reward
 
-    folder = tmp_path_factory.mktemp("fsdp_cpu")
-    assert train_reward(shrunk(folder, recipe=str(REPO / "recipes" / "tiny" / "imdb_reinforce.yaml"), reward_model_path=folder / "reward_model")) == 0
-    return folder / "reward_model"
+    with module_folder(tmp_path_factory, "fsdp_cpu") as folder:
+        assert train_reward(shrunk(folder, recipe=str(REPO / "recipes" / "tiny" / "imdb_reinforce.yaml"), reward_model_path=folder / "reward_model")) == 0
+        yield folder / "reward_model"
 
 
 def _two_process_run(tmp_path, name: str, recipe: str, overrides: dict, reward_model, fsdp: bool) -> subprocess.CompletedProcess:
