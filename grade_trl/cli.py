@@ -200,6 +200,8 @@ class Command:
 
     positionals: the name shown in the usage line (`RECIPE.yaml`), `nargs` "1", "+" (one or more) or "?".
     forwards_overrides: unknown `--key value` pairs are returned as overrides (recipe keys) instead of refused.
+    override_list_keys: the forwarded keys that take several values (`--report_to wandb tensorboard`), as a function
+        so that the commands' imports stay light until a command line is read.
     """
 
     prog: str
@@ -209,6 +211,7 @@ class Command:
     options: tuple[Option, ...] = ()
     forwards_overrides: bool = False
     epilog: str = ""
+    override_list_keys: Callable[[], Sequence[str]] = tuple
 
     @property
     def usage(self) -> str:
@@ -237,7 +240,8 @@ class Command:
         if len(positionals) < wanted[0] or (wanted[1] is not None and len(positionals) > wanted[1]):
             raise UserError(self.usage)
         known = {option.name: option for option in self.options}
-        raw = parse_overrides(argv, [name for name, option in known.items() if is_list_type(option.type)])
+        list_keys = [name for name, option in known.items() if is_list_type(option.type)]
+        raw = parse_overrides(argv, list_keys + (list(self.override_list_keys()) if self.forwards_overrides else []))
         values, forwarded = {}, {}
         for key, value in raw.items():
             if key in known:

@@ -34,7 +34,7 @@ from pathlib import Path
 from .cli import Command, Option, exit_process
 from .comparison import RUN_INFO, build_comparison, from_fewer_runs
 from .errors import UserError, signals_raise
-from .recipe import build_recipe, load_recipe_file
+from .recipe import build_recipe, load_recipe_file, recipe_list_keys
 from .results import read_json, read_results, write_json_atomic
 
 logger = logging.getLogger("grade_trl.compare")
@@ -46,6 +46,7 @@ COMMAND = Command(
     positional="RECIPE.yaml",
     nargs="+",
     forwards_overrides=True,
+    override_list_keys=recipe_list_keys,
     options=(
         Option("output_dir", str, None, "Runs go to {output_dir}/{name}/seed{S}/, the summary to {output_dir}/comparison.json (required)."),
         Option("seeds", int, 3, "Number of seeds: 42, 43, ..."),

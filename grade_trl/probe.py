@@ -22,7 +22,7 @@ from .cli import Command, Option, exit_process, quiet_libraries
 from .errors import UserError
 from .methods import get_method
 from .probing import completions_per_estimate, estimator_statistics, first_rows, grade_bias, gradient_estimates, prompt_text, score_function_reference
-from .recipe import build_recipe, load_recipe_file
+from .recipe import build_recipe, load_recipe_file, recipe_list_keys
 from .results import write_json_atomic
 
 logger = logging.getLogger("grade_trl.probe")
@@ -33,6 +33,7 @@ COMMAND = Command(
     positional="RECIPE.yaml",
     nargs="+",
     forwards_overrides=True,
+    override_list_keys=recipe_list_keys,
     options=(
         Option("checkpoint", str | None, None, "A run's output_dir, model/ folder or checkpoint-N folder to probe instead of the recipe's initial model (one recipe)."),
         Option("step", int | None, None, "The optimizer step the probe stands for (GRADE's tau); default the checkpoint's global_step, else 0."),

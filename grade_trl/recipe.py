@@ -480,8 +480,18 @@ def _list_keys(values: dict, overrides: list[str]) -> list[str]:
             method_name = overrides[i + 1]
         elif token.startswith("--method="):
             method_name = token.partition("=")[2]
-    classes = [RunArguments] + ([get_method(method_name).config_class] if method_name in METHODS else [])
-    return [name for cls in classes for name, tp in typing.get_type_hints(cls).items() if is_list_type(tp)]
+    return _list_fields([RunArguments] + ([get_method(method_name).config_class] if method_name in METHODS else []))
+
+
+def recipe_list_keys() -> list[str]:
+    """The list-typed keys of any recipe: those of the run arguments and of every method's config. compare, train_reward
+    and probe read the overrides they forward before knowing which method each recipe runs; the union is right for all
+    of them because no key is a list in one config and a scalar in another (tests/test_cli.py checks it)."""
+    return _list_fields([RunArguments] + [get_method(name).config_class for name in METHODS])
+
+
+def _list_fields(classes: list[type]) -> list[str]:
+    return sorted({name for cls in classes for name, tp in typing.get_type_hints(cls).items() if is_list_type(tp)})
 
 
 # ---------------------------------------------------------------- --help

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from .errors import UserError, loading
 from .cli import Command, Option, exit_process
-from .recipe import build_recipe, load_recipe_file
+from .recipe import build_recipe, load_recipe_file, recipe_list_keys
 
 COMMAND = Command(
     prog="grade_trl.train_reward",
     description=__doc__.split("\n\n")[0],
     positional="RECIPE.yaml",
     forwards_overrides=True,
+    override_list_keys=recipe_list_keys,
     options=(Option("force", bool, False, "Train the head again even where one exists."),),
     epilog="Every other --key value is a recipe override.",
 )

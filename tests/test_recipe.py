@@ -4,6 +4,7 @@ import dataclasses
 import re
 import subprocess
 import sys
+import typing
 
 import pytest
 
@@ -81,6 +82,27 @@ def test_report_to_takes_several_values_a_comma_list_or_null_as_trl_cli_does(tmp
         parse_recipe(base + ["--report_to", "tensorboard,foo"])
     with pytest.raises(UserError, match="unexpected argument 'x'"):  # a key that takes one value still takes one
         parse_recipe(base + ["--learning_rate", "1e-4", "x"])
+
+
+def test_compare_train_reward_and_probe_forward_several_values_as_run_takes_them():
+    """`--report_to wandb tensorboard` given to compare, train_reward or probe reaches the recipe as a list, as it does
+    for grade_trl.run (these commands read their command line before knowing the recipe's method, so they take the
+    list keys of every config; a key that takes one value still takes one)."""
+    from grade_trl import compare, probe, train_reward
+    from grade_trl.cli import is_list_type
+    from grade_trl.methods import get_method
+    from grade_trl.recipe import recipe_list_keys
+
+    for command in (compare.COMMAND, train_reward.COMMAND, probe.COMMAND):
+        _, _, forwarded = command.parse(["recipe.yaml", "--report_to", "tensorboard", "wandb", "--probe_steps", "2", "--max_steps", "3"])
+        assert forwarded == {"report_to": ["tensorboard", "wandb"], "probe_steps": [2], "max_steps": 3}, command.prog
+        with pytest.raises(UserError, match="unexpected argument 'x'"):
+            command.parse(["recipe.yaml", "--learning_rate", "1e-4", "x"])
+    # the union is right only while no key is a list in one config and a single value in another
+    keys = recipe_list_keys()
+    for cls in [RunArguments] + [get_method(name).config_class for name in METHODS]:
+        for name, tp in typing.get_type_hints(cls).items():
+            assert (name in keys) == is_list_type(tp), (cls.__name__, name)
 
 
 @pytest.mark.parametrize("method", ["grade_ste", "grpo"])
