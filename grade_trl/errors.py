@@ -57,6 +57,10 @@ def loading(key: str, value: str):
 
     from safetensors import SafetensorError  # a truncated or corrupt .safetensors file
 
+    from .models import unreachable_hub_id
+
+    if reason := unreachable_hub_id(str(value)):
+        raise UserError(f"{key}: cannot load {value!r}: {reason} (give a local path or `embedded`, or download it where the hub is reachable)")
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
     hub_logger.setLevel(logging.ERROR)  # an unreachable hub: its retries' warnings (dozens of lines) before our one line

@@ -26,6 +26,43 @@ def looks_like_local_path(name_or_path: str) -> bool:
     return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.path.exists(name_or_path)
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def unreachable_hub_id(value: str) -> str | None:
+    """Why the hub id `value` cannot load here, found in a second; None when it may load: a local path, `embedded`, a
+    copy in a local cache, HF_HUB_OFFLINE set (the libraries then answer from the cache at once), a proxy configured
+    (not probed), or the hub's host accepting a connection.
+
+    Without this, an unreachable hub is found by huggingface_hub's retries: five per file with a 1-8 s back-off, so
+    the one-line error came after 50 s for a model id and 27 s for a data set id (measured on a machine without
+    network). Only a failed TCP connection to the hub's host counts: any answer means the libraries decide."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if not value or value == "embedded" or looks_like_local_path(value) or constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return None
+    folder = value.replace("/", "--")
+    caches = [Path(constants.HF_HUB_CACHE) / f"{kind}--{folder}" for kind in ("models", "datasets")]
+    try:
+        import datasets.config
+
+        caches.append(Path(datasets.config.HF_DATASETS_CACHE) / value.replace("/", "___"))  # a data set prepared before
+    except ImportError:
+        pass
+    if any(cache.exists() for cache in caches):
+        return None
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=5).close()
+    except OSError as error:  # no such host, refused, unreachable, timed out
+        return f"the hub ({constants.ENDPOINT}) cannot be reached from here ({error.strerror or type(error).__name__}) and no local cache holds it"
+    return None
+
+
 NO_HUB_KERNELS = {"use_kernels": False}
 """transformers (5.x, with `kernels`, one of its own requirements) swaps layers for kernels fetched from the hub at
 the model's first `.train()`/`.eval()` on a GPU. Off by default here: an offline GPU node then fails at that call

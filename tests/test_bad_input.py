@@ -228,6 +228,59 @@ def test_a_model_without_a_tokenizer_or_positions_for_prompt_and_completion_is_o
         assert not (tmp_path / "runs").exists()
 
 
+def _unreachable_hub(monkeypatch, tmp_path):
+    """A hub whose host refuses connections (a closed local port) and empty caches."""
+    import socket
+
+    import datasets.config
+    from huggingface_hub import constants
+
+    with socket.socket() as probe:  # a port nothing listens on: bound, then closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    for variable in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    return port
+
+
+def test_an_unreachable_hub_id_is_one_line_at_once_not_after_the_hubs_retries(monkeypatch, tmp_path):
+    """huggingface_hub retries an unreachable hub five times per file (50 s for a model id, 27 s for a data set id):
+    a hub id that no local cache holds, with the hub's host refusing connections, is refused before that."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from grade_trl.models import unreachable_hub_id
+
+    port = _unreachable_hub(monkeypatch, tmp_path)
+    assert "cannot be reached from here" in unreachable_hub_id("someorg/some-model")
+    for key in ("model_name_or_path", "dataset_name"):
+        out = tmp_path / "run"
+        code, errors = _main_quietly([QUICKSTART, f"--{key}", "someorg/missing", "--output_dir", str(out)])
+        assert code == 2 and errors == [f"error: {key}: cannot load 'someorg/missing': the hub (http://127.0.0.1:{port}) cannot be reached from here "
+                                        "(Connection refused) and no local cache holds it (give a local path or `embedded`, or download it where the hub is reachable)"], errors
+        assert not out.exists()
+    # what may still load is left to the libraries: a local path, `embedded`, a cached copy, offline mode, a proxy, a hub that answers
+    assert unreachable_hub_id("embedded") is None and unreachable_hub_id(str(tmp_path)) is None
+    (tmp_path / "hub" / "models--someorg--cached").mkdir(parents=True)
+    (tmp_path / "datasets" / "someorg___prepared").mkdir(parents=True)
+    assert unreachable_hub_id("someorg/cached") is None and unreachable_hub_id("someorg/prepared") is None
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert unreachable_hub_id("someorg/some-model") is None
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert unreachable_hub_id("someorg/some-model") is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert unreachable_hub_id("someorg/some-model") is None
+
+
 RECIPE_FILE_CASES = [
     ("binary recipe file", bytes(range(256)) * 4, "is not a text (UTF-8 YAML) file"),
     ("empty recipe file", b"", "is empty"),
