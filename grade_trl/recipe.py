@@ -140,7 +140,7 @@ CUSTOM_KEYS = ("dataset_config", "train_split", "validation_split", "test_split"
 NON_DIFFERENTIABLE_TASKS = {"gsm8k": "gsm8k's correctness reward is not (an exact match of the final answer has no gradient)"}
 
 
-PATH_KEYS = ("model_name_or_path", "dataset_name", "reward_backbone")
+PATH_KEYS = ("model_name_or_path", "dataset_name", "reward_backbone", "gold_judge")
 
 
 @dataclass
@@ -459,7 +459,8 @@ def check_paths(run_kwargs: dict) -> None:
     for key in PATH_KEYS:
         value = run_kwargs.get(key)
         if value and value != "embedded" and looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
-            raise RecipeError(f"{key}: no such file or folder {value!r} (give an existing local path, a hub id, or `embedded`)")
+            other = "`tfidf` or `none`" if key == "gold_judge" else "`embedded`"
+            raise RecipeError(f"{key}: no such file or folder {value!r} (give an existing local path, a hub id, or {other})")
 
 
 def parse_recipe(argv: list[str]) -> Recipe:

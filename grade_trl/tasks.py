@@ -107,7 +107,8 @@ def build_gold_judge(spec: str, dataset_name: str, seed: int, max_test_reviews: 
         train = load_imdb(dataset_name, "train")
         judge = TfidfJudge.fit([clean_review(t) for t in train["text"]], train["label"])
     else:
-        judge = ClassifierJudge(spec)
+        with loading("gold_judge", spec):  # named here: the task is built under dataset_name's
+            judge = ClassifierJudge(spec)
     judge.test_accuracy = judge.accuracy([clean_review(t) for t in test["text"]], test["label"])
     logger.info("gold judge %s: accuracy %.3f on %d IMDB test reviews", spec, judge.test_accuracy, len(test))
     return judge

@@ -257,7 +257,7 @@ def test_an_unreachable_hub_id_is_one_line_at_once_not_after_the_hubs_retries(mo
 
     port = _unreachable_hub(monkeypatch, tmp_path)
     assert "cannot be reached from here" in unreachable_hub_id("someorg/some-model")
-    for key in ("model_name_or_path", "dataset_name"):
+    for key in ("model_name_or_path", "dataset_name", "gold_judge"):  # gold_judge: a classifier's id, once blamed on dataset_name
         out = tmp_path / "run"
         code, errors = _main_quietly([QUICKSTART, f"--{key}", "someorg/missing", "--output_dir", str(out)])
         assert code == 2 and errors == [f"error: {key}: cannot load 'someorg/missing': the hub (http://127.0.0.1:{port}) cannot be reached from here "

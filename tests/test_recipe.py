@@ -130,6 +130,7 @@ def test_yaml_scientific_notation_without_dot_is_a_float():
         ({"max_steps": 1.5}, r"max_steps: expected an integer"),
         ({"use_peft": "maybe"}, r"use_peft: expected true or false"),
         ({"model_name_or_path": "./no/such/model"}, r"model_name_or_path: no such file or folder './no/such/model'"),
+        ({"gold_judge": "./no/such/judge"}, r"^gold_judge: no such file or folder './no/such/judge' \(give an existing local path, a hub id, or `tfidf` or `none`\)$"),
         ({"method": "grade", "estimator": "ste"}, r"method 'grade' means estimator='soft'"),
         ({"tau_start": 0}, r"^tau_start: tau_start and tau_end must be > 0"),
         ({"reward_input": "everything"}, r"^reward_input: must be 'completion' or 'prompt_completion'"),
