@@ -23,7 +23,8 @@ from transformers import TrainerCallback
 from . import metrics
 from .core.masks import completion_mask
 from .core.sharding import is_sharded, local_data, resharded
-from .rewards.base import compute_rewards, reward_name
+from .rewards.base import combine_scores, compute_rewards, reward_name
+
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +176,8 @@ def self_bleu(texts: list[str], max_texts: int = 200, max_n: int = 4) -> float:
 
 def weighted_rewards(reward_funcs, weights, prompts: list[str], completions: list[str], **columns) -> list[float]:
     """sum_f weight_f * reward_f(prompt, completion) per sample (text path; dataset columns passed as keywords)."""
-    scores = compute_rewards(reward_funcs, prompts, completions, **columns)  # (B, F)
-    return (scores @ torch.tensor(weights or [1.0] * len(reward_funcs))).tolist()
+    scores = compute_rewards(reward_funcs, prompts, completions, **columns)  # (B, F), NaN where a function returned None
+    return combine_scores(scores, torch.tensor(weights or [1.0] * len(reward_funcs))).tolist()
 
 
 # ---- evaluators -------------------------------------------------------------------------------
@@ -237,7 +238,7 @@ class RewardEvaluator(Evaluator):
                 if not shard:  # generated only to keep a sharded model's collectives in step (shard_and_gather)
                     continue
                 scores = compute_rewards(self.reward_funcs, shard, completions, **shard_columns)  # (B, F)
-                samples.append((completions, lengths, (scores @ weights).tolist(), scores.tolist()))
+                samples.append((completions, lengths, combine_scores(scores, weights).tolist(), scores.tolist()))
             if not shard:
                 return []
             completions, lengths, rewards, scores = samples[0]
@@ -253,7 +254,8 @@ class RewardEvaluator(Evaluator):
         completions = [r["completion"] for r in rows]
         metrics = {"reward": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards)}
         if len(self.reward_funcs) > 1:
-            metrics |= {f"rewards/{name}/mean": statistics.fmean(r["scores"][name] for r in rows) for name in names}
+            # each function's mean where it applied (NaN: it returned None there); nan if it applied nowhere
+            metrics |= {f"rewards/{name}/mean": statistics.fmean([v for r in rows if not math.isnan(v := r["scores"][name])] or [math.nan]) for name in names}
         if self.judge is not None:
             gold = [r["gold_reward"] for r in rows]
             metrics |= {"gold_reward": statistics.fmean(gold), "gold_reward_std": statistics.pstdev(gold)}

@@ -157,6 +157,11 @@ class ResumeCallback(TrainerCallback):
             return
         trainer = self.trainer
         path = state_path(self.resume_from, trainer.accelerator.process_index)
+        if not os.path.isfile(state_path(self.resume_from, 0)):
+            raise UserError(
+                f"resume_from_checkpoint: {self.resume_from!r} has no {os.path.basename(state_path(self.resume_from, 0))} (the baselines, "
+                "rollout buffer and metric windows Trainer does not save): it was not saved by a grade_trl trainer, or only in part"
+            )
         if not os.path.isfile(path):
             raise UserError(
                 f"resume_from_checkpoint: {self.resume_from!r} was saved by fewer processes than this run's "

@@ -69,6 +69,28 @@ def test_reward_that_returns_nan_is_reported_with_name_and_sample_index():
         check_finite_scores(returns_nan, torch.tensor([0.1, 0.2, math.nan]))
 
 
+def test_none_means_a_reward_does_not_apply_as_in_trl():
+    """TRL's multi-task convention: a function returns None for a sample it does not apply to, and the weighted rewards
+    are summed over the functions that do (nansum). A sample that no function scores is named."""
+    from grade_trl.rewards.base import CheckedReward, combine_scores
+
+    def math_only(prompts, completions, task, **kwargs):
+        return [1.0 if t == "math" else None for t in task]
+
+    def code_only(prompts, completions, task, **kwargs):
+        return [0.25 if t == "code" else None for t in task]
+
+    scores = compute_rewards([math_only, code_only], ["p"] * 3, TEXTS, task=["math", "code", "math"])
+    assert torch.isnan(scores).tolist() == [[False, True], [True, False], [False, True]]
+    assert combine_scores(scores, torch.tensor([2.0, 4.0])).tolist() == [2.0, 1.0, 2.0]
+    with pytest.raises(RewardFunctionError, match=r"^no reward function scored sample 1: math_only, code_only all returned None"):
+        compute_rewards([math_only, code_only], ["p"] * 3, TEXTS, task=["math", "poem", "code"])
+    # inside TRL's GRPOTrainer our wrapper passes None on (TRL skips the function there) and still names a NaN
+    assert CheckedReward(math_only)(["p"] * 2, TEXTS[:2], task=["math", "code"]) == [1.0, None]
+    with pytest.raises(RewardFunctionError, match=r"'returns_nan' returned nan for sample 1"):
+        CheckedReward(returns_nan)(["p"] * 3, TEXTS)
+
+
 def forgot_return(prompts, completions, **kwargs):
     [float(len(c)) for c in completions]  # noqa: B018 - the bug this test is about: no `return`
 

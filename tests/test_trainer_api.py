@@ -162,3 +162,173 @@ def test_training_keeps_nothing_from_one_step_to_the_next(tmp_path, method, sent
     trainer.add_callback(watch)
     trainer.train()
     assert len(watch.after_step) == 5 and max(watch.after_step[1:]) - min(watch.after_step[1:]) <= 4096, watch.after_step
+
+
+# ---- the trainers imported into a TRL project: what a TRL user expects of them ------------------------------------
+
+
+def _library_args(cls, tmp_path, **overrides):
+    common = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1, max_new_tokens=4,
+                  min_new_tokens=4, logging_steps=1, use_cpu=True, disable_tqdm=True, report_to="none")
+    return cls(**{**common, **overrides})
+
+
+def test_a_long_prompt_keeps_its_end_with_a_warning(tmp_path, caplog):
+    """A prompt past max_prompt_length keeps its last tokens (its question, "Answer:"), as TRL's GRPOTrainer cut them;
+    it used to keep its first ones, silently."""
+    from grade_trl import REINFORCEConfig, REINFORCETrainer
+
+    tokenizer = load_tokenizer("embedded")
+    trainer = REINFORCETrainer(model="embedded", reward_funcs=length_only, args=_library_args(REINFORCEConfig, tmp_path, max_prompt_length=6), processing_class=tokenizer)
+    long_prompt = "one two three four five six seven eight nine ten. How many? Answer:"
+    with caplog.at_level("WARNING"):
+        enc = trainer.tokenize_prompts([{"prompt": long_prompt}, {"prompt": "Short"}])
+    assert enc["input_ids"].shape[1] == 6
+    assert tokenizer.decode(enc["input_ids"][0]).endswith("Answer:")
+    n = len(tokenizer("Short", add_special_tokens=False)["input_ids"])  # a short prompt is left-padded, not cut
+    assert enc["attention_mask"][1].tolist() == [0] * (6 - n) + [1] * n and tokenizer.decode(enc["input_ids"][1][-n:]) == "Short"
+    assert sum("keep only their last 6 tokens" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("method", ["reinforce", "ppo"])
+def test_train_resume_from_checkpoint_is_exact_without_the_runner(tmp_path, method):
+    """`trainer.train(resume_from_checkpoint=True)` on a trainer used on its own restores what Trainer's checkpoints
+    lack (REINFORCE's EMA baseline, PPO's rollout buffer and shuffle generator): the weights equal an uninterrupted run's.
+    Before, only the recipe runner attached the callback that does it, and these weights differed by ~2e-3."""
+    from transformers import set_seed
+
+    from grade_trl import PPOConfig, PPOTrainer, REINFORCEConfig, REINFORCETrainer
+
+    cls, config = (REINFORCETrainer, REINFORCEConfig) if method == "reinforce" else (PPOTrainer, PPOConfig)
+    import shutil
+
+    extra = {"baseline": "ema"} if method == "reinforce" else {"num_mini_batches": 2, "ppo_epochs": 2}
+    dataset = Dataset.from_dict({"prompt": ["This movie was", "The acting", "I watched it", "Worst"] * 4})
+
+    def run(output_dir, resume=None):
+        set_seed(0)
+        args = _library_args(config, output_dir, max_steps=3, save_strategy="steps", save_steps=1, seed=0, **extra)
+        trainer = cls(model="embedded", reward_funcs=length_only, args=args, train_dataset=dataset, processing_class=load_tokenizer("embedded"))
+        trainer.train(resume_from_checkpoint=resume)
+        return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    straight = run(tmp_path / "straight")
+    (tmp_path / "stopped").mkdir()  # a run stopped after its first checkpoint
+    shutil.copytree(tmp_path / "straight" / "checkpoint-1", tmp_path / "stopped" / "checkpoint-1")
+    resumed = run(tmp_path / "stopped", resume=True)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_evaluate_leaves_the_ema_baseline_alone(tmp_path):
+    from grade_trl import REINFORCEConfig, REINFORCETrainer
+
+    dataset = Dataset.from_dict({"prompt": ["This movie was", "The acting"] * 4})
+    trainer = REINFORCETrainer(model="embedded", reward_funcs=length_only, args=_library_args(REINFORCEConfig, tmp_path, max_steps=1, baseline="ema"),
+                               train_dataset=dataset, eval_dataset=dataset, processing_class=load_tokenizer("embedded"))
+    trainer.train()
+    before = trainer.ema_baseline.value
+    trainer.evaluate()
+    assert before is not None and trainer.ema_baseline.value == before
+
+
+def test_rewards_get_trls_trainer_state_and_log_metric(tmp_path):
+    """TRL's GRPOTrainer passes `trainer_state`, `log_metric` and `log_extra` to every reward; ours do too."""
+    from grade_trl import REINFORCEConfig, REINFORCETrainer
+
+    seen = []
+
+    def by_step(prompts, completions, trainer_state, log_metric, log_extra, **kwargs):
+        seen.append(trainer_state.global_step)
+        log_metric("my_metric", 2.5)
+        log_extra("my_column", list(completions))
+        return [1.0] * len(completions)
+
+    dataset = Dataset.from_dict({"prompt": ["This movie was", "The acting"] * 4})
+    trainer = REINFORCETrainer(model="embedded", reward_funcs=by_step, args=_library_args(REINFORCEConfig, tmp_path), train_dataset=dataset,
+                               processing_class=load_tokenizer("embedded"))
+    trainer.train()
+    assert seen == [0, 1]
+    assert [row["my_metric"] for row in trainer.state.log_history if "my_metric" in row] == [2.5, 2.5]
+
+
+def test_a_score_soft_without_a_gradient_is_refused(tmp_path, tokenizer):
+    from grade_trl.rewards.base import RewardFunctionError
+
+    class Detached:
+        differentiable = True
+
+        def __call__(self, prompts, completions, **kwargs):
+            return [0.0] * len(completions)
+
+        def score_soft(self, soft_tokens, attention_mask):
+            return torch.zeros(attention_mask.shape[0])
+
+    trainer = GumbelGRADETrainer(model="embedded", reward_funcs=Detached(), args=_library_args(GumbelGRADEConfig, tmp_path, estimator="ste"),
+                                 processing_class=tokenizer)
+    with pytest.raises(RewardFunctionError, match="reward function 'Detached' returned a score_soft with no gradient"):
+        trainer.compute_loss(trainer.model, [{"prompt": "This movie was"}])
+    with torch.no_grad():  # evaluation: no gradient is expected
+        trainer.compute_loss(trainer.model, [{"prompt": "This movie was"}])
+
+
+def test_construction_refuses_what_would_fail_at_the_first_step(tmp_path):
+    from transformers import TrainingArguments
+
+    from grade_trl import PPOConfig, PPOTrainer, REINFORCEConfig, REINFORCETrainer
+    from grade_trl.models import load_causal_lm
+
+    args = _library_args(REINFORCEConfig, tmp_path)
+    cases = [
+        (dict(reward_funcs="someorg/reward-model"), ValueError, r"reward_funcs\[0\]: the hub id or path 'someorg/reward-model' is TRL GRPOTrainer's way"),
+        (dict(reward_funcs=[length_only, load_causal_lm("embedded")]), ValueError, r"reward_funcs\[1\]: a GPT2LMHeadModel is TRL"),
+        (dict(reward_funcs=None), ValueError, r"reward_funcs: give at least one reward function"),
+        (dict(reward_funcs=[length_only, 3]), ValueError, r"reward_funcs\[1\]: int 3 is not callable"),
+        (dict(reward_funcs=length_only, train_dataset=Dataset.from_dict({"text": ["x"]})), ValueError, r"train_dataset: no `prompt` column \(it has text\)"),
+        (dict(reward_funcs=length_only, args=TrainingArguments(output_dir=str(tmp_path))), TypeError, r"args: REINFORCETrainer takes a REINFORCEConfig"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            REINFORCETrainer(**{"model": "embedded", "args": args, **kwargs})
+    with pytest.raises(TypeError, match=r"args: PPOTrainer takes a PPOConfig .*, got a REINFORCEConfig"):
+        PPOTrainer(model="embedded", reward_funcs=length_only, args=args)
+    for config, values, message in [
+        (REINFORCEConfig, {"max_prompt_length": 0}, "max_prompt_length: expected an integer >= 1"),
+        (REINFORCEConfig, {"num_samples_per_prompt": 0}, "num_samples_per_prompt must be >= 1"),
+        (REINFORCEConfig, {"ema_momentum": 1.5}, r"ema_momentum must be in \[0, 1\)"),
+        (GumbelGRADEConfig, {"tau_anneal_steps": -5}, "tau_anneal_steps must be >= 0"),
+        (PPOConfig, {"model_init_kwargs": "float32"}, "model_init_kwargs: expected a mapping"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            config(output_dir=str(tmp_path), use_cpu=True, **values)
+
+
+def test_configs_parse_from_the_command_line_as_trls_do(tmp_path):
+    """HfArgumentParser reads `--model_init_kwargs '{"dtype": "float32"}'` as a mapping, as it does for TRL's GRPOConfig."""
+    from transformers import HfArgumentParser
+
+    (config,) = HfArgumentParser(GumbelGRADEConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--model_init_kwargs", '{"dtype": "float32"}'])
+    assert config.model_init_kwargs == {"dtype": "float32"}
+
+
+@pytest.mark.parametrize("method", ["reinforce", "ppo"])
+def test_rewards_that_apply_to_some_samples_train_as_in_trl(tmp_path, method):
+    """Two rewards, each returning None where it does not apply (TRL's multi-task convention): the step's reward is
+    their weighted sum over the ones that apply, and each function's logged mean is over its own samples."""
+    from grade_trl import PPOConfig, PPOTrainer, REINFORCEConfig, REINFORCETrainer
+
+    def short_task(prompts, completions, task, **kwargs):
+        return [1.0 if t == "a" else None for t in task]
+
+    def long_task(prompts, completions, task, **kwargs):
+        return [3.0 if t == "b" else None for t in task]
+
+    cls, config = (REINFORCETrainer, REINFORCEConfig) if method == "reinforce" else (PPOTrainer, PPOConfig)
+    extra = {} if method == "reinforce" else {"num_mini_batches": 1}
+    dataset = Dataset.from_dict({"prompt": ["This movie was", "The acting"] * 4, "task": ["a", "b"] * 4})
+    trainer = cls(model="embedded", reward_funcs=[short_task, long_task], args=_library_args(config, tmp_path, max_steps=1, reward_weights=[1.0, 0.5], per_device_train_batch_size=8, **extra),
+                  train_dataset=dataset, processing_class=load_tokenizer("embedded"))
+    trainer.train()
+    (row,) = [r for r in trainer.state.log_history if "reward" in r]
+    assert row["rewards/short_task/mean"] == 1.0 and row["rewards/long_task/mean"] == 3.0
+    assert row["reward"] == pytest.approx((1.0 + 1.5) / 2)  # the batch of 8 is the data set: 4 prompts of each task

@@ -67,15 +67,19 @@ class EMABaseline:
     def update(self, rewards: torch.Tensor) -> float | torch.Tensor:
         """rewards: (B,). Returns the baseline for this batch (a float; the first batch's (B,) leave-one-out
         tensor), then folds the batch's mean into the EMA."""
+        baseline = self.peek(rewards)
+        batch_mean = at_least_float32(rewards.detach()).mean().item()
+        self.value = batch_mean if self.value is None else self.momentum * self.value + (1.0 - self.momentum) * batch_mean
+        return baseline
+
+    def peek(self, rewards: torch.Tensor) -> float | torch.Tensor:
+        """The baseline `update` would return for this batch, leaving the EMA as it is (an evaluation's batch, whose
+        rewards must not move the training baseline)."""
         rewards = rewards.detach()
-        batch_mean = at_least_float32(rewards).mean().item()
         if self.value is None:
-            self.value = batch_mean
             n = rewards.numel()
             return (rewards.sum() - rewards) / (n - 1) if n > 1 else torch.zeros_like(rewards)
-        baseline = self.value
-        self.value = self.momentum * self.value + (1.0 - self.momentum) * batch_mean
-        return baseline
+        return self.value
 
 
 def batch_mean_baseline(rewards: torch.Tensor) -> torch.Tensor:

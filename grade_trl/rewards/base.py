@@ -50,8 +50,9 @@ def require_differentiable(reward_funcs: Sequence[RewardFunc]) -> None:
 
 def _first_bad_value(values) -> int | None:
     for index, value in enumerate(values):
-        # numbers.Real: Python's int, float and bool, and numpy's scalars (a reward returning an array of float32)
-        if value is None or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        # numbers.Real: Python's int, float and bool, and numpy's scalars (a reward returning an array of float32).
+        # None is not bad: the function does not apply to that sample (TRL's multi-task convention).
+        if value is not None and (not isinstance(value, numbers.Real) or not math.isfinite(float(value))):
             return index
     return None
 
@@ -80,28 +81,45 @@ def compute_rewards(
     completion_ids: list[list[int]] | None = None,
     **kwargs,
 ) -> torch.Tensor:
-    """Call every reward function on the batch and return a (B, F) float tensor.
+    """Call every reward function on the batch and return a (B, F) float tensor, NaN where a function returned None.
 
-    A function that raises or returns None, NaN or inf stops the run with a `RewardFunctionError`
-    naming the function and the first offending sample index (found by re-calling it per sample).
+    None means, as in TRL's GRPOTrainer, that the function does not apply to that sample (multi-task rewards); the
+    methods sum the weighted scores over the functions that apply (`combine_scores`, TRL's nansum). A function that
+    raises or returns NaN, inf or a non-number, and a sample for which every function returned None, stop the run with
+    a `RewardFunctionError` naming the function and the first offending sample index (found by re-calling it per
+    sample). (TRL warns about an all-None sample and gives it advantage 0; here that is a bug to name.)
     """
-    columns = []
-    for func in reward_funcs:
-        name = reward_name(func)
-        try:
-            values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
-        except Exception as error:  # noqa: BLE001 - any failure of user code is reported the same way
-            index = _first_raising_sample(func, prompts, completions, completion_ids, kwargs)
-            where = f"on sample {index}" if index is not None else "on the batch"
-            raise RewardFunctionError(f"reward function '{name}' raised {where}: {type(error).__name__}: {error}") from error
-        values = _as_values(values, name, len(completions))
-        if len(values) != len(completions):
-            raise RewardFunctionError(f"reward function '{name}' returned {len(values)} values for {len(completions)} completions")
-        bad = _first_bad_value(values)
-        if bad is not None:
-            raise RewardFunctionError(f"reward function '{name}' returned {values[bad]!r} for sample {bad}; rewards must be finite numbers")
-        columns.append(torch.tensor(values, dtype=torch.float32))
-    return torch.stack(columns, dim=1)
+    scores = torch.stack([reward_column(func, prompts, completions, completion_ids, kwargs) for func in reward_funcs], dim=1)
+    unscored = torch.isnan(scores).all(dim=1).nonzero()
+    if len(unscored):
+        names = ", ".join(reward_name(func) for func in reward_funcs)
+        raise RewardFunctionError(f"no reward function scored sample {int(unscored[0, 0])}: {names} all returned None (None says a function does not "
+                                  "apply to a sample; at least one must score each completion)")
+    return scores
+
+
+def reward_column(func, prompts, completions, completion_ids, kwargs: dict) -> torch.Tensor:
+    """One function's rewards on the batch, (B,), NaN where it returned None; its errors as in `compute_rewards`."""
+    name = reward_name(func)
+    try:
+        values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+    except Exception as error:  # noqa: BLE001 - any failure of user code is reported the same way
+        index = _first_raising_sample(func, prompts, completions, completion_ids, kwargs)
+        where = f"on sample {index}" if index is not None else "on the batch"
+        raise RewardFunctionError(f"reward function '{name}' raised {where}: {type(error).__name__}: {error}") from error
+    values = _as_values(values, name, len(completions))
+    if len(values) != len(completions):
+        raise RewardFunctionError(f"reward function '{name}' returned {len(values)} values for {len(completions)} completions")
+    bad = _first_bad_value(values)
+    if bad is not None:
+        raise RewardFunctionError(f"reward function '{name}' returned {values[bad]!r} for sample {bad}; rewards must be finite numbers (or None where it does not apply)")
+    return torch.tensor([math.nan if value is None else float(value) for value in values], dtype=torch.float32)
+
+
+def combine_scores(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_f weight_f * score_f over the functions that scored each sample: (B, F) with NaN for None -> (B,).
+    TRL's GRPOTrainer combines its reward functions the same way (`nansum` of the weighted scores)."""
+    return torch.nan_to_num(scores, nan=0.0) @ weights.to(scores.device, scores.dtype)
 
 
 def _first_raising_sample(func, prompts, completions, completion_ids, kwargs) -> int | None:
@@ -130,16 +148,18 @@ def soft_scores(reward_func, call, *args) -> torch.Tensor:
 
 
 class CheckedReward:
-    """A reward function with `compute_rewards`' checks (an exception, None, NaN or inf -> a RewardFunctionError naming
-    the function and the sample), for TRL's GRPOTrainer, which would only warn about None/NaN and let an exception
-    through as a traceback. Same name, same values; the text path only (TRL never calls score_soft)."""
+    """A reward function with `reward_column`'s checks (an exception, NaN, inf or a non-number -> a RewardFunctionError
+    naming the function and the sample), for TRL's GRPOTrainer, which would only warn about NaN and let an exception
+    through as a traceback. Same name, same values, None included (TRL's "does not apply here", which TRL handles);
+    the text path only (TRL never calls score_soft)."""
 
     def __init__(self, func: RewardFunc):
         self.func = func
         self.__name__ = reward_name(func)
 
-    def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
-        return compute_rewards([self.func], prompts, completions, completion_ids, **kwargs)[:, 0].tolist()
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float | None]:
+        values = reward_column(self.func, prompts, completions, completion_ids, kwargs).tolist()
+        return [None if math.isnan(value) else value for value in values]  # None passes on: TRL skips that function there
 
 
 def check_finite_scores(reward_func, scores: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
@@ -170,4 +190,4 @@ class MeanReward:
         self.reward_funcs = list(reward_funcs)
 
     def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
-        return compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **kwargs).mean(1).tolist()
+        return compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **kwargs).nanmean(1).tolist()  # of those that apply

@@ -4,13 +4,41 @@ prompt tokenization, metric windows and logging. Each method subclasses it and w
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import contextmanager, nullcontext
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..models import load_causal_lm, load_tokenizer, prepare_tokenizer
+from ..resume import ResumeCallback
 from .metrics import GradNormWindowMixin, MetricWindow
+
+logger = logging.getLogger(__name__)
+
+
+def _no_completions_table(column: str, values: list) -> None:
+    """TRL's `log_extra` for a reward function: TRL adds the column to its completions table, which these trainers do
+    not keep (`RolloutTrainer.reward_kwargs`)."""
+
+
+def check_reward_types(reward_funcs: list) -> None:
+    """Refuse, at construction, what TRL's GRPOTrainer takes as a reward but these trainers do not call (a hub id, a
+    sequence-classification model) and what is no reward at all: each would fail at the first step, named oddly."""
+    from transformers import PreTrainedModel
+
+    if not reward_funcs or reward_funcs == [None]:
+        raise ValueError("reward_funcs: give at least one reward function `reward(prompts, completions, **kwargs) -> list[float]`")
+    for index, func in enumerate(reward_funcs):
+        if isinstance(func, (str, PreTrainedModel)):
+            what = f"the hub id or path {func!r}" if isinstance(func, str) else f"a {type(func).__name__}"
+            raise ValueError(
+                f"reward_funcs[{index}]: {what} is TRL GRPOTrainer's way to name a reward model; these trainers call reward functions "
+                "`reward(prompts, completions, **kwargs) -> list[float]`: wrap the model in one (grade_trl.rewards.SentimentReward does for a sentiment head)"
+            )
+        if not callable(func):
+            raise ValueError(f"reward_funcs[{index}]: {type(func).__name__} {func!r} is not callable; give `reward(prompts, completions, **kwargs) -> list[float]`")
 
 
 def identity(features):
@@ -85,12 +113,19 @@ class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
 
     def __init__(self, model, reward_funcs, args=None, train_dataset=None, eval_dataset=None, processing_class=None, callbacks=None, optimizers=(None, None), peft_config=None):
         args = args or self.config_class(output_dir=f"{type(self).__name__}_output")
+        if not isinstance(args, self.config_class):
+            raise TypeError(f"args: {type(self).__name__} takes a {self.config_class.__name__} (its fields are read at every step), got a {type(args).__name__}")
+        for name, dataset in (("train_dataset", train_dataset), *(((f"eval_dataset[{k!r}]", d) for k, d in eval_dataset.items()) if isinstance(eval_dataset, dict) else [("eval_dataset", eval_dataset)])):
+            columns = getattr(dataset, "column_names", None)
+            if columns is not None and "prompt" not in columns:
+                raise ValueError(f"{name}: no `prompt` column (it has {', '.join(map(str, columns)) or 'none'}); the prompts are read from `prompt`, as TRL's GRPOTrainer reads them")
         if isinstance(model, str):
             init_kwargs = dict(args.model_init_kwargs or {})
             init_kwargs.setdefault("dtype", torch.float32)
             model = load_causal_lm(model, **init_kwargs)
         processing_class = prepare_tokenizer(processing_class or load_tokenizer(model.config._name_or_path))
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        check_reward_types(self.reward_funcs)
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions")
@@ -129,6 +164,22 @@ class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
             if hasattr(func, "to"):
                 func.to(self.accelerator.device)
         self._metrics = {"train": MetricWindow(), "eval": MetricWindow()}
+        # What Trainer's checkpoints lack (EMA baseline, PPO's rollout buffer and KL controller, metric windows) is saved
+        # and restored by a ResumeCallback; the runner brings its own (with its evaluation's state), a trainer used on
+        # its own gets one here, so `train(resume_from_checkpoint=...)` resumes exactly either way.
+        self._own_resume = None
+        if not any(isinstance(callback, ResumeCallback) for callback in self.callback_handler.callbacks):
+            self._own_resume = ResumeCallback()
+            self._own_resume.trainer = self
+            self.add_callback(self._own_resume)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if self._own_resume is not None:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:  # Trainer's own rule: the output_dir's last checkpoint (Trainer raises if there is none)
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            self._own_resume.resume_from = checkpoint or None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
     # Hooks for the methods ------------------------------------------------------------------------------------
     def check_rewards(self, reward_funcs) -> None:
@@ -162,17 +213,37 @@ class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
         if self._signature_columns is None:
             self._signature_columns = ["prompt"]
 
-    @staticmethod
-    def reward_kwargs(inputs, repeat: int = 1) -> dict[str, list]:
-        """Every dataset column except `prompt`, one entry per completion: TRL passes them to reward functions as keywords."""
+    def reward_kwargs(self, inputs, repeat: int = 1) -> dict:
+        """What TRL's GRPOTrainer passes its reward functions as keywords: every dataset column except `prompt`, one
+        entry per completion, and `trainer_state` (Trainer's state: a reward may shape by `global_step`), `log_metric`
+        (name, value: averaged over the logging window beside the method's metrics, this process's values) and
+        `log_extra` (column, values: TRL adds them to its completions table; these trainers keep no such table, so the
+        values are accepted and not kept)."""
         keys = [key for key in inputs[0] if key not in ("prompt", "completion", "completion_ids")]
-        return {key: [example[key] for example in inputs for _ in range(repeat)] for key in keys}
+        columns = {key: [example[key] for example in inputs for _ in range(repeat)] for key in keys}
+        return {**columns, "trainer_state": self.state, "log_metric": self._log_reward_metric, "log_extra": _no_completions_table}
+
+    def _log_reward_metric(self, name: str, value: float) -> None:
+        self.metrics.add(**{name: float(value)})
 
     def tokenize_prompts(self, inputs) -> dict[str, torch.Tensor]:
+        """The prompts, left-padded; one longer than max_prompt_length keeps its last max_prompt_length tokens (the
+        columns at the right of a left-padded batch), as TRL's GRPOTrainer cut them while it had the option: the
+        prompt's end is what the completion continues (a question, "Answer:"). Cut with a warning, once per trainer."""
         prompts = [example["prompt"] for example in inputs]
-        return self.processing_class(
-            prompts, return_tensors="pt", padding=True, truncation=True, max_length=self.args.max_prompt_length, add_special_tokens=False
-        ).to(self.accelerator.device)
+        enc = self.processing_class(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        limit = self.args.max_prompt_length
+        if enc["input_ids"].shape[1] > limit:
+            lengths = enc["attention_mask"].sum(1)
+            if not getattr(self, "_warned_prompt_cut", False):
+                self._warned_prompt_cut = True
+                logger.warning(
+                    "max_prompt_length: %d of %d prompts in a batch are longer than %d tokens (the longest %d) and keep only their "
+                    "last %d tokens; the rewards still receive the whole prompt text. Raise max_prompt_length, or shorten them (warned once)",
+                    int((lengths > limit).sum()), len(prompts), limit, int(lengths.max()), limit,
+                )
+            enc = {key: value[:, -limit:] for key, value in enc.items()}
+        return {key: value.to(self.accelerator.device) for key, value in enc.items()}
 
     def reference_context(self, policy_model):
         """(reference module, context factory): the frozen copy, or the policy with its LoRA adapters disabled (`adapters_disabled`).
@@ -190,6 +261,10 @@ class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
 
     def gathered_mean(self, values: torch.Tensor) -> float:
         return self.accelerator.gather(values.detach().float().reshape(-1)).mean().item()
+
+    def gathered_nanmean(self, values: torch.Tensor) -> float:
+        """Mean over every process's values that are not NaN (a reward function's scores where it applied; NaN if none)."""
+        return self.accelerator.gather(values.detach().float().reshape(-1)).nanmean().item()
 
     def gathered_sum(self, values: torch.Tensor) -> float:
         return self.accelerator.gather(values.detach().float().reshape(-1)).sum().item()

@@ -44,15 +44,23 @@ class RolloutConfig(TrainingArguments):
         default=False, metadata={"help": "Keep every dataset column: besides `prompt`, each reaches the reward functions as a keyword (as TRL's GRPOConfig)."}
     )
 
+    # a JSON object given on the command line (`--model_init_kwargs '{"dtype": "bfloat16"}'`) is decoded, as TRL's configs do
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
     # Model
-    model_init_kwargs: dict[str, Any] | None = field(
+    model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a hub id or path "
-                  "(dtype defaults to float32, as in the GRADE experiment)."},
+                  "(dtype defaults to float32, as in the GRADE experiment); a JSON object string on the command line."},
     )
 
     # Generation
-    max_prompt_length: int = field(default=32, metadata={"help": "Prompts are cut to this many tokens (GRADE experiment: 32)."})
+    max_prompt_length: int = field(
+        default=32,
+        metadata={"help": "Prompts longer than this many tokens keep their last max_prompt_length tokens, with a warning (cut from the "
+                  "left, as TRL's GRPOTrainer cut them while it had this option: the end of a prompt, its question, is what the "
+                  "completion continues; GRADE experiment: 32)."},
+    )
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per prompt at most (GRADE experiment: 16 to 48)."})
     min_new_tokens: int | None = field(
         default=None,
@@ -65,6 +73,10 @@ class RolloutConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
+            raise ValueError(f"model_init_kwargs: expected a mapping (or a JSON object string), got {self.model_init_kwargs!r}")
+        if self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length: expected an integer >= 1, got {self.max_prompt_length}")
         if self.min_new_tokens is None:  # a user who sets only max_new_tokens: 12 means "at most 12", not an error
             self.min_new_tokens = min(16, self.max_new_tokens)
         if self.max_new_tokens < 1:

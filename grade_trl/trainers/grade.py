@@ -138,6 +138,12 @@ class GumbelGRADETrainer(RolloutTrainer):
                         "update, whose gradient was finite); lower learning_rate"
                     ) from None
                 raise
+            if torch.is_grad_enabled() and rollout.logits.requires_grad and not scores[-1].requires_grad:
+                # a detached or constant score would train on the KL term alone, without a word
+                raise RewardFunctionError(
+                    f"reward function '{reward_name(func)}' returned a score_soft with no gradient (detached, or not computed from "
+                    "soft_tokens): GRADE trains through the reward; compute the score from soft_tokens with differentiable operations"
+                )
         return torch.stack(scores, dim=1)
 
     @torch.no_grad()

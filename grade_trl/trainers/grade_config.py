@@ -104,6 +104,8 @@ class GumbelGRADEConfig(RolloutConfig):
             raise ValueError(f"rao_samples must be >= 1, got {self.rao_samples}")
         if self.gapped_margin <= 0:
             raise ValueError(f"gapped_margin must be > 0, got {self.gapped_margin}")
+        if self.tau_anneal_steps < 0:
+            raise ValueError(f"tau_anneal_steps must be >= 0 (0: tau_start throughout), got {self.tau_anneal_steps}")
         if self.tau_start <= 0 or self.tau_end <= 0:
             raise ValueError(f"tau_start and tau_end must be > 0, got {self.tau_start} and {self.tau_end}")
         if self.rollout_cache not in CACHES:

@@ -12,6 +12,7 @@ from trl import GRPOConfig as _TRLGRPOConfig
 from trl import GRPOTrainer as _TRLGRPOTrainer
 
 from ..metrics import KL, KL_PER_TOKEN
+from ..models import resolve_model_path
 from ..rewards.base import CheckedReward
 from .base import TiedWeightsLoadMixin
 from .base_config import DDP_FIND_UNUSED_HELP
@@ -57,6 +58,8 @@ class GRPOTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, _TRLGRPOTrainer):
     `kl` in nats per completion, and the registry's hooks (`estimate_loss`, `probed_parameters`, training state)."""
 
     def __init__(self, model, reward_funcs, *args, **kwargs):
+        if model == "embedded":  # the bundled tiny model, as our trainers take it (TRL would look it up on the hub)
+            model = resolve_model_path(model)
         # Our reward checks (exceptions, None, NaN, inf -> one line naming the function and sample) on every plain
         # callable; TRL's own model-id / model rewards are left to TRL.
         if reward_funcs is not None:

@@ -59,7 +59,7 @@ from ..core import (
 from ..core.sampling import SamplingSettings
 from ..core.sharding import gathered
 from ..core.soft_rollout import last_positions, position_ids_from_mask
-from ..rewards.base import compute_rewards, reward_name
+from ..rewards.base import combine_scores, compute_rewards, reward_name
 from .base import RolloutTrainer
 from .ppo_config import PPOConfig
 
@@ -335,7 +335,7 @@ class PPOTrainer(RolloutTrainer):
         completion_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, mask)]
         completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
         scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs)).to(device)  # (B, F)
-        score = scores @ self.reward_weights.to(device)  # (B,)
+        score = combine_scores(scores, self.reward_weights)  # (B,) over the functions that apply to each sample
 
         # 3. old policy and values: the sampler's own log-probs (exactly the behaviour policy's, processed as it sampled)
         # and the value head on the states that predicted each token, so no second forward of the policy; reference
@@ -372,9 +372,9 @@ class PPOTrainer(RolloutTrainer):
                 "advantages/mean": masked_mean(raw_advantages, mask),  # before whitening (after it, the mean is 0)
                 "value/explained_variance": explained_variance(values, returns, mask),
                 "completions/mean_length": batch.lengths,
-                **{f"rewards/{reward_name(f)}/mean": scores[:, i] for i, f in enumerate(self.reward_funcs)},
             }
         )
+        metrics |= {f"rewards/{reward_name(f)}/mean": self.gathered_nanmean(scores[:, i]) for i, f in enumerate(self.reward_funcs)}  # where it applies
         metrics["reward_std"] = self.gathered_std(score)
         metrics["kl_per_token"] = self.gathered_sum(b_kl) / max(self.gathered_sum(batch.lengths), 1.0)
         metrics["kl_coef"] = kl_coef  # the coefficient that shaped this rollout's rewards

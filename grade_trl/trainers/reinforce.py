@@ -28,7 +28,7 @@ from ..core import (
     sequence_logprob,
     token_logprobs,
 )
-from ..rewards.base import compute_rewards, reward_name
+from ..rewards.base import combine_scores, compute_rewards, reward_name
 from .base import RolloutTrainer
 from .reinforce_config import REINFORCEConfig
 
@@ -58,7 +58,9 @@ class REINFORCETrainer(RolloutTrainer):
         """The baseline for this batch; EMA and batch mean use the mean over every process's samples."""
         kind = self.args.baseline
         if kind == "ema":
-            baseline = self.ema_baseline.update(self.accelerator.gather(shaped.detach()))
+            # an evaluation (Trainer's evaluate, eval_strategy) reads the baseline without moving it
+            ema = self.ema_baseline.update if self.model.training else self.ema_baseline.peek
+            baseline = ema(self.accelerator.gather(shaped.detach()))
             if isinstance(baseline, torch.Tensor):  # the first batch: leave-one-out over every process's samples
                 start = self.accelerator.process_index * shaped.shape[0]
                 baseline = baseline[start : start + shaped.shape[0]]
@@ -86,7 +88,7 @@ class REINFORCETrainer(RolloutTrainer):
         completion_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, mask)]
         completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
         scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs, group)).to(device)  # (B, F)
-        rewards = scores @ self.reward_weights.to(device)  # (B,)
+        rewards = combine_scores(scores, self.reward_weights)  # (B,) over the functions that apply to each sample
 
         # 4. log-probs from the same processed distribution; KL to the reference under no_grad
         logps, logits = token_logprobs(model, batch, settings, with_grad=True)  # (B, T), (B, T, V)
@@ -121,6 +123,6 @@ class REINFORCETrainer(RolloutTrainer):
                 "advantages/mean": self.gathered_mean(advantages),
                 "samples/kept_fraction": self.gathered_mean(keep.float()),
             },
-            **{f"rewards/{reward_name(f)}/mean": self.gathered_mean(scores[:, i]) for i, f in enumerate(self.reward_funcs)},
+            **{f"rewards/{reward_name(f)}/mean": self.gathered_nanmean(scores[:, i]) for i, f in enumerate(self.reward_funcs)},
         )
         return loss

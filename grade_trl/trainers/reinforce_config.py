@@ -48,6 +48,10 @@ class REINFORCEConfig(SampledRolloutConfig):
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {list(BASELINES)}, got {self.baseline!r}")
+        if self.num_samples_per_prompt < 1:
+            raise ValueError(f"num_samples_per_prompt must be >= 1, got {self.num_samples_per_prompt}")
+        if not 0 <= self.ema_momentum < 1:
+            raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
         if self.logprob_reduction not in ("mean", "sum"):
             raise ValueError(f"logprob_reduction must be 'mean' or 'sum', got {self.logprob_reduction!r}")
         if (self.baseline == "leave_one_out" or self.best_of_n) and self.num_samples_per_prompt < 2:
