@@ -7,6 +7,7 @@ constructed in one place only.
 from __future__ import annotations
 
 import os
+import re
 
 from .errors import UserError, loading
 from .methods import get_method
@@ -19,6 +20,32 @@ def build_peft_config(run):
     from peft import LoraConfig
 
     return LoraConfig(r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=run.lora_dropout, target_modules=run.lora_target_modules, task_type="CAUSAL_LM")
+
+
+def check_lora_targets(run_args, config) -> None:
+    """`lora_target_modules` that name no module of the model: PEFT's refusal as one line naming that key, found on a
+    weightless copy of the model (meta device) before the trainer is built; inside its construction the error would be
+    blamed on model_name_or_path. A model whose config cannot be read here is left to the load, which names it."""
+    if not run_args.use_peft or not run_args.lora_target_modules:
+        return
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import resolve_model_path
+
+    init = config.model_init_kwargs or {}
+    remote = {"trust_remote_code": bool(init.get("trust_remote_code", False))}
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model_path(run_args.model_name_or_path), revision=init.get("revision"), **remote)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config, **remote)
+    except Exception:  # noqa: BLE001 - the real load reports it, under model_name_or_path
+        return
+    try:
+        get_peft_model(model, build_peft_config(run_args))
+    except ValueError as error:
+        raise UserError(f"lora_target_modules: {str(error).strip().splitlines()[0]}") from None
 
 
 def build_task(recipe: Recipe, gold_judge: bool = True):
@@ -46,6 +73,7 @@ def build_task(recipe: Recipe, gold_judge: bool = True):
         max_prompt_length=run_args.max_prompt_length,
     )
     check_model_fits(run_args, config)
+    check_lora_targets(run_args, config)
     with loading("model_name_or_path", run_args.model_name_or_path):
         tokenizer = load_tokenizer(run_args.model_name_or_path)
     with loading("dataset_name", run_args.dataset_name):
@@ -83,16 +111,22 @@ def build_trainer(recipe: Recipe, task, tokenizer, callbacks=()):
     # TRL loads the policy from a path itself and re-loads its reference from the policy's `_name_or_path`, so it is
     # given the resolved local path (or hub id), never an in-memory model; our trainers resolve `embedded` themselves.
     model = resolve_model_path(run_args.model_name_or_path) if method.loads_model_from_path else run_args.model_name_or_path
-    with loading("model_name_or_path", run_args.model_name_or_path):
-        trainer = method.trainer_class(
-            model=model,
-            reward_funcs=task.reward_funcs,
-            args=config,
-            train_dataset=task.train_dataset,
-            processing_class=tokenizer,
-            peft_config=build_peft_config(run_args),
-            callbacks=list(callbacks),
-        )
+    try:
+        with loading("model_name_or_path", run_args.model_name_or_path):
+            trainer = method.trainer_class(
+                model=model,
+                reward_funcs=task.reward_funcs,
+                args=config,
+                train_dataset=task.train_dataset,
+                processing_class=tokenizer,
+                peft_config=build_peft_config(run_args),
+                callbacks=list(callbacks),
+            )
+    except TypeError as error:  # from_pretrained passes what it does not know on to the model's __init__
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if unknown and unknown.group(1) in config.model_init_kwargs:
+            raise UserError(f"model_init_kwargs: {unknown.group(1)!r} is an argument of neither from_pretrained nor the model ({str(error).splitlines()[0]})") from None
+        raise
     for callback in callbacks:
         if hasattr(callback, "trainer"):
             callback.trainer = trainer

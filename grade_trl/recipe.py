@@ -8,6 +8,7 @@ here, before anything is loaded or written: a bad recipe fails in one line with 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
 import re
@@ -117,7 +118,8 @@ class RunArguments:
         if self.reward_input not in ("completion", "prompt_completion"):
             raise ValueError(f"reward_input must be 'completion' or 'prompt_completion', got {self.reward_input!r}")
         if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
+            close = difflib.get_close_matches(str(self.task), list(TASKS), n=1)
+            raise ValueError(f"task: unknown task {self.task!r}{' (did you mean ' + close[0] + '?)' if close else ''}; known tasks: {', '.join(TASKS)}")
         if self.probe_num_estimates < 2:
             raise ValueError(f"probe_num_estimates must be >= 2 (a variance needs two estimates), got {self.probe_num_estimates}")
         if self.nonfinite not in ("stop", "skip"):
@@ -251,6 +253,7 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
     except (ValueError, TypeError, ZeroDivisionError) as error:
         raise RecipeError(key_first(str(error).splitlines()[0])) from None
     check_ranges(run, config)
+    check_keyword_arguments(config)
     max_steps = getattr(config, "max_steps", -1)
     if run.probe_steps and any(step < 0 or (max_steps > 0 and step > max_steps) for step in run.probe_steps):
         where = f"in [0, max_steps {max_steps}]" if max_steps > 0 else ">= 0"
@@ -354,6 +357,31 @@ def check_range(key: str, value) -> None:
     """One key of RANGES in range (one line naming the key otherwise); other keys, None and booleans pass."""
     if problem := range_error(key, value, RANGES):
         raise RecipeError(problem)
+
+
+def check_keyword_arguments(config) -> None:
+    """The mappings a recipe hands to a library, checked where a typo would otherwise be a traceback at load or train
+    time: `model_init_kwargs.dtype` is a torch dtype, `lr_scheduler_kwargs` are the schedule's own arguments."""
+    import inspect
+
+    import torch
+
+    dtype = (getattr(config, "model_init_kwargs", None) or {}).get("dtype")
+    if isinstance(dtype, str) and dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise RecipeError(f"model_init_kwargs: dtype {dtype!r} is not a torch dtype; use float32, bfloat16, float16 or auto")
+    scheduler_kwargs = getattr(config, "lr_scheduler_kwargs", None) or {}
+    if scheduler_kwargs:
+        from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+        from transformers.trainer_utils import SchedulerType
+
+        schedule = TYPE_TO_SCHEDULER_FUNCTION.get(SchedulerType(config.lr_scheduler_type))
+        parameters = inspect.signature(schedule).parameters if schedule else {}
+        own = [name for name in parameters if name not in ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")]
+        if schedule and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            for key in scheduler_kwargs:
+                if key not in parameters:
+                    raise RecipeError(f"lr_scheduler_kwargs: {key!r} is not an argument of the {SchedulerType(config.lr_scheduler_type).value} schedule "
+                                      f"(its own: {', '.join(own) or 'none'})")
 
 
 def check_ranges(run: RunArguments, config) -> None:

@@ -209,7 +209,7 @@ def build_custom(run, tokenizer, seed: int, settings: GenerationSettings, weight
     eval_specs = reward_specs("eval_reward_funcs", run.eval_reward_funcs, "eval_reward_kwargs", run.eval_reward_kwargs)
     splits, dropped = make_custom_splits(run), {}
     for name, rows in splits.items():
-        check_custom_columns(run, name, rows.column_names, {"reward_funcs": specs, "eval_reward_funcs": eval_specs})
+        check_custom_columns(run, name, rows, {"reward_funcs": specs, "eval_reward_funcs": eval_specs})
         splits[name], dropped[name] = custom_prompt_dataset(rows, run.prompt_column, tokenizer, run.model_name_or_path, run.max_prompt_length, name)
         if len(splits[name]) == 0:
             raise UserError(f"max_prompt_length: no {name} prompt of {run.dataset_name!r} fits in {run.max_prompt_length} tokens; raise max_prompt_length")
@@ -232,9 +232,12 @@ def build_custom(run, tokenizer, seed: int, settings: GenerationSettings, weight
     return Task(name="custom", train_dataset=splits["train"], reward_funcs=reward_funcs, evaluator=evaluator, info=info)
 
 
-def check_custom_columns(run, split: str, columns: list[str], specs: dict) -> None:
-    """The prompt column and every column a reward function takes (by key: its specs) are in the data: a one-line
-    UserError otherwise, before any reward or trainer is built, so the runner writes nothing."""
+def check_custom_columns(run, split: str, rows, specs: dict) -> None:
+    """The prompt column and every column a reward function takes (by key: its specs) are in the `split` rows: a one-line
+    UserError otherwise, before any reward or trainer is built, so the runner writes nothing. A column whose every value
+    is None counts as missing: `datasets` gives each split of a folder the union of its files' columns and fills a
+    file's missing ones with None (a test.jsonl without the reward's column would have failed at the final test)."""
+    columns = [c for c in rows.column_names if any(value is not None for value in rows[c])]
     if run.prompt_column not in columns:
         raise UserError(f"prompt_column: the {split} rows of {run.dataset_name!r} have no column {run.prompt_column!r}; their columns: {', '.join(columns)}")
     for key, group in specs.items():

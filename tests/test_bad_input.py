@@ -125,6 +125,11 @@ RECIPE_CASES = [
     ({"reward_weights": [1.0, float("nan")]}, "reward_weights: expected a finite number, got nan"),  # the reason inside the list, not "expected list"
     ({"reward_weights": [1.0, "heavy"]}, "reward_weights: expected a number, got 'heavy'"),
     ({"output_dir": "  "}, "output_dir: expected a folder path"),
+    ({"task": "custon"}, "task: unknown task 'custon' (did you mean custom?); known tasks:"),
+    # mappings handed to a library: a typo was a traceback at load or train time (exit 1, results.json written)
+    ({"model_init_kwargs": {"dtype": "float33"}}, "model_init_kwargs: dtype 'float33' is not a torch dtype"),
+    ({"method": "grpo", "bf16": False, "model_init_kwargs": {"dtype": "float33"}}, "model_init_kwargs: dtype 'float33' is not a torch dtype"),
+    ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"num_cyclez": 2}}, "lr_scheduler_kwargs: 'num_cyclez' is not an argument of the cosine schedule (its own: num_cycles)"),
 ]
 
 
@@ -226,6 +231,21 @@ def test_a_model_without_a_tokenizer_or_positions_for_prompt_and_completion_is_o
         code, errors = _main_quietly([str(REPO / "recipes" / "tiny" / recipe), "--output_dir", str(tmp_path / "runs" / "x"), *extra])
         assert code == 2 and len(errors) == 1 and errors[0].startswith(message), errors
         assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_lora_target_or_model_argument_is_one_line_naming_its_key(tmp_path):
+    """PEFT's and from_pretrained's refusals were blamed on model_name_or_path (lora_target_modules) or were a traceback
+    with exit 1 and a results.json (a model_init_kwargs typo)."""
+    for recipe in ("length_reinforce.yaml", "length_grpo.yaml"):
+        out = tmp_path / "run"
+        cases = [
+            (["--use_peft", "true", "--lora_target_modules", "[c_atn]"], "error: lora_target_modules: Target modules {'c_atn'} not found in the base model."),
+            (["--model_init_kwargs", "{dtyp: float32}"], "error: model_init_kwargs: 'dtyp' is an argument of neither from_pretrained nor the model"),
+        ]
+        for extra, start in cases:
+            code, errors = _main_quietly([str(REPO / "recipes" / "tiny" / recipe), "--output_dir", str(out), "--max_steps", "1", *extra])
+            assert code == 2 and len(errors) == 1 and errors[0].startswith(start), (recipe, errors)
+            assert not out.exists()
 
 
 def _unreachable_hub(monkeypatch, tmp_path):

@@ -52,6 +52,9 @@ RECIPE_CASES = [
     ({"reward_weights": [1.0, 2.0]}, "reward_weights", "2 weights for 1 reward_funcs"),
     ({"reward_kwargs": {"my_rewards.keyword_reward": {"x": 1}}}, "reward_kwargs", "not a class"),
     ({"reward_kwargs": {"my_rewards.PositiveWords": {"words": ["fun"]}}}, "reward_kwargs", "is not one of reward_funcs"),
+    # a misspelt key beside a class that needs its arguments: named as the typo, not as the class missing them
+    ({"reward_funcs": ["grade_trl.rewards.base.CheckedReward"], "reward_kwargs": {"grade_trl.rewards.base.CheckedRewards": {"func": 1}}}, "reward_kwargs",
+     "'grade_trl.rewards.base.CheckedRewards' is not one of reward_funcs ['grade_trl.rewards.base.CheckedReward']; did you mean 'grade_trl.rewards.base.CheckedReward'?"),
     ({"reward_funcs": ["my_rewards.PositiveWords"], "reward_kwargs": {"my_rewards.PositiveWords": {"colour": "red"}}}, "reward_kwargs", "unexpected keyword argument 'colour'"),
     ({"reward_funcs": ["my_rewards.PositiveWords"], "reward_kwargs": {"my_rewards.PositiveWords": ["fun"]}}, "reward_kwargs", "must be a mapping"),
     ({"dataset_name": None}, "dataset_name", "needs your data set"),
@@ -225,6 +228,23 @@ def test_the_example_differentiable_reward_matches_its_text_path_on_one_hot_toke
     one_hot = torch.nn.functional.one_hot(ids, len(tokenizer)).float()  # (1, T, V)
     soft = reward.score_soft(one_hot, torch.ones_like(ids))
     assert reward([""], [text])[0] == pytest.approx(soft.item()) and soft.item() > 0
+
+
+def test_a_split_file_without_a_reward_column_or_an_empty_file_is_one_line_before_training(tmp_path):
+    """datasets gives every split of a folder the union of its files' columns, filling a missing one with None: a
+    test.jsonl without the reward's column passed the column check and failed at the final test, after training."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(20)))
+    (folder / "test.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in _rows(4)))
+    recipe = _user_recipe(tmp_path, _rows(20), dataset_name=str(folder), test_split="test")
+    code, errors = _main_quietly([recipe])
+    assert code == 2 and errors == [f"error: reward_funcs: user_rewards.keyword_reward takes the column(s) keyword, which the test rows of {str(folder)!r} lack "
+                                    "(columns: prompt); add them to the data or give the parameters defaults"], errors
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "empty.jsonl").write_text("")
+    code, errors = _main_quietly([_user_recipe(tmp_path, _rows(20), dataset_name=str(tmp_path / "empty.jsonl"))])
+    assert code == 2 and len(errors) == 1 and errors[0].endswith(f"{tmp_path / 'empty.jsonl'} is empty"), errors
 
 
 def test_splits_from_a_folder_named_and_held_out_and_from_a_csv_file(tmp_path):

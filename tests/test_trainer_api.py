@@ -332,3 +332,11 @@ def test_rewards_that_apply_to_some_samples_train_as_in_trl(tmp_path, method):
     (row,) = [r for r in trainer.state.log_history if "reward" in r]
     assert row["rewards/short_task/mean"] == 1.0 and row["rewards/long_task/mean"] == 3.0
     assert row["reward"] == pytest.approx((1.0 + 1.5) / 2)  # the batch of 8 is the data set: 4 prompts of each task
+
+
+def test_grpo_is_exported_and_takes_the_embedded_model(tmp_path):
+    from grade_trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2, num_generations=2, max_completion_length=4, report_to="none")
+    trainer = GRPOTrainer(model="embedded", reward_funcs=length_only, args=args, train_dataset=Dataset.from_dict({"prompt": ["This movie was"] * 4}))
+    assert trainer.model.config.vocab_size == load_tokenizer("embedded").vocab_size

@@ -26,6 +26,10 @@ HOLD_OUT_SEED = 0  # held-out rows are drawn once with this seed: the same valid
 def load_custom_split(source: str, config: str | None, split: str, split_key: str) -> Dataset:
     """One split of `source`; an unknown split is a one-line UserError naming `split_key`, any other failure a ValueError."""
     path = Path(os.path.expanduser(source))
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file() and f.suffix in FILE_BUILDERS) if path.is_dir() else []
+    for file in files:
+        if os.path.getsize(file) == 0:  # datasets' own error for it is a bare StopIteration
+            raise ValueError(f"{file} is empty")
     try:
         if path.is_file():
             if path.suffix not in FILE_BUILDERS:

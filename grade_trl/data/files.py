@@ -24,11 +24,19 @@ def _local_files(path: Path, split: str) -> tuple[str, str]:
     raise FileNotFoundError(f"no {split} file in {path} (expected {split}.jsonl, {split}.jsonl.gz or {split}.parquet)")
 
 
-def _root_cause(error: BaseException) -> str:
-    """The innermost exception's first line (e.g. the JSON error under datasets' DatasetGenerationError)."""
+def _innermost(error: BaseException) -> BaseException:
     while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
         error = error.__cause__ or error.__context__
+    return error
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost exception's first line (e.g. the JSON error under datasets' DatasetGenerationError); for datasets'
+    CastError, whose first line is "Couldn't cast" and whose last says why, that reason in our words."""
+    error = _innermost(error)
     text = str(error).strip().splitlines()
+    if "column names don't match" in str(error):
+        return f"{type(error).__name__}: the files' columns differ (every file of a folder must have the same column names)"
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 

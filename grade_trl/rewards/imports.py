@@ -159,10 +159,10 @@ def reward_specs(key: str, paths: list[str] | None, kwargs_key: str, kwargs: dic
     for path, arguments in kwargs.items():
         if not isinstance(arguments, dict):
             raise UserError(f"{kwargs_key}: the arguments of {path!r} must be a mapping {{name: value}}, got {arguments!r}")
-    specs = [reward_spec(key, path, kwargs_key, kwargs.get(path)) for path in paths]
-    classes = [spec.path for spec in specs if spec.is_class]
-    for path in kwargs:
+    for path in kwargs:  # before any class is built: a misspelt key would read as the class missing its arguments
         if path not in paths:
-            example = f"{{{classes[0]}: {{name: value}}}}" if classes else "{my_rewards.MyReward: {name: value}}"
-            raise UserError(f"{kwargs_key}: {path!r} is not one of {key} {paths}; key {kwargs_key} by the path of a reward class, e.g. {example}")
-    return specs
+            close = difflib.get_close_matches(path, paths, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(f"{kwargs_key}: {path!r} is not one of {key} {paths}; {hint}key {kwargs_key} by the path of a reward class, "
+                            "e.g. {my_rewards.MyReward: {name: value}}")
+    return [reward_spec(key, path, kwargs_key, kwargs.get(path)) for path in paths]
