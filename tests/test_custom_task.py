@@ -140,7 +140,7 @@ def test_data_that_does_not_fit_is_one_line_exit_2_nothing_written(tmp_path, nam
 def test_a_reward_module_beside_the_recipe_that_returns_nan_stops_in_one_line(tmp_path):
     """Imported rewards get the built-in ones' checks: here the first evaluation's call stops the run."""
     code, errors = _main_quietly([_user_recipe(tmp_path, _rows(20), reward_funcs="[user_rewards.nan_reward]")])
-    assert code == 2 and errors == ["error: reward function 'nan_reward' returned nan for sample 0; rewards must be finite numbers"]
+    assert code == 2 and errors == ["error: reward function 'nan_reward' returned nan for sample 0; rewards must be finite numbers (or None where it does not apply)"]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "failed"
 
