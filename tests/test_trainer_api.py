@@ -340,3 +340,40 @@ def test_grpo_is_exported_and_takes_the_embedded_model(tmp_path):
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2, num_generations=2, max_completion_length=4, report_to="none")
     trainer = GRPOTrainer(model="embedded", reward_funcs=length_only, args=args, train_dataset=Dataset.from_dict({"prompt": ["This movie was"] * 4}))
     assert trainer.model.config.vocab_size == load_tokenizer("embedded").vocab_size
+
+
+@pytest.mark.parametrize("method", ["reinforce", "ppo", "grade_ste"])
+def test_chat_message_prompts_go_through_the_chat_template_as_in_trl(tmp_path, method):
+    """TRL's conversational format: `prompt` holds messages, rendered with the tokenizer's chat template and the
+    generation prompt; the rewards get the messages and one assistant message per completion, as TRL hands them."""
+    from grade_trl import PPOConfig, PPOTrainer, REINFORCEConfig, REINFORCETrainer
+
+    tokenizer = load_tokenizer("embedded")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+    seen = []
+
+    def words(prompts, completions, **kwargs):
+        seen.append((prompts[0], completions[0]))
+        return [float(len(c[0]["content"].split())) for c in completions]
+
+    messages = [[{"role": "user", "content": "Was the movie good?"}], [{"role": "user", "content": "Tell me about the acting."}]]
+    dataset = Dataset.from_dict({"prompt": messages * 4})
+    if method == "grade_ste":
+        from grade_trl import LengthReward
+
+        trainer = GumbelGRADETrainer(model="embedded", reward_funcs=LengthReward(tokenizer.eos_token_id), processing_class=tokenizer,
+                                     args=_library_args(GumbelGRADEConfig, tmp_path, max_steps=1, estimator="ste", max_prompt_length=16), train_dataset=dataset)
+    else:
+        cls, config = (REINFORCETrainer, REINFORCEConfig) if method == "reinforce" else (PPOTrainer, PPOConfig)
+        extra = {} if method == "reinforce" else {"num_mini_batches": 1}
+        trainer = cls(model="embedded", reward_funcs=words, args=_library_args(config, tmp_path, max_steps=1, max_prompt_length=16, **extra),
+                      train_dataset=dataset, processing_class=tokenizer)
+    enc = trainer.tokenize_prompts([{"prompt": messages[0]}])
+    assert tokenizer.decode(enc["input_ids"][0]) == "user: Was the movie good?\nassistant:"
+    trainer.train()
+    if method != "grade_ste":
+        prompt, completion = seen[0]
+        assert prompt in messages and completion[0]["role"] == "assistant" and isinstance(completion[0]["content"], str)
+    plain = REINFORCETrainer(model="embedded", reward_funcs=words, args=_library_args(REINFORCEConfig, tmp_path), processing_class=load_tokenizer("embedded"))
+    with pytest.raises(ValueError, match="prompt: the prompts are chat messages, but the tokenizer has no chat template"):
+        plain.tokenize_prompts([{"prompt": messages[0]}])

@@ -10,6 +10,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
+from trl.data_utils import is_conversational
 
 from ..models import load_causal_lm, load_tokenizer, prepare_tokenizer
 from ..resume import ResumeCallback
@@ -226,11 +227,29 @@ class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
     def _log_reward_metric(self, name: str, value: float) -> None:
         self.metrics.add(**{name: float(value)})
 
+    def prompt_texts(self, inputs) -> list[str]:
+        """Each row's prompt as the policy reads it: a string as it is; chat messages (TRL's conversational format,
+        `[{"role": "user", "content": ...}]`) through the tokenizer's chat template with the generation prompt, as
+        TRL's GRPOTrainer renders them."""
+        if not is_conversational(inputs[0]):
+            return [example["prompt"] for example in inputs]
+        if not getattr(self.processing_class, "chat_template", None):
+            raise ValueError("prompt: the prompts are chat messages, but the tokenizer has no chat template; give processing_class one "
+                             "(tokenizer.chat_template) or plain-text prompts")
+        return [self.processing_class.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True) for example in inputs]
+
+    @staticmethod
+    def reward_completions(inputs, completions: list[str]) -> list:
+        """The completions as TRL hands them to reward functions: text, or for chat prompts one assistant message each."""
+        if not is_conversational(inputs[0]):
+            return completions
+        return [[{"role": "assistant", "content": completion}] for completion in completions]
+
     def tokenize_prompts(self, inputs) -> dict[str, torch.Tensor]:
-        """The prompts, left-padded; one longer than max_prompt_length keeps its last max_prompt_length tokens (the
-        columns at the right of a left-padded batch), as TRL's GRPOTrainer cut them while it had the option: the
-        prompt's end is what the completion continues (a question, "Answer:"). Cut with a warning, once per trainer."""
-        prompts = [example["prompt"] for example in inputs]
+        """The prompts (`prompt_texts`), left-padded; one longer than max_prompt_length keeps its last max_prompt_length
+        tokens (the columns at the right of a left-padded batch), as TRL's GRPOTrainer cut them while it had the option:
+        the prompt's end is what the completion continues (a question, "Answer:"). Cut with a warning, once per trainer."""
+        prompts = self.prompt_texts(inputs)
         enc = self.processing_class(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         limit = self.args.max_prompt_length
         if enc["input_ids"].shape[1] > limit:

@@ -333,7 +333,7 @@ class PPOTrainer(RolloutTrainer):
         # 2. rewards on the decoded text
         prompts = [example["prompt"] for example in inputs]
         completion_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, mask)]
-        completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
+        completions = self.reward_completions(inputs, tok.batch_decode(completion_ids, skip_special_tokens=True))  # chat: assistant messages
         scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs)).to(device)  # (B, F)
         score = combine_scores(scores, self.reward_weights)  # (B,) over the functions that apply to each sample
 

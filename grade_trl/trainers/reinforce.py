@@ -86,7 +86,7 @@ class REINFORCETrainer(RolloutTrainer):
         # 3. rewards on the text, as every method sees them
         prompts = [example["prompt"] for example in inputs for _ in range(group)]
         completion_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, mask)]
-        completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
+        completions = self.reward_completions(inputs, tok.batch_decode(completion_ids, skip_special_tokens=True))  # chat: assistant messages
         scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs, group)).to(device)  # (B, F)
         rewards = combine_scores(scores, self.reward_weights)  # (B,) over the functions that apply to each sample
 
