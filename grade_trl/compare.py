@@ -112,10 +112,11 @@ def run_names(recipes: dict[str, str], existing: dict[str, tuple[str, str | None
 
 def same_settings(previous: dict | None, expected: dict) -> bool:
     """Whether a completed run's recipe (file + overrides, as results.json keeps it) is the one this comparison would run;
-    output_dir is left out, so a moved comparison folder still resumes."""
+    the keys that say where and how a launch ran, not what it trained, are left out: output_dir (a moved comparison folder
+    still resumes), resume_from_checkpoint and overwrite_output_dir (which compare adds to a resumed or restarted run)."""
 
     def normal(raw):
-        return json.loads(json.dumps({k: v for k, v in (raw or {}).items() if k != "output_dir"}, default=str))
+        return json.loads(json.dumps({k: v for k, v in (raw or {}).items() if k not in ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")}, default=str))
 
     return normal(previous) == normal(expected)
 
@@ -248,7 +249,8 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         command = run_command(options["launcher"], record["recipe"], record["seed"], record["run_dir"], overrides)
         run_dir = Path(record["run_dir"])
         checkpoint = None if options["force"] else resumable_checkpoint(run_dir, shlex.join(command))
-        launched = command + ["--resume_from_checkpoint", checkpoint] if checkpoint else command
+        # a run that starts over deletes what an earlier attempt left in its folder (grade_trl.run refuses otherwise)
+        launched = command + (["--resume_from_checkpoint", checkpoint] if checkpoint else ["--overwrite_output_dir", "true"])
         logger.info("[%d/%d] %s seed %d: %s", index, len(runs), record["name"], record["seed"], shlex.join(launched))
         run_dir.mkdir(parents=True, exist_ok=True)
         # a resumed run's wall time goes on from its earlier launches' (written below, or by the launch a kill cut short)

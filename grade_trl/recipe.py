@@ -77,6 +77,13 @@ class RunArguments:
         },
     )
     save_best_model: bool = field(default=True, metadata={"help": "Save the best-validation checkpoint to {output_dir}/best_model and test it at the end beside the final one."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an output_dir that holds an earlier run's checkpoint-N folders: they are deleted once the set-up has "
+                  "checked the input. Without it such a run is refused (resume it with resume_from_checkpoint: true instead): a new run's "
+                  "checkpoints among an earlier run's would make `resume_from_checkpoint: true` pick the earlier run's last one. An earlier "
+                  "run's model/ and best_model/ are replaced either way, as its results.json is."},
+    )
     early_stopping_patience: int = field(default=0, metadata={"help": "Stop when the validation metric has not improved for this many evaluations (0: off)."})
     doctor: str = field(default="warn", metadata={"help": "Run doctor during training (grade_trl/doctor.py): `warn` logs each finding once with its evidence and likely cause, `stop` also stops the run on the findings named by doctor_stop_on, `off` disables it. After a run: `python -m grade_trl.doctor OUTPUT_DIR`."})
     doctor_stop_on: list[str] = field(default_factory=lambda: ["error"], metadata={"help": "With doctor: stop, what stops the run: a severity (`error`: non-finite values, negative KL, gradient explosion; `warning`) or check ids such as reward_regression, kl_high."})

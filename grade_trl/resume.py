@@ -80,6 +80,14 @@ def is_complete(checkpoint: str) -> bool:
     return not missing_parts(checkpoint)
 
 
+def checkpoint_folders(output_dir: str) -> list[str]:
+    """The `checkpoint-N` folders in output_dir, by step (complete or not)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT.match(name)) and os.path.isdir(os.path.join(output_dir, name))]
+    return [name for _, name in sorted(found)]
+
+
 def resolve_checkpoint(value: bool | str | None, output_dir: str) -> str | None:
     """`resume_from_checkpoint` -> the checkpoint folder to resume from, or None (no resume).
 
@@ -89,13 +97,7 @@ def resolve_checkpoint(value: bool | str | None, output_dir: str) -> str | None:
     if value in (None, False, "", "false", "False"):
         return None
     if value is True or value in ("true", "True"):
-        found = []
-        if os.path.isdir(output_dir):
-            found = sorted(
-                ((int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT.match(name)) and os.path.isdir(os.path.join(output_dir, name))),
-                reverse=True,
-            )
-        for step, name in found:
+        for name in reversed(checkpoint_folders(output_dir)):
             folder = os.path.join(output_dir, name)
             if not (missing := missing_parts(folder)):
                 return folder

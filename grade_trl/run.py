@@ -22,7 +22,7 @@ from .errors import Interrupted, UserError, signals_raise
 from .recipe import Recipe, help_for_argv, parse_recipe
 from .reporting import TrainEndHeld, continue_trackers, continues_the_run, default_run_name
 from .results import RESULTS_FILE, last_training_value, payload, write_json_atomic
-from .resume import GracefulStop, is_complete, saved_tracker_ids
+from .resume import GracefulStop, checkpoint_folders, is_complete, saved_tracker_ids
 from .safety import output_dir_lock
 
 logger = logging.getLogger("grade_trl")
@@ -68,6 +68,12 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
     run_args, config, resume_from = recipe.run, recipe.config, recipe.resume_from
     results_path = os.path.join(config.output_dir, RESULTS_FILE)
     trainer, final, train_end, callbacks, start = None, {}, None, {}, None
+    earlier = checkpoint_folders(config.output_dir) if resume_from is None else []
+    if earlier and not run_args.overwrite_output_dir:
+        raise UserError(
+            f"output_dir: {config.output_dir!r} holds an earlier run's {earlier[-1]}" + (f" and {len(earlier) - 1} more" if len(earlier) > 1 else "")
+            + "; resume it with --resume_from_checkpoint true, start over with --overwrite_output_dir true (deletes them), or give another output_dir"
+        )
     # a resumed run continues its tracker runs; a run started from another run's checkpoint (a fork) gets its own
     saved_trackers = saved_tracker_ids(resume_from) if resume_from is not None and continues_the_run(resume_from, config.output_dir) else {}
     if config.report_to and config.run_name is None:  # the trackers' name for the run: the stopped run's when resuming
@@ -86,6 +92,9 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
         if resume_from is not None:
             final["resumed_from"] = resume_from
         continue_trackers(trainer, saved_trackers)  # a resumed run continues its tracker runs (reporting)
+        if resume_from is None and is_main:
+            clear_earlier_run(config.output_dir, earlier)
+        trainer.accelerator.wait_for_everyone()
         trainer.train(resume_from_checkpoint=resume_from)
         if graceful_stop.stopping:  # agreed by every process (GracefulStop.agree)
             checkpoint = os.path.join(config.output_dir, f"checkpoint-{trainer.state.global_step}")
@@ -172,6 +181,19 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
     finish_reporters(config)
     trainer.accelerator.wait_for_everyone()
     return 0
+
+
+def clear_earlier_run(output_dir: str, checkpoints: list[str]) -> None:
+    """A run that starts over, once its set-up has checked the input: an earlier run's checkpoints (the run was allowed
+    to delete them: overwrite_output_dir) and its model/ and best_model/, which this run's results.json no longer
+    describes, are deleted; this run writes its own."""
+    import shutil
+
+    stale = [*checkpoints, *(name for name in ("model", "best_model") if os.path.isdir(os.path.join(output_dir, name)))]
+    for name in stale:
+        shutil.rmtree(os.path.join(output_dir, name))
+    if stale:
+        logger.info("starting over in %s: deleted the earlier run's %s", output_dir, ", ".join(stale))
 
 
 def portable_adapter_config(folder: str, model_name_or_path: str) -> None:

@@ -160,3 +160,24 @@ def test_a_resume_does_not_warn_of_a_missing_head_tied_to_the_embedding():
     assert trainer.warned == ["lm_head.weight", "transformer.h.0.ln_1.weight"]  # a real loss still warns, in full
     untied = load_causal_lm("embedded", tie_word_embeddings=False)
     assert untied.lm_head.weight is not untied.transformer.wte.weight and not tied_to_loaded(untied, ["lm_head.weight"])
+
+
+def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused_unless_it_starts_over(tmp_path, capsys):
+    """A new run's checkpoints among an earlier run's would make `--resume_from_checkpoint true` pick the earlier
+    run's last one: such a run is refused (nothing written) unless --overwrite_output_dir true, which deletes them once
+    the set-up has checked the input. An earlier run's model/ and best_model/ go with its results.json either way."""
+    out = tmp_path / "run"
+    assert main(argv("length_reinforce.yaml", out, max_steps=3, save_steps=2)) == 0  # checkpoint-2, checkpoint-3 (the last step), model/
+    before = (out / "results.json").read_text()
+    assert main(argv("length_reinforce.yaml", out, max_steps=2)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: output_dir: {str(out)!r} holds an earlier run's checkpoint-3 and 1 more; resume it with --resume_from_checkpoint true, start over with "
+        "--overwrite_output_dir true (deletes them), or give another output_dir")
+    assert (out / "results.json").read_text() == before and (out / "checkpoint-3").is_dir()
+    assert main(argv("length_reinforce.yaml", out, max_steps=2, save_strategy="no", overwrite_output_dir="true")) == 0
+    assert not (out / "checkpoint-3").exists() and json.loads((out / "results.json").read_text())["final"]["steps"] == 2
+    # no checkpoints: the earlier run's model/ is replaced with its results.json, even when the new run fails
+    (out / "model" / "earlier.txt").write_text("from the earlier run")
+    with pytest.raises(RuntimeError, match="probability tensor contains"):  # diverged weights: an exception, re-raised after results.json
+        main(argv("length_reinforce.yaml", out, max_steps=2, save_strategy="no", learning_rate=1e30))
+    assert json.loads((out / "results.json").read_text())["status"] == "failed" and not (out / "model").exists()
