@@ -187,6 +187,15 @@ def test_embedded_sample_splits_and_long_prompts_are_dropped(tokenizer):
         make_gsm8k_splits("embedded", tokenizer, max_prompt_length=8, eval_num_problems=10, test_num_problems=None)
 
 
+def test_more_problems_asked_than_the_test_data_has_is_said(tokenizer, caplog):
+    """eval_num_problems 300 on the 200-problem sample validates on the problems there are, and says so (it was silent)."""
+    with caplog.at_level("WARNING"):
+        splits, _ = make_gsm8k_splits("embedded", tokenizer, max_prompt_length=128, eval_num_problems=300, test_num_problems=None)
+    n = len(splits["test"])
+    assert len(splits["validation"]) == n < 300
+    assert any(r.getMessage() == f"GSM8K eval_num_problems: 300 asked, but embedded has {n} test problems that fit: using {n}" for r in caplog.records)
+
+
 def test_test_repeats_and_train_questions_the_test_has_are_dropped(tmp_path, tokenizer, caplog):
     rows = {"train": [{"question": f"Tom has {i} apples. How many?", "answer": f"#### {i}"} for i in range(30)],
             "test": [{"question": f"Ann has {i} pears. How many?", "answer": f"#### {i}"} for i in range(10)]}

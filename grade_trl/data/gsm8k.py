@@ -98,5 +98,8 @@ def make_gsm8k_splits(source: str, tokenizer, max_prompt_length: int | None, eva
             raise ValueError(f"GSM8K {name} split is empty: max_prompt_length {max_prompt_length} fits no prompt (GSM8K questions need about 256 tokens with a chat template)")
     if train_dropped or test_dropped:
         logger.warning("GSM8K: dropped %d train and %d test problems whose prompt exceeds max_prompt_length %s tokens", train_dropped, test_dropped, max_prompt_length)
+    for key, asked in (("eval_num_problems", eval_num_problems), ("test_num_problems", test_num_problems)):
+        if asked is not None and asked > len(test):  # the validation and test problems are the first test problems
+            logger.warning("GSM8K %s: %d asked, but %s has %d test problems that fit: using %d", key, asked, source, len(test), len(test))
     info = {"split_sizes": {name: len(split) for name, split in splits.items()}, "dropped_long_prompts": {"train": train_dropped, "test": test_dropped}}
     return splits, info
