@@ -258,7 +258,15 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
         run = RunArguments(**run_kwargs)
         config = config_cls(**config_kwargs)
     except (ValueError, TypeError, ZeroDivisionError) as error:
-        raise RecipeError(key_first(str(error).splitlines()[0])) from None
+        message = key_first(str(error).splitlines()[0])
+        if message.startswith("generation_batch_size: must be divisible by num_generations") and "generation_batch_size" not in values:
+            # the key the user never set: TRL derives it from the batch size (x steps_per_generation, x processes)
+            defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+            size, group = (config_kwargs.get(k, defaults.get(k)) for k in ("per_device_train_batch_size", "num_generations"))
+            message = (f"per_device_train_batch_size: its completions ({size} per micro-batch; TRL's generation_batch_size "
+                       f"{message.rsplit('got ', 1)[-1]} with accumulation and processes) must be a multiple of num_generations ({group}), "
+                       "the completions of one prompt")
+        raise RecipeError(message) from None
     check_ranges(run, config)
     check_keyword_arguments(config)
     max_steps = getattr(config, "max_steps", -1)

@@ -108,7 +108,8 @@ RECIPE_CASES = [
     ({"method": "grpo", "bf16": False, "num_generations": 1}, "num_generations: expected an integer from 2"),
     ({"method": "grpo", "bf16": False, "epsilon": -1}, "epsilon: expected a number > 0"),
     ({"method": "grpo", "bf16": False, "beta": -1}, "beta: expected a number >= 0"),
-    ({"method": "grpo", "bf16": False, "num_generations": 3}, "generation_batch_size: must be divisible by num_generations (3), got"),
+    # TRL names generation_batch_size, which the recipe never set: the key to change is the batch size
+    ({"method": "grpo", "bf16": False, "num_generations": 3}, "per_device_train_batch_size: its completions (8 per micro-batch; TRL's generation_batch_size 8"),
     # a config's own errors in the `<key>: ...` form
     ({"nonfinite": "ignore"}, "nonfinite: must be stop or skip, got 'ignore'"),
     ({"doctor": "loud"}, "doctor: must be warn, stop or off"),
