@@ -91,6 +91,13 @@ def test_none_means_a_reward_does_not_apply_as_in_trl():
         CheckedReward(returns_nan)(["p"] * 3, TEXTS)
 
 
+def test_a_held_out_judges_bad_reward_says_it_is_the_judges():
+    from grade_trl.rewards.base import MeanReward
+
+    with pytest.raises(RewardFunctionError, match=r"^eval_reward_funcs: reward function 'returns_nan' returned nan for sample 1"):
+        MeanReward([returns_nan])(["p"] * 3, TEXTS)
+
+
 def forgot_return(prompts, completions, **kwargs):
     [float(len(c)) for c in completions]  # noqa: B018 - the bug this test is about: no `return`
 

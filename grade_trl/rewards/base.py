@@ -190,4 +190,8 @@ class MeanReward:
         self.reward_funcs = list(reward_funcs)
 
     def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
-        return compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **kwargs).nanmean(1).tolist()  # of those that apply
+        try:
+            scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **kwargs)
+        except RewardFunctionError as error:  # say which list the function is in: the held-out judge's, not the training reward's
+            raise RewardFunctionError(f"eval_reward_funcs: {error}") from error
+        return scores.nanmean(1).tolist()  # the mean of those that apply
