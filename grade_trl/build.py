@@ -36,8 +36,8 @@ def check_lora_targets(run_args, config) -> None:
 
     init = config.model_init_kwargs or {}
     remote = {"trust_remote_code": bool(init.get("trust_remote_code", False))}
-    try:
-        model_config = AutoConfig.from_pretrained(resolve_model_path(run_args.model_name_or_path), revision=init.get("revision"), **remote)
+    try:  # a hub id's config from the local cache only: never the hub's retries before the load's own line
+        model_config = AutoConfig.from_pretrained(resolve_model_path(run_args.model_name_or_path), revision=init.get("revision"), local_files_only=True, **remote)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config, **remote)
     except Exception:  # noqa: BLE001 - the real load reports it, under model_name_or_path

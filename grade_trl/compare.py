@@ -133,6 +133,8 @@ def resumable_checkpoint(run_dir: Path, command: str) -> str | None:
 
     if (read_json(run_dir / RUN_INFO) or {}).get("command") != command:
         return None
+    if (read_results(run_dir) or {}).get("status") == "completed":  # run again for other settings (an edited recipe file): start over
+        return None
     try:
         return resolve_checkpoint(True, str(run_dir))
     except UserError:

@@ -69,7 +69,10 @@ def generate_completions(model, tokenizer, prompts: list[str], settings: Generat
                       synced_gpus=True if sharded else None)  # None: transformers' own inference (DeepSpeed ZeRO-3)
 
     def encode(texts: list[str]):
-        return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=settings.max_prompt_length, add_special_tokens=False).to(device)
+        # a prompt past max_prompt_length keeps its last tokens, as the trainers cut it (RolloutTrainer.tokenize_prompts);
+        # the runner's tasks drop or pre-cut such prompts, so this only guards a direct call
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return {key: value[:, -settings.max_prompt_length :].to(device) for key, value in enc.items()}
 
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -254,8 +257,9 @@ class RewardEvaluator(Evaluator):
         completions = [r["completion"] for r in rows]
         metrics = {"reward": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards)}
         if len(self.reward_funcs) > 1:
-            # each function's mean where it applied (NaN: it returned None there); nan if it applied nowhere
-            metrics |= {f"rewards/{name}/mean": statistics.fmean([v for r in rows if not math.isnan(v := r["scores"][name])] or [math.nan]) for name in names}
+            # each function's mean over the prompts it scored (NaN: it returned None there); left out where it scored none
+            scored = {name: [v for r in rows if not math.isnan(v := r["scores"][name])] for name in names}
+            metrics |= {f"rewards/{name}/mean": statistics.fmean(values) for name, values in scored.items() if values}
         if self.judge is not None:
             gold = [r["gold_reward"] for r in rows]
             metrics |= {"gold_reward": statistics.fmean(gold), "gold_reward_std": statistics.pstdev(gold)}

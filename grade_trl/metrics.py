@@ -65,7 +65,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("rewards/{name}/mean", "reward", "mean_b of one reward function's score", ALL),
     Metric("kl", "nats/completion", "mean_b KL_b: KL(pi || pi_ref) summed over the completion; exact over the vocabulary for GRADE, "
            "the kl_estimator (k3 or k1) on the sampled tokens for REINFORCE/PPO, TRL's k3 for GRPO (logged only when its beta > 0)", ALL),
-    Metric("kl_per_token", "nats/token", "sum_b KL_b / sum_b |y_b|: the same KL per completion token (TRL GRPO's own `kl`)", ALL),
+    Metric("kl_per_token", "nats/token", "sum_b KL_b / sum_b |y_b|: the same KL per completion token (TRL GRPO's own `kl`; GRPO logs both only when its beta > 0)", ALL),
     Metric("entropy", "nats/token", "mean over the batch's completion tokens of -sum_v p_v log p_v of the policy's (processed) next-token distribution", ALL),
     Metric("completions/mean_length", "tokens", "mean_b |y_b|, tokens up to and including the first EOS", ALL),
     Metric("loss", "loss", "the method's loss, averaged over the window (Trainer)", ALL),
@@ -121,7 +121,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("train_steps_per_second", "1/s", "optimizer steps per second (Trainer, last row)", ALL),
     Metric("total_flos", "flop", "Trainer's floating-point-operation estimate (last row)", ALL),
     # ---- the evaluation protocol: validation rows (step 0, every eval_steps, the end)
-    Metric("eval_reward", "reward", "the task's weighted reward of one sampled completion per validation prompt, mean over prompts", "evaluation"),
+    Metric("eval_reward", "reward", "the task's weighted reward of one sampled completion per validation prompt, mean over prompts (the runner's evaluation; a trainer's own `Trainer.evaluate()` logs its training `reward` on the eval set instead, which for GRADE is the relaxed rollout's score_soft)", "evaluation"),
     Metric("eval_reward_std", "reward", "its std over prompts", "evaluation"),
     Metric("eval_rewards/{name}/mean", "reward", "one reward function's score of the same completions, mean over prompts (tasks with several reward functions)", "evaluation"),
     Metric("eval_gold_reward", "reward", "the independent judge's score of the same completions (IMDB: P(positive); custom: the mean of eval_reward_funcs), mean", "evaluation"),

@@ -263,9 +263,9 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
             # the key the user never set: TRL derives it from the batch size (x steps_per_generation, x processes)
             defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
             size, group = (config_kwargs.get(k, defaults.get(k)) for k in ("per_device_train_batch_size", "num_generations"))
-            message = (f"per_device_train_batch_size: its completions ({size} per micro-batch; TRL's generation_batch_size "
-                       f"{message.rsplit('got ', 1)[-1]} with accumulation and processes) must be a multiple of num_generations ({group}), "
-                       "the completions of one prompt")
+            message = (f"per_device_train_batch_size: {size} x steps_per_generation (default gradient_accumulation_steps) x processes = TRL's "
+                       f"generation_batch_size {message.rsplit('got ', 1)[-1]}, which must be a multiple of num_generations ({group}): "
+                       "the completions of one prompt are generated together")
         raise RecipeError(message) from None
     check_ranges(run, config)
     check_keyword_arguments(config)

@@ -124,8 +124,10 @@ class ResumeCallback(TrainerCallback):
     Put it before the EvaluationCallback in the callback list, so that it restores before anything evaluates.
     """
 
-    def __init__(self, evaluation=None, resume_from: str | None = None):
-        self.trainer, self.evaluation, self.resume_from = None, evaluation, resume_from
+    def __init__(self, evaluation=None, resume_from: str | None = None, require_state: bool = True):
+        """require_state: a checkpoint without our state file is refused (the runner, which checks checkpoints whole);
+        False (a trainer used on its own) resumes it with a warning: Trainer's part alone, as before that file existed."""
+        self.trainer, self.evaluation, self.resume_from, self.require_state = None, evaluation, resume_from, require_state
 
     def on_save(self, args, state, control, **kwargs):
         trainer = self.trainer
@@ -159,6 +161,10 @@ class ResumeCallback(TrainerCallback):
             return
         trainer = self.trainer
         path = state_path(self.resume_from, trainer.accelerator.process_index)
+        if not os.path.isfile(state_path(self.resume_from, 0)) and not self.require_state:
+            logger.warning("resume: %s has no %s (saved by an older grade_trl, or by another trainer): resuming Trainer's part only, so the "
+                           "baselines, rollout buffer and metric windows start afresh", self.resume_from, os.path.basename(state_path(self.resume_from, 0)))
+            return
         if not os.path.isfile(state_path(self.resume_from, 0)):
             raise UserError(
                 f"resume_from_checkpoint: {self.resume_from!r} has no {os.path.basename(state_path(self.resume_from, 0))} (the baselines, "

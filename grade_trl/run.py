@@ -68,7 +68,9 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
     run_args, config, resume_from = recipe.run, recipe.config, recipe.resume_from
     results_path = os.path.join(config.output_dir, RESULTS_FILE)
     trainer, final, train_end, callbacks, start = None, {}, None, {}, None
-    earlier = checkpoint_folders(config.output_dir) if resume_from is None else []
+    # a run that does not continue output_dir's own run (a new one, or a fork from another folder's checkpoint)
+    continuing = resume_from is not None and continues_the_run(resume_from, config.output_dir)
+    earlier = [] if continuing else checkpoint_folders(config.output_dir)
     if earlier and not run_args.overwrite_output_dir:
         raise UserError(
             f"output_dir: {config.output_dir!r} holds an earlier run's {earlier[-1]}" + (f" and {len(earlier) - 1} more" if len(earlier) > 1 else "")
@@ -92,7 +94,7 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
         if resume_from is not None:
             final["resumed_from"] = resume_from
         continue_trackers(trainer, saved_trackers)  # a resumed run continues its tracker runs (reporting)
-        if resume_from is None and is_main:
+        if not continuing and is_main:
             clear_earlier_run(config.output_dir, earlier)
         trainer.accelerator.wait_for_everyone()
         trainer.train(resume_from_checkpoint=resume_from)

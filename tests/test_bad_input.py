@@ -109,7 +109,7 @@ RECIPE_CASES = [
     ({"method": "grpo", "bf16": False, "epsilon": -1}, "epsilon: expected a number > 0"),
     ({"method": "grpo", "bf16": False, "beta": -1}, "beta: expected a number >= 0"),
     # TRL names generation_batch_size, which the recipe never set: the key to change is the batch size
-    ({"method": "grpo", "bf16": False, "num_generations": 3}, "per_device_train_batch_size: its completions (8 per micro-batch; TRL's generation_batch_size 8"),
+    ({"method": "grpo", "bf16": False, "num_generations": 3}, "per_device_train_batch_size: 8 x steps_per_generation (default gradient_accumulation_steps) x processes = TRL's generation_batch_size 8, which must be a multiple of num_generations (3)"),
     # a config's own errors in the `<key>: ...` form
     ({"nonfinite": "ignore"}, "nonfinite: must be stop or skip, got 'ignore'"),
     ({"doctor": "loud"}, "doctor: must be warn, stop or off"),

@@ -169,6 +169,14 @@ def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused_unless_it_starts_
     out = tmp_path / "run"
     assert main(argv("length_reinforce.yaml", out, max_steps=3, save_steps=2)) == 0  # checkpoint-2, checkpoint-3 (the last step), model/
     before = (out / "results.json").read_text()
+    # compare resumes a run it started only while that run is not completed (an edited recipe file reruns it from scratch)
+    from grade_trl.compare import RUN_INFO, resumable_checkpoint
+
+    (out / RUN_INFO).write_text(json.dumps({"command": "the command"}))
+    assert resumable_checkpoint(out, "the command") is None
+    (out / "results.json").write_text(before.replace('"status": "completed"', '"status": "interrupted"'))
+    assert resumable_checkpoint(out, "the command") == str(out / "checkpoint-3")
+    (out / "results.json").write_text(before)
     assert main(argv("length_reinforce.yaml", out, max_steps=2)) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: output_dir: {str(out)!r} holds an earlier run's checkpoint-3 and 1 more; resume it with --resume_from_checkpoint true, start over with "
@@ -181,3 +189,10 @@ def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused_unless_it_starts_
     with pytest.raises(RuntimeError, match="probability tensor contains"):  # diverged weights: an exception, re-raised after results.json
         main(argv("length_reinforce.yaml", out, max_steps=2, save_strategy="no", learning_rate=1e30))
     assert json.loads((out / "results.json").read_text())["status"] == "failed" and not (out / "model").exists()
+    # a fork (another folder's checkpoint) into it is a new run there too: refused over checkpoints, clears an earlier model/
+    source = tmp_path / "source"
+    assert main(argv("length_reinforce.yaml", source, max_steps=2, save_steps=1)) == 0
+    (out / "model").mkdir()
+    (out / "model" / "earlier.txt").write_text("from the earlier run")
+    assert main(argv("length_reinforce.yaml", out, max_steps=2, save_strategy="no", resume_from_checkpoint=str(source / "checkpoint-1"))) == 0
+    assert not (out / "model" / "earlier.txt").exists() and json.loads((out / "results.json").read_text())["status"] == "completed"

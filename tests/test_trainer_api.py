@@ -217,6 +217,10 @@ def test_train_resume_from_checkpoint_is_exact_without_the_runner(tmp_path, meth
     shutil.copytree(tmp_path / "straight" / "checkpoint-1", tmp_path / "stopped" / "checkpoint-1")
     resumed = run(tmp_path / "stopped", resume=True)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # a checkpoint saved before the trainers kept their state beside it still resumes (Trainer's part), with a warning
+    (tmp_path / "stopped" / "checkpoint-1" / "grade_trl_state_rank0.pt").unlink()
+    shutil.rmtree(tmp_path / "stopped" / "checkpoint-2"), shutil.rmtree(tmp_path / "stopped" / "checkpoint-3")
+    run(tmp_path / "stopped", resume=True)
 
 
 def test_evaluate_leaves_the_ema_baseline_alone(tmp_path):
@@ -332,6 +336,11 @@ def test_rewards_that_apply_to_some_samples_train_as_in_trl(tmp_path, method):
     (row,) = [r for r in trainer.state.log_history if "reward" in r]
     assert row["rewards/short_task/mean"] == 1.0 and row["rewards/long_task/mean"] == 3.0
     assert row["reward"] == pytest.approx((1.0 + 1.5) / 2)  # the batch of 8 is the data set: 4 prompts of each task
+    # a batch where a function scored nothing leaves it out of that step: the window's mean stays over its own samples
+    trainer._metrics["train"].flush()
+    trainer.metrics.add(**trainer.reward_function_means(torch.tensor([[1.0, float("nan")], [1.0, float("nan")]])))
+    trainer.metrics.add(**trainer.reward_function_means(torch.tensor([[float("nan"), 3.0], [1.0, float("nan")]])))
+    assert trainer._metrics["train"].flush() == {"rewards/short_task/mean": 1.0, "rewards/long_task/mean": 3.0}
 
 
 def test_grpo_is_exported_and_takes_the_embedded_model(tmp_path):

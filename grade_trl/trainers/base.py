@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -14,6 +15,7 @@ from trl.data_utils import is_conversational
 
 from ..models import load_causal_lm, load_tokenizer, prepare_tokenizer
 from ..resume import ResumeCallback
+from ..rewards.base import reward_name
 from .metrics import GradNormWindowMixin, MetricWindow
 
 logger = logging.getLogger(__name__)
@@ -170,7 +172,7 @@ class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
         # its own gets one here, so `train(resume_from_checkpoint=...)` resumes exactly either way.
         self._own_resume = None
         if not any(isinstance(callback, ResumeCallback) for callback in self.callback_handler.callbacks):
-            self._own_resume = ResumeCallback()
+            self._own_resume = ResumeCallback(require_state=False)
             self._own_resume.trainer = self
             self.add_callback(self._own_resume)
 
@@ -281,9 +283,12 @@ class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
     def gathered_mean(self, values: torch.Tensor) -> float:
         return self.accelerator.gather(values.detach().float().reshape(-1)).mean().item()
 
-    def gathered_nanmean(self, values: torch.Tensor) -> float:
-        """Mean over every process's values that are not NaN (a reward function's scores where it applied; NaN if none)."""
-        return self.accelerator.gather(values.detach().float().reshape(-1)).nanmean().item()
+    def reward_function_means(self, scores: torch.Tensor) -> dict[str, float]:
+        """`rewards/<name>/mean` of each reward function over every process's samples it scored ((B, F) scores, NaN where
+        a function returned None); a function that scored none of this batch is left out, so the logging window
+        averages it over the steps where it applied instead of turning NaN."""
+        means = self.accelerator.gather(scores.detach().float()).nanmean(0).tolist()  # (F,)
+        return {f"rewards/{reward_name(f)}/mean": m for f, m in zip(self.reward_funcs, means) if not math.isnan(m)}
 
     def gathered_sum(self, values: torch.Tensor) -> float:
         return self.accelerator.gather(values.detach().float().reshape(-1)).sum().item()

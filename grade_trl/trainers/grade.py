@@ -108,7 +108,7 @@ class GumbelGRADETrainer(RolloutTrainer):
             kl = masked_sum(kl_per_token, rollout.mask, dim=1)  # (B,)
 
             # 4. differentiable rewards
-            scores = self.soft_reward_scores(rollout)  # (B, F)
+            scores = self.soft_reward_scores(rollout, require_gradient=True)  # (B, F)
         rewards = scores @ self.reward_weights.to(device, scores.dtype)  # (B,)
 
         # 5. the loss
@@ -117,8 +117,11 @@ class GumbelGRADETrainer(RolloutTrainer):
         self._log_step_metrics(rollout, rewards, scores, kl, entropy_per_token, tau)
         return loss
 
-    def soft_reward_scores(self, rollout) -> torch.Tensor:
-        """Each reward function's differentiable score of each relaxed completion. (B, F)"""
+    def soft_reward_scores(self, rollout, require_gradient: bool = False) -> torch.Tensor:
+        """Each reward function's differentiable score of each relaxed completion. (B, F)
+
+        require_gradient: the training loss's call, where a score without a gradient (while the rollout has one) is a
+        reward that GRADE cannot train through (the bias probe's hard one-hot samples have none, by design)."""
         eos = self.processing_class.eos_token_id
         scores = []
         for func in self.reward_funcs:
@@ -138,7 +141,7 @@ class GumbelGRADETrainer(RolloutTrainer):
                         "update, whose gradient was finite); lower learning_rate"
                     ) from None
                 raise
-            if torch.is_grad_enabled() and rollout.logits.requires_grad and not scores[-1].requires_grad:
+            if require_gradient and torch.is_grad_enabled() and rollout.logits.requires_grad and not scores[-1].requires_grad:
                 # a detached or constant score would train on the KL term alone, without a word
                 raise RewardFunctionError(
                     f"reward function '{reward_name(func)}' returned a score_soft with no gradient (detached, or not computed from "

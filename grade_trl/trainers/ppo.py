@@ -59,7 +59,7 @@ from ..core import (
 from ..core.sampling import SamplingSettings
 from ..core.sharding import gathered
 from ..core.soft_rollout import last_positions, position_ids_from_mask
-from ..rewards.base import combine_scores, compute_rewards, reward_name
+from ..rewards.base import combine_scores, compute_rewards
 from .base import RolloutTrainer
 from .ppo_config import PPOConfig
 
@@ -374,7 +374,7 @@ class PPOTrainer(RolloutTrainer):
                 "completions/mean_length": batch.lengths,
             }
         )
-        metrics |= {f"rewards/{reward_name(f)}/mean": self.gathered_nanmean(scores[:, i]) for i, f in enumerate(self.reward_funcs)}  # where it applies
+        metrics |= self.reward_function_means(scores)  # each over the samples it scored
         metrics["reward_std"] = self.gathered_std(score)
         metrics["kl_per_token"] = self.gathered_sum(b_kl) / max(self.gathered_sum(batch.lengths), 1.0)
         metrics["kl_coef"] = kl_coef  # the coefficient that shaped this rollout's rewards

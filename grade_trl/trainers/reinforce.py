@@ -28,7 +28,7 @@ from ..core import (
     sequence_logprob,
     token_logprobs,
 )
-from ..rewards.base import combine_scores, compute_rewards, reward_name
+from ..rewards.base import combine_scores, compute_rewards
 from .base import RolloutTrainer
 from .reinforce_config import REINFORCEConfig
 
@@ -123,6 +123,6 @@ class REINFORCETrainer(RolloutTrainer):
                 "advantages/mean": self.gathered_mean(advantages),
                 "samples/kept_fraction": self.gathered_mean(keep.float()),
             },
-            **{f"rewards/{reward_name(f)}/mean": self.gathered_nanmean(scores[:, i]) for i, f in enumerate(self.reward_funcs)},
+            **self.reward_function_means(scores),
         )
         return loss
