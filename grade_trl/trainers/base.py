@@ -44,6 +44,13 @@ def check_reward_types(reward_funcs: list) -> None:
             raise ValueError(f"reward_funcs[{index}]: {type(func).__name__} {func!r} is not callable; give `reward(prompts, completions, **kwargs) -> list[float]`")
 
 
+def check_prompt_column(name: str, dataset) -> None:
+    """A data set (with named columns) has the `prompt` column every trainer reads, as TRL's GRPOTrainer does."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and "prompt" not in columns:
+        raise ValueError(f"{name}: no `prompt` column (it has {', '.join(map(str, columns)) or 'none'}); the prompts are read from `prompt`, as TRL's GRPOTrainer reads them")
+
+
 def identity(features):
     """No collation: the trainer tokenizes prompts itself (as TRL's GRPOTrainer does)."""
     return features
@@ -118,10 +125,9 @@ class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
         args = args or self.config_class(output_dir=f"{type(self).__name__}_output")
         if not isinstance(args, self.config_class):
             raise TypeError(f"args: {type(self).__name__} takes a {self.config_class.__name__} (its fields are read at every step), got a {type(args).__name__}")
-        for name, dataset in (("train_dataset", train_dataset), *(((f"eval_dataset[{k!r}]", d) for k, d in eval_dataset.items()) if isinstance(eval_dataset, dict) else [("eval_dataset", eval_dataset)])):
-            columns = getattr(dataset, "column_names", None)
-            if columns is not None and "prompt" not in columns:
-                raise ValueError(f"{name}: no `prompt` column (it has {', '.join(map(str, columns)) or 'none'}); the prompts are read from `prompt`, as TRL's GRPOTrainer reads them")
+        check_prompt_column("train_dataset", train_dataset)
+        for key, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]:
+            check_prompt_column("eval_dataset" if key is None else f"eval_dataset[{key!r}]", dataset)
         if isinstance(model, str):
             init_kwargs = dict(args.model_init_kwargs or {})
             init_kwargs.setdefault("dtype", torch.float32)
