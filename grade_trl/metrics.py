@@ -116,7 +116,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("cispo_clip_ratio", "fraction", "fraction of tokens whose importance weight CISPO clamped at epsilon_high (TRL)", "cispo (TRL)"),
     # ---- the end of training (Trainer)
     Metric("train_runtime", "seconds", "wall time of trainer.train() (Trainer, last row)", ALL),
-    Metric("train_loss", "loss", "mean loss over the run (Trainer, last row)", ALL),
+    Metric("train_loss", "loss", "mean loss over the run (Trainer, last row; a resumed run's over the steps since it resumed, as Trainer computes it)", ALL),
     Metric("train_samples_per_second", "1/s", "Trainer's throughput figure (last row)", ALL),
     Metric("train_steps_per_second", "1/s", "optimizer steps per second (Trainer, last row)", ALL),
     Metric("total_flos", "flop", "Trainer's floating-point-operation estimate (last row)", ALL),

@@ -188,7 +188,9 @@ class ResumeCallback(TrainerCallback):
         current = trainer.training_state()
         trainer.load_training_state({name: merge_into(current.get(name), value) for name, value in data["trainer"].items()})
         for name, value in data["loss_accumulator"].items():
-            if value is not None and hasattr(trainer, name):
+            # not the run's loss total: Trainer divides it by the steps of this launch (train_loss), so a restored total
+            # gave the whole run's sum over the resumed steps; train_loss stays Trainer's mean over this launch's steps
+            if value is not None and hasattr(trainer, name) and name != "_total_loss_scalar":
                 setattr(trainer, name, value)
         if self.evaluation is not None and data["evaluation"] is not None:
             self.evaluation.load_state_dict(data["evaluation"])

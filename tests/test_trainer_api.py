@@ -210,13 +210,16 @@ def test_train_resume_from_checkpoint_is_exact_without_the_runner(tmp_path, meth
         args = _library_args(config, output_dir, max_steps=3, save_strategy="steps", save_steps=1, seed=0, **extra)
         trainer = cls(model="embedded", reward_funcs=length_only, args=args, train_dataset=dataset, processing_class=load_tokenizer("embedded"))
         trainer.train(resume_from_checkpoint=resume)
-        return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, trainer.state.log_history
 
-    straight = run(tmp_path / "straight")
+    straight, _ = run(tmp_path / "straight")
     (tmp_path / "stopped").mkdir()  # a run stopped after its first checkpoint
     shutil.copytree(tmp_path / "straight" / "checkpoint-1", tmp_path / "stopped" / "checkpoint-1")
-    resumed = run(tmp_path / "stopped", resume=True)
+    resumed, history = run(tmp_path / "stopped", resume=True)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # train_loss: Trainer's mean over this launch's steps (2 and 3), not the whole run's loss total divided by them
+    losses = [row["loss"] for row in history if "loss" in row and row["step"] > 1]
+    assert history[-1]["train_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-3)
     # a checkpoint saved before the trainers kept their state beside it still resumes (Trainer's part), with a warning
     (tmp_path / "stopped" / "checkpoint-1" / "grade_trl_state_rank0.pt").unlink()
     shutil.rmtree(tmp_path / "stopped" / "checkpoint-2"), shutil.rmtree(tmp_path / "stopped" / "checkpoint-3")
