@@ -186,6 +186,10 @@ def weighted_rewards(reward_funcs, weights, prompts: list[str], completions: lis
 # ---- evaluators -------------------------------------------------------------------------------
 
 
+def _not_kept(*args, **kwargs) -> None:
+    """A reward's `log_metric`/`log_extra` during an evaluation (`Evaluator.reward_keywords`)."""
+
+
 class Evaluator:
     """What a task measures on a split. `evaluate` returns `{"metrics": {name: float}, "samples": [dict]}`.
 
@@ -194,6 +198,10 @@ class Evaluator:
     """
 
     primary = "reward"
+    # TRL's keywords for the task's reward functions beside the data columns: `trainer_state` (set by the evaluation
+    # callback when training begins), `log_metric` and `log_extra` (accepted, not kept: an evaluation's metrics are
+    # the task's own), so a TRL reward that reads them runs in evaluations as in training
+    reward_keywords: dict = {}
 
     def evaluate(self, model, tokenizer, split: str, accelerator=None, seed: int = 0) -> dict:
         raise NotImplementedError
@@ -240,7 +248,7 @@ class RewardEvaluator(Evaluator):
                 completions, lengths = generate_completions(model, tokenizer, shard, self.settings, seed + 1000 * k + rank)
                 if not shard:  # generated only to keep a sharded model's collectives in step (shard_and_gather)
                     continue
-                scores = compute_rewards(self.reward_funcs, shard, completions, **shard_columns)  # (B, F)
+                scores = compute_rewards(self.reward_funcs, shard, completions, **shard_columns, **self.reward_keywords)  # (B, F)
                 samples.append((completions, lengths, combine_scores(scores, weights).tolist(), scores.tolist()))
             if not shard:
                 return []
@@ -378,6 +386,8 @@ class EvaluationCallback(TrainerCallback):
         self._start = time.time()
         if self.trainer is None:
             return
+        # the trainer's state object, which training updates in place: rewards read the step as they do in training
+        self.evaluator.reward_keywords = {"trainer_state": state, "log_metric": _not_kept, "log_extra": _not_kept}
         if state.global_step == 0:
             self.log(state, self.evaluate(0))
         elif self.deferred_step == state.global_step:

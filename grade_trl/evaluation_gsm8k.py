@@ -66,7 +66,7 @@ class GSM8KEvaluator(Evaluator):
             sampled = [generate_completions(model, tokenizer, prompts, self.sampled, seed + 1000 * (j + 1) + rank)[0] for j in range(self.pass_k)] if self.pass_k > 1 else []
             if not shard:  # generated only to keep a sharded model's collectives in step (shard_and_gather)
                 return []
-            rewards = weighted_rewards(self.reward_funcs, self.weights, prompts, completions, answer=golds)
+            rewards = weighted_rewards(self.reward_funcs, self.weights, prompts, completions, answer=golds, **self.reward_keywords)
             rows = []
             for prompt, gold, completion, length, reward in zip(prompts, golds, completions, lengths, rewards):
                 predicted, target = extract_answer(completion), Fraction(gold_answer(gold))
