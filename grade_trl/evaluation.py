@@ -23,8 +23,7 @@ from transformers import TrainerCallback
 from . import metrics
 from .core.masks import completion_mask
 from .core.sharding import is_sharded, local_data, resharded
-from .rewards.base import combine_scores, compute_rewards, reward_name
-
+from .rewards.base import combine_scores, compute_rewards, not_kept, reward_name
 
 logger = logging.getLogger(__name__)
 
@@ -184,10 +183,6 @@ def weighted_rewards(reward_funcs, weights, prompts: list[str], completions: lis
 
 
 # ---- evaluators -------------------------------------------------------------------------------
-
-
-def _not_kept(*args, **kwargs) -> None:
-    """A reward's `log_metric`/`log_extra` during an evaluation (`Evaluator.reward_keywords`)."""
 
 
 class Evaluator:
@@ -387,7 +382,7 @@ class EvaluationCallback(TrainerCallback):
         if self.trainer is None:
             return
         # the trainer's state object, which training updates in place: rewards read the step as they do in training
-        self.evaluator.reward_keywords = {"trainer_state": state, "log_metric": _not_kept, "log_extra": _not_kept}
+        self.evaluator.reward_keywords = {"trainer_state": state, "log_metric": not_kept, "log_extra": not_kept}
         if state.global_step == 0:
             self.log(state, self.evaluate(0))
         elif self.deferred_step == state.global_step:

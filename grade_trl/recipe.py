@@ -530,7 +530,7 @@ def _list_keys(values: dict, overrides: list[str]) -> list[str]:
 def recipe_list_keys() -> list[str]:
     """The list-typed keys of any recipe: those of the run arguments and of every method's config. compare, train_reward
     and probe read the overrides they forward before knowing which method each recipe runs; the union is right for all
-    of them because no key is a list in one config and a scalar in another (tests/test_cli.py checks it)."""
+    of them because no key is a list in one config and a scalar in another (tests/test_recipe.py checks it)."""
     return _list_fields([RunArguments] + [get_method(name).config_class for name in METHODS])
 
 

@@ -161,13 +161,14 @@ class ResumeCallback(TrainerCallback):
             return
         trainer = self.trainer
         path = state_path(self.resume_from, trainer.accelerator.process_index)
-        if not os.path.isfile(state_path(self.resume_from, 0)) and not self.require_state:
-            logger.warning("resume: %s has no %s (saved by an older grade_trl, or by another trainer): resuming Trainer's part only, so the "
-                           "baselines, rollout buffer and metric windows start afresh", self.resume_from, os.path.basename(state_path(self.resume_from, 0)))
-            return
-        if not os.path.isfile(state_path(self.resume_from, 0)):
+        first = state_path(self.resume_from, 0)  # every checkpoint of ours has rank 0's file
+        if not os.path.isfile(first):
+            if not self.require_state:
+                logger.warning("resume: %s has no %s (saved by an older grade_trl, or by another trainer): resuming Trainer's part only, so the "
+                               "baselines, rollout buffer and metric windows start afresh", self.resume_from, os.path.basename(first))
+                return
             raise UserError(
-                f"resume_from_checkpoint: {self.resume_from!r} has no {os.path.basename(state_path(self.resume_from, 0))} (the baselines, "
+                f"resume_from_checkpoint: {self.resume_from!r} has no {os.path.basename(first)} (the baselines, "
                 "rollout buffer and metric windows Trainer does not save): it was not saved by a grade_trl trainer, or only in part"
             )
         if not os.path.isfile(path):

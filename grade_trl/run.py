@@ -77,7 +77,7 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
             + "; resume it with --resume_from_checkpoint true, start over with --overwrite_output_dir true (deletes them), or give another output_dir"
         )
     # a resumed run continues its tracker runs; a run started from another run's checkpoint (a fork) gets its own
-    saved_trackers = saved_tracker_ids(resume_from) if resume_from is not None and continues_the_run(resume_from, config.output_dir) else {}
+    saved_trackers = saved_tracker_ids(resume_from) if continuing else {}
     if config.report_to and config.run_name is None:  # the trackers' name for the run: the stopped run's when resuming
         config.run_name = saved_trackers.get("run_name") or default_run_name(config.output_dir)
     try:

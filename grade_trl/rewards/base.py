@@ -48,6 +48,12 @@ def require_differentiable(reward_funcs: Sequence[RewardFunc]) -> None:
             )
 
 
+def not_kept(*args, **kwargs) -> None:
+    """TRL's `log_extra` (and, in the runner's evaluations, `log_metric`) for a reward function, where grade_trl keeps
+    no such record: TRL adds `log_extra` columns to its completions table, which these trainers do not keep, and an
+    evaluation's metrics are the task's own. Accepted so that TRL rewards run unchanged."""
+
+
 def _first_bad_value(values) -> int | None:
     for index, value in enumerate(values):
         # numbers.Real: Python's int, float and bool, and numpy's scalars (a reward returning an array of float32).

@@ -15,15 +15,10 @@ from trl.data_utils import is_conversational
 
 from ..models import load_causal_lm, load_tokenizer, prepare_tokenizer
 from ..resume import ResumeCallback
-from ..rewards.base import reward_name
+from ..rewards.base import not_kept, reward_name
 from .metrics import GradNormWindowMixin, MetricWindow
 
 logger = logging.getLogger(__name__)
-
-
-def _no_completions_table(column: str, values: list) -> None:
-    """TRL's `log_extra` for a reward function: TRL adds the column to its completions table, which these trainers do
-    not keep (`RolloutTrainer.reward_kwargs`)."""
 
 
 def check_reward_types(reward_funcs: list) -> None:
@@ -230,7 +225,7 @@ class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
         values are accepted and not kept)."""
         keys = [key for key in inputs[0] if key not in ("prompt", "completion", "completion_ids")]
         columns = {key: [example[key] for example in inputs for _ in range(repeat)] for key in keys}
-        return {**columns, "trainer_state": self.state, "log_metric": self._log_reward_metric, "log_extra": _no_completions_table}
+        return {**columns, "trainer_state": self.state, "log_metric": self._log_reward_metric, "log_extra": not_kept}
 
     def _log_reward_metric(self, name: str, value: float) -> None:
         self.metrics.add(**{name: float(value)})
