@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from . import metrics
 from .core.masks import completion_mask
 from .core.sharding import is_sharded, local_data, resharded
-from .rewards.base import combine_scores, compute_rewards, not_kept, reward_name
+from .rewards.base import RewardMetricLog, combine_scores, compute_rewards, not_kept, reward_name
 
 logger = logging.getLogger(__name__)
 
@@ -193,9 +193,10 @@ class Evaluator:
     """
 
     primary = "reward"
-    # TRL's keywords for the task's reward functions beside the data columns: `trainer_state` (set by the evaluation
-    # callback when training begins), `log_metric` and `log_extra` (accepted, not kept: an evaluation's metrics are
-    # the task's own), so a TRL reward that reads them runs in evaluations as in training
+    # TRL's keywords for the task's reward functions beside the data columns, set by the evaluation callback when
+    # training begins: `trainer_state`, `log_metric` (a RewardMetricLog: `evaluate_split` adds its means to the
+    # evaluation's metrics) and `log_extra` (accepted, not kept), so a TRL reward that reads them runs in evaluations
+    # as in training
     reward_keywords: dict = {}
 
     def evaluate(self, model, tokenizer, split: str, accelerator=None, seed: int = 0) -> dict:
@@ -352,7 +353,7 @@ class EvaluationCallback(TrainerCallback):
     def evaluate(self, step: int) -> dict:
         trainer, started = self.trainer, time.time()
         announce(trainer.accelerator, "validation at step %d: %s ...", step, self.evaluator.describe("validation"))
-        result = self.evaluator.evaluate(self.policy(), trainer.processing_class, "validation", trainer.accelerator, self.seed)
+        result = evaluate_split(self.evaluator, self.policy(), trainer.processing_class, "validation", trainer.accelerator, self.seed)
         self.results[step] = result
         value = result["metrics"][self.evaluator.primary]
         if value > self.best_value:
@@ -382,7 +383,7 @@ class EvaluationCallback(TrainerCallback):
         if self.trainer is None:
             return
         # the trainer's state object, which training updates in place: rewards read the step as they do in training
-        self.evaluator.reward_keywords = {"trainer_state": state, "log_metric": not_kept, "log_extra": not_kept}
+        self.evaluator.reward_keywords = {"trainer_state": state, "log_metric": RewardMetricLog(), "log_extra": not_kept}
         if state.global_step == 0:
             self.log(state, self.evaluate(0))
         elif self.deferred_step == state.global_step:
@@ -460,11 +461,22 @@ def announce(accelerator, message: str, *args) -> None:
         logger.info(message, *args)
 
 
+def evaluate_split(evaluator: Evaluator, policy, tokenizer, split: str, accelerator, seed: int) -> dict:
+    """`evaluator.evaluate`, with what the rewards reported through TRL's `log_metric` during it added to its metrics
+    (each name's mean over every call on every process, as TRL averages them; the task's own metric wins a clash of
+    names). Every process calls it (the gather is a collective)."""
+    result = evaluator.evaluate(policy, tokenizer, split, accelerator, seed)
+    log = evaluator.reward_keywords.get("log_metric")
+    if isinstance(log, RewardMetricLog):
+        result["metrics"] = {**log.flush(accelerator), **result["metrics"]}
+    return result
+
+
 def evaluate_test(evaluator: Evaluator, policy, tokenizer, accelerator, seed: int, checkpoint: str = "final") -> dict:
     """The test split's metrics, with the prompts and per-prompt values (`rewards`, `gold_rewards`, `corrects`, ...)
     kept for paired tests: final["test"]["final" | "best"] of results.json."""
     announce(accelerator, "test of the %s checkpoint: %s ...", checkpoint, evaluator.describe("test"))
-    result = evaluator.evaluate(policy, tokenizer, "test", accelerator, seed)
+    result = evaluate_split(evaluator, policy, tokenizer, "test", accelerator, seed)
     samples = result["samples"]
     out = {"metrics": result["metrics"], "prompts": [s["prompt"] for s in samples]}
     for key in ("reward", "gold_reward", "best_of_n_reward", "correct"):

@@ -206,6 +206,22 @@ def evaluation_fewer_prompts_than_processes(base, tokenizer, rank: int, world: i
     return {"returned": True, "rank": rank, "reward_sharded": sharded["metrics"]["reward"], "reward_single": single["metrics"]["reward"]}
 
 
+def reward_metric_log_case(rank: int, world: int) -> dict:
+    """TRL's `log_metric` for rewards, averaged over every process's calls (`rewards.base.RewardMetricLog`): rank 0
+    logs `a` twice and `b` once, rank 1 logs `a` once; then a flush with nothing pending anywhere."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import gather
+
+    from grade_trl.rewards.base import RewardMetricLog
+
+    accelerator = SimpleNamespace(num_processes=world, device=torch.device("cpu"), gather=gather)
+    log = RewardMetricLog()
+    for name, value in ([("a", 1.0), ("a", 3.0), ("b", 5.0)] if rank == 0 else [("a", 8.0)]):
+        log(name, value)
+    return {"first": log.flush(accelerator), "second": log.flush(accelerator)}
+
+
 def main(out_path: str) -> None:
     PartialState(cpu=True)  # starts the gloo group, as Accelerate's MULTI_CPU: evaluation gathers its rows with gather_object
     rank, world, tokenizer, base, enc_all, rows, enc, noise_all, eos = setup()
@@ -237,6 +253,8 @@ def main(out_path: str) -> None:
     results["evaluation_unequal_shares"] = evaluation_case(base, tokenizer, rank, world)
     results["evaluation_fewer_prompts_than_processes"] = [None] * world
     dist.all_gather_object(results["evaluation_fewer_prompts_than_processes"], evaluation_fewer_prompts_than_processes(base, tokenizer, rank, world))
+    results["reward_metric_log"] = [None] * world
+    dist.all_gather_object(results["reward_metric_log"], reward_metric_log_case(rank, world))
     write_results(results, out_path, rank)
 
 

@@ -89,6 +89,7 @@ def nan_reward(prompts, completions, **kwargs):
 
 def by_step(prompts, completions, trainer_state, log_metric, log_extra, **kwargs):  # TRL's keywords, in training and evaluation
     log_metric("by_step_calls", 1.0)
+    log_metric("by_step_step", trainer_state.global_step)
     log_extra("by_step_note", ["x"] * len(completions))
     return [min(trainer_state.global_step, 1) * 1.0] * len(completions)
 '''
@@ -144,12 +145,16 @@ def test_data_that_does_not_fit_is_one_line_exit_2_nothing_written(tmp_path, nam
 
 def test_a_reward_that_reads_trls_trainer_state_runs_in_training_and_evaluation(tmp_path):
     """TRL passes `trainer_state`, `log_metric` and `log_extra` to every reward call; the runner's evaluations do too
-    (a reward that reads the step failed there before)."""
+    (a reward that reads the step failed there before), and keep what `log_metric` reported as eval_ (and test) metrics."""
     code, errors = _main_quietly([_user_recipe(tmp_path, _rows(20), reward_funcs="[user_rewards.by_step]", max_steps=2, eval_steps=1, logging_steps=1)])
     assert code == 0 and errors == []
-    history = json.loads((tmp_path / "run" / "results.json").read_text())["history"]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    history = results["history"]
     assert [row["eval_reward"] for row in history if "eval_reward" in row] == [0.0, 1.0, 1.0]  # steps 0, 1, 2
     assert [row["by_step_calls"] for row in history if "by_step_calls" in row] == [1.0, 1.0]  # the training steps' log_metric
+    assert [row["by_step_step"] for row in history if "by_step_step" in row] == [0.0, 1.0]  # read before each step's update
+    assert [row["eval_by_step_step"] for row in history if "eval_by_step_step" in row] == [0.0, 1.0, 2.0]  # the evaluations'
+    assert results["final"]["test"]["final"]["metrics"]["by_step_step"] == 2.0
 
 
 def test_a_reward_module_beside_the_recipe_that_returns_nan_stops_in_one_line(tmp_path):

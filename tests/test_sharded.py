@@ -70,6 +70,13 @@ def test_sharded_soft_rollout_matches_one_process(sharded_rollout, case):
     assert r["steps_local"] == r["steps_single"] == 6
 
 
+def test_a_rewards_log_metric_is_averaged_over_every_processs_calls(sharded_rollout):
+    """As TRL's GRPOTrainer: the sum of every process's values over their count, on every process (a mean of the two
+    processes' means would give a = 5.0); a name one process never logged is its values' mean; a flush with nothing
+    pending gives nothing."""
+    assert sharded_rollout["reward_metric_log"] == [{"first": {"a": 4.0, "b": 5.0}, "second": {}}] * 2
+
+
 def test_evaluation_generates_in_step_across_sharded_processes(sharded_rollout):
     """Evaluation shards its prompts over the processes; under FSDP each `generate` is a collective, so rank 0's
     extra batch (3 prompts in batches of 2, against rank 1's 1) is matched by a throwaway batch on rank 1 and every

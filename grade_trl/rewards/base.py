@@ -49,9 +49,37 @@ def require_differentiable(reward_funcs: Sequence[RewardFunc]) -> None:
 
 
 def not_kept(*args, **kwargs) -> None:
-    """TRL's `log_extra` (and, in the runner's evaluations, `log_metric`) for a reward function, where grade_trl keeps
-    no such record: TRL adds `log_extra` columns to its completions table, which these trainers do not keep, and an
-    evaluation's metrics are the task's own. Accepted so that TRL rewards run unchanged."""
+    """TRL's `log_extra` for a reward function, where grade_trl keeps no such record: TRL adds `log_extra` columns to its
+    completions table, which these trainers do not keep. Accepted so that TRL rewards run unchanged."""
+
+
+class RewardMetricLog:
+    """TRL's `log_metric(name, value)` keyword for reward functions: scalars a reward reports for its batch, pending
+    until `flush`, which averages each name over every call on every process since the last flush (the sum over the
+    processes' values divided by their count, as TRL's GRPOTrainer does). The trainers flush after each step's reward
+    call into their logging window; the runner's evaluations flush after each evaluation into its `eval_` metrics."""
+
+    def __init__(self):
+        self.pending: dict[str, list[float]] = {}
+
+    def __call__(self, name: str, value: float) -> None:
+        self.pending.setdefault(str(name), []).append(float(value))
+
+    def flush(self, accelerator=None) -> dict[str, float]:
+        """{name: mean}. A collective when `accelerator` has several processes: every process calls it at the same
+        point, whether or not its rewards logged anything (a name logged on one process only is averaged over that
+        process's values)."""
+        pending, self.pending = self.pending, {}
+        if accelerator is None or accelerator.num_processes == 1:
+            return {name: sum(values) / len(values) for name, values in sorted(pending.items())}
+        from accelerate.utils import gather_object
+
+        names = sorted(set(gather_object(list(pending))))  # the same order on every process
+        if not names:
+            return {}
+        local = torch.tensor([[sum(pending.get(n, [])), len(pending.get(n, []))] for n in names], dtype=torch.float64, device=accelerator.device)
+        totals = accelerator.gather(local).reshape(-1, len(names), 2).sum(0)  # (N, 2): sum and count over processes
+        return {name: total / count for name, (total, count) in zip(names, totals.tolist())}
 
 
 def _first_bad_value(values) -> int | None:
