@@ -176,10 +176,10 @@ class Figures:
         ax.grid(alpha=0.3)
 
     def learning_curves(self) -> None:
-        if not has_key(self.runs, "reward"):
+        if not has_key(self.runs, metrics.REWARD):
             self.skipped["learning_curves"] = "no training `reward` in the histories"
             return
-        keys = [k for k in ("reward", "kl") if has_key(self.runs, k)]
+        keys = [k for k in (metrics.REWARD, metrics.KL) if has_key(self.runs, k)]
         fig, axes = self.plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
         for ax, key in zip(axes[0], keys):
             self.curve(ax, training_rows, key)

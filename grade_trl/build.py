@@ -1,7 +1,7 @@
 """From a recipe to the objects a run needs: the task, the trainer (through the method registry) and the callbacks.
 
-The runner, the probe and the benchmark build through these functions, so a method or a task is
-constructed in one place only.
+The runner and the probe build through these functions, so a method or a task is constructed in one
+place only (`benchmarks/step_cost.py` builds the trainer classes itself, to vary what the recipes fix).
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def build_task(recipe: Recipe, gold_judge: bool = True):
     check_lora_targets(run_args, config)
     with loading("model_name_or_path", run_args.model_name_or_path):
         tokenizer = load_tokenizer(run_args.model_name_or_path)
-    with loading("dataset_name", run_args.dataset_name):
-        task = TASK_BUILDERS[run_args.task](run_args, tokenizer, config.seed, settings, config.reward_weights)
+    # the task's builder names its data loads dataset_name (`loading`) and its other inputs by their own keys
+    task = TASK_BUILDERS[run_args.task](run_args, tokenizer, config.seed, settings, config.reward_weights)
     return tokenizer, task
 
 
@@ -104,33 +104,38 @@ def build_trainer(recipe: Recipe, task, tokenizer, callbacks=()):
     """The method's trainer (its registry entry's class), built from the recipe; every method takes the same task,
     rewards and callbacks. Each callback with a `trainer` attribute is attached to it."""
     from .models import NO_HUB_KERNELS, resolve_model_path
+    from .trainers.base import load_policy
 
     run_args, config = recipe.run, recipe.config
     method = get_method(run_args.method)
+
+    def build(model):
+        return method.trainer_class(model=model, reward_funcs=task.reward_funcs, args=config, train_dataset=task.train_dataset,
+                                    processing_class=tokenizer, peft_config=build_peft_config(run_args), callbacks=list(callbacks))
+
+    def attach(trainer):
+        for callback in callbacks:
+            if hasattr(callback, "trainer"):
+                callback.trainer = trainer
+        return trainer
+
     config.model_init_kwargs = {**NO_HUB_KERNELS, **(config.model_init_kwargs or {})}  # TRL loads its policy and reference with these
     # TRL loads the policy from a path itself and re-loads its reference from the policy's `_name_or_path`, so it is
-    # given the resolved local path (or hub id), never an in-memory model; our trainers resolve `embedded` themselves.
-    model = resolve_model_path(run_args.model_name_or_path) if method.loads_model_from_path else run_args.model_name_or_path
+    # given the resolved local path (or hub id), never an in-memory model; our trainers get the loaded model.
+    # Only the load is under `loading` (its errors name model_name_or_path); our trainers' own checks name their keys.
+    # TRL's GRPO loads inside its constructor, so there the constructor is.
     try:
+        if method.loads_model_from_path:
+            with loading("model_name_or_path", run_args.model_name_or_path):
+                return attach(build(resolve_model_path(run_args.model_name_or_path)))
         with loading("model_name_or_path", run_args.model_name_or_path):
-            trainer = method.trainer_class(
-                model=model,
-                reward_funcs=task.reward_funcs,
-                args=config,
-                train_dataset=task.train_dataset,
-                processing_class=tokenizer,
-                peft_config=build_peft_config(run_args),
-                callbacks=list(callbacks),
-            )
+            model = load_policy(run_args.model_name_or_path, config)
     except TypeError as error:  # from_pretrained passes what it does not know on to the model's __init__
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
         if unknown and unknown.group(1) in config.model_init_kwargs:
             raise UserError(f"model_init_kwargs: {unknown.group(1)!r} is an argument of neither from_pretrained nor the model ({str(error).splitlines()[0]})") from None
         raise
-    for callback in callbacks:
-        if hasattr(callback, "trainer"):
-            callback.trainer = trainer
-    return trainer
+    return attach(build(model))
 
 
 def build_callbacks(recipe: Recipe, task, resume_from: str | None = None, graceful_stop=None) -> dict:

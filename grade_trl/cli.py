@@ -25,6 +25,7 @@ import threading
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 import yaml
@@ -142,12 +143,48 @@ def is_list_type(tp) -> bool:
     return typing.get_origin(tp) in (list, tuple)
 
 
-def parse_overrides(argv: Sequence[str], list_keys: Sequence[str] = ()) -> dict[str, Any]:
+def check_writable_folder(key: str, path: str) -> None:
+    """`path` is a folder that can be created or written into (its deepest existing part is a writable folder): a
+    one-line UserError naming `key` otherwise, before any work that would end by writing there."""
+    existing = Path(path).expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{key}: cannot write into {str(path)!r} ({str(existing)!r} is a file); give a folder you can write to")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key}: cannot write into {str(path)!r} (no write permission on {str(existing)!r}); give a folder you can write to")
+
+
+class Overrides(dict):
+    """`parse_overrides`' {key: value}, with `bare`: the keys given as a bare `--flag` (read as true), which only a
+    true/false key may be (`check_bare_flags`): `--output_dir` with its value forgotten would be the folder "True"."""
+
+    def __init__(self, *args, bare=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bare = set(bare)
+
+
+def takes_bare_flag(tp) -> bool:
+    """Whether a bare `--key` (true) is a value of type `tp`: a bool, optional or not."""
+    return bool in (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,))
+
+
+def check_bare_flags(bare, types_by_key: dict, allowed: Sequence[str] = (), name=lambda key: f"--{key}") -> None:
+    """A one-line UserError for the first key of `bare` whose type takes a value (keys not in `types_by_key` are left
+    to the unknown-key check; `allowed`: keys whose own parsing reads true, `resume_from_checkpoint`)."""
+    for key in sorted(bare):
+        if key in types_by_key and key not in allowed and not takes_bare_flag(types_by_key[key]):
+            raise UserError(f"{name(key)}: given without a value; write --{key} VALUE ({_type_name(types_by_key[key])}): only true/false "
+                            "options may be given bare")
+
+
+def parse_overrides(argv: Sequence[str], list_keys: Sequence[str] = ()) -> Overrides:
     """`--key value`, `--key=value` and bare `--flag` (true) -> {key: value}; values are read as YAML scalars.
 
-    A key in `list_keys` takes every value up to the next `--key` (`--thresholds 0.6 0.7 0.8`).
+    A key in `list_keys` takes every value up to the next `--key` (`--thresholds 0.6 0.7 0.8`). The bare keys are
+    the result's `bare`.
     """
-    overrides, i = {}, 0
+    overrides, i = Overrides(), 0
     argv = list(argv)
     while i < len(argv):
         token = argv[i]
@@ -164,6 +201,7 @@ def parse_overrides(argv: Sequence[str], list_keys: Sequence[str] = ()) -> dict[
                 i += 1
             if not values:
                 overrides[key] = True
+                overrides.bare.add(key)
             elif key in list_keys and not (len(values) == 1 and (values[0] is None or isinstance(values[0], (list, str)))):
                 overrides[key] = values  # several values, or one number: a list either way (null stays null)
             else:
@@ -242,7 +280,8 @@ class Command:
         known = {option.name: option for option in self.options}
         list_keys = [name for name, option in known.items() if is_list_type(option.type)]
         raw = parse_overrides(argv, list_keys + (list(self.override_list_keys()) if self.forwards_overrides else []))
-        values, forwarded = {}, {}
+        check_bare_flags(raw.bare, {name: option.type for name, option in known.items()})
+        values, forwarded = {}, Overrides(bare=raw.bare - set(known))
         for key, value in raw.items():
             if key in known:
                 values[key] = coerce(f"--{key}", value, known[key].type)
@@ -254,16 +293,12 @@ class Command:
                 raise UserError(f"unknown option --{key}{hint}")
         return positionals, {name: values.get(name, option.default) for name, option in known.items()}, forwarded
 
-    def main(self, argv: Sequence[str] | None, body: Callable[[list[str], dict, dict], int], help_text: Callable[[list[str]], str] | None = None) -> int:
-        """Run `body(positionals, options, overrides)` under the error policy; `-h`/`--help` prints the help."""
+    def main(self, argv: Sequence[str] | None, body: Callable[[list[str], dict, dict], int]) -> int:
+        """Run `body(positionals, options, overrides)` under the error policy; `-h`/`--help` prints the help. (`grade_trl.run`
+        has a main of its own: its options are the recipe's keys, and its help depends on the recipe's method.)"""
         argv = list(sys.argv[1:] if argv is None else argv)
         if any(a in ("-h", "--help") for a in argv):
-            try:
-                print(help_text(argv) if help_text else self.help())
-                return 0
-            except UserError as error:
-                print(f"error: {error}", file=sys.stderr)
-                return 2
+            return run_safely(lambda: print(self.help()) or 0)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         return run_safely(lambda: body(*self.parse(argv)))
 

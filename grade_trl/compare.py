@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from .cli import Command, Option, exit_process
+from .cli import Command, Option, check_writable_folder, exit_process
 from .comparison import RUN_INFO, build_comparison, from_fewer_runs
 from .errors import UserError, signals_raise
 from .recipe import build_recipe, load_recipe_file, recipe_list_keys
@@ -70,7 +70,7 @@ def run_recipe(path: str, overrides: dict, seed: int, run_dir: str | None = None
     if run_dir is not None:
         values["output_dir"] = run_dir
     try:
-        return build_recipe(values)
+        return build_recipe(values, bare_keys=getattr(overrides, "bare", ()))
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
 
@@ -119,6 +119,17 @@ def same_settings(previous: dict | None, expected: dict) -> bool:
         return json.loads(json.dumps({k: v for k, v in (raw or {}).items() if k not in ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")}, default=str))
 
     return normal(previous) == normal(expected)
+
+
+def launcher_of(command: str | None) -> str | None:
+    """What a run's command (compare_run.json's) launched `grade_trl.run` with: the words before `-m grade_trl.run`, a
+    plain interpreter as `python` (another virtual environment's is the same launcher); None without a command."""
+    if not command:
+        return None
+    words = shlex.split(command)
+    start = next((i for i in range(len(words) - 1) if words[i : i + 2] == ["-m", "grade_trl.run"]), len(words))
+    prefix = words[:start]
+    return "python" if len(prefix) == 1 and os.path.basename(prefix[0]).startswith("python") else shlex.join(prefix)
 
 
 def run_command(launcher: str | None, recipe: str, seed: int, run_dir: str, overrides: dict) -> list[str]:
@@ -193,6 +204,7 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
     _STOPPING.clear()  # a comparison stopped earlier in this process (a notebook) does not stop this one
     if not options["output_dir"]:
         raise UserError("--output_dir is required: the folder that receives every run and comparison.json")
+    check_writable_folder("--output_dir", options["output_dir"])
     for key in ("seed", "output_dir"):
         if key in overrides:
             raise UserError(f"--{key} is set by compare for every run; use --seed_list / --output_dir of compare instead")
@@ -233,11 +245,17 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         previous = read_results(run_dir)
         if previous is not None and previous.get("status") == "completed" and not options["force"]:
             expected = run_recipe(record["recipe"], overrides, record["seed"], str(run_dir)).raw
-            if same_settings((previous.get("config") or {}).get("recipe"), expected):
+            earlier_launcher = launcher_of((read_json(run_dir / RUN_INFO) or {}).get("command"))
+            launcher = launcher_of(shlex.join(run_command(options["launcher"], record["recipe"], record["seed"], str(run_dir), overrides)))
+            if earlier_launcher not in (None, launcher):  # other processes: another batch per step (and another run)
+                logger.warning("[%d/%d] %s seed %d: the completed run there was launched with %s, not %s; running it again",
+                               index, len(runs), record["name"], record["seed"], earlier_launcher, launcher)
+            elif same_settings((previous.get("config") or {}).get("recipe"), expected):
                 record.update({**(read_json(run_dir / RUN_INFO) or {}), "status": "completed", "skipped": True})  # its info's own status yields
                 logger.info("[%d/%d] %s seed %d: completed earlier, skipped (--force reruns it)", index, len(runs), record["name"], record["seed"])
                 continue
-            logger.warning("[%d/%d] %s seed %d: the completed run there had other settings; running it again", index, len(runs), record["name"], record["seed"])
+            else:
+                logger.warning("[%d/%d] %s seed %d: the completed run there had other settings; running it again", index, len(runs), record["name"], record["seed"])
         pending.append((index, record))
 
     env = dict(os.environ)

@@ -52,7 +52,7 @@ class DoctorSettings:
     kl_target_factor: float = field(default=3.0, metadata={"help": "With a target: KL above factor x target is 'far above' it (the users' PPO: 20-300 against 0.1)."})
     kl_max: float | None = field(default=10.0, metadata={"help": "Without a target: KL ceiling in nats per completion (None = off). 10 nats: the policy's completions are e^10 ~ 22,000x likelier under it than under the reference; TRL's old PPO targeted 6."})
     value_loss_spike_factor: float = field(default=10.0, metadata={"help": "PPO value loss above factor x the median of all earlier logs is a spike (users: 0.5-3 normally, 3,000+ in spikes)."})
-    explained_variance_min: float = field(default=-0.1, metadata={"help": "PPO's val/explained_variance below this for sustain_rows logs is flagged (0 = no better than predicting the mean; a zero-initialised value head starts near 0)."})
+    explained_variance_min: float = field(default=-0.1, metadata={"help": "PPO's value/explained_variance below this for sustain_rows logs is flagged (0 = no better than predicting the mean; a zero-initialised value head starts near 0)."})
     entropy_drop: float = field(default=0.8, metadata={"help": "Entropy collapse: per-token entropy below (1 - entropy_drop) x its starting value (users' PPO: ~11 -> ~0). The tiny length recipes, which should get more certain, drop by ~55%."})
     entropy_floor: float = field(default=0.05, metadata={"help": "Entropy collapse: per-token entropy below this many nats (nearly deterministic), when it started above."})
     clip_fraction_low: float = field(default=0.1, metadata={"help": "Clip fraction below this (median over the run) while the training reward does not rise: updates too small to learn (docs/background.md section 4: healthy 10-40%; users' lr 1e-6 PPO: ~0.01, no learning). All zeros (one on-policy update per batch, ratio 1) is not flagged."})
@@ -163,13 +163,13 @@ def _sustained(points, condition, min_rows: int) -> list[tuple[int, float]]:
 
 def _reward_scale(history: LogColumns, rewards: list[float]) -> float:
     """The batch reward std when logged (the noise a mean change is measured against), else the spread over logs."""
-    stds = [v for _, v in history.series("reward_std")]
+    stds = [v for _, v in history.series(metrics.REWARD_STD)]
     return statistics.fmean(stds) if stds else (statistics.pstdev(rewards) if len(rewards) > 1 else 0.0)
 
 
 def _reward_not_rising(history: LogColumns, settings: DoctorSettings) -> tuple[bool, str] | None:
     """Whether the training reward's last window is not above its first by flat_reward_fraction x batch std; None without data."""
-    rewards = [v for _, v in history.series("reward")]
+    rewards = [v for _, v in history.series(metrics.REWARD)]
     k = settings.trend_rows
     if len(rewards) < 2 * k:
         return None
@@ -232,7 +232,7 @@ def check_kl_high(history, settings):
         advice = "Lower learning_rate, raise init_kl_coef or shorten kl_horizon, or set target_kl to stop a rollout's updates early."
     else:
         cause = "The KL penalty is too weak for this learning rate, so the policy drifts far from the reference, where the learned reward is least reliable and reward hacking grows (Gao et al. 2023)."
-        advice = "Raise the KL coefficient (beta / init_kl_coef) or lower learning_rate, compare the gold judge's reward and the samples, keep the best validation checkpoint; raise kl_max if this drift is intended."
+        advice = "Raise the KL coefficient (kl_coef for GRADE, beta for REINFORCE and GRPO, init_kl_coef for PPO) or lower learning_rate, compare the gold judge's reward and the samples, keep the best validation checkpoint; raise kl_max if this drift is intended."
     return [Finding(
         "kl_high", "warning", [s for s, _ in high],
         f"{key} above {what} = {_g(ceiling)} {unit} in {len(high)} of {len(points)} logs: {_points(high)}; peak {_g(peak[1])} (step {peak[0]})",
@@ -404,7 +404,7 @@ def check_reward_hacking(history, settings):
 
 
 def check_loss_rising(history, settings):
-    losses, k = history.series("loss"), settings.trend_rows
+    losses, k = history.series(metrics.LOSS), settings.trend_rows
     flat = _reward_not_rising(history, settings)
     if len(losses) < 2 * k or flat is None:
         return None

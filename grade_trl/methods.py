@@ -2,9 +2,9 @@
 
 An entry names the method's config dataclass and trainer class (imported on first use, so
 listing the methods does not import TRL), the config values its name implies, and what the
-rest of the package needs to know about it. Everything that depends on the method (recipe
-validation, `--help`, building the trainer, the probe, the doctor, the analysis, the
-benchmark) reads this table and the trainer's public hooks:
+rest of the package needs to know about it. What depends on the method (recipe validation,
+`--help`, building the trainer, the probe, the analysis) reads this table and the trainer's public
+hooks; the doctor reads only the logs and the recipe's settings:
 
   config:  `new_token_limits` (max, min), `completions_per_prompt`, `completions_per_step(processes)`
   trainer: `estimate_loss(rows)`, `probed_parameters()`, `training_state()` / `load_training_state()` (the probe

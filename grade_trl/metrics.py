@@ -48,14 +48,12 @@ REWARD = "reward"
 REWARD_STD = "reward_std"
 LOSS = "loss"
 GRAD_NORM_MEAN = "grad_norm_mean"
-MEAN_LENGTH = "completions/mean_length"
 CLIP_FRACTION_KEYS = ("policy/clipfrac", "clip_ratio/region_mean")  # PPO's, TRL GRPO's
 VALUE_LOSS = "loss/value"
 EXPLAINED_VARIANCE = "value/explained_variance"
 PROBE_PREFIX = "probe"
 
 ALL = "every method"
-OURS = "grade*, reinforce, ppo"
 TRL_GRPO = "grpo, cispo (TRL)"
 
 METRICS: tuple[Metric, ...] = (
@@ -121,8 +119,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("train_steps_per_second", "1/s", "optimizer steps per second (Trainer, last row)", ALL),
     Metric("total_flos", "flop", "Trainer's floating-point-operation estimate (last row)", ALL),
     # ---- the evaluation protocol: validation rows (step 0, every eval_steps, the end)
-    Metric("eval_reward", "reward", "the task's weighted reward of one sampled completion per validation prompt, mean over prompts (the runner's evaluation; a trainer's own `Trainer.evaluate()` logs its training `reward` on the eval set instead, which for GRADE is the relaxed rollout's score_soft)", "evaluation"),
+    Metric("eval_reward", "reward", "the task's weighted reward of one sampled completion per validation prompt, mean over prompts (the runner's evaluation; a trainer's own `Trainer.evaluate()` logs the same measure of one sample per eval prompt, GRADE's too)", "evaluation"),
     Metric("eval_reward_std", "reward", "its std over prompts", "evaluation"),
+    Metric("eval_reward_soft", "reward", "GRADE's `Trainer.evaluate()`: its relaxed rollout's weighted score_soft on the eval prompts, the surrogate it trains (its eval_reward is of sampled text)", "grade* (Trainer.evaluate)"),
     Metric("eval_rewards/{name}/mean", "reward", "one reward function's score of the same completions, mean over prompts (tasks with several reward functions)", "evaluation"),
     Metric("eval_gold_reward", "reward", "the independent judge's score of the same completions (IMDB: P(positive); custom: the mean of eval_reward_funcs), mean", "evaluation"),
     Metric("eval_gold_reward_std", "reward", "its std over prompts", "evaluation"),

@@ -165,7 +165,7 @@ def format_table(rows: list[dict]) -> str:
 
 def probe(paths: list[str], options: dict, overrides: dict, argv: list[str]) -> int:
     check_options(paths, options)
-    recipes = [build_recipe({**load_recipe_file(path), **overrides}) for path in paths]  # validate all before any work
+    recipes = [build_recipe({**load_recipe_file(path), **overrides}, bare_keys=getattr(overrides, "bare", ())) for path in paths]  # validate all before any work
     quiet_libraries()
     command = " ".join(["python -m grade_trl.probe", *argv])
     rows, reference_cache = [], {}

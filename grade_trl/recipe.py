@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .cli import is_list_type, coerce, load_yaml, parse_overrides, range_error, unknown_key_hint
+from .cli import check_bare_flags, check_writable_folder, is_list_type, coerce, load_yaml, parse_overrides, range_error, unknown_key_hint
 from .errors import UserError
 from .methods import METHODS, get_method
 from .reporting import missing_reporter
@@ -189,8 +189,9 @@ def load_recipe_file(path: str) -> dict:
     return data
 
 
-def build_recipe(values: dict[str, Any]) -> Recipe:
-    """Validate `values` (file merged with overrides) and build the run arguments and the method's config."""
+def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
+    """Validate `values` (file merged with overrides) and build the run arguments and the method's config.
+    bare_keys: the overrides given as a bare `--flag` (`cli.Overrides.bare`), refused where the key takes a value."""
     raw = dict(values)
     method_name = str(values.get("method", RunArguments.method))
     if method_name not in METHODS:
@@ -217,6 +218,7 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
             raise RecipeError(f"{key}: method {method_name!r} means {key}={value!r}, but the recipe sets {values[key]!r}")
 
     try:
+        check_bare_flags(bare_keys, hints, allowed=("resume_from_checkpoint",), name=lambda key: key)  # true: the last checkpoint
         run_kwargs = {k: coerce(k, v, hints[k]) for k, v in values.items() if k in run_fields}
         # A key both sides know (max_prompt_length) feeds both, so the data and the trainer agree.
         config_kwargs = {**method.implied, **{k: coerce(k, v, hints[k]) for k, v in values.items() if k in config_fields}}
@@ -224,18 +226,6 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
         raise RecipeError(str(error)) from None
     if "report_to" in config_kwargs and config_kwargs["report_to"] is None:  # null: no tracker (transformers would look one up named None)
         config_kwargs["report_to"] = "none"
-    if "min_new_tokens" in (config_kwargs.get("generation_kwargs") or {}):
-        logger.warning(
-            "generation_kwargs.min_new_tokens: TRL samples with the EOS ban but scores log-probs without it, so a policy "
-            "that wants to stop early gets huge KL and importance ratios (the users' negative/exploding KL); "
-            "use eval_min_new_tokens to equalise evaluation lengths instead"
-        )
-    if (config_kwargs.get("loss_type") == "cispo") and "epsilon_high" not in values:
-        logger.warning(
-            "loss_type cispo without epsilon_high: TRL then clamps the importance ratio at epsilon (%s), which clips "
-            "every on-policy ratio; set epsilon_high explicitly (TRL's CISPO clamps the ratio at epsilon_high itself, "
-            "recommended 5.0)", config_kwargs.get("epsilon", 0.2)
-        )
     if "use_cpu" not in config_kwargs and not has_accelerator():
         # Accelerate only joins processes started by `accelerate launch`/torchrun into one CPU (gloo) group when
         # told it is on the CPU; without this, each of N CPU processes would train alone on the whole data.
@@ -283,6 +273,11 @@ def build_recipe(values: dict[str, Any]) -> Recipe:
         raise RecipeError(problem)
     if run.reward_model_path is None:
         run.reward_model_path = os.path.join(config.output_dir, "reward_model")
+    if run.task == "imdb_sentiment":
+        from .rewards.sentiment import has_trained_head
+
+        if not has_trained_head(run.reward_model_path):  # the run trains the head there: minutes before it saves it
+            check_writable_folder("reward_model_path", run.reward_model_path)
     from .resume import resolve_checkpoint
 
     try:
@@ -511,8 +506,9 @@ def parse_recipe(argv: list[str]) -> Recipe:
     if not argv or argv[0].startswith("--"):
         raise RecipeError("usage: python -m grade_trl.run RECIPE.yaml [--key value ...]")
     values = load_recipe_file(argv[0])
-    values.update(parse_overrides(argv[1:], list_keys=_list_keys(values, argv[1:])))
-    return build_recipe(values)
+    overrides = parse_overrides(argv[1:], list_keys=_list_keys(values, argv[1:]))
+    values.update(overrides)
+    return build_recipe(values, bare_keys=overrides.bare)
 
 
 def _list_keys(values: dict, overrides: list[str]) -> list[str]:

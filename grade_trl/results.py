@@ -1,4 +1,4 @@
-"""results.json: the schema of one run's results, its atomic writer and its one reader.
+"""results.json: the schema of one run's results, its atomic writer and its readers.
 
     {
       "status":  "completed" | "interrupted" | "failed",
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .metrics import EVAL_PREFIX, KL
+from .metrics import EVAL_PREFIX, KL, LOSS, REWARD
 
 RESULTS_FILE = "results.json"
 STATUSES = ("completed", "interrupted", "failed")
@@ -171,7 +171,7 @@ def evaluation_rows(history: list[dict], key: str) -> list[dict]:
 
 def training_rows(history: list[dict]) -> list[dict]:
     """The training logs (rows with the training `reward` or `loss`, not evaluation, probe or test rows), in step order."""
-    rows = [row for row in history if ("reward" in row or "loss" in row) and not is_evaluation_row(row)]
+    rows = [row for row in history if (REWARD in row or LOSS in row) and not is_evaluation_row(row)]
     return sorted(rows, key=lambda row: row["step"])
 
 

@@ -84,7 +84,7 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
         tokenizer, task = build_task(recipe)
         final["task"] = task.info
         callbacks = build_callbacks(recipe, task, resume_from, graceful_stop)
-        eval_callback, doctor = callbacks["evaluation"], callbacks["doctor"]
+        eval_callback = callbacks["evaluation"]
         trainer = build_trainer(recipe, task, tokenizer, [c for c in callbacks.values() if c is not None])
         train_end = TrainEndHeld(trainer)  # the trackers' run stays open for the final test: one run, one tracker run
         if torch.cuda.is_available():
@@ -103,8 +103,7 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
             if is_complete(checkpoint):  # none where the signal came after the last step's agreement
                 final["checkpoint"] = checkpoint
             raise Interrupted(graceful_stop.signum, f"at step {trainer.state.global_step}")
-        final["steps"] = trainer.state.global_step
-        final["train_minutes"] = (time.time() - start) / 60
+        final |= progress(trainer, callbacks, start)
         final["peak_memory_mb"] = peak_memory()
 
         trainer.save_model(os.path.join(config.output_dir, "model"))
@@ -135,8 +134,6 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
             "best_validation_step": eval_callback.best_step,
             "test": test,
             "kl": last_training_value(trainer.state.log_history, metrics.KL),
-            "doctor": [dataclasses.asdict(f) for f in doctor.findings] if doctor else None,
-            "nonfinite_skipped_steps": callbacks["nonfinite_guard"].skipped_steps,
             "samples": [
                 {
                     "prompt": b["prompt"],
@@ -163,13 +160,7 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
             with contextlib.suppress(Exception):  # close the tracker runs that training ended; the run's own error wins
                 train_end.release()
         if trainer is not None:  # what is known of the run so far, where the completed run's block did not get to it
-            final.setdefault("steps", trainer.state.global_step)
-            if start is not None:
-                final.setdefault("train_minutes", (time.time() - start) / 60)
-            if callbacks.get("nonfinite_guard") is not None:
-                final.setdefault("nonfinite_skipped_steps", callbacks["nonfinite_guard"].skipped_steps)
-            if callbacks.get("doctor") is not None:
-                final.setdefault("doctor", [dataclasses.asdict(f) for f in callbacks["doctor"].findings])
+            final = {**progress(trainer, callbacks, start), **final}
         if is_main:
             history = trainer.state.log_history if trainer is not None else []
             write_json_atomic(results_path, payload("interrupted" if interrupted else "failed", config_record(recipe), history, final, f"{type(error).__name__}: {error}"))
@@ -183,6 +174,19 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
     finish_reporters(config)
     trainer.accelerator.wait_for_everyone()
     return 0
+
+
+def progress(trainer, callbacks: dict, start: float | None) -> dict:
+    """How far the run got, for results.json's `final` whichever way it ends: steps, training minutes (from `start`,
+    when training started), the non-finite guard's skipped steps and the doctor's findings."""
+    done = {"steps": trainer.state.global_step}
+    if start is not None:
+        done["train_minutes"] = (time.time() - start) / 60
+    if callbacks.get("nonfinite_guard") is not None:
+        done["nonfinite_skipped_steps"] = callbacks["nonfinite_guard"].skipped_steps
+    doctor = callbacks.get("doctor")
+    done["doctor"] = [dataclasses.asdict(f) for f in doctor.findings] if doctor is not None else None  # None: the doctor was off
+    return done
 
 
 def clear_earlier_run(output_dir: str, checkpoints: list[str]) -> None:

@@ -41,14 +41,15 @@ class Task:
 
 def imdb_prompt_splits(run, tokenizer, seed: int) -> tuple[dict, dict]:
     """Disjoint IMDB splits and the `prompt` datasets of the policy, validation and test splits."""
-    splits = make_imdb_splits(
-        run.dataset_name,
-        seed=seed,
-        reward_size=run.reward_split_size,
-        policy_size=run.policy_split_size,
-        validation_size=run.validation_split_size,
-        test_size=run.test_split_size,
-    )
+    with loading("dataset_name", run.dataset_name):
+        splits = make_imdb_splits(
+            run.dataset_name,
+            seed=seed,
+            reward_size=run.reward_split_size,
+            policy_size=run.policy_split_size,
+            validation_size=run.validation_split_size,
+            test_size=run.test_split_size,
+        )
     prompts = {name: prompt_dataset(splits[name], tokenizer, run.prompt_max_chars, run.max_prompt_length) for name in ("policy", "validation", "test")}
     return splits, prompts
 
@@ -101,13 +102,14 @@ def build_gold_judge(spec: str, dataset_name: str, seed: int, max_test_reviews: 
 
     if spec == "none":
         return None
-    test = load_imdb(dataset_name, "test").shuffle(seed=seed)
+    with loading("dataset_name", dataset_name):
+        test = load_imdb(dataset_name, "test").shuffle(seed=seed)
+        train = load_imdb(dataset_name, "train") if spec == "tfidf" else None
     test = test.select(range(min(max_test_reviews, len(test))))
     if spec == "tfidf":
-        train = load_imdb(dataset_name, "train")
         judge = TfidfJudge.fit([clean_review(t) for t in train["text"]], train["label"])
     else:
-        with loading("gold_judge", spec):  # named here: the task is built under dataset_name's
+        with loading("gold_judge", spec):
             judge = ClassifierJudge(spec)
     judge.test_accuracy = judge.accuracy([clean_review(t) for t in test["text"]], test["label"])
     logger.info("gold judge %s: accuracy %.3f on %d IMDB test reviews", spec, judge.test_accuracy, len(test))
@@ -165,7 +167,11 @@ def load_or_train_sentiment_model(run, tokenizer, splits, seed: int, force: bool
         )
         metadata = {**metrics, "backbone_path": resolve_model_path(backbone), "backbone_fingerprint": fingerprint(backbone), "dataset": run.dataset_name, "seed": seed}
         if PartialState().is_main_process:
-            model.save(path, metadata)
+            try:
+                model.save(path, metadata)
+            except OSError as error:  # checked before anything was loaded (recipe.check_writable_folder); the disk may still fill
+                raise UserError(f"reward_model_path: cannot save the trained head into {path!r} ({error.strerror or error}); "
+                                "give a folder you can write to") from None
         model.metadata = {"backbone": backbone, **metadata}
         logger.info("trained sentiment reward head: held-out accuracy %.3f on %d validation reviews", metrics["heldout_accuracy"], metrics["heldout_size"])
         return model, model.metadata
@@ -186,7 +192,8 @@ def build_gsm8k(run, tokenizer, seed: int, settings: GenerationSettings, weights
     `test_num_problems` (or all). The train dataset keeps `answer` (the gold number), which reaches the
     rewards as a keyword, as in TRL. Test problems are fixed by file order, so `seed` does not change them.
     """
-    splits, info = make_gsm8k_splits(run.dataset_name, tokenizer, run.max_prompt_length, run.eval_num_problems, run.test_num_problems)
+    with loading("dataset_name", run.dataset_name):
+        splits, info = make_gsm8k_splits(run.dataset_name, tokenizer, run.max_prompt_length, run.eval_num_problems, run.test_num_problems)
     reward_funcs = [GSM8KCorrectness(), GSM8KFormat()]
     problems = {"validation": splits["validation"], "test": splits["test"]}
     return Task(
@@ -207,7 +214,8 @@ def build_custom(run, tokenizer, seed: int, settings: GenerationSettings, weight
     """
     specs = reward_specs("reward_funcs", run.reward_funcs, "reward_kwargs", run.reward_kwargs)
     eval_specs = reward_specs("eval_reward_funcs", run.eval_reward_funcs, "eval_reward_kwargs", run.eval_reward_kwargs)
-    splits, dropped = make_custom_splits(run), {}
+    with loading("dataset_name", run.dataset_name):
+        splits, dropped = make_custom_splits(run), {}
     for name, rows in splits.items():
         check_custom_columns(run, name, rows, {"reward_funcs": specs, "eval_reward_funcs": eval_specs})
         splits[name], dropped[name] = custom_prompt_dataset(rows, run.prompt_column, tokenizer, run.model_name_or_path, run.max_prompt_length, name)

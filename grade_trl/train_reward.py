@@ -30,7 +30,7 @@ def train_reward(paths: list[str], options: dict, overrides: dict) -> int:
     from .models import has_tokenizer_files, load_tokenizer
     from .tasks import load_or_train_sentiment_model
 
-    recipe = build_recipe({**load_recipe_file(paths[0]), **overrides})
+    recipe = build_recipe({**load_recipe_file(paths[0]), **overrides}, bare_keys=getattr(overrides, "bare", ()))
     run = recipe.run
     if run.task != "imdb_sentiment":
         raise UserError(f"task: {run.task!r} has no sentiment reward head to train; train_reward trains the head of task imdb_sentiment (the IMDB recipes)")

@@ -346,3 +346,50 @@ def test_a_reward_head_is_reused_across_clones_and_refused_for_another_backbone(
     with pytest.raises(UserError) as info:
         load_or_train_sentiment_model(run, tokenizer, splits=None, seed=0)
     assert str(info.value).startswith("reward_model_path: ") and "openai-community/gpt2" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_unwritable_reward_model_path_is_one_line_before_the_head_is_trained(tmp_path, monkeypatch):
+    """The head is trained (minutes at full size) before it is saved: a folder it cannot be saved into is refused with
+    the recipe, naming reward_model_path; it was blamed on dataset_name after the training. A save that fails anyway
+    (a full disk) names reward_model_path too."""
+    from grade_trl.rewards.sentiment import SentimentRewardModel
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = tmp_path / "run"
+    code, errors = _main_quietly([QUICKSTART, "--output_dir", str(out), "--reward_model_path", str(blocker / "head"), "--max_steps", "1"])
+    assert code == 2 and errors == [f"error: reward_model_path: cannot write into {str(blocker / 'head')!r} ({str(blocker)!r} is a file); "
+                                    "give a folder you can write to"], errors
+    assert not out.exists()
+
+    def disk_full(self, path, metadata=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SentimentRewardModel, "save", disk_full)
+    code, errors = _main_quietly([QUICKSTART, "--output_dir", str(out), "--reward_model_path", str(tmp_path / "head"), "--max_steps", "1",
+                                  "--reward_split_size", "40", "--reward_epochs", "1"])
+    assert code == 2 and errors == [f"error: reward_model_path: cannot save the trained head into {str(tmp_path / 'head')!r} (No space left on device); "
+                                    "give a folder you can write to"], errors
+
+
+def test_only_the_models_load_is_blamed_on_model_name_or_path(tmp_path):
+    """build_trainer wrapped the whole trainer construction in `loading('model_name_or_path')`, so a trainer's own
+    refusal (here a reward that is not callable) read 'model_name_or_path: cannot load 'embedded': reward_funcs[0]: ...'."""
+    import dataclasses
+
+    from grade_trl.build import build_task, build_trainer
+    from grade_trl.recipe import parse_recipe
+
+    recipe = parse_recipe([str(REPO / "recipes" / "tiny" / "length_reinforce.yaml"), "--output_dir", str(tmp_path / "run")])
+    tokenizer, task = build_task(recipe, gold_judge=False)
+    with pytest.raises(ValueError) as info:
+        build_trainer(recipe, dataclasses.replace(task, reward_funcs=[42]), tokenizer)
+    assert str(info.value).startswith("reward_funcs[0]: int 42 is not callable"), info.value
+
+
+def test_a_gsm8k_prompt_length_that_fits_no_problem_names_max_prompt_length(tmp_path):
+    out = tmp_path / "run"
+    code, errors = _main_quietly([str(REPO / "recipes" / "tiny" / "gsm8k_reinforce.yaml"), "--output_dir", str(out), "--max_prompt_length", "8"])
+    assert code == 2 and errors == ["error: max_prompt_length: 8 tokens fit no GSM8K train prompt (GSM8K questions need about 256 tokens with a "
+                                    "chat template); raise it"], errors
+    assert not out.exists()

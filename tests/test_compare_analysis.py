@@ -170,14 +170,19 @@ def test_options_are_parsed_and_unknown_keys_forwarded_with_their_values():
         ([RECIPES[0], "--output_dir", "{tmp}", "--thresholds", "[-1]"], "--thresholds: expected fractions in (0, 1]"),
         ([RECIPES[0], "--output_dir", "{tmp}", "--thresholds", "[]"], "--thresholds: expected fractions in (0, 1]"),
         ([RECIPES[0], str(REPO / "recipes" / "imdb_reinforce.yaml"), "--output_dir", "{tmp}"], "two recipes would write to the same folder"),
+        # a value forgotten: the string "True" before (a folder ./True, a recipe key set to "True")
+        ([RECIPES[0], "--output_dir"], "--output_dir: given without a value; write --output_dir VALUE (str)"),
+        ([RECIPES[0], "--output_dir", "{tmp}", "--max_steps"], "imdb_reinforce.yaml: max_steps: given without a value; write --max_steps VALUE (int)"),
+        ([RECIPES[0], "--output_dir", "{tmp}/results.json/sub"], "--output_dir: cannot write into"),  # the file made below
     ],
 )
 def test_compare_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     never_runs = ["--launcher", f"{sys.executable} -c 'import sys; sys.exit(5)'"]  # should validation let one through, it fails fast
+    (tmp_path / "results.json").write_text("")  # a file where a folder is asked for (was a NotADirectoryError traceback, runs started)
     assert compare.main([a.replace("{tmp}", str(tmp_path)) for a in argv] + never_runs) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
-    assert not (tmp_path / "comparison.json").exists()
+    assert not (tmp_path / "comparison.json").exists() and [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
 def test_a_launcher_that_is_no_program_is_one_line_and_exit_2(tmp_path, capsys):
@@ -299,10 +304,23 @@ def test_resume_reruns_a_completed_run_whose_settings_changed(real_comparison, t
     (tmp_path / "reinforce" / "seed42" / "compare_run.json").write_text(json.dumps({"command": info["command"], "status": "running"}))
     fails = ["--launcher", f"{sys.executable} -c 'import sys; sys.exit(3)'"]  # any run actually started fails at once
     same = [RECIPES[0], "--seed_list", "42", "--output_dir", str(tmp_path), *argv[argv.index("--max_steps"):]]
-    assert compare.main(same + fails) == 0  # same settings: skipped
+    assert compare.main(same) == 0  # same settings, same launcher: skipped
+    assert json.loads((tmp_path / "comparison.json").read_text())["runs"][0]["skipped"] is True
+    # another launcher (another number of processes would train another batch per step): run again, here failing at once;
+    # the completed run was reused before, whatever the launcher
+    assert compare.main(same + fails) == 1
     assert compare.main(same + fails + ["--learning_rate", "5e-5"]) == 1  # other settings: run again (and here it fails)
     run = json.loads((tmp_path / "comparison.json").read_text())["runs"][0]
     assert run["status"] == "failed" and run["returncode"] == 3 and "--learning_rate 5e-5" in run["command"]
+
+
+def test_the_launcher_of_a_runs_command():
+    plain = "/envs/a/bin/python3 -m grade_trl.run r.yaml --seed 42 --output_dir x"
+    accelerate = "accelerate launch --num_processes 2 --config_file c.yaml -m grade_trl.run r.yaml --seed 42 --output_dir x"
+    assert compare.launcher_of(plain) == "python" == compare.launcher_of("python -m grade_trl.run r.yaml")
+    assert compare.launcher_of(accelerate) == "accelerate launch --num_processes 2 --config_file c.yaml"
+    assert compare.launcher_of("python -m accelerate.commands.launch --num_processes 2 -m grade_trl.run r.yaml") == "python -m accelerate.commands.launch --num_processes 2"
+    assert compare.launcher_of(None) is None
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from grade_trl.data.gsm8k import (
     make_gsm8k_splits,
     prompt_dataset,
 )
+from grade_trl.errors import UserError
 from grade_trl.evaluation import GenerationSettings
 from grade_trl.evaluation_gsm8k import GSM8KEvaluator, majority_answer
 from grade_trl.methods import METHODS
@@ -183,7 +184,7 @@ def test_embedded_sample_splits_and_long_prompts_are_dropped(tokenizer):
     assert splits["test"]["answer"][0] == gold_answer(raw_test[0]["answer"]) == "18"
     assert all(len(tokenizer(p)["input_ids"]) <= 128 for p in splits["train"]["prompt"])
     assert 0 < info["dropped_long_prompts"]["train"] < 50  # ~2% of questions are longer than 128 tokens
-    with pytest.raises(ValueError, match="max_prompt_length 8 fits no prompt"):
+    with pytest.raises(UserError, match="max_prompt_length: 8 tokens fit no GSM8K train prompt"):
         make_gsm8k_splits("embedded", tokenizer, max_prompt_length=8, eval_num_problems=10, test_num_problems=None)
 
 

@@ -81,3 +81,14 @@ def test_metric_lookup_matches_patterns_and_test_rows():
     assert metrics.lookup("test_best_ckpt_gold_reward").key == "test_best_ckpt_{name}"
     assert metrics.lookup("test_distinct_2").key == "test_{name}"
     assert metrics.unknown_keys(["test_nonsense", "val_reward", "val/error", "objective/kl", "step"]) == ["objective/kl", "test_nonsense", "val/error", "val_reward"]
+
+
+def test_the_keys_the_doctor_and_analysis_read_are_in_the_table():
+    """The readers ask for keys by these names (metrics' constants, the doctor's validation keys): a misspelt one would
+    silently make a check 'not applicable' instead of failing."""
+    from grade_trl import diagnostics
+
+    named = [metrics.KL, metrics.KL_PER_TOKEN, metrics.ENTROPY, metrics.REWARD, metrics.REWARD_STD, metrics.LOSS, metrics.GRAD_NORM_MEAN,
+             *metrics.CLIP_FRACTION_KEYS, metrics.VALUE_LOSS, metrics.EXPLAINED_VARIANCE, *diagnostics.VALIDATION_KEYS]
+    assert metrics.unknown_keys(named) == []
+    assert metrics.unknown_keys(["rewrad", "eval_acuracy"]) == ["eval_acuracy", "rewrad"]

@@ -263,18 +263,28 @@ def test_cli_unloadable_model_and_data_exit_2_with_one_line(tmp_path):
 
 
 def test_cispo_without_epsilon_high_warns(caplog):
-    with caplog.at_level("WARNING", logger="grade_trl.recipe"):
+    with caplog.at_level("WARNING", logger="grade_trl.trainers.grpo"):
         recipe = build_recipe({"method": "cispo", "output_dir": "x", "bf16": False})
     assert recipe.config.loss_type == "cispo"
     assert "set epsilon_high explicitly" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="grade_trl.recipe"):
+    with caplog.at_level("WARNING", logger="grade_trl.trainers.grpo"):
         build_recipe({"method": "cispo", "output_dir": "x", "bf16": False, "epsilon_high": 5.0})
     assert "epsilon_high" not in caplog.text
 
 
+def test_grade_trls_grpo_config_warns_a_library_user_too(caplog, tmp_path):
+    """The two TRL settings the recipe warned about are the config's own warnings, so `GRPOConfig` used in a TRL project
+    warns as a recipe does."""
+    from grade_trl import GRPOConfig
+
+    with caplog.at_level("WARNING", logger="grade_trl.trainers.grpo"):
+        GRPOConfig(output_dir=str(tmp_path), loss_type="cispo", generation_kwargs={"min_new_tokens": 4}, use_cpu=True, bf16=False)
+    assert "set epsilon_high explicitly" in caplog.text and "scores log-probs without it" in caplog.text
+
+
 def test_min_new_tokens_through_trl_generation_kwargs_warns(caplog):
-    with caplog.at_level("WARNING", logger="grade_trl.recipe"):
+    with caplog.at_level("WARNING", logger="grade_trl.trainers.grpo"):
         build_recipe({"method": "grpo", "output_dir": "x", "bf16": False, "generation_kwargs": {"min_new_tokens": 8}})
     assert "scores log-probs without it" in caplog.text
     recipe = build_recipe({"method": "grpo", "output_dir": "x", "bf16": False, "eval_min_new_tokens": 8})
@@ -304,3 +314,17 @@ def test_min_new_tokens_defaults_to_at_most_max_new_tokens(method):
     assert build_recipe({"method": method, "output_dir": "x"}).config.min_new_tokens == 16
     with pytest.raises(UserError, match="min_new_tokens"):
         build_recipe({"method": method, "output_dir": "x", "max_new_tokens": 12, "min_new_tokens": 13})
+
+
+def test_a_key_given_without_its_value_is_refused_and_a_flag_is_true(tmp_path):
+    """`--output_dir` with its value forgotten was the string "True" (a folder ./True); true/false keys, and
+    resume_from_checkpoint (true: the last checkpoint), still take a bare flag."""
+    recipe = str(REPO / "recipes" / "tiny" / "length_reinforce.yaml")
+    for key, kind in (("output_dir", "str | None"), ("learning_rate", "float"), ("max_new_tokens", "int")):
+        with pytest.raises(RecipeError) as info:
+            parse_recipe([recipe, f"--{key}"])
+        assert str(info.value) == f"{key}: given without a value; write --{key} VALUE ({kind}): only true/false options may be given bare"
+    parsed = parse_recipe([recipe, "--output_dir", str(tmp_path / "run"), "--use_peft", "--overwrite_output_dir"])
+    assert parsed.run.use_peft is True and parsed.run.overwrite_output_dir is True
+    with pytest.raises(RecipeError, match="resume_from_checkpoint: no complete checkpoint-N folder"):  # read as true: the last checkpoint
+        parse_recipe([recipe, "--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint"])

@@ -390,3 +390,29 @@ def test_chat_message_prompts_go_through_the_chat_template_as_in_trl(tmp_path, m
     plain = REINFORCETrainer(model="embedded", reward_funcs=words, args=_library_args(REINFORCEConfig, tmp_path), processing_class=load_tokenizer("embedded"))
     with pytest.raises(ValueError, match="prompt: the prompts are chat messages, but the tokenizer has no chat template"):
         plain.tokenize_prompts([{"prompt": messages[0]}])
+
+
+def test_grade_evaluate_logs_the_reward_of_sampled_text_and_the_relaxed_one_apart(tmp_path, tokenizer):
+    """GRADE's Trainer.evaluate() logged its relaxed rollout's score_soft as eval_reward, a surrogate no other method's
+    eval_reward measures. Now eval_reward is the text reward of completions sampled from the policy (each scored once:
+    here the word count, whose mean equals the mean of the texts' own counts) and the surrogate is eval_reward_soft."""
+    texts = []
+
+    class TextAndSoft:
+        differentiable = True
+
+        def __call__(self, prompts, completions, log_metric, **kwargs):
+            texts.extend(completions)
+            log_metric("scored", len(completions))
+            return [float(len(c.split())) for c in completions]
+
+        def score_soft(self, soft_tokens, attention_mask):
+            return 0.25 + 0.0 * soft_tokens.probability(0).sum(-1)  # a constant with a gradient path
+
+    dataset = Dataset.from_dict({"prompt": ["This movie was", "The acting"] * 2})
+    trainer = GumbelGRADETrainer(model="embedded", reward_funcs=TextAndSoft(), args=_library_args(GumbelGRADEConfig, tmp_path, estimator="soft",
+                                 per_device_eval_batch_size=2), eval_dataset=dataset, processing_class=tokenizer)
+    logs = trainer.evaluate()
+    assert logs["eval_reward_soft"] == pytest.approx(0.25)
+    assert len(texts) == 4 and logs["eval_reward"] == pytest.approx(sum(len(t.split()) for t in texts) / 4, rel=1e-6)
+    assert logs["eval_scored"] == 2.0 and "eval_kl" in logs

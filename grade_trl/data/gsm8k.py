@@ -17,6 +17,7 @@ import logging
 
 from datasets import Dataset
 
+from ..errors import UserError
 from ..models import ASSETS_DIR
 from ..rewards.gsm8k import gold_answer
 from .files import load_split
@@ -95,7 +96,8 @@ def make_gsm8k_splits(source: str, tokenizer, max_prompt_length: int | None, eva
     }
     for name, split in splits.items():
         if len(split) == 0:
-            raise ValueError(f"GSM8K {name} split is empty: max_prompt_length {max_prompt_length} fits no prompt (GSM8K questions need about 256 tokens with a chat template)")
+            raise UserError(f"max_prompt_length: {max_prompt_length} tokens fit no GSM8K {name} prompt (GSM8K questions need about 256 tokens "
+                            "with a chat template); raise it")
     if train_dropped or test_dropped:
         logger.warning("GSM8K: dropped %d train and %d test problems whose prompt exceeds max_prompt_length %s tokens", train_dropped, test_dropped, max_prompt_length)
     for key, asked in (("eval_num_problems", eval_num_problems), ("test_num_problems", test_num_problems)):

@@ -102,6 +102,12 @@ class TiedWeightsLoadMixin:
         return super()._issue_warnings_after_load(load_result)
 
 
+def load_policy(model: str, args):
+    """The policy a trainer loads from a hub id, a local path or `"embedded"`: `args.model_init_kwargs` passed to
+    `from_pretrained` (as TRL does), in float32 unless they name another dtype."""
+    return load_causal_lm(model, **{"dtype": torch.float32, **(args.model_init_kwargs or {})})
+
+
 class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
     """Base of the GRADE, REINFORCE and PPO trainers.
 
@@ -124,9 +130,7 @@ class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
         for key, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]:
             check_prompt_column("eval_dataset" if key is None else f"eval_dataset[{key!r}]", dataset)
         if isinstance(model, str):
-            init_kwargs = dict(args.model_init_kwargs or {})
-            init_kwargs.setdefault("dtype", torch.float32)
-            model = load_causal_lm(model, **init_kwargs)
+            model = load_policy(model, args)
         processing_class = prepare_tokenizer(processing_class or load_tokenizer(model.config._name_or_path))
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         check_reward_types(self.reward_funcs)
@@ -206,7 +210,8 @@ class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
 
     def training_state(self) -> dict:
         """Everything besides parameters and optimizer that a loss call may change (metric windows, baselines,
-        controllers), by attribute name. The probe restores it after drawing estimates."""
+        controllers), by attribute name. The probe restores it after drawing estimates; ResumeCallback saves and restores
+        it with each checkpoint."""
         return {"_metrics": self._metrics, **super().training_state()}
 
     def load_training_state(self, state: dict) -> None:

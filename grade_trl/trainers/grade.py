@@ -7,6 +7,8 @@ One optimizer step, top to bottom (`compute_loss`):
   3. reference logits on the same soft inputs; exact KL per position, masked after the first hard EOS;
   4. differentiable reward R(y) from every reward's `score_soft`;
   5. loss = -mean_b (R_b - kl_coef * KL_b)  (`grade_loss`), backpropagated through 4, 3 and 2.
+In `Trainer.evaluate()` the same step also samples one completion per prompt and scores its text, so `eval_reward`
+measures what every other method's does; the relaxed rollout's reward is `eval_reward_soft`.
 
 Legend: B batch, P prompt length, T generated positions, V vocabulary.
 """
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..core import SoftTokens, exact_kl, exact_kl_and_entropy, leave_one_out_baseline, masked_mean, masked_sum, reference_logits, soft_rollout
-from ..rewards.base import RewardFunctionError, check_finite_scores, require_differentiable, reward_name, soft_scores
+from ..core.sampling import SamplingSettings, sample
+from ..rewards.base import RewardFunctionError, check_finite_scores, combine_scores, compute_rewards, require_differentiable, reward_name, soft_scores
 from ..safety import NonFiniteGradientError
 from .base import RolloutTrainer
 from .grade_config import GumbelGRADEConfig
@@ -114,7 +117,9 @@ class GumbelGRADETrainer(RolloutTrainer):
         # 5. the loss
         loss = grade_loss(rewards, kl, args.kl_coef)
 
-        self._log_step_metrics(rollout, rewards, scores, kl, entropy_per_token, tau)
+        self._log_step_metrics(rollout, rewards, scores, kl, entropy_per_token, tau, evaluating=not model.training)
+        if not model.training:  # Trainer.evaluate(): the reward of sampled text, as every other method's evaluation logs it
+            self._log_sampled_text_rewards(model, inputs, enc)
         return loss
 
     def soft_reward_scores(self, rollout, require_gradient: bool = False) -> torch.Tensor:
@@ -150,17 +155,40 @@ class GumbelGRADETrainer(RolloutTrainer):
         return torch.stack(scores, dim=1)
 
     @torch.no_grad()
-    def _log_step_metrics(self, rollout, rewards, scores, kl, entropy_per_token, tau):
+    def _log_step_metrics(self, rollout, rewards, scores, kl, entropy_per_token, tau, evaluating: bool = False):
+        """The step's metrics. evaluating (Trainer.evaluate()): the relaxed rollout's reward is `reward_soft`, and
+        `reward`, `reward_std` and each function's mean come from sampled text (`_log_sampled_text_rewards`)."""
+        reward_metrics = {
+            "reward": self.gathered_mean(rewards),
+            "reward_std": self.gathered_std(rewards),
+            **{f"rewards/{reward_name(f)}/mean": self.gathered_mean(scores[:, i]) for i, f in enumerate(self.reward_funcs)},
+        }
         self.metrics.add(
-            reward=self.gathered_mean(rewards),
-            reward_std=self.gathered_std(rewards),
+            **({"reward_soft": reward_metrics["reward"]} if evaluating else reward_metrics),
             kl=self.gathered_mean(kl),
             kl_per_token=self.gathered_sum(kl) / max(self.gathered_sum(rollout.lengths), 1.0),
             tau=tau,
             entropy=self.gathered_mean(masked_mean(entropy_per_token, rollout.mask)),
             **{"completions/mean_length": self.gathered_mean(rollout.lengths)},
-            **{f"rewards/{reward_name(f)}/mean": self.gathered_mean(scores[:, i]) for i, f in enumerate(self.reward_funcs)},
         )
+
+    @torch.no_grad()
+    def _log_sampled_text_rewards(self, model, inputs, enc) -> None:
+        """`reward`, `reward_std` and each function's mean of one completion per prompt sampled from the policy (from the
+        distribution GRADE's hard tokens are drawn from: the raw logits, EOS banned before min_new_tokens), decoded and
+        scored by each reward's text path: the same measure as every other method's, where the relaxed rollout's
+        score_soft is a surrogate (logged as `reward_soft`)."""
+        tok, args = self.processing_class, self.args
+        settings = SamplingSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
+        with self.accelerator.autocast():
+            batch = sample(model, enc["input_ids"], enc["attention_mask"], settings, tok.eos_token_id, tok.pad_token_id)
+        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, batch.completion_mask)]
+        completions = self.reward_completions(inputs, tok.batch_decode(completion_ids, skip_special_tokens=True))
+        prompts = [example["prompt"] for example in inputs]
+        scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs)).to(self.accelerator.device)
+        rewards = combine_scores(scores, self.reward_weights)  # (B,)
+        self.metrics.add(reward=self.gathered_mean(rewards), reward_std=self.gathered_std(rewards), **self.reward_function_means(scores),
+                         **self.reward_logged_metrics())
 
     # The registry's hook for the bias probe -------------------------------------------------------------------
     def score_function_loss(self, rows: list[dict], samples_per_prompt: int = 4) -> torch.Tensor:

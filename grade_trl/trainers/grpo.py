@@ -5,6 +5,7 @@ the grad-norm window, the metric contract's `kl` (per completion; TRL's own per-
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,8 @@ from .base import TiedWeightsLoadMixin
 from .base_config import DDP_FIND_UNUSED_HELP
 from .metrics import GradNormWindowMixin
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class GRPOConfig(_TRLGRPOConfig):
@@ -28,6 +31,22 @@ class GRPOConfig(_TRLGRPOConfig):
     """
 
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": DDP_FIND_UNUSED_HELP})
+
+    def __post_init__(self):
+        # two settings TRL accepts without a word that undo what the user meant (for recipes and library use alike)
+        if isinstance(self.generation_kwargs, dict) and "min_new_tokens" in self.generation_kwargs:
+            logger.warning(
+                "generation_kwargs.min_new_tokens: TRL samples with the EOS ban but scores log-probs without it, so a policy "
+                "that wants to stop early gets huge KL and importance ratios (the users' negative/exploding KL); "
+                "use eval_min_new_tokens to equalise evaluation lengths instead"
+            )
+        if self.loss_type == "cispo" and self.epsilon_high is None:
+            logger.warning(
+                "loss_type cispo without epsilon_high: TRL then clamps the importance ratio at epsilon (%s), which clips "
+                "every on-policy ratio; set epsilon_high explicitly (TRL's CISPO clamps the ratio at epsilon_high itself, "
+                "recommended 5.0)", self.epsilon
+            )
+        super().__post_init__()
 
     @property
     def new_token_limits(self) -> tuple[int, int]:
