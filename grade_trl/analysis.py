@@ -480,7 +480,7 @@ def table_rows(comparison: dict, latex: bool = False) -> tuple[list[str], list[l
                _est(entry["test_gold"], latex=latex, seeds=seeds), _est(entry["kl"], 2, latex, seeds), _est(entry["best_validation"], latex=latex, seeds=seeds)]
         for f in fractions:
             cell = entry["sample_efficiency"][f]
-            row.append(f"{_num(cell['steps']['mean'], 0)} ({cell['reached']}/{cell['of']})")
+            row.append(f"{_num(cell['steps']['mean'], 1)} ({cell['reached']}/{cell['of']})")  # a mean of 4.5 steps is not 4
         row += [_est(wall_min, 1, latex), _num(entry["peak_memory_mb"]["mean"], 0)]
         rows.append(row)
     return header, rows

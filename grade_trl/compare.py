@@ -11,7 +11,7 @@ methods get the same budget (`--max_steps 50`). Each run is its own process,
 its wall time and peak RSS to `{run_dir}/compare_run.json`. A run whose results.json says "completed" with the
 same settings is not run again unless `--force`; one that did not complete (a killed comparison) but left a complete
 checkpoint (`save_strategy: steps`, or a SIGTERM) resumes from it with `--resume_from_checkpoint` when its command
-is the same (its wall time then counts the resumed part only). A failed run is recorded and the others go on; the
+is the same (its wall time then adds up every launch of it). A failed run is recorded and the others go on; the
 exit code is then 1. What comparison.json holds, sample efficiency included: `grade_trl.comparison`.
 """
 
@@ -208,6 +208,10 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
     for key in ("seed", "output_dir"):
         if key in overrides:
             raise UserError(f"--{key} is set by compare for every run; use --seed_list / --output_dir of compare instead")
+    for key in ("resume_from_checkpoint", "overwrite_output_dir"):
+        if key in overrides:
+            raise UserError(f"--{key} is set by compare for every run: the same command again resumes each unfinished run from its "
+                            "last checkpoint and skips the completed ones; --force runs them all again")
     seeds = options["seed_list"] or [42 + i for i in range(options["seeds"])]
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds / --seed_list: seeds must be distinct and at least one, got {seeds}")
@@ -266,6 +270,8 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // options["jobs"]))
 
     def launch(index: int, record: dict) -> tuple[int, dict, dict]:
+        if _STOPPING.is_set():  # a worker freed by a stopped run: announce and write nothing for a run that will not start
+            raise RuntimeError("the comparison is stopping: run not started")
         command = run_command(options["launcher"], record["recipe"], record["seed"], record["run_dir"], overrides)
         run_dir = Path(record["run_dir"])
         checkpoint = None if options["force"] else resumable_checkpoint(run_dir, shlex.join(command))

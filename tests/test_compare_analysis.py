@@ -96,6 +96,7 @@ def test_a_cell_from_fewer_runs_than_the_method_has_says_how_many(tmp_path):
     assert comparison["methods"]["a"]["kl"]["n"] == 2 and comparison["methods"]["a"]["test"]["n"] == 3
     row = analysis.markdown_table(comparison).splitlines()[2].split(" | ")
     assert row[1] == "3" and row[5].endswith(" (n=2)") and "(n=" not in row[2]
+    assert row[7] == f"{comparison['methods']['a']['sample_efficiency']['0.5']['steps']['mean']:.1f} (3/3)"  # steps to 50%, one decimal
     line = compare.summary_lines(comparison).splitlines()[1]
     assert line.count("(n=2)") == 1
 
@@ -164,6 +165,7 @@ def test_options_are_parsed_and_unknown_keys_forwarded_with_their_values():
     [
         (["missing.yaml", "--output_dir", "{tmp}"], "recipe file not found: missing.yaml"),
         ([RECIPES[0], "--output_dir", "{tmp}", "--seed", "3"], "--seed is set by compare"),
+        ([RECIPES[0], "--output_dir", "{tmp}", "--resume_from_checkpoint", "true"], "--resume_from_checkpoint is set by compare for every run: the same command"),
         ([RECIPES[0], "--output_dir", "{tmp}", "--learnig_rate", "3"], "unknown recipe key 'learnig_rate'"),
         ([RECIPES[0], RECIPES[0], "--output_dir", "{tmp}"], "is given twice"),
         ([RECIPES[0], "--output_dir", "{tmp}", "--thresholds", "[1.5]"], "--thresholds: expected fractions in (0, 1]"),
