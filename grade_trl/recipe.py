@@ -271,13 +271,16 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
     check_custom_task(values, method_name, run, config)
     if problem := missing_reporter(config.report_to):
         raise RecipeError(problem)
-    if run.reward_model_path is None:
-        run.reward_model_path = os.path.join(config.output_dir, "reward_model")
     if run.task == "imdb_sentiment":
         from .rewards.sentiment import has_trained_head
 
-        if not has_trained_head(run.reward_model_path):  # the run trains the head there: minutes before it saves it
-            check_writable_folder("reward_model_path", run.reward_model_path)
+        # the run trains the head where there is none: minutes before it saves it (by default inside output_dir)
+        key = "reward_model_path" if run.reward_model_path is not None else "output_dir"
+        path = run.reward_model_path or os.path.join(config.output_dir, "reward_model")
+        if not has_trained_head(path):
+            check_writable_folder(key, path if key == "reward_model_path" else config.output_dir)
+    if run.reward_model_path is None:
+        run.reward_model_path = os.path.join(config.output_dir, "reward_model")
     from .resume import resolve_checkpoint
 
     try:

@@ -25,7 +25,7 @@ from .rewards.base import MeanReward
 from .rewards.gsm8k import GSM8KCorrectness, GSM8KFormat
 from .rewards.imports import reward_specs
 from .rewards.length import LengthReward
-from .rewards.sentiment import SentimentReward, SentimentRewardModel, has_trained_head, read_head_metadata, train_sentiment_head
+from .rewards.sentiment import META_FILE, SentimentReward, SentimentRewardModel, has_trained_head, read_head_metadata, train_sentiment_head
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,11 @@ def load_or_train_sentiment_model(run, tokenizer, splits, seed: int, force: bool
     path = run.reward_model_path
     with PartialState().main_process_first():  # the main process trains and saves; the others then load
         if has_trained_head(path) and not force:
-            metadata = read_head_metadata(path)
+            try:
+                metadata = read_head_metadata(path)
+            except (OSError, ValueError) as error:  # unreadable, or not JSON (a copy cut short)
+                raise UserError(f"reward_model_path: cannot read the head's {META_FILE} in {path!r} ({str(error).splitlines()[0]}); train it again "
+                                "with `python -m grade_trl.train_reward RECIPE.yaml --force`, or point reward_model_path at a new folder") from None
             # The backbone as the recipe names it (`embedded`, a hub id) identifies it on every machine; the resolved
             # path only on the one that trained it (heads saved before the name was recorded have the path only).
             trained_on, trained_on_path = metadata.get("backbone"), metadata.get("backbone_path")
@@ -133,7 +137,8 @@ def load_or_train_sentiment_model(run, tokenizer, splits, seed: int, force: bool
                     f"reward_model_path: {path!r} holds a head trained on {trained_on or trained_on_path!r}, not on {backbone!r}; "
                     "point reward_model_path at a new folder to train one for this backbone"
                 )
-            current = fingerprint(backbone)
+            with loading(key, backbone):  # reads the backbone's config and weights files
+                current = fingerprint(backbone)
             if metadata.get("backbone_fingerprint") is not None and current is not None and metadata["backbone_fingerprint"] != current:
                 raise UserError(
                     f"reward_model_path: {path!r} holds a head trained on an earlier {backbone!r} (its config or weights have changed "

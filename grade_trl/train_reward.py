@@ -11,7 +11,7 @@ training it once up front, or again after changing its settings.
 from __future__ import annotations
 
 from .errors import UserError, loading
-from .cli import Command, Option, exit_process
+from .cli import Command, Option, check_writable_folder, exit_process
 from .recipe import build_recipe, load_recipe_file, recipe_list_keys
 
 COMMAND = Command(
@@ -41,8 +41,11 @@ def train_reward(paths: list[str], options: dict, overrides: dict) -> int:
         tokenizer = load_tokenizer(backbone)
     with loading("dataset_name", run.dataset_name):
         splits = make_imdb_splits(run.dataset_name, recipe.config.seed, run.reward_split_size, run.policy_split_size, run.validation_split_size)
-        # --force trains again; the new head replaces the old one only once trained (a failure leaves the old one)
-        _, info = load_or_train_sentiment_model(run, tokenizer, splits, recipe.config.seed, force=options["force"])
+    if options["force"]:  # where no head is, the recipe's check has already looked
+        check_writable_folder("reward_model_path", run.reward_model_path)
+    # --force trains again; the new head replaces the old one only once trained (a failure leaves the old one);
+    # the loads inside name their own keys (reward_backbone / model_name_or_path, reward_model_path)
+    _, info = load_or_train_sentiment_model(run, tokenizer, splits, recipe.config.seed, force=options["force"])
     print(f"reward head at {run.reward_model_path}: held-out accuracy {info['heldout_accuracy']:.3f} on {info['heldout_size']} validation reviews")
     return 0
 

@@ -393,3 +393,16 @@ def test_a_gsm8k_prompt_length_that_fits_no_problem_names_max_prompt_length(tmp_
     assert code == 2 and errors == ["error: max_prompt_length: 8 tokens fit no GSM8K train prompt (GSM8K questions need about 256 tokens with a "
                                     "chat template); raise it"], errors
     assert not out.exists()
+
+
+def test_a_damaged_head_metadata_file_names_reward_model_path(tmp_path):
+    """A reward_model.json cut short was a JSONDecodeError traceback and a 'failed' results.json (before that, a line
+    blaming dataset_name)."""
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "head.safetensors").write_bytes(b"")
+    (head / "reward_model.json").write_text('{"backbone": "emb')
+    out = tmp_path / "run"
+    code, errors = _main_quietly([QUICKSTART, "--output_dir", str(out), "--reward_model_path", str(head), "--max_steps", "1"])
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"error: reward_model_path: cannot read the head's reward_model.json in {str(head)!r}"), errors
+    assert not out.exists()

@@ -247,6 +247,7 @@ def test_rewards_get_trls_trainer_state_and_log_metric(tmp_path):
     def by_step(prompts, completions, trainer_state, log_metric, log_extra, **kwargs):
         seen.append(trainer_state.global_step)
         log_metric("my_metric", 2.5)
+        log_metric("kl", 1000.0)  # a method's own metric's name: averaged with it, as TRL appends both (it was a TypeError)
         log_extra("my_column", list(completions))
         return [1.0] * len(completions)
 
@@ -256,6 +257,7 @@ def test_rewards_get_trls_trainer_state_and_log_metric(tmp_path):
     trainer.train()
     assert seen == [0, 1]
     assert [row["my_metric"] for row in trainer.state.log_history if "my_metric" in row] == [2.5, 2.5]
+    assert all(500 <= row["kl"] < 600 for row in trainer.state.log_history if "kl" in row)  # (the step's KL + 1000) / 2
 
 
 def test_a_score_soft_without_a_gradient_is_refused(tmp_path, tokenizer):

@@ -172,7 +172,7 @@ class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
             if hasattr(func, "to"):
                 func.to(self.accelerator.device)
         self._metrics = {"train": MetricWindow(), "eval": MetricWindow()}
-        self.reward_metric_log = RewardMetricLog()  # TRL's `log_metric` for the rewards, flushed by `reward_logged_metrics`
+        self.reward_metric_log = RewardMetricLog()  # TRL's `log_metric` for the rewards, flushed by `log_reward_metrics`
         # What Trainer's checkpoints lack (EMA baseline, PPO's rollout buffer and KL controller, metric windows) is saved
         # and restored by a ResumeCallback; the runner brings its own (with its evaluation's state), a trainer used on
         # its own gets one here, so `train(resume_from_checkpoint=...)` resumes exactly either way.
@@ -227,16 +227,18 @@ class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
         """What TRL's GRPOTrainer passes its reward functions as keywords: every dataset column except `prompt`, one
         entry per completion, and `trainer_state` (Trainer's state: a reward may shape by `global_step`), `log_metric`
         (name, value: averaged over every process's calls of the step, as TRL does, then over the logging window beside
-        the method's metrics; `reward_logged_metrics`) and `log_extra` (column, values: TRL adds them to its completions table; these trainers keep no such table, so the
+        the method's metrics; `log_reward_metrics`) and `log_extra` (column, values: TRL adds them to its completions table; these trainers keep no such table, so the
         values are accepted and not kept)."""
         keys = [key for key in inputs[0] if key not in ("prompt", "completion", "completion_ids")]
         columns = {key: [example[key] for example in inputs for _ in range(repeat)] for key in keys}
         return {**columns, "trainer_state": self.state, "log_metric": self.reward_metric_log, "log_extra": not_kept}
 
-    def reward_logged_metrics(self) -> dict[str, float]:
-        """What the step's rewards reported through `log_metric`, each name's mean over every process's calls (a
-        collective: every process calls it after its reward call)."""
-        return self.reward_metric_log.flush(self.accelerator)
+    def log_reward_metrics(self) -> None:
+        """Into the logging window: what the step's rewards reported through `log_metric`, each name's mean over every
+        process's calls (a collective: every process calls it after its reward call). Added on their own, as TRL appends
+        them: a name that is also one of the method's metrics (`kl`) is averaged with it, not a clash."""
+        if logged := self.reward_metric_log.flush(self.accelerator):
+            self.metrics.add(**logged)
 
     def prompt_texts(self, inputs) -> list[str]:
         """Each row's prompt as the policy reads it: a string as it is; chat messages (TRL's conversational format,

@@ -187,8 +187,8 @@ class GumbelGRADETrainer(RolloutTrainer):
         prompts = [example["prompt"] for example in inputs]
         scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs)).to(self.accelerator.device)
         rewards = combine_scores(scores, self.reward_weights)  # (B,)
-        self.metrics.add(reward=self.gathered_mean(rewards), reward_std=self.gathered_std(rewards), **self.reward_function_means(scores),
-                         **self.reward_logged_metrics())
+        self.metrics.add(reward=self.gathered_mean(rewards), reward_std=self.gathered_std(rewards), **self.reward_function_means(scores))
+        self.log_reward_metrics()
 
     # The registry's hook for the bias probe -------------------------------------------------------------------
     def score_function_loss(self, rows: list[dict], samples_per_prompt: int = 4) -> torch.Tensor:

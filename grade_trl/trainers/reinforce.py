@@ -124,6 +124,6 @@ class REINFORCETrainer(RolloutTrainer):
                 "samples/kept_fraction": self.gathered_mean(keep.float()),
             },
             **self.reward_function_means(scores),
-            **self.reward_logged_metrics(),
         )
+        self.log_reward_metrics()
         return loss
