@@ -6,8 +6,11 @@ place only (`benchmarks/step_cost.py` builds the trainer classes itself, to vary
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
+import tempfile
 
 from .errors import UserError, loading
 from .methods import get_method
@@ -198,6 +201,9 @@ def build_probe_trainer(recipe: Recipe, checkpoint: str | None = None, step: int
     PartialState(cpu=recipe.config.use_cpu)
     set_seed(recipe.config.seed)
     tokenizer, task = build_task(recipe, gold_judge=False)
+    # the probe trains and saves nothing, but Trainer creates its output_dir: a temporary folder, not the recipe's run folder
+    recipe.config.output_dir = tempfile.mkdtemp(prefix="grade_trl_probe_")
+    atexit.register(shutil.rmtree, recipe.config.output_dir, ignore_errors=True)
     trainer = build_trainer(recipe, task, tokenizer)
     if checkpoint is not None:
         with loading("--checkpoint", checkpoint):

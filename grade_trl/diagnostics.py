@@ -518,6 +518,7 @@ class DoctorCallback(TrainerCallback):
         self._columns = LogColumns()  # state.log_history only grows: read each row once
         self.trainer = None
         self.skipped_update_at: int | None = None  # the step whose update a pre-step finding skipped
+        self.stopped: dict | None = None  # what stopped the run: {"check", "step", "update_skipped"} (results.json's final.doctor_stopped)
 
     @property
     def findings(self) -> list[Finding]:
@@ -546,6 +547,8 @@ class DoctorCallback(TrainerCallback):
                 logger.warning("run doctor: %s", finding.format())
             if finding.severity in self.stop_on or finding.check in self.stop_on:
                 control.should_training_stop = stop = True
+                if self.stopped is None:
+                    self.stopped = {"check": finding.check, "step": state.global_step, "update_skipped": False}
                 if state.is_world_process_zero:
                     logger.warning("run doctor: stopping the run %s on %s (stop_on: %s)", when, finding.check, ", ".join(sorted(self.stop_on)))
         return stop
@@ -559,6 +562,7 @@ class DoctorCallback(TrainerCallback):
             findings = diagnose(columns, self._settings_for(args))
         if self._report(findings, args, state, control, f"before the update of step {step}"):
             self.skipped_update_at = step
+            self.stopped |= {"step": step, "update_skipped": True}
             for parameter in (model if model is not None else self.trainer.model).parameters():
                 parameter.grad = None
         return control
@@ -573,13 +577,18 @@ class DoctorCallback(TrainerCallback):
 
 
 def settings_from_config(config: dict) -> dict:
-    """Settings a run's results.json config implies: the adaptive KL target and the validation metric."""
+    """Settings a run's results.json config implies: the adaptive KL target, the validation metric, and the run's own
+    `doctor_settings` (so that the command checks a run as its live doctor did; the command's options win)."""
     trainer = config.get("trainer") or {}
     values = {}
     if trainer.get("adaptive_kl") and trainer.get("kl_target"):
         values["kl_target"] = float(trainer["kl_target"])
     if isinstance((config.get("final") or {}).get("validation_metric"), str):
         values["validation_key"] = config["final"]["validation_metric"]
+    own = (config.get("run") or {}).get("doctor_settings")
+    if isinstance(own, dict):  # checked when the run started (recipe.check_doctor_settings)
+        names = {f.name for f in dataclasses.fields(DoctorSettings)}
+        values |= {key: value for key, value in own.items() if key in names}
     return values
 
 
@@ -609,4 +618,5 @@ def build_settings(overrides: dict, implied: dict | None = None) -> DoctorSettin
     for key, value in values.items():
         if problem := range_error(key, value, SETTING_RANGES):
             raise UserError(problem)
-    return DoctorSettings(**{**(implied or {}), **values})
+    implied = {k: coerce(k, v, hints[k]) for k, v in (implied or {}).items()}  # read from a results.json
+    return DoctorSettings(**{**implied, **values})

@@ -18,7 +18,7 @@ import time
 import torch
 
 from .build import build_probe_trainer
-from .cli import Command, Option, exit_process, quiet_libraries
+from .cli import Command, Option, check_writable_folder, exit_process, quiet_libraries
 from .errors import UserError
 from .methods import get_method
 from .probing import completions_per_estimate, estimator_statistics, first_rows, grade_bias, gradient_estimates, prompt_text, score_function_reference
@@ -67,6 +67,11 @@ def check_options(paths: list[str], options: dict) -> None:
         raise UserError(f"--project_dim must be >= 1 (or left out: gradients whole), got {options['project_dim']}")
     if options["step"] is not None and options["step"] < 0:
         raise UserError(f"--step must be >= 0 (the optimizer step the probe stands for), got {options['step']}")
+    for key in ("output", "bias_reference"):  # files written after minutes of work: checked before it
+        if options[key] is not None:
+            if os.path.isdir(options[key]):
+                raise UserError(f"--{key}: {options[key]!r} is a folder; give a file path")
+            check_writable_folder(f"--{key}", os.path.dirname(os.path.abspath(options[key])))
 
 
 # Settings of a GRADE recipe that change its estimates but not the score-function reference (the gradient of the hard
@@ -94,7 +99,12 @@ def cached_reference(trainer, prompts, recipe, options: dict, cache: dict) -> tu
         return cache[key], True
     path = options["bias_reference"]
     if path and os.path.isfile(path):
-        stored = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - whatever torch.load makes of a file it did not write (pickle, zip, EOF errors)
+            raise UserError(f"--bias_reference: {path!r} is not a reference this probe wrote ({type(error).__name__}); give another path or delete it") from None
+        if not isinstance(stored, dict):
+            raise UserError(f"--bias_reference: {path!r} is not a reference this probe wrote; give another path or delete it")
         if stored.get("key") == key:
             cache[key] = stored["reference"]
             return cache[key], True

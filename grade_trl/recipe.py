@@ -139,7 +139,10 @@ class RunArguments:
             build_settings(self.doctor_settings or {})
         except UserError as error:
             raise ValueError(f"doctor_settings: {error}") from None
-        DoctorCallback(stop_on=self.doctor_stop_on)
+        try:
+            DoctorCallback(stop_on=self.doctor_stop_on)
+        except ValueError as error:  # the callback's own argument is stop_on: here it is the recipe's doctor_stop_on
+            raise ValueError(f"doctor_{error}") from None
 
 
 TASKS = ("imdb_sentiment", "length", "gsm8k", "custom")

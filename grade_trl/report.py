@@ -33,6 +33,9 @@ def summary_table(final: dict) -> str:
                     label = f"test {name} ({tag} ckpt)" if tag == "final" else f"test {name} (best, step {final.get('best_validation_step')})"
                     lines.append(f"{label:<34}{'':>12}{test[tag]['metrics'][name]:>12.3f}")
     lines.append(f"{'optimizer steps / minutes':<34}{'':>12}{final['steps']:>6d} / {final['train_minutes']:.1f}")
+    if stopped := final.get("doctor_stopped"):
+        skipped = f", its update not applied ({final['steps'] - 1} updates)" if stopped["update_skipped"] else ""
+        lines.append(f"stopped by the run doctor on {stopped['check']} at step {stopped['step']}{skipped}")
     for i, sample in enumerate(final.get("samples", []), 1):
         lines += ["", f"sample {i}  prompt: {_clip(sample['prompt'], 100)}"]
         for tag in ("before", "after"):

@@ -11,8 +11,9 @@
         "peak_memory_mb", "validation_metric" (e.g. "eval_reward"), "validation_before", "validation_after"
         (evaluator metrics at step 0 and at the end), "best_validation", "best_validation_step",
         "test": {"final": T, "best": T} with T = {"metrics", "prompts", and per-prompt lists such as "rewards",
-        "gold_rewards", "corrects"}, "kl" (the last training window's, nats per completion), "doctor",
-        "nonfinite_skipped_steps", "samples", "device", "num_processes", "torch";
+        "gold_rewards", "corrects"}, "kl" (the last training window's, nats per completion), "doctor" (its
+        findings; None with the doctor off), "doctor_stopped" ({"check", "step", "update_skipped"} when `doctor: stop`
+        ended the run, else None), "nonfinite_skipped_steps", "samples", "device", "num_processes", "torch";
         "resumed_from" (a resumed run: its checkpoint folder), "checkpoint" (a run stopped by a signal: the
         checkpoint it saved)
       }
@@ -146,6 +147,9 @@ def load_history(source: str | os.PathLike) -> tuple[list[dict], dict, str]:
         history, config = data, {}
     if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
         raise UserError(f"{path} has no history (expected a results.json with a 'history' list of log rows, a trainer_state.json, or a JSON list of rows)")
+    for index, row in enumerate(history):  # the readers order and place rows by their optimizer step
+        if not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool) or row["step"] < 0:
+            raise UserError(f"{path}: log row {index} has no step (every row needs \"step\": its optimizer step, an integer >= 0), got {row.get('step')!r}")
     return history, config, str(path)
 
 

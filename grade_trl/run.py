@@ -186,6 +186,7 @@ def progress(trainer, callbacks: dict, start: float | None) -> dict:
         done["nonfinite_skipped_steps"] = callbacks["nonfinite_guard"].skipped_steps
     doctor = callbacks.get("doctor")
     done["doctor"] = [dataclasses.asdict(f) for f in doctor.findings] if doctor is not None else None  # None: the doctor was off
+    done["doctor_stopped"] = doctor.stopped if doctor is not None else None  # `doctor: stop` ended the run (and skipped that update?)
     return done
 
 

@@ -145,8 +145,10 @@ def load_or_train_sentiment_model(run, tokenizer, splits, seed: int, force: bool
                     "since); train it again with `python -m grade_trl.train_reward RECIPE.yaml --force`, or point reward_model_path at a new folder"
                 )
             with loading(key, backbone):
+                model = SentimentRewardModel.from_backbone(backbone)
+            with loading("reward_model_path", path):  # a damaged head file is the head's folder's fault, not the backbone's
                 try:
-                    model = SentimentRewardModel.load(path, backbone)
+                    model.load_head(path)
                 except RuntimeError as error:  # the head's shape does not fit this backbone's width
                     raise UserError(f"reward_model_path: {path!r} holds a head that does not fit {backbone!r} ({str(error).splitlines()[-1].strip()}); "
                                     "point reward_model_path at a new folder to train one for this backbone") from None

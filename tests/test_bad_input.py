@@ -406,3 +406,8 @@ def test_a_damaged_head_metadata_file_names_reward_model_path(tmp_path):
     code, errors = _main_quietly([QUICKSTART, "--output_dir", str(out), "--reward_model_path", str(head), "--max_steps", "1"])
     assert code == 2 and len(errors) == 1 and errors[0].startswith(f"error: reward_model_path: cannot read the head's reward_model.json in {str(head)!r}"), errors
     assert not out.exists()
+    (head / "reward_model.json").write_text('{"backbone": "embedded"}')  # readable; the head's weights cut short
+    (head / "head.safetensors").write_bytes(b"\x10" * 12)
+    code, errors = _main_quietly([QUICKSTART, "--output_dir", str(out), "--reward_model_path", str(head), "--max_steps", "1"])
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"error: reward_model_path: cannot load {str(head)!r}"), errors  # was model_name_or_path
+    assert not out.exists()

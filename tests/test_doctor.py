@@ -375,6 +375,20 @@ def test_runner_wires_the_live_doctor_and_keeps_its_findings(tmp_path):
     assert final["steps"] < 6  # stopped by the doctor, not by max_steps
     assert [f["check"] for f in final["doctor"]] == ["kl_high"]
     assert final["test"]["final"]["metrics"]["reward"] is not None  # the final results are still written
+    # what stopped it, and that its last step's update was not applied (the run said nothing of it before)
+    assert final["doctor_stopped"] == {"check": "kl_high", "step": final["steps"], "update_skipped": True}
+    # the doctor command checks the run with the run's own doctor_settings (it said "no problems found" before)
+    assert main([str(tmp_path / "run")]) == 1
+    assert main([str(tmp_path / "run"), "--kl_max", "1000"]) == 0  # its own options win
+
+
+def test_log_rows_without_a_step_are_one_line(tmp_path, capsys):
+    for rows, shown in (([{"kl": 1, "loss": 1}, {"kl": 2}], "None"), ([{"step": "x", "kl": 1}], "'x'")):
+        path = tmp_path / "rows.json"
+        path.write_text(json.dumps(rows))
+        assert main([str(path)]) == 2  # were a KeyError and a ValueError traceback, exit 1
+        assert capsys.readouterr().err.strip() == (f"error: {path}: log row 0 has no step (every row needs \"step\": its optimizer step, an integer >= 0), "
+                                                   f"got {shown}")
 
 
 @pytest.mark.parametrize("recipe", ["quickstart.yaml", "tiny/imdb_ppo.yaml"])

@@ -309,6 +309,7 @@ def test_cli_probes_several_recipes_on_the_same_prompts(tmp_path, capsys):
     assert all(r["num_estimates"] == 2 and r["trace_cov"] > 0 and r["completions_per_estimate"] == 2 for r in results)
     assert results[0]["tau"] == pytest.approx(2.0)
     assert results[0]["bias"]["reference_samples"] == 2 * 2 * 2 and "bias" not in results[1] and "bias grade_ste" in table
+    assert not (tmp_path / "run").exists()  # the recipe's output_dir: the probe trains and saves nothing (Trainer made it)
 
 
 def test_the_bias_reference_is_computed_once_for_a_sweep_over_estimators_and_tau(tmp_path):
@@ -362,3 +363,21 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(extra, message, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert main(["missing.yaml"]) == 2
+
+
+def test_files_the_probe_writes_are_checked_before_its_work(tmp_path, capsys):
+    """An --output or --bias_reference it cannot write was a traceback after every estimate had been drawn; a
+    --bias_reference that is not one it wrote was a torch.load traceback."""
+    (tmp_path / "a_file").write_text("not a reference")
+    cases = [
+        (["--output", str(tmp_path)], f"error: --output: {str(tmp_path)!r} is a folder; give a file path"),
+        (["--output", str(tmp_path / "a_file" / "p.json")], f"error: --output: cannot write into {str(tmp_path / 'a_file')!r}"),
+        (["--bias", "--bias_reference", str(tmp_path / "a_file" / "r.pt")], f"error: --bias_reference: cannot write into {str(tmp_path / 'a_file')!r}"),
+        (["--bias", "--bias_batches", "2", "--bias_samples_per_prompt", "2", "--bias_reference", str(tmp_path / "a_file"), "--output", str(tmp_path / "p.json")],
+         f"error: --bias_reference: {str(tmp_path / 'a_file')!r} is not a reference this probe wrote"),
+    ]
+    for extra, start in cases:
+        assert main([TINY_LENGTH[0], "--num_estimates", "2", "--num_prompts", "2", "--output_dir", str(tmp_path / "run"), *SHRUNK, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(start), err
+    assert not (tmp_path / "p.json").exists()

@@ -90,13 +90,15 @@ class SentimentRewardModel(nn.Module):
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(partial))
         os.replace(partial, path / HEAD_FILE)
 
+    def load_head(self, path: str | os.PathLike) -> None:
+        """The head saved at `path` (and its metadata) into this model, whose backbone must have the head's width."""
+        self.head.load_state_dict(load_file(str(Path(path) / HEAD_FILE)))
+        self.metadata = read_head_metadata(path)
+
     @classmethod
     def load(cls, path: str | os.PathLike, backbone_name: str | None = None) -> "SentimentRewardModel":
-        path = Path(path)
-        metadata = read_head_metadata(path)
-        model = cls.from_backbone(backbone_name or metadata["backbone"])
-        model.head.load_state_dict(load_file(str(path / HEAD_FILE)))
-        model.metadata = metadata
+        model = cls.from_backbone(backbone_name or read_head_metadata(path)["backbone"])
+        model.load_head(path)
         return model
 
 
