@@ -390,7 +390,11 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_rew
     if overrides is ACCUMULATE:
         assert runs["fsdp"]["final"]["samples_per_step"] == 2 * 2 * 2  # processes x micro-batches x completions each
     losses = {name: [h["loss"] for h in run["history"] if "loss" in h] for name, run in runs.items()}
-    assert len(losses["fsdp"]) == 2 and losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5, abs=1e-7), losses
+    # rel 1e-4: the second loss follows one AdamW step, whose first update g / (|g| + eps) amplifies the last-bit
+    # differences of a reduce-scatter against an all-reduce where a gradient entry is near 0; on the CPU of 2026-12-06
+    # REINFORCE with accumulation differed by 1.4e-5 (15.91727 against 15.91749), the same figures at 9621c1b, before
+    # that session's changes. A wrong shard or average moves the losses by far more.
+    assert len(losses["fsdp"]) == 2 and losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-4, abs=1e-7), losses
 
     saved = {name: _saved_tensors(tmp_path / name / "model") for name in runs}
     assert saved["fsdp"], "model/ holds no safetensors"
