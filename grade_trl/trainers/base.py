@@ -15,7 +15,7 @@ from trl.data_utils import is_conversational
 
 from ..models import load_causal_lm, load_tokenizer, prepare_tokenizer
 from ..resume import ResumeCallback
-from ..rewards.base import RewardMetricLog, not_kept, reward_name
+from ..rewards.base import RewardMetricLog, compute_rewards, not_kept, reward_name
 from .metrics import GradNormWindowMixin, MetricWindow
 
 logger = logging.getLogger(__name__)
@@ -232,6 +232,17 @@ class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
         keys = [key for key in inputs[0] if key not in ("prompt", "completion", "completion_ids")]
         columns = {key: [example[key] for example in inputs for _ in range(repeat)] for key in keys}
         return {**columns, "trainer_state": self.state, "log_metric": self.reward_metric_log, "log_extra": not_kept}
+
+    def sampled_text_scores(self, inputs, batch, repeat: int = 1) -> torch.Tensor:
+        """Each reward function's score of each sampled completion (`core.sampling.SampledBatch`), decoded and handed over
+        as TRL hands them (text, or one assistant message for chat prompts; completion_ids up to and including EOS; TRL's
+        keywords): (B, F) on the trainer's device, NaN where a function returned None. `repeat`: consecutive samples per
+        row of `inputs`."""
+        tok = self.processing_class
+        prompts = [example["prompt"] for example in inputs for _ in range(repeat)]
+        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, batch.completion_mask)]
+        completions = self.reward_completions(inputs, tok.batch_decode(completion_ids, skip_special_tokens=True))  # chat: assistant messages
+        return compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs, repeat)).to(self.accelerator.device)
 
     def log_reward_metrics(self) -> None:
         """Into the logging window: what the step's rewards reported through `log_metric`, each name's mean over every

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core import SoftTokens, exact_kl, exact_kl_and_entropy, leave_one_out_baseline, masked_mean, masked_sum, reference_logits, soft_rollout
 from ..core.sampling import SamplingSettings, sample
-from ..rewards.base import RewardFunctionError, check_finite_scores, combine_scores, compute_rewards, require_differentiable, reward_name, soft_scores
+from ..rewards.base import RewardFunctionError, check_finite_scores, combine_scores, require_differentiable, reward_name, soft_scores
 from ..safety import NonFiniteGradientError
 from .base import RolloutTrainer
 from .grade_config import GumbelGRADEConfig
@@ -158,13 +158,16 @@ class GumbelGRADETrainer(RolloutTrainer):
     def _log_step_metrics(self, rollout, rewards, scores, kl, entropy_per_token, tau, evaluating: bool = False):
         """The step's metrics. evaluating (Trainer.evaluate()): the relaxed rollout's reward is `reward_soft`, and
         `reward`, `reward_std` and each function's mean come from sampled text (`_log_sampled_text_rewards`)."""
-        reward_metrics = {
-            "reward": self.gathered_mean(rewards),
-            "reward_std": self.gathered_std(rewards),
-            **{f"rewards/{reward_name(f)}/mean": self.gathered_mean(scores[:, i]) for i, f in enumerate(self.reward_funcs)},
-        }
+        if evaluating:  # the same on every process, so the gathers below still pair up
+            reward_metrics = {"reward_soft": self.gathered_mean(rewards)}
+        else:
+            reward_metrics = {
+                "reward": self.gathered_mean(rewards),
+                "reward_std": self.gathered_std(rewards),
+                **{f"rewards/{reward_name(f)}/mean": self.gathered_mean(scores[:, i]) for i, f in enumerate(self.reward_funcs)},
+            }
         self.metrics.add(
-            **({"reward_soft": reward_metrics["reward"]} if evaluating else reward_metrics),
+            **reward_metrics,
             kl=self.gathered_mean(kl),
             kl_per_token=self.gathered_sum(kl) / max(self.gathered_sum(rollout.lengths), 1.0),
             tau=tau,
@@ -182,10 +185,7 @@ class GumbelGRADETrainer(RolloutTrainer):
         settings = SamplingSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
         with self.accelerator.autocast():
             batch = sample(model, enc["input_ids"], enc["attention_mask"], settings, tok.eos_token_id, tok.pad_token_id)
-        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, batch.completion_mask)]
-        completions = self.reward_completions(inputs, tok.batch_decode(completion_ids, skip_special_tokens=True))
-        prompts = [example["prompt"] for example in inputs]
-        scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs)).to(self.accelerator.device)
+        scores = self.sampled_text_scores(inputs, batch)  # (B, F)
         rewards = combine_scores(scores, self.reward_weights)  # (B,)
         self.metrics.add(reward=self.gathered_mean(rewards), reward_std=self.gathered_std(rewards), **self.reward_function_means(scores))
         self.log_reward_metrics()

@@ -59,7 +59,7 @@ from ..core import (
 from ..core.sampling import SamplingSettings
 from ..core.sharding import gathered
 from ..core.soft_rollout import last_positions, position_ids_from_mask
-from ..rewards.base import combine_scores, compute_rewards
+from ..rewards.base import combine_scores
 from .base import RolloutTrainer
 from .ppo_config import PPOConfig
 
@@ -318,7 +318,7 @@ class PPOTrainer(RolloutTrainer):
     @torch.no_grad()
     def _generate_rollout(self, inputs) -> dict:
         """Sample, score and compute advantages for one batch of prompts (steps 1-5 of the module docstring)."""
-        args, device, tok = self.args, self.accelerator.device, self.processing_class
+        args, tok = self.args, self.processing_class
         settings, eos = args.sampling, tok.eos_token_id
         module = self.accelerator.unwrap_model(self.model)
         was_training = module.training
@@ -331,10 +331,7 @@ class PPOTrainer(RolloutTrainer):
         mask = batch.completion_mask  # (B, T)
 
         # 2. rewards on the decoded text
-        prompts = [example["prompt"] for example in inputs]
-        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, mask)]
-        completions = self.reward_completions(inputs, tok.batch_decode(completion_ids, skip_special_tokens=True))  # chat: assistant messages
-        scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs)).to(device)  # (B, F)
+        scores = self.sampled_text_scores(inputs, batch)  # (B, F)
         score = combine_scores(scores, self.reward_weights)  # (B,) over the functions that apply to each sample
 
         # 3. old policy and values: the sampler's own log-probs (exactly the behaviour policy's, processed as it sampled)

@@ -28,7 +28,7 @@ from ..core import (
     sequence_logprob,
     token_logprobs,
 )
-from ..rewards.base import combine_scores, compute_rewards
+from ..rewards.base import combine_scores
 from .base import RolloutTrainer
 from .reinforce_config import REINFORCEConfig
 
@@ -72,7 +72,7 @@ class REINFORCETrainer(RolloutTrainer):
         return 0.0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        args, device = self.args, self.accelerator.device
+        args = self.args
         tok, group = self.processing_class, args.num_samples_per_prompt
         settings = args.sampling
 
@@ -84,10 +84,7 @@ class REINFORCETrainer(RolloutTrainer):
         mask = batch.completion_mask  # (B, T)
 
         # 3. rewards on the text, as every method sees them
-        prompts = [example["prompt"] for example in inputs for _ in range(group)]
-        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, mask)]
-        completions = self.reward_completions(inputs, tok.batch_decode(completion_ids, skip_special_tokens=True))  # chat: assistant messages
-        scores = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs, group)).to(device)  # (B, F)
+        scores = self.sampled_text_scores(inputs, batch, group)  # (B, F)
         rewards = combine_scores(scores, self.reward_weights)  # (B,) over the functions that apply to each sample
 
         # 4. log-probs from the same processed distribution; KL to the reference under no_grad
