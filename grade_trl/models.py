@@ -112,6 +112,21 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | str = torch.float32, 
     return load_pretrained(AutoModelForCausalLM, resolve_model_path(name_or_path), dtype=dtype, **kwargs)
 
 
+def give_safetensors_umask_modes(folder: str | os.PathLike) -> None:
+    """Give the `*.safetensors` files in `folder` that are mode 0600 the mode a plain `open()` would have given them
+    (0666 less the umask, 0644 under the usual 022), as every other file of a saved model has.
+
+    safetensors 0.8 writes through a temporary file that it renames into place, and the temporary file is always
+    0600 (safetensors/safetensors#782, fix open upstream): a model trained on a shared machine was readable by its
+    owner alone, and another user's `from_pretrained` failed. Only 0600 files are changed, so a mode the user set
+    on purpose stays."""
+    mask = os.umask(0)
+    os.umask(mask)  # reading the umask means setting it; restored at once
+    for path in Path(folder).glob("*.safetensors"):
+        if path.is_file() and path.stat().st_mode & 0o777 == 0o600 and 0o666 & ~mask != 0o600:
+            path.chmod(0o666 & ~mask)
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 """A local model folder has a tokenizer when it holds one of these (transformers 5 otherwise builds an empty one from
 `config.json` without a word, and the run fails much later)."""

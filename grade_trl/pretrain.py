@@ -43,6 +43,7 @@ from .cli import Command, Option, exit_process, range_error
 from .data.gsm8k import load_gsm8k
 from .data.imdb import clean_review, load_imdb
 from .errors import Interrupted, UserError, loading, signals_raise
+from .models import give_safetensors_umask_modes
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,11 @@ def check_options(args: SimpleNamespace) -> None:
     existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.exists())
     if not os.access(existing, os.W_OK):
         raise UserError(f"--output_dir: cannot write into {str(existing)!r}; give a folder you can write to")
+    if args.warmup_steps > args.max_steps:  # a short trial run with the default warm-up: allowed, but said
+        logger.warning("--warmup_steps %d > --max_steps %d: the learning rate rises for the whole run and ends at %.3g, never at its "
+                       "peak --learning_rate %g; give --warmup_steps below --max_steps for the warm-up then cosine schedule",
+                       args.warmup_steps, args.max_steps, args.learning_rate * lr_factor(args.max_steps - 1, args.warmup_steps, args.max_steps, args.min_lr_ratio),
+                       args.learning_rate)
 
 
 def gsm8k_documents(source: str) -> list[str]:
@@ -317,6 +323,7 @@ def pretrain(args: SimpleNamespace, argv: list[str]) -> list[dict]:
         log, steps = train(model, train_blocks, eval_blocks, args, output_dir, stop)
         stopped = stop[0] if stop and steps < args.max_steps else None  # a signal in the last step: the run is complete
         model.save_pretrained(output_dir)
+        give_safetensors_umask_modes(output_dir)
         wrap_tokenizer(tokenizer, args.context).save_pretrained(output_dir)
         card = model_card(argv, model, train_blocks.numel(), log, steps, steps * args.batch_size * args.context, args.max_steps,
                           stopped_by=signal_name(stopped) if stopped is not None else None)

@@ -407,6 +407,9 @@ def test_tiny_recipe_end_to_end(tmp_path, recipe):
     base = load_file(os.path.join(resolve_model_path("embedded"), "model.safetensors"))
     key = "transformer.h.0.attn.c_attn.weight"
     assert not torch.allclose(trained[key].float(), base[key].float())  # the format reward moved the policy
+    for folder in ("model", "best_model"):  # TRL's GRPO trainer and ours: weights readable as config.json is (not 0600)
+        mode = lambda name: (tmp_path / "run" / folder / name).stat().st_mode & 0o777  # noqa: E731
+        assert mode("model.safetensors") == mode("config.json"), folder
 
 
 def test_tiny_recipe_on_two_cpu_processes(tmp_path):

@@ -164,6 +164,8 @@ def test_ppo_smoke_run_on_the_length_reward(tmp_path):
     assert_close(loaded.transformer.h[0].attn.c_attn.weight, module.policy.transformer.h[0].attn.c_attn.weight)
     assert_close(load_file(out / "value_head.safetensors")["weight"], module.value_head.weight.detach())
     assert (out / "tokenizer_config.json").exists()
+    # readable as the umask allows, as config.json is, not safetensors 0.8's 0600 (another user could not load the model)
+    assert {path.name: path.stat().st_mode & 0o777 for path in out.glob("*.safetensors")} == dict.fromkeys(("model.safetensors", "value_head.safetensors"), (out / "config.json").stat().st_mode & 0o777)
 
 
 def test_target_kl_skips_the_rest_of_the_rollout(tmp_path):

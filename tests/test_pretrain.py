@@ -18,6 +18,7 @@ TINY = [
 
 def test_tiny_pretraining_run_saves_a_loadable_model_and_the_loss_falls(tmp_path):
     main([*TINY, "--output_dir", str(tmp_path)])
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == (tmp_path / "config.json").stat().st_mode & 0o777  # not safetensors' 0600
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
@@ -37,6 +38,15 @@ def test_tiny_pretraining_run_saves_a_loadable_model_and_the_loss_falls(tmp_path
     assert log[-1]["tokens"] == 10 * 8 * 64
     card = (tmp_path / "MODEL_CARD.md").read_text()
     assert "--max_steps 10" in card and f"{log[-1]['val_loss']:.4f}" in card
+
+
+def test_a_warm_up_longer_than_the_run_is_said(tmp_path, caplog):
+    """--warmup_steps 200 (the default) with --max_steps 10: allowed (a short trial), but the learning rate never reaches
+    its peak, and the run says so with the rate it ends at."""
+    args = [a if a != "2" or i == 0 or TINY[i - 1] != "--warmup_steps" else "20" for i, a in enumerate(TINY)]
+    with caplog.at_level("WARNING", logger="grade_trl.pretrain"):
+        assert main([*args, "--output_dir", str(tmp_path)]) == 0
+    assert "--warmup_steps 20 > --max_steps 10: the learning rate rises for the whole run and ends at 0.005, never at its peak --learning_rate 0.01" in caplog.text
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

@@ -164,6 +164,8 @@ def test_head_training_learns_and_save_load_round_trips(tmp_path, tokenizer):
     assert not any(p.requires_grad for p in model.parameters())  # frozen after training
     model.save(tmp_path / "rm", metrics)
     assert has_trained_head(tmp_path / "rm")
+    mode = lambda name: (tmp_path / "rm" / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("head.safetensors") == mode("reward_model.json")  # not safetensors 0.8's 0600: another user can load it
     loaded = SentimentRewardModel.load(tmp_path / "rm")
     enc = tokenizer(TEXTS, return_tensors="pt", padding=True, add_special_tokens=False)
     assert_close(loaded.score_ids(enc["input_ids"], enc["attention_mask"]), model.score_ids(enc["input_ids"], enc["attention_mask"]))

@@ -24,7 +24,7 @@ from ..core.precision import at_least_float32
 from ..core.sharding import input_embedding_matrix
 from ..core.soft_rollout import position_ids_from_mask
 from ..core.soft_tokens import SoftTokens, as_soft_tokens
-from ..models import load_pretrained, resolve_model_path
+from ..models import give_safetensors_umask_modes, load_pretrained, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class SentimentRewardModel(nn.Module):
         partial = path / f".{HEAD_FILE}.{os.getpid()}.tmp"
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(partial))
         os.replace(partial, path / HEAD_FILE)
+        give_safetensors_umask_modes(path)
 
     def load_head(self, path: str | os.PathLike) -> None:
         """The head saved at `path` (and its metadata) into this model, whose backbone must have the head's width."""

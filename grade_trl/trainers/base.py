@@ -13,7 +13,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from trl.data_utils import is_conversational
 
-from ..models import load_causal_lm, load_tokenizer, prepare_tokenizer
+from ..models import give_safetensors_umask_modes, load_causal_lm, load_tokenizer, prepare_tokenizer
 from ..resume import ResumeCallback
 from ..rewards.base import RewardMetricLog, compute_rewards, not_kept, reward_name
 from .metrics import GradNormWindowMixin, MetricWindow
@@ -102,13 +102,23 @@ class TiedWeightsLoadMixin:
         return super()._issue_warnings_after_load(load_result)
 
 
+class ReadableSavesMixin:
+    """For any `transformers.Trainer` subclass: every model it saves (model/, best_model/, each checkpoint) has its
+    weight files readable as the umask allows, not 0600 (`models.give_safetensors_umask_modes`)."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            give_safetensors_umask_modes(output_dir or self.args.output_dir)
+
+
 def load_policy(model: str, args):
     """The policy a trainer loads from a hub id, a local path or `"embedded"`: `args.model_init_kwargs` passed to
     `from_pretrained` (as TRL does), in float32 unless they name another dtype."""
     return load_causal_lm(model, **{"dtype": torch.float32, **(args.model_init_kwargs or {})})
 
 
-class RolloutTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
+class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMixin, Trainer):
     """Base of the GRADE, REINFORCE and PPO trainers.
 
     Args:

@@ -15,7 +15,7 @@ from trl import GRPOTrainer as _TRLGRPOTrainer
 from ..metrics import KL, KL_PER_TOKEN
 from ..models import resolve_model_path
 from ..rewards.base import CheckedReward
-from .base import TiedWeightsLoadMixin
+from .base import ReadableSavesMixin, TiedWeightsLoadMixin
 from .base_config import DDP_FIND_UNUSED_HELP
 from .metrics import GradNormWindowMixin
 
@@ -72,7 +72,7 @@ def _plain_sync_callable(func) -> bool:
     return callable(func) and not isinstance(func, (str, torch.nn.Module, CheckedReward)) and not inspect.iscoroutinefunction(func)
 
 
-class GRPOTrainer(TiedWeightsLoadMixin, GradNormWindowMixin, _TRLGRPOTrainer):
+class GRPOTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMixin, _TRLGRPOTrainer):
     """`trl.GRPOTrainer`, unchanged in what it optimises, with grad_norm_mean/std/max over each logging window,
     `kl` in nats per completion, and the registry's hooks (`estimate_loss`, `probed_parameters`, training state)."""
 
