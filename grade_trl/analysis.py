@@ -88,7 +88,7 @@ def load_runs(results_dir: Path) -> tuple[dict | None, dict[str, list[dict]]]:
 
 def recompute_comparison(comparison: dict | None, runs: dict[str, list[dict]]) -> dict:
     """comparison.json's content recomputed from the runs found (same code as grade_trl.compare)."""
-    meta = {k: comparison[k] for k in ("command", "output_dir", "seeds", "overrides", "launcher") if comparison and k in comparison}
+    meta = {k: comparison[k] for k in ("command", "commands", "output_dir", "seeds", "overrides", "launcher") if comparison and k in comparison}
     thresholds = (comparison or {}).get("thresholds", {}).get("fractions") or [0.6, 0.7, 0.8]
     records = []
     for name, group in runs.items():
@@ -512,13 +512,25 @@ def _p(x) -> str:
     return "–" if x is None else (f"{x:.2g}" if x < 0.001 else f"{x:.3f}")
 
 
+def command_lines(comparison: dict) -> list[str]:
+    """The compare command that made the folder, or each of them in order where several wrote into it (a recipe added
+    later): the report covers every run in the folder, whichever command ran it."""
+    commands = comparison.get("commands") or ([comparison["command"]] if comparison.get("command") else [])
+    if not commands:
+        return ["Command: unknown (no comparison.json in the folder; numbers recomputed from the runs)."]
+    if len(commands) == 1:
+        return [f"Command: `{commands[0]}`"]
+    return [f"Commands: {len(commands)} wrote into this folder, in this order (a method's runs are those of the last command that "
+            "ran it; check that their budgets match):", ""] + [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
+
+
 def report(comparison: dict, stats: dict, figures: Figures, table: str) -> str:
     """report.md: what was run, the table, the figures, the statistics and what was skipped."""
     seeds = {name: entry["seeds"] for name, entry in comparison["methods"].items()}
     th = comparison["thresholds"]
     lines = [
         "# Comparison report", "",
-        f"Command: `{comparison['command']}`" if comparison.get("command") else "Command: unknown (no comparison.json in the folder; numbers recomputed from the runs).",
+        *command_lines(comparison),
         "",
         "Seeds: " + "; ".join(f"{name}: {len(s)} ({', '.join(map(str, s))})" for name, s in seeds.items()) + ".",
         f"Metric: validation `{comparison['metric']['validation']}`, test `{comparison['metric']['test']}`.",

@@ -300,7 +300,20 @@ class Command:
         if any(a in ("-h", "--help") for a in argv):
             return run_safely(lambda: print(self.help()) or 0)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-        return run_safely(lambda: body(*self.parse(argv)))
+        return run_safely(lambda: self._run(argv, body))
+
+    def _run(self, argv: list[str], body: Callable[[list[str], dict, dict], int]) -> int:
+        positionals, options, overrides = self.parse(argv)
+        try:
+            return body(positionals, options, overrides)
+        except UserError as error:
+            # a forwarded key that no recipe knows but that resembles one of this command's options: the user's typo of
+            # the option (`compare --frce`), which the recipe's own hint (its keys) does not name
+            key = getattr(error, "unknown_key", None)
+            close = difflib.get_close_matches(key, [option.name for option in self.options], n=2) if key in overrides else []
+            if close:
+                raise UserError(f"{error} (or {self.prog}'s option {' or '.join('--' + name for name in close)}?)") from None
+            raise
 
 
 def run_safely(body: Callable[[], int]) -> int:

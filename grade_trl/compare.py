@@ -30,6 +30,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import NoReturn
 
 from .cli import Command, Option, check_writable_folder, exit_process
 from .comparison import RUN_INFO, build_comparison, from_fewer_runs
@@ -72,7 +73,8 @@ def run_recipe(path: str, overrides: dict, seed: int, run_dir: str | None = None
     try:
         return build_recipe(values, bare_keys=getattr(overrides, "bare", ()))
     except UserError as error:
-        raise UserError(f"{path}: {error}") from None
+        error.args = (f"{path}: {error}",)  # the same error (its `unknown_key` kept), naming the file
+        raise
 
 
 def runs_in(out: Path) -> dict[str, tuple[str, str | None]]:
@@ -130,6 +132,36 @@ def launcher_of(command: str | None) -> str | None:
     start = next((i for i in range(len(words) - 1) if words[i : i + 2] == ["-m", "grade_trl.run"]), len(words))
     prefix = words[:start]
     return "python" if len(prefix) == 1 and os.path.basename(prefix[0]).startswith("python") else shlex.join(prefix)
+
+
+def check_launcher(launcher: str) -> None:
+    """A one-line UserError naming --launcher for a launcher that would fail every run: a program not on PATH, or an
+    `accelerate launch` whose arguments its own parser refuses or whose --config_file is missing or unreadable
+    (read by Accelerate's own loader). Other launchers are only checked for their program."""
+    try:
+        words = shlex.split(launcher)
+    except ValueError as error:
+        raise UserError(f"--launcher: {launcher!r} cannot be split into words ({error}); check its quotes") from None
+    if not words or shutil.which(words[0]) is None:
+        raise UserError(f"--launcher: {launcher!r} does not start with a program found on PATH (e.g. 'accelerate launch --num_processes 2')")
+    if os.path.basename(words[0]) != "accelerate" or words[1:2] != ["launch"]:
+        return
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    parser = launch_command_parser()
+
+    def refuse(message: str) -> NoReturn:
+        raise UserError(f"--launcher: accelerate launch refuses {shlex.join(words[2:])!r}: {message}")
+
+    parser.error = refuse  # argparse would print its usage and exit
+    args = parser.parse_args([*words[2:], "-m", "grade_trl.run", "RECIPE.yaml"])
+    if args.config_file is not None:
+        try:
+            load_config_from_file(args.config_file)
+        except Exception as error:  # noqa: BLE001 - missing file, bad YAML/JSON, unknown keys: Accelerate raises each its own way
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UserError(f"--launcher: accelerate cannot read its --config_file {args.config_file!r}: {first_line}") from None
 
 
 def run_command(launcher: str | None, recipe: str, seed: int, run_dir: str, overrides: dict) -> list[str]:
@@ -212,15 +244,17 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         if key in overrides:
             raise UserError(f"--{key} is set by compare for every run: the same command again resumes each unfinished run from its "
                             "last checkpoint and skips the completed ones; --force runs them all again")
+    if options["seed_list"] is None and options["seeds"] < 1:
+        raise UserError(f"--seeds: the number of seeds must be >= 1, got {options['seeds']} (or give them: --seed_list 1 2 3)")
     seeds = options["seed_list"] or [42 + i for i in range(options["seeds"])]
     if not seeds or len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds / --seed_list: seeds must be distinct and at least one, got {seeds}")
+        raise UserError(f"--seed_list: seeds must be distinct and at least one, got {seeds}")
     if options["jobs"] < 1:
         raise UserError(f"--jobs must be >= 1, got {options['jobs']}")
     if not options["thresholds"] or not all(0 < f <= 1 for f in options["thresholds"]):
         raise UserError(f"--thresholds: expected fractions in (0, 1] of the validation gain, at least one, got {options['thresholds']}")
-    if options["launcher"] and shutil.which((shlex.split(options["launcher"]) or [""])[0]) is None:
-        raise UserError(f"--launcher: {options['launcher']!r} does not start with a program found on PATH (e.g. 'accelerate launch --num_processes 2')")
+    if options["launcher"]:
+        check_launcher(options["launcher"])
     repeated = [path for path in recipes if recipes.count(path) > 1]
     if repeated:
         raise UserError(f"recipe {repeated[0]} is given twice; give each recipe once (--seeds sets the repeats)")
@@ -229,8 +263,14 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
     out = Path(options["output_dir"])
     names = run_names(methods, runs_in(out))
     thresholds = options["thresholds"]
+    command = shlex.join(["python", "-m", "grade_trl.compare", *argv])
+    earlier = read_json(out / "comparison.json")
+    earlier = earlier if isinstance(earlier, dict) else {}
+    # every compare command that wrote into this folder, in order: analysis reads every run in it, whichever command ran it
+    commands = [c for c in earlier.get("commands") or [earlier.get("command")] if isinstance(c, str)]
     meta = {
-        "command": shlex.join(["python", "-m", "grade_trl.compare", *argv]),
+        "command": command,
+        "commands": commands + [command] if commands[-1:] != [command] else commands,
         "output_dir": str(out),
         "seeds": seeds,
         "overrides": overrides,

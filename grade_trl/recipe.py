@@ -29,7 +29,13 @@ logger = logging.getLogger(__name__)
 
 
 class RecipeError(UserError):
-    """A recipe or override that cannot run; the message is one line that names the key and the fix."""
+    """A recipe or override that cannot run; the message is one line that names the key and the fix. `unknown_key`:
+    the key when it is not a recipe key at all (a command that forwards overrides then says which of its own options
+    it resembles: `compare --frce`)."""
+
+    def __init__(self, message: str, unknown_key: str | None = None):
+        super().__init__(message)
+        self.unknown_key = unknown_key
 
 
 @dataclass
@@ -215,7 +221,7 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
             continue
         if key in method.misplaced_keys:
             raise RecipeError(f"{key}: {method.misplaced_keys[key]}")
-        raise RecipeError(f"unknown recipe key {key!r} for method {method_name!r}{unknown_key_hint(key, list(run_fields) + list(config_fields), 'grade_trl.run')}")
+        raise RecipeError(f"unknown recipe key {key!r} for method {method_name!r}{unknown_key_hint(key, list(run_fields) + list(config_fields), 'grade_trl.run')}", unknown_key=key)
     for key, value in method.implied.items():
         if key in values and values[key] != value:
             raise RecipeError(f"{key}: method {method_name!r} means {key}={value!r}, but the recipe sets {values[key]!r}")

@@ -8,6 +8,7 @@ evaluation every 2, 8 new tokens, 6 validation and 6 test prompts, 60-200 review
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 
@@ -176,6 +177,11 @@ def test_options_are_parsed_and_unknown_keys_forwarded_with_their_values():
         ([RECIPES[0], "--output_dir"], "--output_dir: given without a value; write --output_dir VALUE (str)"),
         ([RECIPES[0], "--output_dir", "{tmp}", "--max_steps"], "imdb_reinforce.yaml: max_steps: given without a value; write --max_steps VALUE (int)"),
         ([RECIPES[0], "--output_dir", "{tmp}/results.json/sub"], "--output_dir: cannot write into"),  # the file made below
+        ([RECIPES[0], "--output_dir", "{tmp}", "--seeds", "-1"], "--seeds: the number of seeds must be >= 1, got -1"),  # said "got []"
+        ([RECIPES[0], "--output_dir", "{tmp}", "--seed_list", "1", "1"], "--seed_list: seeds must be distinct"),
+        # a typo of compare's own option is forwarded as a recipe key: the error names the option it resembles too
+        ([RECIPES[0], "--output_dir", "{tmp}", "--frce"], "unknown recipe key 'frce' for method 'reinforce'; see `python -m grade_trl.run --help` for the keys "
+                                                          "(or grade_trl.compare's option --force?)"),
     ],
 )
 def test_compare_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
@@ -192,6 +198,26 @@ def test_a_launcher_that_is_no_program_is_one_line_and_exit_2(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == ["error: --launcher: 'no_such_launcher_xyz --flag' does not start with a program found on PATH "
                                                             "(e.g. 'accelerate launch --num_processes 2')"]
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "launcher, message",
+    [
+        ("accelerate launch --config_file {tmp}/nope.yaml", "--launcher: accelerate cannot read its --config_file '{tmp}/nope.yaml': The passed configuration file"),
+        ("accelerate launch --config_file {tmp}/bad.yaml", "--launcher: accelerate cannot read its --config_file '{tmp}/bad.yaml': "),
+        ("accelerate launch --num_procs 2", "--launcher: accelerate launch refuses '--num_procs 2': unrecognized arguments: --num_procs"),
+        ("accelerate launch --config_file 'x", "--launcher: \"accelerate launch --config_file 'x\" cannot be split into words (No closing quotation)"),
+    ],
+)
+def test_a_launcher_accelerate_refuses_is_one_line_before_any_run(tmp_path, capsys, launcher, message):
+    """Every run failed on it before (a FileNotFoundError traceback in each run's log, exit 1)."""
+    (tmp_path / "bad.yaml").write_text("compute_environment: LOCAL_MACHINE\nno_such_key: 1\n")  # a key Accelerate's config does not have
+    out = tmp_path / "out"
+    assert compare.main([RECIPES[0], "--output_dir", str(out), "--launcher", launcher.replace("{tmp}", str(tmp_path))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: " + message.replace("{tmp}", str(tmp_path))), err
+    assert not out.exists()
+    compare.check_launcher(f"accelerate launch --config_file {REPO / 'accelerate_configs' / 'cpu.yaml'} --num_processes 2")  # the README's: accepted
 
 
 def test_analysis_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
@@ -312,8 +338,14 @@ def test_resume_reruns_a_completed_run_whose_settings_changed(real_comparison, t
     # the completed run was reused before, whatever the launcher
     assert compare.main(same + fails) == 1
     assert compare.main(same + fails + ["--learning_rate", "5e-5"]) == 1  # other settings: run again (and here it fails)
-    run = json.loads((tmp_path / "comparison.json").read_text())["runs"][0]
+    written = json.loads((tmp_path / "comparison.json").read_text())
+    run = written["runs"][0]
     assert run["status"] == "failed" and run["returncode"] == 3 and "--learning_rate 5e-5" in run["command"]
+    # the three commands wrote into this folder, and the report names each (it covers every run there); one once
+    assert [c.split("grade_trl.compare ")[1] for c in written["commands"]] == [shlex.join(a) for a in (same, same + fails, same + fails + ["--learning_rate", "5e-5"])]
+    lines = analysis.command_lines(written)
+    assert lines[0].startswith("Commands: 3 wrote into this folder, in this order") and lines[2:] == [f"{i}. `{c}`" for i, c in enumerate(written["commands"], 1)]
+    assert analysis.command_lines({"command": "c", "commands": ["c"]}) == ["Command: `c`"] == analysis.command_lines({"command": "c"})
 
 
 def test_the_launcher_of_a_runs_command():
