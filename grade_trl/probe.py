@@ -120,6 +120,9 @@ def cached_reference(trainer, prompts, recipe, options: dict, cache: dict) -> tu
 def probe_recipe(recipe, path: str, options: dict, reference_cache: dict | None = None) -> dict:
     """Build one recipe's trainer, probe it on its first `num_prompts` training prompts, return one result row."""
     trainer, task = build_probe_trainer(recipe, options["checkpoint"], options["step"])
+    if len(task.train_dataset) < options["num_prompts"]:  # a smaller batch than asked would change what the figures mean
+        raise UserError(f"--num_prompts: {path} has {len(task.train_dataset)} training prompts, fewer than the {options['num_prompts']} asked; "
+                        f"give --num_prompts {len(task.train_dataset)} or less")
     prompts = first_rows(task.train_dataset, options["num_prompts"])
     start = time.time()
     G = gradient_estimates(trainer, prompts, options["num_estimates"], options["probe_seed"], options["include_value_loss"], options["project_dim"])
@@ -140,6 +143,8 @@ def probe_recipe(recipe, path: str, options: dict, reference_cache: dict | None 
     method = get_method(recipe.run.method)
     if method.relaxed:
         row.update(tau=trainer.tau, estimator=trainer.args.estimator, relax_top_k=trainer.args.relax_top_k)
+    if options["bias"] and not method.relaxed:
+        logger.info("%s: --bias is for relaxed methods; %s's estimator is unbiased, so no bias is estimated", path, recipe.run.method)
     if options["bias"] and method.relaxed:
         start = time.time()
         reference, reused = cached_reference(trainer, prompts, recipe, options, {} if reference_cache is None else reference_cache)
@@ -176,6 +181,9 @@ def format_table(rows: list[dict]) -> str:
 def probe(paths: list[str], options: dict, overrides: dict, argv: list[str]) -> int:
     check_options(paths, options)
     recipes = [build_recipe({**load_recipe_file(path), **overrides}, bare_keys=getattr(overrides, "bare", ())) for path in paths]  # validate all before any work
+    if options["bias"] and not any(get_method(recipe.run.method).relaxed for recipe in recipes):
+        raise UserError(f"--bias: the bias is GRADE's, against an unbiased reference, and applies to relaxed methods (grade*); these recipes run "
+                        f"{', '.join(sorted({recipe.run.method for recipe in recipes}))}, whose estimators are unbiased")
     quiet_libraries()
     command = " ".join(["python -m grade_trl.probe", *argv])
     rows, reference_cache = [], {}

@@ -312,6 +312,19 @@ def test_cli_probes_several_recipes_on_the_same_prompts(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # the recipe's output_dir: the probe trains and saves nothing (Trainer made it)
 
 
+def test_a_probe_asked_for_what_it_cannot_measure_says_so_in_one_line(tmp_path, capsys):
+    """--bias on recipes none of which is relaxed was ignored; more --num_prompts than the training set holds were cut
+    to what it held (another batch than asked, without a word)."""
+    cases = [
+        ([TINY_LENGTH[1], "--bias"], "error: --bias: the bias is GRADE's, against an unbiased reference, and applies to relaxed methods (grade*); these recipes run reinforce, whose estimators are unbiased"),
+        ([TINY_LENGTH[0], "--num_prompts", "41"], f"error: --num_prompts: {TINY_LENGTH[0]} has 40 training prompts, fewer than the 41 asked; give --num_prompts 40 or less"),
+    ]
+    for extra, line in cases:
+        assert main([*extra, "--num_estimates", "2", "--output", str(tmp_path / "p.json"), "--output_dir", str(tmp_path / "run"), *SHRUNK]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [line]
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_the_bias_reference_is_computed_once_for_a_sweep_over_estimators_and_tau(tmp_path):
     """The score-function reference depends on the model, prompts, reward and KL, not on the estimator or tau: within one
     command the recipes share it, and --bias_reference keeps it for later commands unless those settings change."""
