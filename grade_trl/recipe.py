@@ -221,6 +221,10 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
             continue
         if key in method.misplaced_keys:
             raise RecipeError(f"{key}: {method.misplaced_keys[key]}")
+        owners = [name for name in METHODS if key in _fields(get_method(name).config_class)]
+        if owners:  # a recipe written for another method, its method switched (`--method reinforce` on a GRADE recipe)
+            raise RecipeError(f"{key}: a key of {', '.join(owners)}, not of method {method_name!r}; remove it, or start from a recipe written "
+                              f"for {method_name} (recipes/tiny/ has one per method)")
         raise RecipeError(f"unknown recipe key {key!r} for method {method_name!r}{unknown_key_hint(key, list(run_fields) + list(config_fields), 'grade_trl.run')}", unknown_key=key)
     for key, value in method.implied.items():
         if key in values and values[key] != value:

@@ -134,6 +134,10 @@ def test_yaml_scientific_notation_without_dot_is_a_float():
         ({"method": "grade", "estimator": "ste"}, r"method 'grade' means estimator='soft'"),
         ({"tau_start": 0}, r"^tau_start: tau_start and tau_end must be > 0"),
         ({"reward_input": "everything"}, r"^reward_input: must be 'completion' or 'prompt_completion'"),
+        # a GRADE recipe run with `--method reinforce`: the key is another method's, not unknown (was "did you mean eval_steps?")
+        ({"method": "reinforce", "tau_anneal_steps": 150}, r"^tau_anneal_steps: a key of grade, grade_ste, grade_reinmax, grade_rao, grade_gapped, not of method 'reinforce'; "
+                                                           r"remove it, or start from a recipe written for reinforce"),
+        ({"method": "grpo", "num_mini_batches": 2}, r"^num_mini_batches: a key of ppo, not of method 'grpo'"),
     ],
 )
 def test_bad_values_raise_one_line_errors(values, message):
