@@ -219,18 +219,22 @@ def _run_cli(*args, cwd):
         ("method: grade_ste\n", ["--max_steps", "x"], "max_steps: expected an integer"),
     ],
 )
-def test_cli_errors_exit_2_with_one_line_and_write_nothing(tmp_path, recipe_text, extra, message):
+def test_cli_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, monkeypatch, recipe_text, extra, message):
+    """In this process (`main` is the command's whole body; the process's own exit is tested once, below)."""
+    from grade_trl.run import main
+
     (tmp_path / "r.yaml").write_text(recipe_text + f"output_dir: {tmp_path / 'out'}\n")
-    result = _run_cli("r.yaml", *extra, cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    monkeypatch.chdir(tmp_path)
+    assert main(["r.yaml", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_missing_recipe_file(tmp_path):
+def test_cli_missing_recipe_file_ends_the_process_with_2_and_one_line(tmp_path):
+    """The command as a process: exit code 2, one line, no traceback (the cases above, in-process, share this path)."""
     result = _run_cli("nope.yaml", cwd=tmp_path)
-    assert result.returncode == 2 and "recipe file not found: nope.yaml" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == ["error: recipe file not found: nope.yaml (give the path of a .yaml recipe, e.g. recipes/quickstart.yaml)"]
 
 
 def test_cli_help_lists_keys(tmp_path, capsys):
@@ -250,7 +254,10 @@ def test_cli_help_lists_keys(tmp_path, capsys):
     assert "unknown method 'sgd'" in bad and "Traceback" not in bad
 
 
-def test_cli_unloadable_model_and_data_exit_2_with_one_line(tmp_path):
+def test_cli_unloadable_model_and_data_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
+    from grade_trl.run import main
+
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "not_a_model").mkdir()
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.jsonl").write_text('{"review": "no text column", "stars": 3}\n')
@@ -260,9 +267,9 @@ def test_cli_unloadable_model_and_data_exit_2_with_one_line(tmp_path):
     ]
     for text, message in cases:
         (tmp_path / "r.yaml").write_text(f"method: grade_ste\noutput_dir: {tmp_path / 'out'}\n" + text)
-        result = _run_cli("r.yaml", cwd=tmp_path)
-        assert result.returncode == 2 and message in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert main(["r.yaml"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
         assert not (tmp_path / "out").exists()
 
 
