@@ -294,10 +294,12 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
             check_writable_folder(key, path if key == "reward_model_path" else config.output_dir)
     if run.reward_model_path is None:
         run.reward_model_path = os.path.join(config.output_dir, "reward_model")
-    from .resume import resolve_checkpoint
+    from .resume import check_resumed_settings, resolve_checkpoint
 
     try:
         resume_from = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+        if resume_from is not None:
+            check_resumed_settings(resume_from, config.max_steps, raw)
     except UserError as error:
         raise RecipeError(str(error)) from None
     return Recipe(run=run, config=config, raw=raw, resume_from=resume_from)

@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 
 from .errors import Interrupted, UserError
 from .reporting import tracker_ids
-from .results import write_json_atomic
+from .results import read_json, read_results, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,50 @@ class ResumeCallback(TrainerCallback):
                 setattr(trainer, name, value)
         if self.evaluation is not None and data["evaluation"] is not None:
             self.evaluation.load_state_dict(data["evaluation"])
+        follow_the_new_schedule(trainer, self.resume_from, state.max_steps)
         logger.info("resumed from %s at step %d", self.resume_from, state.global_step)
+
+
+def follow_the_new_schedule(trainer, checkpoint: str, max_steps: int) -> None:
+    """A run resumed with another `max_steps` than the one that saved `checkpoint` (a finished run extended): the
+    learning rate of its next step is the new schedule's at this step.
+
+    Trainer restores the optimizer's learning rate as the checkpoint left it and only then steps the scheduler, whose
+    lambda already holds the new `max_steps`: the first resumed step trained at the old schedule's rate (0 where a linear
+    decay had ended: a run of 2 steps extended to 3 trained its third step at learning rate 0) and the next ones jumped
+    to the new schedule's. Only LambdaLR (every schedule of transformers' `get_scheduler` but the plateau one) is set."""
+    before = read_json(os.path.join(checkpoint, "trainer_state.json")) or {}
+    scheduler, optimizer = trainer.lr_scheduler, trainer.optimizer
+    if before.get("max_steps") in (None, max_steps) or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or optimizer is None:
+        return
+    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    groups = getattr(optimizer, "optimizer", optimizer).param_groups  # Accelerate's wrapper shares the wrapped optimizer's groups
+    logger.warning("resume: max_steps %d, where the run that saved %s had %d: the learning-rate schedule is the new one from here on "
+                   "(the next step trains at %.3g, the checkpoint's optimizer had %.3g)", max_steps, os.path.basename(checkpoint),
+                   before["max_steps"], rates[0], groups[0]["lr"])
+    for group, rate in zip(groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+
+
+def check_resumed_settings(checkpoint: str, max_steps: int, recipe: dict) -> None:
+    """Before a run resumes from `checkpoint`: `max_steps` must leave a step to train (Trainer trained one step past a
+    `max_steps` at or below the checkpoint's step, and ended "completed"), and the recipe keys that differ from those of
+    the run that wrote the checkpoint's folder (its results.json) are named in a warning: the resumed part trains and
+    is evaluated with the new values, in one history with the old."""
+    step = (read_json(os.path.join(checkpoint, "trainer_state.json")) or {}).get("global_step")
+    if isinstance(step, int) and 0 < max_steps <= step:
+        raise UserError(f"max_steps: {max_steps} leaves nothing to train after {os.path.basename(checkpoint)}, which is at step {step}; give "
+                        f"max_steps above {step}, or evaluate that checkpoint's model instead")
+    earlier = ((read_results(os.path.dirname(os.path.abspath(checkpoint))) or {}).get("config") or {}).get("recipe")
+    if not isinstance(earlier, dict):
+        return
+    not_settings = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir", "max_steps"}  # where and how long, not what
+    changed = sorted(key for key in (earlier.keys() | recipe.keys()) - not_settings if str(earlier.get(key)) != str(recipe.get(key)))
+    if changed:
+        logger.warning("resume: %s differ%s from the run that saved %s (%s): the resumed steps and evaluations use the new value%s, in one "
+                       "history with the earlier ones", ", ".join(changed), "s" if len(changed) == 1 else "", os.path.basename(checkpoint),
+                       "; ".join(f"{key} {earlier.get(key)!r} -> {recipe.get(key)!r}" for key in changed), "" if len(changed) == 1 else "s")
 
 
 def saved_tracker_ids(checkpoint: str) -> dict:

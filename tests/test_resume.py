@@ -196,3 +196,26 @@ def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused_unless_it_starts_
     (out / "model" / "earlier.txt").write_text("from the earlier run")
     assert main(argv("length_reinforce.yaml", out, max_steps=2, save_strategy="no", resume_from_checkpoint=str(source / "checkpoint-1"))) == 0
     assert not (out / "model" / "earlier.txt").exists() and json.loads((out / "results.json").read_text())["status"] == "completed"
+
+
+def test_a_finished_run_extended_follows_the_new_schedule_and_one_with_nothing_left_is_refused(tmp_path, capsys, caplog):
+    """Found by a GSM8K journey audit: a 2-step run resumed with max_steps 3 trained its third step at learning rate 0
+    (Trainer restores the optimizer's rate, which the old linear schedule had ended at 0, before the scheduler holding the
+    new max_steps takes over), and one resumed with max_steps at or below its checkpoint's step trained a step past it."""
+    out = tmp_path / "run"
+    short = dict(save_steps=1, logging_steps=1, eval_steps=100, lr_scheduler_type="linear")
+    assert main(argv("length_reinforce.yaml", out, max_steps=2, **short)) == 0
+    before = (out / "results.json").read_text()
+    assert main(argv("length_reinforce.yaml", out, max_steps=2, resume_from_checkpoint="true", **short)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("error: max_steps: 2 leaves nothing to train after checkpoint-2, which is at step 2; give "
+                                                                 "max_steps above 2, or evaluate that checkpoint's model instead")
+    assert (out / "results.json").read_text() == before and not (out / "checkpoint-3").exists()
+    with caplog.at_level("WARNING", logger="grade_trl.resume"):
+        assert main(argv("length_reinforce.yaml", out, max_steps=4, resume_from_checkpoint="true", eval_num_prompts=2, **short)) == 0
+    rates = [h["learning_rate"] for h in json.loads((out / "results.json").read_text())["history"] if "loss" in h]
+    # linear decay: step k trains at 1e-4 (N - k + 1) / N, with N = 2 for the first run's steps and N = 4 from step 3 on (was 0.0 at step 3)
+    assert rates == pytest.approx([1e-4, 5e-5, 5e-5, 2.5e-5], rel=1e-6), rates
+    assert not torch.equal(load_file(out / "checkpoint-2" / "model.safetensors")["transformer.h.0.attn.c_attn.weight"],
+                           load_file(out / "checkpoint-3" / "model.safetensors")["transformer.h.0.attn.c_attn.weight"])
+    assert "resume: max_steps 4, where the run that saved checkpoint-2 had 2: the learning-rate schedule is the new one from here on (the next step trains at 5e-05" in caplog.text
+    assert "resume: eval_num_prompts differs from the run that saved checkpoint-2 (eval_num_prompts 4 -> 2)" in caplog.text
