@@ -288,6 +288,49 @@ def test_our_trainers_pass_extra_columns_aligned_with_their_completions(tmp_path
     assert trainer.state.log_history[0]["rewards/answer_matches_prompt/mean"] == 1.0
 
 
+def _gsm8k_rows(n, **change):
+    return [{"question": f"Tom has {k} apples and buys {k + 1} more. How many apples has he now?", "answer": f"{k} + {k + 1} = {2 * k + 1}\n#### {2 * k + 1}", **change}
+            for k in range(n)]
+
+
+def _jsonl_text(rows):
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+GOOD_TEST = _jsonl_text(_gsm8k_rows(20))
+# (name, {file: text} of the data folder (or one file, "FILE"), the error's end): each was found by a GSM8K journey audit
+GSM8K_DATA_CASES = [
+    ("answers stored as numbers", {"train.jsonl": _jsonl_text([dict(r, answer=7) for r in _gsm8k_rows(30)]), "test.jsonl": GOOD_TEST},
+     "GSM8K train row 1 of '{data}' has answer 7; every `answer` must be text, as in the hub's openai/gsm8k"),  # an AttributeError traceback, exit 1
+    ("a null question", {"train.jsonl": _jsonl_text(_gsm8k_rows(30)[:3] + [dict(_gsm8k_rows(1)[0], question=None)]), "test.jsonl": GOOD_TEST},
+     "GSM8K train row 4 of '{data}' has question None; every `question` must be text, as in the hub's openai/gsm8k"),
+    ("an answer without its number", {"train.jsonl": _jsonl_text(_gsm8k_rows(30)), "test.jsonl": _jsonl_text([dict(r, answer="He has some apples.") for r in _gsm8k_rows(5)])},
+     "GSM8K test row 1 of '{data}': its answer neither ends with `#### <number>` nor is a number (it ends 'He has some apples.')"),
+    ("a line that is not JSON", {"train.jsonl": _jsonl_text(_gsm8k_rows(30)) + '{"question": "cut short", "ans\n', "test.jsonl": GOOD_TEST},
+     "cannot read {data}/train.jsonl as json: line 31 is not JSON: Invalid control character at column 31"),  # 3 lines, no line number
+    ("one file for both splits", {"FILE": GOOD_TEST}, "{data} is one file; GSM8K needs its train and test splits: give a folder holding train.jsonl "
+     "and test.jsonl (or .jsonl.gz / .parquet), a hub id, or `embedded`"),  # blamed max_prompt_length: every train problem was a test one
+    ("train and test the same problems", {"train.jsonl": GOOD_TEST, "test.jsonl": GOOD_TEST}, "every GSM8K train problem of '{data}' is also one of its "
+     "test problems (the test keeps them); give train and test files of different problems"),
+]
+
+
+@pytest.mark.parametrize("name,files,end", GSM8K_DATA_CASES, ids=[c[0] for c in GSM8K_DATA_CASES])
+def test_bad_gsm8k_data_is_one_line_naming_dataset_name_exit_2_nothing_written(tmp_path, capfd, name, files, end):
+    data = tmp_path / "data.jsonl" if "FILE" in files else tmp_path / "data"
+    if "FILE" in files:
+        data.write_text(files["FILE"])
+    else:
+        data.mkdir()
+        for file_name, text in files.items():
+            (data / file_name).write_text(text)
+    out = tmp_path / "run"
+    assert main([str(REPO / "recipes" / "tiny" / "gsm8k_grpo.yaml"), "--dataset_name", str(data), "--output_dir", str(out)]) == 2
+    err = capfd.readouterr().err.strip().splitlines()  # the file descriptor: datasets' own log handler writes there
+    assert err == [f"error: dataset_name: cannot load {str(data)!r}: " + end.replace("{data}", str(data))], err
+    assert not out.exists()
+
+
 def test_grade_is_refused_on_gsm8k_in_one_line(capsys):
     for method in [name for name, m in METHODS.items() if m.relaxed]:
         with pytest.raises(RecipeError, match=f"method '{method}' cannot train task 'gsm8k': GRADE needs a differentiable reward.*use reinforce, ppo, grpo or cispo"):

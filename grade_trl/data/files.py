@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
@@ -40,6 +44,37 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
+def first_bad_json_line(file: str) -> str | None:
+    """'line N: <why>' for the first line of a JSON-lines file (gzipped or not) that is not one JSON object, or None.
+    datasets' own error names a byte position of its fallback reader ("Trailing data at position 313"), not the line."""
+    if not file.endswith((".jsonl", ".jsonl.gz")):
+        return None
+    with (gzip.open if file.endswith(".gz") else open)(file, "rt", encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"line {number} is not JSON: {error.msg.removesuffix(' at')} at column {error.colno}"  # json's msg ends "... at"
+            if not isinstance(row, dict):
+                return f"line {number} is a JSON {type(row).__name__}, not an object with the data's columns"
+    return None
+
+
+@contextmanager
+def quiet_datasets():
+    """datasets logs a file it fails to parse twice (its own handler and the root's) before raising: our one-line error
+    says it instead."""
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logger.setLevel(level)
+
+
 def load_split(source: str, split: str, embedded_dir: Path, columns: tuple[str, ...], name: str, hub_config: str | None = None) -> Dataset:
     """One split with (at least) `columns`: from `embedded` (`embedded_dir`), a local folder or file, else the hub.
 
@@ -54,9 +89,11 @@ def load_split(source: str, split: str, embedded_dir: Path, columns: tuple[str, 
         if isinstance(files, str) and os.path.getsize(files) == 0:
             raise ValueError(f"{files} is empty")
         try:
-            dataset = load_dataset(builder, data_files={split: files}, split=split)
+            with quiet_datasets():
+                dataset = load_dataset(builder, data_files={split: files}, split=split)
         except Exception as error:  # datasets wraps a parse error in DatasetGenerationError: name the file and the cause
-            raise ValueError(f"cannot read {files} as {builder}: {_root_cause(error)}") from None
+            bad_line = first_bad_json_line(files) if isinstance(files, str) else None
+            raise ValueError(f"cannot read {files} as {builder}: {bad_line or _root_cause(error)}") from None
         if len(dataset) == 0:
             raise ValueError(f"{files} has no rows")
     else:

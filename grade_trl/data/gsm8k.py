@@ -1,8 +1,9 @@
 """GSM8K (Cobbe et al. 2021, arXiv:2110.14168): loading, gold answers, prompts.
 
 Sources: the hub id `openai/gsm8k` (config `main`), a local folder with `train`/`test` as `.jsonl`,
-`.jsonl.gz` or `.parquet` (or one such file), or `embedded` (the bundled 1,000 train / 200 test
-sample). Every row has `question` and `answer` (a worked solution ending `#### <number>`).
+`.jsonl.gz` or `.parquet`, or `embedded` (the bundled 1,000 train / 200 test sample); `load_gsm8k` of one
+split also takes one such file (pretraining reads the train split alone). Every row has `question` and `answer`
+(a worked solution ending `#### <number>`, or the number alone), both text.
 
 Prompts: with a chat template (Qwen2.5-Instruct and the like) the question is the user turn after a
 system prompt asking for the final answer as `#### <answer>` or `\\boxed{}`, rendered to text with the
@@ -14,6 +15,8 @@ keyword, exactly as `trl.GRPOTrainer` passes extra dataset columns.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 from datasets import Dataset
 
@@ -78,6 +81,23 @@ def disjoint_splits(train: Dataset, test: Dataset) -> tuple[Dataset, Dataset]:
     return train, test
 
 
+def check_rows(rows: Dataset, source: str, split: str) -> None:
+    """Every row's `question` and `answer` are text and the answer gives its number (`#### <number>` at the end of a
+    solution, or the number alone): a ValueError naming the first row that does not, before a reward or the prompt
+    template meets it (an answer stored as a JSON number or null was an AttributeError traceback there)."""
+    for column in ("question", "answer"):
+        for number, value in enumerate(rows[column], 1):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"GSM8K {split} row {number} of {source!r} has {column} {value!r}; every `{column}` must be text, as in "
+                                 "the hub's openai/gsm8k")
+    for number, answer in enumerate(rows["answer"], 1):
+        try:
+            gold_answer(answer)
+        except ValueError:
+            raise ValueError(f"GSM8K {split} row {number} of {source!r}: its answer neither ends with `#### <number>` nor is a number "
+                             f"(it ends {answer[-60:]!r})") from None
+
+
 def make_gsm8k_splits(source: str, tokenizer, max_prompt_length: int | None, eval_num_problems: int, test_num_problems: int | None, system_prompt: str = SYSTEM_PROMPT) -> tuple[dict[str, Dataset], dict]:
     """Prompt datasets `train` (all of GSM8K train), `validation` (the first `eval_num_problems` test problems,
     as the users evaluated) and `test` (the first `test_num_problems` test problems, or all), plus their sizes.
@@ -86,9 +106,20 @@ def make_gsm8k_splits(source: str, tokenizer, max_prompt_length: int | None, eva
     test question and a train question the test also has are dropped (`disjoint_splits`; GSM8K itself has none).
     Raises ValueError when a split comes out empty (for instance a `max_prompt_length` that fits no question).
     """
-    train, train_dropped = prompt_dataset(load_gsm8k(source, "train"), tokenizer, max_prompt_length, system_prompt)
-    test, test_dropped = prompt_dataset(load_gsm8k(source, "test"), tokenizer, max_prompt_length, system_prompt)
+    local = Path(os.path.expanduser(source))
+    if source != "embedded" and local.is_file():  # the same file as both splits: disjoint_splits would empty train
+        raise ValueError(f"{source} is one file; GSM8K needs its train and test splits: give a folder holding train.jsonl and test.jsonl "
+                         "(or .jsonl.gz / .parquet), a hub id, or `embedded`")
+    rows = {split: load_gsm8k(source, split) for split in ("train", "test")}
+    for split, split_rows in rows.items():
+        check_rows(split_rows, source, split)
+    train, train_dropped = prompt_dataset(rows["train"], tokenizer, max_prompt_length, system_prompt)
+    test, test_dropped = prompt_dataset(rows["test"], tokenizer, max_prompt_length, system_prompt)
+    fitting = len(train)
     train, test = disjoint_splits(train, test)
+    if fitting and not len(train):
+        raise ValueError(f"every GSM8K train problem of {source!r} is also one of its test problems (the test keeps them); give train and test "
+                         "files of different problems")
     splits = {
         "train": train,
         "validation": test.select(range(min(eval_num_problems, len(test)))),
