@@ -155,6 +155,14 @@ TASKS = ("imdb_sentiment", "length", "gsm8k", "custom")
 # a chat-templated GSM8K question needs ~300 tokens; a custom prompt is dropped, not cut, when longer than max_prompt_length
 TASK_DEFAULTS = {"gsm8k": {"dataset_name": "openai/gsm8k", "max_prompt_length": 512}, "custom": {"max_prompt_length": 128}}
 CUSTOM_KEYS = ("dataset_config", "train_split", "validation_split", "test_split", "prompt_column", "reward_funcs", "reward_kwargs", "eval_reward_funcs", "eval_reward_kwargs")
+_IMDB_TASKS = ("imdb_sentiment", "length")
+TASK_KEYS = {  # keys that only some tasks read: under another task they were accepted and ignored without a word
+    **dict.fromkeys(("eval_num_problems", "test_num_problems", "eval_pass_k"), ("gsm8k",)),
+    **dict.fromkeys(("eval_num_prompts", "test_num_prompts"), (*_IMDB_TASKS, "custom")),
+    **dict.fromkeys(("reward_split_size", "policy_split_size", "validation_split_size", "test_split_size", "prompt_max_chars"), _IMDB_TASKS),
+}
+TASK_KEY_TWINS = {"eval_num_prompts": "eval_num_problems", "test_num_prompts": "test_num_problems", "eval_num_problems": "eval_num_prompts",
+                  "test_num_problems": "test_num_prompts"}  # what the other task calls it
 NON_DIFFERENTIABLE_TASKS = {"gsm8k": "gsm8k's correctness reward is not (an exact match of the final answer has no gradient)"}
 
 
@@ -450,9 +458,16 @@ def check_enum_values(config_kwargs: dict) -> None:
 
 def check_custom_task(values: dict, method_name: str, run: RunArguments, config) -> None:
     """Task `custom`: its data set is named and every reward function imports, is callable, has TRL's signature and
-    (GRADE) is differentiable; another task refuses the custom keys. Runs before anything is loaded."""
+    (GRADE) is differentiable; another task refuses the custom keys, and every task the keys of others (`TASK_KEYS`).
+    Runs before anything is loaded."""
     from .rewards.imports import reward_specs
 
+    for key, tasks in TASK_KEYS.items():
+        if key in values and run.task not in tasks:
+            twin = TASK_KEY_TWINS.get(key)
+            use = f"; task {run.task!r} reads {twin}" if twin and run.task in TASK_KEYS[twin] else ""
+            raise RecipeError(f"{key}: only task{'s' if len(tasks) > 1 else ''} {', '.join(tasks)} read{'' if len(tasks) > 1 else 's'} it, not task {run.task!r}{use}; "
+                              "remove it, or start from a recipe written for this task")
     if run.task != "custom":
         for key in CUSTOM_KEYS:
             if key in values:

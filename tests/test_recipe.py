@@ -138,6 +138,11 @@ def test_yaml_scientific_notation_without_dot_is_a_float():
         ({"method": "reinforce", "tau_anneal_steps": 150}, r"^tau_anneal_steps: a key of grade, grade_ste, grade_reinmax, grade_rao, grade_gapped, not of method 'reinforce'; "
                                                            r"remove it, or start from a recipe written for reinforce"),
         ({"method": "grpo", "num_mini_batches": 2}, r"^num_mini_batches: a key of ppo, not of method 'grpo'"),
+        # a key of another task: accepted and ignored before (GSM8K evaluated its 500 default problems, not the 5 asked)
+        ({"method": "grpo", "task": "gsm8k", "eval_num_prompts": 5}, r"^eval_num_prompts: only tasks imdb_sentiment, length, custom read it, not task "
+                                                                     r"'gsm8k'; task 'gsm8k' reads eval_num_problems; remove it"),
+        ({"method": "reinforce", "task": "gsm8k", "policy_split_size": 100}, r"^policy_split_size: only tasks imdb_sentiment, length read it, not task 'gsm8k';"),
+        ({"method": "reinforce", "task": "length", "eval_pass_k": 4}, r"^eval_pass_k: only task gsm8k reads it, not task 'length'; remove it"),
     ],
 )
 def test_bad_values_raise_one_line_errors(values, message):
