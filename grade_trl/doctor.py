@@ -31,7 +31,7 @@ COMMAND = Command(
 def report(findings: list[Finding], not_applicable: list[str], source: str, history: list[dict], validation_key: str) -> str:
     """The readable report: one block per finding, or 'no problems found'."""
     head = f"run doctor: {source} ({len(training_rows(history))} training logs, {len(evaluation_rows(history, validation_key))} evaluations)"
-    skipped = f"not applicable (keys not logged): {', '.join(not_applicable)}" if not_applicable else "every check applied"
+    skipped = f"not applicable (keys not logged, or too few logs to judge): {', '.join(not_applicable)}" if not_applicable else "every check applied"
     if not findings:
         return "\n".join([head, "no problems found", skipped])
     counts = ", ".join(f"{sum(f.severity == s for f in findings)} {s}(s)" for s in ("error", "warning") if any(f.severity == s for f in findings))

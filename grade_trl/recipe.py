@@ -58,7 +58,7 @@ class RunArguments:
     validation_split_size: int = field(default=2000, metadata={"help": "IMDB train reviews held out for validation (2,000)."})
     test_split_size: int | None = field(default=None, metadata={"help": "IMDB test reviews to draw test prompts from (default: all)."})
     prompt_max_chars: int = field(default=200, metadata={"help": "Prompts are the first 1-2 sentences of a review, at most this many characters."})
-    max_prompt_length: int = field(default=32, metadata={"help": "Prompts are cut to this many tokens (GRADE experiment: 32); also given to the trainer when its config has this key."})
+    max_prompt_length: int = field(default=32, metadata={"help": "IMDB and length: prompts are cut to this many tokens (GRADE experiment: 32). GSM8K (default 512) and custom (default 128): a longer prompt is dropped, not cut (a cut question has no answer). Also given to the trainer when its config has this key."})
 
     reward_model_path: str | None = field(default=None, metadata={"help": "Folder of the trained sentiment head; trained there when missing (default: {output_dir}/reward_model)."})
     reward_backbone: str | None = field(default=None, metadata={"help": "Frozen backbone of the reward model; must share the policy's vocabulary (default: the policy)."})
@@ -355,7 +355,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_num_problems": (lambda v: 1 <= v <= _MAX_SIZE, "an integer >= 1"),
     "test_num_problems": (lambda v: 1 <= v <= _MAX_SIZE, "an integer >= 1 (or null: every test problem)"),
     "eval_best_of_n": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1,024"),
-    "eval_pass_k": (lambda v: 0 <= v <= 1024, "an integer from 0 to 1,024 (0: off)"),
+    "eval_pass_k": (lambda v: v == 0 or 2 <= v <= 1024, "0 (off) or an integer from 2 to 1,024 (pass@1 is the greedy accuracy already logged)"),
     "eval_temperature": (lambda v: v > 0, "a number > 0 (logits are divided by it; 0.1 for near-greedy)"),
     "eval_top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1: nucleus sampling off)"),
     "reward_split_size": (lambda v: 0 <= v <= _MAX_SIZE, "an integer >= 0 (0: no reward-head split, as the length and gsm8k tasks)"),

@@ -143,6 +143,7 @@ def test_yaml_scientific_notation_without_dot_is_a_float():
                                                                      r"'gsm8k'; task 'gsm8k' reads eval_num_problems; remove it"),
         ({"method": "reinforce", "task": "gsm8k", "policy_split_size": 100}, r"^policy_split_size: only tasks imdb_sentiment, length read it, not task 'gsm8k';"),
         ({"method": "reinforce", "task": "length", "eval_pass_k": 4}, r"^eval_pass_k: only task gsm8k reads it, not task 'length'; remove it"),
+        ({"method": "grpo", "task": "gsm8k", "eval_pass_k": 1}, r"^eval_pass_k: expected 0 \(off\) or an integer from 2 to 1,024"),  # was accepted, did nothing
     ],
 )
 def test_bad_values_raise_one_line_errors(values, message):
