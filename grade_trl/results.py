@@ -10,8 +10,8 @@
         "task", "steps", "stopped_early", "train_minutes", "samples_per_step" (completions per optimizer step),
         "peak_memory_mb", "validation_metric" (e.g. "eval_reward"), "validation_before", "validation_after"
         (evaluator metrics at step 0 and at the end), "best_validation", "best_validation_step",
-        "test": {"final": T, "best": T} with T = {"metrics", "prompts", and per-prompt lists such as "rewards",
-        "gold_rewards", "corrects"}, "kl" (the last training window's, nats per completion), "doctor" (its
+        "test": {"final": T, "best": T} with T = {"metrics", "prompts", "completions", and per-prompt lists such as
+        "rewards", "gold_rewards", "corrects", "extracted_answers" (GSM8K)}, "kl" (the last training window's, nats per completion), "doctor" (its
         findings; None with the doctor off), "doctor_stopped" ({"check", "step", "update_skipped"} when `doctor: stop`
         ended the run, else None), "nonfinite_skipped_steps", "samples", "device", "num_processes", "torch";
         "resumed_from" (a resumed run: its checkpoint folder), "checkpoint" (a run stopped by a signal: the

@@ -446,6 +446,11 @@ def test_tiny_recipe_end_to_end(tmp_path, recipe):
         assert h["eval_reward"] == pytest.approx(h["eval_accuracy"] + 0.5 * h["eval_format_reward"])
     test = final["test"]["final"]
     assert len(test["corrects"]) == 8 and test["metrics"]["accuracy"] == pytest.approx(sum(test["corrects"]) / 8)
+    # what was scored is kept, so a score can be checked by hand: the completion and the answer read from it
+    assert len(test["completions"]) == len(test["extracted_answers"]) == 8
+    for completion, extracted, correct in zip(test["completions"], test["extracted_answers"], test["corrects"]):
+        predicted = extract_answer(completion)
+        assert extracted == (None if predicted is None else str(predicted)) and (extracted is not None or correct == 0.0)
     trained = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     base = load_file(os.path.join(resolve_model_path("embedded"), "model.safetensors"))
     key = "transformer.h.0.attn.c_attn.weight"
