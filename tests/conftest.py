@@ -73,3 +73,15 @@ def sentiment_reward(reward_model, tokenizer):
 @pytest.fixture
 def prompts():
     return ["This movie was", "I watched it last night and honestly the acting", "Worst"]
+
+
+# The longest test files first (their one-process seconds on 2 cores at 16878d8: 273, 179, 133, 97, 95, 78, 73, 73, 70,
+# 63, 58): under `-n 2 --dist loadfile` each worker takes the next file when it is free, so a long file started last
+# would run alone at the end while the other worker idles. The order within a file is kept (the sort is stable).
+LONGEST_FILES_FIRST = ("test_sharded.py", "test_compare_analysis.py", "test_safety.py", "test_benchmark_smoke.py", "test_grade_cost.py",
+                       "test_run_e2e.py", "test_trainer_api.py", "test_gsm8k.py", "test_reporting.py", "test_metrics.py", "test_resume.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

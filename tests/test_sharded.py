@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from unittest import mock
 
 import pytest
@@ -345,6 +346,17 @@ def _two_process_run(tmp_path, name: str, recipe: str, overrides: dict, reward_m
                "--main_process_port", "0", "-m", "grade_trl.run"]
     result = subprocess.run(cmd + args, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     (tmp_path / f"{name}.stderr.txt").write_text(result.stderr)  # the whole of it, for a failure's diagnosis
+    if result.returncode != 0 and "Signal 6 (SIGABRT)" in result.stderr and "resume_from_checkpoint" not in overrides:
+        # A rank killed by an abort in native code, not by a Python error: once in three full runs of the suite on 2
+        # pytest-xdist workers (2026-12-06, at d6c79f1's tests), rank 0 of the resume test's run A printed glibc's
+        # "free(): invalid pointer" after its last checkpoint, while rank 1 waited in the final save's state-dict gather
+        # (torch's FSDP2 on CPU, gloo). Launched once more from scratch (not a resumed run, whose folder holds what it resumes from),
+        # said in a warning; a Python failure is never retried, and an abort that comes back fails the test.
+        warnings.warn(f"{name}: a rank aborted in native code (see {name}.aborted.stderr.txt); launched once more")
+        (tmp_path / f"{name}.aborted.stderr.txt").write_text(result.stderr)
+        shutil.rmtree(tmp_path / name, ignore_errors=True)
+        result = subprocess.run(cmd + args, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        (tmp_path / f"{name}.stderr.txt").write_text(result.stderr)
     return result
 
 
