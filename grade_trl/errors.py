@@ -5,6 +5,7 @@ into a UserError naming its key."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 from typing import Iterator
 
@@ -51,21 +52,30 @@ def signals_raise(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), ha
 
 
 @contextlib.contextmanager
+def quiet_logger(name: str, level: int = logging.CRITICAL) -> Iterator[None]:
+    """The library logger `name` logs only at `level` and above inside the block: not what it would say before a failure
+    that our one-line error then names (the hub's retries, datasets' parse errors, dozens of lines or twice over)."""
+    library_logger = logging.getLogger(name)
+    previous = library_logger.level
+    library_logger.setLevel(level)
+    try:
+        yield
+    finally:
+        library_logger.setLevel(previous)
+
+
+@contextlib.contextmanager
 def loading(key: str, value: str):
     """Turn a failure to load `value` (unreachable hub id, unreadable file, wrong schema) into a one-line error naming `key`."""
-    import logging
-
     from safetensors import SafetensorError  # a truncated or corrupt .safetensors file
 
     from .models import unreachable_hub_id
 
     if reason := unreachable_hub_id(str(value)):
         raise UserError(f"{key}: cannot load {value!r}: {reason} (give a local path or `embedded`, or download it where the hub is reachable)")
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)  # an unreachable hub: its retries' warnings (dozens of lines) before our one line
     try:
-        yield
+        with quiet_logger("huggingface_hub", logging.ERROR):  # an unreachable hub: its retries' warnings (dozens of lines) before our one line
+            yield
     except (OSError, ValueError, ConnectionError, SafetensorError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if isinstance(error, SafetensorError):
@@ -73,5 +83,3 @@ def loading(key: str, value: str):
         elif isinstance(error, (OSError, ConnectionError)):  # not found, not reachable (a ValueError says what is wrong inside)
             first_line += " (give a local path, `embedded`, or a hub id reachable from here)"
         raise UserError(f"{key}: cannot load {value!r}: {first_line}") from None
-    finally:
-        hub_logger.setLevel(level)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
+
+from ..errors import quiet_logger
 
 EMBEDDED = "embedded"
 """The name that resolves to a task's bundled sample under `grade_trl/assets/`."""
@@ -45,7 +45,7 @@ def _root_cause(error: BaseException) -> str:
 
 
 def first_bad_json_line(file: str) -> str | None:
-    """'line N: <why>' for the first line of a JSON-lines file (gzipped or not) that is not one JSON object, or None.
+    """'line N is not JSON: <why>' (or not an object) for the first line of a JSON-lines file (gzipped or not) that is not one JSON object, or None.
     datasets' own error names a byte position of its fallback reader ("Trailing data at position 313"), not the line."""
     if not file.endswith((".jsonl", ".jsonl.gz")):
         return None
@@ -62,19 +62,6 @@ def first_bad_json_line(file: str) -> str | None:
     return None
 
 
-@contextmanager
-def quiet_datasets():
-    """datasets logs a file it fails to parse twice (its own handler and the root's) before raising: our one-line error
-    says it instead."""
-    datasets_logger = logging.getLogger("datasets")
-    level = datasets_logger.level
-    datasets_logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        datasets_logger.setLevel(level)
-
-
 def load_split(source: str, split: str, embedded_dir: Path, columns: tuple[str, ...], name: str, hub_config: str | None = None) -> Dataset:
     """One split with (at least) `columns`: from `embedded` (`embedded_dir`), a local folder or file, else the hub.
 
@@ -89,7 +76,7 @@ def load_split(source: str, split: str, embedded_dir: Path, columns: tuple[str, 
         if isinstance(files, str) and os.path.getsize(files) == 0:
             raise ValueError(f"{files} is empty")
         try:
-            with quiet_datasets():
+            with quiet_logger("datasets"):  # it logs a file it cannot parse twice (its handler, the root's) before raising
                 dataset = load_dataset(builder, data_files={split: files}, split=split)
         except Exception as error:  # datasets wraps a parse error in DatasetGenerationError: name the file and the cause
             bad_line = first_bad_json_line(files) if isinstance(files, str) else None

@@ -23,7 +23,7 @@ from datasets import Dataset
 from ..errors import UserError
 from ..models import ASSETS_DIR
 from ..rewards.gsm8k import gold_answer
-from .files import load_split
+from .files import EMBEDDED, load_split
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,7 @@ def make_gsm8k_splits(source: str, tokenizer, max_prompt_length: int | None, eva
     test question and a train question the test also has are dropped (`disjoint_splits`; GSM8K itself has none).
     Raises ValueError when a split comes out empty (for instance a `max_prompt_length` that fits no question).
     """
-    local = Path(os.path.expanduser(source))
-    if source != "embedded" and local.is_file():  # the same file as both splits: disjoint_splits would empty train
+    if source != EMBEDDED and Path(os.path.expanduser(source)).is_file():  # the same file as both splits: disjoint_splits would empty train
         raise ValueError(f"{source} is one file; GSM8K needs its train and test splits: give a folder holding train.jsonl and test.jsonl "
                          "(or .jsonl.gz / .parquet), a hub id, or `embedded`")
     rows = {split: load_gsm8k(source, split) for split in ("train", "test")}
