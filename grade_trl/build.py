@@ -148,7 +148,8 @@ def build_callbacks(recipe: Recipe, task, resume_from: str | None = None, gracef
 
     resume_from: the checkpoint folder the run resumes from (resume.resolve_checkpoint), or None. graceful_stop: the
     resume.GracefulStop whose handler the runner installed for SIGTERM/SIGINT (default: a new one)."""
-    from .diagnostics import DoctorCallback, build_settings
+    from .diagnostics import build_settings
+    from .doctor_callback import DoctorCallback
     from .evaluation import EvaluationCallback
     from .probing import GradientProbeCallback
     from .resume import GracefulStop, ResumeCallback

@@ -139,14 +139,14 @@ class RunArguments:
             raise ValueError(f"nonfinite must be stop or skip, got {self.nonfinite!r}")
         if self.doctor not in ("warn", "stop", "off"):
             raise ValueError(f"doctor must be warn, stop or off, got {self.doctor!r}")
-        from .diagnostics import DoctorCallback, build_settings  # unknown settings or stop_on names raise a one-line error
+        from .diagnostics import build_settings, check_stop_on  # unknown settings or stop_on names raise a one-line error
 
         try:
             build_settings(self.doctor_settings or {})
         except UserError as error:
             raise ValueError(f"doctor_settings: {error}") from None
         try:
-            DoctorCallback(stop_on=self.doctor_stop_on)
+            check_stop_on(self.doctor_stop_on)
         except ValueError as error:  # the callback's own argument is stop_on: here it is the recipe's doctor_stop_on
             raise ValueError(f"doctor_{error}") from None
 

@@ -114,3 +114,16 @@ def test_every_relative_link_of_the_readme_is_committed():
     local = [link.split("#")[0] for link in links if not re.match(r"^[a-z]+://|#|mailto:", link)]
     missing = [link for link in local if str(Path(link)) not in tracked | folders]
     assert local and missing == []
+
+
+def test_reading_commands_and_the_exit_helpers_import_no_transformers():
+    """`import grade_trl`, its plumbing (cli, errors, recipe) and the doctor load no transformers or TRL (6-8 s):
+    `python -m grade_trl.doctor RUN` answers at once, and the package's names load on first use."""
+    import sys
+
+    script = ("import sys, grade_trl, grade_trl.cli, grade_trl.errors, grade_trl.recipe, grade_trl.doctor\n"
+              "print(sorted(m for m in ('transformers', 'trl', 'torch', 'datasets') if m in sys.modules))\n"
+              "from grade_trl import GumbelGRADETrainer, LengthReward\n"
+              "print(GumbelGRADETrainer.__module__, LengthReward.__module__, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True).stdout.splitlines()
+    assert out == ["[]", "grade_trl.trainers.grade grade_trl.rewards.length True"]

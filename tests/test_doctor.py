@@ -13,7 +13,8 @@ import torch
 from datasets import Dataset
 from transformers import TrainerControl, TrainerState
 
-from grade_trl.diagnostics import CHECK_IDS, DoctorCallback, DoctorSettings, diagnose, run_checks
+from grade_trl.diagnostics import CHECK_IDS, DoctorSettings, diagnose, run_checks
+from grade_trl.doctor_callback import DoctorCallback
 from grade_trl.doctor import main
 from grade_trl.rewards.length import LengthReward
 from grade_trl.trainers import REINFORCEConfig, REINFORCETrainer
@@ -302,7 +303,7 @@ def test_callback_replays_a_run_warns_once_and_stops_on_a_named_check(caplog):
     state, control = TrainerState(), TrainerControl()
     callback = DoctorCallback(stop_on=["reward_regression"])
     stopped_at = None
-    with caplog.at_level(logging.WARNING, logger="grade_trl.diagnostics"):
+    with caplog.at_level(logging.WARNING, logger="grade_trl.doctor_callback"):
         for row in history:
             state.global_step = row["step"]
             state.log_history.append(row)
@@ -336,7 +337,7 @@ def test_callback_in_a_real_run_warns_once_then_stops_when_asked(tmp_path, caplo
     # A KL ceiling every real log exceeds: the finding appears at the first log and grows, warned once.
     warn_only = DoctorCallback(DoctorSettings(kl_max=1e-6))
     trainer = reinforce_trainer(tmp_path / "warn", warn_only, max_steps=3)
-    with caplog.at_level(logging.WARNING, logger="grade_trl.diagnostics"):
+    with caplog.at_level(logging.WARNING, logger="grade_trl.doctor_callback"):
         trainer.train()
     kl = [(h["step"], h["kl"]) for h in trainer.state.log_history if "kl" in h]
     assert trainer.state.global_step == 3 and [s for s, v in kl if v > 1e-6] == [1, 2, 3]

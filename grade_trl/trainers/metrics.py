@@ -48,7 +48,7 @@ class GradNormWindowMixin:
 
     def pending_logs(self) -> dict[str, float]:
         """What the next training log would report if it were written now (the window's means so far, not cleared),
-        with this step's `grad_norm`: the live doctor checks it before the optimizer step (diagnostics.DoctorCallback).
+        with this step's `grad_norm`: the live doctor checks it before the optimizer step (doctor_callback.DoctorCallback).
         Reads `self._metrics["train"]`: our MetricWindow or TRL's dict of lists."""
         window = self._metrics["train"]
         values = window.values if isinstance(window, MetricWindow) else window
