@@ -26,6 +26,7 @@ checkpoint, stop"; a second signal, or one outside training, stops at once (erro
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import signal
@@ -200,22 +201,30 @@ class ResumeCallback(TrainerCallback):
 
 
 def follow_the_new_schedule(trainer, checkpoint: str, max_steps: int) -> None:
-    """A run resumed with another `max_steps` than the one that saved `checkpoint` (a finished run extended): the
-    learning rate of its next step is the new schedule's at this step.
+    """A run resumed with another `max_steps` (a finished run extended) or another `learning_rate` than the run that
+    saved `checkpoint`: the learning rate of its next step is the new schedule's at this step.
 
-    Trainer restores the optimizer's learning rate as the checkpoint left it and only then steps the scheduler, whose
-    lambda already holds the new `max_steps`: the first resumed step trained at the old schedule's rate (0 where a linear
-    decay had ended: a run of 2 steps extended to 3 trained its third step at learning rate 0) and the next ones jumped
-    to the new schedule's. Only LambdaLR (every schedule of transformers' `get_scheduler` but the plateau one) is set."""
+    Trainer restores the optimizer's learning rate and the scheduler's base rates as the checkpoint left them, and only
+    then steps the scheduler, whose lambda already holds the new `max_steps`: the first resumed step trained at the old
+    schedule's rate (0 where a linear decay had ended: a run of 2 steps extended to 3 trained its third step at learning
+    rate 0) and the next ones jumped to the new schedule's; a new `learning_rate` was not used at all (the restored base
+    rate was). Only LambdaLR (every schedule of transformers' `get_scheduler` but the plateau one) with one base rate
+    for every parameter group (Trainer's two groups, decay and no decay) is set."""
     before = read_json(os.path.join(checkpoint, "trainer_state.json")) or {}
     scheduler, optimizer = trainer.lr_scheduler, trainer.optimizer
-    if before.get("max_steps") in (None, max_steps) or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or optimizer is None:
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or optimizer is None or len(set(scheduler.base_lrs)) != 1:
         return
+    learning_rate, old_rate = trainer.args.learning_rate, scheduler.base_lrs[0]
+    new_length, new_rate = before.get("max_steps") not in (None, max_steps), not math.isclose(learning_rate, old_rate, rel_tol=1e-9)
+    if not (new_length or new_rate):
+        return
+    scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
     rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     groups = getattr(optimizer, "optimizer", optimizer).param_groups  # Accelerate's wrapper shares the wrapped optimizer's groups
-    logger.warning("resume: max_steps %d, where the run that saved %s had %d: the learning-rate schedule is the new one from here on "
-                   "(the next step trains at %.3g, the checkpoint's optimizer had %.3g)", max_steps, os.path.basename(checkpoint),
-                   before["max_steps"], rates[0], groups[0]["lr"])
+    changes = ([f"max_steps {max_steps}, where the run that saved {os.path.basename(checkpoint)} had {before['max_steps']}"] if new_length else []) + (
+        [f"learning_rate {learning_rate:.3g}, where the run that saved {os.path.basename(checkpoint)} had {old_rate:.3g}"] if new_rate else [])
+    logger.warning("resume: %s: the learning-rate schedule is the new one from here on (the next step trains at %.3g, the checkpoint's "
+                   "optimizer had %.3g)", "; ".join(changes), rates[0], groups[0]["lr"])
     for group, rate in zip(groups, rates):
         group["lr"] = rate
     scheduler._last_lr = rates

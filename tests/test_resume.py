@@ -219,3 +219,17 @@ def test_a_finished_run_extended_follows_the_new_schedule_and_one_with_nothing_l
                            load_file(out / "checkpoint-3" / "model.safetensors")["transformer.h.0.attn.c_attn.weight"])
     assert "resume: max_steps 4, where the run that saved checkpoint-2 had 2: the learning-rate schedule is the new one from here on (the next step trains at 5e-05" in caplog.text
     assert "resume: eval_num_prompts differs from the run that saved checkpoint-2 (eval_num_prompts 4 -> 2)" in caplog.text
+
+
+def test_a_run_resumed_with_a_new_learning_rate_trains_at_it(tmp_path, caplog):
+    """Trainer restores the scheduler's base rate from the checkpoint: a run resumed with another learning_rate kept
+    training at the old one (only the warning named the change). Constant schedule: the resumed steps train at the new rate."""
+    out = tmp_path / "run"
+    short = dict(save_steps=1, logging_steps=1, eval_steps=100, lr_scheduler_type="constant", eval_num_prompts=2)
+    assert main(argv("length_reinforce.yaml", out, max_steps=2, learning_rate=1e-4, **short)) == 0
+    with caplog.at_level("WARNING", logger="grade_trl.resume"):
+        assert main(argv("length_reinforce.yaml", out, max_steps=4, learning_rate=3e-4, resume_from_checkpoint="true", **short)) == 0
+    rates = [h["learning_rate"] for h in json.loads((out / "results.json").read_text())["history"] if "loss" in h]
+    assert rates == pytest.approx([1e-4, 1e-4, 3e-4, 3e-4], rel=1e-6), rates
+    assert ("resume: max_steps 4, where the run that saved checkpoint-2 had 2; learning_rate 0.0003, where the run that saved checkpoint-2 had "
+            "0.0001: the learning-rate schedule is the new one from here on (the next step trains at 0.0003") in caplog.text
