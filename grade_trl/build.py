@@ -143,7 +143,8 @@ def build_trainer(recipe: Recipe, task, tokenizer, callbacks=()):
 
 def build_callbacks(recipe: Recipe, task, resume_from: str | None = None, graceful_stop=None) -> dict:
     """{"resume": ResumeCallback, "graceful_stop": GracefulStop, "evaluation": EvaluationCallback, "doctor":
-    DoctorCallback or None, "probe": GradientProbeCallback or None, "nonfinite_guard": NonFiniteGuard}, in the order
+    DoctorCallback or None, "probe": GradientProbeCallback or None, "nonfinite_guard": NonFiniteGuard, "last_window":
+    LogTheLastWindow}, in the order
     the Trainer must call them (the resume state is restored before anything evaluates).
 
     resume_from: the checkpoint folder the run resumes from (resume.resolve_checkpoint), or None. graceful_stop: the
@@ -154,6 +155,7 @@ def build_callbacks(recipe: Recipe, task, resume_from: str | None = None, gracef
     from .probing import GradientProbeCallback
     from .resume import GracefulStop, ResumeCallback
     from .safety import NonFiniteGuard
+    from .trainers.metrics import LogTheLastWindow
 
     run_args, config = recipe.run, recipe.config
     graceful_stop = graceful_stop or GracefulStop()
@@ -172,6 +174,7 @@ def build_callbacks(recipe: Recipe, task, resume_from: str | None = None, gracef
         "doctor": None,
         "probe": None,
         "nonfinite_guard": NonFiniteGuard(run_args.nonfinite, run_args.nonfinite_max_skips),  # before every optimizer step
+        "last_window": LogTheLastWindow(),
     }
     if run_args.doctor != "off":
         stop_on = run_args.doctor_stop_on if run_args.doctor == "stop" else ()

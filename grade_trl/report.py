@@ -23,7 +23,7 @@ def summary_table(final: dict) -> str:
     for name in ("reward", "reward_std", "gold_reward", "best_of_n_reward", "accuracy", "format_reward", "completion_length", "distinct_2"):
         if name in before and name in after:
             lines.append(f"{prefix + ' ' + name:<34}{before[name]:>12.3f}{after[name]:>12.3f}")
-    kl = final.get("kl")  # None: no training window logged (max_steps < logging_steps), or a GRPO run without a KL term (beta 0)
+    kl = final.get("kl")  # None: a GRPO run without a KL term (beta 0)
     lines.append(f"{'KL to reference (last log)':<34}{0.0:>12.3f}" + (f"{kl:>12.3f}" if kl is not None else f"{'-':>12}"))
     primary = final["validation_metric"].removeprefix("eval_")
     for tag in ("final", "best"):

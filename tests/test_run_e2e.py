@@ -95,6 +95,20 @@ def test_gumbel_softmax_method_with_lora_runs(tmp_path):
         assert "base_model: embedded" in card and "assets" not in card, card[:300]
 
 
+@pytest.mark.parametrize("recipe", ["length_reinforce.yaml", "length_grpo.yaml"])
+def test_the_steps_after_the_last_log_are_logged_at_the_end(tmp_path, capsys, recipe):
+    """logging_steps above max_steps (a quick trial of a full recipe): Trainer logged no training row at all, so the
+    history had no reward, KL or loss and the summary's KL was "-". The last steps are one row at max_steps, for our
+    trainers' windows and TRL's GRPO alike (a run whose max_steps logging_steps divides gets no extra row: the
+    quickstart test's [2, 4])."""
+    assert main(shrunk(tmp_path, recipe=str(REPO / "recipes" / "tiny" / recipe), max_steps=2, logging_steps=10, eval_steps=100, eval_num_prompts=2,
+                       test_num_prompts=2)) == 0
+    rows = [h for h in load_results(tmp_path / "run" / "results.json")["history"] if "loss" in h]
+    assert [h["step"] for h in rows] == [2] and all("reward" in h and "kl" in h for h in rows), rows
+    kl_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("KL to reference (last log)"))
+    assert kl_line.split()[-1] != "-", kl_line
+
+
 def test_reward_returning_nan_stops_the_run_after_saving_history(tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
     original = SentimentReward.score_soft

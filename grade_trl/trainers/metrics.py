@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+from transformers import TrainerCallback
+
 
 class MetricWindow:
     """Values collected between two logs (`add`), averaged and cleared by `flush`."""
@@ -64,3 +66,16 @@ class GradNormWindowMixin:
             logs.update(grad_norm_stats(window))
             window.clear()
         super().log(logs, start_time)
+
+
+class LogTheLastWindow(TrainerCallback):
+    """At the run's last step (`max_steps`), log the steps since the last log when `logging_steps` does not divide
+    `max_steps`: Trainer logs only every `logging_steps`, so a run of 5 steps at `logging_steps: 10` (a quick trial)
+    logged no training row at all (no reward, KL or loss in its history; the summary's KL was "-") and a run of 437 at
+    10 left its last 7 steps out. The row averages those steps as any window does (Trainer's loss included)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        logged = max((row["step"] for row in state.log_history if "loss" in row), default=0)
+        if state.global_step >= state.max_steps and state.global_step > logged:
+            control.should_log = True
+        return control
