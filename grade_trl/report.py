@@ -28,7 +28,7 @@ def summary_table(final: dict) -> str:
     primary = final["validation_metric"].removeprefix("eval_")
     for tag in ("final", "best"):
         if tag in test:
-            for name in (primary, "gold_reward"):
+            for name in (primary, "format_reward", "gold_reward"):  # format: GSM8K (its answer line read or not)
                 if name in test[tag]["metrics"]:
                     label = f"test {name} ({tag} ckpt)" if tag == "final" else f"test {name} (best, step {final.get('best_validation_step')})"
                     lines.append(f"{label:<34}{'':>12}{test[tag]['metrics'][name]:>12.3f}")

@@ -227,6 +227,18 @@ def test_the_summary_table_shows_a_kl_of_zero_as_zero_and_no_kl_as_a_dash(kl, sh
     assert line.split() == ["KL", "to", "reference", "(last", "log)", "0.000", shown]
 
 
+def test_the_summary_table_shows_the_test_format_reward_of_a_gsm8k_run():
+    from grade_trl.report import summary_table
+
+    validation = {"accuracy": 0.1, "format_reward": 0.5}
+    test = {"final": {"metrics": {"accuracy": 0.25, "format_reward": 0.75}}, "best": {"metrics": {"accuracy": 0.5, "format_reward": 1.0}}}
+    final = {"validation_before": validation, "validation_after": validation, "validation_metric": "eval_accuracy", "kl": 0.1, "steps": 3,
+             "train_minutes": 0.1, "test": test, "best_validation_step": 2}
+    lines = [line.split() for line in summary_table(final).splitlines() if line.startswith("test ")]
+    assert lines == [["test", "accuracy", "(final", "ckpt)", "0.250"], ["test", "format_reward", "(final", "ckpt)", "0.750"],
+                     ["test", "accuracy", "(best,", "step", "2)", "0.500"], ["test", "format_reward", "(best,", "step", "2)", "1.000"]]
+
+
 def test_only_a_runs_own_checkpoint_continues_its_tracker_runs(tmp_path):
     from grade_trl.reporting import continues_the_run
 
