@@ -234,6 +234,11 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
             raise RecipeError(f"{key}: a key of {', '.join(owners)}, not of method {method_name!r}; remove it, or start from a recipe written "
                               f"for {method_name} (recipes/tiny/ has one per method)")
         raise RecipeError(f"unknown recipe key {key!r} for method {method_name!r}{unknown_key_hint(key, list(run_fields) + list(config_fields), 'grade_trl.run')}", unknown_key=key)
+    for key in SHARDING_ARGUMENTS:
+        if values.get(key) not in (None, "", False):
+            raise RecipeError(f"{key}: the runner shards through Accelerate's config, not TrainingArguments' {key}; remove it and launch with "
+                              f"accelerate launch --config_file accelerate_configs/{'zero3' if key == 'deepspeed' else 'fsdp2'}.yaml -m grade_trl.run "
+                              "(README, \"Past one GPU\")")
     for key, value in method.implied.items():
         if key in values and values[key] != value:
             raise RecipeError(f"{key}: method {method_name!r} means {key}={value!r}, but the recipe sets {values[key]!r}")
@@ -492,6 +497,12 @@ def check_custom_task(values: dict, method_name: str, run: RunArguments, config)
                     f"method {method_name!r} cannot train reward {spec.path!r}: GRADE backpropagates through the reward, and it lacks "
                     f"{' and '.join(lacks)} (grade_trl/rewards/base.py); use reinforce, ppo, grpo or cispo, or give it both"
                 )
+
+
+# TrainingArguments' own sharding switches: Trainer would build its FSDP or DeepSpeed plugin from them, past the checks
+# of `check_launch` (which read Accelerate's launch environment) and on a path no test of the runner covers; on one
+# process `--fsdp full_shard` was a traceback from Trainer ("Using fsdp only works in distributed training"), exit 1.
+SHARDING_ARGUMENTS = ("fsdp", "fsdp_config", "deepspeed")
 
 
 def check_launch(use_cpu: bool, relaxed: bool = False) -> None:

@@ -131,6 +131,11 @@ RECIPE_CASES = [
     ({"model_init_kwargs": {"dtype": "float33"}}, "model_init_kwargs: dtype 'float33' is not a torch dtype"),
     ({"method": "grpo", "bf16": False, "model_init_kwargs": {"dtype": "float33"}}, "model_init_kwargs: dtype 'float33' is not a torch dtype"),
     ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"num_cyclez": 2}}, "lr_scheduler_kwargs: 'num_cyclez' is not an argument of the cosine schedule (its own: num_cycles)"),
+    # TrainingArguments' sharding switches: `--fsdp full_shard` was Trainer's traceback (exit 1, results.json written); bare `--fsdp` was refused as a key needing a value
+    ({"fsdp": True}, "fsdp: the runner shards through Accelerate's config, not TrainingArguments' fsdp; remove it and launch with accelerate launch --config_file accelerate_configs/fsdp2.yaml"),
+    ({"fsdp": "full_shard"}, "fsdp: the runner shards through Accelerate's config"),
+    ({"method": "grpo", "bf16": False, "fsdp_config": {"version": 2}}, "fsdp_config: the runner shards through Accelerate's config"),
+    ({"deepspeed": "ds.json"}, "deepspeed: the runner shards through Accelerate's config, not TrainingArguments' deepspeed; remove it and launch with accelerate launch --config_file accelerate_configs/zero3.yaml"),
 ]
 
 
