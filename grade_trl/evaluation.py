@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from . import metrics
 from .core.masks import completion_mask
 from .core.sharding import is_sharded, local_data, resharded
+from .data.custom import is_conversational
 from .rewards.base import RewardMetricLog, combine_scores, compute_rewards, not_kept, reward_name
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,9 @@ class GenerationSettings:
 
 
 @torch.no_grad()
-def generate_completions(model, tokenizer, prompts: list[str], settings: GenerationSettings, seed: int) -> tuple[list[str], list[int]]:
-    """One completion per prompt and its length in tokens (up to and including the first EOS).
+def generate_completions(model, tokenizer, prompts: list[str], settings: GenerationSettings, seed: int) -> tuple[list[str], list[int], list[list[int]]]:
+    """One completion per prompt, its length in tokens and its token ids (both up to and including the first EOS, the
+    `completion_ids` the trainers hand their reward functions).
 
     Reproducible from `seed` without touching the global RNG state.
     """
@@ -50,6 +52,7 @@ def generate_completions(model, tokenizer, prompts: list[str], settings: Generat
     device = next(model.parameters()).device
     completions: list[str] = []
     lengths: list[int] = []
+    ids: list[list[int]] = []
     devices = [device] if device.type == "cuda" else []
     sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0} if settings.do_sample else {"do_sample": False}
     # A sharded model (FSDP2) runs a collective in every forward: every process must call `generate` as often as the
@@ -79,11 +82,23 @@ def generate_completions(model, tokenizer, prompts: list[str], settings: Generat
             enc = encode(prompts[start : start + settings.batch_size])
             new_tokens = model.generate(**enc, **generation)[:, enc["input_ids"].shape[1] :]
             completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-            lengths.extend(completion_mask(new_tokens, tokenizer.eos_token_id).sum(1).int().tolist())
+            mask = completion_mask(new_tokens, tokenizer.eos_token_id).bool()
+            lengths.extend(mask.sum(1).int().tolist())
+            ids.extend(row[keep].tolist() for row, keep in zip(new_tokens.cpu(), mask.cpu()))
         for _ in range(throwaway):  # after the real batches, so their samples do not depend on the other processes
             model.generate(**encode(prompts[:1] or [tokenizer.eos_token]), **generation)
     model.train(was_training)
-    return completions, lengths
+    return completions, lengths, ids
+
+
+def as_rendered_prompts(tokenizer, prompts: list) -> tuple[list[str], bool]:
+    """(the prompts as the policy reads them, whether they are chat messages): TRL's conversational format
+    (`[{"role": ..., "content": ...}]`) through the tokenizer's chat template with the generation prompt, as the trainers
+    render them (RolloutTrainer.prompt_texts, TRL's GRPOTrainer); text as it is."""
+    chat = bool(prompts) and is_conversational(prompts[0])
+    if not chat:
+        return list(prompts), False
+    return [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts], True
 
 
 def shard_and_gather(accelerator, items: list, work) -> list:
@@ -176,9 +191,9 @@ def self_bleu(texts: list[str], max_texts: int = 200, max_n: int = 4) -> float:
     )
 
 
-def weighted_rewards(reward_funcs, weights, prompts: list[str], completions: list[str], **columns) -> list[float]:
+def weighted_rewards(reward_funcs, weights, prompts: list[str], completions: list[str], completion_ids=None, **columns) -> list[float]:
     """sum_f weight_f * reward_f(prompt, completion) per sample (text path; dataset columns passed as keywords)."""
-    scores = compute_rewards(reward_funcs, prompts, completions, **columns)  # (B, F), NaN where a function returned None
+    scores = compute_rewards(reward_funcs, prompts, completions, completion_ids, **columns)  # (B, F), NaN where a function returned None
     return combine_scores(scores, torch.tensor(weights or [1.0] * len(reward_funcs))).tolist()
 
 
@@ -237,23 +252,26 @@ class RewardEvaluator(Evaluator):
 
         def work(indices: list[int], rank: int) -> list[dict]:
             shard = [prompts[i] for i in indices]
+            texts, chat = as_rendered_prompts(tokenizer, shard)
             shard_columns = {key: [values[i] for i in indices] for key, values in columns.items()}
             samples = []
             for k in range(max(1, self.best_of_n)):
                 # sample k of this shard uses seed + 1000 k + rank: a rerun on as many processes reproduces it
-                completions, lengths = generate_completions(model, tokenizer, shard, self.settings, seed + 1000 * k + rank)
+                completions, lengths, ids = generate_completions(model, tokenizer, texts, self.settings, seed + 1000 * k + rank)
                 if not shard:  # generated only to keep a sharded model's collectives in step (shard_and_gather)
                     continue
-                scores = compute_rewards(self.reward_funcs, shard, completions, **shard_columns, **self.reward_keywords)  # (B, F)
-                samples.append((completions, lengths, combine_scores(scores, weights).tolist(), scores.tolist()))
+                # handed over as the trainers hand them: the prompts as the data holds them, chat completions as one assistant message each
+                handed = [[{"role": "assistant", "content": c}] for c in completions] if chat else completions
+                scores = compute_rewards(self.reward_funcs, shard, handed, ids, **shard_columns, **self.reward_keywords)  # (B, F)
+                samples.append((completions, lengths, combine_scores(scores, weights).tolist(), scores.tolist(), handed, ids))
             if not shard:
                 return []
-            completions, lengths, rewards, scores = samples[0]
-            gold = self.judge(shard, completions, **shard_columns) if self.judge is not None else [None] * len(shard)
+            completions, lengths, rewards, scores, handed, ids = samples[0]
+            gold = self.judge(shard, handed, completion_ids=ids, **shard_columns) if self.judge is not None else [None] * len(shard)
             best = [max(s[2][i] for s in samples) for i in range(len(shard))]
             return [
                 {"prompt": p, "completion": c, "length": n, "reward": r, "gold_reward": g, "best_of_n_reward": b, "scores": dict(zip(names, f))}
-                for p, c, n, r, g, b, f in zip(shard, completions, lengths, rewards, gold, best, scores)
+                for p, c, n, r, g, b, f in zip(texts, completions, lengths, rewards, gold, best, scores)
             ]
 
         rows = shard_and_gather(accelerator, list(range(len(prompts))), work)

@@ -61,12 +61,12 @@ class GSM8KEvaluator(Evaluator):
 
         def work(shard: list[tuple[str, str]], rank: int) -> list[dict]:
             prompts, golds = [p for p, _ in shard], [g for _, g in shard]
-            completions, lengths = generate_completions(model, tokenizer, prompts, self.greedy, seed + rank)
+            completions, lengths, ids = generate_completions(model, tokenizer, prompts, self.greedy, seed + rank)
             # pass@k's samples (each call seeds its own generator, so generating them here changes none of them)
             sampled = [generate_completions(model, tokenizer, prompts, self.sampled, seed + 1000 * (j + 1) + rank)[0] for j in range(self.pass_k)] if self.pass_k > 1 else []
             if not shard:  # generated only to keep a sharded model's collectives in step (shard_and_gather)
                 return []
-            rewards = weighted_rewards(self.reward_funcs, self.weights, prompts, completions, answer=golds, **self.reward_keywords)
+            rewards = weighted_rewards(self.reward_funcs, self.weights, prompts, completions, ids, answer=golds, **self.reward_keywords)
             rows = []
             for prompt, gold, completion, length, reward in zip(prompts, golds, completions, lengths, rewards):
                 predicted, target = extract_answer(completion), Fraction(gold_answer(gold))

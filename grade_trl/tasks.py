@@ -21,7 +21,7 @@ from .errors import UserError, loading
 from .evaluation import Evaluator, GenerationSettings, RewardEvaluator
 from .evaluation_gsm8k import GSM8KEvaluator
 from .models import fingerprint, learned_positions, resolve_model_path
-from .rewards.base import MeanReward
+from .rewards.base import NOT_PASSED_COLUMNS, MeanReward
 from .rewards.gsm8k import GSM8KCorrectness, GSM8KFormat
 from .rewards.imports import reward_specs
 from .rewards.length import LengthReward
@@ -234,7 +234,7 @@ def build_custom(run, tokenizer, seed: int, settings: GenerationSettings, weight
     judge = MeanReward([spec.build(tokenizer, "eval_reward_funcs") for spec in eval_specs]) if eval_specs else None
     limits = {"validation": "eval_num_prompts", "test": "test_num_prompts"}
     evaluation = {name: splits[name].select(range(evaluation_size(key, getattr(run, key), len(splits[name]), name))) for name, key in limits.items()}
-    columns = {name: {c: list(rows[c]) for c in rows.column_names if c != "prompt"} for name, rows in evaluation.items()}
+    columns = {name: {c: list(rows[c]) for c in rows.column_names if c not in NOT_PASSED_COLUMNS} for name, rows in evaluation.items()}
     prompts = {name: list(rows["prompt"]) for name, rows in evaluation.items()}
     evaluator = RewardEvaluator(prompts, reward_funcs, settings, weights, judge=judge, best_of_n=run.eval_best_of_n, columns=columns)
     info = {

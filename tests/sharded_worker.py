@@ -183,8 +183,8 @@ def evaluation_case(base, tokenizer, rank: int, world: int) -> dict:
     settings = GenerationSettings(max_new_tokens=5, min_new_tokens=0, batch_size=2, do_sample=False)
     mine = ["This movie was", "I did not expect the", "Worst film I have"] if rank == 0 else ["The acting"]
     sharded = sharded_copy(base, world)
-    completions, lengths = generate_completions(sharded, tokenizer, mine, settings, seed=0)
-    expected, expected_lengths = generate_completions(copy.deepcopy(base), tokenizer, mine, settings, seed=0)
+    completions, lengths, _ = generate_completions(sharded, tokenizer, mine, settings, seed=0)
+    expected, expected_lengths, _ = generate_completions(copy.deepcopy(base), tokenizer, mine, settings, seed=0)
     same = torch.tensor([int(completions == expected and lengths == expected_lengths)])
     dist.all_reduce(same, op=dist.ReduceOp.MIN)
     return {"returned": True, "all_ranks_match_unsharded": bool(same.item()), "rank0_completions": len(completions) if rank == 0 else None}

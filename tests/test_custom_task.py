@@ -92,6 +92,17 @@ def by_step(prompts, completions, trainer_state, log_metric, log_extra, **kwargs
     log_metric("by_step_step", trainer_state.global_step)
     log_extra("by_step_note", ["x"] * len(completions))
     return [min(trainer_state.global_step, 1) * 1.0] * len(completions)
+
+def as_trl_hands_them(prompts, completions, completion_ids, **kwargs):
+    # TRL's conversational format: each prompt its messages, each completion one assistant message; the token ids too
+    for prompt, completion, ids in zip(prompts, completions, completion_ids):
+        assert isinstance(prompt, list) and prompt[-1]["role"] == "user", f"prompt {prompt!r}"
+        assert isinstance(completion, list) and completion[0]["role"] == "assistant" and isinstance(completion[0]["content"], str), f"completion {completion!r}"
+        assert isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids), f"completion_ids {ids!r}"
+    return [len(ids) / 10 for ids in completion_ids]
+
+def takes_completion(prompts, completions, completion, **kwargs):
+    return [1.0] * len(completions)
 '''
 
 
@@ -113,6 +124,9 @@ DATA_CASES = [
     ("a split the file lacks", _rows(20), {"validation_split": "validation"}, "validation_split: "),
     ("too few rows to hold out", _rows(20), {"eval_num_prompts": 12, "test_num_prompts": 8}, "eval_num_prompts: 12 validation + 8 test prompts"),
     ("prompts longer than max_prompt_length", _rows(20), {"max_prompt_length": 2}, "max_prompt_length: no train prompt"),
+    # training drops a `completion` column (as TRL does) and evaluation passed it: the run failed at step 1
+    ("a reward that takes the column completion", _rows(20, completion="x"), {"reward_funcs": "[user_rewards.takes_completion]"},
+     "reward_funcs: user_rewards.takes_completion(prompts, completions, completion, **kwargs) takes 'completion', a column name TRL does not pass"),
 ]
 
 
@@ -288,7 +302,7 @@ def test_splits_from_a_folder_named_and_held_out_and_from_a_csv_file(tmp_path):
     assert [list(splits[name]["question"]) for name in ("train", "validation", "test")] == [["q0", "q1", "q2", "q3"], ["q4"], ["q5"]]
 
 
-def test_chat_messages_are_rendered_with_the_chat_template_and_other_columns_kept(tokenizer):
+def test_chat_messages_are_counted_with_the_chat_template_and_other_columns_kept(tokenizer):
     import copy
 
     from datasets import Dataset
@@ -299,5 +313,34 @@ def test_chat_messages_are_rendered_with_the_chat_template_and_other_columns_kep
     chat.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
     rows = Dataset.from_list([{"messages": [{"role": "user", "content": "Name a film"}], "keyword": "film"}, {"messages": [{"role": "user", "content": "word " * 50}], "keyword": "x"}])
     prompts, dropped = prompt_dataset(rows, "messages", chat, "embedded", max_prompt_length=20)
-    assert prompts.column_names == ["keyword", "prompt"] and prompts["prompt"] == ["user: Name a film\nassistant:"] and prompts["keyword"] == ["film"]
+    # the messages stay messages (the trainers and the evaluation render them; the rewards receive them, as TRL hands them)
+    assert prompts.column_names == ["keyword", "prompt"] and prompts["prompt"] == [[{"role": "user", "content": "Name a film"}]] and prompts["keyword"] == ["film"]
     assert dropped == 1  # the long prompt is dropped, not cut (a cut chat prompt would lose its generation prompt)
+
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+
+
+@pytest.mark.parametrize("method", ["reinforce", "grpo"])
+def test_chat_prompts_reach_the_rewards_as_trl_hands_them_in_training_and_evaluation(tmp_path, method):
+    """Found by a journey audit: the runner rendered chat prompts to text before any trainer saw them, so a TRL reward
+    that reads `completions[i][0]["content"]` failed (TypeError) where the same reward worked with the trainers used
+    directly; and the evaluations passed completion_ids=None. The reward here checks each call's prompts (messages),
+    completions (one assistant message) and completion_ids (token ids), and raises otherwise."""
+    import shutil
+
+    model = tmp_path / "chat_model"
+    shutil.copytree(resolve_model_path("embedded"), model)
+    (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    rows = [{"prompt": [{"role": "system", "content": "You review films."}, {"role": "user", "content": f"Film {i} was"}]} for i in range(20)]
+    lengths = {"max_completion_length": 4, "num_generations": 2, "per_device_train_batch_size": 4, "bf16": "false"} if method == "grpo" else {}
+    recipe = _user_recipe(tmp_path, rows, method=method, model_name_or_path=str(model), reward_funcs="[user_rewards.as_trl_hands_them]", **lengths)
+    if method == "grpo":  # TRL GRPO's length key is max_completion_length
+        text = (tmp_path / "recipe.yaml").read_text()
+        (tmp_path / "recipe.yaml").write_text("".join(line + "\n" for line in text.splitlines() if not line.startswith(("max_new_tokens", "min_new_tokens"))))
+    code, errors = _main_quietly([recipe, "--eval_steps", "1", "--logging_steps", "1"])
+    assert code == 0 and errors == [], errors
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [h["step"] for h in results["history"] if "eval_reward" in h] == [0, 1]
+    assert [h["step"] for h in results["history"] if "loss" in h] == [1]
+    assert results["final"]["test"]["final"]["prompts"][0].startswith("system: You review films.\nuser: Film ")  # as the policy read it

@@ -49,6 +49,23 @@ def test_include_prompt_changes_what_is_scored(reward_model, tokenizer):
     assert_close(torch.tensor(with_prompt(prompts, TEXTS)), torch.tensor(without(["", "", ""], [p + t for p, t in zip(prompts, TEXTS)])))
 
 
+
+def test_the_built_in_rewards_read_a_chat_completion_as_its_text(sentiment_reward, reward_model, tokenizer):
+    """TRL hands a chat prompt's completions as one assistant message each: every built-in reward scores its content
+    exactly as it scores the same text (the runner now passes chat data as TRL does)."""
+    from grade_trl.rewards import GSM8KCorrectness, GSM8KFormat, LengthReward, SentimentReward
+    from grade_trl.rewards.judge import TfidfJudge
+
+    texts = [*TEXTS, "So 3 + 4 = 7.\n#### 7"]
+    chat = [[{"role": "assistant", "content": t}] for t in texts]
+    prompts = [[{"role": "user", "content": "Review it."}]] * len(texts)
+    judge = TfidfJudge.fit(["good great fun", "bad awful boring"] * 3, [1, 0] * 3, min_df=1)
+    with_prompt = SentimentReward(reward_model, tokenizer, include_prompt=True)
+    for reward in (LengthReward(tokenizer.eos_token_id), sentiment_reward, with_prompt, GSM8KFormat(), judge):
+        assert reward(["Review it."] * len(texts), texts) == reward(prompts, chat), reward  # no chat template here: the contents
+    assert GSM8KCorrectness()(prompts, chat, answer=["7"] * 4) == GSM8KCorrectness()(prompts, texts, answer=["7"] * 4) == [0.0, 0.0, 0.0, 1.0]
+
+
 def raises_on_third(prompts, completions, **kwargs):
     return [1 / (len(c) - 2) for c in completions]  # "ok" has length 2
 

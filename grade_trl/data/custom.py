@@ -77,9 +77,11 @@ def is_conversational(value) -> bool:
 
 
 def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_prompt_length: int, split: str = "") -> tuple[Dataset, int]:
-    """(rows with `prompt`, the text the policy continues, in place of `column`; rows dropped for a prompt longer than
-    `max_prompt_length` tokens). Chat messages are rendered with the tokenizer's chat template and the generation
-    prompt, as TRL does; a prompt is dropped rather than cut, since a cut chat prompt loses its generation prompt.
+    """(rows with `prompt` in place of `column`; rows dropped for a prompt longer than `max_prompt_length` tokens).
+    Chat messages stay messages, as TRL keeps a conversational data set: the trainers and the evaluation render them
+    with the tokenizer's chat template and the generation prompt, and the reward functions receive the messages and
+    each completion as one assistant message, as TRL hands them. Their length is counted on that rendering; a prompt is
+    dropped rather than cut, since a cut chat prompt loses its generation prompt.
     A missing (null) or empty prompt, or one of another kind than the first row's, is refused in one line that counts
     them: there is nothing for the policy to continue, and dropping them would hide a broken data file."""
     first = rows[0][column]
@@ -115,8 +117,7 @@ def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_p
         raise UserError(f"prompt_column: {column!r} holds {type(first).__name__} values, not text or chat messages ([{{role, content}}, ...])")
 
     def to_prompt(row):
-        prompt = render(row[column])
-        return {"prompt": prompt, "num_prompt_tokens": len(tokenizer(prompt, add_special_tokens=False)["input_ids"])}
+        return {"prompt": row[column], "num_prompt_tokens": len(tokenizer(render(row[column]), add_special_tokens=False)["input_ids"])}
 
     dataset = rows.map(to_prompt, remove_columns=[column])
     kept = dataset.filter(lambda n: 0 < n <= max_prompt_length, input_columns="num_prompt_tokens")

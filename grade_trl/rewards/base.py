@@ -25,6 +25,32 @@ from ..errors import UserError
 RewardFunc = Callable[..., list]
 
 
+NOT_PASSED_COLUMNS = ("prompt", "completion", "completion_ids")
+"""Data set columns that do not reach the reward functions as keywords, in training (TRL's GRPOTrainer drops the
+same) and in evaluation alike: `prompt` arrives as `prompts`; `completion` and `completion_ids` are TRL's names for
+what the policy generated."""
+
+
+def completion_text(completion) -> str:
+    """A completion as text: a string as it is, or the content of a conversational completion's last message (TRL hands
+    a chat prompt's completions as `[{"role": "assistant", "content": ...}]`). Every built-in reward reads this."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    return str(completion)
+
+
+def prompt_text(prompt, tokenizer=None) -> str:
+    """A prompt as text: a string as it is, or chat messages as the policy read them (the tokenizer's chat template with
+    the generation prompt), or their contents one per line without a tokenizer that has one."""
+    if isinstance(prompt, str):
+        return prompt
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return "\n".join(str(message.get("content", "")) for message in prompt)
+
+
 class RewardFunctionError(UserError):
     """A reward function raised or returned a value that is not a finite number."""
 

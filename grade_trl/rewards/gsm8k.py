@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+from .base import completion_text
+
 # One number: optional sign and `$`, digits with optional thousands commas, optional decimals ("-$1,800.50").
 _NUMBER = r"(?:[-−]\s?)?(?:\\?\$\s?)?(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+)(?:\.\d+)?(?![\d])|(?:[-−]\s?)?(?:\\?\$\s?)?\.\d+"
 # One value: a number, or a fraction a/b of two numbers ("3/4", "-1/2").
@@ -135,15 +137,6 @@ def has_final_answer_format(text: str) -> bool:
     start, content = boxes[-1]
     after = text[text.index("{", start) + 1 + len(content) + 1 :]
     return re.fullmatch(_TAIL, after) is not None
-
-
-def completion_text(completion) -> str:
-    """A completion as text: a string, or the last message's content of a conversational completion (TRL)."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    return str(completion)
 
 
 def _gold_column(reward, kwargs: dict, n: int) -> list[str]:

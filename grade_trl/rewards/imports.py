@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from .base import NOT_PASSED_COLUMNS
 
 BUILTIN = {"length": "grade_trl.rewards.length.LengthReward"}
 """Built-in names and the import path each one stands for (`length`: `2 - words / 16`, differentiable)."""
@@ -136,6 +137,10 @@ def reward_spec(key: str, path: str, kwargs_key: str, kwargs: dict | None) -> Re
             "def reward(prompts, completions, **kwargs) -> list[float]"
         )
     columns = tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty and p.name not in NOT_COLUMNS)
+    if reserved := [name for name in columns if name in NOT_PASSED_COLUMNS]:
+        raise UserError(f"{key}: {path}{signature} takes {reserved[0]!r}, a column name TRL does not pass to reward functions (the prompt "
+                        "arrives as prompts, what the policy generated as completions and completion_ids); rename that column of the data "
+                        "and the parameter")
     if isinstance(target, type) and issubclass(target, torch.nn.Module) or isinstance(target, torch.nn.Module):
         raise UserError(
             f"{key}: {path!r} is a torch.nn.Module, which TRL's GRPOTrainer would run as a sequence classifier; make the reward a plain "

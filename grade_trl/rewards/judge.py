@@ -20,6 +20,8 @@ import warnings
 
 import torch
 
+from .base import completion_text
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,7 +39,7 @@ class Judge:
         return sum(int(p) == int(y) for p, y in zip(predictions, labels)) / len(labels)
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        return self.probabilities(list(completions))
+        return self.probabilities([completion_text(c) for c in completions])
 
 
 class TfidfJudge(Judge):

@@ -9,6 +9,7 @@ import torch
 
 from ..core.precision import at_least_float32
 from ..core.soft_tokens import SoftTokens, as_soft_tokens
+from .base import completion_text
 
 
 class LengthReward:
@@ -32,7 +33,7 @@ class LengthReward:
         self.__name__ = "length"
 
     def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
-        return [self.offset - len(completion.split()) / self.scale for completion in completions]
+        return [self.offset - len(completion_text(completion).split()) / self.scale for completion in completions]
 
     def expected_tokens(self, soft_tokens: SoftTokens, attention_mask: torch.Tensor) -> torch.Tensor:
         eos_mass = at_least_float32(as_soft_tokens(soft_tokens).probability(self.eos_token_id))  # (B, T)

@@ -25,6 +25,7 @@ from ..core.sharding import input_embedding_matrix
 from ..core.soft_rollout import position_ids_from_mask
 from ..core.soft_tokens import SoftTokens, as_soft_tokens
 from ..models import give_safetensors_umask_modes, load_pretrained, resolve_model_path
+from .base import completion_text, prompt_text
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ class SentimentReward:
         rows = self._token_rows(prompts, completion_ids) if completion_ids is not None else None
         if rows is not None:
             return self._score_rows(rows)
-        texts = [p + c for p, c in zip(prompts, completions)] if self.include_prompt else list(completions)
+        completions = [completion_text(c) for c in completions]
+        texts = [prompt_text(p, self.tokenizer) + c for p, c in zip(prompts, completions)] if self.include_prompt else completions
         return self._score_rows(self.tokenizer(texts, truncation=True, max_length=self.max_length, add_special_tokens=False)["input_ids"])
 
     def _token_rows(self, prompts, completion_ids) -> list[list[int]] | None:
@@ -158,7 +160,7 @@ class SentimentReward:
             if eos is not None and eos in ids:
                 ids = ids[: ids.index(eos)]
             if self.include_prompt:
-                ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] + ids
+                ids = self.tokenizer(prompt_text(prompt, self.tokenizer), add_special_tokens=False)["input_ids"] + ids
             if any(i < 0 or i >= vocab for i in ids):
                 return None
             rows.append(ids[: self.max_length])

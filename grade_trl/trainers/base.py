@@ -15,7 +15,7 @@ from trl.data_utils import is_conversational
 
 from ..models import give_safetensors_umask_modes, load_causal_lm, load_tokenizer, prepare_tokenizer
 from ..resume import ResumeCallback
-from ..rewards.base import RewardMetricLog, compute_rewards, not_kept, reward_name
+from ..rewards.base import NOT_PASSED_COLUMNS, RewardMetricLog, compute_rewards, not_kept, reward_name
 from .metrics import GradNormWindowMixin, MetricWindow
 
 logger = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
         (name, value: averaged over every process's calls of the step, as TRL does, then over the logging window beside
         the method's metrics; `log_reward_metrics`) and `log_extra` (column, values: TRL adds them to its completions table; these trainers keep no such table, so the
         values are accepted and not kept)."""
-        keys = [key for key in inputs[0] if key not in ("prompt", "completion", "completion_ids")]
+        keys = [key for key in inputs[0] if key not in NOT_PASSED_COLUMNS]
         columns = {key: [example[key] for example in inputs for _ in range(repeat)] for key in keys}
         return {**columns, "trainer_state": self.state, "log_metric": self.reward_metric_log, "log_extra": not_kept}
 

@@ -2,22 +2,28 @@
 
 Each is a TRL reward, `reward(prompts, completions, **kwargs) -> list[float]`, usable unchanged in
 `trl.GRPOTrainer(reward_funcs=[...])`; a column of the data besides the prompt (here `keyword`) arrives as a
-keyword list with one value per completion. The recipe names them `my_rewards.<name>`: the runner imports
-modules from the recipe's folder.
+keyword list with one value per completion. With chat prompts (a column of `[{"role", "content"}]` messages) TRL
+hands each completion as one assistant message, `[{"role": "assistant", "content": ...}]`: `text` reads both kinds.
+The recipe names them `my_rewards.<name>`: the runner imports modules from the recipe's folder.
 """
 
 import re
 
 
+def text(completion) -> str:
+    """The completion's text: TRL hands a plain-text prompt's completion as a string, a chat prompt's as one message."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
 def keyword_reward(prompts, completions, keyword, **kwargs) -> list[float]:
     """1 when the completion mentions its row's keyword (a whole word, any case), else 0."""
-    return [1.0 if re.search(rf"\b{re.escape(k)}\b", c, re.IGNORECASE) else 0.0 for c, k in zip(completions, keyword)]
+    return [1.0 if re.search(rf"\b{re.escape(k)}\b", text(c), re.IGNORECASE) else 0.0 for c, k in zip(completions, keyword)]
 
 
 def variety_judge(prompts, completions, **kwargs) -> list[float]:
     """A held-out check, never trained on (eval_reward_funcs): the share of distinct words in the completion, which
     falls when the policy repeats itself to win the training rewards."""
-    return [len(set(words)) / len(words) if words else 0.0 for words in (c.lower().split() for c in completions)]
+    return [len(set(words)) / len(words) if words else 0.0 for words in (text(c).lower().split() for c in completions)]
 
 
 class PositiveWords:
@@ -40,7 +46,7 @@ class PositiveWords:
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
         shares = []
         for completion in completions:
-            ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(text(completion), add_special_tokens=False)["input_ids"]
             shares.append(sum(i in self.token_ids for i in ids) / max(len(ids), 1))
         return shares
 
