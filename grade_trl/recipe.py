@@ -542,7 +542,8 @@ def check_paths(run_kwargs: dict) -> None:
         value = run_kwargs.get(key)
         if value and value != "embedded" and looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
             other = "`tfidf` or `none`" if key == "gold_judge" else "`embedded`"
-            raise RecipeError(f"{key}: no such file or folder {value!r} (give an existing local path, a hub id, or {other})")
+            where = "" if os.path.isabs(os.path.expanduser(value)) else f" from the current folder {os.getcwd()!r} (a relative path is read from where the command runs, not from the recipe's folder)"
+            raise RecipeError(f"{key}: no such file or folder {value!r}{where}; give an existing local path, a hub id, or {other}")
 
 
 def parse_recipe(argv: list[str]) -> Recipe:

@@ -221,13 +221,17 @@ def build_custom(run, tokenizer, seed: int, settings: GenerationSettings, weight
     """
     specs = reward_specs("reward_funcs", run.reward_funcs, "reward_kwargs", run.reward_kwargs)
     eval_specs = reward_specs("eval_reward_funcs", run.eval_reward_funcs, "eval_reward_kwargs", run.eval_reward_kwargs)
-    with loading("dataset_name", run.dataset_name):
-        splits, dropped = make_custom_splits(run), {}
-    for name, rows in splits.items():
+    dropped = {}
+
+    def prepare(rows, name: str):
         check_custom_columns(run, name, rows, {"reward_funcs": specs, "eval_reward_funcs": eval_specs})
-        splits[name], dropped[name] = custom_prompt_dataset(rows, run.prompt_column, tokenizer, run.model_name_or_path, run.max_prompt_length, name)
-        if len(splits[name]) == 0:
+        prompts, dropped[name] = custom_prompt_dataset(rows, run.prompt_column, tokenizer, run.model_name_or_path, run.max_prompt_length, name)
+        if len(prompts) == 0:
             raise UserError(f"max_prompt_length: no {name} prompt of {run.dataset_name!r} fits in {run.max_prompt_length} tokens; raise max_prompt_length")
+        return prompts
+
+    with loading("dataset_name", run.dataset_name):
+        splits = make_custom_splits(run, prepare)  # prompts too long are dropped before validation and test rows are held out
     if any(dropped.values()):
         logger.warning("custom task: dropped %s prompts longer than max_prompt_length %d tokens", dropped, run.max_prompt_length)
     reward_funcs = [spec.build(tokenizer) for spec in specs]

@@ -40,6 +40,8 @@ RECIPE_CASES = [
     ({"reward_funcs": ["no_such_module.reward"]}, "reward_funcs", "cannot import module 'no_such_module'"),
     ({"reward_funcs": ["my_rewards.keywrd_reward"]}, "reward_funcs", "did you mean my_rewards.keyword_reward?"),
     ({"reward_funcs": ["keyword_reward"]}, "reward_funcs", "is not an import path"),
+    ({"reward_funcs": ["/home/me/my_rewards.py:keyword_reward"]}, "reward_funcs", "'/home/me/my_rewards.py:keyword_reward' is a file path, not an import path; put the file"),
+    ({"reward_funcs": ["rewards/my_rewards.keyword_reward"]}, "reward_funcs", "is a file path, not an import path"),
     ({"reward_funcs": ["my_rewards.re"]}, "reward_funcs", "is a module, not a function or class"),
     ({"reward_funcs": ["grade_trl.evaluation.distinct_n"]}, "reward_funcs", "has the wrong signature"),
     ({"reward_funcs": ["grade_trl.rewards.base.CheckedReward"]}, "reward_kwargs", "missing a required argument: 'func'"),
@@ -344,3 +346,14 @@ def test_chat_prompts_reach_the_rewards_as_trl_hands_them_in_training_and_evalua
     assert [h["step"] for h in results["history"] if "eval_reward" in h] == [0, 1]
     assert [h["step"] for h in results["history"] if "loss" in h] == [1]
     assert results["final"]["test"]["final"]["prompts"][0].startswith("system: You review films.\nuser: Film ")  # as the policy read it
+
+
+def test_prompts_too_long_are_dropped_before_validation_and_test_rows_are_held_out(tmp_path):
+    """Found by a journey audit: the rows were held out first and filtered after, so `eval_num_prompts: 4` evaluated
+    on 3 prompts when one held-out prompt was too long. 8 of 24 rows are too long here; 4 + 2 are held out of the 16 left."""
+    rows = _rows(16) + [{"prompt": "word " * 40, "keyword": "good"}] * 8
+    code, errors = _main_quietly([_user_recipe(tmp_path, rows, eval_num_prompts=4, test_num_prompts=2, max_prompt_length=16)])
+    assert code == 0 and errors == [], errors
+    final = json.loads((tmp_path / "run" / "results.json").read_text())["final"]
+    assert final["task"]["split_sizes"] == {"train": 10, "validation": 4, "test": 2} and final["task"]["dropped_long_prompts"] == {"train": 8}
+    assert len(final["test"]["final"]["prompts"]) == 2

@@ -47,10 +47,14 @@ def load_custom_split(source: str, config: str | None, split: str, split_key: st
     return dataset
 
 
-def make_custom_splits(run) -> dict[str, Dataset]:
+def make_custom_splits(run, prepare=None) -> dict[str, Dataset]:
     """`train`, `validation` and `test` rows. A split the recipe does not name is held out of `train_split`: first
-    `eval_num_prompts` validation rows, then `test_num_prompts` test rows, of the rows shuffled with HOLD_OUT_SEED."""
-    train = load_custom_split(run.dataset_name, run.dataset_config, run.train_split, "train_split")
+    `eval_num_prompts` validation rows, then `test_num_prompts` test rows, of the rows shuffled with HOLD_OUT_SEED.
+
+    prepare(rows, split) -> rows: applied to each loaded split before anything is held out of it (the runner checks the
+    columns and drops the prompts longer than max_prompt_length), so the held-out splits have their full sizes."""
+    prepare = prepare or (lambda rows, split: rows)
+    train = prepare(load_custom_split(run.dataset_name, run.dataset_config, run.train_split, "train_split"), "train")
     sizes = {"validation": run.eval_num_prompts if run.validation_split is None else 0, "test": run.test_num_prompts if run.test_split is None else 0}
     splits = {}
     if sum(sizes.values()):
@@ -68,7 +72,7 @@ def make_custom_splits(run) -> dict[str, Dataset]:
     splits["train"] = train
     for name in ("validation", "test"):
         if name not in splits:
-            splits[name] = load_custom_split(run.dataset_name, run.dataset_config, getattr(run, f"{name}_split"), f"{name}_split")
+            splits[name] = prepare(load_custom_split(run.dataset_name, run.dataset_config, getattr(run, f"{name}_split"), f"{name}_split"), name)
     return {name: splits[name] for name in ("train", "validation", "test")}
 
 

@@ -79,6 +79,12 @@ def _first_line(error: BaseException) -> str:
 def import_target(key: str, path: str):
     """The callable `path` names (a built-in name or `package.module.attribute`); a one-line UserError naming `key` otherwise."""
     path = BUILTIN.get(path, path)
+    if "/" in path or "\\" in path or ".py:" in path or path.endswith(".py"):
+        # `rewards/my_rewards.py:keyword_reward` read as the module '/.../my_rewards' failed with an import error
+        raise UserError(
+            f"{key}: {path!r} is a file path, not an import path; put the file in the recipe's folder (or the current directory) and "
+            f"name the function by module: my_rewards.keyword_reward for my_rewards.py's keyword_reward"
+        )
     module_name, _, attribute = path.rpartition(".")
     if not module_name or not attribute:
         raise UserError(
