@@ -224,21 +224,26 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
     values = {**TASK_DEFAULTS.get(task, {}), **values}  # the task's own data set and prompt length unless the recipe sets them
     if isinstance(values.get("report_to"), str) and "," in values["report_to"]:  # `wandb,tensorboard`, as a list key takes it
         values["report_to"] = [name.strip() for name in values["report_to"].split(",") if name.strip()]
+    unset = []  # `--key null` on a key only another method reads: the recipe file's key removed (a method switched on the command line)
     for key in values:
         if key in run_fields or key in config_fields:
             continue
+        if values[key] is None and any(key in _fields(get_method(name).config_class) for name in METHODS):
+            unset.append(key)
+            continue
         if key in method.misplaced_keys:
-            raise RecipeError(f"{key}: {method.misplaced_keys[key]}")
+            raise RecipeError(f"{key}: {method.misplaced_keys[key]} (--{key} null on the command line removes the recipe's)")
         owners = [name for name in METHODS if key in _fields(get_method(name).config_class)]
         if owners:  # a recipe written for another method, its method switched (`--method reinforce` on a GRADE recipe)
-            raise RecipeError(f"{key}: a key of {', '.join(owners)}, not of method {method_name!r}; remove it, or start from a recipe written "
-                              f"for {method_name} (recipes/tiny/ has one per method)")
+            raise RecipeError(f"{key}: a key of {', '.join(owners)}, not of method {method_name!r}; remove it (--{key} null on the command line), or "
+                              f"start from a recipe written for {method_name} (recipes/tiny/ has one per method)")
         raise RecipeError(f"unknown recipe key {key!r} for method {method_name!r}{unknown_key_hint(key, list(run_fields) + list(config_fields), 'grade_trl.run')}", unknown_key=key)
     for key in SHARDING_ARGUMENTS:
         if values.get(key) not in (None, "", False):
             raise RecipeError(f"{key}: the runner shards through Accelerate's config, not TrainingArguments' {key}; remove it and launch with "
                               f"accelerate launch --config_file accelerate_configs/{'zero3' if key == 'deepspeed' else 'fsdp2'}.yaml -m grade_trl.run "
                               "(README, \"Past one GPU\")")
+    values = {key: value for key, value in values.items() if key not in unset}
     for key, value in method.implied.items():
         if key in values and values[key] != value:
             raise RecipeError(f"{key}: method {method_name!r} means {key}={value!r}, but the recipe sets {values[key]!r}")

@@ -137,7 +137,7 @@ def test_yaml_scientific_notation_without_dot_is_a_float():
         ({"reward_input": "everything"}, r"^reward_input: must be 'completion' or 'prompt_completion'"),
         # a GRADE recipe run with `--method reinforce`: the key is another method's, not unknown (was "did you mean eval_steps?")
         ({"method": "reinforce", "tau_anneal_steps": 150}, r"^tau_anneal_steps: a key of grade, grade_ste, grade_reinmax, grade_rao, grade_gapped, not of method 'reinforce'; "
-                                                           r"remove it, or start from a recipe written for reinforce"),
+                                                           r"remove it \(--tau_anneal_steps null on the command line\), or start from a recipe written for reinforce"),
         ({"method": "grpo", "num_mini_batches": 2}, r"^num_mini_batches: a key of ppo, not of method 'grpo'"),
         # a key of another task: accepted and ignored before (GSM8K evaluated its 500 default problems, not the 5 asked)
         ({"method": "grpo", "task": "gsm8k", "eval_num_prompts": 5}, r"^eval_num_prompts: only tasks imdb_sentiment, length, custom read it, not task "
@@ -204,6 +204,21 @@ def test_a_key_under_the_other_trainers_name_gets_the_name_to_use(method, key, f
     message = str(info.value)
     assert message.startswith(f"{key}: ") and fix in message and "\n" not in message, message
     assert "generation_kwargs" in {f.name for f in dataclasses.fields(METHODS["grpo"].config_class)}  # the fix exists
+
+
+def test_a_method_switched_on_the_command_line_drops_the_other_methods_keys_with_null(tmp_path):
+    """Found by a journey audit: `--method grpo` on a REINFORCE recipe was refused for its max_new_tokens, and
+    `--max_new_tokens null` too, so the recipe file had to be edited. null now removes a key only another method reads;
+    a null key no method reads is still an unknown key."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: reinforce\ntask: length\nmax_new_tokens: 8\nmin_new_tokens: 2\nnum_samples_per_prompt: 2\n")
+    with pytest.raises(RecipeError, match=r"^max_new_tokens: TRL's GRPO limits .* \(--max_new_tokens null on the command line removes the recipe's\)$"):
+        parse_recipe([str(recipe), "--method", "grpo", "--output_dir", str(tmp_path / "x")])
+    switched = parse_recipe([str(recipe), "--method", "grpo", "--max_new_tokens", "null", "--min_new_tokens", "null", "--num_samples_per_prompt", "null",
+                             "--max_completion_length", "8", "--bf16", "false", "--output_dir", str(tmp_path / "x")])
+    assert switched.run.method == "grpo" and switched.config.max_completion_length == 8
+    with pytest.raises(RecipeError, match=r"^unknown recipe key 'max_new_tokenz'"):
+        parse_recipe([str(recipe), "--max_new_tokenz", "null", "--output_dir", str(tmp_path / "x")])
 
 
 def test_a_spelling_hint_names_each_key_once():
