@@ -359,13 +359,18 @@ def _stdout_reader_gone() -> bool:
 
 
 def quiet_libraries() -> None:
-    """datasets' and transformers' progress bars and info logs off: the runner reports progress itself."""
+    """datasets' and transformers' progress bars and info logs off: the runner reports progress itself. Also off:
+    transformers 5's FutureWarnings for the `gradient_checkpointing*` methods TRL's GRPOTrainer calls at every
+    generation (6 lines a step that no recipe key can silence; TRL, not the user, must move to the new names)."""
+    import warnings
+
     import datasets
     import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_warning()
     transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
 
 
 _left_a_process_group = False  # set by close_process_group: this process belonged to a torch process group
