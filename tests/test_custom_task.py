@@ -357,3 +357,22 @@ def test_prompts_too_long_are_dropped_before_validation_and_test_rows_are_held_o
     final = json.loads((tmp_path / "run" / "results.json").read_text())["final"]
     assert final["task"]["split_sizes"] == {"train": 10, "validation": 4, "test": 2} and final["task"]["dropped_long_prompts"] == {"train": 8}
     assert len(final["test"]["final"]["prompts"]) == 2
+
+
+def test_the_held_out_rows_are_the_same_whatever_else_a_run_drops(tmp_path):
+    """The held-out rows are the first rows of one fixed shuffle that fit: a run whose tokenizer or max_prompt_length
+    drops another prompt tests on the same rows wherever they fit in both (a review found that filtering before the
+    shuffle reshuffled every held-out row when one prompt more was dropped)."""
+    from types import SimpleNamespace
+
+    from grade_trl.data.custom import make_custom_splits
+
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(30)))
+    run = SimpleNamespace(dataset_name=str(tmp_path / "data.jsonl"), dataset_config=None, train_split="train", validation_split=None, test_split=None,
+                          eval_num_prompts=4, test_num_prompts=3)
+    every = make_custom_splits(run)
+    held_out = list(every["validation"]["prompt"]) + list(every["test"]["prompt"])
+    dropped = held_out[1]
+    fewer = make_custom_splits(run, prepare=lambda rows, split: rows.filter(lambda row: row["prompt"] != dropped))
+    assert list(fewer["validation"]["prompt"]) + list(fewer["test"]["prompt"])[:2] == [p for p in held_out if p != dropped]
+    assert len(fewer["validation"]) == 4 and len(fewer["test"]) == 3 and dropped not in list(fewer["train"]["prompt"])

@@ -51,12 +51,15 @@ def make_custom_splits(run, prepare=None) -> dict[str, Dataset]:
     """`train`, `validation` and `test` rows. A split the recipe does not name is held out of `train_split`: first
     `eval_num_prompts` validation rows, then `test_num_prompts` test rows, of the rows shuffled with HOLD_OUT_SEED.
 
-    prepare(rows, split) -> rows: applied to each loaded split before anything is held out of it (the runner checks the
-    columns and drops the prompts longer than max_prompt_length), so the held-out splits have their full sizes."""
+    prepare(rows, split) -> rows, in their order: applied to each loaded split (the runner checks the columns and drops
+    the prompts longer than max_prompt_length). The training split is shuffled with HOLD_OUT_SEED before it is prepared
+    and the held-out rows are the first that remain, so the held-out splits have their full sizes, and two runs whose
+    tokenizer or max_prompt_length drop other prompts still hold out the same rows wherever those fit in both."""
     prepare = prepare or (lambda rows, split: rows)
-    train = prepare(load_custom_split(run.dataset_name, run.dataset_config, run.train_split, "train_split"), "train")
+    train = load_custom_split(run.dataset_name, run.dataset_config, run.train_split, "train_split")
     sizes = {"validation": run.eval_num_prompts if run.validation_split is None else 0, "test": run.test_num_prompts if run.test_split is None else 0}
     splits = {}
+    train = prepare(train.shuffle(seed=HOLD_OUT_SEED) if sum(sizes.values()) else train, "train")
     if sum(sizes.values()):
         if sum(sizes.values()) >= len(train):
             raise UserError(
@@ -64,7 +67,7 @@ def make_custom_splits(run, prepare=None) -> dict[str, Dataset]:
                 f"{run.dataset_name!r} split {run.train_split!r} leave none to train on; lower eval_num_prompts/test_num_prompts "
                 "or name validation_split/test_split"
             )
-        shuffled, start = train.shuffle(seed=HOLD_OUT_SEED), 0
+        shuffled, start = train, 0
         for name, size in sizes.items():
             if size:
                 splits[name], start = shuffled.select(range(start, start + size)), start + size
