@@ -38,6 +38,8 @@ class GenerationSettings:
     batch_size: int = 32
     do_sample: bool = True  # False: greedy (GSM8K accuracy)
     max_prompt_length: int = 32  # prompts are truncated to this many tokens, as in training
+    # TRL GRPO's `chat_template_kwargs` (e.g. {enable_thinking: false}): chat prompts are rendered with them, as TRL renders them in training
+    chat_template_kwargs: dict | None = None
 
 
 @torch.no_grad()
@@ -91,14 +93,14 @@ def generate_completions(model, tokenizer, prompts: list[str], settings: Generat
     return completions, lengths, ids
 
 
-def as_rendered_prompts(tokenizer, prompts: list) -> tuple[list[str], bool]:
+def as_rendered_prompts(tokenizer, prompts: list, chat_template_kwargs: dict | None = None) -> tuple[list[str], bool]:
     """(the prompts as the policy reads them, whether they are chat messages): TRL's conversational format
-    (`[{"role": ..., "content": ...}]`) through the tokenizer's chat template with the generation prompt, as the trainers
-    render them (RolloutTrainer.prompt_texts, TRL's GRPOTrainer); text as it is."""
+    (`[{"role": ..., "content": ...}]`) through the tokenizer's chat template with the generation prompt (and TRL GRPO's
+    `chat_template_kwargs`), as the trainers render them (RolloutTrainer.prompt_texts, TRL's GRPOTrainer); text as it is."""
     chat = bool(prompts) and is_conversational(prompts[0])
     if not chat:
         return list(prompts), False
-    return [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts], True
+    return [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})) for p in prompts], True
 
 
 def shard_and_gather(accelerator, items: list, work) -> list:
@@ -252,7 +254,7 @@ class RewardEvaluator(Evaluator):
 
         def work(indices: list[int], rank: int) -> list[dict]:
             shard = [prompts[i] for i in indices]
-            texts, chat = as_rendered_prompts(tokenizer, shard)
+            texts, chat = as_rendered_prompts(tokenizer, shard, self.settings.chat_template_kwargs)
             shard_columns = {key: [values[i] for i in indices] for key, values in columns.items()}
             samples = []
             for k in range(max(1, self.best_of_n)):

@@ -200,7 +200,8 @@ def build_gsm8k(run, tokenizer, seed: int, settings: GenerationSettings, weights
     rewards as a keyword, as in TRL. Test problems are fixed by file order, so `seed` does not change them.
     """
     with loading("dataset_name", run.dataset_name):
-        splits, info = make_gsm8k_splits(run.dataset_name, tokenizer, run.max_prompt_length, run.eval_num_problems, run.test_num_problems)
+        splits, info = make_gsm8k_splits(run.dataset_name, tokenizer, run.max_prompt_length, run.eval_num_problems, run.test_num_problems,
+                                         chat_template_kwargs=settings.chat_template_kwargs)
     reward_funcs = [GSM8KCorrectness(), GSM8KFormat()]
     problems = {"validation": splits["validation"], "test": splits["test"]}
     return Task(
@@ -225,7 +226,8 @@ def build_custom(run, tokenizer, seed: int, settings: GenerationSettings, weight
 
     def prepare(rows, name: str):
         check_custom_columns(run, name, rows, {"reward_funcs": specs, "eval_reward_funcs": eval_specs})
-        prompts, dropped[name] = custom_prompt_dataset(rows, run.prompt_column, tokenizer, run.model_name_or_path, run.max_prompt_length, name)
+        prompts, dropped[name] = custom_prompt_dataset(rows, run.prompt_column, tokenizer, run.model_name_or_path, run.max_prompt_length, name,
+                                                       settings.chat_template_kwargs)
         if len(prompts) == 0:
             raise UserError(f"max_prompt_length: no {name} prompt of {run.dataset_name!r} fits in {run.max_prompt_length} tokens; raise max_prompt_length")
         return prompts

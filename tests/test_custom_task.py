@@ -376,3 +376,34 @@ def test_the_held_out_rows_are_the_same_whatever_else_a_run_drops(tmp_path):
     fewer = make_custom_splits(run, prepare=lambda rows, split: rows.filter(lambda row: row["prompt"] != dropped))
     assert list(fewer["validation"]["prompt"]) + list(fewer["test"]["prompt"])[:2] == [p for p in held_out if p != dropped]
     assert len(fewer["validation"]) == 4 and len(fewer["test"]) == 3 and dropped not in list(fewer["train"]["prompt"])
+
+
+def test_trl_grpos_chat_template_kwargs_render_the_prompts_everywhere(tmp_path, tokenizer):
+    """TRL's GRPOTrainer renders chat prompts with `chat_template_kwargs` (e.g. {enable_thinking: false}); the runner's
+    length filter and its evaluations render them with the same (a review found them rendered without), and GSM8K,
+    whose prompts are rendered before training, too."""
+    import copy
+    import shutil
+
+    from grade_trl.build import build_task
+    from grade_trl.data.gsm8k import format_prompt
+    from grade_trl.evaluation import as_rendered_prompts
+    from grade_trl.recipe import parse_recipe
+
+    template = "{% for m in messages %}{% if loud %}LOUD {% endif %}{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = template
+    messages = [[{"role": "user", "content": "Hi"}]]
+    assert as_rendered_prompts(chat, messages, {"loud": True}) == (["LOUD Hi\nA:"], True) and as_rendered_prompts(chat, messages)[0] == ["Hi\nA:"]
+    assert format_prompt("2 + 2?", chat, "Be brief.", {"loud": True}) == "LOUD Be brief.\nLOUD 2 + 2?\nA:"
+
+    model = tmp_path / "chat_model"
+    shutil.copytree(resolve_model_path("embedded"), model)
+    (model / "chat_template.jinja").write_text(template)
+    rows = [{"prompt": [{"role": "user", "content": f"Film {i}"}], "keyword": "good"} for i in range(20)]
+    recipe = _user_recipe(tmp_path, rows, method="grpo", model_name_or_path=str(model), bf16="false", max_completion_length=4)
+    text = "".join(line + "\n" for line in (tmp_path / "recipe.yaml").read_text().splitlines() if not line.startswith(("max_new_tokens", "min_new_tokens")))
+    (tmp_path / "recipe.yaml").write_text(text + "chat_template_kwargs: {loud: true}\n")
+    _, task = build_task(parse_recipe([recipe]), gold_judge=False)
+    assert task.evaluator.settings.chat_template_kwargs == {"loud": True}
+    assert all(isinstance(prompt, list) for prompt in task.train_dataset["prompt"])  # messages: TRL renders them, with the same kwargs

@@ -83,11 +83,12 @@ def is_conversational(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
-def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_prompt_length: int, split: str = "") -> tuple[Dataset, int]:
+def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_prompt_length: int, split: str = "", chat_template_kwargs: dict | None = None) -> tuple[Dataset, int]:
     """(rows with `prompt` in place of `column`; rows dropped for a prompt longer than `max_prompt_length` tokens).
     Chat messages stay messages, as TRL keeps a conversational data set: the trainers and the evaluation render them
     with the tokenizer's chat template and the generation prompt, and the reward functions receive the messages and
-    each completion as one assistant message, as TRL hands them. Their length is counted on that rendering; a prompt is
+    each completion as one assistant message, as TRL hands them. Their length is counted on that rendering (with TRL
+    GRPO's `chat_template_kwargs`, as TRL renders them); a prompt is
     dropped rather than cut, since a cut chat prompt loses its generation prompt.
     A missing (null) or empty prompt, or one of another kind than the first row's, is refused in one line that counts
     them: there is nothing for the policy to continue, and dropping them would hide a broken data file."""
@@ -116,7 +117,7 @@ def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_p
             )
 
         def render(value):
-            return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {}))
     elif isinstance(first, str):
         def render(value):
             return value

@@ -39,15 +39,17 @@ def load_gsm8k(source: str = "openai/gsm8k", split: str = "train") -> Dataset:
     return load_split(source, split, ASSETS_DIR / "gsm8k_sample", ("question", "answer"), "GSM8K", hub_config=HUB_CONFIG)
 
 
-def format_prompt(question: str, tokenizer, system_prompt: str = SYSTEM_PROMPT) -> str:
-    """The prompt text: the chat template with a system prompt when the tokenizer has one, else `Question: ...\\nAnswer:`."""
+def format_prompt(question: str, tokenizer, system_prompt: str = SYSTEM_PROMPT, chat_template_kwargs: dict | None = None) -> str:
+    """The prompt text: the chat template with a system prompt when the tokenizer has one (with TRL GRPO's
+    `chat_template_kwargs`, e.g. {enable_thinking: false}: the trainers receive this text, not messages), else
+    `Question: ...\\nAnswer:`."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {}))
     return f"Question: {question}\nAnswer:"
 
 
-def prompt_dataset(rows: Dataset, tokenizer, max_prompt_length: int | None = None, system_prompt: str = SYSTEM_PROMPT) -> tuple[Dataset, int]:
+def prompt_dataset(rows: Dataset, tokenizer, max_prompt_length: int | None = None, system_prompt: str = SYSTEM_PROMPT, chat_template_kwargs: dict | None = None) -> tuple[Dataset, int]:
     """(dataset with `prompt`, `answer` (normalised gold number) and `question`, number of rows dropped).
 
     A problem whose prompt is longer than `max_prompt_length` tokens is dropped, not cut: a truncated
@@ -55,7 +57,7 @@ def prompt_dataset(rows: Dataset, tokenizer, max_prompt_length: int | None = Non
     """
 
     def to_prompt(row):
-        prompt = format_prompt(row["question"], tokenizer, system_prompt)
+        prompt = format_prompt(row["question"], tokenizer, system_prompt, chat_template_kwargs)
         return {"prompt": prompt, "answer": gold_answer(row["answer"]), "num_prompt_tokens": len(tokenizer(prompt, add_special_tokens=False)["input_ids"])}
 
     dataset = rows.map(to_prompt, remove_columns=[c for c in rows.column_names if c != "question"])
@@ -98,7 +100,8 @@ def check_rows(rows: Dataset, source: str, split: str) -> None:
                              f"(it ends {answer[-60:]!r})") from None
 
 
-def make_gsm8k_splits(source: str, tokenizer, max_prompt_length: int | None, eval_num_problems: int, test_num_problems: int | None, system_prompt: str = SYSTEM_PROMPT) -> tuple[dict[str, Dataset], dict]:
+def make_gsm8k_splits(source: str, tokenizer, max_prompt_length: int | None, eval_num_problems: int, test_num_problems: int | None, system_prompt: str = SYSTEM_PROMPT,
+                      chat_template_kwargs: dict | None = None) -> tuple[dict[str, Dataset], dict]:
     """Prompt datasets `train` (all of GSM8K train), `validation` (the first `eval_num_problems` test problems,
     as the users evaluated) and `test` (the first `test_num_problems` test problems, or all), plus their sizes.
 
@@ -112,8 +115,8 @@ def make_gsm8k_splits(source: str, tokenizer, max_prompt_length: int | None, eva
     rows = {split: load_gsm8k(source, split) for split in ("train", "test")}
     for split, split_rows in rows.items():
         check_rows(split_rows, source, split)
-    train, train_dropped = prompt_dataset(rows["train"], tokenizer, max_prompt_length, system_prompt)
-    test, test_dropped = prompt_dataset(rows["test"], tokenizer, max_prompt_length, system_prompt)
+    train, train_dropped = prompt_dataset(rows["train"], tokenizer, max_prompt_length, system_prompt, chat_template_kwargs)
+    test, test_dropped = prompt_dataset(rows["test"], tokenizer, max_prompt_length, system_prompt, chat_template_kwargs)
     fitting = len(train)
     train, test = disjoint_splits(train, test)
     if fitting and not len(train):
