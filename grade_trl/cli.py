@@ -370,7 +370,8 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_warning()
     transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`(is_gradient_checkpointing|gradient_checkpointing_enable|gradient_checkpointing_disable)` is deprecated",
+                            category=FutureWarning)
 
 
 _left_a_process_group = False  # set by close_process_group: this process belonged to a torch process group

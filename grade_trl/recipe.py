@@ -239,7 +239,7 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
                               f"start from a recipe written for {method_name} (recipes/tiny/ has one per method)")
         raise RecipeError(f"unknown recipe key {key!r} for method {method_name!r}{unknown_key_hint(key, list(run_fields) + list(config_fields), 'grade_trl.run')}", unknown_key=key)
     for key in SHARDING_ARGUMENTS:
-        if values.get(key) not in (None, "", False):
+        if values.get(key) not in (None, "", False, [], {}):  # what Trainer reads as off
             raise RecipeError(f"{key}: the runner shards through Accelerate's config, not TrainingArguments' {key}; remove it and launch with "
                               f"accelerate launch --config_file accelerate_configs/{'zero3' if key == 'deepspeed' else 'fsdp2'}.yaml -m grade_trl.run "
                               "(README, \"Past one GPU\")")

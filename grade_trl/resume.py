@@ -208,17 +208,20 @@ def follow_the_new_schedule(trainer, checkpoint: str, max_steps: int) -> None:
     then steps the scheduler, whose lambda already holds the new `max_steps`: the first resumed step trained at the old
     schedule's rate (0 where a linear decay had ended: a run of 2 steps extended to 3 trained its third step at learning
     rate 0) and the next ones jumped to the new schedule's; a new `learning_rate` was not used at all (the restored base
-    rate was). Only LambdaLR (every schedule of transformers' `get_scheduler` but the plateau one) with one base rate
-    for every parameter group (Trainer's two groups, decay and no decay) is set."""
+    rate was). Only LambdaLR (every schedule of transformers' `get_scheduler` but the plateau one; under DeepSpeed the
+    one Accelerate's wrapper holds) is set, and a new learning_rate only where every parameter group had one base rate
+    (Trainer's two groups, decay and no decay; an optimizer of the user's with rates of its own keeps them)."""
     before = read_json(os.path.join(checkpoint, "trainer_state.json")) or {}
-    scheduler, optimizer = trainer.lr_scheduler, trainer.optimizer
-    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or optimizer is None or len(set(scheduler.base_lrs)) != 1:
+    scheduler, optimizer = getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler), trainer.optimizer
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or optimizer is None:
         return
     learning_rate, old_rate = trainer.args.learning_rate, scheduler.base_lrs[0]
-    new_length, new_rate = before.get("max_steps") not in (None, max_steps), not math.isclose(learning_rate, old_rate, rel_tol=1e-9)
+    new_length = before.get("max_steps") not in (None, max_steps)
+    new_rate = len(set(scheduler.base_lrs)) == 1 and not math.isclose(learning_rate, old_rate, rel_tol=1e-9)
     if not (new_length or new_rate):
         return
-    scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
+    if new_rate:
+        scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
     rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     groups = getattr(optimizer, "optimizer", optimizer).param_groups  # Accelerate's wrapper shares the wrapped optimizer's groups
     changes = ([f"max_steps {max_steps}, where the run that saved {os.path.basename(checkpoint)} had {before['max_steps']}"] if new_length else []) + (

@@ -124,6 +124,6 @@ def test_reading_commands_and_the_exit_helpers_import_no_transformers():
     script = ("import sys, grade_trl, grade_trl.cli, grade_trl.errors, grade_trl.recipe, grade_trl.doctor\n"
               "print(sorted(m for m in ('transformers', 'trl', 'torch', 'datasets') if m in sys.modules))\n"
               "from grade_trl import GumbelGRADETrainer, LengthReward\n"
-              "print(GumbelGRADETrainer.__module__, LengthReward.__module__, 'transformers' in sys.modules)")
+              "print(GumbelGRADETrainer.__module__, LengthReward.__module__, 'transformers' in sys.modules, grade_trl.trainers.__name__)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True).stdout.splitlines()
-    assert out == ["[]", "grade_trl.trainers.grade grade_trl.rewards.length True"]
+    assert out == ["[]", "grade_trl.trainers.grade grade_trl.rewards.length True grade_trl.trainers"]  # a submodule as an attribute, as before

@@ -75,7 +75,9 @@ class LogTheLastWindow(TrainerCallback):
     10 left its last 7 steps out. The row averages those steps as any window does (Trainer's loss included)."""
 
     def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step < state.max_steps or args.logging_strategy != "steps":  # "no": the user asked for no training rows
+            return control
         logged = max((row["step"] for row in state.log_history if "loss" in row), default=0)
-        if state.global_step >= state.max_steps and state.global_step > logged:
+        if state.global_step > logged:
             control.should_log = True
         return control
