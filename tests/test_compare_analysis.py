@@ -451,7 +451,7 @@ def test_a_signal_to_compare_stops_its_run_with_a_checkpoint_and_the_rerun_resum
     import time
 
     recipe = str(REPO / "recipes" / "tiny" / "length_reinforce.yaml")
-    overrides = ["--max_steps", "40", "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "2", "--eval_steps", "40", "--logging_steps", "1", "--eval_num_prompts", "4",
+    overrides = ["--max_steps", "24", "--save_strategy", "steps", "--save_steps", "4", "--save_total_limit", "2", "--eval_steps", "24", "--logging_steps", "1", "--eval_num_prompts", "4",
                  "--test_num_prompts", "4", "--eval_best_of_n", "1", "--policy_split_size", "16", "--validation_split_size", "8",
                  "--max_new_tokens", "6", "--min_new_tokens", "2", "--per_device_train_batch_size", "4", "--disable_tqdm", "true"]
     argv = [recipe, "--seed_list", "42", "--output_dir", str(tmp_path / "cmp"), *overrides]
@@ -459,19 +459,19 @@ def test_a_signal_to_compare_stops_its_run_with_a_checkpoint_and_the_rerun_resum
     # its own process group, as a terminal's foreground job: Ctrl-C there signals the whole group
     process = subprocess.Popen([sys.executable, "-m", "grade_trl.compare", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
-    while not (run_dir / "checkpoint-2" / "grade_trl_state_rank0.pt").exists() and process.poll() is None and time.time() < deadline:
+    while not (run_dir / "checkpoint-4" / "grade_trl_state_rank0.pt").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     assert process.poll() is None, process.communicate()[1][-2000:]
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the runs, in their own sessions, get it once, from compare (twice, they stop without a checkpoint)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 130 and err.strip().splitlines()[-1] == "interrupted by SIGINT", err[-2000:]
     stopped = load_results(run_dir)  # the run stopped itself (graceful stop), not orphaned: its results.json says so
-    assert stopped["status"] == "interrupted" and 2 <= int(stopped["final"]["checkpoint"].rsplit("checkpoint-", 1)[1]) < 40
+    assert stopped["status"] == "interrupted" and 4 <= int(stopped["final"]["checkpoint"].rsplit("checkpoint-", 1)[1]) < 24
 
     first_launch = json.loads((run_dir / "compare_run.json").read_text())["wall_seconds"]
     assert compare.main(argv) == 0
     record = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["runs"][0]
     assert record["status"] == "completed" and record["resumed_from"] == stopped["final"]["checkpoint"]
     assert record["wall_seconds"] > first_launch > 0  # both launches' time, not the last one's only
-    assert load_results(run_dir)["final"]["steps"] == 40
+    assert load_results(run_dir)["final"]["steps"] == 24
     assert "interrupted by SIGINT" in (run_dir / "log.txt").read_text()  # the resumed run's log was appended to, not truncated
