@@ -228,12 +228,12 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
     for key in values:
         if key in run_fields or key in config_fields:
             continue
-        if values[key] is None and any(key in _fields(get_method(name).config_class) for name in METHODS):
+        owners = [name for name in METHODS if key in _fields(get_method(name).config_class)]
+        if values[key] is None and owners:
             unset.append(key)
             continue
         if key in method.misplaced_keys:
             raise RecipeError(f"{key}: {method.misplaced_keys[key]} (--{key} null on the command line removes the recipe's)")
-        owners = [name for name in METHODS if key in _fields(get_method(name).config_class)]
         if owners:  # a recipe written for another method, its method switched (`--method reinforce` on a GRADE recipe)
             raise RecipeError(f"{key}: a key of {', '.join(owners)}, not of method {method_name!r}; remove it (--{key} null on the command line), or "
                               f"start from a recipe written for {method_name} (recipes/tiny/ has one per method)")

@@ -67,11 +67,11 @@ def make_custom_splits(run, prepare=None) -> dict[str, Dataset]:
                 f"{run.dataset_name!r} split {run.train_split!r} leave none to train on; lower eval_num_prompts/test_num_prompts "
                 "or name validation_split/test_split"
             )
-        shuffled, start = train, 0
+        start = 0
         for name, size in sizes.items():
             if size:
-                splits[name], start = shuffled.select(range(start, start + size)), start + size
-        train = shuffled.select(range(start, len(shuffled)))
+                splits[name], start = train.select(range(start, start + size)), start + size
+        train = train.select(range(start, len(train)))
     splits["train"] = train
     for name in ("validation", "test"):
         if name not in splits:
