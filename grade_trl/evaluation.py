@@ -24,7 +24,7 @@ from . import metrics
 from .core.masks import completion_mask
 from .core.sharding import is_sharded, local_data, resharded
 from .data.custom import is_conversational
-from .rewards.base import RewardMetricLog, combine_scores, compute_rewards, not_kept, reward_name
+from .rewards.base import RewardMetricLog, combine_scores, compute_rewards, not_kept, render_chat, reward_name
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def as_rendered_prompts(tokenizer, prompts: list, chat_template_kwargs: dict | N
     chat = bool(prompts) and is_conversational(prompts[0])
     if not chat:
         return list(prompts), False
-    return [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})) for p in prompts], True
+    return [render_chat(tokenizer, p, chat_template_kwargs) for p in prompts], True
 
 
 def shard_and_gather(accelerator, items: list, work) -> list:

@@ -15,6 +15,7 @@ from pathlib import Path
 from datasets import Dataset, load_dataset
 
 from ..errors import UserError
+from ..rewards.base import render_chat
 from .files import _root_cause
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_p
             )
 
         def render(value):
-            return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {}))
+            return render_chat(tokenizer, value, chat_template_kwargs)
     elif isinstance(first, str):
         def render(value):
             return value

@@ -22,6 +22,7 @@ from datasets import Dataset
 
 from ..errors import UserError
 from ..models import ASSETS_DIR
+from ..rewards.base import render_chat
 from ..rewards.gsm8k import gold_answer
 from .files import EMBEDDED, load_split
 
@@ -45,7 +46,7 @@ def format_prompt(question: str, tokenizer, system_prompt: str = SYSTEM_PROMPT, 
     `Question: ...\\nAnswer:`."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {}))
+        return render_chat(tokenizer, messages, chat_template_kwargs)
     return f"Question: {question}\nAnswer:"
 
 

@@ -41,13 +41,20 @@ def completion_text(completion) -> str:
     return str(completion)
 
 
+def render_chat(tokenizer, messages: list[dict], chat_template_kwargs: dict | None = None) -> str:
+    """Chat messages as the policy reads them: the tokenizer's chat template with the generation prompt, and TRL GRPO's
+    `chat_template_kwargs` where a recipe sets them, as TRL's GRPOTrainer renders a conversational prompt. The one
+    rendering of the trainers, the evaluations, the data's length filters and the rewards."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {}))
+
+
 def prompt_text(prompt, tokenizer=None) -> str:
-    """A prompt as text: a string as it is, or chat messages as the policy read them (the tokenizer's chat template with
-    the generation prompt), or their contents one per line without a tokenizer that has one."""
+    """A prompt as text: a string as it is, or chat messages as the policy read them (`render_chat`), or their contents
+    one per line without a tokenizer that has a chat template."""
     if isinstance(prompt, str):
         return prompt
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return render_chat(tokenizer, prompt)
     return "\n".join(str(message.get("content", "")) for message in prompt)
 
 

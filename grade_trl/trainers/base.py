@@ -15,7 +15,7 @@ from trl.data_utils import is_conversational
 
 from ..models import give_safetensors_umask_modes, load_causal_lm, load_tokenizer, prepare_tokenizer
 from ..resume import ResumeCallback
-from ..rewards.base import NOT_PASSED_COLUMNS, RewardMetricLog, compute_rewards, not_kept, reward_name
+from ..rewards.base import NOT_PASSED_COLUMNS, RewardMetricLog, compute_rewards, not_kept, render_chat, reward_name
 from .metrics import GradNormWindowMixin, MetricWindow
 
 logger = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
         if not getattr(self.processing_class, "chat_template", None):
             raise ValueError("prompt: the prompts are chat messages, but the tokenizer has no chat template; give processing_class one "
                              "(tokenizer.chat_template) or plain-text prompts")
-        return [self.processing_class.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True) for example in inputs]
+        return [render_chat(self.processing_class, example["prompt"]) for example in inputs]
 
     @staticmethod
     def reward_completions(inputs, completions: list[str]) -> list:
