@@ -148,6 +148,8 @@ def _user_recipe(tmp_path, rows, **lines):
         "output_dir": str(tmp_path / "run"), "eval_num_prompts": 2, "test_num_prompts": 2, "eval_best_of_n": 1, "max_steps": 1, "max_new_tokens": 4,
         "min_new_tokens": 1, "save_best_model": "false", "disable_tqdm": "true", **lines,
     }
+    if values["method"] in ("grpo", "cispo"):  # TRL GRPO's length key is max_completion_length, and it has no minimum
+        del values["max_new_tokens"], values["min_new_tokens"]
     (tmp_path / "recipe.yaml").write_text("".join(f"{key}: {value}\n" for key, value in values.items()))
     return str(tmp_path / "recipe.yaml")
 
@@ -323,23 +325,25 @@ def test_chat_messages_are_counted_with_the_chat_template_and_other_columns_kept
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 
 
+def _chat_model(tmp_path, template: str = CHAT_TEMPLATE) -> str:
+    """The embedded model copied with a chat template (it has none of its own)."""
+    import shutil
+
+    model = tmp_path / "chat_model"
+    shutil.copytree(resolve_model_path("embedded"), model)
+    (model / "chat_template.jinja").write_text(template)
+    return str(model)
+
+
 @pytest.mark.parametrize("method", ["reinforce", "grpo"])
 def test_chat_prompts_reach_the_rewards_as_trl_hands_them_in_training_and_evaluation(tmp_path, method):
     """Found by a journey audit: the runner rendered chat prompts to text before any trainer saw them, so a TRL reward
     that reads `completions[i][0]["content"]` failed (TypeError) where the same reward worked with the trainers used
     directly; and the evaluations passed completion_ids=None. The reward here checks each call's prompts (messages),
     completions (one assistant message) and completion_ids (token ids), and raises otherwise."""
-    import shutil
-
-    model = tmp_path / "chat_model"
-    shutil.copytree(resolve_model_path("embedded"), model)
-    (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     rows = [{"prompt": [{"role": "system", "content": "You review films."}, {"role": "user", "content": f"Film {i} was"}]} for i in range(20)]
     lengths = {"max_completion_length": 4, "num_generations": 2, "per_device_train_batch_size": 4, "bf16": "false"} if method == "grpo" else {}
-    recipe = _user_recipe(tmp_path, rows, method=method, model_name_or_path=str(model), reward_funcs="[user_rewards.as_trl_hands_them]", **lengths)
-    if method == "grpo":  # TRL GRPO's length key is max_completion_length
-        text = (tmp_path / "recipe.yaml").read_text()
-        (tmp_path / "recipe.yaml").write_text("".join(line + "\n" for line in text.splitlines() if not line.startswith(("max_new_tokens", "min_new_tokens"))))
+    recipe = _user_recipe(tmp_path, rows, method=method, model_name_or_path=_chat_model(tmp_path), reward_funcs="[user_rewards.as_trl_hands_them]", **lengths)
     code, errors = _main_quietly([recipe, "--eval_steps", "1", "--logging_steps", "1"])
     assert code == 0 and errors == [], errors
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -383,7 +387,6 @@ def test_trl_grpos_chat_template_kwargs_render_the_prompts_everywhere(tmp_path, 
     length filter and its evaluations render them with the same (a review found them rendered without), and GSM8K,
     whose prompts are rendered before training, too."""
     import copy
-    import shutil
 
     from grade_trl.build import build_task
     from grade_trl.data.gsm8k import format_prompt
@@ -397,13 +400,9 @@ def test_trl_grpos_chat_template_kwargs_render_the_prompts_everywhere(tmp_path, 
     assert as_rendered_prompts(chat, messages, {"loud": True}) == (["LOUD Hi\nA:"], True) and as_rendered_prompts(chat, messages)[0] == ["Hi\nA:"]
     assert format_prompt("2 + 2?", chat, "Be brief.", {"loud": True}) == "LOUD Be brief.\nLOUD 2 + 2?\nA:"
 
-    model = tmp_path / "chat_model"
-    shutil.copytree(resolve_model_path("embedded"), model)
-    (model / "chat_template.jinja").write_text(template)
     rows = [{"prompt": [{"role": "user", "content": f"Film {i}"}], "keyword": "good"} for i in range(20)]
-    recipe = _user_recipe(tmp_path, rows, method="grpo", model_name_or_path=str(model), bf16="false", max_completion_length=4)
-    text = "".join(line + "\n" for line in (tmp_path / "recipe.yaml").read_text().splitlines() if not line.startswith(("max_new_tokens", "min_new_tokens")))
-    (tmp_path / "recipe.yaml").write_text(text + "chat_template_kwargs: {loud: true}\n")
+    recipe = _user_recipe(tmp_path, rows, method="grpo", model_name_or_path=_chat_model(tmp_path, template), bf16="false", max_completion_length=4,
+                          chat_template_kwargs="{loud: true}")
     _, task = build_task(parse_recipe([recipe]), gold_judge=False)
     assert task.evaluator.settings.chat_template_kwargs == {"loud": True}
     assert all(isinstance(prompt, list) for prompt in task.train_dataset["prompt"])  # messages: TRL renders them, with the same kwargs
