@@ -24,7 +24,7 @@ from . import metrics
 from .core.masks import completion_mask
 from .core.sharding import is_sharded, local_data, resharded
 from .data.custom import is_conversational
-from .rewards.base import RewardMetricLog, combine_scores, compute_rewards, not_kept, render_chat, reward_name
+from .rewards.base import RewardMetricLog, assistant_messages, combine_scores, compute_rewards, has_response_parser, not_kept, render_chat, reward_name
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,11 @@ def as_rendered_prompts(tokenizer, prompts: list, chat_template_kwargs: dict | N
     if not chat:
         return list(prompts), False
     return [render_chat(tokenizer, p, chat_template_kwargs) for p in prompts], True
+
+
+def prompt_token_ids(tokenizer, texts: list[str], max_prompt_length: int) -> list[list[int]]:
+    """Each rendered prompt's token ids as `generate_completions` feeds them (its last max_prompt_length tokens)."""
+    return [ids[-max_prompt_length:] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def shard_and_gather(accelerator, items: list, work) -> list:
@@ -256,14 +261,16 @@ class RewardEvaluator(Evaluator):
             shard = [prompts[i] for i in indices]
             texts, chat = as_rendered_prompts(tokenizer, shard, self.settings.chat_template_kwargs)
             shard_columns = {key: [values[i] for i in indices] for key, values in columns.items()}
+            prefixes = prompt_token_ids(tokenizer, texts, self.settings.max_prompt_length) if chat and has_response_parser(tokenizer) else None
             samples = []
             for k in range(max(1, self.best_of_n)):
                 # sample k of this shard uses seed + 1000 k + rank: a rerun on as many processes reproduces it
                 completions, lengths, ids = generate_completions(model, tokenizer, texts, self.settings, seed + 1000 * k + rank)
                 if not shard:  # generated only to keep a sharded model's collectives in step (shard_and_gather)
                     continue
-                # handed over as the trainers hand them: the prompts as the data holds them, chat completions as one assistant message each
-                handed = [[{"role": "assistant", "content": c}] for c in completions] if chat else completions
+                # handed over as the trainers hand them: the prompts as the data holds them, chat completions as one assistant
+                # message each (parsed as TRL parses them where the tokenizer has a response template: the prompt's ids are its prefix)
+                handed = assistant_messages(tokenizer, ids, prefixes) if chat else completions
                 scores = compute_rewards(self.reward_funcs, shard, handed, ids, **shard_columns, **self.reward_keywords)  # (B, F)
                 samples.append((completions, lengths, combine_scores(scores, weights).tolist(), scores.tolist(), handed, ids))
             if not shard:

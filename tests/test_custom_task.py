@@ -105,6 +105,13 @@ def as_trl_hands_them(prompts, completions, completion_ids, **kwargs):
 
 def takes_completion(prompts, completions, completion, **kwargs):
     return [1.0] * len(completions)
+
+def reads_the_thinking(prompts, completions, **kwargs):
+    # a thinking model's completions, parsed as TRL parses them: the generation prompt opened <think>, so the text up to
+    # </think> is reasoning_content (and all of it, when the completion ends inside the thinking)
+    for completion in completions:
+        assert set(completion[0]) == {"role", "reasoning_content", "content"}, f"completion {completion!r}"
+    return [float(len(c[0]["reasoning_content"])) for c in completions]
 '''
 
 
@@ -350,6 +357,34 @@ def test_chat_prompts_reach_the_rewards_as_trl_hands_them_in_training_and_evalua
     assert [h["step"] for h in results["history"] if "eval_reward" in h] == [0, 1]
     assert [h["step"] for h in results["history"] if "loss" in h] == [1]
     assert results["final"]["test"]["final"]["prompts"][0].startswith("system: You review films.\nuser: Film ")  # as the policy read it
+
+
+@pytest.mark.parametrize("method", ["reinforce", "grpo"])
+def test_a_thinking_models_completions_reach_the_rewards_parsed_as_trl_parses_them(tmp_path, method):
+    """TRL's GRPOTrainer hands the rewards `parse_response`'s message where the tokenizer has a response template (Qwen3
+    and the like: thinking in `reasoning_content`, the answer in `content`); our trainers and the evaluations handed the
+    decoded text as `content`, so a reward reading `content` scored the thinking under REINFORCE and not under GRPO.
+    The model: the embedded one with Qwen3.5's thinking template, its tokens and its response template, saved as a
+    user's would be (the response template in tokenizer_config.json)."""
+    from transformers import AutoModelForCausalLM
+
+    from .test_rewards import _thinking_tokenizer
+
+    from grade_trl.models import load_tokenizer
+
+    thinking = _thinking_tokenizer(load_tokenizer("embedded"))
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("embedded"))
+    model.resize_token_embeddings(len(thinking))
+    model.save_pretrained(tmp_path / "thinking_model")
+    thinking.save_pretrained(tmp_path / "thinking_model")
+    rows = [{"prompt": [{"role": "user", "content": f"Film {i} was"}]} for i in range(20)]
+    lengths = {"max_completion_length": 4, "num_generations": 2, "per_device_train_batch_size": 4, "bf16": "false"} if method == "grpo" else {}
+    recipe = _user_recipe(tmp_path, rows, method=method, model_name_or_path=str(tmp_path / "thinking_model"), reward_funcs="[user_rewards.reads_the_thinking]",
+                          max_prompt_length=32, **lengths)
+    code, errors = _main_quietly([recipe, "--eval_steps", "1", "--logging_steps", "1"])
+    assert code == 0 and errors == [], errors
+    history = json.loads((tmp_path / "run" / "results.json").read_text())["history"]
+    assert [h["step"] for h in history if "eval_reward" in h] == [0, 1] and [h["step"] for h in history if "loss" in h] == [1]
 
 
 def test_prompts_too_long_are_dropped_before_validation_and_test_rows_are_held_out(tmp_path):

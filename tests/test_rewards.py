@@ -66,6 +66,41 @@ def test_the_built_in_rewards_read_a_chat_completion_as_its_text(sentiment_rewar
     assert GSM8KCorrectness()(prompts, chat, answer=["7"] * 4) == GSM8KCorrectness()(prompts, texts, answer=["7"] * 4) == [0.0, 0.0, 0.0, 1.0]
 
 
+def _thinking_tokenizer(tokenizer):
+    """The embedded tokenizer with Qwen3.5's thinking chat template (its generation prompt opens `<think>`), its tokens,
+    and the response template TRL's `add_response_schema` sets for it."""
+    import copy
+
+    from trl.chat_template_utils import add_response_schema, qwen3_5_think_chat_template
+
+    thinking = copy.deepcopy(tokenizer)
+    thinking.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    thinking.add_tokens(["<think>", "</think>"])
+    thinking.chat_template = qwen3_5_think_chat_template
+    return add_response_schema(thinking)
+
+
+def test_chat_completions_are_parsed_as_trl_parses_them_where_the_tokenizer_has_a_response_template(tokenizer):
+    """TRL's GRPOTrainer hands a reward `parse_response`'s message when the tokenizer has a response template (Qwen3's
+    thinking in `reasoning_content`, the answer alone in `content`) and the decoded text otherwise; our trainers and
+    evaluations hand the same (`assistant_messages`). Expected messages written out by hand."""
+    from grade_trl.rewards.base import assistant_messages, has_response_parser
+
+    thinking = _thinking_tokenizer(tokenizer)
+    prompt = thinking.apply_chat_template([{"role": "user", "content": "2 + 2?"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n")  # the template opens the thinking: the parser must read the prefix
+    prefix = thinking(prompt, add_special_tokens=False)["input_ids"]
+    answered = thinking("Two and two.\n</think>\n\nThe answer is 4<|im_end|>", add_special_tokens=False)["input_ids"]
+    cut = thinking("Two and", add_special_tokens=False)["input_ids"]  # max_completion_length reached inside the thinking
+    assert has_response_parser(thinking) and not has_response_parser(tokenizer)
+    assert assistant_messages(thinking, [answered, cut], [prefix, prefix]) == [
+        [{"role": "assistant", "reasoning_content": "Two and two.", "content": "The answer is 4"}],
+        [{"role": "assistant", "reasoning_content": "Two and", "content": ""}],
+    ]
+    plain = tokenizer("The answer is 4", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert assistant_messages(tokenizer, [plain]) == [[{"role": "assistant", "content": "The answer is 4"}]]  # decoded, EOS skipped
+
+
 def raises_on_third(prompts, completions, **kwargs):
     return [1 / (len(c) - 2) for c in completions]  # "ok" has length 2
 

@@ -41,6 +41,27 @@ def completion_text(completion) -> str:
     return str(completion)
 
 
+def has_response_parser(tokenizer) -> bool:
+    """Whether TRL's GRPOTrainer would parse this tokenizer's chat completions with `parse_response` rather than decode
+    them: a tokenizer that carries a response template (`response_template`, or the older `response_schema`)."""
+    return getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None) is not None
+
+
+def assistant_messages(tokenizer, completion_ids: list[list[int]], prompt_ids: list[list[int]] | None = None) -> list[list[dict]]:
+    """Chat completions as TRL's GRPOTrainer hands them to the rewards: one assistant message each. A tokenizer with a
+    response template (`has_response_parser`: Qwen3's, gpt-oss', ...) has each completion parsed by TRL's own
+    `parse_response`, with the rendered prompt's ids as the prefix it reads, so thinking lands in `reasoning_content`
+    and the answer alone in `content`; it falls back to the decoded text where a completion does not parse. Any other
+    tokenizer: the decoded text, special tokens skipped. Used by every trainer of ours and every evaluation, so a
+    reward reads the same message under them as under TRL's GRPO/CISPO."""
+    if not has_response_parser(tokenizer):
+        return [[{"role": "assistant", "content": text}] for text in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
+    from trl.chat_template_utils import parse_response  # TRL's, so the two paths cannot drift; imported here to keep this module light
+
+    prefixes = prompt_ids if prompt_ids is not None else [None] * len(completion_ids)
+    return [[parse_response(tokenizer, list(ids), prefix=list(prefix) if prefix is not None else None)] for ids, prefix in zip(completion_ids, prefixes)]
+
+
 def render_chat(tokenizer, messages: list[dict], chat_template_kwargs: dict | None = None) -> str:
     """Chat messages as the policy reads them: the tokenizer's chat template with the generation prompt, and TRL GRPO's
     `chat_template_kwargs` where a recipe sets them, as TRL's GRPOTrainer renders a conversational prompt. The one

@@ -15,7 +15,7 @@ from trl.data_utils import is_conversational
 
 from ..models import give_safetensors_umask_modes, load_causal_lm, load_tokenizer, prepare_tokenizer
 from ..resume import ResumeCallback
-from ..rewards.base import NOT_PASSED_COLUMNS, RewardMetricLog, compute_rewards, not_kept, render_chat, reward_name
+from ..rewards.base import NOT_PASSED_COLUMNS, RewardMetricLog, assistant_messages, compute_rewards, not_kept, render_chat, reward_name
 from .metrics import GradNormWindowMixin, MetricWindow
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,11 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
         tok = self.processing_class
         prompts = [example["prompt"] for example in inputs for _ in range(repeat)]
         completion_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, batch.completion_mask)]
-        completions = self.reward_completions(inputs, tok.batch_decode(completion_ids, skip_special_tokens=True))  # chat: assistant messages
+        if is_conversational(inputs[0]):  # one assistant message each, parsed as TRL parses them where the tokenizer has a response template
+            prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.prompt_ids, batch.prompt_mask)]
+            completions = assistant_messages(tok, completion_ids, prompt_ids)
+        else:
+            completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
         return compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs, repeat)).to(self.accelerator.device)
 
     def log_reward_metrics(self) -> None:
@@ -271,13 +275,6 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
             raise ValueError("prompt: the prompts are chat messages, but the tokenizer has no chat template; give processing_class one "
                              "(tokenizer.chat_template) or plain-text prompts")
         return [render_chat(self.processing_class, example["prompt"]) for example in inputs]
-
-    @staticmethod
-    def reward_completions(inputs, completions: list[str]) -> list:
-        """The completions as TRL hands them to reward functions: text, or for chat prompts one assistant message each."""
-        if not is_conversational(inputs[0]):
-            return completions
-        return [[{"role": "assistant", "content": completion}] for completion in completions]
 
     def tokenize_prompts(self, inputs) -> dict[str, torch.Tensor]:
         """The prompts (`prompt_texts`), left-padded; one longer than max_prompt_length keeps its last max_prompt_length
