@@ -54,6 +54,25 @@ _Yaml12BoolLoader.yaml_implicit_resolvers = {
 _Yaml12BoolLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
+def _unique_keys_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique, as YAML requires: PyYAML keeps the last of a repeated key without a word, so
+    a recipe with `learning_rate` twice would train at whichever came last."""
+    lines: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in lines:
+                where = f"lines {lines[key] + 1} and {key_node.start_mark.line + 1}" if lines[key] != key_node.start_mark.line else f"line {lines[key] + 1}"
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice ({where}); keep one", key_node.start_mark)
+            lines[key] = key_node.start_mark.line
+        except TypeError:  # an unhashable key: PyYAML's own error follows
+            continue
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Yaml12BoolLoader.construct_mapping = _unique_keys_mapping
+
+
 def load_yaml(text: str) -> Any:
     """`yaml.safe_load` with YAML 1.2 booleans (see `_Yaml12BoolLoader`): every recipe and override goes through it."""
     return yaml.load(text, Loader=_Yaml12BoolLoader)
@@ -68,6 +87,9 @@ def coerce(key: str, value: Any, tp) -> Any:
     if origin in (typing.Union, types.UnionType):
         if type(None) in args and (value is None or (str not in args and isinstance(value, str) and value.lower() in ("null", "none"))):
             return None
+        mapping = next((a for a in args if (typing.get_origin(a) or a) is dict), None)
+        if mapping is not None and isinstance(value, str) and value.lstrip().startswith("{"):
+            return coerce(key, value, mapping)  # a mapping written inline (`dict | str` keys): read as one, or its own error
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:
@@ -92,7 +114,11 @@ def coerce(key: str, value: Any, tp) -> Any:
         return [coerce(key, v, inner) for v in value]
     if origin is dict or tp is dict:
         if isinstance(value, str):
-            value = load_yaml(value)
+            try:
+                value = load_yaml(value)
+            except yaml.YAMLError as error:  # an unbalanced bracket, a key given twice: the text as typed, in one line
+                raise UserError(f"{key}: expected a mapping such as {{name: value}}, got {value!r}, which is not valid YAML "
+                                f"({getattr(error, 'problem', None) or 'unreadable'})") from None
         if not isinstance(value, dict):
             raise UserError(f"{key}: expected a mapping, got {value!r}")
         return value

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,21 @@ def load_recipe_file(path: str) -> dict:
     return data
 
 
+PATH_OR_MAPPING_KEYS = ("accelerator_config", "deepspeed", "fsdp_config")
+"""TrainingArguments' `dict | str` keys whose string is a file path; for the others (`generation_kwargs`,
+`chat_template_kwargs`, `lr_scheduler_kwargs`, ...) the string is only a mapping written as JSON."""
+
+
+def mapping_only(key: str, hint):
+    """A `dict | str | None` key whose string can only be a mapping (not in PATH_OR_MAPPING_KEYS) as `dict | None`, so
+    that `generation_kwargs: max_tokens=8` is a one-line error here, not a failure of the trainer's `**kwargs` later."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
+    if key in PATH_OR_MAPPING_KEYS or str not in options or not any((typing.get_origin(a) or a) is dict for a in options):
+        return hint
+    return typing.Optional[next(a for a in options if (typing.get_origin(a) or a) is dict)] if type(None) in options else next(
+        a for a in options if (typing.get_origin(a) or a) is dict)
+
+
 def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
     """Validate `values` (file merged with overrides) and build the run arguments and the method's config.
     bare_keys: the overrides given as a bare `--flag` (`cli.Overrides.bare`), refused where the key takes a value."""
@@ -216,7 +232,7 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
     method = get_method(method_name)
     config_cls = method.config_class
     run_fields, config_fields = _fields(RunArguments), _fields(config_cls)
-    hints = {**typing.get_type_hints(config_cls), **typing.get_type_hints(RunArguments)}
+    hints = {key: mapping_only(key, hint) for key, hint in {**typing.get_type_hints(config_cls), **typing.get_type_hints(RunArguments)}.items()}
 
     task = str(values.get("task", RunArguments.task))
     if task in NON_DIFFERENTIABLE_TASKS and method.relaxed:

@@ -136,6 +136,12 @@ RECIPE_CASES = [
     ({"fsdp": "full_shard"}, "fsdp: the runner shards through Accelerate's config"),
     ({"method": "grpo", "bf16": False, "fsdp_config": {"version": 2}}, "fsdp_config: the runner shards through Accelerate's config"),
     ({"deepspeed": "ds.json"}, "deepspeed: the runner shards through Accelerate's config, not TrainingArguments' deepspeed; remove it and launch with accelerate launch --config_file accelerate_configs/zero3.yaml"),
+    # a `dict | str` key written inline as a mapping that is not one: TrainingArguments' json.loads said "Expecting
+    # property name ..." without the key, or the mapping's last repeated key won; a string that is no mapping failed in the trainer
+    ({"method": "grpo", "bf16": False, "chat_template_kwargs": "{enable_thinking: [false"}, "chat_template_kwargs: expected a mapping such as {name: value}, got '{enable_thinking: [false', which is not valid YAML"),
+    ({"method": "grpo", "bf16": False, "chat_template_kwargs": "{a: 1, a: 2}"}, "chat_template_kwargs: expected a mapping such as {name: value}, got '{a: 1, a: 2}', which is not valid YAML (key 'a' is given twice (line 1); keep one)"),
+    ({"lr_scheduler_kwargs": "{min_lr: [0"}, "lr_scheduler_kwargs: expected a mapping"),
+    ({"method": "grpo", "bf16": False, "generation_kwargs": "max_tokens=8"}, "generation_kwargs: expected dict, got 'max_tokens=8'"),
 ]
 
 
@@ -314,6 +320,9 @@ RECIPE_FILE_CASES = [
     ("a list, not a mapping", b"- method: grade_ste\n", "must be a mapping"),
     ("invalid YAML", b"method: [grade\n", "is not valid YAML"),
     ("a misspelt key", b"method: grade_ste\nlearnig_rate: 1.0e-4\n", "unknown recipe key 'learnig_rate'"),
+    # PyYAML keeps the last of a repeated key silently: the run trained at whichever learning_rate came last (a journey audit)
+    ("a key given twice", b"method: grade_ste\nlearning_rate: 1.0e+30\nmax_steps: 2\nlearning_rate: 1.0e-4\n",
+     "is not valid YAML at line 4: key 'learning_rate' is given twice (lines 2 and 4); keep one"),
 ]
 
 
