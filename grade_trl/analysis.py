@@ -33,10 +33,10 @@ from pathlib import Path
 
 from . import metrics
 from .cli import Command, Option, exit_process
-from .comparison import build_comparison, from_fewer_runs
+from .comparison import build_comparison, from_fewer_runs, runs_in_folder, with_the_same_settings
 from .errors import UserError
 from .methods import relaxed_methods
-from .results import evaluation_rows, last_training_value, read_json, read_results, test_metric, test_name, test_per_prompt, training_rows, write_json_atomic
+from .results import RESULTS_FILE, evaluation_rows, last_training_value, read_json, read_results, test_metric, test_name, test_per_prompt, training_rows, write_json_atomic
 from .stats import (
     bootstrap_ci,
     cohens_d,
@@ -61,8 +61,11 @@ PROBE_KEYS = tuple(f"{metrics.PROBE_PREFIX}_{k}" for k in ("trace_cov", "snr", "
 # ---------------------------------------------------------------------------------------------
 
 
-def load_runs(results_dir: Path) -> tuple[dict | None, dict[str, list[dict]]]:
-    """(comparison.json or None, {name: [run, ...]}) with run = {seed, run_dir, results}; completed runs only, by seed."""
+def load_runs(results_dir: Path) -> tuple[dict | None, dict[str, list[dict]], list[str]]:
+    """(comparison.json or None, {name: [run, ...]}, the runs not in the tables and why) with run = {seed, run_dir,
+    results}: by seed, the completed runs of each name trained with the settings comparison.json names for it, else with
+    its newest run's (`with_the_same_settings`).
+    Said, not skipped silently: a seed missing from every table changes its means."""
     if not results_dir.is_dir():
         raise UserError(f"no such folder: {results_dir} (give the --output_dir of `python -m grade_trl.compare`)")
     comparison = read_json(results_dir / "comparison.json")
@@ -70,20 +73,34 @@ def load_runs(results_dir: Path) -> tuple[dict | None, dict[str, list[dict]]]:
         logger.warning("%s is not readable JSON (a copy cut short?): the report names no command", results_dir / "comparison.json")
         comparison = None
     runs: dict[str, list[dict]] = {}
-    for path in sorted(results_dir.glob("*/seed*/results.json")):
-        results = read_results(path)
-        if results is None:  # said, not skipped silently: a seed missing from every table would change its means
-            logger.warning("skipping %s: not a readable results.json (cut short, or edited by hand)", path)
+    left_out: list[str] = []
+    found = runs_in_folder(results_dir)
+    for record in found:
+        if record["status"] == "pending":  # compare launched it: no results.json yet, or one that does not parse
+            unreadable = (Path(record["run_dir"]) / RESULTS_FILE).is_file()
+            left_out.append(f"{record['name']} seed {record['seed']}: " + (f"its {Path(record['run_dir']) / RESULTS_FILE} is not readable (cut short, or edited by hand)" if unreadable
+                                                                          else "launched, no results.json (the same compare command again runs it)"))
+        elif record["status"] != "completed":
+            left_out.append(f"{record['name']} seed {record['seed']}: {record['status']} (the same compare command again resumes or reruns it)")
+        if record["status"] != "completed":
             continue
-        if results["status"] != "completed":
-            continue
-        seed_text = path.parent.name[len("seed") :]
-        seed = int(seed_text) if seed_text.isdigit() else (results.get("config") or {}).get("trainer", {}).get("seed")
-        runs.setdefault(path.parent.parent.name, []).append({"seed": seed, "run_dir": str(path.parent), "results": results})
+        results = read_results(record["run_dir"])
+        runs.setdefault(record["name"], []).append({"seed": record["seed"], "run_dir": record["run_dir"], "results": results})
     if not runs:
         raise UserError(f"no completed runs under {results_dir} (expected {results_dir}/<method>/seed<k>/results.json with status 'completed')")
+    in_folder = {(record["name"], record["seed"]) for record in found}
+    for record in (comparison or {}).get("runs") or []:  # in the last command's list, never started (it was stopped first)
+        if isinstance(record, dict) and (record.get("name"), record.get("seed")) not in in_folder:
+            left_out.append(f"{record.get('name')} seed {record.get('seed')}: not started (the same compare command again runs it)")
+    for name, group in runs.items():  # the settings comparison.json names for it (its last compare command's), else its newest run's
+        reference = (((comparison or {}).get("methods") or {}).get(name) or {}).get("settings")
+        kept, differing, _ = with_the_same_settings([(run["results"], run["run_dir"]) for run in group], reference if isinstance(reference, dict) else None)
+        left_out += [f"{name} seed {group[i]['seed']}: trained with other settings than the comparison's {name} runs ({why})" for i, why in differing.items()]
+        runs[name] = [group[i] for i in kept]
+    for line in left_out:
+        logger.warning("not in the tables: %s", line)
     order = list((comparison or {}).get("methods", {})) + sorted(runs)
-    return comparison, {name: sorted(runs[name], key=lambda r: r["seed"]) for name in dict.fromkeys(order) if name in runs}
+    return comparison, {name: sorted(runs[name], key=lambda r: r["seed"]) for name in dict.fromkeys(order) if name in runs}, left_out
 
 
 def recompute_comparison(comparison: dict | None, runs: dict[str, list[dict]]) -> dict:
@@ -520,12 +537,13 @@ def command_lines(comparison: dict) -> list[str]:
         return ["Command: unknown (no comparison.json in the folder; numbers recomputed from the runs)."]
     if len(commands) == 1:
         return [f"Command: `{commands[0]}`"]
-    return [f"Commands: {len(commands)} wrote into this folder, in this order (a method's runs are those of the last command that "
-            "ran it; check that their budgets match):", ""] + [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
+    return [f"Commands: {len(commands)} wrote into this folder, in this order (a name's runs are those trained with the settings of "
+            "its newest run; any other is listed as not in the tables):", ""] + [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
 
 
-def report(comparison: dict, stats: dict, figures: Figures, table: str) -> str:
-    """report.md: what was run, the table, the figures, the statistics and what was skipped."""
+def report(comparison: dict, stats: dict, figures: Figures, table: str, left_out: list[str] = ()) -> str:
+    """report.md: what was run, the table, the figures, the statistics and what was skipped; `left_out`: the runs in the
+    folder that are not in the tables, and why (`load_runs`)."""
     seeds = {name: entry["seeds"] for name, entry in comparison["methods"].items()}
     th = comparison["thresholds"]
     lines = [
@@ -535,6 +553,7 @@ def report(comparison: dict, stats: dict, figures: Figures, table: str) -> str:
         "Seeds: " + "; ".join(f"{name}: {len(s)} ({', '.join(map(str, s))})" for name, s in seeds.items()) + ".",
         f"Metric: validation `{comparison['metric']['validation']}`, test `{comparison['metric']['test']}`.",
         "",
+        *([f"**Not in the tables** ({len(left_out)} run{'s' if len(left_out) > 1 else ''} of the folder):", "", *(f"- {line}." for line in left_out), ""] if left_out else []),
         "## Comparison", "", table, "",
         "Mean ± half-width of the 95% Student t-interval over seeds (with 2-3 seeds these are wide: t = 12.7 for 2 seeds, 4.3 for 3). "
         "KL: the last training window's KL(policy || reference), nats per completion. "
@@ -583,7 +602,7 @@ def analyse(results_dir: str | os.PathLike, output_dir: str | os.PathLike | None
     """Write the report, tables, statistics and figures of a comparison folder; return the report's path."""
     results_dir = Path(results_dir)
     out = Path(output_dir) if output_dir else results_dir / "analysis"
-    comparison_file, runs = load_runs(results_dir)
+    comparison_file, runs, left_out = load_runs(results_dir)
     comparison = recompute_comparison(comparison_file, runs)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -596,7 +615,7 @@ def analyse(results_dir: str | os.PathLike, output_dir: str | os.PathLike | None
     table = markdown_table(comparison)
     (out / "comparison.md").write_text(table + "\n")
     (out / "comparison.tex").write_text(latex_table(comparison))
-    (out / "report.md").write_text(report(comparison, stats, figures, table))
+    (out / "report.md").write_text(report(comparison, stats, figures, table, left_out))
     return out / "report.md"
 
 

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from .cli import Command, Option, check_writable_folder, exit_process
-from .comparison import RUN_INFO, build_comparison, from_fewer_runs
+from .comparison import RUN_INFO, build_comparison, from_fewer_runs, run_settings, runs_in_folder
 from .errors import UserError, signals_raise
 from .recipe import build_recipe, load_recipe_file, recipe_list_keys
-from .results import read_json, read_results, write_json_atomic
+from .results import RESULTS_FILE, read_json, read_results, write_json_atomic
 
 logger = logging.getLogger("grade_trl.compare")
 
@@ -80,15 +80,10 @@ def run_recipe(path: str, overrides: dict, seed: int, run_dir: str | None = None
 def runs_in(out: Path) -> dict[str, tuple[str, str | None]]:
     """{folder name: (recipe path, method)} of the runs an earlier comparison left in `out` (from each run's
     compare_run.json command and results.json), so that a later comparison into the same folder names its runs apart."""
-    found = {}
-    for info_path in sorted(out.glob(f"*/seed*/{RUN_INFO}")):
-        info = read_json(info_path)
-        command = info.get("command") if isinstance(info, dict) else None
-        words = shlex.split(command) if isinstance(command, str) else []
-        if "grade_trl.run" in words[:-1]:
-            recipe = ((read_results(info_path.parent) or {}).get("config") or {}).get("recipe")
-            method = recipe.get("method") if isinstance(recipe, dict) else None
-            found.setdefault(info_path.parent.parent.name, (words[words.index("grade_trl.run") + 1], method))
+    found: dict[str, tuple[str, str | None]] = {}
+    for record in runs_in_folder(out):
+        if record["recipe"] is not None:
+            found.setdefault(record["name"], (record["recipe"], record["method"]))
     return found
 
 
@@ -117,10 +112,7 @@ def same_settings(previous: dict | None, expected: dict) -> bool:
     the keys that say where and how a launch ran, not what it trained, are left out: output_dir (a moved comparison folder
     still resumes), resume_from_checkpoint and overwrite_output_dir (which compare adds to a resumed or restarted run)."""
 
-    def normal(raw):
-        return json.loads(json.dumps({k: v for k, v in (raw or {}).items() if k not in ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")}, default=str))
-
-    return normal(previous) == normal(expected)
+    return run_settings(previous) == run_settings(expected)
 
 
 def launcher_of(command: str | None) -> str | None:
@@ -282,6 +274,11 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         for seed in seeds  # seed-major: after the first pass every method has one run to compare
         for path in recipes
     ]
+    # the settings this command trains each name with: the folder's runs of the name with others (an earlier command's) are left out
+    settings = {record["name"]: run_settings(run_recipe(record["recipe"], overrides, record["seed"], record["run_dir"]).raw, with_seed=False) for record in runs}
+    # the runs other commands left in the folder: comparison.json sums up every run there, as the analysis does
+    this_command = {record["run_dir"] for record in runs}
+    other_runs = [record for record in runs_in_folder(out) if record["run_dir"] not in this_command]
     comparison_path = out / "comparison.json"
     pending = []
     for index, record in enumerate(runs, 1):
@@ -319,6 +316,8 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         launched = command + (["--resume_from_checkpoint", checkpoint] if checkpoint else ["--overwrite_output_dir", "true"])
         logger.info("[%d/%d] %s seed %d: %s", index, len(runs), record["name"], record["seed"], shlex.join(launched))
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not checkpoint:  # a run that starts over: the earlier run's results go now, not at the new run's first write, so a
+            (run_dir / RESULTS_FILE).unlink(missing_ok=True)  # launch stopped before it never pairs them with this launch's compare_run.json
         # a resumed run's wall time goes on from its earlier launches' (written below, or by the launch a kill cut short)
         earlier = (read_json(run_dir / RUN_INFO) or {}).get("wall_seconds", 0.0) if checkpoint else 0.0
         write_json_atomic(run_dir / RUN_INFO, {"command": shlex.join(command), "status": "running", "wall_seconds": earlier})  # lets a later compare resume it
@@ -341,14 +340,18 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
                     "[%d/%d] %s seed %d: %s in %.1f s (exit %d%s)", index, len(runs), record["name"], record["seed"], record["status"], info["wall_seconds"],
                     info["returncode"], "" if completed else f"; see {run_dir / 'log.txt'}",
                 )
-                write_json_atomic(comparison_path, build_comparison(runs, thresholds, meta))
+                write_json_atomic(comparison_path, build_comparison(runs + other_runs, thresholds, meta, settings))
         except BaseException as error:
             stop_runs(error)
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-    comparison = build_comparison(runs, thresholds, meta)
+    comparison = build_comparison(runs + other_runs, thresholds, meta, settings)
     write_json_atomic(comparison_path, comparison)
+    for name, entry in comparison["methods"].items():
+        for run in entry["other_settings"]:
+            logger.warning("%s seed %s: left out of comparison.json: trained with other settings than this comparison's %s runs (%s); run it "
+                           "again with them (--seed_list %s) or compare into another --output_dir", name, run["seed"], name, run["differs"], run["seed"])
     print(summary_lines(comparison))
     print(f"\ncomparison: {comparison_path}\nfigures, tests and tables: python -m grade_trl.analysis {out}")
     return 1 if any(record["status"] == "failed" for record in runs) else 0

@@ -1,6 +1,8 @@
 """comparison.json: what several runs (methods x seeds) sum up to; written by `compare`, recomputed by `analysis`.
 
-Per method, over its seeds: mean and 95% t-interval of
+Every run in the folder, whichever compare command ran it. A name's runs are those trained with one set of settings
+(`settings`: those of the last command that ran the name, else its newest run's); the others are listed in
+`other_settings` and left out. Per method, over its seeds: mean and 95% t-interval of
 
     test, test_best_ckpt            the test metric matching the validation metric (IMDB/length: the reward;
                                     GSM8K: accuracy) of the last and of the best-validation checkpoint
@@ -24,10 +26,13 @@ over the seeds that reached it, and how many did. A seed where no run improves o
 
 from __future__ import annotations
 
+import json
+import shlex
+from datetime import datetime
 from pathlib import Path
 
 from . import metrics
-from .results import evaluation_rows, read_json, read_results, test_metric, test_name, validation_key
+from .results import RESULTS_FILE, evaluation_rows, read_json, read_results, test_metric, test_name, validation_key
 from .stats import mean_ci
 
 RUN_INFO = "compare_run.json"  # written by `compare` beside each run: command, exit code, wall seconds, peak RSS
@@ -37,6 +42,69 @@ THRESHOLD_DEFINITION = (
     "the comparison's runs with seed s, r*_s = best validation value of any of them; a run reaches it at its first evaluation at or "
     "above target_s(f) (step 0 included)"
 )
+
+
+LAUNCH_KEYS = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")  # where and how a launch ran, not what it trained
+
+
+def run_settings(recipe: dict | None, with_seed: bool = True) -> dict:
+    """What a run trained with: its recipe (file + overrides, as results.json keeps it) through JSON, without
+    LAUNCH_KEYS (a moved comparison folder, compare's resume and restart flags) and, unless `with_seed`, its seed."""
+    left_out = LAUNCH_KEYS + (() if with_seed else ("seed",))
+    return json.loads(json.dumps({k: v for k, v in (recipe or {}).items() if k not in left_out}, default=str))
+
+
+def written_at(results: dict, run_dir: str | Path) -> float:
+    """When a run's results.json was written (its `written_at`; the file's time for a run of an earlier version)."""
+    try:
+        return datetime.fromisoformat(results["written_at"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        try:
+            return (Path(run_dir) / RESULTS_FILE).stat().st_mtime
+        except OSError:
+            return 0.0
+
+
+def settings_difference(settings: dict, reference: dict, most: int = 3) -> str:
+    """`key value (the comparison's: value)` for the first `most` keys in which a run's settings differ from the reference."""
+    keys = [k for k in sorted(set(settings) | set(reference)) if settings.get(k) != reference.get(k)]
+    shown = [f"{k} {json.dumps(settings.get(k))} (the comparison's: {json.dumps(reference.get(k))})" for k in keys[:most]]
+    return "; ".join(shown) + (f"; {len(keys) - most} more" if len(keys) > most else "")
+
+
+def with_the_same_settings(runs: list[tuple[dict, str | Path]], reference: dict | None = None) -> tuple[list[int], dict[int, str], dict | None]:
+    """Of one run name's completed runs [(results, run_dir)], the indices of those trained with the `reference` settings
+    (`run_settings` without the seed: those of the compare command that ran the name last, where it is known), else with
+    those of the most recently written run; for each other run, what differs; and the reference used. A seed an earlier
+    command ran with another budget (`--max_steps`) would otherwise be averaged in."""
+    if not runs:
+        return [], {}, reference
+    settings = [run_settings((results.get("config") or {}).get("recipe"), with_seed=False) for results, _ in runs]
+    if reference is None:
+        reference = settings[max(range(len(runs)), key=lambda i: written_at(*runs[i]))]
+    kept = [i for i, s in enumerate(settings) if s == reference]
+    return kept, {i: settings_difference(s, reference) for i, s in enumerate(settings) if s != reference}, reference
+
+
+def runs_in_folder(folder: Path) -> list[dict]:
+    """The run records of every `{folder}/{name}/seed{k}/` that holds a results.json or compare's compare_run.json, as
+    `compare` writes them (name, method, recipe, seed, run_dir, status): what an earlier command left in the folder.
+    status: the results.json's ("completed", "interrupted", "failed"), or "pending" for a launch that wrote none."""
+    records = []
+    for run_dir in sorted({p.parent for pattern in (f"*/seed*/{RESULTS_FILE}", f"*/seed*/{RUN_INFO}") for p in folder.glob(pattern)}):
+        results, info = read_results(run_dir), read_json(run_dir / RUN_INFO)
+        recipe = ((results or {}).get("config") or {}).get("recipe") or {}
+        words = shlex.split(info["command"]) if isinstance(info, dict) and isinstance(info.get("command"), str) else []
+        seed_text = run_dir.name[len("seed"):]
+        records.append({
+            "name": run_dir.parent.name,
+            "method": recipe.get("method") if isinstance(recipe, dict) else None,
+            "recipe": words[words.index("grade_trl.run") + 1] if "grade_trl.run" in words[:-1] else None,
+            "seed": int(seed_text) if seed_text.isdigit() else recipe.get("seed"),
+            "run_dir": str(run_dir),
+            "status": results["status"] if results is not None else "pending",
+        })
+    return records
 
 
 def run_summary(results: dict, run_info: dict | None = None) -> dict:
@@ -122,13 +190,21 @@ def _mean(values: list) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def build_comparison(runs: list[dict], thresholds: list[float], meta: dict) -> dict:
-    """comparison.json from the run records (name, method, recipe, seed, run_dir, status, ...), reading each completed run's results.json."""
-    loaded = []
+def build_comparison(runs: list[dict], thresholds: list[float], meta: dict, settings: dict[str, dict] | None = None) -> dict:
+    """comparison.json from the run records (name, method, recipe, seed, run_dir, status, ...), reading each completed
+    run's results.json. settings: {name: the settings its runs must have (`run_settings` without the seed)} for the names
+    the writing compare command ran; another name's are its newest run's (`with_the_same_settings`)."""
+    loaded, other_settings, references = [], {}, {}
     for record in runs:
         results = read_results(record["run_dir"]) if record["status"] == "completed" else None
         if results is not None:
             loaded.append((record, results, run_summary(results, read_json(Path(record["run_dir"]) / RUN_INFO))))
+    for name in dict.fromkeys(record["name"] for record, _, _ in loaded):  # a name's runs: those with its newest run's settings
+        mine = [(record, results) for record, results, _ in loaded if record["name"] == name]
+        _, differing, references[name] = with_the_same_settings([(results, record["run_dir"]) for record, results in mine], (settings or {}).get(name))
+        other_settings[name] = [{"seed": mine[i][0]["seed"], "run_dir": mine[i][0]["run_dir"], "differs": why} for i, why in differing.items()]
+    left_out = {entry["run_dir"] for entries in other_settings.values() for entry in entries}
+    loaded = [entry for entry in loaded if entry[0]["run_dir"] not in left_out]
     seeds = list(dict.fromkeys(record["seed"] for record, _, _ in loaded))
     targets = {str(seed): threshold_targets([summary for record, _, summary in loaded if record["seed"] == seed], thresholds) for seed in seeds}
     methods = {}
@@ -140,6 +216,9 @@ def build_comparison(runs: list[dict], thresholds: list[float], meta: dict) -> d
             "seeds": [record["seed"] for record, _, _ in mine],
             "run_dirs": [record["run_dir"] for record, _, _ in mine],
             "failed_seeds": [r["seed"] for r in runs if r["name"] == name and r["status"] == "failed"],
+            # the settings its runs share (the analysis keeps to them), and the completed runs left out for other settings
+            "settings": references.get(name, (settings or {}).get(name)),
+            "other_settings": other_settings.get(name, []),
         }
         entry.update({key: estimate([summary[key] for _, _, summary in mine]) for key in SUMMARY_KEYS})
         entry["sample_efficiency"] = sample_efficiency([(record["seed"], results, summary) for record, results, summary in mine], targets, thresholds)

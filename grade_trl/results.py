@@ -3,6 +3,7 @@
     {
       "status":  "completed" | "interrupted" | "failed",
       "error":   "ExceptionType: message"                        (when not completed)
+      "written_at": ISO 8601 UTC time of the write (a comparison keeps a run name's runs with its newest run's settings)
       "config":  {"recipe": the mapping as written, "run": RunArguments, "trainer": the method's config},
       "history": trainer.state.log_history: training rows, evaluation rows (eval_*), probe rows (probe_*),
                  the final test row (test_*, test_best_ckpt_*); every row has "step"; keys: grade_trl.metrics
@@ -29,6 +30,7 @@ import json
 import math
 import os
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +79,7 @@ def payload(status: str, config: dict, history: list[dict], final: dict, error: 
     """One run's results.json content (module docstring)."""
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-    data = {"status": status, "config": config, "history": list(history), "final": final}
+    data = {"status": status, "written_at": datetime.now(timezone.utc).isoformat(), "config": config, "history": list(history), "final": final}
     if error:
         data["error"] = error
     return data

@@ -149,6 +149,55 @@ def test_analysis_leaves_out_a_prompt_whose_reward_is_missing_and_names_each_hol
     assert "bootstrap CI (nominal 95%)" in report
 
 
+def test_a_folder_of_several_commands_is_summed_up_whole_with_each_names_newest_settings(tmp_path, caplog):
+    """Found by a journey audit. (1) A second compare into a folder (a method added) wrote a comparison.json of its own
+    runs only, whose targets disagreed with the report's. (2) A seed an earlier command ran with another budget was
+    averaged into the name's cells. (3) The analysis said nothing of runs that were interrupted or never started."""
+    def run(name, seed, max_steps, when, status="completed", test=0.7):
+        data = synthetic_run([0.5, 0.6, 0.7 + 0.01 * seed], method=name, seed=seed, test=test)
+        data.update(status=status, written_at=when)
+        data["config"]["recipe"] = {"method": name, "max_steps": max_steps, "seed": seed, "output_dir": str(tmp_path / name / f"seed{seed}")}
+        write_json_atomic(tmp_path / name / f"seed{seed}" / "results.json", data)
+
+    run("reinforce", 44, 4, "2026-12-06T10:00:00+00:00", test=0.1)  # the first command's third seed, at 4 steps
+    run("reinforce", 42, 6, "2026-12-06T11:00:00+00:00")  # a second command reran seeds 42 and 43 at 6 steps
+    run("reinforce", 43, 6, "2026-12-06T11:05:00+00:00")
+    run("ppo", 42, 6, "2026-12-06T12:00:00+00:00")
+    run("ppo", 43, 6, "2026-12-06T12:01:00+00:00", status="interrupted")
+    comparison = {"command": "c", "runs": [{"name": "ppo", "seed": s, "status": "pending"} for s in (42, 43, 44)]}  # seed 44 never started
+    write_json_atomic(tmp_path / "comparison.json", comparison)
+
+    records = comparisons.runs_in_folder(tmp_path)
+    assert [(r["name"], r["seed"], r["status"]) for r in records] == [("ppo", 42, "completed"), ("ppo", 43, "interrupted"), ("reinforce", 42, "completed"),
+                                                                       ("reinforce", 43, "completed"), ("reinforce", 44, "completed")]
+    summed = comparisons.build_comparison(records, [0.6], {})
+    assert set(summed["methods"]) == {"ppo", "reinforce"} and summed["methods"]["reinforce"]["seeds"] == [42, 43]
+    assert summed["methods"]["reinforce"]["other_settings"] == [{"seed": 44, "run_dir": str(tmp_path / "reinforce" / "seed44"),
+                                                                 "differs": "max_steps 4 (the comparison's: 6)"}]
+    assert summed["methods"]["reinforce"]["test"]["per_seed"] == pytest.approx([0.68, 0.68])  # not seed 44's 0.08
+    # the first command again (it skips seed 44, completed with its settings): its settings, not the newest run's, decide
+    first = comparisons.build_comparison(records, [0.6], {}, settings={"reinforce": {"method": "reinforce", "max_steps": 4}})
+    assert first["methods"]["reinforce"]["seeds"] == [44] and [r["seed"] for r in first["methods"]["reinforce"]["other_settings"]] == [42, 43]
+    assert first["methods"]["reinforce"]["settings"] == {"method": "reinforce", "max_steps": 4} and first["methods"]["ppo"]["settings"]["max_steps"] == 6
+
+    with caplog.at_level("WARNING", logger="grade_trl.analysis"):
+        _, runs, left_out = analysis.load_runs(tmp_path)
+    assert {name: [r["seed"] for r in group] for name, group in runs.items()} == {"ppo": [42], "reinforce": [42, 43]}
+    assert left_out == ["ppo seed 43: interrupted (the same compare command again resumes or reruns it)",
+                        "ppo seed 44: not started (the same compare command again runs it)",
+                        "reinforce seed 44: trained with other settings than the comparison's reinforce runs (max_steps 4 (the comparison's: 6))"]
+    assert analysis.main([str(tmp_path)]) == 0
+    text = (tmp_path / "analysis" / "report.md").read_text()
+    assert "**Not in the tables** (3 runs of the folder):\n\n- ppo seed 43: interrupted" in text and "Seeds: ppo: 1 (42); reinforce: 2 (42, 43)." in text
+
+    # compare into the folder (its one run fails at once): its comparison.json still sums up the runs the others left
+    fails = ["--launcher", f"{sys.executable} -c 'import sys; sys.exit(3)'"]
+    assert compare.main([str(REPO / "recipes" / "tiny" / "imdb_grade_ste.yaml"), "--seed_list", "42", "--output_dir", str(tmp_path), *fails]) == 1
+    written = json.loads((tmp_path / "comparison.json").read_text())
+    assert list(written["methods"]) == ["grade_ste", "ppo", "reinforce"] and written["methods"]["reinforce"]["seeds"] == [42, 43]
+    assert written["methods"]["grade_ste"]["failed_seeds"] == [42] and written["methods"]["reinforce"]["other_settings"][0]["seed"] == 44
+
+
 def test_options_are_parsed_and_unknown_keys_forwarded_with_their_values():
     recipes, options, forwarded = compare.COMMAND.parse(
         ["a.yaml", "b.yaml", "--seeds", "2", "--max_steps", "50", "--use_peft", "--output_dir", "x", "--lr=3e-4", "--force", "--thresholds", "0.5", "0.9",
@@ -337,6 +386,9 @@ def test_resume_reruns_a_completed_run_whose_settings_changed(real_comparison, t
     # another launcher (another number of processes would train another batch per step): run again, here failing at once;
     # the completed run was reused before, whatever the launcher
     assert compare.main(same + fails) == 1
+    # the run that starts over took the completed run's results with it: a launch stopped before its first write left the
+    # completed run's results beside its own compare_run.json, and the report paired them (a journey audit)
+    assert not (tmp_path / "reinforce" / "seed42" / "results.json").exists()
     assert compare.main(same + fails + ["--learning_rate", "5e-5"]) == 1  # other settings: run again (and here it fails)
     written = json.loads((tmp_path / "comparison.json").read_text())
     run = written["runs"][0]
@@ -410,9 +462,10 @@ def test_analysis_says_which_results_it_cannot_read_and_where_it_cannot_write(tm
     write_json_atomic(good / "results.json", {"status": "completed", "config": {}, "history": [{"step": 1}], "final": {}})
     (cut / "results.json").write_text('{"status": "completed", "config": {}, "hist')
     with caplog.at_level("WARNING", logger="grade_trl.analysis"):
-        _, runs = analysis.load_runs(tmp_path / "cmp")
+        _, runs, left_out = analysis.load_runs(tmp_path / "cmp")
     assert [run["seed"] for run in runs["reinforce"]] == [42]
-    assert any(str(cut / "results.json") in record.getMessage() and "not a readable results.json" in record.getMessage() for record in caplog.records)
+    assert left_out == [f"reinforce seed 43: its {cut / 'results.json'} is not readable (cut short, or edited by hand)"]
+    assert any(left_out[0] in record.getMessage() for record in caplog.records)
     (tmp_path / "a_file").write_text("")
     assert analysis.main([str(tmp_path / "cmp"), "--output_dir", str(tmp_path / "a_file")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: --output_dir: cannot make the folder {str(tmp_path / 'a_file')!r}")
