@@ -5,7 +5,8 @@
         [--jobs 2] [--force] [--key value ...]
 
 Every `--key value` that is not one of the options above is a recipe override given to every run, so all
-methods get the same budget (`--max_steps 50`). Each run is its own process,
+methods get the same budget (`--max_steps 50`); a key only some methods read goes to their runs, with a note
+(`recipe.shared_overrides`: `--max_new_tokens 8 --max_completion_length 8` beside TRL's GRPO). Each run is its own process,
 `python -m grade_trl.run RECIPE --seed S --output_dir {out}/{name}/seed{S} ...`, where `name` is the recipe's
 `method` (the recipe file's stem when two recipes share a method); its output goes to `{run_dir}/log.txt`,
 its wall time and peak RSS to `{run_dir}/compare_run.json`. A run whose results.json says "completed" with the
@@ -35,7 +36,7 @@ from typing import NoReturn
 from .cli import Command, Option, check_writable_folder, exit_process
 from .comparison import RUN_INFO, build_comparison, from_fewer_runs, run_settings, runs_in_folder
 from .errors import UserError, signals_raise
-from .recipe import build_recipe, load_recipe_file, recipe_list_keys
+from .recipe import build_recipe, load_recipe_file, recipe_list_keys, shared_overrides
 from .results import RESULTS_FILE, read_json, read_results, write_json_atomic
 
 logger = logging.getLogger("grade_trl.compare")
@@ -43,7 +44,7 @@ logger = logging.getLogger("grade_trl.compare")
 COMMAND = Command(
     prog="grade_trl.compare",
     description="Run recipes x seeds with identical budgets and write {output_dir}/comparison.json. Other --key value pairs are "
-    "recipe overrides given to every run.",
+    "recipe overrides given to every run (a key only some methods read: to their runs).",
     positional="RECIPE.yaml",
     nargs="+",
     forwards_overrides=True,
@@ -250,8 +251,12 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
     repeated = [path for path in recipes if recipes.count(path) > 1]
     if repeated:
         raise UserError(f"recipe {repeated[0]} is given twice; give each recipe once (--seeds sets the repeats)")
-    # Validate every recipe with the shared overrides before anything runs; a typo fails here in one line.
-    methods = {path: run_recipe(path, overrides, seeds[0]).run.method for path in recipes}
+    # Validate every recipe with the shared overrides before anything runs; a typo fails here in one line. A key only some
+    # methods read goes to their runs (`--max_new_tokens 8 --max_completion_length 8` with GRPO beside our trainers).
+    routed, notes = shared_overrides({path: load_recipe_file(path) for path in recipes}, overrides)
+    for note in notes:
+        logger.warning(note)
+    methods = {path: run_recipe(path, routed[path], seeds[0]).run.method for path in recipes}
     out = Path(options["output_dir"])
     names = run_names(methods, runs_in(out))
     thresholds = options["thresholds"]
@@ -275,7 +280,7 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         for path in recipes
     ]
     # the settings this command trains each name with: the folder's runs of the name with others (an earlier command's) are left out
-    settings = {record["name"]: run_settings(run_recipe(record["recipe"], overrides, record["seed"], record["run_dir"]).raw, with_seed=False) for record in runs}
+    settings = {record["name"]: run_settings(run_recipe(record["recipe"], routed[record["recipe"]], record["seed"], record["run_dir"]).raw, with_seed=False) for record in runs}
     # the runs other commands left in the folder: comparison.json sums up every run there, as the analysis does
     this_command = {record["run_dir"] for record in runs}
     other_runs = [record for record in runs_in_folder(out) if record["run_dir"] not in this_command]
@@ -285,9 +290,9 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         run_dir = Path(record["run_dir"])
         previous = read_results(run_dir)
         if previous is not None and previous.get("status") == "completed" and not options["force"]:
-            expected = run_recipe(record["recipe"], overrides, record["seed"], str(run_dir)).raw
+            expected = run_recipe(record["recipe"], routed[record["recipe"]], record["seed"], str(run_dir)).raw
             earlier_launcher = launcher_of((read_json(run_dir / RUN_INFO) or {}).get("command"))
-            launcher = launcher_of(shlex.join(run_command(options["launcher"], record["recipe"], record["seed"], str(run_dir), overrides)))
+            launcher = launcher_of(shlex.join(run_command(options["launcher"], record["recipe"], record["seed"], str(run_dir), routed[record["recipe"]])))
             if earlier_launcher not in (None, launcher):  # other processes: another batch per step (and another run)
                 logger.warning("[%d/%d] %s seed %d: the completed run there was launched with %s, not %s; running it again",
                                index, len(runs), record["name"], record["seed"], earlier_launcher, launcher)
@@ -309,7 +314,7 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
     def launch(index: int, record: dict) -> tuple[int, dict, dict]:
         if _STOPPING.is_set():  # a worker freed by a stopped run: announce and write nothing for a run that will not start
             raise RuntimeError("the comparison is stopping: run not started")
-        command = run_command(options["launcher"], record["recipe"], record["seed"], record["run_dir"], overrides)
+        command = run_command(options["launcher"], record["recipe"], record["seed"], record["run_dir"], routed[record["recipe"]])
         run_dir = Path(record["run_dir"])
         checkpoint = None if options["force"] else resumable_checkpoint(run_dir, shlex.join(command))
         # a run that starts over deletes what an earlier attempt left in its folder (grade_trl.run refuses otherwise)

@@ -22,7 +22,7 @@ from .cli import Command, Option, check_writable_folder, exit_process, quiet_lib
 from .errors import UserError
 from .methods import get_method
 from .probing import completions_per_estimate, estimator_statistics, first_rows, grade_bias, gradient_estimates, prompt_text, score_function_reference
-from .recipe import build_recipe, load_recipe_file, recipe_list_keys
+from .recipe import build_recipe, load_recipe_file, recipe_list_keys, shared_overrides
 from .results import write_json_atomic
 
 logger = logging.getLogger("grade_trl.probe")
@@ -50,7 +50,7 @@ COMMAND = Command(
                "recipes share it anyway). Reused only when the settings it records match."),
         Option("output", str, "probe.json", "The JSON file the results go to (rewritten after each recipe)."),
     ),
-    epilog="Every other --key value is a recipe override applied to every recipe.",
+    epilog="Every other --key value is a recipe override applied to every recipe (a key only some methods read: to their recipes).",
 )
 
 
@@ -180,7 +180,11 @@ def format_table(rows: list[dict]) -> str:
 
 def probe(paths: list[str], options: dict, overrides: dict, argv: list[str]) -> int:
     check_options(paths, options)
-    recipes = [build_recipe({**load_recipe_file(path), **overrides}, bare_keys=getattr(overrides, "bare", ())) for path in paths]  # validate all before any work
+    files = {path: load_recipe_file(path) for path in paths}
+    routed, notes = shared_overrides(files, overrides)  # a key only some methods read goes to their recipes (max_new_tokens, max_completion_length)
+    for note in notes:
+        logger.warning(note)
+    recipes = [build_recipe({**files[path], **routed[path]}, bare_keys=routed[path].bare) for path in paths]  # validate all before any work
     if options["bias"] and not any(get_method(recipe.run.method).relaxed for recipe in recipes):
         raise UserError(f"--bias: the bias is GRADE's, against an unbiased reference, and applies to relaxed methods (grade*); these recipes run "
                         f"{', '.join(sorted({recipe.run.method for recipe in recipes}))}, whose estimators are unbiased")

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .cli import check_bare_flags, check_writable_folder, is_list_type, coerce, load_yaml, parse_overrides, range_error, unknown_key_hint
+from .cli import Overrides, check_bare_flags, check_writable_folder, is_list_type, coerce, load_yaml, parse_overrides, range_error, unknown_key_hint
 from .errors import UserError
 from .methods import METHODS, get_method
 from .reporting import missing_reporter
@@ -220,6 +220,32 @@ def mapping_only(key: str, hint):
         return hint
     return typing.Optional[next(a for a in options if (typing.get_origin(a) or a) is dict)] if type(None) in options else next(
         a for a in options if (typing.get_origin(a) or a) is dict)
+
+
+def method_reads(method_name: str, key: str) -> bool:
+    """Whether a recipe of method `method_name` takes `key` (a run key, or a field of the method's config)."""
+    return method_name in METHODS and (key in _fields(RunArguments) or key in _fields(get_method(method_name).config_class))
+
+
+def shared_overrides(recipes: dict[str, dict], overrides) -> tuple[dict[str, Any], list[str]]:
+    """The command-line overrides of a command over several recipes (compare, probe), per recipe path: a key that some
+    recipes' methods read and others do not goes to those that read it (`--max_new_tokens 8 --max_completion_length 8`
+    shortens every method's completions, GRADE's and TRL GRPO's alike); a key that none reads goes to all, to be refused
+    there as an unknown key. recipes: {path: the recipe file's mapping}. Also returns one note per key that some recipes
+    do not get, naming them and, where their method has one, the key to use instead."""
+    methods = {path: str(overrides.get("method", values.get("method", RunArguments.method))) for path, values in recipes.items()}
+    skipped = {key: [path for path, method in methods.items() if not method_reads(method, key)] for key in overrides}
+    skipped = {key: paths for key, paths in skipped.items() if paths and len(paths) < len(methods)}
+    notes = []
+    for key, paths in skipped.items():
+        fixes = sorted({get_method(methods[path]).misplaced_keys.get(key, "") for path in paths if methods[path] in METHODS} - {""})
+        notes.append(f"--{key} goes to {len(methods) - len(paths)} of {len(methods)} recipes, not to {', '.join(paths)}, whose method "
+                     f"({', '.join(sorted({methods[path] for path in paths}))}) does not read it" + (f": {' / '.join(fixes)}" if fixes else ""))
+    routed = {}
+    for path in recipes:
+        keys = [key for key in overrides if path not in skipped.get(key, ())]
+        routed[path] = Overrides({key: overrides[key] for key in keys}, bare=set(getattr(overrides, "bare", ())) & set(keys))
+    return routed, notes
 
 
 def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:

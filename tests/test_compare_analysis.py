@@ -198,6 +198,26 @@ def test_a_folder_of_several_commands_is_summed_up_whole_with_each_names_newest_
     assert written["methods"]["grade_ste"]["failed_seeds"] == [42] and written["methods"]["reinforce"]["other_settings"][0]["seed"] == 44
 
 
+def test_a_key_only_some_methods_read_goes_to_their_runs(tmp_path, caplog):
+    """Found by a journey audit: no override could shorten the completions of a comparison of GRPO with our trainers,
+    since `--max_new_tokens` was refused for GRPO and `--max_completion_length` for the others; the same in probe. Now
+    each goes to the runs whose method reads it, with a note naming the recipes that do not get it; a key no method reads
+    is still refused in one line."""
+    grade, grpo = str(REPO / "recipes" / "tiny" / "imdb_grade_ste.yaml"), str(REPO / "recipes" / "tiny" / "imdb_grpo.yaml")
+    fails = ["--launcher", f"{sys.executable} -c 'import sys; sys.exit(3)'"]  # the commands are what is tested: each run fails at once
+    with caplog.at_level("WARNING", logger="grade_trl.compare"):
+        assert compare.main([grade, grpo, "--seed_list", "42", "--output_dir", str(tmp_path / "both"), *fails, "--max_new_tokens", "8", "--max_completion_length", "8"]) == 1
+    commands = [run["command"] for run in json.loads((tmp_path / "both" / "comparison.json").read_text())["runs"]]
+    assert "imdb_grade_ste.yaml --max_new_tokens 8 --seed 42" in commands[0] and "imdb_grpo.yaml --max_completion_length 8 --seed 42" in commands[1]
+    notes = [record.getMessage() for record in caplog.records if "goes to 1 of 2 recipes" in record.getMessage()]
+    assert notes == [f"--max_new_tokens goes to 1 of 2 recipes, not to {grpo}, whose method (grpo) does not read it: TRL's GRPO limits the completion "
+                     "with `max_completion_length`; `max_new_tokens` is the name in grade_trl's own trainers (grade*, reinforce, ppo); set max_completion_length",
+                     f"--max_completion_length goes to 1 of 2 recipes, not to {grade}, whose method (grade_ste) does not read it: grade_ste limits the completion "
+                     "with `max_new_tokens` (and `min_new_tokens`); `max_completion_length` is TRL GRPO's name for it; set max_new_tokens"]
+    assert compare.main([grade, grpo, "--seed_list", "42", "--output_dir", str(tmp_path / "typo"), "--max_new_tokenz", "8"]) == 2
+    assert not (tmp_path / "typo").exists()
+
+
 def test_options_are_parsed_and_unknown_keys_forwarded_with_their_values():
     recipes, options, forwarded = compare.COMMAND.parse(
         ["a.yaml", "b.yaml", "--seeds", "2", "--max_steps", "50", "--use_peft", "--output_dir", "x", "--lr=3e-4", "--force", "--thresholds", "0.5", "0.9",
