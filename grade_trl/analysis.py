@@ -86,8 +86,6 @@ def load_runs(results_dir: Path) -> tuple[dict | None, dict[str, list[dict]], li
             continue
         results = read_results(record["run_dir"])
         runs.setdefault(record["name"], []).append({"seed": record["seed"], "run_dir": record["run_dir"], "results": results})
-    if not runs:
-        raise UserError(f"no completed runs under {results_dir} (expected {results_dir}/<method>/seed<k>/results.json with status 'completed')")
     in_folder = {(record["name"], record["seed"]) for record in found}
     for record in (comparison or {}).get("runs") or []:  # in the last command's list, never started (it was stopped first)
         if isinstance(record, dict) and (record.get("name"), record.get("seed")) not in in_folder:
@@ -97,8 +95,12 @@ def load_runs(results_dir: Path) -> tuple[dict | None, dict[str, list[dict]], li
         kept, differing, _ = with_the_same_settings([(run["results"], run["run_dir"]) for run in group], reference if isinstance(reference, dict) else None)
         left_out += [f"{name} seed {group[i]['seed']}: trained with other settings than the comparison's {name} runs ({why})" for i, why in differing.items()]
         runs[name] = [group[i] for i in kept]
+    runs = {name: group for name, group in runs.items() if group}  # a name none of whose runs has its comparison's settings: not a row
     for line in left_out:
         logger.warning("not in the tables: %s", line)
+    if not runs:
+        raise UserError(f"no completed runs under {results_dir} (expected {results_dir}/<method>/seed<k>/results.json with status 'completed'"
+                        + (f"; {len(left_out)} not in the tables, said above)" if left_out else ")"))
     order = list((comparison or {}).get("methods", {})) + sorted(runs)
     return comparison, {name: sorted(runs[name], key=lambda r: r["seed"]) for name in dict.fromkeys(order) if name in runs}, left_out
 
@@ -538,7 +540,7 @@ def command_lines(comparison: dict) -> list[str]:
     if len(commands) == 1:
         return [f"Command: `{commands[0]}`"]
     return [f"Commands: {len(commands)} wrote into this folder, in this order (a name's runs are those trained with the settings of "
-            "its newest run; any other is listed as not in the tables):", ""] + [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
+            "the last command that ran it; any other is listed as not in the tables):", ""] + [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
 
 
 def report(comparison: dict, stats: dict, figures: Figures, table: str, left_out: list[str] = ()) -> str:

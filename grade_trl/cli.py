@@ -59,6 +59,8 @@ def _unique_keys_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: 
     a recipe with `learning_rate` twice would train at whichever came last."""
     lines: dict = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged by PyYAML below; an explicit key overrides a merged one
+            continue
         key = loader.construct_object(key_node, deep=deep)
         try:
             if key in lines:

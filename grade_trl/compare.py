@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -62,8 +63,18 @@ COMMAND = Command(
 
 
 def overrides_argv(overrides: dict) -> list[str]:
-    """{key: value} -> ["--key", "value", ...], values written so that the run's YAML reading gives them back."""
-    return [item for key, value in overrides.items() for item in (f"--{key}", value if isinstance(value, str) else json.dumps(value))]
+    """{key: value} -> ["--key", "value", ...], values written so that the run's YAML reading gives them back (a float
+    with its dot: YAML reads `1e-05`, as JSON writes 1e-5, as a string)."""
+
+    def text(value) -> str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and "." not in (written := repr(value)):
+            mantissa, _, exponent = written.partition("e")
+            return f"{mantissa}.0" + (f"e{exponent}" if exponent else "")
+        return json.dumps(value)
+
+    return [item for key, value in overrides.items() for item in (f"--{key}", text(value))]
 
 
 def run_recipe(path: str, overrides: dict, seed: int, run_dir: str | None = None):

@@ -48,10 +48,13 @@ LAUNCH_KEYS = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")  
 
 
 def run_settings(recipe: dict | None, with_seed: bool = True) -> dict:
-    """What a run trained with: its recipe (file + overrides, as results.json keeps it) through JSON, without
-    LAUNCH_KEYS (a moved comparison folder, compare's resume and restart flags) and, unless `with_seed`, its seed."""
+    """What a run trained with: its recipe (file + overrides, as results.json keeps it) as the run read it
+    (`recipe.as_trained`: values coerced, defaults left out) through JSON, without LAUNCH_KEYS (a moved comparison
+    folder, compare's resume and restart flags) and, unless `with_seed`, its seed."""
+    from .recipe import as_trained  # the config classes load with it: compare and analysis only
+
     left_out = LAUNCH_KEYS + (() if with_seed else ("seed",))
-    return json.loads(json.dumps({k: v for k, v in (recipe or {}).items() if k not in left_out}, default=str))
+    return json.loads(json.dumps(as_trained({k: v for k, v in (recipe or {}).items() if k not in left_out}), default=str))
 
 
 def written_at(results: dict, run_dir: str | Path) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
 import os
 import re
@@ -220,6 +221,38 @@ def mapping_only(key: str, hint):
         return hint
     return typing.Optional[next(a for a in options if (typing.get_origin(a) or a) is dict)] if type(None) in options else next(
         a for a in options if (typing.get_origin(a) or a) is dict)
+
+
+@functools.lru_cache(maxsize=None)
+def _keys_of(method_name: str) -> tuple[dict, dict]:
+    """({key: field}, {key: type hint}) of a method's recipe: its config's fields and the run's."""
+    config_cls = get_method(method_name).config_class
+    hints = {**typing.get_type_hints(config_cls), **typing.get_type_hints(RunArguments)}
+    return {**_fields(config_cls), **_fields(RunArguments)}, {key: mapping_only(key, hint) for key, hint in hints.items()}
+
+
+def as_trained(values: dict) -> dict:
+    """A recipe's values as the run reads them: each coerced to its key's type (`1e-05` and `1.0e-5`, `yes` and `true`
+    alike), and the keys set to their default left out, so that two recipes that train alike compare equal (compare and
+    analysis match runs by it). A key or value it cannot read stays as written."""
+    method = str(values.get("method", RunArguments.method))
+    if method not in METHODS:
+        return dict(values)
+    fields, hints = _keys_of(method)
+    trained = {}
+    for key, value in values.items():
+        if key not in fields:
+            trained[key] = value
+            continue
+        try:
+            value = coerce(key, value, hints[key])
+        except UserError:
+            pass
+        default = fields[key].default if fields[key].default is not dataclasses.MISSING else (
+            fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if key == "method" or value != default:
+            trained[key] = value
+    return trained
 
 
 def method_reads(method_name: str, key: str) -> bool:

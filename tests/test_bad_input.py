@@ -321,6 +321,7 @@ RECIPE_FILE_CASES = [
     ("invalid YAML", b"method: [grade\n", "is not valid YAML"),
     ("a misspelt key", b"method: grade_ste\nlearnig_rate: 1.0e-4\n", "unknown recipe key 'learnig_rate'"),
     # PyYAML keeps the last of a repeated key silently: the run trained at whichever learning_rate came last (a journey audit)
+    ("a key given twice inside a mapping", b"method: grade_ste\nreward_kwargs: {a: 1, a: 2}\n", "key 'a' is given twice (line 2); keep one"),
     ("a key given twice", b"method: grade_ste\nlearning_rate: 1.0e+30\nmax_steps: 2\nlearning_rate: 1.0e-4\n",
      "is not valid YAML at line 4: key 'learning_rate' is given twice (lines 2 and 4); keep one"),
 ]

@@ -17,6 +17,7 @@ import pytest
 import scipy.stats as ss
 
 from grade_trl import analysis, compare, comparison as comparisons
+from grade_trl.cli import parse_overrides
 from grade_trl.errors import UserError
 from grade_trl.results import load_results, read_results, write_json_atomic
 
@@ -189,6 +190,18 @@ def test_a_folder_of_several_commands_is_summed_up_whole_with_each_names_newest_
     assert analysis.main([str(tmp_path)]) == 0
     text = (tmp_path / "analysis" / "report.md").read_text()
     assert "**Not in the tables** (3 runs of the folder):\n\n- ppo seed 43: interrupted" in text and "Seeds: ppo: 1 (42); reinforce: 2 (42, 43)." in text
+
+    # settings are matched as the runs read them (a review): 2e-05 as a string or a number, a default spelt out (bf16 no)
+    assert comparisons.run_settings({"method": "reinforce", "learning_rate": "2e-05", "bf16": "no", "seed": 1}, with_seed=False) == \
+        comparisons.run_settings({"method": "reinforce", "learning_rate": 2e-05, "seed": 2}, with_seed=False) == {"method": "reinforce", "learning_rate": 2e-05}
+    argv = compare.overrides_argv({"learning_rate": 1e-05, "beta": 0.5})
+    assert argv == ["--learning_rate", "1.0e-05", "--beta", "0.5"] and dict(parse_overrides(argv)) == {"learning_rate": 1e-05, "beta": 0.5}
+    # a name none of whose runs has its comparison's settings is no row (it was a KeyError in the figures)
+    stale = json.loads((tmp_path / "comparison.json").read_text())
+    write_json_atomic(tmp_path / "comparison.json", {**stale, "methods": {"ppo": {"settings": {"method": "ppo", "max_steps": 100}}}})
+    _, runs, left_out = analysis.load_runs(tmp_path)
+    assert list(runs) == ["reinforce"] and "ppo seed 42: trained with other settings than the comparison's ppo runs (max_steps 6 (the comparison's: 100))" in left_out
+    write_json_atomic(tmp_path / "comparison.json", stale)
 
     # compare into the folder (its one run fails at once): its comparison.json still sums up the runs the others left
     fails = ["--launcher", f"{sys.executable} -c 'import sys; sys.exit(3)'"]

@@ -117,6 +117,16 @@ def test_yaml_no_is_the_strategy_no_not_false(tmp_path, method):
             parse_recipe([str(recipe_file), f"--{key}", value])
 
 
+def test_yaml_merge_keys_and_anchors_still_load_with_unique_keys_required(tmp_path):
+    """Duplicate keys are refused (tests/test_bad_input.py), but `<<: *defaults` merges as YAML says, an explicit key
+    winning over a merged one (a review found merge keys broken by the first version of the check)."""
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("method: grade_ste\nreward_kwargs: {length: &common {target: 20, scale: 1.0}, other: {<<: *common, target: 30}}\n")
+    from grade_trl.recipe import load_recipe_file
+
+    assert load_recipe_file(str(recipe_file))["reward_kwargs"] == {"length": {"target": 20, "scale": 1.0}, "other": {"target": 30, "scale": 1.0}}
+
+
 def test_yaml_scientific_notation_without_dot_is_a_float():
     assert build_recipe({"learning_rate": "1e-4", "output_dir": "x"}).config.learning_rate == 1e-4
 
