@@ -244,6 +244,27 @@ def test_a_sigterm_before_the_run_starts_is_one_line_and_writes_nothing(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def test_a_ctrl_c_while_the_runner_imports_its_libraries_is_one_line_and_exit_130(tmp_path):
+    """Found by a journey audit: Ctrl-C in the first seconds of `python -m grade_trl.run` (transformers and TRL being
+    imported) ended in an import traceback. The runner's first lines now handle SIGINT/SIGTERM. The signal goes 1 s
+    after the start, once they have (the process catches SIGTERM, which Python alone does not), or at 1.5 s: seconds
+    before the imports end (without the handling this test ends in the traceback)."""
+    start = time.time()
+    process = subprocess.Popen([sys.executable, "-m", "grade_trl.run", *shrunk(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while time.time() < start + 1.5:  # SigCgt: the mask of caught signals; bit 15 - 1 is SIGTERM
+        caught = next((line.split()[1] for line in open(f"/proc/{process.pid}/status") if line.startswith("SigCgt:")), "0")
+        if int(caught, 16) >> (signal.SIGTERM - 1) & 1 and time.time() > start + 1.0:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None  # still importing
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted by SIGINT"
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("when", ["training", "evaluation"])
 def test_a_signal_at_an_evaluation_step_stops_there_and_the_resumed_run_equals_one_never_stopped(tmp_path, monkeypatch, when):
     """A SIGTERM during step 4's training (an evaluation step): the run saves checkpoint-4 without evaluating (a
