@@ -34,7 +34,12 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import NoReturn
 
-from .cli import Command, Option, check_writable_folder, exit_process
+from .errors import stop_in_one_line_while_importing
+
+if __name__ == "__main__":  # Ctrl-C during the second of imports below: one line, not a traceback
+    stop_in_one_line_while_importing()
+
+from .cli import Command, Option, check_writable_folder, exit_process  # noqa: E402
 from .comparison import RUN_INFO, build_comparison, from_fewer_runs, run_settings, runs_in_folder
 from .errors import UserError, signals_raise
 from .recipe import build_recipe, load_recipe_file, recipe_list_keys, shared_overrides

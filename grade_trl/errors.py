@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import sys
 from typing import Iterator
 
 
@@ -49,6 +51,19 @@ def signals_raise(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), ha
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+def stop_in_one_line_while_importing() -> None:
+    """For a command's module run as `python -m grade_trl.<command>`, called before its imports of torch, transformers
+    and TRL (seconds): Ctrl-C or SIGTERM then ends it in one line and 128 + the signal's number, as once the command's
+    own handling (cli.run_safely) has replaced this, not in an import traceback. Nothing is written by then."""
+
+    def stop(signum, _frame):
+        print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
 
 
 @contextlib.contextmanager

@@ -35,7 +35,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
+from .errors import stop_in_one_line_while_importing
+
+if __name__ == "__main__":  # Ctrl-C during the seconds of imports below: one line, not a traceback
+    stop_in_one_line_while_importing()
+
+import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 

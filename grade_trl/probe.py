@@ -15,9 +15,14 @@ import os
 import sys
 import time
 
-import torch
+from .errors import stop_in_one_line_while_importing
 
-from .build import build_probe_trainer
+if __name__ == "__main__":  # Ctrl-C during the seconds of imports below: one line, not a traceback
+    stop_in_one_line_while_importing()
+
+import torch  # noqa: E402
+
+from .build import build_probe_trainer  # noqa: E402
 from .cli import Command, Option, check_writable_folder, exit_process, quiet_libraries
 from .errors import UserError
 from .methods import get_method

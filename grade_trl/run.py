@@ -15,20 +15,12 @@ import signal
 import sys
 import time
 
+from .errors import stop_in_one_line_while_importing
 
-def _stop_while_importing(signum, _frame) -> None:
-    """Ctrl-C or SIGTERM during the seconds of imports below (transformers, TRL) ends the run in one line and 128 + the
-    signal's number, as it does after them (cli.run_safely's handling replaces this one), not in an import traceback;
-    nothing is written by then."""
-    print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
-    os._exit(128 + signum)
+if __name__ == "__main__":  # Ctrl-C during the seconds of imports below: one line, not a traceback
+    stop_in_one_line_while_importing()
 
-
-if __name__ == "__main__":
-    for _signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(_signum, _stop_while_importing)
-
-from . import metrics  # noqa: E402 - after the handlers above
+from . import metrics  # noqa: E402 - after the handling above
 from .build import build_callbacks, build_task, build_trainer
 from .cli import exit_process, quiet_libraries, run_safely
 from .errors import Interrupted, UserError, signals_raise
