@@ -76,16 +76,14 @@ def load_runs(results_dir: Path) -> tuple[dict | None, dict[str, list[dict]], li
     left_out: list[str] = []
     found = runs_in_folder(results_dir)
     for record in found:
-        if record["status"] == "pending":  # compare launched it: no results.json yet, or one that does not parse
-            unreadable = (Path(record["run_dir"]) / RESULTS_FILE).is_file()
-            left_out.append(f"{record['name']} seed {record['seed']}: " + (f"its {Path(record['run_dir']) / RESULTS_FILE} is not readable (cut short, or edited by hand)" if unreadable
+        path = Path(record["run_dir"]) / RESULTS_FILE
+        if record["status"] == "completed":
+            runs.setdefault(record["name"], []).append({"seed": record["seed"], "run_dir": record["run_dir"], "results": read_results(path)})
+        elif record["status"] == "pending":  # compare launched it: no results.json yet, or one that does not parse
+            left_out.append(f"{record['name']} seed {record['seed']}: " + (f"its {path} is not readable (cut short, or edited by hand)" if path.is_file()
                                                                           else "launched, no results.json (the same compare command again runs it)"))
-        elif record["status"] != "completed":
+        else:
             left_out.append(f"{record['name']} seed {record['seed']}: {record['status']} (the same compare command again resumes or reruns it)")
-        if record["status"] != "completed":
-            continue
-        results = read_results(record["run_dir"])
-        runs.setdefault(record["name"], []).append({"seed": record["seed"], "run_dir": record["run_dir"], "results": results})
     in_folder = {(record["name"], record["seed"]) for record in found}
     for record in (comparison or {}).get("runs") or []:  # in the last command's list, never started (it was stopped first)
         if isinstance(record, dict) and (record.get("name"), record.get("seed")) not in in_folder:

@@ -272,7 +272,8 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
     routed, notes = shared_overrides({path: load_recipe_file(path) for path in recipes}, overrides)
     for note in notes:
         logger.warning(note)
-    methods = {path: run_recipe(path, routed[path], seeds[0]).run.method for path in recipes}
+    built = {path: run_recipe(path, routed[path], seeds[0]) for path in recipes}
+    methods = {path: recipe.run.method for path, recipe in built.items()}
     out = Path(options["output_dir"])
     names = run_names(methods, runs_in(out))
     thresholds = options["thresholds"]
@@ -296,7 +297,7 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         for path in recipes
     ]
     # the settings this command trains each name with: the folder's runs of the name with others (an earlier command's) are left out
-    settings = {record["name"]: run_settings(run_recipe(record["recipe"], routed[record["recipe"]], record["seed"], record["run_dir"]).raw, with_seed=False) for record in runs}
+    settings = {names[path]: run_settings(built[path].raw, with_seed=False) for path in recipes}
     # the runs other commands left in the folder: comparison.json sums up every run there, as the analysis does
     this_command = {record["run_dir"] for record in runs}
     other_runs = [record for record in runs_in_folder(out) if record["run_dir"] not in this_command]

@@ -217,10 +217,10 @@ def mapping_only(key: str, hint):
     """A `dict | str | None` key whose string can only be a mapping (not in PATH_OR_MAPPING_KEYS) as `dict | None`, so
     that `generation_kwargs: max_tokens=8` is a one-line error here, not a failure of the trainer's `**kwargs` later."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
-    if key in PATH_OR_MAPPING_KEYS or str not in options or not any((typing.get_origin(a) or a) is dict for a in options):
+    mapping = next((a for a in options if (typing.get_origin(a) or a) is dict), None)
+    if key in PATH_OR_MAPPING_KEYS or str not in options or mapping is None:
         return hint
-    return typing.Optional[next(a for a in options if (typing.get_origin(a) or a) is dict)] if type(None) in options else next(
-        a for a in options if (typing.get_origin(a) or a) is dict)
+    return typing.Optional[mapping] if type(None) in options else mapping
 
 
 @functools.lru_cache(maxsize=None)
@@ -257,7 +257,7 @@ def as_trained(values: dict) -> dict:
 
 def method_reads(method_name: str, key: str) -> bool:
     """Whether a recipe of method `method_name` takes `key` (a run key, or a field of the method's config)."""
-    return method_name in METHODS and (key in _fields(RunArguments) or key in _fields(get_method(method_name).config_class))
+    return method_name in METHODS and key in _keys_of(method_name)[0]
 
 
 def shared_overrides(recipes: dict[str, dict], overrides) -> tuple[dict[str, Any], list[str]]:
@@ -291,7 +291,7 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
     method = get_method(method_name)
     config_cls = method.config_class
     run_fields, config_fields = _fields(RunArguments), _fields(config_cls)
-    hints = {key: mapping_only(key, hint) for key, hint in {**typing.get_type_hints(config_cls), **typing.get_type_hints(RunArguments)}.items()}
+    _, hints = _keys_of(method_name)
 
     task = str(values.get("task", RunArguments.task))
     if task in NON_DIFFERENTIABLE_TASKS and method.relaxed:
