@@ -196,7 +196,8 @@ def _mean(values: list) -> float | None:
 def build_comparison(runs: list[dict], thresholds: list[float], meta: dict, settings: dict[str, dict] | None = None) -> dict:
     """comparison.json from the run records (name, method, recipe, seed, run_dir, status, ...), reading each completed
     run's results.json. settings: {name: the settings its runs must have (`run_settings` without the seed)} for the names
-    the writing compare command ran; another name's are its newest run's (`with_the_same_settings`)."""
+    the writing compare command ran; another name's are its newest run's (`with_the_same_settings`). A name's
+    failed_seeds are its failed runs of those settings (or of settings unknown: no results.json)."""
     loaded, other_settings, references = [], {}, {}
     for record in runs:
         results = read_results(record["run_dir"]) if record["status"] == "completed" else None
@@ -208,6 +209,12 @@ def build_comparison(runs: list[dict], thresholds: list[float], meta: dict, sett
         other_settings[name] = [{"seed": mine[i][0]["seed"], "run_dir": mine[i][0]["run_dir"], "differs": why} for i, why in differing.items()]
     left_out = {entry["run_dir"] for entries in other_settings.values() for entry in entries}
     loaded = [entry for entry in loaded if entry[0]["run_dir"] not in left_out]
+    failed = {}  # a name's failed runs, but not those of another command's settings (a failed run's results.json has its recipe)
+    for record in (r for r in runs if r["status"] == "failed"):
+        results, reference = read_results(record["run_dir"]), references.get(record["name"], (settings or {}).get(record["name"]))
+        recipe = ((results or {}).get("config") or {}).get("recipe")
+        if reference is None or not isinstance(recipe, dict) or run_settings(recipe, with_seed=False) == reference:
+            failed.setdefault(record["name"], []).append(record["seed"])
     seeds = list(dict.fromkeys(record["seed"] for record, _, _ in loaded))
     targets = {str(seed): threshold_targets([summary for record, _, summary in loaded if record["seed"] == seed], thresholds) for seed in seeds}
     methods = {}
@@ -218,7 +225,7 @@ def build_comparison(runs: list[dict], thresholds: list[float], meta: dict, sett
             "method": next(r["method"] for r in runs if r["name"] == name),
             "seeds": [record["seed"] for record, _, _ in mine],
             "run_dirs": [record["run_dir"] for record, _, _ in mine],
-            "failed_seeds": [r["seed"] for r in runs if r["name"] == name and r["status"] == "failed"],
+            "failed_seeds": failed.get(name, []),
             # the settings its runs share (the analysis keeps to them), and the completed runs left out for other settings
             "settings": references.get(name, (settings or {}).get(name)),
             "other_settings": other_settings.get(name, []),

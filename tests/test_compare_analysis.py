@@ -211,6 +211,27 @@ def test_a_folder_of_several_commands_is_summed_up_whole_with_each_names_newest_
     assert written["methods"]["grade_ste"]["failed_seeds"] == [42] and written["methods"]["reinforce"]["other_settings"][0]["seed"] == 44
 
 
+def test_failed_seeds_are_the_failed_runs_of_the_comparisons_settings(tmp_path):
+    """A failed run another command left in the folder with other settings is not one of this comparison's failures."""
+    def run(seed, max_steps, status):
+        data = synthetic_run([0.5, 0.6, 0.7], method="reinforce", seed=seed)
+        data.update(status=status, written_at=f"2026-12-06T1{seed - 40}:00:00+00:00")
+        data["config"]["recipe"] = {"method": "reinforce", "max_steps": max_steps, "seed": seed}
+        write_json_atomic(tmp_path / "reinforce" / f"seed{seed}" / "results.json", data)
+
+    run(41, 4, "failed")  # an earlier command's, at 4 steps
+    run(42, 6, "completed")
+    run(43, 6, "failed")
+    (tmp_path / "reinforce" / "seed44").mkdir()  # failed before it wrote results.json: its settings are unknown, so it counts
+    records = comparisons.runs_in_folder(tmp_path) + [{"name": "reinforce", "method": "reinforce", "recipe": None, "seed": 44,
+                                                       "run_dir": str(tmp_path / "reinforce" / "seed44"), "status": "failed"}]
+    entry = comparisons.build_comparison(records, [0.6], {})["methods"]["reinforce"]
+    assert entry["seeds"] == [42] and entry["failed_seeds"] == [43, 44]
+    # the command that ran at 4 steps: its failure is seed 41's
+    entry = comparisons.build_comparison(records, [0.6], {}, settings={"reinforce": {"method": "reinforce", "max_steps": 4}})["methods"]["reinforce"]
+    assert entry["seeds"] == [] and entry["failed_seeds"] == [41, 44]
+
+
 def test_a_key_only_some_methods_read_goes_to_their_runs(tmp_path, caplog):
     """Found by a journey audit: no override could shorten the completions of a comparison of GRPO with our trainers,
     since `--max_new_tokens` was refused for GRPO and `--max_completion_length` for the others; the same in probe. Now
