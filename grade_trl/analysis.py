@@ -31,7 +31,12 @@ import math
 import os
 from pathlib import Path
 
-from . import metrics
+from .errors import stop_in_one_line_while_importing
+
+if __name__ == "__main__":  # Ctrl-C during the imports below (scipy, matplotlib): one line, not a traceback
+    stop_in_one_line_while_importing()
+
+from . import metrics  # noqa: E402 - after the handling above
 from .cli import Command, Option, exit_process
 from .comparison import build_comparison, from_fewer_runs, runs_in_folder, with_the_same_settings
 from .errors import UserError

@@ -12,7 +12,12 @@ import dataclasses
 import json
 import typing
 
-from .cli import Command, Option, exit_process
+from .errors import stop_in_one_line_while_importing
+
+if __name__ == "__main__":  # Ctrl-C during the imports below (the diagnostics, a fraction of a second): one line, not a traceback
+    stop_in_one_line_while_importing()
+
+from .cli import Command, Option, exit_process  # noqa: E402 - after the handling above
 from .errors import UserError
 from .diagnostics import DoctorSettings, Finding, LogColumns, VALIDATION_KEYS, build_settings, run_checks, settings_from_config, validation_key_of
 from .results import evaluation_rows, load_history, training_rows

@@ -10,8 +10,12 @@ training it once up front, or again after changing its settings.
 
 from __future__ import annotations
 
-from .errors import UserError, loading
-from .cli import Command, Option, check_writable_folder, exit_process
+from .errors import UserError, loading, stop_in_one_line_while_importing
+
+if __name__ == "__main__":  # Ctrl-C during the imports below (the recipe's configs): one line, not a traceback
+    stop_in_one_line_while_importing()
+
+from .cli import Command, Option, check_writable_folder, exit_process  # noqa: E402 - after the handling above
 from .recipe import build_recipe, load_recipe_file, recipe_list_keys
 
 COMMAND = Command(

@@ -265,6 +265,41 @@ def test_a_ctrl_c_while_the_runner_imports_its_libraries_is_one_line_and_exit_13
     assert not (tmp_path / "run").exists()
 
 
+SLOW_CLI_IMPORT = """
+import importlib.abc, runpy, sys, time
+class SlowCli(importlib.abc.MetaPathFinder):  # the command's imports after its first lines, made to take 30 s
+    def find_spec(self, name, path, target=None):
+        if name == "grade_trl.cli":
+            sys.meta_path.remove(self)
+            time.sleep(30)
+        return None
+sys.meta_path.insert(0, SlowCli())
+runpy.run_module(sys.argv[1], run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("command", ["run", "probe", "pretrain", "compare", "analysis", "doctor", "train_reward"])
+def test_a_signal_while_any_command_imports_is_one_line(command):
+    """Every `python -m grade_trl.<command>` handles Ctrl-C and SIGTERM before it imports its libraries (seconds for
+    run, probe, pretrain, train_reward and analysis), so a signal then is one line and 128 + its number, not an import traceback.
+    Deterministic: the command's import of grade_trl.cli (after its first lines) is held for 30 s, and the signal goes
+    once the process catches SIGTERM (which Python alone does not) or at 10 s (without the handling: a traceback)."""
+    process = subprocess.Popen([sys.executable, "-c", SLOW_CLI_IMPORT, f"grade_trl.{command}"], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 10
+    while time.time() < deadline:  # SigCgt: the mask of caught signals; bit 15 - 1 is SIGTERM
+        caught = next((line.split()[1] for line in open(f"/proc/{process.pid}/status") if line.startswith("SigCgt:")), "0")
+        if int(caught, 16) >> (signal.SIGTERM - 1) & 1:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None  # still importing
+    process.send_signal(signal.SIGTERM if command == "doctor" else signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    name, code = ("SIGTERM", 143) if command == "doctor" else ("SIGINT", 130)
+    assert process.returncode == code and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == f"interrupted by {name}"
+
+
 @pytest.mark.parametrize("when", ["training", "evaluation"])
 def test_a_signal_at_an_evaluation_step_stops_there_and_the_resumed_run_equals_one_never_stopped(tmp_path, monkeypatch, when):
     """A SIGTERM during step 4's training (an evaluation step): the run saves checkpoint-4 without evaluating (a
