@@ -38,10 +38,10 @@ if __name__ == "__main__":  # Ctrl-C during the imports below (scipy, matplotlib
 
 from . import metrics  # noqa: E402 - after the handling above
 from .cli import Command, Option, exit_process
-from .comparison import build_comparison, from_fewer_runs, runs_in_folder, with_the_same_settings
+from .comparison import build_comparison, from_fewer_runs, runs_and_results_in_folder, with_the_same_settings
 from .errors import UserError
 from .methods import relaxed_methods
-from .results import RESULTS_FILE, evaluation_rows, last_training_value, read_json, read_results, test_metric, test_name, test_per_prompt, training_rows, write_json_atomic
+from .results import RESULTS_FILE, evaluation_rows, last_training_value, read_json, test_metric, test_name, test_per_prompt, training_rows, write_json_atomic
 from .stats import (
     bootstrap_ci,
     cohens_d,
@@ -79,17 +79,17 @@ def load_runs(results_dir: Path) -> tuple[dict | None, dict[str, list[dict]], li
         comparison = None
     runs: dict[str, list[dict]] = {}
     left_out: list[str] = []
-    found = runs_in_folder(results_dir)
-    for record in found:
+    found = runs_and_results_in_folder(results_dir)
+    for record, results in found:
         path = Path(record["run_dir"]) / RESULTS_FILE
         if record["status"] == "completed":
-            runs.setdefault(record["name"], []).append({"seed": record["seed"], "run_dir": record["run_dir"], "results": read_results(path)})
+            runs.setdefault(record["name"], []).append({"seed": record["seed"], "run_dir": record["run_dir"], "results": results})
         elif record["status"] == "pending":  # compare launched it: no results.json yet, or one that does not parse
             left_out.append(f"{record['name']} seed {record['seed']}: " + (f"its {path} is not readable (cut short, or edited by hand)" if path.is_file()
                                                                           else "launched, no results.json (the same compare command again runs it)"))
         else:
             left_out.append(f"{record['name']} seed {record['seed']}: {record['status']} (the same compare command again resumes or reruns it)")
-    in_folder = {(record["name"], record["seed"]) for record in found}
+    in_folder = {(record["name"], record["seed"]) for record, _ in found}
     for record in (comparison or {}).get("runs") or []:  # in the last command's list, never started (it was stopped first)
         if isinstance(record, dict) and (record.get("name"), record.get("seed")) not in in_folder:
             left_out.append(f"{record.get('name')} seed {record.get('seed')}: not started (the same compare command again runs it)")

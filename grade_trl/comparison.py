@@ -93,20 +93,26 @@ def runs_in_folder(folder: Path) -> list[dict]:
     """The run records of every `{folder}/{name}/seed{k}/` that holds a results.json or compare's compare_run.json, as
     `compare` writes them (name, method, recipe, seed, run_dir, status): what an earlier command left in the folder.
     status: the results.json's ("completed", "interrupted", "failed"), or "pending" for a launch that wrote none."""
+    return [record for record, _ in runs_and_results_in_folder(folder)]
+
+
+def runs_and_results_in_folder(folder: Path) -> list[tuple[dict, dict | None]]:
+    """`runs_in_folder`'s records, each with its results.json as read (None where there is none): the analysis reads
+    each file once."""
     records = []
     for run_dir in sorted({p.parent for pattern in (f"*/seed*/{RESULTS_FILE}", f"*/seed*/{RUN_INFO}") for p in folder.glob(pattern)}):
         results, info = read_results(run_dir), read_json(run_dir / RUN_INFO)
         recipe = ((results or {}).get("config") or {}).get("recipe") or {}
         words = shlex.split(info["command"]) if isinstance(info, dict) and isinstance(info.get("command"), str) else []
         seed_text = run_dir.name[len("seed"):]
-        records.append({
+        records.append(({
             "name": run_dir.parent.name,
             "method": recipe.get("method") if isinstance(recipe, dict) else None,
             "recipe": words[words.index("grade_trl.run") + 1] if "grade_trl.run" in words[:-1] else None,
             "seed": int(seed_text) if seed_text.isdigit() else recipe.get("seed"),
             "run_dir": str(run_dir),
             "status": results["status"] if results is not None else "pending",
-        })
+        }, results))
     return records
 
 
