@@ -88,12 +88,14 @@ def check_rows(rows: Dataset, source: str, split: str) -> None:
     """Every row's `question` and `answer` are text and the answer gives its number (`#### <number>` at the end of a
     solution, or the number alone): a ValueError naming the first row that does not, before a reward or the prompt
     template meets it (an answer stored as a JSON number or null was an AttributeError traceback there)."""
-    for column in ("question", "answer"):
-        for number, value in enumerate(rows[column], 1):
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"GSM8K {split} row {number} of {source!r} has {column} {value!r}; every `{column}` must be text, as in "
-                                 "the hub's openai/gsm8k")
-    for number, answer in enumerate(rows["answer"], 1):
+    for number, value in enumerate(rows["question"], 1):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"GSM8K {split} row {number} of {source!r} has question {value!r}; every `question` must be text, as in "
+                             "the hub's openai/gsm8k")
+    for number, answer in enumerate(rows["answer"], 1):  # the column read once: text first, then its number
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValueError(f"GSM8K {split} row {number} of {source!r} has answer {answer!r}; every `answer` must be text, as in "
+                             "the hub's openai/gsm8k")
         try:
             gold_answer(answer)
         except ValueError:
