@@ -74,7 +74,7 @@ def build_task(recipe: Recipe, gold_judge: bool = True):
         temperature=run_args.eval_temperature,
         top_p=run_args.eval_top_p,
         max_prompt_length=run_args.max_prompt_length,
-        chat_template_kwargs=getattr(config, "chat_template_kwargs", None) or None,  # TRL GRPO's; our trainers render without
+        chat_template_kwargs=config.chat_template_kwargs or None,  # every method's (TRL GRPOConfig's key, our configs' too)
     )
     check_model_fits(run_args, config)
     check_lora_targets(run_args, config)

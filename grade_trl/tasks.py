@@ -202,7 +202,7 @@ def build_gsm8k(run, tokenizer, seed: int, settings: GenerationSettings, weights
     with loading("dataset_name", run.dataset_name):
         splits, info = make_gsm8k_splits(run.dataset_name, tokenizer, run.max_prompt_length, run.eval_num_problems, run.test_num_problems,
                                          chat_template_kwargs=settings.chat_template_kwargs)
-    reward_funcs = [GSM8KCorrectness(), GSM8KFormat()]
+    reward_funcs = [GSM8KCorrectness(tokenizer=tokenizer), GSM8KFormat(tokenizer)]  # the tokenizer: a thinking model's answer is read after its thinking
     problems = {"validation": splits["validation"], "test": splits["test"]}
     return Task(
         name="gsm8k",

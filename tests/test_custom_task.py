@@ -436,8 +436,20 @@ def test_trl_grpos_chat_template_kwargs_render_the_prompts_everywhere(tmp_path, 
     assert format_prompt("2 + 2?", chat, "Be brief.", {"loud": True}) == "LOUD Be brief.\nLOUD 2 + 2?\nA:"
 
     rows = [{"prompt": [{"role": "user", "content": f"Film {i}"}], "keyword": "good"} for i in range(20)]
-    recipe = _user_recipe(tmp_path, rows, method="grpo", model_name_or_path=_chat_model(tmp_path, template), bf16="false", max_completion_length=4,
+    model = _chat_model(tmp_path, template)
+    recipe = _user_recipe(tmp_path, rows, method="grpo", model_name_or_path=model, bf16="false", max_completion_length=4,
                           chat_template_kwargs="{loud: true}")
     _, task = build_task(parse_recipe([recipe]), gold_judge=False)
     assert task.evaluator.settings.chat_template_kwargs == {"loud": True}
     assert all(isinstance(prompt, list) for prompt in task.train_dataset["prompt"])  # messages: TRL renders them, with the same kwargs
+
+    # our trainers take the same key (the audit found it refused for REINFORCE and PPO) and render with it
+    from grade_trl.build import build_trainer
+
+    recipe = _user_recipe(tmp_path, rows, method="reinforce", model_name_or_path=model, max_new_tokens=4,
+                          chat_template_kwargs="{loud: true}")
+    built = parse_recipe([recipe])
+    tokenizer_, task = build_task(built, gold_judge=False)
+    assert built.config.chat_template_kwargs == {"loud": True} and task.evaluator.settings.chat_template_kwargs == {"loud": True}
+    trainer = build_trainer(built, task, tokenizer_, [])
+    assert trainer.prompt_texts([{"prompt": [{"role": "user", "content": "Hi"}]}]) == ["LOUD Hi\nA:"]

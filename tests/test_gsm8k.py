@@ -158,6 +158,31 @@ def test_rewards_take_the_gold_answer_as_a_dataset_column_keyword():
         GSM8KCorrectness()(["q"], ["#### 18"], label=["18"])
 
 
+def test_a_thinking_models_answer_is_read_after_its_thinking(tokenizer):
+    """Found by a journey audit: with a thinking model (Qwen3-style template whose generation prompt opens <think>, and a
+    response template), GSM8K's rewards and accuracy read `#### 3` written inside a thinking that never closed as the
+    answer. GSM8K prompts are rendered text, so neither TRL's GRPOTrainer nor our trainers parse those completions; the
+    rewards and the evaluation now read the answer after the thinking, as TRL's parse_response splits it. With
+    {enable_thinking: false} the template closes the thinking in the prompt, and the whole completion is the answer."""
+    from grade_trl.rewards.gsm8k import answer_text
+
+    from .test_rewards import _thinking_tokenizer
+
+    thinking = _thinking_tokenizer(tokenizer)
+    prompt = format_prompt("1 + 2?", thinking)
+    assert prompt.endswith("assistant\n<think>\n")
+    completions = ["#### 3", "Three.\n</think>\n\n#### 3", "Maybe #### 3\n</think>\n\nI am not sure."]
+    assert [answer_text(c, prompt, thinking) for c in completions] == ["", "#### 3", "I am not sure."]
+    assert GSM8KCorrectness(tokenizer=thinking)([prompt] * 3, completions, answer=["3"] * 3) == [0.0, 1.0, 0.0]
+    assert GSM8KFormat(thinking)([prompt] * 3, completions) == [0.0, 1.0, 0.0]
+    assert GSM8KCorrectness()([prompt] * 3, completions, answer=["3"] * 3) == [1.0, 1.0, 1.0]  # without the tokenizer: the text, as before
+    no_thinking = format_prompt("1 + 2?", thinking, chat_template_kwargs={"enable_thinking": False})
+    assert GSM8KCorrectness(tokenizer=thinking)([no_thinking], ["#### 3"], answer=["3"]) == [1.0]
+    # a tokenizer without a response template, and a chat completion (already parsed): the text as it is
+    assert answer_text("#### 3", "Question: 1 + 2?\nAnswer:", tokenizer) == "#### 3"
+    assert answer_text([{"role": "assistant", "content": "#### 3"}], [{"role": "user", "content": "1 + 2?"}], thinking) == "#### 3"
+
+
 def test_majority_answer():
     f = Fraction
     assert majority_answer([f(3), f(4), f(4), None, None, None]) == 4  # None does not vote

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from .base import completion_text
+from .base import assistant_messages, completion_text, has_response_parser, prompt_text
 
 # One number: optional sign and `$`, digits with optional thousands commas, optional decimals ("-$1,800.50").
 _NUMBER = r"(?:[-−]\s?)?(?:\\?\$\s?)?(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+)(?:\.\d+)?(?![\d])|(?:[-−]\s?)?(?:\\?\$\s?)?\.\d+"
@@ -139,6 +139,21 @@ def has_final_answer_format(text: str) -> bool:
     return re.fullmatch(_TAIL, after) is not None
 
 
+def answer_text(completion, prompt=None, tokenizer=None) -> str:
+    """The text a completion's answer is read from. A text completion of a thinking model (a tokenizer that carries a
+    response template: Qwen3's, ...): the answer after its thinking, as TRL's `parse_response` splits the completion
+    with the prompt's ids as prefix (`rewards.base.assistant_messages`), so `#### 3` written inside the thinking is no
+    answer, and a completion cut off inside its thinking has none (''). GSM8K prompts are rendered text, so neither
+    TRL's GRPOTrainer nor our trainers parse their completions before the rewards do. A chat completion (already
+    parsed) or any other tokenizer: the completion's text."""
+    text = completion_text(completion)
+    if tokenizer is None or not isinstance(completion, str) or not has_response_parser(tokenizer):
+        return text
+    prefix = tokenizer(prompt_text(prompt, tokenizer), add_special_tokens=False)["input_ids"] if prompt is not None else None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return assistant_messages(tokenizer, [ids], [prefix] if prefix is not None else None)[0][0].get("content") or ""
+
+
 def _gold_column(reward, kwargs: dict, n: int) -> list[str]:
     if reward.answer_column not in kwargs:
         raise KeyError(
@@ -155,17 +170,18 @@ class GSM8KCorrectness:
     """1.0 when the completion's final answer equals the gold answer numerically, else 0.0 (binary, as the users' runs).
 
     `reward(prompts, completions, answer=[...])`; `answer` holds the gold number or the full GSM8K solution.
+    `tokenizer`: the policy's; with a thinking model's, the answer is read after the thinking (`answer_text`).
     """
 
-    def __init__(self, answer_column: str = "answer", fallback_to_last_number: bool = False):
-        self.answer_column, self.fallback_to_last_number = answer_column, fallback_to_last_number
+    def __init__(self, answer_column: str = "answer", fallback_to_last_number: bool = False, tokenizer=None):
+        self.answer_column, self.fallback_to_last_number, self.tokenizer = answer_column, fallback_to_last_number, tokenizer
         self.__name__ = "gsm8k_correctness"
 
     def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
         golds = _gold_column(self, kwargs, len(completions))
         scores = []
-        for completion, gold in zip(completions, golds):
-            predicted = extract_answer(completion_text(completion), self.fallback_to_last_number)
+        for prompt, completion, gold in zip(prompts, completions, golds):
+            predicted = extract_answer(answer_text(completion, prompt, self.tokenizer), self.fallback_to_last_number)
             scores.append(float(predicted is not None and predicted == Fraction(gold_answer(str(gold)))))
         return scores
 
@@ -177,8 +193,9 @@ class GSM8KFormat:
     mean is the fraction of well-formed completions. It ignores the gold answer.
     """
 
-    def __init__(self):
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer
         self.__name__ = "gsm8k_format"
 
     def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
-        return [float(has_final_answer_format(completion_text(c))) for c in completions]
+        return [float(has_final_answer_format(answer_text(c, p, self.tokenizer))) for p, c in zip(prompts, completions)]

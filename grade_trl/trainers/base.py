@@ -274,7 +274,7 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
         if not getattr(self.processing_class, "chat_template", None):
             raise ValueError("prompt: the prompts are chat messages, but the tokenizer has no chat template; give processing_class one "
                              "(tokenizer.chat_template) or plain-text prompts")
-        return [render_chat(self.processing_class, example["prompt"]) for example in inputs]
+        return [render_chat(self.processing_class, example["prompt"], self.args.chat_template_kwargs) for example in inputs]
 
     def tokenize_prompts(self, inputs) -> dict[str, torch.Tensor]:
         """The prompts (`prompt_texts`), left-padded; one longer than max_prompt_length keeps its last max_prompt_length

@@ -45,7 +45,7 @@ class RolloutConfig(TrainingArguments):
     )
 
     # a JSON object given on the command line (`--model_init_kwargs '{"dtype": "bfloat16"}'`) is decoded, as TRL's configs do
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs", "chat_template_kwargs"]
 
     # Model
     model_init_kwargs: dict[str, Any] | str | None = field(
@@ -62,6 +62,11 @@ class RolloutConfig(TrainingArguments):
                   "completion continues; GRADE experiment: 32)."},
     )
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per prompt at most (GRADE experiment: 16 to 48)."})
+    chat_template_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for the chat template where chat prompts are rendered (TRL GRPOConfig's key, the "
+                  "same meaning), e.g. {enable_thinking: false} for a thinking model; a JSON object string on the command line."},
+    )
     min_new_tokens: int | None = field(
         default=None,
         metadata={"help": "EOS is forbidden before this many new tokens, in sampling and in every log-prob and KL alike "
@@ -75,6 +80,8 @@ class RolloutConfig(TrainingArguments):
         super().__post_init__()
         if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
             raise ValueError(f"model_init_kwargs: expected a mapping (or a JSON object string), got {self.model_init_kwargs!r}")
+        if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
+            raise ValueError(f"chat_template_kwargs: expected a mapping (or a JSON object string), got {self.chat_template_kwargs!r}")
         if self.max_prompt_length < 1:
             raise ValueError(f"max_prompt_length: expected an integer >= 1, got {self.max_prompt_length}")
         if self.min_new_tokens is None:  # a user who sets only max_new_tokens: 12 means "at most 12", not an error
