@@ -62,7 +62,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("reward_std", "reward", "std_b R_b over the batch (TRL GRPO: over each group's completions, averaged)", ALL),
     Metric("rewards/{name}/mean", "reward", "mean_b of one reward function's score", ALL),
     Metric("kl", "nats/completion", "mean_b KL_b: KL(pi || pi_ref) summed over the completion; exact over the vocabulary for GRADE, "
-           "the kl_estimator (k3 or k1) on the sampled tokens for REINFORCE/PPO, TRL's k3 for GRPO (logged only when its beta > 0)", ALL),
+           "k3 on the sampled tokens for REINFORCE/PPO (whichever kl_estimator their penalty uses), TRL's k3 for GRPO (logged only when its beta > 0)", ALL),
     Metric("kl_per_token", "nats/token", "sum_b KL_b / sum_b |y_b|: the same KL per completion token (TRL GRPO's own `kl`; GRPO logs both only when its beta > 0)", ALL),
     Metric("entropy", "nats/token", "mean over the batch's completion tokens of -sum_v p_v log p_v of the policy's (processed) next-token distribution", ALL),
     Metric("completions/mean_length", "tokens", "mean_b |y_b|, tokens up to and including the first EOS", ALL),
@@ -81,8 +81,8 @@ METRICS: tuple[Metric, ...] = (
     # ---- PPO (TRL's old PPOTrainer names)
     Metric("kl_coef", "1", "the KL coefficient that shaped this rollout's rewards (adaptive: Ziegler et al. 2019)", "ppo"),
     Metric("objective/entropy", "nats/completion", "mean_b sum_t -log pi(y_t): the sampled estimate of the sequence entropy", "ppo"),
-    Metric("objective/non_score_reward", "reward", "mean_b -kl_coef * KL_b", "ppo"),
-    Metric("objective/rlhf_reward", "reward", "mean_b (R_b - kl_coef * KL_b)", "ppo"),
+    Metric("objective/non_score_reward", "reward", "mean_b -kl_coef * KL_b, KL_b the penalty's kl_estimator estimate (k1 by default)", "ppo"),
+    Metric("objective/rlhf_reward", "reward", "mean_b (R_b - kl_coef * KL_b), KL_b as in objective/non_score_reward", "ppo"),
     Metric("returns/mean", "reward", "mean GAE return over the rollout's tokens", "ppo"),
     Metric("loss/policy", "loss", "clipped surrogate loss of the mini-batch", "ppo"),
     Metric("loss/value", "loss", "value loss 0.5 (V - R)^2 (clipped when cliprange_value is set)", "ppo"),

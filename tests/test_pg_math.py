@@ -319,6 +319,54 @@ def test_kl_k1_and_k3_are_unbiased_for_a_small_categorical():
     assert kl_k3(logp, ref_logp).mean().item() == pytest.approx(exact, abs=0.01)
 
 
+def _score_function_gradient(theta: torch.Tensor, logp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """E_p[w(x) grad log p(x)] by enumeration over every outcome x (p = exp(logp)), w held fixed: what a detached reward
+    w contributes to REINFORCE's or PPO's gradient in expectation."""
+    return torch.autograd.grad((logp.exp().detach() * weights.detach() * logp).sum(), theta, retain_graph=True)[0]
+
+
+def test_k1_as_a_detached_reward_gives_the_kl_gradient_and_k3_does_not():
+    """Enumerating a categorical p_theta against a fixed q: the score-function gradient of the k1 penalty equals autograd's
+    grad KL(p || q); k3's equals grad [KL(p || q) - KL(q || p)] (E_p[grad k3] = grad KL(q || p); Tang & Munos 2025,
+    arXiv:2506.09477), which near p = q is second order: k3 as a reward hardly pulls the policy back."""
+    for scale, k3_ratio_below in ((1.0, None), (0.01, 0.05)):  # far from q, and close to it
+        generator = torch.Generator().manual_seed(0)
+        q = torch.softmax(torch.randn(6, generator=generator, dtype=torch.float64), 0)
+        theta = (q.log() + scale * torch.randn(6, generator=generator, dtype=torch.float64)).requires_grad_(True)
+        logp = torch.log_softmax(theta, 0)
+        p = logp.exp()
+        grad_reverse = torch.autograd.grad((p * (logp - q.log())).sum(), theta, retain_graph=True)[0]  # grad KL(p || q)
+        grad_forward = torch.autograd.grad((q * (q.log() - logp)).sum(), theta, retain_graph=True)[0]  # grad KL(q || p)
+        k1, k3 = kl_k1(logp, q.log()), kl_k3(logp, q.log())
+        assert_close(_score_function_gradient(theta, logp, k1), grad_reverse)
+        assert_close(_score_function_gradient(theta, logp, k3), grad_reverse - grad_forward)
+        if k3_ratio_below is not None:
+            ratio = _score_function_gradient(theta, logp, k3).norm() / grad_reverse.norm()
+            assert ratio < k3_ratio_below, ratio  # about 0.01 here: O(distance to q)
+
+
+def test_summed_per_token_k1_as_a_sequence_reward_gives_the_sequence_kl_gradient():
+    """REINFORCE's penalty: the per-token estimates summed over a completion, times grad log p(y) of the whole sequence.
+    Enumerating every 2-token sequence of a 3-token vocabulary (tabular autoregressive p_theta and q): with k1 the
+    expected gradient equals grad KL(p(y1, y2) || q(y1, y2)); with k3 it does not."""
+    generator = torch.Generator().manual_seed(1)
+    q_logits = torch.randn(4, 3, generator=generator, dtype=torch.float64)  # row 0: the first token; row 1 + y1: the second
+    theta = (q_logits + 0.5 * torch.randn(4, 3, generator=generator, dtype=torch.float64)).requires_grad_(True)
+    logp_rows, logq_rows = torch.log_softmax(theta, -1), torch.log_softmax(q_logits, -1)
+    pairs = [(a, b) for a in range(3) for b in range(3)]
+    logp_first, logp_second = torch.stack([logp_rows[0, a] for a, _ in pairs]), torch.stack([logp_rows[1 + a, b] for a, b in pairs])
+    logq_first, logq_second = torch.stack([logq_rows[0, a] for a, _ in pairs]), torch.stack([logq_rows[1 + a, b] for a, b in pairs])
+    logp = logp_first + logp_second  # (9,) log p(y1, y2)
+    sequence_kl = (logp.exp() * (logp - (logq_first + logq_second))).sum()
+    exact = torch.autograd.grad(sequence_kl, theta, retain_graph=True)[0]
+    for estimator, matches in ((kl_k1, True), (kl_k3, False)):
+        summed = estimator(logp_first, logq_first) + estimator(logp_second, logq_second)  # (9,) the completion's KL estimate
+        value = (logp.exp() * summed).sum()
+        assert value.item() == pytest.approx(sequence_kl.item())  # both unbiased for the value
+        gradient = _score_function_gradient(theta, logp, summed)
+        assert torch.allclose(gradient, exact) == matches, (estimator.__name__, gradient, exact)
+
+
 def test_adaptive_kl_controller_by_hand():
     # target 6, horizon 1000, n_steps 100, so the step factor is n_steps / horizon = 0.1.
     cases = [

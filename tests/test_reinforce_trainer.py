@@ -43,7 +43,6 @@ def test_reinforce_smoke_run_with_top_p_and_temperature(tmp_path, settings):
     for h in logs:
         assert {"reward", "reward_std", "entropy", "completions/mean_length", "rewards/length/mean", "grad_norm_mean"} <= set(h)
         assert 2 <= h["completions/mean_length"] <= 8
-        if args.kl_estimator == "k3":
-            assert h["kl"] >= 0  # k3 is >= 0 per token; k1 is only >= 0 in expectation
+        assert h["kl"] >= 0  # the logged KL is k3's, >= 0 per token, whichever estimator the penalty uses
     if args.best_of_n:
         assert all(h["samples/kept_fraction"] == 0.5 for h in logs)

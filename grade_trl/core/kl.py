@@ -99,7 +99,11 @@ def exact_kl_and_entropy(policy_logits: torch.Tensor, ref_logits: torch.Tensor, 
 
 # Sample-based per-token estimators of KL(p || q), p the policy, q the reference, from the
 # log-probs of the tokens actually sampled from p (Schulman 2020, "Approximating KL Divergence",
-# http://joschu.net/blog/kl-approx.html). With r = q(x) / p(x), x ~ p, both are unbiased.
+# http://joschu.net/blog/kl-approx.html). With r = q(x) / p(x), x ~ p, both are unbiased for the KL's VALUE.
+# Their use as a detached reward penalty differs (Tang & Munos 2025, arXiv:2506.09477): the score-function
+# gradient E_p[k grad log p] is grad KL(p || q) for k1, but grad [KL(p || q) - KL(q || p)] for k3 (since
+# E_p[grad k3] = grad KL(q || p)), which vanishes to second order at p = q. So REINFORCE and PPO shape their
+# rewards with k1 by default and log k3 (tests/test_pg_math.py checks both gradients by enumeration).
 
 
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -121,10 +121,14 @@ class SampledRolloutConfig(RolloutConfig):
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1.0 = off; GRADE experiment: 0.9); applied identically when scoring the policy's log-probs."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off); applied identically when scoring the policy's log-probs."})
     kl_estimator: str = field(
-        default="k3",
-        metadata={"help": "Per-token KL estimator on the sampled tokens, computed under no_grad: `k3` (unbiased and >= 0 per "
-                  "token, so the logged KL can never go negative) or `k1` (log p - log q, unbiased, a token's value may be "
-                  "negative; TRL's old PPO `kl_penalty='kl'`), http://joschu.net/blog/kl-approx.html."},
+        default="k1",
+        metadata={"help": "Per-token KL estimator of the KL penalty in the reward (computed under no_grad, so it enters the loss "
+                  "through the score function only): `k1` = log p - log q, whose score-function gradient E_p[k1 grad log p] "
+                  "is exactly grad KL(p || q) (the default; TRL's old PPO `kl_penalty='kl'`), or `k3` = (r - 1) - log r, "
+                  "r = q / p, unbiased for the KL's value but as a reward its gradient is grad [KL(p || q) - KL(q || p)], "
+                  "which vanishes to second order near the reference: it hardly holds the policy there (Tang & Munos 2025, "
+                  "arXiv:2506.09477; kept to reproduce runs that used it). The logged `kl` is k3's estimate whichever is "
+                  "chosen (>= 0 per token, lower variance), http://joschu.net/blog/kl-approx.html."},
     )
 
     def __post_init__(self):

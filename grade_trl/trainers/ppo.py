@@ -46,6 +46,7 @@ from ..core import (
     explained_variance,
     gae,
     kl_estimate,
+    kl_k3,
     masked_mean,
     masked_sum,
     masked_whiten,
@@ -347,9 +348,11 @@ class PPOTrainer(RolloutTrainer):
 
         # 4. KL-shaped per-token rewards. The KL uses the sampler's own log-probs: exactly the distribution the tokens
         # were drawn from, finite for every sampled token (a full forward can differ by float noise at the nucleus edge).
-        kl = kl_estimate(batch.logprobs, ref_logps, args.kl_estimator) * mask  # (B, T)
+        # The penalty's estimator is k1 by default (as a detached reward its score-function gradient is grad KL(p || q));
+        # the logged KL, which the adaptive controller follows, is k3's estimate, >= 0 per token (base_config's help).
+        kl_penalty = kl_estimate(batch.logprobs, ref_logps, args.kl_estimator) * mask  # (B, T)
         kl_coef = float(self.kl_ctl.value)
-        rewards = shaped_rewards(score, kl, mask, kl_coef)  # (B, T)
+        rewards = shaped_rewards(score, kl_penalty, mask, kl_coef)  # (B, T)
 
         # 5. GAE; whitening over this process's real tokens
         advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)  # (B, T), (B, T)
@@ -357,14 +360,15 @@ class PPOTrainer(RolloutTrainer):
         if args.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
 
-        b_kl = masked_sum(kl, mask, dim=1)  # (B,) per-sequence KL
+        b_kl_penalty = masked_sum(kl_penalty, mask, dim=1)  # (B,) per-sequence KL, the penalty's estimate
+        b_kl = b_kl_penalty if args.kl_estimator == "k3" else masked_sum(kl_k3(batch.logprobs, ref_logps), mask, dim=1)  # (B,) logged
         metrics = self._gathered(
             {
                 "reward": score,
                 "kl": b_kl,
                 "objective/entropy": masked_sum(-batch.logprobs, mask, dim=1),  # sampled estimate of the sequence entropy
-                "objective/non_score_reward": -kl_coef * b_kl,
-                "objective/rlhf_reward": score - kl_coef * b_kl,
+                "objective/non_score_reward": -kl_coef * b_kl_penalty,  # what the rewards were shaped with
+                "objective/rlhf_reward": score - kl_coef * b_kl_penalty,
                 "returns/mean": masked_mean(returns, mask),
                 "advantages/mean": masked_mean(raw_advantages, mask),  # before whitening (after it, the mean is 0)
                 "value/explained_variance": explained_variance(values, returns, mask),

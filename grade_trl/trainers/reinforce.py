@@ -21,6 +21,7 @@ from ..core import (
     advantages_from_baseline,
     entropy_from_logits,
     kl_estimate,
+    kl_k3,
     leave_one_out_baseline,
     masked_sum,
     reinforce_loss,
@@ -92,11 +93,13 @@ class REINFORCETrainer(RolloutTrainer):
         ref_model, ref_context = self.reference_context(model)
         with ref_context():
             ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False)
-        kl = masked_sum(kl_estimate(logps.detach(), ref_logps, args.kl_estimator), mask, dim=1)  # (B,)
-        kl_length_normalised = kl / batch.lengths.clamp(min=1)  # (B,) the per-token KL of each completion
+        # The penalty's estimator (k1 by default: as a detached reward its score-function gradient is grad KL(p || q));
+        # the logged KL is k3's estimate, >= 0 per token, whichever the penalty uses (base_config's kl_estimator help).
+        kl_penalty = masked_sum(kl_estimate(logps.detach(), ref_logps, args.kl_estimator), mask, dim=1)  # (B,)
+        kl = kl_penalty if args.kl_estimator == "k3" else masked_sum(kl_k3(logps.detach(), ref_logps), mask, dim=1)  # (B,)
 
         # 5. advantages: the baseline is subtracted; normalisation only scales
-        shaped = rewards - args.beta * kl_length_normalised  # (B,)
+        shaped = rewards - args.beta * kl_penalty / batch.lengths.clamp(min=1)  # (B,) the penalty per token of each completion
         advantages = advantages_from_baseline(shaped, self.baseline(shaped), args.normalize_advantages)  # (B,)
 
         # 6. which samples train, and the loss
