@@ -84,6 +84,33 @@ class NonFiniteGradientError(UserError):
     """A non-finite gradient before the optimizer step (a UserError: one line, exit code 2, results.json kept)."""
 
 
+def diverged_weights_error(model, step: int, error: BaseException) -> NonFiniteGradientError | None:
+    """For an error that ended training (`error`): a one-line NonFiniteGradientError when it came from a policy whose
+    logits or weights are not finite, else None. An update whose gradient was finite (a too large learning rate, say)
+    passes the guard and can still leave weights whose logits overflow; the next step then fails where it samples:
+    our sampler's `core.sampling.NonFiniteLogitsError`, or torch's own "probability tensor contains either inf, nan or
+    element < 0" inside `model.generate` (TRL's GRPO), with a traceback that does not say why. Checked only once
+    training has failed: no cost per step."""
+    import torch
+
+    from .core.sampling import NonFiniteLogitsError
+
+    if isinstance(error, (UserError, KeyboardInterrupt)):
+        return None
+    sampler = isinstance(error, NonFiniteLogitsError) or (isinstance(error, RuntimeError) and "probability tensor contains either" in str(error))
+    if not sampler:
+        try:
+            sampler = model is not None and not all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.numel())
+        except Exception:  # a parameter that cannot be read here (freed, on a device that failed): say nothing more
+            return None
+    if not sampler:
+        return None
+    return NonFiniteGradientError(
+        f"step {step}: the policy's logits are not finite (its weights diverged in an earlier update, whose gradient was "
+        "finite, so the guard let it through; or a half-precision forward overflowed); lower learning_rate"
+    )
+
+
 # Dynamic loss scaling (fp16) halves its scale at each overflow and skips that step; from the default initial scale of
 # 2^16, 16 overflows in a row bring it to 1, past which an overflow is not the scale's doing (a NaN loss, say).
 LOSS_SCALE_OVERFLOWS_IN_A_ROW = 16

@@ -367,6 +367,22 @@ def test_summed_per_token_k1_as_a_sequence_reward_gives_the_sequence_kl_gradient
         assert torch.allclose(gradient, exact) == matches, (estimator.__name__, gradient, exact)
 
 
+def test_a_non_finite_batch_moves_neither_the_ema_baseline_nor_the_kl_controller():
+    """Found by a journey audit: under `nonfinite: skip`, one batch whose reward overflowed (mean inf) made the EMA
+    baseline inf, so every later advantage was NaN and every later update was skipped. A batch whose mean is not
+    finite (its step is skipped or stops the run) now leaves the EMA, and a NaN KL the adaptive coefficient, as they were."""
+    ema = EMABaseline(0.5)
+    ema.update(torch.tensor([1.0, 3.0]))  # value 2
+    ema.update(torch.tensor([1e308, 1e308], dtype=torch.float64))  # mean overflows to inf
+    assert ema.value == 2.0
+    assert ema.update(torch.tensor([4.0, 4.0])) == 2.0 and ema.value == 3.0  # 0.5 * 2 + 0.5 * 4
+    controller = AdaptiveKLController(0.5, target=6.0, horizon=1000.0)
+    controller.update(float("nan"), 100)
+    assert controller.value == 0.5
+    controller.update(float("inf"), 100)  # an inf KL is far above the target: the clipped error raises beta, as designed
+    assert controller.value == pytest.approx(0.5 * 1.02)
+
+
 def test_adaptive_kl_controller_by_hand():
     # target 6, horizon 1000, n_steps 100, so the step factor is n_steps / horizon = 0.1.
     cases = [

@@ -6,6 +6,8 @@ N number of prompts (B = N * G).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .precision import at_least_float32
@@ -69,6 +71,8 @@ class EMABaseline:
         tensor), then folds the batch's mean into the EMA."""
         baseline = self.peek(rewards)
         batch_mean = at_least_float32(rewards.detach()).mean().item()
+        if not math.isfinite(batch_mean):  # an overflowed reward or KL: that step stops the run or is skipped (nonfinite:
+            return baseline  # skip), and must not leave a NaN baseline to every later step
         self.value = batch_mean if self.value is None else self.momentum * self.value + (1.0 - self.momentum) * batch_mean
         return baseline
 
@@ -140,6 +144,8 @@ class AdaptiveKLController:
         self.horizon = horizon
 
     def update(self, current_kl: float, n_steps: int) -> None:
+        if math.isnan(float(current_kl)):  # a rollout whose KL overflowed: its step stops the run or is skipped; keep beta
+            return
         proportional_error = min(max(float(current_kl) / self.target - 1, -0.2), 0.2)
         self.value *= 1 + proportional_error * n_steps / self.horizon
 

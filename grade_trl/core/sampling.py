@@ -144,6 +144,10 @@ class SampledBatch:
         return self.completion_mask.sum(-1)
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """The policy's logits were NaN or inf where a token was to be sampled (diverged weights, an overflowed forward)."""
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -185,7 +189,12 @@ def _sample(model, prompt_ids, prompt_mask, settings: SamplingSettings, eos_toke
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     for step in range(settings.max_new_tokens):
         logp = F.log_softmax(process_logits(next_logits, settings, step, eos_token_id), dim=-1)  # (B, V)
-        token = torch.multinomial(logp.exp(), 1).squeeze(-1)  # (B,)
+        try:
+            token = torch.multinomial(logp.exp(), 1).squeeze(-1)  # (B,)
+        except RuntimeError as error:  # read only on failure: no host sync per step
+            if not bool(torch.isfinite(next_logits).all()):
+                raise NonFiniteLogitsError(f"the policy's logits are not finite at new token {step + 1}") from error
+            raise
         token_logp = logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
         alive = ~finished
         token = torch.where(alive, token, torch.full_like(token, pad))
