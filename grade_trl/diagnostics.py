@@ -63,7 +63,7 @@ class DoctorSettings:
     loss_rise_fraction: float = field(default=0.5, metadata={"help": "Loss rising: the last window's mean loss exceeds the first's by this fraction of its magnitude (users' RLAIF run: 0.198 -> 0.447), and by 2 standard errors."})
     flat_reward_fraction: float = field(default=0.25, metadata={"help": "Training reward is flat when its mean moved less than this fraction of the batch reward std (reward_std) between the first and last window."})
     grad_explosion_factor: float = field(default=100.0, metadata={"help": "Gradient norm above factor x its starting level (the smallest of the first baseline_rows logs) is an explosion. The quickstart's straight-through gradient grows ~20x as tau anneals (expected); the Gumbel-softmax IMDB run's grew ~7,000x."})
-    grad_vanishing_factor: float = field(default=100.0, metadata={"help": "Gradient norm below its starting level / factor (or exactly 0) for sustain_rows logs is vanishing."})
+    grad_vanishing_factor: float = field(default=100.0, metadata={"help": "Gradient norm below its starting level (the largest of the first baseline_rows logs) / factor (or exactly 0) for sustain_rows logs is vanishing."})
 
 
 @dataclass
@@ -282,14 +282,14 @@ def check_entropy_collapse(history, settings):
     points = history.series(key) if key else []
     if len(points) <= settings.baseline_rows:
         return None
-    start = statistics.median(v for _, v in points[: settings.baseline_rows])
+    start = max(v for _, v in points[: settings.baseline_rows])  # the highest: a collapse inside the first logs still counts
     threshold = (1 - settings.entropy_drop) * start
     collapsed = _sustained(points, lambda v: v < threshold or (v < settings.entropy_floor < start), settings.sustain_rows)
     if not collapsed:
         return []
     return [Finding(
         "entropy_collapse", "warning", [s for s, _ in collapsed],
-        f"{key} fell from {_g(start)} (median of the first {settings.baseline_rows} logs) below {_g(threshold)} ({_g(100 * settings.entropy_drop)}% drop) "
+        f"{key} fell from {_g(start)} (the highest of the first {settings.baseline_rows} logs) below {_g(threshold)} ({_g(100 * settings.entropy_drop)}% drop) "
         f"or the floor {_g(settings.entropy_floor)} nats/token: {_points(collapsed)}",
         "The policy became nearly deterministic and stopped exploring, which usually follows a learning rate too high for the reward's scale or a KL penalty too weak to hold it near the reference.",
         "Lower learning_rate, raise the KL coefficient or add an entropy bonus (ent_coef), and look at the samples for one repeated completion.",
@@ -436,11 +436,12 @@ def check_grad_norm(history, settings):
             "The loss surface got much steeper than at the start (a relaxation temperature annealed too low, a learning rate too high, or near-deterministic token probabilities), so clipping now decides every update's size.",
             "Lower learning_rate, stop annealing tau so low (GRADE), keep max_grad_norm at 1.0, and resume from a checkpoint before the first flagged step.",
         ))
-    vanished = _sustained(points, lambda v: v == 0 or v < start / settings.grad_vanishing_factor, settings.sustain_rows)
+    high = max(v for _, v in points[: settings.baseline_rows])  # vanishing is judged against the highest: a fall inside the first logs counts
+    vanished = _sustained(points, lambda v: v == 0 or v < high / settings.grad_vanishing_factor, settings.sustain_rows)
     if vanished:
         findings.append(Finding(
             "grad_norm_vanishing", "warning", [s for s, _ in vanished],
-            f"{key} below its starting level {_g(start)} / {_g(settings.grad_vanishing_factor)} (or 0) for {settings.sustain_rows}+ consecutive logs: {_points(vanished)}",
+            f"{key} below its starting level {_g(high)} (the highest of the first {settings.baseline_rows} logs) / {_g(settings.grad_vanishing_factor)} (or 0) for {settings.sustain_rows}+ consecutive logs: {_points(vanished)}",
             "The objective no longer gives a learning signal: every sample in a group gets the same reward (zero advantages), the policy has collapsed onto one completion, or the loss is cut off from the parameters.",
             "Check frac_reward_zero_std / reward_std and the entropy, raise the sampling temperature or the number of generations, and check that the trained parameters require grad.",
         ))

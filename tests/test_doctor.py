@@ -132,6 +132,18 @@ def test_entropy_collapse():
     assert only(diagnose(low, DoctorSettings(entropy_drop=1.0)), "entropy_collapse").steps == [190, 200]
 
 
+def test_a_collapse_inside_the_first_logs_is_found_against_the_highest_start():
+    """Found by a journey audit: at learning rate 10 the entropy fell from 3.02 to 0 at the second log and the gradient
+    norm to 0; the starting levels (the median / smallest of the first 3 logs) were 0 already, so the doctor saw no
+    collapse and said "below its starting level 0". They are now the highest of the first logs."""
+    steps = [row["step"] for row in healthy() if "loss" in row and "train_runtime" not in row]
+    collapsed = with_values(healthy(), "entropy", {s: 0.0 for s in steps[1:]})
+    collapsed = with_values(collapsed, "grad_norm_mean", {s: 0.0 for s in steps[1:]})
+    findings = {f.check: f for f in diagnose(collapsed)}
+    assert findings["entropy_collapse"].steps[:2] == steps[1:3] and "fell from 3.4" in findings["entropy_collapse"].evidence
+    assert findings["grad_norm_vanishing"].steps[:2] == steps[1:3] and "starting level 1.99 (the highest" in findings["grad_norm_vanishing"].evidence  # was "0"
+
+
 def test_clip_fraction_high():
     history = with_values(healthy(), "policy/clipfrac", {100: 0.6, 110: 0.7, 120: 0.55, 170: 0.9})
     finding = only(diagnose(history), "clip_fraction_high")
