@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 
 from .errors import stop_in_one_line_while_importing
@@ -43,21 +44,38 @@ def report(findings: list[Finding], not_applicable: list[str], source: str, hist
     return "\n\n".join([f"{head}: {counts}"] + [f.format() for f in findings] + [skipped])
 
 
-def run_ending(config: dict, history: list[dict]) -> list[Finding]:
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The latest complete `checkpoint-N` folder of a run's output_dir, or None: what `--resume_from_checkpoint true`
+    would resume from. Imported here: the checkpoint rules live with the runner's (torch), read only for a stopped run."""
+    from .resume import checkpoint_folders, is_complete
+
+    complete = [name for name in checkpoint_folders(run_dir) if is_complete(os.path.join(run_dir, name))]
+    return os.path.join(run_dir, complete[-1]) if complete else None
+
+
+def run_ending(config: dict, history: list[dict], source: str = "") -> list[Finding]:
     """A results.json whose run did not complete: `failed` (an error, with its message) or `interrupted` (a warning),
-    whatever the history's checks say about the steps before."""
+    whatever the history's checks say about the steps before. The step is the run's own count where results.json
+    has it (a run that failed in step 2's evaluation logged no row of step 2), and the advice resumes only from a
+    checkpoint that exists (a second signal, or one outside training, saves none)."""
     status, error = config.get("status"), config.get("error")
+    if status not in ("failed", "interrupted"):
+        return []
+    final = config.get("final") or {}
     steps = [row["step"] for row in history if isinstance(row.get("step"), int)] or [0]
+    step = final["steps"] if isinstance(final.get("steps"), int) else max(steps)
+    checkpoint = final.get("checkpoint") or latest_checkpoint(os.path.dirname(source) or ".")
+    if checkpoint:
+        resume = f"--resume_from_checkpoint {checkpoint}" + ("" if final.get("checkpoint") else " (the latest complete checkpoint; the steps after it run again)")
     if status == "failed":
-        return [Finding("run_failed", "error", [max(steps)], f"status failed: {error or 'no error recorded'}",
+        return [Finding("run_failed", "error", [step], f"status failed: {error or 'no error recorded'}",
                         "the run stopped with an error before it completed (its history ends there)",
-                        "fix what the error names and run again; a run with checkpoints resumes with --resume_from_checkpoint true")]
-    if status == "interrupted":
-        checkpoint = (config.get("final") or {}).get("checkpoint")
-        return [Finding("run_interrupted", "warning", [max(steps)], f"status interrupted: {error or 'a signal'}",
-                        "a signal (SIGTERM, Ctrl-C) stopped the run before it completed",
-                        f"resume it with the same command and --resume_from_checkpoint {checkpoint or 'true'}")]
-    return []
+                        f"fix what the error names, then resume with the same command and {resume}" if checkpoint else
+                        "fix what the error names and run the same command again (it saved no checkpoint, so it starts over)")]
+    return [Finding("run_interrupted", "warning", [step], f"status interrupted: {error or 'a signal'}",
+                    "a signal (SIGTERM, Ctrl-C) stopped the run before it completed",
+                    f"resume it with the same command and {resume}" if checkpoint else
+                    "it saved no checkpoint (a second signal, or one outside training): run the same command again, which starts over")]
 
 
 def doctor(runs: list[str], options: dict, overrides: dict) -> int:
@@ -69,7 +87,7 @@ def doctor(runs: list[str], options: dict, overrides: dict) -> int:
         logged = sorted({key for row in history for key in row if key.startswith("eval_") and isinstance(row[key], (int, float))})
         raise UserError(f"validation_key: no evaluation row of {source} has {settings.validation_key!r}; its evaluation keys: {', '.join(logged) or 'none'}")
     findings, not_applicable = run_checks(history, settings)
-    findings = run_ending(config, history) + findings
+    findings = run_ending(config, history, source) + findings
     if options["json"]:
         print(json.dumps({"source": source, "findings": [dataclasses.asdict(f) for f in findings], "not_applicable": not_applicable}, indent=2))
     else:

@@ -269,6 +269,30 @@ def test_cli_a_run_that_did_not_complete_is_a_finding_not_healthy(tmp_path, caps
         assert f"--resume_from_checkpoint {run / 'checkpoint-200'}" in out
 
 
+def test_cli_resume_advice_names_only_a_checkpoint_that_exists_and_the_runs_own_step(tmp_path, capsys):
+    """Found by a journey audit: an interrupted run that saved no checkpoint (a second signal) was told to resume with
+    --resume_from_checkpoint true, which the runner refuses; and a run that failed in step 2's evaluation was reported
+    at the last logged step. The advice now names the checkpoint that exists (results.json's, else the latest complete
+    one in the folder) or says the run starts over, and the step is results.json's `final.steps`."""
+    from grade_trl.resume import STATE_FILE
+
+    run = write_run(tmp_path, healthy())
+    data = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**data, "status": "interrupted", "error": "SIGTERM", "final": {"steps": 205}}))
+    assert main([str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "run_interrupted at step 205" in out and "resume_from_checkpoint" not in out and "run the same command again, which starts over" in out
+    complete = run / "checkpoint-150"  # a complete checkpoint an earlier save left: the advice resumes from it
+    complete.mkdir()
+    for name in (STATE_FILE.format(rank=0), "trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (complete / name).write_text("x")
+    (run / "checkpoint-200").mkdir()  # incomplete: not named
+    (run / "results.json").write_text(json.dumps({**data, "status": "failed", "error": "ValueError: x", "final": {"steps": 205}}))
+    assert main([str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "run_failed at step 205" in out and f"--resume_from_checkpoint {complete} (the latest complete checkpoint" in out
+
+
 def test_cli_reads_the_adaptive_kl_target_from_the_run_config(tmp_path, capsys):
     history = with_values(healthy(), "kl", {100: 8.0})  # under kl_max 10, above 3 x target 2
     config = {"run": {"method": "ppo"}, "trainer": {"adaptive_kl": True, "kl_target": 2.0}}
