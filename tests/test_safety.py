@@ -146,6 +146,22 @@ def test_weights_diverged_by_a_finite_update_stop_any_method_in_one_line(tmp_pat
     assert results["status"] == "failed" and "the policy's logits are not finite" in results["error"] and results["history"]
 
 
+def test_the_one_line_error_starts_a_line_of_its_own_after_a_progress_bar(capsys):
+    """Found by a journey audit: an error during a training step was printed after Trainer's open progress bar
+    (`... 1/3 [00:00<00:00, 2.93it/s]error: ...`), so `grep '^error:'` found nothing. Open bars are closed first."""
+    from tqdm.auto import tqdm
+
+    from grade_trl.cli import run_safely
+
+    def body():
+        bar = tqdm(total=3)
+        bar.update(1)
+        raise UserError("reward function 'r' raised on sample 0")
+
+    assert run_safely(body) == 2
+    assert "\nerror: reward function 'r' raised on sample 0\n" in capsys.readouterr().err
+
+
 class NaNGradientWhenAsked(NaNGradientReward):
     """NaNGradientReward while `nan` is set, a finite gradient otherwise."""
 
