@@ -21,9 +21,16 @@ def resolve_model_path(name_or_path: str) -> str:
     return os.path.expanduser(name_or_path)
 
 
+# A name ending in a data or weights file's extension is a file, not a hub id (`data.jsonl` run from another folder
+# was reported as "the hub cannot be reached"); hub ids are `name` or `org/name`.
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".gz", ".safetensors", ".bin", ".pt", ".yaml", ".yml")
+
+
 def looks_like_local_path(name_or_path: str) -> bool:
-    """A hub id is `name` or `org/name`; anything else that is path-like is meant to be a local path."""
-    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.path.exists(name_or_path)
+    """A hub id is `name` or `org/name`; anything else that is path-like (or names a file by its extension) is meant
+    to be a local path."""
+    return (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or name_or_path.lower().endswith(FILE_SUFFIXES)
+            or os.path.exists(name_or_path))
 
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")

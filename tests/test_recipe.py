@@ -142,6 +142,9 @@ def test_yaml_scientific_notation_without_dot_is_a_float():
         ({"model_name_or_path": "./no/such/model"}, r"model_name_or_path: no such file or folder './no/such/model'"),
         ({"gold_judge": "./no/such/judge"}, r"^gold_judge: no such file or folder './no/such/judge' from the current folder '[^']+' \(a relative path is read from where the command runs, not from the recipe's folder\); give an existing local path, a hub id, or `tfidf` or `none`$"),
         ({"gold_judge": "/no/such/judge"}, r"^gold_judge: no such file or folder '/no/such/judge'; give an existing local path"),
+        # a bare file name is a file, not a hub id (a journey audit: it was "the hub cannot be reached")
+        ({"task": "custom", "method": "reinforce", "dataset_name": "nope.jsonl", "reward_funcs": "[grade_trl.rewards.LengthReward]"},
+         r"^dataset_name: no such file or folder 'nope.jsonl' from the current folder"),
         ({"method": "grade", "estimator": "ste"}, r"method 'grade' means estimator='soft'"),
         ({"tau_start": 0}, r"^tau_start: tau_start and tau_end must be > 0"),
         ({"reward_input": "everything"}, r"^reward_input: must be 'completion' or 'prompt_completion'"),
