@@ -101,6 +101,7 @@ def resolve_checkpoint(value: bool | str | None, output_dir: str) -> str | None:
         for name in reversed(checkpoint_folders(output_dir)):
             folder = os.path.join(output_dir, name)
             if not (missing := missing_parts(folder)):
+                check_not_behind_a_completed_run(folder, output_dir)
                 return folder
             logger.warning("resume: skipping %s, which is incomplete (missing: %s): a run stopped while saving it, or it was copied in part", folder, ", ".join(missing))
         raise UserError(
@@ -116,6 +117,23 @@ def resolve_checkpoint(value: bool | str | None, output_dir: str) -> str | None:
             "give another checkpoint-N folder, or true for the last complete one"
         )
     return folder
+
+
+def check_not_behind_a_completed_run(checkpoint: str, output_dir: str) -> None:
+    """`true` would resume from `checkpoint`, but output_dir's run completed past it without a checkpoint at its end
+    (save_strategy no, after a resume from a signal's checkpoint): resuming would train those steps again and replace
+    the finished run's history, which a user extending a finished run (a larger max_steps) does not expect. One line;
+    the checkpoint's path, given on purpose, still resumes from it."""
+    results = read_results(output_dir)
+    done = ((results or {}).get("final") or {}).get("steps") if (results or {}).get("status") == "completed" else None
+    step = int(_CHECKPOINT.match(os.path.basename(checkpoint)).group(1))
+    if isinstance(done, int) and done > step:
+        raise UserError(
+            f"resume_from_checkpoint: the run in output_dir {output_dir!r} completed at step {done} (results.json), but its latest "
+            f"complete checkpoint is {os.path.basename(checkpoint)}: resuming would train steps {step + 1}-{done} again and replace "
+            f"that history. To extend a finished run, it must save its last step (save_strategy: steps saves it); to retrain from "
+            f"step {step} on purpose, give the path: --resume_from_checkpoint {checkpoint}"
+        )
 
 
 class ResumeCallback(TrainerCallback):

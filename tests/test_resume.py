@@ -112,6 +112,24 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.pt", "schedul
                     "grade_trl_state_rank0.pt")  # what a one-process checkpoint of ours holds
 
 
+def test_true_does_not_go_back_behind_a_completed_run(tmp_path):
+    """Found by a journey audit: a run stopped at step 3 (its signal saved checkpoint-3), resumed and completed at step 8
+    without a checkpoint there (save_strategy no); extended with --max_steps 10 --resume_from_checkpoint true it went
+    back to checkpoint-3 without a word, trained steps 4-8 again and replaced the finished history. Now one line;
+    the path, given on purpose, still resumes."""
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    for name in CHECKPOINT_FILES:
+        (folder / name).write_bytes(b"")
+    (tmp_path / "results.json").write_text(json.dumps({"status": "completed", "config": {}, "history": [], "final": {"steps": 8}}))
+    with pytest.raises(UserError, match=r"^resume_from_checkpoint: the run in output_dir .* completed at step 8 \(results.json\), but its latest complete "
+                                        r"checkpoint is checkpoint-3: resuming would train steps 4-8 again"):
+        resolve_checkpoint(True, str(tmp_path))
+    assert resolve_checkpoint(str(folder), str(tmp_path)) == str(folder)
+    (tmp_path / "results.json").write_text(json.dumps({"status": "interrupted", "config": {}, "history": [], "final": {"steps": 3}}))
+    assert resolve_checkpoint(True, str(tmp_path)) == str(folder)  # the usual resume after a signal
+
+
 def test_the_latest_complete_checkpoint_is_chosen(tmp_path):
     # 7: killed while saving (no state file, written last); 9: copied in part (its optimizer state and weights missing:
     # Trainer would start AdamW afresh without a word, and fail with a traceback without the weights)
