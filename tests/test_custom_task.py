@@ -161,6 +161,19 @@ def _user_recipe(tmp_path, rows, **lines):
     return str(tmp_path / "recipe.yaml")
 
 
+def test_a_jsonl_line_that_is_not_json_is_named_by_its_line_in_one_line(tmp_path, capfd):
+    """Found by a journey audit: a custom .jsonl with a bad line 11 gave datasets' own message twice and then
+    'Trailing data at position 52' (a byte position); GSM8K's files named the line. Now the custom task's do too."""
+    recipe = _user_recipe(tmp_path, _rows(20))
+    lines = (tmp_path / "data.jsonl").read_text().splitlines()
+    (tmp_path / "data.jsonl").write_text("\n".join(lines[:10] + ["{not json"] + lines[10:]) + "\n")
+    assert main([recipe]) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"error: dataset_name: cannot load {str(tmp_path / 'data.jsonl')!r}: cannot read split 'train': {tmp_path / 'data.jsonl'}: "
+                   "line 11 is not JSON: Expecting property name enclosed in double quotes at column 2"], err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("name,rows,lines,start", DATA_CASES, ids=[c[0] for c in DATA_CASES])
 def test_data_that_does_not_fit_is_one_line_exit_2_nothing_written(tmp_path, name, rows, lines, start):
     code, errors = _main_quietly([_user_recipe(tmp_path, rows, **lines)])

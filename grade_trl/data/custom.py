@@ -14,9 +14,9 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-from ..errors import UserError
+from ..errors import UserError, quiet_logger
 from ..rewards.base import render_chat
-from .files import _root_cause
+from .files import _root_cause, first_bad_json_line
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +32,20 @@ def load_custom_split(source: str, config: str | None, split: str, split_key: st
         if os.path.getsize(file) == 0:  # datasets' own error for it is a bare StopIteration
             raise ValueError(f"{file} is empty")
     try:
-        if path.is_file():
-            if path.suffix not in FILE_BUILDERS:
-                raise ValueError(f"{path} is not a {', '.join(FILE_BUILDERS)} file")
-            dataset = load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split=split)
-        else:
-            dataset = load_dataset(str(path) if path.is_dir() else source, config, split=split)
+        with quiet_logger("datasets"):  # it logs a file it cannot parse twice (its handler, the root's) before raising
+            if path.is_file():
+                if path.suffix not in FILE_BUILDERS:
+                    raise ValueError(f"{path} is not a {', '.join(FILE_BUILDERS)} file")
+                dataset = load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split=split)
+            else:
+                dataset = load_dataset(str(path) if path.is_dir() else source, config, split=split)
     except Exception as error:  # datasets wraps a parse error in DatasetGenerationError: name the cause
         cause = _root_cause(error)
         if "Unknown split" in cause or "Bad split" in cause:
             raise UserError(f"{split_key}: {source!r} has no split {split!r} ({cause.split(': ', 1)[-1]})") from None
-        raise ValueError(f"cannot read split {split!r}: {cause}") from None
+        # a JSON-lines file's first bad line, as GSM8K's files are named (datasets names a byte position)
+        bad_line = next((f"{file}: {why}" for file in files if (why := first_bad_json_line(str(file)))), None)
+        raise ValueError(f"cannot read split {split!r}: {bad_line or cause}") from None
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} has no rows")
     return dataset
