@@ -170,7 +170,10 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
             final = {**progress(trainer, callbacks, start), **final}
         if is_main:
             history = trainer.state.log_history if trainer is not None else []
-            write_json_atomic(results_path, payload("interrupted" if interrupted else "failed", config_record(recipe), history, final, f"{type(error).__name__}: {error}"))
+            try:
+                write_json_atomic(results_path, payload("interrupted" if interrupted else "failed", config_record(recipe), history, final, f"{type(error).__name__}: {error}"))
+            except OSError as unwritable:  # output_dir gone or replaced by a file: say so, and let the run's own error end it
+                logger.error("could not write %s (%s); the run's error follows", results_path, unwritable)
         with contextlib.suppress(Exception):  # W&B records the run's own exit code (under a launcher it would see 0)
             finish_reporters(config, exit_code=getattr(error, "exit_code", 130 if isinstance(error, KeyboardInterrupt) else 2 if isinstance(error, UserError) else 1))
         if interrupted:

@@ -15,7 +15,7 @@ def test_best_of_group_mask_by_hand():
 
 
 def test_config_refuses_leave_one_out_with_one_sample():
-    with pytest.raises(ValueError, match="need num_samples_per_prompt >= 2"):
+    with pytest.raises(ValueError, match=r"^num_samples_per_prompt: baseline leave_one_out .* needs num_samples_per_prompt >= 2"):
         REINFORCEConfig(output_dir="unused", baseline="leave_one_out", use_cpu=True)
 
 

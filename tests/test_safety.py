@@ -217,6 +217,21 @@ def test_a_failure_after_training_keeps_the_history(tmp_path, capsys):
     assert any("loss" in row for row in results["history"]) and results["final"]["steps"] == 4 and results["final"]["train_minutes"] > 0
 
 
+def test_a_results_json_that_cannot_be_written_does_not_hide_the_runs_error(tmp_path, caplog):
+    """Found by a journey audit: with output_dir replaced mid-run, writing the failed results.json raised too, and its
+    traceback, chained onto the run's, hid the run's error. Now a log line says so and the run's error ends it."""
+    from grade_trl.run import main
+
+    argv = shrunk(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model").write_text("a file where the model folder goes")  # the run's error: saving model/ fails
+    (tmp_path / "run" / "results.json").mkdir()  # and results.json cannot be replaced
+    with caplog.at_level("ERROR", logger="grade_trl"), pytest.raises(Exception) as info:
+        main(argv)
+    assert not isinstance(info.value, IsADirectoryError) and "model" in str(info.value), repr(info.value)
+    assert any(record.getMessage().startswith(f"could not write {tmp_path / 'run' / 'results.json'}") for record in caplog.records)
+
+
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_mid_training_writes_results_and_exits_with_one_line(tmp_path, signum, code):
     argv = shrunk(tmp_path, max_steps=400, logging_steps=1, eval_steps=1000)

@@ -55,9 +55,8 @@ class REINFORCEConfig(SampledRolloutConfig):
         if self.logprob_reduction not in ("mean", "sum"):
             raise ValueError(f"logprob_reduction must be 'mean' or 'sum', got {self.logprob_reduction!r}")
         if (self.baseline == "leave_one_out" or self.best_of_n) and self.num_samples_per_prompt < 2:
-            raise ValueError(
-                f"baseline leave_one_out and best_of_n need num_samples_per_prompt >= 2, got {self.num_samples_per_prompt}; set num_samples_per_prompt: 4"
-            )
+            needs = "baseline leave_one_out (each sample's baseline is the others of its prompt)" if self.baseline == "leave_one_out" else "best_of_n"
+            raise ValueError(f"num_samples_per_prompt: {needs} needs num_samples_per_prompt >= 2, got {self.num_samples_per_prompt}; set num_samples_per_prompt: 4")
 
     @property
     def completions_per_prompt(self) -> int:
