@@ -206,7 +206,7 @@ def check_negative_kl(history, settings):
         "negative_kl", "error", [s for s, _ in negative],
         f"{key} < -{_g(settings.negative_kl_tolerance)} in {len(negative)} of {len(points)} logs: {_points(negative)}; lowest {_g(low[1])} (step {low[0]})",
         "KL(p || q) is never negative, so the sampled tokens' log-probs were scored under a different distribution than the one that sampled them: sampling with top-p/top-k/min_new_tokens (EOS ban) but scoring without them (docs/background.md section 3), or a per-token k1 estimate over too few samples.",
-        "Score the policy with the same processed distribution that sampled (temperature, top-k, top-p, EOS ban) and the reference with temperature only, as grade_trl's samplers do; do not pass min_new_tokens through generation_kwargs to TRL; log the KL with the k3 estimator (>= 0 per token), but keep k1 in a reward penalty (k3 as a detached reward hardly regularises: Tang & Munos 2025, arXiv:2506.09477).",
+        "Score the policy with the same processed distribution that sampled (temperature, top-k, top-p, EOS ban) and the reference with temperature only, as grade_trl's samplers do; do not pass min_new_tokens through generation_kwargs to TRL; keep the k1 estimate (it shows such a mismatch; k3, >= 0 per token, would hide it, and as a reward penalty hardly regularises: Tang & Munos 2025, arXiv:2506.09477).",
     )]
 
 

@@ -62,7 +62,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("reward_std", "reward", "std_b R_b over the batch (TRL GRPO: over each group's completions, averaged)", ALL),
     Metric("rewards/{name}/mean", "reward", "mean_b of one reward function's score", ALL),
     Metric("kl", "nats/completion", "mean_b KL_b: KL(pi || pi_ref) summed over the completion; exact over the vocabulary for GRADE, "
-           "k3 on the sampled tokens for REINFORCE/PPO (whichever kl_estimator their penalty uses), TRL's k3 for GRPO (logged only when its beta > 0)", ALL),
+           "k1 on the sampled tokens for REINFORCE/PPO (unbiased under top-p too; whichever kl_estimator their penalty uses), TRL's k3 for GRPO (logged only when its beta > 0)", ALL),
     Metric("kl_per_token", "nats/token", "sum_b KL_b / sum_b |y_b|: the same KL per completion token (TRL GRPO's own `kl`; GRPO logs both only when its beta > 0)", ALL),
     Metric("entropy", "nats/token", "mean over the batch's completion tokens of -sum_v p_v log p_v of the policy's (processed) next-token distribution", ALL),
     Metric("completions/mean_length", "tokens", "mean_b |y_b|, tokens up to and including the first EOS", ALL),

@@ -319,6 +319,19 @@ def test_kl_k1_and_k3_are_unbiased_for_a_small_categorical():
     assert kl_k3(logp, ref_logp).mean().item() == pytest.approx(exact, abs=0.01)
 
 
+def test_under_a_truncated_policy_k1_stays_unbiased_and_k3_falls_short_by_the_mass_outside():
+    """Top-p truncates the policy to its nucleus S and not the reference (which must cover every sampled token): then
+    E_p[q / p] = q(S) < 1 and E_p[k3] = KL(p || q) - (1 - q(S)), while E_p[k1] = KL(p || q) (a review found the logged
+    k3 biased low under the recipes' top-p 0.9). By enumeration over S."""
+    q = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04], dtype=torch.float64)
+    p = torch.tensor([0.5, 0.3, 0.1, 0.0, 0.0], dtype=torch.float64) / 0.9  # q's nucleus at 0.9, renormalised
+    support = p > 0
+    kl = (p[support] * (p[support] / q[support]).log()).sum()  # = -log 0.9
+    logp, logq = p[support].log(), q[support].log()
+    assert (p[support] * kl_k1(logp, logq)).sum().item() == pytest.approx(kl.item())
+    assert (p[support] * kl_k3(logp, logq)).sum().item() == pytest.approx(kl.item() - (1 - 0.9))
+
+
 def _score_function_gradient(theta: torch.Tensor, logp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """E_p[w(x) grad log p(x)] by enumeration over every outcome x (p = exp(logp)), w held fixed: what a detached reward
     w contributes to REINFORCE's or PPO's gradient in expectation."""
@@ -348,7 +361,8 @@ def test_k1_as_a_detached_reward_gives_the_kl_gradient_and_k3_does_not():
 def test_summed_per_token_k1_as_a_sequence_reward_gives_the_sequence_kl_gradient():
     """REINFORCE's penalty: the per-token estimates summed over a completion, times grad log p(y) of the whole sequence.
     Enumerating every 2-token sequence of a 3-token vocabulary (tabular autoregressive p_theta and q): with k1 the
-    expected gradient equals grad KL(p(y1, y2) || q(y1, y2)); with k3 it does not."""
+    expected gradient equals grad KL(p(y1, y2) || q(y1, y2)); with k3 it is that minus each token's grad KL(q_t || p_t)
+    averaged over the policy's prefixes (a review found an earlier claim, a sequence-level KL(q || p), wrong)."""
     generator = torch.Generator().manual_seed(1)
     q_logits = torch.randn(4, 3, generator=generator, dtype=torch.float64)  # row 0: the first token; row 1 + y1: the second
     theta = (q_logits + 0.5 * torch.randn(4, 3, generator=generator, dtype=torch.float64)).requires_grad_(True)
@@ -359,18 +373,25 @@ def test_summed_per_token_k1_as_a_sequence_reward_gives_the_sequence_kl_gradient
     logp = logp_first + logp_second  # (9,) log p(y1, y2)
     sequence_kl = (logp.exp() * (logp - (logq_first + logq_second))).sum()
     exact = torch.autograd.grad(sequence_kl, theta, retain_graph=True)[0]
-    for estimator, matches in ((kl_k1, True), (kl_k3, False)):
+    # k3's: grad KL_seq(p || q) - sum_t E_{y<t ~ p}[grad KL(q_t || p_t)], the prefixes' probabilities held fixed
+    # (E_p[grad k3_t | y<t] = grad KL(q_t || p_t)); not grad of a sequence-level KL(q || p), whose prefixes come from q
+    p_first = logp_rows[0].exp().detach()
+    forward_terms = (logq_rows[0].exp() * (logq_rows[0] - logp_rows[0])).sum()
+    forward_terms = forward_terms + sum(p_first[a] * (logq_rows[1 + a].exp() * (logq_rows[1 + a] - logp_rows[1 + a])).sum() for a in range(3))
+    k3_expected = exact - torch.autograd.grad(forward_terms, theta, retain_graph=True)[0]
+    for estimator, expected in ((kl_k1, exact), (kl_k3, k3_expected)):
         summed = estimator(logp_first, logq_first) + estimator(logp_second, logq_second)  # (9,) the completion's KL estimate
         value = (logp.exp() * summed).sum()
         assert value.item() == pytest.approx(sequence_kl.item())  # both unbiased for the value
-        gradient = _score_function_gradient(theta, logp, summed)
-        assert torch.allclose(gradient, exact) == matches, (estimator.__name__, gradient, exact)
+        assert_close(_score_function_gradient(theta, logp, summed), expected)
+    assert not torch.allclose(k3_expected, exact)
 
 
 def test_a_non_finite_batch_moves_neither_the_ema_baseline_nor_the_kl_controller():
     """Found by a journey audit: under `nonfinite: skip`, one batch whose reward overflowed (mean inf) made the EMA
     baseline inf, so every later advantage was NaN and every later update was skipped. A batch whose mean is not
-    finite (its step is skipped or stops the run) now leaves the EMA, and a NaN KL the adaptive coefficient, as they were."""
+    finite (its step is skipped or stops the run) now leaves the EMA, and a KL that is not finite the adaptive coefficient,
+    as they were."""
     ema = EMABaseline(0.5)
     ema.update(torch.tensor([1.0, 3.0]))  # value 2
     ema.update(torch.tensor([1e308, 1e308], dtype=torch.float64))  # mean overflows to inf
@@ -379,7 +400,9 @@ def test_a_non_finite_batch_moves_neither_the_ema_baseline_nor_the_kl_controller
     controller = AdaptiveKLController(0.5, target=6.0, horizon=1000.0)
     controller.update(float("nan"), 100)
     assert controller.value == 0.5
-    controller.update(float("inf"), 100)  # an inf KL is far above the target: the clipped error raises beta, as designed
+    controller.update(float("inf"), 100)
+    assert controller.value == 0.5
+    controller.update(12.0, 100)  # a finite KL far above the target: the clipped error (0.2) raises beta by 0.2 * 100 / 1000
     assert controller.value == pytest.approx(0.5 * 1.02)
 
 

@@ -146,6 +146,8 @@ def test_ppo_smoke_run_on_the_length_reward(tmp_path):
         # KL(p || q) >= 0. Scoring the policy without top-p is what gave the users -3 to -30.
         assert log["kl"] >= 0 and log["kl_per_token"] >= 0 and "objective/kl" not in log  # one key per quantity
         assert log["kl_per_token"] == pytest.approx(log["kl"] / log["completions/mean_length"], rel=1e-5)  # one rollout per window
+        # the rewards were shaped with the k1 penalty (the default) that `kl` logs: -kl_coef * KL per completion
+        assert args.kl_estimator == "k1" and log["objective/non_score_reward"] == pytest.approx(-log["kl_coef"] * log["kl"], rel=1e-5, abs=1e-9)
         assert log["completions/mean_length"] <= 8
     # The first mini-batch sees the rollout policy: its old log-probs are the sampler's (a cached decode), so the
     # ratio is 1 up to the float difference between that decode and one full forward.

@@ -46,3 +46,27 @@ def test_reinforce_smoke_run_with_top_p_and_temperature(tmp_path, settings):
         assert h["kl"] >= 0  # the logged KL is k3's, >= 0 per token, whichever estimator the penalty uses
     if args.best_of_n:
         assert all(h["samples/kept_fraction"] == 0.5 for h in logs)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_the_penalty_uses_kl_estimator_and_the_logged_kl_is_k1(tmp_path, estimator):
+    """The shaped reward is R - beta * KL_penalty / |y| with the configured estimator (k1 by default), and the logged
+    `kl` is k1's whichever it is (a review: nothing tested this wiring). With no baseline and no normalisation the
+    logged advantages' mean is reward - beta * KL_penalty / L for completions of one length L; top-p 0.9 makes the KL
+    positive from the first step, and k3's value differs from k1's there."""
+    dataset = Dataset.from_dict({"prompt": ["This movie was", "The acting in this film", "I expected", "Worst"] * 2})
+    extra = {} if estimator == "k1" else {"kl_estimator": "k3"}
+    args = REINFORCEConfig(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_new_tokens=4, min_new_tokens=4,
+        top_p=0.9, beta=0.5, baseline="none", normalize_advantages=False, logging_steps=1, use_cpu=True, disable_tqdm=True, report_to="none", **extra,
+    )
+    assert args.kl_estimator == estimator
+    trainer = REINFORCETrainer(model="embedded", reward_funcs=[LengthReward(eos_token_id=0)], args=args, train_dataset=dataset)
+    trainer.train()
+    row = next(h for h in trainer.state.log_history if "kl" in h)
+    assert row["completions/mean_length"] == 4 and row["kl"] > 0.1  # -log(nucleus mass) per token, summed
+    with_k1_penalty = row["reward"] - 0.5 * row["kl"] / 4
+    if estimator == "k1":
+        assert row["advantages/mean"] == pytest.approx(with_k1_penalty, rel=1e-5, abs=1e-6)
+    else:
+        assert row["advantages/mean"] > with_k1_penalty + 1e-3  # k3's smaller value under top-p: a smaller penalty

@@ -144,8 +144,8 @@ class AdaptiveKLController:
         self.horizon = horizon
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        if math.isnan(float(current_kl)):  # a rollout whose KL overflowed: its step stops the run or is skipped; keep beta
-            return
+        if not math.isfinite(float(current_kl)):  # a rollout whose KL overflowed (inf) or is NaN: its step stops the run or
+            return  # is skipped (nonfinite: skip); keep beta
         proportional_error = min(max(float(current_kl) / self.target - 1, -0.2), 0.2)
         self.value *= 1 + proportional_error * n_steps / self.horizon
 

@@ -99,11 +99,13 @@ def exact_kl_and_entropy(policy_logits: torch.Tensor, ref_logits: torch.Tensor, 
 
 # Sample-based per-token estimators of KL(p || q), p the policy, q the reference, from the
 # log-probs of the tokens actually sampled from p (Schulman 2020, "Approximating KL Divergence",
-# http://joschu.net/blog/kl-approx.html). With r = q(x) / p(x), x ~ p, both are unbiased for the KL's VALUE.
+# http://joschu.net/blog/kl-approx.html). With r = q(x) / p(x), x ~ p, k1 is unbiased for the KL's VALUE wherever q
+# covers p's support; k3 also needs E_p[r] = 1, which fails where top-p/top-k truncate p and not q.
 # Their use as a detached reward penalty differs (Tang & Munos 2025, arXiv:2506.09477): the score-function
 # gradient E_p[k grad log p] is grad KL(p || q) for k1, but grad [KL(p || q) - KL(q || p)] for k3 (since
-# E_p[grad k3] = grad KL(q || p)), which vanishes to second order at p = q. So REINFORCE and PPO shape their
-# rewards with k1 by default and log k3 (tests/test_pg_math.py checks both gradients by enumeration).
+# E_p[grad k3] = grad KL(q || p)), which vanishes to second order at p = q. And where top-p/top-k truncate p but not
+# q, E_p[r] = q(nucleus) < 1, so k3's mean falls short of the KL while k1's does not. So REINFORCE and PPO shape
+# their rewards with k1 by default and log k1 (tests/test_pg_math.py checks the gradients by enumeration).
 
 
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -115,7 +117,8 @@ def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """k3 = (r - 1) - log r, r = exp(log q(x) - log p(x)). Unbiased and >= 0 for every token.
+    """k3 = (r - 1) - log r, r = exp(log q(x) - log p(x)). >= 0 for every token; unbiased where E_p[r] = 1 (not where
+    p is truncated and q is not: then its mean is KL - (1 - q(support of p))).
 
     logp, ref_logp: (B, T) log-probs of the sampled tokens. Returns (B, T).
     """

@@ -124,11 +124,12 @@ class SampledRolloutConfig(RolloutConfig):
         default="k1",
         metadata={"help": "Per-token KL estimator of the KL penalty in the reward (computed under no_grad, so it enters the loss "
                   "through the score function only): `k1` = log p - log q, whose score-function gradient E_p[k1 grad log p] "
-                  "is exactly grad KL(p || q) (the default; TRL's old PPO `kl_penalty='kl'`), or `k3` = (r - 1) - log r, "
-                  "r = q / p, unbiased for the KL's value but as a reward its gradient is grad [KL(p || q) - KL(q || p)], "
-                  "which vanishes to second order near the reference: it hardly holds the policy there (Tang & Munos 2025, "
-                  "arXiv:2506.09477; kept to reproduce runs that used it). The logged `kl` is k3's estimate whichever is "
-                  "chosen (>= 0 per token, lower variance), http://joschu.net/blog/kl-approx.html."},
+                  "is the KL's gradient (the default; TRL's old PPO `kl_penalty='kl'`), or `k3` = (r - 1) - log r, r = q / p, "
+                  "whose gradient as a reward is grad KL(p || q) + sum_x q(x) grad log p(x) (for one token without truncation "
+                  "grad [KL(p || q) - KL(q || p)]): second order near the reference, so it hardly holds the policy there (Tang "
+                  "& Munos 2025, arXiv:2506.09477; kept to reproduce runs that used it). The logged `kl` is k1's estimate "
+                  "whichever is chosen: unbiased also under top-p/top-k, which truncate p and not q, where k3's mean falls "
+                  "short of the KL by 1 - q(nucleus) per token, http://joschu.net/blog/kl-approx.html."},
     )
 
     def __post_init__(self):

@@ -46,7 +46,7 @@ from ..core import (
     explained_variance,
     gae,
     kl_estimate,
-    kl_k3,
+    kl_k1,
     masked_mean,
     masked_sum,
     masked_whiten,
@@ -349,7 +349,8 @@ class PPOTrainer(RolloutTrainer):
         # 4. KL-shaped per-token rewards. The KL uses the sampler's own log-probs: exactly the distribution the tokens
         # were drawn from, finite for every sampled token (a full forward can differ by float noise at the nucleus edge).
         # The penalty's estimator is k1 by default (as a detached reward its score-function gradient is grad KL(p || q));
-        # the logged KL, which the adaptive controller follows, is k3's estimate, >= 0 per token (base_config's help).
+        # the logged KL, which the adaptive controller follows, is k1's whichever the penalty uses: unbiased also where
+        # top-p/top-k truncate p and not q (k3's mean falls short there; base_config's kl_estimator help).
         kl_penalty = kl_estimate(batch.logprobs, ref_logps, args.kl_estimator) * mask  # (B, T)
         kl_coef = float(self.kl_ctl.value)
         rewards = shaped_rewards(score, kl_penalty, mask, kl_coef)  # (B, T)
@@ -361,7 +362,7 @@ class PPOTrainer(RolloutTrainer):
             advantages = masked_whiten(advantages, mask)
 
         b_kl_penalty = masked_sum(kl_penalty, mask, dim=1)  # (B,) per-sequence KL, the penalty's estimate
-        b_kl = b_kl_penalty if args.kl_estimator == "k3" else masked_sum(kl_k3(batch.logprobs, ref_logps), mask, dim=1)  # (B,) logged
+        b_kl = b_kl_penalty if args.kl_estimator == "k1" else masked_sum(kl_k1(batch.logprobs, ref_logps), mask, dim=1)  # (B,) logged
         metrics = self._gathered(
             {
                 "reward": score,
