@@ -180,7 +180,7 @@ class GSM8KCorrectness:
     def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
         golds = _gold_column(self, kwargs, len(completions))
         scores = []
-        for prompt, completion, gold in zip(prompts, completions, golds):
+        for prompt, completion, gold in zip(prompts or [None] * len(completions), completions, golds):
             predicted = extract_answer(answer_text(completion, prompt, self.tokenizer), self.fallback_to_last_number)
             scores.append(float(predicted is not None and predicted == Fraction(gold_answer(str(gold)))))
         return scores
@@ -198,4 +198,4 @@ class GSM8KFormat:
         self.__name__ = "gsm8k_format"
 
     def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
-        return [float(has_final_answer_format(answer_text(c, p, self.tokenizer))) for p, c in zip(prompts, completions)]
+        return [float(has_final_answer_format(answer_text(c, p, self.tokenizer))) for p, c in zip(prompts or [None] * len(completions), completions)]
