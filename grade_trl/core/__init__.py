@@ -9,7 +9,7 @@ from .advantages import (
     gae,
     leave_one_out_baseline,
 )
-from .kl import exact_kl, exact_kl_and_entropy, kl_estimate, kl_k1, kl_k3
+from .kl import exact_kl, exact_kl_and_entropy, kl_estimate, kl_k1, kl_k3, penalty_and_logged_kl
 from .masks import completion_mask, masked_mean, masked_sum, masked_var, masked_whiten
 from .precision import at_least_float32
 from .policy_losses import explained_variance, ppo_clip_loss, reinforce_loss, sequence_logprob, value_loss
@@ -47,6 +47,7 @@ __all__ = [
     "kl_estimate",
     "kl_k1",
     "kl_k3",
+    "penalty_and_logged_kl",
     "leave_one_out_baseline",
     "logprobs_from_logits",
     "masked_mean",

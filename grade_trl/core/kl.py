@@ -129,6 +129,15 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
 
 
+def penalty_and_logged_kl(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the KL penalty's per-token estimate by `kind`, the logged one), each (B, T), for REINFORCE and PPO: the penalty
+    is `kind`'s (k1 by default: as a detached reward its score-function gradient is grad KL(p || q)); the logged KL is
+    k1's whichever the penalty uses, unbiased also where top-p/top-k truncate p and not q, where k3's mean falls short
+    of the KL by 1 - q(nucleus) per token. The same tensor twice when `kind` is k1."""
+    logged = kl_k1(logp, ref_logp)
+    return (logged if kind == "k1" else kl_estimate(logp, ref_logp, kind)), logged
+
+
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-token KL(p || q) estimate with the estimator named by ``kind`` ("k1" or "k3"). Returns (B, T)."""
     if kind not in KL_ESTIMATORS:

@@ -45,11 +45,10 @@ from ..core import (
     FixedKLController,
     explained_variance,
     gae,
-    kl_estimate,
-    kl_k1,
     masked_mean,
     masked_sum,
     masked_whiten,
+    penalty_and_logged_kl,
     ppo_clip_loss,
     logprobs_from_logits,
     sample,
@@ -348,10 +347,9 @@ class PPOTrainer(RolloutTrainer):
 
         # 4. KL-shaped per-token rewards. The KL uses the sampler's own log-probs: exactly the distribution the tokens
         # were drawn from, finite for every sampled token (a full forward can differ by float noise at the nucleus edge).
-        # The penalty's estimator is k1 by default (as a detached reward its score-function gradient is grad KL(p || q));
-        # the logged KL, which the adaptive controller follows, is k1's whichever the penalty uses: unbiased also where
-        # top-p/top-k truncate p and not q (k3's mean falls short there; base_config's kl_estimator help).
-        kl_penalty = kl_estimate(batch.logprobs, ref_logps, args.kl_estimator) * mask  # (B, T)
+        # The penalty is kl_estimator's, the logged KL (which the adaptive controller follows) k1's (penalty_and_logged_kl).
+        kl_penalty, kl_logged = penalty_and_logged_kl(batch.logprobs, ref_logps, args.kl_estimator)  # (B, T) each
+        kl_penalty = kl_penalty * mask
         kl_coef = float(self.kl_ctl.value)
         rewards = shaped_rewards(score, kl_penalty, mask, kl_coef)  # (B, T)
 
@@ -362,7 +360,7 @@ class PPOTrainer(RolloutTrainer):
             advantages = masked_whiten(advantages, mask)
 
         b_kl_penalty = masked_sum(kl_penalty, mask, dim=1)  # (B,) per-sequence KL, the penalty's estimate
-        b_kl = b_kl_penalty if args.kl_estimator == "k1" else masked_sum(kl_k1(batch.logprobs, ref_logps), mask, dim=1)  # (B,) logged
+        b_kl = masked_sum(kl_logged, mask, dim=1)  # (B,) per-sequence KL, logged
         metrics = self._gathered(
             {
                 "reward": score,

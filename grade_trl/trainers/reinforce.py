@@ -20,10 +20,9 @@ from ..core import (
     EMABaseline,
     advantages_from_baseline,
     entropy_from_logits,
-    kl_estimate,
-    kl_k1,
     leave_one_out_baseline,
     masked_sum,
+    penalty_and_logged_kl,
     reinforce_loss,
     sample,
     sequence_logprob,
@@ -93,11 +92,8 @@ class REINFORCETrainer(RolloutTrainer):
         ref_model, ref_context = self.reference_context(model)
         with ref_context():
             ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False)
-        # The penalty's estimator (k1 by default: as a detached reward its score-function gradient is grad KL(p || q));
-        # the logged KL is k1's whichever the penalty uses: unbiased also where top-p/top-k truncate p and not q, where
-        # k3's mean falls short of the KL by 1 - q(nucleus) per token (base_config's kl_estimator help).
-        kl_penalty = masked_sum(kl_estimate(logps.detach(), ref_logps, args.kl_estimator), mask, dim=1)  # (B,)
-        kl = kl_penalty if args.kl_estimator == "k1" else masked_sum(kl_k1(logps.detach(), ref_logps), mask, dim=1)  # (B,)
+        penalty_tokens, logged_tokens = penalty_and_logged_kl(logps.detach(), ref_logps, args.kl_estimator)  # (B, T) each: kl_estimator's, k1's
+        kl_penalty, kl = masked_sum(penalty_tokens, mask, dim=1), masked_sum(logged_tokens, mask, dim=1)  # (B,)
 
         # 5. advantages: the baseline is subtracted; normalisation only scales
         shaped = rewards - args.beta * kl_penalty / batch.lengths.clamp(min=1)  # (B,) the penalty per token of each completion
