@@ -45,12 +45,11 @@ def report(findings: list[Finding], not_applicable: list[str], source: str, hist
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
-    """The latest complete `checkpoint-N` folder of a run's output_dir, or None: what `--resume_from_checkpoint true`
-    would resume from. Imported here: the checkpoint rules live with the runner's (torch), read only for a stopped run."""
-    from .resume import checkpoint_folders, is_complete
+    """What `--resume_from_checkpoint true` would resume from in a run's output_dir (`resume.latest_complete_checkpoint`),
+    or None. Imported here: the checkpoint rules live with the runner's (torch), read only for a stopped run."""
+    from .resume import latest_complete_checkpoint
 
-    complete = [name for name in checkpoint_folders(run_dir) if is_complete(os.path.join(run_dir, name))]
-    return os.path.join(run_dir, complete[-1]) if complete else None
+    return latest_complete_checkpoint(run_dir)
 
 
 def run_ending(config: dict, history: list[dict], source: str = "") -> list[Finding]:

@@ -89,6 +89,19 @@ def checkpoint_folders(output_dir: str) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
+def latest_complete_checkpoint(output_dir: str, warn: bool = False) -> str | None:
+    """The highest-numbered complete `checkpoint-N` folder in output_dir, or None; `warn`: log each incomplete one
+    skipped on the way (a run killed while saving it, or a copy in part). What `resume_from_checkpoint: true` resumes
+    from, and what the doctor names."""
+    for name in reversed(checkpoint_folders(output_dir)):
+        folder = os.path.join(output_dir, name)
+        if not (missing := missing_parts(folder)):
+            return folder
+        if warn:
+            logger.warning("resume: skipping %s, which is incomplete (missing: %s): a run stopped while saving it, or it was copied in part", folder, ", ".join(missing))
+    return None
+
+
 def resolve_checkpoint(value: bool | str | None, output_dir: str) -> str | None:
     """`resume_from_checkpoint` -> the checkpoint folder to resume from, or None (no resume).
 
@@ -98,16 +111,14 @@ def resolve_checkpoint(value: bool | str | None, output_dir: str) -> str | None:
     if value in (None, False, "", "false", "False"):
         return None
     if value is True or value in ("true", "True"):
-        for name in reversed(checkpoint_folders(output_dir)):
-            folder = os.path.join(output_dir, name)
-            if not (missing := missing_parts(folder)):
-                check_not_behind_a_completed_run(folder, output_dir)
-                return folder
-            logger.warning("resume: skipping %s, which is incomplete (missing: %s): a run stopped while saving it, or it was copied in part", folder, ", ".join(missing))
-        raise UserError(
-            f"resume_from_checkpoint: no complete checkpoint-N folder in output_dir {output_dir!r} to resume from "
-            "(checkpoints are saved every save_steps with save_strategy: steps, and when a run is stopped by SIGTERM/SIGINT)"
-        )
+        folder = latest_complete_checkpoint(output_dir, warn=True)
+        if folder is None:
+            raise UserError(
+                f"resume_from_checkpoint: no complete checkpoint-N folder in output_dir {output_dir!r} to resume from "
+                "(checkpoints are saved every save_steps with save_strategy: steps, and when a run is stopped by SIGTERM/SIGINT)"
+            )
+        check_not_behind_a_completed_run(folder, output_dir)
+        return folder
     folder = os.path.expanduser(str(value))
     if not os.path.isdir(folder):
         raise UserError(f"resume_from_checkpoint: no such folder {folder!r} (give a checkpoint-N folder of a run, or true for the last one in output_dir)")

@@ -28,7 +28,7 @@ from .recipe import Recipe, help_for_argv, parse_recipe
 from .reporting import TrainEndHeld, continue_trackers, continues_the_run, default_run_name
 from .results import RESULTS_FILE, last_training_value, payload, write_json_atomic
 from .resume import GracefulStop, checkpoint_folders, is_complete, saved_tracker_ids
-from .safety import NonFiniteGradientError, diverged_weights_error, output_dir_lock
+from .safety import diverged_weights_error, output_dir_lock
 
 logger = logging.getLogger("grade_trl")
 
@@ -160,8 +160,9 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
     except BaseException as error:  # keep everything logged so far, whatever stopped the run
         if trainer is None and isinstance(error, UserError):
             raise  # bad input found by the set-up: nothing written (the lock removes the folder it made)
-        if trainer is not None and (diverged := diverged_weights_error(trainer.model, trainer.state.global_step + 1, error)) is not None:
-            error = diverged  # what a traceback from the sampler would not say; raised below in one line, exit 2
+        # what a traceback from the sampler would not say: diverged weights, raised below in one line, exit 2
+        diverged = diverged_weights_error(trainer.model, trainer.state.global_step + 1, error) if trainer is not None else None
+        error = diverged or error
         interrupted = isinstance(error, (KeyboardInterrupt, Interrupted))
         if train_end is not None:
             with contextlib.suppress(Exception):  # close the tracker runs that training ended; the run's own error wins
@@ -180,8 +181,8 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
             step = trainer.state.global_step if trainer is not None else 0
             resume = f"; resume with the same command and --resume_from_checkpoint {final['checkpoint']}" if "checkpoint" in final else ""
             raise Interrupted(getattr(error, "signum", signal.SIGINT), f"at step {step}; results.json (status interrupted, the history so far): {results_path}{resume}") from None
-        if isinstance(error, NonFiniteGradientError) and error is not sys.exc_info()[1]:
-            raise error from None
+        if diverged is not None:
+            raise diverged from None
         raise
     finish_reporters(config)
     trainer.accelerator.wait_for_everyone()

@@ -30,7 +30,7 @@ from typing import Iterator
 
 from transformers import TrainerCallback
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def diverged_weights_error(model, step: int, error: BaseException) -> NonFiniteG
 
     from .core.sampling import NonFiniteLogitsError
 
-    if isinstance(error, (UserError, KeyboardInterrupt)):
+    if isinstance(error, (UserError, KeyboardInterrupt, Interrupted)):  # said in one line already; a signal is not a failure
         return None
     sampler = isinstance(error, NonFiniteLogitsError) or (isinstance(error, RuntimeError) and "probability tensor contains either" in str(error))
     if not sampler:
