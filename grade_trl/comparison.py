@@ -215,9 +215,13 @@ def build_comparison(runs: list[dict], thresholds: list[float], meta: dict, sett
         other_settings[name] = [{"seed": mine[i][0]["seed"], "run_dir": mine[i][0]["run_dir"], "differs": why} for i, why in differing.items()]
     left_out = {entry["run_dir"] for entries in other_settings.values() for entry in entries}
     loaded = [entry for entry in loaded if entry[0]["run_dir"] not in left_out]
+
+    def reference_of(name: str) -> dict | None:  # the settings a name's runs must have (the command's for a name none of whose runs completed)
+        return references.get(name, (settings or {}).get(name))
+
     failed = {}  # a name's failed runs, but not those of another command's settings (a failed run's results.json has its recipe)
     for record in (r for r in runs if r["status"] == "failed"):
-        results, reference = read_results(record["run_dir"]), references.get(record["name"], (settings or {}).get(record["name"]))
+        results, reference = read_results(record["run_dir"]), reference_of(record["name"])
         recipe = ((results or {}).get("config") or {}).get("recipe")
         if reference is None or not isinstance(recipe, dict) or run_settings(recipe, with_seed=False) == reference:
             failed.setdefault(record["name"], []).append(record["seed"])
@@ -233,7 +237,7 @@ def build_comparison(runs: list[dict], thresholds: list[float], meta: dict, sett
             "run_dirs": [record["run_dir"] for record, _, _ in mine],
             "failed_seeds": failed.get(name, []),
             # the settings its runs share (the analysis keeps to them), and the completed runs left out for other settings
-            "settings": references.get(name, (settings or {}).get(name)),
+            "settings": reference_of(name),
             "other_settings": other_settings.get(name, []),
         }
         entry.update({key: estimate([summary[key] for _, _, summary in mine]) for key in SUMMARY_KEYS})
