@@ -15,6 +15,8 @@
         "rewards", "gold_rewards", "corrects", "extracted_answers" (GSM8K)}, "kl" (the last training window's, nats per completion), "doctor" (its
         findings; None with the doctor off), "doctor_stopped" ({"check", "step", "update_skipped"} when `doctor: stop`
         ended the run, else None), "nonfinite_skipped_steps", "samples", "device", "num_processes", "torch";
+        "unlogged_training_window" (a run that ended between an update and its training log, e.g. in that step's
+        validation: {"first_step", "last_step", and the logging window's means so far, Trainer's `loss` not among them});
         "resumed_from" (a resumed run: its checkpoint folder), "checkpoint" (a run stopped by a signal: the
         checkpoint it saved)
       }

@@ -197,6 +197,12 @@ def progress(trainer, callbacks: dict, start: float | None) -> dict:
         done["train_minutes"] = (time.time() - start) / 60
     if callbacks.get("nonfinite_guard") is not None:
         done["nonfinite_skipped_steps"] = callbacks["nonfinite_guard"].skipped_steps
+    # A run that fails between a step's update and its training log (in that step's validation: a reward that raises)
+    # would lose the step's metrics: the logging window so far (its means, not cleared; Trainer's `loss` is not in it)
+    unlogged = trainer.pending_logs() if hasattr(trainer, "pending_logs") else {}
+    if unlogged:
+        logged = max((row["step"] for row in trainer.state.log_history if metrics.LOSS in row), default=0)
+        done["unlogged_training_window"] = {"first_step": logged + 1, "last_step": trainer.state.global_step, **unlogged}
     doctor = callbacks.get("doctor")
     done["doctor"] = [dataclasses.asdict(f) for f in doctor.findings] if doctor is not None else None  # None: the doctor was off
     done["doctor_stopped"] = doctor.stopped if doctor is not None else None  # `doctor: stop` ended the run (and skipped that update?)

@@ -133,6 +133,27 @@ def test_reward_returning_nan_stops_the_run_after_saving_history(tmp_path, monke
     assert results["final"]["nonfinite_skipped_steps"] == [] and isinstance(results["final"]["doctor"], list)
 
 
+def test_a_run_failing_in_a_steps_validation_keeps_that_steps_training_window(tmp_path, monkeypatch, capsys):
+    """Trainer evaluates (our callback's on_step_end) before it logs the step's training row: a reward raising in step
+    2's validation lost the metrics of steps 1-2 (logging_steps 2). results.json's final keeps that window's means."""
+    original = SentimentReward.__call__
+
+    def raises_in_the_second_validation(self, prompts, completions, **kwargs):
+        state = kwargs.get("trainer_state")
+        if state is not None and state.global_step == 2:  # GRADE trains through score_soft: only validation calls this
+            raise RuntimeError("the judge went away")
+        return original(self, prompts, completions, **kwargs)
+
+    monkeypatch.setattr(SentimentReward, "__call__", raises_in_the_second_validation)
+    assert main(shrunk(tmp_path)) == 2
+    assert "the judge went away" in capsys.readouterr().err
+    results = load_results(tmp_path / "run" / "results.json")
+    assert results["status"] == "failed" and not [h for h in results["history"] if "loss" in h]
+    window = results["final"]["unlogged_training_window"]
+    assert window["first_step"] == 1 and window["last_step"] == 2 and {"reward", "kl", "entropy"} <= set(window), window
+    assert all(isinstance(v, (int, float)) for v in window.values())
+
+
 @pytest.mark.parametrize("recipe", ["quickstart.yaml"])
 def test_two_cpu_processes(tmp_path, recipe):
     """`accelerate launch --num_processes 2` with the CPU config: gloo DDP. The other methods' DDP runs, with the same
