@@ -28,7 +28,7 @@ from .recipe import Recipe, help_for_argv, parse_recipe
 from .reporting import TrainEndHeld, continue_trackers, continues_the_run, default_run_name
 from .results import RESULTS_FILE, last_training_value, payload, write_json_atomic
 from .resume import GracefulStop, checkpoint_folders, is_complete, saved_tracker_ids
-from .safety import diverged_weights_error, output_dir_lock
+from .safety import clipping_freezes_adam, diverged_weights_error, output_dir_lock
 
 logger = logging.getLogger("grade_trl")
 
@@ -91,6 +91,8 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
         callbacks = build_callbacks(recipe, task, resume_from, graceful_stop)
         eval_callback = callbacks["evaluation"]
         trainer = build_trainer(recipe, task, tokenizer, [c for c in callbacks.values() if c is not None])
+        if (frozen := clipping_freezes_adam(trainer.model, trainer.args)) and is_main:
+            logger.warning(frozen)
         train_end = TrainEndHeld(trainer)  # the trackers' run stays open for the final test: one run, one tracker run
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

@@ -215,3 +215,28 @@ def _deepspeed_optimizer(optimizer):
     """The ZeRO optimizer inside Accelerate's DeepSpeed optimizer wrapper, or None (no DeepSpeed; never imports it)."""
     wrapper = getattr(sys.modules.get("accelerate.utils.deepspeed"), "DeepSpeedOptimizerWrapper", None)
     return optimizer.optimizer if wrapper is not None and isinstance(optimizer, wrapper) else None
+
+
+def clipping_freezes_adam(model, args) -> str | None:
+    """A warning when `max_grad_norm` is so small that AdamW can hardly move the policy, else None.
+
+    Adam divides each parameter's gradient by the root of its running second moment plus `adam_epsilon`. Clipping the
+    global norm of the gradient of n parameters to `max_grad_norm` bounds their root-mean-square to max_grad_norm /
+    sqrt(n); a tenth of `adam_epsilon` or less, the denominator is mostly epsilon, and an update is about lr * RMS / epsilon
+    instead of lr: training runs, every metric is logged, and the policy stays where it started (found by a journey audit:
+    `max_grad_norm: 1e-9` gave no sign of it)."""
+    optim = getattr(args, "optim", "")
+    norm, optim = getattr(args, "max_grad_norm", 0) or 0, str(getattr(optim, "value", optim))  # Trainer's OptimizerNames enum
+    if not norm > 0 or "adam" not in optim.lower():
+        return None
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not count:
+        return None
+    rms, epsilon = norm / math.sqrt(count), float(args.adam_epsilon)
+    if rms >= epsilon / 10:  # an update of lr * rms / (rms + epsilon): under a tenth of lr from here on
+        return None
+    return (
+        f"max_grad_norm: {norm:g} clips the gradient of {count:,} trainable parameters to a root-mean-square of at most {rms:.1e} "
+        f"per parameter, under a tenth of adam_epsilon {epsilon:g}: {optim}'s updates shrink to about {rms / epsilon:.1e} x learning_rate "
+        f"and the policy will hardly move; use max_grad_norm 1.0 (TRL's default) or 0 (no clipping), or a smaller adam_epsilon"
+    )

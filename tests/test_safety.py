@@ -17,7 +17,7 @@ from grade_trl.errors import UserError
 from grade_trl.resume import is_complete
 from grade_trl.rewards import LengthReward
 from grade_trl.run import main
-from grade_trl.safety import LOCK_FILE, LOSS_SCALE_OVERFLOWS_IN_A_ROW, NonFiniteGradientError, NonFiniteGuard, output_dir_lock
+from grade_trl.safety import LOCK_FILE, LOSS_SCALE_OVERFLOWS_IN_A_ROW, NonFiniteGradientError, NonFiniteGuard, clipping_freezes_adam, output_dir_lock
 from grade_trl.trainers import GumbelGRADEConfig, GumbelGRADETrainer
 
 from .conftest import REPO
@@ -557,3 +557,37 @@ def test_a_broken_pipe_that_is_not_stdout_is_an_error_like_any_other():
 
     with pytest.raises(BrokenPipeError):
         run_safely(body)
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-7, 1.0, 0.0])
+def test_a_max_grad_norm_that_freezes_adam_is_warned_about_and_does_freeze_it(max_grad_norm):
+    """Found by a journey audit: `max_grad_norm: 1e-9` trained without a sign while the policy did not move. The warning's
+    rule (the clipped gradient's RMS per parameter below adam_epsilon) is checked against what AdamW does: with the
+    warned value 20 steps move the weights by under a tenth of what they move unclipped."""
+    from types import SimpleNamespace
+
+    def moved(norm):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(1000, 100)  # 100,100 parameters: RMS bound 1e-7 / 316 = 3e-10 < 1e-8
+        start = [p.detach().clone() for p in model.parameters()]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-8, weight_decay=0.0)
+        for _ in range(20):
+            optimizer.zero_grad()
+            model(torch.randn(8, 1000)).pow(2).mean().backward()
+            if norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), norm)
+            optimizer.step()
+        return sum((p.detach() - s).abs().sum().item() for p, s in zip(model.parameters(), start))
+
+    warning = clipping_freezes_adam(torch.nn.Linear(1000, 100), SimpleNamespace(max_grad_norm=max_grad_norm, optim="adamw_torch", adam_epsilon=1e-8))
+    frozen = moved(max_grad_norm) < 0.1 * moved(0.0)
+    assert (warning is not None) == frozen == (max_grad_norm == 1e-7), (warning, frozen)
+    if warning:
+        assert warning.startswith("max_grad_norm: 1e-07 clips the gradient of 100,100 trainable parameters") and "adam_epsilon 1e-08" in warning
+    # Trainer's args hold an OptimizerNames enum: the message names its value
+    from transformers.training_args import OptimizerNames
+
+    enum_args = SimpleNamespace(max_grad_norm=1e-7, optim=OptimizerNames.ADAMW_TORCH_FUSED, adam_epsilon=1e-8)
+    assert "adamw_torch_fused's updates" in clipping_freezes_adam(torch.nn.Linear(1000, 100), enum_args)
+    # an optimizer without Adam's epsilon is not warned about
+    assert clipping_freezes_adam(torch.nn.Linear(1000, 100), SimpleNamespace(max_grad_norm=1e-7, optim="sgd", adam_epsilon=1e-8)) is None
