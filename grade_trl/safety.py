@@ -105,6 +105,12 @@ def diverged_weights_error(model, step: int, error: BaseException) -> NonFiniteG
             return None
     if not sampler:
         return None
+    return diverged_logits_error(step)
+
+
+def diverged_logits_error(step: int) -> NonFiniteGradientError:
+    """The one line for a policy whose logits are not finite at `step`, wherever it is found (the sampler, GRADE's
+    relaxed rollout through its reward)."""
     return NonFiniteGradientError(
         f"step {step}: the policy's logits are not finite (its weights diverged in an earlier update, whose gradient was "
         "finite, so the guard let it through; or a half-precision forward overflowed); lower learning_rate"

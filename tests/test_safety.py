@@ -125,7 +125,7 @@ def test_weights_diverged_by_a_finite_update_are_named_as_such_not_blamed_on_the
     )
     trainer = GumbelGRADETrainer(model="embedded", reward_funcs=LengthReward(tokenizer.eos_token_id), args=args, train_dataset=Dataset.from_dict({"prompt": ["This movie was"] * 4}),
                                  processing_class=tokenizer, callbacks=[NonFiniteGuard()])
-    with pytest.raises(NonFiniteGradientError, match=r"^step 2: the policy's logits are not finite \(its weights diverged in an earlier update, whose gradient was finite\); lower learning_rate$"):
+    with pytest.raises(NonFiniteGradientError, match=r"^step 2: the policy's logits are not finite \(its weights diverged in an earlier update, whose gradient was finite, so the guard let it through; or a half-precision forward overflowed\); lower learning_rate$"):
         trainer.train()
     assert trainer.state.global_step == 1
 

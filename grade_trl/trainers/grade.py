@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core import SoftTokens, exact_kl, exact_kl_and_entropy, leave_one_out_baseline, masked_mean, masked_sum, reference_logits, soft_rollout
 from ..core.sampling import SamplingSettings, sample
 from ..rewards.base import RewardFunctionError, check_finite_scores, combine_scores, require_differentiable, reward_name, soft_scores
-from ..safety import NonFiniteGradientError
+from ..safety import diverged_logits_error
 from .base import RolloutTrainer
 from .grade_config import GumbelGRADEConfig
 from .relaxations import StraightThroughGumbel, build_relaxation, tau_at
@@ -141,10 +141,7 @@ class GumbelGRADETrainer(RolloutTrainer):
                 if not bool(torch.isfinite(rollout.logits).all()):  # read on this path only: no host sync per step
                     # the reward only passed on what the policy's diverged weights gave it (the gradient of the step
                     # before was finite, so the guard let the update through: a too large learning rate, say)
-                    raise NonFiniteGradientError(
-                        f"step {self.state.global_step + 1}: the policy's logits are not finite (its weights diverged in an earlier "
-                        "update, whose gradient was finite); lower learning_rate"
-                    ) from None
+                    raise diverged_logits_error(self.state.global_step + 1) from None
                 raise
             if require_gradient and torch.is_grad_enabled() and rollout.logits.requires_grad and not scores[-1].requires_grad:
                 # a detached or constant score would train on the KL term alone, without a word
