@@ -121,6 +121,57 @@ def test_reward_that_returns_nan_is_reported_with_name_and_sample_index():
         check_finite_scores(returns_nan, torch.tensor([0.1, 0.2, math.nan]))
 
 
+async def judge_length(prompts, completions, **kwargs):
+    import asyncio
+
+    await asyncio.sleep(0.4)  # a remote judge's latency
+    return [float(len(c)) for c in completions]
+
+
+async def judge_words(prompts, completions, **kwargs):
+    import asyncio
+
+    await asyncio.sleep(0.4)
+    return [float(len(c.split())) for c in completions]
+
+
+async def judge_raises_on_second(prompts, completions, **kwargs):
+    return [1.0 / (c != TEXTS[1]) for c in completions]
+
+
+def test_async_rewards_are_awaited_concurrently_as_in_trl():
+    """Found by a journey audit: an `async def` reward (TRL awaits them) stopped REINFORCE and PPO with "returned
+    coroutine". Awaited now, several at once: two judges of 0.4 s take well under their 0.8 s sum; the values are the
+    plain functions' values; errors are named by sample as a plain function's are."""
+    import time
+
+    compute_rewards([judge_words], ["p"], TEXTS[:1])  # the first call imports TRL's event-loop helper (seconds)
+    started = time.perf_counter()
+    scores = compute_rewards([judge_length, judge_words], ["p"] * 3, TEXTS)
+    elapsed = time.perf_counter() - started
+    assert scores.tolist() == [[float(len(t)), float(len(t.split()))] for t in TEXTS]
+    assert elapsed < 0.7, elapsed  # sequential awaiting would take >= 0.8 s
+    with pytest.raises(RewardFunctionError, match=r"^reward function 'judge_raises_on_second' raised on sample 1: ZeroDivisionError"):
+        compute_rewards([judge_length, judge_raises_on_second], ["p"] * 3, TEXTS)
+
+
+def test_an_async_reward_trains_reinforce(tmp_path, tokenizer):
+    from datasets import Dataset
+
+    from grade_trl import REINFORCEConfig, REINFORCETrainer
+
+    async def longer(prompts, completions, **kwargs):
+        return [len(c) / 10 for c in completions]
+
+    args = REINFORCEConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=1, max_new_tokens=4,
+                           logging_steps=1, use_cpu=True, disable_tqdm=True, report_to="none")
+    trainer = REINFORCETrainer(model="embedded", reward_funcs=longer, args=args, train_dataset=Dataset.from_dict({"prompt": ["This movie was"] * 4}),
+                               processing_class=tokenizer)
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "reward" in row]
+    assert rows and rows[0]["reward"] > 0, trainer.state.log_history
+
+
 def test_none_means_a_reward_does_not_apply_as_in_trl():
     """TRL's multi-task convention: a function returns None for a sample it does not apply to, and the weighted rewards
     are summed over the functions that do (nansum). A sample that no function scores is named."""

@@ -13,6 +13,7 @@ A differentiable reward (usable by GRADE) also has `differentiable = True` and
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Callable, Sequence
@@ -175,9 +176,11 @@ def compute_rewards(
     methods sum the weighted scores over the functions that apply (`combine_scores`, TRL's nansum). A function that
     raises or returns NaN, inf or a non-number, and a sample for which every function returned None, stop the run with
     a `RewardFunctionError` naming the function and the first offending sample index (found by re-calling it per
-    sample). (TRL warns about an all-None sample and gives it advantage 0; here that is a bug to name.)
+    sample). (TRL warns about an all-None sample and gives it advantage 0; here that is a bug to name.) An `async def`
+    reward (an LLM judge, a sandbox) is awaited, and several of them run concurrently, as in TRL (`_call_rewards`).
     """
-    scores = torch.stack([reward_column(func, prompts, completions, completion_ids, kwargs) for func in reward_funcs], dim=1)
+    outcomes = _call_rewards(reward_funcs, dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs))
+    scores = torch.stack([_column(func, outcome, prompts, completions, completion_ids, kwargs) for func, outcome in zip(reward_funcs, outcomes)], dim=1)
     unscored = torch.isnan(scores).all(dim=1).nonzero()
     if len(unscored):
         names = ", ".join(reward_name(func) for func in reward_funcs)
@@ -188,10 +191,15 @@ def compute_rewards(
 
 def reward_column(func, prompts, completions, completion_ids, kwargs: dict) -> torch.Tensor:
     """One function's rewards on the batch, (B,), NaN where it returned None; its errors as in `compute_rewards`."""
+    (outcome,) = _call_rewards([func], dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs))
+    return _column(func, outcome, prompts, completions, completion_ids, kwargs)
+
+
+def _column(func, outcome: tuple, prompts, completions, completion_ids, kwargs: dict) -> torch.Tensor:
+    """`reward_column` of a call's (values, error) outcome."""
     name = reward_name(func)
-    try:
-        values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
-    except Exception as error:  # noqa: BLE001 - any failure of user code is reported the same way
+    values, error = outcome
+    if error is not None:  # any failure of user code is reported the same way
         index = _first_raising_sample(func, prompts, completions, completion_ids, kwargs)
         where = f"on sample {index}" if index is not None else "on the batch"
         raise RewardFunctionError(f"reward function '{name}' raised {where}: {type(error).__name__}: {error}") from error
@@ -204,6 +212,54 @@ def reward_column(func, prompts, completions, completion_ids, kwargs: dict) -> t
     return torch.tensor([math.nan if value is None else float(value) for value in values], dtype=torch.float32)
 
 
+def _call_rewards(reward_funcs: Sequence[RewardFunc], call: dict) -> list[tuple]:
+    """Each function called with the keywords `call`: (what it returned, None), or (None, the Exception it raised). What
+    an `async def` function (or any callable returning an awaitable) returns is awaited, all of them concurrently on
+    one event loop in a daemon thread: the one TRL's GRPOTrainer starts for its async rewards (its
+    `start_event_loop_in_daemon`), so that a caller's own running loop (a notebook's) is not in the way."""
+    outcomes: list = []
+    pending: dict[int, object] = {}
+    for i, func in enumerate(reward_funcs):
+        try:
+            value = func(**call)
+        except Exception as error:  # noqa: BLE001 - reported by the caller with the first sample that raises
+            outcomes.append((None, error))
+            continue
+        if inspect.isawaitable(value):
+            pending[i] = value
+        outcomes.append((value, None))
+    if pending:
+        for i, result in zip(pending, _gather_in_daemon_loop(list(pending.values()))):
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result  # a KeyboardInterrupt or SystemExit in the judge: not the reward's error to report
+            outcomes[i] = (None, result) if isinstance(result, Exception) else (result, None)
+    return outcomes
+
+
+_ASYNC_LOOP = None
+
+
+def _gather_in_daemon_loop(awaitables: list) -> list:
+    """The results (or exceptions) of `awaitables`, run concurrently on the daemon event loop (started on first use)."""
+    global _ASYNC_LOOP
+    import asyncio
+
+    if _ASYNC_LOOP is None:
+        import atexit
+
+        from trl.trainer.utils import shutdown_event_loop_in_daemon, start_event_loop_in_daemon
+
+        thread, loop, ready = start_event_loop_in_daemon(name="grade_trl-async-rewards")
+        ready.wait()
+        atexit.register(shutdown_event_loop_in_daemon, thread, loop)
+        _ASYNC_LOOP = loop
+
+    async def gather():
+        return await asyncio.gather(*awaitables, return_exceptions=True)
+
+    return asyncio.run_coroutine_threadsafe(gather(), _ASYNC_LOOP).result()
+
+
 def combine_scores(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_f weight_f * score_f over the functions that scored each sample: (B, F) with NaN for None -> (B,).
     TRL's GRPOTrainer combines its reward functions the same way (`nansum` of the weighted scores)."""
@@ -213,14 +269,9 @@ def combine_scores(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def _first_raising_sample(func, prompts, completions, completion_ids, kwargs) -> int | None:
     for i in range(len(completions)):
         sample_kwargs = {k: v[i : i + 1] if isinstance(v, list) and len(v) == len(completions) else v for k, v in kwargs.items()}
-        try:
-            func(
-                prompts=prompts[i : i + 1],
-                completions=completions[i : i + 1],
-                completion_ids=None if completion_ids is None else completion_ids[i : i + 1],
-                **sample_kwargs,
-            )
-        except Exception:  # noqa: BLE001
+        call = dict(prompts=prompts[i : i + 1], completions=completions[i : i + 1], completion_ids=None if completion_ids is None else completion_ids[i : i + 1])
+        (_, error), = _call_rewards([func], {**call, **sample_kwargs})
+        if error is not None:
             return i
     return None
 
