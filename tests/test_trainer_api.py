@@ -418,3 +418,40 @@ def test_grade_evaluate_logs_the_reward_of_sampled_text_and_the_relaxed_one_apar
     assert logs["eval_reward_soft"] == pytest.approx(0.25)
     assert len(texts) == 4 and logs["eval_reward"] == pytest.approx(sum(len(t.split()) for t in texts) / 4, rel=1e-6)
     assert logs["eval_scored"] == 2.0 and "eval_kl" in logs
+
+
+def test_each_data_set_of_a_dict_eval_dataset_gets_its_own_metrics(tmp_path):
+    """Found by a journey audit: with eval_dataset={"a": ..., "b": ...} the rows were `eval_a_loss`, `eval_b_loss`
+    without reward or KL, and the window's values leaked into the next evaluate(). Each row now carries its own data
+    set's means under its prefix, and nothing is left over."""
+    from grade_trl import REINFORCEConfig, REINFORCETrainer
+
+    short = Dataset.from_dict({"prompt": ["This movie was"] * 2})
+    longer = Dataset.from_dict({"prompt": ["The acting"] * 4})
+    args = _library_args(REINFORCEConfig, tmp_path, max_steps=1, per_device_eval_batch_size=2)
+    trainer = REINFORCETrainer(model="embedded", reward_funcs=length_only, args=args, train_dataset=short, eval_dataset={"a": short, "b": longer},
+                               processing_class=load_tokenizer("embedded"))
+    logs = trainer.evaluate()
+    assert {"eval_a_reward", "eval_a_kl", "eval_b_reward", "eval_b_kl"} <= set(logs), sorted(logs)
+    assert not any(trainer._metrics["eval"].values.values())  # flushed into the rows, none left for the next evaluate
+    rows = [row for row in trainer.state.log_history if "eval_a_loss" in row or "eval_b_loss" in row]
+    assert [sorted(k for k in row if k.endswith("_reward")) for row in rows] == [["eval_a_reward"], ["eval_b_reward"]], rows
+
+
+@pytest.mark.parametrize("method", ["reinforce", "grade_ste"])
+def test_the_steps_after_the_last_logging_step_are_logged_without_the_runner(tmp_path, method):
+    """Found by a journey audit: a trainer used on its own (not through the runner) with max_steps 3 and Trainer's
+    default logging_steps (10) logged no training row at all; the runner had the callback, the trainers did not."""
+    entry = METHODS[method]
+    args = _library_args(entry.config_class, tmp_path, max_steps=3, logging_steps=10, **({"max_new_tokens": 4} if method == "reinforce" else {}))
+    trainer = entry.trainer_class(model="embedded", reward_funcs=length_only if method == "reinforce" else _length_reward(), args=args,
+                                  train_dataset=Dataset.from_dict({"prompt": ["This movie was"] * 8}), processing_class=load_tokenizer("embedded"))
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert [row["step"] for row in rows] == [3] and "reward" in rows[0] and "kl" in rows[0], trainer.state.log_history
+
+
+def _length_reward():
+    from grade_trl.rewards import LengthReward
+
+    return LengthReward(load_tokenizer("embedded").eos_token_id)

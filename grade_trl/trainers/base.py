@@ -16,7 +16,7 @@ from trl.data_utils import is_conversational
 from ..models import give_safetensors_umask_modes, load_causal_lm, load_tokenizer, prepare_tokenizer
 from ..resume import ResumeCallback
 from ..rewards.base import NOT_PASSED_COLUMNS, RewardMetricLog, assistant_messages, compute_rewards, not_kept, render_chat, reward_name
-from .metrics import GradNormWindowMixin, MetricWindow
+from .metrics import GradNormWindowMixin, LogTheLastWindow, MetricWindow
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +186,9 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
         # What Trainer's checkpoints lack (EMA baseline, PPO's rollout buffer and KL controller, metric windows) is saved
         # and restored by a ResumeCallback; the runner brings its own (with its evaluation's state), a trainer used on
         # its own gets one here, so `train(resume_from_checkpoint=...)` resumes exactly either way.
+        # the steps after the last `logging_steps` multiple get their training row at max_steps (the runner adds the same)
+        if not any(isinstance(callback, LogTheLastWindow) for callback in self.callback_handler.callbacks):
+            self.add_callback(LogTheLastWindow())
         self._own_resume = None
         if not any(isinstance(callback, ResumeCallback) for callback in self.callback_handler.callbacks):
             self._own_resume = ResumeCallback(require_state=False)
@@ -328,10 +331,15 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
         return gathered.std().item() if gathered.numel() > 1 else 0.0
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        if "loss" in logs or "eval_loss" in logs:  # a training/eval log, not a callback's own metrics
-            metrics = self._metrics[mode].flush()
-            logs.update(metrics if mode == "train" else {f"eval_{k}": v for k, v in metrics.items()})
+        # a training or evaluation log, not a callback's own metrics: the window's means join it. An evaluation's keys
+        # carry its prefix (Trainer's metric_key_prefix): `eval_loss`, or `eval_<name>_loss` for each data set of a
+        # dict eval_dataset, each of which is logged with its own window
+        if self.model.training:
+            if "loss" in logs:
+                logs.update(self._metrics["train"].flush())
+        elif loss_key := next((key for key in logs if key.endswith("_loss")), None):
+            prefix = loss_key[: -len("loss")]
+            logs.update({f"{prefix}{k}": v for k, v in self._metrics["eval"].flush().items()})
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
