@@ -455,3 +455,15 @@ def _length_reward():
     from grade_trl.rewards import LengthReward
 
     return LengthReward(load_tokenizer("embedded").eos_token_id)
+
+
+@pytest.mark.parametrize("method", ["reinforce", "ppo"])
+def test_a_streamed_dataset_trains(tmp_path, method):
+    """Found by a journey audit: an IterableDataset (streaming) failed in Accelerate's batch dispatch ("Can only find
+    the batch size of tensors but got <class 'str'>"); TRL's GRPOTrainer sets dispatch_batches=False, and so do we."""
+    entry = METHODS[method]
+    stream = Dataset.from_dict({"prompt": ["This movie was", "The acting"] * 8}).to_iterable_dataset()
+    args = _library_args(entry.config_class, tmp_path, max_steps=2, **({"num_mini_batches": 1} if method == "ppo" else {}))
+    trainer = entry.trainer_class(model="embedded", reward_funcs=length_only, args=args, train_dataset=stream, processing_class=load_tokenizer("embedded"))
+    trainer.train()
+    assert trainer.state.global_step == 2 and [row["step"] for row in trainer.state.log_history if "reward" in row] == [1, 2]

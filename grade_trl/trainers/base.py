@@ -46,6 +46,21 @@ def check_prompt_column(name: str, dataset) -> None:
         raise ValueError(f"{name}: no `prompt` column (it has {', '.join(map(str, columns)) or 'none'}); the prompts are read from `prompt`, as TRL's GRPOTrainer reads them")
 
 
+def use_undispatched_batches_for_iterable_datasets(args, train_dataset, eval_dataset) -> None:
+    """A streamed data set (`datasets.IterableDataset`) needs Accelerate's `dispatch_batches=False`, as TRL's
+    GRPOTrainer sets it: by default the main process reads every batch and Accelerate concatenates the batch's
+    columns to send them, which fails on text ("Can only find the batch size of tensors but got <class 'str'>")."""
+    from datasets import IterableDataset
+
+    evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+    if not any(isinstance(dataset, IterableDataset) for dataset in [train_dataset, *evals]):
+        return
+    if args.accelerator_config.dispatch_batches:
+        raise ValueError("accelerator_config.dispatch_batches: a streamed (iterable) data set needs it False (Accelerate cannot "
+                         "dispatch batches of text); leave it unset")
+    args.accelerator_config.dispatch_batches = False
+
+
 def identity(features):
     """No collation: the trainer tokenizes prompts itself (as TRL's GRPOTrainer does)."""
     return features
@@ -139,6 +154,7 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
         check_prompt_column("train_dataset", train_dataset)
         for key, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]:
             check_prompt_column("eval_dataset" if key is None else f"eval_dataset[{key!r}]", dataset)
+        use_undispatched_batches_for_iterable_datasets(args, train_dataset, eval_dataset)
         if isinstance(model, str):
             model = load_policy(model, args)
         processing_class = prepare_tokenizer(processing_class or load_tokenizer(model.config._name_or_path))
