@@ -332,6 +332,8 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
         raise RecipeError(str(error)) from None
     if "report_to" in config_kwargs and config_kwargs["report_to"] is None:  # null: no tracker (transformers would look one up named None)
         config_kwargs["report_to"] = "none"
+    for key, value in runner_defaults(method).items():
+        config_kwargs.setdefault(key, value)
     if "use_cpu" not in config_kwargs and not has_accelerator():
         # Accelerate only joins processes started by `accelerate launch`/torchrun into one CPU (gloo) group when
         # told it is on the CPU; without this, each of N CPU processes would train alone on the whole data.
@@ -626,6 +628,17 @@ def check_paths(run_kwargs: dict) -> None:
             raise RecipeError(f"{key}: no such file or folder {value!r}{where}; give an existing local path, a hub id, or {other}")
 
 
+def runner_defaults(method) -> dict[str, Any]:
+    """Where a recipe of our methods (GRADE, REINFORCE, PPO) differs from their configs' defaults when it leaves a key
+    out: `save_strategy: no`, since the runner writes the final model to output_dir/model itself and a checkpoint-N
+    (the optimizer state besides) in a quick trial's folder would make its next run refuse the folder. The configs keep
+    TrainingArguments' `steps` (every save_steps, and the last step), which a TRL user calling a trainer expects and
+    `train(resume_from_checkpoint=True)` needs. TRL's GRPO/CISPO keep TRL's defaults."""
+    from .trainers.base_config import RolloutConfig
+
+    return {"save_strategy": "no"} if issubclass(method.config_class, RolloutConfig) else {}
+
+
 def parse_recipe(argv: list[str]) -> Recipe:
     """`RECIPE.yaml [--key value ...]` -> Recipe. Overrides win over the file."""
     if not argv or argv[0].startswith("--"):
@@ -696,7 +709,7 @@ def help_text(method_name: str) -> str:
         declared |= set(getattr(cls, "__annotations__", {}))
     method_keys = [f for f in config_fields if f.name in declared or f.name not in trainer_names]
     trainer_keys = [f for f in config_fields if f not in method_keys]
-    implied = dict(method.implied)
+    implied = {**runner_defaults(method), **method.implied}
     lines = [
         "usage: python -m grade_trl.run RECIPE.yaml [--key value ...]",
         "       python -m grade_trl.run RECIPE.yaml --help      (the keys of the recipe's method)",

@@ -467,3 +467,21 @@ def test_a_streamed_dataset_trains(tmp_path, method):
     trainer = entry.trainer_class(model="embedded", reward_funcs=length_only, args=args, train_dataset=stream, processing_class=load_tokenizer("embedded"))
     trainer.train()
     assert trainer.state.global_step == 2 and [row["step"] for row in trainer.state.log_history if "reward" in row] == [1, 2]
+
+
+def test_save_steps_saves_checkpoints_as_in_trl_and_the_runner_saves_none_unless_asked(tmp_path):
+    """Found by a journey audit: our configs defaulted to save_strategy "no", so `save_steps=2` alone wrote nothing and
+    `train(resume_from_checkpoint=True)` failed; TRL's GRPOConfig (TrainingArguments) saves every save_steps. A recipe
+    of our methods that leaves the key out still saves none (the runner writes model/ itself)."""
+    from grade_trl import REINFORCEConfig, REINFORCETrainer
+    from grade_trl.recipe import parse_recipe
+
+    from .conftest import REPO
+
+    args = _library_args(REINFORCEConfig, tmp_path, max_steps=2, save_steps=1)
+    trainer = REINFORCETrainer(model="embedded", reward_funcs=length_only, args=args, train_dataset=Dataset.from_dict({"prompt": ["This movie was"] * 4}),
+                               processing_class=load_tokenizer("embedded"))
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert str(parse_recipe([str(REPO / "recipes" / "quickstart.yaml")]).config.save_strategy) in ("no", "SaveStrategy.NO")
+    assert str(parse_recipe([str(REPO / "recipes" / "quickstart.yaml"), "--save_strategy", "steps"]).config.save_strategy) in ("steps", "SaveStrategy.STEPS")

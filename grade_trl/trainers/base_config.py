@@ -27,8 +27,7 @@ class RolloutConfig(TrainingArguments):
     batch 4 x accumulation 4, clip 1.0, 32-token prompts, 16-48 new tokens.
     Fields that differ from `TrainingArguments`: `per_device_train_batch_size` (4 instead of 8),
     `gradient_accumulation_steps` (4 instead of 1), `logging_steps` (10 instead of 500), `eval_steps`
-    (100 instead of None: the reward-evaluation callback's period), `save_strategy` ("no": the runner
-    saves the final model itself), `report_to` ("none"), `ddp_find_unused_parameters` (False: see its help), `remove_unused_columns` (False: extra columns such as
+    (100 instead of None: the reward-evaluation callback's period), `report_to` ("none"), `ddp_find_unused_parameters` (False: see its help), `remove_unused_columns` (False: extra columns such as
     GSM8K's `answer` reach the reward functions, TRL's convention).
     """
 
@@ -37,7 +36,6 @@ class RolloutConfig(TrainingArguments):
     gradient_accumulation_steps: int = field(default=4, metadata={"help": "Micro-batches per optimizer step (GRADE experiment: 4, so 16 prompts per step)."})
     logging_steps: float = field(default=10, metadata={"help": "Optimizer steps between two logged metric windows."})
     eval_steps: float | None = field(default=100, metadata={"help": "Optimizer steps between two validation-reward evaluations (GRADE experiment: 100)."})
-    save_strategy: str = field(default="no", metadata={"help": "Checkpoint saving strategy; the runner writes the final model to {output_dir}/model."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers to report to (`wandb`, `tensorboard`, `trackio`, `all`, `none`)."})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": DDP_FIND_UNUSED_HELP})
     remove_unused_columns: bool | None = field(
