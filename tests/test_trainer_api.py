@@ -295,6 +295,10 @@ def test_construction_refuses_what_would_fail_at_the_first_step(tmp_path):
         (dict(reward_funcs=length_only, train_dataset=Dataset.from_dict({"text": ["x"]})), ValueError, r"train_dataset: no `prompt` column \(it has text\)"),
         (dict(reward_funcs=length_only, eval_dataset={"b": Dataset.from_dict({"q": ["x"]})}), ValueError, r"eval_dataset\['b'\]: no `prompt` column \(it has q\)"),
         (dict(reward_funcs=length_only, args=TrainingArguments(output_dir=str(tmp_path))), TypeError, r"args: REINFORCETrainer takes a REINFORCEConfig"),
+        # found by a journey audit: each failed deep in the model or the sampler at the first step
+        (dict(reward_funcs=length_only, train_dataset=Dataset.from_dict({"prompt": ["", "", "x"]})), ValueError,
+         r"^train_dataset: `prompt` has 2 empty in its 3 rows; every prompt must be non-empty text or chat messages"),
+        (dict(reward_funcs=length_only, eval_dataset=Dataset.from_dict({"prompt": [None, "x"]})), ValueError, r"^eval_dataset: `prompt` has 1 null in its 2 rows"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
@@ -485,3 +489,35 @@ def test_save_steps_saves_checkpoints_as_in_trl_and_the_runner_saves_none_unless
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert str(parse_recipe([str(REPO / "recipes" / "quickstart.yaml")]).config.save_strategy) in ("no", "SaveStrategy.NO")
     assert str(parse_recipe([str(REPO / "recipes" / "quickstart.yaml"), "--save_strategy", "steps"]).config.save_strategy) in ("steps", "SaveStrategy.STEPS")
+
+
+def _gpt2_tokenizer():
+    """GPT-2's own tokenizer (50,257 tokens): the embedded model's vocabulary is 8,192, so a mismatch."""
+    from transformers import GPT2TokenizerFast
+
+    from .conftest import SHARED
+
+    folder = SHARED / "tokenizers" / "gpt2"
+    if not folder.is_dir():
+        pytest.skip("needs ../shared/tokenizers/gpt2 (GPT-2's tokenizer files), absent from a clone without the shared folder")
+    return GPT2TokenizerFast.from_pretrained(str(folder))  # a bare vocab.json + merges.txt folder: no config for AutoTokenizer
+
+
+def test_another_models_tokenizer_is_refused_at_construction(tmp_path):
+    """Found by a journey audit: GPT-2's tokenizer with the embedded model (8,192 tokens) failed in the sampler with
+    `index 50256 is out of bounds for dimension 0 with size 8192`."""
+    from grade_trl import REINFORCEConfig, REINFORCETrainer
+
+    with pytest.raises(ValueError, match=r"^processing_class: the tokenizer has 50,257 tokens but the model's input embedding has 8,192 rows; pass the model's own tokenizer"):
+        REINFORCETrainer(model="embedded", reward_funcs=length_only, args=_library_args(REINFORCEConfig, tmp_path), processing_class=_gpt2_tokenizer())
+
+
+def test_the_callers_tokenizer_is_left_as_it_was(tmp_path):
+    """Found by a journey audit: the trainers set the caller's tokenizer's padding_side to left (and its pad token) in
+    place; TRL's GRPOTrainer passes padding_side per call and leaves it. Ours pads a copy."""
+    from grade_trl import REINFORCEConfig, REINFORCETrainer
+
+    tokenizer = load_tokenizer("embedded")
+    tokenizer.padding_side = "right"
+    trainer = REINFORCETrainer(model="embedded", reward_funcs=length_only, args=_library_args(REINFORCEConfig, tmp_path), processing_class=tokenizer)
+    assert tokenizer.padding_side == "right" and trainer.processing_class.padding_side == "left"

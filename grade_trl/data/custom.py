@@ -87,16 +87,12 @@ def is_conversational(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
-def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_prompt_length: int, split: str = "", chat_template_kwargs: dict | None = None) -> tuple[Dataset, int]:
-    """(rows with `prompt` in place of `column`; rows dropped for a prompt longer than `max_prompt_length` tokens).
-    Chat messages stay messages, as TRL keeps a conversational data set: the trainers and the evaluation render them
-    with the tokenizer's chat template and the generation prompt, and the reward functions receive the messages and
-    each completion as one assistant message, as TRL hands them. Their length is counted on that rendering (with TRL
-    GRPO's `chat_template_kwargs`, as TRL renders them); a prompt is
-    dropped rather than cut, since a cut chat prompt loses its generation prompt.
-    A missing (null) or empty prompt, or one of another kind than the first row's, is refused in one line that counts
-    them: there is nothing for the policy to continue, and dropping them would hide a broken data file."""
-    first = rows[0][column]
+def bad_prompts(values: list) -> str | None:
+    """What is wrong with a column of prompts, counted (`"2 null, 1 empty"`, or values of another kind than the first
+    present one's: `"3 not text"`), or None when every prompt is non-empty text, or every one chat messages."""
+    first = next((value for value in values if value is not None), None)
+    if first is None:
+        return f"{len(values)} null" if values else None
     kind = list if is_conversational(first) else type(first)
     other = f"not {'chat messages' if kind is list else 'text'}"
 
@@ -107,10 +103,24 @@ def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_p
             return "empty"
         return None if isinstance(value, kind) else other
 
-    values = rows[column]
     counts = Counter(problem(value) for value in values)
     if counts["null"] or counts["empty"] or (counts[other] and kind in (str, list)):
-        what = ", ".join(f"{counts[name]} {name}" for name in ("null", "empty", other) if counts[name])
+        return ", ".join(f"{counts[name]} {name}" for name in ("null", "empty", other) if counts[name])
+    return None
+
+
+def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_prompt_length: int, split: str = "", chat_template_kwargs: dict | None = None) -> tuple[Dataset, int]:
+    """(rows with `prompt` in place of `column`; rows dropped for a prompt longer than `max_prompt_length` tokens).
+    Chat messages stay messages, as TRL keeps a conversational data set: the trainers and the evaluation render them
+    with the tokenizer's chat template and the generation prompt, and the reward functions receive the messages and
+    each completion as one assistant message, as TRL hands them. Their length is counted on that rendering (with TRL
+    GRPO's `chat_template_kwargs`, as TRL renders them); a prompt is
+    dropped rather than cut, since a cut chat prompt loses its generation prompt.
+    A missing (null) or empty prompt, or one of another kind than the first row's, is refused in one line that counts
+    them: there is nothing for the policy to continue, and dropping them would hide a broken data file."""
+    first = rows[0][column]
+    values = rows[column]
+    if what := bad_prompts(values):
         raise UserError(f"prompt_column: {column!r} has {what} in the {len(values)} rows of the {split or 'given'} split; every prompt must be "
                         "non-empty text or chat messages (drop or fill those rows)")
     if is_conversational(first):

@@ -40,10 +40,16 @@ def check_reward_types(reward_funcs: list) -> None:
 
 
 def check_prompt_column(name: str, dataset) -> None:
-    """A data set (with named columns) has the `prompt` column every trainer reads, as TRL's GRPOTrainer does."""
+    """A data set (with named columns) has the `prompt` column every trainer reads, as TRL's GRPOTrainer does, and (one
+    that can be read whole: not a stream) no null or empty prompt, which the policy cannot continue (a batch of empty
+    ones failed deep in the model's forward)."""
+    from ..data.custom import bad_prompts
+
     columns = getattr(dataset, "column_names", None)
     if columns is not None and "prompt" not in columns:
         raise ValueError(f"{name}: no `prompt` column (it has {', '.join(map(str, columns)) or 'none'}); the prompts are read from `prompt`, as TRL's GRPOTrainer reads them")
+    if columns is not None and hasattr(dataset, "__len__") and (what := bad_prompts(list(dataset["prompt"]))):
+        raise ValueError(f"{name}: `prompt` has {what} in its {len(dataset)} rows; every prompt must be non-empty text or chat messages (drop or fill those rows)")
 
 
 def use_undispatched_batches_for_iterable_datasets(args, train_dataset, eval_dataset) -> None:
@@ -59,6 +65,17 @@ def use_undispatched_batches_for_iterable_datasets(args, train_dataset, eval_dat
         raise ValueError("accelerator_config.dispatch_batches: a streamed (iterable) data set needs it False (Accelerate cannot "
                          "dispatch batches of text); leave it unset")
     args.accelerator_config.dispatch_batches = False
+
+
+def check_vocabulary(tokenizer, model) -> None:
+    """A tokenizer with more tokens than the model has embedding rows (another model's tokenizer) is refused: its ids
+    past the table failed deep in the sampler (`index 50256 is out of bounds for dimension 0 with size 8192`). The
+    model may have more rows than the tokenizer has tokens (Qwen's padded table)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ValueError(f"processing_class: the tokenizer has {len(tokenizer):,} tokens but the model's input embedding has {rows:,} rows; "
+                         "pass the model's own tokenizer (or resize the model's embeddings: model.resize_token_embeddings(len(tokenizer)))")
 
 
 def identity(features):
@@ -157,7 +174,10 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
         use_undispatched_batches_for_iterable_datasets(args, train_dataset, eval_dataset)
         if isinstance(model, str):
             model = load_policy(model, args)
-        processing_class = prepare_tokenizer(processing_class or load_tokenizer(model.config._name_or_path))
+        # the caller's tokenizer stays as it was (TRL's GRPOTrainer pads on the left per call, leaving its padding_side alone):
+        # ours is a copy, padded on the left for generation, with a pad token
+        processing_class = prepare_tokenizer(copy.deepcopy(processing_class)) if processing_class is not None else load_tokenizer(model.config._name_or_path)
+        check_vocabulary(processing_class, model)
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         check_reward_types(self.reward_funcs)
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
