@@ -178,6 +178,11 @@ def test_a_resume_does_not_warn_of_a_missing_head_tied_to_the_embedding():
     assert trainer.warned == ["lm_head.weight", "transformer.h.0.ln_1.weight"]  # a real loss still warns, in full
     untied = load_causal_lm("embedded", tie_word_embeddings=False)
     assert untied.lm_head.weight is not untied.transformer.wte.weight and not tied_to_loaded(untied, ["lm_head.weight"])
+    # PPO loads its wrapper's policy: the keys are the policy's, the trainer's model the wrapper (a journey audit saw the
+    # warning at every PPO resume)
+    wrapper = torch.nn.ModuleDict({"policy": tied, "value_head": torch.nn.Linear(2, 1)})
+    assert tied_to_loaded(wrapper, ["lm_head.weight"]) and not tied_to_loaded(wrapper, ["lm_head.weight", "transformer.wte.weight"])
+    assert not tied_to_loaded(wrapper, ["transformer.h.0.ln_1.weight"])
 
 
 def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused_unless_it_starts_over(tmp_path, capsys):

@@ -114,11 +114,16 @@ def adapters_disabled(peft_model):
 
 def tied_to_loaded(model: torch.nn.Module, missing: list[str]) -> bool:
     """Whether every key a checkpoint load missed names a parameter tied to one it loaded (GPT-2's `lm_head.weight`
-    is `transformer.wte.weight`, saved once under that name)."""
+    is `transformer.wte.weight`, saved once under that name). The keys may be those of a submodule of `model` (PPO
+    loads its wrapper's `policy`: `lm_head.weight` is the wrapper's `policy.lm_head.weight`)."""
     parameters = dict(model.named_parameters(remove_duplicate=False))
-    return bool(missing) and all(
-        name in parameters and any(other is parameters[name] for key, other in parameters.items() if key != name and key not in missing) for name in missing
-    )
+
+    def tied(name: str) -> bool:
+        full = name if name in parameters else next((key for key in parameters if key.endswith("." + name)), None)
+        missing_here = {full} | {key for key in parameters if any(key == m or key.endswith("." + m) for m in missing)}
+        return full is not None and any(other is parameters[full] for key, other in parameters.items() if key not in missing_here)
+
+    return bool(missing) and all(tied(name) for name in missing)
 
 
 class TiedWeightsLoadMixin:
