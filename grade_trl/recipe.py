@@ -394,7 +394,7 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
     try:
         resume_from = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
         if resume_from is not None:
-            check_resumed_settings(resume_from, config.max_steps, raw)
+            check_resumed_settings(resume_from, config.max_steps, raw, vars(run), num_processes=int(os.environ.get("WORLD_SIZE", "1")))
     except UserError as error:
         raise RecipeError(str(error)) from None
     return Recipe(run=run, config=config, raw=raw, resume_from=resume_from)

@@ -147,6 +147,11 @@ def check_not_behind_a_completed_run(checkpoint: str, output_dir: str) -> None:
         )
 
 
+class ResumeRefused(UserError):
+    """A checkpoint this run cannot resume from, found once the trainer is built: the runner writes nothing (the folder's
+    results.json stays as the run that saved the checkpoint left it)."""
+
+
 class ResumeCallback(TrainerCallback):
     """Saves the state Trainer's checkpoints lack at every save, and restores it when the run resumes.
 
@@ -197,12 +202,12 @@ class ResumeCallback(TrainerCallback):
                 logger.warning("resume: %s has no %s (saved by an older grade_trl, or by another trainer): resuming Trainer's part only, so the "
                                "baselines, rollout buffer and metric windows start afresh", self.resume_from, os.path.basename(first))
                 return
-            raise UserError(
+            raise ResumeRefused(
                 f"resume_from_checkpoint: {self.resume_from!r} has no {os.path.basename(first)} (the baselines, "
                 "rollout buffer and metric windows Trainer does not save): it was not saved by a grade_trl trainer, or only in part"
             )
         if not os.path.isfile(path):
-            raise UserError(
+            raise ResumeRefused(
                 f"resume_from_checkpoint: {self.resume_from!r} was saved by fewer processes than this run's "
                 f"{trainer.accelerator.num_processes}; resume with as many processes as the run that saved it"
             )
@@ -212,7 +217,7 @@ class ResumeCallback(TrainerCallback):
         device = trainer.accelerator.device
         data = torch.load(path, map_location="cpu" if device.type == "cpu" else device, weights_only=False)
         if data["num_processes"] != trainer.accelerator.num_processes:
-            raise UserError(
+            raise ResumeRefused(
                 f"resume_from_checkpoint: {self.resume_from!r} was saved by {data['num_processes']} processes, this run has "
                 f"{trainer.accelerator.num_processes}; resume with as many processes as the run that saved it"
             )
@@ -262,16 +267,44 @@ def follow_the_new_schedule(trainer, checkpoint: str, max_steps: int) -> None:
     scheduler._last_lr = rates
 
 
-def check_resumed_settings(checkpoint: str, max_steps: int, recipe: dict) -> None:
-    """Before a run resumes from `checkpoint`: `max_steps` must leave a step to train (Trainer trained one step past a
-    `max_steps` at or below the checkpoint's step, and ended "completed"), and the recipe keys that differ from those of
-    the run that wrote the checkpoint's folder (its results.json) are named in a warning: the resumed part trains and
-    is evaluated with the new values, in one history with the old."""
+# Settings that change which parameters train (and so the optimizer's state, which Trainer loads whole): a resume under
+# another value failed in the optimizer's load_state_dict with a traceback on every process.
+PARAMETER_SETTINGS = ("method", "use_peft", "lora_r", "lora_target_modules")
+
+
+def saved_process_count(checkpoint: str) -> int:
+    """How many processes saved `checkpoint`: each writes its own state file (rank 0's last)."""
+    count = 0
+    while os.path.isfile(state_path(checkpoint, count)):
+        count += 1
+    return count
+
+
+def check_resumed_settings(checkpoint: str, max_steps: int, recipe: dict, run: dict | None = None, num_processes: int = 1) -> None:
+    """Before a run resumes from `checkpoint`, while its recipe is read (nothing loaded or written yet; the folder's
+    results.json stays as the stopped or finished run left it): `max_steps` must leave a step to train (Trainer trained
+    one step past a `max_steps` at or below the checkpoint's step, and ended "completed"); the run must have as many
+    processes as the one that saved it (`num_processes`: the launcher's WORLD_SIZE), and the same `PARAMETER_SETTINGS`
+    (`run`: the resumed run's effective run arguments); the other recipe keys that differ from those of the run that
+    wrote the checkpoint's folder (its results.json) are named in a warning: the resumed part trains and is evaluated
+    with the new values, in one history with the old."""
     step = (read_json(os.path.join(checkpoint, "trainer_state.json")) or {}).get("global_step")
     if isinstance(step, int) and 0 < max_steps <= step:
         raise UserError(f"max_steps: {max_steps} leaves nothing to train after {os.path.basename(checkpoint)}, which is at step {step}; give "
                         f"max_steps above {step}, or evaluate that checkpoint's model instead")
-    earlier = ((read_results(os.path.dirname(os.path.abspath(checkpoint))) or {}).get("config") or {}).get("recipe")
+    saved = saved_process_count(checkpoint)
+    if saved and saved != num_processes:
+        raise UserError(f"resume_from_checkpoint: {checkpoint!r} was saved by {saved} process{'es' if saved > 1 else ''}, this run has {num_processes}; "
+                        "resume with as many processes as the run that saved it")
+    earlier_config = (read_results(os.path.dirname(os.path.abspath(checkpoint))) or {}).get("config") or {}
+    earlier_run = earlier_config.get("run")
+    if isinstance(earlier_run, dict) and run is not None:
+        for key in PARAMETER_SETTINGS:
+            if key in earlier_run and str(earlier_run[key]) != str(run.get(key)):
+                raise UserError(f"{key}: {run.get(key)!r}, but {os.path.basename(checkpoint)} was saved by a run with {key} {earlier_run[key]!r}, which "
+                                f"trains other parameters (its optimizer state does not fit); resume with {key} {earlier_run[key]!r}, or start a new run "
+                                "in another output_dir")
+    earlier = earlier_config.get("recipe")
     if not isinstance(earlier, dict):
         return
     not_settings = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir", "max_steps"}  # where and how long, not what

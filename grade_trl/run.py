@@ -27,7 +27,7 @@ from .errors import Interrupted, UserError, signals_raise
 from .recipe import Recipe, help_for_argv, parse_recipe
 from .reporting import TrainEndHeld, continue_trackers, continues_the_run, default_run_name
 from .results import RESULTS_FILE, last_training_value, payload, write_json_atomic
-from .resume import GracefulStop, checkpoint_folders, is_complete, saved_tracker_ids
+from .resume import GracefulStop, ResumeRefused, checkpoint_folders, is_complete, saved_tracker_ids
 from .safety import clipping_freezes_adam, diverged_weights_error, output_dir_lock
 
 logger = logging.getLogger("grade_trl")
@@ -160,8 +160,8 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
             print(summary_table(final))
             print(f"\nresults: {results_path}\nmodel:   {os.path.join(config.output_dir, 'model')}")
     except BaseException as error:  # keep everything logged so far, whatever stopped the run
-        if trainer is None and isinstance(error, UserError):
-            raise  # bad input found by the set-up: nothing written (the lock removes the folder it made)
+        if isinstance(error, UserError) and (trainer is None or isinstance(error, ResumeRefused)):
+            raise  # bad input found by the set-up, or a checkpoint it cannot resume: nothing written (the lock removes the folder it made)
         # what a traceback from the sampler would not say: diverged weights, raised below in one line, exit 2
         diverged = diverged_weights_error(trainer.model, trainer.state.global_step + 1, error) if trainer is not None else None
         error = diverged or error

@@ -8,6 +8,7 @@ KL, grad norm and evaluation; not the wall-clock columns) and final test must be
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -257,3 +258,23 @@ def test_a_run_resumed_with_a_new_learning_rate_trains_at_it(tmp_path, caplog):
     assert rates == pytest.approx([1e-4, 1e-4, 3e-4, 3e-4], rel=1e-6), rates
     assert ("resume: max_steps 4, where the run that saved checkpoint-2 had 2; learning_rate 0.0003, where the run that saved checkpoint-2 had "
             "0.0001: the learning-rate schedule is the new one from here on (the next step trains at 0.0003") in caplog.text
+
+
+def test_a_refused_resume_writes_nothing_and_names_the_setting(tmp_path, capsys):
+    """Found by a journey audit: a resume refused for its process count came after the set-up (reward head, judge) and
+    rewrote the folder's results.json as `failed`, losing a completed run's test; a resume under another method was only
+    warned about, then failed in the optimizer's load with a traceback on every process. Both are refused while the
+    recipe is read now, in one line, exit 2, with results.json as it was."""
+    out = tmp_path / "run"
+    assert main(argv("length_reinforce.yaml", out, max_steps=2, save_steps=1)) == 0
+    before = (out / "results.json").read_text()
+    capsys.readouterr()
+    assert main(argv("length_ppo.yaml", out, max_steps=3, save_steps=1, resume_from_checkpoint="true", num_mini_batches=1)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: method: 'ppo', but checkpoint-2 was saved by a run with method 'reinforce'"), err
+    shutil.copy(out / "checkpoint-2" / "grade_trl_state_rank0.pt", out / "checkpoint-2" / "grade_trl_state_rank1.pt")  # as 2 processes save it
+    assert main(argv("length_reinforce.yaml", out, max_steps=3, save_steps=1, resume_from_checkpoint="true")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: resume_from_checkpoint: {str(out / 'checkpoint-2')!r} was saved by 2 processes, this run has 1; resume with as many "
+                   "processes as the run that saved it"], err
+    assert (out / "results.json").read_text() == before
