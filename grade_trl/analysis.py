@@ -38,7 +38,7 @@ if __name__ == "__main__":  # Ctrl-C during the imports below (scipy, matplotlib
 
 from . import metrics  # noqa: E402 - after the handling above
 from .cli import Command, Option, exit_process
-from .comparison import build_comparison, from_fewer_runs, runs_and_results_in_folder, with_the_same_settings
+from .comparison import build_comparison, from_fewer_runs, runs_and_results_in_folder, with_the_same_protocol, with_the_same_settings
 from .errors import UserError
 from .methods import relaxed_methods
 from .results import RESULTS_FILE, evaluation_rows, last_training_value, read_json, test_metric, test_name, test_per_prompt, training_rows, write_json_atomic
@@ -98,6 +98,12 @@ def load_runs(results_dir: Path) -> tuple[dict | None, dict[str, list[dict]], li
         kept, differing, _ = with_the_same_settings([(run["results"], run["run_dir"]) for run in group], reference if isinstance(reference, dict) else None)
         left_out += [f"{name} seed {group[i]['seed']}: trained with other settings than the comparison's {name} runs ({why})" for i, why in differing.items()]
         runs[name] = [group[i] for i in kept]
+    every = [(name, run) for name, group in runs.items() for run in group]  # one task and evaluation for every name
+    other_protocol = with_the_same_protocol([run["results"] for _, run in every])
+    left_out += [f"{every[i][0]} seed {every[i][1]['seed']}: another task, evaluation or process count than the comparison's other runs ({why})"
+                 for i, why in other_protocol.items()]
+    dropped = {every[i][1]["run_dir"] for i in other_protocol}
+    runs = {name: [run for run in group if run["run_dir"] not in dropped] for name, group in runs.items()}
     runs = {name: group for name, group in runs.items() if group}  # a name none of whose runs has its comparison's settings: not a row
     for line in left_out:
         logger.warning("not in the tables: %s", line)

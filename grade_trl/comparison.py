@@ -89,6 +89,34 @@ def with_the_same_settings(runs: list[tuple[dict, str | Path]], reference: dict 
     return kept, {i: settings_difference(s, reference) for i, s in enumerate(settings) if s != reference}, reference
 
 
+# What every run of one comparison must share, whichever method trained it: the task, its data and reward, the starting
+# policy, the evaluation protocol, and the process count (the validation's samples are drawn per process: evaluation.py).
+# Runs of another task in the same folder were tabled and t-tested against the others, and their best validation value
+# taken as r* of the sentiment runs' targets (a journey audit).
+PROTOCOL_KEYS = (
+    "task", "model_name_or_path", "dataset_name", "dataset_config", "train_split", "validation_split", "test_split", "prompt_column",
+    "reward_split_size", "policy_split_size", "validation_split_size", "test_split_size", "prompt_max_chars", "max_prompt_length",
+    "reward_backbone", "reward_input", "reward_max_length", "reward_epochs", "reward_learning_rate", "reward_funcs", "reward_kwargs",
+    "eval_reward_funcs", "eval_reward_kwargs", "eval_num_prompts", "test_num_prompts", "eval_num_problems", "test_num_problems",
+    "eval_temperature", "eval_top_p", "eval_min_new_tokens", "eval_seed", "eval_best_of_n", "eval_pass_k", "gold_judge",
+)
+
+
+def protocol(results: dict) -> dict:
+    """A run's values of PROTOCOL_KEYS (as `run_settings` reads them: a default is absent) and its process count."""
+    settings = run_settings((results.get("config") or {}).get("recipe"), with_seed=False)
+    return {**{key: settings[key] for key in PROTOCOL_KEYS if key in settings}, "num_processes": (results.get("final") or {}).get("num_processes") or 1}
+
+
+def with_the_same_protocol(runs: list[dict]) -> dict[int, str]:
+    """Of completed runs' results.json (every name's), those whose `protocol` is not the one most of them share (the
+    first run's where as many share another): {index: what differs}."""
+    protocols = [protocol(results) for results in runs]
+    counts = [sum(other == p for other in protocols) for p in protocols]
+    reference = protocols[max(range(len(runs)), key=lambda i: (counts[i], -i))] if runs else {}
+    return {i: settings_difference(p, reference) for i, p in enumerate(protocols) if p != reference}
+
+
 def runs_in_folder(folder: Path) -> list[dict]:
     """The run records of every `{folder}/{name}/seed{k}/` that holds a results.json or compare's compare_run.json, as
     `compare` writes them (name, method, recipe, seed, run_dir, status): what an earlier command left in the folder.
@@ -213,6 +241,11 @@ def build_comparison(runs: list[dict], thresholds: list[float], meta: dict, sett
         mine = [(record, results) for record, results, _ in loaded if record["name"] == name]
         _, differing, references[name] = with_the_same_settings([(results, record["run_dir"]) for record, results in mine], (settings or {}).get(name))
         other_settings[name] = [{"seed": mine[i][0]["seed"], "run_dir": mine[i][0]["run_dir"], "differs": why} for i, why in differing.items()]
+    left_out = {entry["run_dir"] for entries in other_settings.values() for entry in entries}
+    loaded = [entry for entry in loaded if entry[0]["run_dir"] not in left_out]
+    for i, why in with_the_same_protocol([results for _, results, _ in loaded]).items():  # one task and evaluation for every name
+        record = loaded[i][0]
+        other_settings.setdefault(record["name"], []).append({"seed": record["seed"], "run_dir": record["run_dir"], "differs": f"{why}; every name's runs must share the task, evaluation and process count"})
     left_out = {entry["run_dir"] for entries in other_settings.values() for entry in entries}
     loaded = [entry for entry in loaded if entry[0]["run_dir"] not in left_out]
 

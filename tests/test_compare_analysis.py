@@ -582,3 +582,30 @@ def test_a_signal_to_compare_stops_its_run_with_a_checkpoint_and_the_rerun_resum
     assert record["wall_seconds"] > first_launch > 0  # both launches' time, not the last one's only
     assert load_results(run_dir)["final"]["steps"] == 24
     assert "interrupted by SIGINT" in (run_dir / "log.txt").read_text()  # the resumed run's log was appended to, not truncated
+
+
+def test_runs_of_another_task_evaluation_or_process_count_are_left_out_and_named(tmp_path):
+    """Found by a journey audit: a length-reward run in a sentiment comparison's folder was tabled and t-tested against
+    the others, and its best validation value became r* of the sentiment runs' targets; runs on 2 processes (whose
+    validation samples differ) were pooled with runs on 1. Every name's runs now share the task, evaluation and process
+    count of most of the folder's runs; the others are named, not tabled."""
+    def run(name, seed, task=None, processes=1):
+        data = synthetic_run([0.5, 0.6, 0.7], method=name, seed=seed)
+        data["config"]["recipe"] = {"method": name, "seed": seed, **({"task": task} if task else {})}
+        data["final"]["num_processes"] = processes
+        write_json_atomic(tmp_path / name / f"seed{seed}" / "results.json", data)
+
+    for seed in (42, 43):
+        run("grade_ste", seed)
+        run("reinforce", seed)
+    run("length_reinforce", 42, task="length")
+    run("ppo", 42, processes=2)
+    records = comparisons.runs_in_folder(tmp_path)
+    summed = comparisons.build_comparison(records, [0.6], {})
+    assert summed["methods"]["grade_ste"]["seeds"] == [42, 43] and summed["methods"]["length_reinforce"]["seeds"] == []
+    assert summed["methods"]["length_reinforce"]["other_settings"][0]["differs"].startswith('task "length" (the comparison\'s: null)')
+    assert summed["methods"]["ppo"]["seeds"] == [] and "num_processes 2 (the comparison's: 1)" in summed["methods"]["ppo"]["other_settings"][0]["differs"]
+    _, runs, left_out = analysis.load_runs(tmp_path)
+    assert sorted(runs) == ["grade_ste", "reinforce"]
+    assert sorted(line.split(":")[0] for line in left_out) == ["length_reinforce seed 42", "ppo seed 42"], left_out
+    assert all("another task, evaluation or process count" in line for line in left_out)
