@@ -31,7 +31,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 import yaml
 
-from .errors import Interrupted, UserError, signals_raise
+from .errors import Interrupted, UserError, is_secondary_rank, signals_raise
 
 # ---------------------------------------------------------------- values
 
@@ -359,11 +359,13 @@ def run_safely(body: Callable[[], int]) -> int:
         return 2
     except Interrupted as error:
         _end_progress_bars()
-        print(f"interrupted by {error}", file=sys.stderr)
+        if not is_secondary_rank():  # every rank stops at the same step; rank 0 says so, once
+            print(f"interrupted by {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         _end_progress_bars()
-        print("interrupted by SIGINT", file=sys.stderr)
+        if not is_secondary_rank():
+            print("interrupted by SIGINT", file=sys.stderr)
         return 130
     except BrokenPipeError:
         if not _stdout_reader_gone():

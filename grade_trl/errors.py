@@ -36,6 +36,7 @@ def signals_raise(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), ha
     frame)`, which may raise it later: resume.GracefulStop); the old handlers after."""
 
     def raise_interrupted(signum, frame):
+        end_quietly_under_a_launcher(signum, rank_0_too=True)  # the default handler: a command's set-up, nothing to save
         raise Interrupted(signum)
 
     handler = handler or raise_interrupted
@@ -53,12 +54,33 @@ def signals_raise(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), ha
             signal.signal(signum, old)
 
 
+def is_secondary_rank() -> bool:
+    """Whether this process is a rank other than 0 of a launcher (`accelerate launch`, torchrun set RANK)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0) != 0
+    except ValueError:
+        return False
+
+
+def end_quietly_under_a_launcher(signum: int, rank_0_too: bool = False) -> None:
+    """A process of a launcher that a signal stops where it has nothing to save ends at once, 128 + the signal's number,
+    without a word: a rank other than 0 always (rank 0 reports a stop that every rank gets, and writes results.json);
+    rank 0 too with `rank_0_too` (before the run has anything to save: torchrun stops the other ranks with SIGTERM when one
+    fails, and reports it; a scheduler's signal reaches torchrun, which says so and passes it on). Their `interrupted by
+    SIGTERM` lines followed the failed rank's error as if the run had been stopped, and an `Interrupted` raised inside a
+    finaliser printed "Exception ignored in: <function Group.__del__ ...>" with a traceback (a journey audit)."""
+    if is_secondary_rank() or (rank_0_too and "TORCHELASTIC_RUN_ID" in os.environ):
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+
 def stop_in_one_line_while_importing() -> None:
     """For a command's module run as `python -m grade_trl.<command>`, called before its imports of torch, transformers
     and TRL (seconds): Ctrl-C or SIGTERM then ends it in one line and 128 + the signal's number, as once the command's
     own handling (cli.run_safely) has replaced this, not in an import traceback. Nothing is written by then."""
 
     def stop(signum, _frame):
+        end_quietly_under_a_launcher(signum, rank_0_too=True)
         print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
         os._exit(128 + signum)
 

@@ -35,7 +35,7 @@ from collections import defaultdict
 import torch
 from transformers import TrainerCallback
 
-from .errors import Interrupted, UserError
+from .errors import Interrupted, UserError, end_quietly_under_a_launcher
 from .reporting import tracker_ids
 from .results import read_json, read_results, write_json_atomic
 
@@ -381,6 +381,7 @@ class GracefulStop(TrainerCallback):
                 f"; the launcher kills this process {limit} s after its signal (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)" if limit else "",
             )
             return
+        end_quietly_under_a_launcher(signum)  # rank 0 raises: it writes results.json
         raise Interrupted(signum)
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -591,3 +591,40 @@ def test_a_max_grad_norm_that_freezes_adam_is_warned_about_and_does_freeze_it(ma
     assert "adamw_torch_fused's updates" in clipping_freezes_adam(torch.nn.Linear(1000, 100), enum_args)
     # an optimizer without Adam's epsilon is not warned about
     assert clipping_freezes_adam(torch.nn.Linear(1000, 100), SimpleNamespace(max_grad_norm=1e-7, optim="sgd", adam_epsilon=1e-8)) is None
+
+
+SIGNAL_TO_SELF = """
+import os, signal, sys
+from grade_trl.cli import run_safely
+
+def body():
+    os.kill(os.getpid(), signal.SIGTERM)
+    import time
+    time.sleep(5)
+    return 0
+
+sys.exit(run_safely(body))
+"""
+
+
+@pytest.mark.parametrize("launcher", [{}, {"RANK": "1"}, {"RANK": "0", "TORCHELASTIC_RUN_ID": "none"}])
+def test_a_signal_during_set_up_is_one_line_alone_and_quiet_under_a_launcher(launcher):
+    """Found by a journey audit: under `accelerate launch --num_processes 2`, a bad key stopped one rank in one line and
+    torchrun then sent the other SIGTERM, which printed `interrupted by SIGTERM` (and at times, raised inside a
+    finaliser, "Exception ignored in: <function Group.__del__ ...>" with a traceback). A command on its own says it
+    was interrupted; a launcher's process ends at once and quietly (torchrun reports it)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "TORCHELASTIC_RUN_ID")}
+    result = subprocess.run([sys.executable, "-c", SIGNAL_TO_SELF], capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO), **launcher}, timeout=60)
+    assert result.returncode == 143, result.stderr
+    assert result.stderr.strip() == ("" if launcher else "interrupted by SIGTERM"), result.stderr
+
+
+def test_bad_input_under_a_two_process_launch_is_the_one_line_error(tmp_path):
+    """The same journey, end to end: the error line, and from the other rank neither `interrupted by` nor a traceback
+    of ours (the launcher's own report of the failed rank follows, as the README says)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
+           "-m", "grade_trl.run", str(REPO / "recipes" / "tiny" / "length_reinforce.yaml"), "--max_steps", "abc", "--output_dir", str(tmp_path / "run")]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode != 0 and "error: max_steps: expected an integer, got 'abc'" in result.stderr, result.stderr[-3000:]
+    assert "interrupted by" not in result.stderr and "Exception ignored" not in result.stderr and "grade_trl/errors.py" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
