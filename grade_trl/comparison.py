@@ -98,8 +98,8 @@ PROTOCOL_KEYS = (
     "reward_split_size", "policy_split_size", "validation_split_size", "test_split_size", "prompt_max_chars", "max_prompt_length",
     "reward_backbone", "reward_input", "reward_max_length", "reward_epochs", "reward_learning_rate", "reward_funcs", "reward_kwargs",
     "eval_reward_funcs", "eval_reward_kwargs", "eval_num_prompts", "test_num_prompts", "eval_num_problems", "test_num_problems",
-    "eval_temperature", "eval_top_p", "eval_min_new_tokens", "eval_seed", "eval_best_of_n", "eval_pass_k", "gold_judge",
-)
+    "eval_temperature", "eval_top_p", "eval_seed", "eval_best_of_n", "eval_pass_k", "gold_judge",
+)  # not eval_min_new_tokens: by default each method's own min_new_tokens, which TRL's GRPO recipes spell out as it
 
 
 def protocol(results: dict) -> dict:

@@ -23,8 +23,7 @@ from transformers import TrainerCallback
 from . import metrics
 from .core.masks import completion_mask
 from .core.sharding import is_sharded, local_data, resharded
-from .data.custom import is_conversational
-from .rewards.base import RewardMetricLog, assistant_messages, combine_scores, compute_rewards, has_response_parser, not_kept, render_chat, reward_name
+from .rewards.base import RewardMetricLog, assistant_messages, is_conversational, combine_scores, compute_rewards, has_response_parser, not_kept, render_chat, reward_name
 
 logger = logging.getLogger(__name__)
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
 from ..errors import UserError, quiet_logger
-from ..rewards.base import render_chat
+from ..rewards.base import bad_prompts, is_conversational, render_chat
 from .files import _root_cause, first_bad_json_line
 
 logger = logging.getLogger(__name__)
@@ -81,32 +80,6 @@ def make_custom_splits(run, prepare=None) -> dict[str, Dataset]:
         if name not in splits:
             splits[name] = prepare(load_custom_split(run.dataset_name, run.dataset_config, getattr(run, f"{name}_split"), f"{name}_split"), name)
     return {name: splits[name] for name in ("train", "validation", "test")}
-
-
-def is_conversational(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
-
-
-def bad_prompts(values: list) -> str | None:
-    """What is wrong with a column of prompts, counted (`"2 null, 1 empty"`, or values of another kind than the first
-    present one's: `"3 not text"`), or None when every prompt is non-empty text, or every one chat messages."""
-    first = next((value for value in values if value is not None), None)
-    if first is None:
-        return f"{len(values)} null" if values else None
-    kind = list if is_conversational(first) else type(first)
-    other = f"not {'chat messages' if kind is list else 'text'}"
-
-    def problem(value) -> str | None:
-        if value is None:
-            return "null"
-        if isinstance(value, (str, list)) and len(value) == 0:
-            return "empty"
-        return None if isinstance(value, kind) else other
-
-    counts = Counter(problem(value) for value in values)
-    if counts["null"] or counts["empty"] or (counts[other] and kind in (str, list)):
-        return ", ".join(f"{counts[name]} {name}" for name in ("null", "empty", other) if counts[name])
-    return None
 
 
 def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_prompt_length: int, split: str = "", chat_template_kwargs: dict | None = None) -> tuple[Dataset, int]:

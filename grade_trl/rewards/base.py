@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+from collections import Counter
 from typing import Callable, Sequence
 
 import torch
@@ -68,6 +69,33 @@ def render_chat(tokenizer, messages: list[dict], chat_template_kwargs: dict | No
     `chat_template_kwargs` where a recipe sets them, as TRL's GRPOTrainer renders a conversational prompt. The one
     rendering of the trainers, the evaluations, the data's length filters and the rewards."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {}))
+
+
+def is_conversational(value) -> bool:
+    """Whether a prompt is chat messages ([{role, content}, ...]) rather than text."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def bad_prompts(values: list) -> str | None:
+    """What is wrong with a column of prompts, counted (`"2 null, 1 empty"`, or values of another kind than the first
+    present one's: `"3 not text"`), or None when every prompt is non-empty text, or every one chat messages."""
+    first = next((value for value in values if value is not None), None)
+    if first is None:
+        return f"{len(values)} null" if values else None
+    kind = list if is_conversational(first) else type(first)
+    other = f"not {'chat messages' if kind is list else 'text'}"
+
+    def problem(value) -> str | None:
+        if value is None:
+            return "null"
+        if isinstance(value, (str, list)) and len(value) == 0:
+            return "empty"
+        return None if isinstance(value, kind) else other
+
+    counts = Counter(problem(value) for value in values)
+    if counts["null"] or counts["empty"] or (counts[other] and kind in (str, list)):
+        return ", ".join(f"{counts[name]} {name}" for name in ("null", "empty", other) if counts[name])
+    return None
 
 
 def prompt_text(prompt, tokenizer=None) -> str:

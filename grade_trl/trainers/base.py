@@ -15,7 +15,7 @@ from trl.data_utils import is_conversational
 
 from ..models import give_safetensors_umask_modes, load_causal_lm, load_tokenizer, prepare_tokenizer
 from ..resume import ResumeCallback
-from ..rewards.base import NOT_PASSED_COLUMNS, RewardMetricLog, assistant_messages, compute_rewards, not_kept, render_chat, reward_name
+from ..rewards.base import NOT_PASSED_COLUMNS, RewardMetricLog, assistant_messages, bad_prompts, compute_rewards, not_kept, render_chat, reward_name
 from .metrics import GradNormWindowMixin, LogTheLastWindow, MetricWindow
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,6 @@ def check_prompt_column(name: str, dataset) -> None:
     """A data set (with named columns) has the `prompt` column every trainer reads, as TRL's GRPOTrainer does, and (one
     that can be read whole: not a stream) no null or empty prompt, which the policy cannot continue (a batch of empty
     ones failed deep in the model's forward)."""
-    from ..data.custom import bad_prompts
-
     columns = getattr(dataset, "column_names", None)
     if columns is not None and "prompt" not in columns:
         raise ValueError(f"{name}: no `prompt` column (it has {', '.join(map(str, columns)) or 'none'}); the prompts are read from `prompt`, as TRL's GRPOTrainer reads them")
