@@ -552,6 +552,22 @@ def command_lines(comparison: dict) -> list[str]:
             "the last command that ran it; any other is listed as not in the tables):", ""] + [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
 
 
+def budget_lines(comparison: dict) -> list[str]:
+    """`Budget: ...` (optimizer steps x completions per step of each name's runs), with a warning where the names'
+    budgets differ: the tables compare them as they are (a matched-KL or a longer run may differ on purpose)."""
+    budgets = {}
+    for name, entry in comparison["methods"].items():
+        budget = entry.get("budget") or {}
+        pairs = sorted({(steps, per_step) for steps, per_step in zip(budget.get("steps") or [], budget.get("samples_per_step") or [])}, key=str)
+        if pairs:
+            budgets[name] = " / ".join(f"{steps} x {per_step}" for steps, per_step in pairs)
+    if not budgets:
+        return []
+    differ = len(set(budgets.values())) > 1
+    return ["Budget (optimizer steps x completions per step): " + "; ".join(f"{name}: {text}" for name, text in budgets.items()) + "."
+            + (" **The methods' budgets differ**: their rows compare runs of different lengths or batch sizes." if differ else "")]
+
+
 def report(comparison: dict, stats: dict, figures: Figures, table: str, left_out: list[str] = ()) -> str:
     """report.md: what was run, the table, the figures, the statistics and what was skipped; `left_out`: the runs in the
     folder that are not in the tables, and why (`load_runs`)."""
@@ -562,6 +578,7 @@ def report(comparison: dict, stats: dict, figures: Figures, table: str, left_out
         *command_lines(comparison),
         "",
         "Seeds: " + "; ".join(f"{name}: {len(s)} ({', '.join(map(str, s))})" for name, s in seeds.items()) + ".",
+        *budget_lines(comparison),
         f"Metric: validation `{comparison['metric']['validation']}`, test `{comparison['metric']['test']}`.",
         "",
         *([f"**Not in the tables** ({len(left_out)} run{'s' if len(left_out) > 1 else ''} of the folder):", "", *(f"- {line}." for line in left_out), ""] if left_out else []),

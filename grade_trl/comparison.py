@@ -274,6 +274,8 @@ def build_comparison(runs: list[dict], thresholds: list[float], meta: dict, sett
             "other_settings": other_settings.get(name, []),
         }
         entry.update({key: estimate([summary[key] for _, _, summary in mine]) for key in SUMMARY_KEYS})
+        # the budget each seed trained with: optimizer steps and completions per step (methods may differ: the report says so)
+        entry["budget"] = {"steps": [summary["steps"] for _, _, summary in mine], "samples_per_step": [summary["samples_per_step"] for _, _, summary in mine]}
         entry["sample_efficiency"] = sample_efficiency([(record["seed"], results, summary) for record, results, summary in mine], targets, thresholds)
         methods[name] = entry
     return {
