@@ -136,7 +136,9 @@ def test_reward_returning_nan_stops_the_run_after_saving_history(tmp_path, monke
 def test_a_run_failing_in_a_steps_validation_keeps_that_steps_training_window(tmp_path, monkeypatch, capsys):
     """Trainer evaluates (our callback's on_step_end) before it logs the step's training row: a reward raising in step
     2's validation lost the metrics of steps 1-2 (logging_steps 2). results.json's final keeps that window's means."""
-    original = SentimentReward.__call__
+    from grade_trl.rewards import LengthReward
+
+    original = LengthReward.__call__
 
     def raises_in_the_second_validation(self, prompts, completions, **kwargs):
         state = kwargs.get("trainer_state")
@@ -144,8 +146,8 @@ def test_a_run_failing_in_a_steps_validation_keeps_that_steps_training_window(tm
             raise RuntimeError("the judge went away")
         return original(self, prompts, completions, **kwargs)
 
-    monkeypatch.setattr(SentimentReward, "__call__", raises_in_the_second_validation)
-    assert main(shrunk(tmp_path)) == 2
+    monkeypatch.setattr(LengthReward, "__call__", raises_in_the_second_validation)
+    assert main(shrunk(tmp_path, recipe=str(REPO / "recipes" / "tiny" / "length_grade_ste.yaml"))) == 2
     assert "the judge went away" in capsys.readouterr().err
     results = load_results(tmp_path / "run" / "results.json")
     assert results["status"] == "failed" and not [h for h in results["history"] if "loss" in h]
