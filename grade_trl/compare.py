@@ -372,8 +372,11 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
     write_json_atomic(comparison_path, comparison)
     for name, entry in comparison["methods"].items():
         for run in entry["other_settings"]:
-            logger.warning("%s seed %s: left out of comparison.json: trained with other settings than this comparison's (%s); run it "
-                           "again with them (--seed_list %s) or compare into another --output_dir", name, run["seed"], run["differs"], run["seed"])
+            if run.get("protocol"):  # another task, evaluation or process count than this command's runs
+                logger.warning("%s seed %s: left out of comparison.json: %s; compare it into another --output_dir", name, run["seed"], run["differs"])
+            else:
+                logger.warning("%s seed %s: left out of comparison.json: trained with other settings than this comparison's %s runs (%s); run it "
+                               "again with them (--seed_list %s) or compare into another --output_dir", name, run["seed"], name, run["differs"], run["seed"])
     print(summary_lines(comparison))
     print(f"\ncomparison: {comparison_path}\nfigures, tests and tables: python -m grade_trl.analysis {out}")
     return 1 if any(record["status"] == "failed" for record in runs) else 0

@@ -44,7 +44,8 @@ THRESHOLD_DEFINITION = (
 )
 
 
-LAUNCH_KEYS = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")  # where and how a launch ran, not what it trained
+# where and how a launch ran, and what it kept on the way (checkpoints), not what it trained
+LAUNCH_KEYS = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "save_strategy", "save_steps", "save_total_limit")
 
 
 def run_settings(recipe: dict | None, with_seed: bool = True) -> dict:
@@ -108,13 +109,17 @@ def protocol(results: dict) -> dict:
     return {**{key: settings[key] for key in PROTOCOL_KEYS if key in settings}, "num_processes": (results.get("final") or {}).get("num_processes") or 1}
 
 
-def with_the_same_protocol(runs: list[dict]) -> dict[int, str]:
-    """Of completed runs' results.json (every name's), those whose `protocol` is not the one most of them share (the
-    first run's where as many share another): {index: what differs}."""
+def with_the_same_protocol(runs: list[dict], reference: dict | None = None, preferred: list[bool] | None = None) -> tuple[dict[int, str], dict]:
+    """Of completed runs' results.json (every name's), those whose `protocol` is not the `reference` one: ({index: what
+    differs}, the reference). Without a reference, it is the protocol most of the `preferred` runs share (the runs of the
+    names the writing compare command ran: an earlier command's runs of another task in the folder do not outvote
+    them), else most of all the runs (the first one's where as many share another)."""
     protocols = [protocol(results) for results in runs]
-    counts = [sum(other == p for other in protocols) for p in protocols]
-    reference = protocols[max(range(len(runs)), key=lambda i: (counts[i], -i))] if runs else {}
-    return {i: settings_difference(p, reference) for i, p in enumerate(protocols) if p != reference}
+    if reference is None and runs:
+        pool = [i for i in range(len(runs)) if preferred and preferred[i]] or list(range(len(runs)))
+        counts = {i: sum(protocols[j] == protocols[i] for j in pool) for i in pool}
+        reference = protocols[max(pool, key=lambda i: (counts[i], -i))]
+    return {i: settings_difference(p, reference) for i, p in enumerate(protocols) if p != reference}, reference or {}
 
 
 def runs_in_folder(folder: Path) -> list[dict]:
@@ -227,11 +232,13 @@ def _mean(values: list) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def build_comparison(runs: list[dict], thresholds: list[float], meta: dict, settings: dict[str, dict] | None = None) -> dict:
+def build_comparison(runs: list[dict], thresholds: list[float], meta: dict, settings: dict[str, dict] | None = None, protocol_reference: dict | None = None) -> dict:
     """comparison.json from the run records (name, method, recipe, seed, run_dir, status, ...), reading each completed
     run's results.json. settings: {name: the settings its runs must have (`run_settings` without the seed)} for the names
     the writing compare command ran; another name's are its newest run's (`with_the_same_settings`). A name's
-    failed_seeds are its failed runs of those settings (or of settings unknown: no results.json)."""
+    failed_seeds are its failed runs of those settings (or of settings unknown: no results.json). protocol_reference:
+    the task, evaluation and process count every run must have (`protocol`; the analysis passes comparison.json's), else
+    those most of the writing command's runs share (`with_the_same_protocol`)."""
     loaded, other_settings, references = [], {}, {}
     for record in runs:
         results = read_results(record["run_dir"]) if record["status"] == "completed" else None
@@ -243,9 +250,13 @@ def build_comparison(runs: list[dict], thresholds: list[float], meta: dict, sett
         other_settings[name] = [{"seed": mine[i][0]["seed"], "run_dir": mine[i][0]["run_dir"], "differs": why} for i, why in differing.items()]
     left_out = {entry["run_dir"] for entries in other_settings.values() for entry in entries}
     loaded = [entry for entry in loaded if entry[0]["run_dir"] not in left_out]
-    for i, why in with_the_same_protocol([results for _, results, _ in loaded]).items():  # one task and evaluation for every name
+    # one task, evaluation and process count for every name: the writing command's names' (comparison.json `protocol`)
+    other_protocol, reference_protocol = with_the_same_protocol([results for _, results, _ in loaded], protocol_reference,
+                                                                [record["name"] in (settings or {}) for record, _, _ in loaded])
+    for i, why in other_protocol.items():
         record = loaded[i][0]
-        other_settings.setdefault(record["name"], []).append({"seed": record["seed"], "run_dir": record["run_dir"], "differs": f"{why}; every name's runs must share the task, evaluation and process count"})
+        other_settings.setdefault(record["name"], []).append({"seed": record["seed"], "run_dir": record["run_dir"], "protocol": True,
+                                                              "differs": f"{why}; every name's runs must share the task, evaluation and process count"})
     left_out = {entry["run_dir"] for entries in other_settings.values() for entry in entries}
     loaded = [entry for entry in loaded if entry[0]["run_dir"] not in left_out]
 
@@ -283,6 +294,7 @@ def build_comparison(runs: list[dict], thresholds: list[float], meta: dict, sett
         "metric": {"validation": validation_key(loaded[0][1]) if loaded else None, "test": test_name(loaded[0][1]) if loaded else None},
         "thresholds": {"definition": THRESHOLD_DEFINITION, "fractions": list(thresholds), "per_seed": targets},
         "confidence_intervals": "95% Student t-interval over seeds: mean +- t_{0.975, n-1} s / sqrt(n); null with one seed",
+        "protocol": reference_protocol,  # the task, evaluation and process count of every run in the tables
         "runs": runs,
         "methods": methods,
     }

@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -250,6 +250,8 @@ def as_trained(values: dict) -> dict:
             pass
         default = fields[key].default if fields[key].default is not dataclasses.MISSING else (
             fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        runner_default = runner_defaults(get_method(method), given=values)  # what a recipe that leaves the key out gets
+        default = coerce(key, runner_default[key], hints[key]) if key in runner_default else default
         if key == "method" or value != default:
             trained[key] = value
     return trained
@@ -332,7 +334,7 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
         raise RecipeError(str(error)) from None
     if "report_to" in config_kwargs and config_kwargs["report_to"] is None:  # null: no tracker (transformers would look one up named None)
         config_kwargs["report_to"] = "none"
-    for key, value in runner_defaults(method).items():
+    for key, value in runner_defaults(method, given=config_kwargs).items():
         config_kwargs.setdefault(key, value)
     if "use_cpu" not in config_kwargs and not has_accelerator():
         # Accelerate only joins processes started by `accelerate launch`/torchrun into one CPU (gloo) group when
@@ -628,15 +630,16 @@ def check_paths(run_kwargs: dict) -> None:
             raise RecipeError(f"{key}: no such file or folder {value!r}{where}; give an existing local path, a hub id, or {other}")
 
 
-def runner_defaults(method) -> dict[str, Any]:
+def runner_defaults(method, given: Mapping[str, Any] = ()) -> dict[str, Any]:
     """Where a recipe of our methods (GRADE, REINFORCE, PPO) differs from their configs' defaults when it leaves a key
     out: `save_strategy: no`, since the runner writes the final model to output_dir/model itself and a checkpoint-N
-    (the optimizer state besides) in a quick trial's folder would make its next run refuse the folder. The configs keep
-    TrainingArguments' `steps` (every save_steps, and the last step), which a TRL user calling a trainer expects and
-    `train(resume_from_checkpoint=True)` needs. TRL's GRPO/CISPO keep TRL's defaults."""
+    (the optimizer state besides) in a quick trial's folder would make its next run refuse the folder; a recipe that
+    gives `save_steps` (`given`: its keys) keeps the configs' `steps`, as a TRL user expects of `save_steps` alone. The
+    configs keep TrainingArguments' `steps` (every save_steps, and the last step), which a trainer called from code and
+    `train(resume_from_checkpoint=True)` need. TRL's GRPO/CISPO keep TRL's defaults."""
     from .trainers.base_config import RolloutConfig
 
-    return {"save_strategy": "no"} if issubclass(method.config_class, RolloutConfig) else {}
+    return {"save_strategy": "no"} if issubclass(method.config_class, RolloutConfig) and "save_steps" not in given else {}
 
 
 def parse_recipe(argv: list[str]) -> Recipe:

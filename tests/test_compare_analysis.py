@@ -626,3 +626,25 @@ def test_the_report_states_each_methods_budget_and_says_when_they_differ(tmp_pat
                      "their rows compare runs of different lengths or batch sizes."], lines
     summed["methods"]["reinforce"]["budget"] = {"steps": [20, 20], "samples_per_step": [8, 8]}
     assert analysis.budget_lines(summed) == ["Budget (optimizer steps x completions per step): grade_ste: 20 x 8; reinforce: 20 x 8."]
+
+
+def test_an_earlier_commands_runs_of_another_task_do_not_outvote_this_commands(tmp_path):
+    """Found by a review: with the protocol taken from most of the folder's runs, three earlier length runs outvoted the
+    two runs the writing command had just trained, which were then left out. The writing command's names decide, and
+    comparison.json records the protocol, which the analysis keeps to."""
+    def run(name, seed, task=None):
+        data = synthetic_run([0.5, 0.6, 0.7], method=name, seed=seed)
+        data["config"]["recipe"] = {"method": name, "seed": seed, **({"task": task} if task else {})}
+        write_json_atomic(tmp_path / name / f"seed{seed}" / "results.json", data)
+
+    for seed in (1, 2, 3):
+        run("length_reinforce", seed, task="length")
+    run("grade_ste", 42)
+    run("reinforce", 42)
+    command = {"grade_ste": {"method": "grade_ste"}, "reinforce": {"method": "reinforce"}}
+    summed = comparisons.build_comparison(comparisons.runs_in_folder(tmp_path), [0.6], {}, command)
+    assert summed["methods"]["grade_ste"]["seeds"] == [42] and summed["methods"]["reinforce"]["seeds"] == [42]
+    assert summed["methods"]["length_reinforce"]["seeds"] == [] and summed["protocol"] == {"num_processes": 1}
+    write_json_atomic(tmp_path / "comparison.json", summed)
+    _, runs, left_out = analysis.load_runs(tmp_path)
+    assert sorted(runs) == ["grade_ste", "reinforce"] and len(left_out) == 3, left_out
