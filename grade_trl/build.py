@@ -154,7 +154,7 @@ def build_callbacks(recipe: Recipe, task, resume_from: str | None = None, gracef
     from .doctor_callback import DoctorCallback
     from .evaluation import EvaluationCallback
     from .probing import GradientProbeCallback
-    from .resume import GracefulStop, ResumeCallback
+    from .resume import PARAMETER_SETTINGS, GracefulStop, ResumeCallback
     from .safety import NonFiniteGuard
     from .trainers.metrics import LogTheLastWindow
 
@@ -169,7 +169,7 @@ def build_callbacks(recipe: Recipe, task, resume_from: str | None = None, gracef
         graceful_stop=graceful_stop,
     )
     callbacks = {
-        "resume": ResumeCallback(evaluation, resume_from),
+        "resume": ResumeCallback(evaluation, resume_from, settings={key: getattr(run_args, key) for key in PARAMETER_SETTINGS}),
         "graceful_stop": graceful_stop,
         "evaluation": evaluation,
         "doctor": None,

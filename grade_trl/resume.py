@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "grade_trl_state_rank{rank}.pt"
 TRACKERS_FILE = "grade_trl_trackers.json"  # rank 0: what names the run in its trackers (reporting.tracker_ids)
+SETTINGS_FILE = "grade_trl_settings.json"  # rank 0: the PARAMETER_SETTINGS of the run that saved the checkpoint (the runner's)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -159,10 +160,12 @@ class ResumeCallback(TrainerCallback):
     Put it before the EvaluationCallback in the callback list, so that it restores before anything evaluates.
     """
 
-    def __init__(self, evaluation=None, resume_from: str | None = None, require_state: bool = True):
+    def __init__(self, evaluation=None, resume_from: str | None = None, require_state: bool = True, settings: dict | None = None):
         """require_state: a checkpoint without our state file is refused (the runner, which checks checkpoints whole);
-        False (a trainer used on its own) resumes it with a warning: Trainer's part alone, as before that file existed."""
+        False (a trainer used on its own) resumes it with a warning: Trainer's part alone, as before that file existed.
+        settings: the run's PARAMETER_SETTINGS, written beside each checkpoint (SETTINGS_FILE) for `check_resumed_settings`."""
         self.trainer, self.evaluation, self.resume_from, self.require_state = None, evaluation, resume_from, require_state
+        self.settings = settings
 
     def on_save(self, args, state, control, **kwargs):
         trainer = self.trainer
@@ -188,6 +191,8 @@ class ResumeCallback(TrainerCallback):
         if rank == 0:
             # what names the run in its trackers (the main process reports): the resumed run continues those tracker runs
             write_json_atomic(os.path.join(checkpoint, TRACKERS_FILE), tracker_ids(trainer))
+            if self.settings is not None:
+                write_json_atomic(os.path.join(checkpoint, SETTINGS_FILE), self.settings)
             _save_atomic(data, state_path(checkpoint, 0))
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -285,7 +290,8 @@ def check_resumed_settings(checkpoint: str, max_steps: int, recipe: dict, run: d
     results.json stays as the stopped or finished run left it): `max_steps` must leave a step to train (Trainer trained
     one step past a `max_steps` at or below the checkpoint's step, and ended "completed"); the run must have as many
     processes as the one that saved it (`num_processes`: the launcher's WORLD_SIZE), and the same `PARAMETER_SETTINGS`
-    (`run`: the resumed run's effective run arguments); the other recipe keys that differ from those of the run that
+    (`run`: the resumed run's effective run arguments) as the checkpoint's SETTINGS_FILE records (the LoRA keys where
+    either run trains adapters; a checkpoint saved before the file existed is not checked); the other recipe keys that differ from those of the run that
     wrote the checkpoint's folder (its results.json) are named in a warning: the resumed part trains and is evaluated
     with the new values, in one history with the old."""
     step = (read_json(os.path.join(checkpoint, "trainer_state.json")) or {}).get("global_step")
@@ -296,14 +302,19 @@ def check_resumed_settings(checkpoint: str, max_steps: int, recipe: dict, run: d
     if saved and saved != num_processes:
         raise UserError(f"resume_from_checkpoint: {checkpoint!r} was saved by {saved} process{'es' if saved > 1 else ''}, this run has {num_processes}; "
                         "resume with as many processes as the run that saved it")
+    saved_settings = read_json(os.path.join(checkpoint, SETTINGS_FILE))  # what the run that saved it trained (absent: an older checkpoint)
+    if isinstance(saved_settings, dict) and run is not None:
+        if "method" in saved_settings and str(saved_settings["method"]) != str(run.get("method")):
+            raise UserError(f"method: {run.get('method')!r}, but {os.path.basename(checkpoint)} continues a {saved_settings['method']!r} run (its weights, "
+                            "optimizer and the method's own state: baselines, PPO's value head and rollout buffer); resume with method "
+                            f"{saved_settings['method']!r}, or start a new run from its weights (model_name_or_path: {checkpoint}) in another output_dir")
+        peft = [key for key in PARAMETER_SETTINGS if key != "method" and (saved_settings.get("use_peft") or run.get("use_peft"))]
+        for key in peft:
+            if key in saved_settings and str(saved_settings[key]) != str(run.get(key)):
+                raise UserError(f"{key}: {run.get(key)!r}, but {os.path.basename(checkpoint)} was saved by a run with {key} {saved_settings[key]!r}, which "
+                                f"trains other parameters (its optimizer state does not fit); resume with {key} {saved_settings[key]!r}, or start a "
+                                "new run in another output_dir")
     earlier_config = (read_results(os.path.dirname(os.path.abspath(checkpoint))) or {}).get("config") or {}
-    earlier_run = earlier_config.get("run")
-    if isinstance(earlier_run, dict) and run is not None:
-        for key in PARAMETER_SETTINGS:
-            if key in earlier_run and str(earlier_run[key]) != str(run.get(key)):
-                raise UserError(f"{key}: {run.get(key)!r}, but {os.path.basename(checkpoint)} was saved by a run with {key} {earlier_run[key]!r}, which "
-                                f"trains other parameters (its optimizer state does not fit); resume with {key} {earlier_run[key]!r}, or start a new run "
-                                "in another output_dir")
     earlier = earlier_config.get("recipe")
     if not isinstance(earlier, dict):
         return

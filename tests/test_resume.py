@@ -271,7 +271,17 @@ def test_a_refused_resume_writes_nothing_and_names_the_setting(tmp_path, capsys)
     capsys.readouterr()
     assert main(argv("length_ppo.yaml", out, max_steps=3, save_steps=1, resume_from_checkpoint="true", num_mini_batches=1)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: method: 'ppo', but checkpoint-2 was saved by a run with method 'reinforce'"), err
+    assert len(err) == 1 and err[0].startswith("error: method: 'ppo', but checkpoint-2 continues a 'reinforce' run"), err
+    # read from the checkpoint itself, not from the folder's results.json (another run's, after a start-over that was killed);
+    # the LoRA keys only where a run trains adapters (a review)
+    from grade_trl.resume import check_resumed_settings
+
+    (out / "results.json").write_text(before.replace('"method": "reinforce"', '"method": "grade_ste"'))
+    run_args = {"method": "reinforce", "use_peft": False, "lora_r": 8, "lora_target_modules": None}
+    check_resumed_settings(str(out / "checkpoint-2"), 3, {}, run_args)  # a lora_r without LoRA: no refusal
+    with pytest.raises(UserError, match=r"^use_peft: True, but checkpoint-2 was saved by a run with use_peft False, which trains other parameters"):
+        check_resumed_settings(str(out / "checkpoint-2"), 3, {}, {**run_args, "use_peft": True})
+    (out / "results.json").write_text(before)
     shutil.copy(out / "checkpoint-2" / "grade_trl_state_rank0.pt", out / "checkpoint-2" / "grade_trl_state_rank1.pt")  # as 2 processes save it
     assert main(argv("length_reinforce.yaml", out, max_steps=3, save_steps=1, resume_from_checkpoint="true")) == 2
     err = capsys.readouterr().err.strip().splitlines()

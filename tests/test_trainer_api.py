@@ -489,6 +489,11 @@ def test_save_steps_saves_checkpoints_as_in_trl_and_the_runner_saves_none_unless
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert str(parse_recipe([str(REPO / "recipes" / "quickstart.yaml")]).config.save_strategy) in ("no", "SaveStrategy.NO")
     assert str(parse_recipe([str(REPO / "recipes" / "quickstart.yaml"), "--save_strategy", "steps"]).config.save_strategy) in ("steps", "SaveStrategy.STEPS")
+    # save_steps alone saves in the runner too (a review: it was silently ignored), and checkpointing is no training setting
+    assert str(parse_recipe([str(REPO / "recipes" / "quickstart.yaml"), "--save_steps", "20"]).config.save_strategy) in ("steps", "SaveStrategy.STEPS")
+    from grade_trl.comparison import run_settings
+
+    assert run_settings({"method": "reinforce"}) == run_settings({"method": "reinforce", "save_strategy": "no", "save_steps": 7})
 
 
 def _gpt2_tokenizer():
