@@ -329,6 +329,20 @@ class CheckedReward:
         return [None if math.isnan(value) else value for value in values]  # None passes on: TRL skips that function there
 
 
+class AsyncCheckedReward(CheckedReward):
+    """`CheckedReward` of an `async def` reward (or an object with an async `__call__`): itself async, so TRL's
+    GRPOTrainer awaits it on its event loop, concurrently with its other async rewards, and checks it as
+    `CheckedReward` does (an exception is traced to its sample by calling the function again per sample)."""
+
+    async def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float | None]:
+        try:
+            outcome = (await self.func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs), None)
+        except Exception as error:  # noqa: BLE001 - reported by _column with the first sample that raises
+            outcome = (None, error)
+        values = _column(self.func, outcome, prompts, completions, completion_ids, kwargs).tolist()
+        return [None if math.isnan(value) else value for value in values]
+
+
 def check_finite_scores(reward_func, scores: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """`score_soft`'s output in at least float32, or a RewardFunctionError naming the function: if it is not a
     floating tensor of shape (batch_size,) (one score per completion), or the first sample whose score is not finite."""

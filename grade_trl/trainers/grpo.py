@@ -4,7 +4,6 @@ the grad-norm window, the metric contract's `kl` (per completion; TRL's own per-
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, field
 
@@ -14,7 +13,7 @@ from trl import GRPOTrainer as _TRLGRPOTrainer
 
 from ..metrics import KL, KL_PER_TOKEN
 from ..models import resolve_model_path
-from ..rewards.base import CheckedReward
+from ..rewards.base import AsyncCheckedReward, CheckedReward
 from .base import ReadableSavesMixin, TiedWeightsLoadMixin
 from .base_config import DDP_FIND_UNUSED_HELP
 from .metrics import GradNormWindowMixin
@@ -67,9 +66,15 @@ class GRPOConfig(_TRLGRPOConfig):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes / self.num_iterations
 
 
-def _plain_sync_callable(func) -> bool:
-    """A reward we can wrap: a callable that is not a model, not a hub id, not a coroutine function, not wrapped yet."""
-    return callable(func) and not isinstance(func, (str, torch.nn.Module, CheckedReward)) and not inspect.iscoroutinefunction(func)
+def checked(func):
+    """A plain reward callable with our checks: `CheckedReward`, or `AsyncCheckedReward` for one TRL would await
+    (its `is_async_callable`: a coroutine function, a partial of one, an object with an async `__call__`). TRL's own
+    forms (a hub id, a model) and a reward already wrapped are left as they are."""
+    from trl.trainer.utils import is_async_callable
+
+    if not callable(func) or isinstance(func, (str, torch.nn.Module, CheckedReward)):
+        return func
+    return AsyncCheckedReward(func) if is_async_callable(func) else CheckedReward(func)
 
 
 class GRPOTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMixin, _TRLGRPOTrainer):
@@ -83,7 +88,7 @@ class GRPOTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMixin,
         # callable; TRL's own model-id / model rewards are left to TRL.
         if reward_funcs is not None:
             funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-            reward_funcs = [CheckedReward(f) if _plain_sync_callable(f) else f for f in funcs]
+            reward_funcs = [checked(f) for f in funcs]
         super().__init__(model, reward_funcs, *args, **kwargs)
 
     # -- the metric contract: kl per completion -----------------------------------------------------------------
