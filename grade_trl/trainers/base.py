@@ -393,7 +393,7 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
         if self.model.training:
             if "loss" in logs:
                 logs.update(self._metrics["train"].flush())
-        elif loss_key := next((key for key in logs if key.endswith("_loss")), None):
+        elif loss_key := next((key for key in logs if key.endswith("_loss") and key != "train_loss"), None):  # not Trainer's closing summary
             prefix = loss_key[: -len("loss")]
             logs.update({f"{prefix}{k}": v for k, v in self._metrics["eval"].flush().items()})
         super().log(logs, start_time)
