@@ -46,7 +46,7 @@ def synthetic_run(val_rewards, method="grade_ste", tau_start=2.0, seed=1, test=0
         history.append({"eval_reward": value, "eval_gold_reward": value - 0.1, "eval_wall_seconds": 1.5 * step, "step": step})
         if step:
             history.append({"reward": value, "kl": kl * i, "loss": -value, "grad_norm_mean": 1.0 + i, "step": step})
-            history.append({"probe_trace_cov": 0.1 * i, "probe_snr": 2.0, "probe_mean_sq_norm": 1.0, "probe_cosine_to_mean": 0.5, "step": step})
+            history.append({"probe_trace_cov": 0.1 * i, "probe_snr": 2.0, "probe_mean_sq_norm": 1.0, "probe_cosine_to_mean": 0.5, "probe_cosine_loo": 0.2, "step": step})
     prompts = [f"prompt {k}" for k in range(5)]
     rewards = [test + 0.01 * k * (1 if method == "grade_ste" else -1) for k in range(5)]
     final = {
