@@ -7,6 +7,7 @@ place only (`benchmarks/step_cost.py` builds the trainer classes itself, to vary
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import re
 import shutil
@@ -15,6 +16,8 @@ import tempfile
 from .errors import UserError, loading
 from .methods import get_method
 from .recipe import Recipe
+
+logger = logging.getLogger(__name__)
 
 
 def build_peft_config(run):
@@ -217,5 +220,17 @@ def build_probe_trainer(recipe: Recipe, checkpoint: str | None = None, step: int
         if step is None and os.path.isfile(state_file):
             with open(state_file) as f:
                 step = json.load(f).get("global_step")
+        if step is None:  # a run's model/ or best_model/ has no trainer_state.json: its run's results.json says how far it trained
+            from .results import read_results
+
+            folder = os.path.dirname(os.path.abspath(checkpoint))
+            final = (read_results(folder) or {}).get("final") or {}
+            key = "best_validation_step" if os.path.basename(os.path.abspath(checkpoint)) == "best_model" else "steps"
+            if isinstance(final.get(key), int):
+                step = final[key]
+                logger.info("--checkpoint %s: probing as step %d (%s's final.%s; --step to choose)", checkpoint, step, os.path.join(folder, "results.json"), key)
+            else:
+                logger.warning("--checkpoint %s: no trainer_state.json or results.json says its step: probing as step 0 (GRADE's tau at step 0); "
+                               "give --step", checkpoint)
     trainer.state.global_step = int(step or 0)
     return trainer, task

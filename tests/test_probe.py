@@ -31,6 +31,7 @@ from grade_trl.probing import (
     prompt_rows,
 )
 from grade_trl.recipe import parse_recipe
+from grade_trl.results import write_json_atomic
 
 from .conftest import REPO
 
@@ -355,6 +356,12 @@ def test_checkpoint_weights_are_loaded_into_the_policy_not_the_reference(tmp_pat
     assert torch.equal(loaded.model.transformer.ln_f.bias, trainer.model.transformer.ln_f.bias)
     assert not torch.equal(loaded.ref_model.transformer.ln_f.bias, loaded.model.transformer.ln_f.bias)
     assert loaded.state.global_step == 40 and loaded.tau == pytest.approx(2.0 - 1.5 * 40 / 100)
+    # without --step, a run's model/ (no trainer_state.json) is probed at its run's last step, best_model/ at its best
+    # step, as results.json says (a journey audit: it was step 0, tau 2.0, without a word)
+    write_json_atomic(tmp_path / "run" / "results.json", {"status": "completed", "config": {}, "history": [], "final": {"steps": 30, "best_validation_step": 20}})
+    assert build_probe_trainer(recipe, checkpoint=str(tmp_path / "run" / "model"))[0].state.global_step == 30
+    trainer.save_model(str(tmp_path / "run" / "best_model"))
+    assert build_probe_trainer(recipe, checkpoint=str(tmp_path / "run" / "best_model"))[0].state.global_step == 20
 
 
 @pytest.mark.parametrize(
