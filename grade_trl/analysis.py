@@ -101,8 +101,7 @@ def load_runs(results_dir: Path) -> tuple[dict | None, dict[str, list[dict]], li
         left_out += [f"{name} seed {group[i]['seed']}: trained with other settings than the comparison's {name} runs ({why})" for i, why in differing.items()]
         runs[name] = [group[i] for i in kept]
     every = [(name, run) for name, group in runs.items() for run in group]  # one task and evaluation for every name: comparison.json's
-    recorded = (comparison or {}).get("protocol")
-    other_protocol, _ = with_the_same_protocol([run["results"] for _, run in every], recorded if isinstance(recorded, dict) and recorded else None)
+    other_protocol, _ = with_the_same_protocol([run["results"] for _, run in every], recorded_protocol(comparison))
     left_out += [f"{every[i][0]} seed {every[i][1]['seed']}: another task, evaluation or process count than the comparison's other runs ({why})"
                  for i, why in other_protocol.items()]
     dropped = {every[i][1]["run_dir"] for i in other_protocol}
@@ -133,8 +132,14 @@ def recompute_comparison(comparison: dict | None, runs: dict[str, list[dict]]) -
                 "run_dir": run["run_dir"],
                 "status": "completed",
             })
+    return build_comparison(records, thresholds, meta, protocol_reference=recorded_protocol(comparison))
+
+
+def recorded_protocol(comparison: dict | None) -> dict | None:
+    """The task, evaluation and process count comparison.json says its tables hold (`comparison.protocol`), or None
+    (no comparison.json, or one written before it recorded them)."""
     recorded = (comparison or {}).get("protocol")
-    return build_comparison(records, thresholds, meta, protocol_reference=recorded if isinstance(recorded, dict) and recorded else None)
+    return recorded if isinstance(recorded, dict) and recorded else None
 
 
 # ---------------------------------------------------------------------------------------------

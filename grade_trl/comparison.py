@@ -262,8 +262,7 @@ def build_comparison(runs: list[dict], thresholds: list[float], meta: dict, sett
         record = loaded[i][0]
         other_settings.setdefault(record["name"], []).append({"seed": record["seed"], "run_dir": record["run_dir"], "protocol": True,
                                                               "differs": f"{why}; every name's runs must share the task, evaluation and process count"})
-    left_out = {entry["run_dir"] for entries in other_settings.values() for entry in entries}
-    loaded = [entry for entry in loaded if entry[0]["run_dir"] not in left_out]
+    loaded = [entry for i, entry in enumerate(loaded) if i not in other_protocol]
 
     def reference_of(name: str) -> dict | None:  # the settings a name's runs must have (the command's for a name none of whose runs completed)
         return references.get(name, (settings or {}).get(name))

@@ -239,6 +239,7 @@ def as_trained(values: dict) -> dict:
     if method not in METHODS:
         return dict(values)
     fields, hints = _keys_of(method)
+    runner_default = runner_defaults(get_method(method), given=values)  # what a recipe that leaves a key out gets
     trained = {}
     for key, value in values.items():
         if key not in fields:
@@ -250,7 +251,6 @@ def as_trained(values: dict) -> dict:
             pass
         default = fields[key].default if fields[key].default is not dataclasses.MISSING else (
             fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-        runner_default = runner_defaults(get_method(method), given=values)  # what a recipe that leaves the key out gets
         default = coerce(key, runner_default[key], hints[key]) if key in runner_default else default
         if key == "method" or value != default:
             trained[key] = value

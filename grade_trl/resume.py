@@ -274,7 +274,7 @@ def follow_the_new_schedule(trainer, checkpoint: str, max_steps: int) -> None:
 
 # Settings that change which parameters train (and so the optimizer's state, which Trainer loads whole): a resume under
 # another value failed in the optimizer's load_state_dict with a traceback on every process.
-PARAMETER_SETTINGS = ("method", "use_peft", "lora_r", "lora_target_modules")
+PARAMETER_SETTINGS = ("method", "use_peft", "lora_r", "lora_target_modules")  # method first: the others are LoRA's
 
 
 def saved_process_count(checkpoint: str) -> int:
@@ -308,14 +308,13 @@ def check_resumed_settings(checkpoint: str, max_steps: int, recipe: dict, run: d
             raise UserError(f"method: {run.get('method')!r}, but {os.path.basename(checkpoint)} continues a {saved_settings['method']!r} run (its weights, "
                             "optimizer and the method's own state: baselines, PPO's value head and rollout buffer); resume with method "
                             f"{saved_settings['method']!r}, or start a new run from its weights (model_name_or_path: {checkpoint}) in another output_dir")
-        peft = [key for key in PARAMETER_SETTINGS if key != "method" and (saved_settings.get("use_peft") or run.get("use_peft"))]
-        for key in peft:
+        adapters = saved_settings.get("use_peft") or run.get("use_peft")  # the LoRA keys matter only where a run trains adapters
+        for key in PARAMETER_SETTINGS[1:] if adapters else ():
             if key in saved_settings and str(saved_settings[key]) != str(run.get(key)):
                 raise UserError(f"{key}: {run.get(key)!r}, but {os.path.basename(checkpoint)} was saved by a run with {key} {saved_settings[key]!r}, which "
                                 f"trains other parameters (its optimizer state does not fit); resume with {key} {saved_settings[key]!r}, or start a "
                                 "new run in another output_dir")
-    earlier_config = (read_results(os.path.dirname(os.path.abspath(checkpoint))) or {}).get("config") or {}
-    earlier = earlier_config.get("recipe")
+    earlier = ((read_results(os.path.dirname(os.path.abspath(checkpoint))) or {}).get("config") or {}).get("recipe")
     if not isinstance(earlier, dict):
         return
     not_settings = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir", "max_steps"}  # where and how long, not what
