@@ -14,7 +14,7 @@ from pathlib import Path
 from datasets import Dataset, load_dataset
 
 from ..errors import UserError, quiet_logger
-from ..rewards.base import bad_prompts, is_conversational, render_chat
+from ..rewards.base import bad_prompt_column, is_conversational, render_chat
 from .files import _root_cause, first_bad_json_line
 
 logger = logging.getLogger(__name__)
@@ -92,9 +92,8 @@ def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_p
     A missing (null) or empty prompt, or one of another kind than the first row's, is refused in one line that counts
     them: there is nothing for the policy to continue, and dropping them would hide a broken data file."""
     first = rows[0][column]
-    values = rows[column]
-    if what := bad_prompts(values):
-        raise UserError(f"prompt_column: {column!r} has {what} in the {len(values)} rows of the {split or 'given'} split; every prompt must be "
+    if what := bad_prompt_column(rows, column):
+        raise UserError(f"prompt_column: {column!r} has {what} in the {len(rows)} rows of the {split or 'given'} split; every prompt must be "
                         "non-empty text or chat messages (drop or fill those rows)")
     if is_conversational(first):
         if not getattr(tokenizer, "chat_template", None):
