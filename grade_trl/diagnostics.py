@@ -58,6 +58,8 @@ class DoctorSettings:
     clip_fraction_high: float = field(default=0.4, metadata={"help": "Clip fraction above this for sustain_rows logs: updates too large for the trust region (docs/background.md section 4)."})
     regression_evals: int = field(default=2, metadata={"help": "Reward regression: the validation metric fell at this many consecutive evaluations (the users' early-stopping rule: two in a row)."})
     regression_min_drop: float = field(default=0.0, metadata={"help": "Reward regression: each fall must exceed this (metric units; 0 = any fall)."})
+    regression_min_z: float = field(default=1.0, metadata={"help": "Reward regression: each fall must also exceed this many standard errors of the difference of two evaluations, sqrt((s_a^2 + s_b^2) / n) with s the metric's std over prompts (`eval_reward_std`; an accuracy's sqrt(p(1 - p))) and n = eval_size, so that a small evaluation's noise is not a regression (0 = off; 1: a fall this large by chance alone is ~16% likely, two in a row ~3%)."})
+    eval_size: int | None = field(default=None, metadata={"help": "Prompts (GSM8K: problems) each evaluation scores, for regression_min_z. The CLI reads it from the run's results.json, the live doctor from the task; None: regression_min_z is off."})
     divergence_min_drop: float = field(default=0.05, metadata={"help": "Best-of-N vs mean, learned vs gold reward: the mean (or gold) reward must have fallen this much below its best evaluation (metric units, 0.05 = 5 points of P(positive) or accuracy) while the other kept rising."})
     trend_rows: int = field(default=3, metadata={"help": "Loss/reward trends compare the mean of the first and of the last trend_rows training logs."})
     loss_rise_fraction: float = field(default=0.5, metadata={"help": "Loss rising: the last window's mean loss exceeds the first's by this fraction of its magnitude (users' RLAIF run: 0.198 -> 0.447), and by 2 standard errors."})
@@ -332,20 +334,40 @@ def _related_key(key: str, kind: str) -> str:
     return f"{prefix}_{kind}_{primary}"
 
 
+def _standard_error(history, key: str, eval_size: int | None):
+    """step -> the standard error of the evaluation's mean `key`: `{key}_std` / sqrt(n), or an accuracy's binomial
+    sqrt(p (1 - p) / n); {} when the size or the spread is unknown."""
+    if not eval_size:
+        return {}
+    spread = dict(history.evaluations(f"{key}_std"))
+    if not spread and key.endswith("accuracy"):  # a fraction of problems solved: its std over problems is binomial
+        spread = {s: math.sqrt(max(v * (1 - v), 0.0)) for s, v in history.evaluations(key)}
+    return {s: v / math.sqrt(eval_size) for s, v in spread.items()}
+
+
 def check_reward_regression(history, settings):
     key = validation_key_of(history, settings)
     points = history.evaluations(key) if key else []
     if len(points) < 2:
         return None
+    error = _standard_error(history, key, settings.eval_size) if settings.regression_min_z > 0 else {}
+
+    def fell(before, after) -> bool:
+        """`after` lies below `before` by more than regression_min_drop and regression_min_z standard errors."""
+        noise = math.hypot(error[before[0]], error[after[0]]) if before[0] in error and after[0] in error else 0.0
+        return after[1] < before[1] - max(settings.regression_min_drop, settings.regression_min_z * noise)
+
     findings, run = [], [points[0]]
     for point in points[1:] + [None]:
-        if point is not None and point[1] < run[-1][1] - settings.regression_min_drop:
+        if point is not None and fell(run[-1], point):
             run.append(point)
             continue
         if len(run) - 1 >= settings.regression_evals:
+            z = settings.regression_min_z
+            noise = f" (each fall beyond {_g(z)} standard error{'' if z == 1 else 's'} of {settings.eval_size}-prompt evaluations)" if error else ""
             findings.append(Finding(
                 "reward_regression", "warning", [s for s, _ in run],
-                f"{key} fell at {len(run) - 1} consecutive evaluations: " + " -> ".join(f"{_g(v)} (step {s})" for s, v in run),
+                f"{key} fell at {len(run) - 1} consecutive evaluations{noise}: " + " -> ".join(f"{_g(v)} (step {s})" for s, v in run),
                 "The policy is moving past its best point, most often by over-optimising the training reward (learning rate too high or KL penalty too weak) or by drifting away from the prompts it is validated on.",
                 "Keep the best validation checkpoint, lower learning_rate or raise the KL coefficient, or stop early on this rule (early_stopping_patience).",
             ))
@@ -511,11 +533,23 @@ def settings_from_config(config: dict) -> dict:
         values["kl_target"] = float(trainer["kl_target"])
     if isinstance((config.get("final") or {}).get("validation_metric"), str):
         values["validation_key"] = config["final"]["validation_metric"]
+    if eval_size := evaluation_size_of(config):
+        values["eval_size"] = eval_size
     own = (config.get("run") or {}).get("doctor_settings")
     if isinstance(own, dict):  # checked when the run started (recipe.check_doctor_settings)
         names = {f.name for f in dataclasses.fields(DoctorSettings)}
         values |= {key: value for key, value in own.items() if key in names}
     return values
+
+
+def evaluation_size_of(config: dict) -> int | None:
+    """The prompts (GSM8K: problems) each evaluation of a run scored: the recipe's eval_num_prompts (eval_num_problems),
+    or the validation split's size when it had fewer; None when the config does not say."""
+    run, task = config.get("run") or {}, (config.get("final") or {}).get("task") or {}
+    asked = run.get("eval_num_problems" if run.get("task") == "gsm8k" else "eval_num_prompts")
+    available = (task.get("split_sizes") or {}).get("validation")
+    sizes = [n for n in (asked, available) if _is_number(n) and n >= 1]
+    return int(min(sizes)) if sizes and _is_number(asked) else None
 
 
 _AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
@@ -526,7 +560,7 @@ SETTING_RANGES = {  # setting -> (is the value right?, what is right); a value o
     "negative_kl_tolerance": _NON_NEGATIVE, "kl_target": _POSITIVE, "kl_target_factor": (lambda v: v >= 1, "a number >= 1"), "kl_max": _POSITIVE,
     "value_loss_spike_factor": (lambda v: v > 1, "a number > 1"), "entropy_drop": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     "entropy_floor": _NON_NEGATIVE, "clip_fraction_low": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
-    "clip_fraction_high": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"), "regression_min_drop": _NON_NEGATIVE, "divergence_min_drop": _NON_NEGATIVE,
+    "clip_fraction_high": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"), "regression_min_drop": _NON_NEGATIVE, "regression_min_z": _NON_NEGATIVE, "eval_size": _AT_LEAST_1, "divergence_min_drop": _NON_NEGATIVE,
     "loss_rise_fraction": _POSITIVE, "flat_reward_fraction": _POSITIVE, "grad_explosion_factor": (lambda v: v > 1, "a number > 1"),
     "grad_vanishing_factor": (lambda v: v > 1, "a number > 1"),
 }

@@ -228,6 +228,12 @@ class Evaluator:
         prompts = getattr(self, "prompts", {}).get(split)
         return f"{len(prompts)} prompts" if prompts is not None else split
 
+    def size(self, split: str) -> int | None:
+        """How many prompts (problems) an evaluation of `split` scores; None when unknown (the run doctor then judges a
+        fall of the validation metric without its standard error)."""
+        prompts = getattr(self, "prompts", {}).get(split)
+        return len(prompts) if prompts is not None else None
+
 
 class RewardEvaluator(Evaluator):
     """Sampled completions scored by the task's reward, an independent judge, best-of-N and diversity.

@@ -55,6 +55,9 @@ class GSM8KEvaluator(Evaluator):
         sampled = f" and {self.pass_k} samples each (pass@k)" if self.pass_k > 1 else ""
         return f"{len(self.problems[split])} problems, greedy{sampled}"
 
+    def size(self, split: str) -> int:
+        return len(self.problems[split])
+
     def evaluate(self, model, tokenizer, split: str, accelerator=None, seed: int = 0) -> dict:
         problems = self.problems[split]
         items = list(zip(problems["prompt"], problems["answer"]))

@@ -173,6 +173,33 @@ def test_reward_regression_two_evaluations_in_a_row():
     assert diagnose(with_evaluations(healthy(), "eval_reward", [0.5, 0.7, 0.8, 0.79, 0.81])) == []  # one fall
 
 
+def test_reward_regression_needs_falls_beyond_the_evaluations_noise():
+    # std 0.3 over prompts: with 16 prompts each evaluation's standard error is 0.3 / 4 = 0.075, a difference's
+    # sqrt(2) x 0.075 = 0.106; falls of 0.01 and 0.02 are noise, falls of 0.15 and 0.12 are not
+    noisy = with_evaluations(healthy(), "eval_reward", [0.5, 0.7, 0.8, 0.79, 0.77])
+    assert diagnose(noisy, DoctorSettings(eval_size=16)) == []
+    assert only(diagnose(noisy, DoctorSettings(eval_size=16, regression_min_z=0)), "reward_regression")  # the rule off
+    assert only(diagnose(noisy, DoctorSettings(eval_size=10_000)), "reward_regression")  # 0.003 standard error: real falls
+    real = with_evaluations(healthy(), "eval_reward", [0.5, 0.7, 0.8, 0.65, 0.53])
+    [finding] = [f for f in diagnose(real, DoctorSettings(eval_size=16)) if f.check == "reward_regression"]  # and best-of-N's divergence
+    assert finding.steps == [100, 150, 200] and "beyond 1 standard error of 16-prompt evaluations" in finding.evidence
+    assert "reward_regression" not in [f.check for f in diagnose(real, DoctorSettings(eval_size=16, regression_min_z=1.5))]  # 0.12 < 1.5 x 0.106
+    # GSM8K logs no std of its accuracy: the binomial sqrt(p (1 - p)) stands in (0.4 x 0.4 / 25 -> 0.1 a difference)
+    history = [{k.replace("_reward", "_accuracy") if k.startswith("eval_") else k: v for k, v in row.items() if k not in ("eval_reward_std", "eval_best_of_n_reward")} for row in healthy()]
+    accuracy = with_evaluations(history, "eval_accuracy", [0.5, 0.7, 0.8, 0.75, 0.7])
+    assert diagnose(accuracy, DoctorSettings(eval_size=25)) == [] and only(diagnose(accuracy, DoctorSettings(eval_size=500)), "reward_regression")
+
+
+def test_the_evaluation_size_comes_from_the_run():
+    from grade_trl.diagnostics import evaluation_size_of, settings_from_config
+
+    assert evaluation_size_of({"run": {"task": "imdb_sentiment", "eval_num_prompts": 100}}) == 100
+    assert evaluation_size_of({"run": {"task": "custom", "eval_num_prompts": 100}, "final": {"task": {"split_sizes": {"validation": 40}}}}) == 40
+    assert evaluation_size_of({"run": {"task": "gsm8k", "eval_num_prompts": 100, "eval_num_problems": 500}}) == 500
+    assert evaluation_size_of({}) is None and "eval_size" not in settings_from_config({})
+    assert settings_from_config({"run": {"task": "imdb_length", "eval_num_prompts": 8}})["eval_size"] == 8
+
+
 def test_loss_rising_while_reward_flat():
     history = with_values(flat_reward(healthy()), "loss", {s: 0.198 + 0.25 * (s / 200) ** 2 for s in STEPS})  # users' 0.198 -> 0.447
     finding = only(diagnose(history), "loss_rising_reward_flat")
@@ -417,6 +444,10 @@ def test_runner_wires_the_live_doctor_and_keeps_its_findings(tmp_path):
     # the doctor command checks the run with the run's own doctor_settings (it said "no problems found" before)
     assert main([str(tmp_path / "run")]) == 1
     assert main([str(tmp_path / "run"), "--kl_max", "1000"]) == 0  # its own options win
+    # the reward regression's standard error uses the run's evaluation size (its 6 validation prompts)
+    from grade_trl.diagnostics import evaluation_size_of
+
+    assert evaluation_size_of({**load_results(tmp_path / "run" / "results.json")["config"], "final": final}) == 6
 
 
 def test_log_rows_without_a_step_are_one_line(tmp_path, capsys):
