@@ -189,6 +189,27 @@ def build_callbacks(recipe: Recipe, task, resume_from: str | None = None, gracef
     return callbacks
 
 
+def use_the_runs_reward_head(recipe: Recipe, checkpoint: str) -> None:
+    """Point the recipe at the reward head the checkpoint's run trained, or refuse in one line: a probe of a trained
+    policy must score it with the reward it was trained on, and a head missing at a path relative to where the probe
+    runs would otherwise be trained anew there (another head, minutes later)."""
+    from .results import read_results
+    from .rewards.sentiment import has_trained_head
+
+    folder = os.path.abspath(checkpoint)
+    run_dir = os.path.dirname(folder) if os.path.basename(folder) in ("model", "best_model") or os.path.basename(folder).startswith("checkpoint-") else folder
+    own = os.path.join(run_dir, "reward_model")  # where a run puts it when its recipe names no reward_model_path
+    if recipe.raw.get("reward_model_path") is None and has_trained_head(own):
+        if os.path.abspath(recipe.run.reward_model_path) != own:
+            recipe.run.reward_model_path = own
+            logger.info("--checkpoint %s: scoring with its run's reward head %s", checkpoint, own)
+    elif not has_trained_head(recipe.run.reward_model_path):
+        recorded = (((read_results(run_dir) or {}).get("config") or {}).get("run") or {}).get("reward_model_path")
+        said = f" (its results.json says {recorded!r}, relative to where the run was launched)" if isinstance(recorded, str) else ""
+        raise UserError(f"reward_model_path: no trained reward head at {recipe.run.reward_model_path!r} (relative to this folder) to score the "
+                        f"checkpoint {checkpoint!r} with; give --reward_model_path the folder of the head its run trained{said}")
+
+
 def build_probe_trainer(recipe: Recipe, checkpoint: str | None = None, step: int | None = None):
     """(trainer, task) of a recipe for drawing gradient estimates: no evaluation, no judge, no training.
 
@@ -209,6 +230,8 @@ def build_probe_trainer(recipe: Recipe, checkpoint: str | None = None, step: int
             raise UserError(f"--checkpoint: no such folder {checkpoint!r} (give a run's output_dir, its model/ folder or a checkpoint-N folder)")
     PartialState(cpu=recipe.config.use_cpu)
     set_seed(recipe.config.seed)
+    if checkpoint is not None and recipe.run.task == "imdb_sentiment":
+        use_the_runs_reward_head(recipe, checkpoint)
     tokenizer, task = build_task(recipe, gold_judge=False)
     # the probe trains and saves nothing, but Trainer creates its output_dir: a temporary folder, not the recipe's run folder
     recipe.config.output_dir = tempfile.mkdtemp(prefix="grade_trl_probe_")

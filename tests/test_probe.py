@@ -31,6 +31,7 @@ from grade_trl.probing import (
     prompt_rows,
 )
 from grade_trl.recipe import parse_recipe
+from grade_trl.errors import UserError
 from grade_trl.results import write_json_atomic
 
 from .conftest import REPO
@@ -401,3 +402,25 @@ def test_files_the_probe_writes_are_checked_before_its_work(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(start), err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_sentiment_checkpoint_is_scored_by_its_runs_own_reward_head(tmp_path, reward_model, monkeypatch):
+    """Probing `--checkpoint RUN` of an IMDB-sentiment run scores it with the head that run trained: RUN/reward_model
+    when its recipe named none, else the recipe's reward_model_path; a head missing there is refused in one line. It
+    was trained anew at the path relative to where the probe runs (another head; a journey audit)."""
+    monkeypatch.chdir(tmp_path)  # the quickstart's reward_model_path, outputs/reward_models/tiny-imdb, is relative
+    run, argv = tmp_path / "run", [str(REPO / "recipes" / "quickstart.yaml"), "--output_dir", str(tmp_path / "elsewhere"), *SHRUNK, "--min_new_tokens", "2"]
+    reward_model.save(run / "reward_model", {"note": "the run's own head"})
+    recipe = parse_recipe([*argv, "--reward_model_path", str(run / "reward_model")])
+    build_probe_trainer(recipe)[0].save_model(str(run / "model"))  # the policy the run left in model/
+    for checkpoint in (run, run / "model"):
+        recipe = parse_recipe([*argv, "--reward_model_path", "null"])  # the default: {output_dir}/reward_model
+        _, task = build_probe_trainer(recipe, checkpoint=str(checkpoint))
+        assert recipe.run.reward_model_path == str(run / "reward_model")
+        assert task.reward_funcs[0].model.metadata["note"] == "the run's own head"
+        assert not (tmp_path / "elsewhere" / "reward_model").exists()  # no head trained where the probe runs
+    write_json_atomic(run / "results.json", {"status": "completed", "config": {"run": {"reward_model_path": "outputs/reward_models/tiny-imdb"}}, "history": [], "final": {}})
+    with pytest.raises(UserError) as error:
+        build_probe_trainer(parse_recipe(argv), checkpoint=str(run))
+    assert str(error.value).startswith("reward_model_path: no trained reward head at 'outputs/reward_models/tiny-imdb'") and "its results.json says" in str(error.value)
+    assert not (tmp_path / "outputs").exists()
