@@ -90,7 +90,8 @@ def load_runs(results_dir: Path) -> tuple[dict | None, dict[str, list[dict]], li
             left_out.append(f"{record['name']} seed {record['seed']}: " + (f"its {path} is not readable (cut short, or edited by hand)" if path.is_file()
                                                                           else "launched, no results.json (the same compare command again runs it)"))
         else:
-            left_out.append(f"{record['name']} seed {record['seed']}: {record['status']} (the same compare command again resumes or reruns it)")
+            still = " (still training, or killed without a word: its last snapshot)" if record["status"] == "running" else ""
+            left_out.append(f"{record['name']} seed {record['seed']}: {record['status']}{still} (the same compare command again resumes or reruns it)")
     in_folder = {(record["name"], record["seed"]) for record, _ in found}
     for record in (comparison or {}).get("runs") or []:  # in the last command's list, never started (it was stopped first)
         if isinstance(record, dict) and (record.get("name"), record.get("seed")) not in in_folder:

@@ -58,7 +58,7 @@ def run_ending(config: dict, history: list[dict], source: str = "") -> list[Find
     has it (a run that failed in step 2's evaluation logged no row of step 2), and the advice resumes only from a
     checkpoint that exists (a second signal, or one outside training, saves none)."""
     status, error = config.get("status"), config.get("error")
-    if status not in ("failed", "interrupted"):
+    if status not in ("failed", "interrupted", "running"):
         return []
     final = config.get("final") or {}
     steps = [row["step"] for row in history if isinstance(row.get("step"), int)] or [0]
@@ -71,6 +71,12 @@ def run_ending(config: dict, history: list[dict], source: str = "") -> list[Find
                         "the run stopped with an error before it completed (its history ends there)",
                         f"fix what the error names, then resume with the same command and {resume}" if checkpoint else
                         "fix what the error names and run the same command again (it saved no checkpoint, so it starts over)")]
+    if status == "running":  # the snapshot a running run writes (run.ResultsSnapshot)
+        return [Finding("run_running", "warning", [step], f"status running, written {config.get('written_at') or 'at an unknown time'}",
+                        "the run is still training, or it was ended without a word (SIGKILL: the out-of-memory killer, a launcher's or "
+                        "scheduler's kill after its grace period), which leaves its last snapshot (at most a minute old, and at each checkpoint)",
+                        f"if it is not running, resume it with the same command and {resume}" if checkpoint else
+                        "if it is not running, run the same command again: it saved no checkpoint, so it starts over")]
     return [Finding("run_interrupted", "warning", [step], f"status interrupted: {error or 'a signal'}",
                     "a signal (SIGTERM, Ctrl-C) stopped the run before it completed",
                     f"resume it with the same command and {resume}" if checkpoint else
@@ -81,7 +87,7 @@ def doctor(runs: list[str], options: dict, overrides: dict) -> int:
     history, config, source = load_history(runs[0])
     given = {f.name: options[f.name] for f in dataclasses.fields(DoctorSettings) if options[f.name] != f.default}
     settings = build_settings(given, settings_from_config(config))
-    completed = config.get("status") not in ("failed", "interrupted")  # a run stopped before its first evaluation logged none
+    completed = config.get("status") not in ("failed", "interrupted", "running")  # a run stopped before its first evaluation logged none
     if completed and settings.validation_key is not None and given.get("validation_key") and not evaluation_rows(history, settings.validation_key):
         logged = sorted({key for row in history for key in row if key.startswith("eval_") and isinstance(row[key], (int, float))})
         raise UserError(f"validation_key: no evaluation row of {source} has {settings.validation_key!r}; its evaluation keys: {', '.join(logged) or 'none'}")

@@ -507,7 +507,7 @@ def evaluate_split(evaluator: Evaluator, policy, tokenizer, split: str, accelera
 def evaluate_test(evaluator: Evaluator, policy, tokenizer, accelerator, seed: int, checkpoint: str = "final") -> dict:
     """The test split's metrics, with the prompts and per-prompt values (`rewards`, `gold_rewards`, `corrects`, ...)
     kept for paired tests, and the completions they scored (GSM8K: with `extracted_answers`, the answer read from each,
-    null where none): final["test"]["final" | "best"] of results.json."""
+    null where none, and `gold_answers`): final["test"]["final" | "best"] of results.json."""
     announce(accelerator, "test of the %s checkpoint: %s ...", checkpoint, evaluator.describe("test"))
     result = evaluate_split(evaluator, policy, tokenizer, "test", accelerator, seed)
     samples = result["samples"]
@@ -516,7 +516,8 @@ def evaluate_test(evaluator: Evaluator, policy, tokenizer, accelerator, seed: in
         if samples and samples[0].get(key) is not None:
             out[f"{key}s"] = [s[key] for s in samples]
     # what was scored, so that a reader can check a score by hand: each completion and (GSM8K) the answer read from it
-    for key, name in (("completion", "completions"), ("extracted", "extracted_answers")):
+    # and the gold answer it was compared with
+    for key, name in (("completion", "completions"), ("extracted", "extracted_answers"), ("answer", "gold_answers")):
         if samples and key in samples[0]:
             out[name] = [s[key] for s in samples]
     return out

@@ -5,14 +5,15 @@ Metrics (logged as `eval_{name}` during training; the primary one, `accuracy`, p
 | name | meaning |
 |---|---|
 | `accuracy` | greedy completion's final answer == gold (the `GSM8KCorrectness` reward), mean over problems |
-| `accuracy_flexible` | the same with the last number taken when no answer-like expression exists (lm-eval's "flexible-extract") |
+| `accuracy_flexible` | the same with the last number taken when no answer-like expression exists (lm-eval's "flexible-extract" always takes the last number) |
 | `format_reward` | fraction of greedy completions ending with `#### X` or `\\boxed{X}` (the `GSM8KFormat` reward) |
 | `reward`, `reward_std` | the task's weighted total reward of the greedy completions (what training maximises) |
 | `completion_length` | tokens of the greedy completion up to and including EOS |
 | `pass_at_{k}` | with `eval_pass_k = k > 1`: a problem counts when any of k samples is correct (n = k, so the estimate is the plain "any") |
 | `maj_at_{k}` | the most frequent extracted answer of the k samples (ties: the earliest) is correct; samples without an answer do not vote |
 
-Samples at temperature `eval_temperature`, top-p `eval_top_p`; sample j of a process's shard uses seed
+pass@k samples at temperature `eval_temperature`, top-p `eval_top_p` (0.9 by default, while the GSM8K recipes train at
+top-p 1.0); sample j of a process's shard uses seed
 `seed + 1000 j + rank`, so a rerun on as many processes reproduces it.
 """
 

@@ -1,7 +1,8 @@
 """results.json: the schema of one run's results, its atomic writer and its readers.
 
     {
-      "status":  "completed" | "interrupted" | "failed",
+      "status":  "completed" | "interrupted" | "failed" | "running" (rank 0's snapshot during training, at most once a
+                 minute and at each checkpoint: a run killed without a word, SIGKILL, leaves it so),
       "error":   "ExceptionType: message"                        (when not completed)
       "written_at": ISO 8601 UTC time of the write (a comparison keeps a run name's runs with its newest run's settings)
       "config":  {"recipe": the mapping as written, "run": RunArguments, "trainer": the method's config},
@@ -12,7 +13,7 @@
         "peak_memory_mb", "validation_metric" (e.g. "eval_reward"), "validation_before", "validation_after"
         (evaluator metrics at step 0 and at the end), "best_validation", "best_validation_step",
         "test": {"final": T, "best": T} with T = {"metrics", "prompts", "completions", and per-prompt lists such as
-        "rewards", "gold_rewards", "corrects", "extracted_answers" (GSM8K)}, "kl" (the last training window's, nats per completion), "doctor" (its
+        "rewards", "gold_rewards", "corrects", "extracted_answers" and "gold_answers" (GSM8K)}, "kl" (the last training window's, nats per completion), "doctor" (its
         findings; None with the doctor off), "doctor_stopped" ({"check", "step", "update_skipped"} when `doctor: stop`
         ended the run, else None), "nonfinite_skipped_steps", "samples", "device", "num_processes", "torch";
         "unlogged_training_window" (a run that ended between an update and its training log, e.g. in that step's
@@ -40,7 +41,7 @@ from .errors import UserError
 from .metrics import EVAL_PREFIX, KL, LOSS, REWARD
 
 RESULTS_FILE = "results.json"
-STATUSES = ("completed", "interrupted", "failed")
+STATUSES = ("completed", "interrupted", "failed", "running")
 
 # ---------------------------------------------------------------- writing
 
@@ -146,7 +147,7 @@ def load_history(source: str | os.PathLike) -> tuple[list[dict], dict, str]:
     if isinstance(data, dict):
         history, config = data.get("history", data.get("log_history")), dict(data.get("config") or {})
         config["final"] = data.get("final") or {}
-        config["status"], config["error"] = data.get("status"), data.get("error")  # a results.json's (None elsewhere)
+        config["status"], config["error"], config["written_at"] = data.get("status"), data.get("error"), data.get("written_at")  # a results.json's (None elsewhere)
     else:
         history, config = data, {}
     if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):

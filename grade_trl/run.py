@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import sys
@@ -20,7 +21,9 @@ from .errors import stop_in_one_line_while_importing
 if __name__ == "__main__":  # Ctrl-C during the seconds of imports below: one line, not a traceback
     stop_in_one_line_while_importing()
 
-from . import metrics  # noqa: E402 - after the handling above
+from transformers import TrainerCallback  # noqa: E402 - after the handling above
+
+from . import metrics  # noqa: E402
 from .build import build_callbacks, build_task, build_trainer
 from .cli import exit_process, quiet_libraries, run_safely
 from .errors import Interrupted, UserError, signals_raise
@@ -91,6 +94,9 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
         callbacks = build_callbacks(recipe, task, resume_from, graceful_stop)
         eval_callback = callbacks["evaluation"]
         trainer = build_trainer(recipe, task, tokenizer, [c for c in callbacks.values() if c is not None])
+        if is_main:  # last, so that its `final` has the doctor's findings of the row it follows
+            trainer.add_callback(ResultsSnapshot(lambda: write_json_atomic(
+                results_path, payload("running", config_record(recipe), trainer.state.log_history, {**final, **progress(trainer, callbacks, start)}))))
         if (frozen := clipping_freezes_adam(trainer.model, trainer.args)) and is_main:
             logger.warning(frozen)
         train_end = TrainEndHeld(trainer)  # the trackers' run stays open for the final test: one run, one tracker run
@@ -189,6 +195,34 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
     finish_reporters(config)
     trainer.accelerator.wait_for_everyone()
     return 0
+
+
+class ResultsSnapshot(TrainerCallback):
+    """results.json with status `running` and the history so far, written by rank 0 at a log at most every
+    SNAPSHOT_SECONDS and at every checkpoint: what a run ended without a word leaves (SIGKILL: the out-of-memory
+    killer, a launcher's or scheduler's kill after its grace period, a rank blocked in a collective with a dead one).
+    Every other way out overwrites it with its own status. A failed write is a warning, not the run's end."""
+
+    SNAPSHOT_SECONDS = 60.0  # a write costs the history's JSON and an fsync: milliseconds, once a minute at most
+
+    def __init__(self, write):
+        self.write, self.last, self.warned = write, -math.inf, False
+
+    def _write(self) -> None:
+        self.last = time.monotonic()
+        try:
+            self.write()
+        except OSError as error:
+            if not self.warned:
+                logger.warning("could not write the results.json snapshot (%s); the run goes on", error)
+            self.warned = True
+
+    def on_log(self, args, state, control, **kwargs):
+        if time.monotonic() - self.last >= self.SNAPSHOT_SECONDS:
+            self._write()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._write()
 
 
 def progress(trainer, callbacks: dict, start: float | None) -> dict:

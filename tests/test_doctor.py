@@ -296,6 +296,41 @@ def test_cli_a_run_that_did_not_complete_is_a_finding_not_healthy(tmp_path, caps
         assert f"--resume_from_checkpoint {run / 'checkpoint-200'}" in out
 
 
+def test_cli_a_running_snapshot_says_the_run_may_have_been_killed(tmp_path, capsys):
+    """results.json with status `running` (run.ResultsSnapshot): still training, or killed without a word (SIGKILL)."""
+    run = write_run(tmp_path, healthy())
+    data = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**data, "status": "running", "written_at": "2026-12-06T21:00:00+00:00", "final": {"steps": 180}}))
+    assert main([str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "[warning] run_running at step 180" in out and "written 2026-12-06T21:00:00+00:00" in out and "SIGKILL" in out
+    assert "run the same command again: it saved no checkpoint" in out
+
+
+def test_results_snapshot_writes_at_the_first_log_then_at_most_once_a_minute_and_at_each_save(monkeypatch, caplog):
+    from grade_trl import run as runner
+
+    clock, written = [1000.0], []
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    snapshot = runner.ResultsSnapshot(lambda: written.append(clock[0]))
+    for t in (1000.0, 1030.0, 1059.0, 1060.0, 1061.0):
+        clock[0] = t
+        snapshot.on_log(None, None, None)
+    clock[0] = 1070.0
+    snapshot.on_save(None, None, None)
+    assert written == [1000.0, 1060.0, 1070.0]
+
+    def unwritable():
+        raise PermissionError(13, "Permission denied")
+
+    failing = runner.ResultsSnapshot(unwritable)
+    with caplog.at_level(logging.WARNING):
+        failing.on_save(None, None, None)
+        failing.on_save(None, None, None)  # the run goes on; one warning
+    assert [r.getMessage() for r in caplog.records if "snapshot" in r.getMessage()] == [
+        "could not write the results.json snapshot ([Errno 13] Permission denied); the run goes on"]
+
+
 def test_cli_resume_advice_names_only_a_checkpoint_that_exists_and_the_runs_own_step(tmp_path, capsys):
     """Found by a journey audit: an interrupted run that saved no checkpoint (a second signal) was told to resume with
     --resume_from_checkpoint true, which the runner refuses; and a run that failed in step 2's evaluation was reported

@@ -77,7 +77,12 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights_and_history
     assert main(argv(recipe, tmp_path / "straight", **extra)) == 0
     killed = tmp_path / "killed"
     kill_after_checkpoint(argv(recipe, killed, **extra), killed / "checkpoint-5")
-    assert not (killed / "results.json").exists() and not (killed / "checkpoint-8").exists()
+    assert not (killed / "checkpoint-8").exists()
+    # what the killed run left: its last results.json snapshot, status running, with the history up to then (a log at
+    # most once a minute, and each checkpoint): before snapshots a SIGKILLed run left no results.json at all
+    snapshot = json.loads((killed / "results.json").read_text())
+    assert snapshot["status"] == "running" and snapshot["history"] and max(row["step"] for row in snapshot["history"]) <= 5
+    assert any("eval_reward" in row for row in snapshot["history"]) and snapshot["final"]["steps"] <= 5
 
     assert main(argv(recipe, killed, resume_from_checkpoint="true", **extra)) == 0
     straight = json.loads((tmp_path / "straight" / "results.json").read_text())

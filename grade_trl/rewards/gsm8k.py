@@ -6,9 +6,11 @@ grade_trl's REINFORCE/PPO) pass every dataset column except `prompt` to reward f
 may hold the bare number ("72") or the whole GSM8K solution ("... #### 72"), so the raw hub data set
 works once a `prompt` column is added.
 
-Extraction (`extract_answer`): the answer-like expressions are `#### X`, `\\boxed{X}` and
-"answer is X" / "answer: X" / "answer = X"; the LAST one in the text wins (a model that restates
-or corrects itself is judged by what it said last). X may carry `$`, thousands commas, a decimal
+Extraction (`extract_answer`): the final-answer markers `#### X` and `\\boxed{X}`, the LAST of them wins (a
+model that corrects itself is judged by what it marked last; lm-eval's strict-match takes the first). Only a
+completion without a marker is read from "answer is X" / "answer: X" / "answer = X" sentences, the last readable
+one: a sentence that restates or checks a marked answer ("#### 18. The answer is 18 apples, 6 more than 12")
+neither replaces nor cancels it. X may carry `$`, thousands commas, a decimal
 part, a sign, a `%` or a unit word after it; `a/b` and `\\frac{a}{b}` are read as fractions. Values
 are exact `Fraction`s, so `18.00 == 18` and `0.5 == 1/2` without float tolerance. A completion
 without any answer-like expression has no answer and scores 0 (with `fallback_to_last_number`,
@@ -39,6 +41,8 @@ _ANSWER_IS_RE = re.compile(r"\banswer\s*(?:is|was|:|=)(?P<rest>(?:[\s:=*]|\\\(|\
 # What may follow the final answer in a well-formed completion: spaces, `.`, `$`, `**`, `\)`, `\]`.
 _TAIL = r"(?:\s|\.|\$|\*|\\\)|\\\])*"
 _FINAL_HASH_RE = re.compile(rf"####[ \t]*\**[ \t]*(?P<value>{_VALUE}){_TAIL}\Z")
+# A working after a marked answer, "#### 18 (3 * 6)": not part of the answer.
+_PARENTHESES_TAIL_RE = re.compile(r"\s*\([^()\n]*\)[\s.]*\Z")
 
 
 def to_number(text: str) -> Fraction | None:
@@ -99,28 +103,33 @@ def _boxed(text: str):
         yield match.start(), (text[match.end() : i - 1] if depth == 0 else None)
 
 
-def answer_candidates(text: str) -> list[tuple[int, Fraction | None]]:
-    """Every answer-like expression as (position, value), in text order; value None when it cannot be read.
+def answer_candidates(text: str) -> list[tuple[int, Fraction | None, bool]]:
+    """Every answer-like expression as (position, value, is a marker), in text order; value None when it cannot be read.
 
-    `#### X` reads the rest of its line ("#### 18 dollars" -> 18, "#### 1 1/2" -> None), `\\boxed{X}` its
-    contents, "answer is X" the value right after the marker.
+    `#### X` reads the rest of its line ("#### 18 dollars" -> 18, "#### 18 (3 * 6)" -> 18, "#### 1 1/2" -> None),
+    `\\boxed{X}` its contents (both markers), "answer is X" the value right after the words.
     """
-    found = [(m.start(), to_number(m["line"])) for m in _HASH_RE.finditer(text)]
-    found += [(start, None if content is None else to_number(content)) for start, content in _boxed(text)]
-    found += [(m.start(), to_number(m["rest"])) for m in _ANSWER_IS_RE.finditer(text)]
+    found = [(m.start(), to_number(_PARENTHESES_TAIL_RE.sub("", m["line"])), True) for m in _HASH_RE.finditer(text)]
+    found += [(start, None if content is None else to_number(content), True) for start, content in _boxed(text)]
+    found += [(m.start(), to_number(m["rest"]), False) for m in _ANSWER_IS_RE.finditer(text)]
     return sorted(found, key=lambda c: c[0])
 
 
 def extract_answer(text: str, fallback_to_last_number: bool = False) -> Fraction | None:
-    """The completion's final answer: the value of its LAST answer-like expression, or None.
+    """The completion's final answer: the value of its LAST marker (`#### X`, `\\boxed{X}`), else of its last readable
+    "answer is X" sentence, else None.
 
-    A last expression that cannot be read (`\\boxed{x+1}`, a `####` cut off by the length limit) gives
-    None: an earlier, different answer is not credited. With `fallback_to_last_number`, a text without
-    any answer-like expression is judged by its last number.
+    A last marker that cannot be read (`\\boxed{x+1}`, a `####` cut off by the length limit) gives None: an earlier,
+    different answer is not credited. With `fallback_to_last_number`, a text without any answer-like expression is
+    judged by its last number.
     """
     candidates = answer_candidates(text)
-    if candidates:
-        return candidates[-1][1]
+    markers = [value for _, value, is_marker in candidates if is_marker]
+    if markers:
+        return markers[-1]
+    if candidates:  # "answer is X" sentences only: the last one that can be read
+        readable = [value for _, value, _ in candidates if value is not None]
+        return readable[-1] if readable else None
     if fallback_to_last_number:
         values = VALUE_RE.findall(text)
         return to_number(values[-1]) if values else None
@@ -145,8 +154,14 @@ def answer_text(completion, prompt=None, tokenizer=None) -> str:
     with the prompt's ids as prefix (`rewards.base.assistant_messages`), so `#### 3` written inside the thinking is no
     answer, and a completion cut off inside its thinking has none (''). GSM8K prompts are rendered text, so neither
     TRL's GRPOTrainer nor our trainers parse their completions before the rewards do. A chat completion (already
-    parsed) or any other tokenizer: the completion's text."""
+    parsed) or any other tokenizer: the completion's text.
+
+    After a `Question: ...\\nAnswer:` prompt (the base models' form), the text ends where the completion goes on to a
+    new `Question:` of its own making, as lm-eval's GSM8K task stops generating there: the invented problem's answer
+    is not this one's."""
     text = completion_text(completion)
+    if isinstance(prompt, str) and prompt.rstrip().endswith("Answer:"):
+        text = text.split("\nQuestion:", 1)[0]
     if tokenizer is None or not isinstance(completion, str) or not has_response_parser(tokenizer):
         return text
     prefix = tokenizer(prompt_text(prompt, tokenizer), add_special_tokens=False)["input_ids"] if prompt is not None else None

@@ -37,7 +37,10 @@ class REINFORCEConfig(SampledRolloutConfig):
     num_samples_per_prompt: int = field(default=1, metadata={"help": "Completions sampled per prompt (>= 2 for `leave_one_out` and `best_of_n`)."})
     logprob_reduction: str = field(
         default="mean",
-        metadata={"help": "Sequence log-prob = `mean` over completion tokens (default) or `sum` (length-biased: longer samples get larger steps)."},
+        metadata={"help": "Sequence log-prob = `mean` over completion tokens (default: the users' choice, docs/background.md section 2) or `sum` "
+                  "(the exact score function grad log pi(y), REINFORCE's unbiased estimator, whose size grows with the length). `mean` weights "
+                  "each token by 1/|y|, a length bias of its own: shorter correct and longer wrong completions get the larger per-token steps "
+                  "(Liu et al. 2025, Dr. GRPO, https://arxiv.org/abs/2503.20783)."},
     )
     reward_threshold: float | None = field(default=None, metadata={"help": "Train only on samples whose reward is above this value (None = all samples)."})
     best_of_n: bool = field(default=False, metadata={"help": "Train only on the best of the `num_samples_per_prompt` samples of each prompt."})
