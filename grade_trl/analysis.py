@@ -26,6 +26,7 @@ policies differ on these prompts; only the across-seed tests speak to the method
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import os
@@ -572,12 +573,40 @@ def budget_lines(comparison: dict) -> list[str]:
         budget = entry.get("budget") or {}
         pairs = sorted({(steps, per_step) for steps, per_step in zip(budget.get("steps") or [], budget.get("samples_per_step") or [])}, key=str)
         if pairs:
-            budgets[name] = " / ".join(f"{steps} x {per_step}" for steps, per_step in pairs)
+            budgets[name] = " / ".join(f"{steps} x {_count(per_step)}" for steps, per_step in pairs)
     if not budgets:
         return []
     differ = len(set(budgets.values())) > 1
     return ["Budget (optimizer steps x completions per step): " + "; ".join(f"{name}: {text}" for name, text in budgets.items()) + "."
             + (" **The methods' budgets differ**: their rows compare runs of different lengths or batch sizes." if differ else "")]
+
+
+def _count(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def generation_lines(comparison: dict) -> list[str]:
+    """A warning where the names' runs generate differently: evaluation (lengths, temperature, top-p; TRL's GRPO
+    evaluates with min_new_tokens 0 unless eval_min_new_tokens is set) or training's sampling (temperature, top-p: what
+    each KL is measured under). Nothing when they agree or were not recorded."""
+
+    def described(settings: dict) -> str:
+        return ", ".join(f"{key.replace('_', ' ') if key != 'top_p' else 'top-p'} {_count(value)}" for key, value in settings.items())
+
+    lines = []
+    for part, warning in (
+        ("evaluation", "**The methods' evaluations generate differently**: their validation and test values score completions of other "
+                       "lengths or from another distribution (give every recipe the same `eval_min_new_tokens`, `max_new_tokens` "
+                       "(`max_completion_length`), `eval_temperature` and `eval_top_p`)"),
+        ("training", "**The methods sample differently in training**: each KL is measured under its own sampling distribution (with "
+                     "top-p < 1 it includes -log of the nucleus mass per token), so the KL column and the reward-KL figure compare "
+                     "different quantities"),
+    ):
+        found = {name: (entry.get("generation") or {}).get(part) for name, entry in comparison["methods"].items()}
+        found = {name: {k: v for k, v in settings.items() if v is not None} for name, settings in found.items() if settings}
+        if len({json.dumps(settings, sort_keys=True) for settings in found.values()}) > 1:
+            lines.append(f"{warning}: " + "; ".join(f"{name}: {described(settings)}" for name, settings in found.items()) + ".")
+    return lines
 
 
 def report(comparison: dict, stats: dict, figures: Figures, table: str, left_out: list[str] = ()) -> str:
@@ -591,6 +620,7 @@ def report(comparison: dict, stats: dict, figures: Figures, table: str, left_out
         "",
         "Seeds: " + "; ".join(f"{name}: {len(s)} ({', '.join(map(str, s))})" for name, s in seeds.items()) + ".",
         *budget_lines(comparison),
+        *generation_lines(comparison),
         f"Metric: validation `{comparison['metric']['validation']}`, test `{comparison['metric']['test']}`.",
         "",
         *([f"**Not in the tables** ({len(left_out)} run{'s' if len(left_out) > 1 else ''} of the folder):", "", *(f"- {line}." for line in left_out), ""] if left_out else []),

@@ -85,6 +85,9 @@ def build_task(recipe: Recipe, gold_judge: bool = True):
         tokenizer = load_tokenizer(run_args.model_name_or_path)
     # the task's builder names its data loads dataset_name (`loading`) and its other inputs by their own keys
     task = TASK_BUILDERS[run_args.task](run_args, tokenizer, config.seed, settings, config.reward_weights)
+    # what evaluation generates with, which a comparison must keep alike (analysis.generation_lines): the lengths follow
+    # each method's own keys unless eval_min_new_tokens is set
+    task.info["evaluation_generation"] = {key: getattr(settings, key) for key in ("max_new_tokens", "min_new_tokens", "temperature", "top_p")}
     return tokenizer, task
 
 

@@ -177,6 +177,14 @@ def run_summary(results: dict, run_info: dict | None = None) -> dict:
     }
 
 
+def generation_settings(results: dict) -> dict:
+    """How a run sampled in training (temperature, top-p: the distribution its KL is measured under) and generated in
+    evaluation (results.json's final.task.evaluation_generation; None for runs written before it was recorded)."""
+    trainer = (results.get("config") or {}).get("trainer") or {}
+    return {"training": {key: trainer.get(key) for key in ("temperature", "top_p")},
+            "evaluation": ((results.get("final") or {}).get("task") or {}).get("evaluation_generation")}
+
+
 def estimate(values: list) -> dict:
     """Mean and 95% t-interval over seeds, with the per-seed values (None where a run lacks the metric)."""
     est = mean_ci(values)
@@ -291,6 +299,7 @@ def build_comparison(runs: list[dict], thresholds: list[float], meta: dict, sett
         entry.update({key: estimate([summary[key] for _, _, summary in mine]) for key in SUMMARY_KEYS})
         # the budget each seed trained with: optimizer steps and completions per step (methods may differ: the report says so)
         entry["budget"] = {"steps": [summary["steps"] for _, _, summary in mine], "samples_per_step": [summary["samples_per_step"] for _, _, summary in mine]}
+        entry["generation"] = generation_settings(mine[0][1]) if mine else None
         entry["sample_efficiency"] = sample_efficiency([(record["seed"], results, summary) for record, results, summary in mine], targets, thresholds)
         methods[name] = entry
     return {

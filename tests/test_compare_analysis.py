@@ -628,6 +628,31 @@ def test_the_report_states_each_methods_budget_and_says_when_they_differ(tmp_pat
     assert analysis.budget_lines(summed) == ["Budget (optimizer steps x completions per step): grade_ste: 20 x 8; reinforce: 20 x 8."]
 
 
+def test_the_report_says_when_methods_generate_differently(tmp_path):
+    """Found by a journey audit: TRL's GRPO evaluated with min_new_tokens 0 where REINFORCE's recipe evaluated with 4,
+    and PPO sampled at temperature 0.7, top-p 0.9 (its KL 1.1 nats before any update) beside REINFORCE's 1.0, 1.0,
+    tabled side by side without a word. results.json records the evaluation's generation; the report warns."""
+    generation = {"grpo": ({"temperature": 1.0, "top_p": 1.0}, 0), "reinforce": ({"temperature": 1.0, "top_p": 1.0}, 4),
+                  "ppo": ({"temperature": 0.7, "top_p": 0.9}, 4)}
+    for name, (sampling, min_new_tokens) in generation.items():
+        data = synthetic_run([0.5, 0.6, 0.7], method=name, seed=42)
+        data["config"]["recipe"] = {"method": name, "seed": 42}
+        data["config"]["trainer"] = dict(sampling)
+        data["final"]["task"] = {"evaluation_generation": {"max_new_tokens": 16, "min_new_tokens": min_new_tokens, "temperature": 1.0, "top_p": 0.9}}
+        write_json_atomic(tmp_path / name / "seed42" / "results.json", data)
+    summed = comparisons.build_comparison(comparisons.runs_in_folder(tmp_path), [0.6], {})
+    assert summed["methods"]["ppo"]["generation"] == {"training": {"temperature": 0.7, "top_p": 0.9},
+                                                     "evaluation": {"max_new_tokens": 16, "min_new_tokens": 4, "temperature": 1.0, "top_p": 0.9}}
+    evaluation, training = analysis.generation_lines(summed)
+    assert evaluation.startswith("**The methods' evaluations generate differently**") and "grpo: max new tokens 16, min new tokens 0, temperature 1, top-p 0.9" in evaluation
+    assert training.startswith("**The methods sample differently in training**") and "ppo: temperature 0.7, top-p 0.9" in training
+    for name in ("grpo", "ppo"):
+        summed["methods"][name]["generation"] = summed["methods"]["reinforce"]["generation"]
+    assert analysis.generation_lines(summed) == []
+    summed["methods"]["ppo"]["generation"] = None  # written before evaluation_generation was recorded: nothing to compare
+    assert analysis.generation_lines(summed) == []
+
+
 def test_an_earlier_commands_runs_of_another_task_do_not_outvote_this_commands(tmp_path):
     """Found by a review: with the protocol taken from most of the folder's runs, three earlier length runs outvoted the
     two runs the writing command had just trained, which were then left out. The writing command's names decide, and

@@ -70,6 +70,8 @@ def test_quickstart_end_to_end_is_reproducible_and_changes_the_policy(tmp_path, 
     assert 0 <= final["validation_after"]["reward"] <= 1 and final["validation_metric"] == "eval_reward"
     assert not {"val_reward_before", "val_reward_after", "best_val_reward", "test_reward"} & set(final)  # no legacy aliases
     assert results["config"]["run"]["method"] == "grade_ste" and results["config"]["trainer"]["estimator"] == "ste"
+    # what the evaluation generated with (a comparison warns where methods differ: analysis.generation_lines)
+    assert final["task"]["evaluation_generation"] == {"max_new_tokens": 8, "min_new_tokens": 2, "temperature": 1.0, "top_p": 0.9}
 
     trained = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
     base = load_file(os.path.join(resolve_model_path("embedded"), "model.safetensors"))
