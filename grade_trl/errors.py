@@ -17,6 +17,11 @@ class UserError(Exception):
     that names what is wrong and what would be right. Commands print `error: <message>` and exit with 2."""
 
 
+class RefusedBeforeTraining(UserError):
+    """Bad input found once the trainer is built, when training begins (a checkpoint this run cannot resume from, a
+    tracker that cannot start its run): the runner writes nothing, as for any other bad input."""
+
+
 class Interrupted(BaseException):
     """A signal (SIGTERM, SIGINT) asked the run to stop: a BaseException, like KeyboardInterrupt, so no `except Exception`
     swallows it. Commands print `interrupted by SIGTERM <detail>` as one line and exit 128 + the signal's number."""

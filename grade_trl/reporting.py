@@ -59,6 +59,85 @@ def missing_reporter(report_to) -> str | None:
     return None
 
 
+# What makes each tracker start where it failed to: the hint of the one-line error.
+TRACKER_SETUP_HINTS = {
+    "wandb": "log in with `wandb login` or WANDB_API_KEY, or run offline with WANDB_MODE=offline",
+    "mlflow": "set MLFLOW_TRACKING_URI to a tracking server or database (mlflow 3 keeps a file: store only with MLFLOW_ALLOW_FILE_STORE=true)",
+    "comet_ml": "set COMET_API_KEY, or COMET_START_ONLINE=false to log offline",
+}
+
+
+def start_trackers(trainer, settings: dict) -> None:
+    """When training begins: each tracker's run starts (`refuse_trackers_that_fail_to_start`), then gets the runner's
+    `settings` (RunArguments: method, task, data, rewards, evaluation) beside the trainer config transformers sends it,
+    under `grade_trl/` (W&B, trackio: config; mlflow, comet: parameters; TensorBoard: a text), so runs can be told
+    apart and grouped by method in the tracker's UI. A tracker that refuses them costs a warning, not the run."""
+    refuse_trackers_that_fail_to_start(trainer, lambda name, callback: record_settings(name, callback, settings))
+
+
+def record_settings(name: str, callback, settings: dict) -> None:
+    import json
+    import logging
+
+    flat = {f"grade_trl/{key}": value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value, default=str)
+            for key, value in settings.items()}
+    try:
+        if name == "wandb":
+            import wandb
+
+            if wandb.run is not None:
+                wandb.run.config.update(flat, allow_val_change=True)
+        elif name == "trackio":
+            import trackio
+
+            trackio.config.update(flat, allow_val_change=True)
+        elif name == "mlflow":
+            import mlflow
+
+            if mlflow.active_run() is not None:
+                mlflow.log_params({key: str(value)[:6000] for key, value in flat.items()})
+        elif name == "comet_ml":
+            import comet_ml
+
+            if (experiment := comet_ml.get_running_experiment()) is not None:
+                experiment.log_parameters(flat)
+        elif name == "tensorboard" and getattr(callback, "tb_writer", None) is not None:
+            callback.tb_writer.add_text("grade_trl/settings", "```\n" + json.dumps(settings, indent=2, default=str) + "\n```")
+    except Exception as error:  # noqa: BLE001 - the run's settings are a convenience of the tracker's, not the run's
+        logging.getLogger(__name__).warning("report_to: could not record the run's settings in %s (%s: %s)", name, type(error).__name__, error)
+
+
+def refuse_trackers_that_fail_to_start(trainer, started=None) -> None:
+    """A tracker (transformers' reporter callback) whose run fails to start when training begins (W&B without a login,
+    mlflow 3's refused file store) raises a one-line `errors.RefusedBeforeTraining` naming report_to, so the runner writes
+    nothing; it was a traceback, exit 1 and a `failed` results.json. Which setups start is the tracker's own business
+    (credentials in the environment, a netrc, a settings file), so the check is its own start, not ours. `started(name,
+    callback)`: called once a tracker's run has started."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    from .errors import RefusedBeforeTraining
+
+    names = {callback: name for name, callback in INTEGRATION_TO_CALLBACK.items()}
+    for callback in trainer.callback_handler.callbacks:
+        name = names.get(type(callback))
+        if name is None:
+            continue
+
+        def on_train_begin(*args, _start=callback.on_train_begin, _name=name, _callback=callback, **kwargs):
+            try:
+                result = _start(*args, **kwargs)
+                if started is not None:
+                    started(_name, _callback)
+                return result
+            except Exception as error:  # noqa: BLE001 - whatever the tracker raises when its run cannot start
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                hint = TRACKER_SETUP_HINTS.get(_name, "see its documentation")
+                raise RefusedBeforeTraining(f"report_to: {_name} could not start its run ({type(error).__name__}: {reason}); {hint}, "
+                                            f"or remove {_name} from report_to") from None
+
+        callback.on_train_begin = on_train_begin  # the instance attribute shadows the method
+
+
 class TrainEndHeld:
     """Holds back the reporters' `on_train_end` (transformers.integrations' callbacks) until `release()`, so values
     logged after `trainer.train()` (the final test) reach the same tracker run as the training."""

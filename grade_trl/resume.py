@@ -35,7 +35,7 @@ from collections import defaultdict
 import torch
 from transformers import TrainerCallback
 
-from .errors import Interrupted, UserError, end_quietly_under_a_launcher
+from .errors import Interrupted, RefusedBeforeTraining, UserError, end_quietly_under_a_launcher
 from .reporting import tracker_ids
 from .results import read_json, read_results, write_json_atomic
 
@@ -148,7 +148,7 @@ def check_not_behind_a_completed_run(checkpoint: str, output_dir: str) -> None:
         )
 
 
-class ResumeRefused(UserError):
+class ResumeRefused(RefusedBeforeTraining):
     """A checkpoint this run cannot resume from, found once the trainer is built: the runner writes nothing (the folder's
     results.json stays as the run that saved the checkpoint left it)."""
 

@@ -26,11 +26,11 @@ from transformers import TrainerCallback  # noqa: E402 - after the handling abov
 from . import metrics  # noqa: E402
 from .build import build_callbacks, build_task, build_trainer
 from .cli import exit_process, quiet_libraries, run_safely
-from .errors import Interrupted, UserError, signals_raise
+from .errors import Interrupted, RefusedBeforeTraining, UserError, signals_raise
 from .recipe import Recipe, help_for_argv, parse_recipe
-from .reporting import TrainEndHeld, continue_trackers, continues_the_run, default_run_name
+from .reporting import TrainEndHeld, continue_trackers, start_trackers, continues_the_run, default_run_name
 from .results import RESULTS_FILE, last_training_value, payload, write_json_atomic
-from .resume import GracefulStop, ResumeRefused, checkpoint_folders, is_complete, saved_tracker_ids
+from .resume import GracefulStop, checkpoint_folders, is_complete, saved_tracker_ids
 from .safety import clipping_freezes_adam, diverged_weights_error, output_dir_lock
 
 logger = logging.getLogger("grade_trl")
@@ -100,6 +100,7 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
         if (frozen := clipping_freezes_adam(trainer.model, trainer.args)) and is_main:
             logger.warning(frozen)
         train_end = TrainEndHeld(trainer)  # the trackers' run stays open for the final test: one run, one tracker run
+        start_trackers(trainer, vars(run_args))  # one line where a tracker cannot start; the run's settings where it can
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
@@ -166,8 +167,8 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
             print(summary_table(final))
             print(f"\nresults: {results_path}\nmodel:   {os.path.join(config.output_dir, 'model')}")
     except BaseException as error:  # keep everything logged so far, whatever stopped the run
-        if isinstance(error, UserError) and (trainer is None or isinstance(error, ResumeRefused)):
-            raise  # bad input found by the set-up, or a checkpoint it cannot resume: nothing written (the lock removes the folder it made)
+        if isinstance(error, UserError) and (trainer is None or isinstance(error, RefusedBeforeTraining)):
+            raise  # bad input found by the set-up, or when training begins: nothing written (the lock removes the folder it made)
         # what a traceback from the sampler would not say: diverged weights, raised below in one line, exit 2
         diverged = diverged_weights_error(trainer.model, trainer.state.global_step + 1, error) if trainer is not None else None
         error = diverged or error

@@ -99,6 +99,12 @@ def test_wandb_offline_and_tensorboard_receive_the_logged_metrics(tmp_path, monk
         if key.startswith("train/train_") or key in ("train/total_flos",) or not math.isfinite(value):
             continue
         assert scalars[(step, key)] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
+    # the runner's settings beside the trainer config: the trackers can tell runs apart by method, task, data, reward
+    # (a journey audit found only TrainingArguments and the model config there)
+    config = {item.key: json.loads(item.value_json) for record in wandb_records(run_file, "config") for item in record.config.update}
+    assert config["grade_trl/method"] == "grade_ste" and config["grade_trl/task"] == "imdb_sentiment", config
+    text = events.Tags().get("tensors", [])
+    assert any(tag.startswith("grade_trl/settings") for tag in text), text
 
 
 def test_wandb_records_a_failed_run_with_the_exit_code_of_the_command(tmp_path, monkeypatch):
@@ -112,6 +118,24 @@ def test_wandb_records_a_failed_run_with_the_exit_code_of_the_command(tmp_path, 
     assert code == 2 and load_results(tmp_path / "run" / "results.json")["status"] == "failed"
     [run_file] = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert [record.exit.exit_code for record in wandb_records(run_file, "exit")] == [2]
+
+
+def test_a_tracker_that_cannot_start_its_run_is_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    """Found by a journey audit: `report_to: wandb` without a login (and mlflow 3's refused file store) failed in the
+    tracker's start with a 30-line traceback, exit 1 and a `failed` results.json. It is one line naming report_to, what
+    the tracker said and what would start it; exit 2; nothing written. W&B's own start decides (its credentials may come
+    from the environment, a netrc or its settings), here with none of them."""
+    wandb = pytest.importorskip("wandb", reason="W&B is an optional extra: pip install -e '.[wandb]'")
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in (("HOME", str(tmp_path)), ("NETRC", str(tmp_path / ".netrc")), ("WANDB_CONFIG_DIR", str(tmp_path / "config")),
+                       ("WANDB_DIR", str(tmp_path)), ("WANDB_SILENT", "true"), ("WANDB_CONSOLE", "off")):
+        monkeypatch.setenv(key, value)
+    code = main(shrunk(tmp_path, report_to="wandb", max_steps=2))
+    wandb.teardown()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: report_to: wandb could not start its run (") and "WANDB_MODE=offline" in err[-1], err[-3:]
+    assert not (tmp_path / "run").exists()
 
 
 def stop_at_step(monkeypatch, step: int) -> None:
