@@ -69,8 +69,9 @@ _OWN_TRAINER_NAMES = {
 _TRL_GRPO_NAMES = {
     "max_new_tokens": "TRL's GRPO limits the completion with `max_completion_length`; `max_new_tokens` is the name in "
                       "grade_trl's own trainers (grade*, reinforce, ppo); set max_completion_length",
-    "min_new_tokens": "TRL's GRPO has no minimum-length key; `min_new_tokens` belongs to grade_trl's own trainers; set "
-                      "generation_kwargs: {min_new_tokens: N} (passed to its generate)",
+    "min_new_tokens": "TRL's GRPO has no minimum-length key (its generate would sample with the EOS ban and score without "
+                      "it); `min_new_tokens` belongs to grade_trl's own trainers; remove it, and set eval_min_new_tokens to "
+                      "evaluate with the other methods' minimum",
     "num_samples_per_prompt": "TRL's GRPO samples `num_generations` completions per prompt; `num_samples_per_prompt` is "
                               "reinforce's name for it; set num_generations",
 }

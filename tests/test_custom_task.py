@@ -9,6 +9,7 @@ to seconds: 2 optimizer steps, 6 new tokens, 2 validation and 2 test prompts, be
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 
@@ -305,7 +306,7 @@ def test_a_split_file_without_a_reward_column_or_an_empty_file_is_one_line_befor
     assert code == 2 and len(errors) == 1 and errors[0].endswith(f"{tmp_path / 'empty.jsonl'} is empty"), errors
 
 
-def test_splits_from_a_folder_named_and_held_out_and_from_a_csv_file(tmp_path):
+def test_splits_from_a_folder_named_and_held_out_and_from_a_csv_file(tmp_path, caplog):
     from types import SimpleNamespace
 
     from grade_trl.data.custom import make_custom_splits
@@ -319,6 +320,13 @@ def test_splits_from_a_folder_named_and_held_out_and_from_a_csv_file(tmp_path):
     assert {name: len(rows) for name, rows in splits.items()} == {"train": 8, "validation": 2, "test": 3}
     assert set(splits["train"]["prompt"]).isdisjoint(splits["validation"]["prompt"]) and all(p.startswith("test") for p in splits["test"]["prompt"])
     assert make_custom_splits(run)["validation"]["prompt"] == splits["validation"]["prompt"]  # held out the same way every time
+    # the folder's test.jsonl left unused (test_split null): a warning naming the key that uses it (a journey audit: the
+    # test prompts were held out of train without a word)
+    with caplog.at_level(logging.WARNING, logger="grade_trl.data.custom"):
+        held_out = make_custom_splits(SimpleNamespace(**{**vars(run), "test_split": None}))
+    assert all(p.startswith("train") for p in held_out["test"]["prompt"])
+    assert [r.getMessage() for r in caplog.records] == [f"custom task: {folder} has a 'test' split, which test_split: null leaves unused (those prompts "
+                                                        "are held out of train_split 'train'); give test_split: test to use it"]
 
     (tmp_path / "data.csv").write_text("question,answer\n" + "".join(f"q{i},{i}\n" for i in range(6)))
     run = SimpleNamespace(dataset_name=str(tmp_path / "data.csv"), dataset_config=None, train_split="train[:4]", validation_split="train[4:5]", test_split="train[5:]", eval_num_prompts=9, test_num_prompts=9)

@@ -202,7 +202,7 @@ def test_beta_has_one_meaning_and_grade_names_its_coefficient_kl_coef():
 
 @pytest.mark.parametrize("method,key,fix", [
     ("grpo", "max_new_tokens", "set max_completion_length"),
-    ("cispo", "min_new_tokens", "set generation_kwargs: {min_new_tokens: N}"),
+    ("cispo", "min_new_tokens", "remove it, and set eval_min_new_tokens to evaluate with the other methods' minimum"),
     ("grpo", "num_samples_per_prompt", "set num_generations"),
     ("reinforce", "max_completion_length", "set max_new_tokens"),
     ("grade_ste", "max_completion_length", "set max_new_tokens"),

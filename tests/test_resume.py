@@ -7,6 +7,7 @@ KL, grad norm and evaluation; not the wall-clock columns) and final test must be
 """
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -191,7 +192,7 @@ def test_a_resume_does_not_warn_of_a_missing_head_tied_to_the_embedding():
     assert not tied_to_loaded(wrapper, ["transformer.h.0.ln_1.weight"])
 
 
-def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused_unless_it_starts_over(tmp_path, capsys):
+def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused_unless_it_starts_over(tmp_path, capsys, caplog):
     """A new run's checkpoints among an earlier run's would make `--resume_from_checkpoint true` pick the earlier
     run's last one: such a run is refused (nothing written) unless --overwrite_output_dir true, which deletes them once
     the set-up has checked the input. An earlier run's model/ and best_model/ go with its results.json either way."""
@@ -213,10 +214,13 @@ def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused_unless_it_starts_
     assert (out / "results.json").read_text() == before and (out / "checkpoint-3").is_dir()
     assert main(argv("length_reinforce.yaml", out, max_steps=2, save_strategy="no", overwrite_output_dir="true")) == 0
     assert not (out / "checkpoint-3").exists() and json.loads((out / "results.json").read_text())["final"]["steps"] == 2
-    # no checkpoints: the earlier run's model/ is replaced with its results.json, even when the new run fails
+    # no checkpoints: the earlier run's model/ is replaced with its results.json, even when the new run fails, and a
+    # warning says so (it was an info line: a finished run was replaced without a word, a journey audit)
     (out / "model" / "earlier.txt").write_text("from the earlier run")
     # diverged weights: one line, exit 2, after results.json (before 2026-12-06 torch's traceback)
-    assert main(argv("length_reinforce.yaml", out, max_steps=2, save_strategy="no", learning_rate=1e30)) == 2
+    with caplog.at_level(logging.WARNING, logger="grade_trl"):
+        assert main(argv("length_reinforce.yaml", out, max_steps=2, save_strategy="no", learning_rate=1e30)) == 2
+    assert f"starting over in {out}: this run replaces the earlier completed run's results.json and deleted its model, best_model" in caplog.text
     failed = json.loads((out / "results.json").read_text())
     assert failed["status"] == "failed" and "the policy's logits are not finite" in failed["error"] and not (out / "model").exists()
     # a fork (another folder's checkpoint) into it is a new run there too: refused over checkpoints, clears an earlier model/

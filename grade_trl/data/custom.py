@@ -50,6 +50,23 @@ def load_custom_split(source: str, config: str | None, split: str, split_key: st
     return dataset
 
 
+def unused_splits(run) -> list[tuple[str, str]]:
+    """(key, split) of a local folder's `validation` / `test` split (its `test.jsonl`, ...) that the recipe leaves unused
+    (validation_split / test_split null: held out of train_split instead), for a warning: a folder of split files with a
+    test file silently trained on part of its test prompts' split and tested on train rows (a journey audit)."""
+    from datasets import get_dataset_split_names
+
+    path = Path(os.path.expanduser(run.dataset_name))
+    if not path.is_dir():
+        return []
+    try:
+        with quiet_logger("datasets"):
+            names = get_dataset_split_names(str(path), run.dataset_config)
+    except Exception:  # noqa: BLE001 - a layout datasets cannot name splits of: loading it says what is wrong
+        return []
+    return [(key, name) for key, name in (("validation_split", "validation"), ("test_split", "test")) if getattr(run, key) is None and name in names and name != run.train_split]
+
+
 def make_custom_splits(run, prepare=None) -> dict[str, Dataset]:
     """`train`, `validation` and `test` rows. A split the recipe does not name is held out of `train_split`: first
     `eval_num_prompts` validation rows, then `test_num_prompts` test rows, of the rows shuffled with HOLD_OUT_SEED.
@@ -60,6 +77,9 @@ def make_custom_splits(run, prepare=None) -> dict[str, Dataset]:
     tokenizer or max_prompt_length drop other prompts still hold out the same rows wherever those fit in both."""
     prepare = prepare or (lambda rows, split: rows)
     train = load_custom_split(run.dataset_name, run.dataset_config, run.train_split, "train_split")
+    for key, name in unused_splits(run):
+        logger.warning("custom task: %s has a %r split, which %s: null leaves unused (those prompts are held out of train_split %r); "
+                       "give %s: %s to use it", run.dataset_name, name, key, run.train_split, key, name)
     sizes = {"validation": run.eval_num_prompts if run.validation_split is None else 0, "test": run.test_num_prompts if run.test_split is None else 0}
     splits = {}
     train = prepare(train.shuffle(seed=HOLD_OUT_SEED) if sum(sizes.values()) else train, "train")
