@@ -61,6 +61,10 @@ RECIPE_CASES = [
     ({"reward_funcs": ["my_rewards.PositiveWords"], "reward_kwargs": {"my_rewards.PositiveWords": {"colour": "red"}}}, "reward_kwargs", "unexpected keyword argument 'colour'"),
     ({"reward_funcs": ["my_rewards.PositiveWords"], "reward_kwargs": {"my_rewards.PositiveWords": ["fun"]}}, "reward_kwargs", "must be a mapping"),
     ({"dataset_name": None}, "dataset_name", "needs your data set"),
+    # a reward file named as a module of Python's (test.py, code.py) is behind it on the import path (a journey audit:
+    # "module 'test' has no 'kw_len'" left the user guessing)
+    ({"reward_funcs": ["test.keyword_reward"]}, "reward_funcs", "module 'test' is Python's own"),
+    ({"reward_funcs": ["code.keyword_reward"]}, "reward_funcs", "a code.py of yours comes after it on the import path: rename it"),
     ({"dataset_name": "./no/such/file.jsonl"}, "dataset_name", "no such file"),
     ({"task": "imdb_sentiment"}, "reward_funcs", "only task custom reads it"),
     ({"task": "length", "reward_funcs": None, "prompt_column": "text"}, "prompt_column", "only task custom reads it"),
@@ -474,3 +478,17 @@ def test_trl_grpos_chat_template_kwargs_render_the_prompts_everywhere(tmp_path, 
     assert built.config.chat_template_kwargs == {"loud": True} and task.evaluator.settings.chat_template_kwargs == {"loud": True}
     trainer = build_trainer(built, task, tokenizer_, [])
     assert trainer.prompt_texts([{"prompt": [{"role": "user", "content": "Hi"}]}]) == ["LOUD Hi\nA:"]
+
+
+def test_the_example_recipes_of_each_method_compare_alike():
+    """recipes/examples/custom_task{,_ppo,_grpo}.yaml: one task under REINFORCE, PPO and TRL's GRPO for `compare`, with
+    the same protocol (data, rewards, evaluation), budget (completions per step x steps), sampling and evaluation lengths."""
+    from grade_trl.comparison import PROTOCOL_KEYS
+    from grade_trl.recipe import parse_recipe
+
+    recipes = [parse_recipe([str(EXAMPLES / name)]) for name in ("custom_task.yaml", "custom_task_ppo.yaml", "custom_task_grpo.yaml")]
+    assert [r.run.method for r in recipes] == ["reinforce", "ppo", "grpo"]
+    assert len({json.dumps([getattr(r.run, key, None) for key in PROTOCOL_KEYS], default=str) for r in recipes}) == 1
+    assert {(r.config.completions_per_step(1), r.config.max_steps) for r in recipes} == {(8, 40)}
+    assert {(r.config.temperature, r.config.top_p) for r in recipes} == {(1.0, 1.0)}
+    assert {r.config.new_token_limits[0] for r in recipes} == {16} and recipes[2].run.eval_min_new_tokens == recipes[0].config.new_token_limits[1] == 4
