@@ -308,6 +308,9 @@ def test_a_split_file_without_a_reward_column_or_an_empty_file_is_one_line_befor
     (tmp_path / "empty.jsonl").write_text("")
     code, errors = _main_quietly([_user_recipe(tmp_path, _rows(20), dataset_name=str(tmp_path / "empty.jsonl"))])
     assert code == 2 and len(errors) == 1 and errors[0].endswith(f"{tmp_path / 'empty.jsonl'} is empty"), errors
+    (tmp_path / "header.csv").write_text("prompt,keyword\n")  # datasets: 'Instruction "train" corresponds to no data!'
+    code, errors = _main_quietly([_user_recipe(tmp_path, _rows(20), dataset_name=str(tmp_path / "header.csv"))])
+    assert code == 2 and len(errors) == 1 and errors[0].endswith("split 'train' has no rows"), errors
 
 
 def test_splits_from_a_folder_named_and_held_out_and_from_a_csv_file(tmp_path, caplog):
@@ -329,8 +332,16 @@ def test_splits_from_a_folder_named_and_held_out_and_from_a_csv_file(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="grade_trl.data.custom"):
         held_out = make_custom_splits(SimpleNamespace(**{**vars(run), "test_split": None}))
     assert all(p.startswith("train") for p in held_out["test"]["prompt"])
-    assert [r.getMessage() for r in caplog.records] == [f"custom task: {folder} has a 'test' split, which test_split: null leaves unused (those prompts "
+    assert [r.getMessage() for r in caplog.records if "test_split" in r.getMessage()] == [f"custom task: {folder} has a 'test' split, which test_split: null leaves unused (those prompts "
                                                         "are held out of train_split 'train'); give test_split: test to use it"]
+
+    # test prompts that are also training prompts (repeated rows): a warning with the count
+    (folder / "test.jsonl").write_text("".join(json.dumps({"prompt": p, "keyword": "b"}) + "\n" for p in ("train 1", "train 2", "test 0")))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="grade_trl.data.custom"):
+        make_custom_splits(run)
+    assert [r.getMessage() for r in caplog.records] == ["custom task: 2 of the 3 test prompts are also training prompts (repeated rows in the data, "
+                                                        "or overlapping splits): its scores partly measure prompts the policy trained on"]
 
     (tmp_path / "data.csv").write_text("question,answer\n" + "".join(f"q{i},{i}\n" for i in range(6)))
     run = SimpleNamespace(dataset_name=str(tmp_path / "data.csv"), dataset_config=None, train_split="train[:4]", validation_split="train[4:5]", test_split="train[5:]", eval_num_prompts=9, test_num_prompts=9)

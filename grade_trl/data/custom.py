@@ -44,6 +44,8 @@ def load_custom_split(source: str, config: str | None, split: str, split_key: st
             raise UserError(f"{split_key}: {source!r} has no split {split!r} ({cause.split(': ', 1)[-1]})") from None
         # a JSON-lines file's first bad line, as GSM8K's files are named (datasets names a byte position)
         bad_line = next((f"{file}: {why}" for file in files if (why := first_bad_json_line(str(file)))), None)
+        if bad_line is None and "corresponds to no data" in cause:  # a csv with its header alone, as datasets words it
+            raise ValueError(f"split {split!r} has no rows") from None
         raise ValueError(f"cannot read split {split!r}: {bad_line or cause}") from None
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} has no rows")
@@ -99,7 +101,24 @@ def make_custom_splits(run, prepare=None) -> dict[str, Dataset]:
     for name in ("validation", "test"):
         if name not in splits:
             splits[name] = prepare(load_custom_split(run.dataset_name, run.dataset_config, getattr(run, f"{name}_split"), f"{name}_split"), name)
+    warn_about_shared_prompts(splits)
     return {name: splits[name] for name in ("train", "validation", "test")}
+
+
+def warn_about_shared_prompts(splits: dict[str, Dataset], column: str = "prompt") -> None:
+    """A warning where validation or test prompts are also training prompts (a data set with repeated rows, or split
+    files that overlap): the held-out scores then partly measure memorised prompts."""
+    import json
+
+    if not all(column in rows.column_names for rows in splits.values()):
+        return
+    key = lambda value: value if isinstance(value, str) else json.dumps(value, sort_keys=True)  # noqa: E731 - chat messages are lists
+    train = {key(value) for value in splits["train"][column]}
+    for name in ("validation", "test"):
+        shared = sum(key(value) in train for value in splits[name][column])
+        if shared:
+            logger.warning("custom task: %d of the %d %s prompts are also training prompts (repeated rows in the data, or overlapping "
+                           "splits): its scores partly measure prompts the policy trained on", shared, len(splits[name]), name)
 
 
 def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_prompt_length: int, split: str = "", chat_template_kwargs: dict | None = None) -> tuple[Dataset, int]:
