@@ -362,6 +362,8 @@ class Figures:
         fig, axes = self.plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
         for ax, (val_key, summary_key, title) in zip(axes[0], panels):
             for name, group in self.runs.items():
+                if not has_key({name: group}, metrics.KL):  # TRL's GRPO and CISPO log no KL with beta 0 (their default)
+                    continue
                 points: dict[int, list[tuple[float, float]]] = {}
                 for run in group:
                     history = run["results"]["history"]
@@ -381,10 +383,12 @@ class Figures:
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=8)
         self.save(fig, "reward_kl_frontier", "Reward against KL to the reference: lines follow the validation evaluations (mean over seeds; KL of the training "
-                  "log at that step, 0 at step 0); diamonds are each run's final test value and final KL. Proxy rising while gold falls is reward hacking.")
+                  "log at that step, 0 at step 0); diamonds are each run's final test value and final KL. Proxy rising while gold falls is reward hacking. "
+                  "A method that logs no KL (TRL's GRPO and CISPO with beta 0, their default) is not drawn.")
 
     def tau_ablation(self) -> None:
         groups: dict[str, list[dict]] = {}
+        settings = set()  # the tau schedules themselves: two estimators at one tau are no ablation (a journey audit)
         for group in self.runs.values():
             for run in group:
                 config = run["results"].get("config") or {}
@@ -393,8 +397,9 @@ class Figures:
                     schedule = trainer.get("tau_schedule", "linear")
                     tau = f"{trainer.get('tau_start')}" if schedule == "constant" else f"{trainer.get('tau_start')}->{trainer.get('tau_end')} over {trainer.get('tau_anneal_steps')}"
                     groups.setdefault(f"{method} tau {tau}", []).append(run)
-        if len(groups) < 2:
-            self.skipped["tau_ablation"] = f"{len(groups)} GRADE tau setting(s) in these runs; an ablation needs runs that differ in {', '.join(TAU_FIELDS)}"
+                    settings.add(tau)
+        if len(settings) < 2:
+            self.skipped["tau_ablation"] = f"{len(settings)} GRADE tau setting(s) in these runs; an ablation needs runs that differ in {', '.join(TAU_FIELDS)}"
             return
         fig, (bar_ax, curve_ax) = self.plt.subplots(1, 2, figsize=(13, 4.5))
         labels = sorted(groups)
@@ -626,7 +631,8 @@ def report(comparison: dict, stats: dict, figures: Figures, table: str, left_out
         *([f"**Not in the tables** ({len(left_out)} run{'s' if len(left_out) > 1 else ''} of the folder):", "", *(f"- {line}." for line in left_out), ""] if left_out else []),
         "## Comparison", "", table, "",
         "Mean ± half-width of the 95% Student t-interval over seeds (with 2-3 seeds these are wide: t = 12.7 for 2 seeds, 4.3 for 3). "
-        "KL: the last training window's KL(policy || reference), nats per completion. "
+        "KL: the last training window's KL(policy || reference), nats per completion (–: the method logged none, as TRL's GRPO and "
+        "CISPO with beta 0, their default). "
         "Steps to f: per seed s (the seed also draws the validation split), target_s(f) = r0_s + f (r*_s - r0_s) with r0_s the mean step-0 "
         "validation value and r*_s the best validation value of any run of that seed; mean steps to the first evaluation at or above it over "
         "the seeds that reached it (reached/seeds). Targets: "

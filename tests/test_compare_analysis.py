@@ -103,6 +103,17 @@ def test_a_cell_from_fewer_runs_than_the_method_has_says_how_many(tmp_path):
     assert line.count("(n=2)") == 1
 
 
+def test_two_estimators_at_one_tau_are_no_tau_ablation(tmp_path):
+    """Found by a journey audit: GRADE-STE and Gumbel-softmax GRADE at the same tau were drawn as a tau ablation (the
+    groups were method x tau). The figure needs runs that differ in tau."""
+    for name in ("grade_ste", "grade"):
+        for seed in (1, 2):
+            write_json_atomic(tmp_path / name / f"seed{seed}" / "results.json", synthetic_run([0.5, 0.6, 0.7], method=name, tau_start=2.0, seed=seed))
+    assert analysis.main([str(tmp_path)]) == 0
+    assert not (tmp_path / "analysis" / "tau_ablation.png").exists()
+    assert "tau_ablation: 1 GRADE tau setting(s)" in (tmp_path / "analysis" / "report.md").read_text()
+
+
 def test_analysis_without_comparison_json_draws_probe_and_tau_figures(tmp_path, capsys):
     # Two GRADE-STE tau settings, 2 seeds each; no comparison.json: the runs are scanned.
     for name, tau, offset in (("grade_ste", 2.0, 0.0), ("grade_ste_tau1", 1.0, 0.1)):
