@@ -178,9 +178,15 @@ def reward_specs(key: str, paths: list[str] | None, kwargs_key: str, kwargs: dic
     for path, arguments in kwargs.items():
         if not isinstance(arguments, dict):
             raise UserError(f"{kwargs_key}: the arguments of {path!r} must be a mapping {{name: value}}, got {arguments!r}")
+    def is_class(path: str) -> bool:
+        try:
+            return inspect.isclass(import_target(key, path))
+        except UserError:  # named by its own check below
+            return False
+
     for path in kwargs:  # before any class is built: a misspelt key would read as the class missing its arguments
         if path not in paths:
-            close = difflib.get_close_matches(path, paths, n=1)
+            close = difflib.get_close_matches(path, [p for p in paths if is_class(p)], n=1)  # only a class takes arguments
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UserError(f"{kwargs_key}: {path!r} is not one of {key} {paths}; {hint}key {kwargs_key} by the path of a reward class, "
                             "e.g. {my_rewards.MyReward: {name: value}}")
