@@ -59,9 +59,9 @@ RECIPE_CASES = [
     ({"reward_funcs": ["grade_trl.rewards.base.CheckedReward"], "reward_kwargs": {"grade_trl.rewards.base.CheckedRewards": {"func": 1}}}, "reward_kwargs",
      "'grade_trl.rewards.base.CheckedRewards' is not one of reward_funcs ['grade_trl.rewards.base.CheckedReward']; did you mean 'grade_trl.rewards.base.CheckedReward'?"),
     ({"reward_funcs": ["my_rewards.PositiveWords"], "reward_kwargs": {"my_rewards.PositiveWords": {"colour": "red"}}}, "reward_kwargs", "unexpected keyword argument 'colour'"),
-    # the closest path is suggested among the classes only: a function takes no arguments (it suggested keyword_reward)
+    # the closest path a function: it takes no arguments (it was suggested as if it could)
     ({"reward_funcs": ["my_rewards.keyword_reward", "my_rewards.PositiveWords"], "reward_kwargs": {"my_rewards.keyword_rewards": {"x": 1}}}, "reward_kwargs",
-     "is not one of reward_funcs ['my_rewards.keyword_reward', 'my_rewards.PositiveWords']; key reward_kwargs by the path of a reward class"),
+     "['my_rewards.keyword_reward', 'my_rewards.PositiveWords']; 'my_rewards.keyword_reward' is a function, which takes none; key reward_kwargs by the path of a reward class"),
     ({"reward_funcs": ["my_rewards.PositiveWords"], "reward_kwargs": {"my_rewards.PositiveWords": ["fun"]}}, "reward_kwargs", "must be a mapping"),
     ({"dataset_name": None}, "dataset_name", "needs your data set"),
     # a reward file named as a module of Python's (test.py, code.py) is behind it on the import path (a journey audit:

@@ -186,8 +186,11 @@ def reward_specs(key: str, paths: list[str] | None, kwargs_key: str, kwargs: dic
 
     for path in kwargs:  # before any class is built: a misspelt key would read as the class missing its arguments
         if path not in paths:
-            close = difflib.get_close_matches(path, [p for p in paths if is_class(p)], n=1)  # only a class takes arguments
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            close = difflib.get_close_matches(path, paths, n=1)
+            if close and not is_class(close[0]):  # only a class is built with arguments
+                hint = f"{close[0]!r} is a function, which takes none; "
+            else:
+                hint = f"did you mean {close[0]!r}? " if close else ""
             raise UserError(f"{kwargs_key}: {path!r} is not one of {key} {paths}; {hint}key {kwargs_key} by the path of a reward class, "
                             "e.g. {my_rewards.MyReward: {name: value}}")
     return [reward_spec(key, path, kwargs_key, kwargs.get(path)) for path in paths]
