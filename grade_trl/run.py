@@ -259,7 +259,7 @@ def clear_earlier_run(output_dir: str, checkpoints: list[str]) -> None:
         shutil.rmtree(os.path.join(output_dir, name))
     earlier = (read_results(output_dir) or {}).get("status")
     if earlier is not None:  # a finished run (no checkpoints by default) is replaced as in Trainer, but not without a word
-        logger.warning("starting over in %s: this run replaces the earlier %s run's results.json%s (give another output_dir to keep it)",
+        logger.warning("starting over in %s: this run replaces the earlier run's results.json (status %s)%s (give another output_dir to keep it)",
                        output_dir, earlier, f" and deleted its {', '.join(stale)}" if stale else "")
     elif stale:
         logger.info("starting over in %s: deleted the earlier run's %s", output_dir, ", ".join(stale))

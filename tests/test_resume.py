@@ -220,7 +220,7 @@ def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused_unless_it_starts_
     # diverged weights: one line, exit 2, after results.json (before 2026-12-06 torch's traceback)
     with caplog.at_level(logging.WARNING, logger="grade_trl"):
         assert main(argv("length_reinforce.yaml", out, max_steps=2, save_strategy="no", learning_rate=1e30)) == 2
-    assert f"starting over in {out}: this run replaces the earlier completed run's results.json and deleted its model, best_model" in caplog.text
+    assert f"starting over in {out}: this run replaces the earlier run's results.json (status completed) and deleted its model, best_model" in caplog.text
     failed = json.loads((out / "results.json").read_text())
     assert failed["status"] == "failed" and "the policy's logits are not finite" in failed["error"] and not (out / "model").exists()
     # a fork (another folder's checkpoint) into it is a new run there too: refused over checkpoints, clears an earlier model/
