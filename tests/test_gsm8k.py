@@ -81,14 +81,17 @@ COMPLETIONS = [
     ("First guess \\boxed{18}, but recounting gives 20.\n#### 20", 20, True),
     ("#### 10\nCorrection:\n#### 12", 12, True),
     ("\\boxed{12} is wrong; the total is \\boxed{x+1}", None, False),  # the last answer is unreadable: no credit for 12
-    ("#### 16\nQuestion: Tom has 3 apples. How many apples does he have?\nAnswer: #### 3", 3, True),  # answer_text cuts at the invented question
-    # a sentence after a marked answer restates or checks it: it neither replaces nor cancels it (lm-eval strict-match
-    # and the GSM8K paper read 18, 18, 15; they were None, None, 10: a journey audit)
+    # the last marker, the invented problem's (final_answer, after its Question/Answer prompt, reads 16: see below)
+    ("#### 16\nQuestion: Tom has 3 apples. How many apples does he have?\nAnswer: #### 3", 3, True),
+    # a sentence after a marked answer restates or checks it: it neither replaces nor cancels it (the GSM8K paper's
+    # convention reads the marked 18, 18, 15; they were None, None, 10: a journey audit)
     ("#### 18\n\nThe answer is 18 apples, which is 6 more than 12.", 18, False),
     ("\\boxed{18}\n\nSo the answer is 18 dollars for 3 hours of work.", 18, False),
     ("#### 15\n\nTo verify the answer: 15 - 5 = 10 left.", 15, False),
     ("#### 18 (3 * 6)", 18, False),  # the working in parentheses after the marked answer
-    ("The answer is 18. Then the answer is 3 more than 4.", 18, False),  # no marker: the last readable sentence
+    ("#### (18)", 18, False),  # parentheses around the answer itself
+    ("#### 12\nWait, I made a mistake: 3*5 = 15. The answer is 15.", 12, False),  # a correction in prose after a marker does not count
+    ("The answer is 18. Then the answer is 3 more than 4.", None, False),  # no marker: the last sentence, unreadable: no credit for 18
     # no answer
     ("She has 3 apples and 5 pears, so she has 8 fruits", None, False),
     ("I don't know how to solve this.", None, False),
@@ -187,11 +190,15 @@ def test_a_thinking_models_answer_is_read_after_its_thinking(tokenizer):
     assert GSM8KCorrectness(tokenizer=thinking)([no_thinking], ["#### 3"], answer=["3"]) == [1.0]
     # a tokenizer without a response template, and a chat completion (already parsed): the text as it is
     assert answer_text("#### 3", "Question: 1 + 2?\nAnswer:", tokenizer) == "#### 3"
-    # a base model that goes on to invent the next problem: its answer is read up to it (lm-eval stops generating there)
+    # a base model that goes on to invent the next problem: its answer is read up to it (lm-eval stops generating there);
+    # the format reward reads the whole completion (going on past the answer is not the format asked for)
+    from grade_trl.rewards.gsm8k import final_answer
+
+    question = "Question: 1 + 2?\nAnswer:"
     invented = " 1 + 2 = 3\n#### 3\nQuestion: Tom has 5 apples. How many?\nAnswer: #### 5"
-    assert answer_text(invented, "Question: 1 + 2?\nAnswer:", tokenizer) == " 1 + 2 = 3\n#### 3"
-    assert GSM8KCorrectness()(["Question: 1 + 2?\nAnswer:"], [invented], answer=["3"]) == [1.0]
-    assert answer_text(invented, [{"role": "user", "content": "1 + 2?"}], None) == invented  # a chat prompt: not that form
+    assert final_answer(invented, question, tokenizer) == 3 and GSM8KCorrectness()([question], [invented], answer=["3"]) == [1.0]
+    assert final_answer(invented, [{"role": "user", "content": "1 + 2?"}]) == 5  # a chat prompt: not that form, the last marker
+    assert GSM8KFormat()([question], [" 1 + 2 = 3\n#### 3\nQuestion: Tom has 5 apples. And then"]) == [0.0]
     assert answer_text([{"role": "assistant", "content": "#### 3"}], [{"role": "user", "content": "1 + 2?"}], thinking) == "#### 3"
 
 

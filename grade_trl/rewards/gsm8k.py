@@ -8,9 +8,9 @@ works once a `prompt` column is added.
 
 Extraction (`extract_answer`): the final-answer markers `#### X` and `\\boxed{X}`, the LAST of them wins (a
 model that corrects itself is judged by what it marked last; lm-eval's strict-match takes the first). Only a
-completion without a marker is read from "answer is X" / "answer: X" / "answer = X" sentences, the last readable
-one: a sentence that restates or checks a marked answer ("#### 18. The answer is 18 apples, 6 more than 12")
-neither replaces nor cancels it. X may carry `$`, thousands commas, a decimal
+completion without a marker is read from "answer is X" / "answer: X" / "answer = X" sentences, the last one: a
+sentence after a marked answer, restating, checking or even correcting it ("#### 18. The answer is 18 apples, 6 more
+than 12"), neither replaces nor cancels it. X may carry `$`, thousands commas, a decimal
 part, a sign, a `%` or a unit word after it; `a/b` and `\\frac{a}{b}` are read as fractions. Values
 are exact `Fraction`s, so `18.00 == 18` and `0.5 == 1/2` without float tolerance. A completion
 without any answer-like expression has no answer and scores 0 (with `fallback_to_last_number`,
@@ -42,7 +42,7 @@ _ANSWER_IS_RE = re.compile(r"\banswer\s*(?:is|was|:|=)(?P<rest>(?:[\s:=*]|\\\(|\
 _TAIL = r"(?:\s|\.|\$|\*|\\\)|\\\])*"
 _FINAL_HASH_RE = re.compile(rf"####[ \t]*\**[ \t]*(?P<value>{_VALUE}){_TAIL}\Z")
 # A working after a marked answer, "#### 18 (3 * 6)": not part of the answer.
-_PARENTHESES_TAIL_RE = re.compile(r"\s*\([^()\n]*\)[\s.]*\Z")
+_PARENTHESES_TAIL_RE = re.compile(r"(?<=\S)\s*\([^()\n]*\)[\s.]*\Z")  # not "#### (18)": nothing before it
 
 
 def to_number(text: str) -> Fraction | None:
@@ -116,20 +116,20 @@ def answer_candidates(text: str) -> list[tuple[int, Fraction | None, bool]]:
 
 
 def extract_answer(text: str, fallback_to_last_number: bool = False) -> Fraction | None:
-    """The completion's final answer: the value of its LAST marker (`#### X`, `\\boxed{X}`), else of its last readable
-    "answer is X" sentence, else None.
+    """The completion's final answer: the value of its LAST marker (`#### X`, `\\boxed{X}`), else of its last "answer is
+    X" sentence, else None. A sentence after a marker never counts, even one that corrects it ("#### 12 ... the answer is
+    15" reads 12, as lm-eval's strict-match would): a marker is the answer the format asks for.
 
-    A last marker that cannot be read (`\\boxed{x+1}`, a `####` cut off by the length limit) gives None: an earlier,
-    different answer is not credited. With `fallback_to_last_number`, a text without any answer-like expression is
+    A last marker (sentence) that cannot be read (`\\boxed{x+1}`, a `####` cut off by the length limit) gives None: an
+    earlier, different answer is not credited. With `fallback_to_last_number`, a text without any answer-like expression is
     judged by its last number.
     """
     candidates = answer_candidates(text)
     markers = [value for _, value, is_marker in candidates if is_marker]
     if markers:
         return markers[-1]
-    if candidates:  # "answer is X" sentences only: the last one that can be read
-        readable = [value for _, value, _ in candidates if value is not None]
-        return readable[-1] if readable else None
+    if candidates:  # "answer is X" sentences only: the last one, as for markers
+        return candidates[-1][1]
     if fallback_to_last_number:
         values = VALUE_RE.findall(text)
         return to_number(values[-1]) if values else None
@@ -154,19 +154,24 @@ def answer_text(completion, prompt=None, tokenizer=None) -> str:
     with the prompt's ids as prefix (`rewards.base.assistant_messages`), so `#### 3` written inside the thinking is no
     answer, and a completion cut off inside its thinking has none (''). GSM8K prompts are rendered text, so neither
     TRL's GRPOTrainer nor our trainers parse their completions before the rewards do. A chat completion (already
-    parsed) or any other tokenizer: the completion's text.
-
-    After a `Question: ...\\nAnswer:` prompt (the base models' form), the text ends where the completion goes on to a
-    new `Question:` of its own making, as lm-eval's GSM8K task stops generating there: the invented problem's answer
-    is not this one's."""
+    parsed) or any other tokenizer: the completion's text."""
     text = completion_text(completion)
-    if isinstance(prompt, str) and prompt.rstrip().endswith("Answer:"):
-        text = text.split("\nQuestion:", 1)[0]
     if tokenizer is None or not isinstance(completion, str) or not has_response_parser(tokenizer):
         return text
     prefix = tokenizer(prompt_text(prompt, tokenizer), add_special_tokens=False)["input_ids"] if prompt is not None else None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return assistant_messages(tokenizer, [ids], [prefix] if prefix is not None else None)[0][0].get("content") or ""
+
+
+def final_answer(completion, prompt=None, tokenizer=None, fallback_to_last_number: bool = False) -> Fraction | None:
+    """The answer a completion gives to its prompt's problem: `extract_answer` of its `answer_text`, which after a
+    `Question: ...\\nAnswer:` prompt (the base models' form) is read up to a new `Question:` the completion goes on to
+    invent, as lm-eval's GSM8K task stops generating there (the invented problem's answer is not this one's). The
+    format reward still reads the whole completion: going on past the answer is not the format asked for."""
+    text = answer_text(completion, prompt, tokenizer)
+    if isinstance(prompt, str) and prompt.rstrip().endswith("Answer:"):
+        text = text.split("\nQuestion:", 1)[0]
+    return extract_answer(text, fallback_to_last_number)
 
 
 def _gold_column(reward, kwargs: dict, n: int) -> list[str]:
@@ -196,7 +201,7 @@ class GSM8KCorrectness:
         golds = _gold_column(self, kwargs, len(completions))
         scores = []
         for prompt, completion, gold in zip(prompts or [None] * len(completions), completions, golds):
-            predicted = extract_answer(answer_text(completion, prompt, self.tokenizer), self.fallback_to_last_number)
+            predicted = final_answer(completion, prompt, self.tokenizer, self.fallback_to_last_number)
             scores.append(float(predicted is not None and predicted == Fraction(gold_answer(str(gold)))))
         return scores
 
