@@ -15,6 +15,7 @@ so that trackio, which continues any run of the same name, never merges two runs
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import time
@@ -115,8 +116,6 @@ def refuse_trackers_that_fail_to_start(trainer, started=None) -> None:
     callback)`: called once a tracker's run has started."""
     from transformers.integrations import INTEGRATION_TO_CALLBACK
 
-    from .errors import RefusedBeforeTraining
-
     names = {callback: name for name, callback in INTEGRATION_TO_CALLBACK.items()}
     for callback in trainer.callback_handler.callbacks:
         name = names.get(type(callback))
@@ -124,18 +123,28 @@ def refuse_trackers_that_fail_to_start(trainer, started=None) -> None:
             continue
 
         def on_train_begin(*args, _start=callback.on_train_begin, _name=name, _callback=callback, **kwargs):
-            try:
+            with tracker_start(_name):
                 result = _start(*args, **kwargs)
-                if started is not None:
-                    started(_name, _callback)
-                return result
-            except Exception as error:  # noqa: BLE001 - whatever the tracker raises when its run cannot start
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                hint = TRACKER_SETUP_HINTS.get(_name, "see its documentation")
-                raise RefusedBeforeTraining(f"report_to: {_name} could not start its run ({type(error).__name__}: {reason}); {hint}, "
-                                            f"or remove {_name} from report_to") from None
+            if started is not None:
+                started(_name, _callback)
+            return result
 
         callback.on_train_begin = on_train_begin  # the instance attribute shadows the method
+
+
+@contextlib.contextmanager
+def tracker_start(name: str):
+    """What a tracker raises while it starts its run (transformers' callback at the beginning of training, or the
+    resumed run's W&B start in `continue_trackers`) as a one-line `errors.RefusedBeforeTraining` naming report_to."""
+    from .errors import RefusedBeforeTraining
+
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - whatever the tracker raises when its run cannot start
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        hint = TRACKER_SETUP_HINTS.get(name, "see its documentation")
+        raise RefusedBeforeTraining(f"report_to: {name} could not start its run ({type(error).__name__}: {reason}); {hint}, "
+                                    f"or remove {name} from report_to") from None
 
 
 class TrainEndHeld:
@@ -214,8 +223,9 @@ def continue_trackers(trainer, saved: dict | None) -> None:
         import wandb
 
         if wandb.run is None:
-            wandb.init(project=os.getenv("WANDB_PROJECT") or saved.get("wandb_project") or "huggingface", entity=os.getenv("WANDB_ENTITY") or saved.get("wandb_entity"),
-                       id=saved["wandb_run_id"], resume="allow", name=trainer.args.run_name)
+            with tracker_start("wandb"):
+                wandb.init(project=os.getenv("WANDB_PROJECT") or saved.get("wandb_project") or "huggingface", entity=os.getenv("WANDB_ENTITY") or saved.get("wandb_entity"),
+                           id=saved["wandb_run_id"], resume="allow", name=trainer.args.run_name)
     if saved.get("tensorboard_dir") and "TENSORBOARD_LOGGING_DIR" not in os.environ:
         folder = os.path.join(trainer.args.output_dir, saved["tensorboard_dir"])
         for callback in _reporter_callbacks(trainer, "tensorboard"):

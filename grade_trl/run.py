@@ -29,7 +29,7 @@ from .cli import exit_process, quiet_libraries, run_safely
 from .errors import Interrupted, RefusedBeforeTraining, UserError, signals_raise
 from .recipe import Recipe, help_for_argv, parse_recipe
 from .reporting import TrainEndHeld, continue_trackers, start_trackers, continues_the_run, default_run_name
-from .results import RESULTS_FILE, last_training_value, payload, write_json_atomic
+from .results import RESULTS_FILE, last_training_value, payload, read_results, write_json_atomic
 from .resume import GracefulStop, checkpoint_folders, is_complete, saved_tracker_ids
 from .safety import clipping_freezes_adam, diverged_weights_error, output_dir_lock
 
@@ -93,7 +93,12 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
         final["task"] = task.info
         callbacks = build_callbacks(recipe, task, resume_from, graceful_stop)
         eval_callback = callbacks["evaluation"]
-        trainer = build_trainer(recipe, task, tokenizer, [c for c in callbacks.values() if c is not None])
+        # a run that starts over clears the earlier run's folder when training begins, after the trackers have started
+        # (the reporters' callbacks come first) and the resume checks, before the first evaluation writes best_model/:
+        # a tracker or checkpoint refused then leaves the earlier run as it was
+        start_over = StartOver(config.output_dir, earlier) if not continuing and is_main else None
+        ordered = [callbacks["resume"], start_over, *(c for name, c in callbacks.items() if name != "resume")]
+        trainer = build_trainer(recipe, task, tokenizer, [c for c in ordered if c is not None])
         if is_main:  # last, so that its `final` has the doctor's findings of the row it follows
             trainer.add_callback(ResultsSnapshot(lambda: write_json_atomic(
                 results_path, payload("running", config_record(recipe), trainer.state.log_history, {**final, **progress(trainer, callbacks, start)}))))
@@ -108,8 +113,6 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
         if resume_from is not None:
             final["resumed_from"] = resume_from
         continue_trackers(trainer, saved_trackers)  # a resumed run continues its tracker runs (reporting)
-        if not continuing and is_main:
-            clear_earlier_run(config.output_dir, earlier)
         trainer.accelerator.wait_for_everyone()
         trainer.train(resume_from_checkpoint=resume_from)
         if graceful_stop.stopping:  # agreed by every process (GracefulStop.agree)
@@ -168,6 +171,9 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
             print(f"\nresults: {results_path}\nmodel:   {os.path.join(config.output_dir, 'model')}")
     except BaseException as error:  # keep everything logged so far, whatever stopped the run
         if isinstance(error, UserError) and (trainer is None or isinstance(error, RefusedBeforeTraining)):
+            if trainer is not None:  # the trackers that started before another refused: finished, not left open
+                with contextlib.suppress(Exception):
+                    finish_reporters(config, exit_code=2)
             raise  # bad input found by the set-up, or when training begins: nothing written (the lock removes the folder it made)
         # what a traceback from the sampler would not say: diverged weights, raised below in one line, exit 2
         diverged = diverged_weights_error(trainer.model, trainer.state.global_step + 1, error) if trainer is not None else None
@@ -180,6 +186,8 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
             final = {**progress(trainer, callbacks, start), **final}
         if is_main:
             history = trainer.state.log_history if trainer is not None else []
+            if continuing and not history:  # failed before the checkpoint's history was loaded: keep the stopped run's
+                history = (read_results(config.output_dir) or {}).get("history") or []
             try:
                 write_json_atomic(results_path, payload("interrupted" if interrupted else "failed", config_record(recipe), history, final, f"{type(error).__name__}: {error}"))
             except OSError as unwritable:  # output_dir gone or replaced by a file: say so, and let the run's own error end it
@@ -246,13 +254,23 @@ def progress(trainer, callbacks: dict, start: float | None) -> dict:
     return done
 
 
+class StartOver(TrainerCallback):
+    """`clear_earlier_run` when training begins, once (on the main process)."""
+
+    def __init__(self, output_dir: str, checkpoints: list[str]):
+        self.output_dir, self.checkpoints, self.done = output_dir, checkpoints, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.done:
+            self.done = True
+            clear_earlier_run(self.output_dir, self.checkpoints)
+
+
 def clear_earlier_run(output_dir: str, checkpoints: list[str]) -> None:
     """A run that starts over, once its set-up has checked the input: an earlier run's checkpoints (the run was allowed
     to delete them: overwrite_output_dir) and its model/ and best_model/, which this run's results.json no longer
     describes, are deleted; this run writes its own."""
     import shutil
-
-    from .results import read_results
 
     stale = [*checkpoints, *(name for name in ("model", "best_model") if os.path.isdir(os.path.join(output_dir, name)))]
     for name in stale:

@@ -120,22 +120,28 @@ def test_wandb_records_a_failed_run_with_the_exit_code_of_the_command(tmp_path, 
     assert [record.exit.exit_code for record in wandb_records(run_file, "exit")] == [2]
 
 
-def test_a_tracker_that_cannot_start_its_run_is_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+def test_a_tracker_that_cannot_start_its_run_is_one_line_and_nothing_is_written(tmp_path):
     """Found by a journey audit: `report_to: wandb` without a login (and mlflow 3's refused file store) failed in the
     tracker's start with a 30-line traceback, exit 1 and a `failed` results.json. It is one line naming report_to, what
-    the tracker said and what would start it; exit 2; nothing written. W&B's own start decides (its credentials may come
-    from the environment, a netrc or its settings), here with none of them."""
-    wandb = pytest.importorskip("wandb", reason="W&B is an optional extra: pip install -e '.[wandb]'")
-    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in (("HOME", str(tmp_path)), ("NETRC", str(tmp_path / ".netrc")), ("WANDB_CONFIG_DIR", str(tmp_path / "config")),
-                       ("WANDB_DIR", str(tmp_path)), ("WANDB_SILENT", "true"), ("WANDB_CONSOLE", "off")):
-        monkeypatch.setenv(key, value)
-    code = main(shrunk(tmp_path, report_to="wandb", max_steps=2))
-    wandb.teardown()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("error: report_to: wandb could not start its run (") and "WANDB_MODE=offline" in err[-1], err[-3:]
+    the tracker said and what would start it; exit 2; nothing written, and a finished run in the folder stays as it was
+    (a review: its model/ was deleted before the tracker refused). W&B's own start decides (its credentials may come
+    from the environment, a netrc or its settings), here with none of them, in a process of its own (W&B keeps its
+    mode per process, and this file's other tests run it offline)."""
+    pytest.importorskip("wandb", reason="W&B is an optional extra: pip install -e '.[wandb]'")
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / ".netrc"), WANDB_CONFIG_DIR=str(tmp_path / "config"), WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+
+    def run_without_login():
+        return subprocess.run([sys.executable, "-m", "grade_trl.run", *shrunk(tmp_path, report_to="wandb", max_steps=2)], env=env, capture_output=True, text=True, timeout=600)
+
+    refused = run_without_login()
+    last = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and last.startswith("error: report_to: wandb could not start its run (") and "WANDB_MODE=offline" in last, refused.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+    assert main(shrunk(tmp_path, max_steps=1)) == 0
+    finished = (tmp_path / "run" / "results.json").read_text()
+    assert run_without_login().returncode == 2
+    assert (tmp_path / "run" / "results.json").read_text() == finished and (tmp_path / "run" / "model").is_dir()
 
 
 def stop_at_step(monkeypatch, step: int) -> None:
@@ -168,6 +174,14 @@ def test_a_resumed_run_continues_its_wandb_run_and_tensorboard_folder(tmp_path, 
     with monkeypatch.context() as patched:
         stop_at_step(patched, 2)
         assert main(argv) == 143
+    # resumed without a W&B login: one line, exit 2, the stopped run's results.json as it was (a review: the resumed
+    # run's own W&B start raised a traceback and wrote `failed` with an empty history over the stopped run's)
+    stopped = (tmp_path / "run" / "results.json").read_text()
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}  # a process of its own: W&B keeps its mode per process
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / ".netrc"), WANDB_CONFIG_DIR=str(tmp_path / "config"))
+    refused = subprocess.run([sys.executable, "-m", "grade_trl.run", *argv, "--resume_from_checkpoint", "true"], env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("error: report_to: wandb could not start its run ("), refused.stderr[-2000:]
+    assert (tmp_path / "run" / "results.json").read_text() == stopped
     assert main(argv + ["--resume_from_checkpoint", "true"]) == 0
     wandb.teardown()
 
