@@ -587,7 +587,10 @@ def budget_lines(comparison: dict) -> list[str]:
 
 
 def _count(value) -> str:
-    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+    """8.0 -> "8", 0.9 -> "0.9", 1048576 -> "1048576" (not `:g`'s 1.04858e+06)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
 
 
 def generation_lines(comparison: dict) -> list[str]:
@@ -607,8 +610,8 @@ def generation_lines(comparison: dict) -> list[str]:
                      "top-p < 1 it includes -log of the nucleus mass per token), so the KL column and the reward-KL figure compare "
                      "different quantities"),
     ):
-        found = {name: (entry.get("generation") or {}).get(part) for name, entry in comparison["methods"].items()}
-        found = {name: {k: v for k, v in settings.items() if v is not None} for name, settings in found.items() if settings}
+        found = {name: {k: v for k, v in ((entry.get("generation") or {}).get(part) or {}).items() if v is not None} for name, entry in comparison["methods"].items()}
+        found = {name: settings for name, settings in found.items() if settings}
         if len({json.dumps(settings, sort_keys=True) for settings in found.values()}) > 1:
             lines.append(f"{warning}: " + "; ".join(f"{name}: {described(settings)}" for name, settings in found.items()) + ".")
     return lines

@@ -208,8 +208,13 @@ def use_the_runs_reward_head(recipe: Recipe, checkpoint: str) -> None:
             logger.info("--checkpoint %s: scoring with its run's reward head %s", checkpoint, own)
     elif not has_trained_head(recipe.run.reward_model_path):
         recorded = (((read_results(run_dir) or {}).get("config") or {}).get("run") or {}).get("reward_model_path")
+        if isinstance(recorded, str) and os.path.isabs(recorded) and has_trained_head(recorded):  # the run's own, where it was
+            recipe.run.reward_model_path = recorded
+            logger.info("--checkpoint %s: scoring with its run's reward head %s (its results.json's)", checkpoint, recorded)
+            return
         said = f" (its results.json says {recorded!r}, relative to where the run was launched)" if isinstance(recorded, str) else ""
-        raise UserError(f"reward_model_path: no trained reward head at {recipe.run.reward_model_path!r} (relative to this folder) to score the "
+        where = "" if os.path.isabs(recipe.run.reward_model_path) else " (relative to this folder)"
+        raise UserError(f"reward_model_path: no trained reward head at {recipe.run.reward_model_path!r}{where} to score the "
                         f"checkpoint {checkpoint!r} with; give --reward_model_path the folder of the head its run trained{said}")
 
 

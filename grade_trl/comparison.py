@@ -126,7 +126,8 @@ def with_the_same_protocol(runs: list[dict], reference: dict | None = None, pref
 def runs_in_folder(folder: Path) -> list[dict]:
     """The run records of every `{folder}/{name}/seed{k}/` that holds a results.json or compare's compare_run.json, as
     `compare` writes them (name, method, recipe, seed, run_dir, status): what an earlier command left in the folder.
-    status: the results.json's ("completed", "interrupted", "failed"), or "pending" for a launch that wrote none."""
+    status: the results.json's ("completed", "interrupted", "failed", "running": still training or killed without a
+    word), or "pending" for a launch that wrote none."""
     return [record for record, _ in runs_and_results_in_folder(folder)]
 
 

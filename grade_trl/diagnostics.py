@@ -549,7 +549,7 @@ def evaluation_size_of(config: dict) -> int | None:
     asked = run.get("eval_num_problems" if run.get("task") == "gsm8k" else "eval_num_prompts")
     available = (task.get("split_sizes") or {}).get("validation")
     sizes = [n for n in (asked, available) if _is_number(n) and n >= 1]
-    return int(min(sizes)) if sizes and _is_number(asked) else None
+    return int(min(sizes)) if sizes and _is_number(asked) else None  # an IMDB split's size alone is not what was scored
 
 
 _AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")

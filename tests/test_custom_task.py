@@ -67,7 +67,7 @@ RECIPE_CASES = [
     # a reward file named as a module of Python's (test.py, code.py) is behind it on the import path (a journey audit:
     # "module 'test' has no 'kw_len'" left the user guessing)
     ({"reward_funcs": ["test.keyword_reward"]}, "reward_funcs", "module 'test' is Python's own"),
-    ({"reward_funcs": ["code.keyword_reward"]}, "reward_funcs", "a code.py of yours comes after it on the import path: rename it"),
+    ({"reward_funcs": ["code.keyword_reward"]}, "reward_funcs", "if the reward is in a code.py of yours, Python's module comes first on the import path: rename yours"),
     ({"dataset_name": "./no/such/file.jsonl"}, "dataset_name", "no such file"),
     ({"task": "imdb_sentiment"}, "reward_funcs", "only task custom reads it"),
     ({"task": "length", "reward_funcs": None, "prompt_column": "text"}, "prompt_column", "only task custom reads it"),

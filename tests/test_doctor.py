@@ -190,6 +190,17 @@ def test_reward_regression_needs_falls_beyond_the_evaluations_noise():
     assert diagnose(accuracy, DoctorSettings(eval_size=25)) == [] and only(diagnose(accuracy, DoctorSettings(eval_size=500)), "reward_regression")
 
 
+def test_the_live_doctor_gets_the_tasks_evaluation_size(tmp_path):
+    """The runner's doctor judges a fall against the standard error of its task's validation size (build_callbacks)."""
+    from grade_trl.build import build_callbacks, build_task
+    from grade_trl.recipe import parse_recipe
+
+    recipe = parse_recipe([str(REPO / "recipes" / "tiny" / "length_reinforce.yaml"), "--output_dir", str(tmp_path / "run"), "--eval_num_prompts", "12",
+                           "--policy_split_size", "40", "--validation_split_size", "20", "--test_split_size", "20"])
+    _, task = build_task(recipe, gold_judge=False)
+    assert build_callbacks(recipe, task)["doctor"].settings.eval_size == 12 == task.evaluator.size("validation")
+
+
 def test_the_evaluation_size_comes_from_the_run():
     from grade_trl.diagnostics import evaluation_size_of, settings_from_config
 
@@ -197,7 +208,7 @@ def test_the_evaluation_size_comes_from_the_run():
     assert evaluation_size_of({"run": {"task": "custom", "eval_num_prompts": 100}, "final": {"task": {"split_sizes": {"validation": 40}}}}) == 40
     assert evaluation_size_of({"run": {"task": "gsm8k", "eval_num_prompts": 100, "eval_num_problems": 500}}) == 500
     assert evaluation_size_of({}) is None and "eval_size" not in settings_from_config({})
-    assert settings_from_config({"run": {"task": "imdb_length", "eval_num_prompts": 8}})["eval_size"] == 8
+    assert settings_from_config({"run": {"task": "length", "eval_num_prompts": 8}})["eval_size"] == 8
 
 
 def test_loss_rising_while_reward_flat():

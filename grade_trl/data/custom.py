@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
@@ -66,7 +67,8 @@ def unused_splits(run) -> list[tuple[str, str]]:
             names = get_dataset_split_names(str(path), run.dataset_config)
     except Exception:  # noqa: BLE001 - a layout datasets cannot name splits of: loading it says what is wrong
         return []
-    return [(key, name) for key, name in (("validation_split", "validation"), ("test_split", "test")) if getattr(run, key) is None and name in names and name != run.train_split]
+    reads = set(re.findall(r"[A-Za-z_][\w-]*", run.train_split))  # "train+test", "test[:50%]": the split names train_split reads
+    return [(key, name) for key, name in (("validation_split", "validation"), ("test_split", "test")) if getattr(run, key) is None and name in names and name not in reads]
 
 
 def make_custom_splits(run, prepare=None) -> dict[str, Dataset]:

@@ -106,7 +106,7 @@ def import_target(key: str, path: str):
         stdlib = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
         if top in sys.builtin_module_names or (where.startswith(stdlib) and "site-packages" not in where):  # a test.py behind Python's `test`
             raise UserError(f"{key}: module {module_name!r} is Python's own ({getattr(module, '__file__', None) or 'built in'}) and has no {attribute!r}; "
-                            f"a {top}.py of yours comes after it on the import path: rename it (and the import path {path!r}) to a name of its own")
+                            f"if the reward is in a {top}.py of yours, Python's module comes first on the import path: rename yours (and the import path {path!r})")
         names = [n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n))]
         close = difflib.get_close_matches(attribute, names, n=1)
         hint = f"; did you mean {module_name}.{close[0]}?" if close else (f"; it has {', '.join(sorted(names)[:8])}" if names else "")
