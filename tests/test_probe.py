@@ -422,5 +422,10 @@ def test_a_sentiment_checkpoint_is_scored_by_its_runs_own_reward_head(tmp_path, 
     write_json_atomic(run / "results.json", {"status": "completed", "config": {"run": {"reward_model_path": "outputs/reward_models/tiny-imdb"}}, "history": [], "final": {}})
     with pytest.raises(UserError) as error:
         build_probe_trainer(parse_recipe(argv), checkpoint=str(run))
-    assert str(error.value).startswith("reward_model_path: no trained reward head at 'outputs/reward_models/tiny-imdb'") and "its results.json says" in str(error.value)
-    assert not (tmp_path / "outputs").exists()
+    assert str(error.value).startswith("reward_model_path: no trained reward head at 'outputs/reward_models/tiny-imdb' (relative to this folder)")
+    assert "its results.json says" in str(error.value) and not (tmp_path / "outputs").exists()
+    # an absolute path the run recorded, where its head still is: used
+    write_json_atomic(run / "results.json", {"status": "completed", "config": {"run": {"reward_model_path": str(run / "reward_model")}}, "history": [], "final": {}})
+    recipe = parse_recipe(argv)
+    build_probe_trainer(recipe, checkpoint=str(run))
+    assert recipe.run.reward_model_path == str(run / "reward_model") and not (tmp_path / "outputs").exists()
