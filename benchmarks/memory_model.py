@@ -22,6 +22,12 @@ gpt2-small) before it predicts (`--predict`, default gpt2-medium). Allocator-lev
 (`torch.cuda.max_memory_allocated`'s sense); a CUDA process adds its context and allocator slack (0.5-1 GB).
 
     python benchmarks/memory_model.py --tokenizer gpt2 --threads 2 --json docs/results/memory_model.json
+
+Another GPT-2-like shape from the committed fit, in a second (no measurement): `--from_json` reads the coefficients,
+`--predict` takes a name or LAYERS,HIDDEN, `--predict_vocab` the vocabulary, B counts completions per micro-batch
+(`per_device_train_batch_size` x completions per prompt), not the optimizer batch:
+
+    python benchmarks/memory_model.py --from_json docs/results/memory_model.json --predict 36,1280 --predict_batches 8 16
 """
 
 from __future__ import annotations
@@ -103,7 +109,8 @@ def step_peak(saved: list[float], transient: list[float], layers: int, hidden: i
     f = features(layers, hidden, vocab, batch, prompt, new_tokens)
     s, x = sum(c * v for c, v in zip(saved, f)), sum(c * v for c, v in zip(transient, f))
     n_policy, _ = parameters(layers, hidden, vocab)
-    return {"saved": s, "transient": x, "step_peak": max(s + x, 4 * n_policy + 8 * batch * new_tokens * vocab)}
+    floor = 4 * n_policy + 8 * batch * new_tokens * vocab
+    return {"saved": s, "transient": x, "step_peak": max(s + x, floor), "floor_decides": floor > s + x}
 
 
 def predict(saved: list[float], transient: list[float], layers: int, hidden: int, vocab: int, batch: int, prompt: int, new_tokens: int) -> dict:
@@ -112,7 +119,35 @@ def predict(saved: list[float], transient: list[float], layers: int, hidden: int
     n_policy, n_reward = parameters(layers, hidden, vocab)
     resident = 16 * n_policy + 4 * n_reward
     return {"saved_gib": step["saved"] / 2**30, "step_peak_gib": step["step_peak"] / 2**30, "resident_gib": resident / 2**30,
-            "peak_gib": (step["step_peak"] + resident) / 2**30}
+            "peak_gib": (step["step_peak"] + resident) / 2**30, "floor_decides": step["floor_decides"]}
+
+
+def shape(text: str) -> tuple[int, int, int]:
+    """A name of SHAPES, or LAYERS,HIDDEN (heads: HIDDEN / 64) -> (layers, hidden, heads)."""
+    if text in SHAPES:
+        return SHAPES[text]
+    try:
+        layers, hidden = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give {' or '.join(SHAPES)}, or LAYERS,HIDDEN such as 36,1280") from None
+    return layers, hidden, max(1, hidden // 64)
+
+
+def from_json(args) -> dict:
+    """Predictions for --predict from a fit written by --json: no measurement."""
+    try:
+        out = json.loads(Path(args.from_json).read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: --from_json: cannot read {args.from_json!r} as a memory model written by --json ({error})") from None
+    layers, hidden, _ = shape(args.predict)
+    for key, entry in out["methods"].items():
+        saved, transient = list(entry["saved_coefficients"].values()), list(entry["transient_coefficients"].values())
+        entry["prediction"] = {"shape": args.predict, "new_tokens": args.predict_tokens, "vocab": args.predict_vocab,
+                               "by_batch": {b: predict(saved, transient, layers, hidden, args.predict_vocab, b, out["prompt_length"], args.predict_tokens)
+                                            for b in args.predict_batches}}
+    args.prompt_length = out["prompt_length"]
+    print(table(out, args))
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -126,13 +161,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--validate", default="gpt2-small", choices=list(SHAPES), help="a shape the fit has not seen, measured here and compared")
     parser.add_argument("--validate_batch", type=int, default=8)
     parser.add_argument("--validate_tokens", type=int, default=48)
-    parser.add_argument("--predict", default="gpt2-medium", choices=list(SHAPES))
+    parser.add_argument("--predict", default="gpt2-medium", type=str, help=f"{', '.join(SHAPES)}, or LAYERS,HIDDEN of another GPT-2-like model")
+    parser.add_argument("--predict_vocab", type=int, default=50257, help="with --from_json: the vocabulary of the predicted model (a fit reads its tokenizer's)")
+    parser.add_argument("--from_json", default=None, help="predict from the coefficients a run with --json wrote, without measuring")
     parser.add_argument("--predict_batches", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--predict_tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--grid", default=None, help="JSON overriding the grid, e.g. '{\"layers\": [1, 2]}' (tests)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    try:
+        shape(args.predict)
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--predict: {error}")
+    if args.from_json:
+        return from_json(args)
+    if [m for m in args.methods if "+" in m] and "bf16" not in args.dtypes:  # it wrote an empty model over --json's
+        parser.error("--methods: METHOD+switches is fitted with all three switches, bf16 included: add bf16 to --dtypes")
     small_tokenizer = str(step_cost.resolve_model_path(args.small_tokenizer))
     grid = {**GRID, **json.loads(args.grid)} if args.grid else GRID
     out = {"features": FEATURES, "grid": grid, "prompt_length": args.prompt_length, "methods": {}}
@@ -148,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
             check = measure(method, args, layers, hidden, args.tokenizer, args.validate_batch, args.validate_tokens, flags)
             vocab = check["vocab"]
             predicted = step_peak(saved, transient, layers, hidden, vocab, args.validate_batch, args.prompt_length, args.validate_tokens)
-            layers_p, hidden_p, _ = SHAPES[args.predict]
+            layers_p, hidden_p, _ = shape(args.predict)
             predictions = {b: predict(saved, transient, layers_p, hidden_p, vocab, b, args.prompt_length, args.predict_tokens) for b in args.predict_batches}
             out["methods"][f"{method}/{dtype}"] = entry = {
                 "saved_coefficients": dict(zip(FEATURES, saved)), "transient_coefficients": dict(zip(FEATURES, transient)),
@@ -180,9 +225,16 @@ def table(out: dict, args) -> str:
     for key, entry in out["methods"].items():
         method, dtype = key.split("/")
         v = entry["validation"]
-        cells = " | ".join(f"{p['peak_gib']:.1f} ({p['step_peak_gib']:.1f})" for p in (entry["prediction"]["by_batch"][b] for b in args.predict_batches))
-        lines.append(f"| {method} | {dtype} | {cells} | {v['measured_step_peak_mib']:.0f} / {v['predicted_step_peak_mib']:.0f} ({v['relative_error']:+.0%}) |")
-    return "\n".join(lines)
+        predicted = [entry["prediction"]["by_batch"].get(b, entry["prediction"]["by_batch"].get(str(b))) for b in args.predict_batches]
+        cells = " | ".join(f"{p['peak_gib']:.1f} ({p['step_peak_gib']:.1f}{'*' if p.get('floor_decides') else ''})" for p in predicted)
+        layers, hidden, _ = SHAPES.get(v["shape"], (0, 0, 0))
+        vocab = max((point["vocab"] for point in entry.get("grid_points") or []), default=50257)  # the check's tokenizer is the grid's larger one
+        checked = step_peak(list(entry["saved_coefficients"].values()), list(entry["transient_coefficients"].values()), layers, hidden, vocab,
+                            v["batch"], out["prompt_length"], v["new_tokens"])["floor_decides"] if layers else False
+        lines.append(f"| {method} | {dtype} | {cells} | {v['measured_step_peak_mib']:.0f} / {v['predicted_step_peak_mib']:.0f}{'*' if checked else ''} "
+                     f"({v['relative_error']:+.0%}) |")
+    return "\n".join(lines + ["", "*: the step peak is the end of backward's floor, 4 N + 8 B T V (every float32 gradient and two logits-sized "
+                                "temporaries), which is larger than the fit's S + X there: the switches and bf16 do not lower it."])
 
 
 if __name__ == "__main__":

@@ -113,8 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file")
     parser.add_argument("--plot", default=None, metavar="PATH", help="with several --new_tokens: draw saved bytes and peak memory against T (PNG)")
     args = parser.parse_args(argv)
-    if args.batch_size % NUM_GENERATIONS:
-        parser.error(f"--batch_size must be a multiple of {NUM_GENERATIONS} (TRL GRPO's num_generations)")
+    if args.batch_size % NUM_GENERATIONS and any(method in ("grpo", "cispo") for method in args.methods):
+        parser.error(f"--batch_size must be a multiple of {NUM_GENERATIONS} (TRL GRPO's num_generations) when --methods has grpo or cispo")
     return args
 
 

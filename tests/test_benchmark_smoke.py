@@ -117,6 +117,27 @@ def test_sharding_table_agrees_with_the_memory_model_and_orders_the_configs():
     assert "| gpt2-xl | 1558M | grade_ste |" in table.main(["--batch_size", "64"])
 
 
+def test_memory_model_predicts_from_the_committed_fit_and_marks_the_floor(capsys):
+    """`--from_json`: the committed fit's predictions again without measuring (the README's table), another shape given as
+    LAYERS,HIDDEN, and a `*` where the end-of-backward floor, not the fit, sets the step peak (a journey audit: the
+    switches row's -1% check was the floor formula's). A switches fit without bf16 is refused: it wrote an empty model."""
+    spec = importlib.util.spec_from_file_location("memory_model", SCRIPT.parent / "memory_model.py")
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+    committed = json.loads((SCRIPT.parent.parent / "docs" / "results" / "memory_model.json").read_text())
+    out = model.main(["--from_json", str(SCRIPT.parent.parent / "docs" / "results" / "memory_model.json")])
+    for key, entry in committed["methods"].items():
+        for batch in ("16", "64"):
+            assert out["methods"][key]["prediction"]["by_batch"][int(batch)]["peak_gib"] == pytest.approx(entry["prediction"]["by_batch"][batch]["peak_gib"], rel=1e-9)
+    table = capsys.readouterr().out
+    assert "| grade_ste+switches | bf16 | 8.2 (1.6*) | 12.8 (6.2) | 625 / 622* (-1%) |" in table and "| grade_ste | float32 | 9.9 (3.3) |" in table
+    larger = model.main(["--from_json", str(SCRIPT.parent.parent / "docs" / "results" / "memory_model.json"), "--predict", "36,1280", "--predict_batches", "8"])
+    assert larger["methods"]["grade_ste/float32"]["prediction"]["by_batch"][8]["resident_gib"] > out["methods"]["grade_ste/float32"]["prediction"]["by_batch"][16]["resident_gib"]
+    with pytest.raises(SystemExit) as exit_info:
+        model.main(["--methods", "grade_ste+switches", "--dtypes", "float32"])
+    assert exit_info.value.code == 2 and "add bf16 to --dtypes" in capsys.readouterr().err
+
+
 def test_one_kernel_gelu_benchmark_counts_fewer_calls_for_the_fused_sampler(monkeypatch, capsys):
     """benchmarks/one_kernel_gelu.py: our sampler with GPT-2's activation as one kernel makes fewer aten calls than with
     the model's own gelu_new (tiny shape), and leaves the model's modules as they were."""

@@ -88,7 +88,9 @@ class GumbelGRADEConfig(RolloutConfig):
     def __post_init__(self):
         # transformers' gradient checkpointing turns the KV cache off, which would make the relaxed rollout re-run the
         # whole prefix at every step; for GRADE the switch means checkpointing the rollout's steps, cache kept.
+        self.checkpointing_from = None  # the transformers switch turned into rollout_checkpointing, for its messages
         if self.gradient_checkpointing or self.activation_checkpointing:
+            self.checkpointing_from = "gradient_checkpointing" if self.gradient_checkpointing else "activation_checkpointing"
             self.rollout_checkpointing = True
             self.gradient_checkpointing = self.activation_checkpointing = False
         super().__post_init__()
@@ -113,5 +115,6 @@ class GumbelGRADEConfig(RolloutConfig):
         if self.relax_top_k < 0:
             raise ValueError(f"relax_top_k must be >= 0 (0: the whole vocabulary), got {self.relax_top_k}")
         if self.rollout_checkpointing and self.rollout_cache != "chunked":
-            raise ValueError("rollout_checkpointing needs rollout_cache: chunked (the checkpointed steps keep the cache's chunks)")
+            given = f" ({self.checkpointing_from}: true means rollout_checkpointing for GRADE)" if self.checkpointing_from else ""
+            raise ValueError(f"rollout_checkpointing needs rollout_cache: chunked (the checkpointed steps keep the cache's chunks){given}")
 
