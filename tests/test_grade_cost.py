@@ -40,6 +40,9 @@ def test_gradient_checkpointing_means_checkpointed_rollout_steps_with_the_cache(
     config = GumbelGRADEConfig(output_dir=str(tmp_path), gradient_checkpointing=True, use_cpu=True)
     # transformers' own checkpointing would turn the KV cache off; for GRADE the switch means checkpointed decode steps
     assert config.rollout_checkpointing and not config.gradient_checkpointing and not config.activation_checkpointing
+    # with the dynamic cache it is refused naming the switch the user gave (it named only rollout_checkpointing)
+    with pytest.raises(ValueError, match=r"rollout_checkpointing needs rollout_cache: chunked .*\(gradient_checkpointing: true means rollout_checkpointing for GRADE\)"):
+        GumbelGRADEConfig(output_dir=str(tmp_path), gradient_checkpointing=True, rollout_cache="dynamic", use_cpu=True)
     plain = trainer(tmp_path / "plain", sentiment_reward, tokenizer)
     checkpointed = trainer(tmp_path / "ckpt", sentiment_reward, tokenizer, gradient_checkpointing=True)
     loss_a, grad_a, saved_a = gradient_and_saved_bytes(plain)
