@@ -506,3 +506,4 @@ def test_the_example_recipes_of_each_method_compare_alike():
     assert {(r.config.completions_per_step(1), r.config.max_steps) for r in recipes} == {(8, 40)}
     assert {(r.config.temperature, r.config.top_p) for r in recipes} == {(1.0, 1.0)}
     assert {r.config.new_token_limits[0] for r in recipes} == {16} and recipes[2].run.eval_min_new_tokens == recipes[0].config.new_token_limits[1] == 4
+    assert recipes[2].config.disable_dropout is True  # as our trainers: TRL keeps dropout by default
