@@ -36,15 +36,17 @@ def gradient_and_saved_bytes(trainer_, seed=0):
     return loss.detach(), grad, account.total
 
 
-def test_gradient_checkpointing_means_checkpointed_rollout_steps_with_the_cache(tmp_path, sentiment_reward, tokenizer):
+def test_gradient_checkpointing_means_checkpointed_rollout_steps_with_the_cache(tmp_path, sentiment_reward, tokenizer, caplog):
     config = GumbelGRADEConfig(output_dir=str(tmp_path), gradient_checkpointing=True, use_cpu=True)
     # transformers' own checkpointing would turn the KV cache off; for GRADE the switch means checkpointed decode steps
     assert config.rollout_checkpointing and not config.gradient_checkpointing and not config.activation_checkpointing
     # with the dynamic cache it is refused naming the switch the user gave (it named only rollout_checkpointing)
-    with pytest.raises(ValueError, match=r"rollout_checkpointing needs rollout_cache: chunked .*\(gradient_checkpointing: true means rollout_checkpointing for GRADE\)"):
+    with pytest.raises(ValueError, match=r"rollout_checkpointing needs rollout_cache: chunked .*\(gradient_checkpointing \(activation_checkpointing\): true means rollout_checkpointing for GRADE\)"):
         GumbelGRADEConfig(output_dir=str(tmp_path), gradient_checkpointing=True, rollout_cache="dynamic", use_cpu=True)
     plain = trainer(tmp_path / "plain", sentiment_reward, tokenizer)
-    checkpointed = trainer(tmp_path / "ckpt", sentiment_reward, tokenizer, gradient_checkpointing=True)
+    with caplog.at_level("INFO", logger="grade_trl.trainers.grade"):
+        checkpointed = trainer(tmp_path / "ckpt", sentiment_reward, tokenizer, gradient_checkpointing=True)
+    assert "gradient_checkpointing (activation_checkpointing): true means rollout_checkpointing for GRADE" in caplog.text  # results.json shows it False
     loss_a, grad_a, saved_a = gradient_and_saved_bytes(plain)
     loss_b, grad_b, saved_b = gradient_and_saved_bytes(checkpointed)
     assert loss_a == loss_b and torch.allclose(grad_a, grad_b, rtol=1e-4, atol=1e-6)  # exact: the same gradient

@@ -71,6 +71,8 @@ class GumbelGRADETrainer(RolloutTrainer):
         super().__init__(*args, **kwargs)
         a = self.args
         self.relaxation = build_relaxation(a.estimator, a.tau_backward, a.rao_samples, a.gapped_margin)
+        if getattr(a, "checkpointing_from", None) and self.accelerator.is_main_process:  # results.json shows it False, rollout_checkpointing True
+            logger.info("%s: true means rollout_checkpointing for GRADE: each decode step is recomputed in backward, the KV cache kept", a.checkpointing_from)
 
     def check_rewards(self, reward_funcs) -> None:
         require_differentiable(reward_funcs)

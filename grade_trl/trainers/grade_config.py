@@ -90,7 +90,7 @@ class GumbelGRADEConfig(RolloutConfig):
         # whole prefix at every step; for GRADE the switch means checkpointing the rollout's steps, cache kept.
         self.checkpointing_from = None  # the transformers switch turned into rollout_checkpointing, for its messages
         if self.gradient_checkpointing or self.activation_checkpointing:
-            self.checkpointing_from = "gradient_checkpointing" if self.gradient_checkpointing else "activation_checkpointing"
+            self.checkpointing_from = "gradient_checkpointing (activation_checkpointing)"  # transformers 5's two names of one switch
             self.rollout_checkpointing = True
             self.gradient_checkpointing = self.activation_checkpointing = False
         super().__post_init__()
