@@ -131,17 +131,19 @@ def test_a_tracker_that_cannot_start_its_run_is_one_line_and_nothing_is_written(
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE")}
     env.update(HOME=str(tmp_path), NETRC=str(tmp_path / ".netrc"), WANDB_CONFIG_DIR=str(tmp_path / "config"), WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
 
-    def run_without_login():
-        return subprocess.run([sys.executable, "-m", "grade_trl.run", *shrunk(tmp_path, report_to="wandb", max_steps=2)], env=env, capture_output=True, text=True, timeout=600)
+    from .test_resume import argv as length_argv  # the length task: no reward head to train
 
+    def run_without_login():
+        command = [sys.executable, "-m", "grade_trl.run", *length_argv("length_reinforce.yaml", tmp_path / "run", max_steps=2, report_to="wandb")]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+    assert main(length_argv("length_reinforce.yaml", tmp_path / "run", max_steps=1, save_strategy="no")) == 0  # a finished run in the folder (an empty one: the lock removes what it made)
+    finished, files = (tmp_path / "run" / "results.json").read_text(), sorted(p.name for p in (tmp_path / "run").iterdir())
     refused = run_without_login()
     last = refused.stderr.strip().splitlines()[-1]
     assert refused.returncode == 2 and last.startswith("error: report_to: wandb could not start its run (") and "WANDB_MODE=offline" in last, refused.stderr[-2000:]
-    assert not (tmp_path / "run").exists()
-    assert main(shrunk(tmp_path, max_steps=1)) == 0
-    finished = (tmp_path / "run" / "results.json").read_text()
-    assert run_without_login().returncode == 2
-    assert (tmp_path / "run" / "results.json").read_text() == finished and (tmp_path / "run" / "model").is_dir()
+    assert (tmp_path / "run" / "results.json").read_text() == finished and sorted(p.name for p in (tmp_path / "run").iterdir()) == files
+    assert (tmp_path / "run" / "model").is_dir()
 
 
 def stop_at_step(monkeypatch, step: int) -> None:
