@@ -200,8 +200,8 @@ def build_callbacks(recipe: Recipe, task, resume_from: str | None = None, gracef
     }
     if run_args.doctor != "off":
         stop_on = run_args.doctor_stop_on if run_args.doctor == "stop" else ()
-        implied = {"eval_size": task.evaluator.size("validation")} if task.evaluator.size("validation") else {}  # regression_min_z's n
-        callbacks["doctor"] = DoctorCallback(build_settings(run_args.doctor_settings or {}, implied), stop_on=stop_on)
+        eval_size = task.evaluator.size("validation")  # regression_min_z's n
+        callbacks["doctor"] = DoctorCallback(build_settings(run_args.doctor_settings or {}, {"eval_size": eval_size} if eval_size else {}), stop_on=stop_on)
     if run_args.probe_steps:
         callbacks["probe"] = GradientProbeCallback(run_args.probe_steps, run_args.probe_num_estimates, run_args.probe_num_prompts, seed=config.seed)
     return callbacks

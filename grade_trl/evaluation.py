@@ -225,8 +225,8 @@ class Evaluator:
 
     def describe(self, split: str) -> str:
         """What evaluating `split` costs, for the log line that announces it (e.g. `100 prompts x 4 samples`)."""
-        prompts = getattr(self, "prompts", {}).get(split)
-        return f"{len(prompts)} prompts" if prompts is not None else split
+        size = self.size(split)
+        return f"{size} prompts" if size is not None else split
 
     def size(self, split: str) -> int | None:
         """How many prompts (problems) an evaluation of `split` scores; None when unknown (the run doctor then judges a

@@ -25,7 +25,7 @@ from dataclasses import replace
 from fractions import Fraction
 
 from .evaluation import Evaluator, GenerationSettings, generate_completions, shard_and_gather, weighted_rewards
-from .rewards.gsm8k import answer_text, final_answer, gold_answer, has_final_answer_format
+from .rewards.gsm8k import answer_text, before_an_invented_question, extract_answer, final_answer, gold_answer, has_final_answer_format
 
 
 def majority_answer(answers: list[Fraction | None]) -> Fraction | None:
@@ -74,11 +74,12 @@ class GSM8KEvaluator(Evaluator):
             rows = []
             for prompt, gold, completion, length, reward in zip(prompts, golds, completions, lengths, rewards):
                 answer = answer_text(completion, prompt, tokenizer)  # a thinking model's: after its thinking, as the rewards read it
-                predicted, target = final_answer(completion, prompt, tokenizer), Fraction(gold_answer(gold))
+                own = before_an_invented_question(answer, prompt)  # the answer's text (`final_answer`); the format reads all of it
+                predicted, target = extract_answer(own), Fraction(gold_answer(gold))
                 rows.append({
                     "prompt": prompt, "completion": completion, "length": length, "answer": gold,
                     "extracted": None if predicted is None else str(predicted), "correct": float(predicted == target),
-                    "correct_flexible": float(final_answer(completion, prompt, tokenizer, fallback_to_last_number=True) == target),
+                    "correct_flexible": float(extract_answer(own, fallback_to_last_number=True) == target),
                     "format": float(has_final_answer_format(answer)), "reward": reward,
                 })
             if sampled:

@@ -116,7 +116,7 @@ def refuse_trackers_that_fail_to_start(trainer, started=None) -> None:
     callback)`: called once a tracker's run has started."""
     from transformers.integrations import INTEGRATION_TO_CALLBACK
 
-    names = {callback: name for name, callback in INTEGRATION_TO_CALLBACK.items()}
+    names = {callback: name for name, callback in INTEGRATION_TO_CALLBACK.items()}  # exact types: DagsHub's subclasses mlflow's
     for callback in trainer.callback_handler.callbacks:
         name = names.get(type(callback))
         if name is None:

@@ -163,15 +163,20 @@ def answer_text(completion, prompt=None, tokenizer=None) -> str:
     return assistant_messages(tokenizer, [ids], [prefix] if prefix is not None else None)[0][0].get("content") or ""
 
 
-def final_answer(completion, prompt=None, tokenizer=None, fallback_to_last_number: bool = False) -> Fraction | None:
-    """The answer a completion gives to its prompt's problem: `extract_answer` of its `answer_text`, which after a
-    `Question: ...\\nAnswer:` prompt (the base models' form) is read up to a new `Question:` the completion goes on to
-    invent, as lm-eval's GSM8K task stops generating there (the invented problem's answer is not this one's). The
-    format reward still reads the whole completion: going on past the answer is not the format asked for."""
-    text = answer_text(completion, prompt, tokenizer)
+def before_an_invented_question(text: str, prompt=None) -> str:
+    """After a `Question: ...\\nAnswer:` prompt (the base models' form), `text` up to a new `Question:` the completion
+    goes on to invent, as lm-eval's GSM8K task stops generating there (the invented problem's answer is not this one's);
+    `text` itself after any other prompt. The format reward reads the whole text: going on past the answer is not the
+    format asked for."""
     if isinstance(prompt, str) and prompt.rstrip().endswith("Answer:"):
-        text = text.split("\nQuestion:", 1)[0]
-    return extract_answer(text, fallback_to_last_number)
+        return text.split("\nQuestion:", 1)[0]
+    return text
+
+
+def final_answer(completion, prompt=None, tokenizer=None, fallback_to_last_number: bool = False) -> Fraction | None:
+    """The answer a completion gives to its prompt's problem: `extract_answer` of its `answer_text` up to a question it
+    invents (`before_an_invented_question`)."""
+    return extract_answer(before_an_invented_question(answer_text(completion, prompt, tokenizer), prompt), fallback_to_last_number)
 
 
 def _gold_column(reward, kwargs: dict, n: int) -> list[str]:

@@ -178,6 +178,7 @@ def reward_specs(key: str, paths: list[str] | None, kwargs_key: str, kwargs: dic
     for path, arguments in kwargs.items():
         if not isinstance(arguments, dict):
             raise UserError(f"{kwargs_key}: the arguments of {path!r} must be a mapping {{name: value}}, got {arguments!r}")
+
     def is_class(path: str) -> bool:
         try:
             return inspect.isclass(import_target(key, path))
