@@ -97,6 +97,49 @@ def test_tfidf_judge_separates_imdb_sentiment():
     assert good > 0.8 and bad < 0.2
 
 
+def test_a_fitted_tfidf_judge_is_read_back_from_the_disk_cache_for_the_same_fit_only(tmp_path, monkeypatch, caplog):
+    """`fitted_tfidf_judge` keeps the fit in GRADE_TRL_CACHE: the second call reads it (said in the log) and predicts
+    exactly as the fit does; other texts or labels are another fit; `none` keeps nothing; an unwritable folder warns
+    and fits; an entry that cannot be read is fitted again."""
+    from grade_trl.rewards.judge import fitted_tfidf_judge
+
+    caplog.set_level(logging.INFO, logger="grade_trl")
+    train = ["good good film", "bad film", "good", "bad", "great fun", "awful boring"]
+    labels, test, test_labels = [1, 0, 1, 0, 1, 0], ["good fun", "bad boring", "film"], [1, 0, 1]
+    probe = ["a good film", "a bad film"]
+    reference = TfidfJudge.fit(train, labels)
+    monkeypatch.setenv("GRADE_TRL_CACHE", str(tmp_path / "cache"))
+    first = fitted_tfidf_judge(train, labels, test, test_labels)
+    assert "from the cache" not in caplog.text and first.probabilities(probe) == reference.probabilities(probe)
+    assert first.test_accuracy == reference.accuracy(test, test_labels)
+    caplog.clear()
+    again = fitted_tfidf_judge(train, labels, test, test_labels)
+    assert "gold judge: the TF-IDF fit on these 6 reviews read from the cache in" in caplog.text and "fitting TF-IDF" not in caplog.text
+    assert again.probabilities(probe) == reference.probabilities(probe) and again.test_accuracy == first.test_accuracy
+    caplog.clear()
+    other = fitted_tfidf_judge(train, [0, 1, 0, 1, 0, 1], test, test_labels)  # the labels are part of the key
+    assert "fitting TF-IDF" in caplog.text and other.probabilities(probe) != reference.probabilities(probe)
+    entries = sorted((tmp_path / "cache").rglob("output.pkl"))
+    assert len(entries) == 2
+    for entry in entries:  # a damaged entry (a full disk, a killed write) is fitted again
+        entry.write_bytes(b"not a pickle")
+    caplog.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # joblib's own warning about the entry it could not read
+        again = fitted_tfidf_judge(train, labels, test, test_labels)
+    assert "fitting TF-IDF" in caplog.text and again.probabilities(probe) == reference.probabilities(probe)
+
+    monkeypatch.chdir(tmp_path)  # `none` is no folder, here or anywhere
+    monkeypatch.setenv("GRADE_TRL_CACHE", "none")
+    fitted_tfidf_judge(train, labels, test, test_labels)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("GRADE_TRL_CACHE", str(tmp_path / "file" / "cache"))  # cannot be made
+    caplog.clear()
+    assert fitted_tfidf_judge(train, labels, test, test_labels).probabilities(probe) == reference.probabilities(probe)
+    assert "gold judge: no cache (" in caplog.text and "set GRADE_TRL_CACHE to a writable folder" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "file"]
+
+
 @pytest.mark.parametrize("labels,positive", [({0: "NEGATIVE", 1: "POSITIVE"}, 1), ({0: "pos", 1: "neg"}, 0), ({0: "LABEL_0", 1: "LABEL_1"}, 1)])
 def test_classifier_judge_reads_a_local_sequence_classifier(tmp_path, labels, positive):
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
