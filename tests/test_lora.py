@@ -56,32 +56,8 @@ def test_lora_trains_only_adapters_and_the_saved_adapter_reproduces_the_policy(t
     assert not torch.allclose(expected, base, atol=1e-4)
 
 
-@pytest.mark.parametrize("recipe", ["length_ppo.yaml", "length_grpo.yaml"])
-def test_lora_under_two_ddp_processes_saves_an_adapter_that_loads_onto_the_base(tmp_path, recipe):
-    """`use_peft: true` under `accelerate launch --num_processes 2` (gloo DDP on the CPU): PPO (adapters plus the
-    value head, wrapped together by DDP) and TRL's GRPO (its own peft path) train, and `model/` holds an adapter that
-    names its base as the recipe does and moves the base's logits."""
-    import json
-    import subprocess
-    import sys
-
-    from .test_run_e2e import shrunk
-
-    extra = {"use_peft": "true", "learning_rate": 1e-3, "max_steps": 2, "report_to": "none"}
-    extra |= {"num_generations": 2} if "grpo" in recipe else {}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"), "-m", "grade_trl.run"]
-    result = subprocess.run(cmd + shrunk(tmp_path, recipe=str(REPO / "recipes" / "tiny" / recipe), **extra), capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    model_dir = tmp_path / "run" / "model"
-    assert json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded"
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["final"]["num_processes"] == 2
-    from grade_trl.models import load_tokenizer
-
-    tokenizer = load_tokenizer("embedded")
-    batch = tokenizer(["This movie was", "I expected"], return_tensors="pt", padding=True)
-    loaded = PeftModel.from_pretrained(load_causal_lm("embedded"), str(model_dir)).eval()
-    with torch.no_grad():
-        assert not torch.allclose(loaded(**batch).logits, load_causal_lm("embedded")(**batch).logits, atol=1e-4)
+# LoRA under 2 DDP processes (gloo): the DDP halves of tests/test_sharded.py's FSDP2 cases with `use_peft` (GRADE-STE,
+# PPO with its value head, TRL's GRPO) check that each trains, saves an adapter naming its base and loads onto it.
 
 
 def test_adapters_disabled_computes_the_base_model_and_leaves_requires_grad_alone():

@@ -302,17 +302,19 @@ def test_frozen_models_load_whole_under_zero3(zero3_rollout):
 
 # ---------------------------------------------------------------- grade_trl.run under FSDP2 on 2 CPU processes
 
-# id: (recipe, overrides). Every method; LoRA where its reference differs under FSDP2: GRADE's (re-entered in backward)
-# and PPO's (`.policy` inside the value-head wrapper). REINFORCE's LoRA reference is GRADE's context outside backward,
-# and GRPO's is TRL's: both matched DDP as these do when run by hand (README, "Past one GPU"), left out for CI's time
-# (about 20 s a case on 2 cores); so is CISPO, which is TRL's GRPOTrainer with another loss (loss_type), the same
-# FSDP2 path as GRPO's (it matched DDP too while it was a case here, to 2026-12-06). GRADE-STE (with LoRA) and REINFORCE
-# accumulate 2 micro-batches of 2 per optimizer step (the same 4 completions per process as the others' one batch of 4);
-# GRADE-STE's accumulation and LoRA were two cases until 2026-12-06, one launch pair each.
+# id: (recipe, overrides). Every method; LoRA where its reference differs under FSDP2: GRADE's (re-entered in backward),
+# PPO's (`.policy` inside the value-head wrapper) and GRPO's (TRL's own peft path); the DDP half of each LoRA case is
+# also the LoRA-under-DDP test of its method. REINFORCE's LoRA reference is GRADE's context outside backward: it matched
+# DDP as these do when run by hand (README, "Past one GPU"), left out for CI's time (about 20 s a case on 2 cores); so is
+# CISPO, which is TRL's GRPOTrainer with another loss (loss_type), the same FSDP2 path as GRPO's (it matched DDP too while
+# it was a case here, to 2026-12-06). Full weights: REINFORCE here, PPO in the resume test below (its FSDP2-against-DDP
+# case without LoRA, and GRPO's, were cases here until 2026-12-07: the suite had grown past 15 minutes). GRADE-STE (with
+# LoRA) and REINFORCE accumulate 2 micro-batches of 2 per optimizer step (the same 4 completions per process as the
+# others' one batch of 4); GRADE-STE's accumulation and LoRA were two cases until 2026-12-06, one launch pair each.
 ACCUMULATE = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}
 FSDP_CPU_CASES = {
     "grade_ste-lora-accumulated": ("tiny/imdb_grade_ste.yaml", {**ACCUMULATE, "use_peft": "true"}), "reinforce-accumulated": ("tiny/imdb_reinforce.yaml", ACCUMULATE),
-    "ppo": ("tiny/imdb_ppo.yaml", {}), "grpo": ("tiny/imdb_grpo.yaml", {}), "ppo-lora": ("tiny/imdb_ppo.yaml", {"use_peft": "true"}),
+    "grpo-lora": ("tiny/imdb_grpo.yaml", {"use_peft": "true"}), "ppo-lora": ("tiny/imdb_ppo.yaml", {"use_peft": "true"}),
 }
 
 
@@ -421,7 +423,9 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_rew
 
         from grade_trl.models import load_causal_lm
 
-        assert json.loads((tmp_path / "fsdp" / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded"
+        for name in runs:  # an adapter that names its base as the recipe does, trained: B starts at 0, and a B != 0 moves the base's logits
+            assert json.loads((tmp_path / name / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded"
+            assert any("lora_B" in key and tensor.abs().sum() > 0 for key, tensor in saved[name].items()), sorted(saved[name])[:6]
         model = PeftModel.from_pretrained(load_causal_lm("embedded"), str(tmp_path / "fsdp" / "model"))  # the adapter onto its base
         assert any("lora_" in name for name, _ in model.named_parameters())
     else:
@@ -434,10 +438,10 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_rew
 
 
 def test_fsdp2_on_two_cpu_processes_resumes_as_if_never_stopped(tmp_path, shared_reward_model):
-    """PPO under fsdp2.yaml's path on 2 CPU processes, 4 steps with a checkpoint every 2 (run A), and the same run
+    """PPO with full weights under fsdp2.yaml's path on 2 CPU processes, 4 steps with a checkpoint every 2 (run A), and the same run
     resumed from A's step-2 checkpoint (run B: `resume_from_checkpoint: true`): B's history, test numbers (the final
     and the best checkpoint's, the best at step 2, so the test swaps the best weights in and back) and saved model and
-    value head equal A's. Found by this run and fixed: the resumed run could not read its own state file (torch.load
+    value head (trained: it starts at 0) equal A's, and the model loads back. Found by this run and fixed: the resumed run could not read its own state file (torch.load
     knows no "cpu:N" device), PPO loaded Trainer's FSDP checkpoint into `.policy` instead of the wrapper whose keys it
     holds (a KeyError), and the best checkpoint's swap read E from a unit that keeps its gathered parameters between
     forwards (`core.sharding.resharded`: "mixed torch.Tensor and DTensor")."""
@@ -456,9 +460,13 @@ def test_fsdp2_on_two_cpu_processes_resumes_as_if_never_stopped(tmp_path, shared
     for checkpoint in ("final", "best"):
         assert b["final"]["test"][checkpoint]["metrics"] == pytest.approx(a["final"]["test"][checkpoint]["metrics"], rel=1e-6), checkpoint
     saved = [_saved_tensors(tmp_path / name / "model") for name in "AB"]
-    assert saved[0].keys() == saved[1].keys() and any(k.startswith("value_head.safetensors:") for k in saved[0])
+    assert saved[0].keys() == saved[1].keys() and any(k.startswith("value_head.safetensors:") and t.abs().sum() > 0 for k, t in saved[0].items())
     for key in saved[0]:
         torch.testing.assert_close(saved[1][key], saved[0][key], rtol=1e-6, atol=1e-7, msg=key)
+    from transformers import AutoModelForCausalLM  # the full weights gathered from the shards load back, tied
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "B" / "model")
+    assert model.lm_head.weight is model.transformer.wte.weight
 
 
 # ---------------------------------------------------------------- end to end (2 GPUs)
