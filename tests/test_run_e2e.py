@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,12 +24,20 @@ from .conftest import REPO
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
 
 
+def shared_reward_head() -> Path:
+    """The sentiment reward head of every `shrunk` run that names none: trained by the first such run on this pytest
+    worker (about 5 s), reused by the others (the runner reuses any head trained on the backbone). One per xdist
+    worker, so that two workers never train into one folder at once; in the session's cache folder (conftest.py).
+    Until 2026-12-07 each test trained its own in its tmp_path, 20-odd times a suite."""
+    return Path(os.environ["GRADE_TRL_CACHE"]) / f"reward_model_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+
+
 def shrunk(tmp_path, name="run", recipe=QUICKSTART, **extra):
     trl_method = "grpo" in recipe or "cispo" in recipe
     lengths = {"max_completion_length": 8} if trl_method else {"max_new_tokens": 8, "min_new_tokens": 2}
     overrides = {
         "output_dir": tmp_path / name,
-        "reward_model_path": tmp_path / "reward_model",  # shared by the runs of one test
+        "reward_model_path": shared_reward_head(),
         "max_steps": 4,
         "eval_steps": 2,
         "logging_steps": 2,
@@ -52,7 +61,7 @@ def load_results(path):
 
 def test_quickstart_end_to_end_is_reproducible_and_changes_the_policy(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="grade_trl")
-    assert main(shrunk(tmp_path, "a")) == 0
+    assert main(shrunk(tmp_path, "a", reward_model_path=tmp_path / "reward_model")) == 0  # a head of its own: its training's log line
     # the long silent phases say what they do, and how much of it
     for line in ("sentiment reward head: backbone features of 200 + 60 held-out reviews (up to 128 tokens), then 2 epochs ...",
                  "validation at step 0: 6 prompts x 4 samples (best-of-4), scored by the reward and the gold judge ...",
@@ -79,7 +88,7 @@ def test_quickstart_end_to_end_is_reproducible_and_changes_the_policy(tmp_path, 
     assert not torch.allclose(trained[key].float(), base[key].float())
 
     # Same seed, reward head reused from the first run: the same numbers.
-    assert main(shrunk(tmp_path, "b")) == 0
+    assert main(shrunk(tmp_path, "b", reward_model_path=tmp_path / "reward_model")) == 0
     again = load_results(tmp_path / "b" / "results.json")
     assert [h.get("loss") for h in again["history"]] == [h.get("loss") for h in results["history"]]
     assert again["final"]["test"]["final"]["rewards"] == final["test"]["final"]["rewards"]
