@@ -341,6 +341,7 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
         # told it is on the CPU; without this, each of N CPU processes would train alone on the whole data.
         config_kwargs["use_cpu"] = True
     check_launch(config_kwargs.get("use_cpu", False), relaxed=method.relaxed)
+    check_cpu_precision(config_kwargs.get("use_cpu", False), bool(config_kwargs.get("fp16")), bool(config_kwargs.get("bf16")))
     check_paths(run_kwargs)
     if "max_prompt_length" in config_fields and "max_prompt_length" not in config_kwargs and "max_prompt_length" in run_kwargs:
         config_kwargs["max_prompt_length"] = run_kwargs["max_prompt_length"]
@@ -603,6 +604,22 @@ def check_launch(use_cpu: bool, relaxed: bool = False) -> None:
         raise RecipeError(f"{'FSDP' if fsdp else 'DeepSpeed'} needs GPUs: Accelerate ignores it for CPU processes (use_cpu) and would run plain data parallel; launch with accelerate_configs/cpu.yaml on the CPU")
     if relaxed and fsdp and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
         raise RecipeError(BLOCK_CHECKPOINTING_REFUSED)
+
+
+def check_cpu_precision(use_cpu: bool, fp16: bool, bf16: bool) -> None:
+    """Refuse float16 mixed precision on the CPU: Accelerate makes no float16 autocast and no loss scaler for CPU
+    processes (`Accelerator.__init__`: its fp16 branch requires `device.type != "cpu"`), so such a run trained in float32
+    while its config, results.json and trackers said fp16 (found 2026-12-07: `--fp16 true` on the CPU completed so).
+    The accelerate config's `mixed_precision: fp16` (or `accelerate launch --mixed_precision fp16`) reaches Trainer
+    as ACCELERATE_MIXED_PRECISION where the recipe sets neither fp16 nor bf16. bf16 autocast does run on the CPU."""
+    if not use_cpu:
+        return
+    if fp16:
+        raise RecipeError("fp16: float16 mixed precision needs a GPU: on the CPU Accelerate has no float16 autocast and the run would train in "
+                          "float32 while its config says fp16; use bf16: true for mixed precision on the CPU, or leave fp16 out")
+    if not bf16 and os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower() == "fp16":
+        raise RecipeError("mixed_precision: the accelerate config (or --mixed_precision) asks for fp16, which the CPU cannot run (no float16 "
+                          "autocast: the run would train in float32); set mixed_precision: no or bf16 there (accelerate_configs/cpu.yaml has no)")
 
 
 BLOCK_CHECKPOINTING_REFUSED = (

@@ -252,6 +252,8 @@ def _run_cli(*args, cwd):
         ("method: grade_ste\ndataset_name: ./missing_data\n", [], "dataset_name: no such file or folder"),
         ("method: [grade\n", [], "is not valid YAML"),
         ("method: grade_ste\n", ["--max_steps", "x"], "max_steps: expected an integer"),
+        ("method: reinforce\nfp16: true\n", [], "fp16: float16 mixed precision needs a GPU"),
+        ("method: grpo\n", ["--fp16", "true"], "fp16: float16 mixed precision needs a GPU"),
     ],
 )
 def test_cli_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, monkeypatch, recipe_text, extra, message):
@@ -264,6 +266,25 @@ def test_cli_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, mon
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU's refusal; a GPU runs fp16")
+def test_fp16_on_the_cpu_is_refused_from_the_recipe_or_the_accelerate_config(monkeypatch):
+    """On the CPU Accelerate makes no float16 autocast: `fp16: true` trained in float32 while the config said fp16
+    (2026-12-07). The accelerate config's `mixed_precision: fp16` reaches Trainer as ACCELERATE_MIXED_PRECISION;
+    bf16, which the CPU does run, is accepted either way."""
+    from transformers import TrainingArguments
+
+    base = {"method": "reinforce", "model_name_or_path": "embedded", "output_dir": "/tmp/unused"}
+    with pytest.raises(RecipeError, match=r"^fp16: float16 mixed precision needs a GPU: .* use bf16: true for mixed precision on the CPU"):
+        build_recipe({**base, "fp16": True})
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert TrainingArguments(output_dir="/tmp/unused", use_cpu=True).mixed_precision == "fp16"  # what Trainer would have taken
+    with pytest.raises(RecipeError, match=r"^mixed_precision: the accelerate config \(or --mixed_precision\) asks for fp16"):
+        build_recipe(base)
+    assert build_recipe({**base, "bf16": True}).config.bf16  # the recipe's bf16 wins over the config's fp16
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert build_recipe(base).config.mixed_precision == "bf16"
 
 
 def test_cli_missing_recipe_file_ends_the_process_with_2_and_one_line(tmp_path):
