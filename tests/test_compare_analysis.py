@@ -114,6 +114,33 @@ def test_two_estimators_at_one_tau_are_no_tau_ablation(tmp_path):
     assert "tau_ablation: 1 GRADE tau setting(s)" in (tmp_path / "analysis" / "report.md").read_text()
 
 
+def test_the_reward_kl_figure_leaves_out_a_method_that_logs_no_kl(tmp_path, monkeypatch):
+    """TRL's GRPO with beta 0 (its default) logs no KL: it is neither drawn nor in the legend of the reward-KL figure
+    (its empty curve had taken a legend entry and a colour); a method with KL keeps its line. The caption says why."""
+    from grade_trl.analysis import Figures
+
+    for name in ("grade_ste", "grpo"):
+        for seed in (1, 2):
+            run = synthetic_run([0.5, 0.6, 0.7], method=name, seed=seed)
+            if name == "grpo":
+                run["history"] = [{k: v for k, v in row.items() if k != "kl"} for row in run["history"]]
+                run["final"]["kl"] = None
+            write_json_atomic(tmp_path / name / f"seed{seed}" / "results.json", run)
+    drawn = {}
+
+    def keep(self, fig, name, caption):
+        drawn[name] = ([text.get_text() for ax in fig.axes if ax.get_legend() for text in ax.get_legend().get_texts()],
+                       [line.get_label() for ax in fig.axes for line in ax.get_lines()], caption)
+        self.plt.close(fig)
+        self.written[name] = caption
+
+    monkeypatch.setattr(Figures, "save", keep)
+    assert analysis.main([str(tmp_path)]) == 0
+    legend, lines, caption = drawn["reward_kl_frontier"]
+    assert legend == ["grade_ste: validation over training"] and lines == legend * 2, (legend, lines)  # one line per panel: proxy, gold
+    assert "A method that logs no KL (TRL's GRPO and CISPO with beta 0, their default) is not drawn." in caption
+
+
 def test_analysis_without_comparison_json_draws_probe_and_tau_figures(tmp_path, capsys):
     # Two GRADE-STE tau settings, 2 seeds each; no comparison.json: the runs are scanned.
     for name, tau, offset in (("grade_ste", 2.0, 0.0), ("grade_ste_tau1", 1.0, 0.1)):
