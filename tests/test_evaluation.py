@@ -99,8 +99,9 @@ def test_tfidf_judge_separates_imdb_sentiment():
 
 def test_a_fitted_tfidf_judge_is_read_back_from_the_disk_cache_for_the_same_fit_only(tmp_path, monkeypatch, caplog):
     """`fitted_tfidf_judge` keeps the fit in GRADE_TRL_CACHE: the second call reads it (said in the log) and predicts
-    exactly as the fit does; other texts or labels are another fit; `none` keeps nothing; an unwritable folder warns
-    and fits; an entry that cannot be read is fitted again."""
+    exactly as the fit does; other test reviews (another seed's) share the fit, other train labels are another fit;
+    `none` keeps nothing; an unwritable folder warns and fits; `~` is the home folder; an entry that cannot be read
+    is fitted again."""
     from grade_trl.rewards.judge import fitted_tfidf_judge
 
     caplog.set_level(logging.INFO, logger="grade_trl")
@@ -116,6 +117,9 @@ def test_a_fitted_tfidf_judge_is_read_back_from_the_disk_cache_for_the_same_fit_
     again = fitted_tfidf_judge(train, labels, test, test_labels)
     assert "gold judge: the TF-IDF fit on these 6 reviews read from the cache in" in caplog.text and "fitting TF-IDF" not in caplog.text
     assert again.probabilities(probe) == reference.probabilities(probe) and again.test_accuracy == first.test_accuracy
+    caplog.clear()
+    other_test = fitted_tfidf_judge(train, labels, ["bad fun", "good"], [0, 1])  # another seed's test reviews: the same fit
+    assert "read from the cache" in caplog.text and other_test.test_accuracy == reference.accuracy(["bad fun", "good"], [0, 1])
     caplog.clear()
     other = fitted_tfidf_judge(train, [0, 1, 0, 1, 0, 1], test, test_labels)  # the labels are part of the key
     assert "fitting TF-IDF" in caplog.text and other.probabilities(probe) != reference.probabilities(probe)
@@ -138,6 +142,10 @@ def test_a_fitted_tfidf_judge_is_read_back_from_the_disk_cache_for_the_same_fit_
     assert fitted_tfidf_judge(train, labels, test, test_labels).probabilities(probe) == reference.probabilities(probe)
     assert "gold judge: no cache (" in caplog.text and "set GRADE_TRL_CACHE to a writable folder" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "file"]
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GRADE_TRL_CACHE", "~/judges")  # as a shell would expand it, not a folder named ~ here
+    fitted_tfidf_judge(train, labels, test, test_labels)
+    assert (tmp_path / "home" / "judges").is_dir() and not (tmp_path / "~").exists()
 
 
 @pytest.mark.parametrize("labels,positive", [({0: "NEGATIVE", 1: "POSITIVE"}, 1), ({0: "pos", 1: "neg"}, 0), ({0: "LABEL_0", 1: "LABEL_1"}, 1)])

@@ -103,12 +103,15 @@ CACHE_ENV = "GRADE_TRL_CACHE"
 def cache_folder() -> str | None:
     """Where fitted judges are kept between runs: `$GRADE_TRL_CACHE`, else `$XDG_CACHE_HOME/grade_trl`, else
     `~/.cache/grade_trl`; `GRADE_TRL_CACHE=none` (or empty) keeps nothing. None also when the folder cannot be made
-    or written (a warning: a run never fails for its cache)."""
+    or written (a warning: a run never fails for its cache). The folder is made when a run builds its judge: after
+    the recipe's checks (a refused recipe writes nothing there), before the set-up's later ones (a tracker that cannot
+    start finds it made, as it finds a trained reward head)."""
     folder = os.environ.get(CACHE_ENV)
     if folder is None:
         folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "grade_trl")
     if folder.strip().lower() in ("", "none", "off", "0", "false"):
         return None
+    folder = os.path.abspath(os.path.expanduser(folder))  # `~/x` as a shell would; a relative path from where the run started
     try:
         os.makedirs(folder, exist_ok=True)
         if not os.access(folder, os.W_OK | os.X_OK):
@@ -120,60 +123,72 @@ def cache_folder() -> str | None:
 
 
 _FITS = [0]  # fits made in this process: a call that made none read the cache
-_DATA_ARGUMENTS = ["train_reviews", "train_labels", "test_reviews", "test_labels"]  # keyed by `digest` instead
 
 
-def _pickled_fit_with_accuracy(digest: str, code_and_versions: tuple, train_reviews: list[str], train_labels: list[int], test_reviews: list[str],
-                               test_labels: list[int]) -> bytes:
+def _pickled_fit(digest: str, code_and_versions: tuple, reviews: list[str], labels: list[int]) -> bytes:
     """The fitted judge, pickled by Python's C pickler: joblib reads its entries with pure-Python unpickling, 1.7 s
     for the judge's 50k-term vocabulary as an object against 0.04 s for these bytes. `digest` and
-    `code_and_versions` are the cache key only."""
+    `code_and_versions` are the cache key only; `reviews` and `labels` are not hashed by joblib (`digest` is theirs)."""
     import pickle
 
     from ..data.imdb import clean_review
 
     _FITS[0] += 1
-    judge = TfidfJudge.fit([clean_review(t) for t in train_reviews], train_labels)
-    judge.test_accuracy = judge.accuracy([clean_review(t) for t in test_reviews], test_labels)
-    return pickle.dumps(judge)
+    return pickle.dumps(TfidfJudge.fit([clean_review(t) for t in reviews], labels))
+
+
+def _cache_key(reviews: list[str], labels: list[int]) -> tuple[str, tuple]:
+    """A SHA-256 of the reviews and labels themselves (not a path: a data set edited in place is another key), and
+    what else decides the fit: the source of this module and of data/imdb.py (the fit, its settings, the cleaning and
+    its patterns) and the versions of scikit-learn, SciPy (lbfgs), NumPy and Python (a pickle read by another
+    scikit-learn may predict otherwise). OSError where the sources cannot be read (an install without .py files)."""
+    import hashlib
+    import platform
+    import sys
+
+    import numpy
+    import scipy
+    import sklearn
+
+    from ..data import imdb
+
+    digest = hashlib.sha256(f"{len(reviews)}\x1e".encode())
+    digest.update("\x1f".join(reviews).encode("utf-8", "surrogatepass"))
+    digest.update(bytes(labels) if all(0 <= y < 256 for y in labels) else repr(labels).encode())
+    code = (inspect.getsource(sys.modules[__name__]), inspect.getsource(imdb))
+    return digest.hexdigest(), (*code, sklearn.__version__, scipy.__version__, numpy.__version__, platform.python_version())
 
 
 def fitted_tfidf_judge(train_reviews: list[str], train_labels: list[int], test_reviews: list[str], test_labels: list[int]) -> TfidfJudge:
-    """`TfidfJudge.fit` on the train reviews (as the data set holds them: `data.imdb.clean_review` is applied
-    here) with its accuracy on the test reviews as `test_accuracy`, read back from `cache_folder()` when this fit was
-    made before (joblib's `Memory`). The key is what decides the result: a SHA-256 of the reviews and labels
-    themselves (not a path: a data set edited in place is another key; joblib would also write each argument's repr,
-    40 MB for IMDB, into the entry), the source of `TfidfJudge.fit` and `clean_review`, and the scikit-learn, NumPy
-    and Python versions (a pickle read by another scikit-learn may predict otherwise). joblib writes each entry to a
-    temporary file and renames it, so the processes of one launch, which all fit on a first run, do not corrupt it;
-    an entry that cannot be read is fitted again (joblib warns). On the full IMDB train set (2 cores, 2026-12-07): 24-29 s fitted, 1.4 s read back with the
-    data's loading and hash; 4.9 s and 0.12 s on the embedded sample."""
-    import hashlib
+    """`TfidfJudge.fit` on the train reviews (as the data set holds them: `data.imdb.clean_review` is applied here),
+    read back from `cache_folder()` when this fit was made before (joblib's `Memory`, keyed by `_cache_key`: the
+    train reviews, not the test ones, so every seed's run shares one fit), then its accuracy on the test reviews as
+    `test_accuracy` (about 1 s for 5,000 reviews). joblib writes each entry to a temporary file and renames it, so the
+    processes of one launch, which all fit on a first run, do not corrupt it; an entry that cannot be read is fitted
+    again (joblib warns). `tasks.build_gold_judge` on the full IMDB train set (2 cores, 2026-12-07): 18-29 s fitted,
+    2.4 s read back with the data's loading, the hash and the accuracy; 4.8 s and 0.3-0.9 s on the embedded sample."""
     import pickle
-    import platform
-
-    import numpy
-    import sklearn
 
     from ..data.imdb import clean_review
 
-    data = (list(train_reviews), [int(y) for y in train_labels], list(test_reviews), [int(y) for y in test_labels])
-    digest = hashlib.sha256()
-    for texts, labels in (data[:2], data[2:]):
-        digest.update(f"{len(texts)}\x1e".encode())
-        digest.update("\x1f".join(texts).encode("utf-8", "surrogatepass"))
-        digest.update(bytes(labels) if all(0 <= y < 256 for y in labels) else repr(labels).encode())
-    key = (inspect.getsource(TfidfJudge.fit), inspect.getsource(clean_review), sklearn.__version__, numpy.__version__, platform.python_version())
+    reviews, labels = list(train_reviews), [int(y) for y in train_labels]
     folder = cache_folder()
-    if folder is None:
-        return pickle.loads(_pickled_fit_with_accuracy(digest.hexdigest(), key, *data))
-    from joblib import Memory
+    try:
+        key = _cache_key(reviews, labels) if folder is not None else None
+    except OSError as error:  # the key needs the sources; without them, no cache
+        logger.warning("gold judge: no cache (cannot read its code's source: %s)", error)
+        key = None
+    if key is None:
+        judge = pickle.loads(_pickled_fit("", (), reviews, labels))
+    else:
+        from joblib import Memory
 
-    fits = _FITS[0]
-    pickled = Memory(folder, verbose=0).cache(_pickled_fit_with_accuracy, ignore=_DATA_ARGUMENTS)(digest.hexdigest(), key, *data)
-    if _FITS[0] == fits:
-        logger.info("gold judge: the TF-IDF fit on these %d reviews read from the cache in %s", len(data[0]), folder)
-    return pickle.loads(pickled)
+        fits = _FITS[0]
+        judge = pickle.loads(Memory(folder, verbose=0).cache(_pickled_fit, ignore=["reviews", "labels"])(*key, reviews, labels))
+        if _FITS[0] == fits:
+            logger.info("gold judge: the TF-IDF fit on these %d reviews read from the cache in %s", len(reviews), folder)
+    judge.test_accuracy = judge.accuracy([clean_review(t) for t in test_reviews], list(test_labels))
+    return judge
 
 
 class ClassifierJudge(Judge):
