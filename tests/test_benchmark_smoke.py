@@ -101,6 +101,43 @@ def test_gpu_check_smoke_runs_every_stage_and_writes_one_table(tmp_path, capsys)
     assert "| recipes | imdb_grade_ste | completed |" in table and (tmp_path / "gpu_check.json").is_file()
 
 
+def test_gpu_check_runs_at_most_lanes_jobs_at_once_and_keeps_the_jobs_order(tmp_path, monkeypatch):
+    """`run_lanes` with 3 jobs on 2 lanes (each job a 1 s stand-in process for a gpu_check child): never more than
+    2 run at once, the third starts when one ends, and the rows join the report in the order of the jobs whichever
+    ends first. (The smoke test above runs 2 real jobs, which never queue.)"""
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT.parent / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    events, real_popen = tmp_path / "events.txt", subprocess.Popen
+    durations = {"first": 2.5, "second": 1.0, "third": 1.0}  # the second ends first: its row still comes second
+    monkeypatch.setattr(gpu_check, "lane_jobs", lambda args, stages: [(name, ["--stages", "recipes", "--recipes", name]) for name in durations])
+
+    def stand_in(command, **kwargs):
+        folder = Path(command[command.index("--output_dir") + 1])
+        rows = [{"stage": "recipes", "what": folder.name, "status": "completed"}]
+        script = (f"import json, time; log = open({str(events)!r}, 'a'); log.write('start {folder.name}\\n'); log.flush(); "
+                  f"time.sleep({durations[folder.name]}); open({str(folder / 'gpu_check.json')!r}, 'w').write({json.dumps(json.dumps({'rows': rows}))}); "
+                  f"log.write('end {folder.name}\\n')")
+        return real_popen([sys.executable, "-c", script], **kwargs)
+
+    monkeypatch.setattr(gpu_check.subprocess, "Popen", stand_in)
+    args = SimpleNamespace(tokenizer="unused", device="cpu", max_steps=1, smoke=True, threads=None, lanes=2, budget_s=None)
+    report = SimpleNamespace(rows=[], start=time.time(), write=lambda: None)
+    gpu_check.run_lanes(args, ["recipes"], tmp_path, report)
+    running, most = 0, 0
+    for line in events.read_text().splitlines():
+        running += 1 if line.startswith("start") else -1
+        most = max(most, running)
+    assert most == 2 and events.read_text().splitlines()[:2] == ["start first", "start second"], events.read_text()
+    assert events.read_text().splitlines().index("start third") > events.read_text().splitlines().index("end second")
+    assert [row["what"] for row in report.rows] == ["first", "second", "third"]
+
+
 def test_sharding_table_agrees_with_the_memory_model_and_orders_the_configs():
     """benchmarks/sharding_table.py (the README's config-by-size table): on one GPU its peak is memory_model.py's own
     prediction for gpt2-medium at batch 16 (computed there by a separate function), and per GPU a sharded config never

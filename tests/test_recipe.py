@@ -239,6 +239,9 @@ def test_a_spelling_hint_names_each_key_once():
         build_recipe({"method": "reinforce", "output_dir": "x", "max_promt_length": 8})
 
 
+CPU_ONLY = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU's refusal of fp16; a GPU runs fp16")
+
+
 def _run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "grade_trl.run", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
@@ -252,8 +255,8 @@ def _run_cli(*args, cwd):
         ("method: grade_ste\ndataset_name: ./missing_data\n", [], "dataset_name: no such file or folder"),
         ("method: [grade\n", [], "is not valid YAML"),
         ("method: grade_ste\n", ["--max_steps", "x"], "max_steps: expected an integer"),
-        ("method: reinforce\nfp16: true\n", [], "fp16: float16 mixed precision needs a GPU"),
-        ("method: grpo\n", ["--fp16", "true"], "fp16: float16 mixed precision needs a GPU"),
+        pytest.param("method: reinforce\nfp16: true\n", [], "fp16: float16 mixed precision needs a GPU", marks=CPU_ONLY),
+        pytest.param("method: grpo\n", ["--fp16", "true"], "fp16: float16 mixed precision needs a GPU", marks=CPU_ONLY),
     ],
 )
 def test_cli_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, monkeypatch, recipe_text, extra, message):
@@ -268,7 +271,7 @@ def test_cli_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, mon
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU's refusal; a GPU runs fp16")
+@CPU_ONLY
 def test_fp16_on_the_cpu_is_refused_from_the_recipe_or_the_accelerate_config(monkeypatch):
     """On the CPU Accelerate makes no float16 autocast: `fp16: true` trained in float32 while the config said fp16
     (2026-12-07). The accelerate config's `mixed_precision: fp16` reaches Trainer as ACCELERATE_MIXED_PRECISION;

@@ -307,14 +307,15 @@ def test_frozen_models_load_whole_under_zero3(zero3_rollout):
 # also the LoRA-under-DDP test of its method. REINFORCE's LoRA reference is GRADE's context outside backward: it matched
 # DDP as these do when run by hand (README, "Past one GPU"), left out for CI's time (about 20 s a case on 2 cores); so is
 # CISPO, which is TRL's GRPOTrainer with another loss (loss_type), the same FSDP2 path as GRPO's (it matched DDP too while
-# it was a case here, to 2026-12-06). Full weights: REINFORCE here, PPO in the resume test below (its FSDP2-against-DDP
-# case without LoRA, and GRPO's, were cases here until 2026-12-07: the suite had grown past 15 minutes). GRADE-STE (with
+# it was a case here, to 2026-12-06). Full weights: REINFORCE and GRPO (whose beta 0.04 makes TRL build and prepare a
+# reference model of its own, which its LoRA case has not) here, PPO in the resume test below (its FSDP2-against-DDP
+# case without LoRA was a case here until 2026-12-07: the suite had grown past 15 minutes). GRADE-STE (with
 # LoRA) and REINFORCE accumulate 2 micro-batches of 2 per optimizer step (the same 4 completions per process as the
 # others' one batch of 4); GRADE-STE's accumulation and LoRA were two cases until 2026-12-06, one launch pair each.
 ACCUMULATE = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}
 FSDP_CPU_CASES = {
     "grade_ste-lora-accumulated": ("tiny/imdb_grade_ste.yaml", {**ACCUMULATE, "use_peft": "true"}), "reinforce-accumulated": ("tiny/imdb_reinforce.yaml", ACCUMULATE),
-    "grpo-lora": ("tiny/imdb_grpo.yaml", {"use_peft": "true"}), "ppo-lora": ("tiny/imdb_ppo.yaml", {"use_peft": "true"}),
+    "grpo": ("tiny/imdb_grpo.yaml", {}), "grpo-lora": ("tiny/imdb_grpo.yaml", {"use_peft": "true"}), "ppo-lora": ("tiny/imdb_ppo.yaml", {"use_peft": "true"}),
 }
 
 
@@ -449,6 +450,9 @@ def test_fsdp2_on_two_cpu_processes_resumes_as_if_never_stopped(tmp_path, shared
     every_two = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}
     result = _two_process_run(tmp_path, "A", recipe, every_two, shared_reward_model, fsdp=True)
     assert result.returncode == 0, launch_failure("A", result)
+    for rank in (0, 1):  # the full-weight wrapper (policy + value head) is sharded: each rank holds about half of its elements
+        policy = [json.loads(line) for line in (tmp_path / f"A.prepared.rank{rank}").read_text().splitlines()][-1]
+        assert policy["fsdp_module"] and policy["dtensor_parameters"] == policy["parameters"] and policy["local_elements"] <= policy["elements"] // 2 + 256, policy
     shutil.copytree(tmp_path / "A" / "checkpoint-2", tmp_path / "B" / "checkpoint-2")
     result = _two_process_run(tmp_path, "B", recipe, {**every_two, "resume_from_checkpoint": "true"}, shared_reward_model, fsdp=True)
     assert result.returncode == 0, launch_failure("B", result)
