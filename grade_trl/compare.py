@@ -255,7 +255,7 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
                             "last checkpoint and skips the completed ones; --force runs them all again")
     if options["seed_list"] is None and options["seeds"] < 1:
         raise UserError(f"--seeds: the number of seeds must be >= 1, got {options['seeds']} (or give them: --seed_list 1 2 3)")
-    seeds = options["seed_list"] or [42 + i for i in range(options["seeds"])]
+    seeds = [42 + i for i in range(options["seeds"])] if options["seed_list"] is None else options["seed_list"]  # [] is no seed, not the default
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"--seed_list: seeds must be distinct and at least one, got {seeds}")
     if options["jobs"] < 1:

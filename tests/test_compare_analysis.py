@@ -320,6 +320,7 @@ def test_options_are_parsed_and_unknown_keys_forwarded_with_their_values():
         ([RECIPES[0], "--output_dir", "{tmp}/results.json/sub"], "--output_dir: cannot write into"),  # the file made below
         ([RECIPES[0], "--output_dir", "{tmp}", "--seeds", "-1"], "--seeds: the number of seeds must be >= 1, got -1"),  # said "got []"
         ([RECIPES[0], "--output_dir", "{tmp}", "--seed_list", "1", "1"], "--seed_list: seeds must be distinct"),
+        ([RECIPES[0], "--output_dir", "{tmp}", "--seed_list", "[]"], "--seed_list: seeds must be distinct and at least one, got []"),  # ran the default seeds
         # a typo of compare's own option is forwarded as a recipe key: the error names the option it resembles too
         ([RECIPES[0], "--output_dir", "{tmp}", "--frce"], "unknown recipe key 'frce' for method 'reinforce'; see `python -m grade_trl.run --help` for the keys "
                                                           "(or grade_trl.compare's option --force?)"),

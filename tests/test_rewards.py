@@ -109,6 +109,16 @@ def returns_nan(prompts, completions, **kwargs):
     return [0.5, float("nan"), 0.1][: len(completions)]
 
 
+def returns_a_huge_int(prompts, completions, **kwargs):
+    return [10**400] * len(completions)
+
+
+def test_reward_past_floats_range_is_reported_as_not_finite():
+    """An int too large for a float (a fuzz audit: an OverflowError traceback, exit 1) is a bad value like nan."""
+    with pytest.raises(RewardFunctionError, match=r"'returns_a_huge_int' returned 1000000000.* for sample 0"):
+        compute_rewards([returns_a_huge_int], ["p"] * 3, TEXTS)
+
+
 def test_reward_that_raises_is_reported_with_name_and_sample_index():
     with pytest.raises(RewardFunctionError, match=r"'raises_on_third' raised on sample 2: ZeroDivisionError"):
         compute_rewards([raises_on_third], ["p"] * 3, TEXTS)

@@ -187,9 +187,16 @@ def _first_bad_value(values) -> int | None:
     for index, value in enumerate(values):
         # numbers.Real: Python's int, float and bool, and numpy's scalars (a reward returning an array of float32).
         # None is not bad: the function does not apply to that sample (TRL's multi-task convention).
-        if value is not None and (not isinstance(value, numbers.Real) or not math.isfinite(float(value))):
+        if value is not None and (not isinstance(value, numbers.Real) or not _finite(value)):
             return index
     return None
+
+
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int past float's range (10**400): no finite reward either
+        return False
 
 
 def _as_values(values, name: str, count: int) -> list:
