@@ -114,7 +114,7 @@ def test_gpu_check_runs_at_most_lanes_jobs_at_once_and_keeps_the_jobs_order(tmp_
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     events, real_popen = tmp_path / "events.txt", subprocess.Popen
-    durations = {"first": 2.5, "second": 1.0, "third": 1.0}  # the second ends first: its row still comes second
+    durations = {"first": 3.0, "second": 1.0, "third": 0.5}  # the second ends first: its row still comes second
     monkeypatch.setattr(gpu_check, "lane_jobs", lambda args, stages: [(name, ["--stages", "recipes", "--recipes", name]) for name in durations])
 
     def stand_in(command, **kwargs):
@@ -133,8 +133,9 @@ def test_gpu_check_runs_at_most_lanes_jobs_at_once_and_keeps_the_jobs_order(tmp_
     for line in events.read_text().splitlines():
         running += 1 if line.startswith("start") else -1
         most = max(most, running)
-    assert most == 2 and events.read_text().splitlines()[:2] == ["start first", "start second"], events.read_text()
-    assert events.read_text().splitlines().index("start third") > events.read_text().splitlines().index("end second")
+    lines = events.read_text().splitlines()  # the first two start together, in either order (a loaded machine swapped them once)
+    assert most == 2 and set(lines[:2]) == {"start first", "start second"}, lines
+    assert lines.index("start third") > min(i for i, line in enumerate(lines) if line.startswith("end")), lines  # when a lane is free
     assert [row["what"] for row in report.rows] == ["first", "second", "third"]
 
 
