@@ -108,11 +108,11 @@ def build_gold_judge(spec: str, dataset_name: str, seed: int, max_test_reviews: 
         train = load_imdb(dataset_name, "train") if spec == "tfidf" else None
     test = test.select(range(min(max_test_reviews, len(test))))
     if spec == "tfidf":  # kept on disk between runs (`fitted_tfidf_judge`); [:] reads a column in one go
-        judge = fitted_tfidf_judge(train["text"][:], train["label"][:], test["text"][:], test["label"][:])
+        judge = fitted_tfidf_judge(train["text"][:], train["label"][:])
     else:
         with loading("gold_judge", spec):
             judge = ClassifierJudge(spec)
-        judge.test_accuracy = judge.accuracy([clean_review(t) for t in test["text"][:]], test["label"][:])
+    judge.test_accuracy = judge.accuracy([clean_review(t) for t in test["text"][:]], test["label"][:])
     logger.info("gold judge %s: accuracy %.3f on %d IMDB test reviews", spec, judge.test_accuracy, len(test))
     return judge
 

@@ -110,18 +110,18 @@ def test_a_fitted_tfidf_judge_is_read_back_from_the_disk_cache_for_the_same_fit_
     probe = ["a good film", "a bad film"]
     reference = TfidfJudge.fit(train, labels)
     monkeypatch.setenv("GRADE_TRL_CACHE", str(tmp_path / "cache"))
-    first = fitted_tfidf_judge(train, labels, test, test_labels)
+    first = fitted_tfidf_judge(train, labels)
     assert "from the cache" not in caplog.text and first.probabilities(probe) == reference.probabilities(probe)
-    assert first.test_accuracy == reference.accuracy(test, test_labels)
+    assert first.accuracy(test, test_labels) == reference.accuracy(test, test_labels)
     caplog.clear()
-    again = fitted_tfidf_judge(train, labels, test, test_labels)
+    again = fitted_tfidf_judge(train, labels)
     assert "gold judge: the TF-IDF fit on these 6 reviews read from the cache in" in caplog.text and "fitting TF-IDF" not in caplog.text
-    assert again.probabilities(probe) == reference.probabilities(probe) and again.test_accuracy == first.test_accuracy
+    assert again.probabilities(probe) == reference.probabilities(probe) and again.accuracy(test, test_labels) == first.accuracy(test, test_labels)
     caplog.clear()
-    other_test = fitted_tfidf_judge(train, labels, ["bad fun", "good"], [0, 1])  # another seed's test reviews: the same fit
-    assert "read from the cache" in caplog.text and other_test.test_accuracy == reference.accuracy(["bad fun", "good"], [0, 1])
+    other_test = fitted_tfidf_judge(train, labels)  # another seed's run: its test reviews are no part of the fit
+    assert "read from the cache" in caplog.text and other_test.accuracy(["bad fun", "good"], [0, 1]) == reference.accuracy(["bad fun", "good"], [0, 1])
     caplog.clear()
-    other = fitted_tfidf_judge(train, [0, 1, 0, 1, 0, 1], test, test_labels)  # the labels are part of the key
+    other = fitted_tfidf_judge(train, [0, 1, 0, 1, 0, 1])  # the labels are part of the key
     assert "fitting TF-IDF" in caplog.text and other.probabilities(probe) != reference.probabilities(probe)
     entries = sorted((tmp_path / "cache").rglob("output.pkl"))
     assert len(entries) == 2
@@ -130,21 +130,21 @@ def test_a_fitted_tfidf_judge_is_read_back_from_the_disk_cache_for_the_same_fit_
     caplog.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # joblib's own warning about the entry it could not read
-        again = fitted_tfidf_judge(train, labels, test, test_labels)
+        again = fitted_tfidf_judge(train, labels)
     assert "fitting TF-IDF" in caplog.text and again.probabilities(probe) == reference.probabilities(probe)
 
     monkeypatch.chdir(tmp_path)  # `none` is no folder, here or anywhere
     monkeypatch.setenv("GRADE_TRL_CACHE", "none")
-    fitted_tfidf_judge(train, labels, test, test_labels)
+    fitted_tfidf_judge(train, labels)
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("GRADE_TRL_CACHE", str(tmp_path / "file" / "cache"))  # cannot be made
     caplog.clear()
-    assert fitted_tfidf_judge(train, labels, test, test_labels).probabilities(probe) == reference.probabilities(probe)
+    assert fitted_tfidf_judge(train, labels).probabilities(probe) == reference.probabilities(probe)
     assert "gold judge: no cache (" in caplog.text and "set GRADE_TRL_CACHE to a writable folder" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "file"]
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("GRADE_TRL_CACHE", "~/judges")  # as a shell would expand it, not a folder named ~ here
-    fitted_tfidf_judge(train, labels, test, test_labels)
+    fitted_tfidf_judge(train, labels)
     assert (tmp_path / "home" / "judges").is_dir() and not (tmp_path / "~").exists()
 
 

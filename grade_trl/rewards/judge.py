@@ -159,17 +159,15 @@ def _cache_key(reviews: list[str], labels: list[int]) -> tuple[str, tuple]:
     return digest.hexdigest(), (*code, sklearn.__version__, scipy.__version__, numpy.__version__, platform.python_version())
 
 
-def fitted_tfidf_judge(train_reviews: list[str], train_labels: list[int], test_reviews: list[str], test_labels: list[int]) -> TfidfJudge:
+def fitted_tfidf_judge(train_reviews: list[str], train_labels: list[int]) -> TfidfJudge:
     """`TfidfJudge.fit` on the train reviews (as the data set holds them: `data.imdb.clean_review` is applied here),
     read back from `cache_folder()` when this fit was made before (joblib's `Memory`, keyed by `_cache_key`: the
-    train reviews, not the test ones, so every seed's run shares one fit), then its accuracy on the test reviews as
-    `test_accuracy` (about 1 s for 5,000 reviews). joblib writes each entry to a temporary file and renames it, so the
-    processes of one launch, which all fit on a first run, do not corrupt it; an entry that cannot be read is fitted
-    again (joblib warns). `tasks.build_gold_judge` on the full IMDB train set (2 cores, 2026-12-07): 18-29 s fitted,
-    2.4 s read back with the data's loading, the hash and the accuracy; 4.8 s and 0.3-0.9 s on the embedded sample."""
+    train reviews, not the test ones the caller scores it on, so every seed's run shares one fit). joblib writes each
+    entry to a temporary file and renames it, so the processes of one launch, which all fit on a first run, do not
+    corrupt it; an entry that cannot be read is fitted again (joblib warns). `tasks.build_gold_judge` on the full IMDB
+    train set (2 cores, 2026-12-07): 18-29 s fitted, 2.4 s read back with the data's loading, the hash and the accuracy
+    on 5,000 test reviews; 4.8 s and 0.3-0.9 s on the embedded sample."""
     import pickle
-
-    from ..data.imdb import clean_review
 
     reviews, labels = list(train_reviews), [int(y) for y in train_labels]
     folder = cache_folder()
@@ -179,15 +177,13 @@ def fitted_tfidf_judge(train_reviews: list[str], train_labels: list[int], test_r
         logger.warning("gold judge: no cache (cannot read its code's source: %s)", error)
         key = None
     if key is None:
-        judge = pickle.loads(_pickled_fit("", (), reviews, labels))
-    else:
-        from joblib import Memory
+        return pickle.loads(_pickled_fit("", (), reviews, labels))
+    from joblib import Memory
 
-        fits = _FITS[0]
-        judge = pickle.loads(Memory(folder, verbose=0).cache(_pickled_fit, ignore=["reviews", "labels"])(*key, reviews, labels))
-        if _FITS[0] == fits:
-            logger.info("gold judge: the TF-IDF fit on these %d reviews read from the cache in %s", len(reviews), folder)
-    judge.test_accuracy = judge.accuracy([clean_review(t) for t in test_reviews], list(test_labels))
+    fits = _FITS[0]
+    judge = pickle.loads(Memory(folder, verbose=0).cache(_pickled_fit, ignore=["reviews", "labels"])(*key, reviews, labels))
+    if _FITS[0] == fits:
+        logger.info("gold judge: the TF-IDF fit on these %d reviews read from the cache in %s", len(reviews), folder)
     return judge
 
 
