@@ -17,6 +17,12 @@ class UserError(Exception):
     that names what is wrong and what would be right. Commands print `error: <message>` and exit with 2."""
 
 
+# What user code (a reward function, its module, its class) raises when it fails: an Exception, or the SystemExit of a
+# `sys.exit()`/`exit()` in it, which would otherwise end the run with that code and no word of why. KeyboardInterrupt
+# and `Interrupted` (a signal) are not the user code's failure and pass on.
+USER_CODE_ERRORS = (Exception, SystemExit)
+
+
 class RefusedBeforeTraining(UserError):
     """Bad input found once the trainer is built, when training begins (a checkpoint this run cannot resume from, a
     tracker that cannot start its run): the runner writes nothing, as for any other bad input."""
@@ -119,7 +125,9 @@ def loading(key: str, value: str):
         with quiet_logger("huggingface_hub", logging.ERROR):  # an unreachable hub: its retries' warnings (dozens of lines) before our one line
             yield
     except (OSError, ValueError, ConnectionError, SafetensorError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+        # a first line that ends in ":" says nothing without the rest ("... from one of:"): the message joined into one line
+        first_line = " ".join(lines) if lines[0].endswith(":") else lines[0]
         if isinstance(error, SafetensorError):
             first_line += " (a damaged or truncated weights file: copy or download it again)"
         elif isinstance(error, (OSError, ConnectionError)):  # not found, not reachable (a ValueError says what is wrong inside)

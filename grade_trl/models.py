@@ -205,8 +205,16 @@ def fingerprint(name_or_path: str) -> str | None:
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Tokenizer with left padding (generation continues at the right edge) and a pad token."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    """Tokenizer with left padding (generation continues at the right edge) and a pad token. A folder with a
+    tokenizer_config.json but nothing to build the tokenizer from is a ValueError saying so in one line (transformers'
+    own is five, the first ending "from one of:")."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    except ValueError as error:
+        if not str(error).startswith("Couldn't instantiate the backend tokenizer"):
+            raise
+        raise ValueError("its tokenizer files cannot build a tokenizer (no tokenizer.json, nor the vocabulary its tokenizer_config.json's class reads: "
+                         "vocab.json and merges.txt for GPT-2, a sentencepiece model, ...); copy the tokenizer of the model it was trained with into it") from None
     return prepare_tokenizer(tokenizer)
 
 

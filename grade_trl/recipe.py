@@ -379,6 +379,7 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
                        "resume from them (resume_from_checkpoint refuses them); leave it false to keep runs resumable")
     if not str(config.output_dir or "").strip():
         raise RecipeError(f"output_dir: expected a folder path for the run's results, got {config.output_dir!r}")
+    check_output_names(config.output_dir)
     check_custom_task(values, method_name, run, config)
     if problem := missing_reporter(config.report_to):
         raise RecipeError(problem)
@@ -389,7 +390,7 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
         key = "reward_model_path" if run.reward_model_path is not None else "output_dir"
         path = run.reward_model_path or os.path.join(config.output_dir, "reward_model")
         if not has_trained_head(path):
-            check_writable_folder(key, path if key == "reward_model_path" else config.output_dir)
+            check_writable_folder(key, path)
     if run.reward_model_path is None:
         run.reward_model_path = os.path.join(config.output_dir, "reward_model")
     from .resume import check_resumed_settings, resolve_checkpoint
@@ -401,6 +402,22 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
     except UserError as error:
         raise RecipeError(str(error)) from None
     return Recipe(run=run, config=config, raw=raw, resume_from=resume_from)
+
+
+def check_output_names(output_dir: str) -> None:
+    """output_dir is a folder that can be made or written into, and each name the run writes in it is free or of the kind
+    the run writes there: a folder called results.json let the whole run train and then lost its results to a
+    traceback; a file called model or best_model was a traceback at the first save (RecipeError otherwise)."""
+    from .results import RESULTS_FILE
+    from .safety import LOCK_FILE
+
+    check_writable_folder("output_dir", output_dir)
+    run_outputs = {RESULTS_FILE: "file", LOCK_FILE: "file", "model": "folder", "best_model": "folder"}  # run.py writes them
+    for name, kind in run_outputs.items():
+        path = os.path.join(output_dir, name)
+        if os.path.lexists(path) and os.path.isdir(path) != (kind == "folder"):
+            found = "a folder" if os.path.isdir(path) else "a file" if os.path.isfile(path) else "not a regular file (a broken link, a socket)"
+            raise RecipeError(f"output_dir: {path!r} is {found}, where the run writes its {name} {kind}; move it away or give another output_dir")
 
 
 def key_first(message: str) -> str:
@@ -476,6 +493,20 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epsilon": (lambda v: v > 0, "a number > 0 (the clip range is [1 - epsilon, 1 + epsilon_high])"),
     "epsilon_high": (lambda v: v > 0, "a number > 0 (unset: epsilon)"),
     "beta": (lambda v: v >= 0, "a number >= 0 (0: no KL term)"),
+    # TrainingArguments' own keys that transformers does not check (a torch traceback after set-up, a run stopped by
+    # diverged weights it blames on learning_rate, or a silent no-op) or checks in words that do not start with the key
+    "adam_epsilon": (lambda v: v > 0, "a number > 0 (Adam divides by sqrt(v) + adam_epsilon; 1e-8 is the usual)"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "dataloader_num_workers": (lambda v: 0 <= v <= 1024, "an integer from 0 to 1,024 (0: load data in the main process)"),
+    "dataloader_prefetch_factor": (lambda v: v >= 1, "an integer >= 1 (or null), with dataloader_num_workers >= 1"),
+    "logging_steps": (lambda v: v > 0, "a number > 0: log every N optimizer steps (below 1: that fraction of the run)"),
+    "save_steps": (lambda v: v > 0, "a number > 0: save every N optimizer steps (below 1: that fraction of the run)"),
+    "save_total_limit": (lambda v: v >= 0, "an integer >= 0 (0 or null: keep every checkpoint)"),
+    "warmup_steps": (lambda v: v >= 0, "a number >= 0: warm-up optimizer steps (below 1: that fraction of the run)"),
+    "eval_delay": (lambda v: v >= 0, "a number >= 0"),
+    "torch_empty_cache_steps": (lambda v: v >= 1, "an integer >= 1 (or null: never)"),
+    "label_smoothing_factor": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
 }
 
 

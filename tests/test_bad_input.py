@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 
+from grade_trl.errors import UserError
 from grade_trl.recipe import RecipeError, build_recipe
 
 from .conftest import REPO
@@ -130,6 +131,15 @@ RECIPE_CASES = [
     # mappings handed to a library: a typo was a traceback at load or train time (exit 1, results.json written)
     ({"model_init_kwargs": {"dtype": "float33"}}, "model_init_kwargs: dtype 'float33' is not a torch dtype"),
     ({"method": "grpo", "bf16": False, "model_init_kwargs": {"dtype": "float33"}}, "model_init_kwargs: dtype 'float33' is not a torch dtype"),
+    # TrainingArguments' keys transformers does not check: a torch traceback after set-up (exit 1, results.json
+    # written), a run stopped as "diverged" and blamed on learning_rate, or a message that did not start with the key
+    ({"dataloader_num_workers": -1}, "dataloader_num_workers: expected an integer from 0 to 1,024"),
+    ({"adam_epsilon": 0}, "adam_epsilon: expected a number > 0"),
+    ({"adam_beta2": 1.0}, "adam_beta2: expected a number in [0, 1)"),
+    ({"warmup_steps": -3}, "warmup_steps: expected a number >= 0"),
+    ({"logging_steps": -1}, "logging_steps: expected a number > 0"),
+    ({"torch_empty_cache_steps": 0}, "torch_empty_cache_steps: expected an integer >= 1"),
+    ({"method": "grpo", "bf16": False, "adam_epsilon": -1e-8}, "adam_epsilon: expected a number > 0"),
     ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"num_cyclez": 2}}, "lr_scheduler_kwargs: 'num_cyclez' is not an argument of the cosine schedule (its own: num_cycles)"),
     # TrainingArguments' sharding switches: `--fsdp full_shard` was Trainer's traceback (exit 1, results.json written); bare `--fsdp` was refused as a key needing a value
     ({"fsdp": True}, "fsdp: the runner shards through Accelerate's config, not TrainingArguments' fsdp; remove it and launch with accelerate launch --config_file accelerate_configs/fsdp2.yaml"),
@@ -234,8 +244,13 @@ def test_a_model_without_a_tokenizer_or_positions_for_prompt_and_completion_is_o
     model.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(os.path.join(resolve_model_path("embedded"), name), model / name)
+    half = tmp_path / "half_a_tokenizer"  # a tokenizer_config.json alone: transformers' five lines were cut to "... from one of: "
+    shutil.copytree(model, half)
+    shutil.copy(os.path.join(resolve_model_path("embedded"), "tokenizer_config.json"), half)
     cases = [
         ("length_grpo.yaml", ["--model_name_or_path", str(model)], f"error: model_name_or_path: {str(model)!r} has no tokenizer files"),
+        ("length_reinforce.yaml", ["--model_name_or_path", str(half)], f"error: model_name_or_path: cannot load {str(half)!r}: its tokenizer files cannot build a "
+                                                                         "tokenizer (no tokenizer.json, nor the vocabulary its tokenizer_config.json's class reads"),
         ("imdb_reinforce.yaml", ["--max_new_tokens", "240"], "error: max_new_tokens: max_prompt_length 32 + max_new_tokens 240 = 272 tokens, but 'embedded' has 256 positions"),
         ("length_grpo.yaml", ["--max_completion_length", "240"], "error: max_completion_length: max_prompt_length 32 + max_completion_length 240 = 272 tokens"),
     ]
@@ -350,7 +365,6 @@ def test_every_built_in_task_declares_how_many_rewards_it_sums():
 def test_a_reward_head_is_reused_across_clones_and_refused_for_another_backbone(tmp_path, reward_model, tokenizer):
     """A head records its backbone as the recipe names it (`embedded`), so a clone elsewhere reuses it; a head trained
     on another backbone is refused in one line naming reward_model_path (it used to blame dataset_name)."""
-    from grade_trl.errors import UserError
     from grade_trl.tasks import load_or_train_sentiment_model
 
     run = build_recipe({"output_dir": str(tmp_path / "run"), "reward_model_path": str(tmp_path / "head")}).run
@@ -385,6 +399,34 @@ def test_an_unwritable_reward_model_path_is_one_line_before_the_head_is_trained(
                                   "--reward_split_size", "40", "--reward_epochs", "1"])
     assert code == 2 and errors == [f"error: reward_model_path: cannot save the trained head into {str(tmp_path / 'head')!r} (No space left on device); "
                                     "give a folder you can write to"], errors
+
+
+def test_what_stands_where_the_run_writes_its_outputs_is_one_line_before_anything_runs(tmp_path):
+    """A folder called results.json let the whole run train, then lost its results to a traceback (no results.json);
+    a file called model or best_model was a traceback at the first save. Each is refused with the recipe, naming
+    output_dir and the path, and left as it was."""
+    cases = [
+        ("results.json", "mkdir", "a folder, where the run writes its results.json file"),
+        ("model", "touch", "a file, where the run writes its model folder"),
+        ("best_model", "touch", "a file, where the run writes its best_model folder"),
+        (".grade_trl.lock", "mkdir", "a folder, where the run writes its .grade_trl.lock file"),
+    ]
+    for name, make, found in cases:
+        out = tmp_path / name.strip(".")
+        (out / name).mkdir(parents=True) if make == "mkdir" else (out.mkdir(), (out / name).touch())
+        with pytest.raises(UserError) as info:
+            build_recipe({"method": "reinforce", "task": "length", "output_dir": str(out)})
+        assert str(info.value) == f"output_dir: {str(out / name)!r} is {found}; move it away or give another output_dir"
+        assert [p.name for p in out.iterdir()] == [name]
+    as_file = tmp_path / "a_file"
+    as_file.write_text("")
+    with pytest.raises(UserError) as info:  # output_dir itself a file (each task; IMDB's check was the reward head's alone)
+        build_recipe({"method": "reinforce", "task": "length", "output_dir": str(as_file / "run")})
+    assert str(info.value) == f"output_dir: cannot write into {str(as_file / 'run')!r} ({str(as_file)!r} is a file); give a folder you can write to"
+    (tmp_path / "resumable").mkdir()
+    (tmp_path / "resumable" / "results.json").write_text("{}")  # the right kinds pass
+    (tmp_path / "resumable" / "model").mkdir()
+    build_recipe({"method": "reinforce", "task": "length", "output_dir": str(tmp_path / "resumable")})
 
 
 def test_only_the_models_load_is_blamed_on_model_name_or_path(tmp_path):
