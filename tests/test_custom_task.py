@@ -97,6 +97,10 @@ def keyword_reward(prompts, completions, keyword, **kwargs):
 def nan_reward(prompts, completions, **kwargs):
     return [float("nan")] * len(completions)
 
+def exiting_reward(prompts, completions, **kwargs):
+    import sys
+    sys.exit(3)
+
 def by_step(prompts, completions, trainer_state, log_metric, log_extra, **kwargs):  # TRL's keywords, in training and evaluation
     log_metric("by_step_calls", 1.0)
     log_metric("by_step_step", trainer_state.global_step)
@@ -203,10 +207,17 @@ def test_a_reward_that_reads_trls_trainer_state_runs_in_training_and_evaluation(
     assert results["final"]["test"]["final"]["metrics"]["by_step_step"] == 2.0
 
 
-def test_a_reward_module_beside_the_recipe_that_returns_nan_stops_in_one_line(tmp_path):
-    """Imported rewards get the built-in ones' checks: here the first evaluation's call stops the run."""
-    code, errors = _main_quietly([_user_recipe(tmp_path, _rows(20), reward_funcs="[user_rewards.nan_reward]")])
-    assert code == 2 and errors == ["error: reward function 'nan_reward' returned nan for sample 0; rewards must be finite numbers (or None where it does not apply)"]
+@pytest.mark.parametrize("method", ["reinforce", "grpo"])
+@pytest.mark.parametrize("reward,error", [
+    ("nan_reward", "error: reward function 'nan_reward' returned nan for sample 0; rewards must be finite numbers (or None where it does not apply)"),
+    # sys.exit in a reward ended the run with its code (3) and no word of why
+    ("exiting_reward", "error: reward function 'exiting_reward' raised on sample 0: SystemExit: 3"),
+])
+def test_a_reward_module_beside_the_recipe_that_returns_nan_or_exits_stops_in_one_line(tmp_path, reward, error, method):
+    """Imported rewards get the built-in ones' checks, under our trainers and TRL's: the first call stops the run."""
+    grpo = {"bf16": "false", "max_completion_length": 4, "num_generations": 2, "per_device_train_batch_size": 2} if method == "grpo" else {}
+    code, errors = _main_quietly([_user_recipe(tmp_path, _rows(20), reward_funcs=f"[user_rewards.{reward}]", method=method, **grpo)])
+    assert code == 2 and errors == [error]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "failed"
 

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..core.precision import at_least_float32
-from ..errors import UserError
+from ..errors import USER_CODE_ERRORS, UserError
 
 RewardFunc = Callable[..., list]
 
@@ -275,7 +275,7 @@ def _call_rewards(reward_funcs: Sequence[RewardFunc], call: dict) -> list[tuple]
     for i, func in enumerate(reward_funcs):
         try:
             value = func(**call)
-        except Exception as error:  # noqa: BLE001 - reported by the caller with the first sample that raises
+        except USER_CODE_ERRORS as error:  # noqa: BLE001 - reported by the caller with the first sample that raises
             outcomes.append((None, error))
             continue
         if inspect.isawaitable(value):
@@ -283,9 +283,9 @@ def _call_rewards(reward_funcs: Sequence[RewardFunc], call: dict) -> list[tuple]
         outcomes.append((value, None))
     if pending:
         for i, result in zip(pending, _gather_in_daemon_loop(list(pending.values()))):
-            if isinstance(result, BaseException) and not isinstance(result, Exception):
-                raise result  # a KeyboardInterrupt or SystemExit in the judge: not the reward's error to report
-            outcomes[i] = (None, result) if isinstance(result, Exception) else (result, None)
+            if isinstance(result, BaseException) and not isinstance(result, USER_CODE_ERRORS):
+                raise result  # a KeyboardInterrupt (Ctrl-C) while the judge ran: not the reward's error to report
+            outcomes[i] = (None, result) if isinstance(result, USER_CODE_ERRORS) else (result, None)
     return outcomes
 
 
@@ -335,7 +335,7 @@ def soft_scores(reward_func, call, *args) -> torch.Tensor:
     path's does."""
     try:
         return call(*args)
-    except Exception as error:  # noqa: BLE001 - any failure of user code is reported the same way
+    except USER_CODE_ERRORS as error:  # noqa: BLE001 - any failure of user code is reported the same way
         raise RewardFunctionError(f"reward function '{reward_name(reward_func)}' raised in score_soft: {type(error).__name__}: {error}") from error
 
 
@@ -362,7 +362,7 @@ class AsyncCheckedReward(CheckedReward):
     async def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float | None]:
         try:
             outcome = (await self.func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs), None)
-        except Exception as error:  # noqa: BLE001 - reported by _column with the first sample that raises
+        except USER_CODE_ERRORS as error:  # noqa: BLE001 - reported by _column with the first sample that raises
             outcome = (None, error)
         values = _column(self.func, outcome, prompts, completions, completion_ids, kwargs).tolist()
         return [None if math.isnan(value) else value for value in values]

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..errors import USER_CODE_ERRORS, UserError
 from .base import NOT_PASSED_COLUMNS
 
 BUILTIN = {"length": "grade_trl.rewards.length.LengthReward"}
@@ -70,7 +70,7 @@ class RewardSpec:
         injected = {"tokenizer": tokenizer, "eos_token_id": tokenizer.eos_token_id}
         try:
             return self.target(**{name: injected[name] for name in _injectable(self.target)}, **self.kwargs)
-        except Exception as error:  # noqa: BLE001 - user code failing is reported in one line, before anything is written
+        except USER_CODE_ERRORS as error:  # noqa: BLE001 - user code failing is reported in one line, before anything is written
             raise UserError(f"{key}: building {self.path}({self.kwargs}) raised {_first_line(error)}") from None
 
 
@@ -96,7 +96,7 @@ def import_target(key: str, path: str):
         )
     try:
         module = importlib.import_module(module_name)
-    except Exception as error:  # noqa: BLE001 - user code failing at import is reported the same way as a missing module
+    except USER_CODE_ERRORS as error:  # noqa: BLE001 - user code failing at import is reported the same way as a missing module
         raise UserError(
             f"{key}: cannot import module {module_name!r} of {path!r} ({_first_line(error)}); it must be importable from the "
             "current directory, the recipe's folder or an installed package"
