@@ -21,6 +21,7 @@ import enum
 import logging
 import os
 import re
+import shlex
 import sys
 import threading
 import types
@@ -304,8 +305,13 @@ class Command:
         while argv and not argv[0].startswith("--"):
             positionals.append(argv.pop(0))
         wanted = {"1": (1, 1), "+": (1, None), "?": (0, 1)}[self.nargs] if self.positional else (0, 0)
-        if len(positionals) < wanted[0] or (wanted[1] is not None and len(positionals) > wanted[1]):
-            raise UserError(self.usage)
+        if len(positionals) < wanted[0]:
+            raise UserError(f"{self.positional} missing; {self.usage}")
+        if wanted[1] is not None and len(positionals) > wanted[1]:
+            extra = " ".join(shlex.quote(p) for p in positionals[wanted[1]:])
+            takes = {"1": f"one {self.positional}", "?": f"at most one {self.positional}"}[self.nargs] if self.positional else "no positional argument"
+            raise UserError(f"unexpected argument{'s' if len(positionals) - wanted[1] > 1 else ''} {extra} (the command takes {takes}; options are "
+                            f"written --key value); {self.usage}")
         known = {option.name: option for option in self.options}
         list_keys = [name for name, option in known.items() if is_list_type(option.type)]
         raw = parse_overrides(argv, list_keys + (list(self.override_list_keys()) if self.forwards_overrides else []))

@@ -693,7 +693,7 @@ def runner_defaults(method, given: Mapping[str, Any] = ()) -> dict[str, Any]:
 def parse_recipe(argv: list[str]) -> Recipe:
     """`RECIPE.yaml [--key value ...]` -> Recipe. Overrides win over the file."""
     if not argv or argv[0].startswith("--"):
-        raise RecipeError("usage: python -m grade_trl.run RECIPE.yaml [--key value ...]")
+        raise RecipeError("RECIPE.yaml missing: give a recipe (recipes/quickstart.yaml, or one of recipes/); usage: python -m grade_trl.run RECIPE.yaml [--key value ...]")
     values = load_recipe_file(argv[0])
     overrides = parse_overrides(argv[1:], list_keys=_list_keys(values, argv[1:]))
     values.update(overrides)

@@ -385,16 +385,20 @@ def test_cli_reads_the_adaptive_kl_target_from_the_run_config(tmp_path, capsys):
         (["{tmp}/run", "--trend_rows", "0"], "trend_rows: expected an integer >= 1, got 0"),
         (["{tmp}/run", "--kl_max", "-5"], "kl_max: expected a number > 0"),  # was accepted: every log flagged
         (["{tmp}/run", "--validation_key", "eval_nope"], "validation_key: no evaluation row of"),  # was accepted: validation checks silently off
-        (["--json"], "usage"),
+        (["--json"], "RUN missing; usage: python -m grade_trl.doctor RUN [options]"),
+        # a second run: the usage line alone said nothing of what was wrong
+        (["{tmp}/wrong_type.json"], "wrong_type.json is not a results.json written by grade_trl.run: 'config' is a list, expected an object"),  # was a traceback
+        (["{tmp}/run", "{tmp}/run2"], "unexpected argument {tmp}/run2 (the command takes one RUN; options are written --key value); usage:"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
     write_run(tmp_path, healthy())
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "nohistory.json").write_text('{"status": "completed"}')
+    (tmp_path / "wrong_type.json").write_text(json.dumps({"status": "completed", "config": [1], "history": healthy(), "final": {}}))
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("error: ") and message.format(tmp=tmp_path) in err and err.count("\n") == 1
 
 
 def test_module_entry_point(tmp_path):
