@@ -42,7 +42,7 @@ from .cli import Command, Option, exit_process
 from .comparison import build_comparison, from_fewer_runs, runs_and_results_in_folder, with_the_same_protocol, with_the_same_settings
 from .errors import UserError
 from .methods import relaxed_methods
-from .results import RESULTS_FILE, evaluation_rows, last_training_value, read_json, test_metric, test_name, test_per_prompt, training_rows, write_json_atomic
+from .results import RESULTS_FILE, evaluation_rows, last_training_value, read_json, shape_problem, test_metric, test_name, test_per_prompt, training_rows, write_json_atomic
 from .stats import (
     bootstrap_ci,
     cohens_d,
@@ -88,8 +88,10 @@ def load_runs(results_dir: Path) -> tuple[dict | None, dict[str, list[dict]], li
         if record["status"] == "completed":
             runs.setdefault(record["name"], []).append({"seed": record["seed"], "run_dir": record["run_dir"], "results": results})
         elif record["status"] == "pending":  # compare launched it: no results.json yet, or one that does not parse
-            left_out.append(f"{record['name']} seed {record['seed']}: " + (f"its {path} is not readable (cut short, or edited by hand)" if path.is_file()
-                                                                          else "launched, no results.json (the same compare command again runs it)"))
+            data = read_json(path) if path.is_file() else None
+            why = "launched, no results.json (the same compare command again runs it)" if not path.is_file() else \
+                f"its {path} is not readable (cut short, or edited by hand)" if data is None else f"its {path} is not a results.json (edited by hand?): {shape_problem(data)}"
+            left_out.append(f"{record['name']} seed {record['seed']}: {why}")
         else:
             still = " (still training, or killed without a word: its last snapshot)" if record["status"] == "running" else ""
             left_out.append(f"{record['name']} seed {record['seed']}: {record['status']}{still} (the same compare command again resumes or reruns it)")

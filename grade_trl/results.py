@@ -106,13 +106,49 @@ def results_path(run: str | os.PathLike) -> Path:
     return run / RESULTS_FILE if run.is_dir() else run
 
 
+# The parts of results.json (module docstring) its readers step into, with the type each must have where present and
+# not null: a file edited by hand with a list or a string there was a traceback in doctor, compare and analysis.
+_NUMBER = (int, float)
+SHAPE: dict[tuple[str, ...], tuple[type, ...]] = {
+    ("config",): (dict,), ("config", "recipe"): (dict,), ("config", "run"): (dict,), ("config", "trainer"): (dict,),
+    ("final",): (dict,), ("final", "task"): (dict,), ("final", "task", "split_sizes"): (dict,),
+    ("final", "task", "evaluation_generation"): (dict,), ("final", "test"): (dict,),
+    ("final", "test", "final"): (dict,), ("final", "test", "best"): (dict,),
+    ("final", "test", "final", "metrics"): (dict,), ("final", "test", "best", "metrics"): (dict,),
+    ("final", "validation_before"): (dict,), ("final", "validation_after"): (dict,), ("final", "validation_metric"): (str,),
+    ("final", "samples"): (list,), ("final", "doctor"): (list,), ("final", "nonfinite_skipped_steps"): (list,),
+    ("final", "steps"): (int,), ("final", "best_validation_step"): (int,), ("final", "samples_per_step"): (int,),
+    ("final", "num_processes"): (int,), ("final", "kl"): _NUMBER, ("final", "best_validation"): _NUMBER,
+    ("final", "train_minutes"): _NUMBER, ("final", "peak_memory_mb"): _NUMBER, ("written_at",): (str,), ("error",): (str,),
+}
+_TYPE_WORDS = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number", bool: "true/false"}
+
+
+def shape_problem(data: Any) -> str | None:
+    """What keeps parsed JSON from having the results.json shape, in words ("'final.task' is a list, expected an
+    object"), or None: an object with a known status, a 'history' list of row objects, a 'final' object (which a
+    completed run always has; a run that failed early may lack it), and each part of SHAPE of its type."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {_TYPE_WORDS.get(type(data), type(data).__name__)}"
+    if data.get("status") not in STATUSES:
+        return f"'status' is {data.get('status')!r}, expected one of {', '.join(STATUSES)}"
+    if not isinstance(data.get("history"), list) or not all(isinstance(row, dict) for row in data["history"]):
+        return "'history' is not a list of log rows (objects)"
+    if data.get("final") is None and data["status"] == "completed":
+        return "a completed run's 'final' is missing"
+    for path, types in SHAPE.items():
+        value = data
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            expected = " or ".join(dict.fromkeys(_TYPE_WORDS[t] for t in types))
+            return f"'{'.'.join(path)}' is {_TYPE_WORDS.get(type(value), type(value).__name__)}, expected {expected}"
+    return None
+
+
 def is_results(data: Any) -> bool:
-    """Whether parsed JSON has the results.json shape: an object with a known status, a 'history' list of row objects
-    and a 'final' object (which a completed run always has; a run that failed early may lack it)."""
-    if not (isinstance(data, dict) and data.get("status") in STATUSES and isinstance(data.get("history"), list)):
-        return False
-    final = data.get("final")
-    return all(isinstance(row, dict) for row in data["history"]) and (isinstance(final, dict) or (final is None and data["status"] != "completed"))
+    """Whether parsed JSON has the results.json shape (`shape_problem`)."""
+    return shape_problem(data) is None
 
 
 def read_results(run: str | os.PathLike) -> dict | None:
@@ -127,9 +163,11 @@ def load_results(run: str | os.PathLike) -> dict:
     path = results_path(run)
     if not path.is_file():
         raise UserError(f"no such file: {path} (give a run's output_dir or its results.json)")
-    data = read_results(path)
+    data = read_json(path)
     if data is None:
-        raise UserError(f"{path} is not a results.json written by grade_trl.run (expected a JSON object with a 'status' and a 'history' list)")
+        raise UserError(f"cannot read {path} as JSON (a copy cut short?); give a results.json written by grade_trl.run")
+    if problem := shape_problem(data):
+        raise UserError(f"{path} is not a results.json written by grade_trl.run: {problem}")
     return data
 
 
@@ -145,13 +183,16 @@ def load_history(source: str | os.PathLike) -> tuple[list[dict], dict, str]:
     if data is None:
         raise UserError(f"cannot read {path} as JSON (give a results.json written by grade_trl.run or a trainer_state.json)")
     if isinstance(data, dict):
-        history, config = data.get("history", data.get("log_history")), dict(data.get("config") or {})
+        # another shape is refused below, once the history is known to be there (shape_problem)
+        history, config = data.get("history", data.get("log_history")), dict(data["config"]) if isinstance(data.get("config"), dict) else {}
         config["final"] = data.get("final") or {}
         config["status"], config["error"], config["written_at"] = data.get("status"), data.get("error"), data.get("written_at")  # a results.json's (None elsewhere)
     else:
         history, config = data, {}
     if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
         raise UserError(f"{path} has no history (expected a results.json with a 'history' list of log rows, a trainer_state.json, or a JSON list of rows)")
+    if isinstance(data, dict) and "status" in data and (problem := shape_problem(data)):  # a results.json (a trainer_state.json has no status)
+        raise UserError(f"{path} is not a results.json written by grade_trl.run: {problem}")
     for index, row in enumerate(history):  # the readers order and place rows by their optimizer step
         if not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool) or row["step"] < 0:
             raise UserError(f"{path}: log row {index} has no step (every row needs \"step\": its optimizer step, an integer >= 0), got {row.get('step')!r}")

@@ -544,6 +544,24 @@ def test_results_readers_accept_only_the_results_schema(tmp_path):
     assert read_results(run) is None
     write_json_atomic(run / "results.json", {"status": "completed", "config": {}, "history": [1, 2], "final": {}})
     assert read_results(run) is None
+    # a part the readers step into, of another type (a fuzz audit: tracebacks in doctor, compare and analysis)
+    for part, value, problem in [("config", [1], "'config' is a list, expected an object"),
+                                 ("final", "x", "'final' is a string, expected an object"),
+                                 ("final.task", 7, "'final.task' is an integer, expected an object"),
+                                 ("config.run", [], "'config.run' is a list, expected an object"),
+                                 ("final.kl", "0.3", "'final.kl' is a string, expected an integer or a number"),
+                                 ("final.steps", True, "'final.steps' is true/false, expected an integer")]:
+        data = {"status": "completed", "config": {"run": {}}, "history": [{"step": 1}], "final": {"task": {}}}
+        *parents, last = part.split(".")
+        holder = data
+        for key in parents:
+            holder = holder[key]
+        holder[last] = value
+        write_json_atomic(run / "results.json", data)
+        assert read_results(run) is None
+        with pytest.raises(UserError) as info:
+            load_results(run)
+        assert str(info.value) == f"{run / 'results.json'} is not a results.json written by grade_trl.run: {problem}"
 
 
 def test_analysis_says_which_results_it_cannot_read_and_where_it_cannot_write(tmp_path, caplog, capsys):
@@ -558,6 +576,9 @@ def test_analysis_says_which_results_it_cannot_read_and_where_it_cannot_write(tm
         _, runs, left_out = analysis.load_runs(tmp_path / "cmp")
     assert [run["seed"] for run in runs["reinforce"]] == [42]
     assert left_out == [f"reinforce seed 43: its {cut / 'results.json'} is not readable (cut short, or edited by hand)"]
+    write_json_atomic(cut / "results.json", {"status": "completed", "config": {"recipe": "reinforce"}, "history": [{"step": 1}], "final": {}})
+    _, _, left_out = analysis.load_runs(tmp_path / "cmp")  # read, but of another shape: which part, so that it can be mended
+    assert left_out == [f"reinforce seed 43: its {cut / 'results.json'} is not a results.json (edited by hand?): 'config.recipe' is a string, expected an object"]
     assert any(left_out[0] in record.getMessage() for record in caplog.records)
     (tmp_path / "a_file").write_text("")
     assert analysis.main([str(tmp_path / "cmp"), "--output_dir", str(tmp_path / "a_file")]) == 2
