@@ -109,19 +109,31 @@ def results_path(run: str | os.PathLike) -> Path:
 # The parts of results.json (module docstring) its readers step into, with the type each must have where present and
 # not null: a file edited by hand with a list or a string there was a traceback in doctor, compare and analysis.
 _NUMBER = (int, float)
+# the metric objects: each value a number (or null: NaN, which JSON writes as null)
+METRIC_OBJECTS = (("final", "validation_before"), ("final", "validation_after"), ("final", "test", "final", "metrics"), ("final", "test", "best", "metrics"))
 SHAPE: dict[tuple[str, ...], tuple[type, ...]] = {
     ("config",): (dict,), ("config", "recipe"): (dict,), ("config", "run"): (dict,), ("config", "trainer"): (dict,),
     ("final",): (dict,), ("final", "task"): (dict,), ("final", "task", "split_sizes"): (dict,),
     ("final", "task", "evaluation_generation"): (dict,), ("final", "test"): (dict,),
     ("final", "test", "final"): (dict,), ("final", "test", "best"): (dict,),
-    ("final", "test", "final", "metrics"): (dict,), ("final", "test", "best", "metrics"): (dict,),
-    ("final", "validation_before"): (dict,), ("final", "validation_after"): (dict,), ("final", "validation_metric"): (str,),
+    **{path: (dict,) for path in METRIC_OBJECTS},
+    ("final", "validation_metric"): (str,),
     ("final", "samples"): (list,), ("final", "doctor"): (list,), ("final", "nonfinite_skipped_steps"): (list,),
     ("final", "steps"): (int,), ("final", "best_validation_step"): (int,), ("final", "samples_per_step"): (int,),
     ("final", "num_processes"): (int,), ("final", "kl"): _NUMBER, ("final", "best_validation"): _NUMBER,
     ("final", "train_minutes"): _NUMBER, ("final", "peak_memory_mb"): _NUMBER, ("written_at",): (str,), ("error",): (str,),
 }
 _TYPE_WORDS = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number", bool: "true/false"}
+
+
+def _part(data: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def shape_problem(data: Any) -> str | None:
@@ -137,12 +149,14 @@ def shape_problem(data: Any) -> str | None:
     if data.get("final") is None and data["status"] == "completed":
         return "a completed run's 'final' is missing"
     for path, types in SHAPE.items():
-        value = data
-        for key in path:
-            value = value.get(key) if isinstance(value, dict) else None
+        value = _part(data, path)
         if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
             expected = " or ".join(dict.fromkeys(_TYPE_WORDS[t] for t in types))
             return f"'{'.'.join(path)}' is {_TYPE_WORDS.get(type(value), type(value).__name__)}, expected {expected}"
+    for path in METRIC_OBJECTS:
+        for name, value in (_part(data, path) or {}).items():
+            if value is not None and not _is_number(value):
+                return f"'{'.'.join(path)}.{name}' is {_TYPE_WORDS.get(type(value), type(value).__name__)}, expected a number (or null)"
     return None
 
 

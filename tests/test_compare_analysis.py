@@ -550,7 +550,8 @@ def test_results_readers_accept_only_the_results_schema(tmp_path):
                                  ("final.task", 7, "'final.task' is an integer, expected an object"),
                                  ("config.run", [], "'config.run' is a list, expected an object"),
                                  ("final.kl", "0.3", "'final.kl' is a string, expected an integer or a number"),
-                                 ("final.steps", True, "'final.steps' is true/false, expected an integer")]:
+                                 ("final.steps", True, "'final.steps' is true/false, expected an integer"),
+                                 ("final.validation_before", {"reward": "0.5"}, "'final.validation_before.reward' is a string, expected a number (or null)")]:
         data = {"status": "completed", "config": {"run": {}}, "history": [{"step": 1}], "final": {"task": {}}}
         *parents, last = part.split(".")
         holder = data
