@@ -202,6 +202,10 @@ def load_recipe_file(path: str) -> dict:
         raise RecipeError(f"recipe {path} is empty; a recipe is YAML `key: value` lines, at least `method:` (see recipes/)")
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a mapping of key: value lines, got {type(data).__name__}")
+    for key in data:
+        if not isinstance(key, str):  # `1: 2`, `null: x`, `true: x` (a traceback in the unknown-key hint)
+            written = {None: "null", True: "true", False: "false"}.get(key, key) if isinstance(key, (bool, type(None))) else key
+            raise RecipeError(f"recipe {path}: key {written} is not a name (YAML reads it as {type(key).__name__}); recipe keys are names such as learning_rate")
     folder = os.path.dirname(os.path.abspath(path))
     if folder not in sys.path:  # reward modules next to the recipe import (`reward_funcs: [my_rewards.f]`), searched last
         sys.path.append(folder)

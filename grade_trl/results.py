@@ -146,6 +146,13 @@ def shape_problem(data: Any) -> str | None:
         return f"'status' is {data.get('status')!r}, expected one of {', '.join(STATUSES)}"
     if not isinstance(data.get("history"), list) or not all(isinstance(row, dict) for row in data["history"]):
         return "'history' is not a list of log rows (objects)"
+    for index, row in enumerate(data["history"]):  # the readers order rows by step and compute with their values
+        step = row.get("step")
+        if not _is_number(step) or not isinstance(step, int) or step < 0:
+            return f"'history' row {index} has no step (an integer >= 0), got {step!r}"
+        for key, value in row.items():
+            if value is not None and not _is_number(value):
+                return f"'history' row {index}'s {key!r} is {_TYPE_WORDS.get(type(value), type(value).__name__)}, expected a number (or null)"
     if data.get("final") is None and data["status"] == "completed":
         return "a completed run's 'final' is missing"
     for path, types in SHAPE.items():
@@ -205,11 +212,11 @@ def load_history(source: str | os.PathLike) -> tuple[list[dict], dict, str]:
         history, config = data, {}
     if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
         raise UserError(f"{path} has no history (expected a results.json with a 'history' list of log rows, a trainer_state.json, or a JSON list of rows)")
-    if isinstance(data, dict) and "status" in data and (problem := shape_problem(data)):  # a results.json (a trainer_state.json has no status)
-        raise UserError(f"{path} is not a results.json written by grade_trl.run: {problem}")
     for index, row in enumerate(history):  # the readers order and place rows by their optimizer step
         if not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool) or row["step"] < 0:
             raise UserError(f"{path}: log row {index} has no step (every row needs \"step\": its optimizer step, an integer >= 0), got {row.get('step')!r}")
+    if isinstance(data, dict) and "status" in data and (problem := shape_problem(data)):  # a results.json (a trainer_state.json has no status)
+        raise UserError(f"{path} is not a results.json written by grade_trl.run: {problem}")
     return history, config, str(path)
 
 

@@ -334,6 +334,8 @@ RECIPE_FILE_CASES = [
     ("a comment only", b"# nothing here\n", "is empty"),
     ("a list, not a mapping", b"- method: grade_ste\n", "must be a mapping"),
     ("invalid YAML", b"method: [grade\n", "is not valid YAML"),
+    ("a number for a key", b"task: length\n1: 2\n", "key 1 is not a name (YAML reads it as int)"),  # was a TypeError traceback in the key hint
+    ("null for a key", b"task: length\nnull: 2\n", "key null is not a name (YAML reads it as NoneType)"),
     ("a misspelt key", b"method: grade_ste\nlearnig_rate: 1.0e-4\n", "unknown recipe key 'learnig_rate'"),
     # PyYAML keeps the last of a repeated key silently: the run trained at whichever learning_rate came last (a journey audit)
     ("a key given twice inside a mapping", b"method: grade_ste\nreward_kwargs: {a: 1, a: 2}\n", "key 'a' is given twice (line 2); keep one"),

@@ -563,6 +563,14 @@ def test_results_readers_accept_only_the_results_schema(tmp_path):
         with pytest.raises(UserError) as info:
             load_results(run)
         assert str(info.value) == f"{run / 'results.json'} is not a results.json written by grade_trl.run: {problem}"
+    # a log row's value or step of another type (analysis' curves and thresholds: a TypeError traceback)
+    for row, problem in [({"step": 1, "eval_reward": "abc"}, "'history' row 1's 'eval_reward' is a string, expected a number (or null)"),
+                         ({"step": "seven", "eval_reward": 0.5}, "'history' row 1 has no step (an integer >= 0), got 'seven'")]:
+        write_json_atomic(run / "results.json", {"status": "completed", "config": {}, "history": [{"step": 0, "eval_reward": 0.1}, row], "final": {}})
+        assert read_results(run) is None
+        with pytest.raises(UserError) as info:
+            load_results(run)
+        assert str(info.value).endswith(problem)
 
 
 def test_analysis_says_which_results_it_cannot_read_and_where_it_cannot_write(tmp_path, caplog, capsys):

@@ -119,6 +119,27 @@ def test_reward_past_floats_range_is_reported_as_not_finite():
         compute_rewards([returns_a_huge_int], ["p"] * 3, TEXTS)
 
 
+def returns_past_float32(prompts, completions, **kwargs):
+    return [1.0, 1e308, 1.0][: len(completions)]
+
+
+def test_rewards_past_float32_or_summing_past_it_are_one_line_not_inf():
+    """Rewards are held in float32, as in TRL: 1e308 (a finite float64) was inf there, and two functions of 3e38 each
+    summed to inf (a fuzz audit: a traceback in the evaluation's statistics, exit 1)."""
+    from grade_trl.rewards.base import combine_scores
+
+    with pytest.raises(RewardFunctionError) as info:
+        compute_rewards([returns_past_float32], ["p"] * 3, TEXTS)
+    assert str(info.value) == ("reward function 'returns_past_float32' returned 1e+308 for sample 1; rewards must be finite numbers of float32's range, "
+                               "|r| <= 3.4e38, which rewards are held in (or None where it does not apply)")
+    scores = torch.tensor([[3e38, 3e38], [1.0, 2.0]])
+    with pytest.raises(RewardFunctionError) as info:
+        combine_scores(scores, torch.tensor([1.0, 1.0]))
+    assert str(info.value) == ("reward_weights: the weighted sum of the rewards is inf for sample 0 (each reward finite, their sum past float32's range, "
+                               "|r| <= 3.4e38); scale the rewards or reward_weights [1.0, 1.0] down")
+    assert combine_scores(scores, torch.tensor([0.5, 0.5])).tolist() == pytest.approx([3e38, 1.5])  # in range: summed as before
+
+
 def test_reward_that_raises_is_reported_with_name_and_sample_index():
     with pytest.raises(RewardFunctionError, match=r"'raises_on_third' raised on sample 2: ZeroDivisionError"):
         compute_rewards([raises_on_third], ["p"] * 3, TEXTS)

@@ -192,10 +192,20 @@ def _first_bad_value(values) -> int | None:
     return None
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # rewards are held in float32 (as in TRL): 1e308 would be inf there
+
+
 def _finite(value: numbers.Real) -> bool:
     try:
-        return math.isfinite(float(value))
+        return abs(float(value)) <= FLOAT32_MAX  # False for NaN and inf too
     except OverflowError:  # an int past float's range (10**400): no finite reward either
+        return False
+
+
+def _finite_float(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
         return False
 
 
@@ -261,7 +271,8 @@ def _column(func, outcome: tuple, prompts, completions, completion_ids, kwargs: 
         raise RewardFunctionError(f"reward function '{name}' returned {len(values)} values for {len(completions)} completions")
     bad = _first_bad_value(values)
     if bad is not None:
-        raise RewardFunctionError(f"reward function '{name}' returned {values[bad]!r} for sample {bad}; rewards must be finite numbers (or None where it does not apply)")
+        past = " of float32's range, |r| <= 3.4e38, which rewards are held in" if isinstance(values[bad], numbers.Real) and _finite_float(values[bad]) else ""
+        raise RewardFunctionError(f"reward function '{name}' returned {values[bad]!r} for sample {bad}; rewards must be finite numbers{past} (or None where it does not apply)")
     return torch.tensor([math.nan if value is None else float(value) for value in values], dtype=torch.float32)
 
 
@@ -315,8 +326,15 @@ def _gather_in_daemon_loop(awaitables: list) -> list:
 
 def combine_scores(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_f weight_f * score_f over the functions that scored each sample: (B, F) with NaN for None -> (B,).
-    TRL's GRPOTrainer combines its reward functions the same way (`nansum` of the weighted scores)."""
-    return torch.nan_to_num(scores, nan=0.0) @ weights.to(scores.device, scores.dtype)
+    TRL's GRPOTrainer combines its reward functions the same way (`nansum` of the weighted scores). A sum past
+    float32's range, of finite scores, is a RewardFunctionError naming reward_weights (it was inf rewards, then a
+    traceback in the evaluation's statistics)."""
+    combined = torch.nan_to_num(scores, nan=0.0) @ weights.to(scores.device, scores.dtype)
+    if not torch.isfinite(combined).all() and torch.isfinite(torch.nan_to_num(scores, nan=0.0)).all():
+        sample = int((~torch.isfinite(combined)).nonzero()[0])
+        raise RewardFunctionError(f"reward_weights: the weighted sum of the rewards is {combined[sample].item()} for sample {sample} (each reward finite, "
+                                  f"their sum past float32's range, |r| <= 3.4e38); scale the rewards or reward_weights {weights.tolist()} down")
+    return combined
 
 
 def _first_raising_sample(func, prompts, completions, completion_ids, kwargs) -> int | None:
