@@ -241,6 +241,9 @@ def stop_runs(error: BaseException) -> None:
             signum = getattr(again, "signum", None) or signal.SIGINT
 
 
+MAX_SEEDS = 1000  # seeds of one comparison: far past what a paper reports, far below what a run list can hold
+
+
 def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str]) -> int:
     _STOPPING.clear()  # a comparison stopped earlier in this process (a notebook) does not stop this one
     if not options["output_dir"]:
@@ -253,11 +256,13 @@ def compare(recipes: list[str], options: dict, overrides: dict, argv: list[str])
         if key in overrides:
             raise UserError(f"--{key} is set by compare for every run: the same command again resumes each unfinished run from its "
                             "last checkpoint and skips the completed ones; --force runs them all again")
-    if options["seed_list"] is None and options["seeds"] < 1:
-        raise UserError(f"--seeds: the number of seeds must be >= 1, got {options['seeds']} (or give them: --seed_list 1 2 3)")
+    if options["seed_list"] is None and not 1 <= options["seeds"] <= MAX_SEEDS:  # a run per seed and method: 10**9 was minutes of memory growth, then the OOM killer
+        raise UserError(f"--seeds: the number of seeds must be from 1 to {MAX_SEEDS:,}, got {options['seeds']} (or give them: --seed_list 1 2 3)")
     seeds = [42 + i for i in range(options["seeds"])] if options["seed_list"] is None else options["seed_list"]  # [] is no seed, not the default
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UserError(f"--seed_list: seeds must be distinct and at least one, got {seeds}")
+    if not seeds or len(set(seeds)) != len(seeds) or len(seeds) > MAX_SEEDS:
+        raise UserError(f"--seed_list: seeds must be distinct, at least one and at most {MAX_SEEDS:,}, got {seeds if len(seeds) <= 10 else f'{len(seeds)} seeds'}")
+    if bad := next((seed for seed in seeds if not 0 <= seed < 2**32), None):  # every seed, before any run (seed 1 trained, then 2**32 was refused)
+        raise UserError(f"--seed_list: seed {bad} is not a seed: expected an integer from 0 to 2^32 - 1")
     if options["jobs"] < 1:
         raise UserError(f"--jobs must be >= 1, got {options['jobs']}")
     if not options["thresholds"] or not all(0 < f <= 1 for f in options["thresholds"]):

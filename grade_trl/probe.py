@@ -60,8 +60,12 @@ COMMAND = Command(
 
 
 def check_options(paths: list[str], options: dict) -> None:
-    if options["num_estimates"] < 2 or options["num_prompts"] < 1:
-        raise UserError(f"--num_estimates must be >= 2 and --num_prompts >= 1, got {options['num_estimates']} and {options['num_prompts']}")
+    if options["num_estimates"] < 2:
+        raise UserError(f"--num_estimates must be >= 2 (a variance needs two estimates), got {options['num_estimates']}")
+    if options["num_prompts"] < 1:
+        raise UserError(f"--num_prompts must be >= 1, got {options['num_prompts']}")
+    if not 0 <= options["probe_seed"] < 2**32:  # as a run's seed (it was accepted, and numpy's seeding refused it later)
+        raise UserError(f"--probe_seed must be an integer from 0 to 2^32 - 1, got {options['probe_seed']}")
     if options["checkpoint"] is not None and len(paths) > 1:
         raise UserError(f"--checkpoint holds one run's weights: give one recipe with it, not {len(paths)}")
     if options["bias"] and options["bias_samples_per_prompt"] < 2:
@@ -193,6 +197,9 @@ def probe(paths: list[str], options: dict, overrides: dict, argv: list[str]) -> 
     if options["bias"] and not any(get_method(recipe.run.method).relaxed for recipe in recipes):
         raise UserError(f"--bias: the bias is GRADE's, against an unbiased reference, and applies to relaxed methods (grade*); these recipes run "
                         f"{', '.join(sorted({recipe.run.method for recipe in recipes}))}, whose estimators are unbiased")
+    if options["include_value_loss"] and not any(recipe.run.method == "ppo" for recipe in recipes):
+        raise UserError(f"--include_value_loss: only PPO has a value loss (and a value head to probe); these recipes run "
+                        f"{', '.join(sorted({recipe.run.method for recipe in recipes}))}")
     quiet_libraries()
     command = " ".join(["python -m grade_trl.probe", *argv])
     rows, reference_cache = [], {}

@@ -564,6 +564,8 @@ def check_reward_weights(weights, rewards, what: str) -> None:
     """One weight per reward function, or none (all 1), as TRL's `reward_weights`."""
     if weights is not None and len(weights) != len(rewards):
         raise RecipeError(f"reward_weights: {len(weights)} weights for {len(rewards)} {what}; give one weight per reward function")
+    if weights and not any(weights):  # the run trained on a reward of 0 for every completion, and said nothing
+        raise RecipeError(f"reward_weights: every weight is 0, so every completion's reward is 0 and there is nothing to learn; give {what} a non-zero weight")
 
 
 def check_enum_values(config_kwargs: dict) -> None:

@@ -100,6 +100,14 @@ RECIPE_CASES = [
     ({"reward_weights": [1.0, 2.0]}, "reward_weights: 2 weights for 1 task imdb_sentiment's rewards (sentiment)"),
     ({"task": "gsm8k", "method": "reinforce", "reward_weights": [1.0]}, "reward_weights: 1 weights for 2 task gsm8k's rewards (gsm8k_correctness, gsm8k_format)"),
     ({"method": "grpo", "bf16": False, "task": "length", "reward_weights": [1.0, 0.5]}, "reward_weights"),
+    ({"method": "reinforce", "task": "length", "reward_weights": [0]}, "reward_weights: every weight is 0"),  # trained on a reward of 0
+    ({"method": "grpo", "bf16": False, "task": "gsm8k", "reward_weights": [0, 0.0]}, "reward_weights: every weight is 0"),
+    ({"method": "ppo", "ppo_epochs": 10**9}, "ppo_epochs: must be an integer from 1 to 1,024"),  # trained every step on the first rollout
+    ({"method": "ppo", "num_mini_batches": 0}, "num_mini_batches: must be >= 1"),  # named ppo_epochs first
+    ({"method": "ppo", "lam": 2}, "lam: must lie in [0, 1]"),
+    ({"method": "ppo", "ent_coef": -1}, "ent_coef: must be >= 0"),
+    ({"method": "ppo", "adaptive_kl": True, "kl_horizon": 0}, "kl_horizon: must be > 0 for the adaptive KL controller"),
+    ({"method": "grade_rao", "rao_samples": 10**6}, "rao_samples: must be an integer from 1 to 1,024"),  # asked the allocator for 262 GB after set-up
     # TRL GRPO/CISPO's own keys, which TRL does not check (a traceback at the first step, or a run that completes)
     ({"method": "grpo", "bf16": False, "temperature": 0}, "temperature: expected a number > 0"),
     ({"method": "cispo", "bf16": False, "temperature": -1}, "temperature: expected a number > 0"),

@@ -318,9 +318,11 @@ def test_options_are_parsed_and_unknown_keys_forwarded_with_their_values():
         ([RECIPES[0], "--output_dir"], "--output_dir: given without a value; write --output_dir VALUE (str)"),
         ([RECIPES[0], "--output_dir", "{tmp}", "--max_steps"], "imdb_reinforce.yaml: max_steps: given without a value; write --max_steps VALUE (int)"),
         ([RECIPES[0], "--output_dir", "{tmp}/results.json/sub"], "--output_dir: cannot write into"),  # the file made below
-        ([RECIPES[0], "--output_dir", "{tmp}", "--seeds", "-1"], "--seeds: the number of seeds must be >= 1, got -1"),  # said "got []"
+        ([RECIPES[0], "--output_dir", "{tmp}", "--seeds", "-1"], "--seeds: the number of seeds must be from 1 to 1,000, got -1"),  # said "got []"
+        ([RECIPES[0], "--output_dir", "{tmp}", "--seeds", "4294967295"], "--seeds: the number of seeds must be from 1 to 1,000"),  # memory grew to the OOM killer
         ([RECIPES[0], "--output_dir", "{tmp}", "--seed_list", "1", "1"], "--seed_list: seeds must be distinct"),
-        ([RECIPES[0], "--output_dir", "{tmp}", "--seed_list", "[]"], "--seed_list: seeds must be distinct and at least one, got []"),  # ran the default seeds
+        ([RECIPES[0], "--output_dir", "{tmp}", "--seed_list", "[]"], "--seed_list: seeds must be distinct, at least one and at most 1,000, got []"),  # ran the default seeds
+        ([RECIPES[0], "--output_dir", "{tmp}", "--seed_list", "1", "4294967296"], "--seed_list: seed 4294967296 is not a seed"),  # seed 1 trained first
         # a typo of compare's own option is forwarded as a recipe key: the error names the option it resembles too
         ([RECIPES[0], "--output_dir", "{tmp}", "--frce"], "unknown recipe key 'frce' for method 'reinforce'; see `python -m grade_trl.run --help` for the keys "
                                                           "(or grade_trl.compare's option --force?)"),

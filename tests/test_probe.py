@@ -320,6 +320,7 @@ def test_a_probe_asked_for_what_it_cannot_measure_says_so_in_one_line(tmp_path, 
     cases = [
         ([TINY_LENGTH[1], "--bias"], "error: --bias: the bias is GRADE's, against an unbiased reference, and applies to relaxed methods (grade*); these recipes run reinforce, whose estimators are unbiased"),
         ([TINY_LENGTH[0], "--num_prompts", "41"], f"error: --num_prompts: {TINY_LENGTH[0]} has 40 training prompts, fewer than the 41 asked; give --num_prompts 40 or less"),
+        ([TINY_LENGTH[1], "--include_value_loss"], "error: --include_value_loss: only PPO has a value loss (and a value head to probe); these recipes run reinforce"),  # was ignored
     ]
     for extra, line in cases:
         assert main([*extra, "--num_estimates", "2", "--output", str(tmp_path / "p.json"), "--output_dir", str(tmp_path / "run"), *SHRUNK]) == 2
@@ -377,6 +378,8 @@ def test_checkpoint_weights_are_loaded_into_the_policy_not_the_reference(tmp_pat
         (["--project_dim", "-3"], "--project_dim must be >= 1"),  # was a RuntimeError
         (["--project_dim", "0"], "--project_dim must be >= 1"),  # was taken as None
         (["--step", "-5"], "--step must be >= 0"),
+        (["--num_prompts", "0"], "--num_prompts must be >= 1, got 0"),  # named --num_estimates first
+        (["--probe_seed", "-1"], "--probe_seed must be an integer from 0 to 2^32 - 1"),  # was accepted
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_code_2(extra, message, tmp_path, capsys):

@@ -102,8 +102,8 @@ class GumbelGRADEConfig(RolloutConfig):
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.tau_backward < 0:
             raise ValueError(f"tau_backward must be > 0 (or 0: the annealed tau), got {self.tau_backward}")
-        if self.rao_samples < 1:
-            raise ValueError(f"rao_samples must be >= 1, got {self.rao_samples}")
+        if not 1 <= self.rao_samples <= 1024:  # K (B, V) relaxed samples at once: 10**6 asked 262 GB of the allocator
+            raise ValueError(f"rao_samples must be an integer from 1 to 1,024, got {self.rao_samples}")
         if self.gapped_margin <= 0:
             raise ValueError(f"gapped_margin must be > 0, got {self.gapped_margin}")
         if self.tau_anneal_steps < 0:

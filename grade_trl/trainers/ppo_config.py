@@ -95,8 +95,11 @@ class PPOConfig(SampledRolloutConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.ppo_epochs < 1 or self.num_mini_batches < 1:
-            raise ValueError(f"ppo_epochs={self.ppo_epochs}, num_mini_batches={self.num_mini_batches}: both must be >= 1")
+        # each check names its own key (a recipe's error starts with the key that is wrong: recipe.key_first)
+        if not 1 <= self.ppo_epochs <= 1024:  # 10**9 trained every step on the first rollout
+            raise ValueError(f"ppo_epochs={self.ppo_epochs}: it must be an integer from 1 to 1,024 (default 4)")
+        if self.num_mini_batches < 1:
+            raise ValueError(f"num_mini_batches={self.num_mini_batches}: it must be >= 1")
         if self.per_device_train_batch_size % self.num_mini_batches != 0:
             raise ValueError(
                 f"per_device_train_batch_size={self.per_device_train_batch_size} is not divisible by num_mini_batches="
@@ -107,25 +110,25 @@ class PPOConfig(SampledRolloutConfig):
                 f"gradient_accumulation_steps={self.gradient_accumulation_steps} does not divide ppo_epochs * num_mini_batches="
                 f"{self.micro_steps_per_rollout}, so an optimizer step would mix two rollouts; use gradient_accumulation_steps: 1"
             )
-        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"gamma={self.gamma}, lam={self.lam}: both must lie in [0, 1] (defaults 0.99 and 0.95)")
+        for name, default in (("gamma", 0.99), ("lam", 0.95)):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: it must lie in [0, 1] (default {default})")
         if self.cliprange <= 0:
             raise ValueError(f"cliprange={self.cliprange}: it must be > 0 (default 0.2)")
         if self.cliprange_value is not None and self.cliprange_value <= 0:
             raise ValueError(f"cliprange_value={self.cliprange_value}: it must be > 0, or None for the plain MSE value loss")
-        if self.vf_coef < 0 or self.ent_coef < 0:
-            raise ValueError(f"vf_coef={self.vf_coef}, ent_coef={self.ent_coef}: both must be >= 0 (0 turns the term off)")
+        for name in ("vf_coef", "ent_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: it must be >= 0 (0 turns the term off)")
         if self.logratio_clamp <= 0:
             raise ValueError(f"logratio_clamp={self.logratio_clamp}: it must be > 0 (default 2.0)")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"target_kl={self.target_kl}: it must be > 0, or None to turn early stopping off")
         if self.init_kl_coef < 0:
             raise ValueError(f"init_kl_coef={self.init_kl_coef}: it must be >= 0 (0 turns the KL penalty off)")
-        if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon <= 0):
-            raise ValueError(
-                f"kl_target={self.kl_target}, kl_horizon={self.kl_horizon}: the adaptive controller needs both > 0; "
-                "or set adaptive_kl: false"
-            )
+        for name in ("kl_target", "kl_horizon"):
+            if self.adaptive_kl and getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: it must be > 0 for the adaptive KL controller (or set adaptive_kl: false)")
 
     def completions_per_step(self, num_processes: int) -> float:
         """A rollout is reused for `ppo_epochs * num_mini_batches` micro-steps: only that fraction of a step's micro-batches is new."""
