@@ -42,7 +42,7 @@ class GumbelGRADEConfig(RolloutConfig):
     )
     rao_samples: int = field(
         default=8,
-        metadata={"help": "`rao` only: conditional Gumbel draws K averaged in the gradient (K = 1 is ST-Gumbel). Costs K softmaxes "
+        metadata={"help": "`rao` only: conditional Gumbel draws K, 1 to 1,024, averaged in the gradient (K = 1 is ST-Gumbel). Costs K softmaxes "
                   "of each step's logits in time and saved memory; use relax_top_k with it at full vocabularies."},
     )
     gapped_margin: float = field(

@@ -46,7 +46,7 @@ class PPOConfig(SampledRolloutConfig):
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling (users' PPO run: 0.9; 1.0 = off); applied identically when scoring the policy's log-probs."})
 
     # Rollout schedule
-    ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout (users' PPO run: 1; CleanRL and the GRADE experiment: 4)."})
+    ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout, 1 to 1,024 (users' PPO run: 1; CleanRL and the GRADE experiment: 4)."})
     num_mini_batches: int = field(
         default=4, metadata={"help": "Mini-batches each rollout is split into per epoch (users' PPO run: batch 16 / mini-batch 4 = 4)."}
     )
@@ -97,7 +97,7 @@ class PPOConfig(SampledRolloutConfig):
         super().__post_init__()
         # each check names its own key (a recipe's error starts with the key that is wrong: recipe.key_first)
         if not 1 <= self.ppo_epochs <= 1024:  # 10**9 trained every step on the first rollout
-            raise ValueError(f"ppo_epochs={self.ppo_epochs}: it must be an integer from 1 to 1,024 (default 4)")
+            raise ValueError(f"ppo_epochs={self.ppo_epochs}: it must be an integer from 1 to 1,024 (default 1)")
         if self.num_mini_batches < 1:
             raise ValueError(f"num_mini_batches={self.num_mini_batches}: it must be >= 1")
         if self.per_device_train_batch_size % self.num_mini_batches != 0:
