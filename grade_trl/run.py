@@ -27,11 +27,12 @@ from . import metrics  # noqa: E402
 from .build import build_callbacks, build_task, build_trainer
 from .cli import exit_process, quiet_libraries, run_safely
 from .errors import Interrupted, RefusedBeforeTraining, UserError, signals_raise
+from .methods import get_method
 from .recipe import Recipe, help_for_argv, parse_recipe
 from .reporting import TrainEndHeld, continue_trackers, start_trackers, continues_the_run, default_run_name
 from .results import RESULTS_FILE, last_training_value, payload, read_results, write_json_atomic
 from .resume import GracefulStop, checkpoint_folders, is_complete, saved_tracker_ids
-from .safety import clipping_freezes_adam, diverged_weights_error, output_dir_lock
+from .safety import clipping_freezes_adam, diverged_weights_error, out_of_memory_error, output_dir_lock
 
 logger = logging.getLogger("grade_trl")
 
@@ -175,9 +176,13 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
                 with contextlib.suppress(Exception):
                     finish_reporters(config, exit_code=2)
             raise  # bad input found by the set-up, or when training begins: nothing written (the lock removes the folder it made)
-        # what a traceback from the sampler would not say: diverged weights, raised below in one line, exit 2
-        diverged = diverged_weights_error(trainer.model, trainer.state.global_step + 1, error) if trainer is not None else None
-        error = diverged or error
+        # what a traceback would not say, raised below in one line, exit 2: diverged weights (from the sampler), or out
+        # of memory (the allocator's), with the settings that lower the peak
+        one_line = None
+        if trainer is not None:
+            step = trainer.state.global_step + 1
+            one_line = diverged_weights_error(trainer.model, step, error) or out_of_memory_error(error, step, get_method(run_args.method).relaxed)
+        error = one_line or error
         interrupted = isinstance(error, (KeyboardInterrupt, Interrupted))
         if train_end is not None:
             with contextlib.suppress(Exception):  # close the tracker runs that training ended; the run's own error wins
@@ -198,8 +203,8 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
             step = trainer.state.global_step if trainer is not None else 0
             resume = f"; resume with the same command and --resume_from_checkpoint {final['checkpoint']}" if "checkpoint" in final else ""
             raise Interrupted(getattr(error, "signum", signal.SIGINT), f"at step {step}; results.json (status interrupted, the history so far): {results_path}{resume}") from None
-        if diverged is not None:
-            raise diverged from None
+        if one_line is not None:
+            raise one_line from None
         raise
     finish_reporters(config)
     trainer.accelerator.wait_for_everyone()

@@ -108,6 +108,28 @@ def diverged_weights_error(model, step: int, error: BaseException) -> NonFiniteG
     return diverged_logits_error(step)
 
 
+class OutOfMemory(UserError):
+    """The run ran out of accelerator or host memory once training had started: one line naming the settings that
+    lower the peak (exit code 2, results.json kept), not the allocator's traceback."""
+
+
+def out_of_memory_error(error: BaseException, step: int, relaxed: bool) -> OutOfMemory | None:
+    """For an error that ended training: an OutOfMemory for torch's CUDA out-of-memory error or the CPU allocator's
+    "can't allocate memory" (a RuntimeError), else None. `relaxed`: GRADE, whose memory grows with the completion
+    length and has switches of its own (README, "GRADE's cost")."""
+    import torch
+
+    text = str(error).strip()
+    if not (isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError) and "can't allocate memory" in text)):
+        return None
+    first = text.splitlines()[0] if text else type(error).__name__
+    what = first[first.index("CUDA out of memory"):] if "CUDA out of memory" in first else first[first.index("can't allocate"):] if "can't allocate" in first else first
+    lower = "per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch) or max_new_tokens"
+    if relaxed:
+        lower += ", or turn on GRADE's memory switches: rollout_checkpointing: true, relax_top_k: 256, bf16: true (README, \"GRADE's cost\")"
+    return OutOfMemory(f"step {step}: out of memory ({what.split('. Error code')[0].rstrip('.')}); lower {lower}")
+
+
 def diverged_logits_error(step: int) -> NonFiniteGradientError:
     """The one line for a policy whose logits are not finite at `step`, wherever it is found (the sampler, GRADE's
     relaxed rollout through its reward)."""

@@ -146,6 +146,37 @@ def test_weights_diverged_by_a_finite_update_stop_any_method_in_one_line(tmp_pat
     assert results["status"] == "failed" and "the policy's logits are not finite" in results["error"] and results["history"]
 
 
+def _allocate_more_than_any_machine_has(*args, **kwargs):
+    torch.empty(2**50, dtype=torch.uint8)  # the CPU allocator's own error: "... can't allocate memory: you tried to allocate ..."
+
+
+def test_out_of_memory_in_training_is_one_line_naming_what_lowers_the_peak(tmp_path, monkeypatch, capsys):
+    """Out of memory once training started (the CPU allocator's RuntimeError, CUDA's OutOfMemoryError) was a traceback
+    with exit 1 (a fuzz audit: rao_samples 10**6 asked for 262 GB): one line naming the settings that lower the peak,
+    GRADE's memory switches for GRADE, exit 2, results.json failed with the history so far."""
+    from grade_trl.safety import out_of_memory_error
+    from grade_trl.trainers import REINFORCETrainer
+
+    monkeypatch.setattr(REINFORCETrainer, "training_step", _allocate_more_than_any_machine_has)
+    from .test_resume import argv
+
+    assert main(argv("length_reinforce.yaml", tmp_path / "run", max_steps=2, save_strategy="no")) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == ("error: step 1: out of memory (can't allocate memory: you tried to allocate 1125899906842624 bytes); lower "
+                    "per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch) or max_new_tokens"), line
+    results = load_results(tmp_path / "run" / "results.json")
+    assert results["status"] == "failed" and "out of memory" in results["error"] and results["history"]  # step 0's validation
+    try:
+        _allocate_more_than_any_machine_has()
+    except RuntimeError as error:
+        grade = out_of_memory_error(error, 3, relaxed=True)
+    assert str(grade).endswith("or max_new_tokens, or turn on GRADE's memory switches: rollout_checkpointing: true, relax_top_k: 256, bf16: true "
+                               "(README, \"GRADE's cost\")")
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 3.10 GiB is free.")
+    assert str(out_of_memory_error(cuda, 5, relaxed=False)).startswith("step 5: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has")
+    assert out_of_memory_error(RuntimeError("shape mismatch"), 1, relaxed=False) is None  # another error keeps its traceback
+
+
 def test_the_one_line_error_starts_a_line_of_its_own_after_a_progress_bar(capsys):
     """Found by a journey audit: an error during a training step was printed after Trainer's open progress bar
     (`... 1/3 [00:00<00:00, 2.93it/s]error: ...`), so `grep '^error:'` found nothing. Open bars are closed first."""
