@@ -23,6 +23,14 @@ class UserError(Exception):
 USER_CODE_ERRORS = (Exception, SystemExit)
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's CUDA out-of-memory error, or the CPU allocator's RuntimeError ("... can't allocate memory: you tried to
+    allocate N bytes"): the run's memory, wherever it ran out (a reward's forward included), not that code's fault."""
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
 class RefusedBeforeTraining(UserError):
     """Bad input found once the trainer is built, when training begins (a checkpoint this run cannot resume from, a
     tracker that cannot start its run): the runner writes nothing, as for any other bad input."""

@@ -119,7 +119,7 @@ SHAPE: dict[tuple[str, ...], tuple[type, ...]] = {
     **{path: (dict,) for path in METRIC_OBJECTS},
     ("final", "validation_metric"): (str,),
     ("final", "samples"): (list,), ("final", "doctor"): (list,), ("final", "nonfinite_skipped_steps"): (list,),
-    ("final", "steps"): (int,), ("final", "best_validation_step"): (int,), ("final", "samples_per_step"): (int,),
+    ("final", "steps"): (int,), ("final", "best_validation_step"): (int,), ("final", "samples_per_step"): _NUMBER,  # PPO: a fraction (a rollout serves several steps)
     ("final", "num_processes"): (int,), ("final", "kl"): _NUMBER, ("final", "best_validation"): _NUMBER,
     ("final", "train_minutes"): _NUMBER, ("final", "peak_memory_mb"): _NUMBER, ("written_at",): (str,), ("error",): (str,),
 }

@@ -30,7 +30,7 @@ from typing import Iterator
 
 from transformers import TrainerCallback
 
-from .errors import Interrupted, UserError
+from .errors import Interrupted, UserError, is_out_of_memory
 
 logger = logging.getLogger(__name__)
 
@@ -113,18 +113,16 @@ class OutOfMemory(UserError):
     lower the peak (exit code 2, results.json kept), not the allocator's traceback."""
 
 
-def out_of_memory_error(error: BaseException, step: int, relaxed: bool) -> OutOfMemory | None:
-    """For an error that ended training: an OutOfMemory for torch's CUDA out-of-memory error or the CPU allocator's
-    "can't allocate memory" (a RuntimeError), else None. `relaxed`: GRADE, whose memory grows with the completion
-    length and has switches of its own (README, "GRADE's cost")."""
-    import torch
-
-    text = str(error).strip()
-    if not (isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError) and "can't allocate memory" in text)):
+def out_of_memory_error(error: BaseException, step: int, relaxed: bool, length_key: str = "max_new_tokens") -> OutOfMemory | None:
+    """For an error that ended training: an OutOfMemory for an out-of-memory error (`errors.is_out_of_memory`), else
+    None. `relaxed`: GRADE, whose memory grows with the completion length and has switches of its own (README,
+    "GRADE's cost"); `length_key`: the method's completion length key (TRL GRPO's max_completion_length)."""
+    if not is_out_of_memory(error):
         return None
+    text = str(error).strip()
     first = text.splitlines()[0] if text else type(error).__name__
     what = first[first.index("CUDA out of memory"):] if "CUDA out of memory" in first else first[first.index("can't allocate"):] if "can't allocate" in first else first
-    lower = "per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch) or max_new_tokens"
+    lower = f"per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch) or {length_key}"
     if relaxed:
         lower += ", or turn on GRADE's memory switches: rollout_checkpointing: true, relax_top_k: 256, bf16: true (README, \"GRADE's cost\")"
     return OutOfMemory(f"step {step}: out of memory ({what.split('. Error code')[0].rstrip('.')}); lower {lower}")

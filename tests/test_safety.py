@@ -175,6 +175,14 @@ def test_out_of_memory_in_training_is_one_line_naming_what_lowers_the_peak(tmp_p
     cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 3.10 GiB is free.")
     assert str(out_of_memory_error(cuda, 5, relaxed=False)).startswith("step 5: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has")
     assert out_of_memory_error(RuntimeError("shape mismatch"), 1, relaxed=False) is None  # another error keeps its traceback
+    assert str(out_of_memory_error(cuda, 5, relaxed=False, length_key="max_completion_length")).endswith("or max_completion_length")  # TRL GRPO's
+    from grade_trl.rewards import compute_rewards
+
+    def reward_out_of_memory(prompts, completions, **kwargs):
+        _allocate_more_than_any_machine_has()
+
+    with pytest.raises(RuntimeError, match="can't allocate memory"):  # passed on to the runner, not blamed on the reward function
+        compute_rewards([reward_out_of_memory], ["p"], ["c"])
 
 
 def test_the_one_line_error_starts_a_line_of_its_own_after_a_progress_bar(capsys):
@@ -234,29 +242,42 @@ def test_nonfinite_skip_skips_each_bad_update_exactly_and_stops_past_the_limit(t
     assert not all(torch.equal(steps[2][0][n], steps[3][0][n]) for n in steps[2][0])  # step 3 was applied
 
 
-def test_a_failure_after_training_keeps_the_history(tmp_path, capsys):
-    """Saving model/ fails (a file is in the way): results.json still has status failed, the error and every row."""
+def _saving_model_fails(monkeypatch, also=lambda folder: None):
+    """Saving the final model/ fails after training (a full disk): a file in its way is refused at start-up now."""
+    from grade_trl.trainers.base import ReadableSavesMixin
+
+    save = ReadableSavesMixin.save_model
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if os.path.basename(str(output_dir)) == "model":
+            also(os.path.dirname(str(output_dir)))
+            raise OSError(28, "No space left on device", str(output_dir))
+        return save(self, output_dir, _internal_call)
+
+    monkeypatch.setattr(ReadableSavesMixin, "save_model", save_model)
+
+
+def test_a_failure_after_training_keeps_the_history(tmp_path, capsys, monkeypatch):
+    """Saving model/ fails: results.json still has status failed, the error and every row."""
     from grade_trl.run import main
 
     argv = shrunk(tmp_path)
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "model").write_text("a file where the model folder goes")
-    with pytest.raises(Exception):
+    _saving_model_fails(monkeypatch)
+    with pytest.raises(OSError, match="No space left on device"):
         main(argv)
     results = load_results(tmp_path / "run" / "results.json")
     assert results["status"] == "failed" and results["error"]
     assert any("loss" in row for row in results["history"]) and results["final"]["steps"] == 4 and results["final"]["train_minutes"] > 0
 
 
-def test_a_results_json_that_cannot_be_written_does_not_hide_the_runs_error(tmp_path, caplog):
+def test_a_results_json_that_cannot_be_written_does_not_hide_the_runs_error(tmp_path, caplog, monkeypatch):
     """Found by a journey audit: with output_dir replaced mid-run, writing the failed results.json raised too, and its
     traceback, chained onto the run's, hid the run's error. Now a log line says so and the run's error ends it."""
     from grade_trl.run import main
 
     argv = shrunk(tmp_path)
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "model").write_text("a file where the model folder goes")  # the run's error: saving model/ fails
-    (tmp_path / "run" / "results.json").mkdir()  # and results.json cannot be replaced
+    # the run's error: saving model/ fails; and by then results.json cannot be replaced (a folder in its place)
+    _saving_model_fails(monkeypatch, also=lambda folder: (os.remove(os.path.join(folder, "results.json")), os.mkdir(os.path.join(folder, "results.json"))))
     with caplog.at_level("ERROR", logger="grade_trl"), pytest.raises(Exception) as info:
         main(argv)
     assert not isinstance(info.value, IsADirectoryError) and "model" in str(info.value), repr(info.value)

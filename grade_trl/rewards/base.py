@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..core.precision import at_least_float32
-from ..errors import USER_CODE_ERRORS, UserError
+from ..errors import USER_CODE_ERRORS, UserError, is_out_of_memory
 
 RewardFunc = Callable[..., list]
 
@@ -287,6 +287,8 @@ def _call_rewards(reward_funcs: Sequence[RewardFunc], call: dict) -> list[tuple]
         try:
             value = func(**call)
         except USER_CODE_ERRORS as error:  # noqa: BLE001 - reported by the caller with the first sample that raises
+            if is_out_of_memory(error):
+                raise  # the run's memory, not the reward's failure: the runner names what lowers the peak
             outcomes.append((None, error))
             continue
         if inspect.isawaitable(value):
@@ -294,8 +296,8 @@ def _call_rewards(reward_funcs: Sequence[RewardFunc], call: dict) -> list[tuple]
         outcomes.append((value, None))
     if pending:
         for i, result in zip(pending, _gather_in_daemon_loop(list(pending.values()))):
-            if isinstance(result, BaseException) and not isinstance(result, USER_CODE_ERRORS):
-                raise result  # a KeyboardInterrupt (Ctrl-C) while the judge ran: not the reward's error to report
+            if isinstance(result, BaseException) and (not isinstance(result, USER_CODE_ERRORS) or is_out_of_memory(result)):
+                raise result  # a KeyboardInterrupt (Ctrl-C) while the judge ran, or out of memory: not the reward's error to report
             outcomes[i] = (None, result) if isinstance(result, USER_CODE_ERRORS) else (result, None)
     return outcomes
 
@@ -354,6 +356,8 @@ def soft_scores(reward_func, call, *args) -> torch.Tensor:
     try:
         return call(*args)
     except USER_CODE_ERRORS as error:  # noqa: BLE001 - any failure of user code is reported the same way
+        if is_out_of_memory(error):
+            raise  # the run's memory (GRADE's graph through the reward), not the reward's failure
         raise RewardFunctionError(f"reward function '{reward_name(reward_func)}' raised in score_soft: {type(error).__name__}: {error}") from error
 
 
