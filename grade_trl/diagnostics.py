@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from . import metrics
 from .cli import coerce, range_error, unknown_key_hint
 from .errors import UserError
+from .results import is_number
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +88,6 @@ class Finding:
 # ---- reading the history ----------------------------------------------------------------------
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 class LogColumns:
     """The log rows as columns, built in one pass: key -> [(step, value)] of its finite numbers, plus the non-finite values.
 
@@ -108,9 +105,9 @@ class LogColumns:
             step = int(row.get("step", self.rows))
             self.rows += 1
             for key, value in row.items():
-                if value is None or (_is_number(value) and not math.isfinite(value)):
+                if value is None or (is_number(value) and not math.isfinite(value)):
                     self.nonfinite.append((step, key, value))
-                elif _is_number(value):
+                elif is_number(value):
                     self.columns.setdefault(key, []).append((step, float(value)))
 
     @contextlib.contextmanager
@@ -548,8 +545,8 @@ def evaluation_size_of(config: dict) -> int | None:
     run, task = config.get("run") or {}, (config.get("final") or {}).get("task") or {}
     asked = run.get("eval_num_problems" if run.get("task") == "gsm8k" else "eval_num_prompts")
     available = (task.get("split_sizes") or {}).get("validation")
-    sizes = [n for n in (asked, available) if _is_number(n) and n >= 1]
-    return int(min(sizes)) if sizes and _is_number(asked) else None  # an IMDB split's size alone is not what was scored
+    sizes = [n for n in (asked, available) if is_number(n) and n >= 1]
+    return int(min(sizes)) if sizes and is_number(asked) else None  # an IMDB split's size alone is not what was scored
 
 
 _AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")

@@ -132,8 +132,13 @@ def _part(data: dict, path: tuple[str, ...]) -> Any:
     return data
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool (JSON's true/false are Python's bools, which are ints)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _type_word(value: Any) -> str:
+    return _TYPE_WORDS.get(type(value), type(value).__name__)
 
 
 def shape_problem(data: Any) -> str | None:
@@ -141,29 +146,29 @@ def shape_problem(data: Any) -> str | None:
     object"), or None: an object with a known status, a 'history' list of row objects, a 'final' object (which a
     completed run always has; a run that failed early may lack it), and each part of SHAPE of its type."""
     if not isinstance(data, dict):
-        return f"expected a JSON object, got {_TYPE_WORDS.get(type(data), type(data).__name__)}"
+        return f"expected a JSON object, got {_type_word(data)}"
     if data.get("status") not in STATUSES:
         return f"'status' is {data.get('status')!r}, expected one of {', '.join(STATUSES)}"
     if not isinstance(data.get("history"), list) or not all(isinstance(row, dict) for row in data["history"]):
         return "'history' is not a list of log rows (objects)"
     for index, row in enumerate(data["history"]):  # the readers order rows by step and compute with their values
         step = row.get("step")
-        if not _is_number(step) or not isinstance(step, int) or step < 0:
+        if not is_number(step) or not isinstance(step, int) or step < 0:
             return f"'history' row {index} has no step (an integer >= 0), got {step!r}"
         for key, value in row.items():
-            if value is not None and not _is_number(value):
-                return f"'history' row {index}'s {key!r} is {_TYPE_WORDS.get(type(value), type(value).__name__)}, expected a number (or null)"
+            if value is not None and not is_number(value):
+                return f"'history' row {index}'s {key!r} is {_type_word(value)}, expected a number (or null)"
     if data.get("final") is None and data["status"] == "completed":
         return "a completed run's 'final' is missing"
     for path, types in SHAPE.items():
         value = _part(data, path)
         if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
             expected = " or ".join(dict.fromkeys(_TYPE_WORDS[t] for t in types))
-            return f"'{'.'.join(path)}' is {_TYPE_WORDS.get(type(value), type(value).__name__)}, expected {expected}"
+            return f"'{'.'.join(path)}' is {_type_word(value)}, expected {expected}"
     for path in METRIC_OBJECTS:
         for name, value in (_part(data, path) or {}).items():
-            if value is not None and not _is_number(value):
-                return f"'{'.'.join(path)}.{name}' is {_TYPE_WORDS.get(type(value), type(value).__name__)}, expected a number (or null)"
+            if value is not None and not is_number(value):
+                return f"'{'.'.join(path)}.{name}' is {_type_word(value)}, expected a number (or null)"
     return None
 
 

@@ -195,18 +195,13 @@ def _first_bad_value(values) -> int | None:
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # rewards are held in float32 (as in TRL): 1e308 would be inf there
 
 
-def _finite(value: numbers.Real) -> bool:
+def _finite(value: numbers.Real, bound: float = FLOAT32_MAX) -> bool:
+    """A finite value with |value| <= bound: False for NaN, inf, and an int past float's range (10**400)."""
     try:
-        return abs(float(value)) <= FLOAT32_MAX  # False for NaN and inf too
-    except OverflowError:  # an int past float's range (10**400): no finite reward either
-        return False
-
-
-def _finite_float(value: numbers.Real) -> bool:
-    try:
-        return math.isfinite(float(value))
+        number = float(value)
     except OverflowError:
         return False
+    return math.isfinite(number) and abs(number) <= bound
 
 
 def _as_values(values, name: str, count: int) -> list:
@@ -271,7 +266,7 @@ def _column(func, outcome: tuple, prompts, completions, completion_ids, kwargs: 
         raise RewardFunctionError(f"reward function '{name}' returned {len(values)} values for {len(completions)} completions")
     bad = _first_bad_value(values)
     if bad is not None:
-        past = " of float32's range, |r| <= 3.4e38, which rewards are held in" if isinstance(values[bad], numbers.Real) and _finite_float(values[bad]) else ""
+        past = " of float32's range, |r| <= 3.4e38, which rewards are held in" if isinstance(values[bad], numbers.Real) and _finite(values[bad], bound=math.inf) else ""
         raise RewardFunctionError(f"reward function '{name}' returned {values[bad]!r} for sample {bad}; rewards must be finite numbers{past} (or None where it does not apply)")
     return torch.tensor([math.nan if value is None else float(value) for value in values], dtype=torch.float32)
 
