@@ -290,6 +290,31 @@ def test_fp16_on_the_cpu_is_refused_from_the_recipe_or_the_accelerate_config(mon
     assert build_recipe(base).config.mixed_precision == "bf16"
 
 
+@CPU_ONLY
+def test_bf16_on_a_cpu_without_fast_bfloat16_products_is_warned(monkeypatch, caplog):
+    """On a CPU without AVX-512 torch's bfloat16 products take a slow path (an AVX2 host, 2026-12-07: 140x a float32
+    product, 5x a GRADE-STE step): bf16 from the recipe or the accelerate config is then a warning that says so; where
+    the CPU has the instructions, or without bf16, nothing is said."""
+    import torch
+
+    from grade_trl import recipe as recipe_module
+
+    assert recipe_module.cpu_has_fast_bf16() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # torch's (oneDNN's) own check
+    base = {"method": "grade_ste", "model_name_or_path": "embedded", "output_dir": "/tmp/unused"}
+    warned = []
+    for fast in (False, True):
+        monkeypatch.setattr(recipe_module, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        for given, environment in (({"bf16": True}, "no"), ({}, "bf16"), ({}, "no")):
+            monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", environment)
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="grade_trl.recipe"):
+                build_recipe({**base, **given})
+            lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bf16 on this CPU")]
+            warned.append(len(lines))
+            assert all("without AVX-512) is slower than float32" in line and "bf16: false" in line and "\n" not in line for line in lines), lines
+    assert warned == [1, 1, 0, 0, 0, 0], warned
+
+
 def test_cli_missing_recipe_file_ends_the_process_with_2_and_one_line(tmp_path):
     """The command as a process: exit code 2, one line, no traceback (the cases above, in-process, share this path)."""
     result = _run_cli("nope.yaml", cwd=tmp_path)
