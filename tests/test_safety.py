@@ -131,16 +131,17 @@ def test_weights_diverged_by_a_finite_update_are_named_as_such_not_blamed_on_the
 
 
 @pytest.mark.parametrize("recipe", ["length_reinforce.yaml", "length_grpo.yaml"])
-def test_weights_diverged_by_a_finite_update_stop_any_method_in_one_line(tmp_path, recipe):
+def test_weights_diverged_by_a_finite_update_stop_any_method_in_one_line(tmp_path, recipe, capsys):
     """Found by a journey audit: with a learning rate of 1e30 REINFORCE and TRL's GRPO failed in torch's sampler
     ("probability tensor contains either inf, nan or element < 0") with a traceback and exit 1. The runner now names
-    the diverged weights in one line, exit 2, results.json failed with that error and the history."""
+    the diverged weights in one line, exit 2, results.json failed with that error and the history. In-process since
+    2026-12-07 (`main`'s return is the command's exit code: test_recipe.py's CLI tests run the command itself)."""
     from .test_resume import argv
 
-    process = subprocess.run([sys.executable, "-m", "grade_trl.run", *argv(recipe, tmp_path / "run", learning_rate="1e30", max_steps=4, save_strategy="no")],
-                             cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert process.returncode == 2 and "Traceback" not in process.stderr, process.stderr[-3000:]
-    line = process.stderr.strip().splitlines()[-1]
+    assert main(argv(recipe, tmp_path / "run", learning_rate="1e30", max_steps=4, save_strategy="no")) == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
     assert line.startswith("error: step ") and "the policy's logits are not finite" in line and "lower learning_rate" in line, line
     results = load_results(tmp_path / "run" / "results.json")
     assert results["status"] == "failed" and "the policy's logits are not finite" in results["error"] and results["history"]
