@@ -106,7 +106,7 @@ def check_model_fits(run_args, config) -> None:
                         "copy the tokenizer of the model it was trained with into it")
     max_new_tokens, _ = config.new_token_limits
     if limit is not None and run_args.max_prompt_length + max_new_tokens > limit:
-        key = "max_completion_length" if hasattr(config, "max_completion_length") else "max_new_tokens"
+        key = config.new_token_limit_key
         raise UserError(f"{key}: max_prompt_length {run_args.max_prompt_length} + {key} {max_new_tokens} = {run_args.max_prompt_length + max_new_tokens} "
                         f"tokens, but {name!r} has {limit} positions; lower one of them")
 

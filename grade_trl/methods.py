@@ -6,7 +6,8 @@ rest of the package needs to know about it. What depends on the method (recipe v
 `--help`, building the trainer, the probe, the analysis) reads this table and the trainer's public
 hooks; the doctor reads only the logs and the recipe's settings:
 
-  config:  `new_token_limits` (max, min), `completions_per_prompt`, `completions_per_step(processes)`
+  config:  `new_token_limits` (max, min) and `new_token_limit_key` (the max's recipe key), `completions_per_prompt`,
+           `completions_per_step(processes)`
   trainer: `estimate_loss(rows)`, `probed_parameters()`, `training_state()` / `load_training_state()` (the probe
            and resume), `pending_logs()` (the live doctor's look at a step before its update)
 

@@ -651,13 +651,14 @@ def check_cpu_precision(use_cpu: bool, fp16: bool, bf16: bool) -> None:
     as ACCELERATE_MIXED_PRECISION where the recipe sets neither fp16 nor bf16. bf16 autocast does run on the CPU."""
     if not use_cpu:
         return
+    from_accelerate_config = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if fp16:
         raise RecipeError("fp16: float16 mixed precision needs a GPU: on the CPU Accelerate has no float16 autocast and the run would train in "
                           "float32 while its config says fp16; use bf16: true for mixed precision on the CPU, or leave fp16 out")
-    if not bf16 and os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower() == "fp16":
+    if not bf16 and from_accelerate_config == "fp16":
         raise RecipeError("mixed_precision: the accelerate config (or --mixed_precision) asks for fp16, which the CPU cannot run (no float16 "
                           "autocast: the run would train in float32); set mixed_precision: no or bf16 there (accelerate_configs/cpu.yaml has no)")
-    if (bf16 or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower() == "bf16") and not cpu_has_fast_bf16():
+    if (bf16 or from_accelerate_config == "bf16") and not cpu_has_fast_bf16():
         import torch
 
         logger.warning("bf16 on this CPU (%s, without AVX-512) is slower than float32: torch's bfloat16 matrix products take a slow path here "

@@ -181,8 +181,8 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
         one_line = None
         if trainer is not None:
             step = trainer.state.global_step + 1
-            length_key = "max_completion_length" if hasattr(config, "max_completion_length") else "max_new_tokens"
-            one_line = diverged_weights_error(trainer.model, step, error) or out_of_memory_error(error, step, get_method(run_args.method).relaxed, length_key)
+            one_line = (diverged_weights_error(trainer.model, step, error)
+                        or out_of_memory_error(error, step, get_method(run_args.method).relaxed, config.new_token_limit_key))
         error = one_line or error
         interrupted = isinstance(error, (KeyboardInterrupt, Interrupted))
         if train_end is not None:

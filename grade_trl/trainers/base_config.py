@@ -96,6 +96,11 @@ class RolloutConfig(TrainingArguments):
         return self.max_new_tokens, self.min_new_tokens
 
     @property
+    def new_token_limit_key(self) -> str:
+        """The recipe key of the first of `new_token_limits`, for messages that tell the user what to lower."""
+        return "max_new_tokens"
+
+    @property
     def completions_per_prompt(self) -> int:
         """Completions sampled from each training prompt."""
         return 1

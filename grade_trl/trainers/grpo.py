@@ -52,6 +52,10 @@ class GRPOConfig(_TRLGRPOConfig):
         return self.max_completion_length, 0  # TRL samples with no minimum length
 
     @property
+    def new_token_limit_key(self) -> str:
+        return "max_completion_length"
+
+    @property
     def completions_per_prompt(self) -> int:
         return self.num_generations
 
