@@ -35,6 +35,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from .few_rows import times_transposed
 from .precision import at_least_float32
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -132,7 +133,7 @@ class _DeferredLinear(torch.autograd.Function):
         ctx.store, ctx.key, ctx.layout, ctx.has_bias, ctx.bias_key = store, key, layout, bias is not None, bias_key
         ctx.save_for_backward(x, weight_alias)
         if layout == "linear":
-            return F.linear(x, weight_alias, bias)
+            return times_transposed(x, weight_alias, bias)  # F.linear, in the faster layout for a decode step's rows on CPU
         # Conv1D's (..., in) -> (..., out) through a 2-D addmm, flattened here where autograd does not record: the
         # module's own reshape and view would be two more autograd nodes per call (views launch nothing on a GPU, but
         # each costs its dispatch and its node's backward, per matrix, layer and decode step).

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .deferred_grads import replaced_forwards
+from .few_rows import few_row_output_head
 from .masks import completion_mask, masked_mean
 from .sharding import all_finished, is_sharded
 from .soft_rollout import decode_step, last_positions, position_ids_from_mask, tanh_gelu_in_one_kernel, tanh_gelu_modules
@@ -167,9 +169,10 @@ def sample(
     computes the logits of its last position only. return_hidden: also keep the last layer's state that predicts
     each token (`SampledBatch.hidden`; PPO's values). GPT-2's `gelu_new` runs as one kernel here, as in GRADE's relaxed
     rollout (`soft_rollout.tanh_gelu_in_one_kernel`: the same function, equal up to rounding), so that both decode
-    loops pay the same per-operation costs.
+    loops pay the same per-operation costs; for the same reason the LM head's product of each step takes the faster
+    layout on CPU (`few_rows.few_row_output_head`).
     """
-    with tanh_gelu_in_one_kernel(tanh_gelu_modules(model)):
+    with tanh_gelu_in_one_kernel(tanh_gelu_modules(model)), replaced_forwards(few_row_output_head(getattr(model, "module", model))):
         return _sample(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id, return_hidden)
 
 

@@ -40,6 +40,7 @@ from transformers.activations import FastGELUActivation, NewGELUActivation
 
 from .chunked_cache import ChunkedCache, ChunkedLayer, chunked_attention, supports_chunked_attention
 from .deferred_grads import DeferredWeightGrads, deferred_weight_grads, replaced_forwards
+from .few_rows import few_row_output_head
 from .gpt2_decode_block import gpt2_decode_blocks
 from .masks import completion_mask
 from .sharding import all_finished, input_embedding_matrix, is_sharded
@@ -222,6 +223,7 @@ def soft_rollout(
             stack.enter_context(chunked_attention(inner, kv))
         if defer_model_weights:
             stack.enter_context(deferred_weight_grads(inner, deferred))
+        stack.enter_context(replaced_forwards(few_row_output_head(inner)))  # an LM head that is not deferred (deferred ones take that layout anyway)
         stack.enter_context(replaced_forwards(blocks))
         return stack
 
