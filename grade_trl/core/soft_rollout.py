@@ -212,6 +212,7 @@ def soft_rollout(
     deferred = DeferredWeightGrads() if (defer_weight_grads or sharded) and torch.is_grad_enabled() else None
     defer_model_weights = deferred is not None and not sharded
     activations = tanh_gelu_modules(inner)
+    output_head = few_row_output_head(inner)  # the LM head's product in the faster layout on CPU (core/few_rows.py)
     # GPT-2 blocks whose decode steps run as one autograd node with a written-out backward (core/gpt2_decode_block.py):
     # found before any forward is replaced, and only where every step records into the deferred weight gradients
     blocks = gpt2_decode_blocks(inner, deferred) if chunked and defer_model_weights and not checkpoint_steps else []
@@ -223,7 +224,7 @@ def soft_rollout(
             stack.enter_context(chunked_attention(inner, kv))
         if defer_model_weights:
             stack.enter_context(deferred_weight_grads(inner, deferred))
-        stack.enter_context(replaced_forwards(few_row_output_head(inner)))  # an LM head that is not deferred (deferred ones take that layout anyway)
+        stack.enter_context(replaced_forwards(output_head))  # an LM head that is not deferred (deferred ones take that layout anyway)
         stack.enter_context(replaced_forwards(blocks))
         return stack
 
