@@ -32,6 +32,29 @@ def test_times_transposed_is_f_linear_with_its_gradients(shape, with_bias):
     assert_close(torch.autograd.grad(out, inputs, upstream), torch.autograd.grad(expected, inputs, upstream), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_under_bf16_autocast_times_transposed_has_f_linears_dtype_and_values(with_bias):
+    """Under CPU autocast F.linear casts x, W and b to bfloat16 and returns bfloat16; so must the transposed layout (a
+    float32 bias added after a bfloat16 product would promote the output to float32: the decode step's keys and values
+    would then differ in dtype from the prompt's)."""
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(4, 1, 16, generator=generator), torch.randn(40, 16, generator=generator)
+    bias = torch.randn(40, generator=generator) if with_bias else None
+    assert uses_transposed_layout(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = times_transposed(x, weight, bias), F.linear(x, weight, bias)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert_close(out, expected, rtol=1e-2, atol=1e-2)  # bfloat16 rounding; the same rounding of the same sum
+
+
+def test_operands_of_different_dtypes_raise_as_f_linear_does():
+    x, weight = torch.randn(4, 16), torch.randn(40, 16)
+    with pytest.raises(RuntimeError):
+        F.linear(x, weight, torch.randn(40, dtype=torch.float64))
+    with pytest.raises(RuntimeError):
+        times_transposed(x, weight, torch.randn(40, dtype=torch.float64))
+
+
 def test_the_output_head_takes_the_layout_within_the_block_only(policy):
     policy = copy.deepcopy(policy).double()
     head = policy.get_output_embeddings()

@@ -43,15 +43,14 @@ def times_transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """F.linear(x, weight, bias): x (..., in), weight (out, in), bias (out,) or None -> (..., out), contiguous.
 
     On CPU with few rows (`uses_transposed_layout`) as (weight @ x^T)^T (module docstring); otherwise F.linear. Autograd
-    and autocast see torch.mm, a transpose, a copy and the bias's addition, each differentiable."""
+    and autocast see torch.mm (torch.addmm with a bias), a transpose and a copy, each differentiable; under autocast the
+    output has F.linear's dtype, and operands of different dtypes outside it raise as F.linear's do."""
     if not uses_transposed_layout(x):
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])  # (N, in)
-    product = torch.mm(weight, flat.t()).t()  # (N, out), a transposed view
-    product = product.contiguous()  # laid out by rows, as F.linear's (an addition would keep the transposed strides)
-    if bias is not None:
-        product = product + bias
-    return product.view(*x.shape[:-1], weight.shape[0])
+    # (out, N), the bias added in the product (one rounding, and autocast casts it with the other operands, as F.linear's)
+    product = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias.unsqueeze(1), weight, flat.t())
+    return product.t().contiguous().view(*x.shape[:-1], weight.shape[0])  # laid out by rows, as F.linear's
 
 
 def _linear_forward(module: nn.Linear):

@@ -307,7 +307,7 @@ def reference_logits(
     prompt_cache = DynamicCache()
     with torch.no_grad(), context(), replaced_forwards(few_row_output_head(ref_model)):  # B rows: the decode step's layout
         out = ref_model(input_ids=rollout.prompt_ids, attention_mask=attention_mask[:, :prompt_length], position_ids=position_ids[:, :prompt_length],
-                        cache=prompt_cache, use_cache=True, logits_to_keep=last_positions(1, prompt_length, rollout.prompt_ids.device))
+                        cache=prompt_cache, use_cache=True, logits_to_keep=1)
     first = out.logits[:, -1:]  # (B, 1, V): predicts y_1 from the prompt alone
     prompt_kv = [(layer.keys, layer.values) for layer in prompt_cache.layers]  # no grad: constants of the objective
 
