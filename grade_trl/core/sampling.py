@@ -24,7 +24,7 @@ from .deferred_grads import replaced_forwards
 from .few_rows import few_row_output_head
 from .masks import completion_mask, masked_mean
 from .sharding import all_finished, is_sharded
-from .soft_rollout import decode_step, last_positions, position_ids_from_mask, tanh_gelu_in_one_kernel, tanh_gelu_modules
+from .soft_rollout import decode_step, last_positions, position_ids_from_mask, tanh_gelu_in_one_kernel, tanh_gelu_modules, unwrapped
 
 
 @dataclass
@@ -172,7 +172,7 @@ def sample(
     loops pay the same per-operation costs; for the same reason the LM head's product of each step takes the faster
     layout on CPU (`few_rows.few_row_output_head`).
     """
-    with tanh_gelu_in_one_kernel(tanh_gelu_modules(model)), replaced_forwards(few_row_output_head(getattr(model, "module", model))):
+    with tanh_gelu_in_one_kernel(tanh_gelu_modules(model)), replaced_forwards(few_row_output_head(unwrapped(model))):
         return _sample(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id, return_hidden)
 
 

@@ -97,7 +97,7 @@ def decode_step(model, cache, attention_mask: torch.Tensor, position_ids: torch.
     return out.cache, out.logits[:, -1]
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DDP wrapper or a DeepSpeed engine (the Trainer hands the engine to the loss under DeepSpeed)."""
     engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)  # never imports DeepSpeed itself
     wrappers = (torch.nn.parallel.DistributedDataParallel,) + ((engine,) if engine is not None else ())
@@ -183,7 +183,7 @@ def soft_rollout(
     # Forward calls go through `model` (a DDP wrapper syncs gradients, FSDP gathers each unit's parameters); the
     # embedding matrix is read from the wrapped module in place, never copied (gathered whole when it is sharded:
     # core/sharding.py).
-    inner = _unwrap(model)
+    inner = unwrapped(model)
     sharded = is_sharded(inner)
     if sharded and checkpoint_steps:
         raise ValueError("rollout_checkpointing is not supported with a sharded (FSDP2 or ZeRO-3) policy; lower memory with relax_top_k or bf16 there")
