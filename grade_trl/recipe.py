@@ -329,6 +329,10 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
         if key in values and values[key] != value:
             raise RecipeError(f"{key}: method {method_name!r} means {key}={value!r}, but the recipe sets {values[key]!r}")
 
+    if isinstance(values.get("scale_rewards"), bool) or str(values.get("scale_rewards")).lower() in ("true", "false"):
+        # TRL's `str | bool` key, typed `str`: true / false became the strings 'True' / 'False', which TRL's own mapping
+        # (true: group, false: none) no longer matched, and the first step failed; TRL's meaning, as its words
+        values["scale_rewards"] = "group" if str(values["scale_rewards"]).lower() == "true" else "none"
     try:
         check_bare_flags(bare_keys, hints, allowed=("resume_from_checkpoint",), name=lambda key: key)  # true: the last checkpoint
         run_kwargs = {k: coerce(k, v, hints[k]) for k, v in values.items() if k in run_fields}
@@ -497,6 +501,10 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epsilon": (lambda v: v > 0, "a number > 0 (the clip range is [1 - epsilon, 1 + epsilon_high])"),
     "epsilon_high": (lambda v: v > 0, "a number > 0 (unset: epsilon)"),
     "beta": (lambda v: v >= 0, "a number >= 0 (0: no KL term)"),
+    "steps_per_generation": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1,024 (null: gradient_accumulation_steps)"),
+    "generation_batch_size": (lambda v: 1 <= v <= _MAX_SIZE, "an integer >= 1 (null: per_device_train_batch_size x processes x steps_per_generation)"),
+    "top_entropy_quantile": (lambda v: 0 <= v <= 1, "a number in [0, 1] (1: every token in the loss; the paper's 0.2)"),
+    "delta": (lambda v: v > 1, "a number > 1 (two-sided GRPO's upper bound on the importance ratio; TRL recommends more than 1 + epsilon), or null: off"),
     # TrainingArguments' own keys that transformers does not check (a torch traceback after set-up, a run stopped by
     # diverged weights it blames on learning_rate, or a silent no-op) or checks in words that do not start with the key
     "adam_epsilon": (lambda v: v > 0, "a number > 0 (Adam divides by sqrt(v) + adam_epsilon; 1e-8 is the usual)"),
@@ -568,10 +576,23 @@ def check_reward_weights(weights, rewards, what: str) -> None:
         raise RecipeError(f"reward_weights: every weight is 0, so every completion's reward is 0 and there is nothing to learn; give {what} a non-zero weight")
 
 
+# TRL GRPOConfig's enumerated keys, plain `str` fields that TRL checks only where it reads them: a misspelt loss_type
+# passed set-up, ran the step-0 validation (results.json and best_model/ written) and failed at the first loss with a
+# traceback. The values GRPOTrainer compares each with (trl/trainer/grpo_trainer.py; tests/test_bad_input.py checks
+# this table against the installed TRL's source).
+TRL_CHOICES = {
+    "loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
+    "importance_sampling_level": ("token", "sequence"),
+    "scale_rewards": ("group", "batch", "none"),  # or true / false (TRL: group / none)
+    "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
+}
+
+
 def check_enum_values(config_kwargs: dict) -> None:
     """Trainer's enumerated keys (save_strategy, eval_strategy, lr_scheduler_type, ...), whose own error does not
-    name the key: a value outside the enumeration is refused here, naming it. Some method configs redeclare
-    these as plain `str`, so the enumeration is read from TrainingArguments."""
+    name the key, and TRL GRPO's (`TRL_CHOICES`), which TRL checks only at the first loss: a value outside the
+    enumeration is refused here, naming it. Some method configs redeclare Trainer's as plain `str`, so their
+    enumeration is read from TrainingArguments."""
     import enum
 
     from transformers import TrainingArguments
@@ -581,6 +602,14 @@ def check_enum_values(config_kwargs: dict) -> None:
         enums = [t for t in typing.get_args(hints.get(key)) if isinstance(t, type) and issubclass(t, enum.Enum)]
         if enums and isinstance(value, str) and value not in {m.value for m in enums[0]}:
             raise RecipeError(f"{key}: expected one of {[m.value for m in enums[0]]}, got {value!r}")
+        if key in TRL_CHOICES and isinstance(value, str) and value not in TRL_CHOICES[key]:
+            raise RecipeError(f"{key}: expected one of {list(TRL_CHOICES[key])}, got {value!r}")
+    if config_kwargs.get("save_strategy") == "best":
+        # Trainer saves on a new best of the metrics its own evaluate() returns; the runner validates in a callback
+        # (evaluation.py), so no checkpoint was ever saved (and without metric_for_best_model: a traceback after set-up)
+        raise RecipeError("save_strategy: 'best' is not supported: the runner validates outside Trainer's evaluate, so Trainer would never "
+                          "see a new best; the run keeps its best validation checkpoint in best_model/ (save_best_model), and "
+                          "save_strategy steps saves resumable checkpoints")
 
 
 def check_custom_task(values: dict, method_name: str, run: RunArguments, config) -> None:

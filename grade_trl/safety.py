@@ -51,6 +51,7 @@ def output_dir_lock(output_dir: str | os.PathLike, enabled: bool = True) -> Iter
         folder.mkdir(parents=True, exist_ok=True)
         handle = open(folder / LOCK_FILE, "a+")
     except OSError as error:
+        _remove_empty(created)  # the parents mkdir made before the part of the path it could not make
         raise UserError(f"output_dir: cannot write into {str(folder)!r} ({error.strerror or error}); give a folder you can write to") from None
     try:
         try:
@@ -70,14 +71,22 @@ def output_dir_lock(output_dir: str | os.PathLike, enabled: bool = True) -> Iter
         except UserError:
             if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
                 (folder / LOCK_FILE).unlink(missing_ok=True)
-                for made in created:  # the folder, then each parent the lock made for it, while empty
-                    try:
-                        made.rmdir()
-                    except OSError:
-                        break
+                _remove_empty(created)
             raise
     finally:
         handle.close()  # releases the lock
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders in `created` (innermost first: the output folder, then each parent made for it) while they
+    exist and are empty."""
+    for made in created:
+        try:
+            made.rmdir()
+        except OSError as error:
+            if error.errno in (errno.ENOENT, errno.ENAMETOOLONG):  # mkdir failed at or below it: the next one up may exist
+                continue
+            break  # not empty (another run's files), or not ours to remove
 
 
 class NonFiniteGradientError(UserError):

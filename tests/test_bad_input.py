@@ -117,6 +117,22 @@ RECIPE_CASES = [
     ({"method": "grpo", "bf16": False, "num_generations": 1}, "num_generations: expected an integer from 2"),
     ({"method": "grpo", "bf16": False, "epsilon": -1}, "epsilon: expected a number > 0"),
     ({"method": "grpo", "bf16": False, "beta": -1}, "beta: expected a number >= 0"),
+    # TRL GRPO's enumerated and ranged keys that TRL reads only at the first loss, or never checks (a 2026-12-07 audit):
+    # a misspelt loss_type wrote results.json and best_model/ at step 0, then a traceback; steps_per_generation 0 was a
+    # DataLoader traceback; top_entropy_quantile 2 and delta -1 trained without a word
+    ({"method": "grpo", "bf16": False, "loss_type": "grpoo"}, "loss_type: expected one of ['grpo', 'dr_grpo', 'dapo', 'bnpo', 'cispo', 'sapo', 'luspo', 'vespo'], got 'grpoo'"),
+    ({"method": "cispo", "bf16": False, "importance_sampling_level": "tokn"}, "importance_sampling_level: expected one of ['token', 'sequence'], got 'tokn'"),
+    ({"method": "grpo", "bf16": False, "scale_rewards": "nonee"}, "scale_rewards: expected one of ['group', 'batch', 'none'], got 'nonee'"),
+    ({"method": "grpo", "bf16": False, "multi_objective_aggregation": "sum"}, "multi_objective_aggregation: expected one of"),
+    ({"method": "grpo", "bf16": False, "steps_per_generation": 0}, "steps_per_generation: expected an integer from 1 to 1,024"),
+    ({"method": "grpo", "bf16": False, "generation_batch_size": 0}, "generation_batch_size: expected an integer >= 1"),
+    ({"method": "grpo", "bf16": False, "top_entropy_quantile": 2}, "top_entropy_quantile: expected a number in [0, 1]"),
+    ({"method": "grpo", "bf16": False, "delta": -1}, "delta: expected a number > 1"),
+    ({"method": "grpo", "bf16": False, "delta": 1.0}, "delta: expected a number > 1"),
+    # Trainer saves on a new best of its own evaluate()'s metrics, which the runner's validation (a callback) never
+    # returns: no checkpoint was ever saved, and without metric_for_best_model it was a traceback after set-up
+    ({"save_strategy": "best"}, "save_strategy: 'best' is not supported"),
+    ({"method": "grpo", "bf16": False, "save_strategy": "best", "metric_for_best_model": "eval_reward"}, "save_strategy: 'best' is not supported"),
     # TRL names generation_batch_size, which the recipe never set: the key to change is the batch size
     ({"method": "grpo", "bf16": False, "num_generations": 3}, "per_device_train_batch_size: 8 x steps_per_generation (default gradient_accumulation_steps) x processes = TRL's generation_batch_size 8, which must be a multiple of num_generations (3)"),
     # a config's own errors in the `<key>: ...` form
@@ -214,6 +230,34 @@ def _main_quietly(argv):
     with contextlib.redirect_stderr(err):
         code = main(argv)
     return code, [line for line in err.getvalue().splitlines() if line.startswith("error:")]
+
+
+def test_trl_choices_are_the_values_the_installed_grpo_trainer_compares_with():
+    """recipe.TRL_CHOICES lists, for each enumerated GRPOConfig key, the values GRPOTrainer's source compares it with
+    (`args.loss_type == "luspo"`, `self.loss_type in ["grpo", ...]`): a TRL that adds or drops a loss type fails here
+    instead of refusing a valid recipe or passing a misspelt one to the first loss. The right values pass."""
+    import inspect
+    import re
+
+    from trl import GRPOTrainer
+
+    from grade_trl.recipe import TRL_CHOICES
+
+    source = inspect.getsource(inspect.getmodule(GRPOTrainer))
+    for key, allowed in TRL_CHOICES.items():
+        compared = set()
+        for match in re.finditer(rf"\.{key} (?:==|!=|in|not in) (\[[^\]]*\]|\"[^\"]*\")", source):
+            compared |= set(re.findall(r'"([^"]*)"', match.group(1)))
+        assert compared and compared <= set(allowed), (key, compared, allowed)
+        if key != "multi_objective_aggregation":  # its two values are compared; the others may be defaults compared nowhere
+            assert set(allowed) - compared <= {"none", "token"}, (key, set(allowed) - compared)
+        for value in allowed:
+            build_recipe({"output_dir": "x", "method": "grpo", "bf16": False, key: value, **({"importance_sampling_level": "sequence"} if value == "luspo" else {})})
+    build_recipe({"output_dir": "x", "method": "grpo", "bf16": False, "delta": 1.5, "top_entropy_quantile": 0.2, "steps_per_generation": 2})
+    # scale_rewards is `str | bool` in TRL's words, typed `str`: true / false were the strings 'True' / 'False', which
+    # TRL's own mapping missed (a ValueError at the first step)
+    for value, meant in ((False, "none"), (True, "group"), ("false", "none"), ("True", "group")):
+        assert build_recipe({"output_dir": "x", "method": "cispo", "bf16": False, "scale_rewards": value}).config.scale_rewards == meant, value
 
 
 @pytest.mark.parametrize("name,files,start", DATA_CASES, ids=[c[0] for c in DATA_CASES])
@@ -437,6 +481,15 @@ def test_what_stands_where_the_run_writes_its_outputs_is_one_line_before_anythin
     (tmp_path / "resumable" / "results.json").write_text("{}")  # the right kinds pass
     (tmp_path / "resumable" / "model").mkdir()
     build_recipe({"method": "reinforce", "task": "length", "output_dir": str(tmp_path / "resumable")})
+
+
+def test_an_output_dir_that_cannot_be_made_leaves_no_parent_folders_behind(tmp_path):
+    """mkdir made X/a/b and then failed on a name longer than the file system allows: the one line was right, but the
+    empty parents stayed (a 2026-12-07 audit)."""
+    out = tmp_path / "X" / "a" / "b" / ("y" * 300)
+    code, errors = _main_quietly([str(REPO / "recipes" / "tiny" / "length_reinforce.yaml"), "--output_dir", str(out)])
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"error: output_dir: cannot write into {str(out)!r} (File name too long)"), errors
+    assert not (tmp_path / "X").exists()
 
 
 def test_only_the_models_load_is_blamed_on_model_name_or_path(tmp_path):
