@@ -1,5 +1,5 @@
 """The error types every command reports in one line: `UserError` (bad input, exit code 2) and `Interrupted` (a signal),
-`signals_raise`, which turns SIGTERM/SIGINT into `Interrupted`, and `loading`, which turns a failure to load an input
+`signals_raise`, which turns SIGTERM, SIGINT, SIGHUP and SIGQUIT (`STOP_SIGNALS`) into `Interrupted`, and `loading`, which turns a failure to load an input
 into a UserError naming its key."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class RefusedBeforeTraining(UserError):
 
 
 class Interrupted(BaseException):
-    """A signal (SIGTERM, SIGINT) asked the run to stop: a BaseException, like KeyboardInterrupt, so no `except Exception`
+    """A signal (SIGTERM, SIGINT, SIGHUP, SIGQUIT: STOP_SIGNALS) asked the run to stop: a BaseException, like KeyboardInterrupt, so no `except Exception`
     swallows it. Commands print `interrupted by SIGTERM <detail>` as one line and exit 128 + the signal's number."""
 
     def __init__(self, signum: int, detail: str = ""):
@@ -49,10 +49,22 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+"""The signals that stop a command as SIGTERM does (one line, 128 + the signal's number, results.json kept): a
+scheduler's or a user's SIGTERM, Ctrl-C, the terminal or SSH session that closes (SIGHUP) and Ctrl-\\ (SIGQUIT). Both
+of the last two ended a run at once without a word, its results.json still `running` (a bad-input trial, 2026-12-07);
+torchrun passes each of the four on to its processes."""
+
+
+def stop_signals() -> tuple[int, ...]:
+    """STOP_SIGNALS less a SIGHUP that is ignored: `nohup` (or a launcher) asked for the run to outlive its terminal."""
+    return tuple(s for s in STOP_SIGNALS if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN))
+
+
 @contextlib.contextmanager
-def signals_raise(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), handler=None) -> Iterator[None]:
-    """Within the block, each signal in `signums` raises `Interrupted` in the main thread (or calls `handler(signum,
-    frame)`, which may raise it later: resume.GracefulStop); the old handlers after."""
+def signals_raise(signums: tuple[int, ...] | None = None, handler=None) -> Iterator[None]:
+    """Within the block, each signal in `signums` (default `stop_signals()`) raises `Interrupted` in the main thread (or
+    calls `handler(signum, frame)`, which may raise it later: resume.GracefulStop); the old handlers after."""
 
     def raise_interrupted(signum, frame):
         end_quietly_under_a_launcher(signum, rank_0_too=True)  # the default handler: a command's set-up, nothing to save
@@ -62,7 +74,7 @@ def signals_raise(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), ha
 
     previous = {}
     try:
-        for signum in signums:
+        for signum in stop_signals() if signums is None else signums:
             previous[signum] = signal.signal(signum, handler)
     except ValueError:  # not the main thread (e.g. a notebook's worker): keep the default behaviour
         pass
@@ -103,7 +115,7 @@ def stop_in_one_line_while_importing() -> None:
         print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
         os._exit(128 + signum)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in stop_signals():
         signal.signal(signum, stop)
 
 

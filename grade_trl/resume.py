@@ -1,4 +1,4 @@
-"""Exact resume after a kill, and a clean stop on SIGTERM/SIGINT that leaves a checkpoint to resume from.
+"""Exact resume after a kill, and a clean stop on SIGTERM/SIGINT (and SIGHUP, SIGQUIT: `errors.STOP_SIGNALS`) that leaves a checkpoint to resume from.
 
 `resume_from_checkpoint: true | PATH` resumes a run where its last complete checkpoint left it. Trainer's
 `checkpoint-N/` holds the weights, the optimizer, the scheduler, the RNG streams of every process and
@@ -75,7 +75,36 @@ def missing_parts(checkpoint: str) -> list[str]:
     missing = [part for part, present in parts.items() if not present]
     if missing and parts["the weights (model.safetensors)"] and not parts["the optimizer state (optimizer.pt)"] and not parts["scheduler.pt"]:
         missing.append("as a run with save_only_model: true saves it")  # weights only: say why
-    return missing
+    return missing + [f"an intact {name} ({problem})" for name in sorted(names) if (problem := damage(os.path.join(checkpoint, name)))]
+
+
+def damage(path: str) -> str | None:
+    """What is wrong with one file of a checkpoint that cannot be read back (cut short by a full disk or a copy, or
+    overwritten), or None. Cheap at any size: a torch file's zip directory (at its end), a safetensors file's header
+    and the bytes it covers, a JSON file parsed (the small ones Trainer writes). Other files and folders (FSDP's and
+    DeepSpeed's sharded states) pass. Without this, a resume from such a checkpoint failed inside Trainer with a
+    traceback, after the run had overwritten the folder's results.json."""
+    import json
+    import zipfile
+
+    if not os.path.isfile(path):
+        return None
+    name = os.path.basename(path)
+    try:
+        if name.endswith((".pt", ".pth", ".bin")):
+            if not zipfile.is_zipfile(path):
+                return "not a readable torch file: cut short or damaged"
+        elif name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt"):  # checks the header and that it covers the file exactly
+                pass
+        elif name.endswith(".json"):
+            with open(path, encoding="utf-8") as handle:
+                json.load(handle)
+    except Exception as error:  # OSError, JSON's ValueError, safetensors' own SafetensorError
+        return f"unreadable: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    return None
 
 
 def is_complete(checkpoint: str) -> bool:

@@ -119,6 +119,46 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.pt", "schedul
                     "grade_trl_state_rank0.pt")  # what a one-process checkpoint of ours holds
 
 
+def write_intact(path) -> None:
+    """A small file of the kind its name says, readable as such (what `resume.damage` checks): JSON, safetensors, torch."""
+    if path.suffix == ".json":
+        path.write_text("{}")
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"weight": torch.zeros(2)}, str(path))
+    else:
+        torch.save({}, path)
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys):
+    """Found by a bad-input trial (2026-12-07): a checkpoint with a file cut short (a full disk, a copy in part) passed
+    the check for its files, then failed inside Trainer's load with a traceback, after the run had rewritten the
+    finished run's results.json as `failed` with a shorter history. Each kind of file is read back now: the resume is
+    refused in one line naming the file, exit 2, results.json as it was; `true` skips such a checkpoint with a warning,
+    as one killed while saving."""
+    out = tmp_path / "run"
+    assert main(argv("length_reinforce.yaml", out, max_steps=4, save_steps=2)) == 0
+    before = (out / "results.json").read_text()
+    capsys.readouterr()
+    for name, cut in (("optimizer.pt", 100), ("grade_trl_state_rank0.pt", 10), ("model.safetensors", 1000), ("trainer_state.json", 20), ("rng_state.pth", 0)):
+        damaged = out / "checkpoint-4" / name
+        intact = damaged.read_bytes()
+        damaged.write_bytes(intact[:cut])
+        assert main(argv("length_reinforce.yaml", out, max_steps=6, save_steps=2, resume_from_checkpoint=str(out / "checkpoint-4"))) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: resume_from_checkpoint: {str(out / 'checkpoint-4')!r} is not a complete grade_trl checkpoint "
+                                                   f"(missing: an intact {name} ("), err
+        assert (out / "results.json").read_text() == before
+        # true: the damaged checkpoint-4 is skipped; checkpoint-2 lies behind the completed run's step 4, which is refused
+        assert main(argv("length_reinforce.yaml", out, max_steps=6, save_steps=2, resume_from_checkpoint="true")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: resume_from_checkpoint: the run in output_dir") and "its latest complete checkpoint is checkpoint-2" in err[-1], err
+        assert (out / "results.json").read_text() == before
+        damaged.write_bytes(intact)
+    assert main(argv("length_reinforce.yaml", out, max_steps=6, save_steps=2, resume_from_checkpoint="true")) == 0  # intact again: it resumes
+
+
 def test_true_does_not_go_back_behind_a_completed_run(tmp_path):
     """Found by a journey audit: a run stopped at step 3 (its signal saved checkpoint-3), resumed and completed at step 8
     without a checkpoint there (save_strategy no); extended with --max_steps 10 --resume_from_checkpoint true it went
@@ -127,7 +167,7 @@ def test_true_does_not_go_back_behind_a_completed_run(tmp_path):
     folder = tmp_path / "checkpoint-3"
     folder.mkdir()
     for name in CHECKPOINT_FILES:
-        (folder / name).write_bytes(b"")
+        write_intact(folder / name)
     (tmp_path / "results.json").write_text(json.dumps({"status": "completed", "config": {}, "history": [], "final": {"steps": 8}}))
     with pytest.raises(UserError, match=r"^resume_from_checkpoint: the run in output_dir .* completed at step 8 \(results.json\), but its latest complete "
                                         r"checkpoint is checkpoint-3: resuming would train steps 4-8 again"):
@@ -145,7 +185,7 @@ def test_the_latest_complete_checkpoint_is_chosen(tmp_path):
         folder.mkdir()
         for name in CHECKPOINT_FILES:
             if name not in missing:
-                (folder / name).write_bytes(b"")
+                write_intact(folder / name)
     assert resolve_checkpoint("true", str(tmp_path)) == os.path.join(str(tmp_path), "checkpoint-5")
     with pytest.raises(UserError, match=r"^resume_from_checkpoint: .*checkpoint-9' is not a complete grade_trl checkpoint \(missing: the weights "
                                         r"\(model.safetensors\), the optimizer state \(optimizer.pt\)\)"):
@@ -154,7 +194,7 @@ def test_the_latest_complete_checkpoint_is_chosen(tmp_path):
     only_model = tmp_path / "checkpoint-11"  # what save_only_model: true writes
     only_model.mkdir()
     for name in ("config.json", "model.safetensors", "trainer_state.json", "grade_trl_state_rank0.pt"):
-        (only_model / name).write_bytes(b"")
+        write_intact(only_model / name)
     with pytest.raises(UserError, match=r"\(missing: the optimizer state \(optimizer.pt\), scheduler.pt, the random generators' state \(rng_state.pth\), as a run with save_only_model: true saves it\)"):
         resolve_checkpoint(str(only_model), str(tmp_path))
 

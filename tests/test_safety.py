@@ -285,11 +285,37 @@ def test_a_results_json_that_cannot_be_written_does_not_hide_the_runs_error(tmp_
     assert any(record.getMessage().startswith(f"could not write {tmp_path / 'run' / 'results.json'}") for record in caplog.records)
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_closed_terminal_or_ctrl_backslash_stops_as_sigterm_does_and_nohup_is_respected():
+    """SIGHUP (the terminal or SSH session closed) and SIGQUIT (Ctrl-\\) ended a run at once without a word, its
+    results.json still `running` with the step-0 row only (a bad-input trial, 2026-12-07): both raise `Interrupted`
+    now, as SIGTERM (the run's graceful stop then saves a checkpoint: the SIGHUP case of the test below). A SIGHUP
+    that `nohup` set to be ignored stays ignored: the run was asked to outlive its terminal."""
+    from grade_trl.errors import Interrupted, signals_raise
+
+    previous = {signum: signal.signal(signum, signal.SIG_DFL) for signum in (signal.SIGHUP, signal.SIGQUIT)}  # as a terminal starts a command
+    try:
+        for signum, code in ((signal.SIGHUP, 129), (signal.SIGQUIT, 131)):
+            with pytest.raises(Interrupted) as info, signals_raise():
+                os.kill(os.getpid(), signum)
+                time.sleep(5)  # the handler runs at the next bytecode
+            assert info.value.signum == signum and info.value.exit_code == code
+            assert signal.getsignal(signum) == signal.SIG_DFL  # restored after the block
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+        with signals_raise():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+            os.kill(os.getpid(), signal.SIGHUP)  # ignored: nothing is raised
+            time.sleep(0.2)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_a_signal_mid_training_writes_results_and_exits_with_one_line(tmp_path, signum, code):
     argv = shrunk(tmp_path, max_steps=400, logging_steps=1, eval_steps=1000)
     process = subprocess.Popen([sys.executable, "-m", "grade_trl.run", *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # as from a terminal, even if the suite runs under nohup
     deadline = time.time() + 240
     for line in process.stdout:  # the Trainer prints each logging row: training has started once a loss shows
         if "'loss'" in line or time.time() > deadline:
