@@ -54,7 +54,7 @@ class RunArguments:
         },
     )
     model_name_or_path: str = field(default="embedded", metadata={"help": "Policy: hub id, local path, or `embedded` (the bundled tiny-imdb-gpt2)."})
-    dataset_name: str = field(default="stanfordnlp/imdb", metadata={"help": "IMDB: hub id, local folder/file (jsonl, jsonl.gz, parquet), or `embedded` (bundled 3k/1k sample). GSM8K (default `openai/gsm8k`, config main): the same forms, `embedded` being a bundled 1k/200 sample. custom (required): a hub id, a local folder, or a .jsonl/.json/.csv/.parquet file, as datasets.load_dataset reads them."})
+    dataset_name: str = field(default="stanfordnlp/imdb", metadata={"help": "IMDB: hub id, a local folder with a file per split (train and test: .jsonl, .jsonl.gz or .parquet), or `embedded` (bundled 3k/1k sample). GSM8K (default `openai/gsm8k`, config main): the same forms, `embedded` being a bundled 1k/200 sample. custom (required): a hub id, a local folder, or a .jsonl/.json/.csv/.parquet file, as datasets.load_dataset reads them."})
     reward_split_size: int = field(default=5000, metadata={"help": "IMDB train reviews for the reward model (GRADE experiment: 5,000)."})
     policy_split_size: int = field(default=10000, metadata={"help": "IMDB train reviews whose openings are the training prompts (10,000)."})
     validation_split_size: int = field(default=2000, metadata={"help": "IMDB train reviews held out for validation (2,000)."})

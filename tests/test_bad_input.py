@@ -272,6 +272,18 @@ def test_a_bad_data_file_is_one_line_exit_2_nothing_written(tmp_path, name, file
     assert not out.exists() and not reward_model.exists()
 
 
+def test_one_file_for_a_task_with_train_and_test_splits_is_one_line(tmp_path):
+    """IMDB and GSM8K read a train and a test split: one file served as both, so IMDB's test lost every review to the
+    train overlap (a traceback after set-up, results.json written; a 2026-12-07 trial); GSM8K refused it already."""
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(GOOD)
+    for recipe in ("quickstart.yaml", "tiny/gsm8k_reinforce.yaml"):
+        out = tmp_path / "run"
+        code, errors = _main_quietly([str(REPO / "recipes" / recipe), "--dataset_name", str(data), "--output_dir", str(out)])
+        assert code == 2 and len(errors) == 1 and errors[0].startswith(f"error: dataset_name: cannot load {str(data)!r}: ") and "is one file; " in errors[0] and "needs its train and test splits" in errors[0], errors
+        assert not out.exists()
+
+
 def test_a_damaged_weights_file_is_one_line_exit_2_nothing_written(tmp_path):
     from grade_trl.models import resolve_model_path
 

@@ -62,6 +62,15 @@ def first_bad_json_line(file: str) -> str | None:
     return None
 
 
+def check_not_one_file(source: str, name: str) -> None:
+    """A task that reads a train and a test split (IMDB, GSM8K) from a local source needs a folder: one file would serve
+    as both splits (IMDB's test then lost every review to the train overlap, a traceback after set-up; GSM8K's train
+    every problem to the test)."""
+    if source != EMBEDDED and Path(os.path.expanduser(source)).is_file():
+        raise ValueError(f"{source} is one file; {name} needs its train and test splits: give a folder holding train.jsonl and test.jsonl "
+                         "(or .jsonl.gz / .parquet), a hub id, or `embedded`")
+
+
 def load_split(source: str, split: str, embedded_dir: Path, columns: tuple[str, ...], name: str, hub_config: str | None = None) -> Dataset:
     """One split with (at least) `columns`: from `embedded` (`embedded_dir`), a local folder or file, else the hub.
 

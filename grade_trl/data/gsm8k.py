@@ -15,8 +15,6 @@ keyword, exactly as `trl.GRPOTrainer` passes extra dataset columns.
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 from datasets import Dataset
 
@@ -24,7 +22,7 @@ from ..errors import UserError
 from ..models import ASSETS_DIR
 from ..rewards.base import render_chat
 from ..rewards.gsm8k import gold_answer
-from .files import EMBEDDED, load_split
+from .files import check_not_one_file, load_split
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +110,7 @@ def make_gsm8k_splits(source: str, tokenizer, max_prompt_length: int | None, eva
     test question and a train question the test also has are dropped (`disjoint_splits`; GSM8K itself has none).
     Raises ValueError when a split comes out empty (for instance a `max_prompt_length` that fits no question).
     """
-    if source != EMBEDDED and Path(os.path.expanduser(source)).is_file():  # the same file as both splits: disjoint_splits would empty train
-        raise ValueError(f"{source} is one file; GSM8K needs its train and test splits: give a folder holding train.jsonl and test.jsonl "
-                         "(or .jsonl.gz / .parquet), a hub id, or `embedded`")
+    check_not_one_file(source, "GSM8K")
     rows = {split: load_gsm8k(source, split) for split in ("train", "test")}
     for split, split_rows in rows.items():
         check_rows(split_rows, source, split)

@@ -14,7 +14,7 @@ import re
 from datasets import Dataset
 
 from ..models import ASSETS_DIR
-from .files import load_split
+from .files import check_not_one_file, load_split
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def make_imdb_splits(
     so no text lands in two splits. The test split drops its own duplicates and every review IMDB train also
     has (`clean_test_split`). Raises if two splits share a review or a split lacks a label.
     """
+    check_not_one_file(source, "IMDB")
     train = deduplicate(check_labels(load_imdb(source, "train"), source, "train")).shuffle(seed=seed)
     sizes = split_sizes(len(train), {"reward": reward_size, "policy": policy_size, "validation": validation_size})
     splits, start = {}, 0
