@@ -184,6 +184,10 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
 
 
 def load_recipe_file(path: str) -> dict:
+    if os.path.isdir(path):
+        inside = sorted(name for name in os.listdir(path) if name.endswith((".yaml", ".yml")))
+        example = os.path.join(path, inside[0]) if inside else "recipes/quickstart.yaml"
+        raise RecipeError(f"recipe {path} is a folder; give the path of a .yaml recipe, e.g. {example}")
     if not os.path.isfile(path):
         raise RecipeError(f"recipe file not found: {path} (give the path of a .yaml recipe, e.g. recipes/quickstart.yaml)")
     try:
@@ -734,6 +738,11 @@ def check_paths(run_kwargs: dict) -> None:
             other = "`tfidf` or `none`" if key == "gold_judge" else "`embedded`"
             where = "" if os.path.isabs(os.path.expanduser(value)) else f" from the current folder {os.getcwd()!r} (a relative path is read from where the command runs, not from the recipe's folder)"
             raise RecipeError(f"{key}: no such file or folder {value!r}{where}; give an existing local path, a hub id, or {other}")
+        folder = os.path.expanduser(value) if value and value != "embedded" else ""
+        if key in ("model_name_or_path", "reward_backbone") and os.path.isdir(folder) and not {"config.json", "adapter_config.json"} & set(os.listdir(folder)):
+            # an empty folder or a data folder was blamed on its tokenizer files ("cannot build a tokenizer ...")
+            raise RecipeError(f"{key}: {value!r} is a folder without config.json, not a saved model; give a folder written by save_pretrained "
+                              "(config.json, the weights and the tokenizer), a hub id, or `embedded`")
 
 
 def runner_defaults(method, given: Mapping[str, Any] = ()) -> dict[str, Any]:

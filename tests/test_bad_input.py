@@ -408,6 +408,28 @@ RECIPE_FILE_CASES = [
 ]
 
 
+def test_a_folder_that_is_not_a_saved_model_is_named_as_such(tmp_path):
+    """An empty folder, or a data folder, as model_name_or_path was blamed on its tokenizer files (a 2026-12-07 trial)."""
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", REPO / "grade_trl" / "assets" / "imdb_sample"):
+        with pytest.raises(RecipeError) as info:
+            build_recipe({"output_dir": str(tmp_path / "run"), "model_name_or_path": str(folder)})
+        assert str(info.value) == (f"model_name_or_path: {str(folder)!r} is a folder without config.json, not a saved model; give a folder written by "
+                                   "save_pretrained (config.json, the weights and the tokenizer), a hub id, or `embedded`")
+    from grade_trl.models import resolve_model_path
+
+    build_recipe({"output_dir": str(tmp_path / "run"), "model_name_or_path": str(resolve_model_path("embedded"))})  # a saved model passes
+
+
+def test_a_folder_given_as_the_recipe_names_a_recipe_in_it(tmp_path):
+    """`run recipes/tiny` said "recipe file not found" of a folder that exists (a 2026-12-07 trial)."""
+    out = tmp_path / "run"
+    code, errors = _main_quietly([str(REPO / "recipes" / "tiny"), "--output_dir", str(out)])
+    assert code == 2 and errors == [f"error: recipe {REPO / 'recipes' / 'tiny'} is a folder; give the path of a .yaml recipe, e.g. "
+                                    f"{REPO / 'recipes' / 'tiny' / 'gsm8k_cispo.yaml'}"], errors
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("name,content,fragment", RECIPE_FILE_CASES, ids=[c[0] for c in RECIPE_FILE_CASES])
 def test_a_bad_recipe_file_is_one_line_exit_2_nothing_written(tmp_path, name, content, fragment):
     recipe = tmp_path / "recipe.yaml"

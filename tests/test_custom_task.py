@@ -83,6 +83,24 @@ def test_a_bad_custom_recipe_is_one_line_naming_its_key(example_rewards_importab
     assert "\n" not in message and message.startswith(key) and fragment in message, message
 
 
+def test_a_reward_module_that_fails_in_its_own_code_is_not_blamed_on_where_it_lies(tmp_path, monkeypatch):
+    """A module that was found and raised while importing (or imports what is not installed) was told it "must be
+    importable from the current directory, the recipe's folder or an installed package" (a 2026-12-07 trial)."""
+    (tmp_path / "raising_rewards.py").write_text('raise RuntimeError("config file missing")\n')
+    (tmp_path / "needy_rewards.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cases = [("raising_rewards.f", "reward_funcs: importing module 'raising_rewards' of 'raising_rewards.f' raised RuntimeError: config file missing; "
+              "fix the module where it fails"),
+             ("needy_rewards.f", "reward_funcs: importing module 'needy_rewards' of 'needy_rewards.f' raised ModuleNotFoundError: No module named "
+              "'no_such_dependency_xyz'; fix the module (or install what it imports)"),
+             ("no_such_package_xyz.rewards.f", "reward_funcs: cannot import module 'no_such_package_xyz.rewards' of 'no_such_package_xyz.rewards.f' "
+              "(ModuleNotFoundError: No module named 'no_such_package_xyz'); it must be importable from")]
+    for path, expected in cases:
+        with pytest.raises(RecipeError) as info:
+            build_recipe({**BASE, "reward_funcs": [path]})
+        assert str(info.value).startswith(expected), str(info.value)
+
+
 def test_good_custom_recipes_build(example_rewards_importable):
     recipe = build_recipe({**BASE, "reward_funcs": ["my_rewards.keyword_reward", "length"], "reward_weights": [1.0, 0.5]})
     assert recipe.run.task == "custom" and recipe.config.reward_weights == [1.0, 0.5]

@@ -96,11 +96,16 @@ def import_target(key: str, path: str):
         )
     try:
         module = importlib.import_module(module_name)
-    except USER_CODE_ERRORS as error:  # noqa: BLE001 - user code failing at import is reported the same way as a missing module
-        raise UserError(
-            f"{key}: cannot import module {module_name!r} of {path!r} ({_first_line(error)}); it must be importable from the "
-            "current directory, the recipe's folder or an installed package"
-        ) from None
+    except USER_CODE_ERRORS as error:  # noqa: BLE001 - user code failing at import is reported in one line, as a missing module
+        missing = getattr(error, "name", None) if isinstance(error, ModuleNotFoundError) else None
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):  # the module itself was not found
+            raise UserError(
+                f"{key}: cannot import module {module_name!r} of {path!r} ({_first_line(error)}); it must be importable from the "
+                "current directory, the recipe's folder or an installed package"
+            ) from None
+        # found, and its own code failed (or what it imports is missing): where it lies is not the problem
+        raise UserError(f"{key}: importing module {module_name!r} of {path!r} raised {_first_line(error)}; fix the module "
+                        f"{'(or install what it imports)' if missing else 'where it fails'}") from None
     if not hasattr(module, attribute):
         top, where = module_name.partition(".")[0], os.path.abspath(getattr(module, "__file__", None) or "")
         stdlib = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
