@@ -739,10 +739,18 @@ def check_paths(run_kwargs: dict) -> None:
             where = "" if os.path.isabs(os.path.expanduser(value)) else f" from the current folder {os.getcwd()!r} (a relative path is read from where the command runs, not from the recipe's folder)"
             raise RecipeError(f"{key}: no such file or folder {value!r}{where}; give an existing local path, a hub id, or {other}")
         folder = os.path.expanduser(value) if value and value != "embedded" else ""
-        if key in ("model_name_or_path", "reward_backbone") and os.path.isdir(folder) and not {"config.json", "adapter_config.json"} & set(os.listdir(folder)):
+        if key in ("model_name_or_path", "reward_backbone") and os.path.isdir(folder) and not {"config.json", "adapter_config.json"} & _names_in(folder):
             # an empty folder or a data folder was blamed on its tokenizer files ("cannot build a tokenizer ...")
             raise RecipeError(f"{key}: {value!r} is a folder without config.json, not a saved model; give a folder written by save_pretrained "
                               "(config.json, the weights and the tokenizer), a hub id, or `embedded`")
+
+
+def _names_in(folder: str) -> set[str]:
+    """The names in `folder`; every name it might hold when it cannot be listed (the load then says what is wrong)."""
+    try:
+        return set(os.listdir(folder))
+    except OSError:
+        return {"config.json"}
 
 
 def runner_defaults(method, given: Mapping[str, Any] = ()) -> dict[str, Any]:
