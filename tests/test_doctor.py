@@ -19,7 +19,7 @@ from grade_trl.doctor import main
 from grade_trl.rewards.length import LengthReward
 from grade_trl.trainers import REINFORCEConfig, REINFORCETrainer
 
-from .conftest import REPO
+from .conftest import REPO, write_intact
 
 STEPS = list(range(10, 210, 10))  # training logs every 10 steps, 200 steps
 EVAL_STEPS = [0, 50, 100, 150, 200]
@@ -358,7 +358,7 @@ def test_cli_resume_advice_names_only_a_checkpoint_that_exists_and_the_runs_own_
     complete = run / "checkpoint-150"  # a complete checkpoint an earlier save left: the advice resumes from it
     complete.mkdir()
     for name in (STATE_FILE.format(rank=0), "trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
-        (complete / name).write_text("x")
+        write_intact(complete / name)
     (run / "checkpoint-200").mkdir()  # incomplete: not named
     (run / "results.json").write_text(json.dumps({**data, "status": "failed", "error": "ValueError: x", "final": {"steps": 205}}))
     assert main([str(run)]) == 1

@@ -346,7 +346,7 @@ def test_cli_unloadable_model_and_data_exit_2_with_one_line(tmp_path, capsys, mo
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.jsonl").write_text('{"review": "no text column", "stars": 3}\n')
     cases = [
-        (f"model_name_or_path: {tmp_path / 'not_a_model'}\n", "model_name_or_path: cannot load"),
+        (f"model_name_or_path: {tmp_path / 'not_a_model'}\n", f"model_name_or_path: {str(tmp_path / 'not_a_model')!r} is a folder without config.json, not a saved model"),
         (f"dataset_name: {tmp_path / 'data'}\n", "lacks columns ['label', 'text']"),
     ]
     for text, message in cases:

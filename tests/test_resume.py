@@ -23,7 +23,7 @@ from grade_trl.resume import is_complete, resolve_checkpoint
 from grade_trl.errors import UserError
 from grade_trl.run import main
 
-from .conftest import REPO
+from .conftest import REPO, write_intact
 
 RECIPES = REPO / "recipes" / "tiny"
 CLOCK_KEYS = {"eval_wall_seconds", "eval_train_seconds", "step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second",
@@ -117,18 +117,6 @@ def test_resume_with_nothing_to_resume_from_exits_2_and_writes_nothing(tmp_path,
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin",
                     "grade_trl_state_rank0.pt")  # what a one-process checkpoint of ours holds
-
-
-def write_intact(path) -> None:
-    """A small file of the kind its name says, readable as such (what `resume.damage` checks): JSON, safetensors, torch."""
-    if path.suffix == ".json":
-        path.write_text("{}")
-    elif path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file({"weight": torch.zeros(2)}, str(path))
-    else:
-        torch.save({}, path)
 
 
 def test_a_damaged_checkpoint_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys):
