@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 import sys
 from typing import Iterator
 
@@ -57,8 +58,26 @@ torchrun passes each of the four on to its processes."""
 
 
 def stop_signals() -> tuple[int, ...]:
-    """STOP_SIGNALS less a SIGHUP that is ignored: `nohup` (or a launcher) asked for the run to outlive its terminal."""
+    """STOP_SIGNALS less a SIGHUP that is ignored: `nohup` asked for the run to outlive its terminal. (torchrun, under
+    `accelerate launch`, handles SIGHUP itself even then, and passes it on: TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT
+    tells it not to.)"""
     return tuple(s for s in STOP_SIGNALS if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN))
+
+
+def leave_a_hung_up_terminal(signum: int) -> None:
+    """On SIGHUP, point stdout and stderr that are terminals at /dev/null: the terminal is gone, and the next write to it
+    (a log row, Trainer's final metrics, the closing line) raised OSError EIO, which ended the stopping run as `failed`
+    without its checkpoint (an audit with a pseudo-terminal, 2026-12-07). Files and pipes are left as they are."""
+    if signum != signal.SIGHUP:
+        return
+    for fd in (1, 2):
+        try:
+            if stat.S_ISCHR(os.fstat(fd).st_mode):  # a terminal (or /dev/null already)
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+                os.close(devnull)
+        except OSError:
+            pass
 
 
 @contextlib.contextmanager
@@ -72,10 +91,14 @@ def signals_raise(signums: tuple[int, ...] | None = None, handler=None) -> Itera
 
     handler = handler or raise_interrupted
 
+    def on_signal(signum, frame):
+        leave_a_hung_up_terminal(signum)
+        return handler(signum, frame)
+
     previous = {}
     try:
         for signum in stop_signals() if signums is None else signums:
-            previous[signum] = signal.signal(signum, handler)
+            previous[signum] = signal.signal(signum, on_signal)
     except ValueError:  # not the main thread (e.g. a notebook's worker): keep the default behaviour
         pass
     try:
@@ -111,6 +134,7 @@ def stop_in_one_line_while_importing() -> None:
     own handling (cli.run_safely) has replaced this, not in an import traceback. Nothing is written by then."""
 
     def stop(signum, _frame):
+        leave_a_hung_up_terminal(signum)
         end_quietly_under_a_launcher(signum, rank_0_too=True)
         print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
         os._exit(128 + signum)

@@ -185,7 +185,10 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
 
 def load_recipe_file(path: str) -> dict:
     if os.path.isdir(path):
-        inside = sorted(name for name in os.listdir(path) if name.endswith((".yaml", ".yml")))
+        try:
+            inside = sorted(name for name in os.listdir(path) if name.endswith((".yaml", ".yml")))
+        except OSError:  # a folder that cannot be listed
+            inside = []
         example = os.path.join(path, inside[0]) if inside else "recipes/quickstart.yaml"
         raise RecipeError(f"recipe {path} is a folder; give the path of a .yaml recipe, e.g. {example}")
     if not os.path.isfile(path):

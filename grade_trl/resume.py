@@ -87,12 +87,15 @@ def damage(path: str) -> str | None:
     import json
     import zipfile
 
-    if not os.path.isfile(path):
-        return None
     name = os.path.basename(path)
+    if not os.path.isfile(path) or name.startswith("."):  # hidden files: a copy from macOS leaves ._model.safetensors
+        return None
     try:
         if name.endswith((".pt", ".pth", ".bin")):
             if not zipfile.is_zipfile(path):
+                with open(path, "rb") as handle:
+                    if handle.read(1) == b"\x80":  # torch.save's legacy (non-zip) format, a pickle: readable, not checked
+                        return None
                 return "not a readable torch file: cut short or damaged"
         elif name.endswith(".safetensors"):
             from safetensors import safe_open

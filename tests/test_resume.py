@@ -147,6 +147,27 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_before_anything_is_written(
     assert main(argv("length_reinforce.yaml", out, max_steps=6, save_steps=2, resume_from_checkpoint="true")) == 0  # intact again: it resumes
 
 
+def test_damage_reads_what_a_checkpoint_holds_and_passes_what_it_cannot_judge(tmp_path):
+    """resume.damage against files written by the libraries themselves: intact ones pass, each cut short is named; a
+    torch file in torch.save's legacy (non-zip) format and a hidden file a macOS copy leaves (`._model.safetensors`)
+    pass (the second made a good checkpoint refused; an audit, 2026-12-07)."""
+    from safetensors.torch import save_file
+
+    from grade_trl.resume import damage
+
+    torch.save({"step": 3}, tmp_path / "optimizer.pt")
+    torch.save({"step": 3}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_file({"w": torch.ones(3)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "trainer_state.json").write_text('{"global_step": 3}')
+    (tmp_path / "._model.safetensors").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    for name in ("optimizer.pt", "legacy.pt", "model.safetensors", "trainer_state.json", "._model.safetensors"):
+        assert damage(str(tmp_path / name)) is None, name
+    for name in ("optimizer.pt", "model.safetensors", "trainer_state.json"):
+        whole = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(whole[: len(whole) // 2])
+        assert damage(str(tmp_path / name)), name
+
+
 def test_true_does_not_go_back_behind_a_completed_run(tmp_path):
     """Found by a journey audit: a run stopped at step 3 (its signal saved checkpoint-3), resumed and completed at step 8
     without a checkpoint there (save_strategy no); extended with --max_steps 10 --resume_from_checkpoint true it went

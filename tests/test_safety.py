@@ -310,7 +310,41 @@ def test_a_closed_terminal_or_ctrl_backslash_stops_as_sigterm_does_and_nohup_is_
             signal.signal(signum, handler)
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_a_terminal_that_hangs_up_stops_the_run_with_its_checkpoint(tmp_path):
+    """The run's output on a terminal (a pseudo-terminal here) that hangs up, as a closed SSH session does: the kernel
+    sends SIGHUP and every later write to the terminal fails with EIO. The first fix (SIGHUP stops as SIGTERM does)
+    still ended such a run as `failed` ("OSError: [Errno 5] Input/output error" at the next log row, before its
+    checkpoint; an audit, 2026-12-07): stdout and stderr now leave the terminal for /dev/null on SIGHUP, and the run
+    finishes its step, saves its checkpoint, writes results.json `interrupted` and exits 129. (A SIGHUP sent through
+    pipes, as the test below sends SIGTERM and SIGINT, would not model the hang-up.)"""
+    import pty
+    import select
+
+    argv = shrunk(tmp_path, max_steps=400, logging_steps=1, eval_steps=1000)
+    pid, terminal = pty.fork()  # the child leads a session whose controlling terminal is this pseudo-terminal
+    if pid == 0:
+        try:
+            os.chdir(REPO)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as from a login shell, even if the suite runs under nohup
+            os.execve(sys.executable, [sys.executable, "-m", "grade_trl.run", *argv], {**os.environ, "OMP_NUM_THREADS": "1"})
+        finally:
+            os._exit(127)
+    seen, deadline = b"", time.time() + 240
+    while b"'loss'" not in seen and time.time() < deadline:  # training has started once a loss row shows
+        if select.select([terminal], [], [], 1)[0]:
+            try:
+                seen += os.read(terminal, 65536)
+            except OSError:
+                break
+    os.close(terminal)  # the hang-up
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 129, seen[-2000:]
+    results = load_results(tmp_path / "run" / "results.json")
+    assert results["status"] == "interrupted" and any("loss" in row for row in results["history"]), results.get("error")
+    assert results["final"]["checkpoint"] and is_complete(results["final"]["checkpoint"])
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_mid_training_writes_results_and_exits_with_one_line(tmp_path, signum, code):
     argv = shrunk(tmp_path, max_steps=400, logging_steps=1, eval_steps=1000)
     process = subprocess.Popen([sys.executable, "-m", "grade_trl.run", *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
