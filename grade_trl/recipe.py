@@ -368,6 +368,12 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
         if old is not None:
             config_kwargs["activation_checkpointing"] = old
     check_enum_values(config_kwargs)
+    if config_kwargs.get("save_strategy") == "best":
+        # Trainer saves on a new best of the metrics its own evaluate() returns; the runner validates in a callback
+        # (evaluation.py), so no checkpoint was ever saved (and without metric_for_best_model: a traceback after set-up)
+        raise RecipeError("save_strategy: 'best' is not supported: the runner validates outside Trainer's evaluate, so Trainer would never "
+                          "see a new best; the run keeps its best validation checkpoint in best_model/ (save_best_model), and "
+                          "save_strategy steps saves resumable checkpoints")
     for key, value in (*run_kwargs.items(), *config_kwargs.items()):  # before the configs' own checks, which may not name the key
         check_range(key, value)
     try:
@@ -611,12 +617,6 @@ def check_enum_values(config_kwargs: dict) -> None:
             raise RecipeError(f"{key}: expected one of {[m.value for m in enums[0]]}, got {value!r}")
         if key in TRL_CHOICES and isinstance(value, str) and value not in TRL_CHOICES[key]:
             raise RecipeError(f"{key}: expected one of {list(TRL_CHOICES[key])}, got {value!r}")
-    if config_kwargs.get("save_strategy") == "best":
-        # Trainer saves on a new best of the metrics its own evaluate() returns; the runner validates in a callback
-        # (evaluation.py), so no checkpoint was ever saved (and without metric_for_best_model: a traceback after set-up)
-        raise RecipeError("save_strategy: 'best' is not supported: the runner validates outside Trainer's evaluate, so Trainer would never "
-                          "see a new best; the run keeps its best validation checkpoint in best_model/ (save_best_model), and "
-                          "save_strategy steps saves resumable checkpoints")
 
 
 def check_custom_task(values: dict, method_name: str, run: RunArguments, config) -> None:
