@@ -11,9 +11,11 @@ where S is what autograd saves for backward (`grade_trl.memory.SavedTensorAccoun
 top of it at the busiest moment of backward (for GRADE: the reference's or the reward's forward recomputed
 there while the rollout's saved tensors still wait; the logits-sized gradients of the KL), both modelled as
 
-    S, X = c1 B L H (P + T) + c2 B T V + c3 B H (P + T) + c4 B V + c0        (bytes; non-negative least squares)
+    S, X = c1 B L H (P + T) + c2 B T V + c3 B H (P + T) + c4 B V + c5 N + c0        (bytes; non-negative least squares)
 
-with B completions, L layers, H hidden, V vocabulary, P prompt and T new tokens, N parameters. The second
+with B completions, L layers, H hidden, V vocabulary, P prompt and T new tokens, N parameters (c5 N: the weights' copies
+that bf16 autocast casts and saves for backward, 2 bytes a parameter, and the parameter gradients inside the peak;
+added on 2026-12-07, after the Qwen2 fit of `memory_model_qwen2.py` found it: a fit written before reads c5 as 0). The second
 branch is the end of backward, when every float32 gradient (4 N) exists and the last logits-sized temporaries
 (about two float32 B x T x V tensors) do. S and the peak are measured on real training steps (`step_cost.py`'s
 `memory_step`: saved bytes over the forward, `grade_trl.memory.peak_allocated` over forward + backward) on a
@@ -48,7 +50,7 @@ step_cost = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(step_cost)
 
 GRID = {"layers": (2, 4), "hidden": (128, 256), "batch": (4, 8), "new_tokens": (8, 24)}  # x the two vocabularies
-FEATURES = ("B L H (P+T)", "B T V", "B H (P+T)", "B V", "1")
+FEATURES = ("B L H (P+T)", "B T V", "B H (P+T)", "B V", "N", "1")  # a fit without N (before 2026-12-07) reads it as 0
 SHAPES = {  # name: (layers, hidden, heads)
     "gpt2-small": (12, 768, 12),
     "gpt2-medium": (24, 1024, 16),
@@ -57,7 +59,12 @@ SHAPES = {  # name: (layers, hidden, heads)
 
 def features(layers: int, hidden: int, vocab: int, batch: int, prompt: int, new_tokens: int) -> list[float]:
     tokens = prompt + new_tokens
-    return [batch * layers * hidden * tokens, batch * new_tokens * vocab, batch * hidden * tokens, batch * vocab, 1.0]
+    return [batch * layers * hidden * tokens, batch * new_tokens * vocab, batch * hidden * tokens, batch * vocab, parameters(layers, hidden, vocab)[0], 1.0]
+
+
+def bytes_of(coefficients: dict, values: list[float]) -> float:
+    """sum of coefficient x feature, by the features' names: a fit written before a feature existed counts it as 0."""
+    return sum(coefficients.get(name, 0.0) * value for name, value in zip(FEATURES, values))
 
 
 def parameters(layers: int, hidden: int, vocab: int, positions: int = 1024) -> tuple[int, int]:
@@ -94,26 +101,33 @@ def measure(variant: str, args, layers: int, hidden: int, tokenizer_path: str, b
 def fit(points: list[dict], prompt: int, target) -> tuple[list[float], float]:
     """Non-negative least squares of target(point) (bytes) on the features; returns (coefficients, worst relative residual)."""
     import numpy as np
-    from scipy.optimize import nnls
 
     X = np.array([features(p["layers"], p["hidden"], p["vocab"], p["batch"], prompt, p["new_tokens"]) for p in points])
-    y = np.array([target(p) for p in points])
+    return nnls_fit(X, np.array([target(p) for p in points]))
+
+
+def nnls_fit(X, y) -> tuple[list[float], float]:
+    """scipy's non-negative least squares of y on the columns of X, each scaled to a maximum of 1 first (the features
+    span 10 orders of magnitude); (coefficients, worst relative residual)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
     scale = X.max(0)
     coefficients, _ = nnls(X / scale, y)
     coefficients = coefficients / scale
     return coefficients.tolist(), float(np.abs((X @ coefficients - y) / np.maximum(y, 1.0)).max())
 
 
-def step_peak(saved: list[float], transient: list[float], layers: int, hidden: int, vocab: int, batch: int, prompt: int, new_tokens: int) -> dict:
-    """Bytes: S, X and the step peak max(S + X, 4 N + 8 B T V)."""
+def step_peak(saved: dict, transient: dict, layers: int, hidden: int, vocab: int, batch: int, prompt: int, new_tokens: int) -> dict:
+    """Bytes: S, X (coefficients by feature name) and the step peak max(S + X, 4 N + 8 B T V)."""
     f = features(layers, hidden, vocab, batch, prompt, new_tokens)
-    s, x = sum(c * v for c, v in zip(saved, f)), sum(c * v for c, v in zip(transient, f))
+    s, x = bytes_of(saved, f), bytes_of(transient, f)
     n_policy, _ = parameters(layers, hidden, vocab)
     floor = 4 * n_policy + 8 * batch * new_tokens * vocab
     return {"saved": s, "transient": x, "step_peak": max(s + x, floor), "floor_decides": floor > s + x}
 
 
-def predict(saved: list[float], transient: list[float], layers: int, hidden: int, vocab: int, batch: int, prompt: int, new_tokens: int) -> dict:
+def predict(saved: dict, transient: dict, layers: int, hidden: int, vocab: int, batch: int, prompt: int, new_tokens: int) -> dict:
     """GiB: the step peak and the resident memory (weights 4 N + AdamW 8 N + reference 4 N + reward backbone 4 N_r)."""
     step = step_peak(saved, transient, layers, hidden, vocab, batch, prompt, new_tokens)
     n_policy, n_reward = parameters(layers, hidden, vocab)
@@ -141,7 +155,7 @@ def from_json(args) -> dict:
         raise SystemExit(f"error: --from_json: cannot read {args.from_json!r} as a memory model written by --json ({error})") from None
     layers, hidden, _ = shape(args.predict)
     for key, entry in out["methods"].items():
-        saved, transient = list(entry["saved_coefficients"].values()), list(entry["transient_coefficients"].values())
+        saved, transient = entry["saved_coefficients"], entry["transient_coefficients"]
         entry["prediction"] = {"shape": args.predict, "new_tokens": args.predict_tokens, "vocab": args.predict_vocab,
                                "by_batch": {b: predict(saved, transient, layers, hidden, args.predict_vocab, b, out["prompt_length"], args.predict_tokens)
                                             for b in args.predict_batches}}
@@ -189,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
                       for layers, hidden, batch, tokens in itertools.product(grid["layers"], grid["hidden"], grid["batch"], grid["new_tokens"])]
             saved, worst_saved = fit(points, args.prompt_length, lambda p: p["saved_mib"] * 2**20)
             transient, worst_transient = fit(points, args.prompt_length, lambda p: max(p["peak_mib"] - p["saved_mib"], 0.0) * 2**20)
+            saved, transient = dict(zip(FEATURES, saved)), dict(zip(FEATURES, transient))
             layers, hidden, _ = SHAPES[args.validate]
             check = measure(method, args, layers, hidden, args.tokenizer, args.validate_batch, args.validate_tokens, flags)
             vocab = check["vocab"]
@@ -196,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
             layers_p, hidden_p, _ = shape(args.predict)
             predictions = {b: predict(saved, transient, layers_p, hidden_p, vocab, b, args.prompt_length, args.predict_tokens) for b in args.predict_batches}
             out["methods"][f"{method}/{dtype}"] = entry = {
-                "saved_coefficients": dict(zip(FEATURES, saved)), "transient_coefficients": dict(zip(FEATURES, transient)),
+                "saved_coefficients": saved, "transient_coefficients": transient,
                 "worst_relative_residual_on_grid": {"saved": worst_saved, "transient": worst_transient}, "grid_points": points,
                 "validation": {"shape": args.validate, "batch": args.validate_batch, "new_tokens": args.validate_tokens,
                                "measured_step_peak_mib": check["peak_mib"], "predicted_step_peak_mib": predicted["step_peak"] / 2**20,
@@ -229,7 +244,7 @@ def table(out: dict, args) -> str:
         cells = " | ".join(f"{p['peak_gib']:.1f} ({p['step_peak_gib']:.1f}{'*' if p.get('floor_decides') else ''})" for p in predicted)
         layers, hidden, _ = SHAPES.get(v["shape"], (0, 0, 0))
         vocab = max((point["vocab"] for point in entry.get("grid_points") or []), default=50257)  # the check's tokenizer is the grid's larger one
-        checked = step_peak(list(entry["saved_coefficients"].values()), list(entry["transient_coefficients"].values()), layers, hidden, vocab,
+        checked = step_peak(entry["saved_coefficients"], entry["transient_coefficients"], layers, hidden, vocab,
                             v["batch"], out["prompt_length"], v["new_tokens"])["floor_decides"] if layers else False
         lines.append(f"| {method} | {dtype} | {cells} | {v['measured_step_peak_mib']:.0f} / {v['predicted_step_peak_mib']:.0f}{'*' if checked else ''} "
                      f"({v['relative_error']:+.0%}) |")

@@ -15,7 +15,8 @@ a + b T + c T^2 (the growth law: c ~ 0 is linear), and `--plot PATH` draws them.
 Everything that can be made equal is: the model (each trainer loads its own policy and frozen reference from
 the same path), `--batch_size` completions per step (TRL GRPO: batch/4 prompts x 4), prompts of exactly
 `--prompt_length` tokens, exactly T new tokens (EOS banned before the last), one reward object (a
-`SentimentReward` on an untrained head over the same backbone), temperature 1, top-p `--top_p`, KL coefficient
+`SentimentReward` on an untrained head over the same backbone; `--reward rule`: GSM8K's format check of the text,
+no model, as the GSM8K recipes' rewards), temperature 1, top-p `--top_p`, KL coefficient
 0.1, no dropout, no gradient accumulation, one fresh batch per optimizer step (PPO: one rollout, one epoch,
 one mini-batch), AdamW, clip 1.0. GRADE's memory switches are flags (`--rollout_checkpointing`,
 `--relax_top_k`, `--rollout_cache dynamic`, `--no_recompute`); `--bf16` / `--fp16` run every method in
@@ -25,6 +26,8 @@ How to run (CPU timings are noisy: compare the ratios of one run, with --threads
     python benchmarks/step_cost.py --model gpt2-shaped-random --tokenizer gpt2 \\
         --n_layer 12 --n_embd 768 --n_head 12 --batch_size 8 --new_tokens 24 48 --threads 2
     python benchmarks/step_cost.py --model gpt2-shaped-random --n_layer 24 --n_embd 1024 --n_head 16 --device cuda   # gpt2-medium shape
+    python benchmarks/step_cost.py --model qwen2-shaped-random --tokenizer embedded --n_layer 4 --n_embd 256 --n_head 4 --n_kv_head 1 \\
+        --intermediate_size 1376 --vocab_size 32768 --reward rule --methods reinforce ppo grpo cispo   # a small Qwen2, the GSM8K methods
 `--tokenizer` is the GPT-2 tokenizer for `gpt2-shaped-random` (a hub id or a folder with vocab.json and
 merges.txt); any hub id or local path of a causal LM works as `--model`. `--json PATH` writes every number.
 On CPU the host allocator's page faults can tilt the comparison (a fresh 4 KiB page cost ~16 us inside a step on the
@@ -63,9 +66,11 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, Printer
 from grade_trl.memory import SavedTensorAccount, peak_allocated
 from grade_trl.methods import METHODS, get_method
 from grade_trl.models import load_tokenizer, resolve_model_path
+from grade_trl.rewards.gsm8k import GSM8KFormat
 from grade_trl.rewards.sentiment import SentimentReward, SentimentRewardModel
 
 RANDOM_GPT2 = "gpt2-shaped-random"
+RANDOM_QWEN2 = "qwen2-shaped-random"  # Qwen2's block (RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP): the GSM8K models
 BETA, LR, NUM_GENERATIONS = 0.1, 1e-5, 4  # values do not change the cost; GRPO's group size is the project's recipes'
 BASELINE = "reinforce"
 MIB = 2**20
@@ -83,11 +88,19 @@ WORDS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded", help=f"`embedded`, a hub id, a local path, or `{RANDOM_GPT2}` (random GPT-2 of --n_layer/--n_embd/--n_head)")
-    parser.add_argument("--tokenizer", default="gpt2", help=f"GPT-2 tokenizer of {RANDOM_GPT2}: a hub id or a folder with vocab.json and merges.txt")
-    parser.add_argument("--n_layer", type=int, default=24, help=f"layers of {RANDOM_GPT2}")
-    parser.add_argument("--n_embd", type=int, default=1024, help=f"hidden size of {RANDOM_GPT2}")
-    parser.add_argument("--n_head", type=int, default=16, help=f"attention heads of {RANDOM_GPT2}")
+    parser.add_argument("--model", default="embedded", help=f"`embedded`, a hub id, a local path, `{RANDOM_GPT2}` (random GPT-2 of --n_layer/--n_embd/--n_head) "
+                        f"or `{RANDOM_QWEN2}` (random Qwen2 of those and --intermediate_size, --n_kv_head, --vocab_size)")
+    parser.add_argument("--tokenizer", default="gpt2", help="tokenizer of the random models: `embedded`, a hub id or a folder with vocab.json and merges.txt")
+    parser.add_argument("--n_layer", type=int, default=24, help="layers of the random model")
+    parser.add_argument("--n_embd", type=int, default=1024, help="hidden size of the random model")
+    parser.add_argument("--n_head", type=int, default=16, help="attention heads of the random model")
+    parser.add_argument("--n_kv_head", type=int, default=None, help=f"key-value heads of {RANDOM_QWEN2} (grouped-query attention; default --n_head)")
+    parser.add_argument("--intermediate_size", type=int, default=None, help=f"MLP width of {RANDOM_QWEN2} (default 4 x --n_embd)")
+    parser.add_argument("--vocab_size", type=int, default=None, help=f"embedding rows of {RANDOM_QWEN2}, at least the tokenizer's (Qwen2.5 pads its 151,665 "
+                        "tokens to 151,936; the default: the tokenizer's). Ids past the tokenizer's decode to nothing: a cost measurement only")
+    parser.add_argument("--reward", default="sentiment", choices=["sentiment", "rule"], help="sentiment: a SentimentReward on an untrained head over the "
+                        "policy's backbone (differentiable, every method); rule: GSM8K's format check of the text, a plain callable with no model (the "
+                        "GSM8K recipes' kind of reward; not for GRADE, which needs a differentiable one)")
     parser.add_argument("--batch_size", type=int, default=16, help=f"completions per step (TRL GRPO: batch/{NUM_GENERATIONS} prompts x {NUM_GENERATIONS})")
     parser.add_argument("--new_tokens", type=int, nargs="+", default=[48], help="tokens generated per completion (min = max); several values sweep")
     parser.add_argument("--prompt_length", type=int, default=32, help="tokens per prompt (single-token words, no padding)")
@@ -115,15 +128,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size % NUM_GENERATIONS and any(method in ("grpo", "cispo") for method in args.methods):
         parser.error(f"--batch_size must be a multiple of {NUM_GENERATIONS} (TRL GRPO's num_generations) when --methods has grpo or cispo")
+    if args.reward == "rule" and any(method.startswith("grade") for method in args.methods):
+        parser.error("--reward rule: GRADE's methods need a differentiable reward; give --reward sentiment or leave GRADE out of --methods")
+    if args.model != RANDOM_QWEN2 and (args.n_kv_head or args.intermediate_size or args.vocab_size):
+        parser.error(f"--n_kv_head, --intermediate_size and --vocab_size shape --model {RANDOM_QWEN2} only")
     return args
 
 
 # Model, prompts ---------------------------------------------------------------------------------------------
 def prepare_model(args, workdir: str) -> str:
     """A path every trainer (and TRL, which loads from a path) can load the policy and its tokenizer from."""
+    if args.model == RANDOM_QWEN2:
+        return random_qwen2(args, workdir)
     if args.model != RANDOM_GPT2:
         return resolve_model_path(args.model)
-    tokenizer = GPT2TokenizerFast.from_pretrained(args.tokenizer)
+    tokenizer = GPT2TokenizerFast.from_pretrained(resolve_model_path(args.tokenizer))
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=1024, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -132,6 +151,28 @@ def prepare_model(args, workdir: str) -> str:
     torch.manual_seed(args.seed)
     path = os.path.join(workdir, RANDOM_GPT2)
     GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def random_qwen2(args, workdir: str) -> str:
+    """A random Qwen2ForCausalLM of the arguments' shape with `--tokenizer`'s vocabulary (padded to `--vocab_size`), saved
+    with that tokenizer. Embeddings tied as Qwen2.5 up to 3B ties them; untied 7B adds V H untrained weights (its
+    memory, not its activations)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = load_tokenizer(resolve_model_path(args.tokenizer))
+    vocab = args.vocab_size or len(tokenizer)
+    if vocab < len(tokenizer):
+        raise SystemExit(f"error: --vocab_size {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens: give at least {len(tokenizer)}")
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=args.n_embd, intermediate_size=args.intermediate_size or 4 * args.n_embd, num_hidden_layers=args.n_layer,
+        num_attention_heads=args.n_head, num_key_value_heads=args.n_kv_head or args.n_head, max_position_embeddings=2048, tie_word_embeddings=True,
+        attention_dropout=0.0, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(args.seed)
+    path = os.path.join(workdir, RANDOM_QWEN2)
+    Qwen2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -221,8 +262,17 @@ def build(method_name: str, args, new_tokens: int, path: str, reward, tokenizer,
     return method.trainer_class(model=path, reward_funcs=[reward], args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
 
 
+def make_reward(args, path: str, tokenizer, device: torch.device):
+    """The one reward object every method of a run shares (`--reward`)."""
+    if args.reward == "rule":
+        return GSM8KFormat(tokenizer)
+    return SentimentReward(SentimentRewardModel.from_backbone(path, dtype=getattr(torch, args.dtype)), tokenizer).to(device)
+
+
 def measured_models(trainer, reward) -> dict[str, torch.nn.Module]:
-    models = {"policy": trainer.accelerator.unwrap_model(trainer.model), "reward": reward.model.backbone}
+    models = {"policy": trainer.accelerator.unwrap_model(trainer.model)}
+    if getattr(reward, "model", None) is not None:
+        models["reward"] = reward.model.backbone
     if getattr(trainer, "ref_model", None) is not None:
         models["reference"] = trainer.ref_model
     return models
@@ -244,7 +294,7 @@ def one_trainer(method: str, argv: list[str], new_tokens: int):
     path = prepare_model(bench, workdir)
     tokenizer = load_tokenizer(path)
     dataset = Dataset.from_dict({"prompt": make_prompts(tokenizer, 64, bench.prompt_length, 0)})
-    reward = SentimentReward(SentimentRewardModel.from_backbone(path, dtype=torch.float32), tokenizer)
+    reward = make_reward(bench, path, tokenizer, torch.device("cpu"))
     return build(method, bench, new_tokens, path, reward, tokenizer, dataset, f"{workdir}/run", StepTime(torch.device("cpu"))), tokenizer
 
 
@@ -493,8 +543,7 @@ def run(args) -> dict:
         prompt_tokens = sorted({len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts})
         dataset = Dataset.from_dict({"prompt": prompts})
         torch.manual_seed(args.seed)
-        reward_model = SentimentRewardModel.from_backbone(path, dtype=getattr(torch, args.dtype))
-        reward = SentimentReward(reward_model, tokenizer).to(device)  # one object, shared by every method
+        reward = make_reward(args, path, tokenizer, device)  # one object, shared by every method
 
         b, shape = args.batch_size, model_shape(path, args)
         header = (

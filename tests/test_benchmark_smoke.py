@@ -155,6 +155,70 @@ def test_sharding_table_agrees_with_the_memory_model_and_orders_the_configs():
             values = [table.per_gpu_gib(model, method, config, layers, hidden, 16, 48, 8) for config in table.CONFIGS]
             assert values[0] > values[1] > values[2], (name, method, values)
     assert "| gpt2-xl | 1558M | grade_ste |" in table.main(["--batch_size", "64"])
+    # the GSM8K table: on one GPU the Qwen2 model's own prediction (memory_model_qwen2.predict), the same ordering
+    qwen2 = load_benchmark("memory_model_qwen2")
+    fitted = json.loads((SCRIPT.parent.parent / "docs" / "results" / "memory_model_qwen2.json").read_text())
+    for name, shape in qwen2.QWEN25.items():
+        shape = {**shape, "vocab": qwen2.QWEN25_VOCAB}
+        for method in table.QWEN2_METHODS:
+            entry = fitted["methods"][f"{method}/bf16"]
+            values = [table.qwen2_per_gpu_gib(qwen2, entry, shape, config, 16, 256, 512, 8) for config in table.CONFIGS]
+            assert values[0] == pytest.approx(qwen2.predict(entry, shape, 16, 256, 512)["peak_gib"], rel=1e-9)
+            assert values[0] > values[1] > values[2], (name, method, values)
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_qwen2_memory_model_fits_measured_steps_of_a_padded_vocabulary_and_predicts_qwen25(tmp_path, capsys):
+    """benchmarks/memory_model_qwen2.py on a tiny grid: real REINFORCE steps of random Qwen2 models whose embeddings are
+    padded past the tokenizer (as Qwen2.5's 151,936 rows over 151,665 tokens), fitted, checked on a larger shape and
+    written with the Qwen2.5 predictions; `--from_json` gives the same predictions back without measuring."""
+    qwen2 = load_benchmark("memory_model_qwen2")
+    out_path = tmp_path / "qwen2.json"
+    grid = {"layers": [1], "hidden": [64], "mlp_ratio": [2, 4], "batch": [2], "prompt": [8], "new_tokens": [4, 8], "vocab": [8192, 12288]}
+    check = {"layers": 2, "hidden": 128, "heads": 2, "kv_heads": 1, "intermediate": 384, "vocab": 16384, "batch": 2, "prompt": 12, "new_tokens": 6}
+    out = qwen2.main(["--methods", "reinforce", "--dtypes", "float32", "--grid_points", "4", "--grid", json.dumps(grid), "--check", json.dumps(check),
+                      "--threads", "1", "--json", str(out_path)])
+    entry = out["methods"]["reinforce/float32"]
+    assert len(entry["grid_points"]) == 4 and {p["vocab"] for p in entry["grid_points"]} <= {8192, 12288}
+    assert all(p["peak_mib"] > 0 and p["saved_mib"] > 0 for p in entry["grid_points"])
+    v = entry["validation"]
+    assert v["measured_step_peak_mib"] > 0 and math.isfinite(v["relative_error"])
+    seven = out["predictions"]["by_method"]["reinforce/float32"]["Qwen2.5-7B"]
+    assert seven["parameters"] == qwen2.parameters(vocab=qwen2.QWEN25_VOCAB, **qwen2.QWEN25["Qwen2.5-7B"]) and seven["resident_gib"] == pytest.approx(16 * seven["parameters"] / 2**30)
+    assert "| reinforce | float32 |" in capsys.readouterr().out
+    again = qwen2.main(["--from_json", str(out_path)])
+    assert again["predictions"] == json.loads(out_path.read_text())["predictions"]
+
+
+def test_qwen2_parameter_count_is_transformers_own():
+    """memory_model_qwen2.parameters against Qwen2ForCausalLM's parameters (meta device), tied as Qwen2.5 up to 3B and untied as 7B."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    qwen2 = load_benchmark("memory_model_qwen2")
+    for name in ("Qwen2.5-0.5B", "Qwen2.5-7B"):
+        shape = qwen2.QWEN25[name]
+        config = Qwen2Config(vocab_size=qwen2.QWEN25_VOCAB, hidden_size=shape["hidden"], intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
+                             num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], tie_word_embeddings=shape["tied"])
+        with torch.device("meta"):
+            model = Qwen2ForCausalLM(config)
+        counted = sum(p.numel() for p in model.parameters())  # tied weights are one Parameter: counted once
+        assert qwen2.parameters(vocab=qwen2.QWEN25_VOCAB, **shape) == counted, name
+    assert qwen2.parameters(vocab=qwen2.QWEN25_VOCAB, **qwen2.QWEN25["Qwen2.5-0.5B"]) == 494_032_768  # the model card's 0.49B
+
+
+def test_step_cost_refuses_a_rule_reward_for_grade_and_qwen2_flags_on_gpt2(capsys):
+    step_cost = load_script()
+    for argv, expected in ((["--reward", "rule", "--methods", "grade_ste", "reinforce"], "GRADE's methods need a differentiable reward"),
+                           (["--model", "gpt2-shaped-random", "--n_kv_head", "2"], "shape --model qwen2-shaped-random only")):
+        with pytest.raises(SystemExit) as exit_info:
+            step_cost.parse_args(argv)
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err
 
 
 def test_memory_model_predicts_from_the_committed_fit_and_marks_the_floor(capsys):
