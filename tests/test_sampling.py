@@ -104,6 +104,30 @@ def test_entropy_of_processed_logits_is_finite_and_ignores_removed_tokens():
     assert entropy_from_logits(processed, torch.zeros(1, 1)) == 0  # empty mask: 0, not NaN
 
 
+def test_chunked_scorers_give_the_whole_tensors_numbers():
+    """chunked_logprobs and entropy_from_logits go a few positions at a time (no float32 B x T x V copy); each
+    position's processing (temperature, EOS ban by step, top-k, top-p) and softmax read only its own row, so the
+    numbers are those of the whole tensor at once, whatever the chunk."""
+    from grade_trl.core.masks import masked_mean
+    from grade_trl.core.sampling import chunked_logprobs, logprobs_from_logits, position_chunks, token_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11) * 3
+    ids = torch.randint(1, 11, (3, 7))
+    mask = torch.ones(3, 7)
+    mask[1, 4:] = 0
+    for settings in (SamplingSettings(temperature=0.7, top_p=0.9, top_k=6, min_new_tokens=3), SamplingSettings(min_new_tokens=2)):
+        for truncate in (True, False):
+            whole, processed = logprobs_from_logits(logits, ids, mask, settings, EOS, truncate)
+            for chunk_elements in (1, 3 * 11 * 2, 3 * 11 * 3, 10**9):  # one position, two, three (a short last chunk), all
+                assert_close(chunked_logprobs(logits, ids, mask, settings, EOS, truncate, chunk_elements), whole, atol=1e-6, rtol=0)
+                assert_close(entropy_from_logits(processed, mask, chunk_elements), masked_mean(token_entropy(processed), mask), atol=1e-6, rtol=0)
+    parts = position_chunks(logits, 3 * 11 * 3)
+    assert [(p.start, p.stop) for p in parts] == [(0, 3), (3, 6), (6, 7)]
+    # temperature 1: the float32 logits themselves, no copy of B x T x V for a division by one
+    assert process_logits(logits, SamplingSettings(), torch.arange(7), EOS) is logits
+
+
 # --- the sampler and the scorer on the tiny model ----------------------------------------------
 
 
@@ -133,6 +157,11 @@ def test_token_logprobs_reproduce_the_sampler(policy, tokenizer, prompts):
             plain = policy(input_ids=ids).logits[:, len(prompt) - 1 : -1]
         expected = F.log_softmax(process_logits(plain, settings, torch.arange(n), EOS), -1)[0].gather(-1, ids[0, len(prompt) :, None])[:, 0]
         assert_close(batch.logprobs[row, :n], expected, atol=1e-4, rtol=0)
+
+    # return_logits=False (the reference's scoring: chunked, no processed logits): the same values
+    chunked, none = token_logprobs(policy, batch, settings, with_grad=False, return_logits=False)
+    assert none is None and not chunked.requires_grad
+    assert_close(chunked, logprobs, atol=1e-6, rtol=0)
 
     # with_grad=True: the same values, and a gradient that reaches the policy.
     logprobs_grad, _ = token_logprobs(policy, batch, settings, with_grad=True)

@@ -342,7 +342,7 @@ class PPOTrainer(RolloutTrainer):
         with gathered(module):
             values = module.value_head(batch.hidden.to(module.value_head.weight.dtype)).squeeze(-1) * mask  # (B, T)
             with ref_context():
-                ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False)  # (B, T)
+                ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False, return_logits=False)  # (B, T)
         module.train(was_training)
 
         # 4. KL-shaped per-token rewards. The KL uses the sampler's own log-probs: exactly the distribution the tokens

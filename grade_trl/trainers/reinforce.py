@@ -89,9 +89,11 @@ class REINFORCETrainer(RolloutTrainer):
 
         # 4. log-probs from the same processed distribution; KL to the reference under no_grad
         logps, logits = token_logprobs(model, batch, settings, with_grad=True)  # (B, T), (B, T, V)
+        entropy = entropy_from_logits(logits, mask)  # now, so the processed logits are freed before the reference's scoring
+        del logits
         ref_model, ref_context = self.reference_context(model)
         with ref_context():
-            ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False)
+            ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False, return_logits=False)
         penalty_tokens, logged_tokens = penalty_and_logged_kl(logps.detach(), ref_logps, args.kl_estimator)  # (B, T) each: kl_estimator's, k1's
         kl_penalty, kl = masked_sum(penalty_tokens, mask, dim=1), masked_sum(logged_tokens, mask, dim=1)  # (B,)
 
@@ -114,7 +116,7 @@ class REINFORCETrainer(RolloutTrainer):
             reward_std=self.gathered_std(rewards),
             kl=self.gathered_mean(kl),
             kl_per_token=self.gathered_sum(kl) / max(self.gathered_sum(batch.lengths), 1.0),
-            entropy=self.gathered_mean(entropy_from_logits(logits.detach(), mask)),
+            entropy=self.gathered_mean(entropy),
             **{
                 "completions/mean_length": self.gathered_mean(batch.lengths),
                 "advantages/mean": self.gathered_mean(advantages),
