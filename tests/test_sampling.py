@@ -119,8 +119,9 @@ def test_chunked_scorers_give_the_whole_tensors_numbers():
     for settings in (SamplingSettings(temperature=0.7, top_p=0.9, top_k=6, min_new_tokens=3), SamplingSettings(min_new_tokens=2)):
         for truncate in (True, False):
             whole, processed = logprobs_from_logits(logits, ids, mask, settings, EOS, truncate)
+            batch = SampledBatch(prompt_ids=ids[:, :1], prompt_mask=torch.ones(3, 1), completion_ids=ids, completion_mask=mask, logprobs=whole, eos_token_id=EOS, pad_token_id=EOS)
             for chunk_elements in (1, 3 * 11 * 2, 3 * 11 * 3, 10**9):  # one position, two, three (a short last chunk), all
-                assert_close(chunked_logprobs(logits, ids, mask, settings, EOS, truncate, chunk_elements), whole, atol=1e-6, rtol=0)
+                assert_close(chunked_logprobs(logits, batch, settings, truncate, chunk_elements), whole, atol=1e-6, rtol=0)
                 assert_close(entropy_from_logits(processed, mask, chunk_elements), masked_mean(token_entropy(processed), mask), atol=1e-6, rtol=0)
     parts = position_chunks(logits, 3 * 11 * 3)
     assert [(p.start, p.stop) for p in parts] == [(0, 3), (3, 6), (6, 7)]

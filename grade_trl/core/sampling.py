@@ -267,7 +267,7 @@ def token_logprobs(
         out = model(input_ids=batch.sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), logits_to_keep=keep)
         logits = out.logits[:, :-1]  # (B, T, V): predict each completion token
         if not with_grad and not return_logits:
-            return chunked_logprobs(logits, batch.completion_ids, batch.completion_mask, settings, batch.eos_token_id, truncate), None
+            return chunked_logprobs(logits, batch, settings, truncate), None
         return logprobs_from_logits(logits, batch.completion_ids, batch.completion_mask, settings, batch.eos_token_id, truncate)
 
 
@@ -282,24 +282,16 @@ def position_chunks(logits: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) 
 
 
 @torch.no_grad()
-def chunked_logprobs(
-    logits: torch.Tensor,
-    completion_ids: torch.Tensor,
-    mask: torch.Tensor,
-    settings: SamplingSettings,
-    eos_token_id: int | None,
-    truncate: bool = True,
-    chunk_elements: int = CHUNK_ELEMENTS,
-) -> torch.Tensor:
-    """`logprobs_from_logits`' log-probs (B, T) without gradients, a chunk of positions at a time: each position's
-    processing and log-softmax read only its own row, so the result is the same, and the float32 temporaries are
-    a chunk's, not B x T x V."""
-    steps = torch.arange(completion_ids.shape[1], device=logits.device)
-    out = torch.empty(completion_ids.shape, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+def chunked_logprobs(logits: torch.Tensor, batch: SampledBatch, settings: SamplingSettings, truncate: bool = True,
+                     chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """`logprobs_from_logits`' log-probs (B, T) of `batch`'s completion without gradients, a chunk of positions at
+    a time: each position's processing and log-softmax read only its own row (and its step, for the EOS ban), so
+    the result is the same, and the float32 temporaries are a chunk's, not B x T x V."""
+    ids, mask = batch.completion_ids, batch.completion_mask
+    out = torch.empty(ids.shape, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
     for part in position_chunks(logits, chunk_elements):
-        processed = process_logits(logits[:, part], settings, steps[part], eos_token_id, truncate=truncate)
-        out[:, part] = F.log_softmax(processed, dim=-1).gather(-1, completion_ids[:, part].unsqueeze(-1)).squeeze(-1)
-    return out.masked_fill(mask == 0, 0.0)
+        out[:, part] = logprobs_from_logits(logits[:, part], ids[:, part], mask[:, part], settings, batch.eos_token_id, truncate, first_step=part.start)[0]
+    return out
 
 
 def logprobs_from_logits(
@@ -309,13 +301,15 @@ def logprobs_from_logits(
     settings: SamplingSettings,
     eos_token_id: int | None,
     truncate: bool = True,
+    first_step: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The scorer behind `token_logprobs`, for callers that already have the logits (PPO's one forward
-    gives logits and values together). logits: (B, T, V) predicting each completion token.
+    gives logits and values together). logits: (B, T, V) predicting each completion token, the first of
+    them completion step `first_step` (a chunk's offset, for the EOS ban).
 
     Returns (log-probs of `completion_ids` under `process_logits` (B, T), 0 where masked; processed logits (B, T, V)).
     """
-    steps = torch.arange(completion_ids.shape[1], device=logits.device)
+    steps = torch.arange(first_step, first_step + completion_ids.shape[1], device=logits.device)
     processed = process_logits(logits, settings, steps, eos_token_id, truncate=truncate)
     logp = F.log_softmax(processed, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
     return logp.masked_fill(mask == 0, 0.0), processed
