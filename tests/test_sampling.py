@@ -123,6 +123,12 @@ def test_chunked_scorers_give_the_whole_tensors_numbers():
             for chunk_elements in (1, 3 * 11 * 2, 3 * 11 * 3, 10**9):  # one position, two, three (a short last chunk), all
                 assert_close(chunked_logprobs(logits, batch, settings, truncate, chunk_elements), whole, atol=1e-6, rtol=0)
                 assert_close(entropy_from_logits(processed, mask, chunk_elements), masked_mean(token_entropy(processed), mask), atol=1e-6, rtol=0)
+    # with a gradient: the whole tensor's gradient (a chunked metric is also usable as a bonus)
+    leaf = logits.clone().requires_grad_(True)
+    entropy_from_logits(leaf, mask, 3 * 11 * 2).backward()
+    whole_leaf = logits.clone().requires_grad_(True)
+    masked_mean(token_entropy(whole_leaf), mask).backward()
+    assert_close(leaf.grad, whole_leaf.grad, atol=1e-6, rtol=0)
     parts = position_chunks(logits, 3 * 11 * 3)
     assert [(p.start, p.stop) for p in parts] == [(0, 3), (3, 6), (6, 7)]
     # temperature 1: the float32 logits themselves, no copy of B x T x V for a division by one

@@ -324,10 +324,9 @@ def token_entropy(processed_logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-@torch.no_grad()
 def entropy_from_logits(processed_logits: torch.Tensor, mask: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """Masked mean over positions of `token_entropy`, a metric (no gradient), computed a chunk of positions at a
-    time (`position_chunks`: the temporaries of a chunk, not three float32 B x T x V tensors).
-    processed_logits (B, T, V), mask (B, T). Returns a scalar."""
+    """Masked mean over positions of `token_entropy`, computed a chunk of positions at a time (`position_chunks`):
+    for detached logits (a metric) the temporaries are a chunk's, not three float32 B x T x V tensors; with a
+    gradient it is the same graph as the whole tensor's. processed_logits (B, T, V), mask (B, T). Returns a scalar."""
     entropy = torch.cat([token_entropy(processed_logits[:, part]) for part in position_chunks(processed_logits, chunk_elements)], dim=1)
     return masked_mean(entropy, mask)

@@ -89,7 +89,7 @@ class REINFORCETrainer(RolloutTrainer):
 
         # 4. log-probs from the same processed distribution; KL to the reference under no_grad
         logps, logits = token_logprobs(model, batch, settings, with_grad=True)  # (B, T), (B, T, V)
-        entropy = entropy_from_logits(logits, mask)  # now, so the processed logits are freed before the reference's scoring
+        entropy = entropy_from_logits(logits.detach(), mask)  # now, so the processed logits are freed before the reference's scoring
         del logits
         ref_model, ref_context = self.reference_context(model)
         with ref_context():
