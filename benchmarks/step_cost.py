@@ -294,6 +294,7 @@ def one_trainer(method: str, argv: list[str], new_tokens: int):
     path = prepare_model(bench, workdir)
     tokenizer = load_tokenizer(path)
     dataset = Dataset.from_dict({"prompt": make_prompts(tokenizer, 64, bench.prompt_length, 0)})
+    torch.manual_seed(bench.seed)  # the reward head's initialisation, as `run` seeds it: the same trainer in every process
     reward = make_reward(bench, path, tokenizer, torch.device("cpu"))
     return build(method, bench, new_tokens, path, reward, tokenizer, dataset, f"{workdir}/run", StepTime(torch.device("cpu"))), tokenizer
 
