@@ -42,6 +42,7 @@ recipes': 16 completions per micro-batch, up to 512 new tokens; 256 prompt token
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import itertools
 import json
@@ -50,13 +51,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("memory_model", HERE / "memory_model.py")
-memory_model = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(memory_model)
-step_cost = memory_model.step_cost
+
+
+@functools.cache
+def memory_model():
+    """benchmarks/memory_model.py, and through it step_cost.py (torch, transformers, TRL), loaded on first use: the
+    measurement and the fit need them; the predictions, and `sharding_table.py` which imports this file, do not."""
+    spec = importlib.util.spec_from_file_location("memory_model", HERE / "memory_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 FEATURES = ("B L (P+T) H", "B L (P+T) I", "B T V", "B (P+T) H", "B (P+T)^2", "B V", "N", "1")
 GRID = {"layers": (2, 4), "hidden": (128, 256), "mlp_ratio": (2, 6), "batch": (4, 8), "prompt": (16, 64), "new_tokens": (8, 32), "vocab": (8192, 32768)}
@@ -96,6 +101,9 @@ def grid_points(grid: dict, count: int) -> list[dict]:
 
 def measure(method: str, shape: dict, batch: int, prompt: int, new_tokens: int, bf16: bool) -> dict:
     """One memory step of `method` on a random Qwen2 of this shape (step_cost's trainer and measurement)."""
+    import torch
+
+    step_cost = memory_model().step_cost
     argv = ["--model", step_cost.RANDOM_QWEN2, "--tokenizer", "embedded", "--n_layer", str(shape["layers"]), "--n_embd", str(shape["hidden"]),
             "--n_head", str(shape["heads"]), "--n_kv_head", str(shape["kv_heads"]), "--intermediate_size", str(shape["intermediate"]),
             "--vocab_size", str(shape["vocab"]), "--reward", "rule", "--batch_size", str(batch), "--new_tokens", str(new_tokens),
@@ -125,14 +133,13 @@ def fit(points: list[dict], target) -> tuple[list[float], float]:
     import numpy as np
 
     X = np.array([features(shape_of(p), p["batch"], p["prompt"], p["new_tokens"]) for p in points])
-    return memory_model.nnls_fit(X, np.array([target(p) for p in points]))
+    return memory_model().nnls_fit(X, np.array([target(p) for p in points]))
 
 
 def step_peak(entry: dict, shape: dict, batch: int, prompt: int, new_tokens: int) -> dict:
     """Bytes: S, X and the step peak max(S + X, 4 N + 8 B T V) of the fitted `entry` on `shape`."""
     f = features(shape, batch, prompt, new_tokens)
-    s = sum(c * v for c, v in zip(entry["saved_coefficients"].values(), f))
-    x = sum(c * v for c, v in zip(entry["transient_coefficients"].values(), f))
+    s, x = (sum(entry[kind][name] * value for name, value in zip(FEATURES, f)) for kind in ("saved_coefficients", "transient_coefficients"))
     n = parameters(**shape_of(shape))
     floor = 4 * n + 8 * batch * new_tokens * shape["vocab"]
     return {"saved": s, "transient": x, "step_peak": max(s + x, floor), "floor_decides": floor > s + x, "parameters": n}
@@ -204,7 +211,7 @@ def fit_all(args) -> dict:
     chosen = grid_points(grid, args.grid_points)
     out = {"features": FEATURES, "grid": grid, "grid_points_measured": len(chosen), "check": check, "methods": {}}
     check_shape = {key: check[key] for key in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab")}
-    with step_cost.quiet_and_threads(args.threads):
+    with memory_model().step_cost.quiet_and_threads(args.threads):
         for method, dtype in itertools.product(args.methods, args.dtypes):
             bf16 = dtype == "bf16"
             points = [measure(method, small_shape(p), p["batch"], p["prompt"], p["new_tokens"], bf16) for p in chosen]
