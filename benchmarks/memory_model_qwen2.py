@@ -63,6 +63,7 @@ def memory_model():
     spec.loader.exec_module(module)
     return module
 
+
 FEATURES = ("B L (P+T) H", "B L (P+T) I", "B T V", "B (P+T) H", "B (P+T)^2", "B V", "N", "1")
 GRID = {"layers": (2, 4), "hidden": (128, 256), "mlp_ratio": (2, 6), "batch": (4, 8), "prompt": (16, 64), "new_tokens": (8, 32), "vocab": (8192, 32768)}
 GRID_POINTS = 32
@@ -210,7 +211,7 @@ def fit_all(args) -> dict:
     check = {**CHECK, **json.loads(args.check)} if args.check else CHECK
     chosen = grid_points(grid, args.grid_points)
     out = {"features": FEATURES, "grid": grid, "grid_points_measured": len(chosen), "check": check, "methods": {}}
-    check_shape = {key: check[key] for key in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab")}
+    check_shape = shape_of(check)
     with memory_model().step_cost.quiet_and_threads(args.threads):
         for method, dtype in itertools.product(args.methods, args.dtypes):
             bf16 = dtype == "bf16"
