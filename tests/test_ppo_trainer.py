@@ -11,9 +11,9 @@ from torch.testing import assert_close
 from torch.utils.data import BatchSampler
 from transformers import AutoModelForCausalLM
 
-from grade_trl.core import sample, token_logprobs
+from grade_trl.core import sample, token_entropy, token_logprobs
 from grade_trl.rewards.length import LengthReward
-from grade_trl.trainers.ppo import PolicyWithValueHead, PPOTrainer, RepeatRolloutSampler, completion_forward, completion_logprobs, ppo_loss
+from grade_trl.trainers.ppo import PolicyWithValueHead, PPOTrainer, RepeatRolloutSampler, ppo_loss, scores_and_values
 from grade_trl.trainers.ppo_config import PPOConfig
 
 PROMPTS = ["This movie was", "I watched it last night and", "The acting in this film", "Worst", "A quiet, slow", "My kids", "Honestly the plot", "It is"]
@@ -64,19 +64,22 @@ def test_ppo_loss_clamps_the_log_ratio():
     assert_close(stats["policy/ratio_mean"], torch.tensor(math.exp(2.0)))
 
 
-def test_completion_logprobs_match_the_core_scorer(policy, tokenizer):
-    # The trainer scores old/new log-probs from the wrapped model's single forward; they must equal core.token_logprobs.
+@pytest.mark.parametrize("in_head", [True, False], ids=["chunked_scoring", "whole-logits"])
+def test_minibatch_scores_match_the_core_scorer(policy, tokenizer, in_head):
+    # The trainer scores old/new log-probs from the wrapped model's single forward; they must equal core.token_logprobs,
+    # scored inside the LM head (chunked_scoring) or from the whole logits.
     settings = PPOConfig(output_dir="unused", use_cpu=True, max_new_tokens=6, min_new_tokens=2).sampling  # 6 tokens: enough
     enc = tokenizer(PROMPTS[:4], return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(0)
     batch = sample(policy, enc["input_ids"], enc["attention_mask"], settings, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    expected, _ = token_logprobs(policy, batch, settings, with_grad=False)
+    expected, processed = token_logprobs(policy, batch, settings, with_grad=False)
     with torch.no_grad():
-        logits, values = completion_forward(PolicyWithValueHead(policy), batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
-    logps, _ = completion_logprobs(logits, batch.completion_ids, batch.completion_mask, settings, tokenizer.eos_token_id)
-    assert_close(logps, expected)
+        logps, entropy, values = scores_and_values(PolicyWithValueHead(policy), batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                                   batch.completion_mask, settings, tokenizer.eos_token_id, entropy_grad=False, in_head=in_head)
+    assert_close(logps, expected, atol=1e-5, rtol=0)
     assert_close(logps, batch.logprobs, atol=1e-4, rtol=1e-4)  # the sampler's own log-probs (KV cache vs one forward)
-    assert torch.all(values == 0)  # zero-initialised value head
+    assert_close(entropy, token_entropy(processed), atol=1e-5, rtol=0)
+    assert values.shape == logps.shape and torch.all(values == 0)  # zero-initialised value head
 
 
 # ---------------------------------------------------------------- the sampler

@@ -9,6 +9,7 @@ from .advantages import (
     gae,
     leave_one_out_baseline,
 )
+from .head_scoring import completion_scores, output_head, scored_in_head
 from .kl import exact_kl, exact_kl_and_entropy, kl_estimate, kl_k1, kl_k3, penalty_and_logged_kl
 from .masks import completion_mask, masked_mean, masked_sum, masked_var, masked_whiten
 from .precision import at_least_float32
@@ -39,6 +40,7 @@ __all__ = [
     "at_least_float32",
     "batch_mean_baseline",
     "completion_mask",
+    "completion_scores",
     "entropy_from_logits",
     "exact_kl",
     "exact_kl_and_entropy",
@@ -54,11 +56,13 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "output_head",
     "ppo_clip_loss",
     "process_logits",
     "reference_logits",
     "reinforce_loss",
     "sample",
+    "scored_in_head",
     "sequence_logprob",
     "soft_rollout",
     "token_entropy",

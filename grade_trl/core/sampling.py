@@ -274,9 +274,10 @@ def token_logprobs(
 CHUNK_ELEMENTS = 2**26  # logits per chunk of the no-grad scorers: 256 MiB in float32
 
 
-def position_chunks(logits: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> list[slice]:
-    """Slices of the position axis of logits (B, T, V), each at most `chunk_elements` logits (at least one position)."""
-    batch, positions, vocab = logits.shape
+def position_chunks(logits: torch.Tensor | torch.Size | tuple[int, int, int], chunk_elements: int = CHUNK_ELEMENTS) -> list[slice]:
+    """Slices of the position axis of logits (B, T, V) (the tensor or its shape), each at most `chunk_elements` logits
+    (at least one position)."""
+    batch, positions, vocab = logits.shape if isinstance(logits, torch.Tensor) else logits
     step = max(1, chunk_elements // max(1, batch * vocab))
     return [slice(start, min(start + step, positions)) for start in range(0, positions, step)]
 
@@ -324,9 +325,13 @@ def token_entropy(processed_logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def chunked_token_entropy(processed_logits: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """`token_entropy` (B, T, V) -> (B, T), computed a chunk of positions at a time (`position_chunks`): for detached
+    logits (a metric) the temporaries are a chunk's, not three float32 B x T x V tensors; with a gradient it is the
+    same graph as the whole tensor's."""
+    return torch.cat([token_entropy(processed_logits[:, part]) for part in position_chunks(processed_logits, chunk_elements)], dim=1)
+
+
 def entropy_from_logits(processed_logits: torch.Tensor, mask: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """Masked mean over positions of `token_entropy`, computed a chunk of positions at a time (`position_chunks`):
-    for detached logits (a metric) the temporaries are a chunk's, not three float32 B x T x V tensors; with a
-    gradient it is the same graph as the whole tensor's. processed_logits (B, T, V), mask (B, T). Returns a scalar."""
-    entropy = torch.cat([token_entropy(processed_logits[:, part]) for part in position_chunks(processed_logits, chunk_elements)], dim=1)
-    return masked_mean(entropy, mask)
+    """Masked mean over positions of `chunked_token_entropy`. processed_logits (B, T, V), mask (B, T). Returns a scalar."""
+    return masked_mean(chunked_token_entropy(processed_logits, chunk_elements), mask)

@@ -123,6 +123,15 @@ class SampledRolloutConfig(RolloutConfig):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; applied identically when scoring log-probs."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1.0 = off; GRADE experiment: 0.9); applied identically when scoring the policy's log-probs."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off); applied identically when scoring the policy's log-probs."})
+    chunked_scoring: bool = field(
+        default=True,
+        metadata={"help": "Score the sampled tokens (the policy's loss, the reference's KL) inside the LM head, a chunk of positions "
+                  "at a time, recomputing each chunk's logits in backward (torch.utils.checkpoint), as TRL's GRPO does with its fused "
+                  "LM head: the B x T x V logits and their float32 copies are never held whole (at GSM8K's Qwen2.5-0.5B shape they "
+                  "were half of REINFORCE's step peak). Exact: the same log-probs, entropy and gradient; costs one more LM-head "
+                  "product per chunk in backward. Applies to a plain nn.Linear head of an unsharded model without logit scaling "
+                  "(FSDP2 / ZeRO-3 runs keep the whole logits); false: always the whole logits (core/head_scoring.py)."},
+    )
     kl_estimator: str = field(
         default="k1",
         metadata={"help": "Per-token KL estimator of the KL penalty in the reward (computed under no_grad, so it enters the loss "

@@ -43,6 +43,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from ..core import (
     AdaptiveKLController,
     FixedKLController,
+    completion_scores,
     explained_variance,
     gae,
     masked_mean,
@@ -51,12 +52,14 @@ from ..core import (
     penalty_and_logged_kl,
     ppo_clip_loss,
     logprobs_from_logits,
+    output_head,
     sample,
+    scored_in_head,
     token_entropy,
-    token_logprobs,
     value_loss,
 )
-from ..core.sampling import SamplingSettings
+from ..core.head_scoring import warn_scored_whole
+from ..core.sampling import SamplingSettings, chunked_token_entropy
 from ..core.sharding import gathered
 from ..core.soft_rollout import last_positions, position_ids_from_mask
 from ..rewards.base import combine_scores
@@ -126,17 +129,6 @@ def ppo_loss(
         "value/mean": masked_mean(values.detach(), mask),
     }
     return loss, stats
-
-
-def completion_logprobs(
-    logits: torch.Tensor, completion_ids: torch.Tensor, mask: torch.Tensor, settings: SamplingSettings, eos_token_id: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of the sampled tokens and per-position entropy under the policy's processed distribution
-    (the sampler's processing, truncate=True), from logits the caller already has, so the wrapped model
-    runs once for log-probs and values together. Returns (logps (B, T), 0 where masked; entropy (B, T)).
-    """
-    logps, processed = logprobs_from_logits(logits, completion_ids, mask, settings, eos_token_id, truncate=True)
-    return logps, token_entropy(processed)
 
 
 def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
@@ -215,8 +207,8 @@ class PolicyWithValueHead(nn.Module):
 def completion_forward(model: nn.Module, prompt_ids, prompt_mask, completion_ids, completion_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward of a `PolicyWithValueHead` (or its DDP wrapper) on prompt + completion.
 
-    Returns (logits (B, T, V), values (B, T)) at the positions that predict each completion token,
-    i.e. the value of the state before the token is chosen. Logits are computed for those positions only.
+    Returns (logits (B, T + 1, V), values (B, T)): the logits of the positions that predict each completion token and
+    the one after it (computed for those positions only); the values of the states before each token is chosen.
     """
     attention_mask = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)  # (B, P+T)
     num_completion = completion_ids.shape[1]
@@ -224,7 +216,27 @@ def completion_forward(model: nn.Module, prompt_ids, prompt_mask, completion_ids
         input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
         logits_to_keep=last_positions(num_completion + 1, attention_mask.shape[1], attention_mask.device),
     )
-    return logits[:, :-1], values[:, -num_completion - 1 : -1]
+    return logits, values[:, -num_completion - 1 : -1]
+
+
+def scores_and_values(model: nn.Module, prompt_ids, prompt_mask, completion_ids, mask, settings: SamplingSettings, eos_token_id: int | None,
+                      entropy_grad: bool, in_head: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 6's one forward: log-probs (B, T) of the sampled tokens under the policy's processed distribution (the
+    sampler's processing, truncate=True; 0 where masked), per-position entropy (B, T) (with its gradient when
+    `entropy_grad`: the bonus) and values (B, T). in_head: scored inside the LM head a chunk of positions at a time
+    (core/head_scoring.py: `chunked_scoring`) where that applies; else from the whole logits. The same numbers."""
+    head = output_head(model) if in_head else None
+    if head is not None:
+        entropy = "grad" if entropy_grad else "detached"
+        with scored_in_head(model, head, completion_ids, mask, settings, eos_token_id, truncate=True, entropy=entropy) as scores:
+            returned, values = completion_forward(model, prompt_ids, prompt_mask, completion_ids, mask)
+        if (read := scores.read(returned)) is not None:
+            return *read, values
+        warn_scored_whole(model)
+    logits, values = completion_forward(model, prompt_ids, prompt_mask, completion_ids, mask)
+    logps, processed = logprobs_from_logits(logits[:, :-1], completion_ids, mask, settings, eos_token_id, truncate=True)
+    entropy = token_entropy(processed) if entropy_grad else chunked_token_entropy(processed.detach())
+    return logps, entropy, values
 
 
 # ---------------------------------------------------------------- the sampler
@@ -342,7 +354,7 @@ class PPOTrainer(RolloutTrainer):
         with gathered(module):
             values = module.value_head(batch.hidden.to(module.value_head.weight.dtype)).squeeze(-1) * mask  # (B, T)
             with ref_context():
-                ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False, return_logits=False)  # (B, T)
+                ref_logps, _ = completion_scores(ref_model, batch, settings, with_grad=False, truncate=False, in_head=args.chunked_scoring)  # (B, T)
         module.train(was_training)
 
         # 4. KL-shaped per-token rewards. The KL uses the sampler's own log-probs: exactly the distribution the tokens
@@ -446,10 +458,10 @@ class PPOTrainer(RolloutTrainer):
         args = self.args
         mb = {key: value[rows] for key, value in rollout.items() if key.startswith("b_")}  # b_* -> this mini-batch's rows
         mb_mask = mb["b_mask"]  # (M, T)
-        logits, values = completion_forward(model, mb["b_prompt_ids"], mb["b_prompt_mask"], mb["b_completion_ids"], mb_mask)  # (M, T, V), (M, T)
-        mb_logps, mb_entropy = completion_logprobs(logits, mb["b_completion_ids"], mb_mask, args.sampling, self.processing_class.eos_token_id)
-        if args.ent_coef == 0:
-            mb_entropy = mb_entropy.detach()  # not in the loss: free its graph now
+        mb_logps, mb_entropy, values = scores_and_values(  # (M, T) each; the entropy is in the loss only with an entropy bonus
+            model, mb["b_prompt_ids"], mb["b_prompt_mask"], mb["b_completion_ids"], mb_mask, args.sampling, self.processing_class.eos_token_id,
+            entropy_grad=args.ent_coef != 0, in_head=args.chunked_scoring,
+        )
         loss, stats = ppo_loss(
             mb_logps, values, mb_entropy, mb["b_logps"], mb["b_values"], mb["b_advantages"], mb["b_returns"], mb_mask,
             cliprange=args.cliprange, cliprange_value=args.cliprange_value, vf_coef=vf_coef, ent_coef=args.ent_coef,

@@ -19,14 +19,14 @@ import torch
 from ..core import (
     EMABaseline,
     advantages_from_baseline,
-    entropy_from_logits,
+    completion_scores,
     leave_one_out_baseline,
+    masked_mean,
     masked_sum,
     penalty_and_logged_kl,
     reinforce_loss,
     sample,
     sequence_logprob,
-    token_logprobs,
 )
 from ..rewards.base import combine_scores
 from .base import RolloutTrainer
@@ -88,12 +88,12 @@ class REINFORCETrainer(RolloutTrainer):
         rewards = combine_scores(scores, self.reward_weights)  # (B,) over the functions that apply to each sample
 
         # 4. log-probs from the same processed distribution; KL to the reference under no_grad
-        logps, logits = token_logprobs(model, batch, settings, with_grad=True)  # (B, T), (B, T, V)
-        entropy = entropy_from_logits(logits.detach(), mask)  # now, so the processed logits are freed before the reference's scoring
-        del logits
+        # (B, T) each; with chunked_scoring inside the LM head, a chunk of positions at a time (core/head_scoring.py)
+        logps, token_entropy = completion_scores(model, batch, settings, with_grad=True, entropy="detached", in_head=args.chunked_scoring)
+        entropy = masked_mean(token_entropy, mask)  # a metric over this process's tokens
         ref_model, ref_context = self.reference_context(model)
         with ref_context():
-            ref_logps, _ = token_logprobs(ref_model, batch, settings, with_grad=False, truncate=False, return_logits=False)
+            ref_logps, _ = completion_scores(ref_model, batch, settings, with_grad=False, truncate=False, in_head=args.chunked_scoring)
         penalty_tokens, logged_tokens = penalty_and_logged_kl(logps.detach(), ref_logps, args.kl_estimator)  # (B, T) each: kl_estimator's, k1's
         kl_penalty, kl = masked_sum(penalty_tokens, mask, dim=1), masked_sum(logged_tokens, mask, dim=1)  # (B,)
 
