@@ -1,5 +1,7 @@
 """REINFORCE trainer: a smoke run with the sampling settings that broke users' KL, and its selection rules."""
 
+import math
+
 import pytest
 import torch
 from datasets import Dataset
@@ -70,3 +72,27 @@ def test_the_penalty_uses_kl_estimator_and_the_logged_kl_is_k1(tmp_path, estimat
         assert row["advantages/mean"] == pytest.approx(with_k1_penalty, rel=1e-5, abs=1e-6)
     else:
         assert row["advantages/mean"] > with_k1_penalty + 1e-3  # k3's smaller value under top-p: a smaller penalty
+
+
+def test_gradient_checkpointing_samples_with_the_kv_cache(tmp_path):
+    """Found while checking chunked_scoring with `gradient_checkpointing: true`: in train mode transformers turns the KV
+    cache off under gradient checkpointing, so REINFORCE's sampler decoded each token from that token alone; the loss's
+    full forward then scored tokens outside the nucleus, KL -inf and a NaN gradient. Sampling runs in eval mode now
+    (as PPO's did), and the step is the one without checkpointing."""
+    dataset = Dataset.from_dict({"prompt": ["This movie was", "The acting in this film", "I expected", "Worst"] * 2})
+    logs = []
+    for checkpointing in (True, False):
+        torch.manual_seed(0)
+        args = REINFORCEConfig(
+            output_dir=str(tmp_path / str(checkpointing)), max_steps=1, per_device_train_batch_size=4, max_new_tokens=6, min_new_tokens=2,
+            temperature=0.7, top_p=0.9, learning_rate=1e-3, logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0, report_to=[],
+            activation_checkpointing=checkpointing,
+        )
+        trainer = REINFORCETrainer(model="embedded", reward_funcs=[LengthReward(eos_token_id=0)], args=args, train_dataset=dataset)
+        trainer.train()
+        assert trainer.model.training and trainer.model.is_gradient_checkpointing == checkpointing
+        logs.append(next(h for h in trainer.state.log_history if "loss" in h))
+    checkpointed, plain = logs
+    assert math.isfinite(checkpointed["kl"]) and math.isfinite(checkpointed["grad_norm"])
+    for key in ("kl", "reward", "grad_norm", "entropy"):
+        assert checkpointed[key] == pytest.approx(plain[key], rel=1e-4), key

@@ -80,7 +80,13 @@ class REINFORCETrainer(RolloutTrainer):
         enc = self.tokenize_prompts(inputs)
         prompt_ids = enc["input_ids"].repeat_interleave(group, 0)  # (B, P)
         prompt_mask = enc["attention_mask"].repeat_interleave(group, 0)
-        batch = sample(model, prompt_ids, prompt_mask, settings, tok.eos_token_id, tok.pad_token_id)
+        module = self.accelerator.unwrap_model(model)
+        was_training = module.training
+        module.eval()  # dropout is already off; in train mode gradient checkpointing turns the KV cache off (each decode step saw its new token alone)
+        try:
+            batch = sample(model, prompt_ids, prompt_mask, settings, tok.eos_token_id, tok.pad_token_id)
+        finally:
+            module.train(was_training)
         mask = batch.completion_mask  # (B, T)
 
         # 3. rewards on the text, as every method sees them
