@@ -92,6 +92,28 @@ LONGEST_FILES_FIRST = ("test_sharded.py", "test_compare_analysis.py", "test_safe
                        "test_run_e2e.py", "test_trainer_api.py", "test_gsm8k.py", "test_reporting.py", "test_metrics.py", "test_resume.py")
 
 
+STEP_PROMPTS = ["This movie was", "The acting in this film", "I expected", "Worst"]
+
+
+def one_logged_step(config_class, trainer_class, output_dir, **settings):
+    """One seeded optimizer step of a sampled method (REINFORCE, PPO) on the embedded model, a length reward, 4 prompts,
+    2-6 new tokens at temperature 0.7 and top-p 0.9: (its first logged row, the trainer). `settings` adds or overrides
+    config keys; two calls that differ in a setting meant to change nothing must log the same numbers."""
+    from datasets import Dataset
+
+    from grade_trl.rewards.length import LengthReward
+
+    torch.manual_seed(0)
+    args = config_class(**{
+        "output_dir": str(output_dir), "max_steps": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_new_tokens": 6,
+        "min_new_tokens": 2, "temperature": 0.7, "top_p": 0.9, "learning_rate": 1e-3, "logging_steps": 1, "use_cpu": True, "disable_tqdm": True,
+        "seed": 0, "report_to": [], **settings,
+    })
+    trainer = trainer_class(model="embedded", reward_funcs=[LengthReward(eos_token_id=0)], args=args, train_dataset=Dataset.from_dict({"prompt": STEP_PROMPTS * 2}))
+    trainer.train()
+    return next(h for h in trainer.state.log_history if "loss" in h), trainer
+
+
 def pytest_configure(config):
     # pytest-xdist (3.8 here) hands out the files of `--dist loadfile` by their number of tests, most first, unless
     # told not to: that put the files with few long tests (test_grade_cost.py's 3-minute run among them) at the end,

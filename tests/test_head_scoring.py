@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-from datasets import Dataset
 from torch.testing import assert_close
 
 from grade_trl.core import SamplingSettings, completion_scores, output_head, sample, token_logprobs
@@ -189,26 +188,17 @@ def test_where_it_does_not_apply_the_whole_logits_score(policy, batch, monkeypat
 def test_a_training_step_is_the_same_with_and_without(method, tmp_path, monkeypatch):
     """REINFORCE's and PPO's step with chunked_scoring (several chunks) and with the whole logits, from the same seed:
     the same logged numbers and the same weights after it."""
-    from grade_trl.rewards.length import LengthReward
     from grade_trl.trainers import PPOConfig, PPOTrainer, REINFORCEConfig, REINFORCETrainer
 
+    from .conftest import one_logged_step
+
     monkeypatch.setattr(head_scoring, "CHUNK_ELEMENTS", 4 * 8192 * 2)
-    config_class, trainer_class = (REINFORCEConfig, REINFORCETrainer) if method == "reinforce" else (PPOConfig, PPOTrainer)
+    classes = (REINFORCEConfig, REINFORCETrainer) if method == "reinforce" else (PPOConfig, PPOTrainer)
     extra = {} if method == "reinforce" else {"ent_coef": 0.01}
-    dataset = Dataset.from_dict({"prompt": ["This movie was", "The acting in this film", "I expected", "Worst"] * 2})
     runs = []
     for chunked in (True, False):
-        torch.manual_seed(0)
-        args = config_class(
-            output_dir=str(tmp_path / str(chunked)), max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_new_tokens=6,
-            min_new_tokens=2, temperature=0.7, top_p=0.9, learning_rate=1e-3, logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0,
-            chunked_scoring=chunked, report_to=[], **extra,
-        )
-        trainer = trainer_class(model="embedded", reward_funcs=[LengthReward(eos_token_id=0)], args=args, train_dataset=dataset)
-        trainer.train()
-        logs = [h for h in trainer.state.log_history if "loss" in h]
-        head = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings().weight.detach().clone()
-        runs.append((logs[0], head))
+        log, trainer = one_logged_step(*classes, tmp_path / str(chunked), chunked_scoring=chunked, **extra)
+        runs.append((log, trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings().weight.detach().clone()))
     (chunked_log, chunked_head), (whole_log, whole_head) = runs
     for key in ("loss", "reward", "kl", "entropy", "grad_norm"):
         if key in whole_log:

@@ -79,19 +79,13 @@ def test_gradient_checkpointing_samples_with_the_kv_cache(tmp_path):
     cache off under gradient checkpointing, so REINFORCE's sampler decoded each token from that token alone; the loss's
     full forward then scored tokens outside the nucleus, KL -inf and a NaN gradient. Sampling runs in eval mode now
     (as PPO's did), and the step is the one without checkpointing."""
-    dataset = Dataset.from_dict({"prompt": ["This movie was", "The acting in this film", "I expected", "Worst"] * 2})
+    from .conftest import one_logged_step
+
     logs = []
     for checkpointing in (True, False):
-        torch.manual_seed(0)
-        args = REINFORCEConfig(
-            output_dir=str(tmp_path / str(checkpointing)), max_steps=1, per_device_train_batch_size=4, max_new_tokens=6, min_new_tokens=2,
-            temperature=0.7, top_p=0.9, learning_rate=1e-3, logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0, report_to=[],
-            activation_checkpointing=checkpointing,
-        )
-        trainer = REINFORCETrainer(model="embedded", reward_funcs=[LengthReward(eos_token_id=0)], args=args, train_dataset=dataset)
-        trainer.train()
+        log, trainer = one_logged_step(REINFORCEConfig, REINFORCETrainer, tmp_path / str(checkpointing), activation_checkpointing=checkpointing)
         assert trainer.model.training and trainer.model.is_gradient_checkpointing == checkpointing
-        logs.append(next(h for h in trainer.state.log_history if "loss" in h))
+        logs.append(log)
     checkpointed, plain = logs
     assert math.isfinite(checkpointed["kl"]) and math.isfinite(checkpointed["grad_norm"])
     for key in ("kl", "reward", "grad_norm", "entropy"):
