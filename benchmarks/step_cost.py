@@ -65,7 +65,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, Printer
 
 from grade_trl.memory import SavedTensorAccount, peak_allocated
 from grade_trl.methods import METHODS, get_method
-from grade_trl.models import load_tokenizer, resolve_model_path
+from grade_trl.models import load_tokenizer, prepare_tokenizer, resolve_model_path
 from grade_trl.rewards.gsm8k import GSM8KFormat
 from grade_trl.rewards.sentiment import SentimentReward, SentimentRewardModel
 
@@ -116,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rollout_checkpointing", action="store_true", help="GRADE: checkpoint the rollout's decode steps (cache kept)")
     parser.add_argument("--relax_top_k", type=int, default=0, help="GRADE: relax over the k largest logits (0: the whole vocabulary)")
     parser.add_argument("--no_recompute", action="store_true", help="GRADE: keep the reference's and the reward's activations instead of recomputing them")
+    parser.add_argument("--whole_logits", action="store_true", help="REINFORCE, PPO: chunked_scoring false (score from the whole B x T x V logits, "
+                        "not inside the LM head a chunk at a time)")
     parser.add_argument("--account", action="store_true", help="also print the saved bytes by model and component")
     parser.add_argument("--profile", action="store_true", help="also profile one more forward + backward (torch.profiler): how busy the device "
                         "is (its kernels' time over the wall time: low means the step waits on Python and kernel launches) and the top operators")
@@ -161,7 +163,10 @@ def random_qwen2(args, workdir: str) -> str:
     memory, not its activations)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = load_tokenizer(resolve_model_path(args.tokenizer))
+    folder = resolve_model_path(args.tokenizer)
+    bare = os.path.isfile(os.path.join(folder, "vocab.json")) and not os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
+    # a bare vocab.json + merges.txt folder (GPT-2's) has no config that tells AutoTokenizer its class
+    tokenizer = prepare_tokenizer(GPT2TokenizerFast.from_pretrained(folder)) if bare else load_tokenizer(folder)
     vocab = args.vocab_size or len(tokenizer)
     if vocab < len(tokenizer):
         raise SystemExit(f"error: --vocab_size {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens: give at least {len(tokenizer)}")
@@ -256,6 +261,7 @@ def build(method_name: str, args, new_tokens: int, path: str, reward, tokenizer,
         "disable_dropout": True,
         "rollout_cache": args.rollout_cache, "rollout_checkpointing": args.rollout_checkpointing,  # GRADE's switches
         "relax_top_k": args.relax_top_k, "recompute_reference_and_reward": not args.no_recompute,
+        "chunked_scoring": not args.whole_logits,  # REINFORCE's and PPO's
         **method.implied,
     }
     config = config_cls(**{key: value for key, value in wanted.items() if key in fields})
@@ -364,8 +370,8 @@ def profile_step(trainer, device: torch.device, top: int = 8) -> dict:
 # for TRL's GRPOTrainer. Timed inclusively (a phase that calls another counts it too).
 PHASES = {
     "sample": [("grade_trl.trainers.reinforce", "sample"), ("grade_trl.trainers.ppo", "sample")],
-    "score (policy and reference)": [("grade_trl.trainers.reinforce", "token_logprobs"), ("grade_trl.trainers.ppo", "token_logprobs"),
-                                     ("grade_trl.trainers.ppo", "logprobs_from_logits")],
+    "score (policy and reference)": [("grade_trl.trainers.reinforce", "completion_scores"), ("grade_trl.trainers.ppo", "completion_scores"),
+                                     ("grade_trl.trainers.ppo", "scores_and_values")],
     "reward": [("grade_trl.trainers.reinforce", "compute_rewards"), ("grade_trl.trainers.ppo", "compute_rewards"), ("trainer", "_calculate_rewards")],
     "soft rollout": [("grade_trl.trainers.grade", "soft_rollout")],
     "reference": [("grade_trl.trainers.grade", "reference_logits")],
@@ -530,7 +536,8 @@ def switches(args) -> str:
         parts.append("rollout_checkpointing")
     if args.relax_top_k:
         parts.append(f"relax_top_k {args.relax_top_k}")
-    return "GRADE: " + ", ".join(parts)
+    scoring = "whole logits" if args.whole_logits else "chunked_scoring"
+    return "GRADE: " + ", ".join(parts) + f"; REINFORCE, PPO: {scoring}"
 
 
 def run(args) -> dict:

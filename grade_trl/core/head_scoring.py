@@ -27,7 +27,10 @@ backward, as TRL's.
 Applies where the head is a plain `nn.Linear`, the model is not sharded (FSDP2's and ZeRO-3's parameters are gathered by
 hooks that a backward recompute would not see: those runs keep the whole-tensor scoring), nothing replaced the head's
 forward, and the config declares no scaling of the logits after the head. A model whose forward still changes what
-the head returned is caught (`out.logits` is not the head's tensor) and scored the whole-tensor way.
+the head returned is caught (the output's logits are not the values the head returned: `HeadScores.read`) and scored
+again the whole-tensor way, with a warning; one that changed them in place would not be caught (none of transformers'
+causal LMs does). The peak of a chunked step (benchmarks/memory_model_qwen2.py): every saved activation plus about 20
+bytes per logit of one chunk (its float32 logits, log-softmax and their gradients, measured on CPU).
 """
 
 from __future__ import annotations
