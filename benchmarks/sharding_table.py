@@ -4,7 +4,9 @@ Two tables. The IMDB one: each GPT-2 shape and method at the per-GPU batch and l
 coefficients in `docs/results/memory_model.json` (benchmarks/memory_model.py, checked against an H200 to 4-10% in
 float32). The GSM8K one: Qwen2.5-0.5B to 7B with grade_trl's REINFORCE and PPO at the GSM8K recipes' shape, bf16
 autocast with float32 master weights, from `docs/results/memory_model_qwen2.json` (benchmarks/memory_model_qwen2.py,
-a CPU fit checked on a larger unseen Qwen2; not yet on a GPU; TRL's GRPO/CISPO are not in it: that script says why).
+a CPU fit checked on a larger unseen Qwen2; not yet on a GPU; TRL's GRPO/CISPO are not in it: that script says why):
+the fit with `chunked_scoring` for one GPU and zero2.yaml, the whole logits' fit for fsdp2.yaml / zero3.yaml, where the
+scoring inside the LM head does not apply (`qwen2_entry`).
 How each config places the parts:
 
                       policy weights       gradients   AdamW state   reference, reward backbone   activations
@@ -82,7 +84,16 @@ def qwen2_per_gpu_gib(qwen2, entry: dict, shape: dict, config: str, batch: int, 
     block = (n - vocab * hidden * (1 if shape["tied"] else 2) - hidden) / shape["layers"]
     gathered = 4 * vocab * hidden * (1 if shape["tied"] else 2) + 2 * 4 * block
     resident, gradients = placed(config, n, 4 * n, gathered, gpus)
-    return (resident + max(step["saved"] + step["transient"], gradients + 8 * batch * new_tokens * vocab)) / GIB
+    held_logits = qwen2.scored_logits(batch, new_tokens, vocab, qwen2.prediction_chunk(entry))  # a chunk's with chunked_scoring
+    return (resident + max(step["saved"] + step["transient"], step["chunk_moment"], gradients + 8 * held_logits)) / GIB
+
+
+def qwen2_entry(model: dict, method: str, config: str) -> dict:
+    """The Qwen2 fit of the scoring `config` runs: chunked_scoring (`model["methods"]`) where the policy's parameters are
+    whole on each GPU (one GPU, DDP, ZeRO-2), the whole logits (`model["whole_logits"]`) under FSDP2 / ZeRO-3, where
+    grade_trl.core.head_scoring does not apply."""
+    sharded = config == "fsdp2.yaml / zero3.yaml"
+    return model["whole_logits" if sharded else "methods"][f"{method}/bf16"]
 
 
 def cells(values: list[float], card_gib: float) -> str:
@@ -119,9 +130,9 @@ def qwen2_table(batch: int, prompt: int, new_tokens: int, gpus: int, card_gib: f
         shape = {**shape, "vocab": qwen2.QWEN25_VOCAB}
         n = qwen2.parameters(**shape)
         for method in QWEN2_METHODS:
-            entry = model["methods"][f"{method}/bf16"]
-            values = [qwen2_per_gpu_gib(qwen2, entry, shape, config, batch, prompt, new_tokens, gpus) for config in CONFIGS]
-            largest = [max((b for b in range(1, 257) if qwen2_per_gpu_gib(qwen2, entry, shape, config, b, prompt, new_tokens, gpus) <= fits), default=0)
+            values = [qwen2_per_gpu_gib(qwen2, qwen2_entry(model, method, config), shape, config, batch, prompt, new_tokens, gpus) for config in CONFIGS]
+            largest = [max((b for b in range(1, 257)
+                            if qwen2_per_gpu_gib(qwen2, qwen2_entry(model, method, config), shape, config, b, prompt, new_tokens, gpus) <= fits), default=0)
                        for config in CONFIGS]
             lines.append(f"| {name} | {n / 1e9:.2f}B | {method} | {cells(values, card_gib)} | {' / '.join(map(str, largest))} |")
     return "\n".join(lines)

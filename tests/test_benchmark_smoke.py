@@ -155,16 +155,20 @@ def test_sharding_table_agrees_with_the_memory_model_and_orders_the_configs():
             values = [table.per_gpu_gib(model, method, config, layers, hidden, 16, 48, 8) for config in table.CONFIGS]
             assert values[0] > values[1] > values[2], (name, method, values)
     assert "| gpt2-xl | 1558M | grade_ste |" in table.main(["--batch_size", "64"])
-    # the GSM8K table: on one GPU the Qwen2 model's own prediction (memory_model_qwen2.predict), the same ordering
+    # the GSM8K table: on one GPU the Qwen2 model's own prediction (memory_model_qwen2.predict) with chunked_scoring; ZeRO-2
+    # needs less; FSDP2 / ZeRO-3 score the whole logits (core/head_scoring.py does not apply there), so their column is the
+    # whole-logits fit's, which needs less than that fit's one-GPU step
     qwen2 = load_benchmark("memory_model_qwen2")
     fitted = json.loads((SCRIPT.parent.parent / "docs" / "results" / "memory_model_qwen2.json").read_text())
     for name, shape in qwen2.QWEN25.items():
         shape = {**shape, "vocab": qwen2.QWEN25_VOCAB}
         for method in table.QWEN2_METHODS:
-            entry = fitted["methods"][f"{method}/bf16"]
-            values = [table.qwen2_per_gpu_gib(qwen2, entry, shape, config, 16, 256, 512, 8) for config in table.CONFIGS]
-            assert values[0] == pytest.approx(qwen2.predict(entry, shape, 16, 256, 512)["peak_gib"], rel=1e-9)
-            assert values[0] > values[1] > values[2], (name, method, values)
+            entries = [table.qwen2_entry(fitted, method, config) for config in table.CONFIGS]
+            assert [entry["scoring"] for entry in entries] == ["chunked", "chunked", "whole"]
+            values = [table.qwen2_per_gpu_gib(qwen2, entry, shape, config, 16, 256, 512, 8) for entry, config in zip(entries, table.CONFIGS)]
+            assert values[0] == pytest.approx(qwen2.predict(entries[0], shape, 16, 256, 512)["peak_gib"], rel=1e-9)
+            assert values[0] > values[1], (name, method, values)
+            assert values[2] < qwen2.predict(entries[2], shape, 16, 256, 512)["peak_gib"], (name, method, values)
 
 
 def load_benchmark(name: str):
@@ -182,16 +186,20 @@ def test_qwen2_memory_model_fits_measured_steps_of_a_padded_vocabulary_and_predi
     out_path = tmp_path / "qwen2.json"
     grid = {"layers": [1], "hidden": [64], "mlp_ratio": [2, 4], "batch": [2], "prompt": [8], "new_tokens": [4, 8], "vocab": [8192, 12288]}
     check = {"layers": 2, "hidden": 128, "heads": 2, "kv_heads": 1, "intermediate": 384, "vocab": 16384, "batch": 2, "prompt": 12, "new_tokens": 6}
+    probe = {"hidden": 32, "intermediate": 64, "vocab": 16384, "batch": 4, "prompt": 4, "new_tokens": 16}  # a chunk moment of 16 x 2 positions
     out = qwen2.main(["--methods", "reinforce", "--dtypes", "float32", "--grid_points", "4", "--grid", json.dumps(grid), "--check", json.dumps(check),
-                      "--threads", "1", "--json", str(out_path)])
+                      "--probe", json.dumps(probe), "--threads", "1", "--json", str(out_path)])
     entry = out["methods"]["reinforce/float32"]
+    assert entry["scoring"] == "chunked" and all(p["chunk_elements"] == p["batch"] * p["vocab"] * (p["new_tokens"] // 2) for p in entry["grid_points"])
+    # a chunk's recompute and gradient hold a few float32 copies of its logits (20 bytes a logit on the 2-core VM)
+    assert 4 <= entry["chunk_bytes_per_logit"] <= 64
     assert len(entry["grid_points"]) == 4 and {p["vocab"] for p in entry["grid_points"]} <= {8192, 12288}
     assert all(p["peak_mib"] > 0 and p["saved_mib"] > 0 for p in entry["grid_points"])
     v = entry["validation"]
     assert v["measured_step_peak_mib"] > 0 and math.isfinite(v["relative_error"])
     seven = out["predictions"]["by_method"]["reinforce/float32"]["Qwen2.5-7B"]
     assert seven["parameters"] == qwen2.parameters(vocab=qwen2.QWEN25_VOCAB, **qwen2.QWEN25["Qwen2.5-7B"]) and seven["resident_gib"] == pytest.approx(16 * seven["parameters"] / 2**30)
-    assert "| reinforce | float32 |" in capsys.readouterr().out
+    assert "| reinforce | float32 | chunked |" in capsys.readouterr().out
     again = qwen2.main(["--from_json", str(out_path)])
     assert again["predictions"] == json.loads(out_path.read_text())["predictions"]
 
@@ -270,3 +278,44 @@ def test_decode_graph_probe_runs_eagerly_on_cpu_and_its_backward_is_autograds():
     assert result["check_error"] < 1e-5
     assert [row["batch"] for row in result["rows"]] == [3, 1]
     assert all(row["eager_forward"] > 0 and row["eager_backward"] > 0 and "captured_forward" not in row for row in result["rows"])
+
+
+def test_chunked_scoring_benchmark_measures_both_scorings_side_by_side(capsys):
+    """benchmarks/chunked_scoring.py on a tiny random Qwen2 in chunks of two positions: the whole logits' and the chunked
+    scoring's time, peak and saved bytes, interleaved; the chunked one saves no B x T x V tensor for backward."""
+    from grade_trl.core import head_scoring
+
+    default = head_scoring.CHUNK_ELEMENTS
+    try:
+        out = load_benchmark("chunked_scoring").main(["--layers", "1", "--hidden", "32", "--heads", "1", "--kv_heads", "1", "--intermediate", "64",
+                                                      "--vocab", "16384", "--batch", "4", "--prompt", "4", "--new_tokens", "32",
+                                                      "--chunk_elements", str(4 * 16384 * 2), "--repeats", "2", "--threads", "1"])
+    finally:
+        head_scoring.CHUNK_ELEMENTS = default
+    logits_mib = 4 * 32 * 16384 * 4 / 2**20  # 8 MiB of float32 logits, against a 2 MiB head
+    whole, chunked = out["summary"]["whole"], out["summary"]["chunked"]
+    assert whole["saved_mib"] >= logits_mib and whole["saved_mib"] - chunked["saved_mib"] >= logits_mib
+    assert chunked["peak_mib"] < whole["peak_mib"] and out["ratios"]["seconds"] > 0
+    assert "| chunked |" in capsys.readouterr().out
+
+
+def test_qwen2_model_counts_the_logits_a_chunked_scoring_holds():
+    """memory_model_qwen2.scored_logits: the whole B T V without chunks, else one chunk's B V c, c = chunk // (B V) positions
+    as grade_trl's position_chunks cuts them (at least one, at most T); the predictions assume grade_trl's own chunk, and
+    a chunked fit's step peak takes the chunk moment S + k C where it is the largest."""
+    from grade_trl.core.sampling import CHUNK_ELEMENTS, position_chunks
+
+    qwen2 = load_benchmark("memory_model_qwen2")
+    assert qwen2.SCORING_CHUNK_ELEMENTS == CHUNK_ELEMENTS
+    for batch, new_tokens, vocab in ((16, 512, 151936), (8, 256, 65536), (2, 4, 8192), (64, 48, 50257)):
+        parts = position_chunks((batch, new_tokens, vocab))
+        assert qwen2.scored_logits(batch, new_tokens, vocab, CHUNK_ELEMENTS) == batch * vocab * (parts[0].stop - parts[0].start)
+        assert qwen2.scored_logits(batch, new_tokens, vocab, None) == batch * new_tokens * vocab
+    assert qwen2.scored_logits(16, 512, 151936, CHUNK_ELEMENTS) == 16 * 151936 * 27
+    shape = {**qwen2.QWEN25["Qwen2.5-0.5B"], "vocab": qwen2.QWEN25_VOCAB}
+    zero = dict.fromkeys(qwen2.FEATURES, 0.0)
+    entry = {"scoring": "chunked", "saved_coefficients": {**zero, "1": 2.0**31}, "transient_coefficients": zero, "chunk_bytes_per_logit": 20.0}
+    step = qwen2.step_peak(entry, shape, 16, 256, 512)
+    assert step["decided_by"] == "chunk" and step["step_peak"] == 2.0**31 + 20.0 * 16 * 151936 * 27
+    whole = qwen2.step_peak({k: v for k, v in entry.items() if k != "scoring"}, shape, 16, 256, 512)  # an old fit: the whole logits
+    assert whole["decided_by"] == "chunk" and whole["step_peak"] == 2.0**31 + 20.0 * 16 * 512 * 151936
