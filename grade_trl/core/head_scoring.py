@@ -24,8 +24,9 @@ Exact: each position's numbers are the same operations as the whole tensor's (`s
 weight's gradient is summed chunk by chunk (float summation order). Cost: one more LM-head product per chunk in
 backward, as TRL's.
 
-Applies where the head is a plain `nn.Linear`, the model is not sharded (FSDP2's and ZeRO-3's parameters are gathered by
-hooks that a backward recompute would not see: those runs keep the whole-tensor scoring), nothing replaced the head's
+Applies where the head is a plain `nn.Linear`, the model is not sharded (under FSDP2 and ZeRO-3 the recompute in
+backward would read a weight that their hooks gather and release around each use; not tried there, so those runs keep
+the whole-tensor scoring), nothing replaced the head's
 forward, and the config declares no scaling of the logits after the head. A model whose forward still changes what
 the head returned is caught (the output's logits are not the values the head returned: `HeadScores.read`) and scored
 again the whole-tensor way, with a warning; one that changed them in place would not be caught (none of transformers'
