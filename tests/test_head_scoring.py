@@ -187,14 +187,17 @@ def test_where_it_does_not_apply_the_whole_logits_score(policy, batch, monkeypat
 @pytest.mark.parametrize("method", ["reinforce", "ppo"])
 def test_a_training_step_is_the_same_with_and_without(method, tmp_path, monkeypatch):
     """REINFORCE's and PPO's step with chunked_scoring (several chunks) and with the whole logits, from the same seed:
-    the same logged numbers and the same weights after it."""
+    the same logged numbers and the same weights after it. With SGD: AdamW's first update, lr g / (|g| + eps), turns a
+    gradient entry within float rounding of 0 into +-lr either way (PPO's 4 updates moved 2 of the head's 2.1M entries
+    by 2e-5 under AdamW, 2026-12-07), which says nothing of the scoring; SGD's update is linear in the gradient (at lr 1
+    PPO's moves 40k of the head's entries by more than 1e-5, up to 0.09)."""
     from grade_trl.trainers import PPOConfig, PPOTrainer, REINFORCEConfig, REINFORCETrainer
 
     from .conftest import one_logged_step
 
     monkeypatch.setattr(head_scoring, "CHUNK_ELEMENTS", 4 * 8192 * 2)
     classes = (REINFORCEConfig, REINFORCETrainer) if method == "reinforce" else (PPOConfig, PPOTrainer)
-    extra = {} if method == "reinforce" else {"ent_coef": 0.01}
+    extra = {"optim": "sgd", "learning_rate": 1.0} | ({} if method == "reinforce" else {"ent_coef": 0.01})
     runs = []
     for chunked in (True, False):
         log, trainer = one_logged_step(*classes, tmp_path / str(chunked), chunked_scoring=chunked, **extra)
