@@ -5,7 +5,7 @@ coefficients in `docs/results/memory_model.json` (benchmarks/memory_model.py, ch
 float32). The GSM8K one: Qwen2.5-0.5B to 7B with grade_trl's REINFORCE and PPO at the GSM8K recipes' shape, bf16
 autocast with float32 master weights, from `docs/results/memory_model_qwen2.json` (benchmarks/memory_model_qwen2.py,
 a CPU fit checked on a larger unseen Qwen2; not yet on a GPU; TRL's GRPO/CISPO are not in it: that script says why):
-the fit with `chunked_scoring` for one GPU and zero2.yaml, the whole logits' fit for fsdp2.yaml / zero3.yaml, where the
+the fit with `chunked_scoring` for one GPU, zero2.yaml and fsdp2.yaml, the whole logits' fit for zero3.yaml, where the
 scoring inside the LM head does not apply (`qwen2_entry`).
 How each config places the parts:
 
@@ -39,6 +39,7 @@ VOCAB, PROMPT, POSITIONS = 50257, 32, 1024
 METHODS = ("grade_ste", "reinforce", "ppo", "grpo")
 QWEN2_METHODS = ("reinforce", "ppo")  # grade_trl's GSM8K methods the Qwen2 fit covers
 CONFIGS = ("one GPU", "zero2.yaml", "fsdp2.yaml / zero3.yaml")
+QWEN2_CONFIGS = ("one GPU", "zero2.yaml", "fsdp2.yaml", "zero3.yaml")  # the scoring differs between the sharded two (qwen2_entry)
 GIB = 2**30
 
 
@@ -89,11 +90,9 @@ def qwen2_per_gpu_gib(qwen2, entry: dict, shape: dict, config: str, batch: int, 
 
 
 def qwen2_entry(model: dict, method: str, config: str) -> dict:
-    """The Qwen2 fit of the scoring `config` runs: chunked_scoring (`model["methods"]`) where the policy's parameters are
-    whole on each GPU (one GPU, DDP, ZeRO-2), the whole logits (`model["whole_logits"]`) under FSDP2 / ZeRO-3, where
-    grade_trl.core.head_scoring does not apply."""
-    sharded = config == "fsdp2.yaml / zero3.yaml"
-    return model["whole_logits" if sharded else "methods"][f"{method}/bf16"]
+    """The Qwen2 fit of the scoring `config` runs: chunked_scoring (`model["methods"]`) on one GPU, DDP, ZeRO-2 and FSDP2,
+    the whole logits (`model["whole_logits"]`) under ZeRO-3, where grade_trl.core.head_scoring does not apply."""
+    return model["whole_logits" if config == "zero3.yaml" else "methods"][f"{method}/bf16"]
 
 
 def cells(values: list[float], card_gib: float) -> str:
@@ -124,16 +123,16 @@ def qwen2_table(batch: int, prompt: int, new_tokens: int, gpus: int, card_gib: f
     lines = [f"PREDICTION: peak GiB per GPU of a bf16-autocast step (float32 master weights), {batch} completions per GPU, {prompt}-token prompts, "
              f"{new_tokens} new tokens, {gpus} GPUs for the sharded configs (the Qwen2 memory model); **bold**: the smallest config that fits a "
              f"{card_gib:.0f} GB card; the last column: the most completions per micro-batch that fit it, by config (0: none)", "",
-             "| model | parameters | method | " + " | ".join(CONFIGS) + " | largest batch that fits |", "|---|---:|---|" + "---:|" * (len(CONFIGS) + 1)]
+             "| model | parameters | method | " + " | ".join(QWEN2_CONFIGS) + " | largest batch that fits |", "|---|---:|---|" + "---:|" * (len(QWEN2_CONFIGS) + 1)]
     fits = card_gib * 1e9 / GIB - 1.0  # 1 GB of CUDA context
     for name, shape in qwen2.QWEN25.items():
         shape = {**shape, "vocab": qwen2.QWEN25_VOCAB}
         n = qwen2.parameters(**shape)
         for method in QWEN2_METHODS:
-            values = [qwen2_per_gpu_gib(qwen2, qwen2_entry(model, method, config), shape, config, batch, prompt, new_tokens, gpus) for config in CONFIGS]
+            values = [qwen2_per_gpu_gib(qwen2, qwen2_entry(model, method, config), shape, config, batch, prompt, new_tokens, gpus) for config in QWEN2_CONFIGS]
             largest = [max((b for b in range(1, 257)
                             if qwen2_per_gpu_gib(qwen2, qwen2_entry(model, method, config), shape, config, b, prompt, new_tokens, gpus) <= fits), default=0)
-                       for config in CONFIGS]
+                       for config in QWEN2_CONFIGS]
             lines.append(f"| {name} | {n / 1e9:.2f}B | {method} | {cells(values, card_gib)} | {' / '.join(map(str, largest))} |")
     return "\n".join(lines)
 

@@ -6,12 +6,14 @@ Each rank takes half of the global batch's rows, with the Gumbel noise of its ow
 from one seed), so the sharded and unsharded rollouts make the same draws. The loss is the mean over the rank's
 rows of a differentiable function of the rollout (the soft tokens embedded with E, so the gradient flows through
 every relaxed step into E and the blocks); FSDP averages the ranks' gradients, so the sharded gradient should be
-the unsharded gradient of the mean over the global batch.
+the unsharded gradient of the mean over the global batch. The same comparison for REINFORCE's and PPO's scoring
+inside the LM head (`head_scoring_case`), and the evaluation's generation and the rewards' metric log under sharding.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 
@@ -206,6 +208,77 @@ def evaluation_fewer_prompts_than_processes(base, tokenizer, rank: int, world: i
     return {"returned": True, "rank": rank, "reward_sharded": sharded["metrics"]["reward"], "reward_single": single["metrics"]["reward"]}
 
 
+def untied_copy(base):
+    """`base` with an LM head of its own (Qwen2.5-7B's layout; the tiny model, as Qwen2.5-0.5B to 3B, ties it to E)."""
+    untied = copy.deepcopy(base)
+    untied.config.tie_word_embeddings = False
+    generator = torch.Generator().manual_seed(1)
+    weight = base.lm_head.weight.detach()
+    untied.lm_head.weight = torch.nn.Parameter(weight + 0.02 * torch.randn(weight.shape, generator=generator))
+    return untied
+
+
+def head_scoring_case(base, tokenizer, rank: int, world: int, layout: str, entropy: str) -> dict:
+    """REINFORCE's and PPO's scoring inside the LM head (core/head_scoring.py) on the sharded model, 2 positions a chunk,
+    each chunk's logits recomputed in backward, where FSDP2's hooks unshard the head's weight again (pre-backward):
+    against the whole logits of an unsharded copy on the global batch. The loss is the mean over rows of the summed
+    log-probs (+ the mean entropy: PPO's bonus, entropy "grad"). Layouts: Accelerate's (`fsdp2_prepare_model`: the head
+    in the tail unit, not resharded after forward) and, for an untied head, the head a unit of its own resharded after
+    forward (`own`), whose weight is a shard between its forward and its backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    from grade_trl.core import SamplingSettings, completion_scores, head_scoring, sample, token_logprobs
+    from grade_trl.core.masks import masked_mean
+    from grade_trl.core.sampling import token_entropy
+
+    settings = SamplingSettings(temperature=0.7, top_p=0.9, top_k=50, min_new_tokens=3, max_new_tokens=NEW_TOKENS)
+    enc_all = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    batch = sample(base, enc_all["input_ids"], enc_all["attention_mask"], settings, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+    def loss_of(logps, entropy_values, rows):
+        bonus = masked_mean(entropy_values, batch.completion_mask[rows]) if entropy == "grad" else 0.0
+        return logps.sum() / logps.shape[0] + bonus
+
+    full = copy.deepcopy(base)  # the reference: the whole logits (sampling.token_logprobs) of the global batch
+    logps, processed = token_logprobs(full, batch, settings, with_grad=True)
+    loss_full = loss_of(logps, token_entropy(processed), slice(None))
+    loss_full.backward()
+    reference = (loss_full, NEW_TOKENS, {n: p.grad for n, p in full.named_parameters() if p.grad is not None})
+
+    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    local = dataclasses.replace(batch, **{name: getattr(batch, name)[rows] for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "logprobs")})
+    if layout == "accelerate":
+        sharded = accelerate_sharded_copy(base, world)
+    else:
+        sharded = copy.deepcopy(base)
+        mesh = init_device_mesh("cpu", (world,))
+        for block in sharded.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(sharded.lm_head, mesh=mesh, reshard_after_forward=True)
+        fully_shard(sharded, mesh=mesh)
+    recomputed = []
+
+    def counted_checkpoint(*args, **kwargs):
+        recomputed.append(1)
+        return checkpoint(*args, **kwargs)
+
+    chunk_elements, head_scoring.CHUNK_ELEMENTS = head_scoring.CHUNK_ELEMENTS, local.completion_ids.shape[0] * 2 * base.config.vocab_size
+    head_scoring.checkpoint = counted_checkpoint
+    try:
+        head_applies = head_scoring.output_head(sharded) is not None
+        logps, entropy_values = completion_scores(sharded, local, settings, with_grad=True, entropy=entropy)
+        loss_local = loss_of(logps, entropy_values, rows)
+        loss_local.backward()
+    finally:
+        head_scoring.CHUNK_ELEMENTS, head_scoring.checkpoint = chunk_elements, checkpoint
+    grads_sharded = {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.grad is not None}
+    result = comparison(reference, loss_local, NEW_TOKENS, grads_sharded, world)
+    tied = sharded.lm_head.weight is sharded.transformer.wte.weight
+    return {**result, "head_applies": head_applies, "chunks_recomputed": len(recomputed), "tied": tied,
+            "head_weight_is_dtensor": isinstance(sharded.lm_head.weight, DTensor)}
+
+
 def reward_metric_log_case(rank: int, world: int) -> dict:
     """TRL's `log_metric` for rewards, averaged over every process's calls (`rewards.base.RewardMetricLog`): rank 0
     logs `a` twice and `b` once, rank 1 logs `a` once; then a flush with nothing pending anywhere."""
@@ -250,6 +323,9 @@ def main(out_path: str) -> None:
         grads_sharded = {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.grad is not None}
         results[case] = comparison(reference, loss_local, steps_local, grads_sharded, world)
         results[case]["embedding_is_dtensor"] = isinstance(sharded.get_input_embeddings().weight, DTensor)  # after the step: resharded
+    for model_name, model, layout, entropy in (("tied", base, "accelerate", "grad"), ("untied", untied_copy(base), "accelerate", "detached"),
+                                               ("untied", untied_copy(base), "own", "grad")):
+        results[f"head_scoring_{model_name}_{layout}"] = head_scoring_case(model, tokenizer, rank, world, layout, entropy)
     results["evaluation_unequal_shares"] = evaluation_case(base, tokenizer, rank, world)
     results["evaluation_fewer_prompts_than_processes"] = [None] * world
     dist.all_gather_object(results["evaluation_fewer_prompts_than_processes"], evaluation_fewer_prompts_than_processes(base, tokenizer, rank, world))

@@ -71,6 +71,22 @@ def test_sharded_soft_rollout_matches_one_process(sharded_rollout, case):
     assert r["steps_local"] == r["steps_single"] == 6
 
 
+@pytest.mark.parametrize("case", ["head_scoring_tied_accelerate", "head_scoring_untied_accelerate", "head_scoring_untied_own"])
+def test_chunked_scoring_under_fsdp2_matches_one_process(sharded_rollout, case):
+    """REINFORCE's and PPO's scoring inside the LM head (`chunked_scoring`), a chunk of 2 positions at a time, under
+    FSDP2 with 2 shards: the loss and every gradient of the whole logits of one process on the global batch. Each chunk's
+    logits are recomputed in backward from the head's weight, which FSDP2's pre-backward hook has gathered again; in
+    `untied_own` the head is a unit of its own resharded after its forward (a shard until that hook runs). Tied: E is
+    the head (the tiny model, Qwen2.5-0.5B to 3B); untied: Qwen2.5-7B's layout. Before 2026-12-07 FSDP2 runs scored the
+    whole logits (the head's weight was assumed unreachable in backward)."""
+    r = sharded_rollout[case]
+    assert r["head_applies"] and r["head_weight_is_dtensor"] and r["tied"] == ("_tied_" in case)
+    assert r["chunks_recomputed"] == 3  # 6 positions, 2 a chunk: the checkpointed path, not one chunk
+    assert r["same_parameters_have_gradients"]
+    assert r["loss_sharded"] == pytest.approx(r["loss_single"], rel=LOSS_RTOL)
+    assert r["max_grad_diff"] <= GRAD_RTOL * r["grad_scale"], r
+
+
 def test_a_rewards_log_metric_is_averaged_over_every_processs_calls(sharded_rollout):
     """As TRL's GRPOTrainer: the sum of every process's values over their count, on every process (a mean of the two
     processes' means would give a = 5.0); a name one process never logged is its values' mean; a flush with nothing
@@ -256,6 +272,13 @@ def test_zero3_soft_rollout_matches_one_process(zero3_rollout, case):
     assert r["loss_sharded"] == pytest.approx(r["loss_single"], rel=LOSS_RTOL)
     assert r["max_grad_diff"] <= GRAD_RTOL * r["grad_scale"], r
     assert r["steps_local"] == r["steps_single"] == 6
+
+
+def test_chunked_scoring_keeps_the_whole_logits_under_zero3(zero3_rollout):
+    """ZeRO-3 frees a module's gathered weight after its forward and gathers it again by hooks on its outputs; the head
+    scoring's recompute in backward has not been tried against that (DeepSpeed's engine runs on GPUs only under
+    Accelerate), so a ZeRO-3 policy scores the whole logits (`output_head` is None), while FSDP2 does not (above)."""
+    assert zero3_rollout["straight_through"]["chunked_scoring_applies"] is False
 
 
 def test_zero3_check_can_fail(zero3_rollout):

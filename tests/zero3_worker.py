@@ -19,6 +19,7 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 from grade_trl.cli import exit_process
+from grade_trl.core.head_scoring import output_head
 from grade_trl.core.sharding import input_embedding_matrix, is_sharded
 from grade_trl.models import load_causal_lm, resolve_model_path
 from sharded_worker import GLOBAL_BATCH, comparison, local_relax, lora_copy, lora_objective, objective, setup, unsharded_run, write_results
@@ -158,6 +159,7 @@ def main(out_path: str) -> None:
         grads_sharded = {n: safe_get_full_grad(p) for n, p in model.named_parameters()}
         grads_sharded = {n: g for n, g in grads_sharded.items() if g is not None and g.abs().max() > 0}
         results[case] = comparison(reference, loss_local, steps_local, grads_sharded, world) | {"embedding_partitioned": partitioned}
+        results[case]["chunked_scoring_applies"] = output_head(model) is not None  # not under ZeRO-3 (core/head_scoring.py)
         engine.destroy()
     soft_rollout_module.input_embedding_matrix = input_embedding_matrix
     results |= {f"nonfinite_guard_zero{stage}": nonfinite_guard_case(base, enc, stage) for stage in (3, 2, 0)}

@@ -24,10 +24,14 @@ Exact: each position's numbers are the same operations as the whole tensor's (`s
 weight's gradient is summed chunk by chunk (float summation order). Cost: one more LM-head product per chunk in
 backward, as TRL's.
 
-Applies where the head is a plain `nn.Linear`, the model is not sharded (under FSDP2 and ZeRO-3 the recompute in
-backward would read a weight that their hooks gather and release around each use; not tried there, so those runs keep
-the whole-tensor scoring), nothing replaced the head's
-forward, and the config declares no scaling of the logits after the head. A model whose forward still changes what
+Applies where the head is a plain `nn.Linear` (FSDP2's `fully_shard` of it included), the model is whole on each
+process or sharded by FSDP2 alone, nothing replaced the head's forward, and the config declares no scaling of the logits
+after the head. Under FSDP2 the recompute reads the head's weight in backward after the unit's pre-backward hook (on
+the scores this forward returned) has gathered it again, and its gradient reaches the unit's reduce-scatter with the
+rest (tests/sharded_worker.py: tied and untied heads, Accelerate's layout and a head resharded after forward, equal to
+one process's whole logits). ZeRO-3 frees and gathers a module's weight by its own hooks; the recompute has not been
+tried there (DeepSpeed runs on GPUs only under Accelerate), so ZeRO-3 runs keep the whole-tensor scoring, as does
+any other DTensor layout (tensor parallelism). A model whose forward still changes what
 the head returned is caught (the output's logits are not the values the head returned: `HeadScores.read`) and scored
 again the whole-tensor way, with a warning; one that changed them in place would not be caught (none of transformers'
 causal LMs does). The peak of a chunked step (benchmarks/memory_model_qwen2.py): every saved activation plus about 20
@@ -43,6 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 from .deferred_grads import replaced_forwards
@@ -56,7 +61,7 @@ from .sampling import (
     token_entropy,
     token_logprobs,
 )
-from .sharding import is_sharded
+from .sharding import is_fsdp2, is_sharded
 from .soft_rollout import last_positions, position_ids_from_mask, unwrapped
 
 ENTROPY_MODES = ("none", "detached", "grad")
@@ -72,13 +77,21 @@ def output_head(model: nn.Module) -> nn.Linear | None:
     inner = unwrapped(model)
     get_head = getattr(inner, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if type(head) is not nn.Linear or "forward" in vars(head) or is_sharded(inner):
+    if _own_class(head) is not nn.Linear or "forward" in vars(head) or (is_sharded(inner) and not is_fsdp2(inner)):
         return None
     config = getattr(inner, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if any(getattr(text_config, key, None) not in (None, 1, 1.0) for key in LOGIT_SCALING_KEYS):
         return None
     return head
+
+
+def _own_class(module: nn.Module) -> type:
+    """The class `module` was built as: FSDP2's `fully_shard` swaps a module's class for a subclass that adds its hooks
+    only (`FSDPLinear(FSDPModule, Linear)`; Accelerate shards the LM head so, in a unit with the final norm)."""
+    if isinstance(module, FSDPModule):
+        return next(cls for cls in type(module).__mro__[1:] if not issubclass(cls, FSDPModule))
+    return type(module)
 
 
 @dataclass

@@ -27,6 +27,13 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) or _is_zero3(p) for p in module.parameters())
 
 
+def is_fsdp2(module: torch.nn.Module) -> bool:
+    """Whether `module` is sharded by FSDP2 alone: its root `fully_shard`-ed (as Accelerate's `fsdp2_prepare_model` and
+    tests/sharded_worker.py do), no ZeRO-3 partitioned parameter. Then each parameter is whole, a plain tensor, from its
+    unit's pre-forward (and pre-backward) hook until the unit reshards: in the unit's forward and in its backward."""
+    return isinstance(module, FSDPModule) and not any(_is_zero3(p) for p in module.parameters())
+
+
 def _is_zero3(parameter: torch.Tensor) -> bool:
     return hasattr(parameter, "ds_id")  # set by deepspeed.zero.Init on the parameters it partitions (ZeRO-3 only)
 
