@@ -9,10 +9,15 @@ the fit with `chunked_scoring` for one GPU, zero2.yaml and fsdp2.yaml, the whole
 scoring inside the LM head does not apply (`qwen2_entry`).
 How each config places the parts:
 
-                      policy weights       gradients   AdamW state   reference, reward backbone   activations
-    one GPU / DDP     4 N                  4 N         8 N           4 N + 4 N_r (replicated)     S + X
-    zero2.yaml        4 N                  4 N / G     8 N / G       4 N + 4 N_r                  S + X
-    fsdp2.yaml/zero3  4 N / G + gathered   4 N / G     8 N / G       4 N + 4 N_r                  S + X
+                      policy weights       gradients   AdamW state   reference                 reward backbone    activations
+    one GPU / DDP     4 N                  4 N         8 N           4 N (replicated)          4 N_r (replicated) S + X
+    zero2.yaml        4 N                  4 N / G     8 N / G       4 N                       4 N_r              S + X
+    fsdp2.yaml        4 N / G + gathered   4 N / G     8 N / G       4 N / G + gathered (*)    4 N_r              S + X
+    zero3.yaml        4 N / G + gathered   4 N / G     8 N / G       4 N                       4 N_r              S + X
+
+(*) REINFORCE and PPO, whose reference FSDP2 shards as the policy (grade_trl.trainers.base `prepared_reference`,
+since 2026-12-07); GRADE's reference stays whole (4 N); TRL's GRPO shards its own as one unit (`prepare_fsdp`: the
+whole reference gathered while it runs), counted whole here (an upper bound by up to 4 N (1 - 1/G)).
 
 with N the policy's parameters, N_r the reward backbone's (GPT-2 rows: the IMDB recipes' sentiment model over a body
 of the policy's size; the GSM8K rows have none: their rewards are rules on the text), G the number of GPUs, S + X the
@@ -38,8 +43,7 @@ SHAPES = {"gpt2-medium": (24, 1024), "gpt2-large": (36, 1280), "gpt2-xl": (48, 1
 VOCAB, PROMPT, POSITIONS = 50257, 32, 1024
 METHODS = ("grade_ste", "reinforce", "ppo", "grpo")
 QWEN2_METHODS = ("reinforce", "ppo")  # grade_trl's GSM8K methods the Qwen2 fit covers
-CONFIGS = ("one GPU", "zero2.yaml", "fsdp2.yaml / zero3.yaml")
-QWEN2_CONFIGS = ("one GPU", "zero2.yaml", "fsdp2.yaml", "zero3.yaml")  # the scoring differs between the sharded two (qwen2_entry)
+CONFIGS = ("one GPU", "zero2.yaml", "fsdp2.yaml", "zero3.yaml")
 GIB = 2**30
 
 
@@ -56,9 +60,14 @@ def activations(coefficients: dict, layers: int, hidden: int, batch: int, new_to
     return sum(coefficients.get(name, 0.0) * value for name, value in values.items())
 
 
+def reference_sharded(method: str, config: str) -> bool:
+    """Whether `config` shards `method`'s frozen reference as it does the policy (the module docstring's (*))."""
+    return config == "fsdp2.yaml" and method in ("reinforce", "ppo")
+
+
 def placed(config: str, n: int, frozen: float, gathered: float, gpus: int) -> tuple[float, float]:
-    """(resident bytes: weights, AdamW state and the frozen models; the gradients' bytes) of a policy of n parameters
-    under `config`, the table of the module docstring."""
+    """(resident bytes: weights, AdamW state and the frozen models, `frozen` as they are placed; the gradients' bytes)
+    of a policy of n parameters under `config`, the table of the module docstring."""
     if config == "one GPU":
         weights, gradients, adam = 4 * n, 4 * n, 8 * n
     elif config == "zero2.yaml":
@@ -73,18 +82,20 @@ def per_gpu_gib(model: dict, method: str, config: str, layers: int, hidden: int,
     n = parameters(layers, hidden)
     step = activations(entry["saved_coefficients"], layers, hidden, batch, new_tokens) + activations(entry["transient_coefficients"], layers, hidden, batch, new_tokens)
     gathered = 4 * (VOCAB + POSITIONS) * hidden + 2 * 4 * (12 * hidden**2 + 13 * hidden)  # the root unit, two blocks
-    resident, gradients = placed(config, n, 4 * n + 4 * n, gathered, gpus)  # the replicated reference and reward backbone
+    reference = 4 * n / gpus + gathered if reference_sharded(method, config) else 4 * n
+    resident, gradients = placed(config, n, reference + 4 * n, gathered, gpus)  # the reference and the replicated reward backbone
     return (resident + max(step, gradients + 8 * batch * new_tokens * VOCAB)) / GIB
 
 
-def qwen2_per_gpu_gib(qwen2, entry: dict, shape: dict, config: str, batch: int, prompt: int, new_tokens: int, gpus: int) -> float:
+def qwen2_per_gpu_gib(qwen2, method: str, entry: dict, shape: dict, config: str, batch: int, prompt: int, new_tokens: int, gpus: int) -> float:
     """A GSM8K row: the Qwen2 fit's S + X (memory_model_qwen2.step_peak), placed as `per_gpu_gib` places GPT-2's; the
     frozen part is the reference alone."""
     step = qwen2.step_peak(entry, shape, batch, prompt, new_tokens)
     n, vocab, hidden = step["parameters"], shape["vocab"], shape["hidden"]
     block = (n - vocab * hidden * (1 if shape["tied"] else 2) - hidden) / shape["layers"]
     gathered = 4 * vocab * hidden * (1 if shape["tied"] else 2) + 2 * 4 * block
-    resident, gradients = placed(config, n, 4 * n, gathered, gpus)
+    reference = 4 * n / gpus + gathered if reference_sharded(method, config) else 4 * n
+    resident, gradients = placed(config, n, reference, gathered, gpus)
     held_logits = qwen2.scored_logits(batch, new_tokens, vocab, qwen2.prediction_chunk(entry))  # a chunk's with chunked_scoring
     return (resident + max(step["saved"] + step["transient"], step["chunk_moment"], gradients + 8 * held_logits)) / GIB
 
@@ -123,16 +134,16 @@ def qwen2_table(batch: int, prompt: int, new_tokens: int, gpus: int, card_gib: f
     lines = [f"PREDICTION: peak GiB per GPU of a bf16-autocast step (float32 master weights), {batch} completions per GPU, {prompt}-token prompts, "
              f"{new_tokens} new tokens, {gpus} GPUs for the sharded configs (the Qwen2 memory model); **bold**: the smallest config that fits a "
              f"{card_gib:.0f} GB card; the last column: the most completions per micro-batch that fit it, by config (0: none)", "",
-             "| model | parameters | method | " + " | ".join(QWEN2_CONFIGS) + " | largest batch that fits |", "|---|---:|---|" + "---:|" * (len(QWEN2_CONFIGS) + 1)]
+             "| model | parameters | method | " + " | ".join(CONFIGS) + " | largest batch that fits |", "|---|---:|---|" + "---:|" * (len(CONFIGS) + 1)]
     fits = card_gib * 1e9 / GIB - 1.0  # 1 GB of CUDA context
     for name, shape in qwen2.QWEN25.items():
         shape = {**shape, "vocab": qwen2.QWEN25_VOCAB}
         n = qwen2.parameters(**shape)
         for method in QWEN2_METHODS:
-            values = [qwen2_per_gpu_gib(qwen2, qwen2_entry(model, method, config), shape, config, batch, prompt, new_tokens, gpus) for config in QWEN2_CONFIGS]
+            values = [qwen2_per_gpu_gib(qwen2, method, qwen2_entry(model, method, config), shape, config, batch, prompt, new_tokens, gpus) for config in CONFIGS]
             largest = [max((b for b in range(1, 257)
-                            if qwen2_per_gpu_gib(qwen2, qwen2_entry(model, method, config), shape, config, b, prompt, new_tokens, gpus) <= fits), default=0)
-                       for config in QWEN2_CONFIGS]
+                            if qwen2_per_gpu_gib(qwen2, method, qwen2_entry(model, method, config), shape, config, b, prompt, new_tokens, gpus) <= fits), default=0)
+                       for config in CONFIGS]
             lines.append(f"| {name} | {n / 1e9:.2f}B | {method} | {cells(values, card_gib)} | {' / '.join(map(str, largest))} |")
     return "\n".join(lines)
 

@@ -52,7 +52,9 @@ _fsdp2_prepare_model = accelerate.accelerator.fsdp2_prepare_model
 def _fsdp2_prepare_model_and_record(accelerator, model):
     """Accelerate's own `fsdp2_prepare_model`, then a record of what it made of the model (appended, one JSON line
     per call, to $FSDP_CPU_RECORD with the rank in its name): whether it is an FSDP module and how many of the
-    parameters' elements this process holds, so the test can tell that the policy was sharded, not replicated."""
+    parameters' elements this process holds, so the test can tell that the policy (the last record) and the frozen
+    reference (the one before it, where the method has one: prepared first, in the trainer's `__init__`) were sharded,
+    not replicated."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
@@ -71,6 +73,7 @@ def _fsdp2_prepare_model_and_record(accelerator, model):
 
 if __name__ == "__main__":
     accelerate.accelerator.fsdp2_prepare_model = _fsdp2_prepare_model_and_record
+    accelerate.utils.fsdp_utils.fsdp2_prepare_model = _fsdp2_prepare_model_and_record  # the frozen reference's (trainers.base)
     AcceleratorState.__init__ = _init_with_fsdp_on_cpu
     recipe_module.check_launch = _check_launch_as_on_gpus
     exit_process(lambda: main(sys.argv[1:]))

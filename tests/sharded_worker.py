@@ -7,7 +7,7 @@ from one seed), so the sharded and unsharded rollouts make the same draws. The l
 rows of a differentiable function of the rollout (the soft tokens embedded with E, so the gradient flows through
 every relaxed step into E and the blocks); FSDP averages the ranks' gradients, so the sharded gradient should be
 the unsharded gradient of the mean over the global batch. The same comparison for REINFORCE's and PPO's scoring
-inside the LM head (`head_scoring_case`), and the evaluation's generation and the rewards' metric log under sharding.
+inside the LM head (`head_scoring_case`), the frozen reference's resharding after use, and the evaluation's generation and the rewards' metric log under sharding.
 """
 
 from __future__ import annotations
@@ -279,6 +279,26 @@ def head_scoring_case(base, tokenizer, rank: int, world: int, layout: str, entro
             "head_weight_is_dtensor": isinstance(sharded.lm_head.weight, DTensor)}
 
 
+def reference_reshard_case(base, tokenizer, world: int) -> dict:
+    """The frozen reference of REINFORCE and PPO, sharded by Accelerate's layout (trainers.base `prepared_reference`),
+    after a no-grad scoring of a batch: the parameters left gathered, without and with `resharded_on_exit` (the
+    reference's context). FSDP2 leaves a root unit gathered after a forward, for a backward a frozen model never runs."""
+    from grade_trl.core import SamplingSettings, completion_scores, sample
+    from grade_trl.core.sharding import resharded_on_exit
+
+    settings = SamplingSettings(max_new_tokens=NEW_TOKENS)
+    enc_all = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    batch = sample(base, enc_all["input_ids"], enc_all["attention_mask"], settings, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    reference = accelerate_sharded_copy(base, world).eval()
+    with torch.no_grad():
+        completion_scores(reference, batch, settings, with_grad=False, truncate=False)
+    left = sum(not isinstance(p, DTensor) for p in reference.parameters())
+    with resharded_on_exit(reference), torch.no_grad():
+        completion_scores(reference, batch, settings, with_grad=False, truncate=False)
+    return {"gathered_left": left, "gathered_left_resharded_on_exit": sum(not isinstance(p, DTensor) for p in reference.parameters())}
+
+
 def reward_metric_log_case(rank: int, world: int) -> dict:
     """TRL's `log_metric` for rewards, averaged over every process's calls (`rewards.base.RewardMetricLog`): rank 0
     logs `a` twice and `b` once, rank 1 logs `a` once; then a flush with nothing pending anywhere."""
@@ -326,6 +346,7 @@ def main(out_path: str) -> None:
     for model_name, model, layout, entropy in (("tied", base, "accelerate", "grad"), ("untied", untied_copy(base), "accelerate", "detached"),
                                                ("untied", untied_copy(base), "own", "grad")):
         results[f"head_scoring_{model_name}_{layout}"] = head_scoring_case(model, tokenizer, rank, world, layout, entropy)
+    results["reference_reshard"] = reference_reshard_case(base, tokenizer, world)
     results["evaluation_unequal_shares"] = evaluation_case(base, tokenizer, rank, world)
     results["evaluation_fewer_prompts_than_processes"] = [None] * world
     dist.all_gather_object(results["evaluation_fewer_prompts_than_processes"], evaluation_fewer_prompts_than_processes(base, tokenizer, rank, world))

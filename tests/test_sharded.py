@@ -87,6 +87,14 @@ def test_chunked_scoring_under_fsdp2_matches_one_process(sharded_rollout, case):
     assert r["max_grad_diff"] <= GRAD_RTOL * r["grad_scale"], r
 
 
+def test_a_sharded_reference_is_resharded_after_scoring(sharded_rollout):
+    """REINFORCE's and PPO's reference under FSDP2 (sharded since 2026-12-07): a no-grad forward leaves Accelerate's
+    embedding-and-head unit and the root gathered (the tiny model's E, position table and final norm: 4 parameters,
+    for a backward that never comes); its context (`resharded_on_exit`) puts every unit back to its shards."""
+    r = sharded_rollout["reference_reshard"]
+    assert r["gathered_left"] > 0 and r["gathered_left_resharded_on_exit"] == 0, r
+
+
 def test_a_rewards_log_metric_is_averaged_over_every_processs_calls(sharded_rollout):
     """As TRL's GRPOTrainer: the sum of every process's values over their count, on every process (a mean of the two
     processes' means would give a = 5.0); a name one process never logged is its values' mean; a flush with nothing
@@ -419,11 +427,15 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_rew
         assert runs[name]["status"] == "completed" and runs[name]["final"]["num_processes"] == 2 and runs[name]["final"]["steps"] == 2
         assert all(h["kl"] >= 0 for h in runs[name]["history"] if "kl" in h)
 
-    for rank in (0, 1):  # what Accelerate's fsdp2_prepare_model made of the policy on each rank
+    # the frozen reference of REINFORCE and PPO is sharded too (trainers.base `prepared_reference`), prepared first;
+    # GRADE keeps it whole, LoRA has none (the adapters disabled), TRL's GRPO shards its own (`prepare_fsdp`, not recorded)
+    sharded_reference = not use_peft and recipe in ("tiny/imdb_reinforce.yaml", "tiny/imdb_ppo.yaml")
+    for rank in (0, 1):  # what Accelerate's fsdp2_prepare_model made of the policy (and reference) on each rank
         prepared = [json.loads(line) for line in (tmp_path / f"fsdp.prepared.rank{rank}").read_text().splitlines()]
-        policy = prepared[-1]
-        assert policy["fsdp_module"] and policy["distributed_type"] == "DistributedType.FSDP", prepared
-        assert policy["dtensor_parameters"] == policy["parameters"] and policy["local_elements"] <= policy["elements"] // 2 + 256, prepared
+        assert len(prepared) == 1 + sharded_reference, prepared
+        for record in prepared:
+            assert record["fsdp_module"] and record["distributed_type"] == "DistributedType.FSDP", prepared
+            assert record["dtensor_parameters"] == record["parameters"] and record["local_elements"] <= record["elements"] // 2 + 256, prepared
 
     assert runs["fsdp"]["final"]["samples_per_step"] == runs["ddp"]["final"]["samples_per_step"]
     if overrides.get("gradient_accumulation_steps") == 2:

@@ -111,6 +111,17 @@ def resharded(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+@contextmanager
+def resharded_on_exit(module: torch.nn.Module):
+    """Within the block, `module` as it is; on exit, every FSDP2 unit in it back to its shards (`resharded`). For a
+    frozen sharded model (the reference): FSDP2 keeps a root unit gathered after its forward, for the backward that
+    would follow in training, and a frozen model's never does."""
+    try:
+        yield module
+    finally:
+        resharded(module)
+
+
 def reshard_embedding(module: torch.nn.Module) -> None:
     """Put the FSDP2 unit that holds E back to its shards, so that `input_embedding_matrix` gathers a copy of its own.
 

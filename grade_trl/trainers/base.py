@@ -13,6 +13,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from trl.data_utils import is_conversational
 
+from ..core.sharding import is_sharded, resharded_on_exit
 from ..models import give_safetensors_umask_modes, load_causal_lm, load_tokenizer, prepare_tokenizer
 from ..resume import ResumeCallback
 from ..rewards.base import NOT_PASSED_COLUMNS, RewardMetricLog, assistant_messages, bad_prompt_column, compute_rewards, not_kept, render_chat, reward_name
@@ -166,6 +167,9 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
     """
 
     config_class: type = None  # set by each method
+    shard_reference = True
+    """Under FSDP2, shard the frozen reference as the policy (`prepared_reference`): where the reference only scores,
+    without gradient. GRADE's does not: its reference's forward carries the exact KL's gradient into the soft tokens."""
 
     def __init__(self, model, reward_funcs, args=None, train_dataset=None, eval_dataset=None, processing_class=None, callbacks=None, optimizers=(None, None), peft_config=None):
         args = args or self.config_class(output_dir=f"{type(self).__name__}_output")
@@ -213,10 +217,7 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        # The frozen reference is replicated, not sharded, under FSDP2 too: Accelerate's FSDP2 path shards only the model
-        # it prepares with its optimizer, and a frozen copy has no gradients or optimizer state, the 3/4 of a trained
-        # model's Adam-in-float32 memory that sharding saves. prepare_model skips device placement under FSDP, hence `.to`.
-        self.ref_model = None if ref_model is None else self.accelerator.prepare_model(ref_model.to(self.accelerator.device), evaluation_mode=True)
+        self.ref_model = None if ref_model is None else self.prepared_reference(ref_model)
         for func in self.reward_funcs:
             if hasattr(func, "to"):
                 func.to(self.accelerator.device)
@@ -337,13 +338,33 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
             enc = {key: value[:, -limit:] for key, value in enc.items()}
         return {key: value.to(self.accelerator.device) for key, value in enc.items()}
 
+    def prepared_reference(self, ref_model: torch.nn.Module) -> torch.nn.Module:
+        """The frozen reference on this process: sharded as the policy under FSDP2, else a whole copy (one process, DDP,
+        ZeRO; `prepare_model(evaluation_mode=True)`, which skips device placement under FSDP, hence `.to`).
+
+        Under FSDP2 a replicated float32 reference costs 4 N bytes on every GPU (28 GiB for Qwen2.5-7B), as much as the
+        policy's weights and gradients together once they are sharded over 8. So it is sharded as TRL's GRPOTrainer shards
+        its own (`trl.models.utils.prepare_fsdp`), but by Accelerate's own layout for the policy (`fsdp2_prepare_model`:
+        each transformer block a unit, the embeddings and LM head in units of their own), so that a forward gathers one
+        block at a time instead of the whole model. Each forward is then a collective: every process scores its batch
+        with it once per step (REINFORCE) or rollout (PPO), the same number of times. `reference_context` reshards it after each use: FSDP2 keeps a root unit (and Accelerate's
+        embedding and head unit, `reshard_after_forward=False`) gathered after a forward, for a backward that a frozen
+        model never runs. Under ZeRO-3 the reference stays whole (`models.whole_weights`), and for GRADE everywhere
+        (`shard_reference`)."""
+        if self.accelerator.is_fsdp2 and self.shard_reference:
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            return fsdp2_prepare_model(self.accelerator, ref_model.to(self.accelerator.device)).eval()
+        return self.accelerator.prepare_model(ref_model.to(self.accelerator.device), evaluation_mode=True)
+
     def reference_context(self, policy_model):
         """(reference module, context factory): the frozen copy, or the policy with its LoRA adapters disabled (`adapters_disabled`).
 
         `with context():` makes the module the reference; a factory, so that code recomputed in backward
-        (activation checkpointing) can enter the same context again."""
+        (activation checkpointing) can enter the same context again. A sharded reference is put back to its shards on
+        exit (`prepared_reference`)."""
         if self.ref_model is not None:
-            return self.ref_model, nullcontext
+            return self.ref_model, (lambda: resharded_on_exit(self.ref_model)) if is_sharded(self.ref_model) else nullcontext
         unwrapped = self.accelerator.unwrap_model(policy_model)
         return unwrapped, lambda: adapters_disabled(unwrapped)
 
