@@ -5,8 +5,7 @@ coefficients in `docs/results/memory_model.json` (benchmarks/memory_model.py, ch
 float32). The GSM8K one: Qwen2.5-0.5B to 7B with grade_trl's REINFORCE and PPO at the GSM8K recipes' shape, bf16
 autocast with float32 master weights, from `docs/results/memory_model_qwen2.json` (benchmarks/memory_model_qwen2.py,
 a CPU fit checked on a larger unseen Qwen2; not yet on a GPU; TRL's GRPO/CISPO are not in it: that script says why):
-the fit with `chunked_scoring` for one GPU, zero2.yaml and fsdp2.yaml, the whole logits' fit for zero3.yaml, where the
-scoring inside the LM head does not apply (`qwen2_entry`).
+the fit with `chunked_scoring` (the default) for every config (`qwen2_entry`).
 How each config places the parts:
 
                       policy weights       gradients   AdamW state   reference                 reward backbone    activations
@@ -101,9 +100,10 @@ def qwen2_per_gpu_gib(qwen2, method: str, entry: dict, shape: dict, config: str,
 
 
 def qwen2_entry(model: dict, method: str, config: str) -> dict:
-    """The Qwen2 fit of the scoring `config` runs: chunked_scoring (`model["methods"]`) on one GPU, DDP, ZeRO-2 and FSDP2,
-    the whole logits (`model["whole_logits"]`) under ZeRO-3, where grade_trl.core.head_scoring does not apply."""
-    return model["whole_logits" if config == "zero3.yaml" else "methods"][f"{method}/bf16"]
+    """The Qwen2 fit of the scoring `config` runs: chunked_scoring (`model["methods"]`, the default) under every config
+    (grade_trl.core.head_scoring applies on one GPU, DDP, ZeRO and FSDP2 since 2026-12-07); `model["whole_logits"]` is the
+    fit of `chunked_scoring: false`."""
+    return model["methods"][f"{method}/bf16"]
 
 
 def cells(values: list[float], card_gib: float) -> str:

@@ -218,13 +218,12 @@ def untied_copy(base):
     return untied
 
 
-def head_scoring_case(base, tokenizer, rank: int, world: int, layout: str, entropy: str) -> dict:
-    """REINFORCE's and PPO's scoring inside the LM head (core/head_scoring.py) on the sharded model, 2 positions a chunk,
-    each chunk's logits recomputed in backward, where FSDP2's hooks unshard the head's weight again (pre-backward):
-    against the whole logits of an unsharded copy on the global batch. The loss is the mean over rows of the summed
-    log-probs (+ the mean entropy: PPO's bonus, entropy "grad"). Layouts: Accelerate's (`fsdp2_prepare_model`: the head
-    in the tail unit, not resharded after forward) and, for an untied head, the head a unit of its own resharded after
-    forward (`own`), whose weight is a shard between its forward and its backward."""
+def head_scoring_comparison(base, tokenizer, rank: int, world: int, entropy: str, shard) -> tuple[dict, object]:
+    """REINFORCE's and PPO's scoring inside the LM head (core/head_scoring.py) on a sharded copy of `base`, 2 positions a
+    chunk, each chunk's logits recomputed in backward, where the sharding's hooks have gathered the head's weight again:
+    against the whole logits (sampling.token_logprobs) of an unsharded copy on the global batch. The loss is the mean
+    over rows of the summed log-probs (+ the mean entropy: PPO's bonus, entropy "grad"). shard: base -> (the sharded
+    model to call, backward(loss), gradients() -> {name: the whole gradient}). (The comparison, the sharded model.)"""
     from torch.utils.checkpoint import checkpoint
 
     from grade_trl.core import SamplingSettings, completion_scores, head_scoring, sample, token_logprobs
@@ -240,7 +239,7 @@ def head_scoring_case(base, tokenizer, rank: int, world: int, layout: str, entro
         bonus = masked_mean(entropy_values, batch.completion_mask[rows]) if entropy == "grad" else 0.0
         return logps.sum() / logps.shape[0] + bonus
 
-    full = copy.deepcopy(base)  # the reference: the whole logits (sampling.token_logprobs) of the global batch
+    full = copy.deepcopy(base)  # the reference: the whole logits of the global batch
     logps, processed = token_logprobs(full, batch, settings, with_grad=True)
     loss_full = loss_of(logps, token_entropy(processed), slice(None))
     loss_full.backward()
@@ -248,15 +247,7 @@ def head_scoring_case(base, tokenizer, rank: int, world: int, layout: str, entro
 
     rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     local = dataclasses.replace(batch, **{name: getattr(batch, name)[rows] for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "logprobs")})
-    if layout == "accelerate":
-        sharded = accelerate_sharded_copy(base, world)
-    else:
-        sharded = copy.deepcopy(base)
-        mesh = init_device_mesh("cpu", (world,))
-        for block in sharded.transformer.h:
-            fully_shard(block, mesh=mesh)
-        fully_shard(sharded.lm_head, mesh=mesh, reshard_after_forward=True)
-        fully_shard(sharded, mesh=mesh)
+    sharded, backward, gradients = shard(base)
     recomputed = []
 
     def counted_checkpoint(*args, **kwargs):
@@ -269,14 +260,32 @@ def head_scoring_case(base, tokenizer, rank: int, world: int, layout: str, entro
         head_applies = head_scoring.output_head(sharded) is not None
         logps, entropy_values = completion_scores(sharded, local, settings, with_grad=True, entropy=entropy)
         loss_local = loss_of(logps, entropy_values, rows)
-        loss_local.backward()
+        backward(loss_local)
     finally:
         head_scoring.CHUNK_ELEMENTS, head_scoring.checkpoint = chunk_elements, checkpoint
-    grads_sharded = {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.grad is not None}
-    result = comparison(reference, loss_local, NEW_TOKENS, grads_sharded, world)
-    tied = sharded.lm_head.weight is sharded.transformer.wte.weight
-    return {**result, "head_applies": head_applies, "chunks_recomputed": len(recomputed), "tied": tied,
-            "head_weight_is_dtensor": isinstance(sharded.lm_head.weight, DTensor)}
+    result = comparison(reference, loss_local, NEW_TOKENS, gradients(), world)
+    return {**result, "head_applies": head_applies, "chunks_recomputed": len(recomputed)}, sharded
+
+
+def head_scoring_case(base, tokenizer, rank: int, world: int, layout: str, entropy: str) -> dict:
+    """`head_scoring_comparison` under FSDP2, where the head's unit's pre-backward hook gathers its weight again. Layouts:
+    Accelerate's (`fsdp2_prepare_model`: the head in the tail unit, not resharded after forward) and, for an untied head,
+    the head a unit of its own resharded after forward (`own`), whose weight is a shard between its forward and its
+    backward."""
+    def shard(model):
+        if layout == "accelerate":
+            sharded = accelerate_sharded_copy(model, world)
+        else:
+            sharded = copy.deepcopy(model)
+            mesh = init_device_mesh("cpu", (world,))
+            for block in sharded.transformer.h:
+                fully_shard(block, mesh=mesh)
+            fully_shard(sharded.lm_head, mesh=mesh, reshard_after_forward=True)
+            fully_shard(sharded, mesh=mesh)
+        return sharded, torch.Tensor.backward, lambda: {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.grad is not None}
+
+    result, sharded = head_scoring_comparison(base, tokenizer, rank, world, entropy, shard)
+    return {**result, "tied": sharded.lm_head.weight is sharded.transformer.wte.weight, "head_weight_is_dtensor": isinstance(sharded.lm_head.weight, DTensor)}
 
 
 def reference_reshard_case(base, tokenizer, world: int) -> dict:

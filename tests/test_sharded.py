@@ -78,7 +78,7 @@ def test_chunked_scoring_under_fsdp2_matches_one_process(sharded_rollout, case):
     logits are recomputed in backward from the head's weight, which FSDP2's pre-backward hook has gathered again; in
     `untied_own` the head is a unit of its own resharded after its forward (a shard until that hook runs). Tied: E is
     the head (the tiny model, Qwen2.5-0.5B to 3B); untied: Qwen2.5-7B's layout. Before 2026-12-07 FSDP2 runs scored the
-    whole logits (the head's weight was assumed unreachable in backward)."""
+    whole logits (the head's weight was assumed unreachable in backward); ZeRO-3's: below."""
     r = sharded_rollout[case]
     assert r["head_applies"] and r["head_weight_is_dtensor"] and r["tied"] == ("_tied_" in case)
     assert r["chunks_recomputed"] == 3  # 6 positions, 2 a chunk: the checkpointed path, not one chunk
@@ -282,11 +282,17 @@ def test_zero3_soft_rollout_matches_one_process(zero3_rollout, case):
     assert r["steps_local"] == r["steps_single"] == 6
 
 
-def test_chunked_scoring_keeps_the_whole_logits_under_zero3(zero3_rollout):
-    """ZeRO-3 frees a module's gathered weight after its forward and gathers it again by hooks on its outputs; the head
-    scoring's recompute in backward has not been tried against that (DeepSpeed's engine runs on GPUs only under
-    Accelerate), so a ZeRO-3 policy scores the whole logits (`output_head` is None), while FSDP2 does not (above)."""
-    assert zero3_rollout["straight_through"]["chunked_scoring_applies"] is False
+@pytest.mark.parametrize("case", ["head_scoring_tied", "head_scoring_untied"])
+def test_chunked_scoring_under_zero3_matches_one_process(zero3_rollout, case):
+    """`chunked_scoring` under ZeRO-3 (every parameter partitioned, the head's weight an empty tensor outside its module's
+    forward): the recompute in backward reads the weight DeepSpeed's hook on the scores has gathered again; the loss
+    and every gradient equal one process's whole logits, tied (PPO's entropy bonus with its gradient) and untied."""
+    r = zero3_rollout[case]
+    assert r["head_applies"] and r["head_partitioned_after"], r
+    assert r["chunks_recomputed"] == 3  # 6 positions, 2 a chunk
+    assert r["same_parameters_have_gradients"], r
+    assert r["loss_sharded"] == pytest.approx(r["loss_single"], rel=LOSS_RTOL)
+    assert r["max_grad_diff"] <= GRAD_RTOL * r["grad_scale"], r
 
 
 def test_zero3_check_can_fail(zero3_rollout):

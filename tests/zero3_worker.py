@@ -19,10 +19,10 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 from grade_trl.cli import exit_process
-from grade_trl.core.head_scoring import output_head
 from grade_trl.core.sharding import input_embedding_matrix, is_sharded
 from grade_trl.models import load_causal_lm, resolve_model_path
-from sharded_worker import GLOBAL_BATCH, comparison, local_relax, lora_copy, lora_objective, objective, setup, unsharded_run, write_results
+from sharded_worker import (GLOBAL_BATCH, comparison, head_scoring_comparison, local_relax, lora_copy, lora_objective, objective, setup, unsharded_run,
+                            untied_copy, write_results)
 
 CONFIG = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "fp16": {"enabled": False}, "bf16": {"enabled": False}}
@@ -127,6 +127,22 @@ def loading_case() -> dict:
             "whole_matches_file": whole.get_input_embeddings().weight.shape[0] == whole.config.vocab_size, "config_restored": still_registered}
 
 
+def head_scoring_case(base, tokenizer, rank: int, world: int, entropy: str) -> dict:
+    """`sharded_worker.head_scoring_comparison` under ZeRO-3: the head's weight is an empty tensor outside its module's
+    forward, gathered again by the hook DeepSpeed puts on the module's output (the scores) before the chunks' recompute."""
+    engines = []
+
+    def shard(model):
+        engines.append(partitioned_copy(model))
+        module = engines[0].module
+        return module, engines[0].backward, lambda: {n: g for n, p in module.named_parameters() if (g := safe_get_full_grad(p)) is not None and g.abs().max() > 0}
+
+    result, module = head_scoring_comparison(base, tokenizer, rank, world, entropy, shard)
+    result["head_partitioned_after"] = module.get_output_embeddings().weight.numel() == 0
+    engines[0].destroy()
+    return result
+
+
 def main(out_path: str) -> None:
     # DeepSpeed's CPU accelerator would JIT-compile its shared-memory all-reduce (a C++ build of about 40 s on a fresh
     # install, and a compiler needed); gloo alone does what the test needs
@@ -159,10 +175,11 @@ def main(out_path: str) -> None:
         grads_sharded = {n: safe_get_full_grad(p) for n, p in model.named_parameters()}
         grads_sharded = {n: g for n, g in grads_sharded.items() if g is not None and g.abs().max() > 0}
         results[case] = comparison(reference, loss_local, steps_local, grads_sharded, world) | {"embedding_partitioned": partitioned}
-        results[case]["chunked_scoring_applies"] = output_head(model) is not None  # not under ZeRO-3 (core/head_scoring.py)
         engine.destroy()
     soft_rollout_module.input_embedding_matrix = input_embedding_matrix
     results |= {f"nonfinite_guard_zero{stage}": nonfinite_guard_case(base, enc, stage) for stage in (3, 2, 0)}
+    for name, model, entropy in (("tied", base, "grad"), ("untied", untied_copy(base), "detached")):
+        results[f"head_scoring_{name}"] = head_scoring_case(model, tokenizer, rank, world, entropy)
     write_results(results, out_path, rank)
 
 

@@ -25,13 +25,13 @@ weight's gradient is summed chunk by chunk (float summation order). Cost: one mo
 backward, as TRL's.
 
 Applies where the head is a plain `nn.Linear` (FSDP2's `fully_shard` of it included), the model is whole on each
-process or sharded by FSDP2 alone, nothing replaced the head's forward, and the config declares no scaling of the logits
-after the head. Under FSDP2 the recompute reads the head's weight in backward after the unit's pre-backward hook (on
-the scores this forward returned) has gathered it again, and its gradient reaches the unit's reduce-scatter with the
-rest (tests/sharded_worker.py: tied and untied heads, Accelerate's layout and a head resharded after forward, equal to
-one process's whole logits). ZeRO-3 frees and gathers a module's weight by its own hooks; the recompute has not been
-tried there (DeepSpeed runs on GPUs only under Accelerate), so ZeRO-3 runs keep the whole-tensor scoring, as does
-any other DTensor layout (tensor parallelism). A model whose forward still changes what
+process or sharded by FSDP2 or ZeRO-3, nothing replaced the head's forward, and the config declares no scaling of the
+logits after the head. Sharded, the recompute reads the head's weight in backward after the hook on the scores this
+forward returned has gathered it again (FSDP2's pre-backward hook of the head's unit, ZeRO-3's of the head module),
+and its gradient reaches the reduce-scatter with the rest: tests/sharded_worker.py (FSDP2: tied and untied heads,
+Accelerate's layout and a head resharded after forward) and tests/zero3_worker.py (DeepSpeed's ZeRO-3 engine on its CPU
+accelerator, every parameter partitioned), equal to one process's whole logits. Any other sharded layout (tensor
+parallelism's DTensors) keeps the whole-tensor scoring. A model whose forward still changes what
 the head returned is caught (the output's logits are not the values the head returned: `HeadScores.read`) and scored
 again the whole-tensor way, with a warning; one that changed them in place would not be caught (none of transformers'
 causal LMs does). The peak of a chunked step (benchmarks/memory_model_qwen2.py): every saved activation plus about 20
@@ -61,7 +61,7 @@ from .sampling import (
     token_entropy,
     token_logprobs,
 )
-from .sharding import is_fsdp2, is_sharded
+from .sharding import is_fsdp2, is_sharded, is_zero3
 from .soft_rollout import last_positions, position_ids_from_mask, unwrapped
 
 ENTROPY_MODES = ("none", "detached", "grad")
@@ -77,7 +77,7 @@ def output_head(model: nn.Module) -> nn.Linear | None:
     inner = unwrapped(model)
     get_head = getattr(inner, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if _own_class(head) is not nn.Linear or "forward" in vars(head) or (is_sharded(inner) and not is_fsdp2(inner)):
+    if _own_class(head) is not nn.Linear or "forward" in vars(head) or (is_sharded(inner) and not (is_fsdp2(inner) or is_zero3(inner))):
         return None
     config = getattr(inner, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

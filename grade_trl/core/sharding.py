@@ -34,6 +34,11 @@ def is_fsdp2(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule) and not any(_is_zero3(p) for p in module.parameters())
 
 
+def is_zero3(module: torch.nn.Module) -> bool:
+    """Whether any parameter of `module` is partitioned by DeepSpeed ZeRO-3."""
+    return any(_is_zero3(p) for p in module.parameters())
+
+
 def _is_zero3(parameter: torch.Tensor) -> bool:
     return hasattr(parameter, "ds_id")  # set by deepspeed.zero.Init on the parameters it partitions (ZeRO-3 only)
 

@@ -129,8 +129,8 @@ class SampledRolloutConfig(RolloutConfig):
                   "at a time, recomputing each chunk's logits in backward (torch.utils.checkpoint), as TRL's GRPO does with its fused "
                   "LM head: the B x T x V logits and their float32 copies are never held whole (at GSM8K's Qwen2.5-0.5B shape they "
                   "were half of REINFORCE's step peak). Exact: the same log-probs, entropy and gradient; costs one more LM-head "
-                  "product per chunk in backward. Applies to a plain nn.Linear head without logit scaling, on one process, DDP, ZeRO-1/2 "
-                  "and FSDP2 (ZeRO-3 runs keep the whole logits); false: always the whole logits (core/head_scoring.py)."},
+                  "product per chunk in backward. Applies to a plain nn.Linear head without logit scaling, on one process, DDP, ZeRO "
+                  "and FSDP2; false: always the whole logits (core/head_scoring.py)."},
     )
     kl_estimator: str = field(
         default="k1",
