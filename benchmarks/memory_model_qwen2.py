@@ -12,8 +12,7 @@ of width I, not 4 H) saves other tensors than GPT-2's, so its activations get th
     S, X       = c1 B L (P+T) H + c2 B L (P+T) I + c3 C + c4 B (P+T) H + c5 B (P+T)^2 + c6 B V + c7 (N - V H) + c8 V H + c0
                  (bytes; NNLS)
 
-C is the logits the scoring holds at once: B T V with the whole logits (`chunked_scoring` false, and FSDP2 / ZeRO-3
-runs), one chunk's B V c with REINFORCE's and PPO's default `chunked_scoring` (grade_trl/core/head_scoring.py: c =
+C is the logits the scoring holds at once: B T V with the whole logits (`chunked_scoring` false), one chunk's B V c with REINFORCE's and PPO's default `chunked_scoring` (grade_trl/core/head_scoring.py: c =
 2^26 // (B V) positions, 27 at the GSM8K shape). A chunked fit measures each grid point in two chunks (`FIT_CHUNKS`)
 and adds the moment S + k C, the first chunk's recompute and gradient at the start of backward with every saved
 activation still held, k its bytes per logit measured on `CHUNK_PROBE` (a step whose peak it is); the check runs at
