@@ -52,7 +52,8 @@ _fsdp2_prepare_model = accelerate.accelerator.fsdp2_prepare_model
 def _fsdp2_prepare_model_and_record(accelerator, model):
     """Accelerate's own `fsdp2_prepare_model`, then a record of what it made of the model (appended, one JSON line
     per call, to $FSDP_CPU_RECORD with the rank in its name): whether it is an FSDP module and how many of the
-    parameters' elements this process holds, so the test can tell that the policy (the last record) and the frozen
+    parameters' elements this process holds and which transformer blocks are units of their own, so the test can tell
+    that the policy (the last record) and the frozen
     reference (the one before it, where the method has one: prepared first, in the trainer's `__init__`) were sharded,
     not replicated."""
     from torch.distributed.fsdp import FSDPModule
@@ -63,7 +64,9 @@ def _fsdp2_prepare_model_and_record(accelerator, model):
     if path:
         parameters = list(prepared.parameters())
         local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in parameters)
+        blocks = [m for m in prepared.modules() if type(m).__name__.endswith("Block")]  # GPT2Block (FSDPGPT2Block once a unit)
         record = {"fsdp_module": isinstance(prepared, FSDPModule), "distributed_type": str(accelerator.distributed_type),
+                  "blocks": len(blocks), "block_units": sum(isinstance(m, FSDPModule) for m in blocks),
                   "dtensor_parameters": sum(isinstance(p, DTensor) for p in parameters), "parameters": len(parameters),
                   "local_elements": local, "elements": sum(p.numel() for p in parameters)}
         with open(f"{path}.rank{accelerator.process_index}", "a") as f:
@@ -72,6 +75,10 @@ def _fsdp2_prepare_model_and_record(accelerator, model):
 
 
 if __name__ == "__main__":
+    if os.environ.get("FSDP_CPU_CHUNK_ELEMENTS"):  # REINFORCE's and PPO's head scoring in several chunks on the tiny model
+        from grade_trl.core import head_scoring
+
+        head_scoring.CHUNK_ELEMENTS = int(os.environ["FSDP_CPU_CHUNK_ELEMENTS"])
     accelerate.accelerator.fsdp2_prepare_model = _fsdp2_prepare_model_and_record
     accelerate.utils.fsdp_utils.fsdp2_prepare_model = _fsdp2_prepare_model_and_record  # the frozen reference's (trainers.base)
     AcceleratorState.__init__ = _init_with_fsdp_on_cpu

@@ -223,9 +223,9 @@ def head_scoring_comparison(base, tokenizer, rank: int, world: int, entropy: str
     chunk, each chunk's logits recomputed in backward, where the sharding's hooks have gathered the head's weight again:
     against the whole logits (sampling.token_logprobs) of an unsharded copy on the global batch. The loss is the mean
     over rows of the summed log-probs (+ the mean entropy: PPO's bonus, entropy "grad"). shard: base -> (the sharded
-    model to call, backward(loss), gradients() -> {name: the whole gradient}). (The comparison, the sharded model.)"""
-    from torch.utils.checkpoint import checkpoint
-
+    model to call, backward(loss), gradients() -> {name: the whole gradient}, head_is_shard() -> whether the head's
+    weight is a shard now, read between the forward and the backward). `chunks_scored` counts the chunks' computations:
+    3 in the forward and 3 recomputed in backward. (The comparison, the sharded model.)"""
     from grade_trl.core import SamplingSettings, completion_scores, head_scoring, sample, token_logprobs
     from grade_trl.core.masks import masked_mean
     from grade_trl.core.sampling import token_entropy
@@ -247,24 +247,25 @@ def head_scoring_comparison(base, tokenizer, rank: int, world: int, entropy: str
 
     rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     local = dataclasses.replace(batch, **{name: getattr(batch, name)[rows] for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "logprobs")})
-    sharded, backward, gradients = shard(base)
-    recomputed = []
+    sharded, backward, gradients, head_is_shard = shard(base)
+    chunk_scores, scored = head_scoring._chunk_scores, []
 
-    def counted_checkpoint(*args, **kwargs):
-        recomputed.append(1)
-        return checkpoint(*args, **kwargs)
+    def counted_chunk_scores(*args, **kwargs):
+        scored.append(torch.is_grad_enabled())
+        return chunk_scores(*args, **kwargs)
 
     chunk_elements, head_scoring.CHUNK_ELEMENTS = head_scoring.CHUNK_ELEMENTS, local.completion_ids.shape[0] * 2 * base.config.vocab_size
-    head_scoring.checkpoint = counted_checkpoint
+    head_scoring._chunk_scores = counted_chunk_scores
     try:
         head_applies = head_scoring.output_head(sharded) is not None
         logps, entropy_values = completion_scores(sharded, local, settings, with_grad=True, entropy=entropy)
         loss_local = loss_of(logps, entropy_values, rows)
+        shard_before_backward = head_is_shard()
         backward(loss_local)
     finally:
-        head_scoring.CHUNK_ELEMENTS, head_scoring.checkpoint = chunk_elements, checkpoint
+        head_scoring.CHUNK_ELEMENTS, head_scoring._chunk_scores = chunk_elements, chunk_scores
     result = comparison(reference, loss_local, NEW_TOKENS, gradients(), world)
-    return {**result, "head_applies": head_applies, "chunks_recomputed": len(recomputed)}, sharded
+    return {**result, "head_applies": head_applies, "chunks_scored": len(scored), "head_shard_before_backward": shard_before_backward}, sharded
 
 
 def head_scoring_case(base, tokenizer, rank: int, world: int, layout: str, entropy: str) -> dict:
@@ -282,10 +283,11 @@ def head_scoring_case(base, tokenizer, rank: int, world: int, layout: str, entro
                 fully_shard(block, mesh=mesh)
             fully_shard(sharded.lm_head, mesh=mesh, reshard_after_forward=True)
             fully_shard(sharded, mesh=mesh)
-        return sharded, torch.Tensor.backward, lambda: {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.grad is not None}
+        gradients = lambda: {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.grad is not None}  # noqa: E731
+        return sharded, torch.Tensor.backward, gradients, lambda: isinstance(sharded.lm_head.weight, DTensor)
 
     result, sharded = head_scoring_comparison(base, tokenizer, rank, world, entropy, shard)
-    return {**result, "tied": sharded.lm_head.weight is sharded.transformer.wte.weight, "head_weight_is_dtensor": isinstance(sharded.lm_head.weight, DTensor)}
+    return {**result, "tied": sharded.lm_head.weight is sharded.transformer.wte.weight}
 
 
 def reference_reshard_case(base, tokenizer, world: int) -> dict:

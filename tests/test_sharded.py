@@ -80,8 +80,11 @@ def test_chunked_scoring_under_fsdp2_matches_one_process(sharded_rollout, case):
     the head (the tiny model, Qwen2.5-0.5B to 3B); untied: Qwen2.5-7B's layout. Before 2026-12-07 FSDP2 runs scored the
     whole logits (the head's weight was assumed unreachable in backward); ZeRO-3's: below."""
     r = sharded_rollout[case]
-    assert r["head_applies"] and r["head_weight_is_dtensor"] and r["tied"] == ("_tied_" in case)
-    assert r["chunks_recomputed"] == 3  # 6 positions, 2 a chunk: the checkpointed path, not one chunk
+    assert r["head_applies"] and r["tied"] == ("_tied_" in case)
+    assert r["chunks_scored"] == 6  # 6 positions, 2 a chunk: 3 in the forward, the same 3 recomputed in backward
+    # between the forward and the backward the head's weight was a shard where its unit reshards after forward (`own`),
+    # gathered where Accelerate's tail unit keeps it (reshard_after_forward=False)
+    assert r["head_shard_before_backward"] == case.endswith("_own"), r
     assert r["same_parameters_have_gradients"]
     assert r["loss_sharded"] == pytest.approx(r["loss_single"], rel=LOSS_RTOL)
     assert r["max_grad_diff"] <= GRAD_RTOL * r["grad_scale"], r
@@ -288,8 +291,8 @@ def test_chunked_scoring_under_zero3_matches_one_process(zero3_rollout, case):
     forward): the recompute in backward reads the weight DeepSpeed's hook on the scores has gathered again; the loss
     and every gradient equal one process's whole logits, tied (PPO's entropy bonus with its gradient) and untied."""
     r = zero3_rollout[case]
-    assert r["head_applies"] and r["head_partitioned_after"], r
-    assert r["chunks_recomputed"] == 3  # 6 positions, 2 a chunk
+    assert r["head_applies"] and r["head_shard_before_backward"] and r["head_partitioned_after"], r  # empty between forward and backward
+    assert r["chunks_scored"] == 6  # 6 positions, 2 a chunk: 3 in the forward, the same 3 recomputed in backward
     assert r["same_parameters_have_gradients"], r
     assert r["loss_sharded"] == pytest.approx(r["loss_single"], rel=LOSS_RTOL)
     assert r["max_grad_diff"] <= GRAD_RTOL * r["grad_scale"], r
@@ -345,15 +348,21 @@ def test_frozen_models_load_whole_under_zero3(zero3_rollout):
 # DDP as these do when run by hand (README, "Past one GPU"), left out for CI's time (about 20 s a case on 2 cores); so is
 # CISPO, which is TRL's GRPOTrainer with another loss (loss_type), the same FSDP2 path as GRPO's (it matched DDP too while
 # it was a case here, to 2026-12-06). Full weights: REINFORCE and GRPO (whose beta 0.04 makes TRL build and prepare a
-# reference model of its own, which its LoRA case has not) here, PPO in the resume test below (its FSDP2-against-DDP
-# case without LoRA was a case here until 2026-12-07: the suite had grown past 15 minutes). GRADE-STE (with
+# reference model of its own, which its LoRA case has not) and PPO here (its full-weights case was cut on 2026-12-07
+# for the suite's time, then brought back the same day: its reference is sharded now, and its head scoring runs
+# through the value-head wrapper, which no other case covers; the suite had come down to 10 minutes). GRADE-STE (with
 # LoRA) and REINFORCE accumulate 2 micro-batches of 2 per optimizer step (the same 4 completions per process as the
 # others' one batch of 4); GRADE-STE's accumulation and LoRA were two cases until 2026-12-06, one launch pair each.
 ACCUMULATE = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}
 FSDP_CPU_CASES = {
     "grade_ste-lora-accumulated": ("tiny/imdb_grade_ste.yaml", {**ACCUMULATE, "use_peft": "true"}), "reinforce-accumulated": ("tiny/imdb_reinforce.yaml", ACCUMULATE),
     "grpo": ("tiny/imdb_grpo.yaml", {}), "grpo-lora": ("tiny/imdb_grpo.yaml", {"use_peft": "true"}), "ppo-lora": ("tiny/imdb_ppo.yaml", {"use_peft": "true"}),
+    "ppo": ("tiny/imdb_ppo.yaml", {}),
 }
+# REINFORCE's and PPO's FSDP2 runs score inside the LM head one position at a time (the tiny model's default is one
+# chunk), each recomputed in backward under FSDP2's hooks (PPO's through its value-head wrapper, the FSDP2 root there);
+# their DDP runs score the whole logits, so the logged losses and KLs compare the two scorings as well
+CHUNKED_UNDER_FSDP = {"FSDP_CPU_CHUNK_ELEMENTS": str(8192)}
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +379,7 @@ def shared_reward_model(tmp_path_factory):
         yield folder / "reward_model"
 
 
-def _two_process_run(tmp_path, name: str, recipe: str, overrides: dict, reward_model, fsdp: bool) -> subprocess.CompletedProcess:
+def _two_process_run(tmp_path, name: str, recipe: str, overrides: dict, reward_model, fsdp: bool, fsdp_env: dict | None = None) -> subprocess.CompletedProcess:
     """2 steps of `recipe` with `overrides` on 2 CPU processes, per-process batch 4 unless overridden: under fsdp2.yaml through tests/fsdp_cpu_run.py
     (Accelerate's FSDP2 path on CPU, torchrun with the config's launch environment), or as plain DDP
     (`accelerate launch` with cpu.yaml). Small evaluations before, at step 2 and at the end (FSDP's lock-step `generate`
@@ -380,7 +389,7 @@ def _two_process_run(tmp_path, name: str, recipe: str, overrides: dict, reward_m
     args = shrunk(tmp_path, name, recipe=str(REPO / "recipes" / recipe), **{**settings, **overrides})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if fsdp:
-        env.update(launch_env("fsdp2.yaml"), FSDP_CPU_RECORD=str(tmp_path / f"{name}.prepared"))
+        env.update(launch_env("fsdp2.yaml"), FSDP_CPU_RECORD=str(tmp_path / f"{name}.prepared"), **(fsdp_env or {}))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "tests" / "fsdp_cpu_run.py")]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu.yaml"), "--num_processes", "2",
@@ -399,6 +408,17 @@ def _two_process_run(tmp_path, name: str, recipe: str, overrides: dict, reward_m
         result = subprocess.run(cmd + args, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
         (tmp_path / f"{name}.stderr.txt").write_text(result.stderr)
     return result
+
+
+def _assert_weights_match(got: torch.Tensor, want: torch.Tensor, key: str, steps: int, learning_rate: float) -> None:
+    """Equal to float rounding (rtol 1e-4, atol 1e-5), but for a few entries that AdamW moved the other way: its update
+    lr g / (|g| + eps), about lr a step, turns a gradient entry within rounding of 0 into either sign. Seen with REINFORCE's
+    head scored in chunks under FSDP2 against DDP's whole logits: 2 of 5.3M entries 1.5e-5 apart after 2 steps at lr
+    1e-4. A wrong shard, average or scoring moves far more entries (the losses above check the same steps)."""
+    far = ~torch.isclose(got, want, rtol=1e-4, atol=1e-5)
+    assert int(far.sum()) <= max(4, got.numel() // 100_000), (key, int(far.sum()), got.numel())
+    if far.any():
+        assert float((got - want)[far].abs().max()) <= 2 * steps * learning_rate, (key, float((got - want)[far].abs().max()))
 
 
 def _saved_tensors(folder) -> dict[str, torch.Tensor]:
@@ -423,7 +443,8 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_rew
     use_peft = overrides.get("use_peft") == "true"
     runs = {}
     for name, fsdp in (("fsdp", True), ("ddp", False)):
-        result = _two_process_run(tmp_path, name, recipe, overrides, shared_reward_model, fsdp)
+        chunked = CHUNKED_UNDER_FSDP if recipe in ("tiny/imdb_reinforce.yaml", "tiny/imdb_ppo.yaml") else None
+        result = _two_process_run(tmp_path, name, recipe, overrides, shared_reward_model, fsdp, chunked)
         assert result.returncode == 0, launch_failure(name, result)
         # defaults that fit the machine: no DDP search for unused parameters (each method uses them all), no pinned
         # memory on the CPU; progress is reported by rank 0 only
@@ -442,11 +463,16 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_rew
         for record in prepared:
             assert record["fsdp_module"] and record["distributed_type"] == "DistributedType.FSDP", prepared
             assert record["dtensor_parameters"] == record["parameters"] and record["local_elements"] <= record["elements"] // 2 + 256, prepared
+            # every transformer block a unit of its own: PPO's value-head wrapper too (it was one unit, the root, gathered
+            # whole from forward to backward, until the wrapper forwarded the policy's `_no_split_modules`)
+            assert record["blocks"] > 0 and record["block_units"] == record["blocks"], prepared
 
     assert runs["fsdp"]["final"]["samples_per_step"] == runs["ddp"]["final"]["samples_per_step"]
     if overrides.get("gradient_accumulation_steps") == 2:
         assert runs["fsdp"]["final"]["samples_per_step"] == 2 * 2 * 2  # processes x micro-batches x completions each
     losses = {name: [h["loss"] for h in run["history"] if "loss" in h] for name, run in runs.items()}
+    kls = {name: [h["kl"] for h in run["history"] if "loss" in h and "kl" in h] for name, run in runs.items()}
+    assert kls["fsdp"] == pytest.approx(kls["ddp"], rel=1e-4, abs=1e-6), kls
     # rel 1e-4: the second loss follows one AdamW step, whose first update g / (|g| + eps) amplifies the last-bit
     # differences of a reduce-scatter against an all-reduce where a gradient entry is near 0; on the CPU of 2026-12-06
     # REINFORCE with accumulation differed by 1.4e-5 (15.91727 against 15.91749), the same figures at 9621c1b, before
@@ -458,8 +484,11 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_rew
     common = saved["fsdp"].keys() & saved["ddp"].keys()
     # Under FSDP the gathered state dict also holds the tied LM head (a copy of E, loaded tied again): the only extra key
     assert common == saved["ddp"].keys() and saved["fsdp"].keys() - common <= {"model.safetensors:lm_head.weight"}, (saved["fsdp"].keys() ^ saved["ddp"].keys())
+    import yaml
+
+    learning_rate = float(yaml.safe_load((REPO / "recipes" / recipe).read_text())["learning_rate"])
     for key in common:
-        torch.testing.assert_close(saved["fsdp"][key], saved["ddp"][key], rtol=1e-4, atol=1e-5, msg=key)
+        _assert_weights_match(saved["fsdp"][key], saved["ddp"][key], key, steps=2, learning_rate=learning_rate)
     if use_peft:
         from peft import PeftModel
 

@@ -135,7 +135,8 @@ def head_scoring_case(base, tokenizer, rank: int, world: int, entropy: str) -> d
     def shard(model):
         engines.append(partitioned_copy(model))
         module = engines[0].module
-        return module, engines[0].backward, lambda: {n: g for n, p in module.named_parameters() if (g := safe_get_full_grad(p)) is not None and g.abs().max() > 0}
+        gradients = lambda: {n: g for n, p in module.named_parameters() if (g := safe_get_full_grad(p)) is not None and g.abs().max() > 0}  # noqa: E731
+        return module, engines[0].backward, gradients, lambda: module.get_output_embeddings().weight.numel() == 0
 
     result, module = head_scoring_comparison(base, tokenizer, rank, world, entropy, shard)
     result["head_partitioned_after"] = module.get_output_embeddings().weight.numel() == 0

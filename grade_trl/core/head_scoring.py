@@ -30,8 +30,9 @@ logits after the head. Sharded, the recompute reads the head's weight in backwar
 forward returned has gathered it again (FSDP2's pre-backward hook of the head's unit, ZeRO-3's of the head module),
 and its gradient reaches the reduce-scatter with the rest: tests/sharded_worker.py (FSDP2: tied and untied heads,
 Accelerate's layout and a head resharded after forward) and tests/zero3_worker.py (DeepSpeed's ZeRO-3 engine on its CPU
-accelerator, every parameter partitioned), equal to one process's whole logits. Any other sharded layout (tensor
-parallelism's DTensors) keeps the whole-tensor scoring. A model whose forward still changes what
+accelerator, every parameter partitioned), equal to one process's whole logits. Tensor parallelism alone (DTensors
+without an FSDP2 root) keeps the whole-tensor scoring; FSDP2 on a tensor-parallel mesh is not detected (no such config
+ships). A model whose forward still changes what
 the head returned is caught (the output's logits are not the values the head returned: `HeadScores.read`) and scored
 again the whole-tensor way, with a warning; one that changed them in place would not be caught (none of transformers'
 causal LMs does). The peak of a chunked step (benchmarks/memory_model_qwen2.py): every saved activation plus about 20
@@ -61,7 +62,7 @@ from .sampling import (
     token_entropy,
     token_logprobs,
 )
-from .sharding import is_fsdp2, is_sharded, is_zero3
+from .sharding import all_finished, is_fsdp2, is_sharded, is_zero3
 from .soft_rollout import last_positions, position_ids_from_mask, unwrapped
 
 ENTROPY_MODES = ("none", "detached", "grad")
@@ -174,7 +175,7 @@ def completion_scores(model: nn.Module, batch: SampledBatch, settings: SamplingS
     if head is not None:
         with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
             with scored_in_head(model, head, batch.completion_ids, batch.completion_mask, settings, batch.eos_token_id, truncate, entropy) as scores:
-                read = scores.read(_completion_forward(model, batch).logits)
+                read = read_everywhere(scores, _completion_forward(model, batch).logits, model)
             if read is not None:
                 return read
         warn_scored_whole(model)
@@ -184,6 +185,15 @@ def completion_scores(model: nn.Module, batch: SampledBatch, settings: SamplingS
     if entropy == "none":
         return logps, None
     return logps, chunked_token_entropy(processed.detach() if entropy == "detached" else processed)
+
+
+def read_everywhere(scores: HeadScores, output_logits: torch.Tensor, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """`scores.read(output_logits)`, or None on every process when it is None on any: under sharding each forward is a
+    collective, so the whole-logits fallback (one more forward) must be taken by every process or by none (a forward
+    that changes the head's output could leave one process's values as they were by chance)."""
+    read = scores.read(output_logits)
+    agreed = all_finished(torch.tensor([read is not None], device=output_logits.device), is_sharded(unwrapped(model)))
+    return read if agreed else None
 
 
 def _completion_forward(model, batch: SampledBatch):

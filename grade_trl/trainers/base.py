@@ -346,15 +346,25 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
         policy's weights and gradients together once they are sharded over 8. So it is sharded as TRL's GRPOTrainer shards
         its own (`trl.models.utils.prepare_fsdp`), but by Accelerate's own layout for the policy (`fsdp2_prepare_model`:
         each transformer block a unit, the embeddings and LM head in units of their own), so that a forward gathers one
-        block at a time instead of the whole model. Each forward is then a collective: every process scores its batch
-        with it once per step (REINFORCE) or rollout (PPO), the same number of times. `reference_context` reshards it after each use: FSDP2 keeps a root unit (and Accelerate's
-        embedding and head unit, `reshard_after_forward=False`) gathered after a forward, for a backward that a frozen
-        model never runs. Under ZeRO-3 the reference stays whole (`models.whole_weights`), and for GRADE everywhere
+        block at a time instead of the whole model. Each forward is then a collective: every process scores with it
+        beside the policy's own calls (once per micro-batch in REINFORCE, per rollout in PPO), which are collectives too,
+        so the processes call it the same number of times. `reference_context` reshards it after each use: FSDP2 keeps a
+        root unit (and Accelerate's embedding and head unit, `reshard_after_forward=False`) gathered after a forward, for
+        a backward that a frozen model never runs. Under ZeRO-3 the reference stays whole (`models.whole_weights`), and for GRADE everywhere
         (`shard_reference`)."""
         if self.accelerator.is_fsdp2 and self.shard_reference:
             from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-            return fsdp2_prepare_model(self.accelerator, ref_model.to(self.accelerator.device)).eval()
+            # no `.to(device)` first: `fully_shard` moves a unit at a time, as for the policy (a whole copy on the GPU
+            # would cost what sharding saves, and defeat fsdp2_offload.yaml); each block resharded after its forward
+            # whatever the config says (`reshard_after_forward: false` keeps a trained block for its backward; a
+            # frozen one has none, and kept, the whole reference would be gathered by the end of its forward)
+            plugin = self.accelerator.state.fsdp_plugin
+            reshard_after_forward, plugin.reshard_after_forward = plugin.reshard_after_forward, True
+            try:
+                return fsdp2_prepare_model(self.accelerator, ref_model).eval()
+            finally:
+                plugin.reshard_after_forward = reshard_after_forward
         return self.accelerator.prepare_model(ref_model.to(self.accelerator.device), evaluation_mode=True)
 
     def reference_context(self, policy_model):

@@ -53,6 +53,7 @@ from ..core import (
     ppo_clip_loss,
     logprobs_from_logits,
     output_head,
+    read_everywhere,
     sample,
     scored_in_head,
     token_entropy,
@@ -188,6 +189,14 @@ class PolicyWithValueHead(nn.Module):
             return self.policy.generate(*args, **kwargs)
 
     @property
+    def _no_split_modules(self):
+        """The policy's transformer-block class names, which Accelerate's FSDP2 auto-wrap reads from the model it prepares
+        (`fsdp2_prepare_model`). Without them it made the whole body one unit (the root), gathered whole from forward to
+        backward; until 2026-12-07 every PPO run under fsdp2.yaml was sharded so (then, with the frozen reference prepared
+        first, the block class it set on the shared plugin made PPO's blocks units too, but not with LoRA)."""
+        return getattr(self.policy, "_no_split_modules", None)
+
+    @property
     def supports_gradient_checkpointing(self) -> bool:
         return getattr(self.policy, "supports_gradient_checkpointing", False)
 
@@ -230,7 +239,7 @@ def scores_and_values(model: nn.Module, prompt_ids, prompt_mask, completion_ids,
         entropy = "grad" if entropy_grad else "detached"
         with scored_in_head(model, head, completion_ids, mask, settings, eos_token_id, truncate=True, entropy=entropy) as scores:
             returned, values = completion_forward(model, prompt_ids, prompt_mask, completion_ids, mask)
-        if (read := scores.read(returned)) is not None:
+        if (read := read_everywhere(scores, returned, model)) is not None:
             return *read, values
         warn_scored_whole(model)
     logits, values = completion_forward(model, prompt_ids, prompt_mask, completion_ids, mask)
