@@ -484,9 +484,15 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_rew
     common = saved["fsdp"].keys() & saved["ddp"].keys()
     # Under FSDP the gathered state dict also holds the tied LM head (a copy of E, loaded tied again): the only extra key
     assert common == saved["ddp"].keys() and saved["fsdp"].keys() - common <= {"model.safetensors:lm_head.weight"}, (saved["fsdp"].keys() ^ saved["ddp"].keys())
+    import dataclasses
+
     import yaml
 
-    learning_rate = float(yaml.safe_load((REPO / "recipes" / recipe).read_text())["learning_rate"])
+    from grade_trl.methods import get_method
+
+    settings = yaml.safe_load((REPO / "recipes" / recipe).read_text())  # the recipe's rate, else its method's default
+    default_rate = next(f.default for f in dataclasses.fields(get_method(settings["method"]).config_class) if f.name == "learning_rate")
+    learning_rate = float(settings.get("learning_rate", default_rate))
     for key in common:
         _assert_weights_match(saved["fsdp"][key], saved["ddp"][key], key, steps=2, learning_rate=learning_rate)
     if use_peft:
