@@ -64,16 +64,18 @@ def reference_sharded(method: str, config: str) -> bool:
     return config == "fsdp2.yaml" and method in ("reinforce", "ppo")
 
 
-def placed(config: str, n: int, frozen: float, gathered: float, gpus: int) -> tuple[float, float]:
-    """(resident bytes: weights, AdamW state and the frozen models, `frozen` as they are placed; the gradients' bytes)
-    of a policy of n parameters under `config`, the table of the module docstring."""
+def placed(config: str, method: str, n: int, replicated: float, gathered: float, gpus: int) -> tuple[float, float]:
+    """(resident bytes: weights, AdamW state, `method`'s frozen reference (a copy of the policy) and the `replicated`
+    bytes of other frozen models; the gradients' bytes) of a policy of n parameters under `config`, the table of the
+    module docstring."""
     if config == "one GPU":
         weights, gradients, adam = 4 * n, 4 * n, 8 * n
     elif config == "zero2.yaml":
         weights, gradients, adam = 4 * n, 4 * n / gpus, 8 * n / gpus
     else:
         weights, gradients, adam = 4 * n / gpus + gathered, 4 * n / gpus, 8 * n / gpus
-    return weights + adam + frozen, gradients
+    reference = 4 * n / gpus + gathered if reference_sharded(method, config) else 4 * n
+    return weights + adam + reference + replicated, gradients
 
 
 def per_gpu_gib(model: dict, method: str, config: str, layers: int, hidden: int, batch: int, new_tokens: int, gpus: int) -> float:
@@ -81,8 +83,7 @@ def per_gpu_gib(model: dict, method: str, config: str, layers: int, hidden: int,
     n = parameters(layers, hidden)
     step = activations(entry["saved_coefficients"], layers, hidden, batch, new_tokens) + activations(entry["transient_coefficients"], layers, hidden, batch, new_tokens)
     gathered = 4 * (VOCAB + POSITIONS) * hidden + 2 * 4 * (12 * hidden**2 + 13 * hidden)  # the root unit, two blocks
-    reference = 4 * n / gpus + gathered if reference_sharded(method, config) else 4 * n
-    resident, gradients = placed(config, n, reference + 4 * n, gathered, gpus)  # the reference and the replicated reward backbone
+    resident, gradients = placed(config, method, n, 4 * n, gathered, gpus)  # the reward backbone, the policy's size, replicated
     return (resident + max(step, gradients + 8 * batch * new_tokens * VOCAB)) / GIB
 
 
@@ -93,8 +94,7 @@ def qwen2_per_gpu_gib(qwen2, method: str, entry: dict, shape: dict, config: str,
     n, vocab, hidden = step["parameters"], shape["vocab"], shape["hidden"]
     block = (n - vocab * hidden * (1 if shape["tied"] else 2) - hidden) / shape["layers"]
     gathered = 4 * vocab * hidden * (1 if shape["tied"] else 2) + 2 * 4 * block
-    reference = 4 * n / gpus + gathered if reference_sharded(method, config) else 4 * n
-    resident, gradients = placed(config, n, reference, gathered, gpus)
+    resident, gradients = placed(config, method, n, 0.0, gathered, gpus)
     held_logits = qwen2.scored_logits(batch, new_tokens, vocab, qwen2.prediction_chunk(entry))  # a chunk's with chunked_scoring
     return (resident + max(step["saved"] + step["transient"], step["chunk_moment"], gradients + 8 * held_logits)) / GIB
 

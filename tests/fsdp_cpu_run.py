@@ -53,9 +53,8 @@ def _fsdp2_prepare_model_and_record(accelerator, model):
     """Accelerate's own `fsdp2_prepare_model`, then a record of what it made of the model (appended, one JSON line
     per call, to $FSDP_CPU_RECORD with the rank in its name): whether it is an FSDP module and how many of the
     parameters' elements this process holds and which transformer blocks are units of their own, so the test can tell
-    that the policy (the last record) and the frozen
-    reference (the one before it, where the method has one: prepared first, in the trainer's `__init__`) were sharded,
-    not replicated."""
+    that the policy (the last record) and the frozen reference (the one before it, where the method has one: prepared
+    first, in the trainer's `__init__`) were sharded, not replicated."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 

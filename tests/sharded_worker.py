@@ -7,7 +7,8 @@ from one seed), so the sharded and unsharded rollouts make the same draws. The l
 rows of a differentiable function of the rollout (the soft tokens embedded with E, so the gradient flows through
 every relaxed step into E and the blocks); FSDP averages the ranks' gradients, so the sharded gradient should be
 the unsharded gradient of the mean over the global batch. The same comparison for REINFORCE's and PPO's scoring
-inside the LM head (`head_scoring_case`), the frozen reference's resharding after use, and the evaluation's generation and the rewards' metric log under sharding.
+inside the LM head (`head_scoring_case`); the frozen reference's resharding after use, and the evaluation's generation
+and the rewards' metric log under sharding.
 """
 
 from __future__ import annotations
@@ -218,6 +219,15 @@ def untied_copy(base):
     return untied
 
 
+def sampled_global_batch(base, tokenizer, settings):
+    """The global batch's prompts sampled by the unsharded `base` from seed 0: the same completions on every rank."""
+    from grade_trl.core import sample
+
+    enc_all = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    return sample(base, enc_all["input_ids"], enc_all["attention_mask"], settings, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
 def head_scoring_comparison(base, tokenizer, rank: int, world: int, entropy: str, shard) -> tuple[dict, object]:
     """REINFORCE's and PPO's scoring inside the LM head (core/head_scoring.py) on a sharded copy of `base`, 2 positions a
     chunk, each chunk's logits recomputed in backward, where the sharding's hooks have gathered the head's weight again:
@@ -226,14 +236,12 @@ def head_scoring_comparison(base, tokenizer, rank: int, world: int, entropy: str
     model to call, backward(loss), gradients() -> {name: the whole gradient}, head_is_shard() -> whether the head's
     weight is a shard now, read between the forward and the backward). `chunks_scored` counts the chunks' computations:
     3 in the forward and 3 recomputed in backward. (The comparison, the sharded model.)"""
-    from grade_trl.core import SamplingSettings, completion_scores, head_scoring, sample, token_logprobs
+    from grade_trl.core import SamplingSettings, completion_scores, head_scoring, token_logprobs
     from grade_trl.core.masks import masked_mean
     from grade_trl.core.sampling import token_entropy
 
     settings = SamplingSettings(temperature=0.7, top_p=0.9, top_k=50, min_new_tokens=3, max_new_tokens=NEW_TOKENS)
-    enc_all = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    torch.manual_seed(0)
-    batch = sample(base, enc_all["input_ids"], enc_all["attention_mask"], settings, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    batch = sampled_global_batch(base, tokenizer, settings)
 
     def loss_of(logps, entropy_values, rows):
         bonus = masked_mean(entropy_values, batch.completion_mask[rows]) if entropy == "grad" else 0.0
@@ -251,7 +259,7 @@ def head_scoring_comparison(base, tokenizer, rank: int, world: int, entropy: str
     chunk_scores, scored = head_scoring._chunk_scores, []
 
     def counted_chunk_scores(*args, **kwargs):
-        scored.append(torch.is_grad_enabled())
+        scored.append(args[-1])  # the chunk's first position
         return chunk_scores(*args, **kwargs)
 
     chunk_elements, head_scoring.CHUNK_ELEMENTS = head_scoring.CHUNK_ELEMENTS, local.completion_ids.shape[0] * 2 * base.config.vocab_size
@@ -294,13 +302,11 @@ def reference_reshard_case(base, tokenizer, world: int) -> dict:
     """The frozen reference of REINFORCE and PPO, sharded by Accelerate's layout (trainers.base `prepared_reference`),
     after a no-grad scoring of a batch: the parameters left gathered, without and with `resharded_on_exit` (the
     reference's context). FSDP2 leaves a root unit gathered after a forward, for a backward a frozen model never runs."""
-    from grade_trl.core import SamplingSettings, completion_scores, sample
+    from grade_trl.core import SamplingSettings, completion_scores
     from grade_trl.core.sharding import resharded_on_exit
 
     settings = SamplingSettings(max_new_tokens=NEW_TOKENS)
-    enc_all = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    torch.manual_seed(0)
-    batch = sample(base, enc_all["input_ids"], enc_all["attention_mask"], settings, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    batch = sampled_global_batch(base, tokenizer, settings)
     reference = accelerate_sharded_copy(base, world).eval()
     with torch.no_grad():
         completion_scores(reference, batch, settings, with_grad=False, truncate=False)
@@ -354,8 +360,8 @@ def main(out_path: str) -> None:
         grads_sharded = {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.grad is not None}
         results[case] = comparison(reference, loss_local, steps_local, grads_sharded, world)
         results[case]["embedding_is_dtensor"] = isinstance(sharded.get_input_embeddings().weight, DTensor)  # after the step: resharded
-    for model_name, model, layout, entropy in (("tied", base, "accelerate", "grad"), ("untied", untied_copy(base), "accelerate", "detached"),
-                                               ("untied", untied_copy(base), "own", "grad")):
+    untied = untied_copy(base)
+    for model_name, model, layout, entropy in (("tied", base, "accelerate", "grad"), ("untied", untied, "accelerate", "detached"), ("untied", untied, "own", "grad")):
         results[f"head_scoring_{model_name}_{layout}"] = head_scoring_case(model, tokenizer, rank, world, layout, entropy)
     results["reference_reshard"] = reference_reshard_case(base, tokenizer, world)
     results["evaluation_unequal_shares"] = evaluation_case(base, tokenizer, rank, world)

@@ -9,7 +9,7 @@ from .advantages import (
     gae,
     leave_one_out_baseline,
 )
-from .head_scoring import completion_scores, output_head, read_everywhere, scored_in_head
+from .head_scoring import completion_scores, output_head, scored_in_head, scores_in_head
 from .kl import exact_kl, exact_kl_and_entropy, kl_estimate, kl_k1, kl_k3, penalty_and_logged_kl
 from .masks import completion_mask, masked_mean, masked_sum, masked_var, masked_whiten
 from .precision import at_least_float32
@@ -59,11 +59,11 @@ __all__ = [
     "output_head",
     "ppo_clip_loss",
     "process_logits",
-    "read_everywhere",
     "reference_logits",
     "reinforce_loss",
     "sample",
     "scored_in_head",
+    "scores_in_head",
     "sequence_logprob",
     "soft_rollout",
     "token_entropy",

@@ -32,8 +32,7 @@ and its gradient reaches the reduce-scatter with the rest: tests/sharded_worker.
 Accelerate's layout and a head resharded after forward) and tests/zero3_worker.py (DeepSpeed's ZeRO-3 engine on its CPU
 accelerator, every parameter partitioned), equal to one process's whole logits. Tensor parallelism alone (DTensors
 without an FSDP2 root) keeps the whole-tensor scoring; FSDP2 on a tensor-parallel mesh is not detected (no such config
-ships). A model whose forward still changes what
-the head returned is caught (the output's logits are not the values the head returned: `HeadScores.read`) and scored
+ships). A model whose forward still changes what the head returned is caught (the output's logits are not the values the head returned: `HeadScores.read`) and scored
 again the whole-tensor way, with a warning; one that changed them in place would not be caught (none of transformers'
 causal LMs does). The peak of a chunked step (benchmarks/memory_model_qwen2.py): every saved activation plus about 20
 bytes per logit of one chunk (its float32 logits, log-softmax and their gradients, measured on CPU).
@@ -57,13 +56,14 @@ from .sampling import (
     SampledBatch,
     SamplingSettings,
     chunked_token_entropy,
+    completion_forward,
     logprobs_from_logits,
     position_chunks,
     token_entropy,
     token_logprobs,
 )
 from .sharding import all_finished, is_fsdp2, is_sharded, is_zero3
-from .soft_rollout import last_positions, position_ids_from_mask, unwrapped
+from .soft_rollout import unwrapped
 
 ENTROPY_MODES = ("none", "detached", "grad")
 """What `completion_scores` returns of the per-position entropy: nothing, a metric (no graph), a differentiable bonus."""
@@ -163,22 +163,39 @@ def scored_in_head(model: nn.Module, head: nn.Linear, completion_ids: torch.Tens
         yield scores
 
 
+def scores_in_head(model: nn.Module, completion_ids: torch.Tensor, mask: torch.Tensor, settings: SamplingSettings, eos_token_id: int | None,
+                   truncate: bool, entropy: str, forward):
+    """`forward()`, one call of `model` that returns (its output's logits, anything else), run with the head scoring
+    (`scored_in_head`): ((log-probs (B, T), entropy (B, T) or None), the anything else). None where it does not apply
+    (`output_head`) or where the forward changed what the head returned (then warned once); under sharding every process
+    takes that None together, since the caller's whole-logits fallback is one more forward, a collective
+    (`read_everywhere`)."""
+    head = output_head(model)
+    if head is None:
+        return None
+    with scored_in_head(model, head, completion_ids, mask, settings, eos_token_id, truncate, entropy) as scores:
+        output_logits, rest = forward()
+    read = read_everywhere(scores, output_logits, model)
+    if read is None:
+        warn_scored_whole(model)
+        return None
+    return read, rest
+
+
 def completion_scores(model: nn.Module, batch: SampledBatch, settings: SamplingSettings, with_grad: bool, truncate: bool = True,
                       entropy: str = "none", in_head: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, T) of `batch`'s completion under the processed distribution (0 where masked) and, per `entropy`, the
     per-position entropy (B, T), from one forward of `model`: the policy's loss (with_grad, truncate; REINFORCE's entropy
     metric "detached") and the reference (no grad, truncate=False; see `sampling.token_logprobs` for why).
 
-    in_head: score inside the LM head a chunk at a time (`scored_in_head`) where it applies; else, or off, from the
+    in_head: score inside the LM head a chunk at a time (`scores_in_head`) where it applies; else, or off, from the
     whole logits (`sampling.token_logprobs`; no grad: `chunked_logprobs`). The same numbers either way."""
-    head = output_head(model) if in_head else None
-    if head is not None:
+    if in_head:
         with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
-            with scored_in_head(model, head, batch.completion_ids, batch.completion_mask, settings, batch.eos_token_id, truncate, entropy) as scores:
-                read = read_everywhere(scores, _completion_forward(model, batch).logits, model)
-            if read is not None:
-                return read
-        warn_scored_whole(model)
+            scored = scores_in_head(model, batch.completion_ids, batch.completion_mask, settings, batch.eos_token_id, truncate, entropy,
+                                    lambda: (completion_forward(model, batch).logits, None))
+        if scored is not None:
+            return scored[0]
     if not with_grad and entropy == "none":
         return token_logprobs(model, batch, settings, with_grad=False, truncate=truncate, return_logits=False)
     logps, processed = token_logprobs(model, batch, settings, with_grad=with_grad, truncate=truncate)
@@ -194,12 +211,6 @@ def read_everywhere(scores: HeadScores, output_logits: torch.Tensor, model: nn.M
     read = scores.read(output_logits)
     agreed = all_finished(torch.tensor([read is not None], device=output_logits.device), is_sharded(unwrapped(model)))
     return read if agreed else None
-
-
-def _completion_forward(model, batch: SampledBatch):
-    attention_mask = batch.attention_mask
-    keep = last_positions(batch.completion_ids.shape[1] + 1, attention_mask.shape[1], attention_mask.device)
-    return model(input_ids=batch.sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), logits_to_keep=keep)
 
 
 _WARNED: set[type] = set()

@@ -260,15 +260,18 @@ def token_logprobs(
     ratio exp(new - old) should clamp the log-ratio.
     """
     with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
-        attention_mask = batch.attention_mask
-        num_completion = batch.completion_ids.shape[1]
-        # Logits of the positions that predict the completion only: the last T + 1 positions, less the last one.
-        keep = last_positions(num_completion + 1, attention_mask.shape[1], attention_mask.device)
-        out = model(input_ids=batch.sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), logits_to_keep=keep)
-        logits = out.logits[:, :-1]  # (B, T, V): predict each completion token
+        logits = completion_forward(model, batch).logits[:, :-1]  # (B, T, V): predict each completion token
         if not with_grad and not return_logits:
             return chunked_logprobs(logits, batch, settings, truncate), None
         return logprobs_from_logits(logits, batch.completion_ids, batch.completion_mask, settings, batch.eos_token_id, truncate)
+
+
+def completion_forward(model: torch.nn.Module, batch: SampledBatch):
+    """One forward of `model` on `batch`'s prompt + completion that computes the logits of the positions predicting the
+    completion only: the last T + 1 positions (the last of them predicts past the completion). Returns the model's output."""
+    attention_mask = batch.attention_mask
+    keep = last_positions(batch.completion_ids.shape[1] + 1, attention_mask.shape[1], attention_mask.device)
+    return model(input_ids=batch.sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), logits_to_keep=keep)
 
 
 CHUNK_ELEMENTS = 2**26  # logits per chunk of the no-grad scorers: 256 MiB in float32

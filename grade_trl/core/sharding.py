@@ -31,7 +31,7 @@ def is_fsdp2(module: torch.nn.Module) -> bool:
     """Whether `module` is sharded by FSDP2 alone: its root `fully_shard`-ed (as Accelerate's `fsdp2_prepare_model` and
     tests/sharded_worker.py do), no ZeRO-3 partitioned parameter. Then each parameter is whole, a plain tensor, from its
     unit's pre-forward (and pre-backward) hook until the unit reshards: in the unit's forward and in its backward."""
-    return isinstance(module, FSDPModule) and not any(_is_zero3(p) for p in module.parameters())
+    return isinstance(module, FSDPModule) and not is_zero3(module)
 
 
 def is_zero3(module: torch.nn.Module) -> bool:

@@ -350,8 +350,8 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
         beside the policy's own calls (once per micro-batch in REINFORCE, per rollout in PPO), which are collectives too,
         so the processes call it the same number of times. `reference_context` reshards it after each use: FSDP2 keeps a
         root unit (and Accelerate's embedding and head unit, `reshard_after_forward=False`) gathered after a forward, for
-        a backward that a frozen model never runs. Under ZeRO-3 the reference stays whole (`models.whole_weights`), and for GRADE everywhere
-        (`shard_reference`)."""
+        a backward that a frozen model never runs. Under ZeRO-3 the reference stays whole (`models.whole_weights`), and
+        for GRADE everywhere (`shard_reference`)."""
         if self.accelerator.is_fsdp2 and self.shard_reference:
             from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 

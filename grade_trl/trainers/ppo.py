@@ -52,14 +52,11 @@ from ..core import (
     penalty_and_logged_kl,
     ppo_clip_loss,
     logprobs_from_logits,
-    output_head,
-    read_everywhere,
     sample,
-    scored_in_head,
+    scores_in_head,
     token_entropy,
     value_loss,
 )
-from ..core.head_scoring import warn_scored_whole
 from ..core.sampling import SamplingSettings, chunked_token_entropy
 from ..core.sharding import gathered
 from ..core.soft_rollout import last_positions, position_ids_from_mask
@@ -234,14 +231,12 @@ def scores_and_values(model: nn.Module, prompt_ids, prompt_mask, completion_ids,
     sampler's processing, truncate=True; 0 where masked), per-position entropy (B, T) (with its gradient when
     `entropy_grad`: the bonus) and values (B, T). in_head: scored inside the LM head a chunk of positions at a time
     (core/head_scoring.py: `chunked_scoring`) where that applies; else from the whole logits. The same numbers."""
-    head = output_head(model) if in_head else None
-    if head is not None:
-        entropy = "grad" if entropy_grad else "detached"
-        with scored_in_head(model, head, completion_ids, mask, settings, eos_token_id, truncate=True, entropy=entropy) as scores:
-            returned, values = completion_forward(model, prompt_ids, prompt_mask, completion_ids, mask)
-        if (read := read_everywhere(scores, returned, model)) is not None:
-            return *read, values
-        warn_scored_whole(model)
+    if in_head:
+        scored = scores_in_head(model, completion_ids, mask, settings, eos_token_id, truncate=True, entropy="grad" if entropy_grad else "detached",
+                                forward=lambda: completion_forward(model, prompt_ids, prompt_mask, completion_ids, mask))
+        if scored is not None:
+            (logps, entropy), values = scored
+            return logps, entropy, values
     logits, values = completion_forward(model, prompt_ids, prompt_mask, completion_ids, mask)
     logps, processed = logprobs_from_logits(logits[:, :-1], completion_ids, mask, settings, eos_token_id, truncate=True)
     entropy = token_entropy(processed) if entropy_grad else chunked_token_entropy(processed.detach())
