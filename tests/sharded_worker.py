@@ -7,8 +7,9 @@ from one seed), so the sharded and unsharded rollouts make the same draws. The l
 rows of a differentiable function of the rollout (the soft tokens embedded with E, so the gradient flows through
 every relaxed step into E and the blocks); FSDP averages the ranks' gradients, so the sharded gradient should be
 the unsharded gradient of the mean over the global batch. The same comparison for REINFORCE's and PPO's scoring
-inside the LM head (`head_scoring_case`); the frozen reference's resharding after use, and the evaluation's generation
-and the rewards' metric log under sharding.
+inside the LM head (`head_scoring_case`) and for GRADE's exact KL to a sharded frozen reference
+(`grade_sharded_reference_case`); the frozen reference's resharding after use, and the evaluation's generation and the
+rewards' metric log under sharding.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import copy
 import dataclasses
 import json
 import sys
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -26,7 +28,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from grade_trl.cli import exit_process
-from grade_trl.core.sharding import input_embedding_matrix
+from grade_trl.core.sharding import input_embedding_matrix, resharded
 from grade_trl.core.soft_rollout import soft_rollout
 from grade_trl.core.soft_tokens import Relaxed
 from grade_trl.models import load_causal_lm, load_tokenizer, prepare_tokenizer
@@ -316,6 +318,72 @@ def reference_reshard_case(base, tokenizer, world: int) -> dict:
     return {"gathered_left": left, "gathered_left_resharded_on_exit": sum(not isinstance(p, DTensor) for p in reference.parameters())}
 
 
+def perturbed_reference(base):
+    """A frozen copy of `base` moved off it (every weight plus 0.05 N(0, 1), seeded: the same on every rank), so that
+    the exact KL and its gradient through the reference's forward are not 0, as they are at the first step."""
+    frozen = copy.deepcopy(base).eval().requires_grad_(False)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in frozen.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return frozen
+
+
+def grade_objective(reference, context):
+    """GRADE's objective on the rollout: the exact KL to a separate frozen `reference` (its forward on the soft tokens
+    recomputed in backward, the trainer's default), entered through `context` as the trainer's `reference_context`
+    gives it, plus the logits and the soft tokens embedded with the policy's E (a reward's soft path)."""
+    from grade_trl.core.kl import exact_kl
+    from grade_trl.core.soft_rollout import reference_logits
+
+    def grade(model, enc, relax):
+        rollout = soft_rollout(model, enc["input_ids"], enc["attention_mask"], relax, NEW_TOKENS, 0, relax.eos, cache="chunked")
+        kl = exact_kl(rollout.logits, reference_logits(reference, rollout, 0, relax.eos, recompute=True, context=context)).sum(-1)  # (B,)
+        embeds = rollout.soft_tokens.embed(input_embedding_matrix(model))
+        grade.kl = kl.detach()
+        return (rollout.logits.float().logsumexp(-1).mean(-1) + kl + embeds.float().pow(2).mean((1, 2))).mean(), int(rollout.tokens.shape[1])
+
+    return grade
+
+
+@contextmanager
+def resharded_even_in_backward(module):
+    """The control's context: `resharded_on_exit` without its guard, every unit resharded on exit, in backward too."""
+    try:
+        yield module
+    finally:
+        resharded(module)
+
+
+def grade_sharded_reference_case(base, enc_all, enc, rows, noise_all, eos: int, world: int, control: bool = False) -> dict:
+    """GRADE's frozen reference sharded as the trainer shards it (`prepared_reference`: Accelerate's layout) beside the
+    sharded policy, in its context (`resharded_on_exit`), against one process's unsharded policy and reference on the
+    global batch. The control reshards on exit inside the backward too, where the reference's forward is recomputed:
+    it must fail (the weights of the unit that holds E freed before the recomputed graph's backward reads them)."""
+    from grade_trl.core.sharding import resharded_on_exit
+
+    frozen = perturbed_reference(base)
+    reference = unsharded_run(base, enc_all, noise_all, True, eos, [], grade_objective(frozen, nullcontext))
+    sharded, sharded_reference = accelerate_sharded_copy(base, world), accelerate_sharded_copy(frozen, world).eval()
+    context = resharded_even_in_backward if control else resharded_on_exit
+    objective = grade_objective(sharded_reference, lambda: context(sharded_reference))
+    loss_local, steps_local = objective(sharded, enc, local_relax(noise_all, rows, True, eos, []))
+    try:
+        loss_local.backward()
+    except RuntimeError as error:
+        if not control:
+            raise
+        return {"error": str(error)[:300]}
+    grads_sharded = {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.grad is not None}
+    return {
+        **comparison(reference, loss_local, steps_local, grads_sharded, world),
+        "kl_mean": objective.kl.mean().item(),
+        "reference_parameters_sharded": sum(isinstance(p, DTensor) for p in sharded_reference.parameters()),
+        "reference_parameters": sum(1 for _ in sharded_reference.parameters()),
+        "error": None,
+    }
+
+
 def reward_metric_log_case(rank: int, world: int) -> dict:
     """TRL's `log_metric` for rewards, averaged over every process's calls (`rewards.base.RewardMetricLog`): rank 0
     logs `a` twice and `b` once, rank 1 logs `a` once; then a flush with nothing pending anywhere."""
@@ -360,15 +428,19 @@ def main(out_path: str) -> None:
         grads_sharded = {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.grad is not None}
         results[case] = comparison(reference, loss_local, steps_local, grads_sharded, world)
         results[case]["embedding_is_dtensor"] = isinstance(sharded.get_input_embeddings().weight, DTensor)  # after the step: resharded
+    soft_rollout_module.input_embedding_matrix = input_embedding_matrix  # the control's gather undone
     untied = untied_copy(base)
     for model_name, model, layout, entropy in (("tied", base, "accelerate", "grad"), ("untied", untied, "accelerate", "detached"), ("untied", untied, "own", "grad")):
         results[f"head_scoring_{model_name}_{layout}"] = head_scoring_case(model, tokenizer, rank, world, layout, entropy)
     results["reference_reshard"] = reference_reshard_case(base, tokenizer, world)
+    results["grade_sharded_reference"] = grade_sharded_reference_case(base, enc_all, enc, rows, noise_all, eos, world)
     results["evaluation_unequal_shares"] = evaluation_case(base, tokenizer, rank, world)
     results["evaluation_fewer_prompts_than_processes"] = [None] * world
     dist.all_gather_object(results["evaluation_fewer_prompts_than_processes"], evaluation_fewer_prompts_than_processes(base, tokenizer, rank, world))
     results["reward_metric_log"] = [None] * world
     dist.all_gather_object(results["reward_metric_log"], reward_metric_log_case(rank, world))
+    # last: a backward that fails midway leaves the processes' FSDP2 states as they were then
+    results["control_grade_reference_resharded_in_backward"] = grade_sharded_reference_case(base, enc_all, enc, rows, noise_all, eos, world, control=True)
     write_results(results, out_path, rank)
 
 

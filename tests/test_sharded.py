@@ -98,6 +98,21 @@ def test_a_sharded_reference_is_resharded_after_scoring(sharded_rollout):
     assert r["gathered_left"] > 0 and r["gathered_left_resharded_on_exit"] == 0, r
 
 
+def test_grades_sharded_reference_matches_one_process(sharded_rollout):
+    """GRADE's frozen reference sharded as the trainer shards it (Accelerate's layout, `prepared_reference`) beside
+    the sharded policy, its forward on the soft tokens recomputed in backward (the default) inside its context
+    (`resharded_on_exit`): the loss (exact KL of about 40 nats to a reference moved off the policy, so that the KL's
+    gradient through the reference's forward is not 0) and every gradient equal one process's on the global batch,
+    and every reference parameter a shard again afterwards. The control reshards on exit inside the backward too,
+    as the context did before 2026-12-07: the recomputed forward's weights freed before its backward reads them."""
+    r = sharded_rollout["grade_sharded_reference"]
+    assert r["kl_mean"] > 1.0 and r["same_parameters_have_gradients"]
+    assert r["loss_sharded"] == pytest.approx(r["loss_single"], rel=LOSS_RTOL)
+    assert r["max_grad_diff"] <= GRAD_RTOL * r["grad_scale"], r
+    assert r["reference_parameters_sharded"] == r["reference_parameters"], r
+    assert "storage of size 0" in (sharded_rollout["control_grade_reference_resharded_in_backward"]["error"] or ""), sharded_rollout["control_grade_reference_resharded_in_backward"]
+
+
 def test_a_rewards_log_metric_is_averaged_over_every_processs_calls(sharded_rollout):
     """As TRL's GRPOTrainer: the sum of every process's values over their count, on every process (a mean of the two
     processes' means would give a = 5.0); a name one process never logged is its values' mean; a flush with nothing

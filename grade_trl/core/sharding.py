@@ -118,13 +118,22 @@ def resharded(module: torch.nn.Module) -> torch.nn.Module:
 
 @contextmanager
 def resharded_on_exit(module: torch.nn.Module):
-    """Within the block, `module` as it is; on exit, every FSDP2 unit in it back to its shards (`resharded`). For a
-    frozen sharded model (the reference): FSDP2 keeps a root unit gathered after its forward, for the backward that
-    would follow in training, and a frozen model's never does."""
+    """Within the block, `module` as it is; on exit, every FSDP2 unit in it back to its shards (`resharded`), unless the
+    block ran inside a backward. For a frozen sharded model (the reference): FSDP2 keeps a root unit gathered after its
+    forward, for a backward that a no-grad scoring never runs.
+
+    After a forward with a gradient (GRADE's reference on the soft tokens, which carries the exact KL's gradient into
+    the rollout) the reshard is safe: FSDP2 gathers each unit again, into the buffer its saved views read, when the
+    gradient reaches the unit's outputs. Inside a backward (that forward recomputed by a non-reentrant checkpoint,
+    `recompute_reference_and_reward`) it is not: the root's pre-backward hook, which gathered E and the final norm
+    before the recomputation, has already fired, so a reshard there frees the weights the recomputed graph's backward
+    reads next ("out of bounds for storage of size 0", 2 CPU processes, 2026-12-07). There every unit stays as it
+    is, and FSDP2 reshards them all at the end of that backward (its root's post-backward callback)."""
     try:
         yield module
     finally:
-        resharded(module)
+        if torch._C._current_graph_task_id() == -1:  # -1: not inside a backward
+            resharded(module)
 
 
 def reshard_embedding(module: torch.nn.Module) -> None:
