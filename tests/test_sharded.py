@@ -370,7 +370,8 @@ def test_frozen_models_load_whole_under_zero3(zero3_rollout):
 # others' one batch of 4); GRADE-STE's accumulation and LoRA were two cases until 2026-12-06, one launch pair each.
 ACCUMULATE = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}
 FSDP_CPU_CASES = {
-    "grade_ste-lora-accumulated": ("tiny/imdb_grade_ste.yaml", {**ACCUMULATE, "use_peft": "true"}), "reinforce-accumulated": ("tiny/imdb_reinforce.yaml", ACCUMULATE),
+    "grade_ste": ("tiny/imdb_grade_ste.yaml", {}), "grade_ste-lora-accumulated": ("tiny/imdb_grade_ste.yaml", {**ACCUMULATE, "use_peft": "true"}),
+    "reinforce-accumulated": ("tiny/imdb_reinforce.yaml", ACCUMULATE),
     "grpo": ("tiny/imdb_grpo.yaml", {}), "grpo-lora": ("tiny/imdb_grpo.yaml", {"use_peft": "true"}), "ppo-lora": ("tiny/imdb_ppo.yaml", {"use_peft": "true"}),
     "ppo": ("tiny/imdb_ppo.yaml", {}),
 }
@@ -469,9 +470,9 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_rew
         assert runs[name]["status"] == "completed" and runs[name]["final"]["num_processes"] == 2 and runs[name]["final"]["steps"] == 2
         assert all(h["kl"] >= 0 for h in runs[name]["history"] if "kl" in h)
 
-    # the frozen reference of REINFORCE and PPO is sharded too (trainers.base `prepared_reference`), prepared first;
-    # GRADE keeps it whole, LoRA has none (the adapters disabled), TRL's GRPO shards its own (`prepare_fsdp`, not recorded)
-    sharded_reference = not use_peft and recipe in ("tiny/imdb_reinforce.yaml", "tiny/imdb_ppo.yaml")
+    # the frozen reference of REINFORCE, PPO and GRADE is sharded too (trainers.base `prepared_reference`), prepared
+    # first; LoRA has none (the adapters disabled), TRL's GRPO shards its own (`prepare_fsdp`, not recorded)
+    sharded_reference = not use_peft and recipe != "tiny/imdb_grpo.yaml"
     for rank in (0, 1):  # what Accelerate's fsdp2_prepare_model made of the policy (and reference) on each rank
         prepared = [json.loads(line) for line in (tmp_path / f"fsdp.prepared.rank{rank}").read_text().splitlines()]
         assert len(prepared) == 1 + sharded_reference, prepared

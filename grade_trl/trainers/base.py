@@ -167,9 +167,6 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
     """
 
     config_class: type = None  # set by each method
-    shard_reference = True
-    """Under FSDP2, shard the frozen reference as the policy (`prepared_reference`): where the reference only scores,
-    without gradient. GRADE's does not: its reference's forward carries the exact KL's gradient into the soft tokens."""
 
     def __init__(self, model, reward_funcs, args=None, train_dataset=None, eval_dataset=None, processing_class=None, callbacks=None, optimizers=(None, None), peft_config=None):
         args = args or self.config_class(output_dir=f"{type(self).__name__}_output")
@@ -347,12 +344,14 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
         its own (`trl.models.utils.prepare_fsdp`), but by Accelerate's own layout for the policy (`fsdp2_prepare_model`:
         each transformer block a unit, the embeddings and LM head in units of their own), so that a forward gathers one
         block at a time instead of the whole model. Each forward is then a collective: every process scores with it
-        beside the policy's own calls (once per micro-batch in REINFORCE, per rollout in PPO), which are collectives too,
+        beside the policy's own calls (once per micro-batch in REINFORCE, per rollout in PPO; in GRADE the prompt, then the
+        soft tokens, whose forward runs again in backward), which are collectives too,
         so the processes call it the same number of times. `reference_context` reshards it after each use: FSDP2 keeps a
         root unit (and Accelerate's embedding and head unit, `reshard_after_forward=False`) gathered after a forward, for
-        a backward that a frozen model never runs. Under ZeRO-3 the reference stays whole (`models.whole_weights`), and
-        for GRADE everywhere (`shard_reference`)."""
-        if self.accelerator.is_fsdp2 and self.shard_reference:
+        a backward that a frozen model never runs (GRADE's forward on the soft tokens, which carries the exact KL's gradient
+        into the rollout, is gathered again by FSDP2 for its backward, and not resharded inside it: `resharded_on_exit`).
+        Under ZeRO-3 the reference stays whole (`models.whole_weights`)."""
+        if self.accelerator.is_fsdp2:
             from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
             # no `.to(device)` first: `fully_shard` moves a unit at a time, as for the policy (a whole copy on the GPU

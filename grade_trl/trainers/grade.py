@@ -66,10 +66,6 @@ class GumbelGRADETrainer(RolloutTrainer):
 
     _tag_names = ["trl", "grade", "grade_trl"]
     config_class = GumbelGRADEConfig
-    # The reference stays whole on each process under FSDP2: its forward on the soft tokens carries the exact KL's
-    # gradient back into the rollout and runs again inside backward (`recompute_reference_and_reward`); sharded, a
-    # saved view of its gathered weights was freed before that backward read it (tried on 2 CPU processes, 2026-12-07)
-    shard_reference = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
