@@ -160,6 +160,8 @@ def coerce(key: str, value: Any, tp) -> Any:
         except ValueError:
             raise UserError(f"{key}: expected one of {[m.value for m in tp]}, got {value!r}") from None
     if tp is str:
+        if value is None:  # `key: null` on a key that takes no null: not the string 'None' ("unknown task 'None'")
+            raise UserError(f"{key}: expected a string, got null; remove the key for its default")
         if isinstance(value, (dict, list)):
             raise UserError(f"{key}: expected a string, got {value!r}")
         return str(value)

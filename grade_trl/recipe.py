@@ -374,13 +374,29 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
         raise RecipeError("save_strategy: 'best' is not supported: the runner validates outside Trainer's evaluate, so Trainer would never "
                           "see a new best; the run keeps its best validation checkpoint in best_model/ (save_best_model), and "
                           "save_strategy steps saves resumable checkpoints")
+    # Nor is Trainer's own evaluation: the runner hands Trainer no eval_dataset, so eval_strategy failed after set-up
+    # (Trainer's traceback, exit 1, results.json written), and what reads evaluate()'s metrics never ran
+    if config_kwargs.get("eval_strategy", "no") != "no":
+        raise RecipeError(f"eval_strategy: {config_kwargs['eval_strategy']!r} is not supported: the runner validates in its own callback "
+                          "(the validation reward every eval_steps, the best checkpoint kept in best_model/), not through Trainer's "
+                          "evaluate, which has no eval_dataset here; remove eval_strategy and set eval_steps")
+    if config_kwargs.get("load_best_model_at_end") or config_kwargs.get("eval_on_start"):
+        key = "load_best_model_at_end" if config_kwargs.get("load_best_model_at_end") else "eval_on_start"
+        raise RecipeError(f"{key}: not supported: Trainer's evaluate never runs in the runner, which validates in its own callback (at "
+                          "step 0 too); the run keeps its best validation checkpoint in best_model/ and tests it after training "
+                          "(save_best_model); remove the key")
+    if config_kwargs.get("lr_scheduler_type") in ("reduce_lr_on_plateau", "greedy"):
+        raise RecipeError(f"lr_scheduler_type: {config_kwargs['lr_scheduler_type']!r} steps on the metrics of Trainer's evaluate, which "
+                          "never runs in the runner (it validates in its own callback); choose a schedule of the step, such as linear, "
+                          "cosine or constant_with_warmup")
     for key, value in (*run_kwargs.items(), *config_kwargs.items()):  # before the configs' own checks, which may not name the key
         check_range(key, value)
     try:
         run = RunArguments(**run_kwargs)
         config = config_cls(**config_kwargs)
     except (ValueError, TypeError, ZeroDivisionError) as error:
-        message = key_first(str(error).splitlines()[0])
+        # the whole message on one line: transformers' "... but found" goes on, on its next lines, with what it found
+        message = key_first(" ".join(line.strip() for line in str(error).splitlines() if line.strip()))
         if message.startswith("generation_batch_size: must be divisible by num_generations") and "generation_batch_size" not in values:
             # the key the user never set: TRL derives it from the batch size (x steps_per_generation, x processes)
             defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
@@ -453,8 +469,6 @@ def key_first(message: str) -> str:
         return f"{match[1]}: {match[3]}, got {match[2]}"
     if match := re.match(rf"^({key}) (must .*)$", message):
         return f"{match[1]}: {match[2]}"
-    if match := re.match(rf"^({key}) and {key} must ", message):  # "tau_start and tau_end must be > 0"
-        return f"{match[1]}: {message}"
     if not re.match(rf"^{key}: ", message) and (match := re.search(rf"--({key})", message)):
         return f"{match[1]}: {message}"
     return message

@@ -75,6 +75,8 @@ RECIPE_CASES = [
     ({"kl_coef": -1}, "kl_coef"),
     ({"kl_coef": ".nan"}, "kl_coef"),
     ({"tau_start": 0}, "tau_start"),
+    ({"tau_end": -1}, "tau_end: must be > 0, got -1"),  # was named tau_start (one check of both keys)
+    ({"tau_start": 0.5, "tau_end": 0}, "tau_end: must be > 0, got 0"),
     ({"rao_samples": 0, "method": "grade_rao"}, "rao_samples"),
     ({"relax_top_k": -1}, "relax_top_k"),
     ({"estimator": "magic"}, "estimator"),
@@ -133,6 +135,16 @@ RECIPE_CASES = [
     # returns: no checkpoint was ever saved, and without metric_for_best_model it was a traceback after set-up
     ({"save_strategy": "best"}, "save_strategy: 'best' is not supported"),
     ({"method": "grpo", "bf16": False, "save_strategy": "best", "metric_for_best_model": "eval_reward"}, "save_strategy: 'best' is not supported"),
+    # nor Trainer's own evaluation, which has no eval_dataset in the runner: eval_strategy was Trainer's traceback after
+    # set-up (exit 1, results.json written); load_best_model_at_end's message stopped at "but found"; a scheduler on
+    # evaluate()'s metrics was transformers' message without the key or the fix (a 2026-12-07 fresh-clone trial)
+    ({"eval_strategy": "steps"}, "eval_strategy: 'steps' is not supported: the runner validates in its own callback"),
+    ({"method": "grpo", "bf16": False, "eval_strategy": "epoch"}, "eval_strategy: 'epoch' is not supported"),
+    ({"method": "reinforce", "save_strategy": "steps", "load_best_model_at_end": True}, "load_best_model_at_end: not supported"),
+    ({"eval_on_start": True}, "eval_on_start: not supported"),
+    ({"method": "ppo", "lr_scheduler_type": "reduce_lr_on_plateau"}, "lr_scheduler_type: 'reduce_lr_on_plateau' steps on the metrics of Trainer's evaluate"),
+    ({"task": None}, "task: expected a string, got null; remove the key for its default"),  # was "unknown task 'None'"
+    ({"reward_input": None}, "reward_input: expected a string, got null"),
     # TRL names generation_batch_size, which the recipe never set: the key to change is the batch size
     ({"method": "grpo", "bf16": False, "num_generations": 3}, "per_device_train_batch_size: 8 x steps_per_generation (default gradient_accumulation_steps) x processes = TRL's generation_batch_size 8, which must be a multiple of num_generations (3)"),
     # a config's own errors in the `<key>: ...` form

@@ -146,7 +146,7 @@ def test_yaml_scientific_notation_without_dot_is_a_float():
         ({"task": "custom", "method": "reinforce", "dataset_name": "nope.jsonl", "reward_funcs": "[grade_trl.rewards.LengthReward]"},
          r"^dataset_name: no such file or folder 'nope.jsonl' from the current folder"),
         ({"method": "grade", "estimator": "ste"}, r"method 'grade' means estimator='soft'"),
-        ({"tau_start": 0}, r"^tau_start: tau_start and tau_end must be > 0"),
+        ({"tau_start": 0}, r"^tau_start: must be > 0, got 0"),
         ({"reward_input": "everything"}, r"^reward_input: must be 'completion' or 'prompt_completion'"),
         # a GRADE recipe run with `--method reinforce`: the key is another method's, not unknown (was "did you mean eval_steps?")
         ({"method": "reinforce", "tau_anneal_steps": 150}, r"^tau_anneal_steps: a key of grade, grade_ste, grade_reinmax, grade_rao, grade_gapped, not of method 'reinforce'; "

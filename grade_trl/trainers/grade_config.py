@@ -108,8 +108,9 @@ class GumbelGRADEConfig(RolloutConfig):
             raise ValueError(f"gapped_margin must be > 0, got {self.gapped_margin}")
         if self.tau_anneal_steps < 0:
             raise ValueError(f"tau_anneal_steps must be >= 0 (0: tau_start throughout), got {self.tau_anneal_steps}")
-        if self.tau_start <= 0 or self.tau_end <= 0:
-            raise ValueError(f"tau_start and tau_end must be > 0, got {self.tau_start} and {self.tau_end}")
+        for key in ("tau_start", "tau_end"):  # each by its own name: the message starts with the key that is wrong
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
         if self.rollout_cache not in CACHES:
             raise ValueError(f"rollout_cache must be one of {list(CACHES)}, got {self.rollout_cache!r}")
         if self.relax_top_k < 0:
