@@ -317,6 +317,12 @@ def saved_process_count(checkpoint: str) -> int:
     return count
 
 
+def resumed_step(checkpoint: str) -> int:
+    """The optimizer step `checkpoint` was saved at (its trainer_state.json), -1 where that cannot be read."""
+    step = (read_json(os.path.join(checkpoint, "trainer_state.json")) or {}).get("global_step")
+    return step if isinstance(step, int) else -1
+
+
 def check_resumed_settings(checkpoint: str, max_steps: int, recipe: dict, run: dict | None = None, num_processes: int = 1) -> None:
     """Before a run resumes from `checkpoint`, while its recipe is read (nothing loaded or written yet; the folder's
     results.json stays as the stopped or finished run left it): `max_steps` must leave a step to train (Trainer trained
@@ -326,8 +332,8 @@ def check_resumed_settings(checkpoint: str, max_steps: int, recipe: dict, run: d
     either run trains adapters; a checkpoint saved before the file existed is not checked); the other recipe keys that differ from those of the run that
     wrote the checkpoint's folder (its results.json) are named in a warning: the resumed part trains and is evaluated
     with the new values, in one history with the old."""
-    step = (read_json(os.path.join(checkpoint, "trainer_state.json")) or {}).get("global_step")
-    if isinstance(step, int) and 0 < max_steps <= step:
+    step = resumed_step(checkpoint)
+    if 0 < max_steps <= step:
         raise UserError(f"max_steps: {max_steps} leaves nothing to train after {os.path.basename(checkpoint)}, which is at step {step}; give "
                         f"max_steps above {step}, or evaluate that checkpoint's model instead")
     saved = saved_process_count(checkpoint)

@@ -31,8 +31,8 @@ from .methods import get_method
 from .recipe import Recipe, help_for_argv, parse_recipe
 from .reporting import TrainEndHeld, continue_trackers, start_trackers, continues_the_run, default_run_name
 from .results import RESULTS_FILE, last_training_value, payload, read_results, write_json_atomic
-from .resume import GracefulStop, checkpoint_folders, is_complete, saved_tracker_ids
-from .safety import clipping_freezes_adam, diverged_weights_error, out_of_memory_error, output_dir_lock
+from .resume import GracefulStop, checkpoint_folders, is_complete, resumed_step, saved_tracker_ids
+from .safety import DivergedLogitsError, clipping_freezes_adam, diverged_logits_error, diverged_weights_error, out_of_memory_error, output_dir_lock
 
 logger = logging.getLogger("grade_trl")
 
@@ -183,6 +183,8 @@ def _run_locked(recipe: Recipe, is_main: bool, graceful_stop: GracefulStop) -> i
             step = trainer.state.global_step + 1
             one_line = (diverged_weights_error(trainer.model, step, error)
                         or out_of_memory_error(error, step, get_method(run_args.method).relaxed, config.new_token_limit_key))
+            if isinstance(one_line or error, DivergedLogitsError) and resume_from is not None and step == resumed_step(resume_from) + 1:
+                one_line = diverged_logits_error(step, resumed_from=resume_from)  # not the learning rate: no update of this run came before
         error = one_line or error
         interrupted = isinstance(error, (KeyboardInterrupt, Interrupted))
         if train_end is not None:

@@ -93,6 +93,10 @@ class NonFiniteGradientError(UserError):
     """A non-finite gradient before the optimizer step (a UserError: one line, exit code 2, results.json kept)."""
 
 
+class DivergedLogitsError(NonFiniteGradientError):
+    """The policy's logits are not finite where it samples (`diverged_logits_error`)."""
+
+
 def diverged_weights_error(model, step: int, error: BaseException) -> NonFiniteGradientError | None:
     """For an error that ended training (`error`): a one-line NonFiniteGradientError when it came from a policy whose
     logits or weights are not finite, else None. An update whose gradient was finite (a too large learning rate, say)
@@ -137,10 +141,17 @@ def out_of_memory_error(error: BaseException, step: int, relaxed: bool, length_k
     return OutOfMemory(f"step {step}: out of memory ({what.split('. Error code')[0].rstrip('.')}); lower {lower}")
 
 
-def diverged_logits_error(step: int) -> NonFiniteGradientError:
+def diverged_logits_error(step: int, resumed_from: str | None = None) -> DivergedLogitsError:
     """The one line for a policy whose logits are not finite at `step`, wherever it is found (the sampler, GRADE's
-    relaxed rollout through its reward)."""
-    return NonFiniteGradientError(
+    relaxed rollout through its reward). `resumed_from`: the checkpoint the run resumed from, when `step` is the first
+    after it, whose weights no update of this run has touched: a damaged file (overwritten in place keeps its size
+    and header, which the resume's checks read) or a checkpoint saved not finite, not the learning rate."""
+    if resumed_from is not None:
+        return DivergedLogitsError(
+            f"step {step}: the policy's logits are not finite at the first step after resuming from {resumed_from}, before any "
+            "update of this run: its weights file is damaged or was saved not finite; resume from an earlier checkpoint"
+        )
+    return DivergedLogitsError(
         f"step {step}: the policy's logits are not finite (its weights diverged in an earlier update, whose gradient was "
         "finite, so the guard let it through; or a half-precision forward overflowed); lower learning_rate"
     )

@@ -147,6 +147,27 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_before_anything_is_written(
     assert main(argv("length_reinforce.yaml", out, max_steps=6, save_steps=2, resume_from_checkpoint="true")) == 0  # intact again: it resumes
 
 
+def test_a_checkpoint_overwritten_in_place_is_named_not_the_learning_rate(tmp_path, capsys):
+    """Found by a fresh-clone trial (2026-12-07): a weights file overwritten in place keeps its size and header, which is
+    all the resume's checks read; the first step after the resume then found the logits not finite and said "lower
+    learning_rate", which no update of this run could have caused. Now it names the checkpoint (exit 2, results.json
+    `failed`). A NaN written over the final norm's weight, which every forward reads."""
+    out = tmp_path / "run"
+    assert main(argv("length_reinforce.yaml", out, max_steps=2, save_steps=1)) == 0
+    weights = out / "checkpoint-2" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8:8 + header_size])["transformer.ln_f.weight"]["data_offsets"]
+    data[8 + header_size + start:8 + header_size + end] = b"\xff" * (end - start)  # float32 0xffffffff: NaN
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(argv("length_reinforce.yaml", out, max_steps=3, save_steps=1, resume_from_checkpoint="true")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: step 3: the policy's logits are not finite at the first step after resuming from {out / 'checkpoint-2'}, "
+                              "before any update of this run: its weights file is damaged or was saved not finite; resume from an earlier checkpoint"), err
+    assert json.loads((out / "results.json").read_text())["status"] == "failed"
+
+
 def test_damage_reads_what_a_checkpoint_holds_and_passes_what_it_cannot_judge(tmp_path):
     """resume.damage against files written by the libraries themselves: intact ones pass, each cut short is named; a
     torch file in torch.save's legacy (non-zip) format and a hidden file a macOS copy leaves (`._model.safetensors`)
