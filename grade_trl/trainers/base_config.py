@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 from ..core.kl import KL_ESTIMATORS
@@ -76,6 +77,9 @@ class RolloutConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.dataloader_pin_memory and not torch.accelerator.is_available():
+            # nothing to pin for: torch's DataLoader warns otherwise, as it then pins nothing (the runner's use_cpu turns it off too)
+            self.dataloader_pin_memory = False
         if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
             raise ValueError(f"model_init_kwargs: expected a mapping (or a JSON object string), got {self.model_init_kwargs!r}")
         if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
