@@ -14,9 +14,11 @@ How each config places the parts:
     fsdp2.yaml        4 N / G + gathered   4 N / G     8 N / G       4 N / G + gathered (*)    4 N_r              S + X
     zero3.yaml        4 N / G + gathered   4 N / G     8 N / G       4 N                       4 N_r              S + X
 
-(*) grade_trl's methods, whose reference FSDP2 shards as the policy (grade_trl.trainers.base `prepared_reference`,
-REINFORCE's and PPO's since 2026-12-07, GRADE's since later that day); TRL's GRPO shards its own as one unit
-(`prepare_fsdp`: the whole reference gathered while it runs), counted whole here (an upper bound by up to 4 N (1 - 1/G)).
+(*) REINFORCE and PPO, whose reference FSDP2 shards as the policy (grade_trl.trainers.base `prepared_reference`,
+since 2026-12-07); GRADE's stays whole (4 N) with its default `recompute_reference_and_reward` (sharded, its forward
+recomputed in backward would gather all of it at once: `GumbelGRADETrainer.shards_reference`); TRL's GRPO shards its
+own as one unit (`prepare_fsdp`: the whole reference gathered while it runs), counted whole here (an upper bound by
+up to 4 N (1 - 1/G)).
 
 with N the policy's parameters, N_r the reward backbone's (GPT-2 rows: the IMDB recipes' sentiment model over a body
 of the policy's size; the GSM8K rows have none: their rewards are rules on the text), G the number of GPUs, S + X the
@@ -61,7 +63,7 @@ def activations(coefficients: dict, layers: int, hidden: int, batch: int, new_to
 
 def reference_sharded(method: str, config: str) -> bool:
     """Whether `config` shards `method`'s frozen reference as it does the policy (the module docstring's (*))."""
-    return config == "fsdp2.yaml" and method in ("grade_ste", "reinforce", "ppo")
+    return config == "fsdp2.yaml" and method in ("reinforce", "ppo")
 
 
 def placed(config: str, method: str, n: int, replicated: float, gathered: float, gpus: int) -> tuple[float, float]:
