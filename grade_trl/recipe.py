@@ -380,11 +380,11 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
         raise RecipeError(f"eval_strategy: {config_kwargs['eval_strategy']!r} is not supported: the runner validates in its own callback "
                           "(the validation reward every eval_steps, the best checkpoint kept in best_model/), not through Trainer's "
                           "evaluate, which has no eval_dataset here; remove eval_strategy and set eval_steps")
-    if config_kwargs.get("load_best_model_at_end") or config_kwargs.get("eval_on_start"):
-        key = "load_best_model_at_end" if config_kwargs.get("load_best_model_at_end") else "eval_on_start"
-        raise RecipeError(f"{key}: not supported: Trainer's evaluate never runs in the runner, which validates in its own callback (at "
-                          "step 0 too); the run keeps its best validation checkpoint in best_model/ and tests it after training "
-                          "(save_best_model); remove the key")
+    for key in ("load_best_model_at_end", "eval_on_start"):
+        if config_kwargs.get(key):
+            raise RecipeError(f"{key}: not supported: Trainer's evaluate never runs in the runner, which validates in its own callback (at "
+                              "step 0 too); the run keeps its best validation checkpoint in best_model/ and tests it after training "
+                              "(save_best_model); remove the key")
     if config_kwargs.get("lr_scheduler_type") in ("reduce_lr_on_plateau", "greedy"):
         raise RecipeError(f"lr_scheduler_type: {config_kwargs['lr_scheduler_type']!r} steps on the metrics of Trainer's evaluate, which "
                           "never runs in the runner (it validates in its own callback); choose a schedule of the step, such as linear, "

@@ -66,16 +66,27 @@ def lora_objective(model, enc, relax):
     """GRADE's LoRA case: the rollout of the policy (adapters on), the reference as the same model with its adapters
     disabled (grade_trl's reference under `use_peft`, recomputed in backward as the trainer does by default), the exact
     KL between them, and the embedded soft tokens."""
-    from grade_trl.core.kl import exact_kl
-    from grade_trl.core.soft_rollout import reference_logits
     from grade_trl.trainers.base import adapters_disabled
 
-    rollout = soft_rollout(model, enc["input_ids"], enc["attention_mask"], relax, NEW_TOKENS, 0, relax.eos, cache="chunked")
-    ref = reference_logits(model, rollout, 0, relax.eos, recompute=True, context=lambda: adapters_disabled(model))
-    kl = exact_kl(rollout.logits, ref).sum(-1)  # (B,)
-    embeds = rollout.soft_tokens.embed(input_embedding_matrix(model))
-    per_row = rollout.logits.float().logsumexp(-1).mean(-1) + kl + embeds.float().pow(2).mean((1, 2))
-    return per_row.mean(), int(rollout.tokens.shape[1])
+    return grade_objective(model, lambda: adapters_disabled(model))(model, enc, relax)
+
+
+def grade_objective(reference, context):
+    """GRADE's objective on the rollout: the exact KL to `reference` (a frozen copy, or the policy itself with its
+    adapters disabled by `context`; its forward on the soft tokens recomputed in backward, the trainer's default),
+    entered through `context` as the trainer's `reference_context` gives it, plus the logits and the soft tokens
+    embedded with the policy's E (a reward's soft path)."""
+    from grade_trl.core.kl import exact_kl
+    from grade_trl.core.soft_rollout import reference_logits
+
+    def grade(model, enc, relax):
+        rollout = soft_rollout(model, enc["input_ids"], enc["attention_mask"], relax, NEW_TOKENS, 0, relax.eos, cache="chunked")
+        kl = exact_kl(rollout.logits, reference_logits(reference, rollout, 0, relax.eos, recompute=True, context=context)).sum(-1)  # (B,)
+        embeds = rollout.soft_tokens.embed(input_embedding_matrix(model))
+        grade.kl = kl.detach()
+        return (rollout.logits.float().logsumexp(-1).mean(-1) + kl + embeds.float().pow(2).mean((1, 2))).mean(), int(rollout.tokens.shape[1])
+
+    return grade
 
 
 def lora_copy(base):
@@ -327,23 +338,6 @@ def perturbed_reference(base):
         for parameter in frozen.parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
     return frozen
-
-
-def grade_objective(reference, context):
-    """GRADE's objective on the rollout: the exact KL to a separate frozen `reference` (its forward on the soft tokens
-    recomputed in backward, the trainer's default), entered through `context` as the trainer's `reference_context`
-    gives it, plus the logits and the soft tokens embedded with the policy's E (a reward's soft path)."""
-    from grade_trl.core.kl import exact_kl
-    from grade_trl.core.soft_rollout import reference_logits
-
-    def grade(model, enc, relax):
-        rollout = soft_rollout(model, enc["input_ids"], enc["attention_mask"], relax, NEW_TOKENS, 0, relax.eos, cache="chunked")
-        kl = exact_kl(rollout.logits, reference_logits(reference, rollout, 0, relax.eos, recompute=True, context=context)).sum(-1)  # (B,)
-        embeds = rollout.soft_tokens.embed(input_embedding_matrix(model))
-        grade.kl = kl.detach()
-        return (rollout.logits.float().logsumexp(-1).mean(-1) + kl + embeds.float().pow(2).mean((1, 2))).mean(), int(rollout.tokens.shape[1])
-
-    return grade
 
 
 @contextmanager
