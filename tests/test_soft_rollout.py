@@ -3,6 +3,7 @@ options: each exact one gives the same gradient as the plain path, and the saved
 
 import copy
 import importlib
+import sys
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def test_reference_logits_equal_the_policy_logits_when_reference_is_the_policy(p
     est = StraightThroughGumbel()
     rollout = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: est(l, 1.0), max_new_tokens=8, min_new_tokens=3, eos_token_id=0)
     ref = copy.deepcopy(policy).requires_grad_(False)
-    for recompute in (False, True):
+    for recompute in (False, True, "blocks"):
         ref_logits = reference_logits(ref, rollout, min_new_tokens=3, eos_token_id=0, recompute=recompute)
         assert_close(ref_logits, rollout.logits.detach(), rtol=1e-4, atol=1e-4)
     kl = masked_sum(exact_kl(rollout.logits, ref_logits), rollout.mask, dim=1)
@@ -191,11 +192,24 @@ def test_reference_over_the_cached_prompt_equals_one_forward_over_the_whole_sequ
 
     plain_logits, plain_grads = kl_gradient(lambda r: one_forward_reference_logits(ref, r, 2, 0))
     assert any(g.abs().sum() > 0 for g in plain_grads)
-    for recompute in (False, True):
+    for recompute in (False, True, "blocks"):
         logits, grads = kl_gradient(lambda r: reference_logits(ref, r, 2, 0, recompute=recompute))
         assert_close(logits, plain_logits, rtol=1e-10, atol=1e-10)
         for ours, theirs in zip(grads, plain_grads):
             assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
+    if one_token_prompts:
+        return
+    # control: a prompt cache that each run extends (DynamicCache's update) fails the block-by-block recomputation,
+    # whose blocks' recomputed attention would then read their own completion's keys a second time
+    soft_rollout_module = sys.modules["grade_trl.core.soft_rollout"]
+
+    class ExtendedCache(soft_rollout_module.PromptCache):
+        read_only = property(lambda self: False, lambda self, value: None)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(soft_rollout_module, "PromptCache", ExtendedCache)
+        with pytest.raises(RuntimeError, match="size"):  # SDPA: the mask's P + T - 1 positions against P + 2 (T - 1) keys
+            kl_gradient(lambda r: reference_logits(ref, r, 2, 0, recompute="blocks"))
 
 
 # ---- the memory options: same gradient, and their growth law ----------------------------------------------
@@ -338,6 +352,43 @@ def test_chunked_cache_gives_the_plain_gradient_on_a_grouped_query_model(tokeniz
     assert torch.equal(tokens, plain_tokens)
     for ours, theirs in zip(grads, plain):
         assert_close(ours, theirs, rtol=1e-5, atol=1e-6 * theirs.abs().max().item())
+
+
+def test_reference_recomputed_block_by_block_on_a_grouped_query_model(tokenizer, prompts):
+    """The reference's forward recomputed a block at a time (GRADE's way under FSDP2) on a Qwen2-shaped model (its
+    decoder layers found by `_no_split_modules`, rotary positions, 2 key heads for 4 query heads): the logits and the
+    gradient through the soft tokens of no recomputation and of the whole one, in float64."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from grade_trl.core.soft_rollout import transformer_blocks
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, attn_implementation="sdpa")
+    policy = Qwen2ForCausalLM(config).double().eval()
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert len(transformer_blocks(ref)) == 2
+    enc = _encode(tokenizer, prompts)
+    est = StraightThroughGumbel()
+
+    def kl_gradient(recompute):
+        torch.manual_seed(1)
+        policy.zero_grad(set_to_none=True)
+        r = soft_rollout(policy, enc["input_ids"], enc["attention_mask"], lambda l, s: est(l, 0.7), max_new_tokens=5, min_new_tokens=2, eos_token_id=0)
+        ref_logits = reference_logits(ref, r, 2, 0, recompute=recompute)
+        masked_sum(exact_kl(r.logits, ref_logits), r.mask, dim=1).sum().backward()
+        return ref_logits.detach(), [p.grad.clone() for p in policy.parameters()]
+
+    plain_logits, plain = kl_gradient(False)
+    assert any(g.abs().sum() > 0 for g in plain)
+    for recompute in (True, "blocks"):
+        logits, grads = kl_gradient(recompute)
+        assert_close(logits, plain_logits, rtol=1e-10, atol=1e-10)
+        for ours, theirs in zip(grads, plain):
+            assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
 
 
 def saved_rollout_bytes(policy, enc, new_tokens, **options) -> int:

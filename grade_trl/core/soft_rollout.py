@@ -27,9 +27,10 @@ position (V, or k with top-k), H hidden.
 from __future__ import annotations
 
 import sys
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -281,7 +282,7 @@ def reference_logits(
     rollout: SoftRollout,
     min_new_tokens: int = 0,
     eos_token_id: int | None = None,
-    recompute: bool = False,
+    recompute: bool | Literal["blocks"] = False,
     context: Callable = nullcontext,
 ) -> torch.Tensor:
     """The reference's logits at every generated position, on the same soft inputs the policy saw.
@@ -295,8 +296,12 @@ def reference_logits(
     the activations of the P prompt positions and their gradients (P / (P + T) of the reference's backward).
     The same EOS processing as the rollout is applied, so both distributions are comparable. recompute: keep only
     the input embeddings and the logits for backward and run the completion's forward again there (exact; one more
-    forward over the T - 1 completion positions). context: a factory of the context that makes `ref_model` the
-    reference (a LoRA policy's `disable_adapter`), entered by every forward and by the recomputation alike.
+    forward over the T - 1 completion positions). recompute="blocks": the same, a transformer block at a time
+    (`blocks_recomputed`), for a frozen reference sharded by FSDP2, whose units gather in a recomputation inside the
+    backward and stay gathered until their gradient arrives: recomputed whole, the whole reference would be gathered at
+    once; block by block, one block is. context: a factory of the context that makes `ref_model` the reference (a LoRA
+    policy's `disable_adapter`), entered by every forward and by the whole recomputation alike (not by a block's: a
+    block's recomputation is only for a frozen copy, which needs no context).
     Returns (B, T, V).
     """
     num_generated, prompt_length = rollout.tokens.shape[1], rollout.prompt_ids.shape[1]
@@ -304,29 +309,78 @@ def reference_logits(
     # reference conditions on exactly the prefix the policy conditioned on (the rollout did not mask them).
     attention_mask = torch.cat([rollout.prompt_mask.long(), rollout.prompt_mask.new_ones(rollout.prompt_mask.shape[0], num_generated - 1).long()], dim=1)
     position_ids = position_ids_from_mask(attention_mask)
-    prompt_cache = DynamicCache()
+    prompt_cache = PromptCache()
     with torch.no_grad(), context(), replaced_forwards(few_row_output_head(ref_model)):  # B rows: the decode step's layout
         out = ref_model(input_ids=rollout.prompt_ids, attention_mask=attention_mask[:, :prompt_length], position_ids=position_ids[:, :prompt_length],
                         cache=prompt_cache, use_cache=True, logits_to_keep=1)
     first = out.logits[:, -1:]  # (B, 1, V): predicts y_1 from the prompt alone
-    prompt_kv = [(layer.keys, layer.values) for layer in prompt_cache.layers]  # no grad: constants of the objective
+    prompt_cache.read_only = True  # no grad, never extended: constants of the objective, the same in every recomputation
 
     def forward(inputs_embeds):
-        cache = DynamicCache()  # a fresh cache over the prompt's keys and values, for the forward and its recomputation alike
-        for index, (keys, values) in enumerate(prompt_kv):
-            cache.update(keys, values, index)
         with context():
             return ref_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids[:, prompt_length:],
-                             cache=cache, use_cache=True).logits  # (B, T-1, V)
+                             cache=prompt_cache, use_cache=True).logits  # (B, T-1, V)
 
     if num_generated > 1:
         # E whole (a copy when the reference is a sharded LoRA policy: core/sharding.py), the parameter otherwise
         inputs_embeds = rollout.soft_tokens.drop_last().embed(input_embedding_matrix(ref_model))  # (B, T-1, H)
-        rest = checkpoint(forward, inputs_embeds, use_reentrant=False) if recompute else forward(inputs_embeds)
+        if recompute == "blocks":
+            with blocks_recomputed(ref_model):
+                rest = forward(inputs_embeds)
+        else:
+            rest = checkpoint(forward, inputs_embeds, use_reentrant=False) if recompute else forward(inputs_embeds)
         logits = torch.cat([first.to(rest.dtype), rest], dim=1)
     else:
         logits = first
     return forbid_eos_before(logits, min_new_tokens, eos_token_id)
+
+
+class PromptCache(DynamicCache):
+    """A DynamicCache that, once `read_only`, a forward reads but does not extend: `update` then returns the cached
+    (prompt) keys and values followed by the new ones, as DynamicCache's does, and leaves the layer as it was. The
+    reference's forward over the soft tokens runs again in backward when it is recomputed (whole, or a block at a
+    time), and each run must see the same P cached positions; DynamicCache's `update` would append the completion's
+    keys and values at every run (a block's recomputation would attend over P + 2 (T - 1) positions)."""
+
+    read_only = False  # filled by the prompt's forward first
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not self.read_only:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        state = dict(vars(layer))  # the layer's tensors and counters (a sliding-window layer's too), put back below
+        try:
+            return layer.update(key_states, value_states, *args, **kwargs)
+        finally:
+            vars(layer).update(state)
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of `model` whose class (or a base class) is named in the model's `_no_split_modules`: its transformer
+    blocks, the unit Accelerate's FSDP2 wrap policy (`transformer_based_wrap`) shards. [] for a model naming none."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if names & {c.__name__ for c in type(m).__mro__}]
+
+
+@contextmanager
+def blocks_recomputed(model: torch.nn.Module):
+    """Within: each transformer block of `model` (`transformer_blocks`) runs its forward under a non-reentrant
+    checkpoint of its own, so it keeps only its inputs for backward and recomputes its forward there when its gradient
+    arrives: after FSDP2's pre-backward hook has gathered that block, which its post-backward hook reshards before the
+    next block is gathered. The
+    recomputation runs after the context has exited (the checkpoint keeps the block's own forward). For a frozen
+    model: no parameter gradient, so the blocks' inputs' gradients are all the recomputation serves. Exact (the same
+    forward twice, in eval mode: no dropout)."""
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no transformer block class (_no_split_modules) to recompute block by block")
+    for block in blocks:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)  # an instance attribute over the class's forward
+    try:
+        yield model
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 def forbid_eos_before(logits: torch.Tensor, count: int, eos_token_id: int | None) -> torch.Tensor:
