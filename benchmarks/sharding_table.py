@@ -14,11 +14,12 @@ How each config places the parts:
     fsdp2.yaml        4 N / G + gathered   4 N / G     8 N / G       4 N / G + gathered (*)    4 N_r              S + X
     zero3.yaml        4 N / G + gathered   4 N / G     8 N / G       4 N                       4 N_r              S + X
 
-(*) REINFORCE and PPO, whose reference FSDP2 shards as the policy (grade_trl.trainers.base `prepared_reference`,
-since 2026-12-07); GRADE's stays whole (4 N) with its default `recompute_reference_and_reward` (sharded, its forward
-recomputed in backward would gather all of it at once: `GumbelGRADETrainer.shards_reference`); TRL's GRPO shards its
-own as one unit (`prepare_fsdp`: the whole reference gathered while it runs), counted whole here (an upper bound by
-up to 4 N (1 - 1/G)).
+(*) REINFORCE, PPO and GRADE, whose reference FSDP2 shards as the policy (grade_trl.trainers.base
+`prepared_reference`, since 2026-12-07; GRADE's since 2026-12-08, its forward on the soft tokens recomputed in backward
+a block at a time, `GumbelGRADETrainer.reference_recompute`: GRADE's activations here are the fit's, made with the
+whole recomputation, whose transient is the reference's whole activations at once, against one block's and each
+block's input, 4 B L H (T - 1) bytes, block by block: an upper bound); TRL's GRPO shards its own as one unit
+(`prepare_fsdp`: the whole reference gathered while it runs), counted whole here (an upper bound by up to 4 N (1 - 1/G)).
 
 with N the policy's parameters, N_r the reward backbone's (GPT-2 rows: the IMDB recipes' sentiment model over a body
 of the policy's size; the GSM8K rows have none: their rewards are rules on the text), G the number of GPUs, S + X the
@@ -63,7 +64,7 @@ def activations(coefficients: dict, layers: int, hidden: int, batch: int, new_to
 
 def reference_sharded(method: str, config: str) -> bool:
     """Whether `config` shards `method`'s frozen reference as it does the policy (the module docstring's (*))."""
-    return config == "fsdp2.yaml" and method in ("reinforce", "ppo")
+    return config == "fsdp2.yaml" and method in ("grade_ste", "reinforce", "ppo")
 
 
 def placed(config: str, method: str, n: int, replicated: float, gathered: float, gpus: int) -> tuple[float, float]:

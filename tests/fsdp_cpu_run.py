@@ -16,6 +16,7 @@ process (`test_sharded.launch_env`): `torchrun --standalone --nproc_per_node 2 t
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -73,7 +74,30 @@ def _fsdp2_prepare_model_and_record(accelerator, model):
     return prepared
 
 
+def _blocks_recomputed_and_recorded(blocks_recomputed):
+    """GRADE's reference forward recomputed block by block (`core.soft_rollout.blocks_recomputed`), each entry also
+    recorded (one JSON line a call, to $FSDP_CPU_RECORD.blocks_recomputed with the rank in its name): how many blocks
+    it checkpointed, and whether the model was an FSDP2 unit, so the test can tell that the trainer took that way."""
+    from contextlib import contextmanager
+
+    from torch.distributed.fsdp import FSDPModule
+
+    @contextmanager
+    def recorded(model):
+        with blocks_recomputed(model) as entered:
+            path = os.environ.get("FSDP_CPU_RECORD")
+            if path:
+                blocks = [m for m in model.modules() if "forward" in vars(m)]  # the checkpointed forward: an instance attribute
+                with open(f"{path}.blocks_recomputed.rank{os.environ.get('RANK', '0')}", "a") as f:
+                    f.write(json.dumps({"blocks": len(blocks), "fsdp_module": isinstance(model, FSDPModule)}) + "\n")
+            yield entered
+
+    return recorded
+
+
 if __name__ == "__main__":
+    soft_rollout_module = importlib.import_module("grade_trl.core.soft_rollout")  # the module: the package rebinds the name to the function
+    soft_rollout_module.blocks_recomputed = _blocks_recomputed_and_recorded(soft_rollout_module.blocks_recomputed)
     if os.environ.get("FSDP_CPU_CHUNK_ELEMENTS"):  # REINFORCE's and PPO's head scoring in several chunks on the tiny model
         from grade_trl.core import head_scoring
 

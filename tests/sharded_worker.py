@@ -71,17 +71,17 @@ def lora_objective(model, enc, relax):
     return grade_objective(model, lambda: adapters_disabled(model))(model, enc, relax)
 
 
-def grade_objective(reference, context):
+def grade_objective(reference, context, recompute=True):
     """GRADE's objective on the rollout: the exact KL to `reference` (a frozen copy, or the policy itself with its
-    adapters disabled by `context`; its forward on the soft tokens recomputed in backward, the trainer's default),
-    entered through `context` as the trainer's `reference_context` gives it, plus the logits and the soft tokens
-    embedded with the policy's E (a reward's soft path)."""
+    adapters disabled by `context`; its forward on the soft tokens recomputed in backward, the trainer's default, whole
+    or block by block as `recompute` says), entered through `context` as the trainer's `reference_context` gives it,
+    plus the logits and the soft tokens embedded with the policy's E (a reward's soft path)."""
     from grade_trl.core.kl import exact_kl
     from grade_trl.core.soft_rollout import reference_logits
 
     def grade(model, enc, relax):
         rollout = soft_rollout(model, enc["input_ids"], enc["attention_mask"], relax, NEW_TOKENS, 0, relax.eos, cache="chunked")
-        kl = exact_kl(rollout.logits, reference_logits(reference, rollout, 0, relax.eos, recompute=True, context=context)).sum(-1)  # (B,)
+        kl = exact_kl(rollout.logits, reference_logits(reference, rollout, 0, relax.eos, recompute=recompute, context=context)).sum(-1)  # (B,)
         embeds = rollout.soft_tokens.embed(input_embedding_matrix(model))
         grade.kl = kl.detach()
         return (rollout.logits.float().logsumexp(-1).mean(-1) + kl + embeds.float().pow(2).mean((1, 2))).mean(), int(rollout.tokens.shape[1])
@@ -349,21 +349,56 @@ def resharded_even_in_backward(module):
         resharded(module)
 
 
-def grade_sharded_reference_case(base, enc_all, enc, rows, noise_all, eos: int, world: int, control: bool = False) -> dict:
+@contextmanager
+def gathered_elements_counted(model):
+    """Within: the most of `model`'s parameter elements that its FSDP2 units held gathered (whole) at once, counted at
+    each unit's gather and reshard (`FSDPParamGroup._to_unsharded` / `_to_sharded`), in `counted["most"]`."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    elements = {}  # the model's units' param groups -> their whole parameters' elements
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            for group in module._get_fsdp_state()._fsdp_param_groups:
+                elements[group] = sum(fsdp_param._orig_size.numel() for fsdp_param in group.fsdp_params)
+    gathered, counted = set(), {"most": 0}
+    original_unsharded, original_sharded = FSDPParamGroup._to_unsharded, FSDPParamGroup._to_sharded
+
+    def to_unsharded(group):
+        original_unsharded(group)
+        if group in elements:
+            gathered.add(group)
+            counted["most"] = max(counted["most"], sum(elements[g] for g in gathered))
+
+    def to_sharded(group):
+        original_sharded(group)
+        gathered.discard(group)
+
+    FSDPParamGroup._to_unsharded, FSDPParamGroup._to_sharded = to_unsharded, to_sharded
+    try:
+        yield counted
+    finally:
+        FSDPParamGroup._to_unsharded, FSDPParamGroup._to_sharded = original_unsharded, original_sharded
+
+
+def grade_sharded_reference_case(base, enc_all, enc, rows, noise_all, eos: int, world: int, recompute=True, control: bool = False) -> dict:
     """GRADE's frozen reference sharded as the trainer shards it (`prepared_reference`: Accelerate's layout) beside the
-    sharded policy, in its context (`resharded_on_exit`), against one process's unsharded policy and reference on the
-    global batch. The control reshards on exit inside the backward too, where the reference's forward is recomputed:
-    it must fail (the weights of the unit that holds E freed before the recomputed graph's backward reads them)."""
+    sharded policy, in its context (`resharded_on_exit`), its forward recomputed in backward whole or block by block
+    (`recompute`), against one process's unsharded policy and reference on the global batch, and the most reference
+    elements gathered at once in the backward. The control reshards on exit inside the backward too, where the
+    reference's forward is recomputed: it must fail (the weights of the unit that holds E freed before the recomputed
+    graph's backward reads them)."""
     from grade_trl.core.sharding import resharded_on_exit
 
     frozen = perturbed_reference(base)
     reference = unsharded_run(base, enc_all, noise_all, True, eos, [], grade_objective(frozen, nullcontext))
     sharded, sharded_reference = accelerate_sharded_copy(base, world), accelerate_sharded_copy(frozen, world).eval()
     context = resharded_even_in_backward if control else resharded_on_exit
-    objective = grade_objective(sharded_reference, lambda: context(sharded_reference))
+    objective = grade_objective(sharded_reference, lambda: context(sharded_reference), recompute)
     loss_local, steps_local = objective(sharded, enc, local_relax(noise_all, rows, True, eos, []))
     try:
-        loss_local.backward()
+        with gathered_elements_counted(sharded_reference) as gathered:
+            loss_local.backward()
     except RuntimeError as error:
         if not control:
             raise
@@ -371,6 +406,9 @@ def grade_sharded_reference_case(base, enc_all, enc, rows, noise_all, eos: int, 
     grads_sharded = {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.grad is not None}
     return {
         **comparison(reference, loss_local, steps_local, grads_sharded, world),
+        "reference_elements": sum(p.numel() for p in frozen.parameters()),
+        "reference_elements_gathered_in_backward": gathered["most"],
+        "reference_block_elements": sum(p.numel() for p in frozen.transformer.h[0].parameters()),
         "kl_mean": objective.kl.mean().item(),
         "reference_parameters_sharded": sum(isinstance(p, DTensor) for p in sharded_reference.parameters()),
         "reference_parameters": sum(1 for _ in sharded_reference.parameters()),
@@ -428,6 +466,7 @@ def main(out_path: str) -> None:
         results[f"head_scoring_{model_name}_{layout}"] = head_scoring_case(model, tokenizer, rank, world, layout, entropy)
     results["reference_reshard"] = reference_reshard_case(base, tokenizer, world)
     results["grade_sharded_reference"] = grade_sharded_reference_case(base, enc_all, enc, rows, noise_all, eos, world)
+    results["grade_sharded_reference_blocks"] = grade_sharded_reference_case(base, enc_all, enc, rows, noise_all, eos, world, recompute="blocks")
     results["evaluation_unequal_shares"] = evaluation_case(base, tokenizer, rank, world)
     results["evaluation_fewer_prompts_than_processes"] = [None] * world
     dist.all_gather_object(results["evaluation_fewer_prompts_than_processes"], evaluation_fewer_prompts_than_processes(base, tokenizer, rank, world))

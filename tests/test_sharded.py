@@ -98,34 +98,47 @@ def test_a_sharded_reference_is_resharded_after_scoring(sharded_rollout):
     assert r["gathered_left"] > 0 and r["gathered_left_resharded_on_exit"] == 0, r
 
 
-def test_grades_sharded_reference_matches_one_process(sharded_rollout):
+@pytest.mark.parametrize("case", ["grade_sharded_reference", "grade_sharded_reference_blocks"])
+def test_grades_sharded_reference_matches_one_process(sharded_rollout, case):
     """A frozen reference sharded in Accelerate's layout beside the sharded policy, its forward on the soft tokens
-    recomputed in backward (GRADE's default) inside its context (`resharded_on_exit`): the loss (exact KL of about 40
-    nats to a reference moved off the policy, so that the KL's gradient through the reference's forward is not 0) and
-    every gradient equal one process's on the global batch, and every reference parameter a shard again afterwards.
-    The control reshards on exit inside the backward too, as the context did before 2026-12-07: the recomputed
-    forward's weights freed before its backward reads them. (The trainer shards GRADE's reference only without that
-    recomputation, `GumbelGRADETrainer.shards_reference`, for memory; the context is correct either way.)"""
-    r = sharded_rollout["grade_sharded_reference"]
+    recomputed in backward (GRADE's default) inside its context (`resharded_on_exit`), whole or a block at a time (the
+    trainer's way, `reference_logits(recompute="blocks")`): the loss (exact KL of about 40 nats to a reference moved off
+    the policy, so that the KL's gradient through the reference's forward is not 0) and every gradient equal one
+    process's on the global batch, and every reference parameter a shard again afterwards. Recomputed whole, every unit
+    gathers in the recomputation and stays gathered until the gradient reaches it (FSDP2 does not reshard after a
+    forward in backward): the whole reference at once, more than a replicated copy. Block by block, each block gathers
+    for its own recomputation and backward and reshards before the next: the most gathered at once is E's unit
+    (FSDP2's root and Accelerate's head unit) and one block. The control reshards on exit inside the backward too, as
+    the context did before 2026-12-07: the recomputed forward's weights freed before its backward reads them."""
+    r = sharded_rollout[case]
     assert r["kl_mean"] > 1.0 and r["same_parameters_have_gradients"]
     assert r["loss_sharded"] == pytest.approx(r["loss_single"], rel=LOSS_RTOL)
     assert r["max_grad_diff"] <= GRAD_RTOL * r["grad_scale"], r
     assert r["reference_parameters_sharded"] == r["reference_parameters"], r
+    outside_blocks = r["reference_elements"] - 4 * r["reference_block_elements"]  # the tiny model: 4 blocks
+    if case.endswith("blocks"):
+        assert r["reference_elements_gathered_in_backward"] <= outside_blocks + r["reference_block_elements"], r
+    else:
+        assert r["reference_elements_gathered_in_backward"] == r["reference_elements"], r
     assert "storage of size 0" in (sharded_rollout["control_grade_reference_resharded_in_backward"]["error"] or ""), sharded_rollout["control_grade_reference_resharded_in_backward"]
 
 
-def test_grade_shards_its_reference_only_where_it_is_not_recomputed_in_backward(tmp_path):
-    """Recomputed inside the backward (the default), a sharded reference's forward leaves every unit gathered until the
-    gradient reaches it (FSDP2 does not reshard after a forward in backward): the whole reference at once, measured
-    on 2 CPU processes (an audit, 2026-12-07). So GRADE shards it only with recompute_reference_and_reward false."""
+def test_grade_recomputes_its_reference_block_by_block_only_when_fsdp2_shards_it(tmp_path):
+    """`GumbelGRADETrainer.reference_recompute`: no recomputation with recompute_reference_and_reward false; the whole
+    forward again for a replicated reference (one process, DDP, ZeRO) or for a LoRA policy's (no frozen copy); block by
+    block for a frozen copy sharded by FSDP2 (the 2-process case above, `grade_sharded_reference_blocks`, and the
+    trainer's FSDP2 run, `grade_ste`)."""
     from types import SimpleNamespace
 
     from grade_trl.trainers import GumbelGRADEConfig, GumbelGRADETrainer
 
-    def shards(**settings):
-        return GumbelGRADETrainer.shards_reference.fget(SimpleNamespace(args=GumbelGRADEConfig(output_dir=str(tmp_path), use_cpu=True, **settings)))
+    def recompute(ref_model, **settings):
+        trainer = SimpleNamespace(args=GumbelGRADEConfig(output_dir=str(tmp_path), use_cpu=True, **settings), ref_model=ref_model)
+        return GumbelGRADETrainer.reference_recompute.fget(trainer)
 
-    assert not shards() and shards(recompute_reference_and_reward=False)
+    replicated = torch.nn.Linear(2, 2)
+    assert recompute(replicated) is True and recompute(None) is True
+    assert recompute(replicated, recompute_reference_and_reward=False) is False
 
 
 def test_a_rewards_log_metric_is_averaged_over_every_processs_calls(sharded_rollout):
@@ -385,7 +398,7 @@ def test_frozen_models_load_whole_under_zero3(zero3_rollout):
 # others' one batch of 4); GRADE-STE's accumulation and LoRA were two cases until 2026-12-06, one launch pair each.
 ACCUMULATE = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}
 FSDP_CPU_CASES = {
-    "grade_ste-no-recompute": ("tiny/imdb_grade_ste.yaml", {"recompute_reference_and_reward": "false"}), "grade_ste-lora-accumulated": ("tiny/imdb_grade_ste.yaml", {**ACCUMULATE, "use_peft": "true"}),
+    "grade_ste": ("tiny/imdb_grade_ste.yaml", {}), "grade_ste-lora-accumulated": ("tiny/imdb_grade_ste.yaml", {**ACCUMULATE, "use_peft": "true"}),
     "reinforce-accumulated": ("tiny/imdb_reinforce.yaml", ACCUMULATE),
     "grpo": ("tiny/imdb_grpo.yaml", {}), "grpo-lora": ("tiny/imdb_grpo.yaml", {"use_peft": "true"}), "ppo-lora": ("tiny/imdb_ppo.yaml", {"use_peft": "true"}),
     "ppo": ("tiny/imdb_ppo.yaml", {}),
@@ -485,10 +498,18 @@ def test_fsdp2_on_two_cpu_processes_trains_as_ddp_and_saves(tmp_path, shared_rew
         assert runs[name]["status"] == "completed" and runs[name]["final"]["num_processes"] == 2 and runs[name]["final"]["steps"] == 2
         assert all(h["kl"] >= 0 for h in runs[name]["history"] if "kl" in h)
 
-    # the frozen reference of REINFORCE, PPO and GRADE without its recomputation in backward is sharded too
-    # (trainers.base `prepared_reference`), prepared first; LoRA has none (the adapters disabled), TRL's GRPO shards its
-    # own (`prepare_fsdp`, not recorded)
-    sharded_reference = not use_peft and recipe != "tiny/imdb_grpo.yaml" and ("grade" not in recipe or overrides.get("recompute_reference_and_reward") == "false")
+    # the frozen reference of REINFORCE, PPO and GRADE is sharded too (trainers.base `prepared_reference`), prepared
+    # first; LoRA has none (the adapters disabled), TRL's GRPO shards its own (`prepare_fsdp`, not recorded). GRADE's
+    # forward on the soft tokens is recomputed in backward a block at a time there (`reference_recompute`): the tiny
+    # model's 4 blocks, at each of its training steps (2) and its evaluations' loss (not recorded under DDP)
+    sharded_reference = not use_peft and recipe != "tiny/imdb_grpo.yaml"
+    for rank in (0, 1):
+        recomputed = tmp_path / f"fsdp.prepared.blocks_recomputed.rank{rank}"
+        if "grade" in recipe and sharded_reference:
+            calls = [json.loads(line) for line in recomputed.read_text().splitlines()]
+            assert len(calls) >= 2 and all(call == {"blocks": 4, "fsdp_module": True} for call in calls), calls
+        else:
+            assert not recomputed.exists()
     for rank in (0, 1):  # what Accelerate's fsdp2_prepare_model made of the policy (and reference) on each rank
         prepared = [json.loads(line) for line in (tmp_path / f"fsdp.prepared.rank{rank}").read_text().splitlines()]
         assert len(prepared) == 1 + sharded_reference, prepared

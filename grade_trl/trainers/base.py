@@ -168,12 +168,6 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
 
     config_class: type = None  # set by each method
 
-    @property
-    def shards_reference(self) -> bool:
-        """Under FSDP2, shard the frozen reference as the policy (`prepared_reference`). GRADE: not while it recomputes
-        the reference's forward in backward (its override)."""
-        return True
-
     def __init__(self, model, reward_funcs, args=None, train_dataset=None, eval_dataset=None, processing_class=None, callbacks=None, optimizers=(None, None), peft_config=None):
         args = args or self.config_class(output_dir=f"{type(self).__name__}_output")
         if not isinstance(args, self.config_class):
@@ -356,9 +350,10 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
         root unit (and Accelerate's embedding and head unit, `reshard_after_forward=False`) gathered after a forward, for
         a backward that a frozen model never runs (GRADE's forward on the soft tokens, which carries the exact KL's gradient
         into the rollout, is gathered again by FSDP2 for its backward, and not resharded inside it: `resharded_on_exit`).
-        Under ZeRO-3 the reference stays whole (`models.whole_weights`), and for GRADE where it recomputes the
-        reference in backward (`shards_reference`)."""
-        if self.accelerator.is_fsdp2 and self.shards_reference:
+        GRADE recomputes that forward in backward a block at a time (`reference_logits(recompute="blocks")`): recomputed
+        whole, every unit would stay gathered until its gradient arrived, the whole reference at once. Under ZeRO-3 the
+        reference stays whole (`models.whole_weights`)."""
+        if self.accelerator.is_fsdp2:
             from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
             # no `.to(device)` first: `fully_shard` moves a unit at a time, as for the policy (a whole copy on the GPU

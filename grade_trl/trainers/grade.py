@@ -25,6 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core import SoftTokens, exact_kl, exact_kl_and_entropy, leave_one_out_baseline, masked_mean, masked_sum, reference_logits, soft_rollout
 from ..core.sampling import SamplingSettings, sample
+from ..core.sharding import is_fsdp2
+from ..core.soft_rollout import transformer_blocks
 from ..rewards.base import RewardFunctionError, check_finite_scores, combine_scores, require_differentiable, reward_name, soft_scores
 from ..safety import diverged_logits_error
 from .base import RolloutTrainer
@@ -68,16 +70,17 @@ class GumbelGRADETrainer(RolloutTrainer):
     config_class = GumbelGRADEConfig
 
     @property
-    def shards_reference(self) -> bool:
-        """The reference is sharded under FSDP2 only where its forward is not recomputed in backward
-        (`recompute_reference_and_reward: false`). Recomputed (the default), the whole forward runs again inside the
-        backward, where FSDP2 does not reshard a unit after its forward (`FSDPParamGroup.post_forward` skips it in
-        backward): every block stays gathered until the gradient reaches it, so the whole reference is gathered at
-        once, more than a replicated copy (4 N / G + 4 N against 4 N bytes). Measured on 2 CPU processes (2026-12-07):
-        all 5.3M elements of the tiny reference gathered in backward, against the root's unit and one block (2.2M)
-        without the recomputation. Recomputing block by block instead (FSDP2's own activation checkpointing) would need a
-        reference forward that does not append to its prompt's KV cache on each recomputation."""
-        return not self.args.recompute_reference_and_reward
+    def reference_recompute(self) -> bool | str:
+        """How the reference's forward on the soft tokens is recomputed in backward (`reference_logits`' recompute):
+        not at all with `recompute_reference_and_reward: false`; else whole, or a transformer block at a time for a
+        frozen reference sharded by FSDP2 (`prepared_reference`). There FSDP2 does not reshard a unit after a forward
+        inside a backward (`FSDPParamGroup.post_forward` skips it), so a whole recomputation would leave every block
+        gathered until its gradient arrived: the whole reference at once, more than a replicated copy (measured on 2 CPU
+        processes: all 5.3M elements of the tiny reference, against 2.2M, E's unit and one block, block by block)."""
+        if not self.args.recompute_reference_and_reward:
+            return False
+        frozen_sharded = self.ref_model is not None and is_fsdp2(self.ref_model)
+        return "blocks" if frozen_sharded and transformer_blocks(self.ref_model) else True  # a model naming no block class: whole
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -119,7 +122,7 @@ class GumbelGRADETrainer(RolloutTrainer):
 
             # 3. exact KL to the frozen reference, inside the objective
             ref_model, ref_context = self.reference_context(model)
-            ref_logits = reference_logits(ref_model, rollout, args.min_new_tokens, eos, recompute=args.recompute_reference_and_reward, context=ref_context)  # (B, T, V)
+            ref_logits = reference_logits(ref_model, rollout, args.min_new_tokens, eos, recompute=self.reference_recompute, context=ref_context)  # (B, T, V)
             # (B, T) each; the policy's entropy (a metric) comes from the KL's own log-softmax, not a pass of its own
             kl_per_token, entropy_per_token = exact_kl_and_entropy(rollout.logits, ref_logits, rollout.logit_indices)
             kl = masked_sum(kl_per_token, rollout.mask, dim=1)  # (B,)

@@ -74,8 +74,8 @@ class GumbelGRADEConfig(RolloutConfig):
         default=True,
         metadata={"help": "Keep only the inputs and outputs of the reference's forward and of each reward's `score_soft` and run them "
                   "again in backward (exact for deterministic rewards: no dropout, no sampling). Saves their activations (about as "
-                  "much as the policy's) for one more forward of each. Under FSDP2 the frozen reference is sharded only when this "
-                  "is false (recomputed inside the backward, FSDP2 would gather all of it at once); true keeps it replicated."},
+                  "much as the policy's) for one more forward of each. Under FSDP2, where the frozen reference is sharded as the "
+                  "policy, its forward is recomputed a transformer block at a time, so that one block is gathered at once."},
     )
     relax_top_k: int = field(
         default=0,
