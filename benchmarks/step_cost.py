@@ -65,7 +65,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, Printer
 
 from grade_trl.memory import SavedTensorAccount, peak_allocated
 from grade_trl.methods import METHODS, get_method
-from grade_trl.models import load_tokenizer, prepare_tokenizer, resolve_model_path
+from grade_trl.models import load_tokenizer, resolve_model_path
 from grade_trl.rewards.gsm8k import GSM8KFormat
 from grade_trl.rewards.sentiment import SentimentReward, SentimentRewardModel
 
@@ -163,10 +163,7 @@ def random_qwen2(args, workdir: str) -> str:
     memory, not its activations)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    folder = resolve_model_path(args.tokenizer)
-    bare = os.path.isfile(os.path.join(folder, "vocab.json")) and not os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
-    # a bare vocab.json + merges.txt folder (GPT-2's) has no config that tells AutoTokenizer its class
-    tokenizer = prepare_tokenizer(GPT2TokenizerFast.from_pretrained(folder)) if bare else load_tokenizer(folder)
+    tokenizer = load_tokenizer(args.tokenizer)  # a bare vocab.json + merges.txt folder (GPT-2's) too
     vocab = args.vocab_size or len(tokenizer)
     if vocab < len(tokenizer):
         raise SystemExit(f"error: --vocab_size {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens: give at least {len(tokenizer)}")

@@ -119,7 +119,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("train_steps_per_second", "1/s", "optimizer steps per second (Trainer, last row)", ALL),
     Metric("total_flos", "flop", "Trainer's floating-point-operation estimate (last row)", ALL),
     # ---- the evaluation protocol: validation rows (step 0, every eval_steps, the end)
-    Metric("eval_reward", "reward", "the task's weighted reward of one sampled completion per validation prompt, mean over prompts (the runner's evaluation; a trainer's own `Trainer.evaluate()` logs the same measure of one sample per eval prompt, GRADE's too)", "evaluation"),
+    Metric("eval_reward", "reward", "the task's weighted reward of one sampled completion per validation prompt, mean over prompts (the runner's evaluation; a trainer's own `Trainer.evaluate()` logs the mean over the samples it draws: one per eval prompt for GRADE and PPO, `num_samples_per_prompt` for REINFORCE)", "evaluation"),
     Metric("eval_reward_std", "reward", "its std over prompts", "evaluation"),
     Metric("eval_reward_soft", "reward", "GRADE's `Trainer.evaluate()`: its relaxed rollout's weighted score_soft on the eval prompts, the surrogate it trains (its eval_reward is of sampled text)", "grade* (Trainer.evaluate)"),
     Metric("eval_rewards/{name}/mean", "reward", "one reward function's score of the same completions, mean over prompts (tasks with several reward functions)", "evaluation"),

@@ -149,6 +149,8 @@ def learned_positions(config) -> int | None:
     """How many positions a model config's learned absolute position embeddings hold (GPT-2's `n_positions`; a
     `max_position_embeddings` without rotary embeddings), or None where positions are rotary or not named: a RoPE
     model runs past its `max_position_embeddings`, a learned table does not."""
+    if config is None:
+        return None
     if isinstance(getattr(config, "n_positions", None), int):
         return config.n_positions
     rotary = any(name.startswith("rope") or name == "rotary_dim" for name in vars(config)) or getattr(config, "position_embedding_type", "absolute") != "absolute"
@@ -207,15 +209,30 @@ def fingerprint(name_or_path: str) -> str | None:
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Tokenizer with left padding (generation continues at the right edge) and a pad token. A folder with a
     tokenizer_config.json but nothing to build the tokenizer from is a ValueError saying so in one line (transformers'
-    own is five, the first ending "from one of:")."""
+    own is five, the first ending "from one of:"). A bare folder of GPT-2's vocab.json and merges.txt (no
+    tokenizer_config.json to name a class, no tokenizer.json) is read as GPT-2's byte-level BPE (`GPT2TokenizerFast`),
+    which AutoTokenizer cannot tell."""
+    path = resolve_model_path(name_or_path)
+    if is_bare_bpe_folder(path):
+        from transformers import GPT2TokenizerFast
+
+        return prepare_tokenizer(GPT2TokenizerFast.from_pretrained(path))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except ValueError as error:
         if not str(error).startswith("Couldn't instantiate the backend tokenizer"):
             raise
         raise ValueError("its tokenizer files cannot build a tokenizer (no tokenizer.json, nor the vocabulary its tokenizer_config.json's class reads: "
                          "vocab.json and merges.txt for GPT-2, a sentencepiece model, ...); copy the tokenizer of the model it was trained with into it") from None
     return prepare_tokenizer(tokenizer)
+
+
+def is_bare_bpe_folder(path: str) -> bool:
+    """A folder holding vocab.json and merges.txt and neither tokenizer.json nor tokenizer_config.json."""
+    def has(name):
+        return os.path.isfile(os.path.join(path, name))
+
+    return os.path.isdir(path) and has("vocab.json") and has("merges.txt") and not has("tokenizer.json") and not has("tokenizer_config.json")
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

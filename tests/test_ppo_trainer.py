@@ -171,6 +171,13 @@ def test_ppo_smoke_run_on_the_length_reward(tmp_path):
     assert (out / "tokenizer_config.json").exists()
     # readable as the umask allows, as config.json is, not safetensors 0.8's 0600 (another user could not load the model)
     assert {path.name: path.stat().st_mode & 0o777 for path in out.glob("*.safetensors")} == dict.fromkeys(("model.safetensors", "value_head.safetensors"), (out / "config.json").stat().st_mode & 0o777)
+    # a PPO run started from the saved folder starts from its critic (a user trial found the head back at zero), by the
+    # path or by the model loaded from it (the runner's way); the embedded model has none: zero
+    for model in (str(out), AutoModelForCausalLM.from_pretrained(out)):
+        continued = PPOTrainer(model=model, reward_funcs=[LengthReward(eos_token_id=0)], args=length_config(tmp_path / "continued"), train_dataset=dataset)
+        assert torch.equal(continued.model.value_head.weight, module.value_head.weight.detach()) and module.value_head.weight.abs().sum() > 0
+    fresh = PPOTrainer(model="embedded", reward_funcs=[LengthReward(eos_token_id=0)], args=length_config(tmp_path / "fresh"), train_dataset=dataset)
+    assert fresh.model.value_head.weight.abs().sum() == 0
 
 
 def test_target_kl_skips_the_rest_of_the_rollout(tmp_path):

@@ -308,6 +308,15 @@ def test_construction_refuses_what_would_fail_at_the_first_step(tmp_path):
         (dict(reward_funcs=length_only, train_dataset=Dataset.from_dict({"prompt": ["", "", "x"]})), ValueError,
          r"^train_dataset: `prompt` has 2 empty in its 3 rows; every prompt must be non-empty text or chat messages"),
         (dict(reward_funcs=length_only, eval_dataset=Dataset.from_dict({"prompt": [None, "x"]})), ValueError, r"^eval_dataset: `prompt` has 1 null in its 2 rows"),
+        # found by a user trial (2026-12-08): numbers failed at the first step in the tokenizer, lists of strings trained
+        # on their concatenation, and messages without `content` reached the reward as a list (blamed on the reward)
+        (dict(reward_funcs=length_only, train_dataset=Dataset.from_dict({"prompt": [1, 2]})), ValueError,
+         r"^train_dataset: `prompt` has 2 neither text nor chat messages \(\[\{role, content\}, ...\]\) in its 2 rows"),
+        (dict(reward_funcs=length_only, train_dataset=Dataset.from_dict({"prompt": [["a", "b"]]})), ValueError, r"^train_dataset: `prompt` has 1 neither text nor chat"),
+        (dict(reward_funcs=length_only, train_dataset=Dataset.from_dict({"prompt": [[{"role": "user", "text": "hi"}]]})), ValueError,
+         r"^train_dataset: `prompt` has 1 neither text nor chat messages .*struct<role: string, text: string>"),
+        (dict(reward_funcs=length_only, args=_library_args(REINFORCEConfig, tmp_path, max_new_tokens=300, min_new_tokens=1)), ValueError,
+         r"^max_new_tokens: max_prompt_length 32 \+ max_new_tokens 300 = 332 tokens, but the model has 256 positions; lower one of them$"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
@@ -320,6 +329,16 @@ def test_construction_refuses_what_would_fail_at_the_first_step(tmp_path):
         (REINFORCEConfig, {"ema_momentum": 1.5}, r"ema_momentum must be in \[0, 1\)"),
         (GumbelGRADEConfig, {"tau_anneal_steps": -5}, "tau_anneal_steps must be >= 0"),
         (PPOConfig, {"model_init_kwargs": "float32"}, "model_init_kwargs: expected a mapping"),
+        # found by a user trial (2026-12-08): each failed later, in a comparison or at the first step, without the key
+        (REINFORCEConfig, {"max_new_tokens": "32"}, r"^max_new_tokens: expected an integer, got '32' \(str\)$"),
+        (REINFORCEConfig, {"max_new_tokens": 4.5}, r"^max_new_tokens: expected an integer, got 4.5 \(float\)$"),
+        (REINFORCEConfig, {"beta": "0.1"}, r"^beta: expected a number, got '0.1'"),
+        (GumbelGRADEConfig, {"tau_start": "2"}, r"^tau_start: expected a number, got '2'"),
+        (REINFORCEConfig, {"max_prompt_length": None}, r"^max_prompt_length: expected an integer, got None"),
+        (REINFORCEConfig, {"reward_weights": 1.0}, r"^reward_weights: expected a list of numbers or None, got 1.0"),
+        (REINFORCEConfig, {"reward_weights": "1.0"}, r"^reward_weights: expected a list of numbers or None, got '1.0'"),
+        (REINFORCEConfig, {"reward_weights": [None]}, r"^reward_weights: expected a list of numbers or None, got \[None\]"),
+        (REINFORCEConfig, {"reward_weights": [float("nan")]}, r"^reward_weights: expected finite numbers, got \[nan\]"),
     ]:
         with pytest.raises(ValueError, match=message):
             config(output_dir=str(tmp_path), use_cpu=True, **values)
@@ -451,6 +470,30 @@ def test_each_data_set_of_a_dict_eval_dataset_gets_its_own_metrics(tmp_path):
     assert [sorted(k for k in row if k.endswith("_reward")) for row in rows] == [["eval_a_reward"], ["eval_b_reward"]], rows
 
 
+class ColumnScore:
+    """A reward that is a dataset column (`score`), marked differentiable with a constant soft path so GRADE takes it."""
+
+    differentiable = True
+
+    def __call__(self, prompts, completions, score, **kwargs):
+        return [float(s) for s in score]
+
+    def score_soft(self, soft_tokens, attention_mask):
+        return 0.0 * soft_tokens.probability(0).sum(-1)
+
+
+@pytest.mark.parametrize("method", ["reinforce", "ppo", "grade_ste"])
+def test_evaluate_logs_the_mean_over_prompts_when_the_last_batch_is_short(tmp_path, method):
+    """Found by a user trial (2026-12-08): 3 eval prompts scoring 0, 0 and 3 in batches of 2 logged eval_reward 1.5, the
+    mean of the batches' means (0 and 3), not the mean over prompts (1.0) that the metrics table promises. The logging
+    window now weights each batch's means by its samples (`MetricWindow`)."""
+    entry = METHODS[method]
+    data = Dataset.from_dict({"prompt": ["This movie was", "The acting", "I did not"], "score": [0.0, 0.0, 3.0]})
+    args = _library_args(entry.config_class, tmp_path, per_device_eval_batch_size=2, remove_unused_columns=False, **({"num_mini_batches": 1} if method == "ppo" else {}))
+    trainer = entry.trainer_class(model="embedded", reward_funcs=ColumnScore(), args=args, eval_dataset=data, processing_class=load_tokenizer("embedded"))
+    assert trainer.evaluate()["eval_reward"] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("method", ["reinforce", "grade_ste"])
 def test_the_steps_after_the_last_logging_step_are_logged_without_the_runner(tmp_path, method):
     """Found by a journey audit: a trainer used on its own (not through the runner) with max_steps 3 and Trainer's
@@ -515,6 +558,23 @@ def _gpt2_tokenizer():
     if not folder.is_dir():
         pytest.skip("needs ../shared/tokenizers/gpt2 (GPT-2's tokenizer files), absent from a clone without the shared folder")
     return GPT2TokenizerFast.from_pretrained(str(folder))  # a bare vocab.json + merges.txt folder: no config for AutoTokenizer
+
+
+def test_load_tokenizer_reads_a_bare_gpt2_folder():
+    """Found by a user trial (2026-12-08): `load_tokenizer` on a folder of GPT-2's vocab.json and merges.txt alone said
+    there were no "vocab.json and merges.txt for GPT-2" (AutoTokenizer cannot tell a class without a config). It reads
+    it as GPT-2's byte-level BPE now, the same tokens as GPT2TokenizerFast, left-padded with a pad token."""
+    from grade_trl.models import is_bare_bpe_folder
+
+    from .conftest import REPO, SHARED
+
+    reference = _gpt2_tokenizer()  # skips without the shared folder
+    folder = str(SHARED / "tokenizers" / "gpt2")
+    assert is_bare_bpe_folder(folder) and not is_bare_bpe_folder(str(REPO / "grade_trl" / "assets" / "tiny-imdb-gpt2"))
+    tokenizer = load_tokenizer(folder)
+    text = "The movie was surprisingly good, 10/10 – would watch again."
+    assert tokenizer(text)["input_ids"] == reference(text)["input_ids"] and len(tokenizer) == 50257
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token == "<|endoftext|>"
 
 
 def test_another_models_tokenizer_is_refused_at_construction(tmp_path):

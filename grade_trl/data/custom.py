@@ -133,6 +133,8 @@ def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_p
     A missing (null) or empty prompt, or one of another kind than the first row's, is refused in one line that counts
     them: there is nothing for the policy to continue, and dropping them would hide a broken data file."""
     first = rows[0][column]
+    if first is not None and not isinstance(first, (str, list)):  # the column's kind, before counting its rows
+        raise UserError(f"prompt_column: {column!r} holds {type(first).__name__} values, not text or chat messages ([{{role, content}}, ...])")
     if what := bad_prompt_column(rows, column):
         raise UserError(f"prompt_column: {column!r} has {what} in the {len(rows)} rows of the {split or 'given'} split; every prompt must be "
                         "non-empty text or chat messages (drop or fill those rows)")

@@ -77,25 +77,28 @@ def is_conversational(value) -> bool:
 
 
 def bad_prompts(values: list) -> str | None:
-    """What is wrong with a column of prompts, counted (`"2 null, 1 empty"`, or values of another kind than the first
-    present one's: `"3 not text"`), or None when every prompt is non-empty text, or every one chat messages."""
+    """What is wrong with a column of prompts, counted (`"2 null, 1 empty"`, values of another kind than the first
+    present one's: `"3 not text"`, or values that are neither text nor chat messages: an int, a list of strings, messages
+    without `content`), or None when every prompt is non-empty text, or every one chat messages. Neither is refused
+    outright: a list of strings reached the policy as their concatenation and the reward as the list (a user trial)."""
     first = next((value for value in values if value is not None), None)
     if first is None:
         return f"{len(values)} null" if values else None
-    kind = list if is_conversational(first) else type(first)
+    kind = list if is_conversational(first) else str if isinstance(first, str) else None
     other = f"not {'chat messages' if kind is list else 'text'}"
+    neither = "neither text nor chat messages ([{role, content}, ...])"
 
     def problem(value) -> str | None:
         if value is None:
             return "null"
         if isinstance(value, (str, list)) and len(value) == 0:
             return "empty"
+        if not (isinstance(value, str) or is_conversational(value)):
+            return neither
         return None if isinstance(value, kind) else other
 
     counts = Counter(problem(value) for value in values)
-    if counts["null"] or counts["empty"] or (counts[other] and kind in (str, list)):
-        return ", ".join(f"{counts[name]} {name}" for name in ("null", "empty", other) if counts[name])
-    return None
+    return ", ".join(f"{counts[name]} {name}" for name in ("null", "empty", other, neither) if counts[name]) or None
 
 
 def bad_prompt_column(dataset, column: str = "prompt") -> str | None:
@@ -109,7 +112,10 @@ def bad_prompt_column(dataset, column: str = "prompt") -> str | None:
         import pyarrow.compute as pc
 
         values = dataset.with_format("arrow")[column]
-        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or pa.types.is_list(values.type):
+        messages = pa.types.is_list(values.type) and pa.types.is_struct(values.type.value_type)
+        if messages and not {"role", "content"} <= {values.type.value_type.field(i).name for i in range(values.type.value_type.num_fields)}:
+            return f"{len(values)} neither text nor chat messages ([{{role, content}}, ...]; these have {values.type.value_type})"
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or messages:
             length = pc.list_value_length(values) if pa.types.is_list(values.type) else pc.utf8_length(values)
             counts = {"null": values.null_count, "empty": pc.sum(pc.equal(length, 0)).as_py() or 0}
             return ", ".join(f"{n} {kind}" for kind, n in counts.items() if n) or None

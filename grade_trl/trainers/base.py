@@ -14,7 +14,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl.data_utils import is_conversational
 
 from ..core.sharding import is_sharded, resharded_on_exit
-from ..models import give_safetensors_umask_modes, load_causal_lm, load_tokenizer, prepare_tokenizer
+from ..models import give_safetensors_umask_modes, learned_positions, load_causal_lm, load_tokenizer, prepare_tokenizer
 from ..resume import ResumeCallback
 from ..rewards.base import NOT_PASSED_COLUMNS, RewardMetricLog, assistant_messages, bad_prompt_column, compute_rewards, not_kept, render_chat, reward_name
 from .metrics import GradNormWindowMixin, LogTheLastWindow, MetricWindow
@@ -64,6 +64,18 @@ def use_undispatched_batches_for_iterable_datasets(args, train_dataset, eval_dat
         raise ValueError("accelerator_config.dispatch_batches: a streamed (iterable) data set needs it False (Accelerate cannot "
                          "dispatch batches of text); leave it unset")
     args.accelerator_config.dispatch_batches = False
+
+
+def check_positions(args, model) -> None:
+    """A prompt and a completion fit the model's learned positions (GPT-2's `n_positions`; no limit for rotary ones), as
+    the runner checks before loading (`build.check_model_fits`): past them the first step failed in torch's embedding
+    with "IndexError: index out of range in self" (a user trial: max_new_tokens 300 on the embedded model's 256)."""
+    limit = learned_positions(getattr(model, "config", None))
+    max_new_tokens, _ = args.new_token_limits
+    if limit is not None and args.max_prompt_length + max_new_tokens > limit:
+        key = args.new_token_limit_key
+        raise ValueError(f"{key}: max_prompt_length {args.max_prompt_length} + {key} {max_new_tokens} = {args.max_prompt_length + max_new_tokens} "
+                         f"tokens, but the model has {limit} positions; lower one of them")
 
 
 def check_vocabulary(tokenizer, model) -> None:
@@ -182,6 +194,7 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
         # ours is a copy, padded on the left for generation, with a pad token
         processing_class = prepare_tokenizer(copy.deepcopy(processing_class)) if processing_class is not None else load_tokenizer(model.config._name_or_path)
         check_vocabulary(processing_class, model)
+        check_positions(args, model)
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         check_reward_types(self.reward_funcs)
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
@@ -395,6 +408,11 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
 
     def gathered_sum(self, values: torch.Tensor) -> float:
         return self.accelerator.gather(values.detach().float().reshape(-1)).sum().item()
+
+    def gathered_count(self, rows: int) -> float:
+        """How many samples every process's `rows` make together: the weight of the means a step adds to the logging
+        window (`MetricWindow.add`)."""
+        return self.gathered_sum(torch.tensor([float(rows)], device=self.accelerator.device))
 
     def gathered_std(self, values: torch.Tensor) -> float:
         """Std over every process's values (0 for a single value)."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +22,61 @@ DDP_FIND_UNUSED_HELP = (
     "vf_coef * value loss, a skipped mini-batch through 0 * loss), so the search only costs a graph traversal and "
     "warns on every multi-process run. Set true for a model some of whose parameters a step may not use (mixture-of-experts)."
 )
+
+
+def check_field_types(config) -> None:
+    """Each field a grade_trl config declares beyond `TrainingArguments` holds a value of its annotated type, or a
+    one-line ValueError names the field: a library user's `max_new_tokens="32"` failed at the first comparison with
+    "'<' not supported between instances of 'str' and 'int'", and `max_new_tokens=4.5` at the first step. (The
+    runner converts a recipe's values before they get here, `cli.coerce`; TrainingArguments' own fields are its.)
+    An int is a float's value too; a float of integral value is not an int's (TRL's configs take none either)."""
+    hints = typing.get_type_hints(type(config))
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for f in dataclasses.fields(config):
+        if f.name in inherited or not f.init or f.name not in hints:
+            continue
+        value = getattr(config, f.name)
+        if not _of_type(value, hints[f.name]):
+            raise ValueError(f"{f.name}: expected {_type_name(hints[f.name])}, got {value!r} ({type(value).__name__})")
+
+
+def _of_type(value, tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_of_type(value, option) for option in args)
+    if tp is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple) or tp in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_of_type(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True  # a type this check does not know: its own field's checks apply
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in args)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "None", dict: "a mapping"}
+    if tp in names:
+        return names[tp]
+    if origin in (list, tuple):
+        return f"a list of {_type_name(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is typing.Literal:
+        return f"one of {list(args)}"
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 @dataclass
@@ -77,6 +136,9 @@ class RolloutConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        check_field_types(self)
+        if self.reward_weights is not None and not all(math.isfinite(w) for w in self.reward_weights):
+            raise ValueError(f"reward_weights: expected finite numbers, got {self.reward_weights}")
         if self.dataloader_pin_memory and not torch.accelerator.is_available():
             # nothing to pin for: torch's DataLoader warns otherwise, as it then pins nothing (the runner's use_cpu turns it off too)
             self.dataloader_pin_memory = False

@@ -9,18 +9,37 @@ from transformers import TrainerCallback
 
 
 class MetricWindow:
-    """Values collected between two logs (`add`), averaged and cleared by `flush`."""
+    """Values collected between two logs (`add`), averaged and cleared by `flush`: each key's mean weighted by how many
+    samples each value is the mean of (`weight`), so that the window's `reward` is the mean over the samples behind it
+    whatever the batches' sizes (an evaluation's last batch of 1 prompt counts once, not as much as a batch of 2). TRL
+    averages its batches' means unweighted, the same where every batch is full."""
 
     def __init__(self):
         self.values: dict[str, list[float]] = defaultdict(list)
+        self.weights: dict[str, list[float]] = defaultdict(list)
 
-    def add(self, **metrics: float) -> None:
+    def add(self, weight: float = 1.0, **metrics: float) -> None:
+        """metrics: each a mean over `weight` samples (every process's; 1 for a value that is not such a mean)."""
+        weights = self.__dict__.setdefault("weights", defaultdict(list))  # absent from a window pickled before it existed
         for key, value in metrics.items():
             self.values[key].append(float(value))
+            weights[key].append(float(weight))
+
+    def means(self) -> dict[str, float]:
+        """Each key's weighted mean so far (the window kept)."""
+        weights = self.__dict__.get("weights") or {}
+        logs = {}
+        for key, values in self.values.items():
+            if values:
+                given = weights.get(key, [])
+                w = [1.0] * (len(values) - len(given)) + given  # values added before the weights existed count 1 each
+                logs[key] = sum(v * x for v, x in zip(values, w)) / sum(w)
+        return logs
 
     def flush(self) -> dict[str, float]:
-        logs = {key: sum(vals) / len(vals) for key, vals in self.values.items() if vals}
+        logs = self.means()
         self.values.clear()
+        self.__dict__.get("weights", {}).clear()
         return logs
 
 
@@ -53,8 +72,10 @@ class GradNormWindowMixin:
         with this step's `grad_norm`: the live doctor checks it before the optimizer step (doctor_callback.DoctorCallback).
         Reads `self._metrics["train"]`: our MetricWindow or TRL's dict of lists."""
         window = self._metrics["train"]
-        values = window.values if isinstance(window, MetricWindow) else window
-        logs = {key: sum(v) / len(v) for key, v in values.items() if v and all(isinstance(x, (int, float)) for x in v)}
+        if isinstance(window, MetricWindow):
+            logs = window.means()
+        else:
+            logs = {key: sum(v) / len(v) for key, v in window.items() if v and all(isinstance(x, (int, float)) for x in v)}
         norms = self.__dict__.get("_grad_norm_window")
         if norms:
             logs |= {"grad_norm": norms[-1], **grad_norm_stats(norms)}

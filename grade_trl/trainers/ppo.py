@@ -60,6 +60,7 @@ from ..core import (
 from ..core.sampling import SamplingSettings, chunked_token_entropy
 from ..core.sharding import gathered
 from ..core.soft_rollout import last_positions, position_ids_from_mask
+from ..models import resolve_model_path
 from ..rewards.base import combine_scores
 from .base import RolloutTrainer
 from .ppo_config import PPOConfig
@@ -308,6 +309,12 @@ class PPOTrainer(RolloutTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         a = self.args
+        # the folder the policy came from (a path given, or the loaded model's `_name_or_path`: the runner's way), when
+        # `save_model` wrote it: its trained value head, as TRL's value-head models load theirs from a saved folder
+        model = kwargs.get("model", args[0] if args else None)
+        folder = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
+        if folder:
+            self.load_saved_value_head(resolve_model_path(folder))
         self.kl_ctl = AdaptiveKLController(a.init_kl_coef, a.kl_target, a.kl_horizon) if a.adaptive_kl else FixedKLController(a.init_kl_coef)
         self._rollout: dict | None = None  # the buffer: the current rollout and its mini-batch schedule
         self._micro_step: int | None = None  # training micro-steps served, counted from the (resumed) global step
@@ -315,6 +322,15 @@ class PPOTrainer(RolloutTrainer):
 
     def wrap_model(self, model):
         return PolicyWithValueHead(model)
+
+    def load_saved_value_head(self, folder: str) -> None:
+        """The value head saved beside a causal LM (`value_head.safetensors`, `_save`) into this trainer's, when the
+        folder has one: a PPO run continued from a saved model starts from its critic, not from zero (a user trial
+        found it dropped). A folder without one (any other causal LM) keeps the zero-initialised head."""
+        head_file = os.path.join(folder, VALUE_HEAD_NAME)
+        if os.path.isfile(head_file):
+            self.accelerator.unwrap_model(self.model).value_head.load_state_dict(safetensors.torch.load_file(head_file, device="cpu"))
+            logger.info("value head loaded from %s", head_file)
 
     def train(self, *args, **kwargs):
         self._rollout, self._micro_step = None, None  # a new (or resumed) run re-aligns the buffer with the sampler
@@ -452,7 +468,7 @@ class PPOTrainer(RolloutTrainer):
         elif training and args.target_kl is not None and stats["policy/approxkl"] > args.target_kl:
             rollout["early_stopped"] = True  # this update is kept; the rest of the rollout is skipped (CleanRL)
 
-        self.metrics.add(**rollout["metrics"], **stats, **{"policy/early_stopped": float(skipped)})
+        self.metrics.add(weight=self.gathered_count(len(inputs["rows"])), **rollout["metrics"], **stats, **{"policy/early_stopped": float(skipped)})
         if training and inputs["last"]:  # after the rollout's epochs: adapt the KL coefficient for the next rollout
             self.kl_ctl.update(rollout["mean_kl"], args.per_device_train_batch_size * self.accelerator.num_processes)
         return loss
@@ -481,7 +497,7 @@ class PPOTrainer(RolloutTrainer):
         rollout = self._generate_rollout(rows)
         all_rows = torch.arange(rollout["b_mask"].shape[0], device=rollout["b_mask"].device)
         loss, stats = self.minibatch_loss(self.model, rollout, all_rows, self.args.vf_coef if include_value_loss else 0.0)
-        self.metrics.add(**rollout["metrics"], **stats)
+        self.metrics.add(weight=self.gathered_count(len(all_rows)), **rollout["metrics"], **stats)
         return loss
 
     def probed_parameters(self, include_value_loss: bool = False) -> list[torch.nn.Parameter]:

@@ -118,6 +118,7 @@ class REINFORCETrainer(RolloutTrainer):
         loss = reinforce_loss(seq_logps[keep], advantages[keep]) if keep.any() else 0.0 * seq_logps.sum()
 
         self.metrics.add(
+            weight=self.gathered_count(rewards.shape[0]),
             reward=self.gathered_mean(rewards),
             reward_std=self.gathered_std(rewards),
             kl=self.gathered_mean(kl),
