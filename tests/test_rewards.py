@@ -145,6 +145,26 @@ def test_reward_that_raises_is_reported_with_name_and_sample_index():
         compute_rewards([raises_on_third], ["p"] * 3, TEXTS)
 
 
+def test_a_reward_whose_signature_does_not_take_the_keywords_is_named_so_not_by_a_sample():
+    """Found by a user trial (2026-12-08): a reward with a column the data set lacks, without `**kwargs`, or with
+    `completion` for `completions` was reported as "raised on sample 0: TypeError ...": the call itself failed."""
+
+    def keyword_reward(prompts, completions, keyword, **kwargs):
+        return [1.0] * len(completions)
+
+    def no_kwargs(prompts, completions):
+        return [1.0] * len(completions)
+
+    for func, why in ((keyword_reward, "missing a required argument: 'keyword'"), (no_kwargs, "got an unexpected keyword argument 'completion_ids'")):
+        with pytest.raises(RewardFunctionError) as info:
+            compute_rewards([func], ["p"] * 3, TEXTS, None, trainer_state=None, score=[1, 2, 3])
+        assert str(info.value) == (f"reward function '{func.__name__}' cannot be called with the keywords a reward receives ({why}); it takes "
+                                   "`prompts, completions, **kwargs` as TRL's rewards do, and a dataset column as a keyword of its name (given: score)")
+    # an error raised inside a function that takes the keywords is still the sample's
+    with pytest.raises(RewardFunctionError, match=r"'raises_on_third' raised on sample 2: ZeroDivisionError"):
+        compute_rewards([raises_on_third], ["p"] * 3, TEXTS, None, score=[1, 2, 3])
+
+
 def test_reward_that_returns_nan_is_reported_with_name_and_sample_index():
     with pytest.raises(RewardFunctionError, match=r"'returns_nan' returned nan for sample 1"):
         compute_rewards([returns_nan], ["p"] * 3, TEXTS)

@@ -301,6 +301,7 @@ def test_construction_refuses_what_would_fail_at_the_first_step(tmp_path):
         (dict(reward_funcs=[length_only, load_causal_lm("embedded")]), ValueError, r"reward_funcs\[1\]: a GPT2LMHeadModel is TRL"),
         (dict(reward_funcs=None), ValueError, r"reward_funcs: give at least one reward function"),
         (dict(reward_funcs=[length_only, 3]), ValueError, r"reward_funcs\[1\]: int 3 is not callable"),
+        (dict(reward_funcs=[ColumnScore]), ValueError, r"^reward_funcs\[0\]: the class ColumnScore itself; pass an instance of it, ColumnScore\(...\)$"),
         (dict(reward_funcs=length_only, train_dataset=Dataset.from_dict({"text": ["x"]})), ValueError, r"train_dataset: no `prompt` column \(it has text\)"),
         (dict(reward_funcs=length_only, eval_dataset={"b": Dataset.from_dict({"q": ["x"]})}), ValueError, r"eval_dataset\['b'\]: no `prompt` column \(it has q\)"),
         (dict(reward_funcs=length_only, args=TrainingArguments(output_dir=str(tmp_path))), TypeError, r"args: REINFORCETrainer takes a REINFORCEConfig"),

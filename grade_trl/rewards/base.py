@@ -264,6 +264,10 @@ def _column(func, outcome: tuple, prompts, completions, completion_ids, kwargs: 
     name = reward_name(func)
     values, error = outcome
     if error is not None:  # any failure of user code is reported the same way
+        if isinstance(error, TypeError) and (mismatch := _signature_mismatch(func, dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs))):
+            raise RewardFunctionError(f"reward function '{name}' cannot be called with the keywords a reward receives ({mismatch}); it takes "
+                                      "`prompts, completions, **kwargs` as TRL's rewards do, and a dataset column as a keyword of its name "
+                                      f"(given: {', '.join(sorted(k for k in kwargs if k not in NOT_A_COLUMN))})") from error
         index = _first_raising_sample(func, prompts, completions, completion_ids, kwargs)
         where = f"on sample {index}" if index is not None else "on the batch"
         raise RewardFunctionError(f"reward function '{name}' raised {where}: {type(error).__name__}: {error}") from error
@@ -275,6 +279,22 @@ def _column(func, outcome: tuple, prompts, completions, completion_ids, kwargs: 
         past = " of float32's range, |r| <= 3.4e38, which rewards are held in" if isinstance(values[bad], numbers.Real) and _finite(values[bad], bound=math.inf) else ""
         raise RewardFunctionError(f"reward function '{name}' returned {values[bad]!r} for sample {bad}; rewards must be finite numbers{past} (or None where it does not apply)")
     return torch.tensor([math.nan if value is None else float(value) for value in values], dtype=torch.float32)
+
+
+NOT_A_COLUMN = ("trainer_state", "log_metric", "log_extra")  # TRL's keywords besides the data set's columns
+
+
+def _signature_mismatch(func, call: dict) -> str | None:
+    """Why `func` cannot take the keywords `call` (a parameter missing from them, one they lack, `completion` for
+    `completions`: Python's binding error), or None where it can, or its signature cannot be read. The call itself
+    raised then, not any one sample, so "raised on sample 0" would mislead (a user trial, 2026-12-08)."""
+    try:
+        inspect.signature(func).bind(**call)
+    except TypeError as error:
+        return str(error)
+    except ValueError:  # a builtin or C callable without a signature
+        return None
+    return None
 
 
 def _call_rewards(reward_funcs: Sequence[RewardFunc], call: dict) -> list[tuple]:

@@ -38,6 +38,8 @@ def check_reward_types(reward_funcs: list) -> None:
             )
         if not callable(func):
             raise ValueError(f"reward_funcs[{index}]: {type(func).__name__} {func!r} is not callable; give `reward(prompts, completions, **kwargs) -> list[float]`")
+        if isinstance(func, type):  # `reward_funcs=LengthReward`: calling it would build an instance, not score
+            raise ValueError(f"reward_funcs[{index}]: the class {func.__name__} itself; pass an instance of it, {func.__name__}(...)")
 
 
 def check_prompt_column(name: str, dataset) -> None:
