@@ -222,6 +222,13 @@ def test_train_resume_from_checkpoint_is_exact_without_the_runner(tmp_path, meth
         return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, trainer.state.log_history
 
     straight, _ = run(tmp_path / "straight")
+    # another method's trainer refuses the checkpoint in one line (a user trial: REINFORCE's went on as GRADE silently, and
+    # failed in torch's optimizer load as PPO)
+    other_cls, other_config = (PPOTrainer, PPOConfig) if method == "reinforce" else (REINFORCETrainer, REINFORCEConfig)
+    other = other_cls(model="embedded", reward_funcs=length_only, args=_library_args(other_config, tmp_path / "other", max_steps=3, num_mini_batches=1)
+                      if other_cls is PPOTrainer else _library_args(other_config, tmp_path / "other", max_steps=3), train_dataset=dataset)
+    with pytest.raises(ValueError, match=rf"^resume_from_checkpoint: .*checkpoint-1' was saved by a run with {config.__name__}, not this trainer's {other_config.__name__}"):
+        other.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-1"))
     (tmp_path / "stopped").mkdir()  # a run stopped after its first checkpoint
     shutil.copytree(tmp_path / "straight" / "checkpoint-1", tmp_path / "stopped" / "checkpoint-1")
     resumed, history = run(tmp_path / "stopped", resume=True)

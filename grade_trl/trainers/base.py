@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -78,6 +79,23 @@ def check_positions(args, model) -> None:
         key = args.new_token_limit_key
         raise ValueError(f"{key}: max_prompt_length {args.max_prompt_length} + {key} {max_new_tokens} = {args.max_prompt_length + max_new_tokens} "
                          f"tokens, but the model has {limit} positions; lower one of them")
+
+
+def check_checkpoint_method(checkpoint: str, args) -> None:
+    """A checkpoint saved by another method's trainer is refused in one line, as the runner refuses it
+    (`resume.check_resumed_settings`): resumed by a trainer used on its own, a REINFORCE checkpoint went on silently
+    as GRADE, and into PPO it failed in torch's optimizer load ("parameter group that doesn't match the size"; a user
+    trial). The method is the class of the arguments Trainer saved with it (`training_args.bin`)."""
+    from transformers.trainer import TRAINING_ARGS_NAME
+
+    path = os.path.join(checkpoint, TRAINING_ARGS_NAME)
+    try:
+        saved = type(torch.load(path, weights_only=False)).__name__  # Trainer's own pickle of the arguments it saved
+    except Exception:  # noqa: BLE001 - absent or unreadable: Trainer's own load reports what it lacks
+        return
+    if saved != type(args).__name__:
+        raise ValueError(f"resume_from_checkpoint: {checkpoint!r} was saved by a run with {saved}, not this trainer's {type(args).__name__}; resume "
+                         "it with its own method, or start from its weights (model=<the checkpoint>) without resuming")
 
 
 def check_vocabulary(tokenizer, model) -> None:
@@ -253,6 +271,8 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
             if checkpoint is True:  # Trainer's own rule: the output_dir's last checkpoint (Trainer raises if there is none)
                 checkpoint = get_last_checkpoint(self.args.output_dir)
             self._own_resume.resume_from = checkpoint or None
+            if checkpoint:
+                check_checkpoint_method(checkpoint, self.args)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
     # Hooks for the methods ------------------------------------------------------------------------------------
