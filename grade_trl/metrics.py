@@ -136,6 +136,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("eval_pass_at_{k}", "fraction", "GSM8K: any of k sampled completions is correct", "evaluation (gsm8k)"),
     Metric("eval_maj_at_{k}", "fraction", "GSM8K: the majority answer of k samples is correct", "evaluation (gsm8k)"),
     Metric("eval_best_{name}", "as eval_{name}", "the best value of the primary validation metric so far (eval_best_reward, eval_best_accuracy)", "evaluation"),
+    Metric("eval_{name}", "as {name}", "a trainer's own `Trainer.evaluate()` (its eval_strategy, or called by hand): the training metric {name} of the "
+           "method on the eval prompts (eval_loss, eval_kl, eval_entropy, PPO's eval_policy/approxkl, ...); a dict eval_dataset logs "
+           "each set's as eval_<set>_{name}", "Trainer.evaluate"),
     Metric("eval_best_step", "steps", "the step of that best evaluation (its checkpoint is best_model/)", "evaluation"),
     Metric("eval_wall_seconds", "seconds", "wall time since training began", "evaluation"),
     Metric("eval_train_seconds", "seconds", "the same without the time spent evaluating", "evaluation"),
@@ -168,7 +171,14 @@ def lookup(key: str) -> Metric | None:
     for prefix in (TEST_BEST_PREFIX, TEST_PREFIX):
         if key.startswith(prefix + "_"):
             return next((m for m in METRICS if m.key == f"{prefix}_{{name}}"), None) if lookup(eval_key(key[len(prefix) + 1 :])) else None
-    return next((m for m in METRICS if "{" in m.key and not m.key.startswith(TEST_PREFIX) and m.pattern.match(key)), None)
+    general = f"{EVAL_PREFIX}_{{name}}"
+    found = next((m for m in METRICS if "{" in m.key and m.key != general and not m.key.startswith(TEST_PREFIX) and m.pattern.match(key)), None)
+    if found is None and key.startswith(EVAL_PREFIX + "_"):  # Trainer.evaluate(): eval_{a training key}, or eval_<set>_{it}
+        rest = key[len(EVAL_PREFIX) + 1 :]
+        names = [rest] + [rest[i + 1 :] for i, c in enumerate(rest) if c == "_"]  # each way to read a set's name off the front
+        if any(not name.startswith(EVAL_PREFIX + "_") and (lookup(name) or (name != rest and lookup(eval_key(name)))) for name in names):
+            found = next(m for m in METRICS if m.key == general)
+    return found
 
 
 def unknown_keys(keys) -> list[str]:

@@ -81,6 +81,11 @@ def test_metric_lookup_matches_patterns_and_test_rows():
     assert metrics.lookup("test_best_ckpt_gold_reward").key == "test_best_ckpt_{name}"
     assert metrics.lookup("test_distinct_2").key == "test_{name}"
     assert metrics.unknown_keys(["test_nonsense", "val_reward", "val/error", "objective/kl", "step"]) == ["objective/kl", "test_nonsense", "val/error", "val_reward"]
+    # Trainer.evaluate()'s rows: eval_ before a training key, or before a dict eval_dataset's set name (a user trial found
+    # eval_kl, eval_loss and PPO's eval_policy/* flagged as unknown); a key that is neither stays unknown
+    evaluate_keys = ["eval_kl", "eval_loss", "eval_tau", "eval_completions/mean_length", "eval_policy/approxkl", "eval_value/error", "eval_a_reward", "eval_my_set_kl"]
+    assert {metrics.lookup(key).key for key in evaluate_keys} == {"eval_{name}"} and metrics.lookup("eval_reward").key == "eval_reward"
+    assert metrics.unknown_keys(["eval_nonsense", "eval_a_nonsense", "eval_eval_kl"]) == ["eval_a_nonsense", "eval_nonsense"]  # eval_eval_kl: a set named eval
 
 
 def test_the_keys_the_doctor_and_analysis_read_are_in_the_table():
