@@ -318,6 +318,8 @@ def test_construction_refuses_what_would_fail_at_the_first_step(tmp_path):
         (dict(reward_funcs=length_only, eval_dataset=Dataset.from_dict({"prompt": [None, "x"]})), ValueError, r"^eval_dataset: `prompt` has 1 null in its 2 rows"),
         # found by a user trial (2026-12-08): numbers failed at the first step in the tokenizer, lists of strings trained
         # on their concatenation, and messages without `content` reached the reward as a list (blamed on the reward)
+        (dict(reward_funcs=length_only, train_dataset={"prompt": ["x"]}), ValueError, r"^train_dataset: a dict; pass a datasets.Dataset"),
+        (dict(reward_funcs=length_only, train_dataset=Dataset.from_dict({"prompt": []})), ValueError, r"^train_dataset: the data set has no rows$"),
         (dict(reward_funcs=length_only, train_dataset=Dataset.from_dict({"prompt": [1, 2]})), ValueError,
          r"^train_dataset: `prompt` has 2 neither text nor chat messages \(\[\{role, content\}, ...\]\) in its 2 rows"),
         (dict(reward_funcs=length_only, train_dataset=Dataset.from_dict({"prompt": [["a", "b"]]})), ValueError, r"^train_dataset: `prompt` has 1 neither text nor chat"),

@@ -47,7 +47,11 @@ def check_prompt_column(name: str, dataset) -> None:
     """A data set (with named columns) has the `prompt` column every trainer reads, as TRL's GRPOTrainer does, and (one
     that can be read whole: not a stream) no null or empty prompt, which the policy cannot continue (a batch of empty
     ones failed deep in the model's forward)."""
+    if isinstance(dataset, dict) or type(dataset).__name__ == "DataFrame":  # failed at the first step with KeyError: '0' (a user trial)
+        raise ValueError(f"{name}: a {type(dataset).__name__}; pass a datasets.Dataset (Dataset.from_dict, Dataset.from_pandas), as TRL's trainers take")
     columns = getattr(dataset, "column_names", None)
+    if columns is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(f"{name}: the data set has no rows")
     if columns is not None and "prompt" not in columns:
         raise ValueError(f"{name}: no `prompt` column (it has {', '.join(map(str, columns)) or 'none'}); the prompts are read from `prompt`, as TRL's GRPOTrainer reads them")
     if columns is not None and hasattr(dataset, "__len__") and (what := bad_prompt_column(dataset)):
