@@ -48,6 +48,7 @@ class DoctorSettings:
     baseline_rows: int = field(default=3, metadata={"help": "Training logs at the start that set a run's own baseline for the relative checks (entropy, gradient norm)."})
     sustain_rows: int = field(default=2, metadata={"help": "Consecutive logs a state-like condition must hold (negative explained variance, entropy collapse, high clip fraction, vanishing gradient) before it is flagged, so one noisy window is not."})
     negative_kl_tolerance: float = field(default=0.1, metadata={"help": "KL below -tolerance (nats per completion) is flagged. KL(p||q) >= 0; an unbiased k1 estimate may dip slightly below 0 by noise, the users' mismatched sampling gave -3 to -30."})
+    negative_kl_z: float = field(default=3.0, metadata={"help": "A negative KL log is an error when the series' mean is below -tolerance (a systematic mismatch), or when it lies more than this many noise scales below -tolerance; the noise scale is the robust spread of the log-to-log differences (1.4826 MAD / sqrt 2), so a k1 estimate over few completions, whose window means swing by a nat (a user trial: -0.86 amid 0 to 4.6 with 4 completions a step), is a warning, not an error that stops a run under doctor: stop."})
     kl_target: float | None = field(default=None, metadata={"help": "Target of an adaptive KL controller, per completion (PPO's kl_target; Ziegler et al. 2019: 6 nats). The CLI and the callback read it from the run's config when adaptive_kl is on."})
     kl_target_factor: float = field(default=3.0, metadata={"help": "With a target: KL above factor x target is 'far above' it (the users' PPO: 20-300 against 0.1)."})
     kl_max: float | None = field(default=10.0, metadata={"help": "Without a target: KL ceiling in nats per completion (None = off). 10 nats: the policy's completions are e^10 ~ 22,000x likelier under it than under the reference; TRL's old PPO targeted 6."})
@@ -197,16 +198,40 @@ def check_negative_kl(history, settings):
     if key is None:
         return None
     points = history.series(key)
-    negative = [(s, v) for s, v in points if v < -settings.negative_kl_tolerance]
+    tolerance = settings.negative_kl_tolerance
+    negative = [(s, v) for s, v in points if v < -tolerance]
     if not negative:
         return []
-    low = min(negative, key=lambda p: p[1])
+    mean = sum(v for _, v in points) / len(points)
+    noise = _log_to_log_noise([v for _, v in points])
+    beyond = negative if mean < -tolerance else [(s, v) for s, v in negative if v < -tolerance - settings.negative_kl_z * noise]
+    low = min(beyond or negative, key=lambda p: p[1])
+    evidence = (f"{key} < -{_g(tolerance)} in {len(negative)} of {len(points)} logs: {_points(negative)}; lowest {_g(low[1])} (step {low[0]}); "
+                f"the series' mean {_g(mean)}, its log-to-log noise {_g(noise)}")
+    if not beyond:
+        return [Finding(
+            "negative_kl", "warning", [s for s, _ in negative], evidence,
+            f"Each negative log lies within {_g(settings.negative_kl_z)} noise scales of 0 and the series' mean is not negative: most likely the k1 "
+            "estimate's noise over the few completions of a logging window (unbiased, so its window means dip below 0 where the true KL is small).",
+            "Nothing, if it stays rare and small; more completions per step (or logging_steps) make the logged KL steadier. A mismatch of sampling "
+            "and scoring would make the series negative throughout (docs/background.md section 3).",
+        )]
     return [Finding(
-        "negative_kl", "error", [s for s, _ in negative],
-        f"{key} < -{_g(settings.negative_kl_tolerance)} in {len(negative)} of {len(points)} logs: {_points(negative)}; lowest {_g(low[1])} (step {low[0]})",
+        "negative_kl", "error", [s for s, _ in beyond], evidence,
         "KL(p || q) is never negative, so the sampled tokens' log-probs were scored under a different distribution than the one that sampled them: sampling with top-p/top-k/min_new_tokens (EOS ban) but scoring without them (docs/background.md section 3), or a per-token k1 estimate over too few samples.",
         "Score the policy with the same processed distribution that sampled (temperature, top-k, top-p, EOS ban) and the reference with temperature only, as grade_trl's samplers do; do not pass min_new_tokens through generation_kwargs to TRL; keep the k1 estimate (it shows such a mismatch; k3, >= 0 per token, would hide it, and as a reward penalty hardly regularises: Tang & Munos 2025, arXiv:2506.09477).",
     )]
+
+
+def _log_to_log_noise(values: list[float]) -> float:
+    """The noise scale of a logged series: 1.4826 x the median absolute deviation of its successive differences, over
+    sqrt(2) (each difference carries two logs' noise), which a trend (the KL growing over training) and a lone outlier
+    hardly move; 0 with fewer than 4 logs (too few to tell)."""
+    if len(values) < 4:
+        return 0.0
+    diffs = [b - a for a, b in zip(values, values[1:])]
+    centre = statistics.median(diffs)
+    return 1.4826 * statistics.median(abs(d - centre) for d in diffs) / math.sqrt(2)
 
 
 def check_kl_high(history, settings):
