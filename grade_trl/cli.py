@@ -56,6 +56,19 @@ _Yaml12BoolLoader.yaml_implicit_resolvers = {
 _Yaml12BoolLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
+class QuotedStr(str):
+    """A YAML scalar written in quotes (`max_steps: "5"`): a string by the recipe's own words, which `coerce` does not
+    turn into a number or a boolean (an unquoted `1e-4`, which PyYAML reads as a string too, it does)."""
+
+
+def _quoted_or_plain_str(loader, node):
+    value = loader.construct_scalar(node)
+    return QuotedStr(value) if node.style in ('"', "'") else value
+
+
+_Yaml12BoolLoader.add_constructor("tag:yaml.org,2002:str", _quoted_or_plain_str)
+
+
 def _unique_keys_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     """A mapping whose keys are unique, as YAML requires: PyYAML keeps the last of a repeated key without a word, so
     a recipe with `learning_rate` twice would train at whichever came last."""
@@ -104,7 +117,8 @@ def coerce(key: str, value: Any, tp) -> Any:
             kind = typing.get_origin(option) or option
             if (kind in (list, tuple) and isinstance(value, (list, tuple))) or (kind is dict and isinstance(value, dict)):
                 raise error
-        raise UserError(f"{key}: expected {' or '.join(_type_name(option) for option, _ in errors)}, got {value!r}")
+        got = f"the quoted string {str(value)!r}; remove the quotes" if isinstance(value, QuotedStr) else repr(value)
+        raise UserError(f"{key}: expected {' or '.join(_type_name(option) for option, _ in errors)}, got {got}")
     if origin is typing.Literal:
         if value in args:
             return value
@@ -128,6 +142,9 @@ def coerce(key: str, value: Any, tp) -> Any:
         return value
     if tp is Any:
         return value
+    if isinstance(value, QuotedStr) and tp in (bool, int, float):  # quoted in the recipe or on the command line: the user wrote a string
+        expected = {bool: "true or false", int: "an integer", float: "a number"}[tp]
+        raise UserError(f"{key}: expected {expected}, got the quoted string {str(value)!r}; remove the quotes")
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -255,6 +255,11 @@ def _run_cli(*args, cwd):
         ("method: grade_ste\ndataset_name: ./missing_data\n", [], "dataset_name: no such file or folder"),
         ("method: [grade\n", [], "is not valid YAML"),
         ("method: grade_ste\n", ["--max_steps", "x"], "max_steps: expected an integer"),
+        # found by a user trial (2026-12-08): a quoted number or boolean is a string by the recipe's own words
+        ("method: grade_ste\nmax_steps: \"5\"\n", [], "max_steps: expected an integer, got the quoted string '5'; remove the quotes"),
+        ("method: grade_ste\nlearning_rate: '1e-4'\n", [], "learning_rate: expected a number, got the quoted string '1e-4'; remove the quotes"),
+        ("method: reinforce\nuse_peft: \"yes\"\n", [], "use_peft: expected true or false, got the quoted string 'yes'; remove the quotes"),
+        ("method: grade_ste\n", ["--max_steps", '"5"'], "max_steps: expected an integer, got the quoted string '5'"),
         pytest.param("method: reinforce\nfp16: true\n", [], "fp16: float16 mixed precision needs a GPU", marks=CPU_ONLY),
         pytest.param("method: grpo\n", ["--fp16", "true"], "fp16: float16 mixed precision needs a GPU", marks=CPU_ONLY),
     ],

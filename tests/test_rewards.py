@@ -160,6 +160,12 @@ def test_a_reward_whose_signature_does_not_take_the_keywords_is_named_so_not_by_
             compute_rewards([func], ["p"] * 3, TEXTS, None, trainer_state=None, score=[1, 2, 3])
         assert str(info.value) == (f"reward function '{func.__name__}' cannot be called with the keywords a reward receives ({why}); it takes "
                                    "`prompts, completions, **kwargs` as TRL's rewards do, and a dataset column as a keyword of its name (given: score)")
+    # a column the data left null for the failing sample is named (a user trial: the reward alone was blamed)
+    def keyword_count(prompts, completions, keyword, **kwargs):
+        return [float(c.count(k)) for c, k in zip(completions, keyword)]
+
+    with pytest.raises(RewardFunctionError, match=r"^reward function 'keyword_count' raised on sample 1 \(that sample's keyword is null in the data\): TypeError"):
+        compute_rewards([keyword_count], ["p"] * 3, TEXTS, None, keyword=["a", None, "b"])
     # an error raised inside a function that takes the keywords is still the sample's
     with pytest.raises(RewardFunctionError, match=r"'raises_on_third' raised on sample 2: ZeroDivisionError"):
         compute_rewards([raises_on_third], ["p"] * 3, TEXTS, None, score=[1, 2, 3])

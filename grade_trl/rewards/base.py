@@ -270,7 +270,10 @@ def _column(func, outcome: tuple, prompts, completions, completion_ids, kwargs: 
                                       f"(given: {', '.join(sorted(k for k in kwargs if k not in NOT_A_COLUMN))})") from error
         index = _first_raising_sample(func, prompts, completions, completion_ids, kwargs)
         where = f"on sample {index}" if index is not None else "on the batch"
-        raise RewardFunctionError(f"reward function '{name}' raised {where}: {type(error).__name__}: {error}") from error
+        # a column the data left empty for that sample is the likeliest cause (a user trial: a null `keyword` read as the reward's fault)
+        nulls = [] if index is None else [key for key, values in kwargs.items() if isinstance(values, list) and index < len(values) and values[index] is None]
+        hint = f" (that sample's {', '.join(nulls)} {'is' if len(nulls) == 1 else 'are'} null in the data)" if nulls else ""
+        raise RewardFunctionError(f"reward function '{name}' raised {where}{hint}: {type(error).__name__}: {error}") from error
     values = _as_values(values, name, len(completions))
     if len(values) != len(completions):
         raise RewardFunctionError(f"reward function '{name}' returned {len(values)} values for {len(completions)} completions")
