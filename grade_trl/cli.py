@@ -117,6 +117,8 @@ def coerce(key: str, value: Any, tp) -> Any:
             kind = typing.get_origin(option) or option
             if (kind in (list, tuple) and isinstance(value, (list, tuple))) or (kind is dict and isinstance(value, dict)):
                 raise error
+        if len(errors) == 1:  # `float | None`: the one type's own words ("expected a finite number, got 'nan'")
+            raise errors[0][1]
         got = f"the quoted string {str(value)!r}; remove the quotes" if isinstance(value, QuotedStr) else repr(value)
         raise UserError(f"{key}: expected {' or '.join(_type_name(option) for option, _ in errors)}, got {got}")
     if origin is typing.Literal:
@@ -513,7 +515,8 @@ def range_error(key: str, value: Any, ranges: dict[str, tuple[Callable[[Any], bo
     if key in ranges and isinstance(value, (int, float)) and not isinstance(value, bool):
         is_right, right = ranges[key]
         if not is_right(value):
-            return f"{key}: expected {right}, got {value!r}"
+            shown = int(value) if isinstance(value, float) and value.is_integer() else value  # `--eval_steps 0` read as a float: "got 0"
+            return f"{key}: expected {right}, got {shown!r}"
     return None
 
 

@@ -325,7 +325,12 @@ def build_recipe(values: dict[str, Any], bare_keys=()) -> Recipe:
         if owners:  # a recipe written for another method, its method switched (`--method reinforce` on a GRADE recipe)
             raise RecipeError(f"{key}: a key of {', '.join(owners)}, not of method {method_name!r}; remove it (--{key} null on the command line), or "
                               f"start from a recipe written for {method_name} (recipes/tiny/ has one per method)")
-        raise RecipeError(f"unknown recipe key {key!r} for method {method_name!r}{unknown_key_hint(key, list(run_fields) + list(config_fields), 'grade_trl.run')}", unknown_key=key)
+        hint = unknown_key_hint(key, list(run_fields) + list(config_fields), "grade_trl.run")
+        if not hint.startswith("; did you mean"):  # close to another method's key (`clip_range` in a REINFORCE recipe: PPO's `cliprange`)?
+            others = {k: name for name in METHODS if name != method_name for k in _fields(get_method(name).config_class) if k not in config_fields}
+            if close := difflib.get_close_matches(key, list(others), n=1):
+                hint = f"; {close[0]} is a key of {others[close[0]]}, not of method {method_name!r}"
+        raise RecipeError(f"unknown recipe key {key!r} for method {method_name!r}{hint}", unknown_key=key)
     for key in SHARDING_ARGUMENTS:
         if values.get(key) not in (None, "", False, [], {}):  # what Trainer reads as off
             raise RecipeError(f"{key}: the runner shards through Accelerate's config, not TrainingArguments' {key}; remove it and launch with "

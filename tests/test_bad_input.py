@@ -187,7 +187,7 @@ RECIPE_CASES = [
     ({"method": "grpo", "bf16": False, "chat_template_kwargs": "{enable_thinking: [false"}, "chat_template_kwargs: expected a mapping such as {name: value}, got '{enable_thinking: [false', which is not valid YAML"),
     ({"method": "grpo", "bf16": False, "chat_template_kwargs": "{a: 1, a: 2}"}, "chat_template_kwargs: expected a mapping such as {name: value}, got '{a: 1, a: 2}', which is not valid YAML (key 'a' is given twice (line 1); keep one)"),
     ({"lr_scheduler_kwargs": "{min_lr: [0"}, "lr_scheduler_kwargs: expected a mapping"),
-    ({"method": "grpo", "bf16": False, "generation_kwargs": "max_tokens=8"}, "generation_kwargs: expected dict, got 'max_tokens=8'"),
+    ({"method": "grpo", "bf16": False, "generation_kwargs": "max_tokens=8"}, "generation_kwargs: expected a mapping, got 'max_tokens=8'"),
 ]
 
 
