@@ -337,12 +337,13 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
             completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
         return compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs, repeat)).to(self.accelerator.device)
 
-    def log_reward_metrics(self) -> None:
+    def log_reward_metrics(self, weight: float) -> None:
         """Into the logging window: what the step's rewards reported through `log_metric`, each name's mean over every
         process's calls (a collective: every process calls it after its reward call). Added on their own, as TRL appends
-        them: a name that is also one of the method's metrics (`kl`) is averaged with it, not a clash."""
+        them: a name that is also one of the method's metrics (`kl`) is averaged with it, not a clash. weight: the
+        samples the calls scored (every process's), the weight of the step's own metrics, so that the two count alike."""
         if logged := self.reward_metric_log.flush(self.accelerator):
-            self.metrics.add(**logged)
+            self.metrics.add(weight=weight, **logged)
 
     def prompt_texts(self, inputs) -> list[str]:
         """Each row's prompt as the policy reads it: a string as it is; chat messages (TRL's conversational format,

@@ -202,9 +202,9 @@ class GumbelGRADETrainer(RolloutTrainer):
             batch = sample(model, enc["input_ids"], enc["attention_mask"], settings, tok.eos_token_id, tok.pad_token_id)
         scores = self.sampled_text_scores(inputs, batch)  # (B, F)
         rewards = combine_scores(scores, self.reward_weights)  # (B,)
-        self.metrics.add(weight=self.gathered_count(rewards.shape[0]), reward=self.gathered_mean(rewards), reward_std=self.gathered_std(rewards),
-                         **self.reward_function_means(scores))
-        self.log_reward_metrics()
+        samples = self.gathered_count(rewards.shape[0])
+        self.metrics.add(weight=samples, reward=self.gathered_mean(rewards), reward_std=self.gathered_std(rewards), **self.reward_function_means(scores))
+        self.log_reward_metrics(samples)
 
     # The registry's hook for the bias probe -------------------------------------------------------------------
     def score_function_loss(self, rows: list[dict], samples_per_prompt: int = 4) -> torch.Tensor:

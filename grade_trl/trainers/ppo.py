@@ -407,7 +407,7 @@ class PPOTrainer(RolloutTrainer):
             }
         )
         metrics |= self.reward_function_means(scores)  # each over the samples it scored
-        self.log_reward_metrics()  # straight into the window, once per rollout
+        self.log_reward_metrics(self.gathered_count(score.shape[0]))  # straight into the window, once per rollout
         metrics["reward_std"] = self.gathered_std(score)
         metrics["kl_per_token"] = self.gathered_sum(b_kl) / max(self.gathered_sum(batch.lengths), 1.0)
         metrics["kl_coef"] = kl_coef  # the coefficient that shaped this rollout's rewards

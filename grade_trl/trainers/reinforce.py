@@ -117,8 +117,9 @@ class REINFORCETrainer(RolloutTrainer):
         # An empty selection still backpropagates a zero, so every process joins the gradient all-reduce.
         loss = reinforce_loss(seq_logps[keep], advantages[keep]) if keep.any() else 0.0 * seq_logps.sum()
 
+        samples = self.gathered_count(rewards.shape[0])
         self.metrics.add(
-            weight=self.gathered_count(rewards.shape[0]),
+            weight=samples,
             reward=self.gathered_mean(rewards),
             reward_std=self.gathered_std(rewards),
             kl=self.gathered_mean(kl),
@@ -131,5 +132,5 @@ class REINFORCETrainer(RolloutTrainer):
             },
             **self.reward_function_means(scores),
         )
-        self.log_reward_metrics()
+        self.log_reward_metrics(samples)
         return loss
