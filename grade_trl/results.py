@@ -188,7 +188,7 @@ def load_results(run: str | os.PathLike) -> dict:
     """One run's results.json (from its output_dir or the file), or a one-line UserError: the strict reader."""
     path = results_path(run)
     if not path.is_file():
-        raise UserError(f"no such file: {path} (give a run's output_dir or its results.json)")
+        raise UserError(f"{path} is {'a folder, not a file' if path.is_dir() else 'not there'} (give a run's output_dir or its results.json)")
     data = read_json(path)
     if data is None:
         raise UserError(f"cannot read {path} as JSON (a copy cut short?); give a results.json written by grade_trl.run")
@@ -204,7 +204,7 @@ def load_history(source: str | os.PathLike) -> tuple[list[dict], dict, str]:
     if path.is_dir():
         path = next((path / name for name in (RESULTS_FILE, "trainer_state.json") if (path / name).is_file()), path / RESULTS_FILE)
     if not path.is_file():
-        raise UserError(f"no such file: {path} (give a run's output_dir, its results.json, or a checkpoint folder)")
+        raise UserError(f"{path} is {'a folder, not a file' if path.is_dir() else 'not there'} (give a run's output_dir, its results.json, or a checkpoint folder)")
     data = read_json(path)
     if data is None:
         raise UserError(f"cannot read {path} as JSON (give a results.json written by grade_trl.run or a trainer_state.json)")

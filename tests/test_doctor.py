@@ -390,7 +390,8 @@ def test_cli_reads_the_adaptive_kl_target_from_the_run_config(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["{tmp}/nowhere"], "no such file"),
+        (["{tmp}/nowhere"], "nowhere is not there"),
+        (["{tmp}/folder_named_results"], "folder_named_results/results.json is a folder, not a file"),  # was "no such file" (a user trial)
         (["{tmp}/bad.json"], "cannot read"),
         (["{tmp}/nohistory.json"], "has no history"),
         (["{tmp}/run", "--kl_maxx", "5"], "unknown option --kl_maxx; did you mean --kl_max"),
@@ -409,6 +410,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
     write_run(tmp_path, healthy())
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "nohistory.json").write_text('{"status": "completed"}')
+    (tmp_path / "folder_named_results" / "results.json").mkdir(parents=True)
     (tmp_path / "wrong_type.json").write_text(json.dumps({"status": "completed", "config": [1], "history": healthy(), "final": {}}))
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
