@@ -48,6 +48,7 @@ class DoctorSettings:
     baseline_rows: int = field(default=3, metadata={"help": "Training logs at the start that set a run's own baseline for the relative checks (entropy, gradient norm)."})
     sustain_rows: int = field(default=2, metadata={"help": "Consecutive logs a state-like condition must hold (negative explained variance, entropy collapse, high clip fraction, vanishing gradient) before it is flagged, so one noisy window is not."})
     negative_kl_tolerance: float = field(default=0.1, metadata={"help": "KL below -tolerance (nats per completion) is flagged. KL(p||q) >= 0; an unbiased k1 estimate may dip slightly below 0 by noise, the users' mismatched sampling gave -3 to -30."})
+    kl_exact: bool = field(default=False, metadata={"help": "The logged KL is exact (GRADE's, summed over the vocabulary), so it has no sampling noise: every log below -negative_kl_tolerance is an error. The CLI and the callback read it from the run's method."})
     negative_kl_z: float = field(default=3.0, metadata={"help": "A negative KL log is an error when the series' mean is below -tolerance (a systematic mismatch), or when it lies more than this many noise scales below -tolerance; the noise scale is the robust spread of the log-to-log differences (1.4826 MAD / sqrt 2), so a k1 estimate over few completions, whose window means swing by a nat (a user trial: -0.86 amid 0 to 4.6 with 4 completions a step), is a warning, not an error that stops a run under doctor: stop."})
     kl_target: float | None = field(default=None, metadata={"help": "Target of an adaptive KL controller, per completion (PPO's kl_target; Ziegler et al. 2019: 6 nats). The CLI and the callback read it from the run's config when adaptive_kl is on."})
     kl_target_factor: float = field(default=3.0, metadata={"help": "With a target: KL above factor x target is 'far above' it (the users' PPO: 20-300 against 0.1)."})
@@ -204,7 +205,8 @@ def check_negative_kl(history, settings):
         return []
     mean = sum(v for _, v in points) / len(points)
     noise = _log_to_log_noise([v for _, v in points])
-    beyond = negative if mean < -tolerance else [(s, v) for s, v in negative if v < -tolerance - settings.negative_kl_z * noise]
+    systematic = settings.kl_exact or mean < -tolerance  # an exact KL below 0 is never noise
+    beyond = negative if systematic else [(s, v) for s, v in negative if v < -tolerance - settings.negative_kl_z * noise]
     low = min(beyond or negative, key=lambda p: p[1])
     evidence = (f"{key} < -{_g(tolerance)} in {len(negative)} of {len(points)} logs: {_points(negative)}; lowest {_g(low[1])} (step {low[0]}); "
                 f"the series' mean {_g(mean)}, its log-to-log noise {_g(noise)}")
@@ -553,6 +555,8 @@ def settings_from_config(config: dict) -> dict:
     values = {}
     if trainer.get("adaptive_kl") and trainer.get("kl_target"):
         values["kl_target"] = float(trainer["kl_target"])
+    if method_logs_exact_kl((config.get("run") or {}).get("method")):
+        values["kl_exact"] = True
     if isinstance((config.get("final") or {}).get("validation_metric"), str):
         values["validation_key"] = config["final"]["validation_metric"]
     if eval_size := evaluation_size_of(config):
@@ -562,6 +566,14 @@ def settings_from_config(config: dict) -> dict:
         names = {f.name for f in dataclasses.fields(DoctorSettings)}
         values |= {key: value for key, value in own.items() if key in names}
     return values
+
+
+def method_logs_exact_kl(method) -> bool:
+    """Whether the registry's `method` logs an exact KL (GRADE's); False for an unknown name."""
+    from .methods import METHODS  # the registry imports no trainer until one is asked for
+
+    entry = METHODS.get(method) if isinstance(method, str) else None
+    return bool(entry and entry.exact_kl)
 
 
 def evaluation_size_of(config: dict) -> int | None:
@@ -579,7 +591,7 @@ _POSITIVE = (lambda v: v > 0, "a number > 0")
 _NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
 SETTING_RANGES = {  # setting -> (is the value right?, what is right); a value out of range would crash a check or make it meaningless
     "baseline_rows": _AT_LEAST_1, "sustain_rows": _AT_LEAST_1, "trend_rows": _AT_LEAST_1, "regression_evals": _AT_LEAST_1,
-    "negative_kl_tolerance": _NON_NEGATIVE, "kl_target": _POSITIVE, "kl_target_factor": (lambda v: v >= 1, "a number >= 1"), "kl_max": _POSITIVE,
+    "negative_kl_tolerance": _NON_NEGATIVE, "negative_kl_z": _NON_NEGATIVE, "kl_target": _POSITIVE, "kl_target_factor": (lambda v: v >= 1, "a number >= 1"), "kl_max": _POSITIVE,
     "value_loss_spike_factor": (lambda v: v > 1, "a number > 1"), "entropy_drop": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     "entropy_floor": _NON_NEGATIVE, "clip_fraction_low": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     "clip_fraction_high": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"), "regression_min_drop": _NON_NEGATIVE, "regression_min_z": _NON_NEGATIVE, "eval_size": _AT_LEAST_1, "divergence_min_drop": _NON_NEGATIVE,

@@ -44,9 +44,12 @@ class DoctorCallback(TrainerCallback):
         return list(self._findings.values())
 
     def _settings_for(self, args) -> DoctorSettings:
-        if self.settings.kl_target is None and getattr(args, "adaptive_kl", False) and getattr(args, "kl_target", None):
-            return dataclasses.replace(self.settings, kl_target=args.kl_target)
-        return self.settings
+        settings = self.settings
+        if settings.kl_target is None and getattr(args, "adaptive_kl", False) and getattr(args, "kl_target", None):
+            settings = dataclasses.replace(settings, kl_target=args.kl_target)
+        if not settings.kl_exact and getattr(args, "estimator", None) is not None:  # a GRADE config: its KL is exact
+            settings = dataclasses.replace(settings, kl_exact=True)
+        return settings
 
     def _catch_up(self, state) -> None:
         if len(state.log_history) < self._columns.rows:  # a new state (another train() call): start over

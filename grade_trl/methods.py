@@ -33,6 +33,7 @@ class Method:
     kl_coefficient: str = "beta"  # the config key that weighs the KL penalty
     kl_coefficient_meaning: str = "per token"  # what it weighs: the KL "per token" or "per completion"
     batch_counts: str = "prompts"  # what per_device_train_batch_size counts: "prompts" or "completions"
+    exact_kl: bool = False  # the logged `kl` is exact (summed over the vocabulary), never below 0 but by rounding: the doctor allows no noise
     misplaced_keys: Mapping[str, str] = field(default_factory=dict)  # a key users bring from another method -> the fix
 
     @property
@@ -91,6 +92,7 @@ def _grade(name: str, estimator: str, description: str) -> Method:
         "grade_trl.trainers.grade:GumbelGRADETrainer",
         implied={"estimator": estimator},
         relaxed=True,
+        exact_kl=True,
         kl_coefficient="kl_coef",
         kl_coefficient_meaning="per completion",
         misplaced_keys=_own_trainer_names(name, beta=_PER_COMPLETION_KL.format(method=name, key="kl_coef")),

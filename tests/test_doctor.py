@@ -105,6 +105,13 @@ def test_negative_kl_within_the_series_noise_is_a_warning_not_an_error():
         assert all(f.severity != "error" for f in diagnose(history[:step]) if f.check == "negative_kl")
     mismatched = [{"loss": 0.1, "kl": -0.3 - 0.2 * step, "step": step} for step in range(1, 4)]  # negative throughout: the users' bug
     assert only(diagnose(mismatched), "negative_kl").severity == "error"
+    # GRADE's KL is exact (summed over the vocabulary): no sampling noise to allow, so the same logs are errors (an audit);
+    # the CLI reads that from the run's method
+    from grade_trl.diagnostics import settings_from_config
+
+    exact = DoctorSettings(**settings_from_config({"run": {"method": "grade_ste"}}))
+    assert exact.kl_exact and not DoctorSettings(**settings_from_config({"run": {"method": "reinforce"}})).kl_exact
+    assert only(diagnose(history, exact), "negative_kl").severity == "error"
 
 
 def test_kl_far_above_adaptive_target():

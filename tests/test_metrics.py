@@ -97,3 +97,20 @@ def test_the_keys_the_doctor_and_analysis_read_are_in_the_table():
              *metrics.CLIP_FRACTION_KEYS, metrics.VALUE_LOSS, metrics.EXPLAINED_VARIANCE, *diagnostics.VALIDATION_KEYS]
     assert metrics.unknown_keys(named) == []
     assert metrics.unknown_keys(["rewrad", "eval_acuracy"]) == ["eval_acuracy", "rewrad"]
+
+
+def test_the_logging_window_weights_each_mean_by_its_samples():
+    """`MetricWindow`: a mean over 2 samples counts twice one over 1 (3 eval prompts scoring 0, 0, 3 in batches of 2: 1.0,
+    not 1.5); its weight is positional only, so a reward may log a metric named `weight` (an audit); values restored from
+    a window saved before the weights existed count as the first weighted value."""
+    from grade_trl.trainers.metrics import MetricWindow
+
+    window = MetricWindow()
+    window.add(2, reward=0.0, weight=5.0)
+    window.add(1, reward=3.0, weight=8.0)
+    assert window.flush() == {"reward": pytest.approx(1.0), "weight": pytest.approx(6.0)} and window.flush() == {}
+    old = MetricWindow()
+    del old.__dict__["weights"]  # as unpickled from a checkpoint of before 2026-12-08
+    old.values["kl"] += [1.0, 3.0]
+    old.add(4, kl=5.0)
+    assert old.flush() == {"kl": pytest.approx(3.0)}

@@ -386,9 +386,10 @@ def test_rewards_that_apply_to_some_samples_train_as_in_trl(tmp_path, method):
     assert row["reward"] == pytest.approx((1.0 + 1.5) / 2)  # the batch of 8 is the data set: 4 prompts of each task
     # a batch where a function scored nothing leaves it out of that step: the window's mean stays over its own samples
     trainer._metrics["train"].flush()
-    trainer.metrics.add(**trainer.reward_function_means(torch.tensor([[1.0, float("nan")], [1.0, float("nan")]])))
-    trainer.metrics.add(**trainer.reward_function_means(torch.tensor([[float("nan"), 3.0], [1.0, float("nan")]])))
-    assert trainer._metrics["train"].flush() == {"rewards/short_task/mean": 1.0, "rewards/long_task/mean": 3.0}
+    trainer.add_reward_function_means(trainer.reward_function_means(torch.tensor([[1.0, float("nan")], [1.0, float("nan")]])))
+    trainer.add_reward_function_means(trainer.reward_function_means(torch.tensor([[float("nan"), 3.0], [5.0, float("nan")]])))
+    # short_task: 3 samples (1, 1, 5), weighted by its own count, not the batches' (an audit): (2 x 1 + 1 x 5) / 3
+    assert trainer._metrics["train"].flush() == {"rewards/short_task/mean": pytest.approx(7 / 3), "rewards/long_task/mean": 3.0}
 
 
 def test_grpo_is_exported_and_takes_the_embedded_model(tmp_path):

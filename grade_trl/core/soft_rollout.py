@@ -374,13 +374,17 @@ def blocks_recomputed(model: torch.nn.Module):
     blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} names no transformer block class (_no_split_modules) to recompute block by block")
+    previous = [vars(block).get("forward") for block in blocks]  # an instance's own forward, if one was set: put back on exit
     for block in blocks:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)  # an instance attribute over the class's forward
     try:
         yield model
     finally:
-        for block in blocks:
-            del block.forward
+        for block, forward in zip(blocks, previous):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 def forbid_eos_before(logits: torch.Tensor, count: int, eos_token_id: int | None) -> torch.Tensor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 from contextlib import contextmanager, nullcontext
 
@@ -337,13 +336,14 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
             completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
         return compute_rewards(self.reward_funcs, prompts, completions, completion_ids, **self.reward_kwargs(inputs, repeat)).to(self.accelerator.device)
 
-    def log_reward_metrics(self, weight: float) -> None:
+    def log_reward_metrics(self, weight: float, window: MetricWindow | None = None) -> None:
         """Into the logging window: what the step's rewards reported through `log_metric`, each name's mean over every
         process's calls (a collective: every process calls it after its reward call). Added on their own, as TRL appends
         them: a name that is also one of the method's metrics (`kl`) is averaged with it, not a clash. weight: the
-        samples the calls scored (every process's), the weight of the step's own metrics, so that the two count alike."""
+        samples the calls scored (every process's), the weight of the step's own metrics, so that the two count alike.
+        window: the one to add to (default: the model's mode's)."""
         if logged := self.reward_metric_log.flush(self.accelerator):
-            self.metrics.add(weight=weight, **logged)
+            (window or self.metrics).add(weight, **logged)
 
     def prompt_texts(self, inputs) -> list[str]:
         """Each row's prompt as the policy reads it: a string as it is; chat messages (TRL's conversational format,
@@ -426,12 +426,19 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
     def gathered_mean(self, values: torch.Tensor) -> float:
         return self.accelerator.gather(values.detach().float().reshape(-1)).mean().item()
 
-    def reward_function_means(self, scores: torch.Tensor) -> dict[str, float]:
-        """`rewards/<name>/mean` of each reward function over every process's samples it scored ((B, F) scores, NaN where
-        a function returned None); a function that scored none of this batch is left out, so the logging window
-        averages it over the steps where it applied instead of turning NaN."""
-        means = self.accelerator.gather(scores.detach().float()).nanmean(0).tolist()  # (F,)
-        return {f"rewards/{reward_name(f)}/mean": m for f, m in zip(self.reward_funcs, means) if not math.isnan(m)}
+    def reward_function_means(self, scores: torch.Tensor) -> dict[str, tuple[float, float]]:
+        """{`rewards/<name>/mean`: (mean, count)} of each reward function over every process's samples it scored ((B, F)
+        scores, NaN where a function returned None); a function that scored none of this batch is left out, so the
+        logging window averages it over the samples where it applied instead of turning NaN."""
+        gathered = self.accelerator.gather(scores.detach().float())  # (B_all, F)
+        counts, means = (~gathered.isnan()).sum(0).tolist(), gathered.nanmean(0).tolist()
+        return {f"rewards/{reward_name(func)}/mean": (mean, count) for func, count, mean in zip(self.reward_funcs, counts, means) if count}
+
+    def add_reward_function_means(self, means: dict[str, tuple[float, float]], share: float = 1.0) -> None:
+        """`reward_function_means` into the logging window, each weighted by its count (x `share`: the part of the batch
+        a PPO mini-batch is, which adds its rollout's metrics once per mini-batch)."""
+        for key, (mean, count) in means.items():
+            self.metrics.add(count * share, **{key: mean})
 
     def gathered_sum(self, values: torch.Tensor) -> float:
         return self.accelerator.gather(values.detach().float().reshape(-1)).sum().item()

@@ -18,8 +18,9 @@ class MetricWindow:
         self.values: dict[str, list[float]] = defaultdict(list)
         self.weights: dict[str, list[float]] = defaultdict(list)
 
-    def add(self, weight: float = 1.0, **metrics: float) -> None:
-        """metrics: each a mean over `weight` samples (every process's; 1 for a value that is not such a mean)."""
+    def add(self, weight: float = 1.0, /, **metrics: float) -> None:
+        """metrics: each a mean over `weight` samples (every process's; 1 for a value that is not such a mean). The
+        weight is positional only, so that a metric may be named `weight` (a reward's `log_metric("weight", ...)`)."""
         weights = self.__dict__.setdefault("weights", defaultdict(list))  # absent from a window pickled before it existed
         for key, value in metrics.items():
             self.values[key].append(float(value))
@@ -32,7 +33,8 @@ class MetricWindow:
         for key, values in self.values.items():
             if values:
                 given = weights.get(key, [])
-                w = [1.0] * (len(values) - len(given)) + given  # values added before the weights existed count 1 each
+                # values restored from a window saved before the weights existed count as the first weighted value
+                w = [given[0] if given else 1.0] * (len(values) - len(given)) + given
                 logs[key] = sum(v * x for v, x in zip(values, w)) / sum(w)
         return logs
 

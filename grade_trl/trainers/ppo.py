@@ -313,7 +313,7 @@ class PPOTrainer(RolloutTrainer):
         # `save_model` wrote it: its trained value head, as TRL's value-head models load theirs from a saved folder
         model = kwargs.get("model", args[0] if args else None)
         folder = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
-        if folder:
+        if folder and os.path.isdir(resolve_model_path(folder)):  # a local folder only: a hub id is never read as a relative path
             self.load_saved_value_head(resolve_model_path(folder))
         self.kl_ctl = AdaptiveKLController(a.init_kl_coef, a.kl_target, a.kl_horizon) if a.adaptive_kl else FixedKLController(a.init_kl_coef)
         self._rollout: dict | None = None  # the buffer: the current rollout and its mini-batch schedule
@@ -406,8 +406,11 @@ class PPOTrainer(RolloutTrainer):
                 "completions/mean_length": batch.lengths,
             }
         )
-        metrics |= self.reward_function_means(scores)  # each over the samples it scored
-        self.log_reward_metrics(self.gathered_count(score.shape[0]))  # straight into the window, once per rollout
+        function_means = self.reward_function_means(scores)  # each over the samples it scored, added with the rollout's metrics
+        # the rewards' own log_metric values: into the window of the mode the rollout was asked in, once per rollout,
+        # weighted as the rollout's other metrics, which each of its epochs adds
+        repeats, window = (args.ppo_epochs, self._metrics["train"]) if was_training else (1, self._metrics["eval"])
+        self.log_reward_metrics(self.gathered_count(score.shape[0]) * repeats, window)
         metrics["reward_std"] = self.gathered_std(score)
         metrics["kl_per_token"] = self.gathered_sum(b_kl) / max(self.gathered_sum(batch.lengths), 1.0)
         metrics["kl_coef"] = kl_coef  # the coefficient that shaped this rollout's rewards
@@ -421,6 +424,7 @@ class PPOTrainer(RolloutTrainer):
             "b_advantages": advantages,
             "b_returns": returns,
             "metrics": metrics,
+            "reward_function_means": function_means,
             "mean_kl": metrics["kl"],
             "early_stopped": False,
             "order": None,  # this epoch's row permutation
@@ -468,7 +472,8 @@ class PPOTrainer(RolloutTrainer):
         elif training and args.target_kl is not None and stats["policy/approxkl"] > args.target_kl:
             rollout["early_stopped"] = True  # this update is kept; the rest of the rollout is skipped (CleanRL)
 
-        self.metrics.add(weight=self.gathered_count(len(inputs["rows"])), **rollout["metrics"], **stats, **{"policy/early_stopped": float(skipped)})
+        self.metrics.add(self.gathered_count(len(inputs["rows"])), **rollout["metrics"], **stats, **{"policy/early_stopped": float(skipped)})
+        self.add_reward_function_means(rollout.get("reward_function_means", {}), len(inputs["rows"]) / rollout["b_mask"].shape[0])
         if training and inputs["last"]:  # after the rollout's epochs: adapt the KL coefficient for the next rollout
             self.kl_ctl.update(rollout["mean_kl"], args.per_device_train_batch_size * self.accelerator.num_processes)
         return loss
@@ -497,7 +502,8 @@ class PPOTrainer(RolloutTrainer):
         rollout = self._generate_rollout(rows)
         all_rows = torch.arange(rollout["b_mask"].shape[0], device=rollout["b_mask"].device)
         loss, stats = self.minibatch_loss(self.model, rollout, all_rows, self.args.vf_coef if include_value_loss else 0.0)
-        self.metrics.add(weight=self.gathered_count(len(all_rows)), **rollout["metrics"], **stats)
+        self.metrics.add(self.gathered_count(len(all_rows)), **rollout["metrics"], **stats)
+        self.add_reward_function_means(rollout.get("reward_function_means", {}))
         return loss
 
     def probed_parameters(self, include_value_loss: bool = False) -> list[torch.nn.Parameter]:

@@ -119,7 +119,7 @@ class REINFORCETrainer(RolloutTrainer):
 
         samples = self.gathered_count(rewards.shape[0])
         self.metrics.add(
-            weight=samples,
+            samples,
             reward=self.gathered_mean(rewards),
             reward_std=self.gathered_std(rewards),
             kl=self.gathered_mean(kl),
@@ -130,7 +130,7 @@ class REINFORCETrainer(RolloutTrainer):
                 "advantages/mean": self.gathered_mean(advantages),
                 "samples/kept_fraction": self.gathered_mean(keep.float()),
             },
-            **self.reward_function_means(scores),
         )
+        self.add_reward_function_means(self.reward_function_means(scores))
         self.log_reward_metrics(samples)
         return loss
