@@ -96,7 +96,7 @@ def check_model_fits(run_args, config) -> None:
     """The policy's folder has a tokenizer, and its positions hold a prompt and a completion: each a one-line error
     naming the key (transformers 5 builds an empty tokenizer from a folder without one, and a sequence past the
     model's positions fails with an index error at the first generation or scoring)."""
-    from .models import has_tokenizer_files, position_limit, resolve_model_path
+    from .models import has_tokenizer_files, position_limit, positions_problem, resolve_model_path
 
     name = run_args.model_name_or_path
     init = config.model_init_kwargs or {}
@@ -104,11 +104,8 @@ def check_model_fits(run_args, config) -> None:
     if os.path.isfile(os.path.join(resolve_model_path(name), "config.json")) and not has_tokenizer_files(name):  # a model folder without a tokenizer
         raise UserError(f"model_name_or_path: {name!r} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt, ...); "
                         "copy the tokenizer of the model it was trained with into it")
-    max_new_tokens, _ = config.new_token_limits
-    if limit is not None and run_args.max_prompt_length + max_new_tokens > limit:
-        key = config.new_token_limit_key
-        raise UserError(f"{key}: max_prompt_length {run_args.max_prompt_length} + {key} {max_new_tokens} = {run_args.max_prompt_length + max_new_tokens} "
-                        f"tokens, but {name!r} has {limit} positions; lower one of them")
+    if problem := positions_problem(run_args.max_prompt_length, config.new_token_limit_key, config.new_token_limits[0], limit, repr(name)):
+        raise UserError(problem)
 
 
 def check_relax_top_k(top_k: int, vocabulary: int) -> None:

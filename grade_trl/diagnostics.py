@@ -569,11 +569,13 @@ def settings_from_config(config: dict) -> dict:
 
 
 def method_logs_exact_kl(method) -> bool:
-    """Whether the registry's `method` logs an exact KL (GRADE's); False for an unknown name."""
+    """Whether the registry's `method` (its name, or a config of its config class) logs an exact KL (GRADE's); False
+    for an unknown name or config."""
     from .methods import METHODS  # the registry imports no trainer until one is asked for
 
-    entry = METHODS.get(method) if isinstance(method, str) else None
-    return bool(entry and entry.exact_kl)
+    if isinstance(method, str):
+        return bool(method in METHODS and METHODS[method].exact_kl)
+    return method is not None and any(entry.exact_kl and isinstance(method, entry.config_class) for entry in METHODS.values())
 
 
 def evaluation_size_of(config: dict) -> int | None:

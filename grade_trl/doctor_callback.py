@@ -10,7 +10,7 @@ import typing
 
 from transformers import TrainerCallback
 
-from .diagnostics import DoctorSettings, Finding, LogColumns, check_stop_on, diagnose
+from .diagnostics import DoctorSettings, Finding, LogColumns, check_stop_on, diagnose, method_logs_exact_kl
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class DoctorCallback(TrainerCallback):
         settings = self.settings
         if settings.kl_target is None and getattr(args, "adaptive_kl", False) and getattr(args, "kl_target", None):
             settings = dataclasses.replace(settings, kl_target=args.kl_target)
-        if not settings.kl_exact and getattr(args, "estimator", None) is not None:  # a GRADE config: its KL is exact
+        if not settings.kl_exact and method_logs_exact_kl(args):  # GRADE's config: its KL is exact
             settings = dataclasses.replace(settings, kl_exact=True)
         return settings
 

@@ -158,6 +158,16 @@ def learned_positions(config) -> int | None:
     return limit if isinstance(limit, int) and not rotary else None
 
 
+def positions_problem(max_prompt_length: int, key: str, max_new_tokens: int, limit: int | None, model: str) -> str | None:
+    """The one-line error of a prompt and a completion longer than a model's learned positions (`limit`, None: no
+    limit), naming the new-token key `key`; None where they fit. The runner's check before loading and the trainers'
+    at construction share it."""
+    if limit is None or max_prompt_length + max_new_tokens <= limit:
+        return None
+    return (f"{key}: max_prompt_length {max_prompt_length} + {key} {max_new_tokens} = {max_prompt_length + max_new_tokens} tokens, but {model} "
+            f"has {limit} positions; lower one of them")
+
+
 def position_limit(name_or_path: str, **kwargs) -> int | None:
     """`learned_positions` of a local model folder's config (`kwargs`: `trust_remote_code`, `revision`, as the model is
     loaded with); None for a hub id (no second round of hub requests before the model's own) and where the config

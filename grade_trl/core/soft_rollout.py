@@ -367,10 +367,9 @@ def blocks_recomputed(model: torch.nn.Module):
     """Within: each transformer block of `model` (`transformer_blocks`) runs its forward under a non-reentrant
     checkpoint of its own, so it keeps only its inputs for backward and recomputes its forward there when its gradient
     arrives: after FSDP2's pre-backward hook has gathered that block, which its post-backward hook reshards before the
-    next block is gathered. The
-    recomputation runs after the context has exited (the checkpoint keeps the block's own forward). For a frozen
-    model: no parameter gradient, so the blocks' inputs' gradients are all the recomputation serves. Exact (the same
-    forward twice, in eval mode: no dropout)."""
+    next block is gathered. The recomputation runs after the context has exited (the checkpoint keeps the block's own
+    forward). For a frozen model: no parameter gradient, so the blocks' inputs' gradients are all the recomputation
+    serves. Exact (the same forward twice, in eval mode: no dropout)."""
     blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} names no transformer block class (_no_split_modules) to recompute block by block")

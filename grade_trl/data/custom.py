@@ -147,11 +147,9 @@ def prompt_dataset(rows: Dataset, column: str, tokenizer, model_name: str, max_p
 
         def render(value):
             return render_chat(tokenizer, value, chat_template_kwargs)
-    elif isinstance(first, str):
+    else:  # text: every value is, or bad_prompt_column above counted it
         def render(value):
             return value
-    else:
-        raise UserError(f"prompt_column: {column!r} holds {type(first).__name__} values, not text or chat messages ([{{role, content}}, ...])")
 
     def to_prompt(row):
         return {"prompt": row[column], "num_prompt_tokens": len(tokenizer(render(row[column]), add_special_tokens=False)["input_ids"])}

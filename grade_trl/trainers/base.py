@@ -14,7 +14,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl.data_utils import is_conversational
 
 from ..core.sharding import is_sharded, resharded_on_exit
-from ..models import give_safetensors_umask_modes, learned_positions, load_causal_lm, load_tokenizer, prepare_tokenizer
+from ..models import give_safetensors_umask_modes, learned_positions, load_causal_lm, load_tokenizer, positions_problem, prepare_tokenizer
 from ..resume import ResumeCallback
 from ..rewards.base import NOT_PASSED_COLUMNS, RewardMetricLog, assistant_messages, bad_prompt_column, compute_rewards, not_kept, render_chat, reward_name
 from .metrics import GradNormWindowMixin, LogTheLastWindow, MetricWindow
@@ -77,11 +77,8 @@ def check_positions(args, model) -> None:
     the runner checks before loading (`build.check_model_fits`): past them the first step failed in torch's embedding
     with "IndexError: index out of range in self" (a user trial: max_new_tokens 300 on the embedded model's 256)."""
     limit = learned_positions(getattr(model, "config", None))
-    max_new_tokens, _ = args.new_token_limits
-    if limit is not None and args.max_prompt_length + max_new_tokens > limit:
-        key = args.new_token_limit_key
-        raise ValueError(f"{key}: max_prompt_length {args.max_prompt_length} + {key} {max_new_tokens} = {args.max_prompt_length + max_new_tokens} "
-                         f"tokens, but the model has {limit} positions; lower one of them")
+    if problem := positions_problem(args.max_prompt_length, args.new_token_limit_key, args.new_token_limits[0], limit, "the model"):
+        raise ValueError(problem)
 
 
 def check_checkpoint_method(checkpoint: str, args) -> None:
@@ -443,10 +440,11 @@ class RolloutTrainer(ReadableSavesMixin, TiedWeightsLoadMixin, GradNormWindowMix
     def gathered_sum(self, values: torch.Tensor) -> float:
         return self.accelerator.gather(values.detach().float().reshape(-1)).sum().item()
 
-    def gathered_count(self, rows: int) -> float:
+    def global_count(self, rows: int) -> float:
         """How many samples every process's `rows` make together: the weight of the means a step adds to the logging
-        window (`MetricWindow.add`)."""
-        return self.gathered_sum(torch.tensor([float(rows)], device=self.accelerator.device))
+        window (`MetricWindow.add`). Every process holds as many as this one: the gathers those means come from need it
+        (Accelerate's `gather` concatenates equal shapes), so no collective of its own."""
+        return float(rows * self.accelerator.num_processes)
 
     def gathered_std(self, values: torch.Tensor) -> float:
         """Std over every process's values (0 for a single value)."""

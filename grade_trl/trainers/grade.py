@@ -181,7 +181,7 @@ class GumbelGRADETrainer(RolloutTrainer):
                 **{f"rewards/{reward_name(f)}/mean": self.gathered_mean(scores[:, i]) for i, f in enumerate(self.reward_funcs)},
             }
         self.metrics.add(
-            self.gathered_count(kl.shape[0]),
+            self.global_count(kl.shape[0]),
             **reward_metrics,
             kl=self.gathered_mean(kl),
             kl_per_token=self.gathered_sum(kl) / max(self.gathered_sum(rollout.lengths), 1.0),
@@ -202,7 +202,7 @@ class GumbelGRADETrainer(RolloutTrainer):
             batch = sample(model, enc["input_ids"], enc["attention_mask"], settings, tok.eos_token_id, tok.pad_token_id)
         scores = self.sampled_text_scores(inputs, batch)  # (B, F)
         rewards = combine_scores(scores, self.reward_weights)  # (B,)
-        samples = self.gathered_count(rewards.shape[0])
+        samples = self.global_count(rewards.shape[0])
         self.metrics.add(samples, reward=self.gathered_mean(rewards), reward_std=self.gathered_std(rewards))
         self.add_reward_function_means(self.reward_function_means(scores))
         self.log_reward_metrics(samples)

@@ -410,7 +410,7 @@ class PPOTrainer(RolloutTrainer):
         # the rewards' own log_metric values: into the window of the mode the rollout was asked in, once per rollout,
         # weighted as the rollout's other metrics, which each of its epochs adds
         repeats, window = (args.ppo_epochs, self._metrics["train"]) if was_training else (1, self._metrics["eval"])
-        self.log_reward_metrics(self.gathered_count(score.shape[0]) * repeats, window)
+        self.log_reward_metrics(self.global_count(score.shape[0]) * repeats, window)
         metrics["reward_std"] = self.gathered_std(score)
         metrics["kl_per_token"] = self.gathered_sum(b_kl) / max(self.gathered_sum(batch.lengths), 1.0)
         metrics["kl_coef"] = kl_coef  # the coefficient that shaped this rollout's rewards
@@ -472,7 +472,7 @@ class PPOTrainer(RolloutTrainer):
         elif training and args.target_kl is not None and stats["policy/approxkl"] > args.target_kl:
             rollout["early_stopped"] = True  # this update is kept; the rest of the rollout is skipped (CleanRL)
 
-        self.metrics.add(self.gathered_count(len(inputs["rows"])), **rollout["metrics"], **stats, **{"policy/early_stopped": float(skipped)})
+        self.metrics.add(self.global_count(len(inputs["rows"])), **rollout["metrics"], **stats, **{"policy/early_stopped": float(skipped)})
         self.add_reward_function_means(rollout.get("reward_function_means", {}), len(inputs["rows"]) / rollout["b_mask"].shape[0])
         if training and inputs["last"]:  # after the rollout's epochs: adapt the KL coefficient for the next rollout
             self.kl_ctl.update(rollout["mean_kl"], args.per_device_train_batch_size * self.accelerator.num_processes)
@@ -502,7 +502,7 @@ class PPOTrainer(RolloutTrainer):
         rollout = self._generate_rollout(rows)
         all_rows = torch.arange(rollout["b_mask"].shape[0], device=rollout["b_mask"].device)
         loss, stats = self.minibatch_loss(self.model, rollout, all_rows, self.args.vf_coef if include_value_loss else 0.0)
-        self.metrics.add(self.gathered_count(len(all_rows)), **rollout["metrics"], **stats)
+        self.metrics.add(self.global_count(len(all_rows)), **rollout["metrics"], **stats)
         self.add_reward_function_means(rollout.get("reward_function_means", {}))
         return loss
 

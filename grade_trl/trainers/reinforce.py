@@ -117,7 +117,7 @@ class REINFORCETrainer(RolloutTrainer):
         # An empty selection still backpropagates a zero, so every process joins the gradient all-reduce.
         loss = reinforce_loss(seq_logps[keep], advantages[keep]) if keep.any() else 0.0 * seq_logps.sum()
 
-        samples = self.gathered_count(rewards.shape[0])
+        samples = self.global_count(rewards.shape[0])
         self.metrics.add(
             samples,
             reward=self.gathered_mean(rewards),
